@@ -1,0 +1,29 @@
+//! One module per subcommand.
+pub mod bench;
+pub mod demo;
+pub mod run;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use guest_abi::WorkloadArgs;
+
+use crate::cli::GuestArgs;
+
+/// The guest image and workload arguments from the command line.
+pub fn guest_from_args(g: &GuestArgs) -> anyhow::Result<(Arc<Vec<u8>>, WorkloadArgs)> {
+    let image = match &g.guest {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("reading guest image {}", path.display()))?,
+        None => guest_image::GUEST_ELF.to_vec(),
+    };
+    let args = WorkloadArgs {
+        working_set_bytes: g.working_set,
+        rate_pages_per_sec: g.rate,
+        duration_ms: g.duration.as_millis() as u64,
+        report_interval_ms: g.report_interval.as_millis() as u64,
+        seed: g.seed,
+        iterations: g.iterations,
+    };
+    Ok((Arc::new(image), args))
+}

@@ -1,0 +1,62 @@
+//! `ferry run`: boot a guest and supervise it until it ends.
+use std::{path::PathBuf, time::Instant};
+
+use vmm::devices::serial::ConsoleSink;
+
+use crate::{
+    cli::RunArgs,
+    session::{self, SessionSpec},
+    signals::SignalState,
+};
+
+/// Parses `--serial`.
+pub fn console_sink(s: &str) -> ConsoleSink {
+    match s {
+        "stdout" | "-" => ConsoleSink::Stdout,
+        "off" | "none" | "null" => ConsoleSink::Null,
+        path => ConsoleSink::File(PathBuf::from(path)),
+    }
+}
+
+pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
+    vmm::memory::validate_ram_size(args.guest.memory)?;
+    let signals = SignalState::install()?;
+    let (image, wargs) = super::guest_from_args(&args.guest)?;
+    let spec = SessionSpec {
+        image,
+        workload: args.guest.workload.into(),
+        args: wargs,
+        memory: args.guest.memory,
+        console: console_sink(&args.serial),
+        console_prefix: String::new(),
+        timeout: args.timeout,
+        roundtrip_after: args.state_roundtrip_after,
+        verify_after: args.verify_after,
+    };
+    let report = session::run(&spec, process_start, &signals)?;
+    if let Some(rt) = &report.roundtrip {
+        eprintln!(
+            "ferry: VM state round trip: {} bytes, restored into a fresh VM in {:.1} ms",
+            rt.state_bytes, rt.pause_ms
+        );
+    }
+    for v in &report.verifications {
+        eprintln!(
+            "ferry: ledger verification: {} ({} pages, {} writes)",
+            if v.status == 0 {
+                "OK".to_string()
+            } else {
+                format!("FAILED, status {}", v.status)
+            },
+            v.pages,
+            v.writes
+        );
+    }
+    if report.outcome != "exit" || report.status != Some(0) {
+        eprintln!("ferry: {}", report.detail);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(report.exit_code())
+}

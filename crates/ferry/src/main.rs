@@ -1,0 +1,43 @@
+//! The `ferry` command.
+use std::time::Instant;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+mod cli;
+mod commands;
+mod session;
+mod signals;
+mod units;
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let process_start = Instant::now();
+    let cli = cli::Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        cli::Command::Run(args) => commands::run::run(args, process_start),
+        cli::Command::Demo(args) => commands::demo::run(args, process_start),
+        cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Process signals: SIGINT/SIGTERM stop the VM cleanly, SIGUSR1 asks the guest to verify its
+//! ledger.
+use std::sync::{
+    atomic::{AtomicBool, AtomicI32, Ordering},
+    Arc,
+};
+
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+
+/// Signals received and not yet acted on.
+#[derive(Default)]
+pub struct SignalState {
+    stop: AtomicI32,
+    verify: AtomicBool,
+}
+
+impl SignalState {
+    /// Installs the handlers (a thread that records what arrives).
+    pub fn install() -> anyhow::Result<Arc<SignalState>> {
+        let state = Arc::new(SignalState::default());
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
+        let s = state.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    match sig {
+                        SIGUSR1 => s.verify.store(true, Ordering::SeqCst),
+                        other => s.stop.store(other, Ordering::SeqCst),
+                    }
+                }
+            })?;
+        Ok(state)
+    }
+
+    /// The stop signal received, if any.
+    pub fn stop_signal(&self) -> Option<i32> {
+        match self.stop.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        }
+    }
+
+    /// True once per SIGUSR1.
+    pub fn take_verify(&self) -> bool {
+        self.verify.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// The conventional name of a signal.
+pub fn name(sig: i32) -> &'static str {
+    match sig {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        SIGUSR1 => "SIGUSR1",
+        _ => "signal",
+    }
+}

@@ -1,0 +1,188 @@
+//! The boot parameter block: written by the VMM at [`crate::layout::PARAMS_GPA`] before the guest
+//! starts; a few fields are then used as a mailbox while the guest runs.
+//!
+//! Mailbox fields are plain integers read and written with volatile/atomic accesses on both
+//! sides; their offsets are exported so the VMM can address them in guest memory.
+
+use core::mem::offset_of;
+
+/// `BootParams::magic`: "FERRYBP1".
+pub const MAGIC: u64 = u64::from_le_bytes(*b"FERRYBP1");
+/// Version of this layout; bump it when a field changes.
+pub const VERSION: u32 = 1;
+
+/// Workloads the built-in guest knows.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Print a greeting, enumerate PCI, exit 0.
+    Hello = 1,
+    /// Dirty a working set at a given rate while keeping a verifiable ledger.
+    Dirty = 2,
+    /// Run [`crate::bench::spin_loop`] and report its speed.
+    Spin = 3,
+    /// Touch an address backed by nothing and an unknown port, report what came back, exit 0.
+    Probe = 4,
+    /// Access a virtual address that is not mapped: the guest dies (tests the VMM survives).
+    Crash = 5,
+}
+
+impl Workload {
+    /// All workloads, for listing.
+    pub const ALL: [Workload; 5] = [
+        Workload::Hello,
+        Workload::Dirty,
+        Workload::Spin,
+        Workload::Probe,
+        Workload::Crash,
+    ];
+
+    /// Decodes a workload number.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Hello),
+            2 => Some(Self::Dirty),
+            3 => Some(Self::Spin),
+            4 => Some(Self::Probe),
+            5 => Some(Self::Crash),
+            _ => None,
+        }
+    }
+
+    /// The name used on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hello => "hello",
+            Self::Dirty => "dirty",
+            Self::Spin => "spin",
+            Self::Probe => "probe",
+            Self::Crash => "crash",
+        }
+    }
+}
+
+/// Arguments of the selected workload (unused fields are zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadArgs {
+    /// `dirty`: bytes of memory in the working set (rounded down to pages).
+    pub working_set_bytes: u64,
+    /// `dirty`: target page writes per second; 0 means as fast as possible.
+    pub rate_pages_per_sec: u64,
+    /// `dirty`: how long to run in milliseconds; 0 means until the VMM asks to stop.
+    pub duration_ms: u64,
+    /// `dirty`: interval between progress lines in milliseconds; 0 disables them.
+    pub report_interval_ms: u64,
+    /// Seed of the workload's pseudo-random generator.
+    pub seed: u64,
+    /// `spin`: loop iterations.
+    pub iterations: u64,
+}
+
+/// The boot parameter block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootParams {
+    /// [`MAGIC`].
+    pub magic: u64,
+    /// [`VERSION`].
+    pub version: u32,
+    /// A [`Workload`] number.
+    pub workload: u32,
+    /// Guest TSC frequency in kHz (the guest's monotonic clock).
+    pub tsc_khz: u64,
+    /// Bytes of RAM at guest-physical 0.
+    pub ram_lo_size: u64,
+    /// Bytes of RAM at [`crate::layout::HIGH_RAM_START`].
+    pub ram_hi_size: u64,
+    /// Workload arguments.
+    pub args: WorkloadArgs,
+    /// Mailbox, VMM → guest: incremented to ask for a ledger verification.
+    pub verify_req: u32,
+    /// Mailbox, guest → VMM: set to `verify_req` once that verification finished.
+    pub verify_done: u32,
+    /// Mailbox, guest → VMM: result of the last verification (0 = the ledger holds).
+    pub verify_status: u32,
+    /// Mailbox, VMM → guest: non-zero asks the workload to finish (verify, then exit).
+    pub stop_req: u32,
+    /// Mailbox, guest → VMM: pages checked by the last verification.
+    pub verify_pages: u64,
+    /// Mailbox, guest → VMM: page writes recorded in the ledger at the last verification.
+    pub verify_writes: u64,
+    /// Mailbox, guest → VMM: workload progress (page writes so far for `dirty`).
+    pub progress: u64,
+    /// Mailbox, guest → VMM: TSC cycles the `spin` loop took.
+    pub bench_cycles: u64,
+    /// Mailbox, guest → VMM: result value of the `spin` loop.
+    pub bench_result: u64,
+}
+
+const _: () = assert!(BootParams::SIZE <= 4096, "the block must fit its page");
+
+/// Offset of [`BootParams::verify_req`].
+pub const OFF_VERIFY_REQ: usize = offset_of!(BootParams, verify_req);
+/// Offset of [`BootParams::verify_done`].
+pub const OFF_VERIFY_DONE: usize = offset_of!(BootParams, verify_done);
+/// Offset of [`BootParams::verify_status`].
+pub const OFF_VERIFY_STATUS: usize = offset_of!(BootParams, verify_status);
+/// Offset of [`BootParams::stop_req`].
+pub const OFF_STOP_REQ: usize = offset_of!(BootParams, stop_req);
+/// Offset of [`BootParams::verify_pages`].
+pub const OFF_VERIFY_PAGES: usize = offset_of!(BootParams, verify_pages);
+/// Offset of [`BootParams::verify_writes`].
+pub const OFF_VERIFY_WRITES: usize = offset_of!(BootParams, verify_writes);
+/// Offset of [`BootParams::progress`].
+pub const OFF_PROGRESS: usize = offset_of!(BootParams, progress);
+/// Offset of [`BootParams::bench_cycles`].
+pub const OFF_BENCH_CYCLES: usize = offset_of!(BootParams, bench_cycles);
+/// Offset of [`BootParams::bench_result`].
+pub const OFF_BENCH_RESULT: usize = offset_of!(BootParams, bench_result);
+
+/// Verification results reported in [`BootParams::verify_status`] and as guest exit status.
+pub mod status {
+    /// Everything held.
+    pub const OK: u32 = 0;
+    /// A data page does not carry the generation its ledger entry records.
+    pub const LEDGER_PAGE_MISMATCH: u32 = 10;
+    /// A data page's stamp does not match its page number and generation.
+    pub const LEDGER_STAMP_MISMATCH: u32 = 11;
+    /// The ledger's entries do not add up to the recorded number of writes.
+    pub const LEDGER_TOTAL_MISMATCH: u32 = 12;
+    /// The boot parameters were unusable.
+    pub const BAD_PARAMS: u32 = 20;
+    /// The guest panicked.
+    pub const PANIC: u32 = 99;
+}
+
+impl BootParams {
+    /// Size of the block in bytes.
+    pub const SIZE: usize = core::mem::size_of::<BootParams>();
+
+    /// The block as bytes, for copying into guest memory.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: BootParams is repr(C), Copy, and made only of u32/u64 fields with no padding
+        // (checked by the `no_padding` test), so every byte is initialized.
+        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), Self::SIZE) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_padding() {
+        // 8 + 4 + 4 + 8*3 + args (6*8) + 4*4 + 8*5
+        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 16 + 40);
+        assert_eq!(OFF_VERIFY_REQ % 4, 0);
+        assert_eq!(OFF_VERIFY_PAGES % 8, 0);
+    }
+
+    #[test]
+    fn workloads_round_trip() {
+        for w in Workload::ALL {
+            assert_eq!(Workload::from_u32(w as u32), Some(w));
+        }
+        assert_eq!(Workload::from_u32(0), None);
+    }
+}

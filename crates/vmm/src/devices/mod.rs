@@ -1,0 +1,3 @@
+//! Legacy devices every Ferry VM has.
+pub mod control;
+pub mod serial;

@@ -1,0 +1,118 @@
+//! How a VM ends, and the timestamps of its life: shared by the vCPU threads, the devices and
+//! whoever waits for the VM.
+use std::{
+    sync::{Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use guest_abi::ports::Event;
+
+/// Why a VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest wrote its exit status to the control port.
+    GuestExit(u32),
+    /// The VMM stopped the guest (signal or API).
+    Stopped(String),
+    /// The guest died (triple fault, failed entry, internal KVM error).
+    Crashed(String),
+    /// A VMM-side failure ended the VM.
+    Failed(String),
+}
+
+impl std::fmt::Display for VmOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmOutcome::GuestExit(s) => write!(f, "guest exited with status {s}"),
+            VmOutcome::Stopped(why) => write!(f, "stopped by the VMM: {why}"),
+            VmOutcome::Crashed(why) => write!(f, "guest crashed: {why}"),
+            VmOutcome::Failed(why) => write!(f, "VMM failure: {why}"),
+        }
+    }
+}
+
+/// Shared lifecycle state of one VM.
+#[derive(Debug)]
+pub struct Lifecycle {
+    outcome: Mutex<Option<VmOutcome>>,
+    ended: Condvar,
+    events: Mutex<Vec<(Event, Instant)>>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            outcome: Mutex::new(None),
+            ended: Condvar::new(),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Records how the VM ended; the first outcome wins.
+    pub fn finish(&self, outcome: VmOutcome) {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            tracing::debug!(%outcome, "VM finished");
+            *o = Some(outcome);
+            self.ended.notify_all();
+        }
+    }
+
+    /// The outcome, if the VM ended.
+    pub fn outcome(&self) -> Option<VmOutcome> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// True once the VM ended.
+    pub fn is_finished(&self) -> bool {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Waits up to `timeout` (forever if `None`) for the VM to end.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<VmOutcome> {
+        let guard = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        match timeout {
+            None => {
+                let g = self
+                    .ended
+                    .wait_while(guard, |o| o.is_none())
+                    .unwrap_or_else(|e| e.into_inner());
+                g.clone()
+            }
+            Some(t) => {
+                let (g, _) = self
+                    .ended
+                    .wait_timeout_while(guard, t, |o| o.is_none())
+                    .unwrap_or_else(|e| e.into_inner());
+                g.clone()
+            }
+        }
+    }
+
+    /// Clears the outcome so the VM can run again (after a stop for a state save).
+    pub fn rearm(&self) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Records a guest event.
+    pub fn record(&self, e: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((e, Instant::now()));
+    }
+
+    /// When event `e` was last recorded.
+    pub fn event_time(&self, e: Event) -> Option<Instant> {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.iter().rev().find(|(x, _)| *x == e).map(|(_, t)| *t)
+    }
+}

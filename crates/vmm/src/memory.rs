@@ -1,0 +1,303 @@
+//! Guest RAM: one memfd, mapped into the VMM with `vm-memory` and into the VM with KVM memory
+//! slots. The memfd can be handed to device processes (DMA) and is what migration sends.
+use std::{
+    fs::File,
+    os::fd::{AsRawFd, FromRawFd},
+    sync::Arc,
+};
+
+use guest_abi::layout::{self, HIGH_RAM_START, MAX_RAM, MIN_RAM};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use crate::{Error, Result};
+
+/// Page size used throughout Ferry.
+pub const PAGE_SIZE: u64 = 4096;
+/// Guest RAM sizes must be a multiple of this (the page tables use 2 MiB pages).
+pub const RAM_ALIGN: u64 = 2 << 20;
+
+/// One contiguous piece of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset of this piece in the memfd.
+    pub file_offset: u64,
+}
+
+/// Guest RAM of a VM.
+#[derive(Clone)]
+pub struct GuestRam {
+    memory: GuestMemoryMmap,
+    memfd: Arc<File>,
+    regions: Vec<RamRegion>,
+    size: u64,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("size", &self.size)
+            .field("regions", &self.regions)
+            .finish()
+    }
+}
+
+/// Checks that `size` is a RAM size Ferry can lay out.
+pub fn validate_ram_size(size: u64) -> Result<()> {
+    let bad = |reason| Err(Error::MemorySize { size, reason });
+    if size < MIN_RAM {
+        return bad("smaller than the 32 MiB minimum");
+    }
+    if size > MAX_RAM {
+        return bad("larger than the maximum Ferry maps (61 GiB)");
+    }
+    if !size.is_multiple_of(RAM_ALIGN) {
+        return bad("not a multiple of 2 MiB");
+    }
+    Ok(())
+}
+
+/// The RAM regions of a VM with `size` bytes of RAM.
+pub fn ram_regions(size: u64) -> Vec<RamRegion> {
+    let (lo, hi) = layout::split_ram(size);
+    let mut regions = vec![RamRegion {
+        gpa: 0,
+        size: lo,
+        file_offset: 0,
+    }];
+    if hi > 0 {
+        regions.push(RamRegion {
+            gpa: HIGH_RAM_START,
+            size: hi,
+            file_offset: lo,
+        });
+    }
+    regions
+}
+
+impl GuestRam {
+    /// Creates zeroed guest RAM of `size` bytes backed by a new memfd.
+    pub fn new(size: u64) -> Result<Self> {
+        validate_ram_size(size)?;
+        let name = c"ferry-guest-ram";
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Memfd {
+                size,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: fd is a freshly created descriptor owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|source| Error::Memfd { size, source })?;
+        Self::from_memfd(Arc::new(file), size)
+    }
+
+    /// Maps an existing memfd holding `size` bytes of guest RAM (for a restore on the same host).
+    pub fn from_memfd(memfd: Arc<File>, size: u64) -> Result<Self> {
+        validate_ram_size(size)?;
+        let len = memfd
+            .metadata()
+            .map_err(|source| Error::Memfd { size, source })?
+            .len();
+        if len < size {
+            return Err(Error::MemorySize {
+                size,
+                reason: "larger than the memfd given",
+            });
+        }
+        let regions = ram_regions(size);
+        let ranges = regions.iter().map(|r| {
+            let file = memfd.try_clone().map(|f| FileOffset::new(f, r.file_offset));
+            (GuestAddress(r.gpa), r.size as usize, file)
+        });
+        let mut with_files = Vec::new();
+        for (gpa, len, file) in ranges {
+            let file = file.map_err(|source| Error::Memfd { size, source })?;
+            with_files.push((gpa, len, Some(file)));
+        }
+        let memory = GuestMemoryMmap::from_ranges_with_files(with_files)
+            .map_err(|e| Error::MapGuestMemory(e.to_string()))?;
+        Ok(GuestRam {
+            memory,
+            memfd,
+            regions,
+            size,
+        })
+    }
+
+    /// The vm-memory view.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The memfd backing all of guest RAM.
+    pub fn memfd(&self) -> &Arc<File> {
+        &self.memfd
+    }
+
+    /// Raw fd of the memfd.
+    pub fn memfd_raw(&self) -> i32 {
+        self.memfd.as_raw_fd()
+    }
+
+    /// RAM regions, lowest first.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host address of region `r`'s first byte.
+    pub fn host_address(&self, r: &RamRegion) -> Result<*mut u8> {
+        self.memory
+            .get_host_address(GuestAddress(r.gpa))
+            .map_err(|e| Error::GuestMemory {
+                addr: r.gpa,
+                len: 0,
+                reason: e.to_string(),
+            })
+    }
+
+    /// True when `[gpa, gpa+len)` lies entirely inside guest RAM.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        self.regions
+            .iter()
+            .any(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+    }
+
+    /// Copies `data` into guest RAM at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.memory
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| Error::GuestMemory {
+                addr: gpa,
+                len: data.len(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Copies guest RAM at `gpa` into `data`.
+    pub fn read(&self, gpa: u64, data: &mut [u8]) -> Result<()> {
+        let len = data.len();
+        self.memory
+            .read_slice(data, GuestAddress(gpa))
+            .map_err(|e| Error::GuestMemory {
+                addr: gpa,
+                len,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Atomically loads a u32 from guest RAM (mailbox fields shared with a running guest).
+    pub fn load_u32(&self, gpa: u64) -> Result<u32> {
+        self.memory
+            .load(GuestAddress(gpa), std::sync::atomic::Ordering::SeqCst)
+            .map_err(|e| Error::GuestMemory {
+                addr: gpa,
+                len: 4,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Atomically loads a u64 from guest RAM.
+    pub fn load_u64(&self, gpa: u64) -> Result<u64> {
+        self.memory
+            .load(GuestAddress(gpa), std::sync::atomic::Ordering::SeqCst)
+            .map_err(|e| Error::GuestMemory {
+                addr: gpa,
+                len: 8,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Atomically stores a u32 into guest RAM.
+    pub fn store_u32(&self, gpa: u64, v: u32) -> Result<()> {
+        self.memory
+            .store(v, GuestAddress(gpa), std::sync::atomic::Ordering::SeqCst)
+            .map_err(|e| Error::GuestMemory {
+                addr: gpa,
+                len: 4,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Calls `f` with every RAM region as a host byte slice.
+    ///
+    /// The slices alias memory a running guest may write concurrently; callers hash or copy
+    /// them only while the vCPUs are paused when they need a consistent view.
+    pub fn for_each_region(&self, mut f: impl FnMut(&RamRegion, &[u8])) {
+        for (r, region) in self.regions.iter().zip(self.memory.iter()) {
+            let ptr = region.as_ptr();
+            // SAFETY: `ptr` is the start of a live mapping of `region.len()` bytes owned by
+            // `self.memory`, which outlives the borrow of the slice.
+            let slice = unsafe { std::slice::from_raw_parts(ptr, region.len() as usize) };
+            f(r, slice);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_validated() {
+        assert!(validate_ram_size(256 << 20).is_ok());
+        assert!(validate_ram_size(16 << 20).is_err());
+        assert!(validate_ram_size((256 << 20) + 4096).is_err());
+        assert!(validate_ram_size(MAX_RAM + RAM_ALIGN).is_err());
+    }
+
+    #[test]
+    fn regions_split_around_the_hole() {
+        let r = ram_regions(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            RamRegion {
+                gpa: 0,
+                size: 3 << 30,
+                file_offset: 0
+            }
+        );
+        assert_eq!(
+            r[1],
+            RamRegion {
+                gpa: 4 << 30,
+                size: 1 << 30,
+                file_offset: 3 << 30
+            }
+        );
+    }
+
+    #[test]
+    fn memfd_ram_reads_back_and_bounds_are_checked() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        ram.write(0x1234, b"ferry").unwrap();
+        let mut buf = [0u8; 5];
+        ram.read(0x1234, &mut buf).unwrap();
+        assert_eq!(&buf, b"ferry");
+        assert!(ram.write((32 << 20) - 2, b"abc").is_err());
+        assert!(ram.contains(0, 32 << 20));
+        assert!(!ram.contains((32 << 20) - 1, 2));
+        assert!(!ram.contains(u64::MAX, 2));
+        // the same bytes are visible through the memfd
+        let again = GuestRam::from_memfd(ram.memfd().clone(), 32 << 20).unwrap();
+        again.read(0x1234, &mut buf).unwrap();
+        assert_eq!(&buf, b"ferry");
+    }
+}

@@ -1,0 +1,6 @@
+//! The workloads the VMM can select in the boot parameter block.
+pub mod crash;
+pub mod dirty;
+pub mod hello;
+pub mod probe;
+pub mod spin;
