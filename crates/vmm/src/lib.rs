@@ -9,6 +9,7 @@ mod error;
 pub mod lifecycle;
 pub mod loader;
 pub mod memory;
+pub mod memslots;
 pub mod pci;
 pub mod state;
 pub mod vcpu;

@@ -10,8 +10,8 @@ use guest_abi::{
     ports,
 };
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -25,6 +25,7 @@ use crate::{
     lifecycle::{Lifecycle, VmOutcome},
     loader::{self, LoadedImage},
     memory::GuestRam,
+    memslots::{MemorySlots, SlotKind},
     pci::{HostBridge, PciBus, PciConfigIo},
     state::{DeviceStates, IrqchipState, KvmVmState, VmState},
     vcpu::{Vcpu, VcpuHandle},
@@ -75,6 +76,7 @@ pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
     ram: GuestRam,
+    slots: MemorySlots,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     pci: Arc<Mutex<PciBus>>,
@@ -106,18 +108,12 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(Error::kvm("create PIT"))?;
 
-        for (slot, r) in ram.regions().iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: r.gpa,
-                memory_size: r.size,
-                userspace_addr: ram.host_address(r)? as u64,
-            };
+        let slots = MemorySlots::new(fd.clone(), kvm.get_nr_memslots());
+        for r in ram.regions() {
+            let host = ram.host_address(r)? as u64;
             // SAFETY: the host range is a live mapping owned by `ram`, which the VM keeps
             // alive for as long as the memory slot exists.
-            unsafe { fd.set_user_memory_region(region) }
-                .map_err(Error::kvm("set memory region"))?;
+            unsafe { slots.add(r.gpa, r.size, host, SlotKind::Ram, false) }?;
         }
 
         let lifecycle = Arc::new(Lifecycle::default());
@@ -184,6 +180,7 @@ impl Vm {
             kvm,
             fd,
             ram,
+            slots,
             pio,
             mmio,
             pci,
@@ -361,6 +358,11 @@ impl Vm {
     /// The KVM VM.
     pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.fd
+    }
+
+    /// The VM's KVM memory slots.
+    pub fn memory_slots(&self) -> &MemorySlots {
+        &self.slots
     }
 
     /// The KVM system handle.
