@@ -4,6 +4,7 @@ use std::time::Instant;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+mod api;
 mod cli;
 mod commands;
 mod session;
@@ -31,7 +32,10 @@ fn main() {
     let result = match cli.command {
         cli::Command::Run(args) => commands::run::run(args, process_start),
         cli::Command::Demo(args) => commands::demo::run(args, process_start),
+        cli::Command::Receive(args) => commands::receive::run(args, process_start),
+        cli::Command::Migrate(args) => commands::migrate::run(args),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
+        cli::Command::Bench(cli::BenchCommand::Migrate(args)) => commands::bench_migrate::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -47,7 +47,20 @@ pub struct Incoming {
     pub report: ReceiveReport,
 }
 
-const ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
+/// Fills `[gpa, gpa + len)` of RAM that no vCPU or device uses yet.
+fn fill(ram: &GuestRam, gpa: u64, len: u64, f: impl FnOnce(&mut [u8])) -> Result<()> {
+    // SAFETY: the destination VM has not run yet and no device has its memory: nothing else
+    // accesses guest RAM while it is filled.
+    match unsafe { ram.slice_mut(gpa, len) } {
+        Some(dst) => {
+            f(dst);
+            Ok(())
+        }
+        None => Err(MigrationError::Protocol(format!(
+            "{len} bytes at {gpa:#x} span RAM regions"
+        ))),
+    }
+}
 
 /// Receives one VM over `stream`. `config` gives everything but the RAM size (console etc.).
 pub fn receive(
@@ -140,13 +153,13 @@ fn run(
                 for run in runs {
                     match run {
                         Run::Data { gpa, bytes } => {
-                            ram.write(gpa, bytes)?;
+                            fill(&ram, gpa, bytes.len() as u64, |dst| {
+                                dst.copy_from_slice(bytes)
+                            })?;
                             report.pages += bytes.len() as u64 / PAGE;
                         }
                         Run::Zero { gpa, pages } => {
-                            for i in 0..pages as u64 {
-                                ram.write(gpa + i * PAGE, &ZERO_PAGE)?;
-                            }
+                            fill(&ram, gpa, pages as u64 * PAGE, |dst| dst.fill(0))?;
                             report.zero_pages += pages as u64;
                         }
                     }

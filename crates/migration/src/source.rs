@@ -126,8 +126,7 @@ impl Sender<'_> {
                 if let Some((start, n)) = zero_run.take() {
                     batch.push_zero(start, n);
                 }
-                let payload = batch.finish().to_vec();
-                self.send(Kind::Memory, &payload)?;
+                self.send(Kind::Memory, batch.finish())?;
                 batch = MemoryBatch::new(round);
             }
         }
@@ -135,8 +134,7 @@ impl Sender<'_> {
             batch.push_zero(start, n);
         }
         if !batch.is_empty() {
-            let payload = batch.finish().to_vec();
-            self.send(Kind::Memory, &payload)?;
+            self.send(Kind::Memory, batch.finish())?;
         }
         Ok((data, zero, skipped))
     }

@@ -1,6 +1,9 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod bench_migrate;
 pub mod demo;
+pub mod migrate;
+pub mod receive;
 pub mod run;
 
 use std::sync::Arc;
