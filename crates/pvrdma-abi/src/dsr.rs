@@ -1,0 +1,136 @@
+//! The device shared region (`pvrdma_device_shared_region`) and device capabilities.
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Guest OS information (`pvrdma_gos_info`: a 32-bit bit field word, then padding).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct GosInfo {
+    /// gos_bits:2, gos_type:4, gos_ver:16, gos_misc:10 (from the least significant bit).
+    pub bits: u32,
+    pub pad: u32,
+}
+
+/// Device capabilities (`pvrdma_device_caps`, 208 bytes).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct DeviceCaps {
+    pub fw_ver: u64,
+    /// Big-endian.
+    pub node_guid: u64,
+    /// Big-endian.
+    pub sys_image_guid: u64,
+    pub max_mr_size: u64,
+    pub page_size_cap: u64,
+    pub atomic_arg_sizes: u64,
+    pub ex_comp_mask: u32,
+    pub device_cap_flags2: u32,
+    pub max_fa_bit_boundary: u32,
+    pub log_max_atomic_inline_arg: u32,
+    pub vendor_id: u32,
+    pub vendor_part_id: u32,
+    pub hw_ver: u32,
+    pub max_qp: u32,
+    pub max_qp_wr: u32,
+    pub device_cap_flags: u32,
+    pub max_sge: u32,
+    pub max_sge_rd: u32,
+    pub max_cq: u32,
+    pub max_cqe: u32,
+    pub max_mr: u32,
+    pub max_pd: u32,
+    pub max_qp_rd_atom: u32,
+    pub max_ee_rd_atom: u32,
+    pub max_res_rd_atom: u32,
+    pub max_qp_init_rd_atom: u32,
+    pub max_ee_init_rd_atom: u32,
+    pub max_ee: u32,
+    pub max_rdd: u32,
+    pub max_mw: u32,
+    pub max_raw_ipv6_qp: u32,
+    pub max_raw_ethy_qp: u32,
+    pub max_mcast_grp: u32,
+    pub max_mcast_qp_attach: u32,
+    pub max_total_mcast_qp_attach: u32,
+    pub max_ah: u32,
+    pub max_fmr: u32,
+    pub max_map_per_fmr: u32,
+    pub max_srq: u32,
+    pub max_srq_wr: u32,
+    pub max_srq_sge: u32,
+    pub max_uar: u32,
+    pub gid_tbl_len: u32,
+    pub max_pkeys: u16,
+    pub local_ca_ack_delay: u8,
+    pub phys_port_cnt: u8,
+    pub mode: u8,
+    pub atomic_ops: u8,
+    pub bmme_flags: u8,
+    pub gid_types: u8,
+    pub reserved: [u8; 4],
+}
+
+/// Pages of a device ring (`pvrdma_ring_page_info`, 16 bytes).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct RingPageInfo {
+    /// Pages including the header page.
+    pub num_pages: u32,
+    pub reserved: u32,
+    /// Guest-physical address of the page directory.
+    pub pdir_dma: u64,
+}
+
+/// The device shared region (`pvrdma_device_shared_region`, packed in C, 280 bytes; every
+/// field is naturally aligned, so `repr(C)` gives the same layout).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct DeviceSharedRegion {
+    /// W: driver version.
+    pub driver_version: u32,
+    pub pad: u32,
+    /// W: guest OS information.
+    pub gos_info: GosInfo,
+    /// W: command slot (one page).
+    pub cmd_slot_dma: u64,
+    /// W: response slot (one page).
+    pub resp_slot_dma: u64,
+    /// W: async event ring.
+    pub async_ring_pages: RingPageInfo,
+    /// W: CQ notification ring.
+    pub cq_ring_pages: RingPageInfo,
+    /// W: UAR page frame.
+    pub uar_pfn: u32,
+    pub pad2: u32,
+    /// R: device capabilities (written by the device on activation).
+    pub caps: DeviceCaps,
+}
+
+/// Async event queue element (`pvrdma_eqe`).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct Eqe {
+    /// `event::*`.
+    pub kind: u32,
+    /// Handle of the object concerned.
+    pub info: u32,
+}
+
+/// CQ notification element (`pvrdma_cqne`).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct Cqne {
+    /// CQ handle.
+    pub info: u32,
+}
