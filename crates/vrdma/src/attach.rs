@@ -1,0 +1,271 @@
+//! The PCI function in a VM: configuration space (PVRDMA IDs, BARs placed by the VMM), BAR1
+//! registers on the MMIO bus (trapped: commands are rare), BAR2 UAR doorbell page mapped into
+//! the guest as host memory (no VM exit per doorbell), and the device thread that polls the
+//! queues.
+//!
+//! **Doorbells without exits.** A VM exit costs ~28 µs on Ferry's machines, so the UAR page is
+//! a host page in a KVM memory slot: the guest's doorbell writes land in memory. The device
+//! thread polls every active queue's ring indexes in guest memory (the rings are the source of
+//! truth; the doorbell only says "something changed") and uses the doorbell page to leave its
+//! idle back-off at once. The built-in guest polls its completion queues; the device raises no
+//! interrupts (the ring-3 guest runs with IF = 0).
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use pvrdma_abi as abi;
+use vmm::{
+    bus::BusDevice,
+    memslots::SlotKind,
+    pci::{BarKind, PciConfiguration, PciDevice, PciHeader},
+    Vm,
+};
+
+use crate::{
+    backend::{MadInbox, RdmaBackend},
+    device::{Device, DeviceStats},
+    VrdmaError,
+};
+
+/// Size of the register BAR.
+pub const REG_BAR_SIZE: u64 = 0x1000;
+/// Size of the UAR BAR (one doorbell page).
+pub const UAR_BAR_SIZE: u64 = 0x1000;
+/// Where the VMM places the device's BARs by default: registers at `+0`, UAR at `+0x1000`.
+pub const DEFAULT_BAR_BASE: u64 = guest_abi::layout::PCI_MMIO_BASE + 0x0800_0000;
+const _: () =
+    assert!(DEFAULT_BAR_BASE + REG_BAR_SIZE + UAR_BAR_SIZE <= guest_abi::layout::PCI_MMIO_END);
+
+struct ConfigSpace(PciConfiguration);
+
+impl PciDevice for ConfigSpace {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.0.read(reg)
+    }
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        self.0.write(reg, offset, data)
+    }
+}
+
+struct Registers(Arc<Mutex<Device>>);
+
+impl BusDevice for Registers {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = if data.len() == 4 && offset % 4 == 0 {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_reg(offset)
+        } else {
+            0
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 4 && offset % 4 == 0 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_reg(offset, v);
+        }
+    }
+}
+
+/// An anonymous host page (the UAR doorbell page).
+struct HostPage(*mut u8);
+
+// SAFETY: the page is plain memory owned by this value; concurrent access goes through
+// volatile reads of aligned u32s.
+unsafe impl Send for HostPage {}
+// SAFETY: as above.
+unsafe impl Sync for HostPage {}
+
+impl HostPage {
+    fn new() -> Result<HostPage, VrdmaError> {
+        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                UAR_BAR_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(VrdmaError::Io {
+                what: "mapping the UAR page",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(HostPage(p.cast()))
+    }
+
+    /// The doorbell words (QP and CQ) the guest wrote last.
+    fn doorbells(&self) -> (u32, u32) {
+        // SAFETY: offsets 0 and 4 lie inside the live page and are 4-byte aligned; the guest
+        // writes them concurrently, so they are read with volatile loads.
+        unsafe {
+            (
+                std::ptr::read_volatile(self.0.cast::<u32>()),
+                std::ptr::read_volatile(self.0.add(4).cast::<u32>()),
+            )
+        }
+    }
+}
+
+impl Drop for HostPage {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `new` with this size and is unmapped once.
+        unsafe {
+            libc::munmap(self.0.cast(), UAR_BAR_SIZE as usize);
+        }
+    }
+}
+
+/// A virtual RDMA device attached to a VM. Dropping it (or [`VrdmaHandle::stop`]) stops the
+/// device thread and unregisters every GID the VM bound.
+pub struct VrdmaHandle {
+    device: Arc<Mutex<Device>>,
+    inbox: Arc<MadInbox>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    _uar: Arc<HostPage>,
+}
+
+impl VrdmaHandle {
+    /// Counters.
+    pub fn stats(&self) -> DeviceStats {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats()
+    }
+
+    /// The MAD inbox (the multiplexer's callback target).
+    pub fn inbox(&self) -> &Arc<MadInbox> {
+        &self.inbox
+    }
+
+    /// Stops the device thread, destroys all objects and unbinds all GIDs.
+    pub fn stop(&mut self) -> DeviceStats {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        d.reset();
+        d.stats()
+    }
+}
+
+impl Drop for VrdmaHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Attaches a PVRDMA function to `vm` with BARs at `bar_base` (registers) and
+/// `bar_base + 0x1000` (UAR), reaching the host through `backend`. Inbound MADs for the VM go
+/// to `inbox` (give the same inbox to the backend's multiplexer registration).
+pub fn attach(
+    vm: &Vm,
+    backend: Arc<dyn RdmaBackend>,
+    inbox: Arc<MadInbox>,
+    bar_base: u64,
+) -> Result<VrdmaHandle, VrdmaError> {
+    let reg_gpa = bar_base;
+    let uar_gpa = bar_base + REG_BAR_SIZE;
+    let mem: Arc<dyn crate::GuestMemory> = Arc::new(vm.ram().clone());
+    let device = Arc::new(Mutex::new(Device::new(mem, backend, inbox.clone())));
+
+    let mut cfg = PciConfiguration::new(PciHeader {
+        vendor_id: abi::PCI_VENDOR_ID_VMWARE,
+        device_id: abi::PCI_DEVICE_ID_VMWARE_PVRDMA,
+        class_code: abi::PCI_CLASS_PVRDMA,
+        revision: 1,
+        subsystem_vendor_id: abi::PCI_VENDOR_ID_VMWARE,
+        subsystem_id: abi::PCI_DEVICE_ID_VMWARE_PVRDMA,
+    });
+    cfg.add_bar(abi::PCI_RESOURCE_REG, reg_gpa, REG_BAR_SIZE, BarKind::Mem32);
+    cfg.add_bar(abi::PCI_RESOURCE_UAR, uar_gpa, UAR_BAR_SIZE, BarKind::Mem64);
+
+    vm.mmio_bus().insert(
+        reg_gpa,
+        REG_BAR_SIZE,
+        Arc::new(Mutex::new(Registers(device.clone()))),
+    )?;
+    let uar = Arc::new(HostPage::new()?);
+    // SAFETY: the page stays mapped while `VrdmaHandle` (which owns an Arc of it) lives, and
+    // the VM's memory slots are torn down with the VM; the guest may write it at any time,
+    // which the device tolerates (it only reads doorbell words as hints).
+    unsafe {
+        vm.memory_slots()
+            .add(uar_gpa, UAR_BAR_SIZE, uar.0 as u64, SlotKind::Device, false)?;
+    }
+    vm.pci_bus()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(4, Arc::new(Mutex::new(ConfigSpace(cfg))))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (device, stop, uar) = (device.clone(), stop.clone(), uar.clone());
+        std::thread::Builder::new()
+            .name("pvrdma".into())
+            .spawn(move || poll_loop(&device, &stop, &uar))
+            .map_err(|e| VrdmaError::Io {
+                what: "spawning the device thread",
+                source: e,
+            })?
+    };
+    tracing::info!(
+        regs = format_args!("{reg_gpa:#x}"),
+        uar = format_args!("{uar_gpa:#x}"),
+        "pvrdma device attached"
+    );
+    Ok(VrdmaHandle {
+        device,
+        inbox,
+        stop,
+        thread: Some(thread),
+        _uar: uar,
+    })
+}
+
+fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage) {
+    let mut idle = 0u32;
+    let mut last_bell = uar.doorbells();
+    while !stop.load(Ordering::Relaxed) {
+        let work = device.lock().unwrap_or_else(|e| e.into_inner()).poll();
+        let bell = uar.doorbells();
+        if work > 0 || bell != last_bell {
+            idle = 0;
+            last_bell = bell;
+            std::thread::yield_now();
+            continue;
+        }
+        idle = idle.saturating_add(1);
+        // Busy for a short while after activity, then back off up to 1 ms.
+        let sleep_us = match idle {
+            0..=200 => 0,
+            201..=2000 => 20,
+            _ => 1000,
+        };
+        if sleep_us == 0 {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(sleep_us));
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! What the device needs from the host's RDMA stack: GID registration and the checked QP1
+//! path of the CM multiplexer, and UD queue pairs on the host's software RoCEv2 port.
+//!
+//! [`crate::mux_backend`] implements it with Ferry's multiplexer and software port; tests use
+//! in-memory implementations.
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Mutex,
+    },
+};
+
+use rdma_wire::{Gid, MAD_SIZE};
+
+use crate::BackendError;
+
+/// Size of the GRH area in front of every UD/GSI receive.
+pub const GRH_LEN: usize = 40;
+
+/// A datagram received on a UD queue pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdDatagram {
+    /// Sender's GID.
+    pub sgid: Gid,
+    /// Sender's QPN.
+    pub src_qpn: u32,
+    /// The GRH area the receive buffer starts with.
+    pub grh: [u8; GRH_LEN],
+    /// Immediate data.
+    pub imm: Option<u32>,
+    /// Payload.
+    pub data: Vec<u8>,
+}
+
+/// A UD queue pair on the host port, owned by one virtual QP.
+pub trait UdQueue: Send + Sync {
+    /// Its QPN on the host port (what remote peers address).
+    fn qpn(&self) -> u32;
+    /// Sends `data` from this QP.
+    fn send(
+        &self,
+        dgid: Gid,
+        dqpn: u32,
+        qkey: u32,
+        imm: Option<u32>,
+        data: &[u8],
+    ) -> Result<(), BackendError>;
+    /// The next received datagram, if any (never blocks).
+    fn try_recv(&self) -> Option<UdDatagram>;
+}
+
+/// The host side of one VM's virtual RDMA port.
+pub trait RdmaBackend: Send + Sync {
+    /// Registers `gid` as this VM's (CREATE_BIND). A GID owned by another VM is refused.
+    fn bind_gid(&self, gid: Gid) -> Result<(), BackendError>;
+    /// Unregisters `gid` (DESTROY_BIND, reset, shutdown).
+    fn unbind_gid(&self, gid: Gid) -> Result<(), BackendError>;
+    /// Sends a MAD from the VM's QP1 through the checked outbound path.
+    fn send_mad(&self, sgid: Gid, dgid: Gid, mad: &[u8]) -> Result<(), BackendError>;
+    /// The VM posted QP1 receive buffers: deliver what waits for it.
+    fn receive_buffers_posted(&self);
+    /// Creates a UD queue pair bound to `gid` with Q_Key `qkey`.
+    fn create_ud_qp(&self, gid: Gid, qkey: u32) -> Result<Box<dyn UdQueue>, BackendError>;
+}
+
+/// The VM has no QP1 receive buffer now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoReceiveBuffer;
+
+/// Inbound MADs on their way into the VM's QP1 receive queue: the multiplexer's callback
+/// target. It accepts a MAD only while the guest has a receive buffer for it (credits set by
+/// the device from the guest's receive ring), so the multiplexer keeps the rest in its bounded
+/// per-VM queue; nothing here blocks.
+/// One inbound MAD: the GRH area and the 256-byte MAD.
+pub type InboundMad = ([u8; GRH_LEN], Box<[u8; MAD_SIZE]>);
+
+#[derive(Debug, Default)]
+pub struct MadInbox {
+    queue: Mutex<VecDeque<InboundMad>>,
+    credits: AtomicUsize,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl MadInbox {
+    /// Takes one MAD (GRH area + 256 bytes) if the guest has a receive buffer for it.
+    pub fn deliver(
+        &self,
+        grh: &[u8; GRH_LEN],
+        mad: &[u8; MAD_SIZE],
+    ) -> Result<(), NoReceiveBuffer> {
+        let took = self
+            .credits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1));
+        if took.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(NoReceiveBuffer);
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((*grh, Box::new(*mad)));
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sets the number of MADs the guest can take now (free receive buffers minus queued).
+    pub(crate) fn set_credits(&self, free_buffers: usize) {
+        let queued = self.len();
+        self.credits
+            .store(free_buffers.saturating_sub(queued), Ordering::Release);
+    }
+
+    /// Next MAD for the guest.
+    pub(crate) fn pop(&self) -> Option<InboundMad> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+
+    /// Puts a MAD back at the front (the guest's buffer turned out unusable).
+    pub(crate) fn unpop(&self, m: InboundMad) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_front(m);
+    }
+
+    /// MADs waiting.
+    pub fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none wait.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (accepted, refused for lack of a buffer).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Drops everything (device reset).
+    pub(crate) fn clear(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.credits.store(0, Ordering::Release);
+    }
+}

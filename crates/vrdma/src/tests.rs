@@ -1,0 +1,627 @@
+//! Device tests without KVM: a byte-vector guest memory, a scripted guest driver, an in-memory
+//! backend; happy paths and hostile inputs.
+use std::sync::{Arc, Mutex};
+
+use pvrdma_abi::{self as abi, cmd_code, errno, qp_state, IntoBytes};
+use rdma_wire::Gid;
+
+use crate::{
+    backend::{MadInbox, RdmaBackend, UdDatagram, UdQueue, GRH_LEN},
+    device::Device,
+    mem::{GuestMemory, VecMemory},
+    BackendError, BackendErrorKind,
+};
+
+type Sent = Arc<Mutex<Vec<(Gid, u32, Vec<u8>)>>>;
+
+#[derive(Default)]
+struct FakeBackend {
+    bound: Mutex<Vec<Gid>>,
+    taken: Vec<Gid>,
+    mads: Mutex<Vec<(Gid, Gid, Vec<u8>)>>,
+    ud_sent: Sent,
+    ud_inbound: Arc<Mutex<Vec<UdDatagram>>>,
+}
+
+struct FakeUd {
+    sent: Sent,
+    inbound: Arc<Mutex<Vec<UdDatagram>>>,
+}
+
+impl UdQueue for FakeUd {
+    fn qpn(&self) -> u32 {
+        0x42
+    }
+    fn send(
+        &self,
+        dgid: Gid,
+        dqpn: u32,
+        _qkey: u32,
+        _imm: Option<u32>,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        self.sent.lock().unwrap().push((dgid, dqpn, data.to_vec()));
+        Ok(())
+    }
+    fn try_recv(&self) -> Option<UdDatagram> {
+        self.inbound.lock().unwrap().pop()
+    }
+}
+
+impl RdmaBackend for FakeBackend {
+    fn bind_gid(&self, gid: Gid) -> Result<(), BackendError> {
+        if self.taken.contains(&gid) {
+            return Err(BackendError::new(
+                BackendErrorKind::AddressInUse,
+                format!("{gid} is owned by another VM"),
+            ));
+        }
+        self.bound.lock().unwrap().push(gid);
+        Ok(())
+    }
+    fn unbind_gid(&self, gid: Gid) -> Result<(), BackendError> {
+        self.bound.lock().unwrap().retain(|g| *g != gid);
+        Ok(())
+    }
+    fn send_mad(&self, sgid: Gid, dgid: Gid, mad: &[u8]) -> Result<(), BackendError> {
+        if !self.bound.lock().unwrap().contains(&sgid) {
+            return Err(BackendError::new(BackendErrorKind::Refused, "spoofed"));
+        }
+        self.mads.lock().unwrap().push((sgid, dgid, mad.to_vec()));
+        Ok(())
+    }
+    fn receive_buffers_posted(&self) {}
+    fn create_ud_qp(&self, _gid: Gid, _qkey: u32) -> Result<Box<dyn UdQueue>, BackendError> {
+        Ok(Box::new(FakeUd {
+            sent: self.ud_sent.clone(),
+            inbound: self.ud_inbound.clone(),
+        }))
+    }
+}
+
+const MEM: usize = 4 << 20;
+
+/// A scripted guest driver writing into the byte-vector memory.
+struct Guest {
+    mem: Arc<VecMemory>,
+    dev: Device,
+    backend: Arc<FakeBackend>,
+    inbox: Arc<MadInbox>,
+    next: u64,
+    cmd: u64,
+    resp: u64,
+}
+
+fn gid(a: u8) -> Gid {
+    Gid::from_ipv4(core::net::Ipv4Addr::new(127, 0, 1, a)).canonical()
+}
+
+impl Guest {
+    fn new(backend: FakeBackend) -> Guest {
+        let mem = Arc::new(VecMemory::new(MEM));
+        let backend = Arc::new(backend);
+        let inbox = Arc::new(MadInbox::default());
+        let dev = Device::new(mem.clone(), backend.clone(), inbox.clone());
+        let mut g = Guest {
+            mem,
+            dev,
+            backend,
+            inbox,
+            next: 0x10000,
+            cmd: 0,
+            resp: 0,
+        };
+        g.cmd = g.page();
+        g.resp = g.page();
+        let dsr = g.page();
+        let d = abi::DeviceSharedRegion {
+            cmd_slot_dma: g.cmd,
+            resp_slot_dma: g.resp,
+            ..Default::default()
+        };
+        g.mem.write(dsr, d.as_bytes()).unwrap();
+        g.dev.write_reg(abi::PVRDMA_REG_DSRLOW, dsr as u32);
+        g.dev.write_reg(abi::PVRDMA_REG_DSRHIGH, 0);
+        g.dev
+            .write_reg(abi::PVRDMA_REG_CTL, abi::PVRDMA_DEVICE_CTL_ACTIVATE);
+        assert_eq!(g.dev.read_reg(abi::PVRDMA_REG_ERR), 0);
+        g
+    }
+
+    fn page(&mut self) -> u64 {
+        let p = self.next;
+        self.next += 4096;
+        p
+    }
+
+    /// A page directory for `n` fresh pages; returns (pdir, pages).
+    fn pdir(&mut self, n: usize) -> (u64, Vec<u64>) {
+        let dir = self.page();
+        let table = self.page();
+        self.mem.write(dir, &table.to_le_bytes()).unwrap();
+        let pages: Vec<u64> = (0..n).map(|_| self.page()).collect();
+        for (i, p) in pages.iter().enumerate() {
+            self.mem
+                .write(table + 8 * i as u64, &p.to_le_bytes())
+                .unwrap();
+        }
+        (dir, pages)
+    }
+
+    /// Runs a command; returns (err, response bytes).
+    fn cmd<T: IntoBytes + pvrdma_abi::Immutable>(&mut self, c: &T) -> (u8, Vec<u8>) {
+        self.mem.write(self.cmd, c.as_bytes()).unwrap();
+        self.dev.write_reg(abi::PVRDMA_REG_REQUEST, 0);
+        let mut r = vec![0u8; 256];
+        self.mem.read(self.resp, &mut r).unwrap();
+        let err = self.dev.read_reg(abi::PVRDMA_REG_ERR) as u8;
+        assert_eq!(r[12], err, "response header and ERR register agree");
+        (err, r)
+    }
+
+    fn u32_at(r: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(r[off..off + 4].try_into().unwrap())
+    }
+
+    fn hdr(cmd: u32) -> abi::CmdHdr {
+        abi::CmdHdr {
+            response: 0x77,
+            cmd,
+            reserved: 0,
+        }
+    }
+
+    fn create_pd(&mut self) -> u32 {
+        let (e, r) = self.cmd(&abi::CmdCreatePd {
+            hdr: Self::hdr(cmd_code::CREATE_PD),
+            ..Default::default()
+        });
+        assert_eq!(e, 0);
+        assert_eq!(Self::u32_at(&r, 8), abi::resp_code::CREATE_PD);
+        Self::u32_at(&r, 16)
+    }
+
+    fn dma_mr(&mut self, pd: u32) -> u32 {
+        let (e, r) = self.cmd(&abi::CmdCreateMr {
+            hdr: Self::hdr(cmd_code::CREATE_MR),
+            length: u64::MAX,
+            pd_handle: pd,
+            access_flags: 1,
+            flags: abi::PVRDMA_MR_FLAG_DMA,
+            ..Default::default()
+        });
+        assert_eq!(e, 0);
+        Self::u32_at(&r, 20)
+    }
+
+    fn create_cq(&mut self, n: u32) -> (u32, Vec<u64>) {
+        let (dir, pages) = self.pdir(2);
+        let (e, r) = self.cmd(&abi::CmdCreateCq {
+            hdr: Self::hdr(cmd_code::CREATE_CQ),
+            pdir_dma: dir,
+            cqe: n,
+            nchunks: 2,
+            ..Default::default()
+        });
+        assert_eq!(e, 0);
+        (Self::u32_at(&r, 16), pages)
+    }
+
+    fn create_qp(&mut self, pd: u32, cq: u32, ty: u8) -> (u8, u32, Vec<u64>) {
+        let (dir, pages) = self.pdir(3);
+        let (e, r) = self.cmd(&abi::CmdCreateQp {
+            hdr: Self::hdr(cmd_code::CREATE_QP),
+            pdir_dma: dir,
+            pd_handle: pd,
+            send_cq_handle: cq,
+            recv_cq_handle: cq,
+            max_send_wr: 16,
+            max_recv_wr: 16,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            total_chunks: 3,
+            send_chunks: 1,
+            qp_type: ty,
+            ..Default::default()
+        });
+        (e, Self::u32_at(&r, 16), pages)
+    }
+
+    fn modify(&mut self, qp: u32, state: u32) -> u8 {
+        let mut attrs = abi::QpAttr {
+            qp_state: state,
+            ..Default::default()
+        };
+        attrs.qkey = 0;
+        self.cmd(&abi::CmdModifyQp {
+            hdr: Self::hdr(cmd_code::MODIFY_QP),
+            qp_handle: qp,
+            attr_mask: abi::qp_attr_mask::STATE,
+            attrs,
+        })
+        .0
+    }
+
+    fn bind(&mut self, index: u32, g: Gid) -> u8 {
+        self.cmd(&abi::CmdCreateBind {
+            hdr: Self::hdr(cmd_code::CREATE_BIND),
+            index,
+            new_gid: g.0,
+            gid_type: 1,
+            ..Default::default()
+        })
+        .0
+    }
+
+    fn cqes(&self, cq_pages: &[u64]) -> Vec<abi::Cqe> {
+        let tail = self.mem.load_u32(cq_pages[0] + 8).unwrap();
+        (0..tail)
+            .map(|i| {
+                let mut c = abi::Cqe::default();
+                self.mem
+                    .read(cq_pages[1] + 64 * i as u64, c.as_mut_bytes())
+                    .unwrap();
+                c
+            })
+            .collect()
+    }
+
+    /// Posts a receive of `len` bytes at `buf` with `lkey` into slot `i` of the QP's RQ.
+    fn post_recv(&self, qp_pages: &[u64], i: u32, buf: u64, len: u32, lkey: u32) {
+        let at = qp_pages[2] + 32 * i as u64;
+        let h = abi::RqWqeHdr {
+            wr_id: 100 + i as u64,
+            num_sge: 1,
+            total_len: 0,
+        };
+        self.mem.write(at, h.as_bytes()).unwrap();
+        let s = abi::Sge {
+            addr: buf,
+            length: len,
+            lkey,
+        };
+        self.mem.write(at + 16, s.as_bytes()).unwrap();
+        self.mem.store_u32(qp_pages[0] + 8, i + 1).unwrap();
+    }
+
+    fn post_send(&self, qp_pages: &[u64], i: u32, dgid: Gid, dqpn: u32, sge: abi::Sge) {
+        let at = qp_pages[1] + 128 * i as u64;
+        let h = abi::SqWqeHdr {
+            wr_id: 200 + i as u64,
+            num_sge: 1,
+            opcode: abi::wr_opcode::SEND,
+            send_flags: abi::send_flags::SIGNALED,
+            ud_remote_qpn: dqpn,
+            ud_remote_qkey: 0x8001_0000,
+            ud_av: abi::Av {
+                dgid: dgid.0,
+                gid_index: 0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.mem.write(at, h.as_bytes()).unwrap();
+        self.mem.write(at + 80, sge.as_bytes()).unwrap();
+        self.mem.store_u32(qp_pages[0], i + 1).unwrap();
+    }
+}
+
+#[test]
+fn gsi_queue_pair_sends_and_receives_mads() {
+    let mut g = Guest::new(FakeBackend::default());
+    let (e, r) = g.cmd(&abi::CmdQueryPort {
+        hdr: Guest::hdr(cmd_code::QUERY_PORT),
+        port_num: 1,
+        ..Default::default()
+    });
+    assert_eq!(e, 0);
+    assert_eq!(Guest::u32_at(&r, 16), abi::port_state::ACTIVE);
+    assert_eq!(g.bind(0, gid(1)), 0);
+    assert_eq!(g.backend.bound.lock().unwrap().as_slice(), &[gid(1)]);
+    let pd = g.create_pd();
+    let lkey = g.dma_mr(pd);
+    let (cq, cq_pages) = g.create_cq(64);
+    let (e, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
+    assert_eq!((e, qpn), (0, 1));
+    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+        assert_eq!(g.modify(qpn, s), 0);
+    }
+    // Send a MAD.
+    let buf = g.page();
+    g.mem.write(buf, &[0x11; 256]).unwrap();
+    g.post_send(
+        &qp_pages,
+        0,
+        gid(9),
+        1,
+        abi::Sge {
+            addr: buf,
+            length: 256,
+            lkey,
+        },
+    );
+    g.dev.poll();
+    assert_eq!(g.backend.mads.lock().unwrap().len(), 1);
+    // Inbound MAD: refused while no buffer, accepted once one is posted.
+    let mad = [0x22u8; 256];
+    assert!(g.inbox.deliver(&[0xaa; GRH_LEN], &mad).is_err());
+    let rbuf = g.page();
+    g.post_recv(&qp_pages, 0, rbuf, 296, lkey);
+    g.dev.poll();
+    g.inbox.deliver(&[0xaa; GRH_LEN], &mad).unwrap();
+    g.dev.poll();
+    let cqes = g.cqes(&cq_pages);
+    assert_eq!(cqes.len(), 2);
+    assert_eq!(
+        (cqes[0].opcode, cqes[0].status, cqes[0].wr_id),
+        (abi::wc_opcode::SEND, 0, 200)
+    );
+    assert_eq!(
+        (cqes[1].opcode, cqes[1].status, cqes[1].byte_len),
+        (abi::wc_opcode::RECV, 0, 296)
+    );
+    assert_eq!(cqes[1].wc_flags & abi::wc_flags::GRH, abi::wc_flags::GRH);
+    let mut got = [0u8; 296];
+    g.mem.read(rbuf, &mut got).unwrap();
+    assert_eq!(&got[..40], &[0xaa; 40]);
+    assert_eq!(&got[40..], &mad);
+    // Unbinding on DESTROY_BIND.
+    let (e, _) = g.cmd(&abi::CmdDestroyBind {
+        hdr: Guest::hdr(cmd_code::DESTROY_BIND),
+        index: 0,
+        dest_gid: gid(1).0,
+        ..Default::default()
+    });
+    assert_eq!(e, 0);
+    assert!(g.backend.bound.lock().unwrap().is_empty());
+}
+
+#[test]
+fn ud_queue_pair_maps_to_a_host_queue_pair() {
+    let mut g = Guest::new(FakeBackend::default());
+    let pd = g.create_pd();
+    let lkey = g.dma_mr(pd);
+    let (cq, cq_pages) = g.create_cq(16);
+    let (e, _, _) = g.create_qp(pd, cq, abi::qp_type::UD);
+    assert_eq!(e, errno::EINVAL, "UD QPs need a bound GID");
+    assert_eq!(g.bind(0, gid(1)), 0);
+    let (e, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::UD);
+    assert_eq!((e, qpn), (0, 0x42));
+    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+        assert_eq!(g.modify(qpn, s), 0);
+    }
+    let buf = g.page();
+    g.mem.write(buf, b"hello").unwrap();
+    g.post_send(
+        &qp_pages,
+        0,
+        gid(2),
+        0x99,
+        abi::Sge {
+            addr: buf,
+            length: 5,
+            lkey,
+        },
+    );
+    g.backend.ud_inbound.lock().unwrap().push(UdDatagram {
+        sgid: gid(2),
+        src_qpn: 0x99,
+        grh: [1; 40],
+        imm: None,
+        data: b"world".to_vec(),
+    });
+    let rbuf = g.page();
+    g.post_recv(&qp_pages, 0, rbuf, 100, lkey);
+    g.dev.poll();
+    assert_eq!(
+        g.backend.ud_sent.lock().unwrap()[0],
+        (gid(2), 0x99, b"hello".to_vec())
+    );
+    let cqes = g.cqes(&cq_pages);
+    assert_eq!(cqes.len(), 2);
+    assert_eq!((cqes[1].byte_len, cqes[1].src_qp), (45, 0x99));
+    let mut got = [0u8; 5];
+    g.mem.read(rbuf + 40, &mut got).unwrap();
+    assert_eq!(&got, b"world");
+}
+
+#[test]
+fn hostile_commands_get_errors() {
+    let mut taken = FakeBackend::default();
+    taken.taken.push(gid(7));
+    let mut g = Guest::new(taken);
+    // Unknown and unsupported commands.
+    let (e, r) = g.cmd(&Guest::hdr(0xdead_beef));
+    assert_eq!(e, errno::EOPNOTSUPP);
+    assert_eq!(Guest::u32_at(&r, 8), abi::resp_code::for_cmd(cmd_code::MAX));
+    let (e, _) = g.cmd(&abi::CmdCreateUc {
+        hdr: Guest::hdr(cmd_code::CREATE_UC),
+        ..Default::default()
+    });
+    assert_eq!(e, errno::EOPNOTSUPP);
+    // GID owned by another VM; index beyond the table; zero GID.
+    assert_eq!(g.bind(0, gid(7)), errno::EADDRINUSE);
+    assert_eq!(g.bind(99, gid(1)), errno::EINVAL);
+    assert_eq!(g.bind(0, Gid::default()), errno::EINVAL);
+    // Unknown handles.
+    let (e, _) = g.cmd(&abi::CmdDestroyPd {
+        hdr: Guest::hdr(cmd_code::DESTROY_PD),
+        pd_handle: 12345,
+        ..Default::default()
+    });
+    assert_eq!(e, errno::ENOENT);
+    let pd = g.create_pd();
+    let (e, _, _) = g.create_qp(pd, 999, abi::qp_type::GSI);
+    assert_eq!(e, errno::ENOENT);
+    // Page directories outside guest RAM, unaligned, or with tables pointing outside.
+    for pdir in [0x1_0000_0000u64, 0x10008, !0xfffu64] {
+        let (e, _) = g.cmd(&abi::CmdCreateCq {
+            hdr: Guest::hdr(cmd_code::CREATE_CQ),
+            pdir_dma: pdir,
+            cqe: 16,
+            nchunks: 2,
+            ..Default::default()
+        });
+        assert!(e == errno::EFAULT, "pdir {pdir:#x}: {e}");
+    }
+    let dir = g.page();
+    g.mem.write(dir, &(MEM as u64).to_le_bytes()).unwrap();
+    let (e, _) = g.cmd(&abi::CmdCreateCq {
+        hdr: Guest::hdr(cmd_code::CREATE_CQ),
+        pdir_dma: dir,
+        cqe: 16,
+        nchunks: 2,
+        ..Default::default()
+    });
+    assert_eq!(e, errno::EFAULT);
+    // Sizes: not a power of two, too many pages, MR that wraps.
+    let (e, _) = g.cmd(&abi::CmdCreateCq {
+        hdr: Guest::hdr(cmd_code::CREATE_CQ),
+        pdir_dma: dir,
+        cqe: 17,
+        nchunks: 2,
+        ..Default::default()
+    });
+    assert_eq!(e, errno::EINVAL);
+    let (e, _) = g.cmd(&abi::CmdCreateMr {
+        hdr: Guest::hdr(cmd_code::CREATE_MR),
+        start: u64::MAX - 10,
+        length: 100,
+        pdir_dma: dir,
+        pd_handle: pd,
+        nchunks: u32::MAX,
+        ..Default::default()
+    });
+    assert_eq!(e, errno::EINVAL);
+    // Illegal state transition.
+    let (cq, _) = g.create_cq(16);
+    let (e, qpn, _) = g.create_qp(pd, cq, abi::qp_type::GSI);
+    assert_eq!(e, 0);
+    assert_eq!(g.modify(qpn, qp_state::RTS), errno::EINVAL);
+    // A second GSI QP.
+    assert_eq!(g.create_qp(pd, cq, abi::qp_type::GSI).0, errno::EINVAL);
+    // Busy PD and CQ.
+    let (e, _) = g.cmd(&abi::CmdDestroyPd {
+        hdr: Guest::hdr(cmd_code::DESTROY_PD),
+        pd_handle: pd,
+        ..Default::default()
+    });
+    assert_eq!(e, errno::EBUSY);
+    // Command slot moved outside RAM by a hostile DSR: activation fails, commands fail.
+    let dsr = g.page();
+    let d = abi::DeviceSharedRegion {
+        cmd_slot_dma: 0xdead_0000_0000,
+        resp_slot_dma: g.resp,
+        ..Default::default()
+    };
+    g.mem.write(dsr, d.as_bytes()).unwrap();
+    g.dev.write_reg(abi::PVRDMA_REG_DSRLOW, dsr as u32);
+    g.dev
+        .write_reg(abi::PVRDMA_REG_CTL, abi::PVRDMA_DEVICE_CTL_ACTIVATE);
+    assert_eq!(g.dev.read_reg(abi::PVRDMA_REG_ERR), errno::EFAULT as u32);
+    assert!(g.dev.stats().command_errors >= 12);
+}
+
+#[test]
+fn hostile_work_requests_and_ring_indexes() {
+    let mut g = Guest::new(FakeBackend::default());
+    assert_eq!(g.bind(0, gid(1)), 0);
+    let pd = g.create_pd();
+    let lkey = g.dma_mr(pd);
+    let (cq, cq_pages) = g.create_cq(16);
+    let (_, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
+    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+        assert_eq!(g.modify(qpn, s), 0);
+    }
+    let buf = g.page();
+    // Bad lkey, buffer outside RAM, wrong length for a MAD, unbound GID index.
+    g.post_send(
+        &qp_pages,
+        0,
+        gid(9),
+        1,
+        abi::Sge {
+            addr: buf,
+            length: 256,
+            lkey: 0xbad,
+        },
+    );
+    g.post_send(
+        &qp_pages,
+        1,
+        gid(9),
+        1,
+        abi::Sge {
+            addr: MEM as u64 - 8,
+            length: 256,
+            lkey,
+        },
+    );
+    g.post_send(
+        &qp_pages,
+        2,
+        gid(9),
+        1,
+        abi::Sge {
+            addr: buf,
+            length: 100,
+            lkey,
+        },
+    );
+    g.dev.poll();
+    let st: Vec<u32> = g.cqes(&cq_pages).iter().map(|c| c.status).collect();
+    assert_eq!(
+        st,
+        [
+            abi::wc_status::LOC_PROT_ERR,
+            abi::wc_status::LOC_PROT_ERR,
+            abi::wc_status::LOC_LEN_ERR
+        ]
+    );
+    assert!(g.backend.mads.lock().unwrap().is_empty());
+    // A producer index beyond 2 x size: the QP goes to the error state, the device carries on.
+    g.mem.store_u32(qp_pages[0], 0xffff_0000).unwrap();
+    g.dev.poll();
+    assert_eq!(g.dev.stats().qp_ring_errors, 1);
+    let (e, r) = g.cmd(&abi::CmdQueryQp {
+        hdr: Guest::hdr(cmd_code::QUERY_QP),
+        qp_handle: qpn,
+        attr_mask: 0,
+    });
+    assert_eq!(e, 0);
+    assert_eq!(Guest::u32_at(&r, 16), qp_state::ERR);
+    // A CQ whose indexes are garbage stops taking completions, without harm.
+    g.mem.store_u32(cq_pages[0] + 8, 0x7777_7777).unwrap();
+    assert_eq!(g.modify(qpn, qp_state::RESET), 0);
+    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+        assert_eq!(g.modify(qpn, s), 0);
+    }
+    g.mem.write(buf, &[0; 256]).unwrap();
+    g.post_send(
+        &qp_pages,
+        0,
+        gid(9),
+        1,
+        abi::Sge {
+            addr: buf,
+            length: 256,
+            lkey,
+        },
+    );
+    g.dev.poll();
+    assert_eq!(g.backend.mads.lock().unwrap().len(), 1);
+    assert!(g.dev.stats().cq_overflows >= 1);
+    // The device still answers commands.
+    assert!(g.create_pd() > 0);
+}
+
+#[test]
+fn reset_unbinds_every_gid() {
+    let mut g = Guest::new(FakeBackend::default());
+    assert_eq!(g.bind(0, gid(1)), 0);
+    assert_eq!(g.bind(1, gid(2)), 0);
+    g.dev
+        .write_reg(abi::PVRDMA_REG_CTL, abi::PVRDMA_DEVICE_CTL_RESET);
+    assert!(g.backend.bound.lock().unwrap().is_empty());
+    assert!(g.dev.gids().is_empty());
+}
