@@ -38,7 +38,7 @@ fn main() {
         "building the built-in guest failed: {status}"
     );
 
-    let elf = target_dir.join("release/ferry-guest");
+    let elf = target_dir.join("x86_64-unknown-linux-gnu/release/ferry-guest");
     std::fs::copy(&elf, out_dir.join("ferry-guest.elf")).expect("copy guest ELF");
 
     println!("cargo:rerun-if-changed={}", guest_dir.join("src").display());
@@ -62,8 +62,10 @@ fn main() {
         "cargo:rerun-if-changed={}",
         guest_dir.join(".cargo/config.toml").display()
     );
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest_dir.join("../guest-abi/src").display()
-    );
+    for dep in ["guest-abi", "pvrdma-abi", "rdma-wire"] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            manifest_dir.join("../").join(dep).join("src").display()
+        );
+    }
 }

@@ -13,6 +13,7 @@ mod io;
 mod mem;
 mod params;
 mod pci;
+mod pvrdma;
 mod rt;
 mod workloads;
 
@@ -35,6 +36,9 @@ extern "C" fn guest_main() -> ! {
         Some(Workload::Spin) => workloads::spin::run(&p),
         Some(Workload::Probe) => workloads::probe::run(),
         Some(Workload::Crash) => workloads::crash::run(),
+        Some(Workload::RdmaServer) => workloads::rdma::server(&p),
+        Some(Workload::RdmaClient) => workloads::rdma::client(&p),
+        Some(Workload::RdmaHostile) => workloads::rdma_hostile::run(&p),
         None => {
             println!("ferry-guest: unknown workload {}", p.workload);
             status::BAD_PARAMS

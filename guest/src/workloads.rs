@@ -3,4 +3,6 @@ pub mod crash;
 pub mod dirty;
 pub mod hello;
 pub mod probe;
+pub mod rdma;
+pub mod rdma_hostile;
 pub mod spin;

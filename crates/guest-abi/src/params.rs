@@ -25,16 +25,28 @@ pub enum Workload {
     Probe = 4,
     /// Access a virtual address that is not mapped: the guest dies (tests the VMM survives).
     Crash = 5,
+    /// RDMA agent, passive side: bind a GID on the PVRDMA device, answer REQ/SIDR_REQ, echo UD
+    /// messages, answer DREQ ([`RdmaArgs`]).
+    RdmaServer = 6,
+    /// RDMA agent, active side: REQ → REP → RTU, SIDR, a verified stream of echoed UD
+    /// messages, DREQ → DREP ([`RdmaArgs`]).
+    RdmaClient = 7,
+    /// Writes garbage into the PVRDMA command slot, rings and page directories and checks that
+    /// every one is answered with an error.
+    RdmaHostile = 8,
 }
 
 impl Workload {
     /// All workloads, for listing.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Hello,
         Workload::Dirty,
         Workload::Spin,
         Workload::Probe,
         Workload::Crash,
+        Workload::RdmaServer,
+        Workload::RdmaClient,
+        Workload::RdmaHostile,
     ];
 
     /// Decodes a workload number.
@@ -45,6 +57,9 @@ impl Workload {
             3 => Some(Self::Spin),
             4 => Some(Self::Probe),
             5 => Some(Self::Crash),
+            6 => Some(Self::RdmaServer),
+            7 => Some(Self::RdmaClient),
+            8 => Some(Self::RdmaHostile),
             _ => None,
         }
     }
@@ -57,6 +72,9 @@ impl Workload {
             Self::Spin => "spin",
             Self::Probe => "probe",
             Self::Crash => "crash",
+            Self::RdmaServer => "rdma-server",
+            Self::RdmaClient => "rdma-client",
+            Self::RdmaHostile => "rdma-hostile",
         }
     }
 }
@@ -77,6 +95,38 @@ pub struct WorkloadArgs {
     pub seed: u64,
     /// `spin`: loop iterations.
     pub iterations: u64,
+    /// RDMA workloads.
+    pub rdma: RdmaArgs,
+}
+
+/// Arguments of the RDMA workloads (IPv4 GIDs as big-endian `u32`s, `a.b.c.d` = `a << 24 | …`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RdmaArgs {
+    /// The GID the guest binds (CREATE_BIND index 0).
+    pub local_gid: u32,
+    /// The peer's GID (client: whom to connect to).
+    pub peer_gid: u32,
+    /// Another VM's GID, for [`rdma_mode::BIND_OTHER`] and [`rdma_mode::SPOOF`].
+    pub other_gid: u32,
+    /// rdma_cm port of the service.
+    pub service_port: u32,
+    /// UD message size in bytes.
+    pub msg_size: u32,
+    /// An [`rdma_mode`] value.
+    pub mode: u32,
+    /// UD messages to exchange (client); 0 = serve until stopped (server).
+    pub messages: u64,
+}
+
+/// Variants of the RDMA client.
+pub mod rdma_mode {
+    /// Connect, exchange, disconnect.
+    pub const NORMAL: u32 = 0;
+    /// Try to bind `other_gid` (expects a refusal).
+    pub const BIND_OTHER: u32 = 1;
+    /// Send a REQ claiming `other_gid` as its source (expects a refusal).
+    pub const SPOOF: u32 = 2;
 }
 
 /// The boot parameter block.
@@ -150,6 +200,16 @@ pub mod status {
     pub const LEDGER_TOTAL_MISMATCH: u32 = 12;
     /// The boot parameters were unusable.
     pub const BAD_PARAMS: u32 = 20;
+    /// RDMA: a refusal the workload expected happened (bind-other, spoof modes).
+    pub const RDMA_REFUSED: u32 = 30;
+    /// RDMA: something the workload needed was refused or failed.
+    pub const RDMA_FAILED: u32 = 31;
+    /// RDMA: no PVRDMA device.
+    pub const RDMA_NO_DEVICE: u32 = 32;
+    /// RDMA: a received message did not match what was sent.
+    pub const RDMA_VERIFY_FAILED: u32 = 33;
+    /// RDMA: a refusal the workload expected did not happen.
+    pub const RDMA_NOT_REFUSED: u32 = 34;
     /// The guest panicked.
     pub const PANIC: u32 = 99;
 }
@@ -172,8 +232,8 @@ mod tests {
 
     #[test]
     fn no_padding() {
-        // 8 + 4 + 4 + 8*3 + args (6*8) + 4*4 + 8*5
-        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 16 + 40);
+        // 8 + 4 + 4 + 8*3 + args (6*8 + rdma 32) + 4*4 + 8*5
+        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 32 + 16 + 40);
         assert_eq!(OFF_VERIFY_REQ % 4, 0);
         assert_eq!(OFF_VERIFY_PAGES % 8, 0);
     }

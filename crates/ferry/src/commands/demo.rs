@@ -157,6 +157,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
             report_interval_ms: 500,
             seed: 0x5eed,
             iterations: 0,
+            ..Default::default()
         },
     };
     let migrate_at = duration * 2 / 5;

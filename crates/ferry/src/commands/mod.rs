@@ -27,6 +27,7 @@ pub fn guest_from_args(g: &GuestArgs) -> anyhow::Result<(Arc<Vec<u8>>, WorkloadA
         report_interval_ms: g.report_interval.as_millis() as u64,
         seed: g.seed,
         iterations: g.iterations,
+        ..Default::default()
     };
     Ok((Arc::new(image), args))
 }

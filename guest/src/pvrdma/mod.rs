@@ -1,0 +1,446 @@
+//! A minimal driver for the PVRDMA device ABI (`pvrdma_abi`): finds the function on the PCI
+//! bus, sets up the device shared region, command and response slots and the async ring,
+//! issues commands through the register BAR (each command costs a few VM exits, which is fine:
+//! commands are rare), and drives QP/CQ rings in guest memory. Doorbells go to the UAR page,
+//! which the VMM maps as memory: posting work never exits. Completions are polled.
+use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+
+use guest_abi::layout::WORK_BASE;
+use pvrdma_abi::{self as abi, cmd_code, FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::{
+    io::{mmio_read32, mmio_write32},
+    pci,
+};
+
+const PAGE: u64 = 4096;
+
+static NEXT_PAGE: AtomicU64 = AtomicU64::new(WORK_BASE);
+
+/// Allocates `n` zeroed, contiguous pages (never freed: the workloads are short-lived).
+pub fn alloc_pages(n: u64) -> u64 {
+    let p = NEXT_PAGE.fetch_add(n * PAGE, Ordering::Relaxed);
+    for i in 0..(n * PAGE / 8) {
+        write_u64(p + 8 * i, 0);
+    }
+    p
+}
+
+/// Writes a u64 to guest memory.
+pub fn write_u64(gpa: u64, v: u64) {
+    // SAFETY: `gpa` is identity-mapped RAM this driver allocated.
+    unsafe { core::ptr::write_volatile(gpa as *mut u64, v) }
+}
+
+/// Reads a u32 from guest memory (ring indexes the device updates).
+pub fn read_u32(gpa: u64) -> u32 {
+    // SAFETY: as for `write_u64`; aligned.
+    unsafe { core::ptr::read_volatile(gpa as *const u32) }
+}
+
+/// Writes a u32 to guest memory (ring indexes the device reads).
+pub fn write_u32(gpa: u64, v: u32) {
+    // SAFETY: as for `write_u64`; aligned.
+    unsafe { core::ptr::write_volatile(gpa as *mut u32, v) }
+}
+
+/// Copies bytes into guest memory.
+pub fn write_bytes(gpa: u64, b: &[u8]) {
+    // SAFETY: the destination is RAM this driver allocated, `b.len()` bytes long.
+    unsafe { core::ptr::copy_nonoverlapping(b.as_ptr(), gpa as *mut u8, b.len()) }
+}
+
+/// Copies bytes out of guest memory.
+pub fn read_bytes(gpa: u64, b: &mut [u8]) {
+    // SAFETY: the source is RAM this driver allocated, `b.len()` bytes long.
+    unsafe { core::ptr::copy_nonoverlapping(gpa as *const u8, b.as_mut_ptr(), b.len()) }
+}
+
+/// Writes a layout struct.
+pub fn write_obj<T: IntoBytes + Immutable>(gpa: u64, v: &T) {
+    write_bytes(gpa, v.as_bytes());
+}
+
+/// Reads a layout struct.
+pub fn read_obj<T: FromBytes + IntoBytes + KnownLayout>(gpa: u64) -> T {
+    let mut v = T::new_zeroed();
+    read_bytes(gpa, v.as_mut_bytes());
+    v
+}
+
+/// A page directory over `n` fresh pages (one table: n ≤ 512). Returns (directory, first
+/// page); the pages are contiguous.
+pub fn pdir(n: u64) -> (u64, u64) {
+    let dir = alloc_pages(1);
+    let table = alloc_pages(1);
+    let pages = alloc_pages(n);
+    write_u64(dir, table);
+    for i in 0..n {
+        write_u64(table + 8 * i, pages + i * PAGE);
+    }
+    (dir, pages)
+}
+
+/// A completion queue of `n` ≤ 64 entries (one page of CQEs after the ring page).
+pub struct Cq {
+    /// Handle.
+    pub handle: u32,
+    n: u32,
+    ring: u64,
+    cqes: u64,
+}
+
+impl Cq {
+    /// The next completion, if any.
+    pub fn poll(&self) -> Option<abi::Cqe> {
+        let tail = read_u32(self.ring + 8);
+        let head = read_u32(self.ring + 12);
+        if tail == head {
+            return None;
+        }
+        compiler_fence(Ordering::Acquire);
+        let c: abi::Cqe = read_obj(self.cqes + 64 * (head & (self.n - 1)) as u64);
+        compiler_fence(Ordering::Release);
+        write_u32(self.ring + 12, abi::idx_inc(head, self.n));
+        Some(c)
+    }
+}
+
+/// Send queue slots.
+pub const SQ_WQES: u32 = 16;
+/// Receive queue slots.
+pub const RQ_WQES: u32 = 32;
+
+/// A queue pair with one SGE per work request.
+pub struct Qp {
+    /// Its number (= its handle).
+    pub qpn: u32,
+    hdr: u64,
+    sq: u64,
+    rq: u64,
+    uar: u64,
+}
+
+impl Qp {
+    /// Posts a UD send of `len` bytes at `addr` to (`dgid`, `dqpn`, `qkey`) from GID index
+    /// `gid_index`. False when the send queue is full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_send(
+        &self,
+        wr_id: u64,
+        addr: u64,
+        len: u32,
+        lkey: u32,
+        dgid: [u8; 16],
+        dqpn: u32,
+        qkey: u32,
+        gid_index: u8,
+    ) -> bool {
+        let tail = read_u32(self.hdr);
+        let head = read_u32(self.hdr + 4);
+        if tail == head ^ SQ_WQES {
+            return false;
+        }
+        let at = self.sq + abi::sq_wqe_size(1) as u64 * (tail & (SQ_WQES - 1)) as u64;
+        let w = abi::SqWqeHdr {
+            wr_id,
+            num_sge: 1,
+            opcode: abi::wr_opcode::SEND,
+            send_flags: abi::send_flags::SIGNALED,
+            ud_remote_qpn: dqpn,
+            ud_remote_qkey: qkey,
+            ud_av: abi::Av {
+                dgid,
+                gid_index,
+                port_pd: 1,
+                hop_limit: 64,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        write_obj(at, &w);
+        write_obj(
+            at + 80,
+            &abi::Sge {
+                addr,
+                length: len,
+                lkey,
+            },
+        );
+        compiler_fence(Ordering::Release);
+        write_u32(self.hdr, abi::idx_inc(tail, SQ_WQES));
+        mmio_write32(
+            self.uar + abi::PVRDMA_UAR_QP_OFFSET,
+            self.qpn | abi::PVRDMA_UAR_QP_SEND,
+        );
+        true
+    }
+
+    /// Posts a receive buffer. False when the receive queue is full.
+    pub fn post_recv(&self, wr_id: u64, addr: u64, len: u32, lkey: u32) -> bool {
+        let tail = read_u32(self.hdr + 8);
+        let head = read_u32(self.hdr + 12);
+        if tail == head ^ RQ_WQES {
+            return false;
+        }
+        let at = self.rq + abi::rq_wqe_size(1) as u64 * (tail & (RQ_WQES - 1)) as u64;
+        write_obj(
+            at,
+            &abi::RqWqeHdr {
+                wr_id,
+                num_sge: 1,
+                total_len: 0,
+            },
+        );
+        write_obj(
+            at + 16,
+            &abi::Sge {
+                addr,
+                length: len,
+                lkey,
+            },
+        );
+        compiler_fence(Ordering::Release);
+        write_u32(self.hdr + 8, abi::idx_inc(tail, RQ_WQES));
+        mmio_write32(
+            self.uar + abi::PVRDMA_UAR_QP_OFFSET,
+            self.qpn | abi::PVRDMA_UAR_QP_RECV,
+        );
+        true
+    }
+
+    /// The QP's ring header page (hostile tests scribble on it).
+    pub fn header_page(&self) -> u64 {
+        self.hdr
+    }
+}
+
+/// The PVRDMA function.
+pub struct Device {
+    regs: u64,
+    uar: u64,
+    cmd: u64,
+    resp: u64,
+}
+
+/// Result of a command: the response slot address, or the device's errno.
+pub type CmdResult = Result<u64, u8>;
+
+impl Device {
+    /// Finds the device on the PCI bus and activates it.
+    pub fn open() -> Option<Device> {
+        let mut found = None;
+        pci::enumerate(|f| {
+            if f.vendor == abi::PCI_VENDOR_ID_VMWARE && f.device == abi::PCI_DEVICE_ID_VMWARE_PVRDMA
+            {
+                found = Some(f);
+            }
+        });
+        let f = found?;
+        let bar = |i: u8| pci::config_read(0, f.dev, f.func, 0x10 + 4 * i);
+        let regs = (bar(1) & !0xf) as u64;
+        let uar = (bar(2) & !0xf) as u64 | (bar(3) as u64) << 32;
+        if mmio_read32(regs + abi::PVRDMA_REG_VERSION) < abi::PVRDMA_ROCEV2_VERSION {
+            return None;
+        }
+        let dsr = alloc_pages(1);
+        let cmd = alloc_pages(1);
+        let resp = alloc_pages(1);
+        let (async_dir, _) = pdir(2);
+        let (cq_dir, _) = pdir(2);
+        let d = abi::DeviceSharedRegion {
+            driver_version: abi::PVRDMA_VERSION,
+            gos_info: abi::GosInfo { bits: 2, pad: 0 },
+            cmd_slot_dma: cmd,
+            resp_slot_dma: resp,
+            async_ring_pages: abi::RingPageInfo {
+                num_pages: 2,
+                reserved: 0,
+                pdir_dma: async_dir,
+            },
+            cq_ring_pages: abi::RingPageInfo {
+                num_pages: 2,
+                reserved: 0,
+                pdir_dma: cq_dir,
+            },
+            uar_pfn: (uar / PAGE) as u32,
+            ..Default::default()
+        };
+        write_obj(dsr, &d);
+        mmio_write32(regs + abi::PVRDMA_REG_DSRLOW, dsr as u32);
+        mmio_write32(regs + abi::PVRDMA_REG_DSRHIGH, (dsr >> 32) as u32);
+        mmio_write32(regs + abi::PVRDMA_REG_CTL, abi::PVRDMA_DEVICE_CTL_ACTIVATE);
+        if mmio_read32(regs + abi::PVRDMA_REG_ERR) != 0 {
+            return None;
+        }
+        Some(Device {
+            regs,
+            uar,
+            cmd,
+            resp,
+        })
+    }
+
+    /// Writes raw bytes into the command slot and rings the request register; returns ERR.
+    pub fn raw_command(&self, bytes: &[u8]) -> u32 {
+        write_bytes(self.cmd, bytes);
+        compiler_fence(Ordering::SeqCst);
+        mmio_write32(self.regs + abi::PVRDMA_REG_REQUEST, 0);
+        mmio_read32(self.regs + abi::PVRDMA_REG_ERR)
+    }
+
+    /// Executes a command.
+    pub fn command<C: IntoBytes + Immutable>(&self, c: &C) -> CmdResult {
+        match self.raw_command(c.as_bytes()) {
+            0 => Ok(self.resp),
+            e => Err(e as u8),
+        }
+    }
+
+    fn hdr(cmd: u32) -> abi::CmdHdr {
+        abi::CmdHdr {
+            response: cmd as u64,
+            cmd,
+            reserved: 0,
+        }
+    }
+
+    /// CREATE_PD.
+    pub fn create_pd(&self) -> Result<u32, u8> {
+        let r = self.command(&abi::CmdCreatePd {
+            hdr: Self::hdr(cmd_code::CREATE_PD),
+            ..Default::default()
+        })?;
+        Ok(read_obj::<abi::RespCreatePd>(r).pd_handle)
+    }
+
+    /// A DMA memory region over all of guest memory (lkey; addresses are guest-physical).
+    pub fn dma_mr(&self, pd: u32) -> Result<u32, u8> {
+        let r = self.command(&abi::CmdCreateMr {
+            hdr: Self::hdr(cmd_code::CREATE_MR),
+            length: u64::MAX,
+            pd_handle: pd,
+            access_flags: 1,
+            flags: abi::PVRDMA_MR_FLAG_DMA,
+            ..Default::default()
+        })?;
+        Ok(read_obj::<abi::RespCreateMr>(r).lkey)
+    }
+
+    /// A CQ of 64 entries.
+    pub fn create_cq(&self) -> Result<Cq, u8> {
+        let (dir, pages) = pdir(2);
+        let r = self.command(&abi::CmdCreateCq {
+            hdr: Self::hdr(cmd_code::CREATE_CQ),
+            pdir_dma: dir,
+            cqe: 64,
+            nchunks: 2,
+            ..Default::default()
+        })?;
+        Ok(Cq {
+            handle: read_obj::<abi::RespCreateCq>(r).cq_handle,
+            n: 64,
+            ring: pages,
+            cqes: pages + PAGE,
+        })
+    }
+
+    /// A QP of `qp_type` (GSI or UD) with `SQ_WQES`/`RQ_WQES` one-SGE slots, moved to RTS.
+    pub fn create_qp(&self, pd: u32, scq: &Cq, rcq: &Cq, qp_type: u8) -> Result<Qp, u8> {
+        let (dir, pages) = pdir(3);
+        let r = self.command(&abi::CmdCreateQp {
+            hdr: Self::hdr(cmd_code::CREATE_QP),
+            pdir_dma: dir,
+            pd_handle: pd,
+            send_cq_handle: scq.handle,
+            recv_cq_handle: rcq.handle,
+            max_send_wr: SQ_WQES,
+            max_recv_wr: RQ_WQES,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            total_chunks: 3,
+            send_chunks: 1,
+            qp_type,
+            ..Default::default()
+        })?;
+        let qpn = read_obj::<abi::RespCreateQp>(r).qpn;
+        let qkey = if qp_type == abi::qp_type::GSI {
+            0x8001_0000
+        } else {
+            0x0123_4567
+        };
+        for state in [abi::qp_state::INIT, abi::qp_state::RTR, abi::qp_state::RTS] {
+            self.modify_qp(qpn, state, qkey)?;
+        }
+        Ok(Qp {
+            qpn,
+            hdr: pages,
+            sq: pages + PAGE,
+            rq: pages + 2 * PAGE,
+            uar: self.uar,
+        })
+    }
+
+    /// MODIFY_QP to `state` (with the Q_Key on INIT).
+    pub fn modify_qp(&self, qpn: u32, state: u32, qkey: u32) -> Result<(), u8> {
+        let mut mask = abi::qp_attr_mask::STATE;
+        if state == abi::qp_state::INIT {
+            mask |= abi::qp_attr_mask::QKEY;
+        }
+        self.command(&abi::CmdModifyQp {
+            hdr: Self::hdr(cmd_code::MODIFY_QP),
+            qp_handle: qpn,
+            attr_mask: mask,
+            attrs: abi::QpAttr {
+                qp_state: state,
+                qkey,
+                ..Default::default()
+            },
+        })?;
+        Ok(())
+    }
+
+    /// QUERY_QP: the QP's state.
+    pub fn qp_state(&self, qpn: u32) -> Result<u32, u8> {
+        let r = self.command(&abi::CmdQueryQp {
+            hdr: Self::hdr(cmd_code::QUERY_QP),
+            qp_handle: qpn,
+            attr_mask: 0,
+        })?;
+        Ok(read_obj::<abi::RespQueryQp>(r).attrs.qp_state)
+    }
+
+    /// DESTROY_QP.
+    pub fn destroy_qp(&self, qpn: u32) -> Result<(), u8> {
+        self.command(&abi::CmdDestroyQp {
+            hdr: Self::hdr(cmd_code::DESTROY_QP),
+            qp_handle: qpn,
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
+    /// CREATE_BIND: adds `gid` at `index` of the GID table (registers it with the host).
+    pub fn bind(&self, index: u32, gid: [u8; 16]) -> Result<(), u8> {
+        self.command(&abi::CmdCreateBind {
+            hdr: Self::hdr(cmd_code::CREATE_BIND),
+            mtu: 1024,
+            index,
+            new_gid: gid,
+            gid_type: 1,
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
+    /// DESTROY_BIND.
+    pub fn unbind(&self, index: u32, gid: [u8; 16]) -> Result<(), u8> {
+        self.command(&abi::CmdDestroyBind {
+            hdr: Self::hdr(cmd_code::DESTROY_BIND),
+            index,
+            dest_gid: gid,
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+}

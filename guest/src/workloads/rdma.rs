@@ -1,0 +1,706 @@
+//! The RDMA agent: a CM endpoint on the PVRDMA device's QP1 and a UD queue pair.
+//!
+//! - `rdma-server`: binds its GID, answers REQ with REP (naming its UD QP), takes RTU,
+//!   answers SIDR_REQ with SIDR_REP (UD QPN and Q_Key), echoes every UD message to its
+//!   sender, answers DREQ with DREP. Exits 0 after `messages` disconnects (0: until the VMM
+//!   asks it to stop).
+//! - `rdma-client`: REQ → REP → RTU to the peer's RC service, SIDR_REQ → SIDR_REP for its UD
+//!   service, `messages` UD messages (the pattern of `ferry rdma peer`) each echoed back and
+//!   verified, then DREQ → DREP. Prints the connection setup time and the message rate.
+//!   Variants: `BIND_OTHER` tries to bind another VM's GID, `SPOOF` sends a REQ claiming
+//!   another GID as its source; both expect a refusal (exit status `RDMA_REFUSED`).
+//!
+//! The CM messages are rdma-wire's codecs; the state kept is the little a UD service needs.
+use core::net::{IpAddr, Ipv4Addr};
+
+use guest_abi::{
+    params::{status, OFF_STOP_REQ},
+    rdma_mode, BootParams, RdmaArgs,
+};
+use pvrdma_abi::{self as abi, qp_type};
+use rdma_wire::{
+    cm::{Drep, Dreq, Rep, Req, Rtu, SidrRep, SidrReq},
+    mad::attr,
+    rdma_cm::{service_id, CmaHeader, PortSpace, RDMA_CM_UD_QKEY},
+    CmMessage, Gid, MadHeader, GSI_QKEY, MAD_SIZE,
+};
+
+use crate::{
+    clock, params, println,
+    pvrdma::{alloc_pages, read_bytes, write_bytes, Cq, Device, Qp, RQ_WQES, SQ_WQES},
+};
+
+const GRH: u64 = 40;
+const GSI_RBUF: u64 = 512;
+const UD_BUF: u64 = 4096;
+/// Largest UD message the agent sends.
+pub const MAX_MSG: u32 = 2048;
+
+fn v4(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a)
+}
+
+fn gid_of(a: u32) -> Gid {
+    Gid::from_ipv4(v4(a))
+}
+
+fn now_us() -> u64 {
+    clock::ticks_to_us(clock::rdtsc())
+}
+
+fn stop_requested() -> bool {
+    params::read32(OFF_STOP_REQ) != 0
+}
+
+/// A small pseudo-random number (communication IDs, transaction IDs, PSNs).
+fn random(salt: u32) -> u32 {
+    let t = clock::rdtsc();
+    let x = (t ^ (t >> 29) ^ salt as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((x >> 32) as u32) | 1
+}
+
+/// The payload of UD message `seq` (`ferry rdma peer`'s pattern).
+fn pattern_byte(seq: u64, i: usize) -> u8 {
+    if i < 8 {
+        seq.to_be_bytes()[i]
+    } else {
+        (seq as usize).wrapping_mul(31).wrapping_add(i) as u8
+    }
+}
+
+/// Source GID from a receive buffer's GRH area (IPv4 header in its last 20 bytes for
+/// RoCEv2 over IPv4, else an IPv6-style GRH).
+fn grh_sgid(grh: &[u8; 40]) -> Gid {
+    if grh[20] >> 4 == 4 {
+        Gid::from_ipv4(Ipv4Addr::new(grh[32], grh[33], grh[34], grh[35]))
+    } else {
+        let mut g = [0u8; 16];
+        g.copy_from_slice(&grh[8..24]);
+        Gid(g).canonical()
+    }
+}
+
+struct Agent {
+    dev: Device,
+    lkey: u32,
+    me: Gid,
+    gsi: Qp,
+    gsi_scq: Cq,
+    gsi_rcq: Cq,
+    gsi_rbufs: u64,
+    gsi_sbuf: u64,
+    ud: Qp,
+    ud_scq: Cq,
+    ud_rcq: Cq,
+    ud_rbufs: u64,
+    ud_sbufs: u64,
+    ud_next: u32,
+    ud_outstanding: u32,
+    ud_send_errors: u64,
+}
+
+enum Setup {
+    NoDevice,
+    Failed(&'static str, u8),
+}
+
+impl Agent {
+    /// Opens the device and binds `me` at GID index 0. `Err` says what failed.
+    fn open(me: Gid) -> Result<Agent, Setup> {
+        let dev = Device::open().ok_or(Setup::NoDevice)?;
+        dev.bind(0, me.0)
+            .map_err(|e| Setup::Failed("CREATE_BIND", e))?;
+        Self::build(dev, me)
+    }
+
+    fn build(dev: Device, me: Gid) -> Result<Agent, Setup> {
+        let f = |what| move |e| Setup::Failed(what, e);
+        let pd = dev.create_pd().map_err(f("CREATE_PD"))?;
+        let lkey = dev.dma_mr(pd).map_err(f("CREATE_MR"))?;
+        let gsi_scq = dev.create_cq().map_err(f("CREATE_CQ"))?;
+        let gsi_rcq = dev.create_cq().map_err(f("CREATE_CQ"))?;
+        let gsi = dev
+            .create_qp(pd, &gsi_scq, &gsi_rcq, qp_type::GSI)
+            .map_err(f("CREATE_QP (GSI)"))?;
+        let ud_scq = dev.create_cq().map_err(f("CREATE_CQ"))?;
+        let ud_rcq = dev.create_cq().map_err(f("CREATE_CQ"))?;
+        let ud = dev
+            .create_qp(pd, &ud_scq, &ud_rcq, qp_type::UD)
+            .map_err(f("CREATE_QP (UD)"))?;
+        let gsi_rbufs = alloc_pages(RQ_WQES as u64 * GSI_RBUF / 4096);
+        let gsi_sbuf = alloc_pages(1);
+        let ud_rbufs = alloc_pages(RQ_WQES as u64 * UD_BUF / 4096);
+        let ud_sbufs = alloc_pages(SQ_WQES as u64 * UD_BUF / 4096);
+        for i in 0..RQ_WQES as u64 {
+            gsi.post_recv(i, gsi_rbufs + i * GSI_RBUF, GSI_RBUF as u32, lkey);
+            ud.post_recv(i, ud_rbufs + i * UD_BUF, UD_BUF as u32, lkey);
+        }
+        Ok(Agent {
+            dev,
+            lkey,
+            me,
+            gsi,
+            gsi_scq,
+            gsi_rcq,
+            gsi_rbufs,
+            gsi_sbuf,
+            ud,
+            ud_scq,
+            ud_rcq,
+            ud_rbufs,
+            ud_sbufs,
+            ud_next: 0,
+            ud_outstanding: 0,
+            ud_send_errors: 0,
+        })
+    }
+
+    /// Sends a MAD from QP1 and waits for its completion; `Err(status)` if the device (or
+    /// the multiplexer behind it) refused it.
+    fn send_mad(&mut self, dgid: Gid, mad: &[u8; MAD_SIZE]) -> Result<(), u32> {
+        write_bytes(self.gsi_sbuf, mad);
+        if !self.gsi.post_send(
+            1,
+            self.gsi_sbuf,
+            MAD_SIZE as u32,
+            self.lkey,
+            dgid.0,
+            1,
+            GSI_QKEY,
+            0,
+        ) {
+            return Err(abi::wc_status::GENERAL_ERR);
+        }
+        let t0 = now_us();
+        loop {
+            if let Some(c) = self.gsi_scq.poll() {
+                return if c.status == 0 { Ok(()) } else { Err(c.status) };
+            }
+            if now_us() - t0 > 2_000_000 {
+                return Err(abi::wc_status::GENERAL_ERR);
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// The next CM message received on QP1, with its sender's GID.
+    fn recv_mad(&mut self) -> Option<(Gid, CmMessage)> {
+        let c = self.gsi_rcq.poll()?;
+        let i = c.wr_id % RQ_WQES as u64;
+        let at = self.gsi_rbufs + i * GSI_RBUF;
+        let mut grh = [0u8; 40];
+        let mut mad = [0u8; MAD_SIZE];
+        let ok = c.status == 0 && c.byte_len as u64 >= GRH + MAD_SIZE as u64;
+        if ok {
+            read_bytes(at, &mut grh);
+            read_bytes(at + GRH, &mut mad);
+        }
+        self.gsi.post_recv(i, at, GSI_RBUF as u32, self.lkey);
+        if !ok {
+            return None;
+        }
+        CmMessage::parse_mad(&mad).ok().map(|m| (grh_sgid(&grh), m))
+    }
+
+    fn reap_ud_sends(&mut self) {
+        while let Some(c) = self.ud_scq.poll() {
+            self.ud_outstanding = self.ud_outstanding.saturating_sub(1);
+            if c.status != 0 {
+                self.ud_send_errors += 1;
+            }
+        }
+    }
+
+    /// Sends `len` bytes produced by `fill` to (`dgid`, `dqpn`).
+    fn ud_send(&mut self, dgid: Gid, dqpn: u32, len: u32, fill: impl Fn(usize) -> u8) -> bool {
+        self.reap_ud_sends();
+        let t0 = now_us();
+        while self.ud_outstanding >= SQ_WQES {
+            self.reap_ud_sends();
+            if now_us() - t0 > 1_000_000 {
+                return false;
+            }
+        }
+        let slot = self.ud_next % SQ_WQES;
+        self.ud_next = self.ud_next.wrapping_add(1);
+        let at = self.ud_sbufs + slot as u64 * UD_BUF;
+        let mut chunk = [0u8; 256];
+        let mut off = 0usize;
+        while off < len as usize {
+            let n = (len as usize - off).min(256);
+            for (k, b) in chunk[..n].iter_mut().enumerate() {
+                *b = fill(off + k);
+            }
+            write_bytes(at + off as u64, &chunk[..n]);
+            off += n;
+        }
+        let ok = self.ud.post_send(
+            slot as u64,
+            at,
+            len,
+            self.lkey,
+            dgid.0,
+            dqpn,
+            RDMA_CM_UD_QKEY,
+            0,
+        );
+        if ok {
+            self.ud_outstanding += 1;
+        }
+        ok
+    }
+
+    /// The next UD datagram: (sender GID, sender QPN, payload address, payload length, slot).
+    fn ud_recv(&mut self) -> Option<(Gid, u32, u64, u32, u64)> {
+        let c = self.ud_rcq.poll()?;
+        let i = c.wr_id % RQ_WQES as u64;
+        let at = self.ud_rbufs + i * UD_BUF;
+        if c.status != 0 || (c.byte_len as u64) < GRH {
+            self.ud.post_recv(i, at, UD_BUF as u32, self.lkey);
+            return None;
+        }
+        let mut grh = [0u8; 40];
+        read_bytes(at, &mut grh);
+        Some((
+            grh_sgid(&grh),
+            c.src_qp,
+            at + GRH,
+            c.byte_len - GRH as u32,
+            i,
+        ))
+    }
+
+    fn ud_repost(&mut self, i: u64) {
+        let at = self.ud_rbufs + i * UD_BUF;
+        self.ud.post_recv(i, at, UD_BUF as u32, self.lkey);
+    }
+
+    fn cma_private_data(&self, peer: Gid, port: u16) -> [u8; 36] {
+        let ip = |g: Gid| {
+            g.to_ipv4()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        };
+        CmaHeader::new(ip(self.me), port, ip(peer))
+            .map(|h| h.to_bytes())
+            .unwrap_or([0; 36])
+    }
+}
+
+fn setup_failed(s: Setup) -> u32 {
+    match s {
+        Setup::NoDevice => {
+            println!("rdma: no PVRDMA device");
+            status::RDMA_NO_DEVICE
+        }
+        Setup::Failed(what, e) => {
+            println!("rdma: {} failed with error {}", what, e);
+            status::RDMA_FAILED
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Conn {
+    used: bool,
+    peer: Gid,
+    local: u32,
+    remote: u32,
+    established: bool,
+}
+
+/// `rdma-server`.
+pub fn server(p: &BootParams) -> u32 {
+    let a: RdmaArgs = p.args.rdma;
+    let me = gid_of(a.local_gid);
+    let mut ag = match Agent::open(me) {
+        Ok(ag) => ag,
+        Err(e) => return setup_failed(e),
+    };
+    println!(
+        "rdma-server: {} listening on port {} (UD QPN {:#x})",
+        me, a.service_port, ag.ud.qpn
+    );
+    let mut conns = [Conn::default(); 16];
+    let (mut disconnects, mut echoed, mut sidr) = (0u64, 0u64, 0u64);
+    loop {
+        if stop_requested() {
+            break;
+        }
+        if let Some((sgid, msg)) = ag.recv_mad() {
+            match msg {
+                CmMessage::Req(req) => {
+                    let peer = if req.primary_path.local_gid.is_zero() {
+                        sgid
+                    } else {
+                        req.primary_path.local_gid.canonical()
+                    };
+                    let idx = conns
+                        .iter()
+                        .position(|c| c.used && c.peer == peer && c.remote == req.local_comm_id)
+                        .or_else(|| conns.iter().position(|c| !c.used));
+                    let Some(idx) = idx else { continue };
+                    let c = &mut conns[idx];
+                    if !c.used {
+                        *c = Conn {
+                            used: true,
+                            peer,
+                            local: random(req.local_comm_id),
+                            remote: req.local_comm_id,
+                            established: false,
+                        };
+                    }
+                    let rep = Rep {
+                        hdr: MadHeader::cm(attr::REP, req.hdr.transaction_id),
+                        local_comm_id: c.local,
+                        remote_comm_id: c.remote,
+                        local_qkey: RDMA_CM_UD_QKEY,
+                        local_qpn: ag.ud.qpn,
+                        starting_psn: random(7) & 0xff_ffff,
+                        responder_resources: req.initiator_depth,
+                        initiator_depth: req.responder_resources,
+                        target_ack_delay: 15,
+                        rnr_retry_count: 7,
+                        local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
+                        ..Rep::default()
+                    };
+                    if let Err(s) = ag.send_mad(peer, &rep.to_mad()) {
+                        println!("rdma-server: REP refused (status {})", s);
+                    }
+                }
+                CmMessage::Rtu(rtu) => {
+                    if let Some(c) = conns
+                        .iter_mut()
+                        .find(|c| c.used && c.local == rtu.remote_comm_id)
+                    {
+                        if !c.established {
+                            c.established = true;
+                            println!(
+                                "rdma-server: connection {:#x} from {} established",
+                                c.local, c.peer
+                            );
+                        }
+                    }
+                }
+                CmMessage::SidrReq(r) => {
+                    let rep = SidrRep {
+                        hdr: MadHeader::cm(attr::SIDR_REP, r.hdr.transaction_id),
+                        request_id: r.request_id,
+                        status: 0,
+                        qpn: ag.ud.qpn,
+                        service_id: r.service_id,
+                        qkey: RDMA_CM_UD_QKEY,
+                        ..SidrRep::default()
+                    };
+                    if ag.send_mad(sgid, &rep.to_mad()).is_ok() {
+                        sidr += 1;
+                    }
+                }
+                CmMessage::Dreq(d) => {
+                    let pos = conns
+                        .iter()
+                        .position(|c| c.used && c.local == d.remote_comm_id);
+                    let (local, remote, peer) = match pos {
+                        Some(i) => (conns[i].local, conns[i].remote, conns[i].peer),
+                        None => (d.remote_comm_id, d.local_comm_id, sgid),
+                    };
+                    let drep = Drep {
+                        hdr: MadHeader::cm(attr::DREP, d.hdr.transaction_id),
+                        local_comm_id: local,
+                        remote_comm_id: remote,
+                        ..Drep::default()
+                    };
+                    let _ = ag.send_mad(peer, &drep.to_mad());
+                    if let Some(i) = pos {
+                        conns[i].used = false;
+                        disconnects += 1;
+                        println!(
+                            "rdma-server: connection {:#x} disconnected ({} UD messages echoed)",
+                            local, echoed
+                        );
+                    }
+                    if a.messages != 0 && disconnects >= a.messages {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some((sgid, sqpn, at, len, i)) = ag.ud_recv() {
+            let len = len.min(MAX_MSG);
+            let mut buf = [0u8; MAX_MSG as usize];
+            read_bytes(at, &mut buf[..len as usize]);
+            ag.ud_repost(i);
+            if ag.ud_send(sgid, sqpn, len, |k| buf[k]) {
+                echoed += 1;
+            }
+        }
+        ag.reap_ud_sends();
+    }
+    println!(
+        "rdma-server: done: {} disconnects, {} SIDR answered, {} UD messages echoed",
+        disconnects, sidr, echoed
+    );
+    let _ = ag.dev.unbind(0, me.0);
+    status::OK
+}
+
+/// Waits up to `timeout_us` for a CM message `pick` accepts, resending `resend` every 250 ms.
+fn await_mad<T>(
+    ag: &mut Agent,
+    dgid: Gid,
+    resend: &[u8; MAD_SIZE],
+    timeout_us: u64,
+    mut pick: impl FnMut(&CmMessage) -> Option<T>,
+) -> Option<T> {
+    let t0 = now_us();
+    let mut last = t0;
+    loop {
+        if let Some((_, m)) = ag.recv_mad() {
+            if let Some(v) = pick(&m) {
+                return Some(v);
+            }
+        }
+        let t = now_us();
+        if t - t0 > timeout_us {
+            return None;
+        }
+        if t - last > 250_000 {
+            last = t;
+            if ag.send_mad(dgid, resend).is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// `rdma-client`.
+pub fn client(p: &BootParams) -> u32 {
+    let a: RdmaArgs = p.args.rdma;
+    let me = gid_of(a.local_gid);
+    let peer = gid_of(a.peer_gid);
+    let port = a.service_port as u16;
+    if a.mode == rdma_mode::BIND_OTHER {
+        let Some(dev) = Device::open() else {
+            return setup_failed(Setup::NoDevice);
+        };
+        let other = gid_of(a.other_gid);
+        return match dev.bind(0, other.0) {
+            Err(e) => {
+                println!("rdma-client: binding {} was refused (error {})", other, e);
+                status::RDMA_REFUSED
+            }
+            Ok(()) => {
+                println!("rdma-client: binding {} was accepted", other);
+                status::RDMA_NOT_REFUSED
+            }
+        };
+    }
+    let mut ag = match Agent::open(me) {
+        Ok(ag) => ag,
+        Err(e) => return setup_failed(e),
+    };
+    let t_start = now_us();
+    let local_comm_id = random(a.local_gid);
+    let mut req = Req {
+        hdr: MadHeader::cm(attr::REQ, random(3) as u64),
+        local_comm_id,
+        service_id: service_id(PortSpace::Tcp, port),
+        local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
+        local_qkey: RDMA_CM_UD_QKEY,
+        local_qpn: ag.ud.qpn,
+        responder_resources: 1,
+        initiator_depth: 1,
+        remote_cm_response_timeout: 20,
+        starting_psn: random(5) & 0xff_ffff,
+        local_cm_response_timeout: 20,
+        retry_count: 7,
+        p_key: 0xffff,
+        path_mtu: 3,
+        rnr_retry_count: 7,
+        max_cm_retries: 15,
+        ..Req::default()
+    };
+    req.primary_path.local_gid = me;
+    req.primary_path.remote_gid = peer;
+    req.primary_path.hop_limit = 64;
+    req.primary_path.local_ack_timeout = 18;
+    req.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
+    if a.mode == rdma_mode::SPOOF {
+        req.primary_path.local_gid = gid_of(a.other_gid);
+        return match ag.send_mad(peer, &req.to_mad()) {
+            Err(s) => {
+                println!(
+                    "rdma-client: REQ claiming {} was refused (status {})",
+                    gid_of(a.other_gid),
+                    s
+                );
+                status::RDMA_REFUSED
+            }
+            Ok(()) => {
+                println!("rdma-client: REQ claiming {} was sent", gid_of(a.other_gid));
+                status::RDMA_NOT_REFUSED
+            }
+        };
+    }
+    let req_mad = req.to_mad();
+    if let Err(s) = ag.send_mad(peer, &req_mad) {
+        println!("rdma-client: REQ refused (status {})", s);
+        return status::RDMA_FAILED;
+    }
+    let rep = await_mad(&mut ag, peer, &req_mad, 10_000_000, |m| match m {
+        CmMessage::Rep(r) if r.remote_comm_id == local_comm_id => Some(*r),
+        _ => None,
+    });
+    let Some(rep) = rep else {
+        println!("rdma-client: no REP from {}", peer);
+        return status::RDMA_FAILED;
+    };
+    let rtu = Rtu {
+        hdr: MadHeader::cm(attr::RTU, req.hdr.transaction_id),
+        local_comm_id,
+        remote_comm_id: rep.local_comm_id,
+        ..Rtu::default()
+    };
+    if ag.send_mad(peer, &rtu.to_mad()).is_err() {
+        return status::RDMA_FAILED;
+    }
+    let t_connected = now_us();
+
+    // SIDR for the UD service.
+    let request_id = random(11);
+    let mut sreq = SidrReq {
+        hdr: MadHeader::cm(attr::SIDR_REQ, random(13) as u64),
+        request_id,
+        p_key: 0xffff,
+        service_id: service_id(PortSpace::Udp, port),
+        ..SidrReq::default()
+    };
+    sreq.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
+    let sreq_mad = sreq.to_mad();
+    if ag.send_mad(peer, &sreq_mad).is_err() {
+        return status::RDMA_FAILED;
+    }
+    let srep = await_mad(&mut ag, peer, &sreq_mad, 10_000_000, |m| match m {
+        CmMessage::SidrRep(r) if r.request_id == request_id => Some(*r),
+        _ => None,
+    });
+    let Some(srep) = srep else {
+        println!("rdma-client: no SIDR_REP from {}", peer);
+        return status::RDMA_FAILED;
+    };
+    if srep.status != 0 {
+        println!("rdma-client: SIDR_REP status {}", srep.status);
+        return status::RDMA_FAILED;
+    }
+    let t_sidr = now_us();
+    println!(
+        "rdma-client: connected to {} in {} us (REQ/REP/RTU), SIDR in {} us: UD QPN {:#x} Q_Key {:#x}",
+        peer,
+        t_connected - t_start,
+        t_sidr - t_connected,
+        srep.qpn,
+        srep.qkey
+    );
+
+    // The verified UD stream: a window of messages in flight, each echoed and compared.
+    let n = a.messages;
+    let size = a.msg_size.clamp(8, MAX_MSG);
+    const W: u64 = 8;
+    let mut acked = [false; 64];
+    let (mut base, mut next, mut resends) = (0u64, 0u64, 0u64);
+    let t_ud = now_us();
+    let mut last_progress = t_ud;
+    while base < n {
+        while next < n && next < base + W {
+            if !ag.ud_send(peer, srep.qpn, size, |i| pattern_byte(next, i)) {
+                println!("rdma-client: UD send queue stuck");
+                return status::RDMA_FAILED;
+            }
+            next += 1;
+        }
+        if let Some((sgid, _, at, len, i)) = ag.ud_recv() {
+            let mut head = [0u8; 8];
+            read_bytes(at, &mut head);
+            let seq = u64::from_be_bytes(head);
+            let mut buf = [0u8; MAX_MSG as usize];
+            let l = len.min(MAX_MSG) as usize;
+            read_bytes(at, &mut buf[..l]);
+            ag.ud_repost(i);
+            if seq >= base && seq < next {
+                let good = sgid == peer
+                    && len == size
+                    && buf[..l]
+                        .iter()
+                        .enumerate()
+                        .all(|(k, b)| *b == pattern_byte(seq, k));
+                if !good {
+                    println!("rdma-client: UD message {} came back wrong", seq);
+                    return status::RDMA_VERIFY_FAILED;
+                }
+                acked[(seq % 64) as usize] = true;
+                last_progress = now_us();
+            }
+            while base < next && acked[(base % 64) as usize] {
+                acked[(base % 64) as usize] = false;
+                base += 1;
+            }
+        } else if now_us() - last_progress > 300_000 {
+            // UD is unreliable: resend what is not echoed yet.
+            resends += 1;
+            if resends > 50 {
+                println!("rdma-client: UD messages from {} not echoed", base);
+                return status::RDMA_FAILED;
+            }
+            for s in base..next {
+                if !acked[(s % 64) as usize] {
+                    ag.ud_send(peer, srep.qpn, size, |i| pattern_byte(s, i));
+                }
+            }
+            last_progress = now_us();
+        }
+    }
+    let t_ud_end = now_us();
+    let ud_us = (t_ud_end - t_ud).max(1);
+    println!(
+        "rdma-client: {} UD messages of {} bytes echoed and verified in {} us ({} msg/s, {} resends)",
+        n,
+        size,
+        ud_us,
+        n * 1_000_000 / ud_us,
+        resends
+    );
+
+    // Disconnect.
+    let t_d = now_us();
+    let dreq = Dreq {
+        hdr: MadHeader::cm(attr::DREQ, random(17) as u64),
+        local_comm_id,
+        remote_comm_id: rep.local_comm_id,
+        remote_qpn: rep.local_qpn,
+        ..Dreq::default()
+    };
+    let dreq_mad = dreq.to_mad();
+    if ag.send_mad(peer, &dreq_mad).is_err() {
+        return status::RDMA_FAILED;
+    }
+    let drep = await_mad(&mut ag, peer, &dreq_mad, 10_000_000, |m| match m {
+        CmMessage::Drep(d) if d.remote_comm_id == local_comm_id => Some(()),
+        _ => None,
+    });
+    if drep.is_none() {
+        println!("rdma-client: no DREP from {}", peer);
+        return status::RDMA_FAILED;
+    }
+    println!("rdma-client: disconnected in {} us", now_us() - t_d);
+    println!(
+        "rdma-client: result connect_us={} sidr_us={} messages={} ud_us={} send_errors={}",
+        t_connected - t_start,
+        t_sidr - t_connected,
+        n,
+        ud_us,
+        ag.ud_send_errors
+    );
+    let _ = ag.dev.unbind(0, me.0);
+    status::OK
+}
