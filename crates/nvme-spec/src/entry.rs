@@ -117,7 +117,14 @@ pub struct Cqe {
 
 impl Cqe {
     /// Builds an entry.
-    pub const fn new(result: u32, sq_head: u16, sq_id: u16, cid: u16, status: Status, phase: bool) -> Self {
+    pub const fn new(
+        result: u32,
+        sq_head: u16,
+        sq_id: u16,
+        cid: u16,
+        status: Status,
+        phase: bool,
+    ) -> Self {
         Cqe {
             dw: [
                 result,
@@ -183,9 +190,18 @@ mod tests {
         assert_eq!(b[0], 0x02);
         assert_eq!(u16::from_le_bytes([b[2], b[3]]), 0xbeef);
         assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 1);
-        assert_eq!(u64::from_le_bytes(b[24..32].try_into().unwrap()), 0x1234_5678_9000);
-        assert_eq!(u64::from_le_bytes(b[32..40].try_into().unwrap()), 0xabc_d000);
-        assert_eq!(u64::from_le_bytes(b[40..48].try_into().unwrap()), 0x1_0000_0002);
+        assert_eq!(
+            u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            0x1234_5678_9000
+        );
+        assert_eq!(
+            u64::from_le_bytes(b[32..40].try_into().unwrap()),
+            0xabc_d000
+        );
+        assert_eq!(
+            u64::from_le_bytes(b[40..48].try_into().unwrap()),
+            0x1_0000_0002
+        );
         assert_eq!(u16::from_le_bytes([b[48], b[49]]), 7, "NLB is 0-based");
         let p = Sqe::from_bytes(&b);
         assert_eq!(p, s);
@@ -206,6 +222,9 @@ mod tests {
         let p = Cqe::from_bytes(&b);
         assert!(p.phase());
         assert_eq!(p.status(), st);
-        assert_eq!((p.cid(), p.sq_head(), p.sq_id(), p.result()), (0x55, 3, 2, 7));
+        assert_eq!(
+            (p.cid(), p.sq_head(), p.sq_id(), p.result()),
+            (0x55, 3, 2, 7)
+        );
     }
 }

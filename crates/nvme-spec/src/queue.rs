@@ -53,7 +53,10 @@ impl core::fmt::Display for DriverError {
                 write!(f, "admin command {opcode:#04x} failed: {status}")
             }
             DriverError::UnexpectedCompletion { cid, expected } => {
-                write!(f, "completion for command id {cid} while waiting for {expected}")
+                write!(
+                    f,
+                    "completion for command id {cid} while waiting for {expected}"
+                )
             }
             DriverError::QueueFull => f.write_str("submission queue full"),
         }
@@ -233,14 +236,18 @@ impl<P: Platform> Controller<P> {
         if platform.reg_read32(regs::CC) & cc::EN != 0 {
             platform.reg_write32(regs::CC, 0);
         }
-        wait(&mut platform, timeout_us, "CSTS.RDY = 0", |s| s & csts::RDY == 0)?;
+        wait(&mut platform, timeout_us, "CSTS.RDY = 0", |s| {
+            s & csts::RDY == 0
+        })?;
         platform.reg_write32(regs::AQA, aqa::new(admin.entries, admin.entries));
         platform.reg_write32(regs::ASQ, admin.sq_bus as u32);
         platform.reg_write32(regs::ASQ + 4, (admin.sq_bus >> 32) as u32);
         platform.reg_write32(regs::ACQ, admin.cq_bus as u32);
         platform.reg_write32(regs::ACQ + 4, (admin.cq_bus >> 32) as u32);
         platform.reg_write32(regs::CC, cc::ENABLE);
-        wait(&mut platform, timeout_us, "CSTS.RDY = 1", |s| s & csts::RDY != 0)?;
+        wait(&mut platform, timeout_us, "CSTS.RDY = 1", |s| {
+            s & csts::RDY != 0
+        })?;
         let dstrd = cap::dstrd(cap);
         let sq_db = platform.doorbell(regs::sq_tail_doorbell(0, dstrd));
         let cq_db = platform.doorbell(regs::cq_head_doorbell(0, dstrd));
@@ -326,7 +333,11 @@ impl<P: Platform> Controller<P> {
     ///
     /// # Safety
     /// As [`QueuePair::new`] for `mem`.
-    pub unsafe fn create_io_queue(&mut self, qid: u16, mem: QueueMem) -> Result<QueuePair, DriverError> {
+    pub unsafe fn create_io_queue(
+        &mut self,
+        qid: u16,
+        mem: QueueMem,
+    ) -> Result<QueuePair, DriverError> {
         let size = (mem.entries as u32 - 1) << 16;
         let mut c = Sqe::new(admin::CREATE_CQ, 0);
         c.set_prps(mem.cq_bus, 0)
@@ -360,8 +371,11 @@ impl<P: Platform> Controller<P> {
         let v = self.platform.reg_read32(regs::CC);
         self.platform
             .reg_write32(regs::CC, (v & !(3 << 14)) | cc::SHN_NORMAL << 14);
-        wait(&mut self.platform, self.timeout_us, "shutdown complete", |s| {
-            s & csts::SHST_MASK == csts::SHST_COMPLETE
-        })
+        wait(
+            &mut self.platform,
+            self.timeout_us,
+            "shutdown complete",
+            |s| s & csts::SHST_MASK == csts::SHST_COMPLETE,
+        )
     }
 }
