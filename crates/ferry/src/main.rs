@@ -6,6 +6,8 @@ use tracing_subscriber::EnvFilter;
 
 mod cli;
 mod commands;
+mod nvme_args;
+mod nvme_session;
 mod session;
 mod signals;
 mod units;
@@ -32,6 +34,8 @@ fn main() {
         cli::Command::Run(args) => commands::run::run(args, process_start),
         cli::Command::Demo(args) => commands::demo::run(args, process_start),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
+        cli::Command::Bench(cli::BenchCommand::Nvme(args)) => commands::bench_nvme::run(args),
+        cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -33,6 +33,8 @@ pub struct SessionSpec {
     pub roundtrip_after: Option<Duration>,
     /// Ask the guest to verify its ledger after this long.
     pub verify_after: Option<Duration>,
+    /// A passthrough NVMe device to attach.
+    pub passthrough: Option<crate::nvme_args::PassthroughSource>,
 }
 
 /// The state save → restore round trip, as it happened.
@@ -73,6 +75,8 @@ pub struct SessionReport {
     pub unhandled_mmio: u64,
     /// Signal that stopped the VM.
     pub signal: Option<i32>,
+    /// The passthrough device's configuration log (admin mediation).
+    pub config_log: Option<passthrough::ConfigLog>,
     /// Last console lines.
     #[serde(skip)]
     pub console_tail: Vec<String>,
@@ -168,6 +172,14 @@ pub fn run(
             .with_context(|| format!("creating console file {}", path.display()))?;
     }
     let mut vm = build(spec)?;
+    if spec.passthrough.is_some() && spec.roundtrip_after.is_some() {
+        anyhow::bail!("the state round trip does not support passthrough devices");
+    }
+    let device = spec
+        .passthrough
+        .as_ref()
+        .map(|p| crate::nvme_session::PassthroughSession::start(p, &vm))
+        .transpose()?;
     vm.boot(&spec.image, spec.workload, spec.args)
         .context("loading the guest")?;
     let started = Instant::now();
@@ -246,6 +258,10 @@ pub fn run(
         VmOutcome::Stopped(_) => ("stopped", None),
         VmOutcome::Failed(_) => ("failed", None),
     };
+    let config_log = device.as_ref().and_then(|d| d.config_log());
+    if let Some(d) = device {
+        d.finish(&vm);
+    }
     Ok(SessionReport {
         outcome: kind.into(),
         status,
@@ -259,6 +275,7 @@ pub fn run(
         unhandled_pio: vm.pio_bus().unhandled_count(),
         unhandled_mmio: vm.mmio_bus().unhandled_count(),
         signal,
+        config_log,
         console_tail: vm.console_tail().lines(),
     })
 }

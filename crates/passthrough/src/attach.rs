@@ -126,12 +126,10 @@ impl Attachment {
                 source,
             })?);
         }
-        if count > 0 {
-            let fds: Vec<i32> = irqs
-                .iter()
-                .map(|e| std::os::fd::AsRawFd::as_raw_fd(e))
-                .collect();
-            conn.set_irqs(MSIX_IRQ, 0, &fds)?;
+        // vfio-user servers accept at most 16 fds per message.
+        let fds: Vec<i32> = irqs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        for (i, chunk) in fds.chunks(16).enumerate() {
+            conn.set_irqs(MSIX_IRQ, (i * 16) as u32, chunk)?;
         }
 
         let vmm_err = |what: &str| {

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod bench_nvme;
 pub mod demo;
+pub mod device;
 pub mod run;
 
 use std::sync::Arc;
@@ -24,6 +26,7 @@ pub fn guest_from_args(g: &GuestArgs) -> anyhow::Result<(Arc<Vec<u8>>, WorkloadA
         report_interval_ms: g.report_interval.as_millis() as u64,
         seed: g.seed,
         iterations: g.iterations,
+        nvme: g.nvme.workload_args(),
     };
     Ok((Arc::new(image), args))
 }

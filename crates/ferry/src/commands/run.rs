@@ -32,6 +32,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         timeout: args.timeout,
         roundtrip_after: args.state_roundtrip_after,
         verify_after: args.verify_after,
+        passthrough: args.guest.nvme.source()?,
     };
     let report = session::run(&spec, process_start, &signals)?;
     if let Some(rt) = &report.roundtrip {
@@ -54,6 +55,12 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
     }
     if report.outcome != "exit" || report.status != Some(0) {
         eprintln!("ferry: {}", report.detail);
+    }
+    if let Some(log) = &report.config_log {
+        eprintln!(
+            "ferry: passthrough nvme0 configuration log: {}",
+            log.summary()
+        );
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
