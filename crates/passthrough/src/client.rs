@@ -57,11 +57,31 @@ pub struct Connection {
 impl Connection {
     /// Connects to `socket`.
     pub fn connect(name: &str, socket: &Path) -> Result<Self> {
-        let client = Client::new(socket).map_err(|source| Error::Connect {
-            name: name.into(),
-            socket: socket.display().to_string(),
-            source,
-        })?;
+        // A socket file exists between the device's bind() and listen(): retry a refused or
+        // missing socket for a short while.
+        let mut attempts = 0;
+        let client = loop {
+            match Client::new(socket) {
+                Ok(c) => break c,
+                Err(vfio_user::Error::Connect(e))
+                    if attempts < 100
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                        ) =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(Error::Connect {
+                        name: name.into(),
+                        socket: socket.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        };
         Ok(Connection {
             name: name.into(),
             socket: socket.display().to_string(),
