@@ -23,6 +23,8 @@ struct DemoReport {
     pci_functions: Vec<String>,
     dirty: SessionReport,
     write_rate_per_s: f64,
+    nvme: SessionReport,
+    nvme_result: Option<String>,
 }
 
 pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
@@ -80,8 +82,8 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
                 nvme: Default::default(),
             },
             memory: args.memory,
-            console,
-            console_prefix: prefix,
+            console: console.clone(),
+            console_prefix: prefix.clone(),
             timeout: Some(duration * 4 + Duration::from_secs(30)),
             roundtrip_after: Some(duration / 2),
             verify_after: Some(duration / 4),
@@ -92,12 +94,21 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     )
     .context("dirty run")?;
 
+    let nvme =
+        super::demo_nvme::run(&console, &prefix, &signals).context("passthrough NVMe run")?;
+    let nvme_result = nvme
+        .console_tail
+        .iter()
+        .find(|l| l.contains("nvme-verify: result "))
+        .cloned();
+
     let verified_mid = dirty.verifications.first().is_some_and(|v| v.status == 0);
     let pass = hello.status == Some(0)
         && !pci_functions.is_empty()
         && dirty.status == Some(0)
         && verified_mid
-        && dirty.roundtrip.is_some();
+        && dirty.roundtrip.is_some()
+        && nvme.status == Some(0);
     let write_rate = dirty.progress as f64 / (duration.as_secs_f64());
     let report = DemoReport {
         pass,
@@ -107,6 +118,8 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         pci_functions,
         dirty,
         write_rate_per_s: write_rate,
+        nvme,
+        nvme_result,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -161,6 +174,7 @@ fn print_report(r: &DemoReport) {
         ok(r.dirty.status == Some(0)),
         r.dirty.detail
     );
+    super::demo_nvme::print(&r.nvme, r.nvme_result.as_deref());
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",
         r.hello.unhandled_pio + r.dirty.unhandled_pio,

@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod bench_nvme;
 pub mod demo;
+mod demo_nvme;
 pub mod device;
 pub mod run;
 
