@@ -176,9 +176,13 @@ impl NvmeDevice {
     pub fn serve_one(&self) -> Result<()> {
         let mut backend = Backend {
             shared: self.shared.clone(),
+            seen: false,
         };
         let r = self.server.run(&mut backend);
         let mut c = self.shared.lock();
+        if backend.seen {
+            c.stats.connections += 1;
+        }
         c.disconnect();
         tracing::info!("vfio-user client disconnected");
         r.map_err(|source| Error::VfioUser {
@@ -234,10 +238,13 @@ fn poll_loop(shared: &Shared) {
 
 struct Backend {
     shared: Arc<Shared>,
+    /// The client sent at least one request that reached the backend.
+    seen: bool,
 }
 
 impl ServerBackend for Backend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        self.seen = true;
         let c = self.shared.lock();
         match region {
             0 => c.bar_read(offset, data),
@@ -317,12 +324,5 @@ impl ServerBackend for Backend {
                 format!("MSI-X vectors {start}+{count} out of range"),
             ))
         }
-    }
-}
-
-impl NvmeDevice {
-    /// Counts a connection (called by whoever accepts clients in a loop).
-    pub fn note_connection(&self) {
-        self.shared.lock().stats.connections += 1;
     }
 }

@@ -4,7 +4,7 @@ use serde::Serialize;
 /// Counters of one device process.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Stats {
-    /// Clients that connected.
+    /// Clients served (that sent at least one region access).
     pub connections: u64,
     /// Controller enables (CC.EN 0 → 1).
     pub enables: u64,

@@ -45,7 +45,10 @@ pub fn run(p: &BootParams) -> u32 {
     };
     // Allow queue ids up to 4 so that the checks below hit the condition they name.
     if let Err(e) = n.ctrl.set_queue_count(4) {
-        println!("nvme-malformed: Set Features (Number of Queues) failed: {}", e);
+        println!(
+            "nvme-malformed: Set Features (Number of Queues) failed: {}",
+            e
+        );
         return status::NVME_INIT_FAILED;
     }
     let (Some(buf), Some(list)) = (arena.alloc(4 * 4096), arena.alloc(4096)) else {

@@ -451,9 +451,9 @@ pub fn run(p: &BootParams) -> u32 {
     let a = p.args.nvme;
     let queues = if a.queues == 0 { 2 } else { a.queues as usize };
     let depth = if a.depth == 0 { 32 } else { a.depth };
-    if queues > MAX_QUEUES || !(2..=MAX_DEPTH).contains(&depth) {
+    if queues > MAX_QUEUES || !(1..=MAX_DEPTH).contains(&depth) {
         println!(
-            "nvme-verify: {} queues of depth {}: at most {} queues of 2..={} entries",
+            "nvme-verify: {} queues of depth {}: at most {} queues of depth 1..={}",
             queues, depth, MAX_QUEUES, MAX_DEPTH
         );
         return status::BAD_PARAMS;

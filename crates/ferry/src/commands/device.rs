@@ -39,7 +39,6 @@ pub fn nvme(args: DeviceNvmeArgs) -> anyhow::Result<i32> {
     std::thread::Builder::new()
         .name("vfio-user".into())
         .spawn(move || loop {
-            d.note_connection();
             if let Err(e) = d.serve_one() {
                 tracing::warn!(error = %e, "vfio-user session ended with an error");
             }
