@@ -20,6 +20,7 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // built once per process; boxing buys nothing
 pub enum Command {
     /// Boot a guest and run it until it exits.
     Run(RunArgs),

@@ -88,7 +88,7 @@ impl Attachment {
                 ),
             });
         }
-        if opts.bar0_gpa % bar0_size != 0 {
+        if !opts.bar0_gpa.is_multiple_of(bar0_size) {
             return Err(Error::Unsupported {
                 name,
                 reason: format!(
@@ -319,7 +319,7 @@ impl DeviceHooks for Attachment {
             name: self.conn.name.clone(),
             reason,
         };
-        if size == 0 || gpa % PAGE != 0 || size % PAGE != 0 {
+        if size == 0 || !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
             return Err(hook_err(format!(
                 "range {gpa:#x}+{size:#x} is not page aligned"
             )));
@@ -403,7 +403,7 @@ impl DeviceHooks for Attachment {
         mode: DoorbellMode,
     ) -> Result<()> {
         let name = self.conn.name.clone();
-        if bar_offset % PAGE != 0 || bar_offset + PAGE > self.bar0_size {
+        if !bar_offset.is_multiple_of(PAGE) || bar_offset + PAGE > self.bar0_size {
             return Err(Error::Hook {
                 name,
                 reason: format!("BAR0 offset {bar_offset:#x} is not a page of the BAR"),
