@@ -89,7 +89,7 @@ impl MsixRouter {
     /// A guest write of `data` at BAR0 `offset` inside the table.
     pub fn table_write(&mut self, offset: u64, data: &[u8]) {
         let Some(t) = self.table_offset else { return };
-        if data.len() % 4 != 0 || offset % 4 != 0 {
+        if !data.len().is_multiple_of(4) || !offset.is_multiple_of(4) {
             return;
         }
         for (i, chunk) in data.chunks(4).enumerate() {
