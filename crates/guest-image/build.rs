@@ -66,4 +66,8 @@ fn main() {
         "cargo:rerun-if-changed={}",
         manifest_dir.join("../guest-abi/src").display()
     );
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../nvme-spec/src").display()
+    );
 }

@@ -11,6 +11,7 @@ mod clock;
 mod console;
 mod io;
 mod mem;
+mod nvme;
 mod params;
 mod pci;
 mod rt;
@@ -35,6 +36,8 @@ extern "C" fn guest_main() -> ! {
         Some(Workload::Spin) => workloads::spin::run(&p),
         Some(Workload::Probe) => workloads::probe::run(),
         Some(Workload::Crash) => workloads::crash::run(),
+        Some(Workload::NvmeVerify) => workloads::nvme_verify::run(&p),
+        Some(Workload::NvmeMalformed) => workloads::nvme_malformed::run(&p),
         None => {
             println!("ferry-guest: unknown workload {}", p.workload);
             status::BAD_PARAMS

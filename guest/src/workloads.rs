@@ -2,5 +2,7 @@
 pub mod crash;
 pub mod dirty;
 pub mod hello;
+pub mod nvme_malformed;
+pub mod nvme_verify;
 pub mod probe;
 pub mod spin;

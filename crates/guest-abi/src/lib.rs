@@ -12,4 +12,4 @@ pub mod layout;
 pub mod params;
 pub mod ports;
 
-pub use params::{BootParams, Workload, WorkloadArgs};
+pub use params::{BootParams, NvmeArgs, Workload, WorkloadArgs};

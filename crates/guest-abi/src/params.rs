@@ -9,7 +9,7 @@ use core::mem::offset_of;
 /// `BootParams::magic`: "FERRYBP1".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FERRYBP1");
 /// Version of this layout; bump it when a field changes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Workloads the built-in guest knows.
 #[repr(u32)]
@@ -25,16 +25,22 @@ pub enum Workload {
     Probe = 4,
     /// Access a virtual address that is not mapped: the guest dies (tests the VMM survives).
     Crash = 5,
+    /// Drive the passthrough NVMe controller with self-verifying random reads and writes.
+    NvmeVerify = 6,
+    /// Submit malformed NVMe commands and check the error statuses that come back.
+    NvmeMalformed = 7,
 }
 
 impl Workload {
     /// All workloads, for listing.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Hello,
         Workload::Dirty,
         Workload::Spin,
         Workload::Probe,
         Workload::Crash,
+        Workload::NvmeVerify,
+        Workload::NvmeMalformed,
     ];
 
     /// Decodes a workload number.
@@ -45,6 +51,8 @@ impl Workload {
             3 => Some(Self::Spin),
             4 => Some(Self::Probe),
             5 => Some(Self::Crash),
+            6 => Some(Self::NvmeVerify),
+            7 => Some(Self::NvmeMalformed),
             _ => None,
         }
     }
@@ -57,6 +65,8 @@ impl Workload {
             Self::Spin => "spin",
             Self::Probe => "probe",
             Self::Crash => "crash",
+            Self::NvmeVerify => "nvme-verify",
+            Self::NvmeMalformed => "nvme-malformed",
         }
     }
 }
@@ -77,7 +87,41 @@ pub struct WorkloadArgs {
     pub seed: u64,
     /// `spin`: loop iterations.
     pub iterations: u64,
+    /// `nvme-*`: the NVMe workload's parameters.
+    pub nvme: NvmeArgs,
 }
+
+/// Arguments of the NVMe workloads (0 picks the default noted on each field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvmeArgs {
+    /// I/O queue pairs (default 2, at most 16).
+    pub queues: u32,
+    /// Entries per I/O queue (default 32, at most 256).
+    pub depth: u32,
+    /// I/Os to complete; 0 runs for `WorkloadArgs::duration_ms` instead.
+    pub ios: u64,
+    /// First block of the verified region.
+    pub lba_start: u64,
+    /// Blocks in the verified region (default: 16 MiB worth, bounded by the namespace).
+    pub lba_count: u64,
+    /// Percentage of reads (0..=100); `READS_DEFAULT` means the default 50.
+    pub read_percent: u32,
+    /// Flags (`NVME_*` below).
+    pub flags: u32,
+    /// Smallest I/O in bytes (default 4096, a multiple of the block size).
+    pub io_min_bytes: u32,
+    /// Largest I/O in bytes (default `io_min_bytes`, at most 128 KiB).
+    pub io_max_bytes: u32,
+}
+
+/// `NvmeArgs::read_percent` value that selects the default.
+pub const READS_DEFAULT: u32 = 0xffff_ffff;
+/// `NvmeArgs::flags`: first read the region and adopt the generations found on the device
+/// (verifying every header), as when a previous VM run wrote it.
+pub const NVME_ADOPT_EXISTING: u32 = 1;
+/// `NvmeArgs::flags`: do not verify every written block again at the end.
+pub const NVME_NO_FINAL_VERIFY: u32 = 2;
 
 /// The boot parameter block.
 #[repr(C)]
@@ -150,6 +194,20 @@ pub mod status {
     pub const LEDGER_TOTAL_MISMATCH: u32 = 12;
     /// The boot parameters were unusable.
     pub const BAD_PARAMS: u32 = 20;
+    /// No NVMe controller was found on the PCI bus.
+    pub const NVME_NOT_FOUND: u32 = 30;
+    /// The NVMe controller could not be brought up.
+    pub const NVME_INIT_FAILED: u32 = 31;
+    /// An NVMe command failed.
+    pub const NVME_IO_ERROR: u32 = 32;
+    /// Data read back does not match what was written last.
+    pub const NVME_DATA_MISMATCH: u32 = 33;
+    /// A completion for a command that was not outstanding (duplicate or corrupted).
+    pub const NVME_UNEXPECTED_COMPLETION: u32 = 34;
+    /// A command never completed.
+    pub const NVME_LOST_COMPLETION: u32 = 35;
+    /// `nvme-malformed`: a malformed command got an unexpected status.
+    pub const NVME_WRONG_ERROR_STATUS: u32 = 36;
     /// The guest panicked.
     pub const PANIC: u32 = 99;
 }
@@ -172,8 +230,9 @@ mod tests {
 
     #[test]
     fn no_padding() {
-        // 8 + 4 + 4 + 8*3 + args (6*8) + 4*4 + 8*5
-        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 16 + 40);
+        // 8 + 4 + 4 + 8*3 + args (6*8 + nvme 48) + 4*4 + 8*5
+        assert_eq!(core::mem::size_of::<NvmeArgs>(), 48);
+        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 48 + 16 + 40);
         assert_eq!(OFF_VERIFY_REQ % 4, 0);
         assert_eq!(OFF_VERIFY_PAGES % 8, 0);
     }

@@ -39,6 +39,8 @@ struct DemoReport {
     migration: Option<MigrationReport>,
     destination: Option<serde_json::Value>,
     write_rate_per_s: f64,
+    nvme: SessionReport,
+    nvme_result: Option<String>,
 }
 
 /// A `ferry receive` child process whose console lines are echoed with a prefix and whose
@@ -145,7 +147,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         roundtrip_after: Some(duration / 5),
         verify_after: Some(duration / 10),
         api_socket: Some(api_path.clone()),
-        ..base
+        ..base.clone()
     };
     let dirty_boot = BootSpec {
         image,
@@ -156,7 +158,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
             duration_ms: duration.as_millis() as u64,
             report_interval_ms: 500,
             seed: 0x5eed,
-            iterations: 0,
+            ..Default::default()
         },
     };
     let migrate_at = duration * 2 / 5;
@@ -175,6 +177,15 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     };
     let destination = finish_destination(dest, migration.is_some());
 
+    // 4. a passthrough NVMe device over vfio-user, verified I/O from the guest
+    let nvme = super::demo_nvme::run(&base.console, &base.console_prefix, &signals)
+        .context("passthrough NVMe run")?;
+    let nvme_result = nvme
+        .console_tail
+        .iter()
+        .find(|l| l.contains("nvme-verify: result "))
+        .cloned();
+
     let verified_mid = source.verifications.first().is_some_and(|v| v.status == 0);
     // The guest verifies its ledger when it finishes and exits non-zero if it does not hold;
     // verifications asked for on the destination must hold too.
@@ -190,7 +201,8 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         && verified_mid
         && source.roundtrip.is_some()
         && source.outcome == "migrated"
-        && dest_ok;
+        && dest_ok
+        && nvme.status == Some(0);
     let total_writes = destination
         .as_ref()
         .and_then(|d| d["progress"].as_u64())
@@ -205,6 +217,8 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         migration,
         destination,
         write_rate_per_s: total_writes as f64 / duration.as_secs_f64(),
+        nvme,
+        nvme_result,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -329,6 +343,7 @@ fn print_report(r: &DemoReport) {
         }
         None => println!("  destination   FAILED (no report)"),
     }
+    super::demo_nvme::print(&r.nvme, r.nvme_result.as_deref());
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",
         r.hello.unhandled_pio + r.source.unhandled_pio,
