@@ -62,7 +62,7 @@ fn main() {
         "cargo:rerun-if-changed={}",
         guest_dir.join(".cargo/config.toml").display()
     );
-    for dep in ["guest-abi", "pvrdma-abi", "rdma-wire"] {
+    for dep in ["guest-abi", "nvme-spec", "pvrdma-abi", "rdma-wire"] {
         println!(
             "cargo:rerun-if-changed={}",
             manifest_dir.join("../").join(dep).join("src").display()

@@ -11,6 +11,7 @@ mod clock;
 mod console;
 mod io;
 mod mem;
+mod nvme;
 mod params;
 mod pci;
 mod pvrdma;
@@ -36,6 +37,8 @@ extern "C" fn guest_main() -> ! {
         Some(Workload::Spin) => workloads::spin::run(&p),
         Some(Workload::Probe) => workloads::probe::run(),
         Some(Workload::Crash) => workloads::crash::run(),
+        Some(Workload::NvmeVerify) => workloads::nvme_verify::run(&p),
+        Some(Workload::NvmeMalformed) => workloads::nvme_malformed::run(&p),
         Some(Workload::RdmaServer) => workloads::rdma::server(&p),
         Some(Workload::RdmaClient) => workloads::rdma::client(&p),
         Some(Workload::RdmaHostile) => workloads::rdma_hostile::run(&p),

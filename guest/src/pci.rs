@@ -51,3 +51,14 @@ pub fn enumerate(mut f: impl FnMut(Function)) -> usize {
     }
     n
 }
+
+/// Writes a configuration dword.
+pub fn config_write(bus: u8, dev: u8, func: u8, reg: u8, value: u32) {
+    let addr = 0x8000_0000u32
+        | (bus as u32) << 16
+        | ((dev as u32) & 0x1f) << 11
+        | ((func as u32) & 7) << 8
+        | (reg as u32 & 0xfc);
+    outl(PCI_CONFIG_ADDRESS, addr);
+    outl(PCI_CONFIG_DATA, value);
+}

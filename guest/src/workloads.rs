@@ -2,6 +2,8 @@
 pub mod crash;
 pub mod dirty;
 pub mod hello;
+pub mod nvme_malformed;
+pub mod nvme_verify;
 pub mod probe;
 pub mod rdma;
 pub mod rdma_hostile;

@@ -20,6 +20,7 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // built once per process; boxing buys nothing
 pub enum Command {
     /// Boot a guest and run it until it exits.
     Run(RunArgs),
@@ -32,6 +33,9 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Stand-in devices, each in its own process.
+    #[command(subcommand)]
+    Device(crate::nvme_args::DeviceCommand),
 }
 
 /// Workloads of the built-in guest.
@@ -47,6 +51,10 @@ pub enum WorkloadName {
     Probe,
     /// Fault on purpose (the VMM must survive and report it).
     Crash,
+    /// Self-verifying random I/O on the passthrough NVMe device.
+    NvmeVerify,
+    /// Malformed NVMe commands; checks the error statuses.
+    NvmeMalformed,
 }
 
 impl From<WorkloadName> for Workload {
@@ -57,6 +65,8 @@ impl From<WorkloadName> for Workload {
             WorkloadName::Spin => Workload::Spin,
             WorkloadName::Probe => Workload::Probe,
             WorkloadName::Crash => Workload::Crash,
+            WorkloadName::NvmeVerify => Workload::NvmeVerify,
+            WorkloadName::NvmeMalformed => Workload::NvmeMalformed,
         }
     }
 }
@@ -91,6 +101,8 @@ pub struct GuestArgs {
     /// `spin`: loop iterations.
     #[arg(long, default_value_t = 200_000_000)]
     pub iterations: u64,
+    #[command(flatten)]
+    pub nvme: crate::nvme_args::NvmeCliArgs,
 }
 
 /// `ferry run`.
@@ -209,6 +221,9 @@ pub enum BenchCommand {
     /// Time from process start to the guest's first instruction and to its exit, and the
     /// guest's loop speed against the same loop run natively.
     Boot(BenchBootArgs),
+    /// 4 KiB random reads on the passthrough NVMe device at QD 1 and 32: the guest against a
+    /// host-side vfio-user client.
+    Nvme(crate::nvme_args::BenchNvmeArgs),
     /// Live migration of idle, moderately and heavily dirtying guests of several sizes over
     /// loopback, against raw loopback TCP bandwidth measured in the same run.
     Migrate(BenchMigrateArgs),

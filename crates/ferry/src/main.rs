@@ -7,6 +7,8 @@ use tracing_subscriber::EnvFilter;
 mod api;
 mod cli;
 mod commands;
+mod nvme_args;
+mod nvme_session;
 mod session;
 mod signals;
 mod units;
@@ -36,6 +38,8 @@ fn main() {
         cli::Command::Migrate(args) => commands::migrate::run(args),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
         cli::Command::Bench(cli::BenchCommand::Migrate(args)) => commands::bench_migrate::run(args),
+        cli::Command::Bench(cli::BenchCommand::Nvme(args)) => commands::bench_nvme::run(args),
+        cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -15,6 +15,7 @@ use vmm::{devices::serial::ConsoleSink, vm::VerifyResult, Vm, VmConfig, VmOutcom
 
 use crate::{
     api::{self, ApiServer, Request, Response},
+    nvme_session::PassthroughSession,
     signals::{self, SignalState},
 };
 
@@ -46,6 +47,8 @@ pub struct SessionSpec {
     pub verify_after: Option<Duration>,
     /// Serve the control API on this Unix socket.
     pub api_socket: Option<PathBuf>,
+    /// A passthrough NVMe device to attach.
+    pub passthrough: Option<crate::nvme_args::PassthroughSource>,
 }
 
 impl SessionSpec {
@@ -123,6 +126,8 @@ pub struct SessionReport {
     pub unhandled_mmio: u64,
     /// Signal that stopped the VM.
     pub signal: Option<i32>,
+    /// The passthrough device's configuration log (admin mediation).
+    pub config_log: Option<passthrough::ConfigLog>,
     /// Last console lines.
     #[serde(skip)]
     pub console_tail: Vec<String>,
@@ -182,12 +187,20 @@ pub fn run(
         std::fs::File::create(path)
             .with_context(|| format!("creating console file {}", path.display()))?;
     }
+    if spec.passthrough.is_some() && spec.roundtrip_after.is_some() {
+        anyhow::bail!("the state round trip does not support passthrough devices");
+    }
     let api = spec.api_socket.as_deref().map(api::serve).transpose()?;
     let mut vm = Vm::new(&spec.vm_config()).context("building the VM")?;
+    let device = spec
+        .passthrough
+        .as_ref()
+        .map(|p| PassthroughSession::start(p, &vm))
+        .transpose()?;
     vm.boot(&boot.image, boot.workload, boot.args)
         .context("loading the guest")?;
     vm.start().context("starting the vCPUs")?;
-    supervise(vm, spec, api, process_start, signals, None)
+    supervise(vm, spec, api, process_start, signals, None, device)
 }
 
 /// A ledger verification someone is waiting for.
@@ -204,6 +217,7 @@ pub fn supervise(
     process_start: Instant,
     signals: &SignalState,
     incoming: Option<ReceiveReport>,
+    device: Option<PassthroughSession>,
 ) -> Result<SessionReport> {
     let started = Instant::now();
     let mut first_instruction = None;
@@ -275,6 +289,15 @@ pub fn supervise(
             let mut stop = None;
             while let Ok(p) = api.requests.try_recv() {
                 match p.request {
+                    Request::Migrate(_) if device.is_some() => {
+                        let why = "the VM has a passthrough device, and live migration with \
+                                   passthrough devices needs the shadow engine, which this \
+                                   build does not enable yet";
+                        failed_migrations.push(why.to_string());
+                        let _ = p
+                            .reply
+                            .send(Response::err(format!("cannot migrate this VM: {why}")));
+                    }
                     Request::Migrate(m) => {
                         let opts = SourceOptions {
                             downtime: Duration::from_millis(m.downtime_ms),
@@ -365,6 +388,10 @@ pub fn supervise(
         VmOutcome::Stopped(_) => ("stopped", None),
         VmOutcome::Failed(_) => ("failed", None),
     };
+    let config_log = device.as_ref().and_then(|d| d.config_log());
+    if let Some(d) = device {
+        d.finish(&vm);
+    }
     Ok(SessionReport {
         outcome: kind.into(),
         status,
@@ -380,6 +407,7 @@ pub fn supervise(
         unhandled_pio: vm.pio_bus().unhandled_count(),
         unhandled_mmio: vm.mmio_bus().unhandled_count(),
         signal,
+        config_log,
         console_tail: vm.console_tail().lines(),
     })
 }

@@ -470,3 +470,50 @@ fn the_round_limit_can_abort_and_an_unreachable_destination_fails_cleanly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("connect"));
     assert_running_and_verifiable(&sa);
 }
+
+#[test]
+fn a_vm_with_a_passthrough_device_is_refused_and_keeps_running() {
+    let sa = tmp("pt.sock");
+    let disk = tmp("disk.img");
+    let child = ferry()
+        .args([
+            "run",
+            "--workload",
+            "nvme-verify",
+            "--memory",
+            "128M",
+            "--serial",
+            "off",
+        ])
+        .args([
+            "--nvme-backing",
+            disk.to_str().unwrap(),
+            "--duration",
+            "60s",
+            "--timeout",
+            "120s",
+        ])
+        .args(["--api-socket", sa.to_str().unwrap(), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let src = Proc(Some(child), None);
+    wait_for_socket(&sa);
+    let (_dst, addr) = destination(None);
+    let out = migrate(&sa, &addr);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("passthrough device"), "{err}");
+    let status = api(&sa, json!({"cmd": "status"}));
+    assert_eq!(status["data"]["state"], "running", "{status}");
+    assert_eq!(api(&sa, json!({"cmd": "stop"}))["ok"], true);
+    let out = src.wait_output(Duration::from_secs(60));
+    let summary = last_json(&out);
+    assert_eq!(summary["outcome"], "stopped", "{summary}");
+    assert!(summary["failed_migrations"][0]
+        .as_str()
+        .unwrap()
+        .contains("shadow engine"));
+    std::fs::remove_file(&disk).ok();
+}

@@ -12,4 +12,4 @@ pub mod layout;
 pub mod params;
 pub mod ports;
 
-pub use params::{rdma_mode, BootParams, RdmaArgs, Workload, WorkloadArgs};
+pub use params::{rdma_mode, BootParams, NvmeArgs, RdmaArgs, Workload, WorkloadArgs};

@@ -9,7 +9,7 @@ use core::mem::offset_of;
 /// `BootParams::magic`: "FERRYBP1".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FERRYBP1");
 /// Version of this layout; bump it when a field changes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Workloads the built-in guest knows.
 #[repr(u32)]
@@ -25,25 +25,31 @@ pub enum Workload {
     Probe = 4,
     /// Access a virtual address that is not mapped: the guest dies (tests the VMM survives).
     Crash = 5,
+    /// Drive the passthrough NVMe controller with self-verifying random reads and writes.
+    NvmeVerify = 6,
+    /// Submit malformed NVMe commands and check the error statuses that come back.
+    NvmeMalformed = 7,
     /// RDMA agent, passive side: bind a GID on the PVRDMA device, answer REQ/SIDR_REQ, echo UD
     /// messages, answer DREQ ([`RdmaArgs`]).
-    RdmaServer = 6,
+    RdmaServer = 8,
     /// RDMA agent, active side: REQ → REP → RTU, SIDR, a verified stream of echoed UD
     /// messages, DREQ → DREP ([`RdmaArgs`]).
-    RdmaClient = 7,
+    RdmaClient = 9,
     /// Writes garbage into the PVRDMA command slot, rings and page directories and checks that
     /// every one is answered with an error.
-    RdmaHostile = 8,
+    RdmaHostile = 10,
 }
 
 impl Workload {
     /// All workloads, for listing.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Hello,
         Workload::Dirty,
         Workload::Spin,
         Workload::Probe,
         Workload::Crash,
+        Workload::NvmeVerify,
+        Workload::NvmeMalformed,
         Workload::RdmaServer,
         Workload::RdmaClient,
         Workload::RdmaHostile,
@@ -57,9 +63,11 @@ impl Workload {
             3 => Some(Self::Spin),
             4 => Some(Self::Probe),
             5 => Some(Self::Crash),
-            6 => Some(Self::RdmaServer),
-            7 => Some(Self::RdmaClient),
-            8 => Some(Self::RdmaHostile),
+            6 => Some(Self::NvmeVerify),
+            7 => Some(Self::NvmeMalformed),
+            8 => Some(Self::RdmaServer),
+            9 => Some(Self::RdmaClient),
+            10 => Some(Self::RdmaHostile),
             _ => None,
         }
     }
@@ -72,6 +80,8 @@ impl Workload {
             Self::Spin => "spin",
             Self::Probe => "probe",
             Self::Crash => "crash",
+            Self::NvmeVerify => "nvme-verify",
+            Self::NvmeMalformed => "nvme-malformed",
             Self::RdmaServer => "rdma-server",
             Self::RdmaClient => "rdma-client",
             Self::RdmaHostile => "rdma-hostile",
@@ -95,6 +105,8 @@ pub struct WorkloadArgs {
     pub seed: u64,
     /// `spin`: loop iterations.
     pub iterations: u64,
+    /// `nvme-*`: the NVMe workload's parameters.
+    pub nvme: NvmeArgs,
     /// RDMA workloads.
     pub rdma: RdmaArgs,
 }
@@ -128,6 +140,38 @@ pub mod rdma_mode {
     /// Send a REQ claiming `other_gid` as its source (expects a refusal).
     pub const SPOOF: u32 = 2;
 }
+
+/// Arguments of the NVMe workloads (0 picks the default noted on each field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvmeArgs {
+    /// I/O queue pairs (default 2, at most 16).
+    pub queues: u32,
+    /// Entries per I/O queue (default 32, at most 256).
+    pub depth: u32,
+    /// I/Os to complete; 0 runs for `WorkloadArgs::duration_ms` instead.
+    pub ios: u64,
+    /// First block of the verified region.
+    pub lba_start: u64,
+    /// Blocks in the verified region (default: 16 MiB worth, bounded by the namespace).
+    pub lba_count: u64,
+    /// Percentage of reads (0..=100); `READS_DEFAULT` means the default 50.
+    pub read_percent: u32,
+    /// Flags (`NVME_*` below).
+    pub flags: u32,
+    /// Smallest I/O in bytes (default 4096, a multiple of the block size).
+    pub io_min_bytes: u32,
+    /// Largest I/O in bytes (default `io_min_bytes`, at most 128 KiB).
+    pub io_max_bytes: u32,
+}
+
+/// `NvmeArgs::read_percent` value that selects the default.
+pub const READS_DEFAULT: u32 = 0xffff_ffff;
+/// `NvmeArgs::flags`: first read the region and adopt the generations found on the device
+/// (verifying every header), as when a previous VM run wrote it.
+pub const NVME_ADOPT_EXISTING: u32 = 1;
+/// `NvmeArgs::flags`: do not verify every written block again at the end.
+pub const NVME_NO_FINAL_VERIFY: u32 = 2;
 
 /// The boot parameter block.
 #[repr(C)]
@@ -200,16 +244,30 @@ pub mod status {
     pub const LEDGER_TOTAL_MISMATCH: u32 = 12;
     /// The boot parameters were unusable.
     pub const BAD_PARAMS: u32 = 20;
+    /// No NVMe controller was found on the PCI bus.
+    pub const NVME_NOT_FOUND: u32 = 30;
+    /// The NVMe controller could not be brought up.
+    pub const NVME_INIT_FAILED: u32 = 31;
+    /// An NVMe command failed.
+    pub const NVME_IO_ERROR: u32 = 32;
+    /// Data read back does not match what was written last.
+    pub const NVME_DATA_MISMATCH: u32 = 33;
+    /// A completion for a command that was not outstanding (duplicate or corrupted).
+    pub const NVME_UNEXPECTED_COMPLETION: u32 = 34;
+    /// A command never completed.
+    pub const NVME_LOST_COMPLETION: u32 = 35;
+    /// `nvme-malformed`: a malformed command got an unexpected status.
+    pub const NVME_WRONG_ERROR_STATUS: u32 = 36;
     /// RDMA: a refusal the workload expected happened (bind-other, spoof modes).
-    pub const RDMA_REFUSED: u32 = 30;
+    pub const RDMA_REFUSED: u32 = 40;
     /// RDMA: something the workload needed was refused or failed.
-    pub const RDMA_FAILED: u32 = 31;
+    pub const RDMA_FAILED: u32 = 41;
     /// RDMA: no PVRDMA device.
-    pub const RDMA_NO_DEVICE: u32 = 32;
+    pub const RDMA_NO_DEVICE: u32 = 42;
     /// RDMA: a received message did not match what was sent.
-    pub const RDMA_VERIFY_FAILED: u32 = 33;
+    pub const RDMA_VERIFY_FAILED: u32 = 43;
     /// RDMA: a refusal the workload expected did not happen.
-    pub const RDMA_NOT_REFUSED: u32 = 34;
+    pub const RDMA_NOT_REFUSED: u32 = 44;
     /// The guest panicked.
     pub const PANIC: u32 = 99;
 }
@@ -232,8 +290,10 @@ mod tests {
 
     #[test]
     fn no_padding() {
-        // 8 + 4 + 4 + 8*3 + args (6*8 + rdma 32) + 4*4 + 8*5
-        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 32 + 16 + 40);
+        // 8 + 4 + 4 + 8*3 + args (6*8 + nvme 48 + rdma 32) + 4*4 + 8*5
+        assert_eq!(core::mem::size_of::<NvmeArgs>(), 48);
+        assert_eq!(core::mem::size_of::<RdmaArgs>(), 32);
+        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 48 + 32 + 16 + 40);
         assert_eq!(OFF_VERIFY_REQ % 4, 0);
         assert_eq!(OFF_VERIFY_PAGES % 8, 0);
     }

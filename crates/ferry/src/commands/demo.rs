@@ -39,6 +39,8 @@ struct DemoReport {
     migration: Option<MigrationReport>,
     destination: Option<serde_json::Value>,
     write_rate_per_s: f64,
+    nvme: SessionReport,
+    nvme_result: Option<String>,
 }
 
 /// A `ferry receive` child process whose console lines are echoed with a prefix and whose
@@ -145,7 +147,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         roundtrip_after: Some(duration / 5),
         verify_after: Some(duration / 10),
         api_socket: Some(api_path.clone()),
-        ..base
+        ..base.clone()
     };
     let dirty_boot = BootSpec {
         image,
@@ -176,6 +178,15 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     };
     let destination = finish_destination(dest, migration.is_some());
 
+    // 4. a passthrough NVMe device over vfio-user, verified I/O from the guest
+    let nvme = super::demo_nvme::run(&base.console, &base.console_prefix, &signals)
+        .context("passthrough NVMe run")?;
+    let nvme_result = nvme
+        .console_tail
+        .iter()
+        .find(|l| l.contains("nvme-verify: result "))
+        .cloned();
+
     let verified_mid = source.verifications.first().is_some_and(|v| v.status == 0);
     // The guest verifies its ledger when it finishes and exits non-zero if it does not hold;
     // verifications asked for on the destination must hold too.
@@ -191,7 +202,8 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         && verified_mid
         && source.roundtrip.is_some()
         && source.outcome == "migrated"
-        && dest_ok;
+        && dest_ok
+        && nvme.status == Some(0);
     let total_writes = destination
         .as_ref()
         .and_then(|d| d["progress"].as_u64())
@@ -206,6 +218,8 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         migration,
         destination,
         write_rate_per_s: total_writes as f64 / duration.as_secs_f64(),
+        nvme,
+        nvme_result,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -330,6 +344,7 @@ fn print_report(r: &DemoReport) {
         }
         None => println!("  destination   FAILED (no report)"),
     }
+    super::demo_nvme::print(&r.nvme, r.nvme_result.as_deref());
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",
         r.hello.unhandled_pio + r.source.unhandled_pio,

@@ -1,7 +1,10 @@
 //! One module per subcommand.
 pub mod bench;
 pub mod bench_migrate;
+pub mod bench_nvme;
 pub mod demo;
+mod demo_nvme;
+pub mod device;
 pub mod migrate;
 pub mod receive;
 pub mod run;
@@ -27,6 +30,7 @@ pub fn guest_from_args(g: &GuestArgs) -> anyhow::Result<(Arc<Vec<u8>>, WorkloadA
         report_interval_ms: g.report_interval.as_millis() as u64,
         seed: g.seed,
         iterations: g.iterations,
+        nvme: g.nvme.workload_args(),
         ..Default::default()
     };
     Ok((Arc::new(image), args))

@@ -56,6 +56,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         roundtrip_after: None,
         verify_after: args.verify_after,
         api_socket: args.api_socket.clone(),
+        passthrough: None,
     };
     let opts = DestinationOptions {
         debug_hash: args.debug_hash,
@@ -95,6 +96,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         process_start,
         &signals,
         Some(incoming.report),
+        None,
     )?;
     print_report(&report, args.json)?;
     Ok(report.exit_code())

@@ -41,6 +41,13 @@ pub fn print_report(report: &SessionReport, json: bool) -> anyhow::Result<()> {
     if report.outcome != "exit" || report.status != Some(0) {
         eprintln!("ferry: {}", report.detail);
     }
+    if let Some(log) = &report.config_log {
+        eprintln!(
+            "ferry: passthrough nvme0 configuration log: {}",
+            log.summary()
+        );
+    }
+
     if json {
         println!("{}", serde_json::to_string(report)?);
     }
@@ -64,6 +71,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         roundtrip_after: args.state_roundtrip_after,
         verify_after: args.verify_after,
         api_socket: args.api_socket,
+        passthrough: args.guest.nvme.source()?,
     };
     let report = session::run(&boot, &spec, process_start, &signals)?;
     print_report(&report, args.json)?;

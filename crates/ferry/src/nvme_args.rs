@@ -1,0 +1,186 @@
+//! Command-line options of the passthrough NVMe pieces: `ferry device nvme`, `ferry bench
+//! nvme`, and the `--passthrough`/`--nvme-*` options of everything that boots a guest.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use guest_abi::params::{NvmeArgs, NVME_ADOPT_EXISTING, NVME_NO_FINAL_VERIFY};
+
+use crate::units::parse_size;
+
+/// `ferry device ...`: stand-in devices run as their own process.
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// An NVMe SSD behind a vfio-user socket, backed by a file.
+    Nvme(DeviceNvmeArgs),
+}
+
+/// `ferry device nvme`.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceNvmeArgs {
+    /// vfio-user socket to listen on (must not exist).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Backing file of namespace 1.
+    #[arg(long, value_name = "FILE")]
+    pub backing: PathBuf,
+    /// Namespace size (0 = the file's size).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub size: u64,
+    /// Logical block size: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    pub block_size: u32,
+    /// Doorbell stride exponent: 9 (one 4 KiB page per queue pair) or 0 (all on one page).
+    #[arg(long, default_value_t = 9)]
+    pub dstrd: u8,
+    /// Create and size the backing file if needed.
+    #[arg(long)]
+    pub create: bool,
+    /// Exit after the first client disconnects (instead of waiting for the next one).
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Passthrough NVMe options of everything that boots a guest.
+#[derive(Args, Debug, Clone, Default)]
+pub struct NvmeCliArgs {
+    /// Attach a passthrough device: `nvme=SOCKET` (a running `ferry device nvme`).
+    #[arg(long, value_name = "nvme=SOCKET")]
+    pub passthrough: Option<String>,
+    /// Start `ferry device nvme` on this backing file (created if needed) and attach it.
+    #[arg(long, value_name = "FILE", conflicts_with = "passthrough")]
+    pub nvme_backing: Option<PathBuf>,
+    /// With --nvme-backing: namespace size.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub nvme_size: u64,
+    /// With --nvme-backing: block size (512 or 4096).
+    #[arg(long, default_value_t = 512)]
+    pub nvme_block_size: u32,
+    /// With --nvme-backing: doorbell stride exponent (9 or 0).
+    #[arg(long, default_value_t = 9)]
+    pub nvme_dstrd: u8,
+    /// `nvme-verify`: I/O queue pairs.
+    #[arg(long, default_value_t = 2)]
+    pub nvme_queues: u32,
+    /// `nvme-verify`: commands outstanding per queue.
+    #[arg(long, default_value_t = 32)]
+    pub nvme_depth: u32,
+    /// `nvme-verify`: I/Os to complete (0 = run for --duration; both 0: 10000).
+    #[arg(long, default_value_t = 0)]
+    pub nvme_ios: u64,
+    /// `nvme-verify`: first block of the verified region.
+    #[arg(long, default_value_t = 0)]
+    pub nvme_lba_start: u64,
+    /// `nvme-verify`: blocks in the region (0 = 16 MiB worth).
+    #[arg(long, default_value_t = 0)]
+    pub nvme_lba_count: u64,
+    /// `nvme-verify`: percentage of reads.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub nvme_read_percent: u32,
+    /// `nvme-verify`: smallest I/O (a multiple of the block size).
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    pub nvme_io_size: u64,
+    /// `nvme-verify`: largest I/O (default: --nvme-io-size; at most 128K).
+    #[arg(long, value_parser = parse_size)]
+    pub nvme_io_max: Option<u64>,
+    /// `nvme-verify`: first read the region and adopt the data a previous run wrote.
+    #[arg(long)]
+    pub nvme_adopt: bool,
+    /// `nvme-verify`: skip the final read-back of the whole region.
+    #[arg(long)]
+    pub nvme_no_final_verify: bool,
+}
+
+/// Where the passthrough device comes from.
+#[derive(Clone, Debug)]
+pub enum PassthroughSource {
+    /// A device process someone else runs.
+    Socket(PathBuf),
+    /// `ferry device nvme` started (and stopped) by this process.
+    Spawn(DeviceNvmeArgs),
+}
+
+impl NvmeCliArgs {
+    /// The workload arguments.
+    pub fn workload_args(&self) -> NvmeArgs {
+        let mut flags = 0;
+        if self.nvme_adopt {
+            flags |= NVME_ADOPT_EXISTING;
+        }
+        if self.nvme_no_final_verify {
+            flags |= NVME_NO_FINAL_VERIFY;
+        }
+        NvmeArgs {
+            queues: self.nvme_queues,
+            depth: self.nvme_depth,
+            ios: self.nvme_ios,
+            lba_start: self.nvme_lba_start,
+            lba_count: self.nvme_lba_count,
+            read_percent: self.nvme_read_percent,
+            flags,
+            io_min_bytes: self.nvme_io_size.min(u32::MAX as u64) as u32,
+            io_max_bytes: self
+                .nvme_io_max
+                .unwrap_or(self.nvme_io_size)
+                .min(u32::MAX as u64) as u32,
+        }
+    }
+
+    /// The passthrough device asked for, if any.
+    pub fn source(&self) -> anyhow::Result<Option<PassthroughSource>> {
+        if let Some(p) = &self.passthrough {
+            let Some(socket) = p.strip_prefix("nvme=") else {
+                bail!("--passthrough {p:?}: expected nvme=SOCKET");
+            };
+            if socket.is_empty() {
+                bail!("--passthrough {p:?}: empty socket path");
+            }
+            return Ok(Some(PassthroughSource::Socket(socket.into())));
+        }
+        Ok(self.nvme_backing.as_ref().map(|b| {
+            PassthroughSource::Spawn(DeviceNvmeArgs {
+                socket: PathBuf::new(),
+                backing: b.clone(),
+                size: self.nvme_size,
+                block_size: self.nvme_block_size,
+                dstrd: self.nvme_dstrd,
+                create: true,
+                once: true,
+            })
+        }))
+    }
+}
+
+/// `ferry bench nvme`.
+#[derive(Args, Debug)]
+pub struct BenchNvmeArgs {
+    /// Reads per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    pub ios: u64,
+    /// Queue depths to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u16, 32])]
+    pub qd: Vec<u16>,
+    /// Namespace size (the reads cover all of it).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub size: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Waits until `path` exists (a device socket), up to `timeout`.
+pub fn wait_for_socket(path: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    while !path.exists() {
+        if t0.elapsed() > timeout {
+            return Err(anyhow::anyhow!("timed out")).with_context(|| {
+                format!(
+                    "device socket {} did not appear within {timeout:?}",
+                    path.display()
+                )
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Errors of the stand-in controller.
+use std::{io, path::PathBuf};
+
+/// What can go wrong setting up or running the device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backing file could not be opened, created or sized.
+    #[error("backing file {path}: {source}")]
+    Backing {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A configuration value is unusable.
+    #[error("invalid device configuration: {0}")]
+    Config(String),
+    /// Creating or mapping shared memory failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The vfio-user server failed.
+    #[error("vfio-user server on {path}: {source}")]
+    VfioUser {
+        /// Socket path.
+        path: PathBuf,
+        /// The library's error.
+        #[source]
+        source: vfio_user::Error,
+    },
+}
+
+/// Result of the device crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,25 @@
+//! Ferry's stand-in NVMe SSD: an NVMe controller that lives in its own process, speaks
+//! vfio-user on a Unix socket and stores one namespace in a file.
+//!
+//! - [`layout`]: BAR0 layout (registers, one doorbell page per queue pair with DSTRD 9, MSI-X)
+//!   and the PCI configuration space;
+//! - [`dma`]: the device's "IOMMU": only regions the client mapped with `DMA_MAP` are reachable;
+//! - [`prp`]: hostile-input-safe PRP walking;
+//! - [`namespace`]: the backing file;
+//! - [`controller`]: the register file and admin/I/O command processing;
+//! - [`server`]: the vfio-user backend and the doorbell-polling thread;
+//! - [`stats`]: counters printed on exit.
+#![deny(missing_docs)]
+
+pub mod controller;
+pub mod dma;
+mod error;
+pub mod layout;
+pub mod namespace;
+pub mod prp;
+pub mod server;
+pub mod stats;
+
+pub use error::{Error, Result};
+pub use server::{DeviceConfig, NvmeDevice};
+pub use stats::Stats;

@@ -1,0 +1,328 @@
+//! The vfio-user side: regions, interrupts, the backend that forwards to the controller, and
+//! the doorbell-polling thread.
+use std::{
+    fs::File,
+    os::fd::{AsRawFd, FromRawFd},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use vfio_bindings::bindings::vfio::{
+    vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::{
+    DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion, SparseArea,
+};
+
+use crate::{
+    controller::{Controller, Doorbells},
+    layout::{BAR0_SIZE, CONFIG_SIZE, DOORBELL_AREA, DOORBELL_AREA_SIZE, MSIX_VECTORS},
+    namespace::Namespace,
+    stats::Stats,
+    Error, Result,
+};
+
+/// How to build a device.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// vfio-user socket to listen on (must not exist).
+    pub socket: PathBuf,
+    /// Backing file of namespace 1.
+    pub backing: PathBuf,
+    /// Namespace size in bytes (0: the file's size).
+    pub size: u64,
+    /// 512 or 4096.
+    pub block_size: u32,
+    /// Doorbell stride exponent: 9 (a page per queue pair) or 0 (all on one page).
+    pub dstrd: u8,
+    /// Create (and size) the backing file if needed.
+    pub create: bool,
+}
+
+struct Shared {
+    ctrl: Mutex<Controller>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Controller> {
+        self.ctrl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running stand-in controller: the listening socket and the polling thread.
+pub struct NvmeDevice {
+    shared: Arc<Shared>,
+    server: Server,
+    poller: Option<JoinHandle<()>>,
+    socket: PathBuf,
+    _bar_memfd: File,
+}
+
+fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
+    // SAFETY: valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Os {
+            what: "memfd_create for BAR0",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).map_err(|source| Error::Os {
+        what: "sizing the BAR0 memfd",
+        source,
+    })?;
+    Ok(f)
+}
+
+fn region(index: u32, size: u64, flags: u32) -> ServerRegion {
+    ServerRegion {
+        region_info: vfio_region_info {
+            argsz: std::mem::size_of::<vfio_region_info>() as u32,
+            flags,
+            index,
+            cap_offset: 0,
+            size,
+            offset: 0,
+        },
+        sparse_areas: Vec::new(),
+        mmap_fd: None,
+    }
+}
+
+impl NvmeDevice {
+    /// Opens the backing file, creates the BAR memory, binds the socket and starts polling.
+    pub fn new(cfg: &DeviceConfig) -> Result<Self> {
+        if cfg.dstrd != 0 && cfg.dstrd != 9 {
+            return Err(Error::Config(format!(
+                "DSTRD {} (0 or 9 supported)",
+                cfg.dstrd
+            )));
+        }
+        let ns = Namespace::open(&cfg.backing, cfg.size, cfg.block_size, cfg.create)?;
+        let bar = memfd(c"ferry-nvme-bar0", BAR0_SIZE)?;
+        let doorbells =
+            Doorbells::map(&bar, DOORBELL_AREA, DOORBELL_AREA_SIZE as usize).map_err(|source| {
+                Error::Os {
+                    what: "mapping the doorbell pages",
+                    source,
+                }
+            })?;
+        let ctrl = Controller::new(ns, doorbells, cfg.dstrd);
+
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        let mut regions: Vec<ServerRegion> =
+            (0..VFIO_PCI_NUM_REGIONS).map(|i| region(i, 0, 0)).collect();
+        let mut bar0 = region(0, BAR0_SIZE, rw | VFIO_REGION_INFO_FLAG_MMAP);
+        // The whole mappable range is one sparse area so that the client gets the fd.
+        bar0.sparse_areas.push(SparseArea {
+            area: vfio_region_sparse_mmap_area {
+                offset: DOORBELL_AREA,
+                size: DOORBELL_AREA_SIZE,
+            },
+        });
+        bar0.mmap_fd = Some(bar.as_raw_fd());
+        regions[0] = bar0;
+        regions[VFIO_PCI_CONFIG_REGION_INDEX as usize] =
+            region(VFIO_PCI_CONFIG_REGION_INDEX, CONFIG_SIZE, rw);
+        let irqs = (0..VFIO_PCI_NUM_IRQS)
+            .map(|index| IrqInfo {
+                index,
+                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: if index == VFIO_PCI_MSIX_IRQ_INDEX {
+                    MSIX_VECTORS as u32
+                } else {
+                    0
+                },
+            })
+            .collect();
+        let server =
+            Server::new(&cfg.socket, true, irqs, regions).map_err(|source| Error::VfioUser {
+                path: cfg.socket.clone(),
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            ctrl: Mutex::new(ctrl),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let poller = std::thread::Builder::new()
+            .name("nvme-poll".into())
+            .spawn(move || poll_loop(&s))
+            .map_err(|source| Error::Os {
+                what: "spawning the polling thread",
+                source,
+            })?;
+        tracing::info!(socket = %cfg.socket.display(), backing = %cfg.backing.display(), dstrd = cfg.dstrd, "NVMe device listening");
+        Ok(NvmeDevice {
+            shared,
+            server,
+            poller: Some(poller),
+            socket: cfg.socket.clone(),
+            _bar_memfd: bar,
+        })
+    }
+
+    /// Accepts one client and serves it until it disconnects; the controller is then reset.
+    pub fn serve_one(&self) -> Result<()> {
+        let mut backend = Backend {
+            shared: self.shared.clone(),
+            seen: false,
+        };
+        let r = self.server.run(&mut backend);
+        let mut c = self.shared.lock();
+        if backend.seen {
+            c.stats.connections += 1;
+        }
+        c.disconnect();
+        tracing::info!("vfio-user client disconnected");
+        r.map_err(|source| Error::VfioUser {
+            path: self.socket.clone(),
+            source,
+        })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// The namespace geometry: (blocks, block size).
+    pub fn geometry(&self) -> (u64, u32) {
+        let c = self.shared.lock();
+        (c.namespace().blocks(), c.namespace().block_size())
+    }
+
+    /// Flushes the backing file.
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.shared.lock().namespace().flush()
+    }
+}
+
+impl Drop for NvmeDevice {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(p) = self.poller.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+fn poll_loop(shared: &Shared) {
+    let mut idle = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let n = shared.lock().poll();
+        if n > 0 {
+            idle = 0;
+            continue;
+        }
+        idle += 1;
+        if idle < 20_000 {
+            std::hint::spin_loop();
+        } else if idle < 40_000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+struct Backend {
+    shared: Arc<Shared>,
+    /// The client sent at least one request that reached the backend.
+    seen: bool,
+}
+
+impl ServerBackend for Backend {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        self.seen = true;
+        let c = self.shared.lock();
+        match region {
+            0 => c.bar_read(offset, data),
+            VFIO_PCI_CONFIG_REGION_INDEX => c.config.read(offset, data),
+            _ => data.fill(0),
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut c = self.shared.lock();
+        match region {
+            0 => c.bar_write(offset, data),
+            VFIO_PCI_CONFIG_REGION_INDEX => c.config.write(offset, data),
+            _ => tracing::debug!(region, offset, "write to an absent region dropped"),
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        _flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> std::io::Result<()> {
+        let mut c = self.shared.lock();
+        let r = match fd {
+            Some(f) => c.dma.map(address, size, offset, &f),
+            None => Err(crate::dma::MapError::NoFd(address)),
+        };
+        r.map_err(|e| {
+            tracing::warn!(error = %e, "DMA_MAP refused");
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+        })?;
+        tracing::info!(
+            iova = format_args!("{address:#x}"),
+            size,
+            "DMA region mapped"
+        );
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, _flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
+        let n = self.shared.lock().dma.unmap(address, size);
+        tracing::info!(
+            iova = format_args!("{address:#x}"),
+            size,
+            regions = n,
+            "DMA unmapped"
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.shared.lock().reset();
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        _flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> std::io::Result<()> {
+        if index != VFIO_PCI_MSIX_IRQ_INDEX {
+            return Ok(());
+        }
+        if self.shared.lock().set_msix(start, count, fds) {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("MSI-X vectors {start}+{count} out of range"),
+            ))
+        }
+    }
+}

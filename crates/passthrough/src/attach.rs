@@ -1,0 +1,494 @@
+//! Attaching a vfio-user NVMe device to a VM: PCI function, BAR0 placement, doorbell pages as
+//! memory slots (all but the admin page), DMA mapping of guest RAM, MSI-X eventfds, and a
+//! watchdog that ends the VM cleanly when the device goes away.
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use guest_abi::layout::PCI_MMIO_BASE;
+use nvme_spec::regs;
+use vmm::{
+    memory::{GuestRam, RamRegion},
+    memslots::{MemorySlots, SlotKind},
+    Vm, VmOutcome,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{
+    bar::{disconnect_message, Bar0Trap},
+    client::{Connection, MappedArea, MSIX_IRQ},
+    config_log::{AdminMediator, ConfigLog},
+    hooks::{DeviceHooks, DoorbellMode, GuestBacking},
+    msix::{MsixRouter, Route},
+    pci::{find_msix, PassthroughPci},
+    Error, Result,
+};
+
+const PAGE: u64 = 4096;
+
+/// What to attach.
+#[derive(Clone, Debug)]
+pub struct AttachOptions {
+    /// Device name in messages ("nvme0").
+    pub name: String,
+    /// vfio-user socket.
+    pub socket: std::path::PathBuf,
+    /// Where BAR0 goes (PCI window).
+    pub bar0_gpa: u64,
+    /// How often the watchdog checks the device.
+    pub watchdog_interval: Duration,
+}
+
+impl AttachOptions {
+    /// Defaults for `socket`: BAR0 at the start of the PCI window.
+    pub fn new(name: &str, socket: &Path) -> Self {
+        AttachOptions {
+            name: name.into(),
+            socket: socket.to_path_buf(),
+            bar0_gpa: PCI_MMIO_BASE,
+            watchdog_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// An attached device.
+pub struct Attachment {
+    conn: Arc<Connection>,
+    mediator: Arc<Mutex<AdminMediator>>,
+    ram: GuestRam,
+    bar0_gpa: u64,
+    bar0_size: u64,
+    dstrd: u8,
+    areas: Vec<MappedArea>,
+    doorbell_slots: Mutex<BTreeMap<u64, u32>>,
+    remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
+    irqs: Arc<Vec<EventFd>>,
+    msix: Arc<Mutex<MsixRouter>>,
+    stop: Arc<AtomicBool>,
+    watchdog: Option<JoinHandle<()>>,
+    pci_slot: u8,
+}
+
+impl Attachment {
+    /// Connects to the device and attaches it to `vm` (before the VM starts).
+    pub fn attach(vm: &Vm, opts: &AttachOptions) -> Result<Self> {
+        let name = opts.name.clone();
+        let conn = Arc::new(Connection::connect(&name, &opts.socket)?);
+        let bar0_size = conn.region_size(0);
+        if bar0_size < 2 * PAGE || !bar0_size.is_power_of_two() {
+            return Err(Error::Unsupported {
+                name,
+                reason: format!(
+                    "BAR0 of {bar0_size:#x} bytes (a power of two of at least 8 KiB needed)"
+                ),
+            });
+        }
+        if !opts.bar0_gpa.is_multiple_of(bar0_size) {
+            return Err(Error::Unsupported {
+                name,
+                reason: format!(
+                    "BAR0 address {:#x} is not aligned to its size {bar0_size:#x}",
+                    opts.bar0_gpa
+                ),
+            });
+        }
+        // The device's class must be NVMe and CAP must be readable.
+        let mut class = [0u8; 4];
+        conn.region_read(crate::client::CONFIG_REGION, 8, &mut class)?;
+        let class = u32::from_le_bytes(class) >> 8;
+        if class != 0x01_08_02 {
+            return Err(Error::Unsupported {
+                name,
+                reason: format!("class code {class:06x} is not NVMe (010802)"),
+            });
+        }
+        let mut cap = [0u8; 8];
+        conn.region_read(0, regs::CAP, &mut cap)?;
+        let dstrd = regs::cap::dstrd(u64::from_le_bytes(cap));
+
+        // DMA: all of guest RAM, IOVA == GPA.
+        let ram = vm.ram().clone();
+        for r in ram.regions() {
+            conn.dma_map(r.file_offset, r.gpa, r.size, ram.memfd().as_ref())?;
+        }
+
+        // Interrupts: one eventfd per MSI-X vector, handed to the device.
+        let count = conn.irq_count(MSIX_IRQ)?.min(2048);
+        let mut irqs = Vec::new();
+        for _ in 0..count {
+            irqs.push(EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Os {
+                what: "creating an MSI-X eventfd".into(),
+                source,
+            })?);
+        }
+        // vfio-user servers accept at most 16 fds per message.
+        let fds: Vec<i32> = irqs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        for (i, chunk) in fds.chunks(16).enumerate() {
+            conn.set_irqs(MSIX_IRQ, (i * 16) as u32, chunk)?;
+        }
+
+        let vmm_err = |what: &str| {
+            let name = name.clone();
+            let what = what.to_string();
+            move |source| Error::Vmm { name, what, source }
+        };
+        let irqs = Arc::new(irqs);
+        let msix_cap = find_msix(&conn);
+        let msix = Arc::new(Mutex::new(MsixRouter::new(
+            vm.vm_fd().clone(),
+            irqs.clone(),
+            msix_cap.and_then(|(_, table)| table),
+        )));
+        let mediator = Arc::new(Mutex::new(AdminMediator::default()));
+        let trap = Bar0Trap::new(
+            conn.clone(),
+            mediator.clone(),
+            ram.clone(),
+            dstrd,
+            vm.lifecycle().clone(),
+            msix.clone(),
+        );
+        vm.mmio_bus()
+            .insert(opts.bar0_gpa, bar0_size, Arc::new(Mutex::new(trap)))
+            .map_err(vmm_err("placing BAR0 on the MMIO bus"))?;
+        let pci = PassthroughPci::new(
+            conn.clone(),
+            opts.bar0_gpa,
+            bar0_size,
+            msix.clone(),
+            msix_cap.map(|(cap, _)| cap),
+        );
+        let pci_slot = vm
+            .pci_bus()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(1, Arc::new(Mutex::new(pci)))
+            .map_err(vmm_err("adding the PCI function"))?;
+
+        let areas = conn.map_sparse(0)?;
+        let mut a = Attachment {
+            conn: conn.clone(),
+            mediator,
+            ram,
+            bar0_gpa: opts.bar0_gpa,
+            bar0_size,
+            dstrd,
+            areas,
+            doorbell_slots: Mutex::new(BTreeMap::new()),
+            remaps: Mutex::new(BTreeMap::new()),
+            irqs,
+            msix,
+            stop: Arc::new(AtomicBool::new(false)),
+            watchdog: None,
+            pci_slot,
+        };
+        // Every mappable page goes into the guest, except the admin doorbell page (mediated).
+        let admin_page = regs::doorbell_page(0, dstrd) * PAGE;
+        let pages: Vec<u64> = a
+            .areas
+            .iter()
+            .flat_map(|ar| (0..ar.size / PAGE).map(move |i| ar.offset + i * PAGE))
+            .filter(|&p| p != admin_page && p + PAGE <= bar0_size)
+            .collect();
+        for p in &pages {
+            // SAFETY: Mapped uses the device's own pages, which `a.areas` keeps mapped.
+            unsafe { a.set_doorbell_mode(vm.memory_slots(), *p, DoorbellMode::Mapped) }?;
+        }
+        tracing::info!(
+            name = %a.conn.name,
+            bar0 = format_args!("{:#x}", a.bar0_gpa),
+            bar0_size,
+            dstrd,
+            mapped_pages = pages.len(),
+            vectors = count,
+            slot = pci_slot,
+            "passthrough NVMe attached"
+        );
+
+        // Watchdog: a device that goes away ends the VM with a clear message.
+        let stop = a.stop.clone();
+        let lifecycle = vm.lifecycle().clone();
+        let interval = opts.watchdog_interval;
+        a.watchdog = Some(
+            std::thread::Builder::new()
+                .name(format!("{}-watchdog", conn.name))
+                .spawn(move || loop {
+                    std::thread::sleep(interval);
+                    if stop.load(Ordering::SeqCst) || lifecycle.is_finished() {
+                        return;
+                    }
+                    let mut b = [0u8; 4];
+                    if conn.is_lost() || conn.region_read(0, regs::CSTS, &mut b).is_err() {
+                        let msg = disconnect_message(&conn, "no answer");
+                        tracing::error!("{msg}");
+                        lifecycle.finish(VmOutcome::Failed(msg));
+                        return;
+                    }
+                })
+                .map_err(|source| Error::Os {
+                    what: "spawning the watchdog".into(),
+                    source,
+                })?,
+        );
+        Ok(a)
+    }
+
+    /// The configuration log so far.
+    pub fn config_log(&self) -> ConfigLog {
+        self.mediator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .log
+            .clone()
+    }
+
+    /// Doorbell stride exponent of the device.
+    pub fn dstrd(&self) -> u8 {
+        self.dstrd
+    }
+
+    /// BAR0 guest-physical address and size.
+    pub fn bar0(&self) -> (u64, u64) {
+        (self.bar0_gpa, self.bar0_size)
+    }
+
+    /// PCI slot of the function.
+    pub fn pci_slot(&self) -> u8 {
+        self.pci_slot
+    }
+
+    /// BAR0 offsets of the doorbell pages mapped into the guest (or redirected).
+    pub fn mapped_doorbell_pages(&self) -> Vec<u64> {
+        self.doorbell_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// MSI-X routes installed (vector, GSI, address, data).
+    pub fn msix_routes(&self) -> Vec<Route> {
+        self.msix.lock().unwrap_or_else(|e| e.into_inner()).routes()
+    }
+
+    /// True once the device stopped answering.
+    pub fn is_lost(&self) -> bool {
+        self.conn.is_lost()
+    }
+
+    fn host_of_bar_page(&self, off: u64) -> Option<u64> {
+        self.areas
+            .iter()
+            .find(|a| off >= a.offset && off + PAGE <= a.offset + a.size)
+            .map(|a| a.host as u64 + (off - a.offset))
+    }
+
+    fn ram_region(&self, gpa: u64, size: u64) -> Option<RamRegion> {
+        let end = gpa.checked_add(size)?;
+        self.ram
+            .regions()
+            .iter()
+            .copied()
+            .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+    }
+
+    /// Stops the watchdog and removes the memory slots this attachment added. Call before the
+    /// VM is dropped (or drop the VM first: its slots go with it).
+    pub fn detach(mut self, slots: &MemorySlots) {
+        self.stop_watchdog();
+        for (_, slot) in std::mem::take(
+            &mut *self
+                .doorbell_slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        ) {
+            let _ = slots.remove(slot);
+        }
+        self.conn.shutdown();
+    }
+
+    fn stop_watchdog(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.stop_watchdog();
+    }
+}
+
+impl DeviceHooks for Attachment {
+    unsafe fn remap_guest_range(
+        &self,
+        slots: &MemorySlots,
+        gpa: u64,
+        size: u64,
+        backing: GuestBacking,
+    ) -> Result<()> {
+        let hook_err = |reason: String| Error::Hook {
+            name: self.conn.name.clone(),
+            reason,
+        };
+        if size == 0 || !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
+            return Err(hook_err(format!(
+                "range {gpa:#x}+{size:#x} is not page aligned"
+            )));
+        }
+        let region = self.ram_region(gpa, size).ok_or_else(|| {
+            hook_err(format!(
+                "range {gpa:#x}+{size:#x} is not inside one RAM region"
+            ))
+        })?;
+        let mut remaps = self.remaps.lock().unwrap_or_else(|e| e.into_inner());
+        match backing {
+            GuestBacking::Host(host) => {
+                if host % PAGE != 0 {
+                    return Err(hook_err(format!(
+                        "host address {host:#x} is not page aligned"
+                    )));
+                }
+                if remaps
+                    .iter()
+                    .any(|(&g, &(s, _))| gpa < g + s && g < gpa + size)
+                {
+                    return Err(hook_err(format!(
+                        "range {gpa:#x}+{size:#x} overlaps an existing remap"
+                    )));
+                }
+                remaps.insert(gpa, (size, host));
+            }
+            GuestBacking::Ram => {
+                if remaps.remove(&gpa).is_none() {
+                    return Err(hook_err(format!("no remap at {gpa:#x}")));
+                }
+            }
+        }
+        // Rebuild the slots of the whole RAM region: RAM pieces around the remapped ranges.
+        let rend = region.gpa + region.size;
+        for (slot, info) in slots.list() {
+            if info.gpa >= region.gpa && info.gpa < rend {
+                slots.remove(slot).map_err(|source| Error::Vmm {
+                    name: self.conn.name.clone(),
+                    what: format!("removing memory slot {slot}"),
+                    source,
+                })?;
+            }
+        }
+        let ram_host = self
+            .ram
+            .host_address(&region)
+            .map_err(|source| Error::Vmm {
+                name: self.conn.name.clone(),
+                what: "locating guest RAM".into(),
+                source,
+            })? as u64;
+        let mut pieces = Vec::new();
+        let mut at = region.gpa;
+        for (&g, &(s, h)) in remaps.range(region.gpa..rend) {
+            if g > at {
+                pieces.push((at, g - at, ram_host + (at - region.gpa), SlotKind::Ram));
+            }
+            pieces.push((g, s, h, SlotKind::Device));
+            at = g + s;
+        }
+        if at < rend {
+            pieces.push((at, rend - at, ram_host + (at - region.gpa), SlotKind::Ram));
+        }
+        for (g, s, h, kind) in pieces {
+            // SAFETY: RAM pieces are inside the VM's RAM mapping; remapped pieces are covered by
+            // this function's safety contract.
+            unsafe { slots.add(g, s, h, kind, false) }.map_err(|source| Error::Vmm {
+                name: self.conn.name.clone(),
+                what: format!("adding memory slot {g:#x}+{s:#x}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    unsafe fn set_doorbell_mode(
+        &self,
+        slots: &MemorySlots,
+        bar_offset: u64,
+        mode: DoorbellMode,
+    ) -> Result<()> {
+        let name = self.conn.name.clone();
+        if !bar_offset.is_multiple_of(PAGE) || bar_offset + PAGE > self.bar0_size {
+            return Err(Error::Hook {
+                name,
+                reason: format!("BAR0 offset {bar_offset:#x} is not a page of the BAR"),
+            });
+        }
+        let mut map = self
+            .doorbell_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = map.remove(&bar_offset) {
+            slots.remove(slot).map_err(|source| Error::Vmm {
+                name: name.clone(),
+                what: format!("unmapping BAR0 page {bar_offset:#x}"),
+                source,
+            })?;
+        }
+        let host = match mode {
+            DoorbellMode::Trapped => return Ok(()),
+            DoorbellMode::Redirected { host } => host,
+            DoorbellMode::Mapped => {
+                self.host_of_bar_page(bar_offset)
+                    .ok_or_else(|| Error::Hook {
+                        name: name.clone(),
+                        reason: format!("BAR0 page {bar_offset:#x} is not mappable"),
+                    })?
+            }
+        };
+        // SAFETY: the device's pages stay mapped in `self.areas` for the attachment's life;
+        // redirected pages are covered by this function's safety contract.
+        let slot = unsafe {
+            slots.add(
+                self.bar0_gpa + bar_offset,
+                PAGE,
+                host,
+                SlotKind::Device,
+                false,
+            )
+        }
+        .map_err(|source| Error::Vmm {
+            name,
+            what: format!("mapping BAR0 page {bar_offset:#x}"),
+            source,
+        })?;
+        map.insert(bar_offset, slot);
+        Ok(())
+    }
+
+    fn take_interrupt(&self, vector: u16) -> Result<EventFd> {
+        let fd = self.irqs.get(vector as usize).ok_or_else(|| Error::Hook {
+            name: self.conn.name.clone(),
+            reason: format!(
+                "MSI-X vector {vector} does not exist ({} vectors)",
+                self.irqs.len()
+            ),
+        })?;
+        let fd = fd.try_clone().map_err(|source| Error::Os {
+            what: format!("duplicating the eventfd of vector {vector}"),
+            source,
+        })?;
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(vector);
+        Ok(fd)
+    }
+}

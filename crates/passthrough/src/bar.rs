@@ -1,0 +1,106 @@
+//! BAR0 accesses that exit: the register page, trapped doorbell pages (always the admin one)
+//! and the MSI-X table. Admin doorbells go through the mediation before the device sees them.
+use std::sync::{Arc, Mutex};
+
+use nvme_spec::regs;
+use vmm::{bus::BusDevice, lifecycle::Lifecycle, memory::GuestRam, VmOutcome};
+
+use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter};
+
+/// The MMIO handler of BAR0.
+pub struct Bar0Trap {
+    conn: Arc<Connection>,
+    mediator: Arc<Mutex<AdminMediator>>,
+    ram: GuestRam,
+    dstrd: u8,
+    lifecycle: Arc<Lifecycle>,
+    msix: Arc<Mutex<MsixRouter>>,
+}
+
+impl Bar0Trap {
+    /// A handler forwarding to `conn`.
+    pub fn new(
+        conn: Arc<Connection>,
+        mediator: Arc<Mutex<AdminMediator>>,
+        ram: GuestRam,
+        dstrd: u8,
+        lifecycle: Arc<Lifecycle>,
+        msix: Arc<Mutex<MsixRouter>>,
+    ) -> Self {
+        Bar0Trap {
+            conn,
+            mediator,
+            ram,
+            dstrd,
+            lifecycle,
+            msix,
+        }
+    }
+
+    fn lost(&self, e: &crate::Error) {
+        self.lifecycle.finish(VmOutcome::Failed(disconnect_message(
+            &self.conn,
+            &e.to_string(),
+        )));
+    }
+}
+
+/// The message a VM ends with when its passthrough device goes away.
+pub fn disconnect_message(conn: &Connection, detail: &str) -> String {
+    format!(
+        "passthrough device {} ({}) disconnected: {}",
+        conn.name,
+        conn.socket,
+        conn.lost_reason().unwrap_or_else(|| detail.to_string())
+    )
+}
+
+impl BusDevice for Bar0Trap {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Err(e) = self.conn.region_read(0, offset, data) {
+            data.fill(0xff);
+            self.lost(&e);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        {
+            let mut m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+            if m.in_table(offset) {
+                m.table_write(offset, data);
+            }
+        }
+        if offset < regs::DOORBELL_BASE {
+            self.mediator
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .register_write(offset, data);
+        } else if data.len() == 4 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            match regs::decode_doorbell(offset, self.dstrd) {
+                Some((0, false)) => {
+                    let ram = &self.ram;
+                    self.mediator
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .sq_tail_write(v, |gpa, buf| {
+                            ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
+                        });
+                }
+                Some((0, true)) => {
+                    let ram = &self.ram;
+                    self.mediator
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .cq_head_write(v, |gpa, buf| {
+                            ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
+                        });
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = self.conn.region_write(0, offset, data) {
+            self.lost(&e);
+        }
+    }
+}

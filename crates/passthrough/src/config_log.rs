@@ -1,0 +1,430 @@
+//! Admin queue mediation and the configuration log.
+//!
+//! The admin doorbells are trapped: before a new admin SQ tail reaches the device, the VMM
+//! reads the new submission entries from guest RAM (bounds and indexes checked) and remembers
+//! them by command id; when the guest advances the admin CQ head, the VMM reads the
+//! completions it consumed and applies the successful ones to the log. Together with the
+//! controller registers (CC, AQA, ASQ, ACQ) this is what a fresh device needs to be rebuilt.
+//! Nothing here changes what the guest or the device sees.
+use std::collections::BTreeMap;
+
+use nvme_spec::{
+    opcode::admin,
+    regs::{self, aqa, cc},
+    Cqe, Sqe,
+};
+use serde::Serialize;
+
+/// History entries kept (oldest dropped first).
+pub const HISTORY: usize = 256;
+
+/// A live I/O completion queue.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct CqConfig {
+    /// Guest-physical base.
+    pub base: u64,
+    /// Entries.
+    pub entries: u32,
+    /// Interrupts enabled.
+    pub interrupts: bool,
+    /// MSI-X vector.
+    pub vector: u16,
+}
+
+/// A live I/O submission queue.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct SqConfig {
+    /// Guest-physical base.
+    pub base: u64,
+    /// Entries.
+    pub entries: u32,
+    /// Completion queue.
+    pub cqid: u16,
+    /// Priority (CDW11 bits 2:1).
+    pub priority: u8,
+}
+
+/// One admin command as the VMM saw it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AdminRecord {
+    /// Opcode.
+    pub opcode: u8,
+    /// Command id.
+    pub cid: u16,
+    /// CDW10.
+    pub cdw10: u32,
+    /// CDW11.
+    pub cdw11: u32,
+    /// Completion status field (None until completed).
+    pub status: Option<u16>,
+    /// Completion DW0.
+    pub result: u32,
+}
+
+/// The configuration log.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ConfigLog {
+    /// Last CC written.
+    pub cc: u32,
+    /// AQA.
+    pub aqa: u32,
+    /// ASQ.
+    pub asq: u64,
+    /// ACQ.
+    pub acq: u64,
+    /// Controller enables seen.
+    pub enables: u64,
+    /// Controller resets seen (CC.EN 1 → 0).
+    pub resets: u64,
+    /// Shutdown notifications seen.
+    pub shutdowns: u64,
+    /// Features set successfully: feature id → CDW11.
+    pub features: BTreeMap<u8, u32>,
+    /// Number of Queues as granted by the device (completion DW0).
+    pub queues_granted: Option<u32>,
+    /// Live I/O completion queues.
+    pub io_cqs: BTreeMap<u16, CqConfig>,
+    /// Live I/O submission queues.
+    pub io_sqs: BTreeMap<u16, SqConfig>,
+    /// Admin commands submitted.
+    pub admin_submitted: u64,
+    /// Admin commands completed.
+    pub admin_completed: u64,
+    /// Admin commands completed with an error status.
+    pub admin_failed: u64,
+    /// Admin doorbell writes with out-of-range values, or entries that could not be read.
+    pub anomalies: u64,
+    /// The last admin commands.
+    pub history: Vec<AdminRecord>,
+}
+
+impl ConfigLog {
+    /// A one-line summary.
+    pub fn summary(&self) -> String {
+        format!(
+            "CC {:#x}, admin queue {} entries at {:#x}, {} I/O SQ / {} I/O CQ live, {} feature(s) set, {} admin command(s) ({} failed), {} enable(s), {} reset(s)",
+            self.cc,
+            aqa::sq_entries(self.aqa),
+            self.asq,
+            self.io_sqs.len(),
+            self.io_cqs.len(),
+            self.features.len(),
+            self.admin_completed,
+            self.admin_failed,
+            self.enables,
+            self.resets
+        )
+    }
+}
+
+/// The mediation state machine.
+#[derive(Debug)]
+pub struct AdminMediator {
+    /// The log.
+    pub log: ConfigLog,
+    regs: [u8; 0x40],
+    enabled: bool,
+    sq_tail: u32,
+    cq_head: u32,
+    pending: BTreeMap<u16, Sqe>,
+}
+
+impl Default for AdminMediator {
+    fn default() -> Self {
+        AdminMediator {
+            log: ConfigLog::default(),
+            regs: [0; 0x40],
+            enabled: false,
+            sq_tail: 0,
+            cq_head: 0,
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+impl AdminMediator {
+    fn reg32(&self, off: u64) -> u32 {
+        let o = off as usize;
+        u32::from_le_bytes([
+            self.regs[o],
+            self.regs[o + 1],
+            self.regs[o + 2],
+            self.regs[o + 3],
+        ])
+    }
+
+    fn reg64(&self, off: u64) -> u64 {
+        self.reg32(off) as u64 | (self.reg32(off + 4) as u64) << 32
+    }
+
+    /// A guest write to the register page (before it is forwarded).
+    pub fn register_write(&mut self, offset: u64, data: &[u8]) {
+        let old_cc = self.reg32(regs::CC);
+        let mut cc_touched = false;
+        for (i, &b) in data.iter().enumerate() {
+            let o = offset.saturating_add(i as u64);
+            if o < self.regs.len() as u64 {
+                self.regs[o as usize] = b;
+                cc_touched |= (regs::CC..regs::CC + 4).contains(&o);
+            }
+        }
+        self.log.aqa = self.reg32(regs::AQA);
+        self.log.asq = self.reg64(regs::ASQ);
+        self.log.acq = self.reg64(regs::ACQ);
+        if !cc_touched {
+            return;
+        }
+        let new = self.reg32(regs::CC);
+        self.log.cc = new;
+        let (was, is) = (old_cc & cc::EN != 0, new & cc::EN != 0);
+        if was && !is {
+            self.log.resets += 1;
+            self.clear_queues();
+            self.log.features.clear();
+            self.log.queues_granted = None;
+            self.enabled = false;
+        } else if !was && is {
+            self.log.enables += 1;
+            self.clear_queues();
+            self.enabled = true;
+        }
+        if is && cc::shn(new) != 0 && cc::shn(old_cc) == 0 {
+            self.log.shutdowns += 1;
+        }
+    }
+
+    fn clear_queues(&mut self) {
+        self.log.io_cqs.clear();
+        self.log.io_sqs.clear();
+        self.pending.clear();
+        self.sq_tail = 0;
+        self.cq_head = 0;
+    }
+
+    /// The guest wrote `tail` to the admin SQ tail doorbell; `read` copies guest RAM.
+    pub fn sq_tail_write(&mut self, tail: u32, mut read: impl FnMut(u64, &mut [u8]) -> bool) {
+        let entries = aqa::sq_entries(self.log.aqa);
+        if !self.enabled || tail >= entries {
+            self.log.anomalies += 1;
+            return;
+        }
+        let mut i = self.sq_tail;
+        let mut n = 0;
+        while i != tail && n < entries {
+            let mut raw = [0u8; 64];
+            if read(self.log.asq.wrapping_add(i as u64 * 64), &mut raw) {
+                let sqe = Sqe::from_bytes(&raw);
+                self.log.admin_submitted += 1;
+                if self.pending.len() < entries as usize {
+                    self.pending.insert(sqe.cid(), sqe);
+                }
+                self.push_history(AdminRecord {
+                    opcode: sqe.opcode(),
+                    cid: sqe.cid(),
+                    cdw10: sqe.cdw(10),
+                    cdw11: sqe.cdw(11),
+                    status: None,
+                    result: 0,
+                });
+            } else {
+                self.log.anomalies += 1;
+            }
+            i = (i + 1) % entries;
+            n += 1;
+        }
+        self.sq_tail = tail;
+    }
+
+    fn push_history(&mut self, r: AdminRecord) {
+        if self.log.history.len() >= HISTORY {
+            self.log.history.remove(0);
+        }
+        self.log.history.push(r);
+    }
+
+    /// The guest wrote `head` to the admin CQ head doorbell: the completions it consumed are
+    /// applied to the log.
+    pub fn cq_head_write(&mut self, head: u32, mut read: impl FnMut(u64, &mut [u8]) -> bool) {
+        let entries = aqa::cq_entries(self.log.aqa);
+        if !self.enabled || head >= entries {
+            self.log.anomalies += 1;
+            return;
+        }
+        let mut j = self.cq_head;
+        let mut n = 0;
+        while j != head && n < entries {
+            let mut raw = [0u8; 16];
+            if read(self.log.acq.wrapping_add(j as u64 * 16), &mut raw) {
+                self.complete(Cqe::from_bytes(&raw));
+            } else {
+                self.log.anomalies += 1;
+            }
+            j = (j + 1) % entries;
+            n += 1;
+        }
+        self.cq_head = head;
+    }
+
+    fn complete(&mut self, cqe: Cqe) {
+        let Some(sqe) = self.pending.remove(&cqe.cid()) else {
+            self.log.anomalies += 1;
+            return;
+        };
+        self.log.admin_completed += 1;
+        let ok = cqe.status().is_success();
+        if let Some(h) = self
+            .log
+            .history
+            .iter_mut()
+            .rev()
+            .find(|h| h.cid == sqe.cid() && h.status.is_none())
+        {
+            h.status = Some(cqe.status().0);
+            h.result = cqe.result();
+        }
+        if !ok {
+            self.log.admin_failed += 1;
+            return;
+        }
+        let qid = sqe.cdw(10) as u16;
+        let entries = (sqe.cdw(10) >> 16) + 1;
+        match sqe.opcode() {
+            admin::CREATE_CQ => {
+                self.log.io_cqs.insert(
+                    qid,
+                    CqConfig {
+                        base: sqe.prp1(),
+                        entries,
+                        interrupts: sqe.cdw(11) & 2 != 0,
+                        vector: (sqe.cdw(11) >> 16) as u16,
+                    },
+                );
+            }
+            admin::CREATE_SQ => {
+                self.log.io_sqs.insert(
+                    qid,
+                    SqConfig {
+                        base: sqe.prp1(),
+                        entries,
+                        cqid: (sqe.cdw(11) >> 16) as u16,
+                        priority: ((sqe.cdw(11) >> 1) & 3) as u8,
+                    },
+                );
+            }
+            admin::DELETE_SQ => {
+                self.log.io_sqs.remove(&qid);
+            }
+            admin::DELETE_CQ => {
+                self.log.io_cqs.remove(&qid);
+            }
+            admin::SET_FEATURES => {
+                let fid = sqe.cdw(10) as u8;
+                self.log.features.insert(fid, sqe.cdw(11));
+                if fid == nvme_spec::opcode::feature::NUMBER_OF_QUEUES {
+                    self.log.queues_granted = Some(cqe.result());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvme_spec::Status;
+    use std::collections::HashMap;
+
+    struct Ram(HashMap<u64, Vec<u8>>);
+    impl Ram {
+        fn read(&self, a: u64, b: &mut [u8]) -> bool {
+            match self.0.get(&a) {
+                Some(v) => {
+                    b.copy_from_slice(&v[..b.len()]);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    fn enable(m: &mut AdminMediator) {
+        m.register_write(regs::AQA, &aqa::new(4, 4).to_le_bytes());
+        m.register_write(regs::ASQ, &0x10000u64.to_le_bytes());
+        m.register_write(regs::ACQ, &0x20000u64.to_le_bytes());
+        m.register_write(regs::CC, &cc::ENABLE.to_le_bytes());
+    }
+
+    #[test]
+    fn queues_and_features_follow_completions() {
+        let mut m = AdminMediator::default();
+        enable(&mut m);
+        assert_eq!((m.log.asq, m.log.acq, m.log.enables), (0x10000, 0x20000, 1));
+        let mut ram = Ram(HashMap::new());
+        let mut cq = Sqe::new(admin::CREATE_CQ, 1);
+        cq.set_prps(0x30000, 0)
+            .set_cdw(10, 63 << 16 | 1)
+            .set_cdw(11, 1);
+        let mut sq = Sqe::new(admin::CREATE_SQ, 2);
+        sq.set_prps(0x40000, 0)
+            .set_cdw(10, 63 << 16 | 1)
+            .set_cdw(11, 1 | 1 << 16);
+        let mut bad = Sqe::new(admin::CREATE_SQ, 3);
+        bad.set_cdw(10, 7);
+        ram.0.insert(0x10000, cq.to_bytes().to_vec());
+        ram.0.insert(0x10040, sq.to_bytes().to_vec());
+        ram.0.insert(0x10080, bad.to_bytes().to_vec());
+        m.sq_tail_write(3, |a, b| ram.read(a, b));
+        assert_eq!(m.log.admin_submitted, 3);
+        assert!(m.log.io_cqs.is_empty(), "nothing applies before completion");
+        ram.0.insert(
+            0x20000,
+            Cqe::new(0, 1, 0, 1, Status::SUCCESS, true)
+                .to_bytes()
+                .to_vec(),
+        );
+        ram.0.insert(
+            0x20010,
+            Cqe::new(0, 2, 0, 2, Status::SUCCESS, true)
+                .to_bytes()
+                .to_vec(),
+        );
+        ram.0.insert(
+            0x20020,
+            Cqe::new(0, 3, 0, 3, Status::INVALID_QUEUE_ID, true)
+                .to_bytes()
+                .to_vec(),
+        );
+        m.cq_head_write(3, |a, b| ram.read(a, b));
+        assert_eq!(m.log.io_cqs[&1].entries, 64);
+        assert_eq!(m.log.io_sqs[&1].cqid, 1);
+        assert_eq!((m.log.admin_completed, m.log.admin_failed), (3, 1));
+        assert!(!m.log.io_sqs.contains_key(&7));
+        assert_eq!(m.log.history.len(), 3);
+        assert_eq!(m.log.history[2].status, Some(Status::INVALID_QUEUE_ID.0));
+
+        // A reset forgets the queues.
+        m.register_write(regs::CC, &0u32.to_le_bytes());
+        assert!(m.log.io_cqs.is_empty() && m.log.io_sqs.is_empty());
+        assert_eq!(m.log.resets, 1);
+    }
+
+    #[test]
+    fn hostile_doorbells_and_unreadable_entries_are_counted() {
+        let mut m = AdminMediator::default();
+        m.sq_tail_write(1, |_, _| true);
+        assert_eq!(m.log.anomalies, 1, "not enabled");
+        enable(&mut m);
+        m.sq_tail_write(4, |_, _| true);
+        m.sq_tail_write(u32::MAX, |_, _| true);
+        assert_eq!(m.log.anomalies, 3, "out of range tails");
+        m.sq_tail_write(2, |_, _| false);
+        assert_eq!(m.log.anomalies, 5, "two unreadable entries");
+        m.cq_head_write(1, |_, b| {
+            b.fill(0);
+            true
+        });
+        assert_eq!(m.log.anomalies, 6, "completion for an unknown command");
+        assert!(m.log.summary().contains("0 I/O SQ"));
+    }
+}

@@ -1,0 +1,29 @@
+//! Passthrough PCI devices for Ferry over vfio-user.
+//!
+//! - [`client`]: the vfio-user connection (shared, with disconnect detection) and the mapped
+//!   BAR pages;
+//! - [`pci`]: the guest-visible PCI function: configuration space virtualized (BARs placed by
+//!   the VMM, the rest forwarded);
+//! - [`bar`]: BAR0 accesses that exit (registers, trapped doorbell pages, MSI-X), with the
+//!   admin queue mediation;
+//! - [`config_log`]: the NVMe configuration log the mediation keeps;
+//! - [`msix`]: MSI-X table and enable bits → KVM MSI routes and irqfds;
+//! - [`hooks`]: [`DeviceHooks`], the three hooks the shadow engine needs;
+//! - [`attach`]: wiring it all into a VM, plus the watchdog;
+//! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay).
+#![deny(missing_docs)]
+
+pub mod attach;
+pub mod bar;
+pub mod client;
+pub mod config_log;
+mod error;
+pub mod hooks;
+pub mod host_client;
+pub mod msix;
+pub mod pci;
+
+pub use attach::{AttachOptions, Attachment};
+pub use config_log::ConfigLog;
+pub use error::{Error, Result};
+pub use hooks::{DeviceHooks, DoorbellMode, GuestBacking};
