@@ -501,3 +501,6 @@ impl GsiHandler for Multiplexer {
 pub fn mad_grh(sgid: Gid, dgid: Gid) -> [u8; GRH_LEN] {
     grh_area(sgid, dgid, 12 + 8 + MAD_SIZE + 4)
 }
+
+#[cfg(test)]
+mod tests;

@@ -116,6 +116,11 @@ impl UdQp {
         }
     }
 
+    /// Its QPN.
+    pub fn qpn_value(&self) -> u32 {
+        self.qpn
+    }
+
     /// The GID the QP is bound to.
     pub fn gid(&self) -> Gid {
         self.gid
