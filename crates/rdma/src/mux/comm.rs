@@ -3,10 +3,12 @@
 //! Two maps per VM: by the VM's *local* communication ID, and by (remote GID, remote
 //! communication ID) — the second is how a REJ with remote ID 0 (the active side gave up on a
 //! REQ) and duplicate REQs are recognized. Entries live as long as the connection: created by
-//! a REQ or REP, removed by a DREP (sent or received) or a REJ (sent or received) — never by
-//! an idle timer. Each VM's table is bounded; a VM that fills it cannot start new connections
+//! a REQ or REP; a DREP (sent or received) moves the entry to time-wait, where duplicate
+//! DREQs and DREPs still match it, and it is removed when the time-wait ends; a REJ (sent or
+//! received) removes it at once. Nothing is ever removed for being idle. Each VM's table is bounded; a VM that fills it cannot start new connections
 //! until some end, and other VMs are unaffected.
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use rdma_wire::{CmMessage, Gid};
 use serde::{Deserialize, Serialize};
@@ -24,8 +26,10 @@ pub enum CommState {
     RepReceived,
     /// RTU sent or received.
     Established,
-    /// DREQ sent or received; removed at the DREP.
+    /// DREQ sent or received.
     Disconnecting,
+    /// DREP sent or received; removed when the time-wait ends.
+    TimeWait,
 }
 
 /// One connection of one VM.
@@ -60,15 +64,53 @@ pub struct CommTable {
     by_local: HashMap<u32, CommEntry>,
     by_remote: HashMap<(Gid, u32), u32>,
     sidr: HashMap<u32, Gid>,
+    timewait: HashMap<u32, Instant>,
+    timewait_len: Duration,
     cap: usize,
 }
 
 impl CommTable {
-    /// An empty table holding at most `cap` connections (and `cap` SIDR requests).
-    pub fn new(cap: usize) -> CommTable {
+    /// An empty table holding at most `cap` connections (and `cap` SIDR requests), keeping
+    /// disconnected entries for `timewait`.
+    pub fn new(cap: usize, timewait: Duration) -> CommTable {
         CommTable {
             cap,
+            timewait_len: timewait,
             ..CommTable::default()
+        }
+    }
+
+    /// Removes entries whose time-wait is over.
+    pub fn expire(&mut self, now: Instant) {
+        if self.timewait.is_empty() {
+            return;
+        }
+        let done: Vec<u32> = self
+            .timewait
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            self.timewait.remove(&id);
+            if self.by_local.get(&id).is_some_and(|e| e.state == CommState::TimeWait) {
+                self.remove_local(id);
+            }
+        }
+    }
+
+    /// Connections not in time-wait.
+    pub fn live(&self) -> usize {
+        self.by_local
+            .values()
+            .filter(|e| e.state != CommState::TimeWait)
+            .count()
+    }
+
+    fn enter_timewait(&mut self, local: u32) {
+        if let Some(e) = self.by_local.get_mut(&local) {
+            e.state = CommState::TimeWait;
+            self.timewait.insert(local, Instant::now() + self.timewait_len);
         }
     }
 
@@ -110,6 +152,7 @@ impl CommTable {
     }
 
     fn remove_local(&mut self, id: u32) {
+        self.timewait.remove(&id);
         if let Some(e) = self.by_local.remove(&id) {
             if e.remote_comm_id != 0 {
                 self.by_remote.remove(&(e.remote_gid, e.remote_comm_id));
@@ -120,6 +163,7 @@ impl CommTable {
     /// Records a MAD the VM sends (`sgid` its GID, `dgid` the destination). Returns `false`
     /// when it would open a connection and the table is full (the send is then refused).
     pub fn on_outbound(&mut self, sgid: Gid, dgid: Gid, msg: &CmMessage) -> bool {
+        self.expire(Instant::now());
         let (sgid, dgid) = (sgid.canonical(), dgid.canonical());
         match msg {
             CmMessage::Req(m) => {
@@ -159,8 +203,12 @@ impl CommTable {
                     .insert((dgid, m.remote_comm_id), m.local_comm_id);
             }
             CmMessage::Rtu(m) => self.set_state(m.local_comm_id, CommState::Established),
-            CmMessage::Dreq(m) => self.set_state(m.local_comm_id, CommState::Disconnecting),
-            CmMessage::Drep(m) => self.remove_local(m.local_comm_id),
+            CmMessage::Dreq(m) => {
+                if self.by_local.get(&m.local_comm_id).is_some_and(|e| e.state != CommState::TimeWait) {
+                    self.set_state(m.local_comm_id, CommState::Disconnecting);
+                }
+            }
+            CmMessage::Drep(m) => self.enter_timewait(m.local_comm_id),
             CmMessage::Rej(m) => {
                 self.remove_local(m.local_comm_id);
                 // A REJ answering a REQ: forget the pending (remote GID, remote ID).
@@ -193,6 +241,7 @@ impl CommTable {
 
     /// Checks and records a MAD for the VM, received from `sgid`.
     pub fn on_inbound(&mut self, sgid: Gid, msg: &CmMessage) -> Check {
+        self.expire(Instant::now());
         let sgid = sgid.canonical();
         match msg {
             CmMessage::Req(m) => {
@@ -253,8 +302,12 @@ impl CommTable {
                 };
                 match msg {
                     CmMessage::Rtu(_) => self.set_state(l, CommState::Established),
-                    CmMessage::Dreq(_) => self.set_state(l, CommState::Disconnecting),
-                    CmMessage::Drep(_) => self.remove_local(l),
+                    CmMessage::Dreq(_) => {
+                        if self.by_local.get(&l).is_some_and(|e| e.state != CommState::TimeWait) {
+                            self.set_state(l, CommState::Disconnecting);
+                        }
+                    }
+                    CmMessage::Drep(_) => self.enter_timewait(l),
                     _ => {}
                 }
                 Check::Known

@@ -13,7 +13,8 @@
 //!   has no receive buffer ([`Backpressure`]) it waits in a bounded per-VM queue
 //!   ([`MuxConfig::queue_depth`]); beyond that it is dropped and counted. The port's receive
 //!   thread is never blocked by a VM.
-//! - **Communication-ID cross-check** ([`comm::CommTable`], one per VM): a reply-type MAD
+//! - **Communication-ID cross-check** ([`comm::CommTable`], one per VM; entries live with the
+//!   connection and a time-wait after it, never expire for idleness): a reply-type MAD
 //!   (REP, RTU, REJ, MRA, DREQ, DREP, LAP, APR, SIDR_REP) whose receiver ID the owner does not
 //!   know is *still delivered to the DGID owner* — the owner's CM answers it as a real port's
 //!   would (e.g. a DREP for an unknown DREQ) — and counted as `unknown_comm_id`. What never
@@ -63,6 +64,8 @@ pub struct MuxConfig {
     pub allowed_classes: Vec<u8>,
     /// Connections (and SIDR requests) tracked per VM.
     pub max_connections_per_vm: usize,
+    /// How long a disconnected connection's IDs stay known (duplicate DREQ/DREP still match).
+    pub timewait: std::time::Duration,
 }
 
 impl Default for MuxConfig {
@@ -71,6 +74,7 @@ impl Default for MuxConfig {
             queue_depth: 64,
             allowed_classes: vec![class::CM],
             max_connections_per_vm: 4096,
+            timewait: std::time::Duration::from_secs(4),
         }
     }
 }
@@ -222,7 +226,7 @@ impl Multiplexer {
                 id: vm,
                 sink,
                 pending: Mutex::new(VecDeque::new()),
-                comm: Mutex::new(CommTable::new(self.cfg.max_connections_per_vm)),
+                comm: Mutex::new(CommTable::new(self.cfg.max_connections_per_vm, self.cfg.timewait)),
                 gids: Mutex::new(Vec::new()),
                 counters: VmCounters::default(),
             }),
@@ -315,7 +319,16 @@ impl Multiplexer {
 
     /// Whether `vm`'s table holds anything (connections, pending REQs, SIDR requests).
     pub fn has_comm_state(&self, vm: VmId) -> bool {
-        self.slot(vm).is_some_and(|s| !s.comm.lock().is_empty())
+        self.slot(vm).is_some_and(|s| {
+            let mut t = s.comm.lock();
+            t.expire(std::time::Instant::now());
+            !t.is_empty()
+        })
+    }
+
+    /// Connections of `vm` not in time-wait.
+    pub fn live_connections(&self, vm: VmId) -> usize {
+        self.slot(vm).map_or(0, |s| s.comm.lock().live())
     }
 
     /// Routes one inbound QP1 payload by its destination GID.
@@ -478,7 +491,7 @@ impl Multiplexer {
                 gids: s.gids.lock().iter().map(|g| g.to_string()).collect(),
                 counters: s.counters.snapshot(),
                 pending: s.pending.lock().len(),
-                connections: s.comm.lock().len(),
+                connections: s.comm.lock().live(),
             })
             .collect();
         v.sort_by_key(|r| r.vm);

@@ -60,7 +60,11 @@ struct Fixture {
 /// VMs 1..=n, VM i owns 10.0.0.i.
 fn fixture(n: u32) -> Fixture {
     let tx = Arc::new(RecTx::default());
-    let mux = Multiplexer::new(MuxConfig::default(), tx.clone());
+    let cfg = MuxConfig {
+        timewait: std::time::Duration::from_millis(100),
+        ..MuxConfig::default()
+    };
+    let mux = Multiplexer::new(cfg, tx.clone());
     let mut sinks = Vec::new();
     for vm in 1..=n {
         let s = RecSink::new();
@@ -254,7 +258,12 @@ fn lesson_entries_live_with_the_connection_not_with_idleness() {
         ..Drep::default()
     };
     f.mux.send_from_vm(1, vm1, REMOTE, &drep.to_mad()).unwrap();
-    assert!(f.mux.connections(1).is_empty(), "removed at the DREP");
+    assert_eq!(f.mux.connections(1)[0].state, CommState::TimeWait);
+    // A retransmitted DREQ during time-wait still matches.
+    assert_eq!(route(&f, REMOTE, vm1, &dreq.to_mad()), RouteOutcome::Delivered(1));
+    assert_eq!(f.mux.stats().unknown_comm_id, 0);
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    assert!(!f.mux.has_comm_state(1), "removed when the time-wait ends");
 }
 
 #[test]
