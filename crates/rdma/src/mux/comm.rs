@@ -167,7 +167,11 @@ impl CommTable {
         let (sgid, dgid) = (sgid.canonical(), dgid.canonical());
         match msg {
             CmMessage::Req(m) => {
-                if !self.by_local.contains_key(&m.local_comm_id) && self.full() {
+                if let Some(e) = self.by_local.get(&m.local_comm_id) {
+                    if e.remote_gid == dgid {
+                        return true; // a retransmission: the connection keeps its state
+                    }
+                } else if self.full() {
                     return false;
                 }
                 self.remove_local(m.local_comm_id);
@@ -183,6 +187,11 @@ impl CommTable {
                 );
             }
             CmMessage::Rep(m) => {
+                if self.by_local.get(&m.local_comm_id).is_some_and(|e| {
+                    e.remote_gid == dgid && e.remote_comm_id == m.remote_comm_id
+                }) {
+                    return true; // a retransmission
+                }
                 if !self.by_local.contains_key(&m.local_comm_id)
                     && !self.by_remote.contains_key(&(dgid, m.remote_comm_id))
                     && self.full()
