@@ -28,6 +28,9 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// RDMA connection-management virtualization: host daemon and bare-metal peer.
+    #[command(subcommand)]
+    Rdma(crate::commands::rdma::RdmaCommand),
 }
 
 /// Workloads of the built-in guest.
@@ -135,6 +138,8 @@ pub enum BenchCommand {
     /// Time from process start to the guest's first instruction and to its exit, and the
     /// guest's loop speed against the same loop run natively.
     Boot(BenchBootArgs),
+    /// Connection setups and routing through the RDMA CM multiplexer, UD rate vs raw UDP.
+    Rdma(crate::commands::bench_rdma::BenchRdmaArgs),
 }
 
 /// `ferry bench boot`.

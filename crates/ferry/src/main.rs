@@ -32,6 +32,8 @@ fn main() {
         cli::Command::Run(args) => commands::run::run(args, process_start),
         cli::Command::Demo(args) => commands::demo::run(args, process_start),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
+        cli::Command::Bench(cli::BenchCommand::Rdma(args)) => commands::bench_rdma::rdma(args),
+        cli::Command::Rdma(cmd) => commands::rdma::run(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

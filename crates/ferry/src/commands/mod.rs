@@ -1,6 +1,8 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod bench_rdma;
 pub mod demo;
+pub mod rdma;
 pub mod run;
 
 use std::sync::Arc;
