@@ -193,7 +193,10 @@ pub fn ipv6_header(src: Gid, dst: Gid, udp_payload_len: usize) -> [u8; 40] {
 /// the RoCEv2 packet length (BTH … ICRC).
 pub fn grh_area(sgid: Gid, dgid: Gid, udp_payload_len: usize) -> [u8; GRH_LEN] {
     let mut g = [0u8; GRH_LEN];
-    match (sgid.canonical().ipv4_mapped(), dgid.canonical().ipv4_mapped()) {
+    match (
+        sgid.canonical().ipv4_mapped(),
+        dgid.canonical().ipv4_mapped(),
+    ) {
         (Some(s), Some(d)) => g[20..].copy_from_slice(&ipv4_header(s, d, udp_payload_len)),
         _ => g.copy_from_slice(&ipv6_header(sgid, dgid, udp_payload_len)),
     }
@@ -232,14 +235,28 @@ mod tests {
         let t = NeighborTable::new()
             .with("127.0.0.0/8=127.0.0.9".parse().unwrap())
             .with("127.0.1.0/24=127.0.0.1".parse().unwrap());
-        assert_eq!(t.resolve("127.0.1.7".parse().unwrap()), Ipv4Addr::new(127, 0, 0, 1));
-        assert_eq!(t.resolve("127.5.1.7".parse().unwrap()), Ipv4Addr::new(127, 0, 0, 9));
-        assert_eq!(t.resolve("10.0.0.1".parse().unwrap()), Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(
+            t.resolve("127.0.1.7".parse().unwrap()),
+            Ipv4Addr::new(127, 0, 0, 1)
+        );
+        assert_eq!(
+            t.resolve("127.5.1.7".parse().unwrap()),
+            Ipv4Addr::new(127, 0, 0, 9)
+        );
+        assert_eq!(
+            t.resolve("10.0.0.1".parse().unwrap()),
+            Ipv4Addr::new(10, 0, 0, 1)
+        );
         // The zero-padded form resolves like the mapped one.
         let zp = Gid::from_parts(0, 0x7f00_0105);
         assert_eq!(t.resolve_gid(zp).unwrap(), Ipv4Addr::new(127, 0, 0, 1));
         assert!(t.resolve_gid(Gid::from_parts(0xfe80 << 48, 1)).is_err());
-        for bad in ["127.0.0.1", "1.2.3.4/33=1.1.1.1", "x/8=1.1.1.1", "1.2.3.4/8=y"] {
+        for bad in [
+            "127.0.0.1",
+            "1.2.3.4/33=1.1.1.1",
+            "x/8=1.1.1.1",
+            "1.2.3.4/8=y",
+        ] {
             assert!(bad.parse::<Neighbor>().is_err(), "{bad}");
         }
     }

@@ -96,7 +96,12 @@ impl Peer {
     }
 
     /// REQ/REP/RTU to `dgid`'s service port, then DREQ/DREP.
-    pub fn rc_session(&self, dgid: Gid, service_port: u16, wait: Duration) -> Result<RcReport, RdmaError> {
+    pub fn rc_session(
+        &self,
+        dgid: Gid,
+        service_port: u16,
+        wait: Duration,
+    ) -> Result<RcReport, RdmaError> {
         let t0 = Instant::now();
         let info = self.endpoint.connect(
             dgid,

@@ -45,7 +45,9 @@ fn two_hosts_vms_connect_across_hosts_same_host_and_from_peer() {
         }
     }
     for vm in &all {
-        let r = peer.rc_session(vm.gid(), DEFAULT_SERVICE_PORT, WAIT).expect("peer RC");
+        let r = peer
+            .rc_session(vm.gid(), DEFAULT_SERVICE_PORT, WAIT)
+            .expect("peer RC");
         assert!(r.remote_comm_id != 0);
         let u = peer
             .ud_session(vm.gid(), DEFAULT_SERVICE_PORT, 20, 256, WAIT)
@@ -61,10 +63,15 @@ fn two_hosts_vms_connect_across_hosts_same_host_and_from_peer() {
         let s = h.mux().stats();
         assert_eq!(s.no_owner, 0);
         assert_eq!(s.unknown_comm_id, 0, "every reply matched its VM's table");
-        assert_eq!(s.queue_full + s.truncated + s.malformed + s.refused_spoofed, 0);
+        assert_eq!(
+            s.queue_full + s.truncated + s.malformed + s.refused_spoofed,
+            0
+        );
         // The DREPs arrive asynchronously after the disconnect calls return; wait for them.
         eventually("connection tables to drain", || {
-            h.vms().iter().all(|v| h.mux().live_connections(v.id()) == 0)
+            h.vms()
+                .iter()
+                .all(|v| h.mux().live_connections(v.id()) == 0)
         });
         assert_exact_delivery(h);
         let p = h.port().stats();
@@ -72,7 +79,9 @@ fn two_hosts_vms_connect_across_hosts_same_host_and_from_peer() {
     }
     // 5 other VMs × (REQ/REP/RTU + DREQ/DREP) each way, plus the peer's traffic.
     for vm in &all {
-        eventually("all established", || vm.endpoint().stats().established == 10 + 1);
+        eventually("all established", || {
+            vm.endpoint().stats().established == 10 + 1
+        });
     }
 }
 
@@ -93,10 +102,16 @@ fn simultaneous_setups_with_colliding_comm_ids_from_different_vms_all_succeed() 
     };
     let mut actives = Vec::new();
     for i in 1..=4u8 {
-        actives.push(a.add_vm(u32::from(i), vm_gid(n, 1, i), opts.clone()).unwrap());
+        actives.push(
+            a.add_vm(u32::from(i), vm_gid(n, 1, i), opts.clone())
+                .unwrap(),
+        );
     }
     for i in 1..=2u8 {
-        actives.push(b.add_vm(u32::from(i), vm_gid(n, 2, i), opts.clone()).unwrap());
+        actives.push(
+            b.add_vm(u32::from(i), vm_gid(n, 2, i), opts.clone())
+                .unwrap(),
+        );
     }
     let target = b.add_vm(9, vm_gid(n, 2, 9), opts.clone()).unwrap();
     let results: Vec<_> = std::thread::scope(|s| {
@@ -104,7 +119,10 @@ fn simultaneous_setups_with_colliding_comm_ids_from_different_vms_all_succeed() 
             .iter()
             .map(|vm| {
                 let target = target.gid();
-                s.spawn(move || vm.endpoint().connect(target, params(vm.ud_qp().qpn_value()), WAIT))
+                s.spawn(move || {
+                    vm.endpoint()
+                        .connect(target, params(vm.ud_qp().qpn_value()), WAIT)
+                })
             })
             .collect();
         hs.into_iter().map(|h| h.join().expect("thread")).collect()
@@ -117,7 +135,11 @@ fn simultaneous_setups_with_colliding_comm_ids_from_different_vms_all_succeed() 
     }
     remote_ids.sort_unstable();
     remote_ids.dedup();
-    assert_eq!(remote_ids.len(), actives.len(), "the passive VM told them apart");
+    assert_eq!(
+        remote_ids.len(),
+        actives.len(),
+        "the passive VM told them apart"
+    );
     eventually("the passive side established all", || {
         target.endpoint().stats().established == actives.len() as u64
     });
@@ -143,11 +165,15 @@ fn unregistered_destination_is_dropped_and_counted() {
     let a = start_host(n, 1, 1, 2);
     let peer = start_peer(n, 1);
     let nobody: Gid = vm_gid(n, 1, 77);
-    let err = peer.rc_session(nobody, DEFAULT_SERVICE_PORT, WAIT).unwrap_err();
+    let err = peer
+        .rc_session(nobody, DEFAULT_SERVICE_PORT, WAIT)
+        .unwrap_err();
     assert!(err.to_string().contains("timed out"), "{err}");
     // The REQ and all its retries, and the final REJ.
     let cfg = fast_cm();
-    eventually("the REJ", || a.mux().stats().no_owner == u64::from(cfg.max_retries) + 2);
+    eventually("the REJ", || {
+        a.mux().stats().no_owner == u64::from(cfg.max_retries) + 2
+    });
     let s = a.mux().stats();
     assert_eq!(s.delivered + s.queued, 0);
     for vm in a.vms() {
@@ -156,7 +182,9 @@ fn unregistered_destination_is_dropped_and_counted() {
     // After unregistering, a VM's GID is unowned too.
     let vm1 = a.vm(1).unwrap();
     a.remove_vm(1).unwrap();
-    assert!(peer.rc_session(vm1.gid(), DEFAULT_SERVICE_PORT, WAIT).is_err());
+    assert!(peer
+        .rc_session(vm1.gid(), DEFAULT_SERVICE_PORT, WAIT)
+        .is_err());
     assert!(a.mux().stats().no_owner > s.no_owner);
     peer.rc_session(a.vm(2).unwrap().gid(), DEFAULT_SERVICE_PORT, WAIT)
         .expect("the other VM still works");
@@ -214,7 +242,9 @@ fn dreq_after_long_idle_period_still_reaches_its_vm() {
     // Idle for ~25 response timeouts of the test configuration.
     std::thread::sleep(Duration::from_millis(1700));
     assert_eq!(a.mux().connections(1).len(), 1, "entry kept while idle");
-    far.endpoint().disconnect(info.local_comm_id, WAIT).expect("DREQ answered");
+    far.endpoint()
+        .disconnect(info.local_comm_id, WAIT)
+        .expect("DREQ answered");
     assert_eq!(vm.endpoint().stats().disconnected, 1, "the VM got the DREQ");
     assert_eq!(a.mux().stats().unknown_comm_id, 0);
     assert_eq!(a.mux().live_connections(1), 0);
@@ -266,13 +296,23 @@ fn rej_with_remote_id_zero_reaches_the_right_vm() {
         }
     }
     assert!(saw_request);
-    assert_eq!(rejected, Some(reason::TIMEOUT), "REJ (timeout, remote ID 0) reached the VM");
+    assert_eq!(
+        rejected,
+        Some(reason::TIMEOUT),
+        "REJ (timeout, remote ID 0) reached the VM"
+    );
     let s = silent.endpoint().stats();
-    assert!(s.mra_sent >= 1, "slow application → MRA on the duplicate REQ: {s:?}");
+    assert!(
+        s.mra_sent >= 1,
+        "slow application → MRA on the duplicate REQ: {s:?}"
+    );
     assert!(active.endpoint().stats().mra_received >= 1);
     assert_eq!(silent.endpoint().connection_count(), 0);
     assert_eq!(b.mux().stats().unknown_comm_id, 0);
-    assert!(!b.mux().has_comm_state(2), "the passive VM's entry ended with the REJ");
+    assert!(
+        !b.mux().has_comm_state(2),
+        "the passive VM's entry ended with the REJ"
+    );
     assert_eq!(other.endpoint().stats().rej_received, 0, "not the other VM");
     assert_eq!(
         other.endpoint().connection_state(0x5000),
@@ -335,7 +375,10 @@ fn registering_a_gid_of_another_vm_is_refused_on_a_live_host() {
     };
     let taken = a.vm(1).unwrap().gid();
     let err = a.add_vm(3, taken, opts).err().expect("refused");
-    assert!(err.to_string().contains("already registered to VM 1"), "{err}");
+    assert!(
+        err.to_string().contains("already registered to VM 1"),
+        "{err}"
+    );
     a.mux().register_gid(2, vm_gid(n, 1, 50)).unwrap();
     assert_eq!(a.mux().gid_count(), 3);
     assert_eq!(a.remove_vm(2).unwrap(), 2);

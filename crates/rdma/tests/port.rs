@@ -71,9 +71,13 @@ fn bad_icrc_truncated_and_malformed_packets_are_dropped_and_counted() {
     // 6. A malformed CM MAD (unknown attribute) with a valid ICRC.
     let mut bad_attr = good_mad;
     bad_attr[16..18].copy_from_slice(&0x0099u16.to_be_bytes());
-    attacker.send_raw(to, &enc(&RocePacket::ud_mad(&bad_attr, 0xffff, 0))).unwrap();
+    attacker
+        .send_raw(to, &enc(&RocePacket::ud_mad(&bad_attr, 0xffff, 0)))
+        .unwrap();
     // 7. Wrong P_Key.
-    attacker.send_raw(to, &enc(&RocePacket::ud_mad(&good_mad, 0x8123, 0))).unwrap();
+    attacker
+        .send_raw(to, &enc(&RocePacket::ud_mad(&good_mad, 0x8123, 0)))
+        .unwrap();
     // 8. QP1 with a wrong Q_Key.
     let mut p = RocePacket::ud_mad(&good_mad, 0xffff, 0);
     p.deth = Some(rdma_wire::Deth {
@@ -86,7 +90,9 @@ fn bad_icrc_truncated_and_malformed_packets_are_dropped_and_counted() {
     p.bth.dest_qp = 0x00ab_cdef;
     attacker.send_raw(to, &enc(&p)).unwrap();
 
-    eventually("all hostile datagrams seen", || a.port().stats().rx_datagrams >= 11);
+    eventually("all hostile datagrams seen", || {
+        a.port().stats().rx_datagrams >= 11
+    });
     let ps = a.port().stats();
     assert_eq!(ps.rx_bad_icrc, 3, "{ps:?}"); // bad ICRC, corrupted payload, cut in the MAD
     assert_eq!(ps.rx_bad_encap, 2, "{ps:?}");
@@ -118,7 +124,12 @@ fn ud_qps_check_q_key_and_destination_and_echo() {
     let vm = a.vm(1).unwrap();
     let info = peer
         .endpoint()
-        .sidr_resolve(vm.gid(), rdma::host::ud_service(DEFAULT_SERVICE_PORT), &[], WAIT)
+        .sidr_resolve(
+            vm.gid(),
+            rdma::host::ud_service(DEFAULT_SERVICE_PORT),
+            &[],
+            WAIT,
+        )
         .expect("SIDR");
     assert_eq!(info.qpn, vm.ud_qp().qpn_value());
     assert_eq!(info.qkey, rdma_wire::rdma_cm::RDMA_CM_UD_QKEY);
@@ -129,15 +140,21 @@ fn ud_qps_check_q_key_and_destination_and_echo() {
         dqpn: info.qpn,
         qkey: GSI_QKEY,
     };
-    peer.port().post_send_ud(qp, bad, None, b"bad qkey").unwrap();
-    eventually("Q_Key drop", || vm.ud_qp().counters.snapshot().rx_bad_qkey == 1);
+    peer.port()
+        .post_send_ud(qp, bad, None, b"bad qkey")
+        .unwrap();
+    eventually("Q_Key drop", || {
+        vm.ud_qp().counters.snapshot().rx_bad_qkey == 1
+    });
     // Right QPN but the DGID of nobody behind that QP: counted drop.
     let other = UdDest {
         dgid: vm_gid(n, 1, 9),
         dqpn: info.qpn,
         qkey: info.qkey,
     };
-    peer.port().post_send_ud(qp, other, None, b"wrong dgid").unwrap();
+    peer.port()
+        .post_send_ud(qp, other, None, b"wrong dgid")
+        .unwrap();
     eventually("DGID drop", || a.port().stats().rx_wrong_dgid == 1);
     // Good message with immediate data: echoed back with it.
     let good = UdDest {
@@ -145,15 +162,22 @@ fn ud_qps_check_q_key_and_destination_and_echo() {
         dqpn: info.qpn,
         qkey: info.qkey,
     };
-    peer.port().post_send_ud(qp, good, Some(0xfeed), b"hello, vm").unwrap();
+    peer.port()
+        .post_send_ud(qp, good, Some(0xfeed), b"hello, vm")
+        .unwrap();
     let echo = qp.recv_timeout(WAIT).expect("echo");
     assert_eq!(echo.data, b"hello, vm");
     assert_eq!(echo.imm, Some(0xfeed));
     assert_eq!(echo.sgid, vm.gid());
     assert_eq!(echo.src_qpn, info.qpn);
-    assert_eq!(rdma::addr::parse_grh(&echo.grh), Some((vm.gid(), peer.gid())));
+    assert_eq!(
+        rdma::addr::parse_grh(&echo.grh),
+        Some((vm.gid(), peer.gid()))
+    );
     // Odd sizes are padded and unpadded.
-    let r = peer.ud_session(vm.gid(), DEFAULT_SERVICE_PORT, 10, 1021, WAIT).unwrap();
+    let r = peer
+        .ud_session(vm.gid(), DEFAULT_SERVICE_PORT, 10, 1021, WAIT)
+        .unwrap();
     assert_eq!(r.verified, 10);
 }
 
@@ -172,8 +196,10 @@ fn pcap_capture_is_dissected_as_infiniband_cm() {
     let a = rdma::host::Host::start(cfg).unwrap();
     let peer = start_peer(n, 1);
     let vm = a.vm(1).unwrap();
-    peer.rc_session(vm.gid(), DEFAULT_SERVICE_PORT, WAIT).unwrap();
-    peer.ud_session(vm.gid(), DEFAULT_SERVICE_PORT, 2, 64, WAIT).unwrap();
+    peer.rc_session(vm.gid(), DEFAULT_SERVICE_PORT, WAIT)
+        .unwrap();
+    peer.ud_session(vm.gid(), DEFAULT_SERVICE_PORT, 2, 64, WAIT)
+        .unwrap();
     a.shutdown();
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_le_bytes());
@@ -190,7 +216,10 @@ fn pcap_capture_is_dissected_as_infiniband_cm() {
         at += 16 + len;
         frames += 1;
     }
-    assert!(frames >= 9, "REQ REP RTU DREQ DREP SIDR_REQ SIDR_REP and UD: {frames}");
+    assert!(
+        frames >= 9,
+        "REQ REP RTU DREQ DREP SIDR_REQ SIDR_REP and UD: {frames}"
+    );
     let tshark = std::process::Command::new("tshark")
         .args(["-r"])
         .arg(&path)
@@ -199,7 +228,12 @@ fn pcap_capture_is_dissected_as_infiniband_cm() {
     if let Ok(out) = tshark {
         if out.status.success() {
             let text = String::from_utf8_lossy(&out.stdout);
-            for want in ["ConnectRequest", "ConnectReply", "ReadyToUse", "DisconnectRequest"] {
+            for want in [
+                "ConnectRequest",
+                "ConnectReply",
+                "ReadyToUse",
+                "DisconnectRequest",
+            ] {
                 assert!(text.contains(want), "tshark output lacks {want}");
             }
         }

@@ -160,7 +160,11 @@ fn setup_mux(a: &BenchRdmaArgs) -> anyhow::Result<Setup> {
             host: Ipv4Addr::new(127, b, 0, 12),
         });
     let mk = |h: u8| -> anyhow::Result<Host> {
-        let mut c = HostConfig::new(Ipv4Addr::new(127, b, 0, 10 + h), 1, Ipv4Addr::new(127, b, h, 1));
+        let mut c = HostConfig::new(
+            Ipv4Addr::new(127, b, 0, 10 + h),
+            1,
+            Ipv4Addr::new(127, b, h, 1),
+        );
         c.port.neighbors = neighbors.clone();
         c.cm = cm();
         c.service_port = 1;
@@ -214,7 +218,9 @@ impl Qp1Sink for CountSink {
 fn routing(gids: usize, mads: usize) -> anyhow::Result<Routing> {
     let mux = Multiplexer::new(MuxConfig::default(), Arc::new(NullTx));
     let vms = gids.div_ceil(10);
-    let sinks: Vec<Arc<CountSink>> = (0..vms).map(|_| Arc::new(CountSink(AtomicU64::new(0)))).collect();
+    let sinks: Vec<Arc<CountSink>> = (0..vms)
+        .map(|_| Arc::new(CountSink(AtomicU64::new(0))))
+        .collect();
     for (vm, s) in sinks.iter().enumerate() {
         mux.attach_vm(vm as u32, s.clone())?;
     }
@@ -246,7 +252,10 @@ fn routing(gids: usize, mads: usize) -> anyhow::Result<Routing> {
     }
     let el = t.elapsed();
     let delivered: u64 = sinks.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
-    anyhow::ensure!(delivered == mads as u64, "routed {delivered} of {mads} MADs");
+    anyhow::ensure!(
+        delivered == mads as u64,
+        "routed {delivered} of {mads} MADs"
+    );
     Ok(Routing {
         gids,
         vms,

@@ -84,6 +84,18 @@ pub struct HostArgs {
     /// Stop after this long (default: until SIGINT/SIGTERM).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Once up, every VM connects to this GID (RC handshake, then disconnect); repeatable.
+    /// A VM skips its own GID.
+    #[arg(long = "connect", value_name = "GID")]
+    pub connect: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct HostOutput {
+    #[serde(flatten)]
+    report: rdma::host::HostReport,
+    connects_ok: usize,
+    connects_failed: Vec<String>,
 }
 
 /// Peer mode.
@@ -144,8 +156,13 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
     cfg.service_port = a.common.listen_service;
     cfg.cm = a.common.cm();
     let signals = SignalState::install()?;
-    let host = Host::start(cfg).with_context(|| format!("starting the host at {}", a.common.addr))?;
-    let gids: Vec<String> = host.vms().iter().map(|v| format!("vm{}={}", v.id(), v.gid())).collect();
+    let host =
+        Host::start(cfg).with_context(|| format!("starting the host at {}", a.common.addr))?;
+    let gids: Vec<String> = host
+        .vms()
+        .iter()
+        .map(|v| format!("vm{}={}", v.id(), v.gid()))
+        .collect();
     println!(
         "ferry rdma host: ready on {}:{} with {} VMs: {}",
         host.port().addr(),
@@ -153,6 +170,42 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
         gids.len(),
         gids.join(" ")
     );
+    let targets = a
+        .connect
+        .iter()
+        .map(|g| parse_gid(g))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut connects_ok, mut connects_failed) = (0, Vec::new());
+    let wait = Duration::from_secs(20);
+    for vm in host.vms() {
+        for &t in targets.iter().filter(|t| t.canonical() != vm.gid()) {
+            let p = rdma::cm::ConnectParams {
+                service_id: rdma::host::rc_service(a.common.listen_service),
+                qpn: vm.ud_qp().qpn_value(),
+                private_data: Vec::new(),
+            };
+            let r = vm
+                .endpoint()
+                .connect(t, p, wait)
+                .and_then(|info| vm.endpoint().disconnect(info.local_comm_id, wait));
+            match r {
+                Ok(()) => {
+                    connects_ok += 1;
+                    println!("connect vm{} {} -> {t}: ok", vm.id(), vm.gid());
+                }
+                Err(e) => {
+                    println!("connect vm{} {} -> {t}: {e}", vm.id(), vm.gid());
+                    connects_failed.push(format!("{} -> {t}: {e}", vm.gid()));
+                }
+            }
+        }
+    }
+    if !targets.is_empty() {
+        println!(
+            "ferry rdma host: connects done: {connects_ok} ok, {} failed",
+            connects_failed.len()
+        );
+    }
     let start = Instant::now();
     loop {
         if signals.stop_signal().is_some() || a.duration.is_some_and(|d| start.elapsed() >= d) {
@@ -163,7 +216,12 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
     let report = host.report();
     host.shutdown();
     if a.common.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let out = HostOutput {
+            report,
+            connects_ok,
+            connects_failed,
+        };
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         let p = &report.port;
         let m = &report.mux;

@@ -27,7 +27,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
-use rdma_wire::cm::{msg, reason, sidr_status, Drep, Dreq, Mra, Rej, Rep, Req, Rtu, SidrRep, SidrReq};
+use rdma_wire::cm::{
+    msg, reason, sidr_status, Drep, Dreq, Mra, Rej, Rep, Req, Rtu, SidrRep, SidrReq,
+};
 use rdma_wire::mad::{attr, MadHeader};
 use rdma_wire::{CmMessage, Gid, Mad, DEFAULT_P_KEY};
 use serde::{Deserialize, Serialize};
@@ -232,7 +234,9 @@ pub struct CmEndpoint {
 
 impl std::fmt::Debug for CmEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CmEndpoint").field("gid", &self.inner.gid).finish()
+        f.debug_struct("CmEndpoint")
+            .field("gid", &self.inner.gid)
+            .finish()
     }
 }
 
@@ -399,7 +403,12 @@ impl CmEndpoint {
     }
 
     /// Connects and waits (at most `wait`) for the outcome.
-    pub fn connect(&self, dgid: Gid, p: ConnectParams, wait: Duration) -> Result<ConnInfo, RdmaError> {
+    pub fn connect(
+        &self,
+        dgid: Gid,
+        p: ConnectParams,
+        wait: Duration,
+    ) -> Result<ConnInfo, RdmaError> {
         let (_, rx) = self.connect_async(dgid, p);
         rx.recv_timeout(wait).unwrap_or(Err(RdmaError::Timeout {
             what: "connect",
@@ -451,10 +460,9 @@ impl CmEndpoint {
         let (wtx, wrx) = crossbeam_channel::bounded(1);
         let mut st = inner.state.lock();
         let tid = inner.tid(&mut st);
-        let conn = st
-            .conns
-            .get_mut(&local_comm_id)
-            .ok_or_else(|| RdmaError::Cm(format!("disconnect: no connection {local_comm_id:#x}")))?;
+        let conn = st.conns.get_mut(&local_comm_id).ok_or_else(|| {
+            RdmaError::Cm(format!("disconnect: no connection {local_comm_id:#x}"))
+        })?;
         if conn.state != ConnState::Established {
             return Err(RdmaError::Cm(format!(
                 "disconnect: connection {local_comm_id:#x} is {:?}",
@@ -741,7 +749,10 @@ impl Inner {
                     return;
                 };
                 let pre = st.conns.get(&id).is_some_and(|c| {
-                    !matches!(c.state, ConnState::Established | ConnState::DreqSent | ConnState::TimeWait)
+                    !matches!(
+                        c.state,
+                        ConnState::Established | ConnState::DreqSent | ConnState::TimeWait
+                    )
                 });
                 if pre {
                     if let Some(mut c) = st.conns.remove(&id) {
@@ -897,7 +908,8 @@ impl Inner {
         let listener = st.listeners.get(&r.service_id).copied();
         let id = alloc_id(st);
         let opts = match listener {
-            None | Some(ListenOptions {
+            None
+            | Some(ListenOptions {
                 accept: AcceptMode::Reject(_),
                 ..
             }) => {
@@ -954,7 +966,10 @@ impl Inner {
                 continue;
             };
             match c.state {
-                ConnState::ReqSent | ConnState::MraReqRcvd | ConnState::RepSent | ConnState::DreqSent
+                ConnState::ReqSent
+                | ConnState::MraReqRcvd
+                | ConnState::RepSent
+                | ConnState::DreqSent
                     if c.retries_left > 0 =>
                 {
                     c.retries_left -= 1;
@@ -974,7 +989,10 @@ impl Inner {
                     } else {
                         (c.remote_id, msg::REP)
                     };
-                    out.push((c.remote_gid, self.rej(c.tid, c.local_id, remote, which, reason::TIMEOUT)));
+                    out.push((
+                        c.remote_gid,
+                        self.rej(c.tid, c.local_id, remote, which, reason::TIMEOUT),
+                    ));
                     bump(&self.stats.timeouts);
                     c.finish(Err(RdmaError::Timeout {
                         what: if c.active { "REQ" } else { "REP" },

@@ -27,7 +27,10 @@ mod tests {
     #[test]
     fn linux_default_is_about_four_seconds() {
         let t = cm_timeout(LINUX_RESPONSE_TIMEOUT);
-        assert!(t > Duration::from_millis(4290) && t < Duration::from_millis(4300), "{t:?}");
+        assert!(
+            t > Duration::from_millis(4290) && t < Duration::from_millis(4300),
+            "{t:?}"
+        );
         assert_eq!(cm_timeout(0), Duration::from_nanos(4096));
         assert_eq!(cm_timeout(40), cm_timeout(31));
     }

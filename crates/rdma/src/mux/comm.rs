@@ -93,7 +93,11 @@ impl CommTable {
             .collect();
         for id in done {
             self.timewait.remove(&id);
-            if self.by_local.get(&id).is_some_and(|e| e.state == CommState::TimeWait) {
+            if self
+                .by_local
+                .get(&id)
+                .is_some_and(|e| e.state == CommState::TimeWait)
+            {
                 self.remove_local(id);
             }
         }
@@ -110,7 +114,8 @@ impl CommTable {
     fn enter_timewait(&mut self, local: u32) {
         if let Some(e) = self.by_local.get_mut(&local) {
             e.state = CommState::TimeWait;
-            self.timewait.insert(local, Instant::now() + self.timewait_len);
+            self.timewait
+                .insert(local, Instant::now() + self.timewait_len);
         }
     }
 
@@ -187,9 +192,11 @@ impl CommTable {
                 );
             }
             CmMessage::Rep(m) => {
-                if self.by_local.get(&m.local_comm_id).is_some_and(|e| {
-                    e.remote_gid == dgid && e.remote_comm_id == m.remote_comm_id
-                }) {
+                if self
+                    .by_local
+                    .get(&m.local_comm_id)
+                    .is_some_and(|e| e.remote_gid == dgid && e.remote_comm_id == m.remote_comm_id)
+                {
                     return true; // a retransmission
                 }
                 if !self.by_local.contains_key(&m.local_comm_id)
@@ -213,7 +220,11 @@ impl CommTable {
             }
             CmMessage::Rtu(m) => self.set_state(m.local_comm_id, CommState::Established),
             CmMessage::Dreq(m) => {
-                if self.by_local.get(&m.local_comm_id).is_some_and(|e| e.state != CommState::TimeWait) {
+                if self
+                    .by_local
+                    .get(&m.local_comm_id)
+                    .is_some_and(|e| e.state != CommState::TimeWait)
+                {
                     self.set_state(m.local_comm_id, CommState::Disconnecting);
                 }
             }
@@ -312,7 +323,11 @@ impl CommTable {
                 match msg {
                     CmMessage::Rtu(_) => self.set_state(l, CommState::Established),
                     CmMessage::Dreq(_) => {
-                        if self.by_local.get(&l).is_some_and(|e| e.state != CommState::TimeWait) {
+                        if self
+                            .by_local
+                            .get(&l)
+                            .is_some_and(|e| e.state != CommState::TimeWait)
+                        {
                             self.set_state(l, CommState::Disconnecting);
                         }
                     }

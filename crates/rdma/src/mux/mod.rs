@@ -226,7 +226,10 @@ impl Multiplexer {
                 id: vm,
                 sink,
                 pending: Mutex::new(VecDeque::new()),
-                comm: Mutex::new(CommTable::new(self.cfg.max_connections_per_vm, self.cfg.timewait)),
+                comm: Mutex::new(CommTable::new(
+                    self.cfg.max_connections_per_vm,
+                    self.cfg.timewait,
+                )),
                 gids: Mutex::new(Vec::new()),
                 counters: VmCounters::default(),
             }),
@@ -288,7 +291,11 @@ impl Multiplexer {
     /// Detaches a VM: unregisters all its GIDs, forgets its connections and queue (VM
     /// shutdown or migration away). Returns how many GIDs were unregistered.
     pub fn detach_vm(&self, vm: VmId) -> Result<usize, RdmaError> {
-        let slot = self.vms.lock().remove(&vm).ok_or(RdmaError::UnknownVm(vm))?;
+        let slot = self
+            .vms
+            .lock()
+            .remove(&vm)
+            .ok_or(RdmaError::UnknownVm(vm))?;
         let gids = std::mem::take(&mut *slot.gids.lock());
         let mut owners = self.owners.write();
         for g in &gids {
@@ -314,7 +321,8 @@ impl Multiplexer {
 
     /// The connections the multiplexer tracks for `vm`.
     pub fn connections(&self, vm: VmId) -> Vec<CommEntry> {
-        self.slot(vm).map_or_else(Vec::new, |s| s.comm.lock().entries())
+        self.slot(vm)
+            .map_or_else(Vec::new, |s| s.comm.lock().entries())
     }
 
     /// Whether `vm`'s table holds anything (connections, pending REQs, SIDR requests).
@@ -413,7 +421,13 @@ impl Multiplexer {
     }
 
     /// A VM's QP1 send: checked, recorded, and sent from the physical QP1.
-    pub fn send_from_vm(&self, vm: VmId, sgid: Gid, dgid: Gid, mad: &[u8]) -> Result<(), RdmaError> {
+    pub fn send_from_vm(
+        &self,
+        vm: VmId,
+        sgid: Gid,
+        dgid: Gid,
+        mad: &[u8],
+    ) -> Result<(), RdmaError> {
         let c = &self.counters;
         let slot = self.slot(vm).ok_or(RdmaError::UnknownVm(vm))?;
         let refuse = |counter: &std::sync::atomic::AtomicU64, reason: String| {
@@ -444,7 +458,10 @@ impl Multiplexer {
             );
         }
         if dgid.is_zero() || hdr.base_version != BASE_VERSION {
-            return refuse(&c.refused_malformed, format!("bad destination {dgid} or base version"));
+            return refuse(
+                &c.refused_malformed,
+                format!("bad destination {dgid} or base version"),
+            );
         }
         if hdr.mgmt_class == class::CM {
             let msg = match CmMessage::parse_mad(mad) {

@@ -140,9 +140,18 @@ fn registration_refuses_gid_of_another_vm_and_detach_removes_all() {
 #[test]
 fn lesson_registration_errors_are_reported_not_ignored() {
     let f = fixture(1);
-    assert!(matches!(f.mux.register_gid(9, g(10, 0, 0, 9)), Err(RdmaError::UnknownVm(9))));
-    assert!(matches!(f.mux.register_gid(1, Gid::ZERO), Err(RdmaError::InvalidGid(_))));
-    assert!(matches!(f.mux.attach_vm(1, RecSink::new()), Err(RdmaError::VmExists(1))));
+    assert!(matches!(
+        f.mux.register_gid(9, g(10, 0, 0, 9)),
+        Err(RdmaError::UnknownVm(9))
+    ));
+    assert!(matches!(
+        f.mux.register_gid(1, Gid::ZERO),
+        Err(RdmaError::InvalidGid(_))
+    ));
+    assert!(matches!(
+        f.mux.attach_vm(1, RecSink::new()),
+        Err(RdmaError::VmExists(1))
+    ));
     assert!(matches!(f.mux.detach_vm(9), Err(RdmaError::UnknownVm(9))));
     assert_eq!(f.mux.stats().registrations_refused, 2);
 }
@@ -160,7 +169,10 @@ fn lesson_full_128_bit_gids_no_interface_id_collision() {
     mux.register_gid(1, a).unwrap();
     mux.register_gid(2, b).unwrap();
     let m = req(5, REMOTE, b);
-    assert_eq!(mux.route(REMOTE, b, &mad_grh(REMOTE, b), &m), RouteOutcome::Delivered(2));
+    assert_eq!(
+        mux.route(REMOTE, b, &mad_grh(REMOTE, b), &m),
+        RouteOutcome::Delivered(2)
+    );
     assert_eq!((s1.count(), s2.count()), (0, 1));
     // A third GID sharing only the interface ID has no owner.
     let c = Gid::from_parts(0x2001_0db8_0000_0001, 0x0202_c9ff_fe00_0001);
@@ -180,7 +192,10 @@ fn lesson_ipv4_mapped_and_zero_padded_forms_are_one_gid() {
     ));
     assert_eq!(f.mux.owner_of(zero_padded), Some(1));
     let m = req(5, REMOTE, zero_padded);
-    assert_eq!(route(&f, REMOTE, zero_padded, &m), RouteOutcome::Delivered(1));
+    assert_eq!(
+        route(&f, REMOTE, zero_padded, &m),
+        RouteOutcome::Delivered(1)
+    );
 }
 
 #[test]
@@ -203,12 +218,20 @@ fn lesson_zero_comm_id_never_reuses_the_previous_destination() {
     let vm1 = g(10, 0, 0, 1);
     // VM 1 has a connection with REMOTE; then a REJ with remote ID 0 arrives for an unowned GID
     // and for VM 2: neither goes to VM 1.
-    f.mux.send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE)).unwrap();
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE))
+        .unwrap();
     route(&f, REMOTE, vm1, &rep(0x99, 0x11));
     let before = f.sinks[0].count();
     let nobody = g(10, 0, 0, 50);
-    assert_eq!(route(&f, REMOTE, nobody, &rej(0x99, 0)), RouteOutcome::Dropped(DropReason::NoOwner));
-    assert_eq!(route(&f, REMOTE, g(10, 0, 0, 2), &rej(0x99, 0)), RouteOutcome::Delivered(2));
+    assert_eq!(
+        route(&f, REMOTE, nobody, &rej(0x99, 0)),
+        RouteOutcome::Dropped(DropReason::NoOwner)
+    );
+    assert_eq!(
+        route(&f, REMOTE, g(10, 0, 0, 2), &rej(0x99, 0)),
+        RouteOutcome::Delivered(2)
+    );
     assert_eq!(f.sinks[0].count(), before);
 }
 
@@ -219,8 +242,15 @@ fn lesson_rej_with_remote_id_zero_reaches_the_passive_vm_and_clears_its_entry() 
     // REMOTE sent a REQ (its ID 0x42) to VM 2 and later gives up: REJ(timeout, remote 0).
     route(&f, REMOTE, vm2, &req(0x42, REMOTE, vm2));
     assert!(f.mux.has_comm_state(2));
-    assert_eq!(route(&f, REMOTE, vm2, &rej(0x42, 0)), RouteOutcome::Delivered(2));
-    assert_eq!(f.mux.stats().unknown_comm_id, 0, "the REJ names a REQ VM 2 received");
+    assert_eq!(
+        route(&f, REMOTE, vm2, &rej(0x42, 0)),
+        RouteOutcome::Delivered(2)
+    );
+    assert_eq!(
+        f.mux.stats().unknown_comm_id,
+        0,
+        "the REJ names a REQ VM 2 received"
+    );
     assert!(!f.mux.has_comm_state(2));
     assert_eq!(f.sinks[1].count(), 2);
     assert_eq!(f.sinks[0].count(), 0);
@@ -230,7 +260,9 @@ fn lesson_rej_with_remote_id_zero_reaches_the_passive_vm_and_clears_its_entry() 
 fn lesson_entries_live_with_the_connection_not_with_idleness() {
     let f = fixture(1);
     let vm1 = g(10, 0, 0, 1);
-    f.mux.send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE)).unwrap();
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE))
+        .unwrap();
     route(&f, REMOTE, vm1, &rep(0x99, 0x11));
     let rtu = Rtu {
         hdr: MadHeader::cm(attr::RTU, 7),
@@ -248,7 +280,10 @@ fn lesson_entries_live_with_the_connection_not_with_idleness() {
         remote_comm_id: 0x11,
         ..Dreq::default()
     };
-    assert_eq!(route(&f, REMOTE, vm1, &dreq.to_mad()), RouteOutcome::Delivered(1));
+    assert_eq!(
+        route(&f, REMOTE, vm1, &dreq.to_mad()),
+        RouteOutcome::Delivered(1)
+    );
     assert_eq!(f.mux.stats().unknown_comm_id, 0);
     assert_eq!(f.mux.connections(1)[0].state, CommState::Disconnecting);
     let drep = Drep {
@@ -260,7 +295,10 @@ fn lesson_entries_live_with_the_connection_not_with_idleness() {
     f.mux.send_from_vm(1, vm1, REMOTE, &drep.to_mad()).unwrap();
     assert_eq!(f.mux.connections(1)[0].state, CommState::TimeWait);
     // A retransmitted DREQ during time-wait still matches.
-    assert_eq!(route(&f, REMOTE, vm1, &dreq.to_mad()), RouteOutcome::Delivered(1));
+    assert_eq!(
+        route(&f, REMOTE, vm1, &dreq.to_mad()),
+        RouteOutcome::Delivered(1)
+    );
     assert_eq!(f.mux.stats().unknown_comm_id, 0);
     std::thread::sleep(std::time::Duration::from_millis(120));
     assert!(!f.mux.has_comm_state(1), "removed when the time-wait ends");
@@ -270,7 +308,9 @@ fn lesson_entries_live_with_the_connection_not_with_idleness() {
 fn lesson_mra_lap_apr_are_routed_like_every_cm_message() {
     let f = fixture(1);
     let vm1 = g(10, 0, 0, 1);
-    f.mux.send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE)).unwrap();
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE))
+        .unwrap();
     let mra = Mra {
         hdr: MadHeader::cm(attr::MRA, 7),
         local_comm_id: 0x99,
@@ -301,10 +341,16 @@ fn lesson_mra_lap_apr_are_routed_like_every_cm_message() {
 fn lesson_source_and_destination_gids_are_not_swapped_on_transmit() {
     let f = fixture(1);
     let vm1 = g(10, 0, 0, 1);
-    f.mux.send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE)).unwrap();
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &req(0x11, vm1, REMOTE))
+        .unwrap();
     let sent = f.tx.sent.lock();
     assert_eq!(sent.len(), 1);
-    assert_eq!((sent[0].0, sent[0].1), (vm1, REMOTE), "(source, destination)");
+    assert_eq!(
+        (sent[0].0, sent[0].1),
+        (vm1, REMOTE),
+        "(source, destination)"
+    );
     // And on the wire: the preamble and ICRC addresses (see port tests) keep the order.
     let grh = mad_grh(vm1, REMOTE);
     assert_eq!(crate::addr::parse_grh(&grh), Some((vm1, REMOTE)));
@@ -315,12 +361,19 @@ fn spoofed_sources_wrong_class_and_malformed_sends_are_refused_and_counted() {
     let f = fixture(2);
     let (vm1, vm2) = (g(10, 0, 0, 1), g(10, 0, 0, 2));
     // Source GID of another VM.
-    let e = f.mux.send_from_vm(1, vm2, REMOTE, &req(1, vm2, REMOTE)).unwrap_err();
+    let e = f
+        .mux
+        .send_from_vm(1, vm2, REMOTE, &req(1, vm2, REMOTE))
+        .unwrap_err();
     assert!(e.to_string().contains("not registered to VM 1"), "{e}");
     // Own source GID but another VM's GID as REQ primary local GID.
-    f.mux.send_from_vm(1, vm1, REMOTE, &req(1, vm2, REMOTE)).unwrap_err();
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &req(1, vm2, REMOTE))
+        .unwrap_err();
     // Unregistered source.
-    f.mux.send_from_vm(1, g(10, 0, 0, 99), REMOTE, &req(1, vm1, REMOTE)).unwrap_err();
+    f.mux
+        .send_from_vm(1, g(10, 0, 0, 99), REMOTE, &req(1, vm1, REMOTE))
+        .unwrap_err();
     // Management class not allowed (subnet administration).
     let mut sa = req(1, vm1, REMOTE);
     sa[1] = class::SUBN_ADM;
@@ -331,8 +384,14 @@ fn spoofed_sources_wrong_class_and_malformed_sends_are_refused_and_counted() {
     bad[16..18].copy_from_slice(&0x0099u16.to_be_bytes());
     f.mux.send_from_vm(1, vm1, REMOTE, &bad).unwrap_err();
     let s = f.mux.stats();
-    assert_eq!((s.refused_spoofed, s.refused_class, s.refused_malformed), (3, 1, 2));
-    assert!(f.tx.sent.lock().is_empty(), "nothing refused reaches the wire");
+    assert_eq!(
+        (s.refused_spoofed, s.refused_class, s.refused_malformed),
+        (3, 1, 2)
+    );
+    assert!(
+        f.tx.sent.lock().is_empty(),
+        "nothing refused reaches the wire"
+    );
     assert_eq!(f.mux.vm_report(1).unwrap().counters.refused, 6);
 }
 
@@ -342,10 +401,16 @@ fn inbound_truncated_malformed_and_foreign_class_mads_are_counted_drops() {
     let vm1 = g(10, 0, 0, 1);
     let grh = mad_grh(REMOTE, vm1);
     let m = req(1, REMOTE, vm1);
-    assert_eq!(f.mux.route(REMOTE, vm1, &grh, &m[..200]), RouteOutcome::Dropped(DropReason::Truncated));
+    assert_eq!(
+        f.mux.route(REMOTE, vm1, &grh, &m[..200]),
+        RouteOutcome::Dropped(DropReason::Truncated)
+    );
     let mut bad = m;
     bad[16..18].copy_from_slice(&0x0077u16.to_be_bytes());
-    assert_eq!(f.mux.route(REMOTE, vm1, &grh, &bad), RouteOutcome::Dropped(DropReason::Malformed));
+    assert_eq!(
+        f.mux.route(REMOTE, vm1, &grh, &bad),
+        RouteOutcome::Dropped(DropReason::Malformed)
+    );
     let mut perf = m;
     perf[1] = class::PERF_MGMT;
     assert_eq!(
@@ -372,7 +437,10 @@ fn lesson_no_receive_buffer_means_bounded_queue_then_counted_drop_never_blocking
         };
         assert_eq!(out, want, "MAD {i}");
         // VM 2 is not affected.
-        assert_eq!(route(&f, REMOTE, vm2, &req(i + 1, REMOTE, vm2)), RouteOutcome::Delivered(2));
+        assert_eq!(
+            route(&f, REMOTE, vm2, &req(i + 1, REMOTE, vm2)),
+            RouteOutcome::Delivered(2)
+        );
     }
     assert_eq!(f.mux.stats().queue_full, 10);
     assert_eq!(f.mux.vm_report(1).unwrap().pending, depth);
@@ -392,15 +460,28 @@ fn outstanding_ids_of_different_vms_are_kept_apart() {
     let f = fixture(2);
     let (vm1, vm2) = (g(10, 0, 0, 1), g(10, 0, 0, 2));
     // Both VMs pick local ID 7 towards the same remote.
-    f.mux.send_from_vm(1, vm1, REMOTE, &req(7, vm1, REMOTE)).unwrap();
-    f.mux.send_from_vm(2, vm2, REMOTE, &req(7, vm2, REMOTE)).unwrap();
-    assert_eq!(route(&f, REMOTE, vm2, &rep(0x200, 7)), RouteOutcome::Delivered(2));
-    assert_eq!(route(&f, REMOTE, vm1, &rep(0x100, 7)), RouteOutcome::Delivered(1));
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &req(7, vm1, REMOTE))
+        .unwrap();
+    f.mux
+        .send_from_vm(2, vm2, REMOTE, &req(7, vm2, REMOTE))
+        .unwrap();
+    assert_eq!(
+        route(&f, REMOTE, vm2, &rep(0x200, 7)),
+        RouteOutcome::Delivered(2)
+    );
+    assert_eq!(
+        route(&f, REMOTE, vm1, &rep(0x100, 7)),
+        RouteOutcome::Delivered(1)
+    );
     assert_eq!(f.mux.connections(1)[0].remote_comm_id, 0x100);
     assert_eq!(f.mux.connections(2)[0].remote_comm_id, 0x200);
     assert_eq!(f.mux.stats().unknown_comm_id, 0);
     // A reply naming an ID a VM does not have: delivered to the DGID owner, counted.
-    assert_eq!(route(&f, REMOTE, vm1, &rep(0x300, 8)), RouteOutcome::Delivered(1));
+    assert_eq!(
+        route(&f, REMOTE, vm1, &rep(0x300, 8)),
+        RouteOutcome::Delivered(1)
+    );
     assert_eq!(f.mux.stats().unknown_comm_id, 1);
 }
 
@@ -419,8 +500,14 @@ fn sidr_request_ids_are_tracked_per_vm() {
         request_id: 0x55,
         ..SidrRep::default()
     };
-    assert_eq!(route(&f, REMOTE, vm1, &srep.to_mad()), RouteOutcome::Delivered(1));
+    assert_eq!(
+        route(&f, REMOTE, vm1, &srep.to_mad()),
+        RouteOutcome::Delivered(1)
+    );
     assert_eq!(f.mux.stats().unknown_comm_id, 0);
-    assert_eq!(route(&f, REMOTE, vm1, &srep.to_mad()), RouteOutcome::Delivered(1));
+    assert_eq!(
+        route(&f, REMOTE, vm1, &srep.to_mad()),
+        RouteOutcome::Delivered(1)
+    );
     assert_eq!(f.mux.stats().unknown_comm_id, 1, "answered already");
 }

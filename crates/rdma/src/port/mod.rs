@@ -345,13 +345,13 @@ pub fn encode_datagram(
     pkt: &RocePacket<'_>,
     out: &mut [u8],
 ) -> Result<usize, RdmaError> {
-    let (head, body) = out
-        .split_at_mut_checked(ENCAP_LEN)
-        .ok_or(RdmaError::Wire(WireError::BufferTooSmall {
-            what: "datagram",
-            len: 0,
-            need: ENCAP_LEN,
-        }))?;
+    let (head, body) =
+        out.split_at_mut_checked(ENCAP_LEN)
+            .ok_or(RdmaError::Wire(WireError::BufferTooSmall {
+                what: "datagram",
+                len: 0,
+                need: ENCAP_LEN,
+            }))?;
     let head: &mut [u8; ENCAP_LEN] = head.try_into().map_err(|_| {
         RdmaError::Wire(WireError::BufferTooSmall {
             what: "preamble",
@@ -384,9 +384,22 @@ impl PortInner {
     fn try_send_packet(&self, sgid: Gid, dgid: Gid, pkt: &RocePacket<'_>) -> Result<(), RdmaError> {
         let host = self.cfg.neighbors.resolve_gid(dgid)?;
         let mut buf = [0u8; MAX_DATAGRAM];
-        let n = encode_datagram(sgid, dgid, self.local_port, self.cfg.udp_port, pkt, &mut buf)?;
+        let n = encode_datagram(
+            sgid,
+            dgid,
+            self.local_port,
+            self.cfg.udp_port,
+            pkt,
+            &mut buf,
+        )?;
         if let Some(p) = &self.pcap {
-            p.write_packet(sgid, dgid, self.local_port, self.cfg.udp_port, &buf[ENCAP_LEN..n]);
+            p.write_packet(
+                sgid,
+                dgid,
+                self.local_port,
+                self.cfg.udp_port,
+                &buf[ENCAP_LEN..n],
+            );
         }
         let to = SocketAddrV4::new(host, self.cfg.udp_port);
         self.socket
@@ -431,8 +444,7 @@ impl PortInner {
             bump(&c.rx_malformed);
             return;
         };
-        match rdma_wire::icrc::verify_for_udp_socket(sip, dip, from.port(), self.local_port, roce)
-        {
+        match rdma_wire::icrc::verify_for_udp_socket(sip, dip, from.port(), self.local_port, roce) {
             Ok(()) => {}
             Err(WireError::IcrcMismatch { stored, computed }) => {
                 bump(&c.rx_bad_icrc);

@@ -61,7 +61,10 @@ impl PcapWriter {
         f.extend_from_slice(&mac_for(dgid));
         f.extend_from_slice(&mac_for(sgid));
         let udp_len = (8 + roce.len()).min(usize::from(u16::MAX)) as u16;
-        match (sgid.canonical().ipv4_mapped(), dgid.canonical().ipv4_mapped()) {
+        match (
+            sgid.canonical().ipv4_mapped(),
+            dgid.canonical().ipv4_mapped(),
+        ) {
             (Some(s), Some(d)) => {
                 f.extend_from_slice(&0x0800u16.to_be_bytes());
                 f.extend_from_slice(&ipv4_header(s, d, roce.len()));

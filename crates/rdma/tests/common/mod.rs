@@ -69,7 +69,12 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 /// ever saw a MAD for a GID other than its own.
 pub fn assert_exact_delivery(host: &Host) {
     for vm in host.vms() {
-        assert_eq!(vm.endpoint().stats().wrong_dgid, 0, "VM {} saw a MAD for another GID", vm.id());
+        assert_eq!(
+            vm.endpoint().stats().wrong_dgid,
+            0,
+            "VM {} saw a MAD for another GID",
+            vm.id()
+        );
         // Counters of one MAD are bumped on both sides of the hand-over: let in-flight
         // traffic settle.
         eventually("delivered == received", || {
