@@ -326,10 +326,13 @@ impl Host {
         }
     }
 
-    /// Stops the VMs and the port.
+    /// Stops the VMs and the port. Detaching the VMs breaks the reference cycle
+    /// multiplexer → VM sink → agent → multiplexer, so the socket is closed once the `Host`
+    /// is dropped.
     pub fn shutdown(&self) {
         for vm in self.vms.lock().drain(..) {
             vm.stop();
+            let _ = self.mux.detach_vm(vm.id);
         }
         self.port.shutdown();
     }

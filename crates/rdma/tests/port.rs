@@ -240,3 +240,19 @@ fn pcap_capture_is_dissected_as_infiniband_cm() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A host that is shut down and dropped releases its address: the same address binds again
+/// (no reference cycle keeps the socket open).
+#[test]
+fn host_shutdown_releases_its_socket() {
+    let n = 34;
+    for _ in 0..3 {
+        let a = start_host(n, 1, 1, 2);
+        let peer = start_peer(n, 1);
+        peer.rc_session(a.vm(1).unwrap().gid(), DEFAULT_SERVICE_PORT, WAIT)
+            .unwrap();
+        a.shutdown();
+        drop(a);
+        drop(peer);
+    }
+}

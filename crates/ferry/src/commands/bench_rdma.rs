@@ -32,6 +32,9 @@ pub struct BenchRdmaArgs {
     /// UD (and raw UDP) round trips.
     #[arg(long, default_value_t = 20_000)]
     pub messages: usize,
+    /// Repetitions of every measurement; the best of each counts (the machine is shared).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
     /// First octet pair of the loopback block used (127.X.*.*).
     #[arg(long, default_value_t = 250)]
     pub block: u8,
@@ -63,6 +66,7 @@ struct Report {
     setup_rate_ratio_mux_vs_bare: f64,
     median_latency_ratio_mux_vs_bare: f64,
     routing: Vec<Routing>,
+    routing_fixed_vms: Vec<Routing>,
     udp_raw_messages_per_second: f64,
     ud_messages_per_second: f64,
     ud_rate_ratio_vs_raw_udp: f64,
@@ -214,10 +218,10 @@ impl Qp1Sink for CountSink {
 }
 
 /// Routes `mads` SIDR_REQs to GIDs picked pseudo-randomly among `gids` registered ones
-/// (10 GIDs per VM), in process: the multiplexer's own cost.
-fn routing(gids: usize, mads: usize) -> anyhow::Result<Routing> {
+/// spread over `vms` VMs, in process: the multiplexer's own cost.
+fn routing(gids: usize, vms: usize, mads: usize) -> anyhow::Result<Routing> {
     let mux = Multiplexer::new(MuxConfig::default(), Arc::new(NullTx));
-    let vms = gids.div_ceil(10);
+    let per_vm = gids.div_ceil(vms);
     let sinks: Vec<Arc<CountSink>> = (0..vms)
         .map(|_| Arc::new(CountSink(AtomicU64::new(0))))
         .collect();
@@ -226,7 +230,7 @@ fn routing(gids: usize, mads: usize) -> anyhow::Result<Routing> {
     }
     let gid = |i: usize| gid_v4(Ipv4Addr::from_bits(0x0a00_0000 + i as u32));
     for i in 0..gids {
-        mux.register_gid((i / 10) as u32, gid(i))?;
+        mux.register_gid((i / per_vm) as u32, gid(i))?;
     }
     let src = gid_v4(Ipv4Addr::new(192, 0, 2, 1));
     let mad = SidrReq {
@@ -347,24 +351,59 @@ fn ud(a: &BenchRdmaArgs) -> anyhow::Result<f64> {
 
 /// Runs the benchmark.
 pub fn rdma(a: BenchRdmaArgs) -> anyhow::Result<i32> {
-    let setup_bare = setup_bare(&a).context("setups on bare ports")?;
-    let setup_mux = setup_mux(&a).context("setups through the multiplexer")?;
+    let reps = a.reps.max(1);
+    let best_setup = |best: Option<Setup>, s: Setup| match best {
+        Some(b) if b.per_second >= s.per_second => Some(b),
+        _ => Some(s),
+    };
+    let (mut setup_bare_b, mut setup_mux_b) = (None, None);
+    for _ in 0..reps {
+        // Interleaved, so that both sides see the same machine load.
+        setup_bare_b = best_setup(
+            setup_bare_b,
+            setup_bare(&a).context("setups on bare ports")?,
+        );
+        setup_mux_b = best_setup(
+            setup_mux_b,
+            setup_mux(&a).context("setups through the multiplexer")?,
+        );
+    }
+    let setup_bare = setup_bare_b.context("no setup measurement")?;
+    let setup_mux = setup_mux_b.context("no setup measurement")?;
+    let best_routing = |g: usize, vms: usize| -> anyhow::Result<Routing> {
+        let mut best = routing(g, vms, a.mads)?;
+        for _ in 1..reps {
+            let r = routing(g, vms, a.mads)?;
+            if r.mads_per_second > best.mads_per_second {
+                best = r;
+            }
+        }
+        Ok(best)
+    };
     let mut routing_v = Vec::new();
+    let mut routing_f = Vec::new();
     for g in [10, 1_000, 100_000] {
-        routing_v.push(routing(g, a.mads)?);
+        routing_v.push(best_routing(g, g.div_ceil(10))?);
+        routing_f.push(best_routing(g, 10)?);
     }
-    let base = routing_v[0].mads_per_second;
-    for r in &mut routing_v {
-        r.ratio_to_10_gids = r.mads_per_second / base;
+    for set in [&mut routing_v, &mut routing_f] {
+        let base = set[0].mads_per_second;
+        for r in set.iter_mut() {
+            r.ratio_to_10_gids = r.mads_per_second / base;
+        }
     }
-    let raw = raw_udp(&a)?;
-    let udr = ud(&a)?;
+    let (mut raw, mut udr) = (0f64, 0f64);
+    for _ in 0..reps {
+        raw = raw.max(raw_udp(&a)?);
+        udr = udr.max(ud(&a)?);
+    }
     let report = Report {
         setup_rate_ratio_mux_vs_bare: setup_mux.per_second / setup_bare.per_second,
         median_latency_ratio_mux_vs_bare: setup_mux.median_us / setup_bare.median_us,
         setup_bare,
         setup_mux,
         routing: routing_v,
+        routing_fixed_vms: routing_f,
         udp_raw_messages_per_second: raw,
         ud_messages_per_second: udr,
         ud_rate_ratio_vs_raw_udp: udr / raw,
@@ -386,7 +425,7 @@ pub fn rdma(a: BenchRdmaArgs) -> anyhow::Result<i32> {
         "setup rate mux/bare: {:.3}   median handshake latency mux/bare: {:.3}",
         r.setup_rate_ratio_mux_vs_bare, r.median_latency_ratio_mux_vs_bare
     );
-    for x in &r.routing {
+    for x in r.routing.iter().chain(&r.routing_fixed_vms) {
         println!(
             "routing with {:>6} GIDs ({:>5} VMs): {:>10.0} MADs/s   ratio to 10 GIDs: {:.3}",
             x.gids, x.vms, x.mads_per_second, x.ratio_to_10_gids
