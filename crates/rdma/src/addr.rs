@@ -72,7 +72,7 @@ impl NeighborTable {
     /// Adds an entry.
     pub fn add(&mut self, n: Neighbor) {
         self.entries.push(n);
-        self.entries.sort_by(|a, b| b.len.cmp(&a.len));
+        self.entries.sort_by_key(|n| std::cmp::Reverse(n.len));
     }
 
     /// Adds an entry, builder style.

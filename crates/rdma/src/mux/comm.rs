@@ -219,15 +219,7 @@ impl CommTable {
                     .insert((dgid, m.remote_comm_id), m.local_comm_id);
             }
             CmMessage::Rtu(m) => self.set_state(m.local_comm_id, CommState::Established),
-            CmMessage::Dreq(m) => {
-                if self
-                    .by_local
-                    .get(&m.local_comm_id)
-                    .is_some_and(|e| e.state != CommState::TimeWait)
-                {
-                    self.set_state(m.local_comm_id, CommState::Disconnecting);
-                }
-            }
+            CmMessage::Dreq(m) => self.disconnecting(m.local_comm_id),
             CmMessage::Drep(m) => self.enter_timewait(m.local_comm_id),
             CmMessage::Rej(m) => {
                 self.remove_local(m.local_comm_id);
@@ -245,6 +237,15 @@ impl CommTable {
             CmMessage::Mra(_) | CmMessage::Lap(_) | CmMessage::Apr(_) | CmMessage::SidrRep(_) => {}
         }
         true
+    }
+
+    /// DREQ seen: a connection not yet in time-wait is disconnecting.
+    fn disconnecting(&mut self, local: u32) {
+        if let Some(e) = self.by_local.get_mut(&local) {
+            if e.state != CommState::TimeWait {
+                e.state = CommState::Disconnecting;
+            }
+        }
     }
 
     fn set_state(&mut self, local: u32, state: CommState) {
@@ -322,15 +323,7 @@ impl CommTable {
                 };
                 match msg {
                     CmMessage::Rtu(_) => self.set_state(l, CommState::Established),
-                    CmMessage::Dreq(_) => {
-                        if self
-                            .by_local
-                            .get(&l)
-                            .is_some_and(|e| e.state != CommState::TimeWait)
-                        {
-                            self.set_state(l, CommState::Disconnecting);
-                        }
-                    }
+                    CmMessage::Dreq(_) => self.disconnecting(l),
                     CmMessage::Drep(_) => self.enter_timewait(l),
                     _ => {}
                 }
