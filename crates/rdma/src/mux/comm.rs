@@ -63,6 +63,10 @@ pub enum Check {
 pub struct CommTable {
     by_local: HashMap<u32, CommEntry>,
     by_remote: HashMap<(Gid, u32), u32>,
+    /// REQs received and not answered yet (REP or REJ), by (remote GID, remote ID). Bounded
+    /// separately, so that a flood of inbound REQs cannot fill the table the VM's own
+    /// connections need.
+    passive: std::collections::HashSet<(Gid, u32)>,
     sidr: HashMap<u32, Gid>,
     timewait: HashMap<u32, Instant>,
     timewait_len: Duration,
@@ -121,12 +125,15 @@ impl CommTable {
 
     /// Connections known.
     pub fn len(&self) -> usize {
-        self.by_local.len() + self.by_remote.values().filter(|&&l| l == 0).count()
+        self.by_local.len() + self.passive.len()
     }
 
     /// Whether there is nothing in it.
     pub fn is_empty(&self) -> bool {
-        self.by_local.is_empty() && self.by_remote.is_empty() && self.sidr.is_empty()
+        self.by_local.is_empty()
+            && self.by_remote.is_empty()
+            && self.passive.is_empty()
+            && self.sidr.is_empty()
     }
 
     /// Outstanding SIDR requests.
@@ -153,7 +160,7 @@ impl CommTable {
     }
 
     fn full(&self) -> bool {
-        self.by_local.len() + self.by_remote.len() >= self.cap
+        self.by_local.len() >= self.cap
     }
 
     fn remove_local(&mut self, id: u32) {
@@ -199,12 +206,10 @@ impl CommTable {
                 {
                     return true; // a retransmission
                 }
-                if !self.by_local.contains_key(&m.local_comm_id)
-                    && !self.by_remote.contains_key(&(dgid, m.remote_comm_id))
-                    && self.full()
-                {
+                if !self.by_local.contains_key(&m.local_comm_id) && self.full() {
                     return false;
                 }
+                self.passive.remove(&(dgid, m.remote_comm_id));
                 self.by_local.insert(
                     m.local_comm_id,
                     CommEntry {
@@ -224,9 +229,7 @@ impl CommTable {
             CmMessage::Rej(m) => {
                 self.remove_local(m.local_comm_id);
                 // A REJ answering a REQ: forget the pending (remote GID, remote ID).
-                if self.by_remote.get(&(dgid, m.remote_comm_id)) == Some(&0) {
-                    self.by_remote.remove(&(dgid, m.remote_comm_id));
-                }
+                self.passive.remove(&(dgid, m.remote_comm_id));
             }
             CmMessage::SidrReq(m) => {
                 if !self.sidr.contains_key(&m.request_id) && self.sidr.len() >= self.cap {
@@ -267,8 +270,8 @@ impl CommTable {
         match msg {
             CmMessage::Req(m) => {
                 let key = (sgid, m.local_comm_id);
-                if !self.by_remote.contains_key(&key) && !self.full() {
-                    self.by_remote.insert(key, 0);
+                if !self.by_remote.contains_key(&key) && self.passive.len() < self.cap {
+                    self.passive.insert(key);
                 }
                 Check::Known
             }
@@ -284,11 +287,10 @@ impl CommTable {
                 // The active side gave up on its REQ (Linux: REJ reason 4, timeout, sent when
                 // the REQ's cm_id is destroyed): it names only its own ID.
                 let key = (sgid, m.local_comm_id);
+                if self.passive.remove(&key) {
+                    return Check::Known;
+                }
                 match self.by_remote.get(&key).copied() {
-                    Some(0) => {
-                        self.by_remote.remove(&key);
-                        Check::Known
-                    }
                     Some(local) => {
                         self.remove_local(local);
                         Check::Known

@@ -511,3 +511,54 @@ fn sidr_request_ids_are_tracked_per_vm() {
     );
     assert_eq!(f.mux.stats().unknown_comm_id, 1, "answered already");
 }
+
+#[test]
+fn inbound_req_flood_does_not_block_the_vms_own_connections() {
+    let tx = Arc::new(RecTx::default());
+    let cfg = MuxConfig {
+        max_connections_per_vm: 8,
+        ..MuxConfig::default()
+    };
+    let mux = Multiplexer::new(cfg, tx);
+    let s = RecSink::new();
+    mux.attach_vm(1, s.clone()).unwrap();
+    let vm1 = g(10, 0, 0, 1);
+    mux.register_gid(1, vm1).unwrap();
+    for i in 0..100 {
+        mux.route(REMOTE, vm1, &mad_grh(REMOTE, vm1), &req(i + 1, REMOTE, vm1));
+    }
+    assert_eq!(s.count(), 100, "all delivered");
+    // The VM can still open its own connections, up to its own limit.
+    for i in 0..8 {
+        mux.send_from_vm(1, vm1, REMOTE, &req(0x900 + i, vm1, REMOTE)).unwrap();
+    }
+    let e = mux.send_from_vm(1, vm1, REMOTE, &req(0x999, vm1, REMOTE)).unwrap_err();
+    assert!(e.to_string().contains("table full"), "{e}");
+    assert_eq!(mux.stats().refused_table_full, 1);
+}
+
+#[test]
+fn lesson_registration_requests_and_mad_traffic_do_not_share_a_stream() {
+    // Registration is a call with its own result; MADs come through the sink. A VM whose
+    // sink is backed up still gets immediate, correct answers to registration requests, and
+    // no MAD is ever taken for a registration reply or the other way round.
+    let f = fixture(2);
+    f.sinks[0].receiving.store(false, Ordering::SeqCst);
+    let vm1 = g(10, 0, 0, 1);
+    for i in 0..10 {
+        route(&f, REMOTE, vm1, &req(i + 1, REMOTE, vm1));
+    }
+    assert!(f.mux.register_gid(1, g(10, 0, 2, 1)).is_ok());
+    assert!(matches!(
+        f.mux.register_gid(1, g(10, 0, 0, 2)),
+        Err(RdmaError::GidOwned { owner: 2, .. })
+    ));
+    assert_eq!(f.mux.vm_report(1).unwrap().pending, 10);
+    f.sinks[0].receiving.store(true, Ordering::SeqCst);
+    assert_eq!(f.mux.poll_pending(1), 10);
+    assert!(f.sinks[0]
+        .got
+        .lock()
+        .iter()
+        .all(|(_, m)| CmMessage::parse_mad(m).is_ok_and(|c| c.kind() == rdma_wire::CmKind::Req)));
+}
