@@ -68,20 +68,34 @@ fn two_hosts_vms_connect_across_hosts_same_host_and_from_peer() {
             0
         );
         // The DREPs arrive asynchronously after the disconnect calls return; wait for them.
-        eventually("connection tables to drain", || {
+        let drained = (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
             h.vms()
                 .iter()
                 .all(|v| h.mux().live_connections(v.id()) == 0)
         });
+        if !drained {
+            for v in h.vms() {
+                eprintln!(
+                    "VM {} {}: {:?}",
+                    v.id(),
+                    v.gid(),
+                    h.mux().connections(v.id())
+                );
+            }
+            panic!("connection tables did not drain");
+        }
         assert_exact_delivery(h);
         let p = h.port().stats();
         assert_eq!(p.rx_bad_icrc + p.rx_malformed + p.rx_no_qp, 0, "{p:?}");
     }
     // 5 other VMs × (REQ/REP/RTU + DREQ/DREP) each way, plus the peer's traffic.
     for vm in &all {
-        eventually("all established", || {
+        let ok = (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
             vm.endpoint().stats().established == 10 + 1
         });
+        assert!(ok, "VM {}: {:?}", vm.gid(), vm.endpoint().stats());
     }
 }
 
@@ -384,4 +398,46 @@ fn registering_a_gid_of_another_vm_is_refused_on_a_live_host() {
     assert_eq!(a.remove_vm(2).unwrap(), 2);
     assert_eq!(a.mux().gid_count(), 1);
     let _ = Arc::clone(a.mux());
+}
+
+/// A VM sending with another VM's source GID (or a REQ claiming another VM's GID as its
+/// primary local GID) is refused and counted; nothing reaches the wire.
+#[test]
+fn spoofed_source_from_a_vm_is_refused_on_a_live_host() {
+    use rdma_wire::cm::Req;
+    use rdma_wire::mad::{attr, MadHeader};
+    let n = 29;
+    let a = start_host(n, 1, 1, 2);
+    let peer = start_peer(n, 1);
+    let (v1, v2) = (a.vm(1).unwrap(), a.vm(2).unwrap());
+    let mut r = Req {
+        hdr: MadHeader::cm(attr::REQ, 1),
+        local_comm_id: 5,
+        service_id: rc_service(DEFAULT_SERVICE_PORT),
+        ..Req::default()
+    };
+    r.primary_path.local_gid = v2.gid();
+    r.primary_path.remote_gid = peer.gid();
+    let mad = r.to_mad();
+    let e = a
+        .mux()
+        .send_from_vm(1, v2.gid(), peer.gid(), &mad)
+        .unwrap_err();
+    assert!(e.to_string().contains("not registered to VM 1"), "{e}");
+    a.mux()
+        .send_from_vm(1, v1.gid(), peer.gid(), &mad)
+        .unwrap_err();
+    assert_eq!(a.mux().stats().refused_spoofed, 2);
+    assert_eq!(a.mux().vm_report(1).unwrap().counters.refused, 2);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(a.port().stats().tx_datagrams, 0);
+    assert_eq!(peer.endpoint().stats().received, 0);
+    // The same REQ with its own GID goes out.
+    r.primary_path.local_gid = v1.gid();
+    a.mux()
+        .send_from_vm(1, v1.gid(), peer.gid(), &r.to_mad())
+        .unwrap();
+    eventually("the peer got the REQ", || {
+        peer.endpoint().stats().received == 1
+    });
 }

@@ -256,3 +256,31 @@ fn host_shutdown_releases_its_socket() {
         drop(peer);
     }
 }
+
+/// On the wire the preamble carries (source GID, destination GID) in that order, the
+/// datagram goes to the destination GID's host, and the ICRC covers the GIDs as IP source and
+/// destination — the source is never put where the destination belongs.
+#[test]
+fn transmit_puts_the_destination_gid_in_the_destination_field() {
+    let n = 35;
+    let receiver = std::net::UdpSocket::bind((Ipv4Addr::new(127, n, 0, 2), 4791)).unwrap();
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut cfg = PortConfig::new(Ipv4Addr::new(127, n, 0, 1));
+    cfg.neighbors = neighbors(n, 2);
+    let port = SoftPort::bind(cfg).unwrap();
+    let (sgid, dgid) = (vm_gid(n, 1, 1), vm_gid(n, 2, 7));
+    rdma::port::Qp1Tx::send_gsi(&port, sgid, dgid, &req_mad(sgid, dgid)).unwrap();
+    let mut buf = [0u8; 2048];
+    let (len, from) = receiver.recv_from(&mut buf).unwrap();
+    assert_eq!(from, SocketAddr::from((Ipv4Addr::new(127, n, 0, 1), 4791)));
+    let (e, roce) = rdma::addr::Encap::split(&buf[..len]).unwrap();
+    assert_eq!((e.sgid, e.dgid), (sgid, dgid));
+    rdma_wire::icrc::verify_for_udp_socket(sgid.to_ip(), dgid.to_ip(), 4791, 4791, roce).unwrap();
+    assert!(
+        rdma_wire::icrc::verify_for_udp_socket(dgid.to_ip(), sgid.to_ip(), 4791, 4791, roce)
+            .is_err()
+    );
+    port.shutdown();
+}

@@ -1109,3 +1109,6 @@ impl Qp1Sink for EndpointSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

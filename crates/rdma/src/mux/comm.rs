@@ -223,7 +223,7 @@ impl CommTable {
                 self.by_remote
                     .insert((dgid, m.remote_comm_id), m.local_comm_id);
             }
-            CmMessage::Rtu(m) => self.set_state(m.local_comm_id, CommState::Established),
+            CmMessage::Rtu(m) => self.establish(m.local_comm_id),
             CmMessage::Dreq(m) => self.disconnecting(m.local_comm_id),
             CmMessage::Drep(m) => self.enter_timewait(m.local_comm_id),
             CmMessage::Rej(m) => {
@@ -251,9 +251,16 @@ impl CommTable {
         }
     }
 
-    fn set_state(&mut self, local: u32, state: CommState) {
+    /// RTU seen: a connection being set up is established. States only move forward: a
+    /// late duplicate RTU never revives a disconnecting connection.
+    fn establish(&mut self, local: u32) {
         if let Some(e) = self.by_local.get_mut(&local) {
-            e.state = state;
+            if matches!(
+                e.state,
+                CommState::ReqSent | CommState::RepSent | CommState::RepReceived
+            ) {
+                e.state = CommState::Established;
+            }
         }
     }
 
@@ -324,7 +331,7 @@ impl CommTable {
                     return Check::Unknown;
                 };
                 match msg {
-                    CmMessage::Rtu(_) => self.set_state(l, CommState::Established),
+                    CmMessage::Rtu(_) => self.establish(l),
                     CmMessage::Dreq(_) => self.disconnecting(l),
                     CmMessage::Drep(_) => self.enter_timewait(l),
                     _ => {}

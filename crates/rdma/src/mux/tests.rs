@@ -294,6 +294,9 @@ fn lesson_entries_live_with_the_connection_not_with_idleness() {
     };
     f.mux.send_from_vm(1, vm1, REMOTE, &drep.to_mad()).unwrap();
     assert_eq!(f.mux.connections(1)[0].state, CommState::TimeWait);
+    // A late duplicate RTU does not revive it.
+    f.mux.send_from_vm(1, vm1, REMOTE, &rtu.to_mad()).unwrap();
+    assert_eq!(f.mux.connections(1)[0].state, CommState::TimeWait);
     // A retransmitted DREQ during time-wait still matches.
     assert_eq!(
         route(&f, REMOTE, vm1, &dreq.to_mad()),
@@ -530,9 +533,12 @@ fn inbound_req_flood_does_not_block_the_vms_own_connections() {
     assert_eq!(s.count(), 100, "all delivered");
     // The VM can still open its own connections, up to its own limit.
     for i in 0..8 {
-        mux.send_from_vm(1, vm1, REMOTE, &req(0x900 + i, vm1, REMOTE)).unwrap();
+        mux.send_from_vm(1, vm1, REMOTE, &req(0x900 + i, vm1, REMOTE))
+            .unwrap();
     }
-    let e = mux.send_from_vm(1, vm1, REMOTE, &req(0x999, vm1, REMOTE)).unwrap_err();
+    let e = mux
+        .send_from_vm(1, vm1, REMOTE, &req(0x999, vm1, REMOTE))
+        .unwrap_err();
     assert!(e.to_string().contains("table full"), "{e}");
     assert_eq!(mux.stats().refused_table_full, 1);
 }
