@@ -92,17 +92,50 @@ impl Conn {
         self.deadline = Some(now + self.timeout);
     }
 
-    /// Tells the blocked `connect()` caller, if any.
-    pub fn finish(&mut self, r: Result<ConnInfo, RdmaError>) {
+    /// Tells the blocked `connect()` caller, if any — after `out`'s MADs are sent (so that,
+    /// e.g., the RTU leaves before a DREQ the caller may send at once).
+    pub fn finish(&mut self, r: Result<ConnInfo, RdmaError>, out: &mut Out) {
         if let Some(w) = self.waiter.take() {
-            let _ = w.try_send(r);
+            out.wakes.push(Wake::Conn(w, r));
         }
     }
 
-    /// Tells the blocked `disconnect()` caller, if any.
-    pub fn finish_disconnect(&mut self) {
+    /// Tells the blocked `disconnect()` caller, if any, after `out`'s MADs are sent.
+    pub fn finish_disconnect(&mut self, out: &mut Out) {
         if let Some(w) = self.disc_waiter.take() {
-            let _ = w.try_send(Ok(()));
+            out.wakes.push(Wake::Done(w));
         }
+    }
+}
+
+/// A caller to wake once the MADs are sent.
+#[derive(Debug)]
+pub(crate) enum Wake {
+    Conn(ConnWaiter, Result<ConnInfo, RdmaError>),
+    Done(DoneWaiter),
+}
+
+/// What an event produced: MADs to send (after the state lock is released), then callers to
+/// wake.
+#[derive(Debug, Default)]
+pub(crate) struct Out {
+    pub mads: Vec<(Gid, Box<Mad>)>,
+    pub wakes: Vec<Wake>,
+}
+
+impl Out {
+    pub fn push(&mut self, m: (Gid, Box<Mad>)) {
+        self.mads.push(m);
+    }
+
+    pub fn one(dgid: Gid, mad: Box<Mad>) -> Out {
+        Out {
+            mads: vec![(dgid, mad)],
+            wakes: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mads.is_empty() && self.wakes.is_empty()
     }
 }

@@ -43,7 +43,7 @@ use crate::counters::{bump, counters};
 use crate::mux::{Backpressure, Qp1Sink};
 use crate::port::{GsiHandler, GsiPacket, Qp1Tx};
 use crate::RdmaError;
-use connection::Conn;
+use connection::{Conn, Out, Wake};
 use sidr::SidrOut;
 
 /// Endpoint timing and identity.
@@ -224,8 +224,6 @@ struct Inner {
     stop: AtomicBool,
 }
 
-type Out = Vec<(Gid, Box<Mad>)>;
-
 /// A CM endpoint for one GID. Cloning gives another handle.
 #[derive(Clone)]
 pub struct CmEndpoint {
@@ -398,7 +396,7 @@ impl CmEndpoint {
         st.conns.insert(id, conn);
         drop(st);
         inner.cond.notify_all();
-        inner.send_all(vec![(dgid, mad)]);
+        inner.send_all(Out::one(dgid, mad));
         (id, wrx)
     }
 
@@ -430,7 +428,7 @@ impl CmEndpoint {
                 conn.state
             )));
         }
-        let mut out = Out::new();
+        let mut out = Out::default();
         inner.send_rep(conn, Instant::now(), &mut out);
         drop(st);
         inner.cond.notify_all();
@@ -449,7 +447,7 @@ impl CmEndpoint {
         st.by_remote.remove(&(conn.remote_gid, conn.remote_id));
         let rej = inner.rej(conn.tid, conn.local_id, conn.remote_id, msg::REQ, why);
         drop(st);
-        inner.send_all(vec![(conn.remote_gid, rej)]);
+        inner.send_all(Out::one(conn.remote_gid, rej));
         Ok(())
     }
 
@@ -486,7 +484,7 @@ impl CmEndpoint {
         let dgid = conn.remote_gid;
         drop(st);
         inner.cond.notify_all();
-        inner.send_all(vec![(dgid, mad)]);
+        inner.send_all(Out::one(dgid, mad));
         wrx.recv_timeout(wait).unwrap_or(Err(RdmaError::Timeout {
             what: "disconnect",
             retries: inner.cfg.max_retries,
@@ -535,7 +533,7 @@ impl CmEndpoint {
         );
         drop(st);
         inner.cond.notify_all();
-        inner.send_all(vec![(dgid, mad)]);
+        inner.send_all(Out::one(dgid, mad));
         let r = wrx.recv_timeout(wait).unwrap_or(Err(RdmaError::Timeout {
             what: "SIDR",
             retries: inner.cfg.max_retries,
@@ -573,12 +571,22 @@ impl Inner {
     }
 
     fn send_all(&self, out: Out) {
-        for (dgid, mad) in out {
+        for (dgid, mad) in out.mads {
             match self.tx.send_gsi(self.gid, dgid, &mad) {
                 Ok(()) => bump(&self.stats.sent),
                 Err(e) => {
                     bump(&self.stats.send_errors);
                     tracing::debug!(gid = %self.gid, %dgid, "CM send failed: {e}");
+                }
+            }
+        }
+        for w in out.wakes {
+            match w {
+                Wake::Conn(tx, r) => {
+                    let _ = tx.try_send(r);
+                }
+                Wake::Done(tx) => {
+                    let _ = tx.try_send(Ok(()));
                 }
             }
         }
@@ -638,7 +646,7 @@ impl Inner {
             }
         };
         let now = Instant::now();
-        let mut out = Out::new();
+        let mut out = Out::default();
         {
             let mut st = self.state.lock();
             self.handle(&mut st, sgid, &m, now, &mut out);
@@ -687,7 +695,7 @@ impl Inner {
                         c.state = ConnState::Established;
                         out.push((sgid, mad));
                         let info = c.info();
-                        c.finish(Ok(info.clone()));
+                        c.finish(Ok(info.clone()), out);
                         let key = (sgid, r.local_comm_id);
                         st.by_remote.insert(key, r.remote_comm_id);
                         bump(&self.stats.established);
@@ -757,10 +765,13 @@ impl Inner {
                 if pre {
                     if let Some(mut c) = st.conns.remove(&id) {
                         st.by_remote.remove(&(c.remote_gid, c.remote_id));
-                        c.finish(Err(RdmaError::Rejected {
-                            gid: sgid,
-                            reason: r.reason,
-                        }));
+                        c.finish(
+                            Err(RdmaError::Rejected {
+                                gid: sgid,
+                                reason: r.reason,
+                            }),
+                            out,
+                        );
                         self.event(CmEvent::Rejected {
                             local_comm_id: id,
                             reason: r.reason,
@@ -799,7 +810,7 @@ impl Inner {
                         c.state = ConnState::TimeWait;
                         c.deadline = Some(now + self.cfg.timewait);
                         c.last = Some(drep.clone());
-                        c.finish_disconnect();
+                        c.finish_disconnect(out);
                         bump(&self.stats.disconnected);
                         self.event(CmEvent::Disconnected {
                             local_comm_id: c.local_id,
@@ -815,7 +826,7 @@ impl Inner {
                     c.state = ConnState::TimeWait;
                     c.deadline = Some(now + self.cfg.timewait);
                     c.last = None;
-                    c.finish_disconnect();
+                    c.finish_disconnect(out);
                     bump(&self.stats.disconnected);
                     self.event(CmEvent::Disconnected {
                         local_comm_id: c.local_id,
@@ -994,16 +1005,19 @@ impl Inner {
                         self.rej(c.tid, c.local_id, remote, which, reason::TIMEOUT),
                     ));
                     bump(&self.stats.timeouts);
-                    c.finish(Err(RdmaError::Timeout {
-                        what: if c.active { "REQ" } else { "REP" },
-                        retries: c.max_retries,
-                    }));
+                    c.finish(
+                        Err(RdmaError::Timeout {
+                            what: if c.active { "REQ" } else { "REP" },
+                            retries: c.max_retries,
+                        }),
+                        out,
+                    );
                     self.event(CmEvent::TimedOut { local_comm_id: id });
                 }
                 ConnState::DreqSent => {
                     c.state = ConnState::TimeWait;
                     c.deadline = Some(now + self.cfg.timewait);
-                    c.finish_disconnect();
+                    c.finish_disconnect(out);
                     bump(&self.stats.disconnected);
                     self.event(CmEvent::Disconnected { local_comm_id: id });
                 }
@@ -1055,7 +1069,7 @@ fn timer_loop(weak: Weak<Inner>) {
         if inner.stop.load(Ordering::SeqCst) {
             return;
         }
-        let mut out = Out::new();
+        let mut out = Out::default();
         {
             let mut st = inner.state.lock();
             let next = inner.on_timers(&mut st, Instant::now(), &mut out);

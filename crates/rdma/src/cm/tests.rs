@@ -80,6 +80,8 @@ const WAIT: Duration = Duration::from_secs(10);
 fn connect_disconnect_and_sidr_in_memory() {
     let (a, wa, b, wb) = pair(CmConfig::fast());
     let info = a.connect(B, params(), WAIT).unwrap();
+    // The RTU has left before connect() returns, so a DREQ sent at once cannot overtake it.
+    assert_eq!(wa.kinds(), [CmKind::Req, CmKind::Rtu]);
     assert_eq!(info.remote_qpn, 0x42);
     assert_eq!(
         a.connection_state(info.local_comm_id),
