@@ -36,6 +36,9 @@ pub enum Command {
     /// Stand-in devices, each in its own process.
     #[command(subcommand)]
     Device(crate::nvme_args::DeviceCommand),
+    /// RDMA connection-management virtualization: host daemon and bare-metal peer.
+    #[command(subcommand)]
+    Rdma(crate::commands::rdma::RdmaCommand),
 }
 
 /// Workloads of the built-in guest.
@@ -224,6 +227,8 @@ pub enum BenchCommand {
     /// 4 KiB random reads on the passthrough NVMe device at QD 1 and 32: the guest against a
     /// host-side vfio-user client.
     Nvme(crate::nvme_args::BenchNvmeArgs),
+    /// Connection setups and routing through the RDMA CM multiplexer, UD rate vs raw UDP.
+    Rdma(crate::commands::bench_rdma::BenchRdmaArgs),
     /// Live migration of idle, moderately and heavily dirtying guests of several sizes over
     /// loopback, against raw loopback TCP bandwidth measured in the same run.
     Migrate(BenchMigrateArgs),

@@ -2,10 +2,12 @@
 pub mod bench;
 pub mod bench_migrate;
 pub mod bench_nvme;
+pub mod bench_rdma;
 pub mod demo;
 mod demo_nvme;
 pub mod device;
 pub mod migrate;
+pub mod rdma;
 pub mod receive;
 pub mod run;
 

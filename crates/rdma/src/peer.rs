@@ -1,0 +1,215 @@
+//! A bare-metal endpoint: its own port, no multiplexer, one CM endpoint on QP1 — what
+//! `rping` (RC handshake and disconnect) and `udaddy` (SIDR then UD messages) do.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdma_wire::rdma_cm::{CmaHeader, RDMA_CM_UD_QKEY};
+use rdma_wire::Gid;
+use serde::{Deserialize, Serialize};
+
+use crate::addr::gid_v4;
+use crate::cm::{CmConfig, CmEndpoint, CmStats, ConnectParams};
+use crate::host::{rc_service, ud_service};
+use crate::port::{PortConfig, PortStats, SoftPort, UdDest, UdQp};
+use crate::RdmaError;
+
+/// Result of an RC-style session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RcReport {
+    /// Our communication ID.
+    pub local_comm_id: u32,
+    /// The VM's.
+    pub remote_comm_id: u32,
+    /// The VM's QPN.
+    pub remote_qpn: u32,
+    /// REQ → RTU time, µs.
+    pub connect_us: u64,
+    /// DREQ → DREP time, µs.
+    pub disconnect_us: u64,
+}
+
+/// Result of a UD session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UdReport {
+    /// QPN from SIDR_REP.
+    pub qpn: u32,
+    /// Q_Key from SIDR_REP.
+    pub qkey: u32,
+    /// Messages sent.
+    pub sent: u64,
+    /// Echoes received with the right content.
+    pub verified: u64,
+    /// SIDR time, µs.
+    pub sidr_us: u64,
+    /// Message phase, µs.
+    pub messages_us: u64,
+}
+
+/// A bare-metal peer.
+pub struct Peer {
+    port: SoftPort,
+    endpoint: CmEndpoint,
+    ud_qp: Arc<UdQp>,
+}
+
+impl Peer {
+    /// Binds the port; the endpoint's GID is the port's address.
+    pub fn start(port: PortConfig, cm: CmConfig) -> Result<Peer, RdmaError> {
+        let gid = gid_v4(port.addr);
+        let port = SoftPort::bind(port)?;
+        let endpoint = CmEndpoint::new(gid, cm, Arc::new(port.clone()));
+        port.set_gsi_handler(Arc::new(endpoint.clone()));
+        let ud_qp = port.create_ud_qp(gid, RDMA_CM_UD_QKEY);
+        Ok(Peer {
+            port,
+            endpoint,
+            ud_qp,
+        })
+    }
+
+    /// The peer's GID.
+    pub fn gid(&self) -> Gid {
+        self.endpoint.gid()
+    }
+
+    /// The CM endpoint.
+    pub fn endpoint(&self) -> &CmEndpoint {
+        &self.endpoint
+    }
+
+    /// The port.
+    pub fn port(&self) -> &SoftPort {
+        &self.port
+    }
+
+    /// The UD QP.
+    pub fn ud_qp(&self) -> &Arc<UdQp> {
+        &self.ud_qp
+    }
+
+    fn private_data(&self, dgid: Gid, port: u16) -> Vec<u8> {
+        let mut pd = vec![0u8; 36];
+        if let Ok(h) = CmaHeader::new(self.gid().to_ip(), port, dgid.canonical().to_ip()) {
+            let _ = h.write(&mut pd);
+        }
+        pd
+    }
+
+    /// REQ/REP/RTU to `dgid`'s service port, then DREQ/DREP.
+    pub fn rc_session(
+        &self,
+        dgid: Gid,
+        service_port: u16,
+        wait: Duration,
+    ) -> Result<RcReport, RdmaError> {
+        let t0 = Instant::now();
+        let info = self.endpoint.connect(
+            dgid,
+            ConnectParams {
+                service_id: rc_service(service_port),
+                qpn: self.ud_qp.qpn_value(),
+                private_data: self.private_data(dgid, service_port),
+            },
+            wait,
+        )?;
+        let connect_us = t0.elapsed().as_micros() as u64;
+        let t1 = Instant::now();
+        self.endpoint.disconnect(info.local_comm_id, wait)?;
+        Ok(RcReport {
+            local_comm_id: info.local_comm_id,
+            remote_comm_id: info.remote_comm_id,
+            remote_qpn: info.remote_qpn,
+            connect_us,
+            disconnect_us: t1.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// SIDR to `dgid`'s UD service, then `messages` UD messages of `size` bytes, each echoed
+    /// and verified.
+    pub fn ud_session(
+        &self,
+        dgid: Gid,
+        service_port: u16,
+        messages: u64,
+        size: usize,
+        wait: Duration,
+    ) -> Result<UdReport, RdmaError> {
+        let t0 = Instant::now();
+        let pd = self.private_data(dgid, service_port);
+        let info = self
+            .endpoint
+            .sidr_resolve(dgid, ud_service(service_port), &pd, wait)?;
+        let sidr_us = t0.elapsed().as_micros() as u64;
+        let dest = UdDest {
+            dgid,
+            dqpn: info.qpn,
+            qkey: info.qkey,
+        };
+        let t1 = Instant::now();
+        let mut verified = 0;
+        let size = size.max(8);
+        for seq in 0..messages {
+            let data = pattern(seq, size);
+            // UD is unreliable: retry a message a few times before giving up.
+            let mut ok = false;
+            for _ in 0..5 {
+                self.port.post_send_ud(&self.ud_qp, dest, None, &data)?;
+                let deadline = Instant::now() + wait.min(Duration::from_millis(500));
+                while let Some(m) = self
+                    .ud_qp
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    if m.data == data && m.sgid.canonical() == dgid.canonical() {
+                        ok = true;
+                        break;
+                    }
+                }
+                if ok {
+                    break;
+                }
+            }
+            if !ok {
+                return Err(RdmaError::Cm(format!(
+                    "UD message {seq} to {dgid} QPN {:#x} was not echoed",
+                    info.qpn
+                )));
+            }
+            verified += 1;
+        }
+        Ok(UdReport {
+            qpn: info.qpn,
+            qkey: info.qkey,
+            sent: messages,
+            verified,
+            sidr_us,
+            messages_us: t1.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> (PortStats, CmStats) {
+        (self.port.stats(), self.endpoint.stats())
+    }
+
+    /// Stops the port.
+    pub fn shutdown(&self) {
+        self.endpoint.shutdown();
+        self.port.shutdown();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The payload of UD message `seq`: the sequence number then a byte pattern.
+pub fn pattern(seq: u64, size: usize) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    v[..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in v.iter_mut().enumerate().skip(8) {
+        *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+    }
+    v
+}
