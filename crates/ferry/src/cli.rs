@@ -39,6 +39,8 @@ pub enum Command {
     /// RDMA connection-management virtualization: host daemon and bare-metal peer.
     #[command(subcommand)]
     Rdma(crate::commands::rdma::RdmaCommand),
+    /// Several VMs with virtual RDMA devices on this host's RoCEv2 port and multiplexer.
+    Vrdma(crate::commands::vrdma::VrdmaHostArgs),
 }
 
 /// Workloads of the built-in guest.
@@ -58,6 +60,12 @@ pub enum WorkloadName {
     NvmeVerify,
     /// Malformed NVMe commands; checks the error statuses.
     NvmeMalformed,
+    /// RDMA agent, passive side (needs --vrdma): answers REQ/SIDR, echoes UD, answers DREQ.
+    RdmaServer,
+    /// RDMA agent, active side (needs --vrdma): connect, SIDR, verified UD stream, disconnect.
+    RdmaClient,
+    /// Garbage into the PVRDMA command slot, rings and page directories (needs --vrdma).
+    RdmaHostile,
 }
 
 impl From<WorkloadName> for Workload {
@@ -70,6 +78,9 @@ impl From<WorkloadName> for Workload {
             WorkloadName::Crash => Workload::Crash,
             WorkloadName::NvmeVerify => Workload::NvmeVerify,
             WorkloadName::NvmeMalformed => Workload::NvmeMalformed,
+            WorkloadName::RdmaServer => Workload::RdmaServer,
+            WorkloadName::RdmaClient => Workload::RdmaClient,
+            WorkloadName::RdmaHostile => Workload::RdmaHostile,
         }
     }
 }
@@ -106,6 +117,8 @@ pub struct GuestArgs {
     pub iterations: u64,
     #[command(flatten)]
     pub nvme: crate::nvme_args::NvmeCliArgs,
+    #[command(flatten)]
+    pub rdma: crate::commands::vrdma::RdmaCliArgs,
 }
 
 /// `ferry run`.
@@ -131,6 +144,11 @@ pub struct RunArgs {
     pub api_socket: Option<PathBuf>,
     /// Print a JSON summary as the last line of stdout.
     #[arg(long)]
+    /// Attach a virtual RDMA device (PVRDMA ABI) with this GID; this process hosts the
+    /// software RoCEv2 port (UDP 4791 on `host`, default the GID's address) and its CM
+    /// multiplexer. `neighbor=PREFIX/LEN=HOST` says where GIDs behind other hosts are.
+    #[arg(long, value_name = "gid=IPV4[,host=ADDR][,neighbor=P/L=HOST]...")]
+    pub vrdma: Option<crate::vrdma_host::VrdmaSpec>,
     pub json: bool,
 }
 
@@ -229,6 +247,8 @@ pub enum BenchCommand {
     Nvme(crate::nvme_args::BenchNvmeArgs),
     /// Connection setups and routing through the RDMA CM multiplexer, UD rate vs raw UDP.
     Rdma(crate::commands::bench_rdma::BenchRdmaArgs),
+    /// VM↔VM through two multiplexers vs bare-metal peer↔peer: connection setup, UD rate.
+    Vrdma(crate::commands::bench_vrdma::BenchVrdmaArgs),
     /// Live migration of idle, moderately and heavily dirtying guests of several sizes over
     /// loopback, against raw loopback TCP bandwidth measured in the same run.
     Migrate(BenchMigrateArgs),

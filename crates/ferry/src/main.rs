@@ -12,6 +12,7 @@ mod nvme_session;
 mod session;
 mod signals;
 mod units;
+mod vrdma_host;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -42,6 +43,8 @@ fn main() {
         cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
         cli::Command::Bench(cli::BenchCommand::Rdma(args)) => commands::bench_rdma::rdma(args),
         cli::Command::Rdma(cmd) => commands::rdma::run(cmd),
+        cli::Command::Vrdma(args) => commands::vrdma::run(args, process_start),
+        cli::Command::Bench(cli::BenchCommand::Vrdma(args)) => commands::bench_vrdma::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

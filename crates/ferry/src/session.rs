@@ -49,6 +49,8 @@ pub struct SessionSpec {
     pub api_socket: Option<PathBuf>,
     /// A passthrough NVMe device to attach.
     pub passthrough: Option<crate::nvme_args::PassthroughSource>,
+    /// Attach a virtual RDMA device served by this host's port and multiplexer.
+    pub vrdma: Option<Arc<crate::vrdma_host::VrdmaHost>>,
 }
 
 impl SessionSpec {
@@ -128,6 +130,9 @@ pub struct SessionReport {
     pub signal: Option<i32>,
     /// The passthrough device's configuration log (admin mediation).
     pub config_log: Option<passthrough::ConfigLog>,
+    /// The virtual RDMA device's and the multiplexer's counters for this VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vrdma: Option<crate::vrdma_host::VmVrdmaReport>,
     /// Last console lines.
     #[serde(skip)]
     pub console_tail: Vec<String>,
@@ -190,6 +195,11 @@ pub fn run(
     if spec.passthrough.is_some() && spec.roundtrip_after.is_some() {
         anyhow::bail!("the state round trip does not support passthrough devices");
     }
+    if spec.vrdma.is_some() && (spec.api_socket.is_some() || spec.roundtrip_after.is_some()) {
+        anyhow::bail!(
+            "the virtual RDMA device does not support migration or the state round trip yet"
+        );
+    }
     let api = spec.api_socket.as_deref().map(api::serve).transpose()?;
     let mut vm = Vm::new(&spec.vm_config()).context("building the VM")?;
     let device = spec
@@ -197,10 +207,14 @@ pub fn run(
         .as_ref()
         .map(|p| PassthroughSession::start(p, &vm))
         .transpose()?;
+    let vrdma = spec.vrdma.as_ref().map(|h| h.attach(&vm)).transpose()?;
     vm.boot(&boot.image, boot.workload, boot.args)
         .context("loading the guest")?;
     vm.start().context("starting the vCPUs")?;
-    supervise(vm, spec, api, process_start, signals, None, device)
+    let mut report = supervise(vm, spec, api, process_start, signals, None, device)?;
+    // VM shutdown unregisters its GIDs.
+    report.vrdma = vrdma.map(|l| l.finish());
+    Ok(report)
 }
 
 /// A ledger verification someone is waiting for.
@@ -408,6 +422,7 @@ pub fn supervise(
         unhandled_mmio: vm.mmio_bus().unhandled_count(),
         signal,
         config_log,
+        vrdma: None,
         console_tail: vm.console_tail().lines(),
     })
 }

@@ -41,6 +41,7 @@ struct DemoReport {
     write_rate_per_s: f64,
     nvme: SessionReport,
     nvme_result: Option<String>,
+    vrdma: super::demo_vrdma::VrdmaDemo,
 }
 
 /// A `ferry receive` child process whose console lines are echoed with a prefix and whose
@@ -187,6 +188,9 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         .find(|l| l.contains("nvme-verify: result "))
         .cloned();
 
+    // 5. virtual RDMA: two hosts, a VM on each, connected through both multiplexers
+    let vrdma = super::demo_vrdma::run().context("virtual RDMA phase")?;
+
     let verified_mid = source.verifications.first().is_some_and(|v| v.status == 0);
     // The guest verifies its ledger when it finishes and exits non-zero if it does not hold;
     // verifications asked for on the destination must hold too.
@@ -203,7 +207,8 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         && source.roundtrip.is_some()
         && source.outcome == "migrated"
         && dest_ok
-        && nvme.status == Some(0);
+        && nvme.status == Some(0)
+        && vrdma.pass;
     let total_writes = destination
         .as_ref()
         .and_then(|d| d["progress"].as_u64())
@@ -220,6 +225,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         write_rate_per_s: total_writes as f64 / duration.as_secs_f64(),
         nvme,
         nvme_result,
+        vrdma,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -345,6 +351,7 @@ fn print_report(r: &DemoReport) {
         None => println!("  destination   FAILED (no report)"),
     }
     super::demo_nvme::print(&r.nvme, r.nvme_result.as_deref());
+    super::demo_vrdma::print(&r.vrdma);
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",
         r.hello.unhandled_pio + r.source.unhandled_pio,

@@ -3,13 +3,16 @@ pub mod bench;
 pub mod bench_migrate;
 pub mod bench_nvme;
 pub mod bench_rdma;
+pub mod bench_vrdma;
 pub mod demo;
 mod demo_nvme;
+mod demo_vrdma;
 pub mod device;
 pub mod migrate;
 pub mod rdma;
 pub mod receive;
 pub mod run;
+pub mod vrdma;
 
 use std::sync::Arc;
 
@@ -33,7 +36,7 @@ pub fn guest_from_args(g: &GuestArgs) -> anyhow::Result<(Arc<Vec<u8>>, WorkloadA
         seed: g.seed,
         iterations: g.iterations,
         nvme: g.nvme.workload_args(),
-        ..Default::default()
+        rdma: g.rdma.workload_args(g.workload.into()),
     };
     Ok((Arc::new(image), args))
 }

@@ -63,6 +63,19 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         workload: args.guest.workload.into(),
         args: wargs,
     };
+    let mut boot = boot;
+    let host = match &args.vrdma {
+        Some(v) => {
+            boot.args.rdma.local_gid = u32::from(v.gid);
+            Some(crate::vrdma_host::VrdmaHost::start(
+                v.host.unwrap_or(v.gid),
+                &[v.gid],
+                &v.neighbors,
+                v.pcap.clone(),
+            )?)
+        }
+        None => None,
+    };
     let spec = SessionSpec {
         memory: args.guest.memory,
         console: console_sink(&args.serial),
@@ -72,8 +85,26 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         verify_after: args.verify_after,
         api_socket: args.api_socket,
         passthrough: args.guest.nvme.source()?,
+        vrdma: host.clone(),
     };
     let report = session::run(&boot, &spec, process_start, &signals)?;
+    if let (Some(h), Some(v)) = (&host, &report.vrdma) {
+        let hr = h.report();
+        eprintln!(
+            "ferry: vrdma: device MADs sent {} received {} refused {}, UD sent {} received {}; host {} MADs routed to VMs {}, dropped (no owner) {}, refused {}; GIDs unregistered at exit: {}",
+            v.device.mads_sent,
+            v.device.mads_received,
+            v.device.mads_refused,
+            v.device.ud_sent,
+            v.device.ud_received,
+            hr.addr,
+            hr.mux.delivered + hr.mux.queued,
+            hr.mux.no_owner,
+            hr.mux.refused_spoofed + hr.mux.refused_class + hr.mux.refused_malformed,
+            v.gids_at_exit
+        );
+        h.shutdown();
+    }
     print_report(&report, args.json)?;
     Ok(report.exit_code())
 }

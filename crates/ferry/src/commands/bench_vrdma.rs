@@ -1,0 +1,327 @@
+//! `ferry bench vrdma`: VMs with virtual RDMA devices on two hosts (two software RoCEv2 ports
+//! and their multiplexers on loopback addresses, in this process) against two bare-metal
+//! peers, in the same run:
+//!
+//! - connection setup latency (REQ → REP → RTU): measured inside the client VM from its first
+//!   REQ to its RTU, one fresh client VM per round; the peers measure the same exchange with
+//!   the CM endpoint library;
+//! - UD message rate: a verified stream of echoed messages with 8 in flight, VM ↔ VM against
+//!   peer ↔ peer with the same window, size and verification.
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Args;
+use guest_abi::{RdmaArgs, Workload};
+use rdma::{
+    addr::{gid_v4, Neighbor},
+    cm::{AcceptMode, CmConfig, ConnectParams, ListenOptions},
+    host::rc_service,
+    peer::{pattern, Peer},
+    port::{PortConfig, UdDest},
+};
+use rdma_wire::rdma_cm::RDMA_CM_UD_QKEY;
+use serde::Serialize;
+
+use super::vrdma::{run_vms, VmSpec, DEFAULT_PORT};
+use crate::{signals::SignalState, vrdma_host::VrdmaHost};
+
+/// `ferry bench vrdma`.
+#[derive(Args, Debug)]
+pub struct BenchVrdmaArgs {
+    /// Connection setups measured on each side (one client VM per round).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
+    /// UD messages per stream.
+    #[arg(long, default_value_t = 5000)]
+    pub messages: u64,
+    /// UD message size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// Second octet of the loopback block used (127.X.*.*).
+    #[arg(long, default_value_t = 241)]
+    pub block: u8,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One side's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Side {
+    /// Connection setup latencies, µs.
+    pub connect_us: Vec<f64>,
+    /// Their median.
+    pub connect_median_us: f64,
+    /// UD messages echoed and verified per second (best round).
+    pub ud_msgs_per_s: f64,
+}
+
+/// The report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchVrdmaReport {
+    /// VM ↔ VM through both multiplexers.
+    pub vm: Side,
+    /// Bare-metal peer ↔ bare-metal peer.
+    pub peer: Side,
+    /// VM connect median / peer connect median.
+    pub connect_ratio: f64,
+    /// VM UD rate / peer UD rate.
+    pub ud_rate_ratio: f64,
+    /// UD message size.
+    pub size: u32,
+    /// Messages per stream.
+    pub messages: u64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+fn vm_side(a: &BenchVrdmaArgs, signals: &Arc<SignalState>) -> anyhow::Result<Side> {
+    let b = a.block;
+    let ip = |c: u8, d: u8| Ipv4Addr::new(127, b, c, d);
+    let ha = VrdmaHost::start(
+        ip(0, 1),
+        &[ip(1, 1)],
+        &[Neighbor {
+            prefix: ip(2, 0),
+            len: 24,
+            host: ip(0, 2),
+        }],
+        None,
+    )?;
+    let hb = VrdmaHost::start(
+        ip(0, 2),
+        &[ip(2, 1)],
+        &[Neighbor {
+            prefix: ip(1, 0),
+            len: 24,
+            host: ip(0, 1),
+        }],
+        None,
+    )?;
+    let server = VmSpec {
+        workload: Workload::RdmaServer,
+        rdma: RdmaArgs {
+            local_gid: ip(1, 1).into(),
+            service_port: DEFAULT_PORT as u32,
+            messages: a.rounds,
+            ..Default::default()
+        },
+        delay: Duration::ZERO,
+        expect: 0,
+    };
+    let (ha2, sig2) = (ha.clone(), signals.clone());
+    let server_thread = std::thread::spawn(move || {
+        run_vms(
+            &ha2,
+            &[server],
+            64 << 20,
+            Duration::from_secs(600),
+            "off",
+            &sig2,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut connect = Vec::new();
+    let mut best_rate: f64 = 0.0;
+    for round in 0..a.rounds {
+        let client = VmSpec {
+            workload: Workload::RdmaClient,
+            rdma: RdmaArgs {
+                local_gid: ip(2, 1).into(),
+                peer_gid: ip(1, 1).into(),
+                service_port: DEFAULT_PORT as u32,
+                msg_size: a.size,
+                messages: a.messages,
+                ..Default::default()
+            },
+            delay: Duration::ZERO,
+            expect: 0,
+        };
+        let r = run_vms(
+            &hb,
+            &[client],
+            64 << 20,
+            Duration::from_secs(300),
+            "off",
+            signals,
+        )?;
+        let r = &r[0];
+        let line = r.result.clone().with_context(|| {
+            format!(
+                "client VM round {round} ended {} (status {:?}) without a result: {:?}",
+                r.outcome, r.status, r.console_tail
+            )
+        })?;
+        let (c, n, us) = (
+            field(&line, "connect_us").context("connect_us")?,
+            field(&line, "messages").context("messages")?,
+            field(&line, "ud_us").context("ud_us")?,
+        );
+        connect.push(c);
+        best_rate = best_rate.max(n * 1e6 / us.max(1.0));
+    }
+    let s = server_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    if s[0].status != Some(0) {
+        anyhow::bail!(
+            "server VM ended {} (status {:?})",
+            s[0].outcome,
+            s[0].status
+        );
+    }
+    ha.shutdown();
+    hb.shutdown();
+    Ok(Side {
+        connect_median_us: median(&mut connect.clone()),
+        connect_us: connect,
+        ud_msgs_per_s: best_rate,
+    })
+}
+
+fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
+    let b = a.block;
+    let (x, y) = (Ipv4Addr::new(127, b, 3, 1), Ipv4Addr::new(127, b, 3, 2));
+    let cm = CmConfig {
+        timewait: Duration::from_millis(200),
+        ..CmConfig::default()
+    };
+    let px = Peer::start(PortConfig::new(x), cm.clone())?;
+    let py = Peer::start(PortConfig::new(y), cm)?;
+    py.endpoint().listen(
+        rc_service(DEFAULT_PORT),
+        ListenOptions {
+            qpn: py.ud_qp().qpn_value(),
+            qkey: RDMA_CM_UD_QKEY,
+            accept: AcceptMode::Auto,
+        },
+    );
+    let wait = Duration::from_secs(20);
+    let mut connect = Vec::new();
+    for _ in 0..a.rounds {
+        let t = Instant::now();
+        let info = px.endpoint().connect(
+            gid_v4(y),
+            ConnectParams {
+                service_id: rc_service(DEFAULT_PORT),
+                qpn: px.ud_qp().qpn_value(),
+                private_data: vec![],
+            },
+            wait,
+        )?;
+        connect.push(t.elapsed().as_secs_f64() * 1e6);
+        px.endpoint().disconnect(info.local_comm_id, wait)?;
+    }
+    // UD: an echo on y, a window of 8 verified messages from x (as the guest agent does).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, port_y, qy) = (stop.clone(), py.port().clone(), py.ud_qp().clone());
+    let echo = std::thread::spawn(move || {
+        while !st.load(Ordering::Relaxed) {
+            if let Some(m) = qy.recv_timeout(Duration::from_millis(20)) {
+                let d = UdDest {
+                    dgid: m.sgid,
+                    dqpn: m.src_qpn,
+                    qkey: RDMA_CM_UD_QKEY,
+                };
+                let _ = port_y.post_send_ud(&qy, d, None, &m.data);
+            }
+        }
+    });
+    let dest = UdDest {
+        dgid: gid_v4(y),
+        dqpn: py.ud_qp().qpn_value(),
+        qkey: RDMA_CM_UD_QKEY,
+    };
+    let size = a.size.clamp(8, 2048) as usize;
+    let t = Instant::now();
+    let (mut base, mut next) = (0u64, 0u64);
+    let mut acked = [false; 64];
+    let mut last = Instant::now();
+    while base < a.messages {
+        while next < a.messages && next < base + 8 {
+            px.port()
+                .post_send_ud(px.ud_qp(), dest, None, &pattern(next, size))?;
+            next += 1;
+        }
+        if let Some(m) = px.ud_qp().recv_timeout(Duration::from_millis(300)) {
+            let seq = u64::from_be_bytes(m.data[..8].try_into().unwrap_or_default());
+            if seq >= base && seq < next && m.data == pattern(seq, size) {
+                acked[(seq % 64) as usize] = true;
+                last = Instant::now();
+            }
+            while base < next && acked[(base % 64) as usize] {
+                acked[(base % 64) as usize] = false;
+                base += 1;
+            }
+        } else if last.elapsed() > Duration::from_millis(300) {
+            for s in base..next {
+                if !acked[(s % 64) as usize] {
+                    px.port()
+                        .post_send_ud(px.ud_qp(), dest, None, &pattern(s, size))?;
+                }
+            }
+            last = Instant::now();
+        }
+    }
+    let rate = a.messages as f64 / t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    px.shutdown();
+    py.shutdown();
+    Ok(Side {
+        connect_median_us: median(&mut connect.clone()),
+        connect_us: connect,
+        ud_msgs_per_s: rate,
+    })
+}
+
+pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
+    let signals = SignalState::install()?;
+    let peer = peer_side(&a).context("bare-metal peers")?;
+    let vm = vm_side(&a, &signals).context("VMs")?;
+    let r = BenchVrdmaReport {
+        connect_ratio: vm.connect_median_us / peer.connect_median_us.max(1e-9),
+        ud_rate_ratio: vm.ud_msgs_per_s / peer.ud_msgs_per_s.max(1e-9),
+        vm,
+        peer,
+        size: a.size,
+        messages: a.messages,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "ferry bench vrdma ({} rounds, {} UD messages of {} bytes, 8 in flight)",
+            a.rounds, a.messages, a.size
+        );
+        println!(
+            "  connection setup (REQ/REP/RTU), median: VM<->VM through 2 multiplexers {:.0} us, peer<->peer {:.0} us, ratio {:.2}",
+            r.vm.connect_median_us, r.peer.connect_median_us, r.connect_ratio
+        );
+        println!(
+            "  UD messages echoed and verified: VM<->VM {:.0} msg/s, peer<->peer {:.0} msg/s, ratio {:.2}",
+            r.vm.ud_msgs_per_s, r.peer.ud_msgs_per_s, r.ud_rate_ratio
+        );
+    }
+    Ok(0)
+}

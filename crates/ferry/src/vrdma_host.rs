@@ -1,0 +1,296 @@
+//! The host side of Ferry's virtual RDMA devices: one software RoCEv2 port and its QP1
+//! multiplexer per `ferry` process (the process *is* the host: `ferry run --vrdma` hosts one
+//! VM, `ferry vrdma` several), and the [`vrdma::RdmaBackend`] each VM's PVRDMA device uses:
+//! CREATE_BIND/DESTROY_BIND register/unregister (VM, GID) with the multiplexer, the guest's
+//! QP1 sends go through the multiplexer's checked outbound path, inbound MADs arrive in the
+//! device's [`vrdma::MadInbox`] (the multiplexer's callback target), and UD queue pairs are
+//! queue pairs on the port.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+};
+
+use anyhow::Context;
+use rdma::{
+    addr::Neighbor,
+    mux::{Backpressure, Multiplexer, MuxConfig, MuxStats, Qp1Sink, VmId, VmReport},
+    port::{PortConfig, PortStats, SoftPort, UdDest, UdQp},
+    Gid, Mad, RdmaError,
+};
+use serde::Serialize;
+use vrdma::{
+    BackendError, BackendErrorKind, DeviceStats, MadInbox, RdmaBackend, UdDatagram, UdQueue,
+};
+
+/// `--vrdma gid=IPV4[,host=ADDR][,neighbor=PREFIX/LEN=HOST]...[,pcap=FILE]`.
+#[derive(Debug, Clone)]
+pub struct VrdmaSpec {
+    /// The VM's GID (IPv4-mapped).
+    pub gid: Ipv4Addr,
+    /// Host address the software RoCEv2 port binds (UDP 4791); default: the GID's address.
+    pub host: Option<Ipv4Addr>,
+    /// Where GIDs behind other hosts are reached.
+    pub neighbors: Vec<Neighbor>,
+    /// Packet capture file.
+    pub pcap: Option<PathBuf>,
+}
+
+impl FromStr for VrdmaSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<VrdmaSpec, String> {
+        let mut gid = None;
+        let mut spec = VrdmaSpec {
+            gid: Ipv4Addr::UNSPECIFIED,
+            host: None,
+            neighbors: Vec::new(),
+            pcap: None,
+        };
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}': expected KEY=VALUE"))?;
+            let ip = |v: &str| v.parse::<Ipv4Addr>().map_err(|e| format!("{k}='{v}': {e}"));
+            match k {
+                "gid" => gid = Some(ip(v)?),
+                "host" => spec.host = Some(ip(v)?),
+                "neighbor" | "peer" => spec
+                    .neighbors
+                    .push(v.parse().map_err(|e: RdmaError| e.to_string())?),
+                "pcap" => spec.pcap = Some(PathBuf::from(v)),
+                other => return Err(format!("unknown --vrdma key '{other}'")),
+            }
+        }
+        spec.gid = gid.ok_or("--vrdma needs gid=A.B.C.D")?;
+        Ok(spec)
+    }
+}
+
+/// Inbound MADs into a VM's device.
+struct InboxSink(Arc<MadInbox>);
+
+impl Qp1Sink for InboxSink {
+    fn deliver(&self, grh: &[u8; 40], mad: &Mad) -> Result<(), Backpressure> {
+        self.0.deliver(grh, mad).map_err(|_| Backpressure)
+    }
+}
+
+fn backend_error(e: RdmaError) -> BackendError {
+    let kind = match &e {
+        RdmaError::GidOwned { .. } => BackendErrorKind::AddressInUse,
+        RdmaError::Refused { .. } | RdmaError::NotOwner { .. } | RdmaError::InvalidGid(_) => {
+            BackendErrorKind::Refused
+        }
+        _ => BackendErrorKind::Failed,
+    };
+    BackendError::new(kind, e.to_string())
+}
+
+/// One VM's view of the host: its multiplexer registration and the port.
+struct MuxBackend {
+    vm: VmId,
+    mux: Arc<Multiplexer>,
+    port: SoftPort,
+}
+
+struct HostUd {
+    port: SoftPort,
+    qp: Arc<UdQp>,
+}
+
+impl UdQueue for HostUd {
+    fn qpn(&self) -> u32 {
+        self.qp.qpn_value()
+    }
+    fn send(
+        &self,
+        dgid: Gid,
+        dqpn: u32,
+        qkey: u32,
+        imm: Option<u32>,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        self.port
+            .post_send_ud(&self.qp, UdDest { dgid, dqpn, qkey }, imm, data)
+            .map_err(backend_error)
+    }
+    fn try_recv(&self) -> Option<UdDatagram> {
+        self.qp.try_recv().map(|m| UdDatagram {
+            sgid: m.sgid,
+            src_qpn: m.src_qpn,
+            grh: m.grh,
+            imm: m.imm,
+            data: m.data,
+        })
+    }
+}
+
+impl Drop for HostUd {
+    fn drop(&mut self) {
+        let _ = self.port.destroy_qp(self.qp.qpn_value());
+    }
+}
+
+impl RdmaBackend for MuxBackend {
+    fn bind_gid(&self, gid: Gid) -> Result<(), BackendError> {
+        self.mux.register_gid(self.vm, gid).map_err(backend_error)
+    }
+    fn unbind_gid(&self, gid: Gid) -> Result<(), BackendError> {
+        self.mux.unregister_gid(self.vm, gid).map_err(backend_error)
+    }
+    fn send_mad(&self, sgid: Gid, dgid: Gid, mad: &[u8]) -> Result<(), BackendError> {
+        self.mux
+            .send_from_vm(self.vm, sgid, dgid, mad)
+            .map_err(backend_error)
+    }
+    fn receive_buffers_posted(&self) {
+        self.mux.poll_pending(self.vm);
+    }
+    fn create_ud_qp(&self, gid: Gid, qkey: u32) -> Result<Box<dyn UdQueue>, BackendError> {
+        Ok(Box::new(HostUd {
+            port: self.port.clone(),
+            qp: self.port.create_ud_qp(gid, qkey),
+        }))
+    }
+}
+
+/// The host: a software RoCEv2 port and its multiplexer.
+pub struct VrdmaHost {
+    port: SoftPort,
+    mux: Arc<Multiplexer>,
+    next_vm: AtomicU32,
+}
+
+/// What a VM's device and the multiplexer saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmVrdmaReport {
+    /// The multiplexer's VM ID.
+    pub vm: VmId,
+    /// Device counters.
+    pub device: DeviceStats,
+    /// The multiplexer's report for this VM (GIDs still registered, MADs routed to it, sent,
+    /// refused), taken before the VM was detached.
+    pub mux: Option<VmReport>,
+    /// GIDs still registered when the VM went away (all unregistered then).
+    pub gids_at_exit: usize,
+}
+
+/// The host's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    /// Host address.
+    pub addr: Ipv4Addr,
+    /// Multiplexer counters (MADs routed, dropped, refused).
+    pub mux: MuxStats,
+    /// Port counters.
+    pub port: PortStats,
+}
+
+impl VrdmaHost {
+    /// Binds the port on `addr` and starts the multiplexer. `local_gids` are the GIDs of this
+    /// host's VMs (reached through this host's own address); `neighbors` say where the GIDs
+    /// behind other hosts are.
+    pub fn start(
+        addr: Ipv4Addr,
+        local_gids: &[Ipv4Addr],
+        neighbors: &[Neighbor],
+        pcap: Option<PathBuf>,
+    ) -> anyhow::Result<Arc<VrdmaHost>> {
+        let mut cfg = PortConfig::new(addr);
+        for g in local_gids {
+            cfg.neighbors.add(Neighbor {
+                prefix: *g,
+                len: 32,
+                host: addr,
+            });
+        }
+        for n in neighbors {
+            cfg.neighbors.add(*n);
+        }
+        cfg.pcap = pcap;
+        let port =
+            SoftPort::bind(cfg).with_context(|| format!("binding the RoCEv2 port on {addr}"))?;
+        let mux = Multiplexer::new(MuxConfig::default(), Arc::new(port.clone()));
+        port.set_gsi_handler(mux.clone());
+        Ok(Arc::new(VrdmaHost {
+            port,
+            mux,
+            next_vm: AtomicU32::new(1),
+        }))
+    }
+
+    /// Attaches a PVRDMA device to `vm`, registered with the multiplexer as a new VM.
+    pub fn attach(&self, vm: &vmm::Vm) -> anyhow::Result<VmLink> {
+        let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
+        let inbox = Arc::new(MadInbox::default());
+        self.mux
+            .attach_vm(id, Arc::new(InboxSink(inbox.clone())))
+            .context("attaching the VM to the multiplexer")?;
+        let backend = Arc::new(MuxBackend {
+            vm: id,
+            mux: self.mux.clone(),
+            port: self.port.clone(),
+        });
+        let handle = vrdma::attach(vm, backend, inbox, vrdma::DEFAULT_BAR_BASE)
+            .context("attaching the PVRDMA device")?;
+        Ok(VmLink {
+            handle: Some(handle),
+            id,
+            mux: self.mux.clone(),
+        })
+    }
+
+    /// Counters.
+    pub fn report(&self) -> HostReport {
+        HostReport {
+            addr: self.port.addr(),
+            mux: self.mux.stats(),
+            port: self.port.stats(),
+        }
+    }
+
+    /// Stops the port.
+    pub fn shutdown(&self) {
+        self.port.shutdown();
+    }
+}
+
+/// A VM's device and its registration; [`VmLink::finish`] (or dropping it) unregisters.
+pub struct VmLink {
+    handle: Option<vrdma::VrdmaHandle>,
+    id: VmId,
+    mux: Arc<Multiplexer>,
+}
+
+impl VmLink {
+    /// Stops the device (unbinding its GIDs) and detaches the VM from the multiplexer.
+    pub fn finish(mut self) -> VmVrdmaReport {
+        self.finish_inner()
+    }
+
+    fn finish_inner(&mut self) -> VmVrdmaReport {
+        let mux = self.mux.vm_report(self.id);
+        let device = self.handle.take().map(|mut h| h.stop()).unwrap_or_default();
+        // Stopping the device unbound its GIDs; detaching drops anything left (connections,
+        // queued MADs).
+        let _ = self.mux.detach_vm(self.id);
+        VmVrdmaReport {
+            vm: self.id,
+            device,
+            gids_at_exit: mux.as_ref().map_or(0, |m| m.gids.len()),
+            mux,
+        }
+    }
+}
+
+impl Drop for VmLink {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            self.finish_inner();
+        }
+    }
+}
