@@ -142,13 +142,13 @@ pub struct RunArgs {
     /// Serve the control API (JSON lines) on this Unix socket: `ferry migrate` talks to it.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// Print a JSON summary as the last line of stdout.
-    #[arg(long)]
     /// Attach a virtual RDMA device (PVRDMA ABI) with this GID; this process hosts the
     /// software RoCEv2 port (UDP 4791 on `host`, default the GID's address) and its CM
     /// multiplexer. `neighbor=PREFIX/LEN=HOST` says where GIDs behind other hosts are.
     #[arg(long, value_name = "gid=IPV4[,host=ADDR][,neighbor=P/L=HOST]...")]
     pub vrdma: Option<crate::vrdma_host::VrdmaSpec>,
+    /// Print a JSON summary as the last line of stdout.
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -128,6 +128,7 @@ fn vm_side(a: &BenchVrdmaArgs, signals: &Arc<SignalState>) -> anyhow::Result<Sid
         },
         delay: Duration::ZERO,
         expect: 0,
+        timeout: None,
     };
     let (ha2, sig2) = (ha.clone(), signals.clone());
     let server_thread = std::thread::spawn(move || {
@@ -156,6 +157,7 @@ fn vm_side(a: &BenchVrdmaArgs, signals: &Arc<SignalState>) -> anyhow::Result<Sid
             },
             delay: Duration::ZERO,
             expect: 0,
+            timeout: None,
         };
         let r = run_vms(
             &hb,

@@ -91,7 +91,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
     if let (Some(h), Some(v)) = (&host, &report.vrdma) {
         let hr = h.report();
         eprintln!(
-            "ferry: vrdma: device MADs sent {} received {} refused {}, UD sent {} received {}; host {} MADs routed to VMs {}, dropped (no owner) {}, refused {}; GIDs unregistered at exit: {}",
+            "ferry: vrdma: device MADs sent {} received {} refused {}, UD sent {} received {}; host {} MADs routed to VMs {}, dropped (no owner) {}, refused {}; GIDs registered at VM exit (now unregistered): {}",
             v.device.mads_sent,
             v.device.mads_received,
             v.device.mads_refused,

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Default rdma_cm port of the agent's services.
-pub const DEFAULT_PORT: u16 = 7471;
+pub const DEFAULT_PORT: u16 = rdma::host::DEFAULT_SERVICE_PORT;
 
 /// Variants of `rdma-client`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -92,7 +92,8 @@ impl RdmaCliArgs {
 }
 
 /// One VM of `ferry vrdma`: `WORKLOAD,gid=IPV4[,peer=IPV4][,other=IPV4][,port=N]
-/// [,messages=N][,size=N][,sessions=N][,mode=normal|bind-other|spoof][,delay=MS][,expect=STATUS]`.
+/// [,messages=N][,size=N][,sessions=N][,mode=normal|bind-other|spoof][,delay=MS]
+/// [,timeout=MS][,expect=CODE]`.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     /// Workload.
@@ -101,8 +102,10 @@ pub struct VmSpec {
     pub rdma: RdmaArgs,
     /// Start this long after the host is up.
     pub delay: Duration,
-    /// Exit status that counts as success.
+    /// Exit code that counts as success (the guest's status; 124 for a timeout).
     pub expect: u32,
+    /// Stop this VM after this long (default: the host's `--timeout`).
+    pub timeout: Option<Duration>,
 }
 
 impl FromStr for VmSpec {
@@ -133,6 +136,7 @@ impl FromStr for VmSpec {
             },
             delay: Duration::ZERO,
             expect: 0,
+            timeout: None,
         };
         for part in parts.filter(|p| !p.is_empty()) {
             let (k, val) = part
@@ -153,6 +157,7 @@ impl FromStr for VmSpec {
                 "size" => v.rdma.msg_size = num()? as u32,
                 "delay" => v.delay = Duration::from_millis(num()?),
                 "expect" => v.expect = num()? as u32,
+                "timeout" => v.timeout = Some(Duration::from_millis(num()?)),
                 "mode" => {
                     v.rdma.mode = RdmaMode::from_str(val, true)
                         .map_err(|e| format!("mode='{val}': {e}"))?
@@ -178,7 +183,8 @@ pub struct VrdmaHostArgs {
     #[arg(long = "neighbor", value_name = "PREFIX/LEN=HOST")]
     pub neighbors: Vec<Neighbor>,
     /// A VM (repeatable): `WORKLOAD,gid=IPV4[,peer=IPV4][,other=IPV4][,port=N][,messages=N]
-    /// [,size=N][,sessions=N][,mode=normal|bind-other|spoof][,delay=MS][,expect=STATUS]`.
+    /// [,size=N][,sessions=N][,mode=normal|bind-other|spoof][,delay=MS][,timeout=MS]
+    /// [,expect=CODE]`; VMs start in order after their delay.
     #[arg(long = "vm", required = true)]
     pub vms: Vec<VmSpec>,
     /// RAM of each VM.
@@ -206,7 +212,9 @@ pub struct VmOutcomeReport {
     pub outcome: String,
     /// Exit status.
     pub status: Option<u32>,
-    /// Expected exit status.
+    /// Exit code (`ferry run`'s: the status, 124 for a timeout, …).
+    pub code: i32,
+    /// Expected exit code.
     pub expect: u32,
     /// The device's and the multiplexer's counters.
     pub vrdma: Option<VmVrdmaReport>,
@@ -257,7 +265,7 @@ pub fn run_vms(
             memory,
             console,
             console_prefix: format!("[vm{i} {gid}] "),
-            timeout: Some(timeout),
+            timeout: Some(v.timeout.unwrap_or(timeout)),
             vrdma: Some(host.clone()),
             ..Default::default()
         };
@@ -269,6 +277,7 @@ pub fn run_vms(
                 .spawn(move || -> anyhow::Result<VmOutcomeReport> {
                     std::thread::sleep(delay);
                     let r = session::run(&boot, &spec, Instant::now(), &signals)?;
+                    let code = r.exit_code();
                     let result = r
                         .console_tail
                         .iter()
@@ -279,6 +288,7 @@ pub fn run_vms(
                         gid,
                         outcome: r.outcome,
                         status: r.status,
+                        code,
                         expect,
                         vrdma: r.vrdma,
                         result,
@@ -313,9 +323,7 @@ pub fn run(args: VrdmaHostArgs, _process_start: Instant) -> anyhow::Result<i32> 
         &args.serial,
         &signals,
     )?;
-    let pass = vms
-        .iter()
-        .all(|v| v.outcome == "exit" && v.status == Some(v.expect));
+    let pass = vms.iter().all(|v| v.code == v.expect as i32);
     let report = VrdmaRunReport {
         pass,
         vms,
@@ -345,8 +353,8 @@ pub fn print_host_report(r: &VrdmaRunReport) {
             .map(|x| x.device.clone())
             .unwrap_or_default();
         eprintln!(
-            "ferry vrdma: {} {}: {} (status {:?}, expected {}); MADs sent {} received {} refused {}; UD sent {} received {}; binds refused {}; command errors {}",
-            v.workload, v.gid, v.outcome, v.status, v.expect, d.mads_sent, d.mads_received,
+            "ferry vrdma: {} {}: {} (exit code {}, expected {}); MADs sent {} received {} refused {}; UD sent {} received {}; binds refused {}; command errors {}",
+            v.workload, v.gid, v.outcome, v.code, v.expect, d.mads_sent, d.mads_received,
             d.mads_refused, d.ud_sent, d.ud_received, d.binds_refused, d.command_errors
         );
     }
