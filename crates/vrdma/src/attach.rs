@@ -6,8 +6,9 @@
 //! **Doorbells without exits.** A VM exit costs ~28 µs on Ferry's machines, so the UAR page is
 //! a host page in a KVM memory slot: the guest's doorbell writes land in memory. The device
 //! thread polls every active queue's ring indexes in guest memory (the rings are the source of
-//! truth; the doorbell only says "something changed") and uses the doorbell page to leave its
-//! idle back-off at once. The built-in guest polls its completion queues; the device raises no
+//! truth; the doorbell only says "something changed": the thread zeroes the doorbell words it
+//! has seen, so each write is visible) and uses the doorbell page to leave its idle back-off at
+//! once. The built-in guest polls its completion queues; the device raises no
 //! interrupts (the ring-3 guest runs with IF = 0).
 use std::{
     sync::{
@@ -15,7 +16,7 @@ use std::{
         Arc, Mutex,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use pvrdma_abi as abi;
@@ -110,16 +111,22 @@ impl HostPage {
         Ok(HostPage(p.cast()))
     }
 
-    /// The doorbell words (QP and CQ) the guest wrote last.
-    fn doorbells(&self) -> (u32, u32) {
-        // SAFETY: offsets 0 and 4 lie inside the live page and are 4-byte aligned; the guest
-        // writes them concurrently, so they are read with volatile loads.
-        unsafe {
-            (
-                std::ptr::read_volatile(self.0.cast::<u32>()),
-                std::ptr::read_volatile(self.0.add(4).cast::<u32>()),
-            )
+    /// Whether the guest rang a doorbell (QP or CQ word) since the last call; clears them.
+    fn take_doorbells(&self) -> bool {
+        let mut rang = false;
+        for off in [abi::PVRDMA_UAR_QP_OFFSET, abi::PVRDMA_UAR_CQ_OFFSET] {
+            // SAFETY: the word lies inside the live page and is 4-byte aligned; the guest
+            // writes it concurrently, hence volatile accesses. A doorbell written between the
+            // load and the store is only a lost hint: the rings are polled anyway.
+            unsafe {
+                let p = self.0.add(off as usize).cast::<u32>();
+                if std::ptr::read_volatile(p) != 0 {
+                    std::ptr::write_volatile(p, 0);
+                    rang = true;
+                }
+            }
         }
+        rang
     }
 }
 
@@ -219,10 +226,13 @@ pub fn attach(
 
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
-        let (device, stop, uar) = (device.clone(), stop.clone(), uar.clone());
+        let (device, stop, uar, inbox) = (device.clone(), stop.clone(), uar.clone(), inbox.clone());
         std::thread::Builder::new()
             .name("pvrdma".into())
-            .spawn(move || poll_loop(&device, &stop, &uar))
+            .spawn(move || {
+                inbox.set_waker(std::thread::current());
+                poll_loop(&device, &stop, &uar)
+            })
             .map_err(|e| VrdmaError::Io {
                 what: "spawning the device thread",
                 source: e,
@@ -243,29 +253,30 @@ pub fn attach(
 }
 
 fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage) {
-    let mut idle = 0u32;
-    let mut last_bell = uar.doorbells();
+    // Polling policy: the rings in guest memory are the truth and are scanned on every pass.
+    // A pass that found work is followed by another at once; otherwise the thread parks for
+    // 20 µs (200 ms after the last work: 1 ms), leaving the CPU to the vCPUs, which spin on
+    // their completion queues. (Spinning here too starves them on a machine with few cores.)
+    // A doorbell write (the device zeroes the doorbell words it has seen, so every write is a
+    // change) and a command count as work; an inbound MAD unparks the thread (the inbox
+    // wakes it).
+    let mut last_work = Instant::now();
+    let mut commands = 0;
     while !stop.load(Ordering::Relaxed) {
-        let work = device.lock().unwrap_or_else(|e| e.into_inner()).poll();
-        let bell = uar.doorbells();
-        if work > 0 || bell != last_bell {
-            idle = 0;
-            last_bell = bell;
-            std::thread::yield_now();
+        let (work, c) = {
+            let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
+            (d.poll(), d.command_count())
+        };
+        let rang = uar.take_doorbells();
+        if work > 0 || rang || c != commands {
+            commands = c;
+            last_work = Instant::now();
             continue;
         }
-        idle = idle.saturating_add(1);
-        // Busy for a short while after activity, then back off up to 1 ms.
-        let sleep_us = match idle {
-            0..=200 => 0,
-            201..=2000 => 20,
-            _ => 1000,
-        };
-        if sleep_us == 0 {
-            std::hint::spin_loop();
-            std::thread::yield_now();
+        if last_work.elapsed() < Duration::from_millis(200) {
+            std::thread::park_timeout(Duration::from_micros(20));
         } else {
-            std::thread::sleep(Duration::from_micros(sleep_us));
+            std::thread::park_timeout(Duration::from_millis(1));
         }
     }
 }

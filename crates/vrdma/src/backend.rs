@@ -81,6 +81,7 @@ pub struct MadInbox {
     credits: AtomicUsize,
     accepted: AtomicU64,
     refused: AtomicU64,
+    waker: Mutex<Option<std::thread::Thread>>,
 }
 
 impl MadInbox {
@@ -102,7 +103,15 @@ impl MadInbox {
             .unwrap_or_else(|e| e.into_inner())
             .push_back((*grh, Box::new(*mad)));
         self.accepted.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+            t.unpark();
+        }
         Ok(())
+    }
+
+    /// The thread to wake when a MAD arrives (the device thread).
+    pub(crate) fn set_waker(&self, t: std::thread::Thread) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
     }
 
     /// Sets the number of MADs the guest can take now (free receive buffers minus queued).

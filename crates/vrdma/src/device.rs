@@ -256,6 +256,11 @@ impl Device {
         self.stats.clone()
     }
 
+    /// Commands executed so far (the device thread treats a new command as activity).
+    pub fn command_count(&self) -> u64 {
+        self.stats.commands
+    }
+
     /// The GIDs bound now.
     pub fn gids(&self) -> Vec<Gid> {
         self.gids.iter().flatten().copied().collect()
