@@ -361,13 +361,12 @@ impl Device {
                     "need a header page and a data page",
                 ));
             }
-            let elems = ((pages.len() as u64 - 1) * abi::PVRDMA_PAGE_SIZE / 8) as u32;
+            // Linux sizes the ring as all data pages' worth of elements; the index arithmetic
+            // needs a power of two, so the device uses the largest one that fits.
+            let fit = ((pages.len() as u64 - 1) * abi::PVRDMA_PAGE_SIZE / 8) as u32;
             Some(DevRing {
                 pages,
-                elems: elems
-                    .next_power_of_two()
-                    .min(elems.next_power_of_two() >> 1)
-                    .max(1),
+                elems: 1 << (31 - fit.leading_zeros()),
                 elem_size: 8,
             })
         } else {

@@ -90,6 +90,7 @@ struct Guest {
     next: u64,
     cmd: u64,
     resp: u64,
+    async_pages: Vec<u64>,
 }
 
 fn gid(a: u8) -> Gid {
@@ -110,13 +111,21 @@ impl Guest {
             next: 0x10000,
             cmd: 0,
             resp: 0,
+            async_pages: Vec::new(),
         };
         g.cmd = g.page();
         g.resp = g.page();
         let dsr = g.page();
+        let (async_dir, async_pages) = g.pdir(2);
+        g.async_pages = async_pages;
         let d = abi::DeviceSharedRegion {
             cmd_slot_dma: g.cmd,
             resp_slot_dma: g.resp,
+            async_ring_pages: abi::RingPageInfo {
+                num_pages: 2,
+                reserved: 0,
+                pdir_dma: async_dir,
+            },
             ..Default::default()
         };
         g.mem.write(dsr, d.as_bytes()).unwrap();
@@ -583,6 +592,11 @@ fn hostile_work_requests_and_ring_indexes() {
     g.mem.store_u32(qp_pages[0], 0xffff_0000).unwrap();
     g.dev.poll();
     assert_eq!(g.dev.stats().qp_ring_errors, 1);
+    // ... and the guest hears of it on the async event ring.
+    assert_eq!(g.mem.load_u32(g.async_pages[0] + 8).unwrap(), 1);
+    let mut eqe = abi::Eqe::default();
+    g.mem.read(g.async_pages[1], eqe.as_mut_bytes()).unwrap();
+    assert_eq!((eqe.kind, eqe.info), (abi::event::QP_FATAL, qpn));
     let (e, r) = g.cmd(&abi::CmdQueryQp {
         hdr: Guest::hdr(cmd_code::QUERY_QP),
         qp_handle: qpn,
