@@ -319,6 +319,15 @@ fn demo_passes() {
         report["destination"]["status"], 0,
         "the guest's own final verification held"
     );
+    // The RDMA phase: two host processes, a VM on each, connected through both multiplexers.
+    assert_eq!(report["vrdma"]["pass"], true, "{}", report["vrdma"]);
+    for host in report["vrdma"]["hosts"].as_array().unwrap() {
+        assert!(
+            host["host"]["mux"]["delivered"].as_u64().unwrap() >= 3,
+            "{host}"
+        );
+        assert_eq!(host["host"]["mux"]["no_owner"], 0, "{host}");
+    }
     let hash = report["migration"]["memory_hash"].as_str().unwrap();
     assert_eq!(
         report["destination"]["incoming"]["memory_hash"].as_str(),
