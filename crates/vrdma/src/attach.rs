@@ -8,8 +8,10 @@
 //! thread polls every active queue's ring indexes in guest memory (the rings are the source of
 //! truth; the doorbell only says "something changed": the thread zeroes the doorbell words it
 //! has seen, so each write is visible) and uses the doorbell page to leave its idle back-off at
-//! once. The built-in guest polls its completion queues; the device raises no
-//! interrupts (the ring-3 guest runs with IF = 0).
+//! once. The built-in guest polls its completion queues (the ring-3 guest runs with IF = 0);
+//! a guest that enables MSI-X in the capability gets the ABI's three vectors through
+//! `KVM_SIGNAL_MSI`: command response, async event, and CQ completion for CQs armed through
+//! the CQ doorbell.
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -37,19 +39,78 @@ use crate::{
 pub const REG_BAR_SIZE: u64 = 0x1000;
 /// Size of the UAR BAR (one doorbell page).
 pub const UAR_BAR_SIZE: u64 = 0x1000;
-/// Where the VMM places the device's BARs by default: registers at `+0`, UAR at `+0x1000`.
+/// Where the VMM places the device's BARs by default: registers (BAR1) at `+0`, UAR (BAR2) at
+/// `+0x1000`, MSI-X (BAR0) at `+0x2000`.
 pub const DEFAULT_BAR_BASE: u64 = guest_abi::layout::PCI_MMIO_BASE + 0x0800_0000;
 const _: () =
     assert!(DEFAULT_BAR_BASE + REG_BAR_SIZE + UAR_BAR_SIZE <= guest_abi::layout::PCI_MMIO_END);
 
-struct ConfigSpace(PciConfiguration);
+/// Size of the MSI-X BAR (table at 0, pending bits at 0x800).
+pub const MSIX_BAR_SIZE: u64 = 0x1000;
+
+struct ConfigSpace {
+    cfg: PciConfiguration,
+    /// Configuration dword holding the MSI-X message control word (upper half).
+    msix_reg: usize,
+    device: Arc<Mutex<Device>>,
+}
 
 impl PciDevice for ConfigSpace {
     fn config_read(&mut self, reg: usize) -> u32 {
-        self.0.read(reg)
+        self.cfg.read(reg)
     }
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
-        self.0.write(reg, offset, data)
+        self.cfg.write(reg, offset, data);
+        if reg == self.msix_reg {
+            let ctl = self.cfg.read(reg) >> 16;
+            self.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_msix_control(ctl & (1 << 15) != 0, ctl & (1 << 14) != 0);
+        }
+    }
+}
+
+struct MsixBar(Arc<Mutex<Device>>);
+
+impl BusDevice for MsixBar {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = if data.len() == 4 && offset % 4 == 0 {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_msix(offset)
+        } else {
+            0
+        };
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 4 && offset % 4 == 0 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_msix(offset, v);
+        }
+    }
+}
+
+/// MSI messages injected with `KVM_SIGNAL_MSI`.
+struct KvmMsi(Arc<kvm_ioctls::VmFd>);
+
+impl crate::device::MsiSink for KvmMsi {
+    fn signal(&self, address: u64, data: u32) {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.signal_msi(msi) {
+            tracing::debug!("injecting an MSI: {e}");
+        }
     }
 }
 
@@ -111,22 +172,21 @@ impl HostPage {
         Ok(HostPage(p.cast()))
     }
 
-    /// Whether the guest rang a doorbell (QP or CQ word) since the last call; clears them.
-    fn take_doorbells(&self) -> bool {
-        let mut rang = false;
-        for off in [abi::PVRDMA_UAR_QP_OFFSET, abi::PVRDMA_UAR_CQ_OFFSET] {
+    /// The doorbell words (QP, CQ) the guest wrote since the last call (0: none); clears them.
+    fn take_doorbells(&self) -> [u32; 2] {
+        [abi::PVRDMA_UAR_QP_OFFSET, abi::PVRDMA_UAR_CQ_OFFSET].map(|off| {
             // SAFETY: the word lies inside the live page and is 4-byte aligned; the guest
             // writes it concurrently, hence volatile accesses. A doorbell written between the
             // load and the store is only a lost hint: the rings are polled anyway.
             unsafe {
                 let p = self.0.add(off as usize).cast::<u32>();
-                if std::ptr::read_volatile(p) != 0 {
+                let v = std::ptr::read_volatile(p);
+                if v != 0 {
                     std::ptr::write_volatile(p, 0);
-                    rang = true;
                 }
+                v
             }
-        }
-        rang
+        })
     }
 }
 
@@ -192,8 +252,11 @@ pub fn attach(
 ) -> Result<VrdmaHandle, VrdmaError> {
     let reg_gpa = bar_base;
     let uar_gpa = bar_base + REG_BAR_SIZE;
+    let msix_gpa = uar_gpa + UAR_BAR_SIZE;
     let mem: Arc<dyn crate::GuestMemory> = Arc::new(vm.ram().clone());
-    let device = Arc::new(Mutex::new(Device::new(mem, backend, inbox.clone())));
+    let mut dev = Device::new(mem, backend, inbox.clone());
+    dev.set_msi_sink(Arc::new(KvmMsi(vm.vm_fd().clone())));
+    let device = Arc::new(Mutex::new(dev));
 
     let mut cfg = PciConfiguration::new(PciHeader {
         vendor_id: abi::PCI_VENDOR_ID_VMWARE,
@@ -203,13 +266,34 @@ pub fn attach(
         subsystem_vendor_id: abi::PCI_VENDOR_ID_VMWARE,
         subsystem_id: abi::PCI_DEVICE_ID_VMWARE_PVRDMA,
     });
+    cfg.add_bar(
+        abi::PCI_RESOURCE_MSIX,
+        msix_gpa,
+        MSIX_BAR_SIZE,
+        BarKind::Mem32,
+    );
     cfg.add_bar(abi::PCI_RESOURCE_REG, reg_gpa, REG_BAR_SIZE, BarKind::Mem32);
     cfg.add_bar(abi::PCI_RESOURCE_UAR, uar_gpa, UAR_BAR_SIZE, BarKind::Mem64);
+    // MSI-X: table size N - 1, table and pending bits in BAR0.
+    let mut body = [0u8; 10];
+    body[0..2].copy_from_slice(&(abi::PVRDMA_MAX_INTERRUPTS as u16 - 1).to_le_bytes());
+    body[2..6].copy_from_slice(&(abi::PCI_RESOURCE_MSIX as u32).to_le_bytes());
+    body[6..10].copy_from_slice(
+        &(crate::device::MSIX_PBA_OFFSET as u32 | abi::PCI_RESOURCE_MSIX as u32).to_le_bytes(),
+    );
+    let cap = cfg.add_capability(0x11, &body);
+    // Enable (bit 15) and function mask (bit 14) of the message control word.
+    cfg.set_writable(cap / 4, 0xc000_0000);
 
     vm.mmio_bus().insert(
         reg_gpa,
         REG_BAR_SIZE,
         Arc::new(Mutex::new(Registers(device.clone()))),
+    )?;
+    vm.mmio_bus().insert(
+        msix_gpa,
+        MSIX_BAR_SIZE,
+        Arc::new(Mutex::new(MsixBar(device.clone()))),
     )?;
     let uar = Arc::new(HostPage::new()?);
     // SAFETY: the page stays mapped while `VrdmaHandle` (which owns an Arc of it) lives, and
@@ -219,10 +303,14 @@ pub fn attach(
         vm.memory_slots()
             .add(uar_gpa, UAR_BAR_SIZE, uar.0 as u64, SlotKind::Device, false)?;
     }
-    vm.pci_bus()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .add(4, Arc::new(Mutex::new(ConfigSpace(cfg))))?;
+    vm.pci_bus().lock().unwrap_or_else(|e| e.into_inner()).add(
+        4,
+        Arc::new(Mutex::new(ConfigSpace {
+            cfg,
+            msix_reg: cap / 4,
+            device: device.clone(),
+        })),
+    )?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
@@ -263,12 +351,15 @@ fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage) {
     let mut last_work = Instant::now();
     let mut commands = 0;
     while !stop.load(Ordering::Relaxed) {
+        let [qp_bell, cq_bell] = uar.take_doorbells();
         let (work, c) = {
             let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
+            if cq_bell != 0 {
+                d.cq_doorbell(cq_bell);
+            }
             (d.poll(), d.command_count())
         };
-        let rang = uar.take_doorbells();
-        if work > 0 || rang || c != commands {
+        if work > 0 || qp_bell != 0 || cq_bell != 0 || c != commands {
             commands = c;
             last_work = Instant::now();
             continue;

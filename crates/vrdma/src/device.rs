@@ -50,14 +50,14 @@ use limits::*;
 pub const UD_QKEY: u32 = 0x0123_4567;
 
 /// A protection domain.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pd {
     /// Handle.
     pub handle: u32,
 }
 
 /// A memory region.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mr {
     /// Handle (= lkey = rkey).
     pub handle: u32,
@@ -76,7 +76,7 @@ pub struct Mr {
 }
 
 /// A completion queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cq {
     /// Handle.
     pub handle: u32,
@@ -89,7 +89,6 @@ pub struct Cq {
 }
 
 /// A queue pair.
-#[derive(Serialize, Deserialize)]
 pub struct Qp {
     /// Handle.
     pub handle: u32,
@@ -122,7 +121,6 @@ pub struct Qp {
     /// Q_Key.
     pub qkey: u32,
     /// The host port's UD queue pair (UD only).
-    #[serde(skip)]
     pub ud: Option<Box<dyn UdQueue>>,
 }
 
@@ -138,7 +136,7 @@ impl std::fmt::Debug for Qp {
 }
 
 /// A device ring (async events, CQ notifications) in guest pages.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevRing {
     /// Pages: ring state, then elements.
     pub pages: Vec<u64>,
@@ -146,6 +144,70 @@ pub struct DevRing {
     pub elems: u32,
     /// Element size.
     pub elem_size: u32,
+}
+
+/// A queue pair as plain data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QpState {
+    /// Handle (= QP number).
+    pub handle: u32,
+    /// `qp_type::*`.
+    pub qp_type: u8,
+    /// `qp_state::*`.
+    pub state: u32,
+    /// PD.
+    pub pd: u32,
+    /// Send CQ.
+    pub send_cq: u32,
+    /// Receive CQ.
+    pub recv_cq: u32,
+    /// Send queue slots.
+    pub sq_wqes: u32,
+    /// Receive queue slots.
+    pub rq_wqes: u32,
+    /// SGEs per send WQE.
+    pub sq_sge: u32,
+    /// SGEs per receive WQE.
+    pub rq_sge: u32,
+    /// Pages sent with the SQ.
+    pub send_chunks: u32,
+    /// Pages: header, SQ, RQ.
+    pub pages: Vec<u64>,
+    /// Signal every send.
+    pub sig_all: bool,
+    /// Q_Key.
+    pub qkey: u32,
+}
+
+/// The whole device state as plain data: registers, shared-region addresses, GID table and
+/// object tables (what a migration would carry; the host's UD queue pairs are re-created by
+/// the destination from `qps`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Device shared region address, once activated.
+    pub dsr_gpa: Option<u64>,
+    /// Command slot.
+    pub cmd_slot: u64,
+    /// Response slot.
+    pub resp_slot: u64,
+    /// Interrupt mask register.
+    pub imr: u32,
+    /// MAC registers.
+    pub mac: [u32; 2],
+    /// Async event ring.
+    pub async_ring: Option<DevRing>,
+    /// GID table (raw GIDs).
+    pub gids: Vec<Option<[u8; 16]>>,
+    /// Protection domains.
+    pub pds: Vec<Pd>,
+    /// Memory regions.
+    pub mrs: Vec<Mr>,
+    /// Completion queues.
+    pub cqs: Vec<Cq>,
+    /// Queue pairs.
+    pub qps: Vec<QpState>,
+    /// Next handle to hand out.
+    pub next_handle: u32,
 }
 
 /// Counters of one device.
@@ -201,7 +263,31 @@ pub struct Device {
     qps: BTreeMap<u32, Qp>,
     next_handle: u32,
     stats: DeviceStats,
+    msix: Msix,
 }
+
+/// Where the device's MSI-X messages go (the VMM injects them into the VM).
+pub trait MsiSink: Send + Sync {
+    /// Delivers the message (`address`, `data`).
+    fn signal(&self, address: u64, data: u32);
+}
+
+/// MSI-X vectors: [`abi::PVRDMA_MAX_INTERRUPTS`] table entries (BAR0 offset 0, 16 bytes
+/// each), the pending bits (BAR0 offset [`MSIX_PBA_OFFSET`]), and the capability's enable and
+/// function-mask bits (written through PCI configuration space).
+#[derive(Default)]
+pub struct Msix {
+    table: [[u32; 4]; abi::PVRDMA_MAX_INTERRUPTS as usize],
+    pending: u32,
+    enabled: bool,
+    function_mask: bool,
+    sink: Option<Arc<dyn MsiSink>>,
+    /// CQs armed through the CQ doorbell (one-shot, as on real hardware).
+    armed: std::collections::BTreeSet<u32>,
+}
+
+/// Offset of the pending-bit array in BAR0.
+pub const MSIX_PBA_OFFSET: u64 = 0x800;
 
 fn invalid(field: &'static str, value: u64, why: &'static str) -> VrdmaError {
     VrdmaError::Invalid { field, value, why }
@@ -248,12 +334,121 @@ impl Device {
             qps: BTreeMap::new(),
             next_handle: 1,
             stats: DeviceStats::default(),
+            msix: Msix::default(),
+        }
+    }
+
+    /// Sends MSI-X messages to `sink`.
+    pub fn set_msi_sink(&mut self, sink: Arc<dyn MsiSink>) {
+        self.msix.sink = Some(sink);
+    }
+
+    /// The MSI-X capability's enable and function-mask bits changed.
+    pub fn set_msix_control(&mut self, enabled: bool, function_mask: bool) {
+        self.msix.enabled = enabled;
+        self.msix.function_mask = function_mask;
+        self.deliver_pending();
+    }
+
+    /// Reads BAR0 (MSI-X table and pending bits).
+    pub fn read_msix(&self, offset: u64) -> u32 {
+        if offset >= MSIX_PBA_OFFSET {
+            return if offset == MSIX_PBA_OFFSET {
+                self.msix.pending
+            } else {
+                0
+            };
+        }
+        let (i, w) = ((offset / 16) as usize, ((offset % 16) / 4) as usize);
+        self.msix.table.get(i).map_or(0, |e| e[w])
+    }
+
+    /// Writes BAR0 (the MSI-X table; the pending bits are read-only).
+    pub fn write_msix(&mut self, offset: u64, v: u32) {
+        let (i, w) = ((offset / 16) as usize, ((offset % 16) / 4) as usize);
+        if offset < MSIX_PBA_OFFSET {
+            if let Some(e) = self.msix.table.get_mut(i) {
+                e[w] = v;
+                if w == 3 {
+                    self.deliver_pending();
+                }
+            }
+        }
+    }
+
+    /// Raises interrupt `vector` (its cause bit goes to `PVRDMA_REG_ICR`): sent now if MSI-X
+    /// is enabled and the vector unmasked, else remembered as pending.
+    fn raise(&mut self, vector: u32) {
+        self.icr |= 1 << vector;
+        self.msix.pending |= 1 << vector;
+        self.deliver_pending();
+    }
+
+    fn deliver_pending(&mut self) {
+        if !self.msix.enabled || self.msix.function_mask {
+            return;
+        }
+        let Some(sink) = self.msix.sink.clone() else {
+            return;
+        };
+        for (v, e) in self.msix.table.iter().enumerate() {
+            if self.msix.pending & (1 << v) != 0 && e[3] & 1 == 0 {
+                self.msix.pending &= !(1 << v);
+                sink.signal((e[1] as u64) << 32 | e[0] as u64, e[2]);
+            }
+        }
+    }
+
+    /// A CQ doorbell word the guest wrote: arms the CQ for one completion interrupt.
+    pub fn cq_doorbell(&mut self, v: u32) {
+        let h = v & abi::PVRDMA_UAR_HANDLE_MASK;
+        if v & (abi::PVRDMA_UAR_CQ_ARM | abi::PVRDMA_UAR_CQ_ARM_SOL) != 0
+            && self.cqs.contains_key(&h)
+        {
+            self.msix.armed.insert(h);
         }
     }
 
     /// Counters.
     pub fn stats(&self) -> DeviceStats {
         self.stats.clone()
+    }
+
+    /// The device state as plain data.
+    pub fn state(&self) -> DeviceState {
+        DeviceState {
+            dsr_gpa: self.dsr_gpa,
+            cmd_slot: self.cmd_slot,
+            resp_slot: self.resp_slot,
+            imr: self.imr,
+            mac: self.mac,
+            async_ring: self.async_ring.clone(),
+            gids: self.gids.iter().map(|g| g.map(|g| g.0)).collect(),
+            pds: self.pds.values().cloned().collect(),
+            mrs: self.mrs.values().cloned().collect(),
+            cqs: self.cqs.values().cloned().collect(),
+            qps: self
+                .qps
+                .values()
+                .map(|q| QpState {
+                    handle: q.handle,
+                    qp_type: q.qp_type,
+                    state: q.state,
+                    pd: q.pd,
+                    send_cq: q.send_cq,
+                    recv_cq: q.recv_cq,
+                    sq_wqes: q.sq_wqes,
+                    rq_wqes: q.rq_wqes,
+                    sq_sge: q.sq_sge,
+                    rq_sge: q.rq_sge,
+                    send_chunks: q.send_chunks,
+                    pages: q.pages.clone(),
+                    sig_all: q.sig_all,
+                    qkey: q.qkey,
+                })
+                .collect(),
+            next_handle: self.next_handle,
+        }
     }
 
     /// Commands executed so far (the device thread treats a new command as activity).
@@ -306,6 +501,8 @@ impl Device {
             }
             abi::PVRDMA_REG_REQUEST => self.request(),
             abi::PVRDMA_REG_IMR => self.imr = v,
+            // Write 1 to clear a cause bit.
+            abi::PVRDMA_REG_ICR => self.icr &= !v,
             abi::PVRDMA_REG_MACL => self.mac[0] = v,
             abi::PVRDMA_REG_MACH => self.mac[1] = v & 0xffff,
             _ => {}
@@ -394,6 +591,9 @@ impl Device {
         self.mrs.clear();
         self.pds.clear();
         self.inbox.clear();
+        self.msix.armed.clear();
+        self.msix.pending = 0;
+        self.icr = 0;
         self.dsr_gpa = None;
         self.async_ring = None;
         self.err = 0;
@@ -453,6 +653,7 @@ impl Device {
             tracing::debug!("writing the response slot: {e}");
         }
         self.err = err as u32;
+        self.raise(0);
     }
 
     fn execute(
@@ -1006,6 +1207,7 @@ impl Device {
         })();
         if matches!(ok, Ok(true)) {
             self.stats.async_events += 1;
+            self.raise(1);
         }
     }
 
@@ -1045,7 +1247,12 @@ impl Device {
             Ok(Some(()))
         })();
         match res {
-            Ok(Some(())) => true,
+            Ok(Some(())) => {
+                if self.msix.armed.remove(&cq) {
+                    self.raise(2);
+                }
+                true
+            }
             Ok(None) => {
                 self.stats.cq_overflows += 1;
                 if let Some(c) = self.cqs.get_mut(&cq) {

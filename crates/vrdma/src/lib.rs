@@ -22,7 +22,7 @@ pub mod mem;
 
 pub use attach::{attach, VrdmaHandle, DEFAULT_BAR_BASE};
 pub use backend::{MadInbox, RdmaBackend, UdDatagram, UdQueue};
-pub use device::{Device, DeviceStats};
+pub use device::{Device, DeviceState, DeviceStats};
 pub use error::{BackendError, BackendErrorKind, VrdmaError};
 pub use mem::{GuestMemory, VecMemory};
 

@@ -374,6 +374,19 @@ fn gsi_queue_pair_sends_and_receives_mads() {
     g.mem.read(rbuf, &mut got).unwrap();
     assert_eq!(&got[..40], &[0xaa; 40]);
     assert_eq!(&got[40..], &mad);
+    // The device state is plain data.
+    let st = g.dev.state();
+    assert_eq!(
+        (st.pds.len(), st.mrs.len(), st.cqs.len(), st.qps.len()),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(st.qps[0].state, qp_state::RTS);
+    assert_eq!(st.gids[0], Some(gid(1).0));
+    let json = serde_json::to_string(&st).unwrap();
+    assert_eq!(
+        serde_json::from_str::<crate::device::DeviceState>(&json).unwrap(),
+        st
+    );
     // Unbinding on DESTROY_BIND.
     let (e, _) = g.cmd(&abi::CmdDestroyBind {
         hdr: Guest::hdr(cmd_code::DESTROY_BIND),
@@ -638,4 +651,76 @@ fn reset_unbinds_every_gid() {
         .write_reg(abi::PVRDMA_REG_CTL, abi::PVRDMA_DEVICE_CTL_RESET);
     assert!(g.backend.bound.lock().unwrap().is_empty());
     assert!(g.dev.gids().is_empty());
+}
+
+#[derive(Default)]
+struct Msis(Mutex<Vec<(u64, u32)>>);
+
+impl crate::device::MsiSink for Msis {
+    fn signal(&self, address: u64, data: u32) {
+        self.0.lock().unwrap().push((address, data));
+    }
+}
+
+#[test]
+fn msix_vectors_for_responses_and_armed_cqs() {
+    let mut g = Guest::new(FakeBackend::default());
+    let msis = Arc::new(Msis::default());
+    g.dev.set_msi_sink(msis.clone());
+    for v in 0..3u64 {
+        g.dev.write_msix(16 * v, 0xfee0_0000);
+        g.dev.write_msix(16 * v + 4, 0);
+        g.dev.write_msix(16 * v + 8, 0x40 + v as u32);
+        g.dev.write_msix(16 * v + 12, 0);
+    }
+    // Disabled: the response interrupt stays pending.
+    let pd = g.create_pd();
+    assert!(msis.0.lock().unwrap().is_empty());
+    assert_eq!(g.dev.read_msix(crate::device::MSIX_PBA_OFFSET) & 1, 1);
+    // Enabling delivers it; then every command raises vector 0.
+    g.dev.set_msix_control(true, false);
+    assert_eq!(msis.0.lock().unwrap().as_slice(), &[(0xfee0_0000, 0x40)]);
+    let lkey = g.dma_mr(pd);
+    assert_eq!(msis.0.lock().unwrap().len(), 2);
+    assert_eq!(g.dev.read_reg(abi::PVRDMA_REG_ICR) & 1, 1);
+    // A masked vector is held back.
+    g.dev.write_msix(12, 1);
+    g.create_pd();
+    assert_eq!(msis.0.lock().unwrap().len(), 2);
+    g.dev.write_msix(12, 0);
+    assert_eq!(msis.0.lock().unwrap().len(), 3);
+    // A CQ armed through its doorbell raises vector 2 once.
+    assert_eq!(g.bind(0, gid(1)), 0);
+    let (cq, _) = g.create_cq(16);
+    let (_, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
+    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+        assert_eq!(g.modify(qpn, s), 0);
+    }
+    g.dev.cq_doorbell(cq | abi::PVRDMA_UAR_CQ_ARM);
+    msis.0.lock().unwrap().clear();
+    let buf = g.page();
+    g.post_send(
+        &qp_pages,
+        0,
+        gid(9),
+        1,
+        abi::Sge {
+            addr: buf,
+            length: 256,
+            lkey,
+        },
+    );
+    g.post_send(
+        &qp_pages,
+        1,
+        gid(9),
+        1,
+        abi::Sge {
+            addr: buf,
+            length: 256,
+            lkey,
+        },
+    );
+    g.dev.poll();
+    assert_eq!(msis.0.lock().unwrap().as_slice(), &[(0xfee0_0000, 0x42)]);
 }
