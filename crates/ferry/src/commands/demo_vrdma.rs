@@ -83,20 +83,23 @@ pub fn run() -> anyhow::Result<VrdmaDemo> {
 }
 
 pub fn print(d: &VrdmaDemo) {
-    println!("5. virtual RDMA: two hosts (software RoCEv2 ports + CM multiplexers), a VM on each");
+    println!(
+        "  rdma          two hosts (RoCEv2 port + CM multiplexer each), a VM on each: {}",
+        if d.pass { "ok" } else { "FAILED" }
+    );
     for h in &d.hosts {
         let Ok(r) = serde_json::from_value::<VrdmaRunReportView>(h.clone()) else {
-            println!("   (a host process gave no report)");
+            println!("                a host process gave no report");
             continue;
         };
+        let m = &r.host.mux;
         println!(
-            "   host {}: QP1 MADs in {}, routed to its VM {}, no owner {}; sent from VMs {}, refused {}",
-            r.host.addr, r.host.mux.inbound, r.host.mux.delivered + r.host.mux.queued,
-            r.host.mux.no_owner, r.host.mux.sent, r.host.mux.refused_spoofed
+            "                host {}: QP1 MADs in {}, routed to its VM {}, no owner {}; sent from its VM {}, refused {}",
+            r.host.addr, m.inbound, m.delivered + m.queued, m.no_owner, m.sent, m.refused_spoofed
         );
         for v in r.vms {
             println!(
-                "     VM {} {}: {} status {:?} {}",
+                "                  {} {}: {} {:?}; {}",
                 v.workload,
                 v.gid,
                 v.outcome,
@@ -105,7 +108,6 @@ pub fn print(d: &VrdmaDemo) {
             );
         }
     }
-    println!("   {}", if d.pass { "PASS" } else { "FAIL" });
 }
 
 // A read-only view of `super::vrdma::VrdmaRunReport` for printing what a child process sent.
