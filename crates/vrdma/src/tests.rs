@@ -724,3 +724,63 @@ fn msix_vectors_for_responses_and_armed_cqs() {
     g.dev.poll();
     assert_eq!(msis.0.lock().unwrap().as_slice(), &[(0xfee0_0000, 0x42)]);
 }
+
+#[test]
+fn random_garbage_in_commands_rings_and_page_directories_never_breaks_the_device() {
+    let mut g = Guest::new(FakeBackend::default());
+    assert_eq!(g.bind(0, gid(1)), 0);
+    let pd = g.create_pd();
+    let lkey = g.dma_mr(pd);
+    let (cq, cq_pages) = g.create_cq(16);
+    let (_, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
+    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+        assert_eq!(g.modify(qpn, s), 0);
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    // A scratch page directory whose entries are garbage.
+    let dir = g.page();
+    for _ in 0..3000 {
+        let mut slot = [0u8; 256];
+        for b in slot.iter_mut() {
+            *b = rnd() as u8;
+        }
+        // Mostly real command codes, with garbage in every field.
+        let code = (rnd() % 20) as u32;
+        slot[8..12].copy_from_slice(&code.to_le_bytes());
+        if rnd() % 2 == 0 {
+            // Point page directories at the scratch directory, full of garbage entries.
+            slot[16..24].copy_from_slice(&dir.to_le_bytes());
+            slot[24..32].copy_from_slice(&(rnd() % 8).to_le_bytes());
+        }
+        for i in 0..4 {
+            g.mem.write(dir + 8 * i, &rnd().to_le_bytes()).unwrap();
+        }
+        g.mem.write(g.cmd, &slot).unwrap();
+        g.dev.write_reg(abi::PVRDMA_REG_REQUEST, 0);
+        // Garbage ring indexes and work requests.
+        let which = rnd() % 4;
+        let at = match which {
+            0 => qp_pages[0] + (rnd() % 16),
+            1 => qp_pages[1] + (rnd() % 4096),
+            2 => cq_pages[0] + (rnd() % 16),
+            _ => qp_pages[2] + (rnd() % 4096),
+        } & !3;
+        g.mem.store_u32(at, rnd() as u32).unwrap();
+        g.dev.poll();
+    }
+    // The device still answers, and a fresh set of objects works.
+    let (e, _) = g.cmd(&abi::CmdQueryPort {
+        hdr: Guest::hdr(cmd_code::QUERY_PORT),
+        port_num: 1,
+        ..Default::default()
+    });
+    assert_eq!(e, 0);
+    assert!(g.dev.stats().command_errors > 1000);
+    let _ = lkey;
+}
