@@ -340,7 +340,6 @@ impl GuestRam {
     }
 
     /// Calls `f` with every RAM region as a host byte slice.
-
     ///
     /// The slices alias memory a running guest may write concurrently; callers hash or copy
     /// them only while the vCPUs are paused when they need a consistent view.
