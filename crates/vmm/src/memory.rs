@@ -311,6 +311,34 @@ impl GuestRam {
         })
     }
 
+    /// The guest-physical ranges of RAM that may hold non-zero data: the memfd's data extents
+    /// (`SEEK_DATA`/`SEEK_HOLE`). Pages outside them were never written and read as zero —
+    /// without the kernel allocating them, which reading them through the mapping would do.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        let fd = self.memfd.as_raw_fd();
+        let mut out = Vec::new();
+        for r in &self.regions {
+            let (start, end) = (r.file_offset as i64, (r.file_offset + r.size) as i64);
+            let mut at = start;
+            while at < end {
+                // SAFETY: lseek on our own memfd; it only moves the file offset, which nothing
+                // else in Ferry uses (all access goes through the mapping).
+                let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+                if data < 0 || data >= end {
+                    break;
+                }
+                // SAFETY: as above.
+                let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+                let hole = if hole < 0 { end } else { hole.min(end) };
+                let first = (data as u64) & !(PAGE_SIZE - 1);
+                let last = (hole as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+                out.push((r.gpa + (first - r.file_offset), last - first));
+                at = hole;
+            }
+        }
+        out
+    }
+
     /// Calls `f` with every RAM region as a host byte slice.
     ///
     /// The slices alias memory a running guest may write concurrently; callers hash or copy
@@ -358,6 +386,21 @@ mod tests {
                 file_offset: 3 << 30
             }
         );
+    }
+
+    #[test]
+    fn data_ranges_cover_written_pages_only() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        assert!(ram.data_ranges().is_empty(), "fresh RAM is all holes");
+        ram.write(0x5000, &[1]).unwrap();
+        ram.write((40 << 20) + 0x10, &[2; 8192]).unwrap();
+        let ranges = ram.data_ranges();
+        let covers = |gpa: u64| ranges.iter().any(|&(g, l)| gpa >= g && gpa < g + l);
+        assert!(covers(0x5000));
+        assert!(covers((40 << 20) + 0x10) && covers((40 << 20) + 0x2000));
+        assert!(!covers(20 << 20), "an untouched page is a hole");
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        assert!(total < 8 << 20, "extents stay small: {total}");
     }
 
     #[test]

@@ -316,7 +316,7 @@ fn print_report(r: &DemoReport) {
     match &r.migration {
         Some(m) => {
             println!(
-                "  migration     to {} in {:.0} ms, downtime {:.1} ms, {} rounds, {:.1} MiB at {:.0} MB/s, {} zero pages skipped",
+                "  migration     to {} in {:.0} ms, downtime {:.1} ms (incl. hashing all RAM on both sides), {} rounds, {:.1} MiB at {:.0} MB/s, {} zero pages skipped",
                 m.destination,
                 m.total_ms,
                 m.downtime_ms,
