@@ -159,18 +159,22 @@ fn api(p: &Path, req: Value) -> Value {
 }
 
 fn assert_running_and_verifiable(p: &Path) {
-    let a = api(p, json!({"cmd": "status"}))["data"]["progress"]
-        .as_u64()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(150));
-    let b = api(p, json!({"cmd": "status"}))["data"]["progress"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        b > a,
-        "the VM behind {} is not running ({a} -> {b})",
-        p.display()
-    );
+    let progress = || {
+        api(p, json!({"cmd": "status"}))["data"]["progress"]
+            .as_u64()
+            .unwrap()
+    };
+    let a = progress();
+    // a loaded machine may not schedule the vCPU for a while: wait, with a bound
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while progress() == a {
+        assert!(
+            Instant::now() < deadline,
+            "the VM behind {} is not running",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let v = api(p, json!({"cmd": "verify"}));
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["data"]["status"], 0, "ledger broken: {v}");
