@@ -190,7 +190,8 @@ pub struct MigrateArgs {
     /// Address of the `ferry receive` (ADDR:PORT).
     #[arg(long)]
     pub to: String,
-    /// Downtime target: pre-copy goes on until the rest fits this at the measured bandwidth.
+    /// Downtime target: pre-copy goes on until the rest fits this at the measured bandwidth
+    /// (0: no early switchover, the rounds run to --max-rounds).
     #[arg(long, default_value_t = 50)]
     pub downtime_ms: u64,
     /// Most pre-copy rounds after round 0.

@@ -362,7 +362,8 @@ fn run(
         prog.round = round;
         prog.dirty_pages = dirty.pages.len() as u64;
         progress(&prog);
-        if estimate <= opts.downtime.as_secs_f64() {
+        // A target of zero means: no early switchover, run the rounds up to the limit.
+        if !opts.downtime.is_zero() && estimate <= opts.downtime.as_secs_f64() {
             break dirty;
         }
         if round > opts.max_rounds {
