@@ -20,11 +20,16 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // built once per process; boxing buys nothing
 pub enum Command {
     /// Boot a guest and run it until it exits.
     Run(RunArgs),
     /// The main job: boot the built-in guest, run a short `dirty` workload, verify, report.
     Demo(DemoArgs),
+    /// Wait for one incoming live migration, then run the VM that arrives.
+    Receive(ReceiveArgs),
+    /// Live-migrate the VM of a running `ferry run --api-socket` to a `ferry receive`.
+    Migrate(MigrateArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -118,9 +123,76 @@ pub struct RunArgs {
     /// guest RAM, and continue there.
     #[arg(long, value_parser = parse_duration)]
     pub state_roundtrip_after: Option<Duration>,
+    /// Serve the control API (JSON lines) on this Unix socket: `ferry migrate` talks to it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Print a JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `ferry receive`.
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// Address to listen on for the migration stream (ADDR:PORT).
+    #[arg(long)]
+    pub listen: String,
+    /// Guest console once the VM runs here: "stdout", "off", or a file path.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// Serve the control API on this Unix socket once the VM runs (to migrate it on).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Give up if no migration arrives within this time.
+    #[arg(long, value_parser = parse_duration)]
+    pub accept_timeout: Option<Duration>,
+    /// Stop the VM this long after it arrived (exit code 124).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Ask the guest to verify its ledger this long after it arrived.
+    #[arg(long, value_parser = parse_duration)]
+    pub verify_after: Option<Duration>,
+    /// Hash all guest RAM before resuming (compare with the source's --debug-hash).
+    #[arg(long)]
+    pub debug_hash: bool,
+    /// Print a JSON summary as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Control API socket of the `ferry run` whose VM moves.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Address of the `ferry receive` (ADDR:PORT).
+    #[arg(long)]
+    pub to: String,
+    /// Downtime target: pre-copy goes on until the rest fits this at the measured bandwidth.
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Most pre-copy rounds after round 0.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// What to do when the round limit is hit before convergence.
+    #[arg(long, value_enum, default_value = "finish")]
+    pub on_limit: OnLimit,
+    /// Hash guest RAM at the pause (compare with the destination's --debug-hash).
+    #[arg(long)]
+    pub debug_hash: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--on-limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnLimit {
+    /// Switch over anyway, with a longer downtime.
+    Finish,
+    /// Give up; the VM keeps running on the source.
+    Abort,
 }
 
 /// `ferry demo`.
@@ -132,9 +204,12 @@ pub struct DemoArgs {
     /// Working set of the `dirty` workload.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub working_set: u64,
-    /// How long the workload runs.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    /// How long the workload runs (at least 3 s; the migration happens at 40 %).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// Page writes per second of the `dirty` workload (0 = as fast as it can).
+    #[arg(long, default_value_t = 200_000)]
+    pub rate: u64,
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -149,6 +224,29 @@ pub enum BenchCommand {
     /// 4 KiB random reads on the passthrough NVMe device at QD 1 and 32: the guest against a
     /// host-side vfio-user client.
     Nvme(crate::nvme_args::BenchNvmeArgs),
+    /// Live migration of idle, moderately and heavily dirtying guests of several sizes over
+    /// loopback, against raw loopback TCP bandwidth measured in the same run.
+    Migrate(BenchMigrateArgs),
+}
+
+/// `ferry bench migrate`.
+#[derive(Args, Debug)]
+pub struct BenchMigrateArgs {
+    /// Guest sizes.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G", value_parser = parse_size)]
+    pub sizes: Vec<u64>,
+    /// Dirtying loads: idle (1 page/s), moderate (50 000 pages/s), heavy (as fast as the guest can).
+    #[arg(long, value_delimiter = ',', default_value = "idle,moderate,heavy")]
+    pub loads: Vec<String>,
+    /// Downtime target.
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Most pre-copy rounds (then switch over anyway).
+    #[arg(long, default_value_t = 10)]
+    pub max_rounds: u32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ferry bench boot`.

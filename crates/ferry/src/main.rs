@@ -4,6 +4,7 @@ use std::time::Instant;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+mod api;
 mod cli;
 mod commands;
 mod nvme_args;
@@ -33,7 +34,10 @@ fn main() {
     let result = match cli.command {
         cli::Command::Run(args) => commands::run::run(args, process_start),
         cli::Command::Demo(args) => commands::demo::run(args, process_start),
+        cli::Command::Receive(args) => commands::receive::run(args, process_start),
+        cli::Command::Migrate(args) => commands::migrate::run(args),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
+        cli::Command::Bench(cli::BenchCommand::Migrate(args)) => commands::bench_migrate::run(args),
         cli::Command::Bench(cli::BenchCommand::Nvme(args)) => commands::bench_nvme::run(args),
         cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
     };

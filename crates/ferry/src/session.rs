@@ -1,26 +1,38 @@
-//! Boots a VM and supervises it until it ends: timeouts, signals, on-request ledger
+//! Boots (or receives) a VM and supervises it until it ends: timeouts, signals, the control
+//! API (live migration, ledger verification, status, memory hash, stop), on-request ledger
 //! verification and the state save → restore round trip.
 use std::{
-    sync::Arc,
+    path::PathBuf,
+    sync::{mpsc::Sender, Arc},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use guest_abi::{ports::Event, Workload, WorkloadArgs};
+use migration::{MigrationReport, ReceiveReport, SourceOptions};
 use serde::Serialize;
 use vmm::{devices::serial::ConsoleSink, vm::VerifyResult, Vm, VmConfig, VmOutcome};
 
-use crate::signals::{self, SignalState};
+use crate::{
+    api::{self, ApiServer, Request, Response},
+    nvme_session::PassthroughSession,
+    signals::{self, SignalState},
+};
 
-/// What to run.
+/// The guest to boot.
 #[derive(Clone)]
-pub struct SessionSpec {
+pub struct BootSpec {
     /// Guest image (ELF).
     pub image: Arc<Vec<u8>>,
-    /// Workload and its arguments.
+    /// Workload.
     pub workload: Workload,
     /// Workload arguments.
     pub args: WorkloadArgs,
+}
+
+/// How to run and supervise the VM.
+#[derive(Clone, Default)]
+pub struct SessionSpec {
     /// RAM size in bytes.
     pub memory: u64,
     /// Where console output goes.
@@ -33,8 +45,22 @@ pub struct SessionSpec {
     pub roundtrip_after: Option<Duration>,
     /// Ask the guest to verify its ledger after this long.
     pub verify_after: Option<Duration>,
+    /// Serve the control API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
     /// A passthrough NVMe device to attach.
     pub passthrough: Option<crate::nvme_args::PassthroughSource>,
+}
+
+impl SessionSpec {
+    /// The VM configuration for this session.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            ram_size: self.memory,
+            vcpus: 1,
+            console: self.console.clone(),
+            console_prefix: self.console_prefix.clone(),
+        }
+    }
 }
 
 /// The state save → restore round trip, as it happened.
@@ -46,40 +72,6 @@ pub struct RoundTrip {
     pub progress_at_pause: u64,
     /// Time from pause to the restored VM running.
     pub pause_ms: f64,
-}
-
-/// How a session went.
-#[derive(Clone, Debug, Serialize)]
-pub struct SessionReport {
-    /// "exit", "crashed", "stopped", "timeout", "failed".
-    pub outcome: String,
-    /// Guest exit status (for "exit").
-    pub status: Option<u32>,
-    /// Human-readable outcome.
-    pub detail: String,
-    /// Process start → the guest's first instruction.
-    pub first_instruction_ms: Option<f64>,
-    /// Process start → the VM ended.
-    pub end_ms: f64,
-    /// Guest-measured duration of its `spin` loop (bench events).
-    pub bench_loop_ms: Option<f64>,
-    /// Workload progress counter at the end (page writes for `dirty`).
-    pub progress: u64,
-    /// Verifications asked for while running, with their results.
-    pub verifications: Vec<Verification>,
-    /// The state round trip, if one was asked for.
-    pub roundtrip: Option<RoundTrip>,
-    /// Port accesses no device claimed.
-    pub unhandled_pio: u64,
-    /// MMIO accesses no device claimed.
-    pub unhandled_mmio: u64,
-    /// Signal that stopped the VM.
-    pub signal: Option<i32>,
-    /// The passthrough device's configuration log (admin mediation).
-    pub config_log: Option<passthrough::ConfigLog>,
-    /// Last console lines.
-    #[serde(skip)]
-    pub console_tail: Vec<String>,
 }
 
 /// A verification result, serializable.
@@ -103,11 +95,50 @@ impl From<VerifyResult> for Verification {
     }
 }
 
+/// How a session went.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionReport {
+    /// "exit", "migrated", "crashed", "stopped", "timeout", "failed".
+    pub outcome: String,
+    /// Guest exit status (for "exit").
+    pub status: Option<u32>,
+    /// Human-readable outcome.
+    pub detail: String,
+    /// Process start → the guest's first instruction (booted VMs).
+    pub first_instruction_ms: Option<f64>,
+    /// Process start → the VM ended.
+    pub end_ms: f64,
+    /// Workload progress counter at the end (page writes for `dirty`).
+    pub progress: u64,
+    /// Verifications asked for while running, with their results.
+    pub verifications: Vec<Verification>,
+    /// The state round trip, if one was asked for.
+    pub roundtrip: Option<RoundTrip>,
+    /// How this VM arrived, when it came by migration.
+    pub incoming: Option<ReceiveReport>,
+    /// The migration that moved this VM away.
+    pub migration: Option<MigrationReport>,
+    /// Migrations that failed (the VM kept running here).
+    pub failed_migrations: Vec<String>,
+    /// Port accesses no device claimed.
+    pub unhandled_pio: u64,
+    /// MMIO accesses no device claimed.
+    pub unhandled_mmio: u64,
+    /// Signal that stopped the VM.
+    pub signal: Option<i32>,
+    /// The passthrough device's configuration log (admin mediation).
+    pub config_log: Option<passthrough::ConfigLog>,
+    /// Last console lines.
+    #[serde(skip)]
+    pub console_tail: Vec<String>,
+}
+
 impl SessionReport {
     /// The process exit code for this outcome.
     pub fn exit_code(&self) -> i32 {
         match (self.outcome.as_str(), self.status, self.signal) {
             ("exit", Some(s), _) => s.min(255) as i32,
+            ("migrated", _, _) => 0,
             (_, _, Some(sig)) => 128 + sig,
             ("timeout", _, _) => 124,
             ("crashed", _, _) => 70,
@@ -118,16 +149,6 @@ impl SessionReport {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn build(spec: &SessionSpec) -> Result<Vm> {
-    let config = VmConfig {
-        ram_size: spec.memory,
-        vcpus: 1,
-        console: spec.console.clone(),
-        console_prefix: spec.console_prefix.clone(),
-    };
-    Vm::new(&config).context("building the VM")
 }
 
 /// Saves the whole VM state, builds a new VM on the same guest RAM, restores, and continues.
@@ -141,13 +162,7 @@ fn roundtrip(vm: Vm, spec: &SessionSpec) -> Result<(Vm, RoundTrip)> {
     drop(vm);
     let state: vmm::state::VmState =
         postcard::from_bytes(&bytes).context("deserializing VM state")?;
-    let config = VmConfig {
-        ram_size: spec.memory,
-        vcpus: 1,
-        console: spec.console.clone(),
-        console_prefix: spec.console_prefix.clone(),
-    };
-    let mut fresh = Vm::with_ram(&config, ram).context("building the fresh VM")?;
+    let mut fresh = Vm::with_ram(&spec.vm_config(), ram).context("building the fresh VM")?;
     fresh.restore_state(&state).context("restoring VM state")?;
     fresh.start()?;
     tracing::info!(bytes = bytes.len(), "VM state restored into a fresh VM");
@@ -161,8 +176,9 @@ fn roundtrip(vm: Vm, spec: &SessionSpec) -> Result<(Vm, RoundTrip)> {
     ))
 }
 
-/// Runs a VM to its end.
+/// Builds a VM, boots the guest, and supervises it to its end.
 pub fn run(
+    boot: &BootSpec,
     spec: &SessionSpec,
     process_start: Instant,
     signals: &SignalState,
@@ -171,27 +187,48 @@ pub fn run(
         std::fs::File::create(path)
             .with_context(|| format!("creating console file {}", path.display()))?;
     }
-    let mut vm = build(spec)?;
     if spec.passthrough.is_some() && spec.roundtrip_after.is_some() {
         anyhow::bail!("the state round trip does not support passthrough devices");
     }
+    let api = spec.api_socket.as_deref().map(api::serve).transpose()?;
+    let mut vm = Vm::new(&spec.vm_config()).context("building the VM")?;
     let device = spec
         .passthrough
         .as_ref()
-        .map(|p| crate::nvme_session::PassthroughSession::start(p, &vm))
+        .map(|p| PassthroughSession::start(p, &vm))
         .transpose()?;
-    vm.boot(&spec.image, spec.workload, spec.args)
+    vm.boot(&boot.image, boot.workload, boot.args)
         .context("loading the guest")?;
-    let started = Instant::now();
     vm.start().context("starting the vCPUs")?;
+    supervise(vm, spec, api, process_start, signals, None, device)
+}
+
+/// A ledger verification someone is waiting for.
+struct PendingVerify {
+    req: u32,
+    reply: Option<Sender<Response>>,
+}
+
+/// Supervises a running VM until it ends, migrates away, or is stopped.
+pub fn supervise(
+    mut vm: Vm,
+    spec: &SessionSpec,
+    api: Option<ApiServer>,
+    process_start: Instant,
+    signals: &SignalState,
+    incoming: Option<ReceiveReport>,
+    device: Option<PassthroughSession>,
+) -> Result<SessionReport> {
+    let started = Instant::now();
     let mut first_instruction = None;
-    let mut bench_loop = None;
     let mut roundtrip_done = None;
-    let mut pending_verify = None;
+    let mut pending: Vec<PendingVerify> = Vec::new();
     let mut verify_asked = false;
     let mut verifications = Vec::new();
     let mut signal = None;
     let mut timed_out = false;
+    let mut migrated = None;
+    let mut failed_migrations = Vec::new();
 
     let outcome = loop {
         if let Some(o) = vm.wait(Some(Duration::from_millis(20))) {
@@ -219,41 +256,134 @@ pub fn run(
         let due = spec.verify_after.is_some_and(|t| now >= t) && !verify_asked;
         if due || signals.take_verify() {
             verify_asked |= due;
-            pending_verify = Some(vm.mailbox().request_verify()?);
+            pending.push(PendingVerify {
+                req: vm.mailbox().request_verify()?,
+                reply: None,
+            });
         }
-        if let Some(req) = pending_verify {
-            if let Some(r) = vm.mailbox().verify_result(req)? {
-                tracing::info!(
-                    request = req,
-                    status = r.status,
-                    pages = r.pages,
-                    "ledger verification finished"
-                );
-                verifications.push(Verification::from(r));
-                pending_verify = None;
+        let mut still = Vec::new();
+        for p in pending.drain(..) {
+            match vm.mailbox().verify_result(p.req)? {
+                Some(r) => {
+                    tracing::info!(
+                        request = p.req,
+                        status = r.status,
+                        pages = r.pages,
+                        "ledger verification finished"
+                    );
+                    if let Some(reply) = &p.reply {
+                        let _ = reply.send(Response::ok(Verification::from(r)));
+                    }
+                    verifications.push(Verification::from(r));
+                }
+                None => still.push(p),
             }
         }
+        pending = still;
         if roundtrip_done.is_none() && spec.roundtrip_after.is_some_and(|t| now >= t) {
-            bench_loop = bench_loop.or_else(|| loop_time(&vm));
             let (fresh, rt) = roundtrip(vm, spec)?;
             vm = fresh;
             roundtrip_done = Some(rt);
+        }
+        if let Some(api) = &api {
+            let mut stop = None;
+            while let Ok(p) = api.requests.try_recv() {
+                match p.request {
+                    Request::Migrate(_) if device.is_some() => {
+                        let why = "the VM has a passthrough device, and live migration with \
+                                   passthrough devices needs the shadow engine, which this \
+                                   build does not enable yet";
+                        failed_migrations.push(why.to_string());
+                        let _ = p
+                            .reply
+                            .send(Response::err(format!("cannot migrate this VM: {why}")));
+                    }
+                    Request::Migrate(m) => {
+                        let opts = SourceOptions {
+                            downtime: Duration::from_millis(m.downtime_ms),
+                            max_rounds: m.max_rounds,
+                            on_limit: m.on_limit,
+                            debug_hash: m.debug_hash,
+                            ..Default::default()
+                        };
+                        let reply = p.reply.clone();
+                        let result = migration::migrate(&vm, &mut [], &m.to, &opts, &mut |prog| {
+                            let _ = reply.send(Response::Progress(prog.clone()));
+                        });
+                        match result {
+                            Ok(report) => {
+                                eprintln!(
+                                    "ferry: migrated to {} (downtime {:.1} ms, total {:.0} ms)",
+                                    m.to, report.downtime_ms, report.total_ms
+                                );
+                                let _ = p.reply.send(Response::ok(&report));
+                                stop = Some(VmOutcome::Stopped(format!("migrated to {}", m.to)));
+                                migrated = Some(report);
+                                break;
+                            }
+                            Err(e) => {
+                                eprintln!(
+                                    "ferry: migration to {} failed, the VM keeps running here: {e}",
+                                    m.to
+                                );
+                                failed_migrations.push(e.to_string());
+                                let _ = p.reply.send(Response::err(e));
+                            }
+                        }
+                    }
+                    Request::Verify => {
+                        pending.push(PendingVerify {
+                            req: vm.mailbox().request_verify()?,
+                            reply: Some(p.reply),
+                        });
+                    }
+                    Request::Status => {
+                        let _ = p.reply.send(Response::ok(serde_json::json!({
+                            "state": "running",
+                            "uptime_ms": ms(started.elapsed()),
+                            "progress": vm.mailbox().progress().unwrap_or(0),
+                            "ram_bytes": vm.ram().size(),
+                        })));
+                    }
+                    Request::MemoryHash => {
+                        let answer = vm.pause().map(|_| migration::hash::memory_hash(vm.ram()));
+                        let resumed = vm.resume();
+                        let _ = p.reply.send(match (answer, resumed) {
+                            (Ok(h), Ok(())) => {
+                                Response::ok(serde_json::json!({ "memory_hash": h }))
+                            }
+                            (Err(e), _) | (_, Err(e)) => Response::err(e),
+                        });
+                    }
+                    Request::Stop => {
+                        let _ = p
+                            .reply
+                            .send(Response::ok(serde_json::json!({ "stopped": true })));
+                        stop = Some(VmOutcome::Stopped("stop requested through the API".into()));
+                        break;
+                    }
+                }
+            }
+            if let Some(o) = stop {
+                vm.stop(&o.to_string())?;
+                break o;
+            }
         }
     };
     let end = process_start.elapsed();
     let first_instruction_ms = first_instruction
         .or_else(|| vm.lifecycle().event_time(Event::Booted))
         .map(|t| ms(t.duration_since(process_start)));
-    bench_loop = bench_loop.or_else(|| loop_time(&vm));
     // A verification the guest finished in its last moments still counts.
-    if let Some(req) = pending_verify {
-        if let Ok(Some(r)) = vm.mailbox().verify_result(req) {
+    for p in pending {
+        if let Ok(Some(r)) = vm.mailbox().verify_result(p.req) {
             verifications.push(r.into());
         }
     }
     let (kind, status) = match &outcome {
         VmOutcome::GuestExit(s) => ("exit", Some(*s)),
         VmOutcome::Crashed(_) => ("crashed", None),
+        VmOutcome::Stopped(_) if migrated.is_some() => ("migrated", None),
         VmOutcome::Stopped(_) if timed_out => ("timeout", None),
         VmOutcome::Stopped(_) => ("stopped", None),
         VmOutcome::Failed(_) => ("failed", None),
@@ -268,23 +398,16 @@ pub fn run(
         detail: outcome.to_string(),
         first_instruction_ms,
         end_ms: ms(end),
-        bench_loop_ms: bench_loop,
         progress: vm.mailbox().progress().unwrap_or(0),
         verifications,
         roundtrip: roundtrip_done,
+        incoming,
+        migration: migrated,
+        failed_migrations,
         unhandled_pio: vm.pio_bus().unhandled_count(),
         unhandled_mmio: vm.mmio_bus().unhandled_count(),
         signal,
         config_log,
         console_tail: vm.console_tail().lines(),
     })
-}
-
-fn loop_time(vm: &Vm) -> Option<f64> {
-    let lc = vm.lifecycle();
-    let (s, e) = (
-        lc.event_time(Event::BenchStart)?,
-        lc.event_time(Event::BenchEnd)?,
-    );
-    (e > s).then(|| ms(e - s))
 }

@@ -303,7 +303,7 @@ fn console_to_a_file() {
 
 #[test]
 fn demo_passes() {
-    let out = run(&["demo", "--duration", "1s", "--json"]);
+    let out = run(&["demo", "--duration", "3s", "--json"]);
     assert!(
         out.status.success(),
         "stdout: {}\nstderr: {}",
@@ -312,7 +312,18 @@ fn demo_passes() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["pass"], true);
-    assert_eq!(report["dirty"]["verifications"][0]["status"], 0);
+    assert_eq!(report["source"]["verifications"][0]["status"], 0);
+    assert_eq!(report["source"]["outcome"], "migrated");
+    assert_eq!(report["destination"]["outcome"], "exit");
+    assert_eq!(
+        report["destination"]["status"], 0,
+        "the guest's own final verification held"
+    );
+    let hash = report["migration"]["memory_hash"].as_str().unwrap();
+    assert_eq!(
+        report["destination"]["incoming"]["memory_hash"].as_str(),
+        Some(hash)
+    );
 }
 
 #[test]

@@ -68,7 +68,7 @@ impl Doorbells {
 
     /// Reads the doorbell at `off` bytes into the area (0 outside).
     pub fn read(&self, off: u64) -> u32 {
-        if off % 4 != 0 || off + 4 > self.len as u64 {
+        if !off.is_multiple_of(4) || off + 4 > self.len as u64 {
             return 0;
         }
         // SAFETY: aligned and inside the mapping (checked above).
@@ -77,7 +77,7 @@ impl Doorbells {
 
     /// Writes the doorbell at `off` (ignored outside).
     pub fn write(&self, off: u64, v: u32) {
-        if off % 4 != 0 || off + 4 > self.len as u64 {
+        if !off.is_multiple_of(4) || off + 4 > self.len as u64 {
             return;
         }
         // SAFETY: aligned and inside the mapping (checked above).
@@ -265,7 +265,7 @@ impl Controller {
             crate::layout::DOORBELL_AREA + crate::layout::DOORBELL_AREA_SIZE,
         );
         if offset >= db0 && end <= dbn {
-            if data.len() == 4 && offset % 4 == 0 {
+            if data.len() == 4 && offset.is_multiple_of(4) {
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 self.doorbells.write(offset - db0, v);
             }
@@ -677,10 +677,10 @@ impl Controller {
                 if qid == 0 || qid > self.granted().1 || self.cqs[qid as usize].is_some() {
                     return err(Status::INVALID_QUEUE_ID);
                 }
-                if qsize < 2 || qsize > MAX_QUEUE_ENTRIES {
+                if !(2..=MAX_QUEUE_ENTRIES).contains(&qsize) {
                     return err(Status::INVALID_QUEUE_SIZE);
                 }
-                if !pc || sqe.prp1() % PAGE_SIZE != 0 {
+                if !pc || !sqe.prp1().is_multiple_of(PAGE_SIZE) {
                     return err(Status::INVALID_FIELD);
                 }
                 if ien && vector >= MSIX_VECTORS {
@@ -710,13 +710,13 @@ impl Controller {
                 if qid == 0 || qid > self.granted().0 || self.sqs[qid as usize].is_some() {
                     return err(Status::INVALID_QUEUE_ID);
                 }
-                if qsize < 2 || qsize > MAX_QUEUE_ENTRIES {
+                if !(2..=MAX_QUEUE_ENTRIES).contains(&qsize) {
                     return err(Status::INVALID_QUEUE_SIZE);
                 }
                 if cqid == 0 || self.cqs.get(cqid as usize).is_none_or(|c| c.is_none()) {
                     return err(Status::CQ_INVALID);
                 }
-                if !pc || sqe.prp1() % PAGE_SIZE != 0 {
+                if !pc || !sqe.prp1().is_multiple_of(PAGE_SIZE) {
                     return err(Status::INVALID_FIELD);
                 }
                 if !self.dma.contains(sqe.prp1(), qsize as u64 * 64) {
@@ -815,7 +815,7 @@ impl Controller {
                 let numd = ((sqe.cdw(10) >> 16) as u64 | ((sqe.cdw(11) & 0xffff) as u64) << 16) + 1;
                 let len = numd * 4;
                 let lpo = sqe.cdw(12) as u64 | (sqe.cdw(13) as u64) << 32;
-                if len > MAX_TRANSFER || lpo % 4 != 0 {
+                if len > MAX_TRANSFER || !lpo.is_multiple_of(4) {
                     return err(Status::INVALID_FIELD);
                 }
                 let page = match lid {

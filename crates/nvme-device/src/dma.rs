@@ -70,9 +70,9 @@ impl DmaSpace {
     pub fn map(&mut self, iova: u64, size: u64, offset: u64, fd: &File) -> Result<(), MapError> {
         let page = 4096;
         if size == 0
-            || iova % page != 0
-            || size % page != 0
-            || offset % page != 0
+            || !iova.is_multiple_of(page)
+            || !size.is_multiple_of(page)
+            || !offset.is_multiple_of(page)
             || iova.checked_add(size).is_none()
             || usize::try_from(size).is_err()
             || i64::try_from(offset).is_err()

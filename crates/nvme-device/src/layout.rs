@@ -108,7 +108,7 @@ impl ConfigSpace {
                 x if x == MSIX_CAP + 3 => 0xc0, // MSI-X enable, function mask
                 _ => 0,
             };
-            if o < 0x14 && o >= 0x10 {
+            if (0x10..0x14).contains(&o) {
                 self.bar_sizing = false;
             }
             if let Some(b) = self.bytes.get_mut(o) {

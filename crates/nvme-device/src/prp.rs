@@ -55,7 +55,7 @@ pub fn walk(
     if len == 0 {
         return Ok(Vec::new());
     }
-    if prp1 % 4 != 0 {
+    if !prp1.is_multiple_of(4) {
         return Err(PrpError::Offset { entry: prp1 });
     }
     let mut segs = Vec::with_capacity(nvme_spec::prp::pages(prp1, len) as usize);
@@ -69,7 +69,7 @@ pub fn walk(
         return Ok(segs);
     }
     if remaining <= PAGE_SIZE {
-        if prp2 % PAGE_SIZE != 0 {
+        if !prp2.is_multiple_of(PAGE_SIZE) {
             return Err(PrpError::Offset { entry: prp2 });
         }
         segs.push(Segment {
@@ -79,7 +79,7 @@ pub fn walk(
         return Ok(segs);
     }
     // PRP2 points to a list; it may start inside a page (qword aligned).
-    if prp2 % 8 != 0 {
+    if !prp2.is_multiple_of(8) {
         return Err(PrpError::Offset { entry: prp2 });
     }
     let mut list = prp2;

@@ -127,7 +127,7 @@ impl Env {
             }
         }
     }
-    fn buf(&self, off: u64, len: usize) -> &mut [u8] {
+    fn buf(&mut self, off: u64, len: usize) -> &mut [u8] {
         // SAFETY: test-only view into the mapping.
         unsafe { std::slice::from_raw_parts_mut(self.mem.add(off as usize), len) }
     }
@@ -225,7 +225,6 @@ fn bring_up_io_errors_and_reset() {
     let mut ab = Sqe::new(admin::ABORT, 0);
     ab.set_cdw(10, 1 | 5 << 16);
     assert_eq!(c.admin(ab).unwrap().result() & 1, 1, "not aborted");
-    drop(c);
 
     {
         let page = env.buf(0x100000, 4096);
@@ -359,7 +358,6 @@ fn dstrd_0_and_4k_blocks() {
     assert_eq!(queue::Controller::<&mut Env>::dstrd(&c), 0);
     // SAFETY: as above.
     let mut q = unsafe { c.create_io_queue(1, io_mem) }.unwrap();
-    drop(c);
     // Wrap the 4-entry queue several times.
     for i in 0..10u16 {
         env.buf(0x200000, 4096).fill(i as u8);

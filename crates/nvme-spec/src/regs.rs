@@ -139,7 +139,7 @@ pub const fn decode_doorbell(offset: u64, dstrd: u8) -> Option<(u16, bool)> {
     }
     let rel = offset - DOORBELL_BASE;
     let stride = doorbell_stride(dstrd);
-    if rel % stride != 0 {
+    if !rel.is_multiple_of(stride) {
         return None;
     }
     let n = rel / stride;

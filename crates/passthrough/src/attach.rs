@@ -26,7 +26,8 @@ use crate::{
     client::{Connection, MappedArea, MSIX_IRQ},
     config_log::{AdminMediator, ConfigLog},
     hooks::{DeviceHooks, DoorbellMode, GuestBacking},
-    pci::PassthroughPci,
+    msix::{MsixRouter, Route},
+    pci::{find_msix, PassthroughPci},
     Error, Result,
 };
 
@@ -68,7 +69,8 @@ pub struct Attachment {
     areas: Vec<MappedArea>,
     doorbell_slots: Mutex<BTreeMap<u64, u32>>,
     remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
-    irqs: Vec<EventFd>,
+    irqs: Arc<Vec<EventFd>>,
+    msix: Arc<Mutex<MsixRouter>>,
     stop: Arc<AtomicBool>,
     watchdog: Option<JoinHandle<()>>,
     pci_slot: u8,
@@ -88,7 +90,7 @@ impl Attachment {
                 ),
             });
         }
-        if opts.bar0_gpa % bar0_size != 0 {
+        if !opts.bar0_gpa.is_multiple_of(bar0_size) {
             return Err(Error::Unsupported {
                 name,
                 reason: format!(
@@ -137,6 +139,13 @@ impl Attachment {
             let what = what.to_string();
             move |source| Error::Vmm { name, what, source }
         };
+        let irqs = Arc::new(irqs);
+        let msix_cap = find_msix(&conn);
+        let msix = Arc::new(Mutex::new(MsixRouter::new(
+            vm.vm_fd().clone(),
+            irqs.clone(),
+            msix_cap.and_then(|(_, table)| table),
+        )));
         let mediator = Arc::new(Mutex::new(AdminMediator::default()));
         let trap = Bar0Trap::new(
             conn.clone(),
@@ -144,11 +153,18 @@ impl Attachment {
             ram.clone(),
             dstrd,
             vm.lifecycle().clone(),
+            msix.clone(),
         );
         vm.mmio_bus()
             .insert(opts.bar0_gpa, bar0_size, Arc::new(Mutex::new(trap)))
             .map_err(vmm_err("placing BAR0 on the MMIO bus"))?;
-        let pci = PassthroughPci::new(conn.clone(), opts.bar0_gpa, bar0_size);
+        let pci = PassthroughPci::new(
+            conn.clone(),
+            opts.bar0_gpa,
+            bar0_size,
+            msix.clone(),
+            msix_cap.map(|(cap, _)| cap),
+        );
         let pci_slot = vm
             .pci_bus()
             .lock()
@@ -168,6 +184,7 @@ impl Attachment {
             doorbell_slots: Mutex::new(BTreeMap::new()),
             remaps: Mutex::new(BTreeMap::new()),
             irqs,
+            msix,
             stop: Arc::new(AtomicBool::new(false)),
             watchdog: None,
             pci_slot,
@@ -257,6 +274,11 @@ impl Attachment {
             .collect()
     }
 
+    /// MSI-X routes installed (vector, GSI, address, data).
+    pub fn msix_routes(&self) -> Vec<Route> {
+        self.msix.lock().unwrap_or_else(|e| e.into_inner()).routes()
+    }
+
     /// True once the device stopped answering.
     pub fn is_lost(&self) -> bool {
         self.conn.is_lost()
@@ -319,7 +341,7 @@ impl DeviceHooks for Attachment {
             name: self.conn.name.clone(),
             reason,
         };
-        if size == 0 || gpa % PAGE != 0 || size % PAGE != 0 {
+        if size == 0 || !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
             return Err(hook_err(format!(
                 "range {gpa:#x}+{size:#x} is not page aligned"
             )));
@@ -403,7 +425,7 @@ impl DeviceHooks for Attachment {
         mode: DoorbellMode,
     ) -> Result<()> {
         let name = self.conn.name.clone();
-        if bar_offset % PAGE != 0 || bar_offset + PAGE > self.bar0_size {
+        if !bar_offset.is_multiple_of(PAGE) || bar_offset + PAGE > self.bar0_size {
             return Err(Error::Hook {
                 name,
                 reason: format!("BAR0 offset {bar_offset:#x} is not a page of the BAR"),
@@ -459,9 +481,14 @@ impl DeviceHooks for Attachment {
                 self.irqs.len()
             ),
         })?;
-        fd.try_clone().map_err(|source| Error::Os {
+        let fd = fd.try_clone().map_err(|source| Error::Os {
             what: format!("duplicating the eventfd of vector {vector}"),
             source,
-        })
+        })?;
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(vector);
+        Ok(fd)
     }
 }

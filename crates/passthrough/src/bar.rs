@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use nvme_spec::regs;
 use vmm::{bus::BusDevice, lifecycle::Lifecycle, memory::GuestRam, VmOutcome};
 
-use crate::{client::Connection, config_log::AdminMediator};
+use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter};
 
 /// The MMIO handler of BAR0.
 pub struct Bar0Trap {
@@ -14,6 +14,7 @@ pub struct Bar0Trap {
     ram: GuestRam,
     dstrd: u8,
     lifecycle: Arc<Lifecycle>,
+    msix: Arc<Mutex<MsixRouter>>,
 }
 
 impl Bar0Trap {
@@ -24,6 +25,7 @@ impl Bar0Trap {
         ram: GuestRam,
         dstrd: u8,
         lifecycle: Arc<Lifecycle>,
+        msix: Arc<Mutex<MsixRouter>>,
     ) -> Self {
         Bar0Trap {
             conn,
@@ -31,6 +33,7 @@ impl Bar0Trap {
             ram,
             dstrd,
             lifecycle,
+            msix,
         }
     }
 
@@ -61,6 +64,12 @@ impl BusDevice for Bar0Trap {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        {
+            let mut m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+            if m.in_table(offset) {
+                m.table_write(offset, data);
+            }
+        }
         if offset < regs::DOORBELL_BASE {
             self.mediator
                 .lock()

@@ -7,6 +7,7 @@
 //! - [`bar`]: BAR0 accesses that exit (registers, trapped doorbell pages, MSI-X), with the
 //!   admin queue mediation;
 //! - [`config_log`]: the NVMe configuration log the mediation keeps;
+//! - [`msix`]: MSI-X table and enable bits → KVM MSI routes and irqfds;
 //! - [`hooks`]: [`DeviceHooks`], the three hooks the shadow engine needs;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay).
@@ -19,6 +20,7 @@ pub mod config_log;
 mod error;
 pub mod hooks;
 pub mod host_client;
+pub mod msix;
 pub mod pci;
 
 pub use attach::{AttachOptions, Attachment};

@@ -1,11 +1,14 @@
 //! The guest-visible PCI function of a passthrough device: BARs are the VMM's (placed in the
 //! PCI window, sized from the device's region), the ROM is hidden, everything else is the
 //! device's own configuration space, forwarded.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vmm::pci::{BarKind, PciConfiguration, PciDevice, PciHeader};
 
-use crate::client::{Connection, CONFIG_REGION};
+use crate::{
+    client::{Connection, CONFIG_REGION},
+    msix::MsixRouter,
+};
 
 /// Configuration dwords of the BARs (0x10..0x28).
 const BAR_REGS: std::ops::RangeInclusive<usize> = 4..=9;
@@ -16,11 +19,21 @@ const ROM_REG: usize = 12;
 pub struct PassthroughPci {
     conn: Arc<Connection>,
     bars: PciConfiguration,
+    msix: Arc<Mutex<MsixRouter>>,
+    /// Offset of the MSI-X capability, and its message control as the guest last wrote it.
+    msix_cap: Option<usize>,
+    msix_control: u16,
 }
 
 impl PassthroughPci {
-    /// BAR0 (64-bit memory) at `bar0` with `size` bytes.
-    pub fn new(conn: Arc<Connection>, bar0: u64, size: u64) -> Self {
+    /// BAR0 (64-bit memory) at `bar0` with `size` bytes; MSI-X capability at `msix_cap`.
+    pub fn new(
+        conn: Arc<Connection>,
+        bar0: u64,
+        size: u64,
+        msix: Arc<Mutex<MsixRouter>>,
+        msix_cap: Option<usize>,
+    ) -> Self {
         let mut bars = PciConfiguration::new(PciHeader {
             vendor_id: 0,
             device_id: 0,
@@ -30,7 +43,38 @@ impl PassthroughPci {
             subsystem_id: 0,
         });
         bars.add_bar(0, bar0, size, BarKind::Mem64);
-        PassthroughPci { conn, bars }
+        PassthroughPci {
+            conn,
+            bars,
+            msix,
+            msix_cap,
+            msix_control: 0,
+        }
+    }
+
+    fn track_msix_control(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        let Some(cap) = self.msix_cap else { return };
+        if reg != cap / 4 {
+            return;
+        }
+        let mut bytes = self.msix_control.to_le_bytes();
+        let mut touched = false;
+        for (i, &b) in data.iter().enumerate() {
+            let o = offset + i;
+            if (2..4).contains(&o) {
+                bytes[o - 2] = b;
+                touched = true;
+            }
+        }
+        if touched {
+            self.msix_control = u16::from_le_bytes(bytes);
+            let enabled = self.msix_control & 0x8000 != 0;
+            let masked = self.msix_control & 0x4000 != 0;
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .control_write(enabled, masked);
+        }
     }
 }
 
@@ -60,6 +104,7 @@ impl PciDevice for PassthroughPci {
         if reg == ROM_REG || offset + data.len() > 4 {
             return;
         }
+        self.track_msix_control(reg, offset, data);
         if let Err(e) = self
             .conn
             .region_write(CONFIG_REGION, reg as u64 * 4 + offset as u64, data)
@@ -67,4 +112,28 @@ impl PciDevice for PassthroughPci {
             tracing::warn!(error = %e, reg, "config write to a lost device");
         }
     }
+}
+
+/// Finds the MSI-X capability: (its offset, BAR0 offset of the table) when the table is in
+/// BAR0. The walk is bounded (a device could present a looping list).
+pub fn find_msix(conn: &Connection) -> Option<(usize, Option<u64>)> {
+    let read = |off: u64| -> Option<u32> {
+        let mut b = [0u8; 4];
+        conn.region_read(CONFIG_REGION, off, &mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    };
+    let mut ptr = (read(0x34)? & 0xfc) as usize;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return None;
+        }
+        let head = read(ptr as u64)?;
+        if head & 0xff == 0x11 {
+            let table = read(ptr as u64 + 4)?;
+            let in_bar0 = table & 7 == 0;
+            return Some((ptr, in_bar0.then_some((table & !7) as u64)));
+        }
+        ptr = ((head >> 8) & 0xfc) as usize;
+    }
+    None
 }

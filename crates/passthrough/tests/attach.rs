@@ -178,6 +178,28 @@ fn config_space_bar_pages_and_hooks() {
     // SAFETY: no slot refers to `mem` any more.
     unsafe { std::alloc::dealloc(mem, layout) };
 
+    // MSI-X: the guest programs vector 1 in the table (BAR0 0x30000) and enables MSI-X in
+    // the capability (0x40): KVM gets an MSI route and the vector's irqfd.
+    let mmio = vm.mmio_bus();
+    let t = bar0 + 0x3_0000 + 16;
+    for (i, v) in [0xfee0_0000u32, 0, 0x41, 0].iter().enumerate() {
+        assert!(mmio.write(t + i as u64 * 4, &v.to_le_bytes()));
+    }
+    assert!(a.msix_routes().is_empty(), "MSI-X not enabled yet");
+    pci.lock()
+        .unwrap()
+        .config_write(0, slot, 0, 0x40 / 4, 2, &[0x1f, 0x80]);
+    assert_eq!(a.msix_routes(), vec![(1, 25, 0xfee0_0000, 0x41)]);
+    assert_eq!(cfg(0x40 / 4) >> 31, 1, "enable forwarded to the device");
+    // Masking the vector removes the route; unmasking restores it.
+    assert!(mmio.write(t + 12, &1u32.to_le_bytes()));
+    assert!(a.msix_routes().is_empty());
+    assert!(mmio.write(t + 12, &0u32.to_le_bytes()));
+    assert_eq!(a.msix_routes().len(), 1);
+    // A hook taking the vector over removes KVM's irqfd.
+    let _taken = a.take_interrupt(1).unwrap();
+    assert!(a.msix_routes().is_empty());
+
     // Interrupt eventfds.
     let fd = a.take_interrupt(0).unwrap();
     assert_eq!(

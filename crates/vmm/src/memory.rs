@@ -1,9 +1,10 @@
 //! Guest RAM: one memfd, mapped into the VMM with `vm-memory` and into the VM with KVM memory
 //! slots. The memfd can be handed to device processes (DMA) and is what migration sends.
 use std::{
+    collections::BTreeSet,
     fs::File,
     os::fd::{AsRawFd, FromRawFd},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use guest_abi::layout::{self, HIGH_RAM_START, MAX_RAM, MIN_RAM};
@@ -12,6 +13,9 @@ use vm_memory::{
 };
 
 use crate::{Error, Result};
+
+/// Largest guest RAM Ferry builds.
+pub const MAX_RAM_BYTES: u64 = MAX_RAM;
 
 /// Page size used throughout Ferry.
 pub const PAGE_SIZE: u64 = 4096;
@@ -29,6 +33,13 @@ pub struct RamRegion {
     pub file_offset: u64,
 }
 
+/// Pages the VMM itself wrote while tracking was on (KVM's dirty log does not see them).
+#[derive(Debug, Default)]
+struct VmmWrites {
+    tracking: bool,
+    pages: BTreeSet<u64>,
+}
+
 /// Guest RAM of a VM.
 #[derive(Clone)]
 pub struct GuestRam {
@@ -36,6 +47,7 @@ pub struct GuestRam {
     memfd: Arc<File>,
     regions: Vec<RamRegion>,
     size: u64,
+    vmm_writes: Arc<Mutex<VmmWrites>>,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -130,6 +142,7 @@ impl GuestRam {
             memfd,
             regions,
             size,
+            vmm_writes: Arc::default(),
         })
     }
 
@@ -187,7 +200,31 @@ impl GuestRam {
                 addr: gpa,
                 len: data.len(),
                 reason: e.to_string(),
-            })
+            })?;
+        self.note_write(gpa, data.len() as u64);
+        Ok(())
+    }
+
+    /// Starts (or stops) recording the pages the VMM writes; starting clears the record.
+    pub fn track_vmm_writes(&self, on: bool) {
+        let mut w = self.vmm_writes.lock().unwrap_or_else(|e| e.into_inner());
+        w.tracking = on;
+        w.pages.clear();
+    }
+
+    /// Returns and clears the pages the VMM wrote since the last call.
+    pub fn take_vmm_writes(&self) -> Vec<u64> {
+        let mut w = self.vmm_writes.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut w.pages).into_iter().collect()
+    }
+
+    fn note_write(&self, gpa: u64, len: u64) {
+        let mut w = self.vmm_writes.lock().unwrap_or_else(|e| e.into_inner());
+        if w.tracking && len > 0 {
+            let first = gpa / PAGE_SIZE;
+            let last = (gpa + len - 1) / PAGE_SIZE;
+            w.pages.extend((first..=last).map(|p| p * PAGE_SIZE));
+        }
     }
 
     /// Copies guest RAM at `gpa` into `data`.
@@ -232,7 +269,46 @@ impl GuestRam {
                 addr: gpa,
                 len: 4,
                 reason: e.to_string(),
-            })
+            })?;
+        self.note_write(gpa, 4);
+        Ok(())
+    }
+
+    /// The host bytes of the range `[gpa, gpa + len)`, if it lies in one RAM region.
+    ///
+    /// # Safety
+    /// The slice aliases guest memory that vCPUs and devices may write concurrently: the caller
+    /// must treat its contents as a racy snapshot (migration re-sends pages written meanwhile)
+    /// or make sure nothing runs.
+    pub unsafe fn slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let end = gpa.checked_add(len)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)?;
+        let host = self.host_address(r).ok()?;
+        // SAFETY: the range lies inside region `r`'s live mapping, kept alive by `self`.
+        Some(unsafe { std::slice::from_raw_parts(host.add((gpa - r.gpa) as usize), len as usize) })
+    }
+
+    /// Mutable host bytes of `[gpa, gpa + len)`, if it lies in one RAM region.
+    ///
+    /// # Safety
+    /// As for [`GuestRam::slice`]; in addition no vCPU or device may access the range while
+    /// the slice lives (the migration destination fills RAM before the VM runs).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, gpa: u64, len: u64) -> Option<&mut [u8]> {
+        let end = gpa.checked_add(len)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)?;
+        let host = self.host_address(r).ok()?;
+        // SAFETY: the range lies inside region `r`'s live mapping; exclusivity is the caller's
+        // promise.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(host.add((gpa - r.gpa) as usize), len as usize)
+        })
     }
 
     /// Calls `f` with every RAM region as a host byte slice.

@@ -5,7 +5,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 
 use crate::{Error, Result};
@@ -37,6 +37,28 @@ pub struct SlotInfo {
 #[derive(Default)]
 struct Inner {
     slots: BTreeMap<u32, SlotInfo>,
+    dirty_logging: bool,
+}
+
+/// Pages of one slot that KVM saw the guest write.
+#[derive(Clone, Debug)]
+pub struct DirtyLog {
+    /// The slot.
+    pub info: SlotInfo,
+    /// One bit per 4 KiB page of the slot, lowest page in bit 0 of word 0.
+    pub bitmap: Vec<u64>,
+}
+
+impl DirtyLog {
+    /// Guest-physical addresses of the dirty pages.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bitmap.iter().enumerate().flat_map(move |(w, &bits)| {
+            let base = self.info.gpa + (w as u64) * 64 * 4096;
+            (0..64)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| base + b * 4096)
+        })
+    }
 }
 
 /// The VM's memory slots.
@@ -56,10 +78,14 @@ impl MemorySlots {
         }
     }
 
-    fn set(&self, slot: u32, info: &SlotInfo, size: u64) -> Result<()> {
+    fn set(&self, slot: u32, info: &SlotInfo, size: u64, log_dirty: bool) -> Result<()> {
+        let mut flags = if info.read_only { KVM_MEM_READONLY } else { 0 };
+        if log_dirty && info.kind == SlotKind::Ram {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
         let region = kvm_userspace_memory_region {
             slot,
-            flags: if info.read_only { KVM_MEM_READONLY } else { 0 },
+            flags,
             guest_phys_addr: info.gpa,
             memory_size: size,
             userspace_addr: info.host,
@@ -113,7 +139,7 @@ impl MemorySlots {
             kind,
             read_only,
         };
-        self.set(slot, &info, size)?;
+        self.set(slot, &info, size, inner.dirty_logging)?;
         inner.slots.insert(slot, info);
         Ok(slot)
     }
@@ -125,9 +151,48 @@ impl MemorySlots {
             .slots
             .get(&slot)
             .ok_or(Error::StateMismatch(format!("no memory slot {slot}")))?;
-        self.set(slot, &info, 0)?;
+        self.set(slot, &info, 0, false)?;
         inner.slots.remove(&slot);
         Ok(info)
+    }
+
+    /// Turns KVM dirty logging of the RAM slots on or off. Turning it on starts with a clean
+    /// log.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (&slot, info) in inner.slots.iter().filter(|(_, i)| i.kind == SlotKind::Ram) {
+            self.set(slot, info, info.size, on)?;
+        }
+        inner.dirty_logging = on;
+        Ok(())
+    }
+
+    /// Whether dirty logging is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dirty_logging
+    }
+
+    /// Fetches and clears the dirty log of every RAM slot.
+    pub fn take_dirty_logs(&self) -> Result<Vec<DirtyLog>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !inner.dirty_logging {
+            return Err(Error::StateMismatch("dirty logging is off".into()));
+        }
+        let mut logs = Vec::new();
+        for (&slot, info) in inner.slots.iter().filter(|(_, i)| i.kind == SlotKind::Ram) {
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot, info.size as usize)
+                .map_err(Error::kvm("get dirty log"))?;
+            logs.push(DirtyLog {
+                info: *info,
+                bitmap,
+            });
+        }
+        Ok(logs)
     }
 
     /// All slots.

@@ -21,7 +21,8 @@ use crate::{
 const MAGIC: u64 = u64::from_le_bytes(*b"FERRYBLK");
 const HDR_WORDS: usize = 4;
 const LOST_AFTER_MS: u64 = 10_000;
-const HIST: usize = 5120;
+/// Latency histogram: 1 µs buckets below 4096 µs, then 64 buckets per power of two.
+const HIST: usize = 4096 + 52 * 64;
 
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -98,7 +99,9 @@ impl Hist {
         let b = if us < 4096 {
             us as usize
         } else {
-            (4096 + (us >> 12)).min(HIST as u64 - 1) as usize
+            let exp = 63 - us.leading_zeros() as usize; // >= 12
+            let sub = ((us >> (exp - 6)) & 63) as usize;
+            (4096 + (exp - 12) * 64 + sub).min(HIST - 1)
         };
         self.0[b] += 1;
     }
@@ -118,7 +121,8 @@ impl Hist {
                 return if b < 4096 {
                     b as u64
                 } else {
-                    ((b - 4096) as u64) << 12
+                    let (exp, sub) = ((b - 4096) / 64 + 12, (b - 4096) % 64);
+                    ((64 + sub) as u64) << (exp - 6)
                 };
             }
         }

@@ -16,7 +16,7 @@ use vmm::devices::serial::ConsoleSink;
 use crate::{
     nvme_args::{BenchNvmeArgs, DeviceNvmeArgs, PassthroughSource},
     nvme_session::DeviceChild,
-    session::{self, SessionSpec},
+    session::{self, BootSpec, SessionSpec},
     signals::SignalState,
 };
 
@@ -42,7 +42,7 @@ fn guest_run(
     blocks: u64,
     signals: &SignalState,
 ) -> anyhow::Result<RunStats> {
-    let spec = SessionSpec {
+    let boot = BootSpec {
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),
         workload: Workload::NvmeVerify,
         args: WorkloadArgs {
@@ -60,15 +60,15 @@ fn guest_run(
             },
             ..Default::default()
         },
+    };
+    let spec = SessionSpec {
         memory: 256 << 20,
         console: ConsoleSink::Null,
-        console_prefix: String::new(),
         timeout: Some(Duration::from_secs(300)),
-        roundtrip_after: None,
-        verify_after: None,
         passthrough: Some(PassthroughSource::Spawn(dev.clone())),
+        ..Default::default()
     };
-    let r = session::run(&spec, std::time::Instant::now(), signals)?;
+    let r = session::run(&boot, &spec, std::time::Instant::now(), signals)?;
     if r.status != Some(0) {
         bail!(
             "guest run at QD {qd} failed: {} (last lines: {:?})",

@@ -1,16 +1,30 @@
-//! `ferry demo`: the main job. Boots the built-in guest under KVM twice: once to enumerate PCI,
-//! once to run the `dirty` workload, with a ledger verification on request while it runs and a
-//! complete VM state save → restore into a fresh VM in the middle; then prints a report.
-use std::{sync::Arc, time::Duration, time::Instant};
+//! `ferry demo`: the main job.
+//!
+//! 1. boots the built-in guest under KVM to enumerate PCI;
+//! 2. boots it again running the `dirty` workload, verifies its ledger on request, saves the
+//!    complete VM state and restores it into a fresh VM mid-run;
+//! 3. starts a second Ferry process (`ferry receive`) on loopback and live-migrates the running
+//!    workload there through the control API; the guest verifies its ledger on the
+//!    destination and finishes there;
+//! 4. prints a report.
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc},
+    time::{Duration, Instant},
+};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use guest_abi::{Workload, WorkloadArgs};
+use migration::MigrationReport;
 use serde::Serialize;
 use vmm::devices::serial::ConsoleSink;
 
 use crate::{
+    api::{self, MigrateRequest, Request, Response},
     cli::DemoArgs,
-    session::{self, SessionReport, SessionSpec},
+    session::{self, BootSpec, SessionReport, SessionSpec},
     signals::SignalState,
 };
 
@@ -21,44 +35,103 @@ struct DemoReport {
     working_set_mib: u64,
     hello: SessionReport,
     pci_functions: Vec<String>,
-    dirty: SessionReport,
+    source: SessionReport,
+    migration: Option<MigrationReport>,
+    destination: Option<serde_json::Value>,
     write_rate_per_s: f64,
     nvme: SessionReport,
     nvme_result: Option<String>,
+}
+
+/// A `ferry receive` child process whose console lines are echoed with a prefix and whose
+/// JSON summary (its last stdout line) is collected.
+struct Destination {
+    child: Child,
+    addr: String,
+    summary: mpsc::Receiver<serde_json::Value>,
+}
+
+fn start_destination(echo: bool, verify_after: Duration) -> anyhow::Result<Destination> {
+    let exe = std::env::current_exe().context("locating the ferry binary")?;
+    let mut child = Command::new(exe)
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--debug-hash",
+        ])
+        .args(["--accept-timeout", "60s", "--timeout", "120s"])
+        .args(["--verify-after", &format!("{}ms", verify_after.as_millis())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the destination (ferry receive)")?;
+    let stderr = child.stderr.take().context("destination stderr")?;
+    let stdout = child.stdout.take().context("destination stdout")?;
+    let (addr_tx, addr_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("ferry: waiting for a migration on ") {
+                let _ = addr_tx.send(a.to_string());
+            } else if echo {
+                eprintln!("  dest  | {line}");
+            }
+        }
+    });
+    let (sum_tx, summary) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if line.starts_with('{') => {
+                    let _ = sum_tx.send(v);
+                }
+                _ if echo => println!("  guest@B | {line}"),
+                _ => {}
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the destination did not start listening")?;
+    Ok(Destination {
+        child,
+        addr,
+        summary,
+    })
 }
 
 pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     vmm::memory::validate_ram_size(args.memory)?;
     let signals = SignalState::install()?;
     let image = Arc::new(guest_image::GUEST_ELF.to_vec());
-    let (console, prefix) = if args.json {
-        (ConsoleSink::Null, String::new())
+    let echo = !args.json;
+    let (console, prefix) = if echo {
+        (ConsoleSink::Stdout, "  guest@A | ")
     } else {
-        (ConsoleSink::Stdout, "  guest | ".to_string())
+        (ConsoleSink::Null, "")
     };
-    if !args.json {
+    if echo {
         println!(
             "Ferry demo: a {} MiB VM under KVM running the built-in guest in 64-bit ring 3",
             args.memory >> 20
         );
     }
-    let hello = session::run(
-        &SessionSpec {
-            image: image.clone(),
-            workload: Workload::Hello,
-            args: WorkloadArgs::default(),
-            memory: args.memory,
-            console: console.clone(),
-            console_prefix: prefix.clone(),
-            timeout: Some(Duration::from_secs(60)),
-            roundtrip_after: None,
-            verify_after: None,
-            passthrough: None,
-        },
-        process_start,
-        &signals,
-    )
-    .context("hello run")?;
+    let base = SessionSpec {
+        memory: args.memory,
+        console,
+        console_prefix: prefix.into(),
+        timeout: Some(Duration::from_secs(120)),
+        ..Default::default()
+    };
+
+    // 1. hello
+    let hello_boot = BootSpec {
+        image: image.clone(),
+        workload: Workload::Hello,
+        args: WorkloadArgs::default(),
+    };
+    let hello = session::run(&hello_boot, &base, process_start, &signals).context("hello run")?;
     let pci_functions: Vec<String> = hello
         .console_tail
         .iter()
@@ -66,58 +139,84 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         .cloned()
         .collect();
 
-    let duration = args.duration.max(Duration::from_millis(500));
-    let dirty_start = Instant::now();
-    let dirty = session::run(
-        &SessionSpec {
-            image,
-            workload: Workload::Dirty,
-            args: WorkloadArgs {
-                working_set_bytes: args.working_set,
-                rate_pages_per_sec: 0,
-                duration_ms: duration.as_millis() as u64,
-                report_interval_ms: 1000,
-                seed: 0x5eed,
-                iterations: 0,
-                nvme: Default::default(),
-            },
-            memory: args.memory,
-            console: console.clone(),
-            console_prefix: prefix.clone(),
-            timeout: Some(duration * 4 + Duration::from_secs(30)),
-            roundtrip_after: Some(duration / 2),
-            verify_after: Some(duration / 4),
-            passthrough: None,
+    // 2 + 3. dirty, verified, state round trip, then live migration to a second process
+    let duration = args.duration.max(Duration::from_secs(3));
+    let dest = start_destination(echo, Duration::ZERO)?;
+    let api_path = std::env::temp_dir().join(format!("ferry-demo-{}.sock", std::process::id()));
+    let spec = SessionSpec {
+        roundtrip_after: Some(duration / 5),
+        verify_after: Some(duration / 10),
+        api_socket: Some(api_path.clone()),
+        ..base.clone()
+    };
+    let dirty_boot = BootSpec {
+        image,
+        workload: Workload::Dirty,
+        args: WorkloadArgs {
+            working_set_bytes: args.working_set,
+            rate_pages_per_sec: args.rate,
+            duration_ms: duration.as_millis() as u64,
+            report_interval_ms: 500,
+            seed: 0x5eed,
+            ..Default::default()
         },
-        dirty_start,
-        &signals,
-    )
-    .context("dirty run")?;
+    };
+    let migrate_at = duration * 2 / 5;
+    let to = dest.addr.clone();
+    let migrator = std::thread::spawn(move || migrate_later(api_path, to, migrate_at));
+    let source = session::run(&dirty_boot, &spec, Instant::now(), &signals).context("dirty run")?;
+    let migration = migrator
+        .join()
+        .map_err(|_| anyhow::anyhow!("migration thread panicked"))?;
+    let migration = match migration {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("ferry demo: migration failed: {e:#}");
+            None
+        }
+    };
+    let destination = finish_destination(dest, migration.is_some());
 
-    let nvme =
-        super::demo_nvme::run(&console, &prefix, &signals).context("passthrough NVMe run")?;
+    // 4. a passthrough NVMe device over vfio-user, verified I/O from the guest
+    let nvme = super::demo_nvme::run(&base.console, &base.console_prefix, &signals)
+        .context("passthrough NVMe run")?;
     let nvme_result = nvme
         .console_tail
         .iter()
         .find(|l| l.contains("nvme-verify: result "))
         .cloned();
 
-    let verified_mid = dirty.verifications.first().is_some_and(|v| v.status == 0);
+    let verified_mid = source.verifications.first().is_some_and(|v| v.status == 0);
+    // The guest verifies its ledger when it finishes and exits non-zero if it does not hold;
+    // verifications asked for on the destination must hold too.
+    let dest_ok = destination.as_ref().is_some_and(|d| {
+        d["outcome"] == "exit"
+            && d["status"] == 0
+            && d["verifications"]
+                .as_array()
+                .is_some_and(|v| v.iter().all(|x| x["status"] == 0))
+    });
     let pass = hello.status == Some(0)
         && !pci_functions.is_empty()
-        && dirty.status == Some(0)
         && verified_mid
-        && dirty.roundtrip.is_some()
+        && source.roundtrip.is_some()
+        && source.outcome == "migrated"
+        && dest_ok
         && nvme.status == Some(0);
-    let write_rate = dirty.progress as f64 / (duration.as_secs_f64());
+    let total_writes = destination
+        .as_ref()
+        .and_then(|d| d["progress"].as_u64())
+        .unwrap_or(source.progress);
     let report = DemoReport {
         pass,
         memory_mib: args.memory >> 20,
         working_set_mib: args.working_set >> 20,
         hello,
         pci_functions,
-        dirty,
-        write_rate_per_s: write_rate,
+        source,
+        migration,
+        destination,
+        write_rate_per_s: total_writes as f64 / duration.as_secs_f64(),
         nvme,
         nvme_result,
     };
@@ -127,6 +226,41 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         print_report(&report);
     }
     Ok(if pass { 0 } else { 1 })
+}
+
+fn migrate_later(
+    api_path: PathBuf,
+    to: String,
+    after: Duration,
+) -> anyhow::Result<MigrationReport> {
+    std::thread::sleep(after);
+    let request = Request::Migrate(MigrateRequest {
+        to,
+        downtime_ms: 50,
+        max_rounds: 30,
+        on_limit: migration::LimitPolicy::Finish,
+        debug_hash: true,
+    });
+    match api::call(&api_path, &request, |_| {})? {
+        Response::Result {
+            ok: true,
+            data: Some(d),
+            ..
+        } => Ok(serde_json::from_value(d)?),
+        Response::Result { error, .. } => bail!("{}", error.unwrap_or_default()),
+        Response::Progress(_) => bail!("unexpected progress as the answer"),
+    }
+}
+
+fn finish_destination(mut dest: Destination, migrated: bool) -> Option<serde_json::Value> {
+    if !migrated {
+        let _ = dest.child.kill();
+        let _ = dest.child.wait();
+        return None;
+    }
+    let summary = dest.summary.recv_timeout(Duration::from_secs(150)).ok();
+    let _ = dest.child.wait();
+    summary
 }
 
 fn print_report(r: &DemoReport) {
@@ -147,12 +281,15 @@ fn print_report(r: &DemoReport) {
         }
     );
     println!(
-        "  dirty         {} MiB working set, {} page writes ({:.2} M/s)",
+        "  dirty         {} MiB working set, {} page writes in all ({:.2} M/s)",
         r.working_set_mib,
-        r.dirty.progress,
+        r.destination
+            .as_ref()
+            .and_then(|d| d["progress"].as_u64())
+            .unwrap_or(r.source.progress),
         r.write_rate_per_s / 1e6
     );
-    match r.dirty.verifications.first() {
+    match r.source.verifications.first() {
         Some(v) => println!(
             "  ledger        verified mid-run on request: {} ({} pages, {} writes)",
             ok(v.status == 0),
@@ -161,24 +298,56 @@ fn print_report(r: &DemoReport) {
         ),
         None => println!("  ledger        mid-run verification: FAILED (no answer)"),
     }
-    match &r.dirty.roundtrip {
+    match &r.source.roundtrip {
         Some(rt) => println!(
-            "  state         saved, serialized ({} KiB), restored into a fresh VM in {:.1} ms; the guest went on",
+            "  state         saved ({} KiB), restored into a fresh VM in {:.1} ms; the guest went on",
             rt.state_bytes / 1024,
             rt.pause_ms
         ),
         None => println!("  state         round trip: FAILED (not done)"),
     }
-    println!(
-        "  end           {} ({})",
-        ok(r.dirty.status == Some(0)),
-        r.dirty.detail
-    );
+    match &r.migration {
+        Some(m) => {
+            println!(
+                "  migration     to {} in {:.0} ms, downtime {:.1} ms, {} rounds, {:.1} MiB at {:.0} MB/s, {} zero pages skipped",
+                m.destination,
+                m.total_ms,
+                m.downtime_ms,
+                m.rounds.len(),
+                m.bytes as f64 / (1 << 20) as f64,
+                m.bandwidth_mbps,
+                m.zero_pages_skipped
+            );
+            let dest_hash = r
+                .destination
+                .as_ref()
+                .and_then(|d| d["incoming"]["memory_hash"].as_str().map(str::to_string));
+            println!(
+                "  memory        hash at pause {} / at resume {} -> {}",
+                m.memory_hash.as_deref().unwrap_or("-"),
+                dest_hash.as_deref().unwrap_or("-"),
+                ok(m.memory_hash.is_some() && m.memory_hash == dest_hash)
+            );
+        }
+        None => println!("  migration     FAILED"),
+    }
+    match &r.destination {
+        Some(d) => {
+            let v = d["verifications"].as_array().cloned().unwrap_or_default();
+            println!(
+                "  destination   ledger verified on request {} time(s) there: {}; guest finished (verifying its ledger): {}",
+                v.len(),
+                ok(v.iter().all(|x| x["status"] == 0)),
+                d["detail"].as_str().unwrap_or("?")
+            );
+        }
+        None => println!("  destination   FAILED (no report)"),
+    }
     super::demo_nvme::print(&r.nvme, r.nvme_result.as_deref());
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",
-        r.hello.unhandled_pio + r.dirty.unhandled_pio,
-        r.hello.unhandled_mmio + r.dirty.unhandled_mmio
+        r.hello.unhandled_pio + r.source.unhandled_pio,
+        r.hello.unhandled_mmio + r.source.unhandled_mmio
     );
     println!("  result        {}", if r.pass { "PASS" } else { "FAIL" });
 }

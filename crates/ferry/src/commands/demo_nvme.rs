@@ -8,7 +8,7 @@ use vmm::devices::serial::ConsoleSink;
 
 use crate::{
     nvme_args::{DeviceNvmeArgs, PassthroughSource},
-    session::{self, SessionReport, SessionSpec},
+    session::{self, BootSpec, SessionReport, SessionSpec},
     signals::SignalState,
 };
 
@@ -19,7 +19,7 @@ pub fn run(
 ) -> anyhow::Result<SessionReport> {
     let dir = std::env::temp_dir().join(format!("ferry-demo-nvme-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let spec = SessionSpec {
+    let boot = BootSpec {
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),
         workload: Workload::NvmeVerify,
         args: WorkloadArgs {
@@ -39,12 +39,12 @@ pub fn run(
             },
             ..Default::default()
         },
+    };
+    let spec = SessionSpec {
         memory: 256 << 20,
         console: console.clone(),
         console_prefix: prefix.to_string(),
         timeout: Some(Duration::from_secs(120)),
-        roundtrip_after: None,
-        verify_after: None,
         passthrough: Some(PassthroughSource::Spawn(DeviceNvmeArgs {
             socket: Default::default(),
             backing: dir.join("disk.img"),
@@ -54,8 +54,9 @@ pub fn run(
             create: true,
             once: true,
         })),
+        ..Default::default()
     };
-    let r = session::run(&spec, std::time::Instant::now(), signals);
+    let r = session::run(&boot, &spec, std::time::Instant::now(), signals);
     let _ = std::fs::remove_dir_all(&dir);
     r
 }

@@ -1,9 +1,12 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod bench_migrate;
 pub mod bench_nvme;
 pub mod demo;
 mod demo_nvme;
 pub mod device;
+pub mod migrate;
+pub mod receive;
 pub mod run;
 
 use std::sync::Arc;

@@ -5,7 +5,7 @@ use vmm::devices::serial::ConsoleSink;
 
 use crate::{
     cli::RunArgs,
-    session::{self, SessionSpec},
+    session::{self, BootSpec, SessionReport, SessionSpec},
     signals::SignalState,
 };
 
@@ -18,23 +18,8 @@ pub fn console_sink(s: &str) -> ConsoleSink {
     }
 }
 
-pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
-    vmm::memory::validate_ram_size(args.guest.memory)?;
-    let signals = SignalState::install()?;
-    let (image, wargs) = super::guest_from_args(&args.guest)?;
-    let spec = SessionSpec {
-        image,
-        workload: args.guest.workload.into(),
-        args: wargs,
-        memory: args.guest.memory,
-        console: console_sink(&args.serial),
-        console_prefix: String::new(),
-        timeout: args.timeout,
-        roundtrip_after: args.state_roundtrip_after,
-        verify_after: args.verify_after,
-        passthrough: args.guest.nvme.source()?,
-    };
-    let report = session::run(&spec, process_start, &signals)?;
+/// Prints the parts of a session report a person wants on stderr, and the JSON summary.
+pub fn print_report(report: &SessionReport, json: bool) -> anyhow::Result<()> {
     if let Some(rt) = &report.roundtrip {
         eprintln!(
             "ferry: VM state round trip: {} bytes, restored into a fresh VM in {:.1} ms",
@@ -62,8 +47,33 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
             log.summary()
         );
     }
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+
+    if json {
+        println!("{}", serde_json::to_string(report)?);
     }
+    Ok(())
+}
+
+pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
+    vmm::memory::validate_ram_size(args.guest.memory)?;
+    let signals = SignalState::install()?;
+    let (image, wargs) = super::guest_from_args(&args.guest)?;
+    let boot = BootSpec {
+        image,
+        workload: args.guest.workload.into(),
+        args: wargs,
+    };
+    let spec = SessionSpec {
+        memory: args.guest.memory,
+        console: console_sink(&args.serial),
+        console_prefix: String::new(),
+        timeout: args.timeout,
+        roundtrip_after: args.state_roundtrip_after,
+        verify_after: args.verify_after,
+        api_socket: args.api_socket,
+        passthrough: args.guest.nvme.source()?,
+    };
+    let report = session::run(&boot, &spec, process_start, &signals)?;
+    print_report(&report, args.json)?;
     Ok(report.exit_code())
 }

@@ -1,0 +1,221 @@
+//! The control API of a running VM: a Unix socket speaking JSON lines (Cloud Hypervisor's
+//! `ch-remote` is the model). A client sends one request line and reads response lines: zero
+//! or more `progress` events, then one `result`.
+//!
+//! ```text
+//! → {"cmd":"migrate","to":"127.0.0.1:7000","downtime_ms":50}
+//! ← {"event":"progress","phase":"precopy","round":1,...}
+//! ← {"event":"result","ok":true,"data":{...migration report...}}
+//! ```
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::mpsc::{self, Receiver, Sender},
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 << 10;
+
+/// Parameters of a migration request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// `ADDR:PORT` of a `ferry receive`.
+    pub to: String,
+    /// Downtime target in milliseconds.
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Most pre-copy rounds after round 0.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// "finish" or "abort" when the round limit is hit.
+    #[serde(default = "default_limit")]
+    pub on_limit: migration::LimitPolicy,
+    /// Hash guest RAM at the pause (debug; compare with the destination's).
+    #[serde(default)]
+    pub debug_hash: bool,
+}
+
+fn default_downtime() -> u64 {
+    50
+}
+fn default_rounds() -> u32 {
+    30
+}
+fn default_limit() -> migration::LimitPolicy {
+    migration::LimitPolicy::Finish
+}
+
+/// A request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Live-migrate the VM.
+    Migrate(MigrateRequest),
+    /// Ask the guest to verify its ledger and wait for the answer.
+    Verify,
+    /// State and progress of the VM.
+    Status,
+    /// Hash of all guest RAM, taken with the vCPUs briefly paused (debug).
+    MemoryHash,
+    /// Stop the VM.
+    Stop,
+}
+
+/// A response line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Response {
+    /// Migration progress.
+    Progress(migration::Progress),
+    /// The final answer.
+    Result {
+        /// Whether the request succeeded.
+        ok: bool,
+        /// What it produced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<serde_json::Value>,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+impl Response {
+    /// A successful result.
+    pub fn ok(data: impl Serialize) -> Response {
+        Response::Result {
+            ok: true,
+            data: serde_json::to_value(data).ok(),
+            error: None,
+        }
+    }
+
+    /// A failed result.
+    pub fn err(e: impl std::fmt::Display) -> Response {
+        Response::Result {
+            ok: false,
+            data: None,
+            error: Some(e.to_string()),
+        }
+    }
+}
+
+/// A request waiting for the supervisor, with the channel its responses go to.
+pub struct Pending {
+    /// The request.
+    pub request: Request,
+    /// Where responses go (the connection thread writes them to the client).
+    pub reply: Sender<Response>,
+}
+
+/// A listening API socket; removed again when dropped.
+pub struct ApiServer {
+    path: PathBuf,
+    /// Requests for the supervisor.
+    pub requests: Receiver<Pending>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the API socket at `path` and serves it from background threads.
+pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("API socket {} is in use by another process", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding API socket {}", path.display()))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let tx = tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = handle(conn, tx) {
+                            tracing::debug!("API connection: {e:#}");
+                        }
+                    });
+            }
+        })?;
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        requests: rx,
+    })
+}
+
+fn handle(conn: UnixStream, supervisor: Sender<Pending>) -> anyhow::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = conn.try_clone()?;
+    let mut line = String::new();
+    BufReader::new(conn.take(MAX_REQUEST)).read_line(&mut line)?;
+    let request: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&Response::err(format!("bad request: {e}")))?
+            )?;
+            return Ok(());
+        }
+    };
+    let (reply, responses) = mpsc::channel();
+    if supervisor.send(Pending { request, reply }).is_err() {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&Response::err("the VM is gone"))?
+        )?;
+        return Ok(());
+    }
+    for r in responses {
+        let last = matches!(r, Response::Result { .. });
+        writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        if last {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Client side: sends `request` to the API at `path`; calls `on_progress` for each progress
+/// event and returns the final result.
+pub fn call(
+    path: &Path,
+    request: &Request,
+    mut on_progress: impl FnMut(&migration::Progress),
+) -> anyhow::Result<Response> {
+    let mut conn = UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to the API socket {} (is `ferry run --api-socket` running?)",
+            path.display()
+        )
+    })?;
+    writeln!(conn, "{}", serde_json::to_string(request)?)?;
+    for line in BufReader::new(conn).lines() {
+        let line = line.context("reading the API answer")?;
+        match serde_json::from_str::<Response>(&line)
+            .with_context(|| format!("API answered {line:?}"))?
+        {
+            Response::Progress(p) => on_progress(&p),
+            r @ Response::Result { .. } => return Ok(r),
+        }
+    }
+    bail!("the VM closed the API connection without an answer")
+}

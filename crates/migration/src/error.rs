@@ -1,0 +1,67 @@
+//! Errors of the migration engine.
+use std::io;
+
+/// What can end a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Connecting, reading or writing the migration stream failed.
+    #[error("migration connection {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer does not speak Ferry's migration protocol.
+    #[error("peer is not a Ferry migration endpoint (magic {0:02x?})")]
+    BadMagic([u8; 8]),
+    /// The peer speaks another version of the protocol.
+    #[error("peer speaks migration protocol version {theirs}, this Ferry speaks {ours}")]
+    Version {
+        /// The peer's version.
+        theirs: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// A message violates the protocol (length, checksum, address, order).
+    #[error("invalid migration stream: {0}")]
+    Protocol(String),
+    /// The peer gave up and said why.
+    #[error("peer aborted the migration: {0}")]
+    PeerAborted(String),
+    /// The VM cannot be migrated (as configured).
+    #[error("cannot migrate this VM: {0}")]
+    NotMigratable(String),
+    /// Pre-copy did not converge within the round limit and the policy says abort.
+    #[error("memory did not converge in {rounds} rounds ({remaining} pages still dirty); aborted as asked")]
+    NoConvergence {
+        /// Rounds run.
+        rounds: u32,
+        /// Dirty pages left.
+        remaining: u64,
+    },
+    /// A VMM operation failed (pause, state save or restore, dirty log).
+    #[error("VMM: {0}")]
+    Vmm(#[from] vmm::Error),
+    /// A device failed its part.
+    #[error("device {name}: {reason}")]
+    Device {
+        /// The device.
+        name: String,
+        /// What happened.
+        reason: String,
+    },
+    /// Encoding or decoding state failed.
+    #[error("state encoding: {0}")]
+    Encoding(String),
+}
+
+impl MigrationError {
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> MigrationError {
+        move |source| MigrationError::Io { what, source }
+    }
+}
+
+/// Result of the migration engine.
+pub type Result<T> = std::result::Result<T, MigrationError>;

@@ -1,0 +1,93 @@
+//! What a migration reports (human-readable and `--json`).
+use serde::{Deserialize, Serialize};
+
+/// One pre-copy round (round 0 sends all non-zero memory; the last round runs paused).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// Round number.
+    pub round: u32,
+    /// Pages sent with their contents.
+    pub pages: u64,
+    /// Dirty pages that were all zero, sent as zero runs.
+    pub zero_pages: u64,
+    /// Bytes put on the wire in this round.
+    pub bytes: u64,
+    /// Duration of the round.
+    pub ms: f64,
+    /// Pages KVM's dirty log reported for this round.
+    pub dirty_kvm: u64,
+    /// Pages the VMM wrote itself.
+    pub dirty_vmm: u64,
+    /// Pages devices reported (writes KVM cannot see).
+    pub dirty_device: u64,
+    /// True for the final round (vCPUs paused).
+    pub paused: bool,
+}
+
+/// The source's report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Destination address.
+    pub destination: String,
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// Connect → the destination confirmed it runs the VM.
+    pub total_ms: f64,
+    /// vCPUs paused on the source → the destination's "resumed" received (an upper bound of
+    /// the guest's downtime: it includes one trip of that message).
+    pub downtime_ms: f64,
+    /// Target downtime the rounds aimed for.
+    pub downtime_target_ms: f64,
+    /// Rounds, round 0 first, the paused one last.
+    pub rounds: Vec<RoundReport>,
+    /// Zero pages never sent in round 0.
+    pub zero_pages_skipped: u64,
+    /// Bytes put on the wire in total.
+    pub bytes: u64,
+    /// Average bandwidth over the whole migration, MB/s (10^6 bytes).
+    pub bandwidth_mbps: f64,
+    /// True when the round limit ended pre-copy before it converged.
+    pub hit_round_limit: bool,
+    /// Hash of all guest RAM at the pause, when asked for (compare with the destination's).
+    pub memory_hash: Option<String>,
+    /// Devices whose state was sent.
+    pub devices: Vec<String>,
+}
+
+/// The destination's report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReceiveReport {
+    /// Source address.
+    pub source: String,
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// Rounds received.
+    pub rounds: u32,
+    /// Pages received with contents.
+    pub pages: u64,
+    /// Pages received as zero runs.
+    pub zero_pages: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// First byte → VM resumed.
+    pub total_ms: f64,
+    /// Hash of all guest RAM before the VM resumed, when asked for.
+    pub memory_hash: Option<String>,
+    /// Devices restored.
+    pub devices: Vec<String>,
+}
+
+/// Progress of a running migration, for progress bars and API clients.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// "precopy", "switchover", "done".
+    pub phase: String,
+    /// Current round.
+    pub round: u32,
+    /// Bytes sent so far.
+    pub bytes: u64,
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// Pages still dirty at the last count.
+    pub dirty_pages: u64,
+}

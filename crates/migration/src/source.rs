@@ -1,0 +1,473 @@
+//! The sending side: pre-copy rounds with KVM dirty logging, then switchover.
+use std::{
+    collections::BTreeSet,
+    io::{BufWriter, Write},
+    net::{TcpStream, ToSocketAddrs},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use vmm::{memory::GuestRam, Vm};
+
+use crate::{
+    device::MigratableDevice,
+    hash::memory_hash,
+    report::{MigrationReport, Progress, RoundReport},
+    wire::{self, Kind, MemoryBatch, PAGE},
+    MigrationError, Result,
+};
+
+/// What to do when the round limit is reached before the dirty set fits the downtime target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitPolicy {
+    /// Switch over anyway (longer downtime).
+    Finish,
+    /// Give up; the VM keeps running here.
+    Abort,
+}
+
+/// Tuning of a migration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceOptions {
+    /// Downtime the last round must fit in at the measured bandwidth.
+    pub downtime: Duration,
+    /// Most pre-copy rounds after round 0.
+    pub max_rounds: u32,
+    /// What to do at the limit.
+    pub on_limit: LimitPolicy,
+    /// Hash all of guest RAM at the pause (slower switchover; for tests).
+    pub debug_hash: bool,
+    /// Bound on connecting and on every wait for the destination.
+    pub timeout: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            downtime: Duration::from_millis(50),
+            max_rounds: 30,
+            on_limit: LimitPolicy::Finish,
+            debug_hash: false,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Configuration the destination needs to build the VM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    /// Guest RAM size.
+    pub ram_size: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// External devices whose state follows.
+    pub devices: Vec<String>,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8).all(|c| c == [0u8; 8])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Sender<'a> {
+    out: BufWriter<TcpStream>,
+    ram: &'a GuestRam,
+    bytes: u64,
+}
+
+impl Sender<'_> {
+    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        wire::send(&mut self.out, kind, payload)?;
+        self.bytes += payload.len() as u64 + 12;
+        Ok(())
+    }
+
+    /// Sends `pages` (sorted guest-physical addresses); returns (data pages, zero pages).
+    fn send_pages(
+        &mut self,
+        round: u32,
+        pages: impl Iterator<Item = u64>,
+        skip_zero: bool,
+    ) -> Result<(u64, u64, u64)> {
+        let (mut data, mut zero, mut skipped) = (0, 0, 0);
+        let mut batch = MemoryBatch::new(round);
+        let mut zero_run: Option<(u64, u32)> = None;
+        for gpa in pages {
+            // SAFETY: a racy snapshot is what pre-copy wants: a page the guest writes while
+            // it is copied is dirty again and goes out in a later round (or the paused one).
+            let Some(page) = (unsafe { self.ram.slice(gpa, PAGE) }) else {
+                return Err(MigrationError::Protocol(format!(
+                    "dirty page {gpa:#x} is not guest RAM"
+                )));
+            };
+            if is_zero(page) {
+                if skip_zero {
+                    skipped += 1;
+                    continue;
+                }
+                zero += 1;
+                zero_run = match zero_run {
+                    Some((start, n)) if start + n as u64 * PAGE == gpa => Some((start, n + 1)),
+                    Some((start, n)) => {
+                        batch.push_zero(start, n);
+                        Some((gpa, 1))
+                    }
+                    None => Some((gpa, 1)),
+                };
+            } else {
+                data += 1;
+                batch.push_page(gpa, page);
+            }
+            if batch.is_full() {
+                if let Some((start, n)) = zero_run.take() {
+                    batch.push_zero(start, n);
+                }
+                self.send(Kind::Memory, batch.finish())?;
+                batch = MemoryBatch::new(round);
+            }
+        }
+        if let Some((start, n)) = zero_run.take() {
+            batch.push_zero(start, n);
+        }
+        if !batch.is_empty() {
+            self.send(Kind::Memory, batch.finish())?;
+        }
+        Ok((data, zero, skipped))
+    }
+}
+
+/// Dirty pages of a round, by source.
+struct Dirty {
+    pages: BTreeSet<u64>,
+    kvm: u64,
+    vmm: u64,
+    device: u64,
+}
+
+fn collect_dirty(vm: &Vm, devices: &mut [Box<dyn MigratableDevice>]) -> Result<Dirty> {
+    let mut pages = BTreeSet::new();
+    let mut kvm = 0;
+    for log in vm.memory_slots().take_dirty_logs()? {
+        for p in log.pages() {
+            pages.insert(p);
+            kvm += 1;
+        }
+    }
+    let vmm_pages = vm.ram().take_vmm_writes();
+    let vmm = vmm_pages.len() as u64;
+    pages.extend(vmm_pages);
+    let mut device = 0;
+    for d in devices.iter_mut() {
+        for p in d.take_dirty_pages() {
+            let p = p & !(PAGE - 1);
+            if vm.ram().contains(p, PAGE) {
+                pages.insert(p);
+                device += 1;
+            }
+        }
+    }
+    Ok(Dirty {
+        pages,
+        kvm,
+        vmm,
+        device,
+    })
+}
+
+/// Reads the destination's next message, expecting `want`.
+fn expect(stream: &mut TcpStream, want: Kind, buf: &mut Vec<u8>) -> Result<()> {
+    match wire::recv(stream, buf)? {
+        k if k == want => Ok(()),
+        Kind::Abort => Err(MigrationError::PeerAborted(
+            String::from_utf8_lossy(buf).into_owned(),
+        )),
+        other => Err(MigrationError::Protocol(format!(
+            "expected {want:?} from the destination, got {other:?}"
+        ))),
+    }
+}
+
+/// A write failed: the destination may have said why before closing.
+fn explain(err: MigrationError, stream: &mut TcpStream) -> MigrationError {
+    if !matches!(err, MigrationError::Io { .. }) {
+        return err;
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = Vec::new();
+    match wire::recv(stream, &mut buf) {
+        Ok(Kind::Abort) => MigrationError::PeerAborted(String::from_utf8_lossy(&buf).into_owned()),
+        _ => err,
+    }
+}
+
+/// Migrates the running `vm` to the `ferry receive` listening at `to`.
+///
+/// On success the VM is left paused here (the destination runs it) and the caller ends it. On
+/// failure the VM runs here as before and devices are rolled back.
+pub fn migrate(
+    vm: &Vm,
+    devices: &mut [Box<dyn MigratableDevice>],
+    to: &str,
+    opts: &SourceOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
+    let start = Instant::now();
+    let addr = to
+        .to_socket_addrs()
+        .map_err(MigrationError::io("resolving the destination"))?
+        .next()
+        .ok_or_else(|| MigrationError::Protocol(format!("destination {to} resolves to nothing")))?;
+    let stream =
+        TcpStream::connect_timeout(&addr, opts.timeout).map_err(MigrationError::io("connect"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(MigrationError::io("setup"))?;
+    stream
+        .set_write_timeout(Some(opts.timeout))
+        .map_err(MigrationError::io("setup"))?;
+    stream
+        .set_read_timeout(Some(opts.timeout))
+        .map_err(MigrationError::io("setup"))?;
+    let mut reader = stream.try_clone().map_err(MigrationError::io("setup"))?;
+
+    let mut paused = false;
+    let mut prepared = Vec::new();
+    let result = run(
+        vm,
+        devices,
+        &mut prepared,
+        stream,
+        &mut reader,
+        to,
+        opts,
+        start,
+        &mut paused,
+        progress,
+    );
+    let _ = vm.memory_slots().set_dirty_logging(false);
+    vm.ram().track_vmm_writes(false);
+    match result {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let e = explain(e, &mut reader);
+            tracing::warn!("migration to {to} failed: {e}; the VM keeps running here");
+            for &i in &prepared {
+                devices[i].rollback();
+            }
+            if paused {
+                if let Err(re) = vm.resume() {
+                    tracing::error!("resuming the VM after the failed migration: {re}");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    vm: &Vm,
+    devices: &mut [Box<dyn MigratableDevice>],
+    prepared: &mut Vec<usize>,
+    stream: TcpStream,
+    reader: &mut TcpStream,
+    to: &str,
+    opts: &SourceOptions,
+    start: Instant,
+    paused: &mut bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
+    let ram = vm.ram();
+    let mut tx = Sender {
+        out: BufWriter::with_capacity(1 << 20, stream),
+        ram,
+        bytes: 0,
+    };
+    let mut buf = Vec::new();
+    tx.send(Kind::Hello, &wire::hello())?;
+    tx.out.flush().map_err(MigrationError::io("write"))?;
+    match wire::recv(reader, &mut buf)? {
+        Kind::Hello => wire::check_hello(&buf)?,
+        Kind::Abort => {
+            return Err(MigrationError::PeerAborted(
+                String::from_utf8_lossy(&buf).into_owned(),
+            ))
+        }
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Hello from the destination, got {other:?}"
+            )))
+        }
+    }
+    let config = MigrationConfig {
+        ram_size: ram.size(),
+        vcpus: 1,
+        devices: devices.iter().map(|d| d.name()).collect(),
+    };
+    let cfg =
+        postcard::to_allocvec(&config).map_err(|e| MigrationError::Encoding(e.to_string()))?;
+    tx.send(Kind::Config, &cfg)?;
+
+    for (i, d) in devices.iter_mut().enumerate() {
+        d.prepare().map_err(|reason| MigrationError::Device {
+            name: d.name(),
+            reason,
+        })?;
+        prepared.push(i);
+    }
+    vm.memory_slots().set_dirty_logging(true)?;
+    ram.track_vmm_writes(true);
+
+    let mut report = MigrationReport {
+        destination: to.to_string(),
+        ram_bytes: ram.size(),
+        downtime_target_ms: ms(opts.downtime),
+        ..Default::default()
+    };
+    let mut prog = Progress {
+        phase: "precopy".into(),
+        ram_bytes: ram.size(),
+        ..Default::default()
+    };
+
+    // Round 0: all non-zero memory (the destination starts zeroed).
+    let t0 = Instant::now();
+    let before = tx.bytes;
+    let all = ram
+        .regions()
+        .iter()
+        .flat_map(|r| (0..r.size / PAGE).map(move |i| r.gpa + i * PAGE));
+    let (pages, _, skipped) = tx.send_pages(0, all, true)?;
+    let round0 = round_end(&mut tx, 0, pages, 0, before, t0)?;
+    report.zero_pages_skipped = skipped;
+    report.rounds.push(round0);
+    let mut sent_bytes = tx.bytes;
+    let mut sent_time = t0.elapsed();
+    prog.bytes = tx.bytes;
+    progress(&prog);
+
+    // Later rounds: the dirty set, until it fits the downtime target.
+    let mut round = 1;
+    let final_dirty = loop {
+        let dirty = collect_dirty(vm, devices)?;
+        let bandwidth = sent_bytes as f64 / sent_time.as_secs_f64().max(1e-6);
+        let estimate = dirty.pages.len() as f64 * (PAGE as f64 + 16.0) / bandwidth;
+        prog.round = round;
+        prog.dirty_pages = dirty.pages.len() as u64;
+        progress(&prog);
+        if estimate <= opts.downtime.as_secs_f64() {
+            break dirty;
+        }
+        if round > opts.max_rounds {
+            if opts.on_limit == LimitPolicy::Abort {
+                return Err(MigrationError::NoConvergence {
+                    rounds: round - 1,
+                    remaining: dirty.pages.len() as u64,
+                });
+            }
+            report.hit_round_limit = true;
+            break dirty;
+        }
+        let t = Instant::now();
+        let before = tx.bytes;
+        let (pages, zero, _) = tx.send_pages(round, dirty.pages.iter().copied(), false)?;
+        let mut r = round_end(&mut tx, round, pages, zero, before, t)?;
+        (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (dirty.kvm, dirty.vmm, dirty.device);
+        sent_bytes += tx.bytes - before;
+        sent_time += t.elapsed();
+        report.rounds.push(r);
+        prog.bytes = tx.bytes;
+        round += 1;
+    };
+
+    // Switchover: pause, last dirty pages, state, devices.
+    let pause_at = Instant::now();
+    vm.pause()?;
+    *paused = true;
+    prog.phase = "switchover".into();
+    progress(&prog);
+    for d in devices.iter_mut() {
+        d.pause().map_err(|reason| MigrationError::Device {
+            name: d.name(),
+            reason,
+        })?;
+    }
+    let last = collect_dirty(vm, devices)?;
+    let mut pages_final: BTreeSet<u64> = final_dirty.pages;
+    pages_final.extend(last.pages.iter().copied());
+    let t = Instant::now();
+    let before = tx.bytes;
+    let (pages, zero, _) = tx.send_pages(round, pages_final.iter().copied(), false)?;
+    let mut r = round_end(&mut tx, round, pages, zero, before, t)?;
+    (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (
+        final_dirty.kvm + last.kvm,
+        final_dirty.vmm + last.vmm,
+        final_dirty.device + last.device,
+    );
+    r.paused = true;
+    report.rounds.push(r);
+
+    let state = vm.save_state()?;
+    let state =
+        postcard::to_allocvec(&state).map_err(|e| MigrationError::Encoding(e.to_string()))?;
+    tx.send(Kind::VmState, &state)?;
+    for d in devices.iter_mut() {
+        let name = d.name();
+        let blob = d.save().map_err(|reason| MigrationError::Device {
+            name: name.clone(),
+            reason,
+        })?;
+        let mut payload = (name.len() as u16).to_le_bytes().to_vec();
+        payload.extend_from_slice(name.as_bytes());
+        payload.extend_from_slice(&blob);
+        tx.send(Kind::DeviceState, &payload)?;
+        report.devices.push(name);
+    }
+    if opts.debug_hash {
+        report.memory_hash = Some(memory_hash(ram));
+    }
+    tx.send(Kind::Complete, &[])?;
+    tx.out.flush().map_err(MigrationError::io("write"))?;
+    expect(reader, Kind::Ready, &mut buf)?;
+    tx.send(Kind::Go, &[])?;
+    tx.out.flush().map_err(MigrationError::io("write"))?;
+    expect(reader, Kind::Resumed, &mut buf)?;
+    report.downtime_ms = ms(pause_at.elapsed());
+    report.total_ms = ms(start.elapsed());
+    report.bytes = tx.bytes;
+    report.bandwidth_mbps = tx.bytes as f64 / start.elapsed().as_secs_f64() / 1e6;
+    prog.phase = "done".into();
+    prog.bytes = tx.bytes;
+    prog.dirty_pages = 0;
+    progress(&prog);
+    Ok(report)
+}
+
+/// Ends a round that started at byte count `before`.
+fn round_end(
+    tx: &mut Sender<'_>,
+    round: u32,
+    pages: u64,
+    zero: u64,
+    before: u64,
+    t: Instant,
+) -> Result<RoundReport> {
+    let bytes = tx.bytes - before;
+    let mut payload = round.to_le_bytes().to_vec();
+    payload.extend_from_slice(&pages.to_le_bytes());
+    payload.extend_from_slice(&bytes.to_le_bytes());
+    tx.send(Kind::RoundEnd, &payload)?;
+    tx.out.flush().map_err(MigrationError::io("write"))?;
+    Ok(RoundReport {
+        round,
+        pages,
+        zero_pages: zero,
+        bytes,
+        ms: ms(t.elapsed()),
+        ..Default::default()
+    })
+}

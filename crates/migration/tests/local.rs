@@ -1,0 +1,121 @@
+//! Migration between two VMs in one process over loopback TCP, under the real /dev/kvm.
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
+
+use guest_abi::{Workload, WorkloadArgs};
+use migration::{DestinationOptions, NoDevices, SourceOptions};
+use vmm::{devices::serial::ConsoleSink, Vm, VmConfig, VmOutcome};
+
+fn config() -> VmConfig {
+    VmConfig {
+        ram_size: 128 << 20,
+        console: ConsoleSink::Null,
+        ..Default::default()
+    }
+}
+
+fn dirty_vm() -> Vm {
+    let mut vm = Vm::new(&config()).unwrap();
+    let args = WorkloadArgs {
+        working_set_bytes: 32 << 20,
+        duration_ms: 0,
+        seed: 9,
+        ..Default::default()
+    };
+    vm.boot(guest_image::GUEST_ELF, Workload::Dirty, args)
+        .unwrap();
+    vm.start().unwrap();
+    vm
+}
+
+fn verify(vm: &Vm) -> vmm::vm::VerifyResult {
+    let req = vm.mailbox().request_verify().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(r) = vm.mailbox().verify_result(req).unwrap() {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no verification answer");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_busy_guest_migrates_with_identical_memory_and_a_valid_ledger() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let opts = DestinationOptions {
+            debug_hash: true,
+            ..Default::default()
+        };
+        migration::receive(stream, &config(), &opts, &mut NoDevices).unwrap()
+    });
+    let vm = dirty_vm();
+    std::thread::sleep(Duration::from_millis(300));
+    let opts = SourceOptions {
+        debug_hash: true,
+        ..Default::default()
+    };
+    let report = migration::migrate(&vm, &mut [], &addr, &opts, &mut |_| {}).unwrap();
+    let incoming = dest.join().unwrap();
+    assert_eq!(
+        report.memory_hash, incoming.report.memory_hash,
+        "memory at pause == memory at resume"
+    );
+    assert!(report.rounds.len() >= 2);
+    assert!(report.zero_pages_skipped > 0);
+    assert_eq!(incoming.report.ram_bytes, 128 << 20);
+    let before = vm.mailbox().progress().unwrap();
+    // the destination runs the guest, which goes on writing and keeps a valid ledger
+    std::thread::sleep(Duration::from_millis(200));
+    let r = verify(&incoming.vm);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(incoming.vm.mailbox().progress().unwrap() > before);
+    // the source stays paused: its progress does not move
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vm.mailbox().progress().unwrap(), before);
+    incoming.vm.stop("test over").unwrap();
+}
+
+#[test]
+fn a_refusing_destination_leaves_the_source_running() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        // a destination with a 64 MiB limit refuses the 128 MiB guest
+        let opts = DestinationOptions {
+            max_ram: 64 << 20,
+            ..Default::default()
+        };
+        migration::receive(stream, &config(), &opts, &mut NoDevices)
+            .err()
+            .unwrap()
+            .to_string()
+    });
+    let vm = dirty_vm();
+    let err = migration::migrate(&vm, &mut [], &addr, &SourceOptions::default(), &mut |_| {})
+        .unwrap_err();
+    let dest_err = dest.join().unwrap();
+    assert!(dest_err.contains("exceeds this host's limit"), "{dest_err}");
+    assert!(
+        err.to_string().contains("exceeds this host's limit"),
+        "the source learns why: {err}"
+    );
+    let p = vm.mailbox().progress().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        vm.mailbox().progress().unwrap() > p,
+        "the source VM keeps running"
+    );
+    assert_eq!(verify(&vm).status, 0);
+    assert!(
+        !vm.memory_slots().dirty_logging(),
+        "dirty logging is off again"
+    );
+    assert_eq!(vm.wait(Some(Duration::from_millis(1))), None::<VmOutcome>);
+}
