@@ -181,6 +181,10 @@ pub struct MigrateArgs {
     /// Hash guest RAM at the pause (compare with the destination's --debug-hash).
     #[arg(long)]
     pub debug_hash: bool,
+    /// UNSAFE negative control: migrate a passthrough device without reporting the pages it
+    /// writes (the destination's memory is expected to be corrupt).
+    #[arg(long)]
+    pub unsafe_no_shadow: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

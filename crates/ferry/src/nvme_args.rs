@@ -59,6 +59,11 @@ pub struct NvmeCliArgs {
     /// With --nvme-backing: doorbell stride exponent (9 or 0).
     #[arg(long, default_value_t = 9)]
     pub nvme_dstrd: u8,
+    /// Shadow engine: `migration` (shadow the device's rings only while migrating) or
+    /// `continuous` (shadow all the time once the guest created its I/O queues; for
+    /// measurement and tests).
+    #[arg(long, default_value = "migration", value_parser = ["migration", "continuous"])]
+    pub shadow: String,
     /// `nvme-verify`: I/O queue pairs.
     #[arg(long, default_value_t = 2)]
     pub nvme_queues: u32,

@@ -6,8 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use passthrough::{AttachOptions, Attachment, ConfigLog};
+use shadow::{Engine, EngineOptions, EngineStatus};
 use vmm::Vm;
 
 use crate::nvme_args::{wait_for_socket, DeviceNvmeArgs, PassthroughSource};
@@ -91,13 +94,20 @@ impl Drop for DeviceChild {
 
 /// The passthrough device of one session.
 pub struct PassthroughSession {
-    attachment: Option<Attachment>,
+    attachment: Option<Arc<Attachment>>,
+    engine: Option<Arc<Engine>>,
     child: Option<DeviceChild>,
+    /// Shadow continuously once the guest's queues exist.
+    continuous: bool,
+    /// When the configuration log last changed (continuous mode waits for it to settle).
+    settled: Option<(u64, Instant)>,
+    /// Entering continuous shadow mode failed with this (not retried).
+    pub shadow_error: Option<String>,
 }
 
 impl PassthroughSession {
     /// Starts the device if asked and attaches it to `vm` (before the VM starts).
-    pub fn start(source: &PassthroughSource, vm: &Vm) -> Result<Self> {
+    pub fn start(source: &PassthroughSource, vm: &Vm, continuous: bool) -> Result<Self> {
         let (child, socket) = match source {
             PassthroughSource::Spawn(args) => {
                 let c = DeviceChild::spawn(args)?;
@@ -106,12 +116,77 @@ impl PassthroughSession {
             }
             PassthroughSource::Socket(s) => (None, s.clone()),
         };
-        let attachment = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
-            .context("attaching the passthrough NVMe device")?;
-        Ok(PassthroughSession {
+        let attachment = Arc::new(
+            Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
+                .context("attaching the passthrough NVMe device")?,
+        );
+        Ok(Self::with(attachment, child, continuous))
+    }
+
+    /// A session around an attachment made elsewhere (the migration destination).
+    pub fn with(attachment: Arc<Attachment>, child: Option<DeviceChild>, continuous: bool) -> Self {
+        let engine = Arc::new(Engine::new(attachment.clone(), EngineOptions::default()));
+        PassthroughSession {
             attachment: Some(attachment),
+            engine: Some(engine),
             child,
-        })
+            continuous,
+            settled: None,
+            shadow_error: None,
+        }
+    }
+
+    /// An existing engine (the destination built it while restoring).
+    pub fn with_engine(engine: Arc<Engine>, child: Option<DeviceChild>, continuous: bool) -> Self {
+        PassthroughSession {
+            attachment: Some(engine.attachment().clone()),
+            engine: Some(engine),
+            child,
+            continuous,
+            settled: None,
+            shadow_error: None,
+        }
+    }
+
+    /// The shadow engine.
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.as_ref()
+    }
+
+    /// The engine's status.
+    pub fn shadow_status(&self) -> Option<EngineStatus> {
+        self.engine.as_ref().map(|e| e.status())
+    }
+
+    /// Continuous mode: enters shadow mode once the guest created its I/O queues and its
+    /// admin traffic settled (no admin completion for 200 ms).
+    pub fn tick(&mut self, vm: &Vm) {
+        let (Some(engine), true, None) = (&self.engine, self.continuous, &self.shadow_error) else {
+            return;
+        };
+        if engine.is_shadowed() {
+            return;
+        }
+        let log = engine.attachment().config_log();
+        if log.io_sqs.is_empty() {
+            return;
+        }
+        match self.settled {
+            Some((n, t)) if n == log.admin_completed => {
+                if t.elapsed() < Duration::from_millis(200) {
+                    return;
+                }
+            }
+            _ => {
+                self.settled = Some((log.admin_completed, Instant::now()));
+                return;
+            }
+        }
+        if let Err(e) = engine.enter(vm) {
+            tracing::error!("entering continuous shadow mode: {e}");
+            eprintln!("ferry: continuous shadow mode not entered: {e}");
+            self.shadow_error = Some(e.to_string());
+        }
     }
 
     /// The configuration log the admin mediation kept.
@@ -121,8 +196,13 @@ impl PassthroughSession {
 
     /// Detaches (the device resets) and stops a device this process started.
     pub fn finish(mut self, vm: &Vm) {
+        // The engine stops its poller when the last reference goes.
+        self.engine.take();
         if let Some(a) = self.attachment.take() {
-            a.detach(vm.memory_slots());
+            match Arc::try_unwrap(a) {
+                Ok(a) => a.detach(vm.memory_slots()),
+                Err(_) => tracing::warn!("the attachment is still shared; not detaching"),
+            }
         }
         if let Some(mut c) = self.child.take() {
             c.stop();

@@ -49,6 +49,8 @@ pub struct SessionSpec {
     pub api_socket: Option<PathBuf>,
     /// A passthrough NVMe device to attach.
     pub passthrough: Option<crate::nvme_args::PassthroughSource>,
+    /// Shadow the passthrough device's rings all the time (not only while migrating).
+    pub shadow_continuous: bool,
 }
 
 impl SessionSpec {
@@ -128,6 +130,8 @@ pub struct SessionReport {
     pub signal: Option<i32>,
     /// The passthrough device's configuration log (admin mediation).
     pub config_log: Option<passthrough::ConfigLog>,
+    /// The shadow engine at the end (positions, counters, mapped doorbell pages).
+    pub shadow: Option<shadow::EngineStatus>,
     /// Last console lines.
     #[serde(skip)]
     pub console_tail: Vec<String>,
@@ -195,7 +199,7 @@ pub fn run(
     let device = spec
         .passthrough
         .as_ref()
-        .map(|p| PassthroughSession::start(p, &vm))
+        .map(|p| PassthroughSession::start(p, &vm, spec.shadow_continuous))
         .transpose()?;
     vm.boot(&boot.image, boot.workload, boot.args)
         .context("loading the guest")?;
@@ -217,7 +221,7 @@ pub fn supervise(
     process_start: Instant,
     signals: &SignalState,
     incoming: Option<ReceiveReport>,
-    device: Option<PassthroughSession>,
+    mut device: Option<PassthroughSession>,
 ) -> Result<SessionReport> {
     let started = Instant::now();
     let mut first_instruction = None;
@@ -236,6 +240,9 @@ pub fn supervise(
             break o;
         }
         let now = started.elapsed();
+        if let Some(d) = &mut device {
+            d.tick(&vm);
+        }
         if first_instruction.is_none() {
             first_instruction = vm.lifecycle().event_time(Event::Booted);
         }
@@ -289,15 +296,6 @@ pub fn supervise(
             let mut stop = None;
             while let Ok(p) = api.requests.try_recv() {
                 match p.request {
-                    Request::Migrate(_) if device.is_some() => {
-                        let why = "the VM has a passthrough device, and live migration with \
-                                   passthrough devices needs the shadow engine, which this \
-                                   build does not enable yet";
-                        failed_migrations.push(why.to_string());
-                        let _ = p
-                            .reply
-                            .send(Response::err(format!("cannot migrate this VM: {why}")));
-                    }
                     Request::Migrate(m) => {
                         let opts = SourceOptions {
                             downtime: Duration::from_millis(m.downtime_ms),
@@ -307,9 +305,24 @@ pub fn supervise(
                             ..Default::default()
                         };
                         let reply = p.reply.clone();
-                        let result = migration::migrate(&vm, &mut [], &m.to, &opts, &mut |prog| {
-                            let _ = reply.send(Response::Progress(prog.clone()));
-                        });
+                        let mut devices: Vec<Box<dyn migration::MigratableDevice>> = device
+                            .as_ref()
+                            .and_then(|d| d.engine())
+                            .map(|e| {
+                                Box::new(shadow::engine::device::ShadowedDevice::new(
+                                    e.clone(),
+                                    "nvme0",
+                                    m.unsafe_no_shadow,
+                                ))
+                                    as Box<dyn migration::MigratableDevice>
+                            })
+                            .into_iter()
+                            .collect();
+                        let result =
+                            migration::migrate(&vm, &mut devices, &m.to, &opts, &mut |prog| {
+                                let _ = reply.send(Response::Progress(prog.clone()));
+                            });
+                        drop(devices);
                         match result {
                             Ok(report) => {
                                 eprintln!(
@@ -343,6 +356,7 @@ pub fn supervise(
                             "uptime_ms": ms(started.elapsed()),
                             "progress": vm.mailbox().progress().unwrap_or(0),
                             "ram_bytes": vm.ram().size(),
+                            "shadow": device.as_ref().and_then(|d| d.shadow_status()),
                         })));
                     }
                     Request::MemoryHash => {
@@ -389,6 +403,7 @@ pub fn supervise(
         VmOutcome::Failed(_) => ("failed", None),
     };
     let config_log = device.as_ref().and_then(|d| d.config_log());
+    let shadow = device.as_ref().and_then(|d| d.shadow_status());
     if let Some(d) = device {
         d.finish(&vm);
     }
@@ -408,6 +423,7 @@ pub fn supervise(
         unhandled_mmio: vm.mmio_bus().unhandled_count(),
         signal,
         config_log,
+        shadow,
         console_tail: vm.console_tail().lines(),
     })
 }

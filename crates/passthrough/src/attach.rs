@@ -284,6 +284,18 @@ impl Attachment {
         self.conn.is_lost()
     }
 
+    /// Host address of the device's own (mmapped) BAR0 page at `bar_offset`, where its
+    /// doorbells live: the shadow engine reads the guest's last values there and rings the
+    /// device there. None when the page is not mappable.
+    pub fn device_page(&self, bar_offset: u64) -> Option<u64> {
+        self.host_of_bar_page(bar_offset)
+    }
+
+    /// The guest RAM the device reaches by DMA (IOVA == GPA).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
     fn host_of_bar_page(&self, off: u64) -> Option<u64> {
         self.areas
             .iter()

@@ -29,6 +29,28 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The engine could not do what was asked (memory, hooks, timeouts); the message says
+    /// what and in which state the VM was left.
+    #[error("shadow engine: {0}")]
+    Engine(String),
+    /// A hook of the passthrough attachment failed.
+    #[error("shadow engine: {what}: {source}")]
+    Hook {
+        /// What the engine was doing.
+        what: String,
+        /// The attachment's error.
+        #[source]
+        source: passthrough::Error,
+    },
+    /// The VMM refused (pausing, resuming).
+    #[error("shadow engine: {what}: {source}")]
+    Vmm {
+        /// What the engine was doing.
+        what: String,
+        /// The VMM's error.
+        #[source]
+        source: vmm::Error,
+    },
 }
 
 /// Result of the shadow engine.

@@ -5,14 +5,17 @@
 //! - [`adapter`]: [`RingAdapter`], the interface device knowledge sits behind;
 //! - [`buffers`]: [`Buffers`], the two copies (vCPU buffer, device buffer);
 //! - [`nvme`]: the NVMe queue-pair adapter: validation, forwarding, completion translation,
-//!   dirty pages, saved state, and re-alignment with filler commands.
+//!   dirty pages, saved state, and re-alignment with filler commands;
+//! - [`engine`]: the copies, designation, doorbell interception, poller and migration glue.
 #![deny(missing_docs)]
 
 pub mod adapter;
 pub mod buffers;
+pub mod engine;
 mod error;
 pub mod nvme;
 
 pub use adapter::RingAdapter;
 pub use buffers::{Buffers, VecBuffers};
+pub use engine::{Engine, EngineOptions, EngineStatus};
 pub use error::{Error, Result};

@@ -240,6 +240,7 @@ fn migrate_later(
         max_rounds: 30,
         on_limit: migration::LimitPolicy::Finish,
         debug_hash: true,
+        unsafe_no_shadow: false,
     });
     match api::call(&api_path, &request, |_| {})? {
         Response::Result {

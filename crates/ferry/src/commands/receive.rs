@@ -57,6 +57,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         verify_after: args.verify_after,
         api_socket: args.api_socket.clone(),
         passthrough: None,
+        shadow_continuous: false,
     };
     let opts = DestinationOptions {
         debug_hash: args.debug_hash,

@@ -72,6 +72,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         verify_after: args.verify_after,
         api_socket: args.api_socket,
         passthrough: args.guest.nvme.source()?,
+        shadow_continuous: args.guest.nvme.shadow == "continuous",
     };
     let report = session::run(&boot, &spec, process_start, &signals)?;
     print_report(&report, args.json)?;
