@@ -158,6 +158,10 @@ pub struct ReceiveArgs {
     /// Print a JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// The destination's own passthrough device for an incoming VM that has one (same backing
+    /// file as the source: shared storage).
+    #[command(flatten)]
+    pub nvme: crate::nvme_args::NvmeCliArgs,
 }
 
 /// `ferry migrate`.

@@ -92,6 +92,61 @@ impl Drop for DeviceChild {
     }
 }
 
+/// Starts the device process if `source` asks for one; returns it and the socket to attach.
+pub fn device_socket(source: &PassthroughSource) -> Result<(Option<DeviceChild>, PathBuf)> {
+    Ok(match source {
+        PassthroughSource::Spawn(args) => {
+            let c = DeviceChild::spawn(args)?;
+            let s = c.socket.clone();
+            (Some(c), s)
+        }
+        PassthroughSource::Socket(s) => (None, s.clone()),
+    })
+}
+
+/// The destination's restorer: attaches its own device to the arriving VM and rebuilds it
+/// from the source's saved state (shadowed, held until [`Engine::realign`]).
+pub struct NvmeRestorer {
+    source: Option<PassthroughSource>,
+    /// The device process started for the VM.
+    pub child: Option<DeviceChild>,
+    /// The engine, once restored.
+    pub engine: Option<Arc<Engine>>,
+}
+
+impl NvmeRestorer {
+    /// A restorer that attaches `source` (None: refuse devices).
+    pub fn new(source: Option<PassthroughSource>) -> Self {
+        NvmeRestorer {
+            source,
+            child: None,
+            engine: None,
+        }
+    }
+}
+
+impl migration::DeviceRestorer for NvmeRestorer {
+    fn restore(&mut self, vm: &Vm, name: &str, state: &[u8]) -> std::result::Result<(), String> {
+        if name != "nvme0" || self.engine.is_some() {
+            return Err(format!("this destination has no device slot for {name}"));
+        }
+        let source = self.source.as_ref().ok_or_else(|| {
+            "the VM has a passthrough NVMe device and this destination has none (start \
+             `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
+                .to_string()
+        })?;
+        let saved = shadow::engine::device::SavedDevice::decode(state)?;
+        let (child, socket) = device_socket(source).map_err(|e| format!("{e:#}"))?;
+        self.child = child;
+        let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
+            .map_err(|e| format!("attaching the destination's device: {e}"))?;
+        let engine = Engine::restore(vm, Arc::new(att), &saved, EngineOptions::default())
+            .map_err(|e| e.to_string())?;
+        self.engine = Some(Arc::new(engine));
+        Ok(())
+    }
+}
+
 /// The passthrough device of one session.
 pub struct PassthroughSession {
     attachment: Option<Arc<Attachment>>,
@@ -108,14 +163,7 @@ pub struct PassthroughSession {
 impl PassthroughSession {
     /// Starts the device if asked and attaches it to `vm` (before the VM starts).
     pub fn start(source: &PassthroughSource, vm: &Vm, continuous: bool) -> Result<Self> {
-        let (child, socket) = match source {
-            PassthroughSource::Spawn(args) => {
-                let c = DeviceChild::spawn(args)?;
-                let s = c.socket.clone();
-                (Some(c), s)
-            }
-            PassthroughSource::Socket(s) => (None, s.clone()),
-        };
+        let (child, socket) = device_socket(source)?;
         let attachment = Arc::new(
             Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
                 .context("attaching the passthrough NVMe device")?,

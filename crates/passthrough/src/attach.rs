@@ -66,7 +66,8 @@ pub struct Attachment {
     bar0_gpa: u64,
     bar0_size: u64,
     dstrd: u8,
-    areas: Vec<MappedArea>,
+    areas: Arc<Vec<MappedArea>>,
+    proxy: crate::bar::ProxySlot,
     doorbell_slots: Mutex<BTreeMap<u64, u32>>,
     remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
     irqs: Arc<Vec<EventFd>>,
@@ -147,6 +148,7 @@ impl Attachment {
             msix_cap.and_then(|(_, table)| table),
         )));
         let mediator = Arc::new(Mutex::new(AdminMediator::default()));
+        let proxy: crate::bar::ProxySlot = Arc::new(Mutex::new(None));
         let trap = Bar0Trap::new(
             conn.clone(),
             mediator.clone(),
@@ -154,6 +156,7 @@ impl Attachment {
             dstrd,
             vm.lifecycle().clone(),
             msix.clone(),
+            proxy.clone(),
         );
         vm.mmio_bus()
             .insert(opts.bar0_gpa, bar0_size, Arc::new(Mutex::new(trap)))
@@ -172,7 +175,7 @@ impl Attachment {
             .add(1, Arc::new(Mutex::new(pci)))
             .map_err(vmm_err("adding the PCI function"))?;
 
-        let areas = conn.map_sparse(0)?;
+        let areas = Arc::new(conn.map_sparse(0)?);
         let mut a = Attachment {
             conn: conn.clone(),
             mediator,
@@ -181,6 +184,7 @@ impl Attachment {
             bar0_size,
             dstrd,
             areas,
+            proxy,
             doorbell_slots: Mutex::new(BTreeMap::new()),
             remaps: Mutex::new(BTreeMap::new()),
             irqs,
@@ -289,6 +293,40 @@ impl Attachment {
     /// device there. None when the page is not mappable.
     pub fn device_page(&self, bar_offset: u64) -> Option<u64> {
         self.host_of_bar_page(bar_offset)
+    }
+
+    /// The guest's admin queue positions as the mediation follows them (SQ tail, CQ head), and
+    /// the admin commands still pending.
+    pub fn admin_positions(&self) -> (u32, u32, usize) {
+        let m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, c) = m.positions();
+        (s, c, m.pending())
+    }
+
+    /// Migration destination: resets the device, enables it with a hypervisor admin queue in
+    /// host memory at `iova` (outside guest RAM), replays `log` (features, I/O queues at the
+    /// guest's addresses), takes the log over, and serves the guest's admin queue from then on.
+    pub fn replay(&self, log: &ConfigLog, guest_admin: (u32, u32), iova: u64) -> Result<()> {
+        if self.ram.contains(iova, 1) {
+            return Err(Error::Hook {
+                name: self.conn.name.clone(),
+                reason: format!("admin IOVA {iova:#x} is inside guest RAM"),
+            });
+        }
+        let proxy = crate::replay::replay(
+            self.conn.clone(),
+            self.areas.clone(),
+            self.ram.clone(),
+            log,
+            guest_admin,
+            iova,
+        )?;
+        self.mediator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .adopt(log.clone(), guest_admin.0, guest_admin.1);
+        *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = Some(proxy);
+        Ok(())
     }
 
     /// The guest RAM the device reaches by DMA (IOVA == GPA).

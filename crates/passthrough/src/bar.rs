@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex};
 use nvme_spec::regs;
 use vmm::{bus::BusDevice, lifecycle::Lifecycle, memory::GuestRam, VmOutcome};
 
-use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter};
+use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter, replay::AdminProxy};
+
+/// The admin proxy slot shared by the attachment and the trap.
+pub type ProxySlot = Arc<Mutex<Option<AdminProxy>>>;
 
 /// The MMIO handler of BAR0.
 pub struct Bar0Trap {
@@ -15,6 +18,7 @@ pub struct Bar0Trap {
     dstrd: u8,
     lifecycle: Arc<Lifecycle>,
     msix: Arc<Mutex<MsixRouter>>,
+    proxy: ProxySlot,
 }
 
 impl Bar0Trap {
@@ -26,6 +30,7 @@ impl Bar0Trap {
         dstrd: u8,
         lifecycle: Arc<Lifecycle>,
         msix: Arc<Mutex<MsixRouter>>,
+        proxy: ProxySlot,
     ) -> Self {
         Bar0Trap {
             conn,
@@ -34,6 +39,7 @@ impl Bar0Trap {
             dstrd,
             lifecycle,
             msix,
+            proxy,
         }
     }
 
@@ -86,6 +92,12 @@ impl BusDevice for Bar0Trap {
                         .sq_tail_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
+                    let mut proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(p) = proxy.as_mut() {
+                        // The device's admin queue is the hypervisor's: serve the guest's.
+                        p.on_sq_tail(v);
+                        return;
+                    }
                 }
                 Some((0, true)) => {
                     let ram = &self.ram;
@@ -95,6 +107,14 @@ impl BusDevice for Bar0Trap {
                         .cq_head_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
+                    if self
+                        .proxy
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_some()
+                    {
+                        return; // the proxy consumes the device's completions itself
+                    }
                 }
                 _ => {}
             }

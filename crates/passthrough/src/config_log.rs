@@ -172,6 +172,33 @@ impl AdminMediator {
         self.reg32(off) as u64 | (self.reg32(off + 4) as u64) << 32
     }
 
+    /// The guest's admin queue positions the mediation follows: (SQ tail read up to, CQ head).
+    pub fn positions(&self) -> (u32, u32) {
+        (self.sq_tail, self.cq_head)
+    }
+
+    /// Takes over a log and positions from another host (migration destination): the
+    /// registers the guest programmed, the queues, and where the admin queue stands.
+    pub fn adopt(&mut self, log: ConfigLog, sq_tail: u32, cq_head: u32) {
+        let put = |regs: &mut [u8; 0x40], off: u64, b: &[u8]| {
+            regs[off as usize..off as usize + b.len()].copy_from_slice(b);
+        };
+        put(&mut self.regs, regs::CC, &log.cc.to_le_bytes());
+        put(&mut self.regs, regs::AQA, &log.aqa.to_le_bytes());
+        put(&mut self.regs, regs::ASQ, &log.asq.to_le_bytes());
+        put(&mut self.regs, regs::ACQ, &log.acq.to_le_bytes());
+        self.enabled = log.cc & cc::EN != 0;
+        self.sq_tail = sq_tail;
+        self.cq_head = cq_head;
+        self.pending.clear();
+        self.log = log;
+    }
+
+    /// Admin commands submitted and not completed yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// A guest write to the register page (before it is forwarded).
     pub fn register_write(&mut self, offset: u64, data: &[u8]) {
         let old_cc = self.reg32(regs::CC);

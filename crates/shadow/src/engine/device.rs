@@ -28,6 +28,8 @@ pub struct SavedDevice {
     pub queues: Vec<QueueState>,
     /// The guest's last doorbell values (SQ tail, CQ head) per queue.
     pub doorbells: Vec<(u32, u32)>,
+    /// The guest's admin queue positions (SQ tail, CQ head) as the mediation saw them.
+    pub admin: (u32, u32),
 }
 
 impl SavedDevice {

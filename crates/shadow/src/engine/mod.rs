@@ -8,6 +8,7 @@
 pub mod device;
 pub mod memory;
 mod poller;
+mod restore;
 
 use std::{
     ops::Range,
@@ -653,7 +654,14 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| Error::Engine("save outside shadow mode".into()))?;
         let run = a.shared.lock();
+        let (asq, acq, pending) = self.att.admin_positions();
+        if pending > 0 {
+            return Err(Error::Engine(format!(
+                "{pending} guest admin command(s) are still pending at the switchover"
+            )));
+        }
         Ok(device::SavedDevice {
+            admin: (asq, acq),
             config: a.config.clone(),
             limits: a.limits,
             dstrd: a.dstrd,
