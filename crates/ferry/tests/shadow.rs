@@ -1,0 +1,324 @@
+//! The shadow engine end to end: real `ferry run` / `ferry receive` / `ferry device nvme`
+//! processes under /dev/kvm, the guest's self-verifying `nvme-verify` workload (several queues,
+//! QD 32, 4 KiB random reads and writes), live migration over loopback with shared storage (the
+//! same backing file on both sides). Every process is killed if a test fails.
+use std::{
+    io::{BufRead, BufReader, Read},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-shadow-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop; `.1` collects stderr read by a thread.
+struct Proc(Option<Child>, Option<mpsc::Receiver<String>>);
+
+impl Proc {
+    fn wait_output(mut self, limit: Duration) -> Output {
+        let mut child = self.0.take().unwrap();
+        let deadline = Instant::now() + limit;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("process did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = child.wait_with_output().unwrap();
+        if let Some(rx) = self.1.take() {
+            out.stderr = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_default()
+                .into_bytes();
+        }
+        out
+    }
+    fn kill(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const VERIFY: [&str; 14] = [
+    "--workload",
+    "nvme-verify",
+    "--nvme-queues",
+    "4",
+    "--nvme-depth",
+    "32",
+    "--nvme-io-size",
+    "4K",
+    "--nvme-read-percent",
+    "50",
+    "--memory",
+    "128M",
+    "--serial",
+    "off",
+];
+
+/// The source: `ferry run` with nvme-verify doing `ios` I/Os on a device over `disk`.
+fn source(dir: &TempDir, disk: &Path, ios: u64, extra: &[&str]) -> (Proc, PathBuf) {
+    let api = dir.path("src.sock");
+    let child = ferry()
+        .arg("run")
+        .args(VERIFY)
+        .args(["--nvme-ios", &ios.to_string(), "--nvme-backing"])
+        .arg(disk)
+        .args(["--timeout", "150s", "--json", "--api-socket"])
+        .arg(&api)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&api);
+    (Proc(Some(child), None), api)
+}
+
+/// The destination: `ferry receive` with its own device over the same `disk`.
+fn destination(disk: Option<&Path>) -> (Proc, String) {
+    let mut cmd = ferry();
+    cmd.args([
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--serial",
+        "off",
+        "--json",
+    ])
+    .args([
+        "--debug-hash",
+        "--accept-timeout",
+        "60s",
+        "--timeout",
+        "150s",
+    ]);
+    if let Some(d) = disk {
+        cmd.arg("--nvme-backing").arg(d);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("ferry: waiting for a migration on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        let _ = tx.send(rest);
+    });
+    (Proc(Some(child), Some(rx)), addr)
+}
+
+fn wait_for_socket(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(p).is_err() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn migrate(api: &Path, to: &str, extra: &[&str]) -> Output {
+    ferry()
+        .args(["migrate", "--api-socket"])
+        .arg(api)
+        .args(["--to", to, "--debug-hash", "--json"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn last_json(out: &Output) -> Value {
+    let s = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(s.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {s}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Lets the guest bring its queues up and get I/O going.
+fn warm_up() {
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+#[test]
+fn migration_during_nvme_verify_passes_on_the_destination_with_identical_memory() {
+    let dir = TempDir::new("migrate");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 60_000, &[]);
+    let (dst, addr) = destination(Some(&disk));
+    warm_up();
+    let out = migrate(&api, &addr, &[]);
+    assert!(out.status.success(), "migrate: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let device_dirty: u64 = report["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dirty_device"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        device_dirty > 0,
+        "no device-dirtied pages reported: {report}"
+    );
+    assert_eq!(report["devices"][0], "nvme0", "{report}");
+
+    let s = src.wait_output(Duration::from_secs(60));
+    assert_eq!(last_json(&s)["outcome"], "migrated");
+    let d = dst.wait_output(Duration::from_secs(150));
+    let summary = last_json(&d);
+    let err = text(&d.stderr);
+    assert_eq!(summary["outcome"], "exit", "{summary}\n{err}");
+    assert_eq!(summary["status"], 0, "guest verification failed: {err}");
+    assert_eq!(
+        summary["incoming"]["memory_hash"], report["memory_hash"],
+        "memory differs at switchover"
+    );
+    assert!(err.contains("re-aligned with"), "{err}");
+    // After re-alignment the queues run direct: no shadowing, doorbell pages mapped again.
+    let shadow = &summary["shadow"];
+    assert_eq!(shadow["shadowed"], false, "{shadow}");
+    assert_eq!(shadow["left"], 1, "{shadow}");
+    let mapped: Vec<u64> = shadow["mapped_doorbell_pages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    for qid in 1..=4u64 {
+        assert!(
+            mapped.contains(&((1 + qid) * 4096)),
+            "queue {qid}'s doorbell page is not mapped: {mapped:?}"
+        );
+    }
+}
+
+#[test]
+fn negative_control_without_shadowing_is_detected() {
+    let dir = TempDir::new("unsafe");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 60_000, &[]);
+    let (dst, addr) = destination(Some(&disk));
+    warm_up();
+    let out = migrate(&api, &addr, &["--unsafe-no-shadow"]);
+    assert!(out.status.success(), "migrate: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let _ = src.wait_output(Duration::from_secs(60));
+    let d = dst.wait_output(Duration::from_secs(150));
+    let summary = last_json(&d);
+    let corrupt_memory = summary["incoming"]["memory_hash"] != report["memory_hash"];
+    let guest_failed = summary["outcome"] != "exit" || summary["status"] != 0;
+    assert!(
+        corrupt_memory || guest_failed,
+        "the unsafe migration went unnoticed: {summary}"
+    );
+    assert!(
+        corrupt_memory,
+        "memory at switchover should differ: {report}"
+    );
+}
+
+#[test]
+fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
+    let dir = TempDir::new("kill");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 40_000, &[]);
+    let (mut dst, addr) = destination(Some(&disk));
+    warm_up();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        dst.kill();
+    });
+    let out = migrate(&api, &addr, &[]);
+    killer.join().unwrap();
+    assert!(!out.status.success(), "migration should fail");
+    let s = src.wait_output(Duration::from_secs(150));
+    let summary = last_json(&s);
+    assert_eq!(summary["outcome"], "exit", "{summary}");
+    assert_eq!(
+        summary["status"],
+        0,
+        "guest verification failed: {}",
+        text(&s.stderr)
+    );
+    assert!(!summary["failed_migrations"].as_array().unwrap().is_empty());
+    // Rolled back: shadow mode left, queues direct.
+    assert_eq!(summary["shadow"]["shadowed"], false, "{summary}");
+    assert_eq!(summary["shadow"]["left"], 1, "{summary}");
+}
+
+#[test]
+fn continuous_shadow_mode_runs_nvme_verify_clean() {
+    let dir = TempDir::new("continuous");
+    let disk = dir.path("disk.img");
+    let out = ferry()
+        .arg("run")
+        .args(VERIFY)
+        .args([
+            "--nvme-ios",
+            "20000",
+            "--shadow",
+            "continuous",
+            "--nvme-backing",
+        ])
+        .arg(&disk)
+        .args(["--timeout", "120s", "--json"])
+        .output()
+        .unwrap();
+    let summary = last_json(&out);
+    assert_eq!(summary["status"], 0, "{}", text(&out.stderr));
+    let shadow = &summary["shadow"];
+    assert_eq!(shadow["shadowed"], true, "{shadow}");
+    let forwarded: u64 = shadow["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["state"]["stats"]["forwarded"].as_u64().unwrap())
+        .sum();
+    assert!(forwarded > 0, "{shadow}");
+}
