@@ -500,6 +500,9 @@ fn a_vm_with_a_passthrough_device_keeps_running_when_the_destination_has_no_devi
         .unwrap();
     let src = Proc(Some(child), None);
     wait_for_socket(&sa);
+    // Let the guest create its I/O queues, so the source enters shadow mode and the failure
+    // is the destination's.
+    std::thread::sleep(Duration::from_millis(1500));
     let (_dst, addr) = destination(None);
     let out = migrate(&sa, &addr);
     assert_eq!(out.status.code(), Some(1));

@@ -378,7 +378,7 @@ impl AdminMediator {
     /// only when they make sense.
     fn identified(&mut self, sqe: &Sqe, read: &mut impl FnMut(u64, &mut [u8]) -> bool) {
         let prp1 = sqe.prp1();
-        if prp1 % 4096 != 0 {
+        if !prp1.is_multiple_of(4096) {
             return; // the data may straddle pages; not worth following a PRP2 for two fields
         }
         let mut page = vec![0u8; identify::SIZE];

@@ -39,7 +39,7 @@ pub struct Checked {
 }
 
 fn page_in_ram(bufs: &dyn Buffers, page: u64) -> Result<(), Status> {
-    if page % PAGE_SIZE != 0 {
+    if !page.is_multiple_of(PAGE_SIZE) {
         return Err(Status::INVALID_PRP_OFFSET);
     }
     if !bufs.in_ram(page, PAGE_SIZE) {
@@ -53,7 +53,7 @@ pub fn prp_pages(prp1: u64, prp2: u64, len: u64, bufs: &dyn Buffers) -> Result<V
     if len == 0 {
         return Ok(Vec::new());
     }
-    if prp1 % 4 != 0 {
+    if !prp1.is_multiple_of(4) {
         return Err(Status::INVALID_PRP_OFFSET);
     }
     let first = prp1 - prp1 % PAGE_SIZE;
@@ -75,7 +75,7 @@ pub fn prp_pages(prp1: u64, prp2: u64, len: u64, bufs: &dyn Buffers) -> Result<V
             // Each list page holds up to 512 entries; the last one chains when more follow.
             // `needed` strictly decreases, so the walk ends after at most `total` entries.
             loop {
-                if list % 8 != 0 {
+                if !list.is_multiple_of(8) {
                     return Err(Status::INVALID_PRP_OFFSET);
                 }
                 let in_page = (PAGE_SIZE - list % PAGE_SIZE) / 8;
@@ -228,7 +228,7 @@ mod tests {
             Err(Status::INVALID_PRP_OFFSET)
         );
         // a list entry outside RAM, a list outside RAM, a list chaining to itself
-        write_list(&b, p(10), &[p(3), u64::MAX & !0xfff]);
+        write_list(&b, p(10), &[p(3), !0xfff]);
         assert_eq!(
             check_io(&read(p(2), p(10), 24), &limits(), &b),
             Err(Status::DATA_TRANSFER_ERROR)
