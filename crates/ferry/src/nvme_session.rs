@@ -108,6 +108,7 @@ pub fn device_socket(source: &PassthroughSource) -> Result<(Option<DeviceChild>,
 /// from the source's saved state (shadowed, held until [`Engine::realign`]).
 pub struct NvmeRestorer {
     source: Option<PassthroughSource>,
+    opts: EngineOptions,
     /// The device process started for the VM.
     pub child: Option<DeviceChild>,
     /// The engine, once restored.
@@ -116,9 +117,10 @@ pub struct NvmeRestorer {
 
 impl NvmeRestorer {
     /// A restorer that attaches `source` (None: refuse devices).
-    pub fn new(source: Option<PassthroughSource>) -> Self {
+    pub fn new(source: Option<PassthroughSource>, opts: EngineOptions) -> Self {
         NvmeRestorer {
             source,
+            opts,
             child: None,
             engine: None,
         }
@@ -140,8 +142,8 @@ impl migration::DeviceRestorer for NvmeRestorer {
         self.child = child;
         let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
             .map_err(|e| format!("attaching the destination's device: {e}"))?;
-        let engine = Engine::restore(vm, Arc::new(att), &saved, EngineOptions::default())
-            .map_err(|e| e.to_string())?;
+        let engine =
+            Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| e.to_string())?;
         self.engine = Some(Arc::new(engine));
         Ok(())
     }
@@ -162,18 +164,28 @@ pub struct PassthroughSession {
 
 impl PassthroughSession {
     /// Starts the device if asked and attaches it to `vm` (before the VM starts).
-    pub fn start(source: &PassthroughSource, vm: &Vm, continuous: bool) -> Result<Self> {
+    pub fn start(
+        source: &PassthroughSource,
+        vm: &Vm,
+        continuous: bool,
+        opts: EngineOptions,
+    ) -> Result<Self> {
         let (child, socket) = device_socket(source)?;
         let attachment = Arc::new(
             Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
                 .context("attaching the passthrough NVMe device")?,
         );
-        Ok(Self::with(attachment, child, continuous))
+        Ok(Self::with(attachment, child, continuous, opts))
     }
 
     /// A session around an attachment made elsewhere (the migration destination).
-    pub fn with(attachment: Arc<Attachment>, child: Option<DeviceChild>, continuous: bool) -> Self {
-        let engine = Arc::new(Engine::new(attachment.clone(), EngineOptions::default()));
+    pub fn with(
+        attachment: Arc<Attachment>,
+        child: Option<DeviceChild>,
+        continuous: bool,
+        opts: EngineOptions,
+    ) -> Self {
+        let engine = Arc::new(Engine::new(attachment.clone(), opts));
         PassthroughSession {
             attachment: Some(attachment),
             engine: Some(engine),

@@ -51,6 +51,8 @@ pub struct SessionSpec {
     pub passthrough: Option<crate::nvme_args::PassthroughSource>,
     /// Shadow the passthrough device's rings all the time (not only while migrating).
     pub shadow_continuous: bool,
+    /// Options of the shadow engine.
+    pub shadow: shadow::EngineOptions,
 }
 
 impl SessionSpec {
@@ -199,7 +201,7 @@ pub fn run(
     let device = spec
         .passthrough
         .as_ref()
-        .map(|p| PassthroughSession::start(p, &vm, spec.shadow_continuous))
+        .map(|p| PassthroughSession::start(p, &vm, spec.shadow_continuous, spec.shadow))
         .transpose()?;
     vm.boot(&boot.image, boot.workload, boot.args)
         .context("loading the guest")?;
@@ -357,6 +359,10 @@ pub fn supervise(
                             "progress": vm.mailbox().progress().unwrap_or(0),
                             "ram_bytes": vm.ram().size(),
                             "shadow": device.as_ref().and_then(|d| d.shadow_status()),
+                            "io_queues": device
+                                .as_ref()
+                                .and_then(|d| d.config_log())
+                                .map(|l| l.io_sqs.len()),
                         })));
                     }
                     Request::MemoryHash => {

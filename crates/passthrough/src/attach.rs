@@ -68,6 +68,7 @@ pub struct Attachment {
     dstrd: u8,
     areas: Arc<Vec<MappedArea>>,
     proxy: crate::bar::ProxySlot,
+    hook: crate::bar::HookSlot,
     doorbell_slots: Mutex<BTreeMap<u64, u32>>,
     remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
     irqs: Arc<Vec<EventFd>>,
@@ -149,6 +150,7 @@ impl Attachment {
         )));
         let mediator = Arc::new(Mutex::new(AdminMediator::default()));
         let proxy: crate::bar::ProxySlot = Arc::new(Mutex::new(None));
+        let hook: crate::bar::HookSlot = Arc::new(Mutex::new(None));
         let trap = Bar0Trap::new(
             conn.clone(),
             mediator.clone(),
@@ -157,6 +159,7 @@ impl Attachment {
             vm.lifecycle().clone(),
             msix.clone(),
             proxy.clone(),
+            hook.clone(),
         );
         vm.mmio_bus()
             .insert(opts.bar0_gpa, bar0_size, Arc::new(Mutex::new(trap)))
@@ -185,6 +188,7 @@ impl Attachment {
             dstrd,
             areas,
             proxy,
+            hook,
             doorbell_slots: Mutex::new(BTreeMap::new()),
             remaps: Mutex::new(BTreeMap::new()),
             irqs,
@@ -293,6 +297,12 @@ impl Attachment {
     /// device there. None when the page is not mappable.
     pub fn device_page(&self, bar_offset: u64) -> Option<u64> {
         self.host_of_bar_page(bar_offset)
+    }
+
+    /// Routes trapped I/O doorbell writes to `hook` (the shadow engine's trap mode), or back
+    /// to the device (None).
+    pub fn set_doorbell_hook(&self, hook: Option<crate::bar::DoorbellHook>) {
+        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
     }
 
     /// The guest's admin queue positions as the mediation follows them (SQ tail, CQ head), and

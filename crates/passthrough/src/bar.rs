@@ -7,6 +7,13 @@ use vmm::{bus::BusDevice, lifecycle::Lifecycle, memory::GuestRam, VmOutcome};
 
 use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter, replay::AdminProxy};
 
+/// Takes an I/O queue's doorbell write (queue id, CQ head?, value) that exited; returns true
+/// when it consumed it (the write then does not reach the device).
+pub type DoorbellHook = Arc<dyn Fn(u16, bool, u32) -> bool + Send + Sync>;
+
+/// The doorbell hook slot shared by the attachment and the trap.
+pub type HookSlot = Arc<Mutex<Option<DoorbellHook>>>;
+
 /// The admin proxy slot shared by the attachment and the trap.
 pub type ProxySlot = Arc<Mutex<Option<AdminProxy>>>;
 
@@ -19,6 +26,7 @@ pub struct Bar0Trap {
     lifecycle: Arc<Lifecycle>,
     msix: Arc<Mutex<MsixRouter>>,
     proxy: ProxySlot,
+    hook: HookSlot,
 }
 
 impl Bar0Trap {
@@ -31,6 +39,7 @@ impl Bar0Trap {
         lifecycle: Arc<Lifecycle>,
         msix: Arc<Mutex<MsixRouter>>,
         proxy: ProxySlot,
+        hook: HookSlot,
     ) -> Self {
         Bar0Trap {
             conn,
@@ -40,6 +49,7 @@ impl Bar0Trap {
             lifecycle,
             msix,
             proxy,
+            hook,
         }
     }
 
@@ -116,7 +126,13 @@ impl BusDevice for Bar0Trap {
                         return; // the proxy consumes the device's completions itself
                     }
                 }
-                _ => {}
+                Some((qid, is_cq)) => {
+                    let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if hook.is_some_and(|h| h(qid, is_cq, v)) {
+                        return;
+                    }
+                }
+                None => {}
             }
         }
         if let Err(e) = self.conn.region_write(0, offset, data) {

@@ -59,12 +59,13 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         api_socket: args.api_socket.clone(),
         passthrough: None,
         shadow_continuous: false,
+        shadow: args.nvme.engine_options(),
     };
     let opts = DestinationOptions {
         debug_hash: args.debug_hash,
         ..Default::default()
     };
-    let mut restorer = NvmeRestorer::new(args.nvme.source()?);
+    let mut restorer = NvmeRestorer::new(args.nvme.source()?, args.nvme.engine_options());
     let incoming = match migration::receive(stream, &spec.vm_config(), &opts, &mut restorer) {
         Ok(i) => i,
         Err(e) => {

@@ -73,6 +73,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         api_socket: args.api_socket,
         passthrough: args.guest.nvme.source()?,
         shadow_continuous: args.guest.nvme.shadow == "continuous",
+        shadow: args.guest.nvme.engine_options(),
     };
     let report = session::run(&boot, &spec, process_start, &signals)?;
     print_report(&report, args.json)?;

@@ -34,8 +34,12 @@ use memory::{page_regions, Copy, EngineBuffers, HostPages, PAGE};
 #[serde(rename_all = "lowercase")]
 pub enum Interception {
     /// The queue's doorbell page is replaced by a hypervisor page a thread polls (no exits).
+    /// Queues whose doorbells share the admin page (DSTRD 0) are trapped regardless.
     #[default]
     Poll,
+    /// The queue's doorbell page is unmapped: every doorbell write exits and the BAR0 trap
+    /// hands it to the engine.
+    Trap,
 }
 
 /// Tuning of the engine.
@@ -77,9 +81,13 @@ pub(crate) struct QueueRt {
 /// A redirected doorbell page: the hypervisor page the guest writes and the device's page.
 pub(crate) struct DoorbellPage {
     pub bar_offset: u64,
-    pub guest: HostPages,
+    /// Where the guest's doorbell values land: mapped into the guest (poll mode) or written
+    /// by the trap hook (trap mode).
+    pub guest: Arc<HostPages>,
     /// Host address of the device's own page (mapped BAR).
     pub device: u64,
+    /// Writes to this page exit (trap mode, or the admin page).
+    pub trapped: bool,
 }
 
 impl DoorbellPage {
@@ -314,16 +322,6 @@ impl Engine {
         let config = self.att.config_log();
         let limits = limits_from(&config)?;
         let geos = geometries(&config)?;
-        let dstrd = self.att.dstrd();
-        for g in &geos {
-            if regs::doorbell_page(g.qid, dstrd) == regs::doorbell_page(0, dstrd) {
-                return Err(Error::Engine(format!(
-                    "queue {}'s doorbells share the admin doorbell page (DSTRD {dstrd}): poll \
-                     mode needs a page per queue",
-                    g.qid
-                )));
-            }
-        }
         if pause {
             vm.pause()
                 .map_err(vmm_err("pausing the vCPUs to enter shadow mode"))?;
@@ -382,9 +380,9 @@ impl Engine {
         let mut remapped: Vec<Range<u64>> = Vec::new();
         let mut redirected: Vec<u64> = Vec::new();
         let undo = |remapped: &[Range<u64>], redirected: &[u64]| {
+            self.att.set_doorbell_hook(None);
             for &p in redirected {
-                // SAFETY: mapping the device's own page back.
-                let _ = unsafe { self.att.set_doorbell_mode(slots, p, DoorbellMode::Mapped) };
+                let _ = self.release_page(slots, p);
             }
             for r in remapped {
                 // SAFETY: RAM backing needs no host promise.
@@ -424,30 +422,8 @@ impl Engine {
                 let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
                     Some(i) => i,
                     None => {
-                        let device = self.att.device_page(bar_offset).ok_or_else(|| {
-                            Error::Engine(format!(
-                                "BAR0 page {bar_offset:#x} (queue {}) is not mappable",
-                                g.qid
-                            ))
-                        })?;
-                        let guest = HostPages::new(PAGE)?;
-                        // SAFETY: `device` is a mapped BAR page of PAGE bytes.
-                        unsafe { guest.fill_from(0, device as *const u8, PAGE as usize) };
-                        // SAFETY: the page lives in `Running` until the mode changes back.
-                        unsafe {
-                            self.att.set_doorbell_mode(
-                                slots,
-                                bar_offset,
-                                DoorbellMode::Redirected { host: guest.addr() },
-                            )
-                        }
-                        .map_err(hook(format!("redirecting doorbell page {bar_offset:#x}")))?;
+                        pages.push(self.intercept(slots, bar_offset, true)?);
                         redirected.push(bar_offset);
-                        pages.push(DoorbellPage {
-                            bar_offset,
-                            guest,
-                            device,
-                        });
                         pages.len() - 1
                     }
                 };
@@ -466,6 +442,7 @@ impl Engine {
                     errors: 0,
                 });
             }
+            self.install_hook(&pages, &queues);
             Ok((pages, queues))
         })();
         let (pages, queues) = match result {
@@ -499,6 +476,92 @@ impl Engine {
         })
     }
 
+    /// Intercepts the doorbell page at `bar_offset`: a hypervisor page mapped in its place
+    /// (poll mode) or the page left unmapped so writes exit (trap mode; always for the admin
+    /// page, which DSTRD 0 queues share). `copy_device`: start from the device's values.
+    pub(crate) fn intercept(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        bar_offset: u64,
+        copy_device: bool,
+    ) -> Result<DoorbellPage> {
+        let device = self
+            .att
+            .device_page(bar_offset)
+            .ok_or_else(|| Error::Engine(format!("BAR0 page {bar_offset:#x} is not mappable")))?;
+        let guest = Arc::new(HostPages::new(PAGE)?);
+        if copy_device {
+            // SAFETY: `device` is a mapped BAR page of PAGE bytes.
+            unsafe { guest.fill_from(0, device as *const u8, PAGE as usize) };
+        }
+        let admin_page = regs::doorbell_page(0, self.att.dstrd()) * PAGE;
+        let trapped = self.opts.interception == Interception::Trap || bar_offset == admin_page;
+        if bar_offset != admin_page {
+            let mode = if trapped {
+                DoorbellMode::Trapped
+            } else {
+                DoorbellMode::Redirected { host: guest.addr() }
+            };
+            // SAFETY: the page lives in `Running` until the mode changes back.
+            unsafe { self.att.set_doorbell_mode(slots, bar_offset, mode) }
+                .map_err(hook(format!("intercepting doorbell page {bar_offset:#x}")))?;
+        }
+        Ok(DoorbellPage {
+            bar_offset,
+            guest,
+            device,
+            trapped,
+        })
+    }
+
+    /// Gives the doorbell page at `bar_offset` back to the guest (the admin page stays
+    /// trapped: the mediation needs it).
+    pub(crate) fn release_page(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        bar_offset: u64,
+    ) -> Result<()> {
+        if bar_offset == regs::doorbell_page(0, self.att.dstrd()) * PAGE {
+            return Ok(());
+        }
+        // SAFETY: the device's own page, kept mapped by the attachment.
+        unsafe {
+            self.att
+                .set_doorbell_mode(slots, bar_offset, DoorbellMode::Mapped)
+        }
+        .map_err(hook(format!("mapping doorbell page {bar_offset:#x} back")))
+    }
+
+    /// Trap mode: trapped doorbell writes of shadowed queues land in the hypervisor pages the
+    /// poller reads.
+    pub(crate) fn install_hook(&self, pages: &[DoorbellPage], queues: &[QueueRt]) {
+        let routes: Vec<(u16, Arc<HostPages>, usize, usize)> = queues
+            .iter()
+            .filter(|q| pages[q.page].trapped)
+            .map(|q| {
+                (
+                    q.q.geometry().qid,
+                    pages[q.page].guest.clone(),
+                    q.sq_off,
+                    q.cq_off,
+                )
+            })
+            .collect();
+        if routes.is_empty() {
+            return;
+        }
+        self.att
+            .set_doorbell_hook(Some(Arc::new(move |qid, is_cq, value| {
+                match routes.iter().find(|r| r.0 == qid) {
+                    Some((_, page, sq_off, cq_off)) => {
+                        page.store_u32(if is_cq { *cq_off } else { *sq_off }, value);
+                        true
+                    }
+                    None => false,
+                }
+            })));
+    }
+
     /// Pages the device wrote for completed commands since the last call.
     pub fn take_dirty(&self) -> Vec<u64> {
         match &*self.active() {
@@ -507,20 +570,35 @@ impl Engine {
         }
     }
 
-    /// Waits (bounded) until every queue has no pending submission and nothing in flight.
-    /// The poller must be running and the guest should be paused (or held).
-    fn drain(shared: &Shared, timeout: Duration) -> Result<()> {
+    /// Queues with work left: a doorbell value the poller has not taken yet, a pending
+    /// submission or a command in flight (queue, pending, in flight).
+    fn busy(run: &Running) -> Vec<(u16, u32, usize)> {
+        run.queues
+            .iter()
+            .filter(|q| {
+                let page = &run.pages[q.page].guest;
+                page.load_u32(q.sq_off) != Some(q.seen_sq)
+                    || q.q.pending() > 0
+                    || q.q.in_flight() > 0
+            })
+            .map(|q| (q.q.geometry().qid, q.q.pending(), q.q.in_flight()))
+            .collect()
+    }
+
+    /// Waits (bounded) until every queue is idle (see [`Engine::busy`]) and stops the poller
+    /// with the queues still idle. The guest must be paused.
+    fn drain_and_stop(a: &mut Active, timeout: Duration) -> Result<()> {
         let t0 = Instant::now();
         loop {
-            let busy: Vec<(u16, u32, usize)> = shared
-                .lock()
-                .queues
-                .iter()
-                .filter(|q| q.q.pending() > 0 || q.q.in_flight() > 0)
-                .map(|q| (q.q.geometry().qid, q.q.pending(), q.q.in_flight()))
-                .collect();
+            Self::start_poller(a)?;
+            let busy = Self::busy(&a.shared.lock());
             if busy.is_empty() {
-                return Ok(());
+                Self::stop_poller(a);
+                // The poller may have taken a doorbell between the look and the stop.
+                if Self::busy(&a.shared.lock()).is_empty() {
+                    return Ok(());
+                }
+                continue;
             }
             if t0.elapsed() >= timeout {
                 return Err(Error::Engine(format!(
@@ -598,9 +676,7 @@ impl Engine {
         let a = guard
             .as_mut()
             .ok_or_else(|| Error::Engine("quiesce outside shadow mode".into()))?;
-        Self::start_poller(a)?;
-        Self::drain(&a.shared, self.opts.drain_timeout)?;
-        Self::stop_poller(a);
+        Self::drain_and_stop(a, self.opts.drain_timeout)?;
         let mut run = a.shared.lock();
         for q in &mut run.queues {
             q.q.hold(true);
@@ -713,15 +789,13 @@ impl Engine {
 
     fn leave_paused(&self, vm: &Vm, a: &mut Active) -> Result<()> {
         let slots = vm.memory_slots();
-        Self::start_poller(a)?;
         {
             let mut run = a.shared.lock();
             for q in &mut run.queues {
                 q.q.hold(false);
             }
         }
-        Self::drain(&a.shared, self.opts.drain_timeout)?;
-        Self::stop_poller(a);
+        Self::drain_and_stop(a, self.opts.drain_timeout)?;
         let mut run = a.shared.lock();
         // Forward whatever completed between the drain's last look and the stop.
         let Running {
@@ -761,6 +835,7 @@ impl Engine {
             }
             .map_err(hook(format!("swapping ring pages {r:?} back to RAM")))?;
         }
+        self.att.set_doorbell_hook(None);
         for p in &run.pages {
             for q in run
                 .queues
@@ -772,15 +847,7 @@ impl Engine {
                 p.ring(q.sq_off, sq);
                 p.ring(q.cq_off, cq);
             }
-            // SAFETY: the device's own page, kept mapped by the attachment.
-            unsafe {
-                self.att
-                    .set_doorbell_mode(slots, p.bar_offset, DoorbellMode::Mapped)
-            }
-            .map_err(hook(format!(
-                "mapping doorbell page {:#x} back",
-                p.bar_offset
-            )))?;
+            self.release_page(slots, p.bar_offset)?;
         }
         let stats: Vec<QueueStats> = run.queues.iter().map(|q| q.q.stats()).collect();
         tracing::info!(

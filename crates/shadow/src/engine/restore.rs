@@ -6,7 +6,7 @@ use std::{
 };
 
 use nvme_spec::regs;
-use passthrough::{Attachment, DeviceHooks, DoorbellMode, GuestBacking};
+use passthrough::{Attachment, DeviceHooks, GuestBacking};
 use vmm::Vm;
 
 use super::{
@@ -41,14 +41,6 @@ impl Engine {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let geos: Vec<_> = saved.queues.iter().map(|q| q.geometry).collect();
-        for g in &geos {
-            if regs::doorbell_page(g.qid, dstrd) == regs::doorbell_page(0, dstrd) {
-                return Err(Error::Engine(format!(
-                    "queue {}'s doorbells share the admin doorbell page on this device (DSTRD {dstrd})",
-                    g.qid
-                )));
-            }
-        }
         let regions = page_regions(geos.iter().flat_map(|g| {
             [
                 g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
@@ -111,24 +103,7 @@ impl Engine {
             let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
                 Some(i) => i,
                 None => {
-                    let device = att.device_page(bar_offset).ok_or_else(|| {
-                        Error::Engine(format!("BAR0 page {bar_offset:#x} is not mappable"))
-                    })?;
-                    let guest = HostPages::new(PAGE)?;
-                    // SAFETY: the page lives in `Running` until the mode changes back.
-                    unsafe {
-                        att.set_doorbell_mode(
-                            slots,
-                            bar_offset,
-                            DoorbellMode::Redirected { host: guest.addr() },
-                        )
-                    }
-                    .map_err(hook(format!("redirecting doorbell page {bar_offset:#x}")))?;
-                    pages.push(DoorbellPage {
-                        bar_offset,
-                        guest,
-                        device,
-                    });
+                    pages.push(engine.intercept(slots, bar_offset, false)?);
                     pages.len() - 1
                 }
             };
@@ -147,6 +122,7 @@ impl Engine {
                 errors: 0,
             });
         }
+        engine.install_hook(&pages, &queues);
         let shared = Arc::new(Shared {
             state: Mutex::new(Running {
                 queues,
