@@ -158,8 +158,10 @@ impl Attachment {
             dstrd,
             vm.lifecycle().clone(),
             msix.clone(),
-            proxy.clone(),
-            hook.clone(),
+            crate::bar::Routes {
+                proxy: proxy.clone(),
+                hook: hook.clone(),
+            },
         );
         vm.mmio_bus()
             .insert(opts.bar0_gpa, bar0_size, Arc::new(Mutex::new(trap)))

@@ -17,6 +17,15 @@ pub type HookSlot = Arc<Mutex<Option<DoorbellHook>>>;
 /// The admin proxy slot shared by the attachment and the trap.
 pub type ProxySlot = Arc<Mutex<Option<AdminProxy>>>;
 
+/// Where trapped doorbell writes may be routed instead of the device.
+#[derive(Clone, Default)]
+pub struct Routes {
+    /// The guest admin queue proxy (migration destination).
+    pub proxy: ProxySlot,
+    /// The shadow engine's trap-mode hook.
+    pub hook: HookSlot,
+}
+
 /// The MMIO handler of BAR0.
 pub struct Bar0Trap {
     conn: Arc<Connection>,
@@ -38,8 +47,7 @@ impl Bar0Trap {
         dstrd: u8,
         lifecycle: Arc<Lifecycle>,
         msix: Arc<Mutex<MsixRouter>>,
-        proxy: ProxySlot,
-        hook: HookSlot,
+        routes: Routes,
     ) -> Self {
         Bar0Trap {
             conn,
@@ -48,8 +56,8 @@ impl Bar0Trap {
             dstrd,
             lifecycle,
             msix,
-            proxy,
-            hook,
+            proxy: routes.proxy,
+            hook: routes.hook,
         }
     }
 
