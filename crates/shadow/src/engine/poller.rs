@@ -10,24 +10,18 @@ use std::{
 use super::{Running, Shared};
 use crate::{Error, Result, RingAdapter};
 
-/// Idle rounds spent yielding before the poller starts sleeping between rounds.
-const SPIN_ROUNDS: u32 = 256;
-/// Sleep between idle rounds once spinning stopped paying off.
-const IDLE_SLEEP: Duration = Duration::from_micros(20);
+/// Sleep after a round that found nothing to do. The poller shares the machine with the
+/// vCPU and the device, which both spin: a poller that spun as well would wait for a whole
+/// scheduler time slice whenever the three outnumber the cores; one that sleeps briefly keeps
+/// a small virtual runtime and preempts a spinner as soon as it wakes.
+const IDLE_SLEEP: Duration = Duration::from_micros(10);
 
 pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("shadow-poller".into())
         .spawn(move || {
-            let mut idle = 0u32;
             while !shared.stop.load(Ordering::Acquire) {
-                let moved = poll_once(&mut shared.lock());
-                if moved > 0 {
-                    idle = 0;
-                } else if idle < SPIN_ROUNDS {
-                    idle += 1;
-                    std::thread::yield_now();
-                } else {
+                if poll_once(&mut shared.lock()) == 0 {
                     std::thread::sleep(IDLE_SLEEP);
                 }
             }
