@@ -439,3 +439,43 @@ fn continuous_shadow_mode_runs_nvme_verify_clean() {
         .sum();
     assert!(forwarded > 0, "{shadow}");
 }
+
+#[test]
+fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
+    let dir = TempDir::new("malformed");
+    let disk = dir.path("disk.img");
+    // `--duration` holds the malformed commands back until continuous shadowing has begun.
+    let out = ferry()
+        .args(["run", "--workload", "nvme-malformed", "--duration", "1s"])
+        .args([
+            "--shadow",
+            "continuous",
+            "--serial",
+            "stdout",
+            "--nvme-backing",
+        ])
+        .arg(&disk)
+        .args(["--timeout", "60s", "--json"])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    for what in [
+        "unaligned PRP1: rejected (sct 0 sc 0x13)",
+        "outside guest RAM: rejected (sct 0 sc 0x04)",
+        "PRP list outside guest RAM: rejected (sct 0 sc 0x04)",
+        "PRP list entry with an offset: rejected (sct 0 sc 0x13)",
+        "unknown I/O opcode: rejected (sct 0 sc 0x01)",
+        "read with an SGL: rejected (sct 0 sc 0x02)",
+        "read from namespace 5: rejected (sct 0 sc 0x0b)",
+        "all 15 malformed commands rejected with the right status; the device still works",
+    ] {
+        assert!(stdout.contains(what), "missing {what:?} in {stdout}");
+    }
+    let summary = last_json(&out);
+    assert_eq!(summary["status"], 0, "{summary}");
+    let q = &summary["shadow"]["queues"][0]["state"]["stats"];
+    assert_eq!(summary["shadow"]["shadowed"], true, "{summary}");
+    // The hypervisor refused the hostile entries itself; the good commands went through.
+    assert!(q["refused"].as_u64().unwrap() >= 7, "{q}");
+    assert!(q["forwarded"].as_u64().unwrap() >= 2, "{q}");
+}
