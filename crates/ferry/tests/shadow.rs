@@ -479,3 +479,58 @@ fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
     assert!(q["refused"].as_u64().unwrap() >= 7, "{q}");
     assert!(q["forwarded"].as_u64().unwrap() >= 2, "{q}");
 }
+
+/// Forwards one connection to `target` and cuts both directions once `limit` bytes went from
+/// the source to the destination.
+fn cutting_proxy(target: String, limit: u64) -> String {
+    use std::{
+        io::Write,
+        net::{Shutdown, TcpListener, TcpStream},
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut src, _) = listener.accept().unwrap();
+        let mut dst = TcpStream::connect(target).unwrap();
+        let (mut src_r, mut dst_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut dst, &mut src);
+        });
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        while sent < limit {
+            match src_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let n = n.min((limit - sent) as usize);
+                    if dst_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                }
+            }
+        }
+        let _ = src_r.shutdown(Shutdown::Both);
+        let _ = dst_w.shutdown(Shutdown::Both);
+    });
+    addr
+}
+
+#[test]
+fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
+    let dir = TempDir::new("cut");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 6, &[]);
+    let (dst, addr) = destination(Some(&disk));
+    warm_up();
+    let proxy = cutting_proxy(addr, 300 * 1024);
+    let out = migrate(&api, &proxy, &[]);
+    assert!(!out.status.success(), "the migration should fail");
+    let d = dst.wait_output(Duration::from_secs(60));
+    assert_ne!(d.status.code(), Some(0), "no VM may run on the destination");
+    let s = src.wait_output(Duration::from_secs(150));
+    let summary = last_json(&s);
+    assert_eq!(summary["status"], 0, "{summary}\n{}", text(&s.stderr));
+    assert_eq!(summary["shadow"]["shadowed"], false, "{summary}");
+    assert_eq!(summary["shadow"]["left"], 1, "{summary}");
+}
