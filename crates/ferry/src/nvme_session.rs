@@ -116,14 +116,22 @@ pub struct NvmeRestorer {
 }
 
 impl NvmeRestorer {
-    /// A restorer that attaches `source` (None: refuse devices).
-    pub fn new(source: Option<PassthroughSource>, opts: EngineOptions) -> Self {
-        NvmeRestorer {
+    /// A restorer that attaches `source` (None: refuse devices). A device process to start
+    /// is started now, before any VM arrives, so that the switchover does not wait for it.
+    pub fn new(source: Option<PassthroughSource>, opts: EngineOptions) -> Result<Self> {
+        let (source, child) = match source {
+            Some(s @ PassthroughSource::Spawn(_)) => {
+                let (child, socket) = device_socket(&s)?;
+                (Some(PassthroughSource::Socket(socket)), child)
+            }
+            other => (other, None),
+        };
+        Ok(NvmeRestorer {
             source,
             opts,
-            child: None,
+            child,
             engine: None,
-        }
+        })
     }
 }
 
@@ -139,7 +147,9 @@ impl migration::DeviceRestorer for NvmeRestorer {
         })?;
         let saved = shadow::engine::device::SavedDevice::decode(state)?;
         let (child, socket) = device_socket(source).map_err(|e| format!("{e:#}"))?;
-        self.child = child;
+        if child.is_some() {
+            self.child = child;
+        }
         let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
             .map_err(|e| format!("attaching the destination's device: {e}"))?;
         let engine =

@@ -25,6 +25,8 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         "ferry: waiting for a migration on {}",
         listener.local_addr()?
     );
+    // The destination's own device (if any) starts now, not during the switchover.
+    let mut restorer = NvmeRestorer::new(args.nvme.source()?, args.nvme.engine_options())?;
     let waited = Instant::now();
     let stream = loop {
         match listener.accept() {
@@ -65,7 +67,6 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         debug_hash: args.debug_hash,
         ..Default::default()
     };
-    let mut restorer = NvmeRestorer::new(args.nvme.source()?, args.nvme.engine_options());
     let incoming = match migration::receive(stream, &spec.vm_config(), &opts, &mut restorer) {
         Ok(i) => i,
         Err(e) => {
