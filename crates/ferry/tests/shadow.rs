@@ -534,3 +534,40 @@ fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
     assert_eq!(summary["shadow"]["shadowed"], false, "{summary}");
     assert_eq!(summary["shadow"]["left"], 1, "{summary}");
 }
+
+#[test]
+fn bench_shadow_reports_ratios_and_migration_times() {
+    let out = ferry()
+        .args([
+            "bench",
+            "shadow",
+            "--qd",
+            "1",
+            "--seconds",
+            "2",
+            "--migrations",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes: Vec<&str> = r["iops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["direct", "poll", "trap"], "{r}");
+    for row in r["iops"].as_array().unwrap() {
+        assert!(row["iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let m = r["migration"].as_array().unwrap();
+    assert_eq!(m.len(), 2, "{r}");
+    assert!(m[1]["device_dirty_pages"].as_u64().unwrap() > 0, "{r}");
+    for row in m {
+        assert!(row["downtime_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+}

@@ -493,6 +493,48 @@ mod tests {
     }
 
     #[test]
+    fn identify_data_the_guest_read_is_recorded() {
+        let mut m = AdminMediator::default();
+        enable(&mut m);
+        let mut ram = Ram(HashMap::new());
+        let mut ns = Sqe::new(admin::IDENTIFY, 1);
+        ns.set_nsid(1)
+            .set_prps(0x50000, 0)
+            .set_cdw(10, cns::NAMESPACE as u32);
+        let mut ctrl = Sqe::new(admin::IDENTIFY, 2);
+        ctrl.set_prps(0x60000, 0)
+            .set_cdw(10, cns::CONTROLLER as u32);
+        ram.0.insert(0x10000, ns.to_bytes().to_vec());
+        ram.0.insert(0x10040, ctrl.to_bytes().to_vec());
+        let mut page = vec![0u8; 4096];
+        page[identify::ns::NSZE..identify::ns::NSZE + 8].copy_from_slice(&1000u64.to_le_bytes());
+        page[identify::ns::FLBAS] = 1;
+        page[identify::ns::LBAF0 + 4 + 2] = 12; // format 1: 4 KiB
+        ram.0.insert(0x50000, page);
+        let mut page = vec![0u8; 4096];
+        page[identify::ctrl::MDTS] = 5;
+        ram.0.insert(0x60000, page);
+        m.sq_tail_write(2, |a, b| ram.read(a, b));
+        for (i, cid) in [(0u64, 1u16), (1, 2)] {
+            ram.0.insert(
+                0x20000 + i * 16,
+                Cqe::new(0, 2, 0, cid, Status::SUCCESS, true)
+                    .to_bytes()
+                    .to_vec(),
+            );
+        }
+        m.cq_head_write(2, |a, b| ram.read(a, b));
+        assert_eq!(
+            m.log.namespaces[&1],
+            NamespaceInfo {
+                block_size: 4096,
+                blocks: 1000
+            }
+        );
+        assert_eq!(m.log.mdts, Some(5));
+    }
+
+    #[test]
     fn hostile_doorbells_and_unreadable_entries_are_counted() {
         let mut m = AdminMediator::default();
         m.sq_tail_write(1, |_, _| true);
