@@ -48,6 +48,26 @@ impl DeviceChild {
         if args.once {
             cmd.arg("--once");
         }
+        // The device dies with this process (killed or crashed), instead of polling forever
+        // for a VMM that will never connect.
+        // SAFETY: prctl is async-signal-safe; the closure runs in the child between fork and
+        // exec and touches nothing else.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().context("starting `ferry device nvme`")?;
         let mut c = DeviceChild { child, dir, socket };
         let t0 = Instant::now();

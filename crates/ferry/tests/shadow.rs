@@ -13,6 +13,15 @@ use std::{
 
 use serde_json::Value;
 
+/// The tests run one at a time: each runs two or three VMs whose vCPUs, devices and pollers
+/// spin, and the machines they run on have two cores; in parallel the guests' timed workloads
+/// could end before the migrations they exist for.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
@@ -217,7 +226,7 @@ fn warm_up() {
 fn migrate_and_verify(tag: &str, extra: &[&str]) {
     let dir = TempDir::new(tag);
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 6, extra);
+    let (src, api) = source(&dir, &disk, 12, extra);
     let (dst, addr) = destination_with(Some(&disk), extra);
     warm_up();
     let out = migrate(&api, &addr, &[]);
@@ -247,6 +256,7 @@ fn migrate_and_verify(tag: &str, extra: &[&str]) {
         "memory differs at switchover"
     );
     assert!(err.contains("re-aligned with"), "{err}");
+    assert!(err.contains("without pausing the VM"), "{err}");
     // After re-alignment the queues run direct: no shadowing, doorbell pages mapped again.
     let shadow = &summary["shadow"];
     assert_eq!(shadow["shadowed"], false, "{shadow}");
@@ -271,24 +281,28 @@ fn migrate_and_verify(tag: &str, extra: &[&str]) {
 
 #[test]
 fn migration_during_nvme_verify_passes_on_the_destination_with_identical_memory() {
+    let _serial = serial();
     migrate_and_verify("poll", &[]);
 }
 
 #[test]
 fn migration_in_trap_mode_passes() {
+    let _serial = serial();
     migrate_and_verify("trap", &["--shadow-doorbells", "trap"]);
 }
 
 #[test]
 fn migration_of_a_dstrd_0_device_passes() {
+    let _serial = serial();
     migrate_and_verify("dstrd0", &["--nvme-dstrd", "0"]);
 }
 
 #[test]
 fn a_to_b_to_a_keeps_verifying() {
+    let _serial = serial();
     let dir = TempDir::new("aba");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 8, &[]);
+    let (src, api) = source(&dir, &disk, 24, &[]);
     let b_api = dir.path("b.sock");
     let (b, b_addr) = destination_with(Some(&disk), &["--api-socket", b_api.to_str().unwrap()]);
     warm_up();
@@ -298,9 +312,8 @@ fn a_to_b_to_a_keeps_verifying() {
         last_json(&src.wait_output(Duration::from_secs(60)))["outcome"],
         "migrated"
     );
-    wait_for_socket(&b_api);
-    std::thread::sleep(Duration::from_millis(500));
     let (a2, a2_addr) = destination(Some(&disk));
+    wait_for_socket(&b_api);
     let out = migrate(&b_api, &a2_addr, &[]);
     assert!(out.status.success(), "B→A: {}", text(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -316,9 +329,10 @@ fn a_to_b_to_a_keeps_verifying() {
 
 #[test]
 fn killing_the_destination_device_process_leaves_the_source_verifying() {
+    let _serial = serial();
     let dir = TempDir::new("devkill");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 6, &[]);
+    let (src, api) = source(&dir, &disk, 12, &[]);
     let sock = dir.path("dst-dev.sock");
     let mut dev = Proc(
         Some(
@@ -354,9 +368,10 @@ fn killing_the_destination_device_process_leaves_the_source_verifying() {
 
 #[test]
 fn negative_control_without_shadowing_is_detected() {
+    let _serial = serial();
     let dir = TempDir::new("unsafe");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 6, &[]);
+    let (src, api) = source(&dir, &disk, 12, &[]);
     let (dst, addr) = destination(Some(&disk));
     warm_up();
     let out = migrate(&api, &addr, &["--unsafe-no-shadow"]);
@@ -379,9 +394,10 @@ fn negative_control_without_shadowing_is_detected() {
 
 #[test]
 fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
+    let _serial = serial();
     let dir = TempDir::new("kill");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 6, &[]);
+    let (src, api) = source(&dir, &disk, 12, &[]);
     let (mut dst, addr) = destination(Some(&disk));
     warm_up();
     let killer = std::thread::spawn(move || {
@@ -411,14 +427,15 @@ fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
 
 #[test]
 fn continuous_shadow_mode_runs_nvme_verify_clean() {
+    let _serial = serial();
     let dir = TempDir::new("continuous");
     let disk = dir.path("disk.img");
     let out = ferry()
         .arg("run")
         .args(VERIFY)
         .args([
-            "--nvme-ios",
-            "20000",
+            "--duration",
+            "3s",
             "--shadow",
             "continuous",
             "--nvme-backing",
@@ -442,6 +459,7 @@ fn continuous_shadow_mode_runs_nvme_verify_clean() {
 
 #[test]
 fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
+    let _serial = serial();
     let dir = TempDir::new("malformed");
     let disk = dir.path("disk.img");
     // `--duration` holds the malformed commands back until continuous shadowing has begun.
@@ -518,9 +536,10 @@ fn cutting_proxy(target: String, limit: u64) -> String {
 
 #[test]
 fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
+    let _serial = serial();
     let dir = TempDir::new("cut");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 6, &[]);
+    let (src, api) = source(&dir, &disk, 12, &[]);
     let (dst, addr) = destination(Some(&disk));
     warm_up();
     let proxy = cutting_proxy(addr, 300 * 1024);
@@ -537,6 +556,7 @@ fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
 
 #[test]
 fn bench_shadow_reports_ratios_and_migration_times() {
+    let _serial = serial();
     let out = ferry()
         .args([
             "bench",

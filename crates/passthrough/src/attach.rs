@@ -341,6 +341,68 @@ impl Attachment {
         Ok(())
     }
 
+    /// Live exit from a remap, step 1: removes the slot that backs the remapped range at
+    /// `gpa` with hypervisor memory, leaving the range unbacked (guest accesses exit as MMIO)
+    /// and every other slot untouched, so the vCPUs may keep running. Returns the size.
+    pub fn unback_remapped(&self, slots: &MemorySlots, gpa: u64) -> Result<u64> {
+        let hook_err = |reason: String| Error::Hook {
+            name: self.conn.name.clone(),
+            reason,
+        };
+        let (size, host) = *self
+            .remaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&gpa)
+            .ok_or_else(|| hook_err(format!("no remap at {gpa:#x}")))?;
+        let (slot, _) = slots
+            .list()
+            .into_iter()
+            .find(|(_, i)| i.gpa == gpa && i.size == size && i.host == host)
+            .ok_or_else(|| hook_err(format!("no slot backs the remap at {gpa:#x}")))?;
+        slots.remove(slot).map_err(|source| Error::Vmm {
+            name: self.conn.name.clone(),
+            what: format!("removing memory slot {slot}"),
+            source,
+        })?;
+        Ok(size)
+    }
+
+    /// Live exit from a remap, step 2: backs the range [`Attachment::unback_remapped`] left
+    /// unbacked with the VM's RAM again (a slot of its own) and forgets the remap.
+    pub fn back_with_ram(&self, slots: &MemorySlots, gpa: u64) -> Result<()> {
+        let hook_err = |reason: String| Error::Hook {
+            name: self.conn.name.clone(),
+            reason,
+        };
+        let mut remaps = self.remaps.lock().unwrap_or_else(|e| e.into_inner());
+        let (size, _) = *remaps
+            .get(&gpa)
+            .ok_or_else(|| hook_err(format!("no remap at {gpa:#x}")))?;
+        let region = self
+            .ram_region(gpa, size)
+            .ok_or_else(|| hook_err(format!("{gpa:#x}+{size:#x} is not RAM")))?;
+        let host = self
+            .ram
+            .host_address(&region)
+            .map_err(|source| Error::Vmm {
+                name: self.conn.name.clone(),
+                what: "locating guest RAM".into(),
+                source,
+            })? as u64
+            + (gpa - region.gpa);
+        // SAFETY: inside the VM's RAM mapping, which lives as long as the VM.
+        unsafe { slots.add(gpa, size, host, SlotKind::Ram, false) }.map_err(|source| {
+            Error::Vmm {
+                name: self.conn.name.clone(),
+                what: format!("adding memory slot {gpa:#x}+{size:#x}"),
+                source,
+            }
+        })?;
+        remaps.remove(&gpa);
+        Ok(())
+    }
+
     /// The guest RAM the device reaches by DMA (IOVA == GPA).
     pub fn ram(&self) -> &GuestRam {
         &self.ram

@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Instant};
 use nvme_spec::{
     opcode::admin,
     queue::{Controller, QueueMem},
-    regs::aqa,
+    regs::{self, aqa, cc},
     Cqe, Sqe, Status,
 };
 use vmm::memory::GuestRam;
@@ -155,6 +155,14 @@ pub(crate) fn replay(
             .set_cdw(10, (q.entries - 1) << 16 | qid as u32)
             .set_cdw(11, 1 | (q.priority as u32) << 1 | (q.cqid as u32) << 16);
         ctrl.admin(s).map_err(drv(&name))?;
+    }
+    // A controller the guest had already told to shut down is shut down here too (the guest
+    // may be polling CSTS.SHST for it).
+    if cc::shn(log.cc) != 0 {
+        use nvme_spec::queue::Platform;
+        let v = ctrl.platform.reg_read32(regs::CC);
+        ctrl.platform
+            .reg_write32(regs::CC, (v & !(3 << 14)) | cc::shn(log.cc) << 14);
     }
     // Where the guest's admin queue stands: everything it submitted was completed and
     // consumed before the switchover (the mediation checks), so its CQ tail is its CQ head;

@@ -6,6 +6,7 @@
 //! - [`poller`]: the thread that moves doorbells and completions while shadowed;
 //! - [`device`]: the engine as a [`migration::MigratableDevice`] (source side).
 pub mod device;
+mod live;
 pub mod memory;
 mod poller;
 mod restore;
@@ -129,7 +130,6 @@ struct Active {
     remapped: Vec<Range<u64>>,
     limits: Limits,
     dstrd: u8,
-    config: ConfigLog,
     entered: Instant,
 }
 
@@ -327,7 +327,7 @@ impl Engine {
                 .map_err(vmm_err("pausing the vCPUs to enter shadow mode"))?;
         }
         let t0 = Instant::now();
-        let result = self.enter_paused(vm, &config, limits, &geos);
+        let result = self.enter_paused(vm, limits, &geos);
         let resumed = if pause {
             vm.resume().map_err(vmm_err("resuming the vCPUs"))
         } else {
@@ -346,13 +346,7 @@ impl Engine {
         Ok(())
     }
 
-    fn enter_paused(
-        &self,
-        vm: &Vm,
-        config: &ConfigLog,
-        limits: Limits,
-        geos: &[QueueGeometry],
-    ) -> Result<Active> {
+    fn enter_paused(&self, vm: &Vm, limits: Limits, geos: &[QueueGeometry]) -> Result<Active> {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let regions = page_regions(geos.iter().flat_map(|g| {
@@ -471,7 +465,6 @@ impl Engine {
             remapped,
             limits,
             dstrd: self.att.dstrd(),
-            config: config.clone(),
             entered: Instant::now(),
         })
     }
@@ -736,14 +729,37 @@ impl Engine {
                 "{pending} guest admin command(s) are still pending at the switchover"
             )));
         }
+        // The configuration as it is now (the guest may have deleted queues or shut the
+        // controller down since shadowing began); queues it deleted are not sent.
+        let config = self.att.config_log();
+        let live: Vec<&QueueRt> = run
+            .queues
+            .iter()
+            .filter(|q| {
+                let g = q.q.geometry();
+                config
+                    .io_sqs
+                    .get(&g.qid)
+                    .is_some_and(|s| s.base == g.sq_base)
+                    && config
+                        .io_cqs
+                        .get(&g.qid)
+                        .is_some_and(|c| c.base == g.cq_base)
+            })
+            .collect();
+        if live.len() != config.io_sqs.len() {
+            return Err(Error::Engine(format!(
+                "the guest created {} I/O queue(s) the engine does not shadow",
+                config.io_sqs.len() - live.len()
+            )));
+        }
         Ok(device::SavedDevice {
             admin: (asq, acq),
-            config: a.config.clone(),
+            config,
             limits: a.limits,
             dstrd: a.dstrd,
-            queues: run.queues.iter().map(|q| q.q.state()).collect(),
-            doorbells: run
-                .queues
+            queues: live.iter().map(|q| q.q.state()).collect(),
+            doorbells: live
                 .iter()
                 .map(|q| {
                     let p = &run.pages[q.page].guest;

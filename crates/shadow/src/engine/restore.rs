@@ -140,7 +140,6 @@ impl Engine {
             remapped,
             limits: saved.limits,
             dstrd,
-            config: saved.config.clone(),
             entered: Instant::now(),
         });
         engine.counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;

@@ -120,6 +120,9 @@ pub struct NvmeQueue {
     /// Commands submitted before shadowing began, from the SQ ring, by command id: their
     /// completions still tell which pages the device wrote.
     legacy: HashMap<u16, Checked>,
+    /// Commands submitted before shadowing began and not completed yet (known from the
+    /// positions when the SQ and CQ have the same size; 0 otherwise).
+    legacy_outstanding: u32,
     hold: bool,
     realign: Option<Realign>,
     stats: QueueStats,
@@ -225,9 +228,13 @@ impl NvmeQueue {
                 legacy.entry(c.cid).or_insert(c);
             }
         }
+        // Every command yields one completion: with rings of one size, the commands not yet
+        // completed are the SQ entries between the CQ tail and the SQ tail.
+        let legacy_outstanding = if s == c { (sq_tail + s - tail) % s } else { 0 };
         Ok(NvmeQueue {
             geo,
             limits,
+            legacy_outstanding,
             g: GuestSide {
                 sq_tail,
                 sq_taken: sq_tail,
@@ -279,6 +286,7 @@ impl NvmeQueue {
             slots: (0..unconsumed).map(|_| None).collect(),
             inflight: HashMap::new(),
             legacy: HashMap::new(),
+            legacy_outstanding: 0,
             hold: true,
             realign: None,
             stats: state.stats,
@@ -313,7 +321,7 @@ impl NvmeQueue {
     /// True when device positions equal guest positions and nothing is in flight or pending:
     /// the rings can be made identical and shadowing dropped.
     pub fn in_sync(&self) -> bool {
-        self.inflight.is_empty()
+        self.in_flight() == 0
             && self.pending() == 0
             && self.d.sq_tail == self.g.sq_taken
             && self.d.cq_tail == self.g.cq_tail
@@ -389,7 +397,7 @@ impl NvmeQueue {
     /// fillers it takes (0: already aligned).
     pub fn start_alignment(&mut self) -> Result<u64> {
         let qid = self.geo.qid;
-        if !self.hold || !self.inflight.is_empty() {
+        if !self.hold || self.in_flight() > 0 {
             return Err(Error::Realign {
                 qid,
                 reason: "the queue must be held and idle".into(),
@@ -620,16 +628,19 @@ impl RingAdapter for NvmeQueue {
                         dirty.extend_from_slice(&f.pages);
                     }
                 }
-                None => match self.legacy.remove(&cqe.cid()) {
-                    // a command submitted before shadowing began
-                    Some(c) => {
-                        if c.direction == Direction::FromDevice {
-                            self.stats.dirty_pages += c.pages.len() as u64;
-                            dirty.extend_from_slice(&c.pages);
+                None => {
+                    // A command submitted before shadowing began.
+                    self.legacy_outstanding = self.legacy_outstanding.saturating_sub(1);
+                    match self.legacy.remove(&cqe.cid()) {
+                        Some(c) => {
+                            if c.direction == Direction::FromDevice {
+                                self.stats.dirty_pages += c.pages.len() as u64;
+                                dirty.extend_from_slice(&c.pages);
+                            }
                         }
+                        None => self.stats.anomalies += 1,
                     }
-                    None => self.stats.anomalies += 1,
-                },
+                }
             }
             let sq_head = cqe.sq_head() as u32;
             if sq_head < self.geo.sq_entries {
@@ -656,7 +667,7 @@ impl RingAdapter for NvmeQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.inflight.len()
+        self.inflight.len() + self.legacy_outstanding as usize
     }
 
     fn hold(&mut self, on: bool) {
