@@ -83,7 +83,7 @@ impl Drop for Proc {
     }
 }
 
-const VERIFY: [&str; 14] = [
+const VERIFY: [&str; 12] = [
     "--workload",
     "nvme-verify",
     "--nvme-queues",
@@ -92,8 +92,6 @@ const VERIFY: [&str; 14] = [
     "32",
     "--nvme-io-size",
     "4K",
-    "--nvme-read-percent",
-    "90",
     "--memory",
     "128M",
     "--serial",
@@ -104,9 +102,15 @@ const VERIFY: [&str; 14] = [
 /// `disk`, then reading the whole region back; returns once the guest's queues are live.
 fn source(dir: &TempDir, disk: &Path, secs: u64, extra: &[&str]) -> (Proc, PathBuf) {
     let api = dir.path("src.sock");
+    let reads: &[&str] = if extra.contains(&"--nvme-read-percent") {
+        &[]
+    } else {
+        &["--nvme-read-percent", "90"]
+    };
     let child = ferry()
         .arg("run")
         .args(VERIFY)
+        .args(reads)
         .args(["--duration", &format!("{secs}s"), "--nvme-backing"])
         .arg(disk)
         .args(["--timeout", "150s", "--json", "--api-socket"])
@@ -371,7 +375,29 @@ fn negative_control_without_shadowing_is_detected() {
     let _serial = serial();
     let dir = TempDir::new("unsafe");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 12, &[]);
+    // Data on the disk first; then a guest that only reads it (adopting it): every byte that
+    // lands in its buffers is written by the device alone, which KVM's dirty log never sees.
+    let fill = ferry()
+        .arg("run")
+        .args(VERIFY)
+        .args([
+            "--nvme-read-percent",
+            "0",
+            "--nvme-ios",
+            "8000",
+            "--nvme-backing",
+        ])
+        .arg(&disk)
+        .args(["--timeout", "120s", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(last_json(&fill)["status"], 0, "{}", text(&fill.stderr));
+    let (src, api) = source(
+        &dir,
+        &disk,
+        12,
+        &["--nvme-read-percent", "100", "--nvme-adopt"],
+    );
     let (dst, addr) = destination(Some(&disk));
     warm_up();
     let out = migrate(&api, &addr, &["--unsafe-no-shadow"]);
@@ -385,6 +411,10 @@ fn negative_control_without_shadowing_is_detected() {
     assert!(
         corrupt_memory || guest_failed,
         "the unsafe migration went unnoticed: {summary}"
+    );
+    eprintln!(
+        "negative control: memory hash {} at pause vs {} at resume; destination guest: {}",
+        report["memory_hash"], summary["incoming"]["memory_hash"], summary["detail"]
     );
     assert!(
         corrupt_memory,
@@ -433,6 +463,7 @@ fn continuous_shadow_mode_runs_nvme_verify_clean() {
     let out = ferry()
         .arg("run")
         .args(VERIFY)
+        .args(["--nvme-read-percent", "90"])
         .args([
             "--duration",
             "3s",
