@@ -59,6 +59,8 @@ struct MigrationRow {
     vm: &'static str,
     downtime_ms: f64,
     total_ms: f64,
+    /// Device-written pages reported to the migration, summed over rounds (a page counts
+    /// once per round it was reported in), largest over the runs.
     device_dirty_pages: u64,
     runs: usize,
 }
