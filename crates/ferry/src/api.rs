@@ -38,6 +38,10 @@ pub struct MigrateRequest {
     /// Hash guest RAM at the pause (debug; compare with the destination's).
     #[serde(default)]
     pub debug_hash: bool,
+    /// Negative control: migrate a passthrough device without reporting the pages it writes
+    /// (unsafe: the destination's memory is expected to be corrupt).
+    #[serde(default)]
+    pub unsafe_no_shadow: bool,
 }
 
 fn default_downtime() -> u64 {

@@ -179,6 +179,10 @@ pub struct ReceiveArgs {
     /// Print a JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// The destination's own passthrough device for an incoming VM that has one (same backing
+    /// file as the source: shared storage).
+    #[command(flatten)]
+    pub nvme: crate::nvme_args::NvmeCliArgs,
 }
 
 /// `ferry migrate`.
@@ -203,6 +207,10 @@ pub struct MigrateArgs {
     /// Hash guest RAM at the pause (compare with the destination's --debug-hash).
     #[arg(long)]
     pub debug_hash: bool,
+    /// UNSAFE negative control: migrate a passthrough device without reporting the pages it
+    /// writes (the destination's memory is expected to be corrupt).
+    #[arg(long)]
+    pub unsafe_no_shadow: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -253,6 +261,27 @@ pub enum BenchCommand {
     /// Live migration of idle, moderately and heavily dirtying guests of several sizes over
     /// loopback, against raw loopback TCP bandwidth measured in the same run.
     Migrate(BenchMigrateArgs),
+    /// The shadow engine's cost: guest IOPS in direct mode against continuous shadow mode
+    /// (poll and trap) at each queue depth, and migration downtime and total time of a VM with
+    /// and without a passthrough device under load.
+    Shadow(BenchShadowArgs),
+}
+
+/// `ferry bench shadow`.
+#[derive(Args, Debug)]
+pub struct BenchShadowArgs {
+    /// Queue depths.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 32])]
+    pub qd: Vec<u32>,
+    /// Seconds of I/O per run (the first half second is not counted).
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+    /// Migrations per configuration (the median counts).
+    #[arg(long, default_value_t = 3)]
+    pub migrations: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ferry bench migrate`.

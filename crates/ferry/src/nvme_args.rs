@@ -59,6 +59,16 @@ pub struct NvmeCliArgs {
     /// With --nvme-backing: doorbell stride exponent (9 or 0).
     #[arg(long, default_value_t = 9)]
     pub nvme_dstrd: u8,
+    /// Shadow engine: `migration` (shadow the device's rings only while migrating) or
+    /// `continuous` (shadow all the time once the guest created its I/O queues; for
+    /// measurement and tests).
+    #[arg(long, default_value = "migration", value_parser = ["migration", "continuous"])]
+    pub shadow: String,
+    /// Shadow engine: how guest doorbell writes are intercepted: `poll` (the doorbell page is
+    /// replaced by a hypervisor page a thread polls) or `trap` (every write exits). Queues of
+    /// a DSTRD 0 device share the admin doorbell page and are always trapped.
+    #[arg(long, default_value = "poll", value_parser = ["poll", "trap"])]
+    pub shadow_doorbells: String,
     /// `nvme-verify`: I/O queue pairs.
     #[arg(long, default_value_t = 2)]
     pub nvme_queues: u32,
@@ -123,6 +133,18 @@ impl NvmeCliArgs {
                 .nvme_io_max
                 .unwrap_or(self.nvme_io_size)
                 .min(u32::MAX as u64) as u32,
+        }
+    }
+
+    /// The shadow engine's options.
+    pub fn engine_options(&self) -> shadow::EngineOptions {
+        shadow::EngineOptions {
+            interception: if self.shadow_doorbells == "trap" {
+                shadow::engine::Interception::Trap
+            } else {
+                shadow::engine::Interception::Poll
+            },
+            ..Default::default()
         }
     }
 

@@ -6,8 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use passthrough::{AttachOptions, Attachment, ConfigLog};
+use shadow::{Engine, EngineOptions, EngineStatus};
 use vmm::Vm;
 
 use crate::nvme_args::{wait_for_socket, DeviceNvmeArgs, PassthroughSource};
@@ -44,6 +47,26 @@ impl DeviceChild {
         }
         if args.once {
             cmd.arg("--once");
+        }
+        // The device dies with this process (killed or crashed), instead of polling forever
+        // for a VMM that will never connect.
+        // SAFETY: prctl is async-signal-safe; the closure runs in the child between fork and
+        // exec and touches nothing else.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().context("starting `ferry device nvme`")?;
         let mut c = DeviceChild { child, dir, socket };
@@ -89,29 +112,171 @@ impl Drop for DeviceChild {
     }
 }
 
+/// Starts the device process if `source` asks for one; returns it and the socket to attach.
+pub fn device_socket(source: &PassthroughSource) -> Result<(Option<DeviceChild>, PathBuf)> {
+    Ok(match source {
+        PassthroughSource::Spawn(args) => {
+            let c = DeviceChild::spawn(args)?;
+            let s = c.socket.clone();
+            (Some(c), s)
+        }
+        PassthroughSource::Socket(s) => (None, s.clone()),
+    })
+}
+
+/// The destination's restorer: attaches its own device to the arriving VM and rebuilds it
+/// from the source's saved state (shadowed, held until [`Engine::realign`]).
+pub struct NvmeRestorer {
+    source: Option<PassthroughSource>,
+    opts: EngineOptions,
+    /// The device process started for the VM.
+    pub child: Option<DeviceChild>,
+    /// The engine, once restored.
+    pub engine: Option<Arc<Engine>>,
+}
+
+impl NvmeRestorer {
+    /// A restorer that attaches `source` (None: refuse devices). A device process to start
+    /// is started now, before any VM arrives, so that the switchover does not wait for it.
+    pub fn new(source: Option<PassthroughSource>, opts: EngineOptions) -> Result<Self> {
+        let (source, child) = match source {
+            Some(s @ PassthroughSource::Spawn(_)) => {
+                let (child, socket) = device_socket(&s)?;
+                (Some(PassthroughSource::Socket(socket)), child)
+            }
+            other => (other, None),
+        };
+        Ok(NvmeRestorer {
+            source,
+            opts,
+            child,
+            engine: None,
+        })
+    }
+}
+
+impl migration::DeviceRestorer for NvmeRestorer {
+    fn restore(&mut self, vm: &Vm, name: &str, state: &[u8]) -> std::result::Result<(), String> {
+        if name != "nvme0" || self.engine.is_some() {
+            return Err(format!("this destination has no device slot for {name}"));
+        }
+        let source = self.source.as_ref().ok_or_else(|| {
+            "the VM has a passthrough NVMe device and this destination has none (start \
+             `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
+                .to_string()
+        })?;
+        let saved = shadow::engine::device::SavedDevice::decode(state)?;
+        let (child, socket) = device_socket(source).map_err(|e| format!("{e:#}"))?;
+        if child.is_some() {
+            self.child = child;
+        }
+        let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
+            .map_err(|e| format!("attaching the destination's device: {e}"))?;
+        let engine =
+            Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| e.to_string())?;
+        self.engine = Some(Arc::new(engine));
+        Ok(())
+    }
+}
+
 /// The passthrough device of one session.
 pub struct PassthroughSession {
-    attachment: Option<Attachment>,
+    attachment: Option<Arc<Attachment>>,
+    engine: Option<Arc<Engine>>,
     child: Option<DeviceChild>,
+    /// Shadow continuously once the guest's queues exist.
+    continuous: bool,
+    /// When the configuration log last changed (continuous mode waits for it to settle).
+    settled: Option<(u64, Instant)>,
+    /// Entering continuous shadow mode failed with this (not retried).
+    pub shadow_error: Option<String>,
 }
 
 impl PassthroughSession {
     /// Starts the device if asked and attaches it to `vm` (before the VM starts).
-    pub fn start(source: &PassthroughSource, vm: &Vm) -> Result<Self> {
-        let (child, socket) = match source {
-            PassthroughSource::Spawn(args) => {
-                let c = DeviceChild::spawn(args)?;
-                let s = c.socket.clone();
-                (Some(c), s)
-            }
-            PassthroughSource::Socket(s) => (None, s.clone()),
-        };
-        let attachment = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
-            .context("attaching the passthrough NVMe device")?;
-        Ok(PassthroughSession {
+    pub fn start(
+        source: &PassthroughSource,
+        vm: &Vm,
+        continuous: bool,
+        opts: EngineOptions,
+    ) -> Result<Self> {
+        let (child, socket) = device_socket(source)?;
+        let attachment = Arc::new(
+            Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
+                .context("attaching the passthrough NVMe device")?,
+        );
+        Ok(Self::with(attachment, child, continuous, opts))
+    }
+
+    /// A session around an attachment made elsewhere (the migration destination).
+    pub fn with(
+        attachment: Arc<Attachment>,
+        child: Option<DeviceChild>,
+        continuous: bool,
+        opts: EngineOptions,
+    ) -> Self {
+        let engine = Arc::new(Engine::new(attachment.clone(), opts));
+        PassthroughSession {
             attachment: Some(attachment),
+            engine: Some(engine),
             child,
-        })
+            continuous,
+            settled: None,
+            shadow_error: None,
+        }
+    }
+
+    /// An existing engine (the destination built it while restoring).
+    pub fn with_engine(engine: Arc<Engine>, child: Option<DeviceChild>, continuous: bool) -> Self {
+        PassthroughSession {
+            attachment: Some(engine.attachment().clone()),
+            engine: Some(engine),
+            child,
+            continuous,
+            settled: None,
+            shadow_error: None,
+        }
+    }
+
+    /// The shadow engine.
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.as_ref()
+    }
+
+    /// The engine's status.
+    pub fn shadow_status(&self) -> Option<EngineStatus> {
+        self.engine.as_ref().map(|e| e.status())
+    }
+
+    /// Continuous mode: enters shadow mode once the guest created its I/O queues and its
+    /// admin traffic settled (no admin completion for 200 ms).
+    pub fn tick(&mut self, vm: &Vm) {
+        let (Some(engine), true, None) = (&self.engine, self.continuous, &self.shadow_error) else {
+            return;
+        };
+        if engine.is_shadowed() {
+            return;
+        }
+        let log = engine.attachment().config_log();
+        if log.io_sqs.is_empty() {
+            return;
+        }
+        match self.settled {
+            Some((n, t)) if n == log.admin_completed => {
+                if t.elapsed() < Duration::from_millis(200) {
+                    return;
+                }
+            }
+            _ => {
+                self.settled = Some((log.admin_completed, Instant::now()));
+                return;
+            }
+        }
+        if let Err(e) = engine.enter(vm) {
+            tracing::error!("entering continuous shadow mode: {e}");
+            eprintln!("ferry: continuous shadow mode not entered: {e}");
+            self.shadow_error = Some(e.to_string());
+        }
     }
 
     /// The configuration log the admin mediation kept.
@@ -121,8 +286,13 @@ impl PassthroughSession {
 
     /// Detaches (the device resets) and stops a device this process started.
     pub fn finish(mut self, vm: &Vm) {
+        // The engine stops its poller when the last reference goes.
+        self.engine.take();
         if let Some(a) = self.attachment.take() {
-            a.detach(vm.memory_slots());
+            match Arc::try_unwrap(a) {
+                Ok(a) => a.detach(vm.memory_slots()),
+                Err(_) => tracing::warn!("the attachment is still shared; not detaching"),
+            }
         }
         if let Some(mut c) = self.child.take() {
             c.stop();

@@ -51,6 +51,10 @@ pub struct SessionSpec {
     pub passthrough: Option<crate::nvme_args::PassthroughSource>,
     /// Attach a virtual RDMA device served by this host's port and multiplexer.
     pub vrdma: Option<Arc<crate::vrdma_host::VrdmaHost>>,
+    /// Shadow the passthrough device's rings all the time (not only while migrating).
+    pub shadow_continuous: bool,
+    /// Options of the shadow engine.
+    pub shadow: shadow::EngineOptions,
 }
 
 impl SessionSpec {
@@ -133,6 +137,8 @@ pub struct SessionReport {
     /// The virtual RDMA device's and the multiplexer's counters for this VM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vrdma: Option<crate::vrdma_host::VmVrdmaReport>,
+    /// The shadow engine at the end (positions, counters, mapped doorbell pages).
+    pub shadow: Option<shadow::EngineStatus>,
     /// Last console lines.
     #[serde(skip)]
     pub console_tail: Vec<String>,
@@ -205,7 +211,7 @@ pub fn run(
     let device = spec
         .passthrough
         .as_ref()
-        .map(|p| PassthroughSession::start(p, &vm))
+        .map(|p| PassthroughSession::start(p, &vm, spec.shadow_continuous, spec.shadow))
         .transpose()?;
     let vrdma = spec.vrdma.as_ref().map(|h| h.attach(&vm)).transpose()?;
     vm.boot(&boot.image, boot.workload, boot.args)
@@ -231,7 +237,7 @@ pub fn supervise(
     process_start: Instant,
     signals: &SignalState,
     incoming: Option<ReceiveReport>,
-    device: Option<PassthroughSession>,
+    mut device: Option<PassthroughSession>,
 ) -> Result<SessionReport> {
     let started = Instant::now();
     let mut first_instruction = None;
@@ -250,6 +256,9 @@ pub fn supervise(
             break o;
         }
         let now = started.elapsed();
+        if let Some(d) = &mut device {
+            d.tick(&vm);
+        }
         if first_instruction.is_none() {
             first_instruction = vm.lifecycle().event_time(Event::Booted);
         }
@@ -303,15 +312,6 @@ pub fn supervise(
             let mut stop = None;
             while let Ok(p) = api.requests.try_recv() {
                 match p.request {
-                    Request::Migrate(_) if device.is_some() => {
-                        let why = "the VM has a passthrough device, and live migration with \
-                                   passthrough devices needs the shadow engine, which this \
-                                   build does not enable yet";
-                        failed_migrations.push(why.to_string());
-                        let _ = p
-                            .reply
-                            .send(Response::err(format!("cannot migrate this VM: {why}")));
-                    }
                     Request::Migrate(m) => {
                         let opts = SourceOptions {
                             downtime: Duration::from_millis(m.downtime_ms),
@@ -321,9 +321,24 @@ pub fn supervise(
                             ..Default::default()
                         };
                         let reply = p.reply.clone();
-                        let result = migration::migrate(&vm, &mut [], &m.to, &opts, &mut |prog| {
-                            let _ = reply.send(Response::Progress(prog.clone()));
-                        });
+                        let mut devices: Vec<Box<dyn migration::MigratableDevice>> = device
+                            .as_ref()
+                            .and_then(|d| d.engine())
+                            .map(|e| {
+                                Box::new(shadow::engine::device::ShadowedDevice::new(
+                                    e.clone(),
+                                    "nvme0",
+                                    m.unsafe_no_shadow,
+                                ))
+                                    as Box<dyn migration::MigratableDevice>
+                            })
+                            .into_iter()
+                            .collect();
+                        let result =
+                            migration::migrate(&vm, &mut devices, &m.to, &opts, &mut |prog| {
+                                let _ = reply.send(Response::Progress(prog.clone()));
+                            });
+                        drop(devices);
                         match result {
                             Ok(report) => {
                                 eprintln!(
@@ -357,6 +372,11 @@ pub fn supervise(
                             "uptime_ms": ms(started.elapsed()),
                             "progress": vm.mailbox().progress().unwrap_or(0),
                             "ram_bytes": vm.ram().size(),
+                            "shadow": device.as_ref().and_then(|d| d.shadow_status()),
+                            "io_queues": device
+                                .as_ref()
+                                .and_then(|d| d.config_log())
+                                .map(|l| l.io_sqs.len()),
                         })));
                     }
                     Request::MemoryHash => {
@@ -403,6 +423,7 @@ pub fn supervise(
         VmOutcome::Failed(_) => ("failed", None),
     };
     let config_log = device.as_ref().and_then(|d| d.config_log());
+    let shadow = device.as_ref().and_then(|d| d.shadow_status());
     if let Some(d) = device {
         d.finish(&vm);
     }
@@ -423,6 +444,7 @@ pub fn supervise(
         signal,
         config_log,
         vrdma: None,
+        shadow,
         console_tail: vm.console_tail().lines(),
     })
 }

@@ -230,7 +230,7 @@ fn run(
     vm.restore_state(&state)?;
     for (name, blob) in &devices {
         restorer
-            .restore(name, blob)
+            .restore(&vm, name, blob)
             .map_err(|reason| MigrationError::Device {
                 name: name.clone(),
                 reason,

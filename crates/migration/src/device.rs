@@ -8,29 +8,29 @@ pub trait MigratableDevice: Send {
     /// Name, unique within the VM (sent with its state).
     fn name(&self) -> String;
     /// Called before the first memory round (e.g. to start tracking what the device writes).
-    fn prepare(&mut self) -> Result<(), String>;
+    fn prepare(&mut self, vm: &vmm::Vm) -> Result<(), String>;
     /// Guest-physical pages the device wrote since the last call: these are invisible to
     /// KVM's dirty log, so migration sends them with the round.
     fn take_dirty_pages(&mut self) -> Vec<u64>;
     /// The vCPUs are paused: quiesce the device (finish or drain in-flight work).
-    fn pause(&mut self) -> Result<(), String>;
+    fn pause(&mut self, vm: &vmm::Vm) -> Result<(), String>;
     /// The device's state for the destination (after `pause`).
     fn save(&mut self) -> Result<Vec<u8>, String>;
     /// The migration failed: undo `prepare`/`pause`; the VM keeps running here.
-    fn rollback(&mut self);
+    fn rollback(&mut self, vm: &vmm::Vm);
 }
 
 /// Rebuilds devices on the destination from their saved state.
 pub trait DeviceRestorer {
-    /// Restores device `name` from `state` before the VM resumes.
-    fn restore(&mut self, name: &str, state: &[u8]) -> Result<(), String>;
+    /// Restores device `name` from `state` into `vm` (built, state restored, not started yet).
+    fn restore(&mut self, vm: &vmm::Vm, name: &str, state: &[u8]) -> Result<(), String>;
 }
 
 /// A destination with no external devices: any device state is refused.
 pub struct NoDevices;
 
 impl DeviceRestorer for NoDevices {
-    fn restore(&mut self, name: &str, _state: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _vm: &vmm::Vm, name: &str, _state: &[u8]) -> Result<(), String> {
         Err(format!("this destination has no device called {name}"))
     }
 }

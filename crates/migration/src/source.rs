@@ -256,7 +256,7 @@ pub fn migrate(
             let e = explain(e, &mut reader);
             tracing::warn!("migration to {to} failed: {e}; the VM keeps running here");
             for &i in &prepared {
-                devices[i].rollback();
+                devices[i].rollback(vm);
             }
             if paused {
                 if let Err(re) = vm.resume() {
@@ -313,7 +313,7 @@ fn run(
     tx.send(Kind::Config, &cfg)?;
 
     for (i, d) in devices.iter_mut().enumerate() {
-        d.prepare().map_err(|reason| MigrationError::Device {
+        d.prepare(vm).map_err(|reason| MigrationError::Device {
             name: d.name(),
             reason,
         })?;
@@ -395,7 +395,7 @@ fn run(
     prog.phase = "switchover".into();
     progress(&prog);
     for d in devices.iter_mut() {
-        d.pause().map_err(|reason| MigrationError::Device {
+        d.pause(vm).map_err(|reason| MigrationError::Device {
             name: d.name(),
             reason,
         })?;

@@ -66,7 +66,9 @@ pub struct Attachment {
     bar0_gpa: u64,
     bar0_size: u64,
     dstrd: u8,
-    areas: Vec<MappedArea>,
+    areas: Arc<Vec<MappedArea>>,
+    proxy: crate::bar::ProxySlot,
+    hook: crate::bar::HookSlot,
     doorbell_slots: Mutex<BTreeMap<u64, u32>>,
     remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
     irqs: Arc<Vec<EventFd>>,
@@ -147,6 +149,8 @@ impl Attachment {
             msix_cap.and_then(|(_, table)| table),
         )));
         let mediator = Arc::new(Mutex::new(AdminMediator::default()));
+        let proxy: crate::bar::ProxySlot = Arc::new(Mutex::new(None));
+        let hook: crate::bar::HookSlot = Arc::new(Mutex::new(None));
         let trap = Bar0Trap::new(
             conn.clone(),
             mediator.clone(),
@@ -154,6 +158,10 @@ impl Attachment {
             dstrd,
             vm.lifecycle().clone(),
             msix.clone(),
+            crate::bar::Routes {
+                proxy: proxy.clone(),
+                hook: hook.clone(),
+            },
         );
         vm.mmio_bus()
             .insert(opts.bar0_gpa, bar0_size, Arc::new(Mutex::new(trap)))
@@ -172,7 +180,7 @@ impl Attachment {
             .add(1, Arc::new(Mutex::new(pci)))
             .map_err(vmm_err("adding the PCI function"))?;
 
-        let areas = conn.map_sparse(0)?;
+        let areas = Arc::new(conn.map_sparse(0)?);
         let mut a = Attachment {
             conn: conn.clone(),
             mediator,
@@ -181,6 +189,8 @@ impl Attachment {
             bar0_size,
             dstrd,
             areas,
+            proxy,
+            hook,
             doorbell_slots: Mutex::new(BTreeMap::new()),
             remaps: Mutex::new(BTreeMap::new()),
             irqs,
@@ -282,6 +292,120 @@ impl Attachment {
     /// True once the device stopped answering.
     pub fn is_lost(&self) -> bool {
         self.conn.is_lost()
+    }
+
+    /// Host address of the device's own (mmapped) BAR0 page at `bar_offset`, where its
+    /// doorbells live: the shadow engine reads the guest's last values there and rings the
+    /// device there. None when the page is not mappable.
+    pub fn device_page(&self, bar_offset: u64) -> Option<u64> {
+        self.host_of_bar_page(bar_offset)
+    }
+
+    /// Routes trapped I/O doorbell writes to `hook` (the shadow engine's trap mode), or back
+    /// to the device (None).
+    pub fn set_doorbell_hook(&self, hook: Option<crate::bar::DoorbellHook>) {
+        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    /// The guest's admin queue positions as the mediation follows them (SQ tail, CQ head), and
+    /// the admin commands still pending.
+    pub fn admin_positions(&self) -> (u32, u32, usize) {
+        let m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, c) = m.positions();
+        (s, c, m.pending())
+    }
+
+    /// Migration destination: resets the device, enables it with a hypervisor admin queue in
+    /// host memory at `iova` (outside guest RAM), replays `log` (features, I/O queues at the
+    /// guest's addresses), takes the log over, and serves the guest's admin queue from then on.
+    pub fn replay(&self, log: &ConfigLog, guest_admin: (u32, u32), iova: u64) -> Result<()> {
+        if self.ram.contains(iova, 1) {
+            return Err(Error::Hook {
+                name: self.conn.name.clone(),
+                reason: format!("admin IOVA {iova:#x} is inside guest RAM"),
+            });
+        }
+        let proxy = crate::replay::replay(
+            self.conn.clone(),
+            self.areas.clone(),
+            self.ram.clone(),
+            log,
+            guest_admin,
+            iova,
+        )?;
+        self.mediator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .adopt(log.clone(), guest_admin.0, guest_admin.1);
+        *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = Some(proxy);
+        Ok(())
+    }
+
+    /// Live exit from a remap, step 1: removes the slot that backs the remapped range at
+    /// `gpa` with hypervisor memory, leaving the range unbacked (guest accesses exit as MMIO)
+    /// and every other slot untouched, so the vCPUs may keep running. Returns the size.
+    pub fn unback_remapped(&self, slots: &MemorySlots, gpa: u64) -> Result<u64> {
+        let hook_err = |reason: String| Error::Hook {
+            name: self.conn.name.clone(),
+            reason,
+        };
+        let (size, host) = *self
+            .remaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&gpa)
+            .ok_or_else(|| hook_err(format!("no remap at {gpa:#x}")))?;
+        let (slot, _) = slots
+            .list()
+            .into_iter()
+            .find(|(_, i)| i.gpa == gpa && i.size == size && i.host == host)
+            .ok_or_else(|| hook_err(format!("no slot backs the remap at {gpa:#x}")))?;
+        slots.remove(slot).map_err(|source| Error::Vmm {
+            name: self.conn.name.clone(),
+            what: format!("removing memory slot {slot}"),
+            source,
+        })?;
+        Ok(size)
+    }
+
+    /// Live exit from a remap, step 2: backs the range [`Attachment::unback_remapped`] left
+    /// unbacked with the VM's RAM again (a slot of its own) and forgets the remap.
+    pub fn back_with_ram(&self, slots: &MemorySlots, gpa: u64) -> Result<()> {
+        let hook_err = |reason: String| Error::Hook {
+            name: self.conn.name.clone(),
+            reason,
+        };
+        let mut remaps = self.remaps.lock().unwrap_or_else(|e| e.into_inner());
+        let (size, _) = *remaps
+            .get(&gpa)
+            .ok_or_else(|| hook_err(format!("no remap at {gpa:#x}")))?;
+        let region = self
+            .ram_region(gpa, size)
+            .ok_or_else(|| hook_err(format!("{gpa:#x}+{size:#x} is not RAM")))?;
+        let host = self
+            .ram
+            .host_address(&region)
+            .map_err(|source| Error::Vmm {
+                name: self.conn.name.clone(),
+                what: "locating guest RAM".into(),
+                source,
+            })? as u64
+            + (gpa - region.gpa);
+        // SAFETY: inside the VM's RAM mapping, which lives as long as the VM.
+        unsafe { slots.add(gpa, size, host, SlotKind::Ram, false) }.map_err(|source| {
+            Error::Vmm {
+                name: self.conn.name.clone(),
+                what: format!("adding memory slot {gpa:#x}+{size:#x}"),
+                source,
+            }
+        })?;
+        remaps.remove(&gpa);
+        Ok(())
+    }
+
+    /// The guest RAM the device reaches by DMA (IOVA == GPA).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
     }
 
     fn host_of_bar_page(&self, off: u64) -> Option<u64> {

@@ -5,7 +5,26 @@ use std::sync::{Arc, Mutex};
 use nvme_spec::regs;
 use vmm::{bus::BusDevice, lifecycle::Lifecycle, memory::GuestRam, VmOutcome};
 
-use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter};
+use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter, replay::AdminProxy};
+
+/// Takes an I/O queue's doorbell write (queue id, CQ head?, value) that exited; returns true
+/// when it consumed it (the write then does not reach the device).
+pub type DoorbellHook = Arc<dyn Fn(u16, bool, u32) -> bool + Send + Sync>;
+
+/// The doorbell hook slot shared by the attachment and the trap.
+pub type HookSlot = Arc<Mutex<Option<DoorbellHook>>>;
+
+/// The admin proxy slot shared by the attachment and the trap.
+pub type ProxySlot = Arc<Mutex<Option<AdminProxy>>>;
+
+/// Where trapped doorbell writes may be routed instead of the device.
+#[derive(Clone, Default)]
+pub struct Routes {
+    /// The guest admin queue proxy (migration destination).
+    pub proxy: ProxySlot,
+    /// The shadow engine's trap-mode hook.
+    pub hook: HookSlot,
+}
 
 /// The MMIO handler of BAR0.
 pub struct Bar0Trap {
@@ -15,6 +34,8 @@ pub struct Bar0Trap {
     dstrd: u8,
     lifecycle: Arc<Lifecycle>,
     msix: Arc<Mutex<MsixRouter>>,
+    proxy: ProxySlot,
+    hook: HookSlot,
 }
 
 impl Bar0Trap {
@@ -26,6 +47,7 @@ impl Bar0Trap {
         dstrd: u8,
         lifecycle: Arc<Lifecycle>,
         msix: Arc<Mutex<MsixRouter>>,
+        routes: Routes,
     ) -> Self {
         Bar0Trap {
             conn,
@@ -34,6 +56,8 @@ impl Bar0Trap {
             dstrd,
             lifecycle,
             msix,
+            proxy: routes.proxy,
+            hook: routes.hook,
         }
     }
 
@@ -86,6 +110,12 @@ impl BusDevice for Bar0Trap {
                         .sq_tail_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
+                    let mut proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(p) = proxy.as_mut() {
+                        // The device's admin queue is the hypervisor's: serve the guest's.
+                        p.on_sq_tail(v);
+                        return;
+                    }
                 }
                 Some((0, true)) => {
                     let ram = &self.ram;
@@ -95,8 +125,22 @@ impl BusDevice for Bar0Trap {
                         .cq_head_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
+                    if self
+                        .proxy
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_some()
+                    {
+                        return; // the proxy consumes the device's completions itself
+                    }
                 }
-                _ => {}
+                Some((qid, is_cq)) => {
+                    let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if hook.is_some_and(|h| h(qid, is_cq, v)) {
+                        return;
+                    }
+                }
+                None => {}
             }
         }
         if let Err(e) = self.conn.region_write(0, offset, data) {

@@ -9,17 +9,18 @@
 use std::collections::BTreeMap;
 
 use nvme_spec::{
-    opcode::admin,
+    identify,
+    opcode::{admin, cns},
     regs::{self, aqa, cc},
     Cqe, Sqe,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// History entries kept (oldest dropped first).
 pub const HISTORY: usize = 256;
 
 /// A live I/O completion queue.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CqConfig {
     /// Guest-physical base.
     pub base: u64,
@@ -32,7 +33,7 @@ pub struct CqConfig {
 }
 
 /// A live I/O submission queue.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SqConfig {
     /// Guest-physical base.
     pub base: u64,
@@ -45,7 +46,7 @@ pub struct SqConfig {
 }
 
 /// One admin command as the VMM saw it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AdminRecord {
     /// Opcode.
     pub opcode: u8,
@@ -61,8 +62,17 @@ pub struct AdminRecord {
     pub result: u32,
 }
 
+/// What the guest learned about a namespace (from the Identify Namespace data it read).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    /// Logical block size in bytes (from FLBAS and its LBA format).
+    pub block_size: u32,
+    /// Size in blocks (NSZE).
+    pub blocks: u64,
+}
+
 /// The configuration log.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConfigLog {
     /// Last CC written.
     pub cc: u32,
@@ -86,6 +96,11 @@ pub struct ConfigLog {
     pub io_cqs: BTreeMap<u16, CqConfig>,
     /// Live I/O submission queues.
     pub io_sqs: BTreeMap<u16, SqConfig>,
+    /// Namespaces the guest identified (read from the Identify data when the guest consumed
+    /// the completion): the shadow engine's validator needs the block size.
+    pub namespaces: BTreeMap<u32, NamespaceInfo>,
+    /// MDTS from the Identify Controller data the guest read (None until it did).
+    pub mdts: Option<u8>,
     /// Admin commands submitted.
     pub admin_submitted: u64,
     /// Admin commands completed.
@@ -155,6 +170,33 @@ impl AdminMediator {
 
     fn reg64(&self, off: u64) -> u64 {
         self.reg32(off) as u64 | (self.reg32(off + 4) as u64) << 32
+    }
+
+    /// The guest's admin queue positions the mediation follows: (SQ tail read up to, CQ head).
+    pub fn positions(&self) -> (u32, u32) {
+        (self.sq_tail, self.cq_head)
+    }
+
+    /// Takes over a log and positions from another host (migration destination): the
+    /// registers the guest programmed, the queues, and where the admin queue stands.
+    pub fn adopt(&mut self, log: ConfigLog, sq_tail: u32, cq_head: u32) {
+        let put = |regs: &mut [u8; 0x40], off: u64, b: &[u8]| {
+            regs[off as usize..off as usize + b.len()].copy_from_slice(b);
+        };
+        put(&mut self.regs, regs::CC, &log.cc.to_le_bytes());
+        put(&mut self.regs, regs::AQA, &log.aqa.to_le_bytes());
+        put(&mut self.regs, regs::ASQ, &log.asq.to_le_bytes());
+        put(&mut self.regs, regs::ACQ, &log.acq.to_le_bytes());
+        self.enabled = log.cc & cc::EN != 0;
+        self.sq_tail = sq_tail;
+        self.cq_head = cq_head;
+        self.pending.clear();
+        self.log = log;
+    }
+
+    /// Admin commands submitted and not completed yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
     }
 
     /// A guest write to the register page (before it is forwarded).
@@ -255,7 +297,7 @@ impl AdminMediator {
         while j != head && n < entries {
             let mut raw = [0u8; 16];
             if read(self.log.acq.wrapping_add(j as u64 * 16), &mut raw) {
-                self.complete(Cqe::from_bytes(&raw));
+                self.complete(Cqe::from_bytes(&raw), &mut read);
             } else {
                 self.log.anomalies += 1;
             }
@@ -265,7 +307,7 @@ impl AdminMediator {
         self.cq_head = head;
     }
 
-    fn complete(&mut self, cqe: Cqe) {
+    fn complete(&mut self, cqe: Cqe, read: &mut impl FnMut(u64, &mut [u8]) -> bool) {
         let Some(sqe) = self.pending.remove(&cqe.cid()) else {
             self.log.anomalies += 1;
             return;
@@ -311,6 +353,7 @@ impl AdminMediator {
                     },
                 );
             }
+            admin::IDENTIFY => self.identified(&sqe, read),
             admin::DELETE_SQ => {
                 self.log.io_sqs.remove(&qid);
             }
@@ -324,6 +367,46 @@ impl AdminMediator {
                     self.log.queues_granted = Some(cqe.result());
                 }
             }
+            _ => {}
+        }
+    }
+}
+
+impl AdminMediator {
+    /// A successful Identify: the data is in the guest's PRP1 page (the guest consumed the
+    /// completion, so it has read it). Only the fields the shadow engine needs are kept, and
+    /// only when they make sense.
+    fn identified(&mut self, sqe: &Sqe, read: &mut impl FnMut(u64, &mut [u8]) -> bool) {
+        let prp1 = sqe.prp1();
+        if !prp1.is_multiple_of(4096) {
+            return; // the data may straddle pages; not worth following a PRP2 for two fields
+        }
+        let mut page = vec![0u8; identify::SIZE];
+        if !read(prp1, &mut page) {
+            self.log.anomalies += 1;
+            return;
+        }
+        match sqe.cdw(10) as u8 {
+            cns::NAMESPACE => {
+                let flbas = (page[identify::ns::FLBAS] & 0xf) as usize;
+                let block_size = identify::lba_size(&page, flbas);
+                let blocks = identify::get_u64(&page, identify::ns::NSZE);
+                if block_size == 0 || blocks == 0 || sqe.nsid() == 0 || sqe.nsid() == u32::MAX {
+                    self.log.anomalies += 1;
+                    return;
+                }
+                if self.log.namespaces.len() < 1024 || self.log.namespaces.contains_key(&sqe.nsid())
+                {
+                    self.log.namespaces.insert(
+                        sqe.nsid(),
+                        NamespaceInfo {
+                            block_size: block_size as u32,
+                            blocks,
+                        },
+                    );
+                }
+            }
+            cns::CONTROLLER => self.log.mdts = Some(page[identify::ctrl::MDTS]),
             _ => {}
         }
     }
@@ -407,6 +490,48 @@ mod tests {
         m.register_write(regs::CC, &0u32.to_le_bytes());
         assert!(m.log.io_cqs.is_empty() && m.log.io_sqs.is_empty());
         assert_eq!(m.log.resets, 1);
+    }
+
+    #[test]
+    fn identify_data_the_guest_read_is_recorded() {
+        let mut m = AdminMediator::default();
+        enable(&mut m);
+        let mut ram = Ram(HashMap::new());
+        let mut ns = Sqe::new(admin::IDENTIFY, 1);
+        ns.set_nsid(1)
+            .set_prps(0x50000, 0)
+            .set_cdw(10, cns::NAMESPACE as u32);
+        let mut ctrl = Sqe::new(admin::IDENTIFY, 2);
+        ctrl.set_prps(0x60000, 0)
+            .set_cdw(10, cns::CONTROLLER as u32);
+        ram.0.insert(0x10000, ns.to_bytes().to_vec());
+        ram.0.insert(0x10040, ctrl.to_bytes().to_vec());
+        let mut page = vec![0u8; 4096];
+        page[identify::ns::NSZE..identify::ns::NSZE + 8].copy_from_slice(&1000u64.to_le_bytes());
+        page[identify::ns::FLBAS] = 1;
+        page[identify::ns::LBAF0 + 4 + 2] = 12; // format 1: 4 KiB
+        ram.0.insert(0x50000, page);
+        let mut page = vec![0u8; 4096];
+        page[identify::ctrl::MDTS] = 5;
+        ram.0.insert(0x60000, page);
+        m.sq_tail_write(2, |a, b| ram.read(a, b));
+        for (i, cid) in [(0u64, 1u16), (1, 2)] {
+            ram.0.insert(
+                0x20000 + i * 16,
+                Cqe::new(0, 2, 0, cid, Status::SUCCESS, true)
+                    .to_bytes()
+                    .to_vec(),
+            );
+        }
+        m.cq_head_write(2, |a, b| ram.read(a, b));
+        assert_eq!(
+            m.log.namespaces[&1],
+            NamespaceInfo {
+                block_size: 4096,
+                blocks: 1000
+            }
+        );
+        assert_eq!(m.log.mdts, Some(5));
     }
 
     #[test]

@@ -25,11 +25,11 @@ use crate::{
 /// IOVA of the client's DMA memory.
 pub const IOVA_BASE: u64 = 0x1_0000_0000;
 
-struct HostPlatform {
-    conn: Arc<Connection>,
-    doorbells: Arc<Vec<MappedArea>>,
-    start: Instant,
-    failed: bool,
+pub(crate) struct HostPlatform {
+    pub(crate) conn: Arc<Connection>,
+    pub(crate) doorbells: Arc<Vec<MappedArea>>,
+    pub(crate) start: Instant,
+    pub(crate) failed: bool,
 }
 
 impl Platform for HostPlatform {
@@ -72,15 +72,25 @@ impl Platform for HostPlatform {
 }
 
 /// Memory the client owns and the device reaches by DMA.
-struct DmaMemory {
+pub(crate) struct DmaMemory {
     host: *mut u8,
     size: u64,
     next: u64,
-    _file: File,
+    iova: u64,
+    pub(crate) _file: File,
 }
 
+// SAFETY: the mapping is owned by this value; the device and the owner share it as DMA
+// memory.
+unsafe impl Send for DmaMemory {}
+
 impl DmaMemory {
-    fn new(size: u64) -> Result<Self> {
+    pub(crate) fn new(size: u64) -> Result<Self> {
+        Self::at(size, IOVA_BASE)
+    }
+
+    /// DMA memory the device will see at `iova`.
+    pub(crate) fn at(size: u64, iova: u64) -> Result<Self> {
         let os = |what: &str| {
             let what = what.to_string();
             move |source| Error::Os { what, source }
@@ -111,12 +121,13 @@ impl DmaMemory {
             host: p.cast(),
             size,
             next: 0,
+            iova,
             _file: file,
         })
     }
 
     /// `pages` zeroed pages: (host pointer, IOVA).
-    fn alloc(&mut self, pages: u64) -> Option<(*mut u8, u64)> {
+    pub(crate) fn alloc(&mut self, pages: u64) -> Option<(*mut u8, u64)> {
         let len = pages * 4096;
         if self.next + len > self.size {
             return None;
@@ -124,7 +135,7 @@ impl DmaMemory {
         let off = self.next;
         self.next += len;
         // SAFETY: inside the mapping.
-        Some((unsafe { self.host.add(off as usize) }, IOVA_BASE + off))
+        Some((unsafe { self.host.add(off as usize) }, self.iova + off))
     }
 }
 
@@ -197,7 +208,7 @@ impl HostClient {
     pub fn connect(socket: &Path, mem_size: u64, queues: u16, depth: u16) -> Result<Self> {
         let conn = Arc::new(Connection::connect("host-client", socket)?);
         let mut mem = DmaMemory::new(mem_size)?;
-        conn.dma_map(0, IOVA_BASE, mem_size, &mem._file)?;
+        conn.dma_map(0, mem.iova, mem_size, &mem._file)?;
         let doorbells = Arc::new(conn.map_sparse(0)?);
         let platform = HostPlatform {
             conn: conn.clone(),

@@ -10,7 +10,8 @@
 //! - [`msix`]: MSI-X table and enable bits → KVM MSI routes and irqfds;
 //! - [`hooks`]: [`DeviceHooks`], the three hooks the shadow engine needs;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
-//! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay).
+//! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
+//! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy.
 #![deny(missing_docs)]
 
 pub mod attach;
@@ -22,6 +23,7 @@ pub mod hooks;
 pub mod host_client;
 pub mod msix;
 pub mod pci;
+pub mod replay;
 
 pub use attach::{AttachOptions, Attachment};
 pub use config_log::ConfigLog;

@@ -51,6 +51,13 @@ pub fn run(p: &BootParams) -> u32 {
         );
         return status::NVME_INIT_FAILED;
     }
+    // Optional settle time (`--duration`): lets a hypervisor start shadowing the I/O queue
+    // before the malformed commands arrive.
+    let settle = p.args.duration_ms.saturating_mul(clock::ticks_per_ms());
+    let t0 = clock::rdtsc();
+    while clock::rdtsc().wrapping_sub(t0) < settle {
+        core::hint::spin_loop();
+    }
     let (Some(buf), Some(list)) = (arena.alloc(4 * 4096), arena.alloc(4096)) else {
         return status::BAD_PARAMS;
     };

@@ -39,20 +39,23 @@ struct DemoReport {
     migration: Option<MigrationReport>,
     destination: Option<serde_json::Value>,
     write_rate_per_s: f64,
-    nvme: SessionReport,
-    nvme_result: Option<String>,
+    nvme: super::demo_nvme::NvmeMigration,
     vrdma: super::demo_vrdma::VrdmaDemo,
 }
 
 /// A `ferry receive` child process whose console lines are echoed with a prefix and whose
 /// JSON summary (its last stdout line) is collected.
-struct Destination {
+pub(crate) struct Destination {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     summary: mpsc::Receiver<serde_json::Value>,
 }
 
-fn start_destination(echo: bool, verify_after: Duration) -> anyhow::Result<Destination> {
+pub(crate) fn start_destination(
+    echo: bool,
+    verify_after: Duration,
+    extra: &[&std::ffi::OsStr],
+) -> anyhow::Result<Destination> {
     let exe = std::env::current_exe().context("locating the ferry binary")?;
     let mut child = Command::new(exe)
         .args([
@@ -64,6 +67,7 @@ fn start_destination(echo: bool, verify_after: Duration) -> anyhow::Result<Desti
         ])
         .args(["--accept-timeout", "60s", "--timeout", "120s"])
         .args(["--verify-after", &format!("{}ms", verify_after.as_millis())])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -142,7 +146,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
 
     // 2 + 3. dirty, verified, state round trip, then live migration to a second process
     let duration = args.duration.max(Duration::from_secs(3));
-    let dest = start_destination(echo, Duration::ZERO)?;
+    let dest = start_destination(echo, Duration::ZERO, &[])?;
     let api_path = std::env::temp_dir().join(format!("ferry-demo-{}.sock", std::process::id()));
     let spec = SessionSpec {
         roundtrip_after: Some(duration / 5),
@@ -179,14 +183,9 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     };
     let destination = finish_destination(dest, migration.is_some());
 
-    // 4. a passthrough NVMe device over vfio-user, verified I/O from the guest
-    let nvme = super::demo_nvme::run(&base.console, &base.console_prefix, &signals)
-        .context("passthrough NVMe run")?;
-    let nvme_result = nvme
-        .console_tail
-        .iter()
-        .find(|l| l.contains("nvme-verify: result "))
-        .cloned();
+    // 4. a VM with a passthrough NVMe device, live-migrated while nvme-verify runs
+    let nvme = super::demo_nvme::run(&base.console, &base.console_prefix, echo, &signals)
+        .context("passthrough NVMe migration")?;
 
     // 5. virtual RDMA: two hosts, a VM on each, connected through both multiplexers
     let vrdma = super::demo_vrdma::run().context("virtual RDMA phase")?;
@@ -207,7 +206,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         && source.roundtrip.is_some()
         && source.outcome == "migrated"
         && dest_ok
-        && nvme.status == Some(0)
+        && nvme.pass()
         && vrdma.pass;
     let total_writes = destination
         .as_ref()
@@ -224,7 +223,6 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         destination,
         write_rate_per_s: total_writes as f64 / duration.as_secs_f64(),
         nvme,
-        nvme_result,
         vrdma,
     };
     if args.json {
@@ -235,7 +233,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     Ok(if pass { 0 } else { 1 })
 }
 
-fn migrate_later(
+pub(crate) fn migrate_later(
     api_path: PathBuf,
     to: String,
     after: Duration,
@@ -247,6 +245,7 @@ fn migrate_later(
         max_rounds: 30,
         on_limit: migration::LimitPolicy::Finish,
         debug_hash: true,
+        unsafe_no_shadow: false,
     });
     match api::call(&api_path, &request, |_| {})? {
         Response::Result {
@@ -259,7 +258,10 @@ fn migrate_later(
     }
 }
 
-fn finish_destination(mut dest: Destination, migrated: bool) -> Option<serde_json::Value> {
+pub(crate) fn finish_destination(
+    mut dest: Destination,
+    migrated: bool,
+) -> Option<serde_json::Value> {
     if !migrated {
         let _ = dest.child.kill();
         let _ = dest.child.wait();
@@ -350,7 +352,7 @@ fn print_report(r: &DemoReport) {
         }
         None => println!("  destination   FAILED (no report)"),
     }
-    super::demo_nvme::print(&r.nvme, r.nvme_result.as_deref());
+    super::demo_nvme::print(&r.nvme);
     super::demo_vrdma::print(&r.vrdma);
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",

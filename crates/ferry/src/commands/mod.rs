@@ -3,6 +3,7 @@ pub mod bench;
 pub mod bench_migrate;
 pub mod bench_nvme;
 pub mod bench_rdma;
+pub mod bench_shadow;
 pub mod bench_vrdma;
 pub mod demo;
 mod demo_nvme;

@@ -5,12 +5,13 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use migration::{DestinationOptions, NoDevices};
+use migration::DestinationOptions;
 
 use crate::{
     api,
     cli::ReceiveArgs,
     commands::run::{console_sink, print_report},
+    nvme_session::{NvmeRestorer, PassthroughSession},
     session::{self, SessionSpec},
     signals::{self, SignalState},
 };
@@ -24,6 +25,8 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         "ferry: waiting for a migration on {}",
         listener.local_addr()?
     );
+    // The destination's own device (if any) starts now, not during the switchover.
+    let mut restorer = NvmeRestorer::new(args.nvme.source()?, args.nvme.engine_options())?;
     let waited = Instant::now();
     let stream = loop {
         match listener.accept() {
@@ -58,12 +61,14 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         api_socket: args.api_socket.clone(),
         passthrough: None,
         vrdma: None,
+        shadow_continuous: false,
+        shadow: args.nvme.engine_options(),
     };
     let opts = DestinationOptions {
         debug_hash: args.debug_hash,
         ..Default::default()
     };
-    let incoming = match migration::receive(stream, &spec.vm_config(), &opts, &mut NoDevices) {
+    let incoming = match migration::receive(stream, &spec.vm_config(), &opts, &mut restorer) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("ferry: incoming migration failed; no VM runs here: {e}");
@@ -89,6 +94,30 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         memory: r.ram_bytes,
         ..spec
     };
+    let device = match restorer.engine.take() {
+        Some(engine) => {
+            // The VM runs; the device's queues start from zero: re-align them with fillers
+            // the guest never sees, then leave shadow mode, all without pausing the VM.
+            let t0 = Instant::now();
+            let fillers = engine
+                .realign()
+                .context("re-aligning the device's queues")?;
+            engine
+                .leave_live(&incoming.vm)
+                .context("leaving shadow mode on the destination")?;
+            eprintln!(
+                "ferry: passthrough nvme0 rebuilt here, re-aligned with {fillers} filler(s), \
+                 direct again after {:.1} ms without pausing the VM",
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+            Some(PassthroughSession::with_engine(
+                engine,
+                restorer.child.take(),
+                false,
+            ))
+        }
+        None => None,
+    };
     let api = spec.api_socket.as_deref().map(api::serve).transpose()?;
     let report = session::supervise(
         incoming.vm,
@@ -97,7 +126,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         process_start,
         &signals,
         Some(incoming.report),
-        None,
+        device,
     )?;
     print_report(&report, args.json)?;
     Ok(report.exit_code())

@@ -86,6 +86,8 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         api_socket: args.api_socket,
         passthrough: args.guest.nvme.source()?,
         vrdma: host.clone(),
+        shadow_continuous: args.guest.nvme.shadow == "continuous",
+        shadow: args.guest.nvme.engine_options(),
     };
     let report = session::run(&boot, &spec, process_start, &signals)?;
     if let (Some(h), Some(v)) = (&host, &report.vrdma) {

@@ -1,0 +1,348 @@
+//! `ferry bench shadow`: what shadowing costs.
+//!
+//! 1. Guest IOPS (4 KiB random reads, one queue) in direct mode against continuous shadow mode
+//!    with poll-mode and trap-mode doorbells, at each queue depth, as ratios to direct. Each
+//!    run is a fresh VM and device process; the guest reports IOPS every 250 ms and the
+//!    intervals from 0.5 s on count (continuous shadow mode starts once the guest's queues
+//!    exist), so every counted interval ran entirely in the mode measured.
+//! 2. Live migration over loopback of a VM under load, with and without a passthrough device:
+//!    the same RAM size, `nvme-verify` (4 queues, QD 32, 4 KiB random reads and writes) on the
+//!    device against the `dirty` workload without one. Downtime and total time, medians.
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use guest_abi::{
+    params::{NvmeArgs, NVME_NO_FINAL_VERIFY},
+    Workload, WorkloadArgs,
+};
+use migration::MigrationReport;
+use serde::Serialize;
+use shadow::{engine::Interception, EngineOptions};
+use vmm::devices::serial::ConsoleSink;
+
+use crate::{
+    api::{self, MigrateRequest, Request, Response},
+    cli::BenchShadowArgs,
+    nvme_args::{DeviceNvmeArgs, PassthroughSource},
+    session::{self, BootSpec, SessionSpec},
+    signals::SignalState,
+};
+
+#[derive(Clone, Copy, Serialize, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Direct,
+    Poll,
+    Trap,
+}
+
+#[derive(Serialize)]
+struct IopsRow {
+    qd: u32,
+    mode: Mode,
+    /// Median IOPS of the counted intervals.
+    iops: f64,
+    /// Intervals counted.
+    intervals: usize,
+    /// IOPS / direct IOPS at the same queue depth.
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct MigrationRow {
+    vm: &'static str,
+    downtime_ms: f64,
+    total_ms: f64,
+    /// Device-written pages reported to the migration, summed over rounds (a page counts
+    /// once per round it was reported in), largest over the runs.
+    device_dirty_pages: u64,
+    runs: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    iops: Vec<IopsRow>,
+    migration: Vec<MigrationRow>,
+}
+
+/// "nvme-verify: 1250 ms: 12345 I/Os, 49380 IOPS, latency ..." → (1250, 49380).
+fn interval(line: &str) -> Option<(u64, f64)> {
+    let rest = line.strip_prefix("nvme-verify: ")?;
+    let (t, rest) = rest.split_once(" ms: ")?;
+    let t: u64 = t.trim().parse().ok()?;
+    let mut prev = None;
+    for tok in rest.split_whitespace() {
+        if tok.starts_with("IOPS") {
+            return prev.map(|v| (t, v));
+        }
+        prev = tok.trim_end_matches(',').parse::<f64>().ok();
+    }
+    None
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn iops_run(
+    dir: &Path,
+    qd: u32,
+    mode: Mode,
+    seconds: u64,
+    signals: &SignalState,
+) -> anyhow::Result<(f64, usize)> {
+    let dev = DeviceNvmeArgs {
+        socket: Default::default(),
+        backing: dir.join("iops.img"),
+        size: 64 << 20,
+        block_size: 512,
+        dstrd: 9,
+        create: true,
+        once: true,
+    };
+    let boot = BootSpec {
+        image: Arc::new(guest_image::GUEST_ELF.to_vec()),
+        workload: Workload::NvmeVerify,
+        args: WorkloadArgs {
+            seed: 0x5eed + qd as u64,
+            duration_ms: seconds * 1000,
+            report_interval_ms: 250,
+            nvme: NvmeArgs {
+                queues: 1,
+                depth: qd,
+                ios: 0,
+                lba_start: 0,
+                lba_count: (64 << 20) / 512,
+                read_percent: 100,
+                flags: NVME_NO_FINAL_VERIFY,
+                io_min_bytes: 4096,
+                io_max_bytes: 4096,
+            },
+            ..Default::default()
+        },
+    };
+    let spec = SessionSpec {
+        memory: 256 << 20,
+        console: ConsoleSink::Null,
+        timeout: Some(Duration::from_secs(seconds + 120)),
+        passthrough: Some(PassthroughSource::Spawn(dev)),
+        shadow_continuous: mode != Mode::Direct,
+        shadow: EngineOptions {
+            interception: if mode == Mode::Trap {
+                Interception::Trap
+            } else {
+                Interception::Poll
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = session::run(&boot, &spec, Instant::now(), signals)?;
+    if r.status != Some(0) {
+        bail!("guest run ({mode:?}, QD {qd}) failed: {}", r.detail);
+    }
+    let shadowed = r.shadow.as_ref().is_some_and(|s| s.shadowed);
+    if shadowed != (mode != Mode::Direct) {
+        bail!("run {mode:?} at QD {qd}: shadow mode was {shadowed} at the end");
+    }
+    let v: Vec<f64> = r
+        .console_tail
+        .iter()
+        .filter_map(|l| interval(l))
+        .filter(|&(t, _)| t >= 750) // the interval [t - 250, t) starts at 0.5 s or later
+        .map(|(_, iops)| iops)
+        .collect();
+    if v.is_empty() {
+        bail!("run {mode:?} at QD {qd}: no interval reports after 0.5 s");
+    }
+    Ok((median(v.clone()), v.len()))
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(p: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("{} never appeared", p.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<MigrationReport> {
+    let exe = std::env::current_exe()?;
+    let disk = dir.join(format!("mig-{n}.img"));
+    let api_path = dir.join(format!("src-{n}.sock"));
+    let mut src = Command::new(&exe);
+    src.args([
+        "run",
+        "--memory",
+        "256M",
+        "--serial",
+        "off",
+        "--timeout",
+        "120s",
+    ])
+    .arg("--api-socket")
+    .arg(&api_path);
+    if with_device {
+        src.args(["--workload", "nvme-verify", "--duration", "30s"])
+            .args([
+                "--nvme-queues",
+                "4",
+                "--nvme-depth",
+                "32",
+                "--nvme-io-size",
+                "4K",
+            ])
+            .arg("--nvme-backing")
+            .arg(&disk);
+    } else {
+        src.args(["--workload", "dirty", "--working-set", "32M"]);
+    }
+    let _src = Proc(src.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+    let mut dst = Command::new(&exe);
+    dst.args(["receive", "--listen", "127.0.0.1:0", "--serial", "off"])
+        .args(["--accept-timeout", "60s", "--timeout", "5s"]);
+    if with_device {
+        dst.arg("--nvme-backing").arg(&disk);
+    }
+    let mut dst = Proc(dst.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
+    let mut err = BufReader::new(dst.0.stderr.take().context("destination stderr")?);
+    let mut line = String::new();
+    err.read_line(&mut line)?;
+    let to = line
+        .trim()
+        .strip_prefix("ferry: waiting for a migration on ")
+        .with_context(|| format!("unexpected destination output {line:?}"))?
+        .to_string();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while err.read_line(&mut sink).unwrap_or(0) > 0 {
+            sink.clear();
+        }
+    });
+    wait_for(&api_path)?;
+    std::thread::sleep(Duration::from_millis(1500)); // queues up, load running
+    let request = Request::Migrate(MigrateRequest {
+        to,
+        downtime_ms: 50,
+        max_rounds: 30,
+        on_limit: migration::LimitPolicy::Finish,
+        debug_hash: false,
+        unsafe_no_shadow: false,
+    });
+    let report = match api::call(&api_path, &request, |_| {})? {
+        Response::Result {
+            ok: true,
+            data: Some(d),
+            ..
+        } => serde_json::from_value(d)?,
+        Response::Result { error, .. } => bail!("migration failed: {}", error.unwrap_or_default()),
+        Response::Progress(_) => bail!("unexpected progress as the answer"),
+    };
+    let _ = std::fs::remove_file(&disk);
+    Ok(report)
+}
+
+pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
+    if args.qd.is_empty() || args.qd.iter().any(|&q| q == 0 || q > 255) || args.seconds < 2 {
+        bail!("every --qd must be in 1..=255 and --seconds at least 2");
+    }
+    let signals = SignalState::install()?;
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("ferry-bench-shadow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut iops = Vec::new();
+    for &qd in &args.qd {
+        let mut direct = 0.0;
+        for mode in [Mode::Direct, Mode::Poll, Mode::Trap] {
+            let (v, n) = iops_run(&dir, qd, mode, args.seconds, &signals)?;
+            if mode == Mode::Direct {
+                direct = v;
+            }
+            iops.push(IopsRow {
+                qd,
+                mode,
+                iops: v,
+                intervals: n,
+                ratio: v / direct.max(1e-9),
+            });
+        }
+    }
+    let mut migration = Vec::new();
+    for (vm, dev) in [
+        ("dirty, no device", false),
+        ("nvme-verify on a passthrough device", true),
+    ] {
+        let mut runs = Vec::new();
+        for n in 0..args.migrations.max(1) {
+            runs.push(migration_run(&dir, dev, n)?);
+        }
+        migration.push(MigrationRow {
+            vm,
+            downtime_ms: median(runs.iter().map(|r| r.downtime_ms).collect()),
+            total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
+            device_dirty_pages: runs
+                .iter()
+                .map(|r| r.rounds.iter().map(|x| x.dirty_device).sum::<u64>())
+                .max()
+                .unwrap_or(0),
+            runs: runs.len(),
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = Report { iops, migration };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(0);
+    }
+    println!(
+        "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs)",
+        args.seconds
+    );
+    println!("  QD  mode         IOPS   vs direct");
+    for r in &report.iops {
+        println!(
+            "  {:>2}  {:<7} {:>10.0}   {:>6.2}x",
+            r.qd,
+            format!("{:?}", r.mode).to_lowercase(),
+            r.iops,
+            r.ratio
+        );
+    }
+    println!(
+        "live migration over loopback, 256 MiB guest under load (median of {} runs):",
+        args.migrations.max(1)
+    );
+    println!(
+        "  VM                                    downtime ms   total ms   device-dirtied pages"
+    );
+    for m in &report.migration {
+        println!(
+            "  {:<37} {:>11.1} {:>10.0} {:>22}",
+            m.vm, m.downtime_ms, m.total_ms, m.device_dirty_pages
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,624 @@
+//! The shadow engine end to end: real `ferry run` / `ferry receive` / `ferry device nvme`
+//! processes under /dev/kvm, the guest's self-verifying `nvme-verify` workload (several queues,
+//! QD 32, 4 KiB random reads and writes), live migration over loopback with shared storage (the
+//! same backing file on both sides). Every process is killed if a test fails.
+use std::{
+    io::{BufRead, BufReader, Read},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The tests run one at a time: each runs two or three VMs whose vCPUs, devices and pollers
+/// spin, and the machines they run on have two cores; in parallel the guests' timed workloads
+/// could end before the migrations they exist for.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-shadow-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop; `.1` collects stderr read by a thread.
+struct Proc(Option<Child>, Option<mpsc::Receiver<String>>);
+
+impl Proc {
+    fn wait_output(mut self, limit: Duration) -> Output {
+        let mut child = self.0.take().unwrap();
+        let deadline = Instant::now() + limit;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("process did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = child.wait_with_output().unwrap();
+        if let Some(rx) = self.1.take() {
+            out.stderr = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_default()
+                .into_bytes();
+        }
+        out
+    }
+    fn kill(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const VERIFY: [&str; 12] = [
+    "--workload",
+    "nvme-verify",
+    "--nvme-queues",
+    "4",
+    "--nvme-depth",
+    "32",
+    "--nvme-io-size",
+    "4K",
+    "--memory",
+    "128M",
+    "--serial",
+    "off",
+];
+
+/// The source: `ferry run` with nvme-verify doing I/O for `secs` seconds on a device over
+/// `disk`, then reading the whole region back; returns once the guest's queues are live.
+fn source(dir: &TempDir, disk: &Path, secs: u64, extra: &[&str]) -> (Proc, PathBuf) {
+    let api = dir.path("src.sock");
+    let reads: &[&str] = if extra.contains(&"--nvme-read-percent") {
+        &[]
+    } else {
+        &["--nvme-read-percent", "90"]
+    };
+    let child = ferry()
+        .arg("run")
+        .args(VERIFY)
+        .args(reads)
+        .args(["--duration", &format!("{secs}s"), "--nvme-backing"])
+        .arg(disk)
+        .args(["--timeout", "150s", "--json", "--api-socket"])
+        .arg(&api)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&api);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api_call(&api, "status")["data"]["io_queues"].as_u64() != Some(4) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never created its queues"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc(Some(child), None), api)
+}
+
+fn api_call(p: &Path, cmd: &str) -> Value {
+    use std::io::Write;
+    let mut s = UnixStream::connect(p).unwrap();
+    writeln!(s, "{}", serde_json::json!({ "cmd": cmd })).unwrap();
+    for line in BufReader::new(s).lines() {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["event"] == "result" {
+            return v;
+        }
+    }
+    panic!("no result from {}", p.display());
+}
+
+/// The destination: `ferry receive` with its own device over the same `disk`.
+fn destination(disk: Option<&Path>) -> (Proc, String) {
+    destination_with(disk, &[])
+}
+
+fn destination_with(disk: Option<&Path>, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = ferry();
+    cmd.args([
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--serial",
+        "off",
+        "--json",
+    ])
+    .args([
+        "--debug-hash",
+        "--accept-timeout",
+        "60s",
+        "--timeout",
+        "150s",
+    ]);
+    if let Some(d) = disk {
+        cmd.arg("--nvme-backing").arg(d);
+    }
+    cmd.args(extra);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("ferry: waiting for a migration on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        let _ = tx.send(rest);
+    });
+    (Proc(Some(child), Some(rx)), addr)
+}
+
+fn wait_for_socket(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(p).is_err() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn migrate(api: &Path, to: &str, extra: &[&str]) -> Output {
+    ferry()
+        .args(["migrate", "--api-socket"])
+        .arg(api)
+        .args(["--to", to, "--debug-hash", "--json"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn last_json(out: &Output) -> Value {
+    let s = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(s.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {s}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Lets I/O get going on every queue.
+fn warm_up() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// Migrates an nvme-verify guest during I/O and checks everything the issue asks for.
+fn migrate_and_verify(tag: &str, extra: &[&str]) {
+    let dir = TempDir::new(tag);
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 12, extra);
+    let (dst, addr) = destination_with(Some(&disk), extra);
+    warm_up();
+    let out = migrate(&api, &addr, &[]);
+    assert!(out.status.success(), "migrate: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let device_dirty: u64 = report["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dirty_device"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        device_dirty > 0,
+        "no device-dirtied pages reported: {report}"
+    );
+    assert_eq!(report["devices"][0], "nvme0", "{report}");
+
+    let s = src.wait_output(Duration::from_secs(60));
+    assert_eq!(last_json(&s)["outcome"], "migrated");
+    let d = dst.wait_output(Duration::from_secs(150));
+    let summary = last_json(&d);
+    let err = text(&d.stderr);
+    assert_eq!(summary["outcome"], "exit", "{summary}\n{err}");
+    assert_eq!(summary["status"], 0, "guest verification failed: {err}");
+    assert_eq!(
+        summary["incoming"]["memory_hash"], report["memory_hash"],
+        "memory differs at switchover"
+    );
+    assert!(err.contains("re-aligned with"), "{err}");
+    assert!(err.contains("without pausing the VM"), "{err}");
+    // After re-alignment the queues run direct: no shadowing, doorbell pages mapped again.
+    let shadow = &summary["shadow"];
+    assert_eq!(shadow["shadowed"], false, "{shadow}");
+    assert_eq!(shadow["left"], 1, "{shadow}");
+    let mapped: Vec<u64> = shadow["mapped_doorbell_pages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let dstrd0 = extra.windows(2).any(|w| w == ["--nvme-dstrd", "0"]);
+    for qid in 1..=4u64 {
+        // DSTRD 0 puts every doorbell on the admin page, which stays trapped (mediated).
+        let page = if dstrd0 { 4096 } else { (1 + qid) * 4096 };
+        assert_eq!(
+            mapped.contains(&page),
+            !dstrd0,
+            "queue {qid}'s doorbell page {page:#x}: mapped pages {mapped:?}"
+        );
+    }
+}
+
+#[test]
+fn migration_during_nvme_verify_passes_on_the_destination_with_identical_memory() {
+    let _serial = serial();
+    migrate_and_verify("poll", &[]);
+}
+
+#[test]
+fn migration_in_trap_mode_passes() {
+    let _serial = serial();
+    migrate_and_verify("trap", &["--shadow-doorbells", "trap"]);
+}
+
+#[test]
+fn migration_of_a_dstrd_0_device_passes() {
+    let _serial = serial();
+    migrate_and_verify("dstrd0", &["--nvme-dstrd", "0"]);
+}
+
+#[test]
+fn a_to_b_to_a_keeps_verifying() {
+    let _serial = serial();
+    let dir = TempDir::new("aba");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 24, &[]);
+    let b_api = dir.path("b.sock");
+    let (b, b_addr) = destination_with(Some(&disk), &["--api-socket", b_api.to_str().unwrap()]);
+    warm_up();
+    let out = migrate(&api, &b_addr, &[]);
+    assert!(out.status.success(), "A→B: {}", text(&out.stderr));
+    assert_eq!(
+        last_json(&src.wait_output(Duration::from_secs(60)))["outcome"],
+        "migrated"
+    );
+    let (a2, a2_addr) = destination(Some(&disk));
+    wait_for_socket(&b_api);
+    let out = migrate(&b_api, &a2_addr, &[]);
+    assert!(out.status.success(), "B→A: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        last_json(&b.wait_output(Duration::from_secs(60)))["outcome"],
+        "migrated"
+    );
+    let d = a2.wait_output(Duration::from_secs(150));
+    let summary = last_json(&d);
+    assert_eq!(summary["status"], 0, "{summary}\n{}", text(&d.stderr));
+    assert_eq!(summary["incoming"]["memory_hash"], report["memory_hash"]);
+}
+
+#[test]
+fn killing_the_destination_device_process_leaves_the_source_verifying() {
+    let _serial = serial();
+    let dir = TempDir::new("devkill");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 12, &[]);
+    let sock = dir.path("dst-dev.sock");
+    let mut dev = Proc(
+        Some(
+            ferry()
+                .args(["device", "nvme", "--size", "64M", "--socket"])
+                .arg(&sock)
+                .arg("--backing")
+                .arg(&disk)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ),
+        None,
+    );
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pt = format!("nvme={}", sock.display());
+    let (dst, addr) = destination_with(None, &["--passthrough", &pt]);
+    warm_up();
+    dev.kill();
+    let out = migrate(&api, &addr, &[]);
+    assert!(!out.status.success(), "the migration should fail");
+    let d = dst.wait_output(Duration::from_secs(60));
+    assert_ne!(d.status.code(), Some(0), "no VM may run on the destination");
+    let s = src.wait_output(Duration::from_secs(150));
+    let summary = last_json(&s);
+    assert_eq!(summary["status"], 0, "{summary}\n{}", text(&s.stderr));
+    assert_eq!(summary["shadow"]["shadowed"], false, "{summary}");
+    assert_eq!(summary["shadow"]["left"], 1, "{summary}");
+}
+
+#[test]
+fn negative_control_without_shadowing_is_detected() {
+    let _serial = serial();
+    let dir = TempDir::new("unsafe");
+    let disk = dir.path("disk.img");
+    // Data on the disk first; then a guest that only reads it (adopting it): every byte that
+    // lands in its buffers is written by the device alone, which KVM's dirty log never sees.
+    let fill = ferry()
+        .arg("run")
+        .args(VERIFY)
+        .args([
+            "--nvme-read-percent",
+            "0",
+            "--nvme-ios",
+            "8000",
+            "--nvme-backing",
+        ])
+        .arg(&disk)
+        .args(["--timeout", "120s", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(last_json(&fill)["status"], 0, "{}", text(&fill.stderr));
+    let (src, api) = source(
+        &dir,
+        &disk,
+        12,
+        &["--nvme-read-percent", "100", "--nvme-adopt"],
+    );
+    let (dst, addr) = destination(Some(&disk));
+    warm_up();
+    let out = migrate(&api, &addr, &["--unsafe-no-shadow"]);
+    assert!(out.status.success(), "migrate: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let _ = src.wait_output(Duration::from_secs(60));
+    let d = dst.wait_output(Duration::from_secs(150));
+    let summary = last_json(&d);
+    let corrupt_memory = summary["incoming"]["memory_hash"] != report["memory_hash"];
+    let guest_failed = summary["outcome"] != "exit" || summary["status"] != 0;
+    assert!(
+        corrupt_memory || guest_failed,
+        "the unsafe migration went unnoticed: {summary}"
+    );
+    eprintln!(
+        "negative control: memory hash {} at pause vs {} at resume; destination guest: {}",
+        report["memory_hash"], summary["incoming"]["memory_hash"], summary["detail"]
+    );
+    assert!(
+        corrupt_memory,
+        "memory at switchover should differ: {report}"
+    );
+}
+
+#[test]
+fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
+    let _serial = serial();
+    let dir = TempDir::new("kill");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 12, &[]);
+    let (mut dst, addr) = destination(Some(&disk));
+    warm_up();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        dst.kill();
+    });
+    let out = migrate(&api, &addr, &[]);
+    killer.join().unwrap();
+    assert!(!out.status.success(), "migration should fail");
+    let s = src.wait_output(Duration::from_secs(150));
+    let summary = last_json(&s);
+    assert_eq!(summary["outcome"], "exit", "{summary}");
+    assert_eq!(
+        summary["status"],
+        0,
+        "guest verification failed: {}",
+        text(&s.stderr)
+    );
+    assert!(!summary["failed_migrations"].as_array().unwrap().is_empty());
+    // Rolled back: shadow mode left (if the migration got as far as entering it).
+    assert_eq!(summary["shadow"]["shadowed"], false, "{summary}");
+    assert_eq!(
+        summary["shadow"]["left"], summary["shadow"]["entered"],
+        "{summary}"
+    );
+}
+
+#[test]
+fn continuous_shadow_mode_runs_nvme_verify_clean() {
+    let _serial = serial();
+    let dir = TempDir::new("continuous");
+    let disk = dir.path("disk.img");
+    let out = ferry()
+        .arg("run")
+        .args(VERIFY)
+        .args(["--nvme-read-percent", "90"])
+        .args([
+            "--duration",
+            "3s",
+            "--shadow",
+            "continuous",
+            "--nvme-backing",
+        ])
+        .arg(&disk)
+        .args(["--timeout", "120s", "--json"])
+        .output()
+        .unwrap();
+    let summary = last_json(&out);
+    assert_eq!(summary["status"], 0, "{}", text(&out.stderr));
+    let shadow = &summary["shadow"];
+    assert_eq!(shadow["shadowed"], true, "{shadow}");
+    let forwarded: u64 = shadow["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["state"]["stats"]["forwarded"].as_u64().unwrap())
+        .sum();
+    assert!(forwarded > 0, "{shadow}");
+}
+
+#[test]
+fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
+    let _serial = serial();
+    let dir = TempDir::new("malformed");
+    let disk = dir.path("disk.img");
+    // `--duration` holds the malformed commands back until continuous shadowing has begun.
+    let out = ferry()
+        .args(["run", "--workload", "nvme-malformed", "--duration", "1s"])
+        .args([
+            "--shadow",
+            "continuous",
+            "--serial",
+            "stdout",
+            "--nvme-backing",
+        ])
+        .arg(&disk)
+        .args(["--timeout", "60s", "--json"])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    for what in [
+        "unaligned PRP1: rejected (sct 0 sc 0x13)",
+        "outside guest RAM: rejected (sct 0 sc 0x04)",
+        "PRP list outside guest RAM: rejected (sct 0 sc 0x04)",
+        "PRP list entry with an offset: rejected (sct 0 sc 0x13)",
+        "unknown I/O opcode: rejected (sct 0 sc 0x01)",
+        "read with an SGL: rejected (sct 0 sc 0x02)",
+        "read from namespace 5: rejected (sct 0 sc 0x0b)",
+        "all 15 malformed commands rejected with the right status; the device still works",
+    ] {
+        assert!(stdout.contains(what), "missing {what:?} in {stdout}");
+    }
+    let summary = last_json(&out);
+    assert_eq!(summary["status"], 0, "{summary}");
+    let q = &summary["shadow"]["queues"][0]["state"]["stats"];
+    assert_eq!(summary["shadow"]["shadowed"], true, "{summary}");
+    // The hypervisor refused the hostile entries itself; the good commands went through.
+    assert!(q["refused"].as_u64().unwrap() >= 7, "{q}");
+    assert!(q["forwarded"].as_u64().unwrap() >= 2, "{q}");
+}
+
+/// Forwards one connection to `target` and cuts both directions once `limit` bytes went from
+/// the source to the destination.
+fn cutting_proxy(target: String, limit: u64) -> String {
+    use std::{
+        io::Write,
+        net::{Shutdown, TcpListener, TcpStream},
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut src, _) = listener.accept().unwrap();
+        let mut dst = TcpStream::connect(target).unwrap();
+        let (mut src_r, mut dst_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut dst, &mut src);
+        });
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        while sent < limit {
+            match src_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let n = n.min((limit - sent) as usize);
+                    if dst_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                }
+            }
+        }
+        let _ = src_r.shutdown(Shutdown::Both);
+        let _ = dst_w.shutdown(Shutdown::Both);
+    });
+    addr
+}
+
+#[test]
+fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
+    let _serial = serial();
+    let dir = TempDir::new("cut");
+    let disk = dir.path("disk.img");
+    let (src, api) = source(&dir, &disk, 12, &[]);
+    let (dst, addr) = destination(Some(&disk));
+    warm_up();
+    let proxy = cutting_proxy(addr, 300 * 1024);
+    let out = migrate(&api, &proxy, &[]);
+    assert!(!out.status.success(), "the migration should fail");
+    let d = dst.wait_output(Duration::from_secs(60));
+    assert_ne!(d.status.code(), Some(0), "no VM may run on the destination");
+    let s = src.wait_output(Duration::from_secs(150));
+    let summary = last_json(&s);
+    assert_eq!(summary["status"], 0, "{summary}\n{}", text(&s.stderr));
+    assert_eq!(summary["shadow"]["shadowed"], false, "{summary}");
+    assert_eq!(summary["shadow"]["left"], 1, "{summary}");
+}
+
+#[test]
+fn bench_shadow_reports_ratios_and_migration_times() {
+    let _serial = serial();
+    let out = ferry()
+        .args([
+            "bench",
+            "shadow",
+            "--qd",
+            "1",
+            "--seconds",
+            "2",
+            "--migrations",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes: Vec<&str> = r["iops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["direct", "poll", "trap"], "{r}");
+    for row in r["iops"].as_array().unwrap() {
+        assert!(row["iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let m = r["migration"].as_array().unwrap();
+    assert_eq!(m.len(), 2, "{r}");
+    assert!(m[1]["device_dirty_pages"].as_u64().unwrap() > 0, "{r}");
+    for row in m {
+        assert!(row["downtime_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+}

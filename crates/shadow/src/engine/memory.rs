@@ -1,0 +1,244 @@
+//! Hypervisor memory of the engine (ring copies, redirected doorbell pages) and the
+//! [`Buffers`] view the adapters work on.
+use std::{ops::Range, sync::Arc};
+
+use vmm::memory::GuestRam;
+
+use crate::{Buffers, Error, Result};
+
+/// Page size of the copies and of the memory-slot swaps.
+pub const PAGE: u64 = 4096;
+
+/// Page-aligned anonymous memory, unmapped on drop.
+pub struct HostPages {
+    host: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value; concurrent access is by raw copies of plain
+// bytes (the guest and the poller share ring memory exactly as a guest and a device do).
+unsafe impl Send for HostPages {}
+// SAFETY: as above.
+unsafe impl Sync for HostPages {}
+
+impl HostPages {
+    /// `len` bytes (a multiple of the page size), zeroed.
+    pub fn new(len: u64) -> Result<Self> {
+        if len == 0 || !len.is_multiple_of(PAGE) {
+            return Err(Error::Engine(format!(
+                "host copy of {len} bytes is not whole pages"
+            )));
+        }
+        // SAFETY: a fresh private anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Engine(format!(
+                "mapping {len} bytes of host memory: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(HostPages {
+            host: p.cast(),
+            len: len as usize,
+        })
+    }
+
+    /// Host address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.host as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (mappings are never empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `src` host bytes into the pages at `offset`.
+    ///
+    /// # Safety
+    /// `src..src + len` must be readable host memory.
+    pub unsafe fn fill_from(&self, offset: usize, src: *const u8, len: usize) -> bool {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return false;
+        }
+        // SAFETY: destination checked above; source is the caller's promise.
+        unsafe { std::ptr::copy(src, self.host.add(offset), len) };
+        true
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
+        if offset.checked_add(buf.len()).is_none_or(|e| e > self.len) {
+            return false;
+        }
+        // SAFETY: inside the mapping (checked); a racy read of plain bytes.
+        unsafe { std::ptr::copy(self.host.add(offset), buf.as_mut_ptr(), buf.len()) };
+        true
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> bool {
+        if offset.checked_add(data.len()).is_none_or(|e| e > self.len) {
+            return false;
+        }
+        // SAFETY: inside the mapping (checked).
+        unsafe { std::ptr::copy(data.as_ptr(), self.host.add(offset), data.len()) };
+        true
+    }
+
+    /// Volatile load of the u32 at `offset` (a doorbell the guest writes).
+    pub fn load_u32(&self, offset: usize) -> Option<u32> {
+        if !offset.is_multiple_of(4) || offset + 4 > self.len {
+            return None;
+        }
+        // SAFETY: aligned and inside the mapping.
+        Some(unsafe { std::ptr::read_volatile(self.host.add(offset).cast::<u32>()) })
+    }
+
+    /// Volatile store of a u32 at `offset`.
+    pub fn store_u32(&self, offset: usize, v: u32) -> bool {
+        if !offset.is_multiple_of(4) || offset + 4 > self.len {
+            return false;
+        }
+        // SAFETY: aligned and inside the mapping.
+        unsafe { std::ptr::write_volatile(self.host.add(offset).cast::<u32>(), v) };
+        true
+    }
+}
+
+impl Drop for HostPages {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new` with this address and length.
+        unsafe { libc::munmap(self.host.cast(), self.len) };
+    }
+}
+
+/// A ring copy: hypervisor pages standing for the guest-physical range `gpa`.
+pub struct Copy {
+    /// Guest-physical pages covered.
+    pub gpa: Range<u64>,
+    /// The copy.
+    pub pages: HostPages,
+}
+
+/// Which copy is which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+pub enum Designation {
+    /// The copy is the vCPU buffer (memory-slot swap); the device DMAs guest RAM.
+    #[default]
+    VcpuBuffer,
+}
+
+/// The adapters' view: ring ranges in the copies for the vCPU side, guest RAM for the device.
+#[derive(Clone)]
+pub struct EngineBuffers {
+    ram: GuestRam,
+    copies: Arc<Vec<Copy>>,
+}
+
+impl EngineBuffers {
+    /// Buffers over `ram` with the ring copies `copies`.
+    pub fn new(ram: GuestRam, copies: Arc<Vec<Copy>>) -> Self {
+        EngineBuffers { ram, copies }
+    }
+
+    fn copy_of(&self, gpa: u64, len: usize) -> Option<(&Copy, usize)> {
+        let end = gpa.checked_add(len as u64)?;
+        self.copies
+            .iter()
+            .find(|c| gpa >= c.gpa.start && end <= c.gpa.end)
+            .map(|c| (c, (gpa - c.gpa.start) as usize))
+    }
+
+    fn overlaps_copy(&self, gpa: u64, len: usize) -> bool {
+        let end = gpa.saturating_add(len as u64);
+        self.copies
+            .iter()
+            .any(|c| gpa < c.gpa.end && c.gpa.start < end)
+    }
+}
+
+impl Buffers for EngineBuffers {
+    fn read_vcpu(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        match self.copy_of(gpa, buf.len()) {
+            Some((c, off)) => c.pages.read(off, buf),
+            None if self.overlaps_copy(gpa, buf.len()) => false,
+            None => self.ram.contains(gpa, buf.len() as u64) && self.ram.read(gpa, buf).is_ok(),
+        }
+    }
+    fn write_vcpu(&self, gpa: u64, data: &[u8]) -> bool {
+        match self.copy_of(gpa, data.len()) {
+            Some((c, off)) => c.pages.write(off, data),
+            None if self.overlaps_copy(gpa, data.len()) => false,
+            None => self.ram.contains(gpa, data.len() as u64) && self.ram.write(gpa, data).is_ok(),
+        }
+    }
+    fn read_device(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.ram.contains(gpa, buf.len() as u64) && self.ram.read(gpa, buf).is_ok()
+    }
+    fn write_device(&self, gpa: u64, data: &[u8]) -> bool {
+        self.ram.contains(gpa, data.len() as u64) && self.ram.write(gpa, data).is_ok()
+    }
+    fn in_ram(&self, gpa: u64, len: u64) -> bool {
+        self.ram.contains(gpa, len)
+    }
+}
+
+/// Merges the page-rounded `ranges` into disjoint, sorted page ranges.
+pub fn page_regions(ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<u64>> {
+    let mut v: Vec<Range<u64>> = ranges
+        .into_iter()
+        .filter(|r| r.end > r.start)
+        .map(|r| r.start & !(PAGE - 1)..r.end.div_ceil(PAGE) * PAGE)
+        .collect();
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_merge_and_round_to_pages() {
+        let r = page_regions([
+            0x5000..0x5400,
+            0x1000..0x1010,
+            0x1800..0x2100,
+            0x9000..0x9000,
+        ]);
+        assert_eq!(r, vec![0x1000..0x3000, 0x5000..0x6000]);
+    }
+
+    #[test]
+    fn host_pages_bounds_are_checked() {
+        let p = HostPages::new(PAGE).unwrap();
+        assert!(p.write(0, &[1, 2, 3]));
+        assert!(!p.write(4095, &[1, 2]));
+        assert!(p.store_u32(8, 7));
+        assert_eq!(p.load_u32(8), Some(7));
+        assert_eq!(p.load_u32(4094), None);
+        assert!(HostPages::new(100).is_err());
+    }
+}

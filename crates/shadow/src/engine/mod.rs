@@ -1,0 +1,884 @@
+//! The shadow engine: owns the ring copies, the designation, the doorbell interception and the
+//! poller thread, and drives one [`NvmeQueue`] adapter per I/O queue pair of a passthrough
+//! NVMe device through the attachment's [`DeviceHooks`].
+//!
+//! - [`memory`]: host pages, the ring copies and the adapters' [`crate::Buffers`] view;
+//! - [`poller`]: the thread that moves doorbells and completions while shadowed;
+//! - [`device`]: the engine as a [`migration::MigratableDevice`] (source side).
+pub mod device;
+mod live;
+pub mod memory;
+mod poller;
+mod restore;
+
+use std::{
+    ops::Range,
+    sync::{atomic::AtomicBool, Arc, Mutex, MutexGuard},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nvme_spec::regs;
+use passthrough::{config_log::ConfigLog, Attachment, DeviceHooks, DoorbellMode, GuestBacking};
+use serde::{Deserialize, Serialize};
+use vmm::Vm;
+
+use crate::{
+    nvme::{validate::Limits, NvmeQueue, QueueGeometry, QueueState, QueueStats},
+    Error, Result, RingAdapter,
+};
+pub use memory::Designation;
+use memory::{page_regions, Copy, EngineBuffers, HostPages, PAGE};
+
+/// How guest submissions reach the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interception {
+    /// The queue's doorbell page is replaced by a hypervisor page a thread polls (no exits).
+    /// Queues whose doorbells share the admin page (DSTRD 0) are trapped regardless.
+    #[default]
+    Poll,
+    /// The queue's doorbell page is unmapped: every doorbell write exits and the BAR0 trap
+    /// hands it to the engine.
+    Trap,
+}
+
+/// Tuning of the engine.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct EngineOptions {
+    /// Which copy the guest sees.
+    pub designation: Designation,
+    /// How submissions are intercepted.
+    pub interception: Interception,
+    /// Bound on waiting for the device to finish in-flight commands.
+    pub drain_timeout: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            designation: Designation::VcpuBuffer,
+            interception: Interception::Poll,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One shadowed queue pair and where its doorbells are.
+pub(crate) struct QueueRt {
+    pub q: NvmeQueue,
+    /// Index of the redirected page in [`Running::pages`].
+    pub page: usize,
+    /// Offsets of the guest's SQ tail and CQ head doorbells in that page.
+    pub sq_off: usize,
+    pub cq_off: usize,
+    /// Last doorbell values seen.
+    pub seen_sq: u32,
+    pub seen_cq: u32,
+    /// Errors reaching the buffers (counted; the queue keeps going).
+    pub errors: u64,
+}
+
+/// A redirected doorbell page: the hypervisor page the guest writes and the device's page.
+pub(crate) struct DoorbellPage {
+    pub bar_offset: u64,
+    /// Where the guest's doorbell values land: mapped into the guest (poll mode) or written
+    /// by the trap hook (trap mode).
+    pub guest: Arc<HostPages>,
+    /// Host address of the device's own page (mapped BAR).
+    pub device: u64,
+    /// Writes to this page exit (trap mode, or the admin page).
+    pub trapped: bool,
+}
+
+impl DoorbellPage {
+    /// Rings the device: a volatile store into its doorbell page.
+    pub fn ring(&self, offset: usize, value: u32) {
+        if offset.is_multiple_of(4) && offset + 4 <= PAGE as usize {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            // SAFETY: `device` is a page of the attachment's BAR mapping, which the engine's
+            // `Arc<Attachment>` keeps alive; the offset is inside it and aligned.
+            unsafe { std::ptr::write_volatile((self.device as *mut u8).add(offset).cast(), value) }
+        }
+    }
+}
+
+/// What the poller works on.
+pub(crate) struct Running {
+    pub queues: Vec<QueueRt>,
+    pub pages: Vec<DoorbellPage>,
+    pub bufs: EngineBuffers,
+    /// Device-written pages not yet taken by the migration.
+    pub dirty: Vec<u64>,
+}
+
+pub(crate) struct Shared {
+    pub state: Mutex<Running>,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Running> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Active {
+    shared: Arc<Shared>,
+    poller: Option<JoinHandle<()>>,
+    copies: Arc<Vec<Copy>>,
+    remapped: Vec<Range<u64>>,
+    limits: Limits,
+    dstrd: u8,
+    entered: Instant,
+}
+
+/// A queue's counters and positions, for reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueStatus {
+    /// Positions and counters.
+    pub state: QueueState,
+    /// Commands in flight on the device.
+    pub in_flight: usize,
+    /// Buffer access errors.
+    pub errors: u64,
+}
+
+/// What the engine is doing.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EngineStatus {
+    /// Shadow mode is on.
+    pub shadowed: bool,
+    /// Per-queue status.
+    pub queues: Vec<QueueStatus>,
+    /// Times shadow mode was entered.
+    pub entered: u64,
+    /// Times shadow mode was left.
+    pub left: u64,
+    /// BAR0 doorbell pages mapped straight into the guest (direct mode).
+    pub mapped_doorbell_pages: Vec<u64>,
+}
+
+/// The shadow engine of one passthrough NVMe device.
+pub struct Engine {
+    att: Arc<Attachment>,
+    opts: EngineOptions,
+    active: Mutex<Option<Active>>,
+    counts: Mutex<(u64, u64)>,
+}
+
+fn hook(what: impl Into<String>) -> impl FnOnce(passthrough::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Hook { what, source }
+}
+
+fn vmm_err(what: &'static str) -> impl FnOnce(vmm::Error) -> Error {
+    move |source| Error::Vmm {
+        what: what.into(),
+        source,
+    }
+}
+
+/// The validator's limits from what the guest learned through Identify.
+pub fn limits_from(log: &ConfigLog) -> Result<Limits> {
+    let (&nsid, ns) = log.namespaces.iter().next().ok_or_else(|| {
+        Error::Engine(
+            "the guest never read Identify Namespace data, so the block size is unknown; \
+             refusing to shadow"
+                .into(),
+        )
+    })?;
+    let mdts = log.mdts.ok_or_else(|| {
+        Error::Engine(
+            "the guest never read Identify Controller data, so MDTS is unknown; refusing to \
+             shadow"
+                .into(),
+        )
+    })?;
+    let max_transfer = match mdts {
+        0 => 65536 * ns.block_size as u64,
+        m => 4096u64 << m.min(18),
+    };
+    Ok(Limits {
+        nsid,
+        block_size: ns.block_size,
+        max_transfer,
+    })
+}
+
+/// The queue pairs of a configuration log (SQ and CQ share the queue id).
+pub fn geometries(log: &ConfigLog) -> Result<Vec<QueueGeometry>> {
+    let mut out = Vec::new();
+    for (&qid, sq) in &log.io_sqs {
+        let cq = log.io_cqs.get(&sq.cqid).ok_or_else(|| {
+            Error::Engine(format!(
+                "I/O SQ {qid} uses CQ {} which does not exist",
+                sq.cqid
+            ))
+        })?;
+        if sq.cqid != qid {
+            return Err(Error::Engine(format!(
+                "I/O SQ {qid} completes into CQ {}: only paired queues (SQ n → CQ n) can be shadowed",
+                sq.cqid
+            )));
+        }
+        if cq.interrupts {
+            tracing::warn!(
+                qid,
+                "CQ {qid} has interrupts enabled: the device signals the guest directly, \
+                 possibly before the engine forwards the completion (the guest must poll)"
+            );
+        }
+        out.push(QueueGeometry {
+            qid,
+            sq_base: sq.base,
+            sq_entries: sq.entries,
+            cq_base: cq.base,
+            cq_entries: cq.entries,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::Engine(
+            "the device has no I/O queues to shadow".into(),
+        ));
+    }
+    Ok(out)
+}
+
+impl Engine {
+    /// An engine for `att`, in direct mode.
+    pub fn new(att: Arc<Attachment>, opts: EngineOptions) -> Self {
+        Engine {
+            att,
+            opts,
+            active: Mutex::new(None),
+            counts: Mutex::new((0, 0)),
+        }
+    }
+
+    /// The attachment.
+    pub fn attachment(&self) -> &Arc<Attachment> {
+        &self.att
+    }
+
+    /// Options.
+    pub fn options(&self) -> EngineOptions {
+        self.opts
+    }
+
+    fn active(&self) -> MutexGuard<'_, Option<Active>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True while shadow mode is on.
+    pub fn is_shadowed(&self) -> bool {
+        self.active().is_some()
+    }
+
+    /// Positions and counters.
+    pub fn status(&self) -> EngineStatus {
+        let a = self.active();
+        let queues = a
+            .as_ref()
+            .map(|a| {
+                a.shared
+                    .lock()
+                    .queues
+                    .iter()
+                    .map(|q| QueueStatus {
+                        state: q.q.state(),
+                        in_flight: q.q.in_flight(),
+                        errors: q.errors,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (entered, left) = *self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        EngineStatus {
+            shadowed: a.is_some(),
+            queues,
+            entered,
+            left,
+            mapped_doorbell_pages: self.att.mapped_doorbell_pages(),
+        }
+    }
+
+    /// Enters shadow mode for every I/O queue in the configuration log (vCPUs paused briefly;
+    /// the device keeps running).
+    pub fn enter(&self, vm: &Vm) -> Result<()> {
+        self.enter_with(vm, true)
+    }
+
+    /// As [`Engine::enter`], for a VM whose vCPUs the caller already paused.
+    pub fn enter_while_paused(&self, vm: &Vm) -> Result<()> {
+        self.enter_with(vm, false)
+    }
+
+    fn enter_with(&self, vm: &Vm, pause: bool) -> Result<()> {
+        let mut active = self.active();
+        if active.is_some() {
+            return Ok(());
+        }
+        let config = self.att.config_log();
+        let limits = limits_from(&config)?;
+        let geos = geometries(&config)?;
+        if pause {
+            vm.pause()
+                .map_err(vmm_err("pausing the vCPUs to enter shadow mode"))?;
+        }
+        let t0 = Instant::now();
+        let result = self.enter_paused(vm, limits, &geos);
+        let resumed = if pause {
+            vm.resume().map_err(vmm_err("resuming the vCPUs"))
+        } else {
+            Ok(())
+        };
+        let a = result?;
+        resumed?;
+        tracing::info!(
+            queues = geos.len(),
+            pause_us = t0.elapsed().as_micros() as u64,
+            block_size = limits.block_size,
+            "shadow mode entered"
+        );
+        *active = Some(a);
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        Ok(())
+    }
+
+    fn enter_paused(&self, vm: &Vm, limits: Limits, geos: &[QueueGeometry]) -> Result<Active> {
+        let ram = vm.ram().clone();
+        let slots = vm.memory_slots();
+        let regions = page_regions(geos.iter().flat_map(|g| {
+            [
+                g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
+                g.cq_base..g.cq_base + g.cq_entries as u64 * 16,
+            ]
+        }));
+        let mut copies = Vec::new();
+        for r in &regions {
+            let pages = HostPages::new(r.end - r.start)?;
+            // SAFETY: vCPUs are paused; the device may still write its CQ, which the
+            // adapter reconciles by phase after the swap.
+            let src = unsafe { ram.slice(r.start, r.end - r.start) }.ok_or_else(|| {
+                Error::Engine(format!("ring pages {r:?} are not inside one RAM region"))
+            })?;
+            // SAFETY: `src` is readable guest RAM of the same length.
+            unsafe { pages.fill_from(0, src.as_ptr(), src.len()) };
+            copies.push(Copy {
+                gpa: r.clone(),
+                pages,
+            });
+        }
+        let copies = Arc::new(copies);
+        let mut remapped: Vec<Range<u64>> = Vec::new();
+        let mut redirected: Vec<u64> = Vec::new();
+        let undo = |remapped: &[Range<u64>], redirected: &[u64]| {
+            self.att.set_doorbell_hook(None);
+            for &p in redirected {
+                let _ = self.release_page(slots, p);
+            }
+            for r in remapped {
+                // SAFETY: RAM backing needs no host promise.
+                let _ = unsafe {
+                    self.att
+                        .remap_guest_range(slots, r.start, r.end - r.start, GuestBacking::Ram)
+                };
+            }
+        };
+        let result = (|| -> Result<(Vec<DoorbellPage>, Vec<QueueRt>)> {
+            for c in copies.iter() {
+                // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
+                unsafe {
+                    self.att.remap_guest_range(
+                        slots,
+                        c.gpa.start,
+                        c.gpa.end - c.gpa.start,
+                        GuestBacking::Host(c.pages.addr()),
+                    )
+                }
+                .map_err(hook(format!("swapping ring pages {:?} to the copy", c.gpa)))?;
+                remapped.push(c.gpa.clone());
+            }
+            let bufs = EngineBuffers::new(ram.clone(), copies.clone());
+            let mut pages: Vec<DoorbellPage> = Vec::new();
+            let mut queues = Vec::new();
+            for g in geos {
+                let sq_db = regs::sq_tail_doorbell(g.qid, self.att.dstrd());
+                let cq_db = regs::cq_head_doorbell(g.qid, self.att.dstrd());
+                let bar_offset = sq_db & !(PAGE - 1);
+                if cq_db & !(PAGE - 1) != bar_offset {
+                    return Err(Error::Engine(format!(
+                        "queue {}'s doorbells are on two pages",
+                        g.qid
+                    )));
+                }
+                let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
+                    Some(i) => i,
+                    None => {
+                        pages.push(self.intercept(slots, bar_offset, true)?);
+                        redirected.push(bar_offset);
+                        pages.len() - 1
+                    }
+                };
+                let sq_off = (sq_db - bar_offset) as usize;
+                let cq_off = (cq_db - bar_offset) as usize;
+                let sq = pages[page].guest.load_u32(sq_off).unwrap_or(0);
+                let cq = pages[page].guest.load_u32(cq_off).unwrap_or(0);
+                let q = NvmeQueue::attach(*g, limits, sq, cq, &bufs)?;
+                queues.push(QueueRt {
+                    q,
+                    page,
+                    sq_off,
+                    cq_off,
+                    seen_sq: sq,
+                    seen_cq: cq,
+                    errors: 0,
+                });
+            }
+            self.install_hook(&pages, &queues);
+            Ok((pages, queues))
+        })();
+        let (pages, queues) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                undo(&remapped, &redirected);
+                return Err(e);
+            }
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Running {
+                queues,
+                pages,
+                bufs: EngineBuffers::new(ram, copies.clone()),
+                dirty: Vec::new(),
+            }),
+            stop: AtomicBool::new(false),
+        });
+        let poller = poller::spawn(shared.clone()).inspect_err(|_| {
+            undo(&remapped, &redirected);
+        })?;
+        Ok(Active {
+            shared,
+            poller: Some(poller),
+            copies,
+            remapped,
+            limits,
+            dstrd: self.att.dstrd(),
+            entered: Instant::now(),
+        })
+    }
+
+    /// Intercepts the doorbell page at `bar_offset`: a hypervisor page mapped in its place
+    /// (poll mode) or the page left unmapped so writes exit (trap mode; always for the admin
+    /// page, which DSTRD 0 queues share). `copy_device`: start from the device's values.
+    pub(crate) fn intercept(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        bar_offset: u64,
+        copy_device: bool,
+    ) -> Result<DoorbellPage> {
+        let device = self
+            .att
+            .device_page(bar_offset)
+            .ok_or_else(|| Error::Engine(format!("BAR0 page {bar_offset:#x} is not mappable")))?;
+        let guest = Arc::new(HostPages::new(PAGE)?);
+        if copy_device {
+            // SAFETY: `device` is a mapped BAR page of PAGE bytes.
+            unsafe { guest.fill_from(0, device as *const u8, PAGE as usize) };
+        }
+        let admin_page = regs::doorbell_page(0, self.att.dstrd()) * PAGE;
+        let trapped = self.opts.interception == Interception::Trap || bar_offset == admin_page;
+        if bar_offset != admin_page {
+            let mode = if trapped {
+                DoorbellMode::Trapped
+            } else {
+                DoorbellMode::Redirected { host: guest.addr() }
+            };
+            // SAFETY: the page lives in `Running` until the mode changes back.
+            unsafe { self.att.set_doorbell_mode(slots, bar_offset, mode) }
+                .map_err(hook(format!("intercepting doorbell page {bar_offset:#x}")))?;
+        }
+        Ok(DoorbellPage {
+            bar_offset,
+            guest,
+            device,
+            trapped,
+        })
+    }
+
+    /// Gives the doorbell page at `bar_offset` back to the guest (the admin page stays
+    /// trapped: the mediation needs it).
+    pub(crate) fn release_page(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        bar_offset: u64,
+    ) -> Result<()> {
+        if bar_offset == regs::doorbell_page(0, self.att.dstrd()) * PAGE {
+            return Ok(());
+        }
+        // SAFETY: the device's own page, kept mapped by the attachment.
+        unsafe {
+            self.att
+                .set_doorbell_mode(slots, bar_offset, DoorbellMode::Mapped)
+        }
+        .map_err(hook(format!("mapping doorbell page {bar_offset:#x} back")))
+    }
+
+    /// Trap mode: trapped doorbell writes of shadowed queues land in the hypervisor pages the
+    /// poller reads.
+    pub(crate) fn install_hook(&self, pages: &[DoorbellPage], queues: &[QueueRt]) {
+        let routes: Vec<(u16, Arc<HostPages>, usize, usize)> = queues
+            .iter()
+            .filter(|q| pages[q.page].trapped)
+            .map(|q| {
+                (
+                    q.q.geometry().qid,
+                    pages[q.page].guest.clone(),
+                    q.sq_off,
+                    q.cq_off,
+                )
+            })
+            .collect();
+        if routes.is_empty() {
+            return;
+        }
+        self.att
+            .set_doorbell_hook(Some(Arc::new(move |qid, is_cq, value| {
+                match routes.iter().find(|r| r.0 == qid) {
+                    Some((_, page, sq_off, cq_off)) => {
+                        page.store_u32(if is_cq { *cq_off } else { *sq_off }, value);
+                        true
+                    }
+                    None => false,
+                }
+            })));
+    }
+
+    /// Pages the device wrote for completed commands since the last call.
+    pub fn take_dirty(&self) -> Vec<u64> {
+        match &*self.active() {
+            Some(a) => std::mem::take(&mut a.shared.lock().dirty),
+            None => Vec::new(),
+        }
+    }
+
+    /// Queues with work left: a doorbell value the poller has not taken yet, a pending
+    /// submission or a command in flight (queue, pending, in flight).
+    fn busy(run: &Running) -> Vec<(u16, u32, usize)> {
+        run.queues
+            .iter()
+            .filter(|q| {
+                let page = &run.pages[q.page].guest;
+                page.load_u32(q.sq_off) != Some(q.seen_sq)
+                    || q.q.pending() > 0
+                    || q.q.in_flight() > 0
+            })
+            .map(|q| (q.q.geometry().qid, q.q.pending(), q.q.in_flight()))
+            .collect()
+    }
+
+    /// Waits (bounded) until every queue is idle (see [`Engine::busy`]) and stops the poller
+    /// with the queues still idle. The guest must be paused.
+    fn drain_and_stop(a: &mut Active, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            Self::start_poller(a)?;
+            let busy = Self::busy(&a.shared.lock());
+            if busy.is_empty() {
+                Self::stop_poller(a);
+                // The poller may have taken a doorbell between the look and the stop.
+                if Self::busy(&a.shared.lock()).is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if t0.elapsed() >= timeout {
+                return Err(Error::Engine(format!(
+                    "the device did not drain within {timeout:?}: (queue, pending, in flight) = {busy:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Brings every held, idle queue's device positions onto the guest's (fillers), bounded.
+    fn align_all(run: &mut Running, timeout: Duration) -> Result<u64> {
+        let mut fillers = 0;
+        let t0 = Instant::now();
+        let Running {
+            queues,
+            pages,
+            bufs,
+            ..
+        } = run;
+        for q in queues.iter_mut() {
+            q.q.hold(true);
+            if q.q.in_sync() {
+                q.q.hold(false);
+                continue;
+            }
+            fillers += q.q.start_alignment()?;
+            loop {
+                let step = q.q.alignment_step(bufs)?;
+                if let Some(t) = step.sq_tail {
+                    pages[q.page].ring(q.sq_off, t);
+                }
+                if let Some(h) = step.cq_head {
+                    pages[q.page].ring(q.cq_off, h);
+                }
+                if step.done {
+                    break;
+                }
+                if t0.elapsed() >= timeout {
+                    return Err(Error::Realign {
+                        qid: q.q.geometry().qid,
+                        reason: format!("fillers did not complete within {timeout:?}"),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(fillers)
+    }
+
+    fn stop_poller(a: &mut Active) {
+        a.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(p) = a.poller.take() {
+            let _ = p.join();
+        }
+    }
+
+    fn start_poller(a: &mut Active) -> Result<()> {
+        if a.poller.is_none() {
+            a.shared
+                .stop
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            a.poller = Some(poller::spawn(a.shared.clone())?);
+        }
+        Ok(())
+    }
+
+    /// With the vCPUs paused: finishes pending and in-flight work (bounded), stops the
+    /// poller, and makes guest RAM hold the guest's view of the ring pages, which are added to
+    /// the dirty pages. Shadow mode stays on (for a rollback) until [`Engine::leave`].
+    pub fn quiesce(&self) -> Result<()> {
+        let mut guard = self.active();
+        let a = guard
+            .as_mut()
+            .ok_or_else(|| Error::Engine("quiesce outside shadow mode".into()))?;
+        Self::drain_and_stop(a, self.opts.drain_timeout)?;
+        let mut run = a.shared.lock();
+        for q in &mut run.queues {
+            q.q.hold(true);
+        }
+        let ram = run.bufs.clone();
+        let mut dirty = Vec::new();
+        for c in a.copies.iter() {
+            let mut buf = vec![0u8; c.pages.len()];
+            c.pages.read(0, &mut buf);
+            if !crate::Buffers::write_device(&ram, c.gpa.start, &buf) {
+                return Err(Error::Engine(format!(
+                    "writing ring pages {:?} back",
+                    c.gpa
+                )));
+            }
+            dirty.extend((c.gpa.start..c.gpa.end).step_by(PAGE as usize));
+        }
+        run.dirty.extend(dirty);
+        Ok(())
+    }
+
+    /// Undoes [`Engine::quiesce`] without leaving shadow mode (a failed migration of a VM in
+    /// continuous shadow mode).
+    pub fn resume_after_quiesce(&self) -> Result<()> {
+        let mut guard = self.active();
+        let Some(a) = guard.as_mut() else {
+            return Ok(());
+        };
+        for q in &mut a.shared.lock().queues {
+            q.q.hold(false);
+        }
+        Self::start_poller(a)
+    }
+
+    /// Drops the collected dirty pages except the ring pages (the unsafe negative control:
+    /// what the device wrote into data buffers is not reported).
+    pub fn discard_data_dirty(&self) {
+        if let Some(a) = &*self.active() {
+            let copies = a.copies.clone();
+            a.shared
+                .lock()
+                .dirty
+                .retain(|p| copies.iter().any(|c| c.gpa.contains(p)));
+        }
+    }
+
+    /// The state to send at switchover (after [`Engine::quiesce`]).
+    pub fn saved(&self) -> Result<device::SavedDevice> {
+        let guard = self.active();
+        let a = guard
+            .as_ref()
+            .ok_or_else(|| Error::Engine("save outside shadow mode".into()))?;
+        let run = a.shared.lock();
+        let (asq, acq, pending) = self.att.admin_positions();
+        if pending > 0 {
+            return Err(Error::Engine(format!(
+                "{pending} guest admin command(s) are still pending at the switchover"
+            )));
+        }
+        // The configuration as it is now (the guest may have deleted queues or shut the
+        // controller down since shadowing began); queues it deleted are not sent.
+        let config = self.att.config_log();
+        let live: Vec<&QueueRt> = run
+            .queues
+            .iter()
+            .filter(|q| {
+                let g = q.q.geometry();
+                config
+                    .io_sqs
+                    .get(&g.qid)
+                    .is_some_and(|s| s.base == g.sq_base)
+                    && config
+                        .io_cqs
+                        .get(&g.qid)
+                        .is_some_and(|c| c.base == g.cq_base)
+            })
+            .collect();
+        if live.len() != config.io_sqs.len() {
+            return Err(Error::Engine(format!(
+                "the guest created {} I/O queue(s) the engine does not shadow",
+                config.io_sqs.len() - live.len()
+            )));
+        }
+        Ok(device::SavedDevice {
+            admin: (asq, acq),
+            config,
+            limits: a.limits,
+            dstrd: a.dstrd,
+            queues: live.iter().map(|q| q.q.state()).collect(),
+            doorbells: live
+                .iter()
+                .map(|q| {
+                    let p = &run.pages[q.page].guest;
+                    (
+                        p.load_u32(q.sq_off).unwrap_or(0),
+                        p.load_u32(q.cq_off).unwrap_or(0),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// Leaves shadow mode: pauses the vCPUs, drains (bounded), re-aligns if commands were
+    /// refused, copies the guest's view back into RAM, swaps the slots back, maps the
+    /// device's doorbell pages again with the guest's last values rung, resumes.
+    pub fn leave(&self, vm: &Vm) -> Result<()> {
+        let mut guard = self.active();
+        let Some(a) = guard.as_mut() else {
+            return Ok(());
+        };
+        vm.pause()
+            .map_err(vmm_err("pausing the vCPUs to leave shadow mode"))?;
+        let result = self.leave_paused(vm, a);
+        let resumed = vm.resume().map_err(vmm_err("resuming the vCPUs"));
+        match result {
+            Ok(()) => {
+                let a = guard.take();
+                drop(a);
+                self.counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+                tracing::info!("shadow mode left; the queues run direct");
+                resumed
+            }
+            Err(e) => {
+                // Still shadowed: keep forwarding so the guest is not stuck.
+                let _ = Self::start_poller(a);
+                for q in &mut a.shared.lock().queues {
+                    q.q.hold(false);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn leave_paused(&self, vm: &Vm, a: &mut Active) -> Result<()> {
+        let slots = vm.memory_slots();
+        {
+            let mut run = a.shared.lock();
+            for q in &mut run.queues {
+                q.q.hold(false);
+            }
+        }
+        Self::drain_and_stop(a, self.opts.drain_timeout)?;
+        let mut run = a.shared.lock();
+        // Forward whatever completed between the drain's last look and the stop.
+        let Running {
+            queues,
+            bufs,
+            dirty,
+            ..
+        } = &mut *run;
+        for q in queues.iter_mut() {
+            let _ = q.q.forward_completions(bufs, dirty);
+        }
+        Self::align_all(&mut run, self.opts.drain_timeout)?;
+        for q in &run.queues {
+            if !q.q.in_sync() {
+                return Err(Error::Engine(format!(
+                    "queue {} is not in sync after the drain",
+                    q.q.geometry().qid
+                )));
+            }
+        }
+        // Both sides agree: the guest's view becomes RAM again.
+        for c in a.copies.iter() {
+            let mut buf = vec![0u8; c.pages.len()];
+            c.pages.read(0, &mut buf);
+            if !crate::Buffers::write_device(&run.bufs, c.gpa.start, &buf) {
+                return Err(Error::Engine(format!(
+                    "writing ring pages {:?} back",
+                    c.gpa
+                )));
+            }
+        }
+        for r in std::mem::take(&mut a.remapped) {
+            // SAFETY: RAM backing needs no host promise.
+            unsafe {
+                self.att
+                    .remap_guest_range(slots, r.start, r.end - r.start, GuestBacking::Ram)
+            }
+            .map_err(hook(format!("swapping ring pages {r:?} back to RAM")))?;
+        }
+        self.att.set_doorbell_hook(None);
+        for p in &run.pages {
+            for q in run
+                .queues
+                .iter()
+                .filter(|q| run.pages[q.page].bar_offset == p.bar_offset)
+            {
+                let sq = p.guest.load_u32(q.sq_off).unwrap_or(0);
+                let cq = p.guest.load_u32(q.cq_off).unwrap_or(0);
+                p.ring(q.sq_off, sq);
+                p.ring(q.cq_off, cq);
+            }
+            self.release_page(slots, p.bar_offset)?;
+        }
+        let stats: Vec<QueueStats> = run.queues.iter().map(|q| q.q.stats()).collect();
+        tracing::info!(
+            shadowed_ms = a.entered.elapsed().as_millis() as u64,
+            ?stats,
+            "shadow mode ending"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(a) = self.active().as_mut() {
+            Self::stop_poller(a);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The poller: while shadowed, one thread reads the guest's doorbells from the redirected
+//! pages, forwards new submissions (validated by the adapter) and rings the device, forwards
+//! the device's completions into the guest's copy and collects the pages the device wrote.
+use std::{
+    sync::{atomic::Ordering, Arc},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use super::{Running, Shared};
+use crate::{Error, Result, RingAdapter};
+
+/// Sleep after a round that found nothing to do. The poller shares the machine with the
+/// vCPU and the device, which both spin: a poller that spun as well would wait for a whole
+/// scheduler time slice whenever the three outnumber the cores; one that sleeps briefly keeps
+/// a small virtual runtime and preempts a spinner as soon as it wakes.
+const IDLE_SLEEP: Duration = Duration::from_micros(10);
+
+pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("shadow-poller".into())
+        .spawn(move || {
+            while !shared.stop.load(Ordering::Acquire) {
+                if poll_once(&mut shared.lock()) == 0 {
+                    std::thread::sleep(IDLE_SLEEP);
+                }
+            }
+        })
+        .map_err(|e| Error::Engine(format!("spawning the poller: {e}")))
+}
+
+/// One round over every queue; returns how many doorbells and completions moved.
+pub(crate) fn poll_once(run: &mut Running) -> usize {
+    let Running {
+        queues,
+        pages,
+        bufs,
+        dirty,
+    } = run;
+    let mut moved = 0;
+    for q in queues.iter_mut() {
+        let page = &pages[q.page];
+        let sq = page.guest.load_u32(q.sq_off).unwrap_or(q.seen_sq);
+        if sq != q.seen_sq || q.q.pending() > 0 {
+            if sq != q.seen_sq {
+                moved += 1;
+            }
+            q.seen_sq = sq;
+            match q.q.on_guest_submit(sq, bufs) {
+                Ok(Some(tail)) => page.ring(q.sq_off, tail),
+                Ok(None) => {}
+                Err(e) => {
+                    q.errors += 1;
+                    if q.errors.is_power_of_two() {
+                        tracing::warn!(
+                            qid = q.q.geometry().qid,
+                            errors = q.errors,
+                            "submission: {e}"
+                        );
+                    }
+                }
+            }
+        }
+        match q.q.forward_completions(bufs, dirty) {
+            Ok(n) => moved += n,
+            Err(e) => {
+                q.errors += 1;
+                if q.errors.is_power_of_two() {
+                    tracing::warn!(
+                        qid = q.q.geometry().qid,
+                        errors = q.errors,
+                        "completion: {e}"
+                    );
+                }
+            }
+        }
+        let cq = page.guest.load_u32(q.cq_off).unwrap_or(q.seen_cq);
+        if cq != q.seen_cq {
+            q.seen_cq = cq;
+            moved += 1;
+            if let Some(head) = q.q.on_guest_consume(cq) {
+                page.ring(q.cq_off, head);
+            }
+        }
+    }
+    moved
+}

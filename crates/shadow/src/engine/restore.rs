@@ -1,0 +1,161 @@
+//! The destination side: a fresh device is rebuilt from the saved state and its queues run
+//! shadowed with index translation until they are re-aligned with fillers.
+use std::{
+    sync::{atomic::AtomicBool, Arc, Mutex},
+    time::Instant,
+};
+
+use nvme_spec::regs;
+use passthrough::{Attachment, DeviceHooks, GuestBacking};
+use vmm::Vm;
+
+use super::{
+    device::SavedDevice,
+    memory::{page_regions, Copy, EngineBuffers, HostPages, PAGE},
+    poller, Active, DoorbellPage, Engine, EngineOptions, QueueRt, Running, Shared,
+};
+use crate::{nvme::NvmeQueue, Error, Result};
+
+fn hook(what: String) -> impl FnOnce(passthrough::Error) -> Error {
+    move |source| Error::Hook { what, source }
+}
+
+impl Engine {
+    /// Rebuilds the device of `saved` behind `att` in `vm` (restored, not started): the
+    /// arrived ring pages become the vCPU-buffer copies, the device is reset and its
+    /// configuration replayed (a hypervisor admin queue at an IOVA above guest RAM; the I/O
+    /// queues at the guest's ring addresses, zeroed), and each queue is rebuilt, held, in
+    /// front of the fresh device. Call [`Engine::realign`] once the VM runs, then
+    /// [`Engine::leave`].
+    pub fn restore(
+        vm: &Vm,
+        att: Arc<Attachment>,
+        saved: &SavedDevice,
+        opts: EngineOptions,
+    ) -> Result<Self> {
+        let engine = Engine::new(att.clone(), opts);
+        let dstrd = att.dstrd();
+        if saved.queues.len() != saved.doorbells.len() {
+            return Err(Error::Engine("saved queues and doorbells disagree".into()));
+        }
+        let ram = vm.ram().clone();
+        let slots = vm.memory_slots();
+        let geos: Vec<_> = saved.queues.iter().map(|q| q.geometry).collect();
+        let regions = page_regions(geos.iter().flat_map(|g| {
+            [
+                g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
+                g.cq_base..g.cq_base + g.cq_entries as u64 * 16,
+            ]
+        }));
+        let mut copies = Vec::new();
+        for r in &regions {
+            let pages = HostPages::new(r.end - r.start)?;
+            // SAFETY: the VM has not started and the device has no queues yet.
+            let src = unsafe { ram.slice(r.start, r.end - r.start) }.ok_or_else(|| {
+                Error::Engine(format!("ring pages {r:?} are not inside one RAM region"))
+            })?;
+            // SAFETY: `src` is readable guest RAM of the same length.
+            unsafe { pages.fill_from(0, src.as_ptr(), src.len()) };
+            copies.push(Copy {
+                gpa: r.clone(),
+                pages,
+            });
+        }
+        let copies = Arc::new(copies);
+        let mut remapped = Vec::new();
+        for c in copies.iter() {
+            // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
+            unsafe {
+                att.remap_guest_range(
+                    slots,
+                    c.gpa.start,
+                    c.gpa.end - c.gpa.start,
+                    GuestBacking::Host(c.pages.addr()),
+                )
+            }
+            .map_err(hook(format!("swapping ring pages {:?} to the copy", c.gpa)))?;
+            remapped.push(c.gpa.clone());
+        }
+        // The device buffer starts clean: a fresh queue must not find stale phase bits.
+        for g in &geos {
+            ram.write(g.sq_base, &vec![0u8; g.sq_entries as usize * 64])
+                .and_then(|_| ram.write(g.cq_base, &vec![0u8; g.cq_entries as usize * 16]))
+                .map_err(|e| Error::Engine(format!("zeroing queue {}'s rings: {e}", g.qid)))?;
+        }
+        let ram_end = ram
+            .regions()
+            .iter()
+            .map(|r| r.gpa + r.size)
+            .max()
+            .unwrap_or(0);
+        let iova = ram_end.next_multiple_of(1 << 30).max(1 << 32) + (1 << 30);
+        att.replay(&saved.config, saved.admin, iova)
+            .map_err(hook("replaying the configuration log".into()))?;
+
+        let bufs = EngineBuffers::new(ram.clone(), copies.clone());
+        let mut pages: Vec<DoorbellPage> = Vec::new();
+        let mut queues = Vec::new();
+        for (state, &(sq, cq)) in saved.queues.iter().zip(&saved.doorbells) {
+            let g = state.geometry;
+            let sq_db = regs::sq_tail_doorbell(g.qid, dstrd);
+            let cq_db = regs::cq_head_doorbell(g.qid, dstrd);
+            let bar_offset = sq_db & !(PAGE - 1);
+            let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
+                Some(i) => i,
+                None => {
+                    pages.push(engine.intercept(slots, bar_offset, false)?);
+                    pages.len() - 1
+                }
+            };
+            let (sq_off, cq_off) = ((sq_db - bar_offset) as usize, (cq_db - bar_offset) as usize);
+            // The guest's doorbells read back what it last wrote on the source.
+            pages[page].guest.store_u32(sq_off, sq);
+            pages[page].guest.store_u32(cq_off, cq);
+            let q = NvmeQueue::rebuild(state, saved.limits, &bufs)?;
+            queues.push(QueueRt {
+                q,
+                page,
+                sq_off,
+                cq_off,
+                seen_sq: sq,
+                seen_cq: cq,
+                errors: 0,
+            });
+        }
+        engine.install_hook(&pages, &queues);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Running {
+                queues,
+                pages,
+                bufs,
+                dirty: Vec::new(),
+            }),
+            stop: AtomicBool::new(false),
+        });
+        let poller = poller::spawn(shared.clone())?;
+        *engine.active() = Some(Active {
+            shared,
+            poller: Some(poller),
+            copies,
+            remapped,
+            limits: saved.limits,
+            dstrd,
+            entered: Instant::now(),
+        });
+        engine.counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        Ok(engine)
+    }
+
+    /// Re-aligns every queue with fillers the guest never sees, while the VM runs; the queues
+    /// then forward the guest's work (still shadowed). Returns the fillers used.
+    pub fn realign(&self) -> Result<u64> {
+        let guard = self.active();
+        let a = guard
+            .as_ref()
+            .ok_or_else(|| Error::Engine("re-alignment outside shadow mode".into()))?;
+        let mut run = a.shared.lock();
+        let n = Self::align_all(&mut run, self.opts.drain_timeout)?;
+        tracing::info!(fillers = n, "queues re-aligned with the guest's positions");
+        Ok(n)
+    }
+}
