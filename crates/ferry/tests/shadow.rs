@@ -428,15 +428,23 @@ fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
     let dir = TempDir::new("kill");
     let disk = dir.path("disk.img");
     let (src, api) = source(&dir, &disk, 12, &[]);
-    let (mut dst, addr) = destination(Some(&disk));
+    let (dst, addr) = destination(Some(&disk));
     warm_up();
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(400));
-        dst.kill();
-    });
-    let out = migrate(&api, &addr, &[]);
-    killer.join().unwrap();
+    // Kill the destination once 300 KiB of the stream went through: mid round 0, whatever
+    // the machine's speed.
+    let pid = dst.0.as_ref().unwrap().id() as i32;
+    let proxy = fault_proxy(
+        addr,
+        300 * 1024,
+        // SAFETY: kill(2) on the destination process this test started.
+        move || unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        },
+        false,
+    );
+    let out = migrate(&api, &proxy, &[]);
     assert!(!out.status.success(), "migration should fail");
+    drop(dst);
     let s = src.wait_output(Duration::from_secs(150));
     let summary = last_json(&s);
     assert_eq!(summary["outcome"], "exit", "{summary}");
@@ -532,6 +540,18 @@ fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
 /// Forwards one connection to `target` and cuts both directions once `limit` bytes went from
 /// the source to the destination.
 fn cutting_proxy(target: String, limit: u64) -> String {
+    fault_proxy(target, limit, || {}, true)
+}
+
+/// Forwards one connection to `target`; once `limit` bytes went from the source to the
+/// destination it runs `at_limit` and then either cuts both directions (`cut`) or keeps
+/// forwarding until a side fails.
+fn fault_proxy(
+    target: String,
+    limit: u64,
+    at_limit: impl FnOnce() + Send + 'static,
+    cut: bool,
+) -> String {
     use std::{
         io::Write,
         net::{Shutdown, TcpListener, TcpStream},
@@ -546,12 +566,25 @@ fn cutting_proxy(target: String, limit: u64) -> String {
             let _ = std::io::copy(&mut dst, &mut src);
         });
         let mut sent = 0u64;
+        let mut at_limit = Some(at_limit);
         let mut buf = vec![0u8; 64 * 1024];
-        while sent < limit {
+        loop {
+            if sent >= limit {
+                if let Some(f) = at_limit.take() {
+                    f();
+                }
+                if cut {
+                    break;
+                }
+            }
             match src_r.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let n = n.min((limit - sent) as usize);
+                    let n = if cut {
+                        n.min((limit - sent) as usize)
+                    } else {
+                        n
+                    };
                     if dst_w.write_all(&buf[..n]).is_err() {
                         break;
                     }
