@@ -1,12 +1,15 @@
 //! Live migration between real `ferry` processes under the real /dev/kvm: the guest's ledger
 //! verifies on the destination, memory is byte-identical (hashes taken by each process), the
 //! VM survives A→B→A, and every fault leaves the source running and verifiable.
+mod common;
+use common::Proc;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc,
@@ -24,44 +27,6 @@ fn tmp(name: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
     std::env::temp_dir().join(format!("ferry-mig-{}-{n}-{name}", std::process::id()))
-}
-
-/// Kills the child on drop, so a failing test leaves nothing behind. `.1` collects stderr
-/// when a reader thread took it over.
-struct Proc(Option<Child>, Option<mpsc::Receiver<String>>);
-
-impl Proc {
-    fn wait_output(mut self, limit: Duration) -> Output {
-        let mut child = self.0.take().unwrap();
-        let deadline = Instant::now() + limit;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("process did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut out = child.wait_with_output().unwrap();
-        if let Some(rx) = self.1.take() {
-            out.stderr = rx
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_default()
-                .into_bytes();
-        }
-        out
-    }
-    fn kill(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A source VM: `ferry run` with the `dirty` workload and an API socket.

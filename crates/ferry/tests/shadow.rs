@@ -2,11 +2,14 @@
 //! processes under /dev/kvm, the guest's self-verifying `nvme-verify` workload (several queues,
 //! QD 32, 4 KiB random reads and writes), live migration over loopback with shared storage (the
 //! same backing file on both sides). Every process is killed if a test fails.
+mod common;
+use common::Proc;
+
 use std::{
     io::{BufRead, BufReader, Read},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -43,43 +46,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process killed on drop; `.1` collects stderr read by a thread.
-struct Proc(Option<Child>, Option<mpsc::Receiver<String>>);
-
-impl Proc {
-    fn wait_output(mut self, limit: Duration) -> Output {
-        let mut child = self.0.take().unwrap();
-        let deadline = Instant::now() + limit;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("process did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut out = child.wait_with_output().unwrap();
-        if let Some(rx) = self.1.take() {
-            out.stderr = rx
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_default()
-                .into_bytes();
-        }
-        out
-    }
-    fn kill(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
