@@ -198,6 +198,36 @@ impl Buffers for EngineBuffers {
     }
 }
 
+/// Hypervisor copies of the pages holding the rings of `geos` (merged into page regions),
+/// filled from guest RAM.
+///
+/// Callers pause the vCPUs first (or run before the VM starts). A device may still write its
+/// completion queues meanwhile; the adapters reconcile those entries by phase afterwards.
+pub fn copy_rings(ram: &GuestRam, geos: &[crate::nvme::QueueGeometry]) -> Result<Vec<Copy>> {
+    let regions = page_regions(geos.iter().flat_map(|g| {
+        [
+            g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
+            g.cq_base..g.cq_base + g.cq_entries as u64 * 16,
+        ]
+    }));
+    let mut copies = Vec::new();
+    for r in &regions {
+        let pages = HostPages::new(r.end - r.start)?;
+        // SAFETY: a racy snapshot is what the caller wants (see above); the range is checked
+        // to lie in one RAM region, which `ram` keeps mapped.
+        let src = unsafe { ram.slice(r.start, r.end - r.start) }.ok_or_else(|| {
+            Error::Engine(format!("ring pages {r:?} are not inside one RAM region"))
+        })?;
+        // SAFETY: `src` is readable guest RAM of the same length as the copy.
+        unsafe { pages.fill_from(0, src.as_ptr(), src.len()) };
+        copies.push(Copy {
+            gpa: r.clone(),
+            pages,
+        });
+    }
+    Ok(copies)
+}
+
 /// Merges the page-rounded `ranges` into disjoint, sorted page ranges.
 pub fn page_regions(ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<u64>> {
     let mut v: Vec<Range<u64>> = ranges

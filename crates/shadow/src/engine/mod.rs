@@ -28,7 +28,7 @@ use crate::{
     Error, Result, RingAdapter,
 };
 pub use memory::Designation;
-use memory::{page_regions, Copy, EngineBuffers, HostPages, PAGE};
+use memory::{copy_rings, Copy, EngineBuffers, HostPages, PAGE};
 
 /// How guest submissions reach the engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,28 +349,8 @@ impl Engine {
     fn enter_paused(&self, vm: &Vm, limits: Limits, geos: &[QueueGeometry]) -> Result<Active> {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
-        let regions = page_regions(geos.iter().flat_map(|g| {
-            [
-                g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
-                g.cq_base..g.cq_base + g.cq_entries as u64 * 16,
-            ]
-        }));
-        let mut copies = Vec::new();
-        for r in &regions {
-            let pages = HostPages::new(r.end - r.start)?;
-            // SAFETY: vCPUs are paused; the device may still write its CQ, which the
-            // adapter reconciles by phase after the swap.
-            let src = unsafe { ram.slice(r.start, r.end - r.start) }.ok_or_else(|| {
-                Error::Engine(format!("ring pages {r:?} are not inside one RAM region"))
-            })?;
-            // SAFETY: `src` is readable guest RAM of the same length.
-            unsafe { pages.fill_from(0, src.as_ptr(), src.len()) };
-            copies.push(Copy {
-                gpa: r.clone(),
-                pages,
-            });
-        }
-        let copies = Arc::new(copies);
+        // vCPUs are paused; completions the device posts meanwhile are reconciled by phase.
+        let copies = Arc::new(copy_rings(&ram, geos)?);
         let mut remapped: Vec<Range<u64>> = Vec::new();
         let mut redirected: Vec<u64> = Vec::new();
         let undo = |remapped: &[Range<u64>], redirected: &[u64]| {

@@ -11,7 +11,7 @@ use vmm::Vm;
 
 use super::{
     device::SavedDevice,
-    memory::{page_regions, Copy, EngineBuffers, HostPages, PAGE},
+    memory::{copy_rings, EngineBuffers, PAGE},
     poller, Active, DoorbellPage, Engine, EngineOptions, QueueRt, Running, Shared,
 };
 use crate::{nvme::NvmeQueue, Error, Result};
@@ -41,27 +41,8 @@ impl Engine {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let geos: Vec<_> = saved.queues.iter().map(|q| q.geometry).collect();
-        let regions = page_regions(geos.iter().flat_map(|g| {
-            [
-                g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
-                g.cq_base..g.cq_base + g.cq_entries as u64 * 16,
-            ]
-        }));
-        let mut copies = Vec::new();
-        for r in &regions {
-            let pages = HostPages::new(r.end - r.start)?;
-            // SAFETY: the VM has not started and the device has no queues yet.
-            let src = unsafe { ram.slice(r.start, r.end - r.start) }.ok_or_else(|| {
-                Error::Engine(format!("ring pages {r:?} are not inside one RAM region"))
-            })?;
-            // SAFETY: `src` is readable guest RAM of the same length.
-            unsafe { pages.fill_from(0, src.as_ptr(), src.len()) };
-            copies.push(Copy {
-                gpa: r.clone(),
-                pages,
-            });
-        }
-        let copies = Arc::new(copies);
+        // The VM has not started and the device has no queues yet.
+        let copies = Arc::new(copy_rings(&ram, &geos)?);
         let mut remapped = Vec::new();
         for c in copies.iter() {
             // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
