@@ -38,6 +38,9 @@ pub struct MigrateRequest {
     /// Hash guest RAM at the pause (debug; compare with the destination's).
     #[serde(default)]
     pub debug_hash: bool,
+    /// Cap on the pre-copy sending rate in bytes per second (absent: no cap).
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
     /// Negative control: migrate a passthrough device without reporting the pages it writes
     /// (unsafe: the destination's memory is expected to be corrupt).
     #[serde(default)]

@@ -204,6 +204,10 @@ pub struct MigrateArgs {
     /// What to do when the round limit is hit before convergence.
     #[arg(long, value_enum, default_value = "finish")]
     pub on_limit: OnLimit,
+    /// Cap on the pre-copy sending rate, bytes per second (e.g. 100M; default: no cap). The
+    /// paused last round is never capped.
+    #[arg(long, value_name = "BYTES_PER_S", value_parser = parse_size)]
+    pub max_bandwidth: Option<u64>,
     /// Hash guest RAM at the pause (compare with the destination's --debug-hash).
     #[arg(long)]
     pub debug_hash: bool,

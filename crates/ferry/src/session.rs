@@ -318,6 +318,7 @@ pub fn supervise(
                             max_rounds: m.max_rounds,
                             on_limit: m.on_limit,
                             debug_hash: m.debug_hash,
+                            max_bandwidth: m.max_bandwidth,
                             ..Default::default()
                         };
                         let reply = p.reply.clone();

@@ -358,9 +358,12 @@ fn negative_control_without_shadowing_is_detected() {
         .output()
         .unwrap();
     assert_eq!(last_json(&fill)["status"], 0, "{}", text(&fill.stderr));
-    // Whether a given unsafe migration catches the device writing a page after its last copy
-    // is a matter of timing; three attempts make a miss on every one vanishingly rare, and one
-    // detection is enough to show the mechanism is what makes the safe migration correct.
+    // The unsafe migration is corrupt when the device writes a page after its last copy. The
+    // guest's RAM is mostly zero, so an uncapped round 0 takes a millisecond or two and a guest
+    // that happens not to run then (two cores, several busy threads) gives the device nothing
+    // to write; a capped rate stretches pre-copy to about half a second of I/O. Three attempts
+    // make a miss on every one vanishingly rare, and one detection is enough to show the
+    // mechanism is what makes the safe migration correct.
     let mut seen = Vec::new();
     for attempt in 0..3 {
         let (src, api) = source(
@@ -371,7 +374,11 @@ fn negative_control_without_shadowing_is_detected() {
         );
         let (dst, addr) = destination(Some(&disk));
         warm_up();
-        let out = migrate(&api, &addr, &["--unsafe-no-shadow"]);
+        let out = migrate(
+            &api,
+            &addr,
+            &["--unsafe-no-shadow", "--max-bandwidth", "2M"],
+        );
         assert!(out.status.success(), "migrate: {}", text(&out.stderr));
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
         let _ = src.wait_output(Duration::from_secs(60));

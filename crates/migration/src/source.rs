@@ -40,6 +40,10 @@ pub struct SourceOptions {
     pub debug_hash: bool,
     /// Bound on connecting and on every wait for the destination.
     pub timeout: Duration,
+    /// Cap on the pre-copy rounds' sending rate in bytes per second (`None`: as fast as the
+    /// network goes). The paused round is never throttled: it is the downtime.
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for SourceOptions {
@@ -50,6 +54,7 @@ impl Default for SourceOptions {
             on_limit: LimitPolicy::Finish,
             debug_hash: false,
             timeout: Duration::from_secs(30),
+            max_bandwidth: None,
         }
     }
 }
@@ -77,12 +82,24 @@ struct Sender<'a> {
     out: BufWriter<TcpStream>,
     ram: &'a GuestRam,
     bytes: u64,
+    /// The bandwidth cap while it applies: (bytes per second, start, bytes sent since).
+    throttle: Option<(u64, Instant, u64)>,
 }
 
 impl Sender<'_> {
     fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
         wire::send(&mut self.out, kind, payload)?;
-        self.bytes += payload.len() as u64 + 12;
+        let n = payload.len() as u64 + 12;
+        self.bytes += n;
+        if let Some((rate, start, sent)) = &mut self.throttle {
+            *sent += n;
+            let due = Duration::from_secs_f64(*sent as f64 / *rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                // What is buffered goes out first, so the wire sees the capped rate.
+                self.out.flush().map_err(MigrationError::io("write"))?;
+                std::thread::sleep(wait);
+            }
+        }
         Ok(())
     }
 
@@ -286,6 +303,10 @@ fn run(
         out: BufWriter::with_capacity(1 << 20, stream),
         ram,
         bytes: 0,
+        throttle: opts
+            .max_bandwidth
+            .filter(|&r| r > 0)
+            .map(|r| (r, Instant::now(), 0)),
     };
     let mut buf = Vec::new();
     tx.send(Kind::Hello, &wire::hello())?;
@@ -390,6 +411,7 @@ fn run(
 
     // Switchover: pause, last dirty pages, state, devices.
     let pause_at = Instant::now();
+    tx.throttle = None;
     vm.pause()?;
     *paused = true;
     prog.phase = "switchover".into();

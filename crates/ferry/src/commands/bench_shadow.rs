@@ -251,6 +251,7 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
         on_limit: migration::LimitPolicy::Finish,
         debug_hash: false,
         unsafe_no_shadow: false,
+        max_bandwidth: None,
     });
     let report = match api::call(&api_path, &request, |_| {})? {
         Response::Result {

@@ -246,6 +246,7 @@ pub(crate) fn migrate_later(
         on_limit: migration::LimitPolicy::Finish,
         debug_hash: true,
         unsafe_no_shadow: false,
+        max_bandwidth: None,
     });
     match api::call(&api_path, &request, |_| {})? {
         Response::Result {

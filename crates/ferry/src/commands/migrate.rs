@@ -20,6 +20,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
             OnLimit::Abort => LimitPolicy::Abort,
         },
         debug_hash: args.debug_hash,
+        max_bandwidth: args.max_bandwidth,
         unsafe_no_shadow: args.unsafe_no_shadow,
     });
     let bar = if std::io::stderr().is_terminal() && !args.json {
