@@ -69,6 +69,13 @@ pub struct NvmeCliArgs {
     /// a DSTRD 0 device share the admin doorbell page and are always trapped.
     #[arg(long, default_value = "poll", value_parser = ["poll", "trap"])]
     pub shadow_doorbells: String,
+    /// Shadow engine: which copy of a shadowed ring the hypervisor's copy is:
+    /// `vcpu-buffer` (the guest's memory slots over the ring pages are swapped onto the copy;
+    /// the device keeps DMAing guest RAM) or `device-buffer` (the device's DMA mapping of the
+    /// ring pages is moved onto the copy; the guest keeps its RAM). A migration destination
+    /// rebuilds with `vcpu-buffer` whatever this says.
+    #[arg(long, default_value = "vcpu-buffer", value_parser = ["vcpu-buffer", "device-buffer"])]
+    pub shadow_designation: String,
     /// `nvme-verify`: I/O queue pairs.
     #[arg(long, default_value_t = 2)]
     pub nvme_queues: u32,
@@ -143,6 +150,11 @@ impl NvmeCliArgs {
                 shadow::engine::Interception::Trap
             } else {
                 shadow::engine::Interception::Poll
+            },
+            designation: if self.shadow_designation == "device-buffer" {
+                shadow::engine::Designation::DeviceBuffer
+            } else {
+                shadow::engine::Designation::VcpuBuffer
             },
             ..Default::default()
         }

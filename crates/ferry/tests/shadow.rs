@@ -268,6 +268,26 @@ fn migration_of_a_dstrd_0_device_passes() {
 }
 
 #[test]
+fn migration_with_the_copy_as_device_buffer_passes() {
+    let _serial = serial();
+    migrate_and_verify("devbuf", &["--shadow-designation", "device-buffer"]);
+}
+
+#[test]
+fn migration_with_the_copy_as_device_buffer_in_trap_mode_passes() {
+    let _serial = serial();
+    migrate_and_verify(
+        "devbuf-trap",
+        &[
+            "--shadow-designation",
+            "device-buffer",
+            "--shadow-doorbells",
+            "trap",
+        ],
+    );
+}
+
+#[test]
 fn a_to_b_to_a_keeps_verifying() {
     let _serial = serial();
     let dir = TempDir::new("aba");
@@ -440,10 +460,23 @@ fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
     );
 }
 
+/// Both designations: the hypervisor's copy as the vCPU buffer and as the device buffer.
+const DESIGNATIONS: [&str; 2] = ["vcpu-buffer", "device-buffer"];
+
 #[test]
 fn continuous_shadow_mode_runs_nvme_verify_clean() {
     let _serial = serial();
-    let dir = TempDir::new("continuous");
+    for designation in DESIGNATIONS {
+        continuous_shadow_mode(designation);
+    }
+}
+
+/// nvme-verify for 3 s, shadowed all along with `designation`: the guest's verification passes
+/// and every I/O went through the engine. With the copy as the device buffer a device still
+/// reaching the guest's rings would post every completion twice (once itself, once through
+/// the engine), which the guest's command-id tags catch.
+fn continuous_shadow_mode(designation: &str) {
+    let dir = TempDir::new(&format!("continuous-{designation}"));
     let disk = dir.path("disk.img");
     let out = ferry()
         .arg("run")
@@ -454,6 +487,8 @@ fn continuous_shadow_mode_runs_nvme_verify_clean() {
             "3s",
             "--shadow",
             "continuous",
+            "--shadow-designation",
+            designation,
             "--nvme-backing",
         ])
         .arg(&disk)
@@ -461,9 +496,14 @@ fn continuous_shadow_mode_runs_nvme_verify_clean() {
         .output()
         .unwrap();
     let summary = last_json(&out);
-    assert_eq!(summary["status"], 0, "{}", text(&out.stderr));
+    assert_eq!(summary["status"], 0, "{designation}: {}", text(&out.stderr));
     let shadow = &summary["shadow"];
     assert_eq!(shadow["shadowed"], true, "{shadow}");
+    assert_eq!(shadow["designation"], designation, "{shadow}");
+    assert!(
+        !shadow["remapped"].as_array().unwrap().is_empty(),
+        "{shadow}"
+    );
     let forwarded: u64 = shadow["queues"]
         .as_array()
         .unwrap()
@@ -476,7 +516,16 @@ fn continuous_shadow_mode_runs_nvme_verify_clean() {
 #[test]
 fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
     let _serial = serial();
-    let dir = TempDir::new("malformed");
+    for designation in DESIGNATIONS {
+        garbage_in_shadowed_rings(designation);
+    }
+}
+
+/// nvme-malformed under continuous shadowing with `designation`: every hostile entry is
+/// refused by the hypervisor (a device reading the guest's ring itself would answer with its
+/// own statuses or act on them).
+fn garbage_in_shadowed_rings(designation: &str) {
+    let dir = TempDir::new(&format!("malformed-{designation}"));
     let disk = dir.path("disk.img");
     // `--duration` holds the malformed commands back until continuous shadowing has begun.
     let out = ferry()
@@ -484,6 +533,8 @@ fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
         .args([
             "--shadow",
             "continuous",
+            "--shadow-designation",
+            designation,
             "--serial",
             "stdout",
             "--nvme-backing",
@@ -503,12 +554,16 @@ fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
         "read from namespace 5: rejected (sct 0 sc 0x0b)",
         "all 15 malformed commands rejected with the right status; the device still works",
     ] {
-        assert!(stdout.contains(what), "missing {what:?} in {stdout}");
+        assert!(
+            stdout.contains(what),
+            "{designation}: missing {what:?} in {stdout}"
+        );
     }
     let summary = last_json(&out);
     assert_eq!(summary["status"], 0, "{summary}");
     let q = &summary["shadow"]["queues"][0]["state"]["stats"];
     assert_eq!(summary["shadow"]["shadowed"], true, "{summary}");
+    assert_eq!(summary["shadow"]["designation"], designation, "{summary}");
     // The hypervisor refused the hostile entries itself; the good commands went through.
     assert!(q["refused"].as_u64().unwrap() >= 7, "{q}");
     assert!(q["forwarded"].as_u64().unwrap() >= 2, "{q}");

@@ -25,7 +25,8 @@ use crate::{
     bar::{disconnect_message, Bar0Trap},
     client::{Connection, MappedArea, MSIX_IRQ},
     config_log::{AdminMediator, ConfigLog},
-    hooks::{DeviceHooks, DoorbellMode, GuestBacking},
+    dma_layout::{DmaBacking, DmaLayout, Piece},
+    hooks::{DeviceBacking, DeviceHooks, DoorbellMode, GuestBacking},
     msix::{MsixRouter, Route},
     pci::{find_msix, PassthroughPci},
     Error, Result,
@@ -71,6 +72,8 @@ pub struct Attachment {
     hook: crate::bar::HookSlot,
     doorbell_slots: Mutex<BTreeMap<u64, u32>>,
     remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
+    /// The device's DMA mappings (guest RAM, pieces of it moved onto hypervisor memory).
+    dma: Mutex<DmaLayout>,
     irqs: Arc<Vec<EventFd>>,
     msix: Arc<Mutex<MsixRouter>>,
     stop: Arc<AtomicBool>,
@@ -117,8 +120,16 @@ impl Attachment {
 
         // DMA: all of guest RAM, IOVA == GPA.
         let ram = vm.ram().clone();
+        let mut pieces = Vec::new();
         for r in ram.regions() {
             conn.dma_map(r.file_offset, r.gpa, r.size, ram.memfd().as_ref())?;
+            pieces.push(Piece {
+                iova: r.gpa,
+                size: r.size,
+                backing: DmaBacking::Ram {
+                    file_offset: r.file_offset,
+                },
+            });
         }
 
         // Interrupts: one eventfd per MSI-X vector, handed to the device.
@@ -193,6 +204,7 @@ impl Attachment {
             hook,
             doorbell_slots: Mutex::new(BTreeMap::new()),
             remaps: Mutex::new(BTreeMap::new()),
+            dma: Mutex::new(DmaLayout::new(pieces)),
             irqs,
             msix,
             stop: Arc::new(AtomicBool::new(false)),
@@ -594,6 +606,63 @@ impl DeviceHooks for Attachment {
             source,
         })?;
         map.insert(bar_offset, slot);
+        Ok(())
+    }
+
+    fn remap_device_range(&self, gpa: u64, size: u64, backing: DeviceBacking) -> Result<()> {
+        let name = self.conn.name.clone();
+        let region = self.ram_region(gpa, size).ok_or_else(|| Error::Hook {
+            name: name.clone(),
+            reason: format!("DMA range {gpa:#x}+{size:#x} is not inside one guest RAM region"),
+        })?;
+        let backing = match backing {
+            DeviceBacking::Ram => DmaBacking::Ram {
+                file_offset: region.file_offset + (gpa - region.gpa),
+            },
+            DeviceBacking::Host { fd, offset } => DmaBacking::Host { fd, offset },
+        };
+        let mut layout = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = layout.plan(gpa, size, backing).map_err(|e| match e {
+            Error::Hook { reason, .. } => Error::Hook {
+                name: name.clone(),
+                reason,
+            },
+            other => other,
+        })?;
+        let ram_fd = std::os::fd::AsRawFd::as_raw_fd(self.ram.memfd().as_ref());
+        let map = |p: &Piece| {
+            let (fd, offset) = p.backing.fd_and_offset(ram_fd);
+            self.conn.dma_map(offset, p.iova, p.size, &fd)
+        };
+        for p in &plan.unmap {
+            self.conn.dma_unmap(p.iova, p.size)?;
+        }
+        for (i, p) in plan.map.iter().enumerate() {
+            if let Err(e) = map(p) {
+                // Put the old mappings back so the device keeps reaching guest RAM.
+                for q in &plan.map[..i] {
+                    let _ = self.conn.dma_unmap(q.iova, q.size);
+                }
+                for q in &plan.unmap {
+                    if let Err(e2) = map(q) {
+                        tracing::error!(
+                            iova = format_args!("{:#x}", q.iova),
+                            size = q.size,
+                            error = %e2,
+                            "restoring a DMA mapping after a failed remap"
+                        );
+                    }
+                }
+                return Err(e);
+            }
+        }
+        layout.apply(&plan);
+        tracing::debug!(
+            gpa = format_args!("{gpa:#x}"),
+            size,
+            mappings = layout.pieces().len(),
+            "device DMA range remapped"
+        );
         Ok(())
     }
 

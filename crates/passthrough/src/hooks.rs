@@ -1,4 +1,4 @@
-//! The three hooks the shadow engine needs from a passthrough attachment. vfio-user implements
+//! The hooks the shadow engine needs from a passthrough attachment. vfio-user implements
 //! them here; kernel VFIO would implement the same trait (EPT side by memory slots, doorbell
 //! pages by memory slots over the mmapped BAR, interrupts by the VFIO eventfds).
 use vmm::memslots::MemorySlots;
@@ -29,6 +29,20 @@ pub enum GuestBacking {
     Host(u64),
 }
 
+/// What backs a range of the device's DMA view (IOVA == GPA inside guest RAM).
+#[derive(Clone, Debug)]
+pub enum DeviceBacking {
+    /// The VM's own RAM (undo a remap).
+    Ram,
+    /// Hypervisor memory: a shareable file (memfd) at `offset` (a ring copy the device uses).
+    Host {
+        /// The file.
+        fd: std::sync::Arc<std::os::fd::OwnedFd>,
+        /// Offset of the range's first byte in it.
+        offset: u64,
+    },
+}
+
 /// Hooks of a passthrough device for the shadow engine.
 pub trait DeviceHooks {
     /// Backs guest-physical `[gpa, gpa + size)` (page aligned, inside one RAM region) with
@@ -57,6 +71,12 @@ pub trait DeviceHooks {
         bar_offset: u64,
         mode: DoorbellMode,
     ) -> Result<()>;
+
+    /// Moves the device's DMA (IOMMU) mapping of `[gpa, gpa + size)` (page aligned, inside one
+    /// RAM region) onto `backing`; the guest's view is unchanged. The device must not DMA to
+    /// the RAM region holding the range meanwhile (its queues held and drained): the mapping
+    /// around the range is re-made too, since a mapping can only be removed whole.
+    fn remap_device_range(&self, gpa: u64, size: u64, backing: DeviceBacking) -> Result<()>;
 
     /// Takes over MSI-X `vector`: returns the eventfd the device signals for it.
     fn take_interrupt(&self, vector: u16) -> Result<EventFd>;

@@ -8,7 +8,8 @@
 //!   admin queue mediation;
 //! - [`config_log`]: the NVMe configuration log the mediation keeps;
 //! - [`msix`]: MSI-X table and enable bits → KVM MSI routes and irqfds;
-//! - [`hooks`]: [`DeviceHooks`], the three hooks the shadow engine needs;
+//! - [`hooks`]: [`DeviceHooks`], the hooks the shadow engine needs;
+//! - [`dma_layout`]: the device's DMA mappings and how to move a range of them;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
 //! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy.
@@ -18,6 +19,7 @@ pub mod attach;
 pub mod bar;
 pub mod client;
 pub mod config_log;
+pub mod dma_layout;
 mod error;
 pub mod hooks;
 pub mod host_client;
@@ -28,4 +30,4 @@ pub mod replay;
 pub use attach::{AttachOptions, Attachment};
 pub use config_log::ConfigLog;
 pub use error::{Error, Result};
-pub use hooks::{DeviceHooks, DoorbellMode, GuestBacking};
+pub use hooks::{DeviceBacking, DeviceHooks, DoorbellMode, GuestBacking};

@@ -58,6 +58,12 @@ impl Engine {
         let Some(a) = guard.as_mut() else {
             return Ok(());
         };
+        if a.designation != super::Designation::VcpuBuffer {
+            // Re-making the device's DMA mapping needs it idle, which only a pause can promise
+            // while the guest may start admin commands.
+            drop(guard);
+            return self.leave(vm);
+        }
         let slots = vm.memory_slots();
         // 1. Hold, drain.
         {

@@ -1,6 +1,10 @@
 //! Hypervisor memory of the engine (ring copies, redirected doorbell pages) and the
 //! [`Buffers`] view the adapters work on.
-use std::{ops::Range, sync::Arc};
+use std::{
+    ops::Range,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::Arc,
+};
 
 use vmm::memory::GuestRam;
 
@@ -9,10 +13,12 @@ use crate::{Buffers, Error, Result};
 /// Page size of the copies and of the memory-slot swaps.
 pub const PAGE: u64 = 4096;
 
-/// Page-aligned anonymous memory, unmapped on drop.
+/// Page-aligned hypervisor memory in a memfd (so a device can be given it by DMA mapping),
+/// unmapped on drop.
 pub struct HostPages {
     host: *mut u8,
     len: usize,
+    fd: Arc<OwnedFd>,
 }
 
 // SAFETY: the mapping is owned by this value; concurrent access is by raw copies of plain
@@ -29,27 +35,47 @@ impl HostPages {
                 "host copy of {len} bytes is not whole pages"
             )));
         }
-        // SAFETY: a fresh private anonymous mapping; the result is checked.
+        let os = |what: &str| {
+            Error::Engine(format!(
+                "{what} for {len} bytes of host memory: {}",
+                std::io::Error::last_os_error()
+            ))
+        };
+        // SAFETY: a plain syscall with a NUL-terminated name; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"ferry-shadow".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(os("memfd_create"));
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: a plain syscall on our descriptor.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(os("ftruncate"));
+        }
+        // SAFETY: a fresh shared mapping of our memfd; the result is checked.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
                 0,
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::Engine(format!(
-                "mapping {len} bytes of host memory: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(os("mmap"));
         }
         Ok(HostPages {
             host: p.cast(),
             len: len as usize,
+            fd: Arc::new(fd),
         })
+    }
+
+    /// The memfd behind the pages (offset 0 is the first byte).
+    pub fn fd(&self) -> Arc<OwnedFd> {
+        self.fd.clone()
     }
 
     /// Host address of the first byte.
@@ -137,23 +163,64 @@ pub struct Copy {
 
 /// Which copy is which.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
 pub enum Designation {
-    /// The copy is the vCPU buffer (memory-slot swap); the device DMAs guest RAM.
+    /// The copy is the vCPU buffer: the guest's memory slots over the ring pages are swapped
+    /// onto it; the device keeps DMAing guest RAM.
     #[default]
     VcpuBuffer,
+    /// The copy is the device buffer: the device's DMA (IOMMU) mapping of the ring pages is
+    /// moved onto it; the guest keeps its RAM.
+    DeviceBuffer,
 }
 
-/// The adapters' view: ring ranges in the copies for the vCPU side, guest RAM for the device.
+/// The adapters' view: for ring ranges, the copy on the designated side and guest RAM on the
+/// other; guest RAM for everything else (data buffers).
 #[derive(Clone)]
 pub struct EngineBuffers {
     ram: GuestRam,
     copies: Arc<Vec<Copy>>,
+    designation: Designation,
 }
 
 impl EngineBuffers {
-    /// Buffers over `ram` with the ring copies `copies`.
-    pub fn new(ram: GuestRam, copies: Arc<Vec<Copy>>) -> Self {
-        EngineBuffers { ram, copies }
+    /// Buffers over `ram` with the ring copies `copies` standing for the `designation` side.
+    pub fn new(ram: GuestRam, copies: Arc<Vec<Copy>>, designation: Designation) -> Self {
+        EngineBuffers {
+            ram,
+            copies,
+            designation,
+        }
+    }
+
+    /// Guest RAM, whichever side it is.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    fn ram_read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.ram.contains(gpa, buf.len() as u64) && self.ram.read(gpa, buf).is_ok()
+    }
+
+    fn ram_write(&self, gpa: u64, data: &[u8]) -> bool {
+        self.ram.contains(gpa, data.len() as u64) && self.ram.write(gpa, data).is_ok()
+    }
+
+    /// The designated side: the copy for ring ranges, RAM elsewhere.
+    fn copy_read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        match self.copy_of(gpa, buf.len()) {
+            Some((c, off)) => c.pages.read(off, buf),
+            None if self.overlaps_copy(gpa, buf.len()) => false,
+            None => self.ram_read(gpa, buf),
+        }
+    }
+
+    fn copy_write(&self, gpa: u64, data: &[u8]) -> bool {
+        match self.copy_of(gpa, data.len()) {
+            Some((c, off)) => c.pages.write(off, data),
+            None if self.overlaps_copy(gpa, data.len()) => false,
+            None => self.ram_write(gpa, data),
+        }
     }
 
     fn copy_of(&self, gpa: u64, len: usize) -> Option<(&Copy, usize)> {
@@ -174,24 +241,28 @@ impl EngineBuffers {
 
 impl Buffers for EngineBuffers {
     fn read_vcpu(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        match self.copy_of(gpa, buf.len()) {
-            Some((c, off)) => c.pages.read(off, buf),
-            None if self.overlaps_copy(gpa, buf.len()) => false,
-            None => self.ram.contains(gpa, buf.len() as u64) && self.ram.read(gpa, buf).is_ok(),
+        match self.designation {
+            Designation::VcpuBuffer => self.copy_read(gpa, buf),
+            Designation::DeviceBuffer => self.ram_read(gpa, buf),
         }
     }
     fn write_vcpu(&self, gpa: u64, data: &[u8]) -> bool {
-        match self.copy_of(gpa, data.len()) {
-            Some((c, off)) => c.pages.write(off, data),
-            None if self.overlaps_copy(gpa, data.len()) => false,
-            None => self.ram.contains(gpa, data.len() as u64) && self.ram.write(gpa, data).is_ok(),
+        match self.designation {
+            Designation::VcpuBuffer => self.copy_write(gpa, data),
+            Designation::DeviceBuffer => self.ram_write(gpa, data),
         }
     }
     fn read_device(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        self.ram.contains(gpa, buf.len() as u64) && self.ram.read(gpa, buf).is_ok()
+        match self.designation {
+            Designation::VcpuBuffer => self.ram_read(gpa, buf),
+            Designation::DeviceBuffer => self.copy_read(gpa, buf),
+        }
     }
     fn write_device(&self, gpa: u64, data: &[u8]) -> bool {
-        self.ram.contains(gpa, data.len() as u64) && self.ram.write(gpa, data).is_ok()
+        match self.designation {
+            Designation::VcpuBuffer => self.ram_write(gpa, data),
+            Designation::DeviceBuffer => self.copy_write(gpa, data),
+        }
     }
     fn in_ram(&self, gpa: u64, len: u64) -> bool {
         self.ram.contains(gpa, len)

@@ -19,7 +19,9 @@ use std::{
 };
 
 use nvme_spec::regs;
-use passthrough::{config_log::ConfigLog, Attachment, DeviceHooks, DoorbellMode, GuestBacking};
+use passthrough::{
+    config_log::ConfigLog, Attachment, DeviceBacking, DeviceHooks, DoorbellMode, GuestBacking,
+};
 use serde::{Deserialize, Serialize};
 use vmm::Vm;
 
@@ -127,7 +129,10 @@ struct Active {
     shared: Arc<Shared>,
     poller: Option<JoinHandle<()>>,
     copies: Arc<Vec<Copy>>,
+    /// Ring ranges whose backing was moved onto the copies: the guest's memory slots
+    /// ([`Designation::VcpuBuffer`]) or the device's DMA mapping ([`Designation::DeviceBuffer`]).
     remapped: Vec<Range<u64>>,
+    designation: Designation,
     limits: Limits,
     dstrd: u8,
     entered: Instant,
@@ -149,6 +154,10 @@ pub struct QueueStatus {
 pub struct EngineStatus {
     /// Shadow mode is on.
     pub shadowed: bool,
+    /// While shadowed: which side the copies are.
+    pub designation: Option<Designation>,
+    /// While shadowed: the ring ranges (guest-physical start, end) moved onto the copies.
+    pub remapped: Vec<(u64, u64)>,
     /// Per-queue status.
     pub queues: Vec<QueueStatus>,
     /// Times shadow mode was entered.
@@ -296,6 +305,11 @@ impl Engine {
         let (entered, left) = *self.counts.lock().unwrap_or_else(|e| e.into_inner());
         EngineStatus {
             shadowed: a.is_some(),
+            designation: a.as_ref().map(|a| a.designation),
+            remapped: a
+                .as_ref()
+                .map(|a| a.remapped.iter().map(|r| (r.start, r.end)).collect())
+                .unwrap_or_default(),
             queues,
             entered,
             left,
@@ -349,40 +363,13 @@ impl Engine {
     fn enter_paused(&self, vm: &Vm, limits: Limits, geos: &[QueueGeometry]) -> Result<Active> {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
-        // vCPUs are paused; completions the device posts meanwhile are reconciled by phase.
-        let copies = Arc::new(copy_rings(&ram, geos)?);
+        let designation = self.opts.designation;
         let mut remapped: Vec<Range<u64>> = Vec::new();
         let mut redirected: Vec<u64> = Vec::new();
-        let undo = |remapped: &[Range<u64>], redirected: &[u64]| {
-            self.att.set_doorbell_hook(None);
-            for &p in redirected {
-                let _ = self.release_page(slots, p);
-            }
-            for r in remapped {
-                // SAFETY: RAM backing needs no host promise.
-                let _ = unsafe {
-                    self.att
-                        .remap_guest_range(slots, r.start, r.end - r.start, GuestBacking::Ram)
-                };
-            }
-        };
-        let result = (|| -> Result<(Vec<DoorbellPage>, Vec<QueueRt>)> {
-            for c in copies.iter() {
-                // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
-                unsafe {
-                    self.att.remap_guest_range(
-                        slots,
-                        c.gpa.start,
-                        c.gpa.end - c.gpa.start,
-                        GuestBacking::Host(c.pages.addr()),
-                    )
-                }
-                .map_err(hook(format!("swapping ring pages {:?} to the copy", c.gpa)))?;
-                remapped.push(c.gpa.clone());
-            }
-            let bufs = EngineBuffers::new(ram.clone(), copies.clone());
+        let result = (|| -> Result<(Vec<DoorbellPage>, Vec<QueueRt>, Arc<Vec<Copy>>, Vec<u64>)> {
+            // Doorbells first: from here on nothing the guest writes reaches the device.
             let mut pages: Vec<DoorbellPage> = Vec::new();
-            let mut queues = Vec::new();
+            let mut places = Vec::new();
             for g in geos {
                 let sq_db = regs::sq_tail_doorbell(g.qid, self.att.dstrd());
                 let cq_db = regs::cq_head_doorbell(g.qid, self.att.dstrd());
@@ -401,10 +388,59 @@ impl Engine {
                         pages.len() - 1
                     }
                 };
-                let sq_off = (sq_db - bar_offset) as usize;
-                let cq_off = (cq_db - bar_offset) as usize;
-                let sq = pages[page].guest.load_u32(sq_off).unwrap_or(0);
-                let cq = pages[page].guest.load_u32(cq_off).unwrap_or(0);
+                places.push((
+                    page,
+                    (sq_db - bar_offset) as usize,
+                    (cq_db - bar_offset) as usize,
+                ));
+            }
+            let doorbells = |i: usize| {
+                let (page, sq_off, cq_off) = places[i];
+                let p = &pages[page].guest;
+                (
+                    p.load_u32(sq_off).unwrap_or(0),
+                    p.load_u32(cq_off).unwrap_or(0),
+                )
+            };
+            let early_dirty = match designation {
+                Designation::VcpuBuffer => Vec::new(),
+                Designation::DeviceBuffer => {
+                    self.wait_device_idle(&ram, limits, geos, doorbells)?
+                }
+            };
+            // vCPUs are paused. With the copy as the vCPU buffer, completions the device posts
+            // after the copy are reconciled by phase when the adapters attach; with the copy as
+            // the device buffer the device is idle, so both copies are identical.
+            let copies = Arc::new(copy_rings(&ram, geos)?);
+            for c in copies.iter() {
+                let len = c.gpa.end - c.gpa.start;
+                match designation {
+                    // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
+                    Designation::VcpuBuffer => unsafe {
+                        self.att.remap_guest_range(
+                            slots,
+                            c.gpa.start,
+                            len,
+                            GuestBacking::Host(c.pages.addr()),
+                        )
+                    },
+                    Designation::DeviceBuffer => self.att.remap_device_range(
+                        c.gpa.start,
+                        len,
+                        DeviceBacking::Host {
+                            fd: c.pages.fd(),
+                            offset: 0,
+                        },
+                    ),
+                }
+                .map_err(hook(format!("moving ring pages {:?} onto the copy", c.gpa)))?;
+                remapped.push(c.gpa.clone());
+            }
+            let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation);
+            let mut queues = Vec::new();
+            for (i, g) in geos.iter().enumerate() {
+                let (page, sq_off, cq_off) = places[i];
+                let (sq, cq) = doorbells(i);
                 let q = NvmeQueue::attach(*g, limits, sq, cq, &bufs)?;
                 queues.push(QueueRt {
                     q,
@@ -417,12 +453,12 @@ impl Engine {
                 });
             }
             self.install_hook(&pages, &queues);
-            Ok((pages, queues))
+            Ok((pages, queues, copies, early_dirty))
         })();
-        let (pages, queues) = match result {
+        let (pages, queues, copies, early_dirty) = match result {
             Ok(v) => v,
             Err(e) => {
-                undo(&remapped, &redirected);
+                self.undo_enter(slots, designation, &remapped, &redirected);
                 return Err(e);
             }
         };
@@ -430,23 +466,148 @@ impl Engine {
             state: Mutex::new(Running {
                 queues,
                 pages,
-                bufs: EngineBuffers::new(ram, copies.clone()),
-                dirty: Vec::new(),
+                bufs: EngineBuffers::new(ram, copies.clone(), designation),
+                dirty: early_dirty,
             }),
             stop: AtomicBool::new(false),
         });
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {
-            undo(&remapped, &redirected);
+            self.undo_enter(slots, designation, &remapped, &redirected);
         })?;
         Ok(Active {
             shared,
             poller: Some(poller),
             copies,
             remapped,
+            designation,
             limits,
             dstrd: self.att.dstrd(),
             entered: Instant::now(),
         })
+    }
+
+    /// Undoes a partly entered shadow mode: hook off, doorbell pages back, ring ranges back to
+    /// RAM (best effort: this runs on an error path).
+    fn undo_enter(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        designation: Designation,
+        remapped: &[Range<u64>],
+        redirected: &[u64],
+    ) {
+        self.att.set_doorbell_hook(None);
+        for &p in redirected {
+            let _ = self.release_page(slots, p);
+        }
+        for r in remapped {
+            let _ = self.move_back(slots, designation, r);
+        }
+    }
+
+    /// Backs ring range `r` with guest RAM again on the designated side.
+    fn move_back(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        designation: Designation,
+        r: &Range<u64>,
+    ) -> Result<()> {
+        let len = r.end - r.start;
+        match designation {
+            // SAFETY: RAM backing needs no host promise.
+            Designation::VcpuBuffer => unsafe {
+                self.att
+                    .remap_guest_range(slots, r.start, len, GuestBacking::Ram)
+            },
+            Designation::DeviceBuffer => {
+                self.att
+                    .remap_device_range(r.start, len, DeviceBacking::Ram)
+            }
+        }
+        .map_err(hook(format!("moving ring pages {r:?} back to RAM")))
+    }
+
+    /// Copy = device buffer: the device's mapping around the rings is re-made, so it must not
+    /// be doing DMA then. With the doorbells intercepted and the vCPUs paused nothing new
+    /// reaches it; this waits (bounded) until the commands it already had are complete,
+    /// counted from the positions in guest RAM, and no guest admin command is pending. Returns
+    /// the data pages those commands may have written (reported dirty).
+    fn wait_device_idle(
+        &self,
+        ram: &vmm::memory::GuestRam,
+        limits: Limits,
+        geos: &[QueueGeometry],
+        doorbells: impl Fn(usize) -> (u32, u32),
+    ) -> Result<Vec<u64>> {
+        if let Some(g) = geos.iter().find(|g| g.sq_entries != g.cq_entries) {
+            return Err(Error::Engine(format!(
+                "queue {} has an SQ of {} and a CQ of {} entries: the commands in flight \
+                 cannot be counted, so the device's DMA mapping cannot be moved safely (use \
+                 the vCPU-buffer designation)",
+                g.qid, g.sq_entries, g.cq_entries
+            )));
+        }
+        let plain = EngineBuffers::new(ram.clone(), Arc::new(Vec::new()), Designation::VcpuBuffer);
+        let mut pages = std::collections::BTreeSet::new();
+        let t0 = Instant::now();
+        loop {
+            let mut busy = Vec::new();
+            for (i, g) in geos.iter().enumerate() {
+                let (sq, cq) = doorbells(i);
+                let q = NvmeQueue::attach(*g, limits, sq, cq, &plain)?;
+                pages.extend(q.legacy_device_pages());
+                if q.in_flight() > 0 {
+                    busy.push((g.qid, q.in_flight()));
+                }
+            }
+            let admin = self.att.admin_positions().2;
+            if busy.is_empty() && admin == 0 {
+                return Ok(pages.into_iter().collect());
+            }
+            if t0.elapsed() >= self.opts.drain_timeout {
+                return Err(Error::Engine(format!(
+                    "the device did not finish its commands within {:?} (queue, in flight) = \
+                     {busy:?}, admin commands pending {admin}; its DMA mapping was not moved",
+                    self.opts.drain_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Waits (bounded) until no guest admin command is pending on the device.
+    fn wait_admin_idle(&self) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let pending = self.att.admin_positions().2;
+            if pending == 0 {
+                return Ok(());
+            }
+            if t0.elapsed() >= self.opts.drain_timeout {
+                return Err(Error::Engine(format!(
+                    "{pending} guest admin command(s) still pending after {:?}",
+                    self.opts.drain_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Makes guest RAM hold the guest's view of every ring copy (the copy as the vCPU buffer;
+    /// with the copy as the device buffer RAM is the guest's view already). Returns the ring
+    /// pages, which the migration must send.
+    fn rings_to_ram(a: &Active, bufs: &EngineBuffers) -> Result<Vec<u64>> {
+        let mut pages = Vec::new();
+        for c in a.copies.iter() {
+            if a.designation == Designation::VcpuBuffer {
+                let mut buf = vec![0u8; c.pages.len()];
+                c.pages.read(0, &mut buf);
+                bufs.ram().write(c.gpa.start, &buf).map_err(|e| {
+                    Error::Engine(format!("writing ring pages {:?} back: {e}", c.gpa))
+                })?;
+            }
+            pages.extend((c.gpa.start..c.gpa.end).step_by(PAGE as usize));
+        }
+        Ok(pages)
     }
 
     /// Intercepts the doorbell page at `bar_offset`: a hypervisor page mapped in its place
@@ -654,20 +815,8 @@ impl Engine {
         for q in &mut run.queues {
             q.q.hold(true);
         }
-        let ram = run.bufs.clone();
-        let mut dirty = Vec::new();
-        for c in a.copies.iter() {
-            let mut buf = vec![0u8; c.pages.len()];
-            c.pages.read(0, &mut buf);
-            if !crate::Buffers::write_device(&ram, c.gpa.start, &buf) {
-                return Err(Error::Engine(format!(
-                    "writing ring pages {:?} back",
-                    c.gpa
-                )));
-            }
-            dirty.extend((c.gpa.start..c.gpa.end).step_by(PAGE as usize));
-        }
-        run.dirty.extend(dirty);
+        let pages = Self::rings_to_ram(a, &run.bufs)?;
+        run.dirty.extend(pages);
         Ok(())
     }
 
@@ -812,24 +961,14 @@ impl Engine {
                 )));
             }
         }
-        // Both sides agree: the guest's view becomes RAM again.
-        for c in a.copies.iter() {
-            let mut buf = vec![0u8; c.pages.len()];
-            c.pages.read(0, &mut buf);
-            if !crate::Buffers::write_device(&run.bufs, c.gpa.start, &buf) {
-                return Err(Error::Engine(format!(
-                    "writing ring pages {:?} back",
-                    c.gpa
-                )));
-            }
+        // Both sides agree: the guest's view becomes RAM again, and the device's.
+        Self::rings_to_ram(a, &run.bufs)?;
+        if a.designation == Designation::DeviceBuffer {
+            self.wait_admin_idle()?;
         }
-        for r in std::mem::take(&mut a.remapped) {
-            // SAFETY: RAM backing needs no host promise.
-            unsafe {
-                self.att
-                    .remap_guest_range(slots, r.start, r.end - r.start, GuestBacking::Ram)
-            }
-            .map_err(hook(format!("swapping ring pages {r:?} back to RAM")))?;
+        while let Some(r) = a.remapped.first().cloned() {
+            self.move_back(slots, a.designation, &r)?;
+            a.remapped.remove(0);
         }
         self.att.set_doorbell_hook(None);
         for p in &run.pages {

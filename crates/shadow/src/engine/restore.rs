@@ -11,7 +11,7 @@ use vmm::Vm;
 
 use super::{
     device::SavedDevice,
-    memory::{copy_rings, EngineBuffers, PAGE},
+    memory::{copy_rings, Designation, EngineBuffers, PAGE},
     poller, Active, DoorbellPage, Engine, EngineOptions, QueueRt, Running, Shared,
 };
 use crate::{nvme::NvmeQueue, Error, Result};
@@ -73,7 +73,9 @@ impl Engine {
         att.replay(&saved.config, saved.admin, iova)
             .map_err(hook("replaying the configuration log".into()))?;
 
-        let bufs = EngineBuffers::new(ram.clone(), copies.clone());
+        // The destination always rebuilds with the copy as the vCPU buffer: its pause-free
+        // exit swaps memory slots while the guest runs (see docs/shadow-engine.md).
+        let bufs = EngineBuffers::new(ram.clone(), copies.clone(), Designation::VcpuBuffer);
         let mut pages: Vec<DoorbellPage> = Vec::new();
         let mut queues = Vec::new();
         for (state, &(sq, cq)) in saved.queues.iter().zip(&saved.doorbells) {
@@ -119,6 +121,7 @@ impl Engine {
             poller: Some(poller),
             copies,
             remapped,
+            designation: Designation::VcpuBuffer,
             limits: saved.limits,
             dstrd,
             entered: Instant::now(),

@@ -258,6 +258,16 @@ impl NvmeQueue {
         })
     }
 
+    /// Data pages the device may still write for commands submitted before the queue was
+    /// attached (their command ids found in the SQ ring).
+    pub fn legacy_device_pages(&self) -> Vec<u64> {
+        self.legacy
+            .values()
+            .filter(|c| c.direction == Direction::FromDevice)
+            .flat_map(|c| c.pages.iter().copied())
+            .collect()
+    }
+
     /// Rebuilds a queue pair on the destination from its saved state, in front of a fresh
     /// device queue (SQ 0, CQ 0, phase 1). It must be re-aligned before it can run direct.
     pub fn rebuild(state: &QueueState, limits: Limits, bufs: &dyn Buffers) -> Result<Self> {
