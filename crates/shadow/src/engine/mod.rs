@@ -366,7 +366,8 @@ impl Engine {
         let designation = self.opts.designation;
         let mut remapped: Vec<Range<u64>> = Vec::new();
         let mut redirected: Vec<u64> = Vec::new();
-        let result = (|| -> Result<(Vec<DoorbellPage>, Vec<QueueRt>, Arc<Vec<Copy>>, Vec<u64>)> {
+        type Entered = (Vec<DoorbellPage>, Vec<QueueRt>, Arc<Vec<Copy>>, Vec<u64>);
+        let result = (|| -> Result<Entered> {
             // Doorbells first: from here on nothing the guest writes reaches the device.
             let mut pages: Vec<DoorbellPage> = Vec::new();
             let mut places = Vec::new();
