@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use guest_abi::params::{NvmeArgs, NVME_ADOPT_EXISTING, NVME_NO_FINAL_VERIFY};
+use guest_abi::params::{NvmeArgs, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY};
 
 use crate::units::parse_size;
 
@@ -76,6 +76,12 @@ pub struct NvmeCliArgs {
     /// rebuilds with `vcpu-buffer` whatever this says.
     #[arg(long, default_value = "vcpu-buffer", value_parser = ["vcpu-buffer", "device-buffer"])]
     pub shadow_designation: String,
+    /// Shadow engine: how the device's completions are noticed: `poll` (every round) or
+    /// `interrupt` (the MSI-X vectors of CQs with interrupts are taken over from KVM; the
+    /// device's interrupt wakes the engine, which forwards the completions and then interrupts
+    /// the guest).
+    #[arg(long, default_value = "poll", value_parser = ["poll", "interrupt"])]
+    pub shadow_completions: String,
     /// `nvme-verify`: I/O queue pairs.
     #[arg(long, default_value_t = 2)]
     pub nvme_queues: u32,
@@ -106,6 +112,10 @@ pub struct NvmeCliArgs {
     /// `nvme-verify`: skip the final read-back of the whole region.
     #[arg(long)]
     pub nvme_no_final_verify: bool,
+    /// `nvme-verify`: enable MSI-X and create the I/O completion queues with interrupts (the
+    /// guest still polls them; the interrupts stay pending in its local APIC).
+    #[arg(long)]
+    pub nvme_interrupts: bool,
 }
 
 /// Where the passthrough device comes from.
@@ -126,6 +136,9 @@ impl NvmeCliArgs {
         }
         if self.nvme_no_final_verify {
             flags |= NVME_NO_FINAL_VERIFY;
+        }
+        if self.nvme_interrupts {
+            flags |= NVME_INTERRUPTS;
         }
         NvmeArgs {
             queues: self.nvme_queues,
@@ -150,6 +163,11 @@ impl NvmeCliArgs {
                 shadow::engine::Interception::Trap
             } else {
                 shadow::engine::Interception::Poll
+            },
+            completions: if self.shadow_completions == "interrupt" {
+                shadow::engine::Completions::Interrupt
+            } else {
+                shadow::engine::Completions::Poll
             },
             designation: if self.shadow_designation == "device-buffer" {
                 shadow::engine::Designation::DeviceBuffer

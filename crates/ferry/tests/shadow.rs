@@ -192,8 +192,9 @@ fn warm_up() {
     std::thread::sleep(Duration::from_millis(500));
 }
 
-/// Migrates an nvme-verify guest during I/O and checks everything the issue asks for.
-fn migrate_and_verify(tag: &str, extra: &[&str]) {
+/// Migrates an nvme-verify guest during I/O and checks everything the issue asks for; returns
+/// the destination's summary.
+fn migrate_and_verify(tag: &str, extra: &[&str]) -> Value {
     let dir = TempDir::new(tag);
     let disk = dir.path("disk.img");
     let (src, api) = source(&dir, &disk, 12, extra);
@@ -247,6 +248,7 @@ fn migrate_and_verify(tag: &str, extra: &[&str]) {
             "queue {qid}'s doorbell page {page:#x}: mapped pages {mapped:?}"
         );
     }
+    summary
 }
 
 #[test]
@@ -285,6 +287,66 @@ fn migration_with_the_copy_as_device_buffer_in_trap_mode_passes() {
             "trap",
         ],
     );
+}
+
+#[test]
+fn migration_with_interrupt_completions_passes_and_moves_the_msix_table() {
+    let _serial = serial();
+    let summary = migrate_and_verify(
+        "irq",
+        &["--nvme-interrupts", "--shadow-completions", "interrupt"],
+    );
+    // The guest programmed MSI-X on the source only: the destination's device and KVM routes
+    // have it from the saved state, and the vectors the engine took are KVM's again.
+    let routes = &summary["shadow"]["msix_routes"];
+    for v in 1..=4u64 {
+        assert!(
+            routes.as_array().unwrap().iter().any(|r| r == v),
+            "vector {v} not routed to the guest on the destination: {routes}"
+        );
+    }
+    assert_eq!(summary["shadow"]["interrupts"], serde_json::json!([]));
+}
+
+#[test]
+fn continuous_shadow_mode_with_interrupt_completions_runs_clean() {
+    let _serial = serial();
+    for doorbells in ["poll", "trap"] {
+        let dir = TempDir::new(&format!("irq-{doorbells}"));
+        let disk = dir.path("disk.img");
+        let out = ferry()
+            .arg("run")
+            .args(VERIFY)
+            .args(["--nvme-read-percent", "90", "--duration", "2s"])
+            .args(["--nvme-interrupts", "--shadow", "continuous"])
+            .args(["--shadow-completions", "interrupt"])
+            .args(["--shadow-doorbells", doorbells, "--nvme-backing"])
+            .arg(&disk)
+            .args(["--timeout", "120s", "--json"])
+            .output()
+            .unwrap();
+        let summary = last_json(&out);
+        assert_eq!(summary["status"], 0, "{doorbells}: {}", text(&out.stderr));
+        let shadow = &summary["shadow"];
+        assert_eq!(shadow["shadowed"], true, "{shadow}");
+        // Every CQ's vector was taken from KVM: the engine got the device's interrupts and
+        // sent the guest its own after forwarding.
+        let irqs = shadow["interrupts"].as_array().unwrap();
+        assert_eq!(irqs.len(), 4, "{shadow}");
+        for v in irqs {
+            assert!(v["received"].as_u64().unwrap() > 0, "{doorbells}: {v}");
+            assert!(v["injected"].as_u64().unwrap() > 0, "{doorbells}: {v}");
+            let vector = v["vector"].as_u64().unwrap();
+            assert!(
+                !shadow["msix_routes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.as_u64() == Some(vector)),
+                "vector {vector} still routed by KVM while taken: {shadow}"
+            );
+        }
+    }
 }
 
 #[test]

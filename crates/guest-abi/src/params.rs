@@ -172,6 +172,10 @@ pub const READS_DEFAULT: u32 = 0xffff_ffff;
 pub const NVME_ADOPT_EXISTING: u32 = 1;
 /// `NvmeArgs::flags`: do not verify every written block again at the end.
 pub const NVME_NO_FINAL_VERIFY: u32 = 2;
+/// `NvmeArgs::flags`: enable MSI-X and create every I/O CQ with interrupts (vector = queue
+/// id, LAPIC vector 0x40 + queue id). The guest still polls with interrupts disabled, so the
+/// interrupts only stay pending in its local APIC; they exist for the hypervisor to handle.
+pub const NVME_INTERRUPTS: u32 = 4;
 
 /// The boot parameter block.
 #[repr(C)]

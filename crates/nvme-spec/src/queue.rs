@@ -338,11 +338,27 @@ impl<P: Platform> Controller<P> {
         qid: u16,
         mem: QueueMem,
     ) -> Result<QueuePair, DriverError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.create_io_queue_with(qid, mem, None) }
+    }
+
+    /// Creates I/O queue pair `qid` over `mem`; the CQ signals MSI-X `vector` when given.
+    ///
+    /// # Safety
+    /// As [`QueuePair::new`] for `mem`.
+    pub unsafe fn create_io_queue_with(
+        &mut self,
+        qid: u16,
+        mem: QueueMem,
+        vector: Option<u16>,
+    ) -> Result<QueuePair, DriverError> {
         let size = (mem.entries as u32 - 1) << 16;
         let mut c = Sqe::new(admin::CREATE_CQ, 0);
+        // Physically contiguous; IEN and IV when interrupts are wanted.
+        let irq = vector.map_or(0, |v| 2 | (v as u32) << 16);
         c.set_prps(mem.cq_bus, 0)
             .set_cdw(10, size | qid as u32)
-            .set_cdw(11, 1); // physically contiguous, no interrupts
+            .set_cdw(11, 1 | irq);
         self.admin(c)?;
         let mut s = Sqe::new(admin::CREATE_SQ, 0);
         s.set_prps(mem.sq_bus, 0)

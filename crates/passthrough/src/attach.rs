@@ -27,7 +27,7 @@ use crate::{
     config_log::{AdminMediator, ConfigLog},
     dma_layout::{DmaBacking, DmaLayout, Piece},
     hooks::{DeviceBacking, DeviceHooks, DoorbellMode, GuestBacking},
-    msix::{MsixRouter, Route},
+    msix::{MsixRouter, MsixState, Route},
     pci::{find_msix, PassthroughPci},
     Error, Result,
 };
@@ -74,6 +74,9 @@ pub struct Attachment {
     remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
     /// The device's DMA mappings (guest RAM, pieces of it moved onto hypervisor memory).
     dma: Mutex<DmaLayout>,
+    vm_fd: Arc<kvm_ioctls::VmFd>,
+    msix_cap: Option<usize>,
+    pci: Arc<Mutex<PassthroughPci>>,
     irqs: Arc<Vec<EventFd>>,
     msix: Arc<Mutex<MsixRouter>>,
     stop: Arc<AtomicBool>,
@@ -184,11 +187,12 @@ impl Attachment {
             msix.clone(),
             msix_cap.map(|(cap, _)| cap),
         );
+        let pci = Arc::new(Mutex::new(pci));
         let pci_slot = vm
             .pci_bus()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add(1, Arc::new(Mutex::new(pci)))
+            .add(1, pci.clone())
             .map_err(vmm_err("adding the PCI function"))?;
 
         let areas = Arc::new(conn.map_sparse(0)?);
@@ -205,6 +209,9 @@ impl Attachment {
             doorbell_slots: Mutex::new(BTreeMap::new()),
             remaps: Mutex::new(BTreeMap::new()),
             dma: Mutex::new(DmaLayout::new(pieces)),
+            vm_fd: vm.vm_fd().clone(),
+            msix_cap: msix_cap.map(|(cap, _)| cap),
+            pci,
             irqs,
             msix,
             stop: Arc::new(AtomicBool::new(false)),
@@ -260,6 +267,41 @@ impl Attachment {
                 })?,
         );
         Ok(a)
+    }
+
+    /// The MSI-X table and enable bits the guest programmed (for a migration).
+    pub fn msix_state(&self) -> MsixState {
+        self.msix.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
+
+    /// Migration destination: programs the device's MSI-X table and message control as the
+    /// guest had them on the source, and routes the vectors to the guest.
+    pub fn restore_msix(&self, state: &MsixState) -> Result<()> {
+        let mut router = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(table), Some(cap)) = (router.table_offset, self.msix_cap) {
+            for (v, e) in state.table.iter().enumerate() {
+                let bytes: Vec<u8> = e.iter().flat_map(|w| w.to_le_bytes()).collect();
+                self.conn
+                    .region_write(0, table + v as u64 * crate::msix::ENTRY_SIZE, &bytes)?;
+            }
+            let mut b = [0u8; 2];
+            self.conn
+                .region_read(crate::client::CONFIG_REGION, cap as u64 + 2, &mut b)?;
+            let control = u16::from_le_bytes(b) & !0xc000
+                | if state.enabled { 0x8000 } else { 0 }
+                | if state.function_masked { 0x4000 } else { 0 };
+            self.conn.region_write(
+                crate::client::CONFIG_REGION,
+                cap as u64 + 2,
+                &control.to_le_bytes(),
+            )?;
+            self.pci
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_msix_control(control);
+        }
+        router.restore(state);
+        Ok(())
     }
 
     /// The configuration log so far.
@@ -664,6 +706,37 @@ impl DeviceHooks for Attachment {
             "device DMA range remapped"
         );
         Ok(())
+    }
+
+    fn release_interrupt(&self, vector: u16) {
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(vector);
+    }
+
+    fn interrupt_guest(&self, vector: u16) -> Result<bool> {
+        let Some((address, data)) = self
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .message(vector)
+        else {
+            return Ok(false);
+        };
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.vm_fd
+            .signal_msi(msi)
+            .map(|_| true)
+            .map_err(|e| Error::Hook {
+                name: self.conn.name.clone(),
+                reason: format!("KVM_SIGNAL_MSI for vector {vector} ({address:#x}/{data:#x}): {e}"),
+            })
     }
 
     fn take_interrupt(&self, vector: u16) -> Result<EventFd> {

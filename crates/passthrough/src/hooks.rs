@@ -80,4 +80,11 @@ pub trait DeviceHooks {
 
     /// Takes over MSI-X `vector`: returns the eventfd the device signals for it.
     fn take_interrupt(&self, vector: u16) -> Result<EventFd>;
+
+    /// Gives MSI-X `vector` back to the guest (undoes [`DeviceHooks::take_interrupt`]).
+    fn release_interrupt(&self, vector: u16);
+
+    /// Sends the guest the message MSI-X `vector` is programmed with. Returns false when the
+    /// guest masked it or has MSI-X off (nothing is sent).
+    fn interrupt_guest(&self, vector: u16) -> Result<bool>;
 }

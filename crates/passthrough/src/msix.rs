@@ -22,6 +22,18 @@ pub const ENTRY_SIZE: u64 = 16;
 /// An installed route: (vector, GSI, address, data).
 pub type Route = (u16, u32, u64, u32);
 
+/// What the guest programmed into MSI-X: the table and the message-control bits (device state
+/// that moves with a migration).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Table entries: address low, address high, data, vector control.
+    pub table: Vec<[u32; 4]>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_masked: bool,
+}
+
 /// The MSI-X state the guest programmed, and the routes installed from it.
 pub struct MsixRouter {
     vm: Arc<VmFd>,
@@ -117,6 +129,45 @@ impl MsixRouter {
         if let Some(t) = self.taken.get_mut(vector as usize) {
             *t = true;
         }
+        self.update();
+    }
+
+    /// A hook gives `vector` back: KVM consumes its eventfd again (a signal pending on it is
+    /// delivered when the irqfd is installed).
+    pub fn release(&mut self, vector: u16) {
+        if let Some(t) = self.taken.get_mut(vector as usize) {
+            *t = false;
+        }
+        self.update();
+    }
+
+    /// The message `vector` sends now: (address, data), or None while MSI-X is off, the
+    /// function or the vector is masked, or the entry is not programmed.
+    pub fn message(&self, vector: u16) -> Option<(u64, u32)> {
+        if !self.enabled || self.function_masked {
+            return None;
+        }
+        let e = self.table.get(vector as usize)?;
+        let addr = e[0] as u64 | (e[1] as u64) << 32;
+        (e[3] & 1 == 0 && addr != 0).then_some((addr, e[2]))
+    }
+
+    /// What the guest programmed.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            table: self.table.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Takes over `state` (a migration destination); entries beyond this table are ignored.
+    pub fn restore(&mut self, state: &MsixState) {
+        for (dst, src) in self.table.iter_mut().zip(&state.table) {
+            *dst = *src;
+        }
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
         self.update();
     }
 

@@ -52,6 +52,11 @@ impl PassthroughPci {
         }
     }
 
+    /// Migration destination: the message control the guest had programmed on the source.
+    pub fn set_msix_control(&mut self, control: u16) {
+        self.msix_control = control;
+    }
+
     fn track_msix_control(&mut self, reg: usize, offset: usize, data: &[u8]) {
         let Some(cap) = self.msix_cap else { return };
         if reg != cap / 4 {

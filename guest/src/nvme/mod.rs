@@ -119,6 +119,39 @@ pub struct Nvme {
     pub bar0: u64,
 }
 
+/// Programs MSI-X vectors `0..want` (at most the table's size) to LAPIC vector 0x40 + n on
+/// CPU 0, unmasked, and enables MSI-X. Returns how many vectors were programmed (0: the
+/// device has no MSI-X table in BAR0).
+fn enable_msix(dev: u8, func: u8, bar0: u64, want: u16) -> u16 {
+    let mut ptr = (pci::config_read(0, dev, func, 0x34) & 0xfc) as u8;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return 0;
+        }
+        let head = pci::config_read(0, dev, func, ptr);
+        if head & 0xff == 0x11 {
+            let table = pci::config_read(0, dev, func, ptr + 4);
+            if table & 7 != 0 {
+                return 0; // table in another BAR
+            }
+            let size = ((head >> 16) & 0x7ff) as u16 + 1;
+            let n = want.min(size);
+            let base = bar0 + (table & !7) as u64;
+            for v in 0..n as u64 {
+                io::mmio_write32(base + v * 16, 0xfee0_0000);
+                io::mmio_write32(base + v * 16 + 4, 0);
+                io::mmio_write32(base + v * 16 + 8, 0x40 + v as u32);
+                io::mmio_write32(base + v * 16 + 12, 0);
+            }
+            // Message control: enable, function not masked.
+            pci::config_write(0, dev, func, ptr, (head & !(0x4000 << 16)) | 0x8000 << 16);
+            return n;
+        }
+        ptr = ((head >> 8) & 0xfc) as u8;
+    }
+    0
+}
+
 fn find() -> Option<(u8, u8, u64)> {
     let mut found = None;
     pci::enumerate(|f| {
@@ -143,8 +176,18 @@ fn find() -> Option<(u8, u8, u64)> {
 impl Nvme {
     /// Finds the controller, resets and enables it, identifies it and creates `queues` I/O
     /// queue pairs of `depth` entries.
-    pub fn init(arena: &mut Arena, queues: usize, depth: u16) -> Result<Nvme, InitError> {
+    pub fn init(
+        arena: &mut Arena,
+        queues: usize,
+        depth: u16,
+        interrupts: bool,
+    ) -> Result<Nvme, InitError> {
         let (dev, func, bar0) = find().ok_or(InitError::NotFound)?;
+        let vectors = if interrupts {
+            enable_msix(dev, func, bar0, queues as u16 + 1)
+        } else {
+            0
+        };
         let qmem = |arena: &mut Arena, entries: u16| -> Result<QueueMem, InitError> {
             let sq = arena
                 .alloc(entries as u64 * 64)
@@ -187,7 +230,10 @@ impl Nvme {
             // One entry more than the depth: a full queue keeps one slot empty.
             let m = qmem(arena, depth + 1)?;
             // SAFETY: as above.
-            *slot = Some(unsafe { ctrl.create_io_queue(i as u16 + 1, m) }?);
+            let qid = i as u16 + 1;
+            let vector = (qid < vectors).then_some(qid);
+            // SAFETY: as above.
+            *slot = Some(unsafe { ctrl.create_io_queue_with(qid, m, vector) }?);
         }
         println!(
             "nvme: controller at 00:{:02x}.{} BAR0 {:#x}, DSTRD {}, {} blocks of {} bytes, MDTS {} KiB, SGLs {}, {} I/O queue(s) of {}",

@@ -36,7 +36,7 @@ fn io_cmd(n: &mut Nvme, sqe: &Sqe) -> Option<Status> {
 
 pub fn run(p: &BootParams) -> u32 {
     let mut arena = Arena::new(p.ram_lo_size);
-    let mut n = match Nvme::init(&mut arena, 1, 16) {
+    let mut n = match Nvme::init(&mut arena, 1, 16, false) {
         Ok(n) => n,
         Err(e) => {
             println!("nvme-malformed: controller bring-up failed: {}", e);

@@ -7,7 +7,10 @@
 //! region's (LBA, generation) state is printed so that a later VM run can check it adopted the
 //! same state.
 use guest_abi::{
-    params::{status, NVME_ADOPT_EXISTING, NVME_NO_FINAL_VERIFY, OFF_PROGRESS, READS_DEFAULT},
+    params::{
+        status, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY, OFF_PROGRESS,
+        READS_DEFAULT,
+    },
     BootParams,
 };
 use nvme_spec::{opcode::io, Cqe, Sqe};
@@ -463,7 +466,12 @@ pub fn run(p: &BootParams) -> u32 {
         return status::BAD_PARAMS;
     }
     let mut arena = Arena::new(p.ram_lo_size);
-    let nvme = match Nvme::init(&mut arena, queues, depth as u16) {
+    let nvme = match Nvme::init(
+        &mut arena,
+        queues,
+        depth as u16,
+        a.flags & NVME_INTERRUPTS != 0,
+    ) {
         Ok(n) => n,
         Err(e) => {
             println!("nvme-verify: controller bring-up failed: {}", e);

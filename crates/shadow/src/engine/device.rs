@@ -5,15 +5,15 @@
 use std::sync::Arc;
 
 use migration::MigratableDevice;
-use passthrough::config_log::ConfigLog;
+use passthrough::{config_log::ConfigLog, msix::MsixState};
 use serde::{Deserialize, Serialize};
 use vmm::Vm;
 
 use super::Engine;
 use crate::nvme::{validate::Limits, QueueState};
 
-/// Version of [`SavedDevice`] on the wire.
-pub const SAVED_VERSION: u32 = 1;
+/// Version of [`SavedDevice`] on the wire (2: the MSI-X state).
+pub const SAVED_VERSION: u32 = 2;
 
 /// The device state sent at switchover.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub struct SavedDevice {
     pub doorbells: Vec<(u32, u32)>,
     /// The guest's admin queue positions (SQ tail, CQ head) as the mediation saw them.
     pub admin: (u32, u32),
+    /// The MSI-X table and enable bits the guest programmed.
+    pub msix: MsixState,
 }
 
 impl SavedDevice {

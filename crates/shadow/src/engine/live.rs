@@ -192,7 +192,9 @@ impl Engine {
         }
         self.att.set_doorbell_hook(None);
         drop(run);
-        guard.take();
+        if let Some(a) = guard.take() {
+            self.release_vectors(&a.shared.wakeups);
+        }
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
         tracing::info!("shadow mode left without pausing the VM; the queues run direct");
         Ok(())

@@ -6,6 +6,7 @@
 //! - [`poller`]: the thread that moves doorbells and completions while shadowed;
 //! - [`device`]: the engine as a [`migration::MigratableDevice`] (source side).
 pub mod device;
+pub mod irq;
 mod live;
 pub mod memory;
 mod poller;
@@ -45,6 +46,19 @@ pub enum Interception {
     Trap,
 }
 
+/// How the engine learns of the device's completions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Completions {
+    /// The poller looks at the device's completion queues every round.
+    #[default]
+    Poll,
+    /// The MSI-X vectors of completion queues with interrupts enabled are taken over from
+    /// KVM: the device's interrupt wakes the poller, which forwards the completions and then
+    /// interrupts the guest. Queues without interrupts are polled.
+    Interrupt,
+}
+
 /// Tuning of the engine.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct EngineOptions {
@@ -52,6 +66,8 @@ pub struct EngineOptions {
     pub designation: Designation,
     /// How submissions are intercepted.
     pub interception: Interception,
+    /// How completions are noticed.
+    pub completions: Completions,
     /// Bound on waiting for the device to finish in-flight commands.
     pub drain_timeout: Duration,
 }
@@ -61,6 +77,7 @@ impl Default for EngineOptions {
         EngineOptions {
             designation: Designation::VcpuBuffer,
             interception: Interception::Poll,
+            completions: Completions::Poll,
             drain_timeout: Duration::from_secs(5),
         }
     }
@@ -79,6 +96,8 @@ pub(crate) struct QueueRt {
     pub seen_cq: u32,
     /// Errors reaching the buffers (counted; the queue keeps going).
     pub errors: u64,
+    /// The guest's MSI-X vector for this CQ, when the engine took it over.
+    pub vector: Option<u16>,
 }
 
 /// A redirected doorbell page: the hypervisor page the guest writes and the device's page.
@@ -112,11 +131,17 @@ pub(crate) struct Running {
     pub bufs: EngineBuffers,
     /// Device-written pages not yet taken by the migration.
     pub dirty: Vec<u64>,
+    /// Vectors whose queues got completions the guest has not been interrupted for yet.
+    pub pending_irqs: Vec<u16>,
 }
 
 pub(crate) struct Shared {
     pub state: Mutex<Running>,
     pub stop: AtomicBool,
+    /// What wakes the poller (device interrupts taken over, trapped doorbells).
+    pub wakeups: irq::Wakeups,
+    /// The device, to interrupt the guest through.
+    pub att: Arc<Attachment>,
 }
 
 impl Shared {
@@ -166,6 +191,10 @@ pub struct EngineStatus {
     pub left: u64,
     /// BAR0 doorbell pages mapped straight into the guest (direct mode).
     pub mapped_doorbell_pages: Vec<u64>,
+    /// While shadowed: the MSI-X vectors taken over (completions by interrupt).
+    pub interrupts: Vec<irq::VectorStatus>,
+    /// MSI-X vectors KVM delivers straight to the guest (irqfd routes).
+    pub msix_routes: Vec<u16>,
 }
 
 /// The shadow engine of one passthrough NVMe device.
@@ -310,10 +339,15 @@ impl Engine {
                 .as_ref()
                 .map(|a| a.remapped.iter().map(|r| (r.start, r.end)).collect())
                 .unwrap_or_default(),
+            interrupts: a
+                .as_ref()
+                .map(|a| a.shared.wakeups.status())
+                .unwrap_or_default(),
             queues,
             entered,
             left,
             mapped_doorbell_pages: self.att.mapped_doorbell_pages(),
+            msix_routes: self.att.msix_routes().iter().map(|r| r.0).collect(),
         }
     }
 
@@ -341,7 +375,7 @@ impl Engine {
                 .map_err(vmm_err("pausing the vCPUs to enter shadow mode"))?;
         }
         let t0 = Instant::now();
-        let result = self.enter_paused(vm, limits, &geos);
+        let result = self.enter_paused(vm, &config, limits, &geos);
         let resumed = if pause {
             vm.resume().map_err(vmm_err("resuming the vCPUs"))
         } else {
@@ -360,13 +394,25 @@ impl Engine {
         Ok(())
     }
 
-    fn enter_paused(&self, vm: &Vm, limits: Limits, geos: &[QueueGeometry]) -> Result<Active> {
+    fn enter_paused(
+        &self,
+        vm: &Vm,
+        config: &ConfigLog,
+        limits: Limits,
+        geos: &[QueueGeometry],
+    ) -> Result<Active> {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let designation = self.opts.designation;
         let mut remapped: Vec<Range<u64>> = Vec::new();
         let mut redirected: Vec<u64> = Vec::new();
-        type Entered = (Vec<DoorbellPage>, Vec<QueueRt>, Arc<Vec<Copy>>, Vec<u64>);
+        type Entered = (
+            Vec<DoorbellPage>,
+            Vec<QueueRt>,
+            Arc<Vec<Copy>>,
+            Vec<u64>,
+            irq::Wakeups,
+        );
         let result = (|| -> Result<Entered> {
             // Doorbells first: from here on nothing the guest writes reaches the device.
             let mut pages: Vec<DoorbellPage> = Vec::new();
@@ -451,12 +497,14 @@ impl Engine {
                     seen_sq: sq,
                     seen_cq: cq,
                     errors: 0,
+                    vector: None,
                 });
             }
-            self.install_hook(&pages, &queues);
-            Ok((pages, queues, copies, early_dirty))
+            let wakeups = self.take_vectors(config, &pages, &mut queues)?;
+            self.install_hook(&pages, &queues, &wakeups);
+            Ok((pages, queues, copies, early_dirty, wakeups))
         })();
-        let (pages, queues, copies, early_dirty) = match result {
+        let (pages, queues, copies, early_dirty, wakeups) = match result {
             Ok(v) => v,
             Err(e) => {
                 self.undo_enter(slots, designation, &remapped, &redirected);
@@ -469,10 +517,14 @@ impl Engine {
                 pages,
                 bufs: EngineBuffers::new(ram, copies.clone(), designation),
                 dirty: early_dirty,
+                pending_irqs: Vec::new(),
             }),
             stop: AtomicBool::new(false),
+            wakeups,
+            att: self.att.clone(),
         });
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {
+            self.release_vectors(&shared.wakeups);
             self.undo_enter(slots, designation, &remapped, &redirected);
         })?;
         Ok(Active {
@@ -485,6 +537,60 @@ impl Engine {
             dstrd: self.att.dstrd(),
             entered: Instant::now(),
         })
+    }
+
+    /// Completions by interrupt: takes over the MSI-X vector of every shadowed CQ the guest
+    /// created with interrupts enabled (a vector several CQs share is taken once).
+    pub(crate) fn take_vectors(
+        &self,
+        config: &ConfigLog,
+        pages: &[DoorbellPage],
+        queues: &mut [QueueRt],
+    ) -> Result<irq::Wakeups> {
+        let mut w = irq::Wakeups::new(pages.iter().all(|p| p.trapped))?;
+        if self.opts.completions != Completions::Interrupt {
+            return Ok(w);
+        }
+        for q in queues.iter_mut() {
+            let qid = q.q.geometry().qid;
+            let Some(cq) = config.io_cqs.get(&qid).filter(|c| c.interrupts) else {
+                tracing::info!(
+                    qid,
+                    "CQ {qid} has interrupts disabled: its completions are polled"
+                );
+                continue;
+            };
+            let vector = cq.vector;
+            if !w.vectors.iter().any(|v| v.vector == vector) {
+                match self.att.take_interrupt(vector) {
+                    Ok(fd) => w.vectors.push(irq::TakenVector {
+                        vector,
+                        fd,
+                        received: 0.into(),
+                        injected: 0.into(),
+                        masked: 0.into(),
+                    }),
+                    Err(e) => {
+                        self.release_vectors(&w);
+                        return Err(Error::Hook {
+                            what: format!("taking over MSI-X vector {vector} of CQ {qid}"),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            q.vector = Some(vector);
+        }
+        Ok(w)
+    }
+
+    /// Gives the taken vectors back to KVM, each with one interrupt for the guest (completions
+    /// forwarded since the last one are not left without a signal).
+    pub(crate) fn release_vectors(&self, w: &irq::Wakeups) {
+        for v in &w.vectors {
+            self.att.release_interrupt(v.vector);
+            let _ = self.att.interrupt_guest(v.vector);
+        }
     }
 
     /// Undoes a partly entered shadow mode: hook off, doorbell pages back, ring ranges back to
@@ -669,7 +775,12 @@ impl Engine {
 
     /// Trap mode: trapped doorbell writes of shadowed queues land in the hypervisor pages the
     /// poller reads.
-    pub(crate) fn install_hook(&self, pages: &[DoorbellPage], queues: &[QueueRt]) {
+    pub(crate) fn install_hook(
+        &self,
+        pages: &[DoorbellPage],
+        queues: &[QueueRt],
+        wakeups: &irq::Wakeups,
+    ) {
         let routes: Vec<(u16, Arc<HostPages>, usize, usize)> = queues
             .iter()
             .filter(|q| pages[q.page].trapped)
@@ -685,11 +796,15 @@ impl Engine {
         if routes.is_empty() {
             return;
         }
+        let wake = wakeups.wake.try_clone().ok();
         self.att
             .set_doorbell_hook(Some(Arc::new(move |qid, is_cq, value| {
                 match routes.iter().find(|r| r.0 == qid) {
                     Some((_, page, sq_off, cq_off)) => {
                         page.store_u32(if is_cq { *cq_off } else { *sq_off }, value);
+                        if let Some(w) = &wake {
+                            let _ = w.write(1);
+                        }
                         true
                     }
                     None => false,
@@ -885,6 +1000,7 @@ impl Engine {
         }
         Ok(device::SavedDevice {
             admin: (asq, acq),
+            msix: self.att.msix_state(),
             config,
             limits: a.limits,
             dstrd: a.dstrd,
@@ -916,8 +1032,9 @@ impl Engine {
         let resumed = vm.resume().map_err(vmm_err("resuming the vCPUs"));
         match result {
             Ok(()) => {
-                let a = guard.take();
-                drop(a);
+                if let Some(a) = guard.take() {
+                    self.release_vectors(&a.shared.wakeups);
+                }
                 self.counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
                 tracing::info!("shadow mode left; the queues run direct");
                 resumed

@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use passthrough::DeviceHooks;
+
 use super::{Running, Shared};
 use crate::{Error, Result, RingAdapter};
 
@@ -21,12 +23,35 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
         .name("shadow-poller".into())
         .spawn(move || {
             while !shared.stop.load(Ordering::Acquire) {
-                if poll_once(&mut shared.lock()) == 0 {
-                    std::thread::sleep(IDLE_SLEEP);
+                let (moved, irqs) = {
+                    let mut run = shared.lock();
+                    (poll_once(&mut run), std::mem::take(&mut run.pending_irqs))
+                };
+                // The completions are in the guest's queue: now the guest may be told.
+                for vector in irqs {
+                    interrupt_guest(&shared, vector);
+                }
+                if moved == 0 {
+                    shared.wakeups.wait(IDLE_SLEEP);
                 }
             }
         })
         .map_err(|e| Error::Engine(format!("spawning the poller: {e}")))
+}
+
+fn interrupt_guest(shared: &Shared, vector: u16) {
+    let Some(v) = shared.wakeups.vectors.iter().find(|v| v.vector == vector) else {
+        return;
+    };
+    match shared.att.interrupt_guest(vector) {
+        Ok(true) => {
+            v.injected.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(false) => {
+            v.masked.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(vector, "interrupting the guest: {e}"),
+    }
 }
 
 /// One round over every queue; returns how many doorbells and completions moved.
@@ -36,6 +61,7 @@ pub(crate) fn poll_once(run: &mut Running) -> usize {
         pages,
         bufs,
         dirty,
+        pending_irqs,
     } = run;
     let mut moved = 0;
     for q in queues.iter_mut() {
@@ -62,7 +88,12 @@ pub(crate) fn poll_once(run: &mut Running) -> usize {
             }
         }
         match q.q.forward_completions(bufs, dirty) {
-            Ok(n) => moved += n,
+            Ok(n) => {
+                moved += n;
+                if let Some(v) = q.vector.filter(|v| n > 0 && !pending_irqs.contains(v)) {
+                    pending_irqs.push(v);
+                }
+            }
             Err(e) => {
                 q.errors += 1;
                 if q.errors.is_power_of_two() {

@@ -103,19 +103,28 @@ impl Engine {
                 seen_sq: sq,
                 seen_cq: cq,
                 errors: 0,
+                vector: None,
             });
         }
-        engine.install_hook(&pages, &queues);
+        att.restore_msix(&saved.msix)
+            .map_err(hook("restoring the guest's MSI-X table".into()))?;
+        let wakeups = engine.take_vectors(&saved.config, &pages, &mut queues)?;
+        engine.install_hook(&pages, &queues, &wakeups);
         let shared = Arc::new(Shared {
             state: Mutex::new(Running {
                 queues,
                 pages,
                 bufs,
                 dirty: Vec::new(),
+                pending_irqs: Vec::new(),
             }),
             stop: AtomicBool::new(false),
+            wakeups,
+            att: att.clone(),
         });
-        let poller = poller::spawn(shared.clone())?;
+        let poller = poller::spawn(shared.clone()).inspect_err(|_| {
+            engine.release_vectors(&shared.wakeups);
+        })?;
         *engine.active() = Some(Active {
             shared,
             poller: Some(poller),
