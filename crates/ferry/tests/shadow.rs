@@ -737,7 +737,17 @@ fn bench_shadow_reports_ratios_and_migration_times() {
         .iter()
         .map(|x| x["mode"].as_str().unwrap())
         .collect();
-    assert_eq!(modes, ["direct", "poll", "trap"], "{r}");
+    assert_eq!(
+        modes,
+        [
+            "direct",
+            "poll",
+            "trap",
+            "poll-device-buffer",
+            "trap-interrupt"
+        ],
+        "{r}"
+    );
     for row in r["iops"].as_array().unwrap() {
         assert!(row["iops"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");

@@ -18,12 +18,15 @@ use std::{
 
 use anyhow::{bail, Context};
 use guest_abi::{
-    params::{NvmeArgs, NVME_NO_FINAL_VERIFY},
+    params::{NvmeArgs, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY},
     Workload, WorkloadArgs,
 };
 use migration::MigrationReport;
 use serde::Serialize;
-use shadow::{engine::Interception, EngineOptions};
+use shadow::{
+    engine::{Completions, Designation, Interception},
+    EngineOptions,
+};
 use vmm::devices::serial::ConsoleSink;
 
 use crate::{
@@ -35,11 +38,38 @@ use crate::{
 };
 
 #[derive(Clone, Copy, Serialize, PartialEq, Eq, Debug)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum Mode {
+    /// No shadowing.
     Direct,
+    /// Copy = vCPU buffer, doorbells polled, completions polled.
     Poll,
+    /// Copy = vCPU buffer, doorbells trapped, completions polled.
     Trap,
+    /// Copy = device buffer, doorbells polled, completions polled.
+    PollDeviceBuffer,
+    /// Copy = vCPU buffer, doorbells trapped, completions by interrupt (no polling at all).
+    TrapInterrupt,
+}
+
+impl Mode {
+    const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Poll,
+        Mode::Trap,
+        Mode::PollDeviceBuffer,
+        Mode::TrapInterrupt,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Poll => "poll",
+            Mode::Trap => "trap",
+            Mode::PollDeviceBuffer => "poll, copy = device buffer",
+            Mode::TrapInterrupt => "trap, completions by interrupt",
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -124,7 +154,12 @@ fn iops_run(
                 lba_start: 0,
                 lba_count: (64 << 20) / 512,
                 read_percent: 100,
-                flags: NVME_NO_FINAL_VERIFY,
+                flags: NVME_NO_FINAL_VERIFY
+                    | if mode == Mode::TrapInterrupt {
+                        NVME_INTERRUPTS
+                    } else {
+                        0
+                    },
                 io_min_bytes: 4096,
                 io_max_bytes: 4096,
             },
@@ -138,10 +173,20 @@ fn iops_run(
         passthrough: Some(PassthroughSource::Spawn(dev)),
         shadow_continuous: mode != Mode::Direct,
         shadow: EngineOptions {
-            interception: if mode == Mode::Trap {
+            interception: if matches!(mode, Mode::Trap | Mode::TrapInterrupt) {
                 Interception::Trap
             } else {
                 Interception::Poll
+            },
+            designation: if mode == Mode::PollDeviceBuffer {
+                Designation::DeviceBuffer
+            } else {
+                Designation::VcpuBuffer
+            },
+            completions: if mode == Mode::TrapInterrupt {
+                Completions::Interrupt
+            } else {
+                Completions::Poll
             },
             ..Default::default()
         },
@@ -277,7 +322,7 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
     let mut iops = Vec::new();
     for &qd in &args.qd {
         let mut direct = 0.0;
-        for mode in [Mode::Direct, Mode::Poll, Mode::Trap] {
+        for mode in Mode::ALL {
             let (v, n) = iops_run(&dir, qd, mode, args.seconds, &signals)?;
             if mode == Mode::Direct {
                 direct = v;
@@ -322,12 +367,12 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs)",
         args.seconds
     );
-    println!("  QD  mode         IOPS   vs direct");
+    println!("  QD  mode                                 IOPS   vs direct");
     for r in &report.iops {
         println!(
-            "  {:>2}  {:<7} {:>10.0}   {:>6.2}x",
+            "  {:>2}  {:<31} {:>10.0}   {:>6.2}x",
             r.qd,
-            format!("{:?}", r.mode).to_lowercase(),
+            r.mode.label(),
             r.iops,
             r.ratio
         );

@@ -43,18 +43,19 @@ pub struct VectorStatus {
 pub(crate) struct Wakeups {
     pub vectors: Vec<TakenVector>,
     pub wake: EventFd,
-    /// Every doorbell is trapped: nothing needs polling, so the poller may block.
-    pub all_trapped: bool,
+    /// Every doorbell is trapped and every queue's completions come by interrupt: nothing
+    /// needs polling, so the poller may block until an event.
+    pub can_block: bool,
 }
 
 impl Wakeups {
     /// Nothing taken: the poller sleeps briefly between rounds.
-    pub fn new(all_trapped: bool) -> Result<Self> {
+    pub fn new() -> Result<Self> {
         Ok(Wakeups {
             vectors: Vec::new(),
             wake: EventFd::new(EFD_NONBLOCK)
                 .map_err(|e| Error::Engine(format!("creating the poller's eventfd: {e}")))?,
-            all_trapped,
+            can_block: false,
         })
     }
 
@@ -71,14 +72,14 @@ impl Wakeups {
             .collect()
     }
 
-    /// Waits until a device interrupt or a trapped doorbell arrives, or `idle` passes (when
-    /// some doorbell page must be polled, or no vector is taken, `idle` is short).
+    /// Waits until a device interrupt or a trapped doorbell arrives, or `idle` passes (a
+    /// bounded safety net instead of `idle` when nothing needs polling).
     pub fn wait(&self, idle: Duration) {
-        if self.vectors.is_empty() && !self.all_trapped {
+        if self.vectors.is_empty() {
             std::thread::sleep(idle);
             return;
         }
-        let timeout = if self.all_trapped {
+        let timeout = if self.can_block {
             Duration::from_millis(20)
         } else {
             idle

@@ -260,13 +260,6 @@ pub fn geometries(log: &ConfigLog) -> Result<Vec<QueueGeometry>> {
                 sq.cqid
             )));
         }
-        if cq.interrupts {
-            tracing::warn!(
-                qid,
-                "CQ {qid} has interrupts enabled: the device signals the guest directly, \
-                 possibly before the engine forwards the completion (the guest must poll)"
-            );
-        }
         out.push(QueueGeometry {
             qid,
             sq_base: sq.base,
@@ -547,8 +540,19 @@ impl Engine {
         pages: &[DoorbellPage],
         queues: &mut [QueueRt],
     ) -> Result<irq::Wakeups> {
-        let mut w = irq::Wakeups::new(pages.iter().all(|p| p.trapped))?;
+        let mut w = irq::Wakeups::new()?;
         if self.opts.completions != Completions::Interrupt {
+            for q in queues.iter() {
+                let qid = q.q.geometry().qid;
+                if config.io_cqs.get(&qid).is_some_and(|c| c.interrupts) {
+                    tracing::warn!(
+                        qid,
+                        "CQ {qid} has interrupts enabled but completions are polled: the \
+                         device signals the guest directly, possibly before the engine \
+                         forwards the completion (use --shadow-completions interrupt)"
+                    );
+                }
+            }
             return Ok(w);
         }
         for q in queues.iter_mut() {
@@ -581,6 +585,7 @@ impl Engine {
             }
             q.vector = Some(vector);
         }
+        w.can_block = pages.iter().all(|p| p.trapped) && queues.iter().all(|q| q.vector.is_some());
         Ok(w)
     }
 
