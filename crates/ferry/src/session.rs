@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use guest_abi::{ports::Event, Workload, WorkloadArgs};
 use migration::{MigrationReport, ReceiveReport, SourceOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm::{devices::serial::ConsoleSink, vm::VerifyResult, Vm, VmConfig, VmOutcome};
 
 use crate::{
@@ -80,8 +80,8 @@ pub struct RoundTrip {
     pub pause_ms: f64,
 }
 
-/// A verification result, serializable.
-#[derive(Clone, Debug, Serialize)]
+/// A verification result, serializable (and read back from another process's summary).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Verification {
     /// 0 = the ledger holds.
     pub status: u32,
