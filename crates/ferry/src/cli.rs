@@ -24,7 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest and run it until it exits.
     Run(RunArgs),
-    /// The main job: boot the built-in guest, run a short `dirty` workload, verify, report.
+    /// The main job: boot the built-in guest; run `dirty`, verify, save/restore and live-migrate
+    /// it; live-migrate a VM with a passthrough NVMe device running `nvme-verify` and `dirty`;
+    /// connect two VMs over virtual RDMA; report.
     Demo(DemoArgs),
     /// Wait for one incoming live migration, then run the VM that arrives.
     Receive(ReceiveArgs),
