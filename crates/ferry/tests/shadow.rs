@@ -317,7 +317,12 @@ fn migrate_with_dirty(dir: &TempDir, secs: u64) -> (Proc, PathBuf, Value) {
     let (src, api) = source(dir, &disk, secs, &WITH_DIRTY);
     let dst_api = dir.path("dst.sock");
     let (dst, addr) = destination_with(Some(&disk), &["--api-socket", dst_api.to_str().unwrap()]);
-    warm_up();
+    // I/O going on every queue: a thousand I/Os done.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api_call(&api, "status")["data"]["progress"].as_u64() < Some(1000) {
+        assert!(Instant::now() < deadline, "the guest's I/O never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before = verify_ledger(&api);
     assert_eq!(before["status"], 0, "ledger broken on the source: {before}");
     assert_eq!(before["pages"], 4096, "{before}");
