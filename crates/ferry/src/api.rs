@@ -11,7 +11,10 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
-    sync::mpsc::{self, Receiver, Sender},
+    sync::{
+        mpsc::{self, Receiver, Sender},
+        Arc, Condvar, Mutex,
+    },
     time::Duration,
 };
 
@@ -120,16 +123,48 @@ pub struct Pending {
     pub reply: Sender<Response>,
 }
 
+/// Longest a dropped [`ApiServer`] waits for answers still being written to their clients.
+const FLUSH_ANSWERS: Duration = Duration::from_secs(2);
+
 /// A listening API socket; removed again when dropped.
 pub struct ApiServer {
     path: PathBuf,
     /// Requests for the supervisor.
     pub requests: Receiver<Pending>,
+    /// Connections whose request went to the supervisor and whose answer is not written yet.
+    answering: Arc<(Mutex<usize>, Condvar)>,
 }
 
 impl Drop for ApiServer {
+    /// Removes the socket, answers the requests the supervisor never took, and lets the answers
+    /// it gave in its last moments (a verification that ended the guest, say) reach their
+    /// clients before the process exits.
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        for p in self.requests.try_iter() {
+            let _ = p.reply.send(Response::err("the VM is gone"));
+        }
+        let (count, cv) = &*self.answering;
+        let n = count.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = cv.wait_timeout_while(n, FLUSH_ANSWERS, |n| *n > 0);
+    }
+}
+
+/// Counts a connection in [`ApiServer::answering`] while it lives.
+struct Answering(Arc<(Mutex<usize>, Condvar)>);
+
+impl Answering {
+    fn new(a: &Arc<(Mutex<usize>, Condvar)>) -> Self {
+        *a.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Answering(a.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let (count, cv) = &*self.0;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        cv.notify_all();
     }
 }
 
@@ -145,16 +180,19 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding API socket {}", path.display()))?;
     let (tx, rx) = mpsc::channel();
+    let answering = Arc::new((Mutex::new(0), Condvar::new()));
+    let counter = answering.clone();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let tx = tx.clone();
+                let counter = counter.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
                     .spawn(move || {
-                        if let Err(e) = handle(conn, tx) {
+                        if let Err(e) = handle(conn, tx, &counter) {
                             tracing::debug!("API connection: {e:#}");
                         }
                     });
@@ -163,10 +201,15 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
     Ok(ApiServer {
         path: path.to_path_buf(),
         requests: rx,
+        answering,
     })
 }
 
-fn handle(conn: UnixStream, supervisor: Sender<Pending>) -> anyhow::Result<()> {
+fn handle(
+    conn: UnixStream,
+    supervisor: Sender<Pending>,
+    answering: &Arc<(Mutex<usize>, Condvar)>,
+) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut out = conn.try_clone()?;
     let mut line = String::new();
@@ -183,6 +226,7 @@ fn handle(conn: UnixStream, supervisor: Sender<Pending>) -> anyhow::Result<()> {
         }
     };
     let (reply, responses) = mpsc::channel();
+    let _answering = Answering::new(answering);
     if supervisor.send(Pending { request, reply }).is_err() {
         writeln!(
             out,

@@ -24,7 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest and run it until it exits.
     Run(RunArgs),
-    /// The main job: boot the built-in guest, run a short `dirty` workload, verify, report.
+    /// The main job: boot the built-in guest; run `dirty`, verify, save/restore and live-migrate
+    /// it; live-migrate a VM with a passthrough NVMe device running `nvme-verify` and `dirty`;
+    /// connect two VMs over virtual RDMA; report.
     Demo(DemoArgs),
     /// Wait for one incoming live migration, then run the VM that arrives.
     Receive(ReceiveArgs),
@@ -100,13 +102,19 @@ pub struct GuestArgs {
     /// `dirty`: size of the working set.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub working_set: u64,
-    /// `dirty`: page writes per second (0 = as fast as the guest can).
+    /// `dirty` (and `--with-dirty`): page writes per second (0 = as fast as the guest can).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// `dirty`: how long to run (0 = until stopped).
+    /// `nvme-verify`: also run `dirty` with a working set of this size (e.g. 16M) in the memory
+    /// the NVMe buffers leave free, its page writes (at --rate) interleaved with the I/O. Its
+    /// ledger is verified on request (--verify-after, SIGUSR1, the API's `verify`) and at the
+    /// end; the guest exits non-zero if either verification fails.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "working_set")]
+    pub with_dirty: Option<u64>,
+    /// `dirty`, `nvme-verify`: how long to run (0 = until stopped).
     #[arg(long, default_value = "0", value_parser = parse_duration)]
     pub duration: Duration,
-    /// `dirty`: interval between progress lines (0 = none).
+    /// `dirty`, `nvme-verify`: interval between progress lines (0 = none).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub report_interval: Duration,
     /// Seed of the workload's pseudo-random generator.

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use guest_abi::{ports::Event, Workload, WorkloadArgs};
 use migration::{MigrationReport, ReceiveReport, SourceOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm::{devices::serial::ConsoleSink, vm::VerifyResult, Vm, VmConfig, VmOutcome};
 
 use crate::{
@@ -80,8 +80,8 @@ pub struct RoundTrip {
     pub pause_ms: f64,
 }
 
-/// A verification result, serializable.
-#[derive(Clone, Debug, Serialize)]
+/// A verification result, serializable (and read back from another process's summary).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Verification {
     /// 0 = the ledger holds.
     pub status: u32,
@@ -229,6 +229,22 @@ struct PendingVerify {
     reply: Option<Sender<Response>>,
 }
 
+impl PendingVerify {
+    /// Records the guest's answer and passes it on to the API client that asked, if any.
+    fn answer(self, r: VerifyResult, verifications: &mut Vec<Verification>) {
+        tracing::info!(
+            request = self.req,
+            status = r.status,
+            pages = r.pages,
+            "ledger verification finished"
+        );
+        if let Some(reply) = &self.reply {
+            let _ = reply.send(Response::ok(Verification::from(r)));
+        }
+        verifications.push(Verification::from(r));
+    }
+}
+
 /// Supervises a running VM until it ends, migrates away, or is stopped.
 pub fn supervise(
     mut vm: Vm,
@@ -287,18 +303,7 @@ pub fn supervise(
         let mut still = Vec::new();
         for p in pending.drain(..) {
             match vm.mailbox().verify_result(p.req)? {
-                Some(r) => {
-                    tracing::info!(
-                        request = p.req,
-                        status = r.status,
-                        pages = r.pages,
-                        "ledger verification finished"
-                    );
-                    if let Some(reply) = &p.reply {
-                        let _ = reply.send(Response::ok(Verification::from(r)));
-                    }
-                    verifications.push(Verification::from(r));
-                }
+                Some(r) => p.answer(r, &mut verifications),
                 None => still.push(p),
             }
         }
@@ -409,10 +414,18 @@ pub fn supervise(
     let first_instruction_ms = first_instruction
         .or_else(|| vm.lifecycle().event_time(Event::Booted))
         .map(|t| ms(t.duration_since(process_start)));
-    // A verification the guest finished in its last moments still counts.
+    // A verification the guest finished in its last moments still counts (a failed one ends
+    // the guest); the API clients still waiting get an answer either way.
     for p in pending {
-        if let Ok(Some(r)) = vm.mailbox().verify_result(p.req) {
-            verifications.push(r.into());
+        match vm.mailbox().verify_result(p.req) {
+            Ok(Some(r)) => p.answer(r, &mut verifications),
+            _ => {
+                if let Some(reply) = &p.reply {
+                    let _ = reply.send(Response::err(format!(
+                        "the VM ended ({outcome}) before the guest answered"
+                    )));
+                }
+            }
         }
     }
     let (kind, status) = match &outcome {

@@ -281,6 +281,14 @@ fn guest_from_a_file_and_bad_images_or_options_give_clear_errors() {
 
     let out = run(&["run", "--memory", "lots"]);
     assert_eq!(out.status.code(), Some(2), "clap usage error");
+
+    let out = run(&["run", "--workload", "dirty", "--with-dirty", "16M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("it needs --workload nvme-verify"),
+        "{}",
+        text(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -319,6 +327,26 @@ fn demo_passes() {
         report["destination"]["status"], 0,
         "the guest's own final verification held"
     );
+    // The NVMe phase: nvme-verify and dirty in one VM, migrated with I/O in flight; the device's
+    // pages came through the shadow engine, the vCPU's through KVM's dirty log, and on the
+    // destination the ledger held on request and the guest's final checks of both passed.
+    let nvme = &report["nvme"];
+    let rounds = nvme["migration"]["rounds"].as_array().unwrap();
+    for key in ["dirty_device", "dirty_kvm"] {
+        let pages: u64 = rounds.iter().map(|r| r[key].as_u64().unwrap()).sum();
+        assert!(pages > 0, "no {key} pages: {nvme}");
+    }
+    let dest = &nvme["destination"];
+    assert_eq!(dest["status"], 0, "{dest}");
+    let v = dest["verifications"].as_array().unwrap();
+    assert!(
+        !v.is_empty(),
+        "no ledger verification on the destination: {dest}"
+    );
+    for x in v {
+        assert_eq!(x["status"], 0, "{dest}");
+        assert_eq!(x["pages"], 4096, "{dest}");
+    }
     // The RDMA phase: two host processes, a VM on each, connected through both multiplexers.
     assert_eq!(report["vrdma"]["pass"], true, "{}", report["vrdma"]);
     for host in report["vrdma"]["hosts"].as_array().unwrap() {

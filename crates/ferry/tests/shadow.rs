@@ -379,6 +379,157 @@ fn a_to_b_to_a_keeps_verifying() {
     assert_eq!(summary["incoming"]["memory_hash"], report["memory_hash"]);
 }
 
+/// `dirty` next to nvme-verify: the vCPU writes a 16 MiB ledger (KVM sees it) while the device
+/// writes the guest's read buffers (KVM does not).
+const WITH_DIRTY: [&str; 4] = ["--with-dirty", "16M", "--rate", "50000"];
+
+/// Asks the guest behind `api` to verify its ledger; returns the answer's data.
+fn verify_ledger(api: &Path) -> Value {
+    let v = api_call(api, "verify");
+    assert_eq!(v["ok"], true, "{v}");
+    v["data"].clone()
+}
+
+/// Starts nvme-verify with `dirty` for `secs` seconds, checks the ledger on the source while
+/// the I/O runs, migrates the VM to a destination serving the API on the returned socket, and
+/// checks that both kinds of dirty pages were sent. Returns the destination, its API socket
+/// and the source's verification.
+fn migrate_with_dirty(dir: &TempDir, secs: u64) -> (Proc, PathBuf, Value) {
+    let disk = dir.path("disk.img");
+    let (src, api) = source(dir, &disk, secs, &WITH_DIRTY);
+    let dst_api = dir.path("dst.sock");
+    let (dst, addr) = destination_with(Some(&disk), &["--api-socket", dst_api.to_str().unwrap()]);
+    // I/O going on every queue: a thousand I/Os done.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api_call(&api, "status")["data"]["progress"].as_u64() < Some(1000) {
+        assert!(Instant::now() < deadline, "the guest's I/O never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = verify_ledger(&api);
+    assert_eq!(before["status"], 0, "ledger broken on the source: {before}");
+    assert_eq!(before["pages"], 4096, "{before}");
+    let out = migrate(&api, &addr, &[]);
+    assert!(out.status.success(), "migrate: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sum = |key: &str| -> u64 {
+        report["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(sum("dirty_device") > 0, "no device-dirtied pages: {report}");
+    assert!(sum("dirty_kvm") > 0, "no KVM-dirtied pages: {report}");
+    assert_eq!(
+        last_json(&src.wait_output(Duration::from_secs(60)))["outcome"],
+        "migrated"
+    );
+    wait_for_socket(&dst_api);
+    (dst, dst_api, before)
+}
+
+#[test]
+fn nvme_verify_with_dirty_migrates_and_both_verify_on_the_destination() {
+    let _serial = serial();
+    let dir = TempDir::new("withdirty");
+    let (dst, dst_api, before) = migrate_with_dirty(&dir, 10);
+    // The ledger holds on the destination while nvme-verify goes on, and the guest kept
+    // writing it there.
+    let after = verify_ledger(&dst_api);
+    assert_eq!(
+        after["status"], 0,
+        "ledger broken on the destination: {after}"
+    );
+    assert_eq!(after["pages"], 4096, "{after}");
+    assert!(
+        after["writes"].as_u64() > before["writes"].as_u64(),
+        "no ledger writes since the source's verification: {before} then {after}"
+    );
+    // The guest's own end: every I/O read back and the ledger verified once more.
+    let d = dst.wait_output(Duration::from_secs(150));
+    let summary = last_json(&d);
+    assert_eq!(summary["outcome"], "exit", "{summary}\n{}", text(&d.stderr));
+    assert_eq!(
+        summary["status"],
+        0,
+        "nvme-verify or the ledger failed: {}",
+        text(&d.stderr)
+    );
+    assert_eq!(summary["shadow"]["shadowed"], false, "{summary}");
+    let v = summary["verifications"].as_array().unwrap();
+    assert!(
+        !v.is_empty() && v.iter().all(|x| x["status"] == 0),
+        "{summary}"
+    );
+}
+
+/// Offset in the guest RAM file of the ledger header of a `data_pages` working set.
+fn find_ledger(ram: &std::fs::File, data_pages: u64) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = ram.metadata().unwrap().len();
+    // The work area starts at 16 MiB (guest_abi::layout::WORK_BASE); the header is a page
+    // that starts with the magic and the number of data pages.
+    (0x100_0000..len).step_by(4096).find(|&off| {
+        let mut w = [0u8; 16];
+        ram.read_exact_at(&mut w, off).is_ok()
+            && &w[..8] == b"LEDGER01"
+            && u64::from_le_bytes(w[8..].try_into().unwrap()) == data_pages
+    })
+}
+
+/// Breaks the ledger of the `dirty` working set in the VM of process `pid` from outside, as a
+/// lost or stale page would: the ledger entry of data page 0 gets 2^32 added, through the
+/// process's guest RAM memfd.
+fn break_ledger(pid: u32, data_pages: u64) {
+    use std::os::unix::fs::FileExt;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let fd = fd.unwrap().path();
+        let is_ram = std::fs::read_link(&fd)
+            .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:ferry-guest-ram"));
+        if !is_ram {
+            continue;
+        }
+        let ram = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fd)
+            .unwrap();
+        if let Some(header) = find_ledger(&ram, data_pages) {
+            let entry = header + 4096;
+            let mut w = [0u8; 8];
+            ram.read_exact_at(&mut w, entry).unwrap();
+            let broken = u64::from_le_bytes(w) + (1 << 32);
+            ram.write_all_at(&broken.to_le_bytes(), entry).unwrap();
+            return;
+        }
+    }
+    panic!("no ledger of {data_pages} pages in the guest RAM of process {pid}");
+}
+
+#[test]
+fn a_broken_ledger_on_the_destination_fails_its_verification() {
+    let _serial = serial();
+    let dir = TempDir::new("brokenledger");
+    let (dst, dst_api, _) = migrate_with_dirty(&dir, 10);
+    let ok = verify_ledger(&dst_api);
+    assert_eq!(ok["status"], 0, "{ok}");
+    break_ledger(dst.0.as_ref().unwrap().id(), 4096);
+    // LEDGER_PAGE_MISMATCH, or LEDGER_TOTAL_MISMATCH if the guest rewrote page 0 meanwhile.
+    let broken = verify_ledger(&dst_api);
+    let status = broken["status"].as_u64().unwrap();
+    assert!(
+        [10, 12].contains(&status),
+        "the break went unnoticed: {broken}"
+    );
+    // The guest stops at the failed verification and exits with its status: what the demo and
+    // the test above check for would fail.
+    let d = dst.wait_output(Duration::from_secs(60));
+    let summary = last_json(&d);
+    assert_eq!(summary["outcome"], "exit", "{summary}");
+    assert_eq!(summary["status"].as_u64(), Some(status), "{summary}");
+}
+
 #[test]
 fn killing_the_destination_device_process_leaves_the_source_verifying() {
     let _serial = serial();

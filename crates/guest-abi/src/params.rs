@@ -93,13 +93,15 @@ impl Workload {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadArgs {
-    /// `dirty`: bytes of memory in the working set (rounded down to pages).
+    /// `dirty` (and `nvme-verify` with [`NVME_WITH_DIRTY`]): bytes of memory in the working set
+    /// (rounded down to pages).
     pub working_set_bytes: u64,
-    /// `dirty`: target page writes per second; 0 means as fast as possible.
+    /// `dirty` (and `nvme-verify` with [`NVME_WITH_DIRTY`]): target page writes per second; 0
+    /// means as fast as possible.
     pub rate_pages_per_sec: u64,
     /// `dirty`: how long to run in milliseconds; 0 means until the VMM asks to stop.
     pub duration_ms: u64,
-    /// `dirty`: interval between progress lines in milliseconds; 0 disables them.
+    /// `dirty`, `nvme-verify`: interval between progress lines in milliseconds; 0 disables them.
     pub report_interval_ms: u64,
     /// Seed of the workload's pseudo-random generator.
     pub seed: u64,
@@ -172,10 +174,16 @@ pub const READS_DEFAULT: u32 = 0xffff_ffff;
 pub const NVME_ADOPT_EXISTING: u32 = 1;
 /// `NvmeArgs::flags`: do not verify every written block again at the end.
 pub const NVME_NO_FINAL_VERIFY: u32 = 2;
+/// `NvmeArgs::flags` (`nvme-verify`): also run `dirty` in the part of the work area the NVMe
+/// state and buffers leave free, with `WorkloadArgs::working_set_bytes` and
+/// `WorkloadArgs::rate_pages_per_sec`, one batch of ledger writes between NVMe steps. Its
+/// ledger is verified on request (the mailbox) and at the end; the exit status is the first
+/// failure of either.
+pub const NVME_WITH_DIRTY: u32 = 4;
 /// `NvmeArgs::flags`: enable MSI-X and create every I/O CQ with interrupts (vector = queue
 /// id, LAPIC vector 0x40 + queue id). The guest still polls with interrupts disabled, so the
 /// interrupts only stay pending in its local APIC; they exist for the hypervisor to handle.
-pub const NVME_INTERRUPTS: u32 = 4;
+pub const NVME_INTERRUPTS: u32 = 8;
 
 /// The boot parameter block.
 #[repr(C)]
@@ -207,7 +215,8 @@ pub struct BootParams {
     pub verify_pages: u64,
     /// Mailbox, guest → VMM: page writes recorded in the ledger at the last verification.
     pub verify_writes: u64,
-    /// Mailbox, guest → VMM: workload progress (page writes so far for `dirty`).
+    /// Mailbox, guest → VMM: workload progress (page writes so far for `dirty`, I/Os completed
+    /// for `nvme-verify`, also with [`NVME_WITH_DIRTY`]).
     pub progress: u64,
     /// Mailbox, guest → VMM: TSC cycles the `spin` loop took.
     pub bench_cycles: u64,

@@ -66,6 +66,14 @@ impl Arena {
         Some(a)
     }
 
+    /// Hands the rest of the low work area to another user: returns its first address (page
+    /// aligned); the arena allocates nothing after that.
+    pub fn take_rest(&mut self) -> u64 {
+        let a = self.next;
+        self.next = self.end;
+        a
+    }
+
     /// A zeroed array of `n` `T`s.
     pub fn array<T: Copy>(&mut self, n: usize) -> Option<&'static mut [T]> {
         let a = self.alloc((n * core::mem::size_of::<T>()) as u64)?;

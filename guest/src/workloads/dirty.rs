@@ -1,14 +1,19 @@
 //! `dirty`: dirty a working set at a configurable rate and keep a ledger that makes every lost
 //! page write detectable.
 //!
-//! Work-area layout (pages counted from `WORK_BASE`, continuing above 4 GiB if the VM has RAM
-//! there): page 0 holds the header, then the ledger (one u64 generation per data page), then the
+//! Work-area layout (pages counted from the start of the ledger's work area, `WORK_BASE` for
+//! `dirty`, continuing above 4 GiB if the VM has RAM there): page 0 holds the header, then the ledger (one u64 generation per data page), then the
 //! data pages. Writing page `p` for the `g`-th time stores `g` in word 0, `p` in word 1 and a
 //! stamp derived from `(p, g, seed)` in word `2 + g % 510`, then records `g` in the ledger and
 //! counts the write in the header. A page that misses its latest write (an older copy after a
 //! migration, say) no longer matches its ledger entry; a ledger page that misses a write no
 //! longer adds up to the header's total. Verification runs between writes, never in the middle
 //! of one.
+//!
+//! [`Dirtier`] is the whole workload minus its main loop: `dirty` runs it alone over the whole
+//! work area; `nvme-verify` with `NVME_WITH_DIRTY` gives it the part of the work area its own
+//! allocations leave free and calls it between NVMe steps, so the ledger is written and verified
+//! on request while the device does I/O.
 use crate::{clock, params, println};
 use guest_abi::{
     layout::{HIGH_RAM_START, WORK_BASE},
@@ -20,27 +25,33 @@ const PAGE: u64 = 4096;
 const WORDS: u64 = PAGE / 8;
 const HEADER_MAGIC: u64 = u64::from_le_bytes(*b"LEDGER01");
 
-struct WorkArea {
+/// The RAM a ledger lives in: low RAM from `lo_base` to its end, then all RAM above 4 GiB.
+pub struct WorkArea {
+    lo_base: u64,
     lo_pages: u64,
     hi_pages: u64,
 }
 
 impl WorkArea {
-    fn new(p: &BootParams) -> Self {
+    /// The work area from `lo_base` on (rounded up to a page, at least `WORK_BASE`): the part
+    /// of it below `lo_base` belongs to someone else.
+    pub fn from(lo_base: u64, p: &BootParams) -> Self {
+        let lo_base = lo_base.max(WORK_BASE).div_ceil(PAGE).saturating_mul(PAGE);
         WorkArea {
-            lo_pages: p.ram_lo_size.saturating_sub(WORK_BASE) / PAGE,
+            lo_base,
+            lo_pages: p.ram_lo_size.saturating_sub(lo_base) / PAGE,
             hi_pages: p.ram_hi_size / PAGE,
         }
     }
 
     fn pages(&self) -> u64 {
-        self.lo_pages + self.hi_pages
+        self.lo_pages.saturating_add(self.hi_pages)
     }
 
     /// Address of work-area page `i` (callers keep `i < pages()`).
     fn page(&self, i: u64) -> *mut u64 {
         let addr = if i < self.lo_pages {
-            WORK_BASE + i * PAGE
+            self.lo_base + i * PAGE
         } else {
             HIGH_RAM_START + (i - self.lo_pages) * PAGE
         };
@@ -190,94 +201,165 @@ impl core::fmt::Display for Rate {
     }
 }
 
-pub fn run(p: &BootParams) -> u32 {
-    let area = WorkArea::new(p);
-    let wanted = p.args.working_set_bytes / PAGE;
-    // header + ledger + data must fit in the work area
-    let capacity = area.pages().saturating_sub(1) * WORDS / (WORDS + 1);
-    let data_pages = wanted.min(capacity.saturating_sub(1));
-    if data_pages == 0 {
-        println!(
-            "dirty: no room for a working set ({} bytes asked)",
-            p.args.working_set_bytes
-        );
-        return status::BAD_PARAMS;
-    }
-    let ledger = Ledger {
-        data_pages,
-        ledger_pages: data_pages.div_ceil(WORDS),
-        area,
-        seed: p.args.seed,
-    };
-    ledger.init();
-    let rate = p.args.rate_pages_per_sec;
-    println!(
-        "dirty: working set {} MiB ({} pages), rate {}, duration {} ms",
-        (data_pages * PAGE) >> 20,
-        data_pages,
-        Rate(rate),
-        p.args.duration_ms
-    );
+/// The `dirty` workload's state: the ledger, the page picker and the pacing of the writes.
+pub struct Dirtier {
+    ledger: Ledger,
+    rng: u64,
+    /// TSC ticks between writes; 0 = unlimited.
+    ticks_per_write: u64,
+    /// Most writes per call of [`Dirtier::write_batch`].
+    batch: u64,
+    /// When the next write is due (paced runs).
+    deadline: u64,
+    /// A pause longer than this (a migration, say) restarts the pacing instead of bursting.
+    max_lag: u64,
+    start: u64,
+    writes_here: u64,
+}
 
+impl Dirtier {
+    /// Lays the ledger out in `area` for the working set the boot parameters ask for (what fits)
+    /// and prints what it will do. `Err` carries the exit status when nothing fits.
+    pub fn new(area: WorkArea, p: &BootParams) -> Result<Self, u32> {
+        let wanted = p.args.working_set_bytes / PAGE;
+        // header + ledger + data must fit in the work area
+        let capacity = area.pages().saturating_sub(1).saturating_mul(WORDS) / (WORDS + 1);
+        let data_pages = wanted.min(capacity.saturating_sub(1));
+        if data_pages == 0 {
+            println!(
+                "dirty: no room for a working set ({} bytes asked, {} pages free)",
+                p.args.working_set_bytes,
+                area.pages()
+            );
+            return Err(status::BAD_PARAMS);
+        }
+        let ledger = Ledger {
+            data_pages,
+            ledger_pages: data_pages.div_ceil(WORDS),
+            area,
+            seed: p.args.seed,
+        };
+        ledger.init();
+        let rate = p.args.rate_pages_per_sec;
+        println!(
+            "dirty: working set {} MiB ({} pages), rate {}, duration {} ms",
+            (data_pages * PAGE) >> 20,
+            data_pages,
+            Rate(rate),
+            p.args.duration_ms
+        );
+        let tpms = clock::ticks_per_ms();
+        let start = clock::rdtsc();
+        Ok(Dirtier {
+            ledger,
+            rng: p.args.seed | 1,
+            ticks_per_write: (tpms * 1000).checked_div(rate).unwrap_or(0),
+            batch: if rate == 0 {
+                256
+            } else {
+                (rate / 100).clamp(1, 256)
+            },
+            deadline: start,
+            max_lag: 100 * tpms,
+            start,
+            writes_here: 0,
+        })
+    }
+
+    /// Writes up to one batch of pages, paced to the rate. With `wait` it waits for every
+    /// write's turn and always writes a whole batch; without, it writes only the writes that are
+    /// due and returns at once. Returns the number of writes.
+    pub fn write_batch(&mut self, wait: bool) -> u64 {
+        let mut n = 0;
+        while n < self.batch {
+            if self.ticks_per_write != 0 {
+                let now = clock::rdtsc();
+                if now > self.deadline.saturating_add(self.max_lag) {
+                    self.deadline = now; // paused for a long time (migration): do not burst
+                }
+                if now < self.deadline && !wait {
+                    break;
+                }
+                while clock::rdtsc() < self.deadline {
+                    core::hint::spin_loop();
+                }
+                self.deadline += self.ticks_per_write;
+            }
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.ledger.write(self.rng % self.ledger.data_pages);
+            n += 1;
+        }
+        self.writes_here += n;
+        n
+    }
+
+    /// Page writes recorded in the ledger (across state restores and migrations).
+    pub fn total(&self) -> u64 {
+        self.ledger.total()
+    }
+
+    /// Answers a pending verification request, if any. `Err` carries the status when the
+    /// ledger does not hold.
+    pub fn serve_verify(&self) -> Result<(), u32> {
+        match params::pending_verify() {
+            Some(req) => match report_verify(Some(req), &self.ledger) {
+                status::OK => Ok(()),
+                st => Err(st),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Prints a progress line for the time up to TSC `now`.
+    pub fn report(&self, now: u64) {
+        let ms = clock::ticks_to_ms(now.saturating_sub(self.start)).max(1);
+        println!(
+            "dirty: {} ms, {} writes ({} /s), ledger total {}",
+            ms,
+            self.writes_here,
+            self.writes_here * 1000 / ms,
+            self.ledger.total()
+        );
+    }
+
+    /// The final verification, published as the answer to the pending (or the last)
+    /// request. Returns its status.
+    pub fn finish(&self) -> u32 {
+        let st = report_verify(
+            params::pending_verify().or(Some(params::read32(guest_abi::params::OFF_VERIFY_REQ))),
+            &self.ledger,
+        );
+        println!("dirty: done");
+        st
+    }
+}
+
+pub fn run(p: &BootParams) -> u32 {
+    let mut dirtier = match Dirtier::new(WorkArea::from(WORK_BASE, p), p) {
+        Ok(d) => d,
+        Err(st) => return st,
+    };
     let tpms = clock::ticks_per_ms();
-    let start = clock::rdtsc();
+    let start = dirtier.start;
     let end = start.saturating_add(p.args.duration_ms.saturating_mul(tpms));
     let report_every = p.args.report_interval_ms.saturating_mul(tpms);
     let mut next_report = start.saturating_add(report_every);
-    let ticks_per_write = (tpms * 1000).checked_div(rate).unwrap_or(0);
-    let batch = if rate == 0 {
-        256
-    } else {
-        (rate / 100).clamp(1, 256)
-    };
-    let mut deadline = start;
-    let mut rng = p.args.seed | 1;
-    let mut writes_here = 0u64;
     loop {
-        for _ in 0..batch {
-            if ticks_per_write != 0 {
-                let now = clock::rdtsc();
-                if now > deadline + 100 * tpms {
-                    deadline = now; // paused for a long time (migration): do not burst
-                }
-                while clock::rdtsc() < deadline {
-                    core::hint::spin_loop();
-                }
-                deadline += ticks_per_write;
-            }
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            ledger.write(rng % data_pages);
-        }
-        writes_here += batch;
-        params::write64(guest_abi::params::OFF_PROGRESS, ledger.total());
-        if let Some(req) = params::pending_verify() {
-            let st = report_verify(Some(req), &ledger);
-            if st != status::OK {
-                return st;
-            }
+        dirtier.write_batch(true);
+        params::write64(guest_abi::params::OFF_PROGRESS, dirtier.total());
+        if let Err(st) = dirtier.serve_verify() {
+            return st;
         }
         let now = clock::rdtsc();
         if (p.args.duration_ms != 0 && now >= end) || params::stop_requested() {
             break;
         }
         if report_every != 0 && now >= next_report {
-            let ms = clock::ticks_to_ms(now - start).max(1);
-            println!(
-                "dirty: {} ms, {} writes ({} /s), ledger total {}",
-                ms,
-                writes_here,
-                writes_here * 1000 / ms,
-                ledger.total()
-            );
+            dirtier.report(now);
             next_report = now + report_every;
         }
     }
-    let st = report_verify(
-        params::pending_verify().or(Some(params::read32(guest_abi::params::OFF_VERIFY_REQ))),
-        &ledger,
-    );
-    println!("dirty: done");
-    st
+    dirtier.finish()
 }

@@ -6,10 +6,15 @@
 //! report interval; at the end every block is read back and verified, and a digest of the
 //! region's (LBA, generation) state is printed so that a later VM run can check it adopted the
 //! same state.
+//!
+//! With `NVME_WITH_DIRTY` the `dirty` workload runs too, in the work area left after the NVMe
+//! queues, state and buffers: every turn of the I/O loop writes the ledger pages that are due
+//! and answers a pending ledger verification, so the vCPU dirties memory KVM sees while the
+//! device writes memory KVM does not see.
 use guest_abi::{
     params::{
-        status, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY, OFF_PROGRESS,
-        READS_DEFAULT,
+        status, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY, NVME_WITH_DIRTY,
+        OFF_PROGRESS, READS_DEFAULT,
     },
     BootParams,
 };
@@ -19,6 +24,7 @@ use crate::{
     clock,
     nvme::{prps, Arena, Nvme, MAX_DEPTH, MAX_QUEUES},
     params, println,
+    workloads::dirty::{Dirtier, WorkArea},
 };
 
 const MAGIC: u64 = u64::from_le_bytes(*b"FERRYBLK");
@@ -159,6 +165,8 @@ struct Run {
     done: u64,
     total: Hist,
     interval: Hist,
+    /// `dirty`, run between NVMe steps (`NVME_WITH_DIRTY`).
+    dirty: Option<Dirtier>,
 }
 
 impl Run {
@@ -400,6 +408,10 @@ impl Run {
                     completed = true;
                 }
             }
+            if let Some(d) = self.dirty.as_mut() {
+                d.write_batch(false);
+                d.serve_verify()?;
+            }
             if !issued_any && !completed && self.outstanding() == 0 {
                 return Ok(());
             }
@@ -433,6 +445,9 @@ impl Run {
                         self.interval.pct(50),
                         self.interval.pct(99)
                     );
+                    if let Some(d) = &self.dirty {
+                        d.report(now);
+                    }
                     self.interval.clear();
                     last_report = now;
                     done_at_report = self.done;
@@ -549,6 +564,14 @@ pub fn run(p: &BootParams) -> u32 {
         s.buf = buf;
         s.list = list;
     }
+    let dirty = if a.flags & NVME_WITH_DIRTY != 0 {
+        match Dirtier::new(WorkArea::from(arena.take_rest(), p), p) {
+            Ok(d) => Some(d),
+            Err(st) => return st,
+        }
+    } else {
+        None
+    };
     let read_pct = if a.read_percent == READS_DEFAULT {
         50
     } else {
@@ -572,6 +595,7 @@ pub fn run(p: &BootParams) -> u32 {
         done: 0,
         total: Hist(h1),
         interval: Hist(h2),
+        dirty,
     };
     println!(
         "nvme-verify: region LBA {}..{} ({} blocks), I/O {}..{} bytes, {}% reads, {} queue(s) x {}",
@@ -664,5 +688,5 @@ pub fn run(p: &BootParams) -> u32 {
         return status::NVME_IO_ERROR;
     }
     println!("nvme-verify: done, every read verified");
-    status::OK
+    run.dirty.as_ref().map_or(status::OK, Dirtier::finish)
 }

@@ -6,7 +6,10 @@
 //! 3. starts a second Ferry process (`ferry receive`) on loopback and live-migrates the running
 //!    workload there through the control API; the guest verifies its ledger on the
 //!    destination and finishes there;
-//! 4. prints a report.
+//! 4. boots a VM with a passthrough NVMe device running `nvme-verify` and `dirty` together and
+//!    live-migrates it, I/O in flight (`demo_nvme.rs`);
+//! 5. connects two VMs on two hosts over virtual RDMA (`demo_vrdma.rs`);
+//! 6. prints a report.
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
@@ -183,7 +186,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     };
     let destination = finish_destination(dest, migration.is_some());
 
-    // 4. a VM with a passthrough NVMe device, live-migrated while nvme-verify runs
+    // 4. a VM with a passthrough NVMe device, live-migrated while nvme-verify and dirty run
     let nvme = super::demo_nvme::run(&base.console, &base.console_prefix, echo, &signals)
         .context("passthrough NVMe migration")?;
 

@@ -1,13 +1,18 @@
 //! The passthrough NVMe phase of `ferry demo`: a VM with a passthrough NVMe device (a
 //! `ferry device nvme` process on a temporary backing file, attached over vfio-user) runs
-//! `nvme-verify` with four queues of depth 32 (4 KiB random reads and writes) and is
-//! live-migrated, I/O in flight, to a second Ferry process on loopback with its own device
-//! process on the same backing file (shared storage). The shadow engine reports the pages the
-//! device wrote, which KVM's dirty log cannot see; the guest keeps verifying on the
-//! destination and reads its whole region back there before it exits.
+//! `nvme-verify` with four queues of depth 32 (4 KiB random reads and writes) and, in the same
+//! loop, `dirty` over a 16 MiB working set, and is live-migrated, I/O in flight, to a second
+//! Ferry process on loopback with its own device process on the same backing file (shared
+//! storage). The vCPU's ledger writes reach the destination through KVM's dirty log; the pages
+//! the device wrote, which that log cannot see, through the shadow engine. The ledger is
+//! verified on request before the migration and on the destination; the guest keeps verifying
+//! its I/O there, reads its whole region back and verifies its ledger once more before it exits.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use guest_abi::{params::NvmeArgs, Workload, WorkloadArgs};
+use guest_abi::{
+    params::{NvmeArgs, NVME_WITH_DIRTY},
+    Workload, WorkloadArgs,
+};
 use migration::MigrationReport;
 use serde::Serialize;
 use vmm::devices::serial::ConsoleSink;
@@ -15,7 +20,7 @@ use vmm::devices::serial::ConsoleSink;
 use super::demo::{finish_destination, migrate_later, start_destination};
 use crate::{
     nvme_args::{DeviceNvmeArgs, PassthroughSource},
-    session::{self, BootSpec, SessionReport, SessionSpec},
+    session::{self, BootSpec, SessionReport, SessionSpec, Verification},
     signals::SignalState,
 };
 
@@ -30,9 +35,20 @@ pub struct NvmeMigration {
     pub destination: Option<serde_json::Value>,
 }
 
+/// The ledger verifications in a destination's JSON summary.
+fn verifications(summary: &serde_json::Value) -> Vec<Verification> {
+    serde_json::from_value(summary["verifications"].clone()).unwrap_or_default()
+}
+
+/// Working set of the `dirty` part.
+const DIRTY_WORKING_SET: u64 = 16 << 20;
+/// Page writes per second of the `dirty` part.
+const DIRTY_RATE: u64 = 50_000;
+
 impl NvmeMigration {
-    /// Migrated, identical memory, and the guest's verification passed on the destination
-    /// with the queues running direct again.
+    /// Migrated, identical memory, the ledger verified on request before the migration and
+    /// on the destination, and the guest's final verifications (every I/O, the ledger) passed
+    /// there with the queues running direct again.
     pub fn pass(&self) -> bool {
         let Some(m) = &self.migration else {
             return false;
@@ -40,11 +56,15 @@ impl NvmeMigration {
         let Some(d) = &self.destination else {
             return false;
         };
+        let dest = verifications(d);
         self.source.outcome == "migrated"
+            && self.source.verifications.iter().all(|v| v.status == 0)
             && m.memory_hash.is_some()
             && m.memory_hash.as_deref() == d["incoming"]["memory_hash"].as_str()
             && d["outcome"] == "exit"
             && d["status"] == 0
+            && !dest.is_empty()
+            && dest.iter().all(|v| v.status == 0)
             && d["shadow"]["shadowed"] == false
     }
 }
@@ -62,6 +82,8 @@ pub fn run(
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),
         workload: Workload::NvmeVerify,
         args: WorkloadArgs {
+            working_set_bytes: DIRTY_WORKING_SET,
+            rate_pages_per_sec: DIRTY_RATE,
             duration_ms: 4000,
             report_interval_ms: 1000,
             seed: 0x5eed,
@@ -72,7 +94,7 @@ pub fn run(
                 lba_start: 0,
                 lba_count: 0,
                 read_percent: 70,
-                flags: 0,
+                flags: NVME_WITH_DIRTY,
                 io_min_bytes: 4096,
                 io_max_bytes: 4096,
             },
@@ -90,6 +112,7 @@ pub fn run(
         console: console.clone(),
         console_prefix: prefix.to_string(),
         timeout: Some(Duration::from_secs(120)),
+        verify_after: Some(Duration::from_millis(1000)),
         api_socket: Some(api_path.clone()),
         passthrough: Some(PassthroughSource::Spawn(DeviceNvmeArgs {
             socket: Default::default(),
@@ -132,11 +155,17 @@ pub fn print(r: &NvmeMigration) {
             let device: u64 = m.rounds.iter().map(|x| x.dirty_device).sum();
             let kvm: u64 = m.rounds.iter().map(|x| x.dirty_kvm).sum();
             println!(
-                "  nvme          VM with a passthrough NVMe (4 queues x QD 32, 4 KiB random I/O) migrated in {:.0} ms, downtime {:.1} ms",
-                m.total_ms, m.downtime_ms
+                "  nvme          VM with a passthrough NVMe (4 queues x QD 32, 4 KiB random I/O) and `dirty` ({} MiB, {} pages/s) migrated in {:.0} ms, downtime {:.1} ms",
+                DIRTY_WORKING_SET >> 20,
+                DIRTY_RATE,
+                m.total_ms,
+                m.downtime_ms
             );
             println!(
-                "  device dirty  {device} page(s) written by the device, invisible to KVM's dirty log ({kvm} seen by KVM)"
+                "  device dirty  {device} page(s) written by the device, invisible to KVM's dirty log (reported by the shadow engine)"
+            );
+            println!(
+                "  kvm dirty     {kvm} page(s) written by the vCPU (ledger, queues, buffers), from KVM's dirty log"
             );
             let dest_hash = r
                 .destination
@@ -151,13 +180,34 @@ pub fn print(r: &NvmeMigration) {
         }
         None => println!("  nvme          migration FAILED"),
     }
-    match &r.destination {
-        Some(d) => println!(
-            "  nvme dest     device rebuilt, queues re-aligned and direct again: {}; guest verified every I/O: {} ({})",
-            ok(d["shadow"]["shadowed"] == false && d["shadow"]["left"] == 1),
-            ok(d["status"] == 0),
-            d["detail"].as_str().unwrap_or("?")
+    let ledger = |v: &[Verification]| match v {
+        [] => "FAILED (no answer)".to_string(),
+        v => format!(
+            "{} ({} time(s), last {} pages, {} writes)",
+            ok(v.iter().all(|x| x.status == 0)),
+            v.len(),
+            v[v.len() - 1].pages,
+            v[v.len() - 1].writes
         ),
+    };
+    println!(
+        "  nvme ledger   verified on request on the source: {}",
+        ledger(&r.source.verifications)
+    );
+    match &r.destination {
+        Some(d) => {
+            let v = verifications(d);
+            println!(
+                "  nvme dest     device rebuilt, queues re-aligned and direct again: {}; ledger verified on request there: {}",
+                ok(d["shadow"]["shadowed"] == false && d["shadow"]["left"] == 1),
+                ledger(&v)
+            );
+            println!(
+                "  nvme final    guest verified every I/O and its ledger on the destination: {} ({})",
+                ok(d["status"] == 0),
+                d["detail"].as_str().unwrap_or("?")
+            );
+        }
         None => println!("  nvme dest     FAILED (no report)"),
     }
 }
