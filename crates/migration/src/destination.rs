@@ -223,8 +223,11 @@ fn run(
             cfg.devices.len()
         )));
     }
+    let mut hash_ms = 0.0f64;
     if opts.debug_hash {
+        let t = Instant::now();
         report.memory_hash = Some(memory_hash(&ram));
+        hash_ms = t.elapsed().as_secs_f64() * 1000.0;
     }
     let mut vm = Vm::with_ram(&vm_config, ram)?;
     vm.restore_state(&state)?;
@@ -237,7 +240,7 @@ fn run(
             })?;
         report.devices.push(name.clone());
     }
-    wire::send(writer, Kind::Ready, &[])?;
+    wire::send(writer, Kind::Ready, &hash_ms.to_le_bytes())?;
     match wire::recv(reader, &mut buf)? {
         Kind::Go => {}
         Kind::Abort => {

@@ -34,8 +34,12 @@ pub struct MigrationReport {
     /// Connect → the destination confirmed it runs the VM.
     pub total_ms: f64,
     /// vCPUs paused on the source → the destination's "resumed" received (an upper bound of
-    /// the guest's downtime: it includes one trip of that message).
+    /// the guest's downtime: it includes one trip of that message), without the debug hashing
+    /// of guest RAM (`debug_hash_ms`), which a migration without `--debug-hash` does not do.
     pub downtime_ms: f64,
+    /// Time both sides spent hashing guest RAM while the VM was paused (`--debug-hash` only).
+    #[serde(default)]
+    pub debug_hash_ms: f64,
     /// Target downtime the rounds aimed for.
     pub downtime_target_ms: f64,
     /// Rounds, round 0 first, the paused one last.

@@ -454,15 +454,24 @@ fn run(
         report.devices.push(name);
     }
     if opts.debug_hash {
+        let t = Instant::now();
         report.memory_hash = Some(memory_hash(ram));
+        report.debug_hash_ms = ms(t.elapsed());
     }
     tx.send(Kind::Complete, &[])?;
     tx.out.flush().map_err(MigrationError::io("write"))?;
     expect(reader, Kind::Ready, &mut buf)?;
+    // Ready carries the destination's own hashing time (f64 ms; empty from a peer without).
+    if let Ok(b) = <[u8; 8]>::try_from(buf.as_slice()) {
+        let peer = f64::from_le_bytes(b);
+        if peer.is_finite() && peer >= 0.0 {
+            report.debug_hash_ms += peer;
+        }
+    }
     tx.send(Kind::Go, &[])?;
     tx.out.flush().map_err(MigrationError::io("write"))?;
     expect(reader, Kind::Resumed, &mut buf)?;
-    report.downtime_ms = ms(pause_at.elapsed());
+    report.downtime_ms = (ms(pause_at.elapsed()) - report.debug_hash_ms).max(0.0);
     report.total_ms = ms(start.elapsed());
     report.bytes = tx.bytes;
     report.bandwidth_mbps = tx.bytes as f64 / start.elapsed().as_secs_f64() / 1e6;

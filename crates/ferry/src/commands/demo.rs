@@ -322,10 +322,11 @@ fn print_report(r: &DemoReport) {
     match &r.migration {
         Some(m) => {
             println!(
-                "  migration     to {} in {:.0} ms, downtime {:.1} ms (incl. hashing all RAM on both sides), {} rounds, {:.1} MiB at {:.0} MB/s, {} zero pages skipped",
+                "  migration     to {} in {:.0} ms, downtime {:.1} ms (+{:.0} ms hashing all RAM on both sides for the check below), {} rounds, {:.1} MiB at {:.0} MB/s, {} zero pages skipped",
                 m.destination,
                 m.total_ms,
                 m.downtime_ms,
+                m.debug_hash_ms,
                 m.rounds.len(),
                 m.bytes as f64 / (1 << 20) as f64,
                 m.bandwidth_mbps,

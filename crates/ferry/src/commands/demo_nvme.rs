@@ -155,11 +155,12 @@ pub fn print(r: &NvmeMigration) {
             let device: u64 = m.rounds.iter().map(|x| x.dirty_device).sum();
             let kvm: u64 = m.rounds.iter().map(|x| x.dirty_kvm).sum();
             println!(
-                "  nvme          VM with a passthrough NVMe (4 queues x QD 32, 4 KiB random I/O) and `dirty` ({} MiB, {} pages/s) migrated in {:.0} ms, downtime {:.1} ms",
+                "  nvme          VM with a passthrough NVMe (4 queues x QD 32, 4 KiB random I/O) and `dirty` ({} MiB, {} pages/s) migrated in {:.0} ms, downtime {:.1} ms (+{:.0} ms hashing RAM for the check)",
                 DIRTY_WORKING_SET >> 20,
                 DIRTY_RATE,
                 m.total_ms,
-                m.downtime_ms
+                m.downtime_ms,
+                m.debug_hash_ms
             );
             println!(
                 "  device dirty  {device} page(s) written by the device, invisible to KVM's dirty log (reported by the shadow engine)"

@@ -72,12 +72,17 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
 
 fn print_human(r: &MigrationReport) {
     println!(
-        "migrated {} MiB to {} in {:.0} ms, downtime {:.1} ms (target {:.0} ms){}",
+        "migrated {} MiB to {} in {:.0} ms, downtime {:.1} ms (target {:.0} ms){}{}",
         r.ram_bytes >> 20,
         r.destination,
         r.total_ms,
         r.downtime_ms,
         r.downtime_target_ms,
+        if r.debug_hash_ms > 0.0 {
+            format!(", +{:.0} ms debug hashing", r.debug_hash_ms)
+        } else {
+            String::new()
+        },
         if r.hit_round_limit {
             ", round limit reached"
         } else {
