@@ -130,6 +130,9 @@ pub struct SessionReport {
     pub unhandled_pio: u64,
     /// MMIO accesses no device claimed.
     pub unhandled_mmio: u64,
+    /// MMIO exits for guest RAM addresses served from RAM (a memory slot being replaced).
+    #[serde(default)]
+    pub mmio_ram_fallbacks: u64,
     /// Signal that stopped the VM.
     pub signal: Option<i32>,
     /// The passthrough device's configuration log (admin mediation).
@@ -455,6 +458,7 @@ pub fn supervise(
         failed_migrations,
         unhandled_pio: vm.pio_bus().unhandled_count(),
         unhandled_mmio: vm.mmio_bus().unhandled_count(),
+        mmio_ram_fallbacks: vm.mmio_bus().ram_fallback_count(),
         signal,
         config_log,
         vrdma: None,

@@ -369,6 +369,14 @@ impl Attachment {
         (s, c, m.pending())
     }
 
+    /// Guest admin commands the device is still working on (submitted, no completion posted).
+    pub fn admin_unanswered(&self) -> usize {
+        let m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
+        m.unanswered(|gpa, buf| {
+            self.ram.contains(gpa, buf.len() as u64) && self.ram.read(gpa, buf).is_ok()
+        })
+    }
+
     /// Migration destination: resets the device, enables it with a hypervisor admin queue in
     /// host memory at `iova` (outside guest RAM), replays `log` (features, I/O queues at the
     /// guest's addresses), takes the log over, and serves the guest's admin queue from then on.

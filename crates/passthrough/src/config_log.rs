@@ -199,6 +199,49 @@ impl AdminMediator {
         self.pending.len()
     }
 
+    /// Pending admin commands the device has not completed yet: those without a completion
+    /// posted (by phase) after the guest's CQ head. `read` reads guest memory.
+    pub fn unanswered(&self, mut read: impl FnMut(u64, &mut [u8]) -> bool) -> usize {
+        let entries = aqa::cq_entries(self.log.aqa);
+        if !self.enabled || self.pending.is_empty() || entries < 2 || self.cq_head >= entries {
+            return self.pending.len();
+        }
+        let mut entry = |i: u32| -> Option<Cqe> {
+            let mut raw = [0u8; 16];
+            read(self.log.acq.wrapping_add(i as u64 * 16), &mut raw).then(|| Cqe::from_bytes(&raw))
+        };
+        // The first unconsumed entry's phase follows from the last consumed one.
+        let last = if self.cq_head == 0 {
+            entries - 1
+        } else {
+            self.cq_head - 1
+        };
+        let Some(prev) = entry(last) else {
+            return self.pending.len();
+        };
+        let mut phase = if self.cq_head == 0 {
+            !prev.phase()
+        } else {
+            prev.phase()
+        };
+        let (mut j, mut answered) = (self.cq_head, 0);
+        for _ in 0..entries - 1 {
+            match entry(j) {
+                Some(c) if c.phase() == phase => {
+                    if self.pending.contains_key(&c.cid()) {
+                        answered += 1;
+                    }
+                }
+                _ => break,
+            }
+            j = (j + 1) % entries;
+            if j == 0 {
+                phase = !phase;
+            }
+        }
+        self.pending.len().saturating_sub(answered)
+    }
+
     /// A guest write to the register page (before it is forwarded).
     pub fn register_write(&mut self, offset: u64, data: &[u8]) {
         let old_cc = self.reg32(regs::CC);
@@ -436,6 +479,38 @@ mod tests {
         m.register_write(regs::ASQ, &0x10000u64.to_le_bytes());
         m.register_write(regs::ACQ, &0x20000u64.to_le_bytes());
         m.register_write(regs::CC, &cc::ENABLE.to_le_bytes());
+    }
+
+    #[test]
+    fn unanswered_counts_commands_without_a_posted_completion() {
+        let mut m = AdminMediator::default();
+        enable(&mut m);
+        let mut ram = Ram(HashMap::new());
+        for (i, cid) in [1u16, 2, 3].iter().enumerate() {
+            let sqe = Sqe::new(admin::IDENTIFY, *cid);
+            ram.0
+                .insert(0x10000 + i as u64 * 64, sqe.to_bytes().to_vec());
+        }
+        // An empty CQ (all zero, phase 0): the device answers with phase 1.
+        for i in 0..4u64 {
+            ram.0.insert(0x20000 + i * 16, vec![0; 16]);
+        }
+        m.sq_tail_write(3, |a, b| ram.read(a, b));
+        assert_eq!(m.unanswered(|a, b| ram.read(a, b)), 3);
+        let done = |cid| {
+            Cqe::new(0, 0, 0, cid, Status::SUCCESS, true)
+                .to_bytes()
+                .to_vec()
+        };
+        ram.0.insert(0x20000, done(2));
+        assert_eq!(m.unanswered(|a, b| ram.read(a, b)), 2, "cid 2 answered");
+        ram.0.insert(0x20010, done(1));
+        assert_eq!(m.unanswered(|a, b| ram.read(a, b)), 1);
+        // The guest consumes both: pending drops, the last one is still unanswered.
+        m.cq_head_write(2, |a, b| ram.read(a, b));
+        assert_eq!((m.pending(), m.unanswered(|a, b| ram.read(a, b))), (1, 1));
+        ram.0.insert(0x20020, done(3));
+        assert_eq!(m.unanswered(|a, b| ram.read(a, b)), 0);
     }
 
     #[test]

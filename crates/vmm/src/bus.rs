@@ -8,7 +8,7 @@ use std::{
     },
 };
 
-use crate::{Error, Result};
+use crate::{memory::GuestRam, Error, Result};
 
 /// A device on a bus. `offset` is relative to the start of the range it registered.
 pub trait BusDevice: Send {
@@ -35,6 +35,10 @@ pub struct Bus {
     name: &'static str,
     devices: RwLock<BTreeMap<u64, Entry>>,
     unhandled: AtomicU64,
+    /// Guest RAM: an exit for a RAM address nobody claims is served from RAM (see
+    /// [`Bus::set_ram_fallback`]).
+    ram: std::sync::OnceLock<GuestRam>,
+    ram_fallbacks: AtomicU64,
 }
 
 impl Bus {
@@ -44,7 +48,34 @@ impl Bus {
             name,
             devices: RwLock::new(BTreeMap::new()),
             unhandled: AtomicU64::new(0),
+            ram: std::sync::OnceLock::new(),
+            ram_fallbacks: AtomicU64::new(0),
         }
+    }
+
+    /// Serves unclaimed accesses to guest RAM addresses from `ram`. Such an exit happens only
+    /// while a RAM range's memory slot is being replaced (a vCPU touched it between the slot's
+    /// removal and its replacement, and its exit is handled after the handler that stood in
+    /// for the range has gone): the access belongs to RAM.
+    pub fn set_ram_fallback(&self, ram: GuestRam) {
+        let _ = self.ram.set(ram);
+    }
+
+    /// Accesses served by the RAM fallback so far.
+    pub fn ram_fallback_count(&self) -> u64 {
+        self.ram_fallbacks.load(Ordering::Relaxed)
+    }
+
+    fn ram_fallback(&self, addr: u64, len: usize) -> Option<&GuestRam> {
+        let ram = self.ram.get().filter(|r| r.contains(addr, len as u64))?;
+        self.ram_fallbacks.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            bus = self.name,
+            addr = format_args!("{addr:#x}"),
+            len,
+            "exit for a RAM address served from RAM"
+        );
+        Some(ram)
     }
 
     /// Registers `device` for `[base, base + len)`.
@@ -118,6 +149,11 @@ impl Bus {
                 true
             }
             None => {
+                if let Some(ram) = self.ram_fallback(addr, data.len()) {
+                    if ram.read(addr, data).is_ok() {
+                        return true;
+                    }
+                }
                 data.fill(0xff);
                 self.note_unhandled("read", addr, data.len());
                 false
@@ -135,6 +171,11 @@ impl Bus {
                 true
             }
             None => {
+                if let Some(ram) = self.ram_fallback(addr, data.len()) {
+                    if ram.write(addr, data).is_ok() {
+                        return true;
+                    }
+                }
                 self.note_unhandled("write", addr, data.len());
                 false
             }
@@ -176,6 +217,28 @@ mod tests {
         assert_eq!(b, [0xff, 0xff]);
         assert!(!bus.write(0x200, &[0]));
         assert_eq!(bus.unhandled_count(), 2);
+    }
+
+    #[test]
+    fn unclaimed_ram_addresses_are_served_from_ram() {
+        let bus = Bus::new("mmio");
+        let ram = GuestRam::new(32 << 20).unwrap();
+        bus.set_ram_fallback(ram.clone());
+        assert!(bus.write(0x5000, &[7, 8, 9, 10]));
+        let mut b = [0u8; 4];
+        ram.read(0x5000, &mut b).unwrap();
+        assert_eq!(b, [7, 8, 9, 10]);
+        let mut r = [0u8; 4];
+        assert!(bus.read(0x5000, &mut r));
+        assert_eq!(r, b);
+        assert_eq!((bus.ram_fallback_count(), bus.unhandled_count()), (2, 0));
+        // A device still claims its range first; beyond RAM stays unclaimed.
+        let dev: SharedDevice = Arc::new(Mutex::new(Echo(vec![])));
+        bus.insert(0x5000, 0x10, dev).unwrap();
+        assert!(bus.read(0x5004, &mut r));
+        assert_eq!(r, [4; 4]);
+        assert!(!bus.read(1 << 40, &mut r));
+        assert_eq!(bus.unhandled_count(), 1);
     }
 
     #[test]

@@ -119,6 +119,7 @@ impl Vm {
         let lifecycle = Arc::new(Lifecycle::default());
         let pio = Arc::new(Bus::new("pio"));
         let mmio = Arc::new(Bus::new("mmio"));
+        mmio.set_ram_fallback(ram.clone());
 
         let console_tail = ConsoleTail::default();
         let writer = ConsoleWriter::new(

@@ -641,7 +641,7 @@ impl Engine {
     /// Copy = device buffer: the device's mapping around the rings is re-made, so it must not
     /// be doing DMA then. With the doorbells intercepted and the vCPUs paused nothing new
     /// reaches it; this waits (bounded) until the commands it already had are complete,
-    /// counted from the positions in guest RAM, and no guest admin command is pending. Returns
+    /// counted from the positions in guest RAM, and it works on no guest admin command. Returns
     /// the data pages those commands may have written (reported dirty).
     fn wait_device_idle(
         &self,
@@ -671,7 +671,7 @@ impl Engine {
                     busy.push((g.qid, q.in_flight()));
                 }
             }
-            let admin = self.att.admin_positions().2;
+            let admin = self.att.admin_unanswered();
             if busy.is_empty() && admin == 0 {
                 return Ok(pages.into_iter().collect());
             }
@@ -686,11 +686,11 @@ impl Engine {
         }
     }
 
-    /// Waits (bounded) until no guest admin command is pending on the device.
+    /// Waits (bounded) until the device works on no guest admin command.
     fn wait_admin_idle(&self) -> Result<()> {
         let t0 = Instant::now();
         loop {
-            let pending = self.att.admin_positions().2;
+            let pending = self.att.admin_unanswered();
             if pending == 0 {
                 return Ok(());
             }
