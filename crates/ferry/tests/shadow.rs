@@ -227,6 +227,12 @@ fn migrate_and_verify(tag: &str, extra: &[&str]) -> Value {
         "memory differs at switchover"
     );
     assert!(err.contains("re-aligned with"), "{err}");
+    let designation = if extra.contains(&"device-buffer") {
+        "copy = device buffer"
+    } else {
+        "copy = vCPU buffer"
+    };
+    assert!(err.contains(designation), "{err}");
     assert!(err.contains("without pausing the VM"), "{err}");
     // After re-alignment the queues run direct: no shadowing, doorbell pages mapped again.
     let shadow = &summary["shadow"];

@@ -369,6 +369,16 @@ impl Attachment {
         (s, c, m.pending())
     }
 
+    /// Runs `f` while the guest's admin commands are held back (migration destination: the
+    /// proxy serves each one synchronously, so none is on the device while `f` runs; a vCPU
+    /// writing the admin doorbell meanwhile waits). Without a proxy nothing is held.
+    pub fn with_admin_proxy_held<T>(&self, f: impl FnOnce(bool) -> T) -> T {
+        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(proxy.is_some());
+        drop(proxy);
+        r
+    }
+
     /// Guest admin commands the device is still working on (submitted, no completion posted).
     pub fn admin_unanswered(&self) -> usize {
         let m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());

@@ -99,6 +99,10 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
             // The VM runs; the device's queues start from zero: re-align them with fillers
             // the guest never sees, then leave shadow mode, all without pausing the VM.
             let t0 = Instant::now();
+            let designation = match engine.options().designation {
+                shadow::engine::Designation::VcpuBuffer => "vCPU buffer",
+                shadow::engine::Designation::DeviceBuffer => "device buffer",
+            };
             let fillers = engine
                 .realign()
                 .context("re-aligning the device's queues")?;
@@ -106,8 +110,8 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
                 .leave_live(&incoming.vm)
                 .context("leaving shadow mode on the destination")?;
             eprintln!(
-                "ferry: passthrough nvme0 rebuilt here, re-aligned with {fillers} filler(s), \
-                 direct again after {:.1} ms without pausing the VM",
+                "ferry: passthrough nvme0 rebuilt here (copy = {designation}), re-aligned with \
+                 {fillers} filler(s), direct again after {:.1} ms without pausing the VM",
                 t0.elapsed().as_secs_f64() * 1000.0
             );
             Some(PassthroughSession::with_engine(

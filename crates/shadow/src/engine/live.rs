@@ -3,9 +3,11 @@
 //! 1. Hold every queue's submissions and let the poller finish what is in flight.
 //! 2. Doorbells: trap the doorbell pages and record the guest's writes in the hypervisor pages
 //!    (the poller is stopped; held work waits).
-//! 3. Rings, per copy: remove the copy's slot (guest accesses now exit), copy the copy into RAM
-//!    while an MMIO handler on the range holds such accesses back, then let the handler serve
-//!    them from RAM, back the range with RAM again, and drop the handler.
+//! 3. Rings. Copy = vCPU buffer, per copy: remove the copy's slot (guest accesses now exit),
+//!    copy the copy into RAM while an MMIO handler on the range holds such accesses back, then
+//!    let the handler serve them from RAM, back the range with RAM again, and drop the handler.
+//!    Copy = device buffer: the guest already sees RAM; with the I/O queues idle and the admin
+//!    proxy held, the device's DMA mapping of the rings goes back to RAM.
 //! 4. Ring the device with the guest's last doorbell values under the hook's lock, after
 //!    which trapped writes go straight to the device; map the doorbell pages back.
 use std::sync::{
@@ -58,12 +60,6 @@ impl Engine {
         let Some(a) = guard.as_mut() else {
             return Ok(());
         };
-        if a.designation != super::Designation::VcpuBuffer {
-            // Re-making the device's DMA mapping needs it idle, which only a pause can promise
-            // while the guest may start admin commands.
-            drop(guard);
-            return self.leave(vm);
-        }
         let slots = vm.memory_slots();
         // 1. Hold, drain.
         {
@@ -137,7 +133,26 @@ impl Engine {
             })?;
         }
         // 3. Rings.
-        for c in a.copies.iter() {
+        if a.designation == super::Designation::DeviceBuffer {
+            // The guest's view is RAM already; the device goes back to it. Its I/O queues are
+            // held and idle and, with the admin proxy held, no guest admin command is on it, so
+            // nothing DMAs while its mapping around the rings is re-made.
+            self.att.with_admin_proxy_held(|proxied| -> Result<()> {
+                if !proxied {
+                    self.wait_admin_idle()?;
+                }
+                while let Some(r) = a.remapped.first().cloned() {
+                    self.move_back(slots, a.designation, &r)?;
+                    a.remapped.remove(0);
+                }
+                Ok(())
+            })?;
+        }
+        for c in a
+            .copies
+            .iter()
+            .filter(|_| a.designation == super::Designation::VcpuBuffer)
+        {
             let gate = Arc::new(Mutex::new(()));
             let window = RingWindow {
                 ram: vm.ram().clone(),

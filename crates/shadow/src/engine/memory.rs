@@ -275,12 +275,7 @@ impl Buffers for EngineBuffers {
 /// Callers pause the vCPUs first (or run before the VM starts). A device may still write its
 /// completion queues meanwhile; the adapters reconcile those entries by phase afterwards.
 pub fn copy_rings(ram: &GuestRam, geos: &[crate::nvme::QueueGeometry]) -> Result<Vec<Copy>> {
-    let regions = page_regions(geos.iter().flat_map(|g| {
-        [
-            g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
-            g.cq_base..g.cq_base + g.cq_entries as u64 * 16,
-        ]
-    }));
+    let regions = ring_regions(geos);
     let mut copies = Vec::new();
     for r in &regions {
         let pages = HostPages::new(r.end - r.start)?;
@@ -297,6 +292,29 @@ pub fn copy_rings(ram: &GuestRam, geos: &[crate::nvme::QueueGeometry]) -> Result
         });
     }
     Ok(copies)
+}
+
+/// Zeroed hypervisor pages for the rings of `geos` (merged into page regions): a fresh
+/// device's rings on a migration destination, where guest RAM holds the guest's.
+pub fn blank_rings(geos: &[crate::nvme::QueueGeometry]) -> Result<Vec<Copy>> {
+    ring_regions(geos)
+        .into_iter()
+        .map(|r| {
+            Ok(Copy {
+                pages: HostPages::new(r.end - r.start)?,
+                gpa: r,
+            })
+        })
+        .collect()
+}
+
+fn ring_regions(geos: &[crate::nvme::QueueGeometry]) -> Vec<Range<u64>> {
+    page_regions(geos.iter().flat_map(|g| {
+        [
+            g.sq_base..g.sq_base + g.sq_entries as u64 * 64,
+            g.cq_base..g.cq_base + g.cq_entries as u64 * 16,
+        ]
+    }))
 }
 
 /// Merges the page-rounded `ranges` into disjoint, sorted page ranges.

@@ -6,12 +6,12 @@ use std::{
 };
 
 use nvme_spec::regs;
-use passthrough::{Attachment, DeviceHooks, GuestBacking};
+use passthrough::{Attachment, DeviceBacking, DeviceHooks, GuestBacking};
 use vmm::Vm;
 
 use super::{
     device::SavedDevice,
-    memory::{copy_rings, Designation, EngineBuffers, PAGE},
+    memory::{blank_rings, copy_rings, Designation, EngineBuffers, PAGE},
     poller, Active, DoorbellPage, Engine, EngineOptions, QueueRt, Running, Shared,
 };
 use crate::{nvme::NvmeQueue, Error, Result};
@@ -41,27 +41,45 @@ impl Engine {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let geos: Vec<_> = saved.queues.iter().map(|q| q.geometry).collect();
-        // The VM has not started and the device has no queues yet.
-        let copies = Arc::new(copy_rings(&ram, &geos)?);
+        // The VM has not started and the device has no queues yet. The device buffer starts
+        // clean (a fresh queue must not find stale phase bits); the vCPU buffer holds the
+        // guest's rings as they arrived.
+        let designation = opts.designation;
+        let copies = Arc::new(match designation {
+            Designation::VcpuBuffer => copy_rings(&ram, &geos)?,
+            Designation::DeviceBuffer => blank_rings(&geos)?,
+        });
         let mut remapped = Vec::new();
         for c in copies.iter() {
-            // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
-            unsafe {
-                att.remap_guest_range(
-                    slots,
+            let len = c.gpa.end - c.gpa.start;
+            match designation {
+                // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
+                Designation::VcpuBuffer => unsafe {
+                    att.remap_guest_range(
+                        slots,
+                        c.gpa.start,
+                        len,
+                        GuestBacking::Host(c.pages.addr()),
+                    )
+                },
+                Designation::DeviceBuffer => att.remap_device_range(
                     c.gpa.start,
-                    c.gpa.end - c.gpa.start,
-                    GuestBacking::Host(c.pages.addr()),
-                )
+                    len,
+                    DeviceBacking::Host {
+                        fd: c.pages.fd(),
+                        offset: 0,
+                    },
+                ),
             }
-            .map_err(hook(format!("swapping ring pages {:?} to the copy", c.gpa)))?;
+            .map_err(hook(format!("moving ring pages {:?} onto the copy", c.gpa)))?;
             remapped.push(c.gpa.clone());
         }
-        // The device buffer starts clean: a fresh queue must not find stale phase bits.
-        for g in &geos {
-            ram.write(g.sq_base, &vec![0u8; g.sq_entries as usize * 64])
-                .and_then(|_| ram.write(g.cq_base, &vec![0u8; g.cq_entries as usize * 16]))
-                .map_err(|e| Error::Engine(format!("zeroing queue {}'s rings: {e}", g.qid)))?;
+        if designation == Designation::VcpuBuffer {
+            for g in &geos {
+                ram.write(g.sq_base, &vec![0u8; g.sq_entries as usize * 64])
+                    .and_then(|_| ram.write(g.cq_base, &vec![0u8; g.cq_entries as usize * 16]))
+                    .map_err(|e| Error::Engine(format!("zeroing queue {}'s rings: {e}", g.qid)))?;
+            }
         }
         let ram_end = ram
             .regions()
@@ -73,9 +91,7 @@ impl Engine {
         att.replay(&saved.config, saved.admin, iova)
             .map_err(hook("replaying the configuration log".into()))?;
 
-        // The destination always rebuilds with the copy as the vCPU buffer: its pause-free
-        // exit swaps memory slots while the guest runs (see docs/shadow-engine.md).
-        let bufs = EngineBuffers::new(ram.clone(), copies.clone(), Designation::VcpuBuffer);
+        let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation);
         let mut pages: Vec<DoorbellPage> = Vec::new();
         let mut queues = Vec::new();
         for (state, &(sq, cq)) in saved.queues.iter().zip(&saved.doorbells) {
@@ -130,7 +146,7 @@ impl Engine {
             poller: Some(poller),
             copies,
             remapped,
-            designation: Designation::VcpuBuffer,
+            designation,
             limits: saved.limits,
             dstrd,
             entered: Instant::now(),
