@@ -42,8 +42,8 @@ fn verify(vm: &Vm) -> vmm::vm::VerifyResult {
     }
 }
 
-#[test]
-fn a_busy_guest_migrates_with_identical_memory_and_a_valid_ledger() {
+/// A destination on a loopback port, hashing memory: (its address, the thread receiving).
+fn destination() -> (String, std::thread::JoinHandle<migration::Incoming>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dest = std::thread::spawn(move || {
@@ -54,6 +54,12 @@ fn a_busy_guest_migrates_with_identical_memory_and_a_valid_ledger() {
         };
         migration::receive(stream, &config(), &opts, &mut NoDevices).unwrap()
     });
+    (addr, dest)
+}
+
+#[test]
+fn a_busy_guest_migrates_with_identical_memory_and_a_valid_ledger() {
+    let (addr, dest) = destination();
     let vm = dirty_vm();
     std::thread::sleep(Duration::from_millis(300));
     let opts = SourceOptions {
@@ -123,16 +129,7 @@ fn a_refusing_destination_leaves_the_source_running() {
 #[test]
 fn a_bandwidth_cap_holds_for_pre_copy_and_memory_stays_identical() {
     const CAP: u64 = 24 << 20;
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let dest = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let opts = DestinationOptions {
-            debug_hash: true,
-            ..Default::default()
-        };
-        migration::receive(stream, &config(), &opts, &mut NoDevices).unwrap()
-    });
+    let (addr, dest) = destination();
     let vm = dirty_vm();
     std::thread::sleep(Duration::from_millis(300));
     let opts = SourceOptions {

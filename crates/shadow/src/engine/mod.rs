@@ -453,27 +453,7 @@ impl Engine {
             // the device buffer the device is idle, so both copies are identical.
             let copies = Arc::new(copy_rings(&ram, geos)?);
             for c in copies.iter() {
-                let len = c.gpa.end - c.gpa.start;
-                match designation {
-                    // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
-                    Designation::VcpuBuffer => unsafe {
-                        self.att.remap_guest_range(
-                            slots,
-                            c.gpa.start,
-                            len,
-                            GuestBacking::Host(c.pages.addr()),
-                        )
-                    },
-                    Designation::DeviceBuffer => self.att.remap_device_range(
-                        c.gpa.start,
-                        len,
-                        DeviceBacking::Host {
-                            fd: c.pages.fd(),
-                            offset: 0,
-                        },
-                    ),
-                }
-                .map_err(hook(format!("moving ring pages {:?} onto the copy", c.gpa)))?;
+                self.move_onto(slots, designation, c)?;
                 remapped.push(c.gpa.clone());
             }
             let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation);
@@ -614,6 +594,37 @@ impl Engine {
         for r in remapped {
             let _ = self.move_back(slots, designation, r);
         }
+    }
+
+    /// Backs the ring range of `c` with the copy on the designated side. The copy must live
+    /// (in `Active`) until [`Engine::move_back`].
+    pub(crate) fn move_onto(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        designation: Designation,
+        c: &Copy,
+    ) -> Result<()> {
+        let len = c.gpa.end - c.gpa.start;
+        match designation {
+            // SAFETY: the caller keeps the copy alive until the range is mapped back to RAM.
+            Designation::VcpuBuffer => unsafe {
+                self.att.remap_guest_range(
+                    slots,
+                    c.gpa.start,
+                    len,
+                    GuestBacking::Host(c.pages.addr()),
+                )
+            },
+            Designation::DeviceBuffer => self.att.remap_device_range(
+                c.gpa.start,
+                len,
+                DeviceBacking::Host {
+                    fd: c.pages.fd(),
+                    offset: 0,
+                },
+            ),
+        }
+        .map_err(hook(format!("moving ring pages {:?} onto the copy", c.gpa)))
     }
 
     /// Backs ring range `r` with guest RAM again on the designated side.

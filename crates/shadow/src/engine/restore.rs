@@ -6,7 +6,7 @@ use std::{
 };
 
 use nvme_spec::regs;
-use passthrough::{Attachment, DeviceBacking, DeviceHooks, GuestBacking};
+use passthrough::Attachment;
 use vmm::Vm;
 
 use super::{
@@ -51,27 +51,8 @@ impl Engine {
         });
         let mut remapped = Vec::new();
         for c in copies.iter() {
-            let len = c.gpa.end - c.gpa.start;
-            match designation {
-                // SAFETY: the copy lives in `Active` until the range is mapped back to RAM.
-                Designation::VcpuBuffer => unsafe {
-                    att.remap_guest_range(
-                        slots,
-                        c.gpa.start,
-                        len,
-                        GuestBacking::Host(c.pages.addr()),
-                    )
-                },
-                Designation::DeviceBuffer => att.remap_device_range(
-                    c.gpa.start,
-                    len,
-                    DeviceBacking::Host {
-                        fd: c.pages.fd(),
-                        offset: 0,
-                    },
-                ),
-            }
-            .map_err(hook(format!("moving ring pages {:?} onto the copy", c.gpa)))?;
+            // The copies live in `Active` until the ranges are moved back.
+            engine.move_onto(slots, designation, c)?;
             remapped.push(c.gpa.clone());
         }
         if designation == Designation::VcpuBuffer {
