@@ -278,7 +278,16 @@ fn migration_of_a_dstrd_0_device_passes() {
 #[test]
 fn migration_with_the_copy_as_device_buffer_passes() {
     let _serial = serial();
-    migrate_and_verify("devbuf", &["--shadow-designation", "device-buffer"]);
+    // Up to 32 KiB per I/O: PRP lists, bounced on both sides.
+    migrate_and_verify(
+        "devbuf",
+        &[
+            "--shadow-designation",
+            "device-buffer",
+            "--nvme-io-max",
+            "32K",
+        ],
+    );
 }
 
 #[test]
@@ -690,8 +699,9 @@ fn continuous_shadow_mode_runs_nvme_verify_clean() {
     }
 }
 
-/// nvme-verify for 3 s, shadowed all along with `designation`: the guest's verification passes
-/// and every I/O went through the engine. With the copy as the device buffer a device still
+/// nvme-verify for 3 s (4–64 KiB I/Os), shadowed all along with `designation`: the guest's
+/// verification passes, every I/O went through the engine and PRP lists reached the device as
+/// the engine's copies. With the copy as the device buffer a device still
 /// reaching the guest's rings would post every completion twice (once itself, once through
 /// the engine), which the guest's command-id tags catch.
 fn continuous_shadow_mode(designation: &str) {
@@ -708,6 +718,8 @@ fn continuous_shadow_mode(designation: &str) {
             "continuous",
             "--shadow-designation",
             designation,
+            "--nvme-io-max",
+            "64K",
             "--nvme-backing",
         ])
         .arg(&disk)
@@ -730,6 +742,14 @@ fn continuous_shadow_mode(designation: &str) {
         .map(|q| q["state"]["stats"]["forwarded"].as_u64().unwrap())
         .sum();
     assert!(forwarded > 0, "{shadow}");
+    // I/Os of more than two pages carry PRP lists: the device read validated copies.
+    let bounced: u64 = shadow["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["state"]["stats"]["bounced"].as_u64().unwrap())
+        .sum();
+    assert!(bounced > 0, "{shadow}");
 }
 
 #[test]

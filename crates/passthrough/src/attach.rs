@@ -726,6 +726,38 @@ impl DeviceHooks for Attachment {
         Ok(())
     }
 
+    fn map_device_memory(
+        &self,
+        iova: u64,
+        size: u64,
+        fd: &Arc<std::os::fd::OwnedFd>,
+    ) -> Result<()> {
+        let overlaps = iova.checked_add(size).is_none_or(|end| {
+            self.ram
+                .regions()
+                .iter()
+                .any(|r| iova < r.gpa + r.size && r.gpa < end)
+        });
+        if overlaps {
+            return Err(Error::Hook {
+                name: self.conn.name.clone(),
+                reason: format!("hypervisor DMA range {iova:#x}+{size:#x} overlaps guest RAM"),
+            });
+        }
+        self.conn
+            .dma_map(0, iova, size, &std::os::fd::AsRawFd::as_raw_fd(&**fd))
+    }
+
+    fn unmap_device_memory(&self, iova: u64, size: u64) -> Result<()> {
+        if self.ram.contains(iova, 1) {
+            return Err(Error::Hook {
+                name: self.conn.name.clone(),
+                reason: format!("refusing to unmap guest RAM at {iova:#x}"),
+            });
+        }
+        self.conn.dma_unmap(iova, size)
+    }
+
     fn release_interrupt(&self, vector: u16) {
         self.msix
             .lock()

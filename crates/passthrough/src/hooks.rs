@@ -78,6 +78,18 @@ pub trait DeviceHooks {
     /// around the range is re-made too, since a mapping can only be removed whole.
     fn remap_device_range(&self, gpa: u64, size: u64, backing: DeviceBacking) -> Result<()>;
 
+    /// Gives the device DMA access to hypervisor memory (`size` bytes of `fd` from offset 0) at
+    /// `iova`, which must lie outside guest RAM.
+    fn map_device_memory(
+        &self,
+        iova: u64,
+        size: u64,
+        fd: &std::sync::Arc<std::os::fd::OwnedFd>,
+    ) -> Result<()>;
+
+    /// Takes away what [`DeviceHooks::map_device_memory`] mapped at `iova`.
+    fn unmap_device_memory(&self, iova: u64, size: u64) -> Result<()>;
+
     /// Takes over MSI-X `vector`: returns the eventfd the device signals for it.
     fn take_interrupt(&self, vector: u16) -> Result<EventFd>;
 

@@ -15,6 +15,15 @@ pub trait Buffers {
     fn write_device(&self, gpa: u64, data: &[u8]) -> bool;
     /// True when `[gpa, gpa + len)` is guest RAM the device may DMA.
     fn in_ram(&self, gpa: u64, len: u64) -> bool;
+
+    /// Copies a validated PRP list (`entries`: the data pages after the first) of a command of
+    /// queue `qid` into bounce slot `slot` (one per command in flight), memory the guest cannot
+    /// reach and the device can, and returns the address to give the device as PRP2. None when
+    /// there is no such memory: the device then reads the guest's own list.
+    fn bounce_prp_list(&self, qid: u16, slot: usize, entries: &[u64]) -> Option<u64> {
+        let _ = (qid, slot, entries);
+        None
+    }
 }
 
 /// Helpers with errors instead of booleans.

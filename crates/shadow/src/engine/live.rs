@@ -192,6 +192,8 @@ impl Engine {
             swapped?;
         }
         a.remapped.clear();
+        // Held and drained: no command reads a bounced list any more.
+        self.unmap_bounce(&std::mem::take(&mut a.bounce));
         // 4. The device gets the guest's last doorbell values; later writes go straight to it.
         {
             let _l = handover.lock.lock().unwrap_or_else(|e| e.into_inner());

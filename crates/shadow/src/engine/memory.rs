@@ -174,13 +174,27 @@ pub enum Designation {
     DeviceBuffer,
 }
 
+/// Hypervisor memory the device reads validated PRP lists from: one area per queue, `slots`
+/// slots of `per_slot` pages, DMA-mapped at `iova` (outside guest RAM).
+pub struct Bounce {
+    /// Queue id.
+    pub qid: u16,
+    /// The area.
+    pub pages: HostPages,
+    /// Where the device reaches it.
+    pub iova: u64,
+    /// Pages per slot (enough for the longest list the validator lets through).
+    pub per_slot: usize,
+}
+
 /// The adapters' view: for ring ranges, the copy on the designated side and guest RAM on the
-/// other; guest RAM for everything else (data buffers).
+/// other; guest RAM for everything else (data buffers); bounce areas for PRP lists.
 #[derive(Clone)]
 pub struct EngineBuffers {
     ram: GuestRam,
     copies: Arc<Vec<Copy>>,
     designation: Designation,
+    bounce: Arc<Vec<Bounce>>,
 }
 
 impl EngineBuffers {
@@ -190,7 +204,14 @@ impl EngineBuffers {
             ram,
             copies,
             designation,
+            bounce: Arc::new(Vec::new()),
         }
+    }
+
+    /// The same view, with bounce areas for PRP lists.
+    pub fn with_bounce(mut self, bounce: Arc<Vec<Bounce>>) -> Self {
+        self.bounce = bounce;
+        self
     }
 
     /// Guest RAM, whichever side it is.
@@ -266,6 +287,16 @@ impl Buffers for EngineBuffers {
     }
     fn in_ram(&self, gpa: u64, len: u64) -> bool {
         self.ram.contains(gpa, len)
+    }
+    fn bounce_prp_list(&self, qid: u16, slot: usize, entries: &[u64]) -> Option<u64> {
+        let b = self.bounce.iter().find(|b| b.qid == qid)?;
+        let offset = slot.checked_mul(b.per_slot)?.checked_mul(PAGE as usize)?;
+        if offset + b.per_slot * PAGE as usize > b.pages.len() {
+            return None;
+        }
+        let iova = b.iova + offset as u64;
+        let bytes = crate::nvme::bounce::build(entries, iova, b.per_slot)?;
+        b.pages.write(offset, &bytes).then_some(iova)
     }
 }
 

@@ -31,7 +31,7 @@ use crate::{
     Error, Result, RingAdapter,
 };
 pub use memory::Designation;
-use memory::{copy_rings, Copy, EngineBuffers, HostPages, PAGE};
+use memory::{copy_rings, Bounce, Copy, EngineBuffers, HostPages, PAGE};
 
 /// How guest submissions reach the engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +158,8 @@ struct Active {
     /// ([`Designation::VcpuBuffer`]) or the device's DMA mapping ([`Designation::DeviceBuffer`]).
     remapped: Vec<Range<u64>>,
     designation: Designation,
+    /// PRP-list bounce areas mapped for the device.
+    bounce: Arc<Vec<Bounce>>,
     limits: Limits,
     dstrd: u8,
     entered: Instant,
@@ -216,6 +218,21 @@ fn vmm_err(what: &'static str) -> impl FnOnce(vmm::Error) -> Error {
         source,
     }
 }
+
+/// The first IOVA above guest RAM the hypervisor gives its own memory at (the destination's
+/// admin queue there, PRP-list bounce areas [`BOUNCE_IOVA_OFFSET`] further).
+pub(crate) fn hypervisor_iova(ram: &vmm::memory::GuestRam) -> u64 {
+    let ram_end = ram
+        .regions()
+        .iter()
+        .map(|r| r.gpa + r.size)
+        .max()
+        .unwrap_or(0);
+    ram_end.next_multiple_of(1 << 30).max(1 << 32) + (1 << 30)
+}
+
+/// Where the bounce areas start, above [`hypervisor_iova`].
+const BOUNCE_IOVA_OFFSET: u64 = 1 << 30;
 
 /// The validator's limits from what the guest learned through Identify.
 pub fn limits_from(log: &ConfigLog) -> Result<Limits> {
@@ -399,6 +416,7 @@ impl Engine {
         let designation = self.opts.designation;
         let mut remapped: Vec<Range<u64>> = Vec::new();
         let mut redirected: Vec<u64> = Vec::new();
+        let mut mapped_bounce: Option<Arc<Vec<Bounce>>> = None;
         type Entered = (
             Vec<DoorbellPage>,
             Vec<QueueRt>,
@@ -456,7 +474,10 @@ impl Engine {
                 self.move_onto(slots, designation, c)?;
                 remapped.push(c.gpa.clone());
             }
-            let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation);
+            let bounce = self.map_bounce(&ram, geos, limits)?;
+            mapped_bounce = Some(bounce.clone());
+            let bufs =
+                EngineBuffers::new(ram.clone(), copies.clone(), designation).with_bounce(bounce);
             let mut queues = Vec::new();
             for (i, g) in geos.iter().enumerate() {
                 let (page, sq_off, cq_off) = places[i];
@@ -480,15 +501,20 @@ impl Engine {
         let (pages, queues, copies, early_dirty, wakeups) = match result {
             Ok(v) => v,
             Err(e) => {
+                if let Some(b) = &mapped_bounce {
+                    self.unmap_bounce(b);
+                }
                 self.undo_enter(slots, designation, &remapped, &redirected);
                 return Err(e);
             }
         };
+        let bounce = mapped_bounce.unwrap_or_default();
         let shared = Arc::new(Shared {
             state: Mutex::new(Running {
                 queues,
                 pages,
-                bufs: EngineBuffers::new(ram, copies.clone(), designation),
+                bufs: EngineBuffers::new(ram, copies.clone(), designation)
+                    .with_bounce(bounce.clone()),
                 dirty: early_dirty,
                 pending_irqs: Vec::new(),
             }),
@@ -498,6 +524,7 @@ impl Engine {
         });
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {
             self.release_vectors(&shared.wakeups);
+            self.unmap_bounce(&bounce);
             self.undo_enter(slots, designation, &remapped, &redirected);
         })?;
         Ok(Active {
@@ -506,10 +533,55 @@ impl Engine {
             copies,
             remapped,
             designation,
+            bounce,
             limits,
             dstrd: self.att.dstrd(),
             entered: Instant::now(),
         })
+    }
+
+    /// Allocates a PRP-list bounce area per queue (a slot per SQ entry, enough pages for the
+    /// longest list the validator accepts) and maps it for the device above guest RAM.
+    pub(crate) fn map_bounce(
+        &self,
+        ram: &vmm::memory::GuestRam,
+        geos: &[QueueGeometry],
+        limits: Limits,
+    ) -> Result<Arc<Vec<Bounce>>> {
+        let per_slot = crate::nvme::bounce::pages_for((limits.max_transfer / PAGE) as usize + 1);
+        let mut iova = hypervisor_iova(ram) + BOUNCE_IOVA_OFFSET;
+        let mut out: Vec<Bounce> = Vec::new();
+        for g in geos {
+            let size = g.sq_entries as u64 * per_slot as u64 * PAGE;
+            let pages = HostPages::new(size)?;
+            if let Err(e) = self.att.map_device_memory(iova, size, &pages.fd()) {
+                self.unmap_bounce(&out);
+                return Err(Error::Hook {
+                    what: format!(
+                        "mapping queue {}'s PRP-list bounce area at {iova:#x}",
+                        g.qid
+                    ),
+                    source: e,
+                });
+            }
+            out.push(Bounce {
+                qid: g.qid,
+                pages,
+                iova,
+                per_slot,
+            });
+            iova += size.next_multiple_of(1 << 21);
+        }
+        Ok(Arc::new(out))
+    }
+
+    /// Takes the bounce areas away from the device (it must have no command in flight).
+    pub(crate) fn unmap_bounce(&self, bounce: &[Bounce]) {
+        for b in bounce {
+            if let Err(e) = self.att.unmap_device_memory(b.iova, b.pages.len() as u64) {
+                tracing::warn!(qid = b.qid, "unmapping the PRP-list bounce area: {e}");
+            }
+        }
     }
 
     /// Completions by interrupt: takes over the MSI-X vector of every shadowed CQ the guest
@@ -1118,6 +1190,8 @@ impl Engine {
             }
             self.release_page(slots, p.bar_offset)?;
         }
+        // Drained: no command reads a bounced list any more.
+        self.unmap_bounce(&std::mem::take(&mut a.bounce));
         let stats: Vec<QueueStats> = run.queues.iter().map(|q| q.q.stats()).collect();
         tracing::info!(
             shadowed_ms = a.entered.elapsed().as_millis() as u64,

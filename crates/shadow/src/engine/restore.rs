@@ -62,17 +62,12 @@ impl Engine {
                     .map_err(|e| Error::Engine(format!("zeroing queue {}'s rings: {e}", g.qid)))?;
             }
         }
-        let ram_end = ram
-            .regions()
-            .iter()
-            .map(|r| r.gpa + r.size)
-            .max()
-            .unwrap_or(0);
-        let iova = ram_end.next_multiple_of(1 << 30).max(1 << 32) + (1 << 30);
-        att.replay(&saved.config, saved.admin, iova)
+        att.replay(&saved.config, saved.admin, super::hypervisor_iova(&ram))
             .map_err(hook("replaying the configuration log".into()))?;
+        let bounce = engine.map_bounce(&ram, &geos, saved.limits)?;
 
-        let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation);
+        let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation)
+            .with_bounce(bounce.clone());
         let mut pages: Vec<DoorbellPage> = Vec::new();
         let mut queues = Vec::new();
         for (state, &(sq, cq)) in saved.queues.iter().zip(&saved.doorbells) {
@@ -128,6 +123,7 @@ impl Engine {
             copies,
             remapped,
             designation,
+            bounce,
             limits: saved.limits,
             dstrd,
             entered: Instant::now(),

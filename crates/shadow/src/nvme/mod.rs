@@ -7,6 +7,7 @@
 //! both sides move together; on the destination the device side starts at zero and is brought
 //! in line by fillers (see [`align`]).
 pub mod align;
+pub mod bounce;
 pub mod validate;
 
 use std::{
@@ -86,6 +87,8 @@ pub struct QueueStats {
     pub fillers: u64,
     /// Doorbell values or completions that made no sense (ignored, counted).
     pub anomalies: u64,
+    /// Commands whose PRP list the device read from a hypervisor copy.
+    pub bounced: u64,
 }
 
 /// The saved state of a queue pair (sent at switchover).
@@ -105,6 +108,8 @@ pub struct QueueState {
 struct InFlight {
     direction: Direction,
     pages: Vec<u64>,
+    /// The bounce slot holding its PRP list, returned at completion.
+    bounce: Option<usize>,
 }
 
 /// One shadowed NVMe I/O queue pair.
@@ -117,6 +122,8 @@ pub struct NvmeQueue {
     /// or `None` for a completion the hypervisor made itself.
     slots: VecDeque<Option<u32>>,
     inflight: HashMap<u16, InFlight>,
+    /// Free bounce slots for PRP lists (one per command that can be in flight).
+    bounce_free: Vec<usize>,
     /// Commands submitted before shadowing began, from the SQ ring, by command id: their
     /// completions still tell which pages the device wrote.
     legacy: HashMap<u16, Checked>,
@@ -251,6 +258,7 @@ impl NvmeQueue {
             },
             slots,
             inflight: HashMap::new(),
+            bounce_free: (0..geo.sq_entries as usize).rev().collect(),
             legacy,
             hold: false,
             realign: None,
@@ -295,6 +303,7 @@ impl NvmeQueue {
             },
             slots: (0..unconsumed).map(|_| None).collect(),
             inflight: HashMap::new(),
+            bounce_free: (0..geo.sq_entries as usize).rev().collect(),
             legacy: HashMap::new(),
             legacy_outstanding: 0,
             hold: true,
@@ -561,12 +570,27 @@ impl RingAdapter for NvmeQueue {
             });
             match verdict {
                 Ok(c) => {
+                    // A list the guest could still rewrite: the device gets the validated copy.
+                    let mut bounce = None;
+                    if c.pages.len() > 2 {
+                        if let Some(slot) = self.bounce_free.pop() {
+                            match bufs.bounce_prp_list(self.geo.qid, slot, &c.pages[1..]) {
+                                Some(iova) => {
+                                    raw[32..40].copy_from_slice(&iova.to_le_bytes());
+                                    bounce = Some(slot);
+                                    self.stats.bounced += 1;
+                                }
+                                None => self.bounce_free.push(slot),
+                            }
+                        }
+                    }
                     bufs.device_write(self.geo.sq_base + self.d.sq_tail as u64 * SQE, &raw)?;
                     self.inflight.insert(
                         c.cid,
                         InFlight {
                             direction: c.direction,
                             pages: c.pages,
+                            bounce,
                         },
                     );
                     self.d.sq_tail = step(self.d.sq_tail, s);
@@ -633,6 +657,7 @@ impl RingAdapter for NvmeQueue {
             };
             match self.inflight.remove(&cqe.cid()) {
                 Some(f) => {
+                    self.bounce_free.extend(f.bounce);
                     if f.direction == Direction::FromDevice {
                         self.stats.dirty_pages += f.pages.len() as u64;
                         dirty.extend_from_slice(&f.pages);

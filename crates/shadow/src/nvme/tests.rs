@@ -367,3 +367,91 @@ fn a_rebuilt_queue_realigns_with_fillers_then_runs_direct() {
         assert!(guest.outstanding.is_empty());
     }
 }
+
+/// Buffers with a bounce area for PRP lists in the device's memory (one page per slot).
+struct BounceBuffers {
+    inner: VecBuffers,
+    at: u64,
+}
+
+impl Buffers for BounceBuffers {
+    fn read_vcpu(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.inner.read_vcpu(gpa, buf)
+    }
+    fn write_vcpu(&self, gpa: u64, data: &[u8]) -> bool {
+        self.inner.write_vcpu(gpa, data)
+    }
+    fn read_device(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.inner.read_device(gpa, buf)
+    }
+    fn write_device(&self, gpa: u64, data: &[u8]) -> bool {
+        self.inner.write_device(gpa, data)
+    }
+    fn in_ram(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len).is_some_and(|e| e <= self.at) && self.inner.in_ram(gpa, len)
+    }
+    fn bounce_prp_list(&self, _qid: u16, slot: usize, entries: &[u64]) -> Option<u64> {
+        let iova = self.at + slot as u64 * 4096;
+        let bytes = super::bounce::build(entries, iova, 1)?;
+        self.inner.write_device(iova, &bytes).then_some(iova)
+    }
+}
+
+#[test]
+fn prp_lists_reach_the_device_as_validated_copies_the_guest_cannot_change() {
+    // RAM: rings, data pages, the guest's list page; then 8 bounce pages (not guest RAM).
+    let ram_len = (2 + PAGES as usize + 1) * 4096;
+    let bufs = BounceBuffers {
+        inner: VecBuffers::new(BASE, ram_len + 8 * 4096),
+        at: BASE + ram_len as u64,
+    };
+    let list = DATA + PAGES * 4096;
+    let g = geo(8);
+    let mut q = NvmeQueue::attach(g, limits(), 0, 0, &bufs).unwrap();
+    let mut dirty = Vec::new();
+    let (mut sq_tail, mut dev_cq_head) = (0u32, 0u32);
+    for i in 0..20u16 {
+        let pages: Vec<u64> = (0..3)
+            .map(|k| DATA + ((i as u64 * 3 + k) % PAGES) * 4096)
+            .collect();
+        let raw: Vec<u8> = pages[1..].iter().flat_map(|p| p.to_le_bytes()).collect();
+        assert!(bufs.write_device(list, &raw));
+        let mut s = Sqe::new(io::READ, 100 + i);
+        s.set_nsid(1).set_prps(pages[0], list).set_lba_range(0, 3);
+        assert!(bufs.write_vcpu(g.sq_base + sq_tail as u64 * 64, &s.to_bytes()));
+        let slot = q.d.sq_tail;
+        sq_tail = step(sq_tail, 8);
+        assert!(q.on_guest_submit(sq_tail, &bufs).unwrap().is_some());
+        // The guest rewrites its list after submitting: the device must not see it.
+        let evil: Vec<u8> = [DATA, DATA].iter().flat_map(|p| p.to_le_bytes()).collect();
+        assert!(bufs.write_device(list, &evil));
+        let mut dev_sqe = [0u8; 64];
+        assert!(bufs.read_device(g.sq_base + slot as u64 * 64, &mut dev_sqe));
+        let dev_sqe = Sqe::from_bytes(&dev_sqe);
+        assert!(
+            dev_sqe.prp2() >= bufs.at,
+            "PRP2 still names the guest's list"
+        );
+        let seen = validate::prp_pages(dev_sqe.prp1(), dev_sqe.prp2(), 3 * 4096, &bufs.inner);
+        assert_eq!(seen.unwrap(), pages, "command {i}");
+        // The device completes it; the bounce slot is free for the next one.
+        let cqe = Cqe::new(
+            0,
+            q.d.sq_tail as u16,
+            1,
+            100 + i,
+            Status::SUCCESS,
+            (i / 8) % 2 == 0,
+        );
+        assert!(bufs.write_device(g.cq_base + (i as u64 % 8) * 16, &cqe.to_bytes()));
+        assert_eq!(q.forward_completions(&bufs, &mut dirty).unwrap(), 1);
+        dev_cq_head = step(dev_cq_head, 8);
+        let _ = q.on_guest_consume(dev_cq_head);
+    }
+    assert_eq!(q.stats().bounced, 20);
+    assert_eq!(
+        dirty.len(),
+        60,
+        "every validated page of every read is dirty"
+    );
+}
