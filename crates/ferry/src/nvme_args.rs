@@ -4,7 +4,9 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use guest_abi::params::{NvmeArgs, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY};
+use guest_abi::params::{
+    NvmeArgs, NVME_ADMIN_POLL, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY,
+};
 
 use crate::units::parse_size;
 
@@ -116,6 +118,10 @@ pub struct NvmeCliArgs {
     /// guest still polls them; the interrupts stay pending in its local APIC).
     #[arg(long)]
     pub nvme_interrupts: bool,
+    /// `nvme-verify`: during the random I/O also send an Identify Controller about every
+    /// millisecond and check its data (like a guest polling health data).
+    #[arg(long)]
+    pub nvme_admin_poll: bool,
 }
 
 /// Where the passthrough device comes from.
@@ -139,6 +145,9 @@ impl NvmeCliArgs {
         }
         if self.nvme_interrupts {
             flags |= NVME_INTERRUPTS;
+        }
+        if self.nvme_admin_poll {
+            flags |= NVME_ADMIN_POLL;
         }
         NvmeArgs {
             queues: self.nvme_queues,

@@ -184,6 +184,9 @@ pub const NVME_WITH_DIRTY: u32 = 4;
 /// id, LAPIC vector 0x40 + queue id). The guest still polls with interrupts disabled, so the
 /// interrupts only stay pending in its local APIC; they exist for the hypervisor to handle.
 pub const NVME_INTERRUPTS: u32 = 8;
+/// `NvmeArgs::flags`: during the random I/O, also send an admin command (Identify Controller,
+/// checked) about every millisecond, as guests that poll health data do.
+pub const NVME_ADMIN_POLL: u32 = 16;
 
 /// The boot parameter block.
 #[repr(C)]

@@ -12,6 +12,14 @@ pub trait MigratableDevice: Send {
     /// Guest-physical pages the device wrote since the last call: these are invisible to
     /// KVM's dirty log, so migration sends them with the round.
     fn take_dirty_pages(&mut self) -> Vec<u64>;
+    /// The vCPUs were just paused for the switchover: can the device be captured now? An
+    /// `Err(why)` makes the migration resume the vCPUs briefly and ask again (a bounded number
+    /// of times), e.g. while the guest waits for an admin command the device state cannot
+    /// carry. The default is always ready.
+    fn ready_for_switchover(&self, vm: &vmm::Vm) -> Result<(), String> {
+        let _ = vm;
+        Ok(())
+    }
     /// The vCPUs are paused: quiesce the device (finish or drain in-flight work).
     fn pause(&mut self, vm: &vmm::Vm) -> Result<(), String>;
     /// The device's state for the destination (after `pause`).

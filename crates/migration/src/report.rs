@@ -40,6 +40,9 @@ pub struct MigrationReport {
     /// Time both sides spent hashing guest RAM while the VM was paused (`--debug-hash` only).
     #[serde(default)]
     pub debug_hash_ms: f64,
+    /// Times the vCPUs were resumed at the switchover because a device was not ready.
+    #[serde(default)]
+    pub switchover_retries: u32,
     /// Target downtime the rounds aimed for.
     pub downtime_target_ms: f64,
     /// Rounds, round 0 first, the paused one last.

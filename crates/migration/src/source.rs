@@ -27,6 +27,11 @@ pub enum LimitPolicy {
     Abort,
 }
 
+/// Times the switchover pauses the vCPUs to find every device ready before it goes ahead.
+const SWITCHOVER_ATTEMPTS: u32 = 50;
+/// How long the vCPUs run between two such attempts.
+const SWITCHOVER_RETRY_DELAY: Duration = Duration::from_millis(2);
+
 /// Tuning of a migration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SourceOptions {
@@ -410,12 +415,33 @@ fn run(
     };
 
     // Switchover: pause, last dirty pages, state, devices.
-    let pause_at = Instant::now();
     tx.throttle = None;
-    vm.pause()?;
-    *paused = true;
     prog.phase = "switchover".into();
     progress(&prog);
+    let mut pause_at = Instant::now();
+    vm.pause()?;
+    *paused = true;
+    // A device that cannot be captured right now gets the vCPUs back for a moment.
+    for attempt in 1..=SWITCHOVER_ATTEMPTS {
+        let Some((name, why)) = devices
+            .iter()
+            .find_map(|d| d.ready_for_switchover(vm).err().map(|why| (d.name(), why)))
+        else {
+            break;
+        };
+        if attempt == SWITCHOVER_ATTEMPTS {
+            tracing::warn!(device = %name, "still not ready for the switchover ({why}); trying anyway");
+            break;
+        }
+        tracing::debug!(device = %name, attempt, "not ready for the switchover: {why}");
+        report.switchover_retries += 1;
+        vm.resume()?;
+        *paused = false;
+        std::thread::sleep(SWITCHOVER_RETRY_DELAY);
+        pause_at = Instant::now();
+        vm.pause()?;
+        *paused = true;
+    }
     for d in devices.iter_mut() {
         d.pause(vm).map_err(|reason| MigrationError::Device {
             name: d.name(),

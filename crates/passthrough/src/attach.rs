@@ -379,6 +379,15 @@ impl Attachment {
         r
     }
 
+    /// Guest pages the device wrote for admin commands completed since the last call (data of
+    /// Identify, Get Log Page and the like), for migration's dirty set.
+    pub fn take_admin_device_written(&self) -> Vec<u64> {
+        self.mediator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_device_written()
+    }
+
     /// Guest admin commands the device is still working on (submitted, no completion posted).
     pub fn admin_unanswered(&self) -> usize {
         let m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());

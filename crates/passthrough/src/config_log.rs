@@ -142,7 +142,13 @@ pub struct AdminMediator {
     sq_tail: u32,
     cq_head: u32,
     pending: BTreeMap<u16, Sqe>,
+    /// Guest pages the device wrote for completed admin commands (Identify, Get Log Page, …):
+    /// KVM's dirty log does not see them.
+    device_written: std::collections::BTreeSet<u64>,
 }
+
+/// Most distinct admin data pages remembered between two [`AdminMediator::take_device_written`].
+const MAX_ADMIN_DIRTY: usize = 1 << 16;
 
 impl Default for AdminMediator {
     fn default() -> Self {
@@ -153,6 +159,7 @@ impl Default for AdminMediator {
             sq_tail: 0,
             cq_head: 0,
             pending: BTreeMap::new(),
+            device_written: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -339,7 +346,12 @@ impl AdminMediator {
         let mut n = 0;
         while j != head && n < entries {
             let mut raw = [0u8; 16];
-            if read(self.log.acq.wrapping_add(j as u64 * 16), &mut raw) {
+            let at = self.log.acq.wrapping_add(j as u64 * 16);
+            // The device wrote this completion entry: KVM's dirty log did not see it either.
+            if self.device_written.len() < MAX_ADMIN_DIRTY {
+                self.device_written.insert(at & !0xfff);
+            }
+            if read(at, &mut raw) {
                 self.complete(Cqe::from_bytes(&raw), &mut read);
             } else {
                 self.log.anomalies += 1;
@@ -350,12 +362,63 @@ impl AdminMediator {
         self.cq_head = head;
     }
 
+    /// Pages the device wrote for admin commands completed since the last call: their data
+    /// and the completion queue entries.
+    pub fn take_device_written(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.device_written)
+            .into_iter()
+            .collect()
+    }
+
+    /// Records the guest pages a controller-to-host admin command had the device write.
+    fn note_data_in(&mut self, sqe: &Sqe, read: &mut impl FnMut(u64, &mut [u8]) -> bool) {
+        // Data direction is in the opcode's low bits: 10b = controller to host.
+        if sqe.opcode() & 3 != 2 || sqe.psdt() != 0 {
+            return;
+        }
+        let len: u64 = match sqe.opcode() {
+            admin::GET_LOG_PAGE => {
+                let dwords = ((sqe.cdw(11) & 0xffff) << 16 | sqe.cdw(10) >> 16) as u64 + 1;
+                (dwords * 4).min(1 << 20)
+            }
+            _ => 4096,
+        };
+        const PAGE: u64 = 4096;
+        let (prp1, prp2) = (sqe.prp1(), sqe.prp2());
+        let total = (prp1 % PAGE + len).div_ceil(PAGE);
+        let mut pages = vec![prp1 & !(PAGE - 1)];
+        match total {
+            0 | 1 => {}
+            2 => pages.push(prp2 & !(PAGE - 1)),
+            n => {
+                // The list's first page (at most 512 entries; admin transfers are small).
+                let count = (n - 1).min((PAGE - prp2 % PAGE) / 8) as usize;
+                let mut raw = vec![0u8; count * 8];
+                if read(prp2, &mut raw) {
+                    pages.extend(
+                        raw.chunks_exact(8).map(|c| {
+                            u64::from_le_bytes(c.try_into().expect("8 bytes")) & !(PAGE - 1)
+                        }),
+                    );
+                }
+            }
+        }
+        for p in pages {
+            if self.device_written.len() < MAX_ADMIN_DIRTY {
+                self.device_written.insert(p);
+            } else {
+                self.log.anomalies += 1;
+            }
+        }
+    }
+
     fn complete(&mut self, cqe: Cqe, read: &mut impl FnMut(u64, &mut [u8]) -> bool) {
         let Some(sqe) = self.pending.remove(&cqe.cid()) else {
             self.log.anomalies += 1;
             return;
         };
         self.log.admin_completed += 1;
+        self.note_data_in(&sqe, read);
         let ok = cqe.status().is_success();
         if let Some(h) = self
             .log
@@ -479,6 +542,50 @@ mod tests {
         m.register_write(regs::ASQ, &0x10000u64.to_le_bytes());
         m.register_write(regs::ACQ, &0x20000u64.to_le_bytes());
         m.register_write(regs::CC, &cc::ENABLE.to_le_bytes());
+    }
+
+    #[test]
+    fn admin_data_the_device_writes_is_recorded_at_completion() {
+        let mut m = AdminMediator::default();
+        enable(&mut m);
+        let mut ram = Ram(HashMap::new());
+        let mut id = Sqe::new(admin::IDENTIFY, 1);
+        id.set_prps(0x30000, 0).set_cdw(10, 1);
+        // Get Log Page of 3 pages starting mid-page: PRP1, then a list with 3 entries.
+        let mut log = Sqe::new(admin::GET_LOG_PAGE, 2);
+        log.set_prps(0x40800, 0x50000)
+            .set_cdw(10, 2 | ((3 * 1024 - 1) << 16));
+        let mut set = Sqe::new(admin::SET_FEATURES, 3);
+        set.set_prps(0x60000, 0).set_cdw(10, 7);
+        for (i, s) in [id, log, set].iter().enumerate() {
+            ram.0.insert(0x10000 + i as u64 * 64, s.to_bytes().to_vec());
+        }
+        let list: Vec<u8> = [0x41000u64, 0x47000, 0x48000]
+            .iter()
+            .flat_map(|p| p.to_le_bytes())
+            .collect();
+        ram.0.insert(0x50000, list);
+        m.sq_tail_write(3, |a, b| ram.read(a, b));
+        assert!(
+            m.take_device_written().is_empty(),
+            "nothing before completion"
+        );
+        for (i, cid) in [1u16, 2, 3].iter().enumerate() {
+            ram.0.insert(
+                0x20000 + i as u64 * 16,
+                Cqe::new(0, 0, 0, *cid, Status::SUCCESS, true)
+                    .to_bytes()
+                    .to_vec(),
+            );
+        }
+        m.cq_head_write(3, |a, b| ram.read(a, b));
+        assert_eq!(
+            m.take_device_written(),
+            vec![0x20000, 0x30000, 0x40000, 0x41000, 0x47000, 0x48000],
+            "the completion queue's page, Identify's page and the log's four; Set Features \
+             writes nothing"
+        );
+        assert!(m.take_device_written().is_empty());
     }
 
     #[test]

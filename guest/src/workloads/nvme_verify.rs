@@ -13,12 +13,15 @@
 //! device writes memory KVM does not see.
 use guest_abi::{
     params::{
-        status, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY, NVME_WITH_DIRTY,
-        OFF_PROGRESS, READS_DEFAULT,
+        status, NVME_ADMIN_POLL, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY,
+        NVME_WITH_DIRTY, OFF_PROGRESS, READS_DEFAULT,
     },
     BootParams,
 };
-use nvme_spec::{opcode::io, Cqe, Sqe};
+use nvme_spec::{
+    opcode::{cns, io},
+    Cqe, Sqe,
+};
 
 use crate::{
     clock,
@@ -167,6 +170,8 @@ struct Run {
     interval: Hist,
     /// `dirty`, run between NVMe steps (`NVME_WITH_DIRTY`).
     dirty: Option<Dirtier>,
+    /// `NVME_ADMIN_POLL`: the page Identify data lands in, the next deadline, commands sent.
+    admin_poll: Option<(u64, u64, u64)>,
 }
 
 impl Run {
@@ -175,6 +180,40 @@ impl Run {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         self.rng
+    }
+
+    /// `NVME_ADMIN_POLL`: when due, Identify Controller into the poll page and check what came
+    /// back (the model number a device with no name would not have; the page was zeroed).
+    fn poll_admin(&mut self) -> Result<(), u32> {
+        let Some((page, due, sent)) = self.admin_poll else {
+            return Ok(());
+        };
+        let now = clock::rdtsc();
+        if now < due {
+            return Ok(());
+        }
+        // SAFETY: the poll page is ours, 4096 bytes, and no command is using it now.
+        unsafe { core::ptr::write_bytes(page as *mut u8, 0, 4096) };
+        if let Err(e) = self.nvme.ctrl.identify(cns::CONTROLLER, 0, page) {
+            println!(
+                "nvme-verify: admin poll {}: Identify failed: {}",
+                sent + 1,
+                e
+            );
+            return Err(status::NVME_IO_ERROR);
+        }
+        // SAFETY: the device wrote the page; nothing else uses it.
+        let id = unsafe { core::slice::from_raw_parts(page as *const u8, 4096) };
+        // VID (bytes 0..2) and the model number (24..64) are never all zero.
+        if id[0..2] == [0, 0] || id[24..64].iter().all(|&b| b == 0) {
+            println!(
+                "nvme-verify: admin poll {}: Identify data missing",
+                sent + 1
+            );
+            return Err(status::NVME_DATA_MISMATCH);
+        }
+        self.admin_poll = Some((page, now + clock::ticks_per_ms(), sent + 1));
+        Ok(())
     }
 
     fn outstanding(&self) -> usize {
@@ -415,6 +454,9 @@ impl Run {
             if !issued_any && !completed && self.outstanding() == 0 {
                 return Ok(());
             }
+            if matches!(plan, Plan::Random { .. }) {
+                self.poll_admin()?;
+            }
             spins += 1;
             if completed || spins.is_multiple_of(4096) {
                 params::write64(OFF_PROGRESS, self.done);
@@ -564,6 +606,15 @@ pub fn run(p: &BootParams) -> u32 {
         s.buf = buf;
         s.list = list;
     }
+    let admin_poll = if a.flags & NVME_ADMIN_POLL != 0 {
+        let Some(page) = arena.alloc(4096) else {
+            println!("nvme-verify: work area too small for the admin poll page");
+            return status::BAD_PARAMS;
+        };
+        Some((page, 0, 0))
+    } else {
+        None
+    };
     let dirty = if a.flags & NVME_WITH_DIRTY != 0 {
         match Dirtier::new(WorkArea::from(arena.take_rest(), p), p) {
             Ok(d) => Some(d),
@@ -596,6 +647,7 @@ pub fn run(p: &BootParams) -> u32 {
         total: Hist(h1),
         interval: Hist(h2),
         dirty,
+        admin_poll,
     };
     println!(
         "nvme-verify: region LBA {}..{} ({} blocks), I/O {}..{} bytes, {}% reads, {} queue(s) x {}",

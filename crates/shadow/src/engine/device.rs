@@ -94,11 +94,25 @@ impl MigratableDevice for ShadowedDevice {
             return Ok(());
         }
         self.was_shadowed = self.engine.is_shadowed();
+        // Round 0 sends all memory: admin data pages from before it need no tracking.
+        let _ = self.engine.attachment().take_admin_device_written();
         self.engine.enter(vm).map_err(|e| e.to_string())
     }
 
+    fn ready_for_switchover(&self, _vm: &Vm) -> Result<(), String> {
+        // The saved state carries the admin queue's positions, not commands in the middle.
+        match self.engine.attachment().admin_positions().2 {
+            0 => Ok(()),
+            n => Err(format!("{n} guest admin command(s) pending")),
+        }
+    }
+
     fn take_dirty_pages(&mut self) -> Vec<u64> {
-        self.engine.take_dirty()
+        let mut pages = self.engine.take_dirty();
+        if !self.unsafe_no_shadow {
+            pages.extend(self.engine.attachment().take_admin_device_written());
+        }
+        pages
     }
 
     fn pause(&mut self, vm: &Vm) -> Result<(), String> {
