@@ -947,6 +947,9 @@ fn bench_shadow_reports_ratios_and_migration_times() {
     let m = r["migration"].as_array().unwrap();
     assert_eq!(m.len(), 2, "{r}");
     assert!(m[1]["device_dirty_pages"].as_u64().unwrap() > 0, "{r}");
+    let ratios = &r["with_device_vs_without"];
+    assert!(ratios["downtime"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(ratios["total"].as_f64().unwrap() > 0.0, "{r}");
     for row in m {
         assert!(row["downtime_ms"].as_f64().unwrap() > 0.0, "{row}");
     }
