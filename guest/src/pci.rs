@@ -4,13 +4,17 @@ use guest_abi::ports::{PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
 
 /// Reads a configuration dword.
 pub fn config_read(bus: u8, dev: u8, func: u8, reg: u8) -> u32 {
-    let addr = 0x8000_0000u32
+    outl(PCI_CONFIG_ADDRESS, address(bus, dev, func, reg));
+    inl(PCI_CONFIG_DATA)
+}
+
+/// The configuration-mechanism-#1 address of a dword.
+fn address(bus: u8, dev: u8, func: u8, reg: u8) -> u32 {
+    0x8000_0000u32
         | (bus as u32) << 16
         | ((dev as u32) & 0x1f) << 11
         | ((func as u32) & 7) << 8
-        | (reg as u32 & 0xfc);
-    outl(PCI_CONFIG_ADDRESS, addr);
-    inl(PCI_CONFIG_DATA)
+        | (reg as u32 & 0xfc)
 }
 
 /// A function found on the bus.
@@ -54,11 +58,6 @@ pub fn enumerate(mut f: impl FnMut(Function)) -> usize {
 
 /// Writes a configuration dword.
 pub fn config_write(bus: u8, dev: u8, func: u8, reg: u8, value: u32) {
-    let addr = 0x8000_0000u32
-        | (bus as u32) << 16
-        | ((dev as u32) & 0x1f) << 11
-        | ((func as u32) & 7) << 8
-        | (reg as u32 & 0xfc);
-    outl(PCI_CONFIG_ADDRESS, addr);
+    outl(PCI_CONFIG_ADDRESS, address(bus, dev, func, reg));
     outl(PCI_CONFIG_DATA, value);
 }

@@ -2,7 +2,7 @@
 //! verifies on the destination, memory is byte-identical (hashes taken by each process), the
 //! VM survives A→B→A, and every fault leaves the source running and verifiable.
 mod common;
-use common::Proc;
+use common::{last_json, spawn_receiver, wait_for_socket, Proc};
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -10,10 +10,7 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -75,39 +72,7 @@ fn destination(api: Option<&Path>) -> (Proc, String) {
     if let Some(api) = api {
         cmd.args(["--api-socket", api.to_str().unwrap()]);
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("ferry: waiting for a migration on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    // keep draining stderr into a buffer the test can read at the end
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-        let _ = tx.send(rest);
-    });
-    (Proc(Some(child), Some(rx)), addr)
-}
-
-fn wait_for_socket(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(p).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "API socket {} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    spawn_receiver(&mut cmd)
 }
 
 /// One API call; returns the result line.
@@ -158,11 +123,6 @@ fn migrate(api_sock: &Path, to: &str) -> Output {
         ])
         .output()
         .unwrap()
-}
-
-fn last_json(out: &Output) -> Value {
-    let s = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(s.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {s}"))
 }
 
 #[test]

@@ -2,38 +2,17 @@
 //! speaking vfio-user, the built-in guest's NVMe driver, under /dev/kvm. Every test has its own
 //! temp directory and socket, every run is bounded by `--timeout` or a wait limit, and device
 //! processes are killed when a test fails.
+mod common;
+use common::{text, TempDir};
+
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("ferry-nvme-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A `ferry device nvme` process, killed on drop.

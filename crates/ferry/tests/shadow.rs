@@ -3,14 +3,13 @@
 //! QD 32, 4 KiB random reads and writes), live migration over loopback with shared storage (the
 //! same backing file on both sides). Every process is killed if a test fails.
 mod common;
-use common::Proc;
+use common::{last_json, spawn_receiver, text, wait_for_socket, Proc, TempDir};
 
 use std::{
     io::{BufRead, BufReader, Read},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -27,26 +26,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("ferry-shadow-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 const VERIFY: [&str; 12] = [
@@ -137,34 +116,7 @@ fn destination_with(disk: Option<&Path>, extra: &[&str]) -> (Proc, String) {
         cmd.arg("--nvme-backing").arg(d);
     }
     cmd.args(extra);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("ferry: waiting for a migration on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-        let _ = tx.send(rest);
-    });
-    (Proc(Some(child), Some(rx)), addr)
-}
-
-fn wait_for_socket(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(p).is_err() {
-        assert!(Instant::now() < deadline, "{} never appeared", p.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    spawn_receiver(&mut cmd)
 }
 
 fn migrate(api: &Path, to: &str, extra: &[&str]) -> Output {
@@ -175,16 +127,6 @@ fn migrate(api: &Path, to: &str, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap()
-}
-
-fn last_json(out: &Output) -> Value {
-    let s = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(s.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{e}: {s}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Lets I/O get going on every queue.

@@ -277,7 +277,6 @@ pub(crate) fn finish_destination(
 }
 
 fn print_report(r: &DemoReport) {
-    let ok = |b: bool| if b { "ok" } else { "FAILED" };
     println!();
     println!("Report");
     if let Some(t) = r.hello.first_instruction_ms {
@@ -332,16 +331,7 @@ fn print_report(r: &DemoReport) {
                 m.bandwidth_mbps,
                 m.zero_pages_skipped
             );
-            let dest_hash = r
-                .destination
-                .as_ref()
-                .and_then(|d| d["incoming"]["memory_hash"].as_str().map(str::to_string));
-            println!(
-                "  memory        hash at pause {} / at resume {} -> {}",
-                m.memory_hash.as_deref().unwrap_or("-"),
-                dest_hash.as_deref().unwrap_or("-"),
-                ok(m.memory_hash.is_some() && m.memory_hash == dest_hash)
-            );
+            print_memory_check("memory       ", m, r.destination.as_ref());
         }
         None => println!("  migration     FAILED"),
     }
@@ -365,4 +355,30 @@ fn print_report(r: &DemoReport) {
         r.hello.unhandled_mmio + r.source.unhandled_mmio
     );
     println!("  result        {}", if r.pass { "PASS" } else { "FAIL" });
+}
+
+/// "ok" or "FAILED".
+pub(super) fn ok(b: bool) -> &'static str {
+    if b {
+        "ok"
+    } else {
+        "FAILED"
+    }
+}
+
+/// The report line comparing the source's memory hash at the pause with the destination's
+/// (from its JSON summary) at the resume.
+pub(super) fn print_memory_check(
+    label: &str,
+    m: &MigrationReport,
+    destination: Option<&serde_json::Value>,
+) {
+    let dest_hash =
+        destination.and_then(|d| d["incoming"]["memory_hash"].as_str().map(str::to_string));
+    println!(
+        "  {label} hash at pause {} / at resume {} -> {}",
+        m.memory_hash.as_deref().unwrap_or("-"),
+        dest_hash.as_deref().unwrap_or("-"),
+        ok(m.memory_hash.is_some() && m.memory_hash == dest_hash)
+    );
 }

@@ -17,7 +17,7 @@ use migration::MigrationReport;
 use serde::Serialize;
 use vmm::devices::serial::ConsoleSink;
 
-use super::demo::{finish_destination, migrate_later, start_destination};
+use super::demo::{finish_destination, migrate_later, ok, print_memory_check, start_destination};
 use crate::{
     nvme_args::{DeviceNvmeArgs, PassthroughSource},
     session::{self, BootSpec, SessionReport, SessionSpec, Verification},
@@ -149,7 +149,6 @@ pub fn run(
 }
 
 pub fn print(r: &NvmeMigration) {
-    let ok = |b: bool| if b { "ok" } else { "FAILED" };
     match &r.migration {
         Some(m) => {
             let device: u64 = m.rounds.iter().map(|x| x.dirty_device).sum();
@@ -168,16 +167,7 @@ pub fn print(r: &NvmeMigration) {
             println!(
                 "  kvm dirty     {kvm} page(s) written by the vCPU (ledger, queues, buffers), from KVM's dirty log"
             );
-            let dest_hash = r
-                .destination
-                .as_ref()
-                .and_then(|d| d["incoming"]["memory_hash"].as_str().map(str::to_string));
-            println!(
-                "  nvme memory   hash at pause {} / at resume {} -> {}",
-                m.memory_hash.as_deref().unwrap_or("-"),
-                dest_hash.as_deref().unwrap_or("-"),
-                ok(m.memory_hash.is_some() && m.memory_hash == dest_hash)
-            );
+            print_memory_check("nvme memory  ", m, r.destination.as_ref());
         }
         None => println!("  nvme          migration FAILED"),
     }

@@ -100,6 +100,36 @@ pub(crate) struct QueueRt {
     pub vector: Option<u16>,
 }
 
+impl QueueRt {
+    /// `q`, whose doorbells are at `place` (page index, SQ and CQ offsets), last seen with the
+    /// values `seen` (SQ tail, CQ head).
+    pub fn new(q: NvmeQueue, place: (usize, usize, usize), seen: (u32, u32)) -> Self {
+        let (page, sq_off, cq_off) = place;
+        QueueRt {
+            q,
+            page,
+            sq_off,
+            cq_off,
+            seen_sq: seen.0,
+            seen_cq: seen.1,
+            errors: 0,
+            vector: None,
+        }
+    }
+
+    /// Counts a failure reaching the buffers; logs the 1st, 2nd, 4th, 8th, … of them.
+    pub fn note_error(&mut self, what: &str, e: &Error) {
+        self.errors += 1;
+        if self.errors.is_power_of_two() {
+            tracing::warn!(
+                qid = self.q.geometry().qid,
+                errors = self.errors,
+                "{what}: {e}"
+            );
+        }
+    }
+}
+
 /// A redirected doorbell page: the hypervisor page the guest writes and the device's page.
 pub(crate) struct DoorbellPage {
     pub bar_offset: u64,
@@ -429,28 +459,9 @@ impl Engine {
             let mut pages: Vec<DoorbellPage> = Vec::new();
             let mut places = Vec::new();
             for g in geos {
-                let sq_db = regs::sq_tail_doorbell(g.qid, self.att.dstrd());
-                let cq_db = regs::cq_head_doorbell(g.qid, self.att.dstrd());
-                let bar_offset = sq_db & !(PAGE - 1);
-                if cq_db & !(PAGE - 1) != bar_offset {
-                    return Err(Error::Engine(format!(
-                        "queue {}'s doorbells are on two pages",
-                        g.qid
-                    )));
-                }
-                let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
-                    Some(i) => i,
-                    None => {
-                        pages.push(self.intercept(slots, bar_offset, true)?);
-                        redirected.push(bar_offset);
-                        pages.len() - 1
-                    }
-                };
-                places.push((
-                    page,
-                    (sq_db - bar_offset) as usize,
-                    (cq_db - bar_offset) as usize,
-                ));
+                let before = pages.len();
+                places.push(self.doorbell_place(slots, &mut pages, g.qid, true)?);
+                redirected.extend(pages[before..].iter().map(|p| p.bar_offset));
             }
             let doorbells = |i: usize| {
                 let (page, sq_off, cq_off) = places[i];
@@ -483,16 +494,7 @@ impl Engine {
                 let (page, sq_off, cq_off) = places[i];
                 let (sq, cq) = doorbells(i);
                 let q = NvmeQueue::attach(*g, limits, sq, cq, &bufs)?;
-                queues.push(QueueRt {
-                    q,
-                    page,
-                    sq_off,
-                    cq_off,
-                    seen_sq: sq,
-                    seen_cq: cq,
-                    errors: 0,
-                    vector: None,
-                });
+                queues.push(QueueRt::new(q, (page, sq_off, cq_off), (sq, cq)));
             }
             let wakeups = self.take_vectors(config, &pages, &mut queues)?;
             self.install_hook(&pages, &queues, &wakeups);
@@ -803,6 +805,38 @@ impl Engine {
             pages.extend((c.gpa.start..c.gpa.end).step_by(PAGE as usize));
         }
         Ok(pages)
+    }
+
+    /// Where queue `qid`'s doorbells are: (index in `pages`, SQ tail offset, CQ head offset) in
+    /// its page, which is intercepted and added to `pages` if it is not there yet
+    /// (`copy_device`: starting from the device's values).
+    pub(crate) fn doorbell_place(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        pages: &mut Vec<DoorbellPage>,
+        qid: u16,
+        copy_device: bool,
+    ) -> Result<(usize, usize, usize)> {
+        let sq_db = regs::sq_tail_doorbell(qid, self.att.dstrd());
+        let cq_db = regs::cq_head_doorbell(qid, self.att.dstrd());
+        let bar_offset = sq_db & !(PAGE - 1);
+        if cq_db & !(PAGE - 1) != bar_offset {
+            return Err(Error::Engine(format!(
+                "queue {qid}'s doorbells are on two pages"
+            )));
+        }
+        let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
+            Some(i) => i,
+            None => {
+                pages.push(self.intercept(slots, bar_offset, copy_device)?);
+                pages.len() - 1
+            }
+        };
+        Ok((
+            page,
+            (sq_db - bar_offset) as usize,
+            (cq_db - bar_offset) as usize,
+        ))
     }
 
     /// Intercepts the doorbell page at `bar_offset`: a hypervisor page mapped in its place

@@ -75,16 +75,7 @@ pub(crate) fn poll_once(run: &mut Running) -> usize {
             match q.q.on_guest_submit(sq, bufs) {
                 Ok(Some(tail)) => page.ring(q.sq_off, tail),
                 Ok(None) => {}
-                Err(e) => {
-                    q.errors += 1;
-                    if q.errors.is_power_of_two() {
-                        tracing::warn!(
-                            qid = q.q.geometry().qid,
-                            errors = q.errors,
-                            "submission: {e}"
-                        );
-                    }
-                }
+                Err(e) => q.note_error("submission", &e),
             }
         }
         match q.q.forward_completions(bufs, dirty) {
@@ -94,16 +85,7 @@ pub(crate) fn poll_once(run: &mut Running) -> usize {
                     pending_irqs.push(v);
                 }
             }
-            Err(e) => {
-                q.errors += 1;
-                if q.errors.is_power_of_two() {
-                    tracing::warn!(
-                        qid = q.q.geometry().qid,
-                        errors = q.errors,
-                        "completion: {e}"
-                    );
-                }
-            }
+            Err(e) => q.note_error("completion", &e),
         }
         let cq = page.guest.load_u32(q.cq_off).unwrap_or(q.seen_cq);
         if cq != q.seen_cq {

@@ -5,13 +5,12 @@ use std::{
     time::Instant,
 };
 
-use nvme_spec::regs;
 use passthrough::Attachment;
 use vmm::Vm;
 
 use super::{
     device::SavedDevice,
-    memory::{blank_rings, copy_rings, Designation, EngineBuffers, PAGE},
+    memory::{blank_rings, copy_rings, Designation, EngineBuffers},
     poller, Active, DoorbellPage, Engine, EngineOptions, QueueRt, Running, Shared,
 };
 use crate::{nvme::NvmeQueue, Error, Result};
@@ -71,32 +70,12 @@ impl Engine {
         let mut pages: Vec<DoorbellPage> = Vec::new();
         let mut queues = Vec::new();
         for (state, &(sq, cq)) in saved.queues.iter().zip(&saved.doorbells) {
-            let g = state.geometry;
-            let sq_db = regs::sq_tail_doorbell(g.qid, dstrd);
-            let cq_db = regs::cq_head_doorbell(g.qid, dstrd);
-            let bar_offset = sq_db & !(PAGE - 1);
-            let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
-                Some(i) => i,
-                None => {
-                    pages.push(engine.intercept(slots, bar_offset, false)?);
-                    pages.len() - 1
-                }
-            };
-            let (sq_off, cq_off) = ((sq_db - bar_offset) as usize, (cq_db - bar_offset) as usize);
+            let place = engine.doorbell_place(slots, &mut pages, state.geometry.qid, false)?;
             // The guest's doorbells read back what it last wrote on the source.
-            pages[page].guest.store_u32(sq_off, sq);
-            pages[page].guest.store_u32(cq_off, cq);
+            pages[place.0].guest.store_u32(place.1, sq);
+            pages[place.0].guest.store_u32(place.2, cq);
             let q = NvmeQueue::rebuild(state, saved.limits, &bufs)?;
-            queues.push(QueueRt {
-                q,
-                page,
-                sq_off,
-                cq_off,
-                seen_sq: sq,
-                seen_cq: cq,
-                errors: 0,
-                vector: None,
-            });
+            queues.push(QueueRt::new(q, place, (sq, cq)));
         }
         att.restore_msix(&saved.msix)
             .map_err(hook("restoring the guest's MSI-X table".into()))?;
