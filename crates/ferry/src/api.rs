@@ -48,6 +48,15 @@ pub struct MigrateRequest {
     /// (unsafe: the destination's memory is expected to be corrupt).
     #[serde(default)]
     pub unsafe_no_shadow: bool,
+    /// TLS files (paths read by the VM's process); absent: plain TCP.
+    #[serde(default)]
+    pub tls: Option<migration::TlsFiles>,
+    /// Name the destination's certificate must carry.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Allow plain TCP to a destination that is not loopback.
+    #[serde(default)]
+    pub insecure_no_auth: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -74,6 +83,12 @@ pub enum Request {
     MemoryHash,
     /// Stop the VM.
     Stop,
+    /// Resume a VM paused after Go whose migration outcome is unknown (`force` required).
+    Resume {
+        /// The operator checked that the destination does not run the VM.
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// A response line.

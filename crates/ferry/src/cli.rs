@@ -32,6 +32,8 @@ pub enum Command {
     Receive(ReceiveArgs),
     /// Live-migrate the VM of a running `ferry run --api-socket` to a `ferry receive`.
     Migrate(MigrateArgs),
+    /// Resume a source VM left paused by a migration whose outcome is unknown (after Go).
+    Resume(ResumeArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -160,12 +162,72 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+/// TLS 1.3 with mutual certificate authentication for the migration stream (all three or
+/// none). Recipe for test certificates: docs/migration-tls.md.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This side's certificate chain (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate that signs the other side's certificate (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// UNSAFE: allow plain TCP (no authentication, no encryption) to or on an address that is
+    /// not loopback.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+impl TlsArgs {
+    /// The files, when TLS was asked for.
+    pub fn files(&self) -> Option<migration::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(migration::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// `ferry resume`.
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// Control API socket of the `ferry run` whose VM is paused after Go.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Required: you checked that the destination does not run this VM (two running copies
+    /// of one VM corrupt its disk).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `ferry receive`.
 #[derive(Args, Debug)]
 pub struct ReceiveArgs {
     /// Address to listen on for the migration stream (ADDR:PORT).
     #[arg(long)]
     pub listen: String,
+    /// TLS for the migration stream.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Largest guest RAM accepted (default: this machine's physical memory).
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+    /// The exact guest RAM size expected; a VM of any other size is refused.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Bound on a connection's TLS handshake, Hello and VM configuration.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
     /// Guest console once the VM runs here: "stdout", "off", or a file path.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
@@ -202,6 +264,12 @@ pub struct MigrateArgs {
     /// Address of the `ferry receive` (ADDR:PORT).
     #[arg(long)]
     pub to: String,
+    /// TLS for the migration stream (the files are read by the `ferry run` process).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Name the destination's certificate must carry (default: the host part of --to).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// Downtime target: pre-copy goes on until the rest fits this at the measured bandwidth
     /// (0: no early switchover, the rounds run to --max-rounds).
     #[arg(long, default_value_t = 50)]

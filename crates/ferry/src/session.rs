@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use guest_abi::{ports::Event, Workload, WorkloadArgs};
-use migration::{MigrationReport, ReceiveReport, SourceOptions};
+use migration::{MigrationReport, Outcome, ReceiveReport, SourceOptions};
 use serde::{Deserialize, Serialize};
 use vmm::{devices::serial::ConsoleSink, vm::VerifyResult, Vm, VmConfig, VmOutcome};
 
@@ -268,6 +268,9 @@ pub fn supervise(
     let mut timed_out = false;
     let mut migrated = None;
     let mut failed_migrations = Vec::new();
+    // A migration went past Go without the destination's confirmation: the VM stays paused
+    // (with its devices quiesced, kept here for a forced resume) until the operator decides.
+    let mut after_go: Option<(MigrationReport, Vec<Box<dyn migration::MigratableDevice>>)> = None;
 
     let outcome = loop {
         if let Some(o) = vm.wait(Some(Duration::from_millis(20))) {
@@ -275,7 +278,7 @@ pub fn supervise(
             break o;
         }
         let now = started.elapsed();
-        if let Some(d) = &mut device {
+        if let (Some(d), None) = (&mut device, &after_go) {
             d.tick(&vm);
         }
         if first_instruction.is_none() {
@@ -296,7 +299,7 @@ pub fn supervise(
             }
         }
         let due = spec.verify_after.is_some_and(|t| now >= t) && !verify_asked;
-        if due || signals.take_verify() {
+        if (due || signals.take_verify()) && after_go.is_none() {
             verify_asked |= due;
             pending.push(PendingVerify {
                 req: vm.mailbox().request_verify()?,
@@ -320,8 +323,24 @@ pub fn supervise(
             let mut stop = None;
             while let Ok(p) = api.requests.try_recv() {
                 match p.request {
+                    Request::Migrate(_) if after_go.is_some() => {
+                        let _ = p.reply.send(Response::err(
+                            "the VM is paused after Go of an earlier migration whose outcome is \
+                             unknown; resume it by force or stop it first",
+                        ));
+                    }
                     Request::Migrate(m) => {
+                        let security = match migration::Security::from_files(m.tls.as_ref()) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = p.reply.send(Response::err(migration::chain(&e)));
+                                continue;
+                            }
+                        };
                         let opts = SourceOptions {
+                            security,
+                            tls_server_name: m.tls_server_name.clone(),
+                            allow_insecure: m.insecure_no_auth,
                             downtime: Duration::from_millis(m.downtime_ms),
                             max_rounds: m.max_rounds,
                             on_limit: m.on_limit,
@@ -347,8 +366,19 @@ pub fn supervise(
                             migration::migrate(&vm, &mut devices, &m.to, &opts, &mut |prog| {
                                 let _ = reply.send(Response::Progress(prog.clone()));
                             });
-                        drop(devices);
                         match result {
+                            Ok(report) if report.outcome == Outcome::Unknown => {
+                                eprintln!(
+                                    "ferry: migration to {} went past Go but the destination never \
+                                     confirmed ({}): the VM stays PAUSED here. Check whether the \
+                                     destination runs it; then stop this one, or resume it with \
+                                     `ferry resume --force` if the destination does not",
+                                    m.to,
+                                    report.unknown_reason.as_deref().unwrap_or("no reason")
+                                );
+                                let _ = p.reply.send(Response::ok(&report));
+                                after_go = Some((report, devices));
+                            }
                             Ok(report) => {
                                 eprintln!(
                                     "ferry: migrated to {} (downtime {:.1} ms, total {:.0} ms)",
@@ -360,15 +390,63 @@ pub fn supervise(
                                 break;
                             }
                             Err(e) => {
+                                let why = migration::chain(&e);
                                 eprintln!(
-                                    "ferry: migration to {} failed, the VM keeps running here: {e}",
+                                    "ferry: migration to {} failed, the VM keeps running here: {why}",
                                     m.to
                                 );
-                                failed_migrations.push(e.to_string());
-                                let _ = p.reply.send(Response::err(e));
+                                failed_migrations.push(why.clone());
+                                let _ = p.reply.send(Response::err(why));
                             }
                         }
                     }
+                    Request::Verify if after_go.is_some() => {
+                        let _ = p.reply.send(Response::err(
+                            "the VM is paused after Go (migration outcome unknown): the guest \
+                             cannot answer",
+                        ));
+                    }
+                    Request::Resume { force } => match after_go.take() {
+                        None => {
+                            let _ = p.reply.send(Response::err(
+                                "the VM is not paused after a migration; nothing to resume",
+                            ));
+                        }
+                        Some(held) if !force => {
+                            after_go = Some(held);
+                            let _ = p.reply.send(Response::err(
+                                "refusing to resume without force: the destination may be \
+                                 running this VM (two running copies corrupt its disk); check \
+                                 it, then resume with force",
+                            ));
+                        }
+                        Some((report, mut devices)) => {
+                            tracing::warn!(to = %report.destination, "resuming by force after an unknown migration outcome");
+                            for d in devices.iter_mut() {
+                                d.rollback(&vm);
+                            }
+                            drop(devices);
+                            match vm.resume() {
+                                Ok(()) => {
+                                    eprintln!(
+                                        "ferry: resumed by force after the unknown outcome of the \
+                                         migration to {}",
+                                        report.destination
+                                    );
+                                    failed_migrations.push(format!(
+                                        "outcome unknown after Go to {}; resumed by force",
+                                        report.destination
+                                    ));
+                                    let _ = p
+                                        .reply
+                                        .send(Response::ok(serde_json::json!({ "resumed": true })));
+                                }
+                                Err(e) => {
+                                    let _ = p.reply.send(Response::err(e));
+                                }
+                            }
+                        }
+                    },
                     Request::Verify => {
                         pending.push(PendingVerify {
                             req: vm.mailbox().request_verify()?,
@@ -377,7 +455,8 @@ pub fn supervise(
                     }
                     Request::Status => {
                         let _ = p.reply.send(Response::ok(serde_json::json!({
-                            "state": "running",
+                            "state": if after_go.is_some() { "paused-after-go" } else { "running" },
+                            "unknown_migration": after_go.as_ref().map(|(r, _)| r),
                             "uptime_ms": ms(started.elapsed()),
                             "progress": vm.mailbox().progress().unwrap_or(0),
                             "ram_bytes": vm.ram().size(),
@@ -390,7 +469,12 @@ pub fn supervise(
                     }
                     Request::MemoryHash => {
                         let answer = vm.pause().map(|_| migration::hash::memory_hash(vm.ram()));
-                        let resumed = vm.resume();
+                        // A VM paused after Go stays paused.
+                        let resumed = if after_go.is_some() {
+                            Ok(())
+                        } else {
+                            vm.resume()
+                        };
                         let _ = p.reply.send(match (answer, resumed) {
                             (Ok(h), Ok(())) => {
                                 Response::ok(serde_json::json!({ "memory_hash": h }))

@@ -2,8 +2,13 @@
 //! and the source committed. Anything invalid ends the migration with an Abort to the source;
 //! a half-received VM is never run.
 use std::{
+    collections::BTreeSet,
     io::{BufReader, Write},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -11,22 +16,37 @@ use vmm::{memory::GuestRam, state::VmState, Vm, VmConfig};
 
 use crate::{
     device::DeviceRestorer,
+    error::chain,
     hash::memory_hash,
     report::ReceiveReport,
     source::MigrationConfig,
+    transport::{self, Conn, Security, Stream},
     wire::{self, Kind, Run, PAGE},
     MigrationError, Result,
 };
 
-/// Options of the receiving side.
+/// Options of the receiving side: what it accepts, from whom, how long it waits.
 #[derive(Clone, Debug)]
 pub struct DestinationOptions {
     /// Hash all guest RAM before resuming (for tests comparing with the source's hash).
     pub debug_hash: bool,
-    /// Bound on every wait for the source.
+    /// Bound on every wait for the source once it is authenticated.
     pub timeout: Duration,
+    /// Bound on a connection's TLS handshake, Hello and configuration: a stranger that stalls
+    /// is dropped after this.
+    pub handshake_timeout: Duration,
     /// Largest guest the destination accepts.
     pub max_ram: u64,
+    /// The exact guest RAM size expected, if the operator gave one.
+    pub expected_ram: Option<u64>,
+    /// Most vCPUs accepted.
+    pub max_vcpus: u32,
+    /// The devices this destination can rebuild (names); a VM announcing any other is refused.
+    pub devices: Vec<String>,
+    /// TLS (mutual authentication) or plain TCP.
+    pub security: Security,
+    /// Connections in their handshake at once; more are closed at once.
+    pub max_pending: usize,
 }
 
 impl Default for DestinationOptions {
@@ -34,7 +54,13 @@ impl Default for DestinationOptions {
         DestinationOptions {
             debug_hash: false,
             timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
             max_ram: vmm::memory::MAX_RAM_BYTES,
+            expected_ram: None,
+            max_vcpus: 1,
+            devices: Vec::new(),
+            security: Security::Plain,
+            max_pending: 8,
         }
     }
 }
@@ -45,6 +71,37 @@ pub struct Incoming {
     pub vm: Vm,
     /// How it arrived.
     pub report: ReceiveReport,
+}
+
+/// A source that passed the handshake: authenticated (TLS), speaking this protocol version,
+/// announcing a VM within this destination's limits. Nothing is allocated for it yet.
+pub struct Accepted {
+    tcp: TcpStream,
+    tls: bool,
+    reader: BufReader<Box<dyn Conn>>,
+    config: MigrationConfig,
+    source: String,
+}
+
+impl Accepted {
+    /// The source's address.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// True when the source authenticated with TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+}
+
+/// Connections that did not become a migration, by reason.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Strangers {
+    /// Closed during the handshake, Hello or configuration (each logged with its reason).
+    pub refused: u64,
+    /// Closed at once because too many handshakes were under way.
+    pub overflow: u64,
 }
 
 /// Fills `[gpa, gpa + len)` of RAM that no vCPU or device uses yet.
@@ -62,42 +119,246 @@ fn fill(ram: &GuestRam, gpa: u64, len: u64, f: impl FnOnce(&mut [u8])) -> Result
     }
 }
 
-/// Receives one VM over `stream`. `config` gives everything but the RAM size (console etc.).
+/// Binds the migration listener. A plain (unauthenticated) listener on anything but loopback
+/// is refused unless `allow_insecure`.
+pub fn listen(addr: &str, security: &Security, allow_insecure: bool) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr).map_err(MigrationError::io("listen"))?;
+    let local = listener
+        .local_addr()
+        .map_err(MigrationError::io("listen"))?;
+    if !security.is_tls() && !transport::is_loopback(&local) && !allow_insecure {
+        return Err(MigrationError::NotMigratable(format!(
+            "refusing to listen on {local} without authentication: whoever reaches it could hand \
+             this host a VM; configure TLS, listen on loopback, or allow it explicitly (insecure)"
+        )));
+    }
+    Ok(listener)
+}
+
+/// Checks a source's announced configuration against this destination's limits.
+fn check_config(cfg: &MigrationConfig, opts: &DestinationOptions) -> Result<()> {
+    let limit = |m: String| MigrationError::Limit(m);
+    vmm::memory::validate_ram_size(cfg.ram_size)?;
+    if cfg.ram_size > opts.max_ram {
+        return Err(limit(format!(
+            "guest of {} bytes exceeds this host's limit of {}",
+            cfg.ram_size, opts.max_ram
+        )));
+    }
+    if let Some(want) = opts.expected_ram {
+        if cfg.ram_size != want {
+            return Err(limit(format!(
+                "guest of {} bytes, this destination expects {want}",
+                cfg.ram_size
+            )));
+        }
+    }
+    if cfg.vcpus == 0 || cfg.vcpus > opts.max_vcpus {
+        return Err(limit(format!(
+            "{} vCPUs asked; this destination takes 1 to {}",
+            cfg.vcpus, opts.max_vcpus
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for name in &cfg.devices {
+        if !seen.insert(name) {
+            return Err(limit(format!("device {name} announced twice")));
+        }
+        if !opts.devices.contains(name) {
+            return Err(limit(format!(
+                "the VM has a device {name} this destination cannot rebuild (it has: {})",
+                if opts.devices.is_empty() {
+                    "none".to_string()
+                } else {
+                    opts.devices.join(", ")
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Handshake of one connection: TLS, Hello both ways, configuration within limits.
+fn handshake(tcp: TcpStream, opts: &DestinationOptions) -> Result<Accepted> {
+    let Stream {
+        conn,
+        tcp,
+        peer,
+        tls,
+    } = transport::accept(tcp, &opts.security, opts.handshake_timeout)?;
+    let source = peer.to_string();
+    let mut reader = BufReader::with_capacity(1 << 20, conn);
+    let hs = (|| {
+        let mut buf = Vec::new();
+        match wire::recv(&mut reader, &mut buf)? {
+            Kind::Hello => wire::check_hello(&buf)?,
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected Hello first, got {other:?}"
+                )))
+            }
+        }
+        wire::send(reader.get_mut(), Kind::Hello, &wire::hello())?;
+        reader
+            .get_mut()
+            .flush()
+            .map_err(MigrationError::io("write"))?;
+        if wire::recv(&mut reader, &mut buf)? != Kind::Config {
+            return Err(MigrationError::Protocol(
+                "expected the VM configuration after Hello".into(),
+            ));
+        }
+        let cfg: MigrationConfig = postcard::from_bytes(&buf).map_err(|e| {
+            MigrationError::Protocol(format!("configuration does not decode: {e}"))
+        })?;
+        check_config(&cfg, opts)?;
+        Ok(cfg)
+    })();
+    match hs {
+        Ok(config) => {
+            tcp.set_read_timeout(Some(opts.timeout))
+                .map_err(MigrationError::io("setup"))?;
+            tcp.set_write_timeout(Some(opts.timeout))
+                .map_err(MigrationError::io("setup"))?;
+            Ok(Accepted {
+                tcp,
+                tls,
+                reader,
+                config,
+                source,
+            })
+        }
+        Err(e) => {
+            // Say why to a peer that speaks the protocol (a wrong version, a VM too large).
+            let _ = wire::send(reader.get_mut(), Kind::Abort, chain(&e).as_bytes());
+            let _ = reader.get_mut().flush();
+            Err(e)
+        }
+    }
+}
+
+/// Waits on `listener` for a source that passes the handshake. Every other connection —
+/// refused credentials, garbage, another protocol version, a VM over the limits, a peer that
+/// stalls past the handshake timeout — is logged and closed, and the wait goes on. Handshakes
+/// run concurrently (at most `max_pending`), so a stalled stranger does not hold up the real
+/// source. `stop()` is asked about every 50 ms: when it returns a reason, the wait ends with
+/// `Err(Cancelled)`; `deadline` bounds the whole wait.
+pub fn accept(
+    listener: &TcpListener,
+    opts: &DestinationOptions,
+    strangers: &mut Strangers,
+    deadline: Option<Instant>,
+    stop: &dyn Fn() -> bool,
+) -> Result<Accepted> {
+    listener
+        .set_nonblocking(true)
+        .map_err(MigrationError::io("listen"))?;
+    let (tx, rx) = mpsc::channel::<(String, Result<Accepted>)>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let opts = Arc::new(opts.clone());
+    loop {
+        loop {
+            match listener.accept() {
+                Ok((tcp, peer)) => {
+                    if pending.load(Ordering::SeqCst) >= opts.max_pending {
+                        tracing::warn!(%peer, "too many connections in their handshake; closed");
+                        strangers.overflow += 1;
+                        continue;
+                    }
+                    let _ = tcp.set_nonblocking(false);
+                    pending.fetch_add(1, Ordering::SeqCst);
+                    let (tx, pending, opts) = (tx.clone(), pending.clone(), opts.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("migration-handshake".into())
+                        .spawn(move || {
+                            let r = handshake(tcp, &opts);
+                            pending.fetch_sub(1, Ordering::SeqCst);
+                            let _ = tx.send((peer.to_string(), r));
+                        });
+                    if spawned.is_err() {
+                        strangers.overflow += 1;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // A connection reset before accept, out of descriptors: log, go on.
+                    tracing::warn!("accepting a migration connection: {e}");
+                    break;
+                }
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((_, Ok(a))) => {
+                tracing::info!(source = %a.source, tls = a.tls, "migration source accepted");
+                return Ok(a);
+            }
+            Ok((peer, Err(e))) => {
+                strangers.refused += 1;
+                tracing::warn!(%peer, "migration connection refused: {}", chain(&e));
+            }
+            Err(_) => {}
+        }
+        if stop() {
+            return Err(MigrationError::Cancelled);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(MigrationError::Io {
+                what: "waiting for a source",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no source passed the handshake in time",
+                ),
+            });
+        }
+    }
+}
+
+/// Receives one VM over an accepted connection `stream` (handshake included; a failure there
+/// ends this call: use [`accept`] to keep listening past strangers). `config` gives everything
+/// but the RAM size (console etc.).
 pub fn receive(
     stream: TcpStream,
     config: &VmConfig,
     opts: &DestinationOptions,
     restorer: &mut dyn DeviceRestorer,
 ) -> Result<Incoming> {
-    let source = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    stream
-        .set_read_timeout(Some(opts.timeout))
-        .map_err(MigrationError::io("setup"))?;
-    stream
-        .set_write_timeout(Some(opts.timeout))
-        .map_err(MigrationError::io("setup"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(MigrationError::io("setup"))?;
-    let mut writer = stream.try_clone().map_err(MigrationError::io("setup"))?;
-    let mut reader = BufReader::with_capacity(1 << 20, stream);
-    let result = run(&mut reader, &mut writer, &source, config, opts, restorer);
+    let accepted = handshake(stream, opts)?;
+    receive_accepted(accepted, config, opts, restorer)
+}
+
+/// Receives the VM of a source that passed [`accept`].
+pub fn receive_accepted(
+    accepted: Accepted,
+    config: &VmConfig,
+    opts: &DestinationOptions,
+    restorer: &mut dyn DeviceRestorer,
+) -> Result<Incoming> {
+    let Accepted {
+        tcp,
+        tls,
+        mut reader,
+        config: cfg,
+        source,
+    } = accepted;
+    let result = run(&mut reader, &source, cfg, config, opts, restorer);
     if let Err(e) = &result {
-        tracing::warn!("incoming migration from {source} failed: {e}");
+        tracing::warn!("incoming migration from {source} failed: {}", chain(e));
         // Tell the source why, if it still listens; the VM (if built) is dropped unrun.
-        let _ = wire::send(&mut writer, Kind::Abort, e.to_string().as_bytes());
-        let _ = writer.flush();
+        let _ = wire::send(reader.get_mut(), Kind::Abort, chain(e).as_bytes());
+        let _ = reader.get_mut().flush();
     }
-    result
+    drop(tcp);
+    result.map(|mut i| {
+        i.report.tls = tls;
+        i
+    })
 }
 
 fn run(
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut TcpStream,
+    reader: &mut BufReader<Box<dyn Conn>>,
     source: &str,
+    cfg: MigrationConfig,
     config: &VmConfig,
     opts: &DestinationOptions,
     restorer: &mut dyn DeviceRestorer,
@@ -109,31 +370,8 @@ fn run(
         ..Default::default()
     };
     let protocol = |m: String| MigrationError::Protocol(m);
-
-    match wire::recv(reader, &mut buf)? {
-        Kind::Hello => wire::check_hello(&buf)?,
-        other => return Err(protocol(format!("expected Hello first, got {other:?}"))),
-    }
-    wire::send(writer, Kind::Hello, &wire::hello())?;
-
-    if wire::recv(reader, &mut buf)? != Kind::Config {
-        return Err(protocol("expected the VM configuration after Hello".into()));
-    }
-    let cfg: MigrationConfig = postcard::from_bytes(&buf)
-        .map_err(|e| protocol(format!("configuration does not decode: {e}")))?;
-    vmm::memory::validate_ram_size(cfg.ram_size)?;
-    if cfg.ram_size > opts.max_ram {
-        return Err(protocol(format!(
-            "guest of {} bytes exceeds this host's limit of {}",
-            cfg.ram_size, opts.max_ram
-        )));
-    }
-    if cfg.vcpus != 1 {
-        return Err(protocol(format!(
-            "{} vCPUs asked; Ferry VMs have 1",
-            cfg.vcpus
-        )));
-    }
+    // Checked again: a caller may have built `cfg` some other way.
+    check_config(&cfg, opts)?;
     report.ram_bytes = cfg.ram_size;
     let ram = GuestRam::new(cfg.ram_size)?;
     let vm_config = VmConfig {
@@ -159,7 +397,13 @@ fn run(
                             report.pages += bytes.len() as u64 / PAGE;
                         }
                         Run::Zero { gpa, pages } => {
-                            fill(&ram, gpa, pages as u64 * PAGE, |dst| dst.fill(0))?;
+                            let len = u64::from(pages)
+                                .checked_mul(PAGE)
+                                .ok_or_else(|| protocol(format!("zero run of {pages} pages")))?;
+                            // A hole, not written zeros: a zero run costs no memory here.
+                            if ram.discard(gpa, len).is_err() {
+                                fill(&ram, gpa, len, |dst| dst.fill(0))?;
+                            }
                             report.zero_pages += pages as u64;
                         }
                     }
@@ -198,6 +442,9 @@ fn run(
                     return Err(protocol(format!(
                         "state for device {name} that the configuration did not announce"
                     )));
+                }
+                if devices.iter().any(|(n, _)| *n == name) {
+                    return Err(protocol(format!("state for device {name} sent twice")));
                 }
                 let blob = buf[2 + name.len()..].to_vec();
                 devices.push((name, blob));
@@ -240,7 +487,11 @@ fn run(
             })?;
         report.devices.push(name.clone());
     }
-    wire::send(writer, Kind::Ready, &hash_ms.to_le_bytes())?;
+    wire::send(reader.get_mut(), Kind::Ready, &hash_ms.to_le_bytes())?;
+    reader
+        .get_mut()
+        .flush()
+        .map_err(MigrationError::io("write"))?;
     match wire::recv(reader, &mut buf)? {
         Kind::Go => {}
         Kind::Abort => {
@@ -252,11 +503,12 @@ fn run(
     }
     vm.start()?;
     report.total_ms = start.elapsed().as_secs_f64() * 1000.0;
-    if let Err(e) = wire::send(writer, Kind::Resumed, &[])
-        .and_then(|_| writer.flush().map_err(MigrationError::io("write")))
+    let w = reader.get_mut();
+    if let Err(e) = wire::send(w, Kind::Resumed, &[])
+        .and_then(|_| w.flush().map_err(MigrationError::io("write")))
     {
         // The source committed with Go; it will not run the VM again. Keep running here.
-        tracing::warn!("could not confirm the resume to the source: {e}");
+        tracing::warn!("could not confirm the resume to the source: {}", chain(&e));
     }
     Ok(Incoming { vm, report })
 }

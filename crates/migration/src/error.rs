@@ -52,6 +52,29 @@ pub enum MigrationError {
         /// What happened.
         reason: String,
     },
+    /// TLS failed (handshake, certificate verification, configuration).
+    #[error("TLS {what}")]
+    Tls {
+        /// What was being done.
+        what: &'static str,
+        /// rustls's error.
+        #[source]
+        source: rustls::Error,
+    },
+    /// A TLS certificate, key or CA file is unusable.
+    #[error("TLS file {}: {reason}", path.display())]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A value from the stream exceeds a limit this destination set (checked before use).
+    #[error("refused: {0}")]
+    Limit(String),
+    /// The migration was cancelled before Go (the VM keeps running on the source).
+    #[error("migration cancelled")]
+    Cancelled,
     /// Encoding or decoding state failed.
     #[error("state encoding: {0}")]
     Encoding(String),
@@ -61,6 +84,21 @@ impl MigrationError {
     pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> MigrationError {
         move |source| MigrationError::Io { what, source }
     }
+}
+
+/// An error and its causes on one line, each printed once (`a: b: c`).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// Result of the migration engine.

@@ -15,10 +15,14 @@ mod error;
 pub mod hash;
 pub mod report;
 pub mod source;
+pub mod transport;
 pub mod wire;
 
-pub use destination::{receive, DestinationOptions, Incoming};
+pub use destination::{
+    accept, listen, receive, receive_accepted, Accepted, DestinationOptions, Incoming, Strangers,
+};
 pub use device::{DeviceRestorer, MigratableDevice, NoDevices};
-pub use error::{MigrationError, Result};
+pub use error::{chain, MigrationError, Result};
 pub use report::{MigrationReport, Progress, ReceiveReport, RoundReport};
-pub use source::{migrate, LimitPolicy, SourceOptions};
+pub use source::{migrate, LimitPolicy, Outcome, SourceOptions};
+pub use transport::{Security, TlsFiles, TlsIdentity};

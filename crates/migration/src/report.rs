@@ -27,6 +27,16 @@ pub struct RoundReport {
 /// The source's report.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MigrationReport {
+    /// "completed", or "unknown" when Go was sent but the destination never confirmed (the
+    /// source keeps the VM paused).
+    #[serde(default)]
+    pub outcome: crate::Outcome,
+    /// Why the outcome is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_reason: Option<String>,
+    /// True when the stream ran over TLS.
+    #[serde(default)]
+    pub tls: bool,
     /// Destination address.
     pub destination: String,
     /// Guest RAM size.
@@ -66,6 +76,9 @@ pub struct MigrationReport {
 pub struct ReceiveReport {
     /// Source address.
     pub source: String,
+    /// True when the source authenticated with TLS.
+    #[serde(default)]
+    pub tls: bool,
     /// Guest RAM size.
     pub ram_bytes: u64,
     /// Rounds received.

@@ -3,6 +3,10 @@ use std::{
     collections::BTreeSet,
     io::{BufWriter, Write},
     net::{TcpStream, ToSocketAddrs},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -11,11 +15,26 @@ use vmm::{memory::GuestRam, Vm};
 
 use crate::{
     device::MigratableDevice,
+    error::chain,
     hash::memory_hash,
     report::{MigrationReport, Progress, RoundReport},
+    transport::{self, Conn, Security},
     wire::{self, Kind, MemoryBatch, PAGE},
     MigrationError, Result,
 };
+
+/// How a migration that got as far as Go ended, as far as the source can tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The destination confirmed it runs the VM.
+    #[default]
+    Completed,
+    /// Go was sent but the destination's confirmation never came: the destination may or may
+    /// not run the VM. The source keeps it paused (never runs it again on its own); the
+    /// operator checks the destination and then stops the source, or resumes it by force.
+    Unknown,
+}
 
 /// What to do when the round limit is reached before the dirty set fits the downtime target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +68,18 @@ pub struct SourceOptions {
     /// network goes). The paused round is never throttled: it is the downtime.
     #[serde(default)]
     pub max_bandwidth: Option<u64>,
+    /// TLS or plain TCP.
+    #[serde(skip)]
+    pub security: Security,
+    /// Name the destination's certificate must carry (default: the host part of `to`).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Allow plain TCP to a destination that is not on loopback (unauthenticated, unencrypted).
+    #[serde(default)]
+    pub allow_insecure: bool,
+    /// Set to cancel the migration; honoured up to Go (the VM keeps running here).
+    #[serde(skip)]
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for SourceOptions {
@@ -60,6 +91,10 @@ impl Default for SourceOptions {
             debug_hash: false,
             timeout: Duration::from_secs(30),
             max_bandwidth: None,
+            security: Security::Plain,
+            tls_server_name: None,
+            allow_insecure: false,
+            cancel: None,
         }
     }
 }
@@ -84,7 +119,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 struct Sender<'a> {
-    out: BufWriter<TcpStream>,
+    out: BufWriter<Box<dyn Conn>>,
+    cancel: Option<Arc<AtomicBool>>,
     ram: &'a GuestRam,
     bytes: u64,
     /// The bandwidth cap while it applies: (bytes per second, start, bytes sent since).
@@ -93,6 +129,9 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        if kind != Kind::Go && self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(MigrationError::Cancelled);
+        }
         wire::send(&mut self.out, kind, payload)?;
         let n = payload.len() as u64 + 12;
         self.bytes += n;
@@ -201,7 +240,7 @@ fn collect_dirty(vm: &Vm, devices: &mut [Box<dyn MigratableDevice>]) -> Result<D
 }
 
 /// Reads the destination's next message, expecting `want`.
-fn expect(stream: &mut TcpStream, want: Kind, buf: &mut Vec<u8>) -> Result<()> {
+fn expect(stream: &mut dyn Conn, want: Kind, buf: &mut Vec<u8>) -> Result<()> {
     match wire::recv(stream, buf)? {
         k if k == want => Ok(()),
         Kind::Abort => Err(MigrationError::PeerAborted(
@@ -214,11 +253,11 @@ fn expect(stream: &mut TcpStream, want: Kind, buf: &mut Vec<u8>) -> Result<()> {
 }
 
 /// A write failed: the destination may have said why before closing.
-fn explain(err: MigrationError, stream: &mut TcpStream) -> MigrationError {
+fn explain(err: MigrationError, tcp: &TcpStream, stream: &mut dyn Conn) -> MigrationError {
     if !matches!(err, MigrationError::Io { .. }) {
         return err;
     }
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
     let mut buf = Vec::new();
     match wire::recv(stream, &mut buf) {
         Ok(Kind::Abort) => MigrationError::PeerAborted(String::from_utf8_lossy(&buf).into_owned()),
@@ -228,8 +267,12 @@ fn explain(err: MigrationError, stream: &mut TcpStream) -> MigrationError {
 
 /// Migrates the running `vm` to the `ferry receive` listening at `to`.
 ///
-/// On success the VM is left paused here (the destination runs it) and the caller ends it. On
-/// failure the VM runs here as before and devices are rolled back.
+/// Go is the commit point. Any failure before Go returns an error with the VM running here as
+/// before and devices rolled back. After Go the source never runs the VM on its own: when the
+/// destination confirms, the report says [`Outcome::Completed`] and the caller ends the VM
+/// here; when the confirmation does not come, the report says [`Outcome::Unknown`], the VM
+/// stays paused with its devices quiesced, and the operator decides (resume by force after
+/// checking that the destination does not run it, or stop).
 pub fn migrate(
     vm: &Vm,
     devices: &mut [Box<dyn MigratableDevice>],
@@ -243,27 +286,37 @@ pub fn migrate(
         .map_err(MigrationError::io("resolving the destination"))?
         .next()
         .ok_or_else(|| MigrationError::Protocol(format!("destination {to} resolves to nothing")))?;
-    let stream =
-        TcpStream::connect_timeout(&addr, opts.timeout).map_err(MigrationError::io("connect"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(MigrationError::io("setup"))?;
-    stream
-        .set_write_timeout(Some(opts.timeout))
-        .map_err(MigrationError::io("setup"))?;
-    stream
-        .set_read_timeout(Some(opts.timeout))
-        .map_err(MigrationError::io("setup"))?;
-    let mut reader = stream.try_clone().map_err(MigrationError::io("setup"))?;
+    if !opts.security.is_tls() && !transport::is_loopback(&addr) && !opts.allow_insecure {
+        return Err(MigrationError::NotMigratable(format!(
+            "refusing to send the VM over plain TCP to {addr}, which is not loopback: anyone on \
+             the path could read or replace it; configure TLS or allow it explicitly (insecure)"
+        )));
+    }
+    let name = opts
+        .tls_server_name
+        .clone()
+        .unwrap_or_else(|| transport::host_part(to).to_string());
+    let stream = transport::connect(addr, &opts.security, &name, opts.timeout)?;
+    let tcp = stream.tcp;
+    let tls = stream.tls;
 
     let mut paused = false;
     let mut prepared = Vec::new();
+    let mut tx = Sender {
+        out: BufWriter::with_capacity(1 << 20, stream.conn),
+        cancel: opts.cancel.clone(),
+        ram: vm.ram(),
+        bytes: 0,
+        throttle: opts
+            .max_bandwidth
+            .filter(|&r| r > 0)
+            .map(|r| (r, Instant::now(), 0)),
+    };
     let result = run(
         vm,
         devices,
         &mut prepared,
-        stream,
-        &mut reader,
+        &mut tx,
         to,
         opts,
         start,
@@ -273,10 +326,16 @@ pub fn migrate(
     let _ = vm.memory_slots().set_dirty_logging(false);
     vm.ram().track_vmm_writes(false);
     match result {
-        Ok(r) => Ok(r),
+        Ok(mut r) => {
+            r.tls = tls;
+            if r.outcome == Outcome::Unknown {
+                let _ = tcp.shutdown(std::net::Shutdown::Both);
+            }
+            Ok(r)
+        }
         Err(e) => {
-            let e = explain(e, &mut reader);
-            tracing::warn!("migration to {to} failed: {e}; the VM keeps running here");
+            let e = explain(e, &tcp, tx.out.get_mut().as_mut());
+            tracing::warn!("migration to {to} failed: {}; the VM keeps running here", chain(&e));
             for &i in &prepared {
                 devices[i].rollback(vm);
             }
@@ -295,8 +354,7 @@ fn run(
     vm: &Vm,
     devices: &mut [Box<dyn MigratableDevice>],
     prepared: &mut Vec<usize>,
-    stream: TcpStream,
-    reader: &mut TcpStream,
+    tx: &mut Sender<'_>,
     to: &str,
     opts: &SourceOptions,
     start: Instant,
@@ -304,19 +362,10 @@ fn run(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport> {
     let ram = vm.ram();
-    let mut tx = Sender {
-        out: BufWriter::with_capacity(1 << 20, stream),
-        ram,
-        bytes: 0,
-        throttle: opts
-            .max_bandwidth
-            .filter(|&r| r > 0)
-            .map(|r| (r, Instant::now(), 0)),
-    };
     let mut buf = Vec::new();
     tx.send(Kind::Hello, &wire::hello())?;
     tx.out.flush().map_err(MigrationError::io("write"))?;
-    match wire::recv(reader, &mut buf)? {
+    match wire::recv(tx.out.get_mut(), &mut buf)? {
         Kind::Hello => wire::check_hello(&buf)?,
         Kind::Abort => {
             return Err(MigrationError::PeerAborted(
@@ -370,7 +419,7 @@ fn run(
         .into_iter()
         .flat_map(|(gpa, len)| (0..len / PAGE).map(move |i| gpa + i * PAGE));
     let (pages, _, skipped) = tx.send_pages(0, all, true)?;
-    let round0 = round_end(&mut tx, 0, pages, 0, before, t0)?;
+    let round0 = round_end(tx, 0, pages, 0, before, t0)?;
     report.zero_pages_skipped = skipped + (ram.size() / PAGE).saturating_sub(in_extents);
 
     report.rounds.push(round0);
@@ -405,7 +454,7 @@ fn run(
         let t = Instant::now();
         let before = tx.bytes;
         let (pages, zero, _) = tx.send_pages(round, dirty.pages.iter().copied(), false)?;
-        let mut r = round_end(&mut tx, round, pages, zero, before, t)?;
+        let mut r = round_end(tx, round, pages, zero, before, t)?;
         (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (dirty.kvm, dirty.vmm, dirty.device);
         sent_bytes += tx.bytes - before;
         sent_time += t.elapsed();
@@ -454,7 +503,7 @@ fn run(
     let t = Instant::now();
     let before = tx.bytes;
     let (pages, zero, _) = tx.send_pages(round, pages_final.iter().copied(), false)?;
-    let mut r = round_end(&mut tx, round, pages, zero, before, t)?;
+    let mut r = round_end(tx, round, pages, zero, before, t)?;
     (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (
         final_dirty.kvm + last.kvm,
         final_dirty.vmm + last.vmm,
@@ -486,7 +535,7 @@ fn run(
     }
     tx.send(Kind::Complete, &[])?;
     tx.out.flush().map_err(MigrationError::io("write"))?;
-    expect(reader, Kind::Ready, &mut buf)?;
+    expect(tx.out.get_mut(), Kind::Ready, &mut buf)?;
     // Ready carries the destination's own hashing time (f64 ms; empty from a peer without).
     if let Ok(b) = <[u8; 8]>::try_from(buf.as_slice()) {
         let peer = f64::from_le_bytes(b);
@@ -494,9 +543,29 @@ fn run(
             report.debug_hash_ms += peer;
         }
     }
-    tx.send(Kind::Go, &[])?;
-    tx.out.flush().map_err(MigrationError::io("write"))?;
-    expect(reader, Kind::Resumed, &mut buf)?;
+    if tx.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+        return Err(MigrationError::Cancelled);
+    }
+    // The commit point: from the first byte of Go on, the destination may run the VM, so this
+    // side never resumes it on its own again (no error below reaches the rollback).
+    let confirmed = tx
+        .send(Kind::Go, &[])
+        .and_then(|_| tx.out.flush().map_err(MigrationError::io("write")))
+        .and_then(|_| expect(tx.out.get_mut(), Kind::Resumed, &mut buf));
+    if let Err(e) = confirmed {
+        let why = chain(&e);
+        tracing::error!(
+            "Go was sent to {to} but its confirmation did not come ({why}): the destination may \
+             be running the VM, so it stays paused here until an operator decides"
+        );
+        report.outcome = Outcome::Unknown;
+        report.unknown_reason = Some(why);
+        report.total_ms = ms(start.elapsed());
+        report.bytes = tx.bytes;
+        prog.phase = "unknown".into();
+        progress(&prog);
+        return Ok(report);
+    }
     report.downtime_ms = (ms(pause_at.elapsed()) - report.debug_hash_ms).max(0.0);
     report.total_ms = ms(start.elapsed());
     report.bytes = tx.bytes;

@@ -68,7 +68,7 @@ impl Kind {
 }
 
 /// Writes one frame.
-pub fn send(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<()> {
+pub fn send(w: &mut (impl Write + ?Sized), kind: Kind, payload: &[u8]) -> Result<()> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|&l| l <= MAX_PAYLOAD)
@@ -85,7 +85,7 @@ pub fn send(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<()> {
 }
 
 /// Reads one frame into `buf` (reused between calls); returns its kind.
-pub fn recv(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind> {
+pub fn recv(r: &mut (impl Read + ?Sized), buf: &mut Vec<u8>) -> Result<Kind> {
     let mut header = [0u8; HEADER];
     r.read_exact(&mut header)
         .map_err(MigrationError::io("read"))?;

@@ -339,6 +339,46 @@ impl GuestRam {
         out
     }
 
+    /// Makes `[gpa, gpa+len)` read as zeros again by releasing its memfd pages (a hole costs
+    /// no memory, unlike writing zeros). The range must be page-aligned and inside one RAM
+    /// region; anything else is refused. Only for RAM no vCPU or device uses concurrently.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<()> {
+        let bad = |reason| Error::GuestMemory {
+            addr: gpa,
+            len: len as usize,
+            reason,
+        };
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(bad("range to discard is not page-aligned".into()));
+        }
+        let end = gpa
+            .checked_add(len)
+            .ok_or_else(|| bad("range to discard overflows".into()))?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+            .ok_or_else(|| bad("range to discard is not inside one RAM region".into()))?;
+        let offset = r.file_offset + (gpa - r.gpa);
+        // SAFETY: fallocate on our own memfd with a range inside it; punching a hole only
+        // replaces those pages with zeros, which every mapping of the memfd then reads.
+        let rc = unsafe {
+            libc::fallocate(
+                self.memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(bad(format!(
+                "punching a hole: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     /// Calls `f` with every RAM region as a host byte slice.
     ///
     /// The slices alias memory a running guest may write concurrently; callers hash or copy
@@ -386,6 +426,20 @@ mod tests {
                 file_offset: 3 << 30
             }
         );
+    }
+
+    #[test]
+    fn discard_zeroes_and_frees_pages() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.write(0x5000, &[7; 8192]).unwrap();
+        ram.discard(0x5000, 4096).unwrap();
+        let mut b = [1u8; 8192];
+        ram.read(0x5000, &mut b).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0));
+        assert!(b[4096..].iter().all(|&x| x == 7));
+        assert!(ram.discard(0x5001, 4096).is_err());
+        assert!(ram.discard(u64::MAX - 4095, 4096).is_err());
+        assert!(ram.discard(64 << 20, 4096).is_err());
     }
 
     #[test]

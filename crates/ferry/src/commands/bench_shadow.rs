@@ -320,6 +320,9 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
         debug_hash: false,
         unsafe_no_shadow: false,
         max_bandwidth: None,
+        tls: None,
+        tls_server_name: None,
+        insecure_no_auth: false,
     });
     let report = match api::call(&api_path, &request, |_| {})? {
         Response::Result {

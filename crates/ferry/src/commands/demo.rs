@@ -250,6 +250,9 @@ pub(crate) fn migrate_later(
         debug_hash: true,
         unsafe_no_shadow: false,
         max_bandwidth: None,
+        tls: None,
+        tls_server_name: None,
+        insecure_no_auth: false,
     });
     match api::call(&api_path, &request, |_| {})? {
         Response::Result {

@@ -2,15 +2,62 @@
 //! progress, print the report.
 use std::io::IsTerminal;
 
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use migration::{LimitPolicy, MigrationReport};
+use migration::{LimitPolicy, MigrationReport, Outcome};
 
 use crate::{
     api::{self, MigrateRequest, Request, Response},
-    cli::{MigrateArgs, OnLimit},
+    cli::{MigrateArgs, OnLimit, ResumeArgs},
 };
 
+/// Exit status of `ferry migrate` when Go was sent but the destination never confirmed.
+pub const EXIT_UNKNOWN: i32 = 3;
+
+/// `ferry resume --force`: resume a source VM paused after Go.
+pub fn resume(args: ResumeArgs) -> anyhow::Result<i32> {
+    let answer = api::call(
+        &args.api_socket,
+        &Request::Resume { force: args.force },
+        |_| {},
+    )?;
+    match answer {
+        Response::Result { ok: true, data, .. } => {
+            if args.json {
+                println!("{}", data.unwrap_or_default());
+            } else {
+                println!("resumed");
+            }
+            Ok(0)
+        }
+        Response::Result { error, .. } => {
+            let why = error.unwrap_or_else(|| "no reason given".into());
+            if args.json {
+                println!("{}", serde_json::json!({ "ok": false, "error": why }));
+            }
+            eprintln!("ferry: not resumed: {why}");
+            Ok(1)
+        }
+        Response::Progress(_) => unreachable!("api::call returns only results"),
+    }
+}
+
 pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
+    // The files are read by the VM's process, which may run elsewhere in the file tree.
+    let tls = args
+        .tls
+        .files()
+        .map(|f| -> anyhow::Result<migration::TlsFiles> {
+            let abs = |p: &std::path::Path| {
+                std::path::absolute(p).with_context(|| format!("TLS file {}", p.display()))
+            };
+            Ok(migration::TlsFiles {
+                cert: abs(&f.cert)?,
+                key: abs(&f.key)?,
+                ca: abs(&f.ca)?,
+            })
+        })
+        .transpose()?;
     let request = Request::Migrate(MigrateRequest {
         to: args.to.clone(),
         downtime_ms: args.downtime_ms,
@@ -22,6 +69,9 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
         debug_hash: args.debug_hash,
         max_bandwidth: args.max_bandwidth,
         unsafe_no_shadow: args.unsafe_no_shadow,
+        tls,
+        tls_server_name: args.tls_server_name.clone(),
+        insecure_no_auth: args.tls.insecure_no_auth,
     });
     let bar = if std::io::stderr().is_terminal() && !args.json {
         let b = ProgressBar::new_spinner();
@@ -50,18 +100,33 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
     match answer? {
         Response::Result { ok: true, data, .. } => {
             let data = data.unwrap_or_default();
+            let report: MigrationReport = serde_json::from_value(data.clone())?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
-            } else {
-                let report: MigrationReport = serde_json::from_value(data)?;
+            } else if report.outcome == Outcome::Completed {
                 print_human(&report);
+            }
+            if report.outcome == Outcome::Unknown {
+                eprintln!(
+                    "ferry: OUTCOME UNKNOWN: Go was sent to {} but it never confirmed ({}). The VM \
+                     is paused on the source and will not run there on its own. Check the \
+                     destination: if it runs the VM, stop the source; if not, `ferry resume \
+                     --api-socket {} --force`.",
+                    report.destination,
+                    report.unknown_reason.as_deref().unwrap_or("no reason"),
+                    args.api_socket.display()
+                );
+                return Ok(EXIT_UNKNOWN);
             }
             Ok(0)
         }
         Response::Result { error, .. } => {
             let why = error.unwrap_or_else(|| "no reason given".into());
             if args.json {
-                println!("{}", serde_json::json!({ "ok": false, "error": why }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "outcome": "failed", "error": why })
+                );
             }
             eprintln!("ferry: migration failed (the VM keeps running on the source): {why}");
             Ok(1)

@@ -1,8 +1,5 @@
 //! `ferry receive`: wait for one live migration, then run the VM that arrived.
-use std::{
-    net::TcpListener,
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use migration::DestinationOptions;
@@ -16,41 +13,42 @@ use crate::{
     signals::{self, SignalState},
 };
 
+/// This machine's physical memory, the default ceiling on an incoming guest.
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages > 0 && size > 0 {
+        (pages as u64).saturating_mul(size as u64)
+    } else {
+        vmm::memory::MAX_RAM_BYTES
+    }
+}
+
 pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
     let signals = SignalState::install()?;
-    let listener =
-        TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
-    listener.set_nonblocking(true)?;
+    let security = migration::Security::from_files(args.tls.files().as_ref())
+        .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?;
+    let listener = migration::listen(&args.listen, &security, args.tls.insecure_no_auth)
+        .map_err(|e| anyhow::anyhow!(migration::chain(&e)))
+        .with_context(|| format!("listening on {}", args.listen))?;
+    // Scripts and tests read the address from this first line: keep its form.
     eprintln!(
         "ferry: waiting for a migration on {}",
         listener.local_addr()?
     );
-    // The destination's own device (if any) starts now, not during the switchover.
-    let mut restorer = NvmeRestorer::new(args.nvme.source()?, args.nvme.engine_options())?;
-    let waited = Instant::now();
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Some(sig) = signals.stop_signal() {
-                    eprintln!(
-                        "ferry: {} received while waiting; no VM arrived",
-                        signals::name(sig)
-                    );
-                    return Ok(128 + sig);
-                }
-                if args.accept_timeout.is_some_and(|t| waited.elapsed() >= t) {
-                    bail!(
-                        "no migration arrived on {} within the accept timeout",
-                        args.listen
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e).context("accepting the migration connection"),
+    tracing::info!(
+        tls = security.is_tls(),
+        "migration listener: {}",
+        if security.is_tls() {
+            "TLS 1.3, client certificate required"
+        } else {
+            "plain TCP, no authentication"
         }
-    };
-    stream.set_nonblocking(false)?;
+    );
+    // The destination's own device (if any) starts now, not during the switchover.
+    let nvme = args.nvme.source()?;
+    let devices = if nvme.is_some() { vec!["nvme0".to_string()] } else { Vec::new() };
+    let mut restorer = NvmeRestorer::new(nvme, args.nvme.engine_options())?;
     let spec = SessionSpec {
         memory: 0,
         console: console_sink(&args.serial),
@@ -66,21 +64,55 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
     };
     let opts = DestinationOptions {
         debug_hash: args.debug_hash,
+        handshake_timeout: args.handshake_timeout,
+        max_ram: args.max_memory.unwrap_or_else(physical_memory),
+        expected_ram: args.memory,
+        devices,
+        security,
         ..Default::default()
     };
-    let incoming = match migration::receive(stream, &spec.vm_config(), &opts, &mut restorer) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("ferry: incoming migration failed; no VM runs here: {e}");
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "outcome": "failed", "detail": e.to_string() })
-                );
-            }
-            return Ok(1);
+    let deadline = args.accept_timeout.map(|t| Instant::now() + t);
+    let mut strangers = migration::Strangers::default();
+    let stop = || signals.stop_signal().is_some();
+    let accepted = match migration::accept(&listener, &opts, &mut strangers, deadline, &stop) {
+        Ok(a) => a,
+        Err(migration::MigrationError::Cancelled) => {
+            let sig = signals.stop_signal().unwrap_or(libc::SIGTERM);
+            eprintln!(
+                "ferry: {} received while waiting; no VM arrived",
+                signals::name(sig)
+            );
+            return Ok(128 + sig);
         }
+        Err(e) => bail!(
+            "no migration arrived on {}: {}",
+            args.listen,
+            migration::chain(&e)
+        ),
     };
+    // One VM per `ferry receive`: nobody else gets in from here on.
+    drop(listener);
+    if strangers.refused + strangers.overflow > 0 {
+        eprintln!(
+            "ferry: {} connection(s) refused before the source arrived (see the log)",
+            strangers.refused + strangers.overflow
+        );
+    }
+    let incoming =
+        match migration::receive_accepted(accepted, &spec.vm_config(), &opts, &mut restorer) {
+            Ok(i) => i,
+            Err(e) => {
+                let why = migration::chain(&e);
+                eprintln!("ferry: incoming migration failed; no VM runs here: {why}");
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "outcome": "failed", "detail": why, "strangers": strangers })
+                    );
+                }
+                return Ok(1);
+            }
+        };
     let r = &incoming.report;
     eprintln!(
         "ferry: VM received from {} ({} MiB, {} rounds, {} pages, {} zero pages), running",
