@@ -208,9 +208,8 @@ fn handshake(tcp: TcpStream, opts: &DestinationOptions) -> Result<Accepted> {
                 "expected the VM configuration after Hello".into(),
             ));
         }
-        let cfg: MigrationConfig = postcard::from_bytes(&buf).map_err(|e| {
-            MigrationError::Protocol(format!("configuration does not decode: {e}"))
-        })?;
+        let cfg: MigrationConfig = postcard::from_bytes(&buf)
+            .map_err(|e| MigrationError::Protocol(format!("configuration does not decode: {e}")))?;
         check_config(&cfg, opts)?;
         Ok(cfg)
     })();

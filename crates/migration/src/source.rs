@@ -129,7 +129,12 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
-        if kind != Kind::Go && self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+        if kind != Kind::Go
+            && self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
             return Err(MigrationError::Cancelled);
         }
         wire::send(&mut self.out, kind, payload)?;
@@ -335,7 +340,10 @@ pub fn migrate(
         }
         Err(e) => {
             let e = explain(e, &tcp, tx.out.get_mut().as_mut());
-            tracing::warn!("migration to {to} failed: {}; the VM keeps running here", chain(&e));
+            tracing::warn!(
+                "migration to {to} failed: {}; the VM keeps running here",
+                chain(&e)
+            );
             for &i in &prepared {
                 devices[i].rollback(vm);
             }
@@ -543,7 +551,11 @@ fn run(
             report.debug_hash_ms += peer;
         }
     }
-    if tx.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+    if tx
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
+    {
         return Err(MigrationError::Cancelled);
     }
     // The commit point: from the first byte of Go on, the destination may run the VM, so this

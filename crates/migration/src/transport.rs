@@ -189,16 +189,18 @@ where
             .map_err(MigrationError::io("setup"))?;
         if let Err(e) = conn.complete_io(tcp) {
             // A TLS alert or verification failure arrives as InvalidData wrapping rustls's error.
-            return Err(match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                Some(tls) => MigrationError::Tls {
-                    what: "handshake",
-                    source: tls.clone(),
+            return Err(
+                match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(tls) => MigrationError::Tls {
+                        what: "handshake",
+                        source: tls.clone(),
+                    },
+                    None => MigrationError::Io {
+                        what: "TLS handshake",
+                        source: e,
+                    },
                 },
-                None => MigrationError::Io {
-                    what: "TLS handshake",
-                    source: e,
-                },
-            });
+            );
         }
     }
     Ok(())

@@ -14,9 +14,7 @@ use migration::{
     wire::{self, Kind, MemoryBatch},
     DestinationOptions, MigrationError, NoDevices, Security, SourceOptions, TlsFiles,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use vmm::{devices::serial::ConsoleSink, Vm, VmConfig};
 
 fn config() -> VmConfig {
@@ -287,7 +285,8 @@ fn strangers_are_refused_and_the_authenticated_source_migrates() {
     let _ = wire::send(&mut plain, Kind::Hello, &wire::hello());
     // Each is closed by the destination (it reads end-of-stream or a reset).
     for peer in [&mut garbage, &mut plain] {
-        peer.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let mut sink = Vec::new();
         let _ = peer.read_to_end(&mut sink);
     }
@@ -393,7 +392,11 @@ fn after_go_without_confirmation_the_source_stays_paused_until_told() {
     // destination's thread ended are enough; no timing is assumed.
     let a = vm.mailbox().progress().unwrap();
     std::thread::yield_now();
-    assert_eq!(vm.mailbox().progress().unwrap(), a, "the source ran on its own");
+    assert_eq!(
+        vm.mailbox().progress().unwrap(),
+        a,
+        "the source ran on its own"
+    );
     // The operator's forced resume.
     vm.resume().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -16,7 +16,12 @@ use crate::{
 /// This machine's physical memory, the default ceiling on an incoming guest.
 fn physical_memory() -> u64 {
     // SAFETY: sysconf only reads system constants.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     if pages > 0 && size > 0 {
         (pages as u64).saturating_mul(size as u64)
     } else {
@@ -47,7 +52,11 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
     );
     // The destination's own device (if any) starts now, not during the switchover.
     let nvme = args.nvme.source()?;
-    let devices = if nvme.is_some() { vec!["nvme0".to_string()] } else { Vec::new() };
+    let devices = if nvme.is_some() {
+        vec!["nvme0".to_string()]
+    } else {
+        Vec::new()
+    };
     let mut restorer = NvmeRestorer::new(nvme, args.nvme.engine_options())?;
     let spec = SessionSpec {
         memory: 0,
@@ -98,21 +107,25 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
             strangers.refused + strangers.overflow
         );
     }
-    let incoming =
-        match migration::receive_accepted(accepted, &spec.vm_config(), &opts, &mut restorer) {
-            Ok(i) => i,
-            Err(e) => {
-                let why = migration::chain(&e);
-                eprintln!("ferry: incoming migration failed; no VM runs here: {why}");
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "outcome": "failed", "detail": why, "strangers": strangers })
-                    );
-                }
-                return Ok(1);
+    let incoming = match migration::receive_accepted(
+        accepted,
+        &spec.vm_config(),
+        &opts,
+        &mut restorer,
+    ) {
+        Ok(i) => i,
+        Err(e) => {
+            let why = migration::chain(&e);
+            eprintln!("ferry: incoming migration failed; no VM runs here: {why}");
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "outcome": "failed", "detail": why, "strangers": strangers })
+                );
             }
-        };
+            return Ok(1);
+        }
+    };
     let r = &incoming.report;
     eprintln!(
         "ferry: VM received from {} ({} MiB, {} rounds, {} pages, {} zero pages), running",
