@@ -373,6 +373,10 @@ pub struct BenchMigrateArgs {
     /// Dirtying loads: idle (1 page/s), moderate (50 000 pages/s), heavy (as fast as the guest can).
     #[arg(long, value_delimiter = ',', default_value = "idle,moderate,heavy")]
     pub loads: Vec<String>,
+    /// Transports, each migration run once per transport: plain TCP and TLS 1.3 with mutual
+    /// authentication (the TLS rows show their bandwidth as a ratio of the plain row's).
+    #[arg(long, value_delimiter = ',', default_value = "plain,tls")]
+    pub transports: Vec<String>,
     /// Downtime target.
     #[arg(long, default_value_t = 50)]
     pub downtime_ms: u64,

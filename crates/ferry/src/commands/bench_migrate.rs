@@ -19,6 +19,8 @@ use crate::cli::BenchMigrateArgs;
 struct Row {
     ram_mib: u64,
     load: String,
+    /// "plain" or "tls".
+    transport: String,
     working_set_mib: u64,
     total_ms: f64,
     downtime_ms: f64,
@@ -27,7 +29,56 @@ struct Row {
     sent_mib: f64,
     bandwidth_mbps: f64,
     bandwidth_vs_raw_tcp: f64,
+    /// For TLS rows: this row's bandwidth over the plain row's of the same size and load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_vs_plain_bandwidth: Option<f64>,
     ledger_ok_on_destination: bool,
+}
+
+/// An ephemeral CA and one node certificate (both usages) for loopback TLS migrations.
+struct BenchPki {
+    dir: std::path::PathBuf,
+    files: migration::TlsFiles,
+}
+
+impl BenchPki {
+    fn new() -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let dir = std::env::temp_dir().join(format!("ferry-bench-pki-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(DnType::CommonName, "ferry bench CA");
+        let ca = p.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &ca, &ca_key)?;
+        let write = |name: &str, pem: String| -> anyhow::Result<std::path::PathBuf> {
+            let path = dir.join(name);
+            std::fs::write(&path, pem)?;
+            Ok(path)
+        };
+        let files = migration::TlsFiles {
+            cert: write("node.crt", cert.pem())?,
+            key: write("node.key", key.serialize_pem())?,
+            ca: write("ca.crt", ca.pem())?,
+        };
+        Ok(BenchPki { dir, files })
+    }
+}
+
+impl Drop for BenchPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[derive(Serialize)]
@@ -96,7 +147,13 @@ fn fill_unused(vm: &Vm, working_set: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn one(ram: u64, load: &str, args: &BenchMigrateArgs, raw: f64) -> anyhow::Result<Row> {
+fn one(
+    ram: u64,
+    load: &str,
+    security: &migration::Security,
+    args: &BenchMigrateArgs,
+    raw: f64,
+) -> anyhow::Result<Row> {
     let working_set = (ram / 4).min(1 << 30);
     let config = VmConfig {
         ram_size: ram,
@@ -119,23 +176,25 @@ fn one(ram: u64, load: &str, args: &BenchMigrateArgs, raw: f64) -> anyhow::Resul
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let dest_config = config.clone();
+    let dest_opts = DestinationOptions {
+        security: security.clone(),
+        ..Default::default()
+    };
     let dest = std::thread::spawn(move || -> anyhow::Result<Vm> {
         let (stream, _) = listener.accept()?;
-        let inc = migration::receive(
-            stream,
-            &dest_config,
-            &DestinationOptions::default(),
-            &mut NoDevices,
-        )?;
+        let inc = migration::receive(stream, &dest_config, &dest_opts, &mut NoDevices)
+            .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?;
         Ok(inc.vm)
     });
     let opts = SourceOptions {
+        security: security.clone(),
         downtime: Duration::from_millis(args.downtime_ms),
         max_rounds: args.max_rounds,
         on_limit: LimitPolicy::Finish,
         ..Default::default()
     };
     let report = migration::migrate(&vm, &mut [], &addr, &opts, &mut |_| {})
+        .map_err(|e| anyhow::anyhow!(migration::chain(&e)))
         .with_context(|| format!("migrating {} MiB / {load}", ram >> 20))?;
     let dvm = dest
         .join()
@@ -159,6 +218,8 @@ fn one(ram: u64, load: &str, args: &BenchMigrateArgs, raw: f64) -> anyhow::Resul
     Ok(Row {
         ram_mib: ram >> 20,
         load: load.to_string(),
+        transport: if security.is_tls() { "tls" } else { "plain" }.into(),
+        tls_vs_plain_bandwidth: None,
         working_set_mib: working_set >> 20,
         total_ms: report.total_ms,
         downtime_ms: report.downtime_ms,
@@ -178,23 +239,55 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     for l in &args.loads {
         rate(l)?;
     }
+    let mut transports = Vec::new();
+    let _pki = if args.transports.iter().any(|t| t == "tls") {
+        Some(BenchPki::new().context("making the bench's TLS certificates")?)
+    } else {
+        None
+    };
+    for t in &args.transports {
+        transports.push(match (t.as_str(), &_pki) {
+            ("plain", _) => migration::Security::Plain,
+            ("tls", Some(pki)) => migration::Security::from_files(Some(&pki.files))
+                .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?,
+            (other, _) => bail!("unknown transport {other:?} (plain, tls)"),
+        });
+    }
     let raw = raw_tcp_mbps()?;
     if !args.json {
         println!("ferry bench migrate: raw loopback TCP {raw:.0} MB/s (one stream, same run)");
         println!(
-            "  {:>6} {:>9} {:>6} {:>9} {:>9} {:>6} {:>8} {:>7} {:>8}  ledger",
-            "RAM", "load", "WS", "total ms", "down ms", "rounds", "sent MiB", "MB/s", "vs raw"
+            "  {:>6} {:>9} {:>5} {:>6} {:>9} {:>9} {:>6} {:>8} {:>7} {:>8} {:>9}  ledger",
+            "RAM",
+            "load",
+            "via",
+            "WS",
+            "total ms",
+            "down ms",
+            "rounds",
+            "sent MiB",
+            "MB/s",
+            "vs raw",
+            "vs plain"
         );
     }
     let mut rows = Vec::new();
     for &ram in &args.sizes {
         for load in &args.loads {
-            let row = one(ram, load, &args, raw)?;
-            if !args.json {
-                println!(
-                    "  {:>5}M {:>9} {:>5}M {:>9.0} {:>9.1} {:>5}{} {:>8.0} {:>7.0} {:>8.3}  {}",
+            let mut plain_mbps = None;
+            for security in &transports {
+                let mut row = one(ram, load, security, &args, raw)?;
+                if security.is_tls() {
+                    row.tls_vs_plain_bandwidth = plain_mbps.map(|p: f64| row.bandwidth_mbps / p);
+                } else {
+                    plain_mbps = Some(row.bandwidth_mbps);
+                }
+                if !args.json {
+                    println!(
+                    "  {:>5}M {:>9} {:>5} {:>5}M {:>9.0} {:>9.1} {:>5}{} {:>8.0} {:>7.0} {:>8.3} {:>9}  {}",
                     row.ram_mib,
                     row.load,
+                    row.transport,
                     row.working_set_mib,
                     row.total_ms,
                     row.downtime_ms,
@@ -203,14 +296,17 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
                     row.sent_mib,
                     row.bandwidth_mbps,
                     row.bandwidth_vs_raw_tcp,
+                    row.tls_vs_plain_bandwidth
+                        .map_or_else(|| "-".to_string(), |r| format!("{r:.3}")),
                     if row.ledger_ok_on_destination {
                         "ok"
                     } else {
                         "FAILED"
                     }
                 );
+                }
+                rows.push(row);
             }
-            rows.push(row);
         }
     }
     let all_ok = rows.iter().all(|r| r.ledger_ok_on_destination);
