@@ -2,19 +2,26 @@
 //! verifies on the destination, memory is byte-identical (hashes taken by each process), the
 //! VM survives A→B→A, and every fault leaves the source running and verifiable.
 mod common;
-use common::{last_json, spawn_receiver, wait_for_socket, Proc};
+use common::{
+    api, last_json, spawn_receiver, status, wait_for_socket, wait_progress, wait_until, Proc,
+    PATIENCE,
+};
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use migration::fault::{Action, Fault, FaultProxy, Position, Rounds, Verdict};
 use serde_json::{json, Value};
+
+/// Page writes of the `dirty` guest before a migration starts: a whole pass over its 32 MiB
+/// working set on average, so round 0 carries many Memory frames.
+const WARM: u64 = 8192;
 
 fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -75,36 +82,15 @@ fn destination(api: Option<&Path>) -> (Proc, String) {
     spawn_receiver(&mut cmd)
 }
 
-/// One API call; returns the result line.
-fn api(p: &Path, req: Value) -> Value {
-    let mut s = UnixStream::connect(p).unwrap();
-    writeln!(s, "{req}").unwrap();
-    for line in BufReader::new(s).lines() {
-        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["event"] == "result" {
-            return v;
-        }
-    }
-    panic!("no result from {}", p.display());
-}
-
 fn assert_running_and_verifiable(p: &Path) {
-    let progress = || {
-        api(p, json!({"cmd": "status"}))["data"]["progress"]
-            .as_u64()
-            .unwrap()
-    };
+    let progress = || status(p)["data"]["progress"].as_u64().unwrap();
     let a = progress();
     // a loaded machine may not schedule the vCPU for a while: wait, with a bound
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while progress() == a {
-        assert!(
-            Instant::now() < deadline,
-            "the VM behind {} is not running",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        format!("the VM behind {} runs", p.display()),
+        PATIENCE,
+        || progress() != a,
+    );
     let v = api(p, json!({"cmd": "verify"}));
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["data"]["status"], 0, "ledger broken: {v}");
@@ -130,7 +116,7 @@ fn a_busy_guest_migrates_its_memory_is_identical_and_its_ledger_verifies() {
     let (sa, sb) = (tmp("a.sock"), tmp("b.sock"));
     let src = source(&sa, &[]);
     let (dst, addr) = destination(Some(&sb));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_progress(&sa, WARM);
     let out = migrate(&sa, &addr);
     assert!(
         out.status.success(),
@@ -187,74 +173,41 @@ fn the_guest_survives_a_to_b_to_a() {
     drop(a2);
 }
 
-/// What the proxy does once `after` bytes went from source to destination.
-#[derive(Clone, Copy)]
-enum Fault {
-    /// Close both connections.
-    Cut,
-    /// Flip one bit in the stream.
-    Corrupt,
-    /// Kill the destination process (its pid is given).
-    Kill(u32),
-}
-
-/// A TCP proxy in front of `target` that injects `fault`; returns its address.
-fn faulty_proxy(target: String, after: u64, fault: Fault) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let (mut from_src, _) = listener.accept().unwrap();
-        let mut to_dst = TcpStream::connect(target).unwrap();
-        let (mut back_src, mut back_dst) =
-            (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut back_dst, &mut back_src);
-        });
-        let mut buf = vec![0u8; 64 << 10];
-        let mut seen = 0u64;
-        let mut done = false;
-        loop {
-            let n = match from_src.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if !done && seen + n as u64 >= after {
-                done = true;
-                match fault {
-                    Fault::Cut => {
-                        let _ = from_src.shutdown(std::net::Shutdown::Both);
-                        let _ = to_dst.shutdown(std::net::Shutdown::Both);
-                        break;
-                    }
-                    Fault::Corrupt => buf[(after - seen) as usize] ^= 0x10,
-                    // SAFETY: killing the destination process the test started.
-                    Fault::Kill(pid) => unsafe {
-                        libc::kill(pid as i32, libc::SIGKILL);
-                    },
-                }
-            }
-            seen += n as u64;
-            if to_dst.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    });
-    addr
-}
-
-fn fault_leaves_source_running(fault: impl FnOnce(&Proc) -> Fault, dest_must_fail: bool) {
+/// Migrates the source through a [`FaultProxy`] injecting `fault`; `act` runs when a held
+/// frame is reached (with the destination process) and says what becomes of the frame. Checks
+/// that the fault happened, the migration failed, the source runs and verifies its ledger,
+/// the destination ran no VM (when it survives), and a second migration works.
+fn fault_leaves_source_running(fault: Fault, act: impl FnOnce(&mut Proc) -> Verdict) {
     let sa = tmp("a.sock");
     let _src = source(&sa, &[]);
-    let (dst, addr) = destination(None);
-    let f = fault(&dst);
-    let proxy = faulty_proxy(addr, 8 << 20, f);
-    let out = migrate(&sa, &proxy);
-    assert_eq!(out.status.code(), Some(1), "the migration must fail");
+    let (mut dst, addr) = destination(None);
+    wait_progress(&sa, WARM);
+    let proxy = FaultProxy::start(addr.as_str(), Some(fault)).unwrap();
+    let to = proxy.addr().to_string();
+    let sa2 = sa.clone();
+    let migration = std::thread::spawn(move || migrate(&sa2, &to));
+    if fault.action == Action::Hold {
+        assert!(
+            proxy.wait_held(PATIENCE).is_some(),
+            "the migration never reached {}",
+            fault.at
+        );
+        proxy.release(act(&mut dst));
+    }
+    let out = migration.join().unwrap();
+    assert!(proxy.reached(), "the migration never reached {}", fault.at);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the migration must fail: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("keeps running on the source"), "{err}");
     assert_running_and_verifiable(&sa);
-    if dest_must_fail {
-        let d = dst.wait_output(Duration::from_secs(30));
+    if dst.0.is_some() {
+        proxy.close();
+        let d = dst.wait_output(PATIENCE);
         assert_eq!(
             d.status.code(),
             Some(1),
@@ -273,17 +226,79 @@ fn fault_leaves_source_running(fault: impl FnOnce(&Proc) -> Fault, dest_must_fai
 
 #[test]
 fn cutting_the_socket_mid_round_leaves_the_source_running() {
-    fault_leaves_source_running(|_| Fault::Cut, true);
+    let at = Position::round0(3);
+    fault_leaves_source_running(
+        Fault {
+            at,
+            action: Action::Cut,
+        },
+        |_| Verdict::Cut,
+    );
 }
 
 #[test]
 fn a_corrupted_message_is_caught_and_the_source_keeps_running() {
-    fault_leaves_source_running(|_| Fault::Corrupt, true);
+    let at = Position::RoundEnd(Rounds::Exactly(1));
+    fault_leaves_source_running(
+        Fault {
+            at,
+            action: Action::FlipBit,
+        },
+        |_| Verdict::Forward,
+    );
 }
 
 #[test]
 fn killing_the_destination_mid_round_leaves_the_source_running() {
-    fault_leaves_source_running(|d| Fault::Kill(d.0.as_ref().unwrap().id()), false);
+    let at = Position::round0(3);
+    fault_leaves_source_running(
+        Fault {
+            at,
+            action: Action::Hold,
+        },
+        |d| {
+            d.kill();
+            d.0 = None;
+            Verdict::Forward
+        },
+    );
+}
+
+#[test]
+fn a_corrupted_vm_state_is_caught_and_the_source_keeps_running() {
+    fault_leaves_source_running(
+        Fault {
+            at: Position::vm_state(),
+            action: Action::FlipBit,
+        },
+        |_| Verdict::Forward,
+    );
+}
+
+#[test]
+fn a_ready_that_never_arrives_leaves_the_source_running_and_the_destination_unrun() {
+    fault_leaves_source_running(
+        Fault {
+            at: Position::ready(),
+            action: Action::Cut,
+        },
+        |_| Verdict::Cut,
+    );
+}
+
+#[test]
+fn killing_the_destination_after_ready_leaves_the_source_running() {
+    fault_leaves_source_running(
+        Fault {
+            at: Position::ready(),
+            action: Action::Hold,
+        },
+        |d| {
+            d.kill();
+            d.0 = None;
+            Verdict::Cut
+        },
+    );
 }
 
 #[test]
@@ -304,7 +319,8 @@ fn a_destination_speaking_another_version_is_refused() {
         frame.extend_from_slice(&crc32(&payload).to_le_bytes());
         frame.extend_from_slice(&payload);
         let _ = s.write_all(&frame);
-        std::thread::sleep(Duration::from_secs(1));
+        // keep the connection until the source closes it
+        let _ = s.read_to_end(&mut Vec::new());
     });
     let out = migrate(&sa, &addr);
     assert_eq!(out.status.code(), Some(1));
@@ -429,9 +445,11 @@ fn a_vm_with_a_passthrough_device_keeps_running_when_the_destination_has_no_devi
         .unwrap();
     let src = Proc(Some(child), None);
     wait_for_socket(&sa);
-    // Let the guest create its I/O queues, so the source enters shadow mode and the failure
-    // is the destination's.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The guest created its I/O queues, so the source enters shadow mode and the failure is
+    // the destination's.
+    wait_until("the guest creates its I/O queues", PATIENCE, || {
+        status(&sa)["data"]["io_queues"].as_u64() >= Some(1)
+    });
     let (_dst, addr) = destination(None);
     let out = migrate(&sa, &addr);
     assert_eq!(out.status.code(), Some(1));

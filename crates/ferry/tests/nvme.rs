@@ -3,7 +3,7 @@
 //! temp directory and socket, every run is bounded by `--timeout` or a wait limit, and device
 //! processes are killed when a test fails.
 mod common;
-use common::{text, TempDir};
+use common::{text, wait_for_path, TempDir};
 
 use std::{
     path::Path,
@@ -31,14 +31,7 @@ impl Device {
             .spawn()
             .expect("start ferry device nvme");
         let d = Device(child);
-        let t0 = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "device socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_path(socket);
         d
     }
 

@@ -3,16 +3,18 @@
 //! QD 32, 4 KiB random reads and writes), live migration over loopback with shared storage (the
 //! same backing file on both sides). Every process is killed if a test fails.
 mod common;
-use common::{last_json, spawn_receiver, text, wait_for_socket, Proc, TempDir};
-
-use std::{
-    io::{BufRead, BufReader, Read},
-    os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+use common::{
+    last_json, spawn_receiver, status, text, wait_for_path, wait_for_socket, wait_progress,
+    wait_until, Proc, TempDir, PATIENCE,
 };
 
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use migration::fault::{Action, Fault, FaultProxy, Position, Verdict};
 use serde_json::Value;
 
 /// The tests run one at a time: each runs two or three VMs whose vCPUs, devices and pollers
@@ -66,28 +68,10 @@ fn source(dir: &TempDir, disk: &Path, secs: u64, extra: &[&str]) -> (Proc, PathB
         .spawn()
         .unwrap();
     wait_for_socket(&api);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while api_call(&api, "status")["data"]["io_queues"].as_u64() != Some(4) {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never created its queues"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the guest creates its 4 I/O queues", PATIENCE, || {
+        status(&api)["data"]["io_queues"].as_u64() == Some(4)
+    });
     (Proc(Some(child), None), api)
-}
-
-fn api_call(p: &Path, cmd: &str) -> Value {
-    use std::io::Write;
-    let mut s = UnixStream::connect(p).unwrap();
-    writeln!(s, "{}", serde_json::json!({ "cmd": cmd })).unwrap();
-    for line in BufReader::new(s).lines() {
-        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["event"] == "result" {
-            return v;
-        }
-    }
-    panic!("no result from {}", p.display());
 }
 
 /// The destination: `ferry receive` with its own device over the same `disk`.
@@ -129,9 +113,9 @@ fn migrate(api: &Path, to: &str, extra: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Lets I/O get going on every queue.
-fn warm_up() {
-    std::thread::sleep(Duration::from_millis(500));
+/// Waits until I/O got going on every queue: a thousand I/Os done.
+fn warm_up(api: &Path) {
+    wait_progress(api, 1000);
 }
 
 /// Migrates an nvme-verify guest during I/O and checks everything the issue asks for; returns
@@ -141,7 +125,7 @@ fn migrate_and_verify(tag: &str, extra: &[&str]) -> Value {
     let disk = dir.path("disk.img");
     let (src, api) = source(&dir, &disk, 12, extra);
     let (dst, addr) = destination_with(Some(&disk), extra);
-    warm_up();
+    warm_up(&api);
     let out = migrate(&api, &addr, &[]);
     assert!(out.status.success(), "migrate: {}", text(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -329,7 +313,7 @@ fn a_to_b_to_a_keeps_verifying() {
     let (src, api) = source(&dir, &disk, 24, &[]);
     let b_api = dir.path("b.sock");
     let (b, b_addr) = destination_with(Some(&disk), &["--api-socket", b_api.to_str().unwrap()]);
-    warm_up();
+    warm_up(&api);
     let out = migrate(&api, &b_addr, &[]);
     assert!(out.status.success(), "A→B: {}", text(&out.stderr));
     assert_eq!(
@@ -357,7 +341,7 @@ const WITH_DIRTY: [&str; 4] = ["--with-dirty", "16M", "--rate", "50000"];
 
 /// Asks the guest behind `api` to verify its ledger; returns the answer's data.
 fn verify_ledger(api: &Path) -> Value {
-    let v = api_call(api, "verify");
+    let v = common::api(api, serde_json::json!({"cmd": "verify"}));
     assert_eq!(v["ok"], true, "{v}");
     v["data"].clone()
 }
@@ -371,12 +355,7 @@ fn migrate_with_dirty(dir: &TempDir, secs: u64) -> (Proc, PathBuf, Value) {
     let (src, api) = source(dir, &disk, secs, &WITH_DIRTY);
     let dst_api = dir.path("dst.sock");
     let (dst, addr) = destination_with(Some(&disk), &["--api-socket", dst_api.to_str().unwrap()]);
-    // I/O going on every queue: a thousand I/Os done.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while api_call(&api, "status")["data"]["progress"].as_u64() < Some(1000) {
-        assert!(Instant::now() < deadline, "the guest's I/O never got going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    warm_up(&api);
     let before = verify_ledger(&api);
     assert_eq!(before["status"], 0, "ledger broken on the source: {before}");
     assert_eq!(before["pages"], 4096, "{before}");
@@ -523,12 +502,10 @@ fn killing_the_destination_device_process_leaves_the_source_verifying() {
         ),
         None,
     );
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_path(&sock);
     let pt = format!("nvme={}", sock.display());
     let (dst, addr) = destination_with(None, &["--passthrough", &pt]);
-    warm_up();
+    warm_up(&api);
     dev.kill();
     let out = migrate(&api, &addr, &[]);
     assert!(!out.status.success(), "the migration should fail");
@@ -578,7 +555,7 @@ fn negative_control_without_shadowing_is_detected() {
             &["--nvme-read-percent", "100", "--nvme-adopt"],
         );
         let (dst, addr) = destination(Some(&disk));
-        warm_up();
+        warm_up(&api);
         let out = migrate(
             &api,
             &addr,
@@ -611,22 +588,23 @@ fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
     let disk = dir.path("disk.img");
     let (src, api) = source(&dir, &disk, 12, &[]);
     let (dst, addr) = destination(Some(&disk));
-    warm_up();
-    // Kill the destination once 300 KiB of the stream went through: mid round 0, whatever
-    // the machine's speed.
-    let pid = dst.0.as_ref().unwrap().id() as i32;
-    let proxy = fault_proxy(
-        addr,
-        300 * 1024,
-        // SAFETY: kill(2) on the destination process this test started.
-        move || unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        },
-        false,
-    );
-    let out = migrate(&api, &proxy, &[]);
+    warm_up(&api);
+    // Kill the destination when the first Memory frame of round 0 arrives: mid round 0,
+    // whatever the machine's speed.
+    let mut dst = dst;
+    let fault = Fault {
+        at: Position::round0(1),
+        action: Action::Hold,
+    };
+    let proxy = FaultProxy::start(addr.as_str(), Some(fault)).unwrap();
+    let to = proxy.addr().to_string();
+    let api2 = api.clone();
+    let migration = std::thread::spawn(move || migrate(&api2, &to, &[]));
+    assert!(proxy.wait_held(PATIENCE).is_some(), "round 0 never began");
+    dst.kill();
+    proxy.release(Verdict::Forward);
+    let out = migration.join().unwrap();
     assert!(!out.status.success(), "migration should fail");
-    drop(dst);
     let s = src.wait_output(Duration::from_secs(150));
     let summary = last_json(&s);
     assert_eq!(summary["outcome"], "exit", "{summary}");
@@ -765,67 +743,6 @@ fn garbage_in_shadowed_rings(designation: &str) {
     assert!(q["forwarded"].as_u64().unwrap() >= 2, "{q}");
 }
 
-/// Forwards one connection to `target` and cuts both directions once `limit` bytes went from
-/// the source to the destination.
-fn cutting_proxy(target: String, limit: u64) -> String {
-    fault_proxy(target, limit, || {}, true)
-}
-
-/// Forwards one connection to `target`; once `limit` bytes went from the source to the
-/// destination it runs `at_limit` and then either cuts both directions (`cut`) or keeps
-/// forwarding until a side fails.
-fn fault_proxy(
-    target: String,
-    limit: u64,
-    at_limit: impl FnOnce() + Send + 'static,
-    cut: bool,
-) -> String {
-    use std::{
-        io::Write,
-        net::{Shutdown, TcpListener, TcpStream},
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let (mut src, _) = listener.accept().unwrap();
-        let mut dst = TcpStream::connect(target).unwrap();
-        let (mut src_r, mut dst_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut dst, &mut src);
-        });
-        let mut sent = 0u64;
-        let mut at_limit = Some(at_limit);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            if sent >= limit {
-                if let Some(f) = at_limit.take() {
-                    f();
-                }
-                if cut {
-                    break;
-                }
-            }
-            match src_r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let n = if cut {
-                        n.min((limit - sent) as usize)
-                    } else {
-                        n
-                    };
-                    if dst_w.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    sent += n as u64;
-                }
-            }
-        }
-        let _ = src_r.shutdown(Shutdown::Both);
-        let _ = dst_w.shutdown(Shutdown::Both);
-    });
-    addr
-}
-
 #[test]
 fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
     let _serial = serial();
@@ -833,9 +750,17 @@ fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
     let disk = dir.path("disk.img");
     let (src, api) = source(&dir, &disk, 12, &[]);
     let (dst, addr) = destination(Some(&disk));
-    warm_up();
-    let proxy = cutting_proxy(addr, 300 * 1024);
-    let out = migrate(&api, &proxy, &[]);
+    warm_up(&api);
+    let proxy = FaultProxy::start(
+        addr.as_str(),
+        Some(Fault {
+            at: Position::round0(1),
+            action: Action::Cut,
+        }),
+    )
+    .unwrap();
+    let out = migrate(&api, &proxy.addr().to_string(), &[]);
+    assert!(proxy.reached(), "round 0 never began");
     assert!(!out.status.success(), "the migration should fail");
     let d = dst.wait_output(Duration::from_secs(60));
     assert_ne!(d.status.code(), Some(0), "no VM may run on the destination");

@@ -3,8 +3,10 @@
 //! running the built-in guest's PVRDMA driver and RDMA agent, real UDP between hosts. Every
 //! test uses its own 127.N.*.* block, is bounded in time, and kills what it started, also on
 //! failure. The tests run one at a time: each boots several busy-polling VMs.
+mod common;
+use common::{Stream, PATIENCE};
+
 use std::{
-    io::Read,
     process::{Child, Command, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
@@ -16,10 +18,12 @@ fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
 
-/// A child process killed on drop.
+/// A child process killed on drop, its output collected as it comes.
 struct Proc {
     child: Option<Child>,
     what: String,
+    out: Stream,
+    err: Stream,
 }
 
 struct Done {
@@ -30,32 +34,31 @@ struct Done {
 
 impl Proc {
     fn spawn(what: &str, args: &[String]) -> Proc {
-        let child = ferry()
+        let mut child = ferry()
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let out = Stream::collect(child.stdout.take().unwrap());
+        let err = Stream::collect(child.stderr.take().unwrap());
         Proc {
             child: Some(child),
             what: what.into(),
+            out,
+            err,
         }
+    }
+
+    /// Waits until the guest consoles on stdout said `needle` `count` times (the RDMA agent
+    /// listens once it printed "listening").
+    fn wait_for(&self, needle: &str, count: usize) {
+        self.out.wait_for(needle, count, PATIENCE);
     }
 
     /// Waits at most `limit`; panics (killing the child) when it does not end in time.
     fn wait(mut self, limit: Duration) -> Done {
         let mut child = self.child.take().expect("child");
-        let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-        let t_out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let t_err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
         let t0 = Instant::now();
         let status = loop {
             if let Some(s) = child.try_wait().expect("try_wait") {
@@ -64,18 +67,19 @@ impl Proc {
             if t0.elapsed() > limit {
                 let _ = child.kill();
                 let _ = child.wait();
-                let (o, e) = (t_out.join().unwrap(), t_err.join().unwrap());
                 panic!(
-                    "{} did not end within {limit:?}\nstdout:\n{o}\nstderr:\n{e}",
-                    self.what
+                    "{} did not end within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.what,
+                    self.out.finish(Duration::from_secs(10)),
+                    self.err.finish(Duration::from_secs(10))
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         };
         Done {
             code: status.code().unwrap_or(-1),
-            stdout: t_out.join().unwrap(),
-            stderr: t_err.join().unwrap(),
+            stdout: self.out.finish(PATIENCE),
+            stderr: self.err.finish(PATIENCE),
         }
     }
 }
@@ -154,7 +158,7 @@ fn two_vms_on_two_hosts_connect_and_exchange_verified_ud_messages() {
             "1",
         ]),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    server.wait_for("listening on port", 1);
     let client = Proc::spawn(
         "client",
         &strings(&[
@@ -217,7 +221,7 @@ fn two_vms_on_one_host_receive_exactly_their_own_cm_traffic() {
             "rdma-server,gid=127.62.1.2,sessions=1",
         ],
     );
-    std::thread::sleep(Duration::from_millis(800));
+    servers.wait_for("listening on port", 2);
     let clients = vrdma_host(
         "127.62.0.2",
         &["127.62.1.0/24=127.62.0.1"],
@@ -336,7 +340,7 @@ fn a_bare_metal_peer_connects_to_a_vm() {
             "3",
         ]),
     );
-    std::thread::sleep(Duration::from_millis(800));
+    server.wait_for("listening on port", 1);
     let peer = |mode: &str, messages: &str| {
         Proc::spawn(
             "peer",

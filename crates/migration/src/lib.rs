@@ -12,6 +12,7 @@
 pub mod destination;
 pub mod device;
 mod error;
+pub mod fault;
 pub mod hash;
 pub mod report;
 pub mod source;

@@ -30,6 +30,25 @@ fn dirty_vm() -> Vm {
     vm
 }
 
+/// Polls `cond` until it holds, for at most a generous minute.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn progress(vm: &Vm) -> u64 {
+    vm.mailbox().progress().unwrap()
+}
+
+/// Waits until the guest made `n` page writes: with n = 4 x the 8192 pages of the working set,
+/// nearly all of it (1 - e^-4 = 98 %) holds data.
+fn wait_writes(vm: &Vm, n: u64) {
+    wait_until("the guest writes its working set", || progress(vm) >= n);
+}
+
 fn verify(vm: &Vm) -> vmm::vm::VerifyResult {
     let req = vm.mailbox().request_verify().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -61,7 +80,7 @@ fn destination() -> (String, std::thread::JoinHandle<migration::Incoming>) {
 fn a_busy_guest_migrates_with_identical_memory_and_a_valid_ledger() {
     let (addr, dest) = destination();
     let vm = dirty_vm();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_writes(&vm, 8192);
     let opts = SourceOptions {
         debug_hash: true,
         ..Default::default()
@@ -75,15 +94,16 @@ fn a_busy_guest_migrates_with_identical_memory_and_a_valid_ledger() {
     assert!(report.rounds.len() >= 2);
     assert!(report.zero_pages_skipped > 0);
     assert_eq!(incoming.report.ram_bytes, 128 << 20);
-    let before = vm.mailbox().progress().unwrap();
+    let before = progress(&vm);
     // the destination runs the guest, which goes on writing and keeps a valid ledger
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the guest runs on the destination", || {
+        progress(&incoming.vm) > before + 1000
+    });
     let r = verify(&incoming.vm);
     assert_eq!(r.status, 0, "{r:?}");
-    assert!(incoming.vm.mailbox().progress().unwrap() > before);
-    // the source stays paused: its progress does not move
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(vm.mailbox().progress().unwrap(), before);
+    // the source stays paused: while the destination wrote a thousand pages and verified,
+    // its progress did not move
+    assert_eq!(progress(&vm), before);
     incoming.vm.stop("test over").unwrap();
 }
 
@@ -112,12 +132,8 @@ fn a_refusing_destination_leaves_the_source_running() {
         err.to_string().contains("exceeds this host's limit"),
         "the source learns why: {err}"
     );
-    let p = vm.mailbox().progress().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while vm.mailbox().progress().unwrap() == p {
-        assert!(Instant::now() < deadline, "the source VM keeps running");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let p = progress(&vm);
+    wait_until("the source VM keeps running", || progress(&vm) != p);
     assert_eq!(verify(&vm).status, 0);
     assert!(
         !vm.memory_slots().dirty_logging(),
@@ -131,7 +147,7 @@ fn a_bandwidth_cap_holds_for_pre_copy_and_memory_stays_identical() {
     const CAP: u64 = 24 << 20;
     let (addr, dest) = destination();
     let vm = dirty_vm();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_writes(&vm, 4 * 8192);
     let opts = SourceOptions {
         debug_hash: true,
         max_bandwidth: Some(CAP),
@@ -152,7 +168,7 @@ fn a_bandwidth_cap_holds_for_pre_copy_and_memory_stays_identical() {
         .sum();
     assert!(
         precopy > 16 << 20,
-        "round 0 carries the working set: {report:?}"
+        "round 0 carries the working set, written before the migration: {report:?}"
     );
     let before_pause_s = (report.total_ms - report.downtime_ms) / 1000.0;
     let rate = precopy as f64 / before_pause_s;

@@ -220,7 +220,15 @@ fn host_client_reads_through_the_doorbell_pages() {
     assert_eq!(r.ios, 2000);
     assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us);
     c.shutdown().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // the device counts the shutdown once it handled it
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while dev.stats().shutdowns == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device never saw the shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let s = dev.stats();
     assert_eq!(s.reads, 2000);
     assert_eq!(s.shutdowns, 1);

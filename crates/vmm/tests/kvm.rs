@@ -19,6 +19,22 @@ fn boot(workload: Workload, args: WorkloadArgs) -> Vm {
     vm
 }
 
+/// Polls `cond` until it holds, for at most a generous minute.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn progress(vm: &Vm) -> u64 {
+    vm.mailbox().progress().unwrap()
+}
+
 fn console_has(vm: &Vm, needle: &str) -> bool {
     vm.console_tail().lines().iter().any(|l| l.contains(needle))
 }
@@ -49,12 +65,13 @@ fn hello_enumerates_pci_and_exits_zero() {
 fn state_save_restore_into_a_fresh_vm_continues_the_guest() {
     let args = WorkloadArgs {
         working_set_bytes: 8 << 20,
-        duration_ms: 1500,
+        // until asked to stop: the guest must still run when it is paused, however slow
+        duration_ms: 0,
         seed: 42,
         ..Default::default()
     };
     let vm = boot(Workload::Dirty, args);
-    std::thread::sleep(Duration::from_millis(400));
+    wait_until("the guest writes pages", || progress(&vm) > 0);
     vm.pause().unwrap();
     let progress_at_pause = vm.mailbox().progress().unwrap();
     assert!(
@@ -78,7 +95,11 @@ fn state_save_restore_into_a_fresh_vm_continues_the_guest() {
     assert_eq!(again.vcpus[0].lapic, state.vcpus[0].lapic);
     assert_eq!(again.kvm.irqchips, state.kvm.irqchips);
     fresh.start().unwrap();
-    let outcome = fresh.wait(Some(Duration::from_secs(30)));
+    wait_until("the restored guest continues", || {
+        progress(&fresh) > progress_at_pause
+    });
+    fresh.mailbox().request_stop().unwrap();
+    let outcome = fresh.wait(Some(Duration::from_secs(60)));
     assert_eq!(
         outcome,
         Some(VmOutcome::GuestExit(0)),
@@ -131,7 +152,7 @@ fn the_vmm_can_stop_a_busy_guest() {
         ..Default::default()
     };
     let vm = boot(Workload::Dirty, args);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the guest writes pages", || progress(&vm) > 0);
     vm.stop("test").unwrap();
     assert_eq!(
         vm.wait(Some(Duration::from_secs(5))),

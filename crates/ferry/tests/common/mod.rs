@@ -2,13 +2,111 @@
 //! uses a part of them.
 #![allow(dead_code)]
 use std::{
-    io::{BufRead, BufReader, Read},
+    fmt::Display,
+    io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::mpsc,
+    sync::{mpsc, Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
+
+use serde_json::{json, Value};
+
+/// How long a test waits for anything a process reports: generous, since two noisy cores may
+/// not schedule a vCPU for a while. Waits end as soon as the condition holds.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `cond` until it holds; fails the test with `what` after `limit`.
+pub fn wait_until(what: impl Display, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until a file (a device's socket, say) exists.
+pub fn wait_for_path(p: &Path) {
+    wait_until(format!("{} appears", p.display()), PATIENCE, || p.exists());
+}
+
+/// One control-API call; returns its result line.
+pub fn api(p: &Path, req: Value) -> Value {
+    let mut s = UnixStream::connect(p).unwrap();
+    writeln!(s, "{req}").unwrap();
+    for line in BufReader::new(s).lines() {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["event"] == "result" {
+            return v;
+        }
+    }
+    panic!("no result from {}", p.display());
+}
+
+/// The VM's `status` through its API.
+pub fn status(p: &Path) -> Value {
+    api(p, json!({"cmd": "status"}))
+}
+
+/// Waits until the guest behind the API at `p` reports at least `n` units of progress (page
+/// writes for `dirty`, I/Os for `nvme-verify`).
+pub fn wait_progress(p: &Path, n: u64) {
+    wait_until(
+        format!("the guest behind {} makes {n} progress", p.display()),
+        PATIENCE,
+        || status(p)["data"]["progress"].as_u64() >= Some(n),
+    );
+}
+
+/// A child's output stream, collected by a thread as it comes, so a test can wait for a line.
+pub struct Stream(Arc<(Mutex<(String, bool)>, Condvar)>);
+
+impl Stream {
+    /// Starts collecting `r`.
+    pub fn collect(r: impl Read + Send + 'static) -> Stream {
+        let shared = Arc::new((Mutex::new((String::new(), false)), Condvar::new()));
+        let sh = shared.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(r);
+            loop {
+                let mut line = String::new();
+                let n = r.read_line(&mut line).unwrap_or(0);
+                let mut g = sh.0.lock().unwrap();
+                g.0.push_str(&line);
+                g.1 = n == 0;
+                sh.1.notify_all();
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        Stream(shared)
+    }
+
+    /// Waits until `needle` occurs `count` times (fails the test after `limit` or at the
+    /// stream's end without it).
+    pub fn wait_for(&self, needle: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut g = self.0 .0.lock().unwrap();
+        while g.0.matches(needle).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero() && !g.1,
+                "{count} x {needle:?} never came within {limit:?}:\n{}",
+                g.0
+            );
+            g = self.0 .1.wait_timeout(g, left).unwrap().0;
+        }
+    }
+
+    /// Everything up to the stream's end (waits up to `limit` for it).
+    pub fn finish(&self, limit: Duration) -> String {
+        let g = self.0 .0.lock().unwrap();
+        let g = self.0 .1.wait_timeout_while(g, limit, |g| !g.1).unwrap().0;
+        g.0.clone()
+    }
+}
 
 /// Lossy UTF-8.
 pub fn text(b: &[u8]) -> String {
@@ -22,13 +120,11 @@ pub fn last_json(out: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {s}\nstderr: {}", text(&out.stderr)))
 }
 
-/// Waits (up to 30 s) until a Unix socket at `p` accepts connections.
+/// Waits until a Unix socket at `p` accepts connections.
 pub fn wait_for_socket(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(p).is_err() {
-        assert!(Instant::now() < deadline, "{} never appeared", p.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(format!("{} accepts", p.display()), PATIENCE, || {
+        UnixStream::connect(p).is_ok()
+    });
 }
 
 /// Spawns a `ferry receive` command and returns it with the address it listens on (its first

@@ -16,6 +16,7 @@
 //! The endpoint sends through a [`Qp1Tx`] (the multiplexer's per-VM sender, or a port) and is
 //! fed with [`CmEndpoint::on_mad`]. Timing comes from [`CmConfig`] (Linux defaults; tests use
 //! short exponents). No lock is held while sending.
+pub mod clock;
 mod connection;
 mod sidr;
 pub mod timers;
@@ -34,6 +35,7 @@ use rdma_wire::mad::{attr, MadHeader};
 use rdma_wire::{CmMessage, Gid, Mad, DEFAULT_P_KEY};
 use serde::{Deserialize, Serialize};
 
+pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use connection::{ConnInfo, ConnState};
 pub use sidr::SidrInfo;
 pub use timers::cm_timeout;
@@ -222,6 +224,8 @@ struct Inner {
     stats: CmCounters,
     tid_hi: u64,
     stop: AtomicBool,
+    /// Time for every CM timer.
+    clock: Arc<dyn Clock>,
 }
 
 /// A CM endpoint for one GID. Cloning gives another handle.
@@ -251,8 +255,19 @@ fn seed(gid: Gid) -> u64 {
 }
 
 impl CmEndpoint {
-    /// An endpoint for `gid` sending through `tx`; starts its timer thread.
+    /// An endpoint for `gid` sending through `tx` on the real clock; starts its timer thread.
     pub fn new(gid: Gid, cfg: CmConfig, tx: Arc<dyn Qp1Tx>) -> CmEndpoint {
+        Self::with_clock(gid, cfg, tx, Arc::new(MonotonicClock))
+    }
+
+    /// An endpoint whose timers run on `clock`; with a clock that does not drive timers (a
+    /// [`ManualClock`]) no timer thread starts and [`CmEndpoint::run_timers`] fires them.
+    pub fn with_clock(
+        gid: Gid,
+        cfg: CmConfig,
+        tx: Arc<dyn Qp1Tx>,
+        clock: Arc<dyn Clock>,
+    ) -> CmEndpoint {
         let s = seed(gid);
         let first = cfg.first_comm_id.unwrap_or(s as u32);
         let (events_tx, events_rx) = crossbeam_channel::bounded(4096);
@@ -274,7 +289,11 @@ impl CmEndpoint {
             stats: CmCounters::default(),
             tid_hi: (s >> 32) << 32,
             stop: AtomicBool::new(false),
+            clock,
         });
+        if !inner.clock.drives_timers() {
+            return CmEndpoint { inner };
+        }
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
             .name(format!("cm-timer-{gid}"))
@@ -325,6 +344,20 @@ impl CmEndpoint {
         self.inner.state.lock().conns.len()
     }
 
+    /// Fires the timers due at the clock's current time (retransmissions, timeouts, the end
+    /// of time-wait) and sends what they produce. The timer thread does this on the real
+    /// clock; with a [`ManualClock`] the test that advanced it calls this.
+    pub fn run_timers(&self) {
+        let inner = &self.inner;
+        let mut out = Out::default();
+        {
+            let mut st = inner.state.lock();
+            inner.on_timers(&mut st, inner.clock.now(), &mut out);
+        }
+        inner.cond.notify_all();
+        inner.send_all(out);
+    }
+
     /// Stops the timer thread; outstanding operations fail by their own timeouts.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
@@ -341,7 +374,7 @@ impl CmEndpoint {
         let (wtx, wrx) = crossbeam_channel::bounded(1);
         let inner = &self.inner;
         let cfg = &inner.cfg;
-        let now = Instant::now();
+        let now = inner.clock.now();
         let dgid = dgid.canonical();
         let mut st = inner.state.lock();
         let id = alloc_id(&mut st);
@@ -429,7 +462,7 @@ impl CmEndpoint {
             )));
         }
         let mut out = Out::default();
-        inner.send_rep(conn, Instant::now(), &mut out);
+        inner.send_rep(conn, inner.clock.now(), &mut out);
         drop(st);
         inner.cond.notify_all();
         inner.send_all(out);
@@ -479,7 +512,7 @@ impl CmEndpoint {
         conn.tid = tid;
         conn.timeout = cm_timeout(inner.cfg.response_timeout);
         conn.max_retries = inner.cfg.max_retries.min(15);
-        conn.arm(Instant::now(), mad.clone());
+        conn.arm(inner.clock.now(), mad.clone());
         conn.disc_waiter = Some(wtx);
         let dgid = conn.remote_gid;
         drop(st);
@@ -527,7 +560,7 @@ impl CmEndpoint {
                 mad: mad.clone(),
                 retries_left: inner.cfg.max_retries.min(15),
                 timeout,
-                deadline: Instant::now() + timeout,
+                deadline: inner.clock.now() + timeout,
                 waiter: wtx,
             },
         );
@@ -645,7 +678,7 @@ impl Inner {
                 return;
             }
         };
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut out = Out::default();
         {
             let mut st = self.state.lock();
@@ -1072,11 +1105,12 @@ fn timer_loop(weak: Weak<Inner>) {
         let mut out = Out::default();
         {
             let mut st = inner.state.lock();
-            let next = inner.on_timers(&mut st, Instant::now(), &mut out);
+            let now = inner.clock.now();
+            let next = inner.on_timers(&mut st, now, &mut out);
             if out.is_empty() {
-                let cap = Instant::now() + Duration::from_millis(100);
-                let until = next.map_or(cap, |n| n.min(cap));
-                inner.cond.wait_until(&mut st, until);
+                let cap = Duration::from_millis(100);
+                let wait = next.map_or(cap, |n| n.saturating_duration_since(now).min(cap));
+                inner.cond.wait_for(&mut st, wait);
             }
         }
         inner.send_all(out);
