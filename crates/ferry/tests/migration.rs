@@ -329,35 +329,75 @@ fn a_destination_speaking_another_version_is_refused() {
     assert_running_and_verifiable(&sa);
 }
 
-#[test]
-fn a_source_speaking_another_version_gets_no_vm_run() {
-    let (dst, addr) = destination(None);
-    let mut s = TcpStream::connect(&addr).unwrap();
+/// A Hello frame of protocol `version`, built by hand.
+fn hello_frame(version: u32) -> Vec<u8> {
     let mut payload = b"FERRYMIG".to_vec();
-    payload.extend_from_slice(&2u32.to_le_bytes());
+    payload.extend_from_slice(&version.to_le_bytes());
     let mut frame = vec![1u8, 0, 0, 0];
     frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     frame.extend_from_slice(&crc32(&payload).to_le_bytes());
     frame.extend_from_slice(&payload);
-    s.write_all(&frame).unwrap();
+    frame
+}
+
+#[test]
+fn another_version_and_garbage_are_refused_and_the_real_source_still_gets_in() {
+    let (sa, sb) = (tmp("a.sock"), tmp("b.sock"));
+    let src = source(&sa, &[]);
+    let (dst, addr) = destination(Some(&sb));
+    // A source speaking version 2: told why, closed.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&hello_frame(2)).unwrap();
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
     assert_eq!(answer.first(), Some(&11u8), "the destination answers Abort");
     assert!(String::from_utf8_lossy(&answer).contains("version 2"));
-    let out = dst.wait_output(Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(1));
-    let s = String::from_utf8_lossy(&out.stderr);
-    assert!(s.contains("no VM runs here"), "{s}");
+    // Garbage: closed.
+    let mut g = TcpStream::connect(&addr).unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\nHost: ferry\r\n\r\n")
+        .unwrap();
+    let _ = g.read_to_end(&mut answer);
+    // The destination still waits, and takes the real source.
+    let out = migrate(&sa, &addr);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        src.wait_output(Duration::from_secs(60)).status.code(),
+        Some(0)
+    );
+    wait_for_socket(&sb);
+    assert_running_and_verifiable(&sb);
+    assert_eq!(api(&sb, json!({"cmd": "stop"}))["ok"], true);
+    let out = dst.wait_output(Duration::from_secs(60));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("2 connection(s) refused"), "{log}");
 }
 
 #[test]
-fn garbage_instead_of_a_migration_stream_is_refused() {
-    let (dst, addr) = destination(None);
+fn a_destination_that_only_ever_sees_strangers_runs_nothing() {
+    let mut cmd = ferry();
+    cmd.args([
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--serial",
+        "off",
+        "--json",
+    ])
+    .args(["--accept-timeout", "3s"]);
+    let (dst, addr) = spawn_receiver(&mut cmd);
     let mut s = TcpStream::connect(&addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: ferry\r\n\r\n")
-        .unwrap();
-    let out = dst.wait_output(Duration::from_secs(30));
+    s.write_all(&hello_frame(2)).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    // The accept timeout ends it; it never ran a VM.
+    let out = dst.wait_output(Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("no migration arrived"), "{log}");
 }
 
 /// CRC-32 (zlib), written out so the test does not trust the code under test.
@@ -454,7 +494,7 @@ fn a_vm_with_a_passthrough_device_keeps_running_when_the_destination_has_no_devi
     let out = migrate(&sa, &addr);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(err.contains("this destination has none"), "{err}");
+    assert!(err.contains("cannot rebuild (it has: none)"), "{err}");
     let status = api(&sa, json!({"cmd": "status"}));
     assert_eq!(status["data"]["state"], "running", "{status}");
     assert_eq!(api(&sa, json!({"cmd": "stop"}))["ok"], true);
@@ -464,6 +504,87 @@ fn a_vm_with_a_passthrough_device_keeps_running_when_the_destination_has_no_devi
     assert!(summary["failed_migrations"][0]
         .as_str()
         .unwrap()
-        .contains("this destination has none"));
+        .contains("cannot rebuild"));
     std::fs::remove_file(&disk).ok();
+}
+
+/// Go reaches the destination, its confirmation never reaches the source (the proxy forwards
+/// Go and cuts both connections). Exactly one VM runs — the destination's; the source reports
+/// the outcome as unknown and stays paused; `resume` without force is refused; once the
+/// destination is stopped (the operator's check), `ferry resume --force` brings the source back.
+#[test]
+fn a_connection_lost_right_after_go_leaves_exactly_one_vm_running() {
+    let (sa, sb) = (tmp("a.sock"), tmp("b.sock"));
+    let src = source(&sa, &[]);
+    let (dst, addr) = destination(Some(&sb));
+    wait_progress(&sa, WARM);
+    let fault = Fault {
+        at: Position::go(),
+        action: Action::CutAfter,
+    };
+    let proxy = FaultProxy::start(addr.as_str(), Some(fault)).unwrap();
+    let out = migrate(&sa, &proxy.addr().to_string());
+    assert!(proxy.reached(), "the migration never reached Go");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit 3 = outcome unknown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "unknown", "{report}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OUTCOME UNKNOWN"));
+
+    // The destination runs the VM (it had Go) and its ledger holds there.
+    wait_for_socket(&sb);
+    assert_running_and_verifiable(&sb);
+    // The source is paused and says so; it does not run on its own.
+    let st = status(&sa);
+    assert_eq!(st["data"]["state"], "paused-after-go", "{st}");
+    let p0 = st["data"]["progress"].as_u64().unwrap();
+    // Meanwhile the destination made progress (above), so the source had every chance to
+    // run too: its counter has not moved.
+    assert_eq!(status(&sa)["data"]["progress"].as_u64().unwrap(), p0);
+    let v = api(&sa, json!({"cmd": "verify"}));
+    assert_eq!(v["ok"], false, "a paused guest cannot answer: {v}");
+    let m = migrate(&sa, &addr);
+    assert_eq!(
+        m.status.code(),
+        Some(1),
+        "no new migration while paused after Go"
+    );
+    // Resume without force is refused.
+    let r = ferry()
+        .args(["resume", "--api-socket", sa.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("force"));
+    assert_eq!(status(&sa)["data"]["state"], "paused-after-go");
+
+    // The operator's decision: the destination's copy goes, the source's resumes.
+    assert_eq!(api(&sb, json!({"cmd": "stop"}))["ok"], true);
+    let d = dst.wait_output(PATIENCE);
+    assert_eq!(last_json(&d)["outcome"], "stopped");
+    let r = ferry()
+        .args(["resume", "--api-socket", sa.to_str().unwrap(), "--force"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(status(&sa)["data"]["state"], "running");
+    assert_running_and_verifiable(&sa);
+    assert_eq!(api(&sa, json!({"cmd": "stop"}))["ok"], true);
+    let s = src.wait_output(PATIENCE);
+    let summary = last_json(&s);
+    assert_eq!(summary["outcome"], "stopped", "{summary}");
+    assert!(summary["failed_migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f.as_str().unwrap().contains("resumed by force")));
 }
