@@ -19,6 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use vmm_sys_util::eventfd::EventFd;
 use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted.
@@ -146,6 +147,9 @@ pub struct ApiServer {
     path: PathBuf,
     /// Requests for the supervisor.
     pub requests: Receiver<Pending>,
+    /// Written (incremented) after every request sent on `requests`: the supervisor's event
+    /// loop waits on it.
+    pub wake: Arc<EventFd>,
     /// Connections whose request went to the supervisor and whose answer is not written yet.
     answering: Arc<(Mutex<usize>, Condvar)>,
 }
@@ -197,6 +201,8 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
     let (tx, rx) = mpsc::channel();
     let answering = Arc::new((Mutex::new(0), Condvar::new()));
     let counter = answering.clone();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
+    let waker = wake.clone();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -204,10 +210,11 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
                 let Ok(conn) = conn else { continue };
                 let tx = tx.clone();
                 let counter = counter.clone();
+                let waker = waker.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
                     .spawn(move || {
-                        if let Err(e) = handle(conn, tx, &counter) {
+                        if let Err(e) = handle(conn, tx, &waker, &counter) {
                             tracing::debug!("API connection: {e:#}");
                         }
                     });
@@ -216,6 +223,7 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
     Ok(ApiServer {
         path: path.to_path_buf(),
         requests: rx,
+        wake,
         answering,
     })
 }
@@ -223,6 +231,7 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
 fn handle(
     conn: UnixStream,
     supervisor: Sender<Pending>,
+    wake: &EventFd,
     answering: &Arc<(Mutex<usize>, Condvar)>,
 ) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -242,7 +251,10 @@ fn handle(
     };
     let (reply, responses) = mpsc::channel();
     let _answering = Answering::new(answering);
-    if supervisor.send(Pending { request, reply }).is_err() {
+    let sent = supervisor.send(Pending { request, reply });
+    // The supervisor reads the counter back to zero; a full counter still wakes it.
+    let _ = wake.write(1);
+    if sent.is_err() {
         writeln!(
             out,
             "{}",
