@@ -84,6 +84,8 @@ pub enum Request {
     MemoryHash,
     /// Stop the VM.
     Stop,
+    /// Cancel the running migration (before Go; the VM keeps running here).
+    CancelMigration,
     /// Resume a VM paused after Go whose migration outcome is unknown (`force` required).
     Resume {
         /// The operator checked that the destination does not run the VM.

@@ -11,6 +11,7 @@ mod nvme_args;
 mod nvme_session;
 mod session;
 mod signals;
+mod supervisor;
 mod units;
 mod vrdma_host;
 

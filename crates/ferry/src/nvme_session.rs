@@ -248,6 +248,13 @@ impl PassthroughSession {
         self.engine.as_ref().map(|e| e.status())
     }
 
+    /// True while [`PassthroughSession::tick`] has work to do (continuous mode not entered yet).
+    pub fn wants_tick(&self) -> bool {
+        self.continuous
+            && self.shadow_error.is_none()
+            && self.engine.as_ref().is_some_and(|e| !e.is_shadowed())
+    }
+
     /// Continuous mode: enters shadow mode once the guest created its I/O queues and its
     /// admin traffic settled (no admin completion for 200 ms).
     pub fn tick(&mut self, vm: &Vm) {

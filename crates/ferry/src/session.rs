@@ -3,20 +3,20 @@
 //! verification and the state save → restore round trip.
 use std::{
     path::PathBuf,
-    sync::{mpsc::Sender, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use guest_abi::{ports::Event, Workload, WorkloadArgs};
-use migration::{MigrationReport, Outcome, ReceiveReport, SourceOptions};
+use guest_abi::{Workload, WorkloadArgs};
+use migration::{MigrationReport, ReceiveReport};
 use serde::{Deserialize, Serialize};
-use vmm::{devices::serial::ConsoleSink, vm::VerifyResult, Vm, VmConfig, VmOutcome};
+use vmm::{devices::serial::ConsoleSink, vm::VerifyResult, Vm, VmConfig};
 
 use crate::{
-    api::{self, ApiServer, Request, Response},
+    api::{self},
     nvme_session::PassthroughSession,
-    signals::{self, SignalState},
+    signals::SignalState,
 };
 
 /// The guest to boot.
@@ -161,12 +161,12 @@ impl SessionReport {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// Saves the whole VM state, builds a new VM on the same guest RAM, restores, and continues.
-fn roundtrip(vm: Vm, spec: &SessionSpec) -> Result<(Vm, RoundTrip)> {
+pub(crate) fn roundtrip(vm: Vm, spec: &SessionSpec) -> Result<(Vm, RoundTrip)> {
     let t0 = Instant::now();
     vm.pause().context("pausing for the state round trip")?;
     let progress_at_pause = vm.mailbox().progress()?;
@@ -220,333 +220,9 @@ pub fn run(
     vm.boot(&boot.image, boot.workload, boot.args)
         .context("loading the guest")?;
     vm.start().context("starting the vCPUs")?;
-    let mut report = supervise(vm, spec, api, process_start, signals, None, device)?;
+    let mut report =
+        crate::supervisor::supervise(vm, spec, api, process_start, signals, None, device)?;
     // VM shutdown unregisters its GIDs.
     report.vrdma = vrdma.map(|l| l.finish());
     Ok(report)
-}
-
-/// A ledger verification someone is waiting for.
-struct PendingVerify {
-    req: u32,
-    reply: Option<Sender<Response>>,
-}
-
-impl PendingVerify {
-    /// Records the guest's answer and passes it on to the API client that asked, if any.
-    fn answer(self, r: VerifyResult, verifications: &mut Vec<Verification>) {
-        tracing::info!(
-            request = self.req,
-            status = r.status,
-            pages = r.pages,
-            "ledger verification finished"
-        );
-        if let Some(reply) = &self.reply {
-            let _ = reply.send(Response::ok(Verification::from(r)));
-        }
-        verifications.push(Verification::from(r));
-    }
-}
-
-/// Supervises a running VM until it ends, migrates away, or is stopped.
-pub fn supervise(
-    mut vm: Vm,
-    spec: &SessionSpec,
-    api: Option<ApiServer>,
-    process_start: Instant,
-    signals: &SignalState,
-    incoming: Option<ReceiveReport>,
-    mut device: Option<PassthroughSession>,
-) -> Result<SessionReport> {
-    let started = Instant::now();
-    let mut first_instruction = None;
-    let mut roundtrip_done = None;
-    let mut pending: Vec<PendingVerify> = Vec::new();
-    let mut verify_asked = false;
-    let mut verifications = Vec::new();
-    let mut signal = None;
-    let mut timed_out = false;
-    let mut migrated = None;
-    let mut failed_migrations = Vec::new();
-    // A migration went past Go without the destination's confirmation: the VM stays paused
-    // (with its devices quiesced, kept here for a forced resume) until the operator decides.
-    let mut after_go: Option<(MigrationReport, Vec<Box<dyn migration::MigratableDevice>>)> = None;
-
-    let outcome = loop {
-        if let Some(o) = vm.wait(Some(Duration::from_millis(20))) {
-            vm.pause().context("parking the vCPUs")?;
-            break o;
-        }
-        let now = started.elapsed();
-        if let (Some(d), None) = (&mut device, &after_go) {
-            d.tick(&vm);
-        }
-        if first_instruction.is_none() {
-            first_instruction = vm.lifecycle().event_time(Event::Booted);
-        }
-        if let Some(sig) = signals.stop_signal() {
-            signal = Some(sig);
-            let why = format!("{} received", signals::name(sig));
-            vm.stop(&why)?;
-            break VmOutcome::Stopped(why);
-        }
-        if let Some(t) = spec.timeout {
-            if now >= t {
-                timed_out = true;
-                let why = format!("timeout of {} reached", humantime::format_duration(t));
-                vm.stop(&why)?;
-                break VmOutcome::Stopped(why);
-            }
-        }
-        let due = spec.verify_after.is_some_and(|t| now >= t) && !verify_asked;
-        if (due || signals.take_verify()) && after_go.is_none() {
-            verify_asked |= due;
-            pending.push(PendingVerify {
-                req: vm.mailbox().request_verify()?,
-                reply: None,
-            });
-        }
-        let mut still = Vec::new();
-        for p in pending.drain(..) {
-            match vm.mailbox().verify_result(p.req)? {
-                Some(r) => p.answer(r, &mut verifications),
-                None => still.push(p),
-            }
-        }
-        pending = still;
-        if roundtrip_done.is_none() && spec.roundtrip_after.is_some_and(|t| now >= t) {
-            let (fresh, rt) = roundtrip(vm, spec)?;
-            vm = fresh;
-            roundtrip_done = Some(rt);
-        }
-        if let Some(api) = &api {
-            let mut stop = None;
-            while let Ok(p) = api.requests.try_recv() {
-                match p.request {
-                    Request::Migrate(_) if after_go.is_some() => {
-                        let _ = p.reply.send(Response::err(
-                            "the VM is paused after Go of an earlier migration whose outcome is \
-                             unknown; resume it by force or stop it first",
-                        ));
-                    }
-                    Request::Migrate(m) => {
-                        let security = match migration::Security::from_files(m.tls.as_ref()) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                let _ = p.reply.send(Response::err(migration::chain(&e)));
-                                continue;
-                            }
-                        };
-                        let opts = SourceOptions {
-                            security,
-                            tls_server_name: m.tls_server_name.clone(),
-                            allow_insecure: m.insecure_no_auth,
-                            downtime: Duration::from_millis(m.downtime_ms),
-                            max_rounds: m.max_rounds,
-                            on_limit: m.on_limit,
-                            debug_hash: m.debug_hash,
-                            max_bandwidth: m.max_bandwidth,
-                            ..Default::default()
-                        };
-                        let reply = p.reply.clone();
-                        let mut devices: Vec<Box<dyn migration::MigratableDevice>> = device
-                            .as_ref()
-                            .and_then(|d| d.engine())
-                            .map(|e| {
-                                Box::new(shadow::engine::device::ShadowedDevice::new(
-                                    e.clone(),
-                                    "nvme0",
-                                    m.unsafe_no_shadow,
-                                ))
-                                    as Box<dyn migration::MigratableDevice>
-                            })
-                            .into_iter()
-                            .collect();
-                        let result =
-                            migration::migrate(&vm, &mut devices, &m.to, &opts, &mut |prog| {
-                                let _ = reply.send(Response::Progress(prog.clone()));
-                            });
-                        match result {
-                            Ok(report) if report.outcome == Outcome::Unknown => {
-                                eprintln!(
-                                    "ferry: migration to {} went past Go but the destination never \
-                                     confirmed ({}): the VM stays PAUSED here. Check whether the \
-                                     destination runs it; then stop this one, or resume it with \
-                                     `ferry resume --force` if the destination does not",
-                                    m.to,
-                                    report.unknown_reason.as_deref().unwrap_or("no reason")
-                                );
-                                let _ = p.reply.send(Response::ok(&report));
-                                after_go = Some((report, devices));
-                            }
-                            Ok(report) => {
-                                eprintln!(
-                                    "ferry: migrated to {} (downtime {:.1} ms, total {:.0} ms)",
-                                    m.to, report.downtime_ms, report.total_ms
-                                );
-                                let _ = p.reply.send(Response::ok(&report));
-                                stop = Some(VmOutcome::Stopped(format!("migrated to {}", m.to)));
-                                migrated = Some(report);
-                                break;
-                            }
-                            Err(e) => {
-                                let why = migration::chain(&e);
-                                eprintln!(
-                                    "ferry: migration to {} failed, the VM keeps running here: {why}",
-                                    m.to
-                                );
-                                failed_migrations.push(why.clone());
-                                let _ = p.reply.send(Response::err(why));
-                            }
-                        }
-                    }
-                    Request::Verify if after_go.is_some() => {
-                        let _ = p.reply.send(Response::err(
-                            "the VM is paused after Go (migration outcome unknown): the guest \
-                             cannot answer",
-                        ));
-                    }
-                    Request::Resume { force } => match after_go.take() {
-                        None => {
-                            let _ = p.reply.send(Response::err(
-                                "the VM is not paused after a migration; nothing to resume",
-                            ));
-                        }
-                        Some(held) if !force => {
-                            after_go = Some(held);
-                            let _ = p.reply.send(Response::err(
-                                "refusing to resume without force: the destination may be \
-                                 running this VM (two running copies corrupt its disk); check \
-                                 it, then resume with force",
-                            ));
-                        }
-                        Some((report, mut devices)) => {
-                            tracing::warn!(to = %report.destination, "resuming by force after an unknown migration outcome");
-                            for d in devices.iter_mut() {
-                                d.rollback(&vm);
-                            }
-                            drop(devices);
-                            match vm.resume() {
-                                Ok(()) => {
-                                    eprintln!(
-                                        "ferry: resumed by force after the unknown outcome of the \
-                                         migration to {}",
-                                        report.destination
-                                    );
-                                    failed_migrations.push(format!(
-                                        "outcome unknown after Go to {}; resumed by force",
-                                        report.destination
-                                    ));
-                                    let _ = p
-                                        .reply
-                                        .send(Response::ok(serde_json::json!({ "resumed": true })));
-                                }
-                                Err(e) => {
-                                    let _ = p.reply.send(Response::err(e));
-                                }
-                            }
-                        }
-                    },
-                    Request::Verify => {
-                        pending.push(PendingVerify {
-                            req: vm.mailbox().request_verify()?,
-                            reply: Some(p.reply),
-                        });
-                    }
-                    Request::Status => {
-                        let _ = p.reply.send(Response::ok(serde_json::json!({
-                            "state": if after_go.is_some() { "paused-after-go" } else { "running" },
-                            "unknown_migration": after_go.as_ref().map(|(r, _)| r),
-                            "uptime_ms": ms(started.elapsed()),
-                            "progress": vm.mailbox().progress().unwrap_or(0),
-                            "ram_bytes": vm.ram().size(),
-                            "shadow": device.as_ref().and_then(|d| d.shadow_status()),
-                            "io_queues": device
-                                .as_ref()
-                                .and_then(|d| d.config_log())
-                                .map(|l| l.io_sqs.len()),
-                        })));
-                    }
-                    Request::MemoryHash => {
-                        let answer = vm.pause().map(|_| migration::hash::memory_hash(vm.ram()));
-                        // A VM paused after Go stays paused.
-                        let resumed = if after_go.is_some() {
-                            Ok(())
-                        } else {
-                            vm.resume()
-                        };
-                        let _ = p.reply.send(match (answer, resumed) {
-                            (Ok(h), Ok(())) => {
-                                Response::ok(serde_json::json!({ "memory_hash": h }))
-                            }
-                            (Err(e), _) | (_, Err(e)) => Response::err(e),
-                        });
-                    }
-                    Request::Stop => {
-                        let _ = p
-                            .reply
-                            .send(Response::ok(serde_json::json!({ "stopped": true })));
-                        stop = Some(VmOutcome::Stopped("stop requested through the API".into()));
-                        break;
-                    }
-                }
-            }
-            if let Some(o) = stop {
-                vm.stop(&o.to_string())?;
-                break o;
-            }
-        }
-    };
-    let end = process_start.elapsed();
-    let first_instruction_ms = first_instruction
-        .or_else(|| vm.lifecycle().event_time(Event::Booted))
-        .map(|t| ms(t.duration_since(process_start)));
-    // A verification the guest finished in its last moments still counts (a failed one ends
-    // the guest); the API clients still waiting get an answer either way.
-    for p in pending {
-        match vm.mailbox().verify_result(p.req) {
-            Ok(Some(r)) => p.answer(r, &mut verifications),
-            _ => {
-                if let Some(reply) = &p.reply {
-                    let _ = reply.send(Response::err(format!(
-                        "the VM ended ({outcome}) before the guest answered"
-                    )));
-                }
-            }
-        }
-    }
-    let (kind, status) = match &outcome {
-        VmOutcome::GuestExit(s) => ("exit", Some(*s)),
-        VmOutcome::Crashed(_) => ("crashed", None),
-        VmOutcome::Stopped(_) if migrated.is_some() => ("migrated", None),
-        VmOutcome::Stopped(_) if timed_out => ("timeout", None),
-        VmOutcome::Stopped(_) => ("stopped", None),
-        VmOutcome::Failed(_) => ("failed", None),
-    };
-    let config_log = device.as_ref().and_then(|d| d.config_log());
-    let shadow = device.as_ref().and_then(|d| d.shadow_status());
-    if let Some(d) = device {
-        d.finish(&vm);
-    }
-    Ok(SessionReport {
-        outcome: kind.into(),
-        status,
-        detail: outcome.to_string(),
-        first_instruction_ms,
-        end_ms: ms(end),
-        progress: vm.mailbox().progress().unwrap_or(0),
-        verifications,
-        roundtrip: roundtrip_done,
-        incoming,
-        migration: migrated,
-        failed_migrations,
-        unhandled_pio: vm.pio_bus().unhandled_count(),
-        unhandled_mmio: vm.mmio_bus().unhandled_count(),
-        mmio_ram_fallbacks: vm.mmio_bus().ram_fallback_count(),
-        signal,
-        config_log,
-        vrdma: None,
-        shadow,
-        console_tail: vm.console_tail().lines(),
-    })
 }

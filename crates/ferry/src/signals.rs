@@ -5,19 +5,27 @@ use std::sync::{
     Arc,
 };
 
+use std::os::fd::{AsRawFd, RawFd};
+
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Signals received and not yet acted on.
-#[derive(Default)]
 pub struct SignalState {
     stop: AtomicI32,
     verify: AtomicBool,
+    /// Written on every signal, for event loops.
+    wake: EventFd,
 }
 
 impl SignalState {
     /// Installs the handlers (a thread that records what arrives).
     pub fn install() -> anyhow::Result<Arc<SignalState>> {
-        let state = Arc::new(SignalState::default());
+        let state = Arc::new(SignalState {
+            stop: AtomicI32::new(0),
+            verify: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        });
         let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
         let s = state.clone();
         std::thread::Builder::new()
@@ -28,6 +36,7 @@ impl SignalState {
                         SIGUSR1 => s.verify.store(true, Ordering::SeqCst),
                         other => s.stop.store(other, Ordering::SeqCst),
                     }
+                    let _ = s.wake.write(1);
                 }
             })?;
         Ok(state)
@@ -39,6 +48,11 @@ impl SignalState {
             0 => None,
             s => Some(s),
         }
+    }
+
+    /// A descriptor that becomes readable when a signal arrived.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
     }
 
     /// True once per SIGUSR1.

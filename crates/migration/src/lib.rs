@@ -25,5 +25,5 @@ pub use destination::{
 pub use device::{DeviceRestorer, MigratableDevice, NoDevices};
 pub use error::{chain, MigrationError, Result};
 pub use report::{MigrationReport, Progress, ReceiveReport, RoundReport};
-pub use source::{migrate, LimitPolicy, Outcome, SourceOptions};
+pub use source::{migrate, CancelToken, LimitPolicy, Outcome, SourceOptions};
 pub use transport::{Security, TlsFiles, TlsIdentity};

@@ -23,6 +23,62 @@ use crate::{
     MigrationError, Result,
 };
 
+/// Cancels a running migration from another thread, up to the commit point.
+///
+/// `cancel()` before Go makes the migration fail with [`MigrationError::Cancelled`] at its next
+/// frame, or at once if it waits for the destination (the connection is shut down under it);
+/// the VM keeps running on the source. After Go it does nothing: the commit stands.
+#[derive(Debug, Default)]
+pub struct CancelToken {
+    state: std::sync::Mutex<CancelState>,
+    flag: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct CancelState {
+    committed: bool,
+    tcp: Option<TcpStream>,
+}
+
+impl CancelToken {
+    /// Asks the migration to stop. Returns false when it is past Go (too late).
+    pub fn cancel(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.committed {
+            return false;
+        }
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(tcp) = &st.tcp {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
+        true
+    }
+
+    /// True once cancelled (before Go).
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn attach(&self, tcp: &TcpStream) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.tcp = tcp.try_clone().ok();
+        if self.flag.load(Ordering::SeqCst) {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// The commit point: false if cancelled first; afterwards `cancel` no longer acts.
+    fn commit(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.flag.load(Ordering::SeqCst) {
+            return false;
+        }
+        st.committed = true;
+        st.tcp = None;
+        true
+    }
+}
+
 /// How a migration that got as far as Go ended, as far as the source can tell.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -77,9 +133,10 @@ pub struct SourceOptions {
     /// Allow plain TCP to a destination that is not on loopback (unauthenticated, unencrypted).
     #[serde(default)]
     pub allow_insecure: bool,
-    /// Set to cancel the migration; honoured up to Go (the VM keeps running here).
+    /// Cancels the migration from another thread; honoured up to Go (the VM keeps running
+    /// here), ignored after it.
     #[serde(skip)]
-    pub cancel: Option<Arc<AtomicBool>>,
+    pub cancel: Option<Arc<CancelToken>>,
 }
 
 impl Default for SourceOptions {
@@ -120,7 +177,7 @@ fn ms(d: Duration) -> f64 {
 
 struct Sender<'a> {
     out: BufWriter<Box<dyn Conn>>,
-    cancel: Option<Arc<AtomicBool>>,
+    cancel: Option<Arc<CancelToken>>,
     ram: &'a GuestRam,
     bytes: u64,
     /// The bandwidth cap while it applies: (bytes per second, start, bytes sent since).
@@ -129,12 +186,7 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
-        if kind != Kind::Go
-            && self
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::Relaxed))
-        {
+        if kind != Kind::Go && self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return Err(MigrationError::Cancelled);
         }
         wire::send(&mut self.out, kind, payload)?;
@@ -301,8 +353,14 @@ pub fn migrate(
         .tls_server_name
         .clone()
         .unwrap_or_else(|| transport::host_part(to).to_string());
+    if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+        return Err(MigrationError::Cancelled);
+    }
     let stream = transport::connect(addr, &opts.security, &name, opts.timeout)?;
     let tcp = stream.tcp;
+    if let Some(c) = &opts.cancel {
+        c.attach(&tcp);
+    }
     let tls = stream.tls;
 
     let mut paused = false;
@@ -339,7 +397,12 @@ pub fn migrate(
             Ok(r)
         }
         Err(e) => {
-            let e = explain(e, &tcp, tx.out.get_mut().as_mut());
+            // A cancelled migration reads as cut: say why it really ended.
+            let e = if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                MigrationError::Cancelled
+            } else {
+                explain(e, &tcp, tx.out.get_mut().as_mut())
+            };
             tracing::warn!(
                 "migration to {to} failed: {}; the VM keeps running here",
                 chain(&e)
@@ -551,11 +614,7 @@ fn run(
             report.debug_hash_ms += peer;
         }
     }
-    if tx
-        .cancel
-        .as_ref()
-        .is_some_and(|c| c.load(Ordering::Relaxed))
-    {
+    if tx.cancel.as_ref().is_some_and(|c| !c.commit()) {
         return Err(MigrationError::Cancelled);
     }
     // The commit point: from the first byte of Go on, the destination may run the VM, so this

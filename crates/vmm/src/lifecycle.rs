@@ -36,6 +36,8 @@ impl std::fmt::Display for VmOutcome {
 pub struct Lifecycle {
     outcome: Mutex<Option<VmOutcome>>,
     ended: Condvar,
+    /// Written when the VM ends, for event loops (epoll) that wait on more than the VM.
+    ended_fd: Option<vmm_sys_util::eventfd::EventFd>,
     events: Mutex<Vec<(Event, Instant)>>,
 }
 
@@ -44,6 +46,9 @@ impl Default for Lifecycle {
         Lifecycle {
             outcome: Mutex::new(None),
             ended: Condvar::new(),
+            // Without an eventfd (descriptors exhausted) callers still have `wait`.
+            ended_fd: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .ok(),
             events: Mutex::new(Vec::new()),
         }
     }
@@ -57,7 +62,16 @@ impl Lifecycle {
             tracing::debug!(%outcome, "VM finished");
             *o = Some(outcome);
             self.ended.notify_all();
+            if let Some(fd) = &self.ended_fd {
+                let _ = fd.write(1);
+            }
         }
+    }
+
+    /// A descriptor that becomes readable when the VM ends (level: it stays readable until
+    /// read). `None` if it could not be created; poll [`Lifecycle::is_finished`] then.
+    pub fn ended_fd(&self) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        self.ended_fd.as_ref()
     }
 
     /// The outcome, if the VM ended.
@@ -100,6 +114,9 @@ impl Lifecycle {
     /// Clears the outcome so the VM can run again (after a stop for a state save).
     pub fn rearm(&self) {
         *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(fd) = &self.ended_fd {
+            let _ = fd.read();
+        }
     }
 
     /// Records a guest event.

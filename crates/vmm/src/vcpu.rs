@@ -294,8 +294,7 @@ impl Vcpu {
             })?;
         Ok(VcpuHandle {
             id,
-            tx: cmd_tx,
-            rx: reply_rx,
+            chan: std::sync::Mutex::new((cmd_tx, reply_rx)),
             thread: Some(thread),
         })
     }
@@ -370,8 +369,9 @@ fn vcpu_thread(mut vcpu: Vcpu, rx: Receiver<Command>, tx: Sender<Reply>) {
 /// A vCPU running in its thread.
 pub struct VcpuHandle {
     id: usize,
-    tx: Sender<Command>,
-    rx: Receiver<Reply>,
+    /// Commands and their replies, locked for a whole request so that threads sharing the VM
+    /// (the supervisor, a migration worker) never read each other's replies.
+    chan: std::sync::Mutex<(Sender<Command>, Receiver<Reply>)>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -389,11 +389,12 @@ impl VcpuHandle {
             id: self.id,
             reason: reason.to_string(),
         };
-        self.tx.send(cmd).map_err(|_| stuck("thread is gone"))?;
+        let chan = self.chan.lock().unwrap_or_else(|e| e.into_inner());
+        chan.0.send(cmd).map_err(|_| stuck("thread is gone"))?;
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         loop {
             self.kick();
-            match self.rx.recv_timeout(KICK_INTERVAL) {
+            match chan.1.recv_timeout(KICK_INTERVAL) {
                 Ok(r) => return Ok(r),
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
                 Err(RecvTimeoutError::Timeout) => return Err(stuck("did not answer within 10 s")),
@@ -449,7 +450,12 @@ impl VcpuHandle {
 
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
-        let _ = self.tx.send(Command::Exit);
+        let _ = self
+            .chan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .send(Command::Exit);
         if let Some(t) = self.thread.take() {
             let deadline = Instant::now() + COMMAND_TIMEOUT;
             while !t.is_finished() && Instant::now() < deadline {

@@ -9,7 +9,7 @@ use crate::{
     cli::ReceiveArgs,
     commands::run::{console_sink, print_report},
     nvme_session::{NvmeRestorer, PassthroughSession},
-    session::{self, SessionSpec},
+    session::SessionSpec,
     signals::{self, SignalState},
 };
 
@@ -168,7 +168,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         None => None,
     };
     let api = spec.api_socket.as_deref().map(api::serve).transpose()?;
-    let report = session::supervise(
+    let report = crate::supervisor::supervise(
         incoming.vm,
         &spec,
         api,
