@@ -19,16 +19,21 @@ use std::{
 
 use linux_guest::{dissect, roce_frames, LinuxGuest, GUEST_IP, HOST_IP};
 use rdma_wire::{
-    cm::{sidr_status, SidrRep, SidrReq, SIDR_REQ_PRIVATE_DATA_LEN},
+    cm::{
+        sidr_status, CmPath, Drep, Dreq, Rep, Req, Rtu, SidrRep, SidrReq, REQ_PRIVATE_DATA_LEN,
+        SIDR_REQ_PRIVATE_DATA_LEN,
+    },
     icrc,
     mad::{attr, MadHeader, MAD_SIZE},
     rdma_cm::{parse_service_id, service_id, CmaHeader, PortSpace, RDMA_CM_UD_QKEY},
-    RocePacket, DEFAULT_P_KEY,
+    Gid, RocePacket, DEFAULT_P_KEY,
 };
 
 const ROCE_PORT: u16 = 4791;
 /// rdma-core's tools' default rdma_cm port (udaddy, rping).
 const TOOL_PORT: u16 = 7174;
+/// ucmatose's default port.
+const UCMATOSE_PORT: u16 = 7471;
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A UDP socket on the tap's address, port 4791, inside the guest's namespace, sending with DF
@@ -195,7 +200,12 @@ fn guest_boots_with_rxe0_and_a_roce_v2_gid() {
         arp.contains("52:54:00:77:00:02"),
         "the namespace has no neighbour entry for the guest: {arp}"
     );
+    let ns = g.netns().to_string();
     drop(g);
+    assert!(
+        !std::path::Path::new("/run/netns").join(&ns).exists(),
+        "namespace {ns} left behind"
+    );
     eprintln!("linux guest: boot test took {:?}", t0.elapsed());
 }
 
@@ -298,4 +308,170 @@ fn linux_udaddy_server_is_reachable_from_the_namespace() {
         g.boot_time(),
         t0.elapsed()
     );
+}
+
+/// Linux as an RC server: `ucmatose` listens in the guest; the namespace's peer connects
+/// (REQ), gets the REP, completes with an RTU, and answers the server's DREQ with a DREP —
+/// a whole reliable-connection lifecycle with rdma_cm, which ends the server cleanly.
+#[test]
+fn linux_ucmatose_server_accepts_and_closes_a_connection_from_the_namespace() {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot("ucmatose-server");
+    let s = roce_socket(&g);
+    let job = g.spawn(&format!("ucmatose -b {GUEST_IP} -C 0"));
+    g.wait_cm_listen(UCMATOSE_PORT);
+    let cap = g.capture("ucmatose-server");
+
+    let mut private_data = [0u8; REQ_PRIVATE_DATA_LEN];
+    CmaHeader::new(HOST_IP.into(), 40002, GUEST_IP.into())
+        .and_then(|h| h.write(&mut private_data))
+        .expect("rdma_cm header");
+    const OUR_QPN: u32 = 0x99;
+    // The fields rdma_cm fills in on Linux (see shared rping.pcap), with our addresses.
+    let req = Req {
+        hdr: MadHeader::cm(attr::REQ, 0x0000_0001_0000_0011),
+        local_comm_id: 0x7e57_0001,
+        service_id: service_id(PortSpace::Tcp, UCMATOSE_PORT),
+        local_ca_guid: 0x0200_00ff_fe4d_0001,
+        local_qpn: OUR_QPN,
+        responder_resources: 1,
+        initiator_depth: 1,
+        remote_cm_response_timeout: 20,
+        starting_psn: 0x12_3456,
+        local_cm_response_timeout: 20,
+        retry_count: 7,
+        p_key: DEFAULT_P_KEY,
+        path_mtu: 3,
+        rnr_retry_count: 7,
+        max_cm_retries: 15,
+        primary_path: CmPath {
+            local_lid: 0xffff,
+            remote_lid: 0xffff,
+            local_gid: Gid::from_ipv4(HOST_IP),
+            remote_gid: Gid::from_ipv4(GUEST_IP),
+            packet_rate: 0x1f,
+            hop_limit: 0x40,
+            local_ack_timeout: 0x13,
+            ..CmPath::default()
+        },
+        private_data,
+        ..Req::default()
+    };
+    send_mad(&s, &req.to_mad(), 0x11);
+
+    let rep = Rep::parse(&recv_cm(&g, &s, attr::REP, job)).expect("REP");
+    assert_eq!(rep.remote_comm_id, req.local_comm_id, "REP answers our REQ");
+    assert!(rep.local_qpn > 1, "REP names QP {:#x}", rep.local_qpn);
+    let rtu = Rtu {
+        hdr: MadHeader::cm(attr::RTU, 0x0000_0001_0000_0012),
+        local_comm_id: req.local_comm_id,
+        remote_comm_id: rep.local_comm_id,
+        ..Rtu::default()
+    };
+    send_mad(&s, &rtu.to_mad(), 0x12);
+
+    // ucmatose -C 0 disconnects as soon as the connection is established.
+    let dreq = Dreq::parse(&recv_cm(&g, &s, attr::DREQ, job)).expect("DREQ");
+    assert_eq!(dreq.remote_comm_id, req.local_comm_id);
+    assert_eq!(dreq.local_comm_id, rep.local_comm_id);
+    assert_eq!(dreq.remote_qpn, OUR_QPN);
+    let drep = Drep {
+        hdr: MadHeader::cm(attr::DREP, dreq.hdr.transaction_id),
+        local_comm_id: req.local_comm_id,
+        remote_comm_id: rep.local_comm_id,
+        ..Drep::default()
+    };
+    send_mad(&s, &drep.to_mad(), 0x13);
+
+    let out = g.wait(job, EXCHANGE_TIMEOUT);
+    assert_eq!(out.rc, 0, "ucmatose server failed:\n{}", out.out);
+    assert!(out.out.contains("return status 0"), "ucmatose: {}", out.out);
+
+    let pcap = cap.stop();
+    check_capture(
+        &pcap,
+        &[
+            (attr::REQ, HOST_IP, GUEST_IP),
+            (attr::REP, GUEST_IP, HOST_IP),
+            (attr::RTU, HOST_IP, GUEST_IP),
+            (attr::DREQ, GUEST_IP, HOST_IP),
+            (attr::DREP, HOST_IP, GUEST_IP),
+        ],
+    );
+    eprintln!(
+        "linux guest: boot {:?}, ucmatose server test {:?}",
+        g.boot_time(),
+        t0.elapsed()
+    );
+}
+
+/// The capture checks themselves fail on what they must catch: tshark's malformed-packet
+/// flag (a truncated BTH) and a wrong ICRC.
+#[test]
+fn capture_checks_catch_malformed_frames_and_bad_icrcs() {
+    linux_guest::setup();
+    let dir = std::env::temp_dir().join(format!("ferry-capture-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let frame = |payload: &[u8]| -> Vec<u8> {
+        let udp_len = 8 + payload.len() as u16;
+        let mut f = vec![
+            0x52, 0x54, 0, 0x77, 0, 1, 0x52, 0x54, 0, 0x77, 0, 2, 0x08, 0x00,
+        ];
+        f.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        let total = 20 + udp_len;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&GUEST_IP.octets());
+        f.extend_from_slice(&HOST_IP.octets());
+        f.extend_from_slice(&49152u16.to_be_bytes());
+        f.extend_from_slice(&ROCE_PORT.to_be_bytes());
+        f.extend_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    };
+    let pcap = |name: &str, frames: &[Vec<u8>]| -> std::path::PathBuf {
+        let mut b = Vec::new();
+        for v in [0xa1b2_c3d4u32, 0x0004_0002, 0, 0, 65535, 1] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for f in frames {
+            for v in [0u32, 0, f.len() as u32, f.len() as u32] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.extend_from_slice(f);
+        }
+        let p = dir.join(name);
+        std::fs::write(&p, b).expect("write pcap");
+        p
+    };
+
+    // A truncated BTH: tshark calls it malformed.
+    let d = dissect(&pcap("short.pcap", &[frame(&[0x64, 0, 0xff, 0xff, 0, 0])]));
+    assert_eq!(d.bad.len(), 1, "tshark did not flag a truncated BTH: {d:?}");
+
+    // A QP1 MAD with its ICRC computed over the real headers verifies; one flipped byte fails.
+    let mad = SidrReq::default().to_mad();
+    let mut buf = [0u8; 512];
+    let n = RocePacket::ud_mad(&mad, DEFAULT_P_KEY, 1)
+        .encode_for_udp_socket(GUEST_IP.into(), HOST_IP.into(), 49152, ROCE_PORT, &mut buf)
+        .expect("encode");
+    let good = frame(&buf[..n]);
+    let mut bad = good.clone();
+    let last = bad.len() - 8;
+    bad[last] ^= 1;
+    let frames = roce_frames(&pcap("icrc.pcap", &[good, bad]));
+    assert_eq!(frames.len(), 2);
+    assert!(icrc::verify(
+        &frames[0].ip_header,
+        &frames[0].udp_header,
+        &frames[0].payload
+    )
+    .is_ok());
+    assert!(icrc::verify(
+        &frames[1].ip_header,
+        &frames[1].udp_header,
+        &frames[1].payload
+    )
+    .is_err());
+    let _ = std::fs::remove_dir_all(&dir);
 }
