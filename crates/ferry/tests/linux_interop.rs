@@ -20,8 +20,8 @@ use std::{
 use linux_guest::{dissect, roce_frames, LinuxGuest, GUEST_IP, HOST_IP};
 use rdma_wire::{
     cm::{
-        sidr_status, CmPath, Drep, Dreq, Rep, Req, Rtu, SidrRep, SidrReq, REQ_PRIVATE_DATA_LEN,
-        SIDR_REQ_PRIVATE_DATA_LEN,
+        reason, sidr_status, CmPath, Drep, Dreq, Rej, Rep, Req, Rtu, SidrRep, SidrReq,
+        REQ_PRIVATE_DATA_LEN, SIDR_REQ_PRIVATE_DATA_LEN,
     },
     icrc,
     mad::{attr, MadHeader, MAD_SIZE},
@@ -57,6 +57,16 @@ fn roce_socket(g: &LinuxGuest) -> UdpSocket {
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .expect("read timeout");
     s
+}
+
+/// CM private data starting with rdma_cm's header for a connection from the namespace's
+/// `src_port` to the guest.
+fn cma_private_data<const N: usize>(src_port: u16) -> [u8; N] {
+    let mut pd = [0u8; N];
+    CmaHeader::new(HOST_IP.into(), src_port, GUEST_IP.into())
+        .and_then(|h| h.write(&mut pd))
+        .expect("rdma_cm header");
+    pd
 }
 
 /// Sends one MAD on QP1 to the guest's port 4791 with a correct ICRC.
@@ -273,10 +283,7 @@ fn linux_udaddy_server_is_reachable_from_the_namespace() {
     g.wait_cm_listen(TOOL_PORT);
     let cap = g.capture("udaddy-server");
 
-    let mut private_data = [0u8; SIDR_REQ_PRIVATE_DATA_LEN];
-    CmaHeader::new(HOST_IP.into(), 40001, GUEST_IP.into())
-        .and_then(|h| h.write(&mut private_data))
-        .expect("rdma_cm header");
+    let private_data = cma_private_data::<{ SIDR_REQ_PRIVATE_DATA_LEN }>(40001);
     let req = SidrReq {
         hdr: MadHeader::cm(attr::SIDR_REQ, 0x0000_0001_0000_0007),
         request_id: 0x5151_0001,
@@ -310,6 +317,69 @@ fn linux_udaddy_server_is_reachable_from_the_namespace() {
     );
 }
 
+/// Linux as an RC client: the guest's `rping` connects to the namespace's address; the REQ
+/// it sends carries rdma_cm's service ID and header and RoCEv2 GIDs for both ends, and the
+/// REJ sent back reaches rping (it reports the rejection).
+#[test]
+fn linux_rping_client_connect_request_is_answered_from_the_namespace() {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot("rping-client");
+    let s = roce_socket(&g);
+    let cap = g.capture("rping-client");
+    let job = g.spawn(&format!("rping -c -a {HOST_IP} -C 1 -v"));
+
+    let req = Req::parse(&recv_cm(&g, &s, attr::REQ, job)).expect("REQ");
+    assert_eq!(
+        parse_service_id(req.service_id),
+        Some((PortSpace::Tcp, TOOL_PORT)),
+        "service ID {:#x}",
+        req.service_id
+    );
+    assert_eq!(req.transport_service_type, 0, "RC");
+    assert!(req.local_qpn > 1, "REQ names QP {:#x}", req.local_qpn);
+    assert_eq!(req.primary_path.local_gid, Gid::from_ipv4(GUEST_IP));
+    assert_eq!(req.primary_path.remote_gid, Gid::from_ipv4(HOST_IP));
+    let cma = CmaHeader::parse(&req.private_data).expect("rdma_cm header in the REQ");
+    assert_eq!(cma.src_ip(), IpAddr::from(GUEST_IP));
+    assert_eq!(cma.dst_ip(), IpAddr::from(HOST_IP));
+
+    let rej = Rej {
+        hdr: MadHeader::cm(attr::REJ, req.hdr.transaction_id),
+        local_comm_id: 0x7e57_0002,
+        remote_comm_id: req.local_comm_id,
+        message_rejected: 0,
+        reason: reason::CONSUMER_DEFINED,
+        ..Rej::default()
+    };
+    send_mad(&s, &rej.to_mad(), 2);
+
+    let out = g.wait(job, EXCHANGE_TIMEOUT);
+    assert_ne!(
+        out.rc, 0,
+        "rping cannot succeed against a REJ:\n{}",
+        out.out
+    );
+    assert!(
+        out.out.contains("RDMA_CM_EVENT_REJECTED"),
+        "rping did not see the REJ:\n{}",
+        out.out
+    );
+
+    let pcap = cap.stop();
+    check_capture(
+        &pcap,
+        &[
+            (attr::REQ, GUEST_IP, HOST_IP),
+            (attr::REJ, HOST_IP, GUEST_IP),
+        ],
+    );
+    eprintln!(
+        "linux guest: boot {:?}, rping client test {:?}",
+        g.boot_time(),
+        t0.elapsed()
+    );
+}
+
 /// Linux as an RC server: `ucmatose` listens in the guest; the namespace's peer connects
 /// (REQ), gets the REP, completes with an RTU, and answers the server's DREQ with a DREP —
 /// a whole reliable-connection lifecycle with rdma_cm, which ends the server cleanly.
@@ -322,10 +392,7 @@ fn linux_ucmatose_server_accepts_and_closes_a_connection_from_the_namespace() {
     g.wait_cm_listen(UCMATOSE_PORT);
     let cap = g.capture("ucmatose-server");
 
-    let mut private_data = [0u8; REQ_PRIVATE_DATA_LEN];
-    CmaHeader::new(HOST_IP.into(), 40002, GUEST_IP.into())
-        .and_then(|h| h.write(&mut private_data))
-        .expect("rdma_cm header");
+    let private_data = cma_private_data::<{ REQ_PRIVATE_DATA_LEN }>(40002);
     const OUR_QPN: u32 = 0x99;
     // The fields rdma_cm fills in on Linux (see shared rping.pcap), with our addresses.
     let req = Req {
