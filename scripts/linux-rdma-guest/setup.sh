@@ -150,6 +150,9 @@ copy_with_libs "$provider"
 [ -f /etc/libibverbs.d/rxe.driver ] || die "/etc/libibverbs.d/rxe.driver is missing (ibverbs-providers)"
 cp /etc/libibverbs.d/rxe.driver "$ROOT/etc/libibverbs.d/"
 for lib in "$libdir"/librdmacm.so.1 "$libdir"/libibverbs.so.1; do copy_with_libs "$lib"; done
+# glibc dlopens libgcc_s for pthread_exit/cancellation (rping's threads); ldd does not list it.
+[ -f "$libdir/libgcc_s.so.1" ] || die "$libdir/libgcc_s.so.1 is missing (libgcc-s1)"
+copy_with_libs "$libdir/libgcc_s.so.1"
 # rdma_cm's preload and address helpers look here; harmless when absent.
 [ -d /etc/rdma ] && cp -r /etc/rdma "$ROOT/etc/" || true
 

@@ -197,9 +197,34 @@ fn guest_boots_with_rxe0_and_a_roce_v2_gid() {
     let info = g.run("ibv_devinfo -d rxe0").ok("ibv_devinfo").out;
     assert!(info.contains("PORT_ACTIVE"), "ibv_devinfo: {info}");
 
+    // RC works inside the guest (rxe loopback): rping's RDMA READ/WRITE ping-pong with data
+    // verification, and ucmatose's sends, both tools as server and client.
+    let server = g.spawn(&format!("rping -s -a {GUEST_IP} -C 3 -v"));
+    g.wait_cm_listen(TOOL_PORT);
+    let client = g
+        .run(&format!("rping -c -a {GUEST_IP} -C 3 -v -V"))
+        .ok("rping client in the guest");
+    assert!(
+        client.out.contains("ping data: rdma-ping-2"),
+        "rping: {}",
+        client.out
+    );
+    g.wait(server, EXCHANGE_TIMEOUT)
+        .ok("rping server in the guest");
+    let server = g.spawn(&format!("ucmatose -b {GUEST_IP}"));
+    g.wait_cm_listen(UCMATOSE_PORT);
+    g.run(&format!("ucmatose -s {GUEST_IP}"))
+        .ok("ucmatose client in the guest");
+    g.wait(server, EXCHANGE_TIMEOUT)
+        .ok("ucmatose server in the guest");
+
     // The guest reaches the namespace over the tap, and the other way round.
     g.run(&format!("ping -c 1 -W 30 {HOST_IP}"))
         .ok("ping from the guest to the namespace");
+    let second = Ipv4Addr::new(10, 77, 0, 3);
+    g.add_host_address(second);
+    g.run(&format!("ping -c 1 -W 30 {second}"))
+        .ok("ping from the guest to a second namespace address");
     let arp = g
         .netns_command("ip")
         .args(["neigh", "show", &GUEST_IP.to_string()])

@@ -328,6 +328,29 @@ impl LinuxGuest {
             .collect()
     }
 
+    /// Adds another address (e.g. a second VM's GID) to the tap inside the namespace, in the
+    /// guest's /24.
+    pub fn add_host_address(&self, ip: Ipv4Addr) {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                TAP,
+            ])
+            .output()
+            .expect("run ip addr add");
+        assert!(
+            out.status.success(),
+            "ip addr add {ip}/24 dev {TAP} in {}: {}",
+            self.ns,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A command that runs `program` inside the guest's network namespace.
     pub fn netns_command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
