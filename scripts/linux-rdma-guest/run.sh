@@ -44,8 +44,9 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$(id -u)" = 0 ] || die "must run as root (network namespaces, taps)"
-[ -f "$GUEST/initramfs.cpio.gz" ] && [ -f "$GUEST/vmlinuz" ] \
-    || die "no guest image in $GUEST: run scripts/linux-rdma-guest/setup.sh first"
+if [ ! -f "$GUEST/initramfs.cpio.gz" ] || [ ! -f "$GUEST/vmlinuz" ]; then
+    die "no guest image in $GUEST: run scripts/linux-rdma-guest/setup.sh first"
+fi
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is not installed (setup.sh)"
 [ -e /dev/net/tun ] || die "/dev/net/tun is missing"
 
@@ -61,6 +62,7 @@ mkdir -p "$share/out" "$share/cmd"
 
 ns_made=0
 qemu_pid=
+# shellcheck disable=SC2317  # runs from the EXIT trap
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM HUP

@@ -42,15 +42,15 @@ flock 9
 missing=$(missing_packages "${PACKAGES[@]}" "${OPTIONAL_PACKAGES[@]}")
 if [ -n "$missing" ]; then
     [ -z "${FERRY_LINUX_GUEST_NO_APT:-}" ] \
-        || die "missing Debian packages: $(echo $missing) (FERRY_LINUX_GUEST_NO_APT is set)"
-    log "installing: $(echo $missing)"
+        || die "missing Debian packages: ${missing//$'\n'/ } (FERRY_LINUX_GUEST_NO_APT is set)"
+    log "installing: ${missing//$'\n'/ }"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >&2 || die "apt-get update failed"
     required=$(missing_packages "${PACKAGES[@]}")
     if [ -n "$required" ]; then
         # shellcheck disable=SC2086
         apt-get install -y -q --no-install-recommends $required >&2 \
-            || die "apt-get install failed for: $(echo $required)"
+            || die "apt-get install failed for: ${required//$'\n'/ }"
     fi
     for p in "${OPTIONAL_PACKAGES[@]}"; do
         if [ -n "$(missing_packages "$p")" ]; then
@@ -144,7 +144,8 @@ for t in "${tools[@]}"; do
 done
 
 libdir=/usr/lib/x86_64-linux-gnu
-provider=$(ls "$libdir"/libibverbs/librxe-rdmav*.so 2>/dev/null | head -n1)
+provider=
+for f in "$libdir"/libibverbs/librxe-rdmav*.so; do [ -f "$f" ] && provider=$f; done
 [ -n "$provider" ] || die "the rxe provider (libibverbs/librxe-rdmav*.so, ibverbs-providers) is missing"
 copy_with_libs "$provider"
 [ -f /etc/libibverbs.d/rxe.driver ] || die "/etc/libibverbs.d/rxe.driver is missing (ibverbs-providers)"
@@ -154,7 +155,7 @@ for lib in "$libdir"/librdmacm.so.1 "$libdir"/libibverbs.so.1; do copy_with_libs
 [ -f "$libdir/libgcc_s.so.1" ] || die "$libdir/libgcc_s.so.1 is missing (libgcc-s1)"
 copy_with_libs "$libdir/libgcc_s.so.1"
 # rdma_cm's preload and address helpers look here; harmless when absent.
-[ -d /etc/rdma ] && cp -r /etc/rdma "$ROOT/etc/" || true
+if [ -d /etc/rdma ]; then cp -r /etc/rdma "$ROOT/etc/"; fi
 
 # Kernel modules in load order (kmod resolves modules.dep; built-ins print nothing).
 : >"$ROOT/etc/modules.order"
