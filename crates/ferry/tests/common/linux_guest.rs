@@ -14,7 +14,7 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader},
     net::Ipv4Addr,
     os::unix::{fs::PermissionsExt, io::AsRawFd, process::CommandExt},
     path::{Path, PathBuf},
@@ -112,7 +112,8 @@ pub struct LinuxGuest {
 }
 
 impl LinuxGuest {
-    /// Boots a guest (running [`setup`] first) and waits until it reports rxe0 up.
+    /// Boots a guest (running [`setup`] first) and waits until it reports rxe0 up. Keep the
+    /// guest on the thread that booted it: the runner is told to stop when that thread ends.
     pub fn boot(tag: &str) -> LinuxGuest {
         setup();
         static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -127,6 +128,8 @@ impl LinuxGuest {
         fs::create_dir_all(dir.join("share/cmd")).expect("create the share");
         // Captures written by tshark's dumpcap land here too.
         let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o777));
+        let log = fs::File::create(dir.join("runner.log")).expect("runner log");
+        let log2 = log.try_clone().expect("runner log");
         let start = Instant::now();
         let mut cmd = Command::new("bash");
         cmd.arg(script("run.sh"))
@@ -137,15 +140,8 @@ impl LinuxGuest {
             .args(["--host-ip", &format!("{HOST_IP}/24")])
             .args(["--guest-ip", &format!("{GUEST_IP}/24")])
             .stdin(Stdio::null())
-            .stdout(Stdio::from(
-                fs::File::create(dir.join("runner.log")).expect("runner log"),
-            ))
-            .stderr(Stdio::from(
-                fs::File::options()
-                    .append(true)
-                    .open(dir.join("runner.log"))
-                    .expect("runner log"),
-            ));
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
         // SAFETY: the closure only calls prctl, which is async-signal-safe; it runs in the
         // forked child before exec. PR_SET_PDEATHSIG makes the runner (whose traps remove the
         // namespace and stop QEMU) get SIGTERM if the test thread dies without dropping us.
@@ -734,13 +730,4 @@ pub fn roce_frames(pcap: &Path) -> Vec<RoceFrame> {
         });
     }
     frames
-}
-
-/// Reads all of a file the guest or a tool wrote (empty when missing).
-pub fn read_text(p: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = fs::File::open(p) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
 }
