@@ -166,6 +166,68 @@ fn check_capture(pcap: &std::path::Path, expect: &[(u16, Ipv4Addr, Ipv4Addr)]) -
     frames.len()
 }
 
+/// One exchange between the guest and the peer in the namespace: the guest, the peer's
+/// socket, the guest's tool running in the background and the tap capture.
+struct Exchange {
+    tag: String,
+    t0: Instant,
+    g: LinuxGuest,
+    s: UdpSocket,
+    job: linux_guest::GuestJob,
+    cap: linux_guest::Capture,
+}
+
+impl Exchange {
+    /// Boots a guest and starts `command` in it: a client (captured from its start), or a
+    /// server listening on `listen` (captured once it listens).
+    fn start(tag: &str, command: &str, listen: Option<u16>) -> Exchange {
+        let t0 = Instant::now();
+        let mut g = LinuxGuest::boot(tag);
+        let s = roce_socket(&g);
+        let (job, cap) = match listen {
+            Some(port) => {
+                let job = g.spawn(command);
+                g.wait_cm_listen(port);
+                (job, g.capture(tag))
+            }
+            None => {
+                let cap = g.capture(tag);
+                (g.spawn(command), cap)
+            }
+        };
+        Exchange {
+            tag: tag.to_string(),
+            t0,
+            g,
+            s,
+            job,
+            cap,
+        }
+    }
+
+    /// Waits for a CM message with `attribute` from the guest.
+    fn recv(&self, attribute: u16) -> [u8; MAD_SIZE] {
+        recv_cm(&self.g, &self.s, attribute, self.job)
+    }
+
+    /// Waits for the guest's tool to end and returns what it left.
+    fn wait_tool(&mut self) -> linux_guest::GuestOutput {
+        self.g.wait(self.job, EXCHANGE_TIMEOUT)
+    }
+
+    /// Stops the capture and checks it ([`check_capture`]).
+    fn finish(self, expect: &[(u16, Ipv4Addr, Ipv4Addr)]) {
+        let pcap = self.cap.stop();
+        let n = check_capture(&pcap, expect);
+        eprintln!(
+            "linux guest: boot {:?}, {} test {:?}, {n} RoCE frames",
+            self.g.boot_time(),
+            self.tag,
+            self.t0.elapsed()
+        );
+    }
+}
+
 #[test]
 fn guest_boots_with_rxe0_and_a_roce_v2_gid() {
     let t0 = Instant::now();
@@ -249,14 +311,8 @@ fn guest_boots_with_rxe0_and_a_roce_v2_gid() {
 /// rxe checked) and the capture shows both messages, dissected cleanly, with valid ICRCs.
 #[test]
 fn linux_udaddy_client_resolves_a_service_across_the_tap() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("udaddy-client");
-    let s = roce_socket(&g);
-    let cap = g.capture("udaddy-client");
-    let job = g.spawn(&format!("udaddy -s {HOST_IP} -C 0"));
-
-    let mad = recv_cm(&g, &s, attr::SIDR_REQ, job);
-    let req = SidrReq::parse(&mad).expect("SIDR_REQ");
+    let mut x = Exchange::start("udaddy-client", &format!("udaddy -s {HOST_IP} -C 0"), None);
+    let req = SidrReq::parse(&x.recv(attr::SIDR_REQ)).expect("SIDR_REQ");
     assert_eq!(
         parse_service_id(req.service_id),
         Some((PortSpace::Udp, TOOL_PORT)),
@@ -276,38 +332,26 @@ fn linux_udaddy_client_resolves_a_service_across_the_tap() {
         qkey: RDMA_CM_UD_QKEY,
         ..SidrRep::default()
     };
-    send_mad(&s, &rep.to_mad(), 1);
+    send_mad(&x.s, &rep.to_mad(), 1);
 
-    let out = g.wait(job, EXCHANGE_TIMEOUT);
+    let out = x.wait_tool();
     assert_eq!(out.rc, 0, "udaddy client failed:\n{}", out.out);
     assert!(out.out.contains("return status 0"), "udaddy: {}", out.out);
-
-    let pcap = cap.stop();
-    let n = check_capture(
-        &pcap,
-        &[
-            (attr::SIDR_REQ, GUEST_IP, HOST_IP),
-            (attr::SIDR_REP, HOST_IP, GUEST_IP),
-        ],
-    );
-    eprintln!(
-        "linux guest: boot {:?}, udaddy client test {:?}, {n} RoCE frames",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    x.finish(&[
+        (attr::SIDR_REQ, GUEST_IP, HOST_IP),
+        (attr::SIDR_REP, HOST_IP, GUEST_IP),
+    ]);
 }
 
 /// Linux as the server: `udaddy` listens in the guest; a SIDR_REQ sent from the namespace gets
 /// a successful SIDR_REP naming its UD QP and rdma_cm's Q_Key, and the server completes.
 #[test]
 fn linux_udaddy_server_is_reachable_from_the_namespace() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("udaddy-server");
-    let s = roce_socket(&g);
-    let job = g.spawn(&format!("udaddy -b {GUEST_IP} -C 0"));
-    g.wait_cm_listen(TOOL_PORT);
-    let cap = g.capture("udaddy-server");
-
+    let mut x = Exchange::start(
+        "udaddy-server",
+        &format!("udaddy -b {GUEST_IP} -C 0"),
+        Some(TOOL_PORT),
+    );
     let private_data = cma_private_data::<{ SIDR_REQ_PRIVATE_DATA_LEN }>(40001);
     let req = SidrReq {
         hdr: MadHeader::cm(attr::SIDR_REQ, 0x0000_0001_0000_0007),
@@ -316,30 +360,20 @@ fn linux_udaddy_server_is_reachable_from_the_namespace() {
         service_id: service_id(PortSpace::Udp, TOOL_PORT),
         private_data,
     };
-    send_mad(&s, &req.to_mad(), 7);
+    send_mad(&x.s, &req.to_mad(), 7);
 
-    let rep = SidrRep::parse(&recv_cm(&g, &s, attr::SIDR_REP, job)).expect("SIDR_REP");
+    let rep = SidrRep::parse(&x.recv(attr::SIDR_REP)).expect("SIDR_REP");
     assert_eq!(rep.request_id, req.request_id);
     assert_eq!(rep.status, sidr_status::SUCCESS, "SIDR_REP status");
     assert_eq!(rep.qkey, RDMA_CM_UD_QKEY);
     assert!(rep.qpn > 1, "SIDR_REP names QP {:#x}", rep.qpn);
 
-    let out = g.wait(job, EXCHANGE_TIMEOUT);
+    let out = x.wait_tool();
     assert_eq!(out.rc, 0, "udaddy server failed:\n{}", out.out);
-
-    let pcap = cap.stop();
-    check_capture(
-        &pcap,
-        &[
-            (attr::SIDR_REQ, HOST_IP, GUEST_IP),
-            (attr::SIDR_REP, GUEST_IP, HOST_IP),
-        ],
-    );
-    eprintln!(
-        "linux guest: boot {:?}, udaddy server test {:?}",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    x.finish(&[
+        (attr::SIDR_REQ, HOST_IP, GUEST_IP),
+        (attr::SIDR_REP, GUEST_IP, HOST_IP),
+    ]);
 }
 
 /// Linux as an RC client: the guest's `rping` connects to the namespace's address; the REQ
@@ -347,13 +381,12 @@ fn linux_udaddy_server_is_reachable_from_the_namespace() {
 /// REJ sent back reaches rping (it reports the rejection).
 #[test]
 fn linux_rping_client_connect_request_is_answered_from_the_namespace() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("rping-client");
-    let s = roce_socket(&g);
-    let cap = g.capture("rping-client");
-    let job = g.spawn(&format!("rping -c -a {HOST_IP} -C 1 -v"));
-
-    let req = Req::parse(&recv_cm(&g, &s, attr::REQ, job)).expect("REQ");
+    let mut x = Exchange::start(
+        "rping-client",
+        &format!("rping -c -a {HOST_IP} -C 1 -v"),
+        None,
+    );
+    let req = Req::parse(&x.recv(attr::REQ)).expect("REQ");
     assert_eq!(
         parse_service_id(req.service_id),
         Some((PortSpace::Tcp, TOOL_PORT)),
@@ -376,9 +409,9 @@ fn linux_rping_client_connect_request_is_answered_from_the_namespace() {
         reason: reason::CONSUMER_DEFINED,
         ..Rej::default()
     };
-    send_mad(&s, &rej.to_mad(), 2);
+    send_mad(&x.s, &rej.to_mad(), 2);
 
-    let out = g.wait(job, EXCHANGE_TIMEOUT);
+    let out = x.wait_tool();
     assert_ne!(
         out.rc, 0,
         "rping cannot succeed against a REJ:\n{}",
@@ -390,19 +423,10 @@ fn linux_rping_client_connect_request_is_answered_from_the_namespace() {
         out.out
     );
 
-    let pcap = cap.stop();
-    check_capture(
-        &pcap,
-        &[
-            (attr::REQ, GUEST_IP, HOST_IP),
-            (attr::REJ, HOST_IP, GUEST_IP),
-        ],
-    );
-    eprintln!(
-        "linux guest: boot {:?}, rping client test {:?}",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    x.finish(&[
+        (attr::REQ, GUEST_IP, HOST_IP),
+        (attr::REJ, HOST_IP, GUEST_IP),
+    ]);
 }
 
 /// Linux as an RC server: `ucmatose` listens in the guest; the namespace's peer connects
@@ -410,13 +434,11 @@ fn linux_rping_client_connect_request_is_answered_from_the_namespace() {
 /// a whole reliable-connection lifecycle with rdma_cm, which ends the server cleanly.
 #[test]
 fn linux_ucmatose_server_accepts_and_closes_a_connection_from_the_namespace() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("ucmatose-server");
-    let s = roce_socket(&g);
-    let job = g.spawn(&format!("ucmatose -b {GUEST_IP} -C 0"));
-    g.wait_cm_listen(UCMATOSE_PORT);
-    let cap = g.capture("ucmatose-server");
-
+    let mut x = Exchange::start(
+        "ucmatose-server",
+        &format!("ucmatose -b {GUEST_IP} -C 0"),
+        Some(UCMATOSE_PORT),
+    );
     let private_data = cma_private_data::<{ REQ_PRIVATE_DATA_LEN }>(40002);
     const OUR_QPN: u32 = 0x99;
     // The fields rdma_cm fills in on Linux (see shared rping.pcap), with our addresses.
@@ -449,9 +471,9 @@ fn linux_ucmatose_server_accepts_and_closes_a_connection_from_the_namespace() {
         private_data,
         ..Req::default()
     };
-    send_mad(&s, &req.to_mad(), 0x11);
+    send_mad(&x.s, &req.to_mad(), 0x11);
 
-    let rep = Rep::parse(&recv_cm(&g, &s, attr::REP, job)).expect("REP");
+    let rep = Rep::parse(&x.recv(attr::REP)).expect("REP");
     assert_eq!(rep.remote_comm_id, req.local_comm_id, "REP answers our REQ");
     assert!(rep.local_qpn > 1, "REP names QP {:#x}", rep.local_qpn);
     let rtu = Rtu {
@@ -460,10 +482,10 @@ fn linux_ucmatose_server_accepts_and_closes_a_connection_from_the_namespace() {
         remote_comm_id: rep.local_comm_id,
         ..Rtu::default()
     };
-    send_mad(&s, &rtu.to_mad(), 0x12);
+    send_mad(&x.s, &rtu.to_mad(), 0x12);
 
     // ucmatose -C 0 disconnects as soon as the connection is established.
-    let dreq = Dreq::parse(&recv_cm(&g, &s, attr::DREQ, job)).expect("DREQ");
+    let dreq = Dreq::parse(&x.recv(attr::DREQ)).expect("DREQ");
     assert_eq!(dreq.remote_comm_id, req.local_comm_id);
     assert_eq!(dreq.local_comm_id, rep.local_comm_id);
     assert_eq!(dreq.remote_qpn, OUR_QPN);
@@ -473,28 +495,19 @@ fn linux_ucmatose_server_accepts_and_closes_a_connection_from_the_namespace() {
         remote_comm_id: rep.local_comm_id,
         ..Drep::default()
     };
-    send_mad(&s, &drep.to_mad(), 0x13);
+    send_mad(&x.s, &drep.to_mad(), 0x13);
 
-    let out = g.wait(job, EXCHANGE_TIMEOUT);
+    let out = x.wait_tool();
     assert_eq!(out.rc, 0, "ucmatose server failed:\n{}", out.out);
     assert!(out.out.contains("return status 0"), "ucmatose: {}", out.out);
 
-    let pcap = cap.stop();
-    check_capture(
-        &pcap,
-        &[
-            (attr::REQ, HOST_IP, GUEST_IP),
-            (attr::REP, GUEST_IP, HOST_IP),
-            (attr::RTU, HOST_IP, GUEST_IP),
-            (attr::DREQ, GUEST_IP, HOST_IP),
-            (attr::DREP, HOST_IP, GUEST_IP),
-        ],
-    );
-    eprintln!(
-        "linux guest: boot {:?}, ucmatose server test {:?}",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    x.finish(&[
+        (attr::REQ, HOST_IP, GUEST_IP),
+        (attr::REP, GUEST_IP, HOST_IP),
+        (attr::RTU, HOST_IP, GUEST_IP),
+        (attr::DREQ, GUEST_IP, HOST_IP),
+        (attr::DREP, HOST_IP, GUEST_IP),
+    ]);
 }
 
 /// The capture checks themselves fail on what they must catch: tshark's malformed-packet
