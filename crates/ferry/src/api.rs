@@ -19,8 +19,8 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use vmm_sys_util::eventfd::EventFd;
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 << 10;

@@ -125,9 +125,8 @@ impl Waits {
                     let mut buf = [0u8; 8];
                     // SAFETY: reading 8 bytes into a local buffer from a descriptor this
                     // process owns for the loop's lifetime.
-                    let _ = unsafe {
-                        libc::read(e.data() as i32, buf.as_mut_ptr().cast(), buf.len())
-                    };
+                    let _ =
+                        unsafe { libc::read(e.data() as i32, buf.as_mut_ptr().cast(), buf.len()) };
                 }
                 Ok(())
             }

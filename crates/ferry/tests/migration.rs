@@ -588,3 +588,73 @@ fn a_connection_lost_right_after_go_leaves_exactly_one_vm_running() {
         .iter()
         .any(|f| f.as_str().unwrap().contains("resumed by force")));
 }
+
+/// Starts a migration through a proxy that stalls it in round 1, so it is certainly running
+/// (and waiting) when the test acts. Returns the proxy and the `ferry migrate` thread.
+fn stalled_migration(sa: &Path, addr: &str) -> (FaultProxy, std::thread::JoinHandle<Output>) {
+    let fault = Fault {
+        at: Position::later_round(),
+        action: Action::Stall,
+    };
+    let proxy = FaultProxy::start(addr, Some(fault)).unwrap();
+    let to = proxy.addr().to_string();
+    let sa2 = sa.to_path_buf();
+    let migration = std::thread::spawn(move || migrate(&sa2, &to));
+    assert!(
+        proxy.wait_reached(PATIENCE),
+        "the migration never reached round 1"
+    );
+    wait_until("the source reports the migration", PATIENCE, || {
+        status(sa)["data"]["state"] == "migrating"
+    });
+    (proxy, migration)
+}
+
+#[test]
+fn stop_during_a_migration_cancels_it_and_no_vm_moves() {
+    let sa = tmp("a.sock");
+    let src = source(&sa, &[]);
+    let (dst, addr) = destination(None);
+    wait_progress(&sa, WARM);
+    let (proxy, migration) = stalled_migration(&sa, &addr);
+    assert_eq!(api(&sa, json!({"cmd": "stop"}))["ok"], true);
+    let out = migration.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cancelled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = src.wait_output(PATIENCE);
+    let summary = last_json(&s);
+    assert_eq!(summary["outcome"], "stopped", "{summary}");
+    assert!(summary["migration"].is_null(), "{summary}");
+    proxy.close();
+    let d = dst.wait_output(PATIENCE);
+    assert_eq!(d.status.code(), Some(1), "the destination ran nothing");
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_vm_running_and_a_later_one_works() {
+    let (sa, sb) = (tmp("a.sock"), tmp("b.sock"));
+    let src = source(&sa, &[]);
+    let (_dst, addr) = destination(None);
+    wait_progress(&sa, WARM);
+    let (proxy, migration) = stalled_migration(&sa, &addr);
+    let r = api(&sa, json!({"cmd": "cancel-migration"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let out = migration.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    proxy.close();
+    assert_eq!(status(&sa)["data"]["state"], "running");
+    assert_running_and_verifiable(&sa);
+    let r = api(&sa, json!({"cmd": "cancel-migration"}));
+    assert_eq!(r["ok"], false, "nothing to cancel: {r}");
+    let (dst2, addr2) = destination(Some(&sb));
+    assert!(migrate(&sa, &addr2).status.success());
+    assert_eq!(last_json(&src.wait_output(PATIENCE))["outcome"], "migrated");
+    wait_for_socket(&sb);
+    assert_running_and_verifiable(&sb);
+    assert_eq!(api(&sb, json!({"cmd": "stop"}))["ok"], true);
+    dst2.wait_output(PATIENCE);
+}
