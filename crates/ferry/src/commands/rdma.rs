@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use rdma::addr::{parse_gid, Neighbor};
+use rdma::addr::parse_gid;
 use rdma::cm::CmConfig;
 use rdma::host::{Host, HostConfig, DEFAULT_SERVICE_PORT};
 use rdma::peer::Peer;
@@ -27,12 +27,10 @@ pub enum RdmaCommand {
 /// Options shared by host and peer.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Host address to bind (UDP port 4791).
+    /// Host address to bind (UDP port 4791). VM GIDs are further addresses of this host
+    /// (each bound on UDP 4791 too); IP routing says where every other GID lives.
     #[arg(long)]
     pub addr: Ipv4Addr,
-    /// GIDs behind another host: PREFIX/LEN=HOST (repeatable), e.g. 127.0.2.0/24=127.0.0.2.
-    #[arg(long = "neighbor", value_name = "PREFIX/LEN=HOST")]
-    pub neighbors: Vec<Neighbor>,
     /// Write every packet to this pcap file (Ethernet/IPv4/UDP/RoCEv2).
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
@@ -53,9 +51,6 @@ pub struct CommonArgs {
 impl CommonArgs {
     fn port(&self) -> PortConfig {
         let mut p = PortConfig::new(self.addr);
-        for n in &self.neighbors {
-            p.neighbors.add(*n);
-        }
         p.pcap = self.pcap.clone();
         p
     }
@@ -145,14 +140,6 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
         .unwrap_or_else(|| Ipv4Addr::new(o[0], o[1], o[2].wrapping_add(1), 1));
     let mut cfg = HostConfig::new(a.common.addr, a.vms, base);
     cfg.port = a.common.port();
-    // The host's own VM GIDs are reached at its own address.
-    for i in 0..a.vms {
-        cfg.port.neighbors.add(Neighbor {
-            prefix: rdma::addr::ipv4_add(base, i as u32),
-            len: 32,
-            host: a.common.addr,
-        });
-    }
     cfg.service_port = a.common.listen_service;
     cfg.cm = a.common.cm();
     let signals = SignalState::install()?;
@@ -226,14 +213,14 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
         let p = &report.port;
         let m = &report.mux;
         println!(
-            "port: rx {} (gsi {}, ud {}), tx {}; dropped: bad ICRC {}, no preamble {}, malformed {}, P_Key {}, Q_Key {}, no QP {}",
-            p.rx_datagrams, p.rx_gsi, p.rx_ud, p.tx_datagrams, p.rx_bad_icrc, p.rx_bad_encap,
+            "port: rx {} (gsi {}, ud {}), tx {}; dropped: bad ICRC {}, not IPv4 {}, malformed {}, P_Key {}, Q_Key {}, no QP {}",
+            p.rx_datagrams, p.rx_gsi, p.rx_ud, p.tx_datagrams, p.rx_bad_icrc, p.rx_not_ipv4,
             p.rx_malformed, p.rx_bad_pkey, p.rx_bad_qkey, p.rx_no_qp
         );
         println!(
-            "mux: delivered {}, queued {}, sent {}; dropped: no owner {}, queue full {}, truncated {}, malformed {}, class {}; unknown comm ID {}; refused: spoofed {}, class {}, malformed {}",
+            "mux: delivered {}, queued {}, sent {}; dropped: no owner {}, queue full {}, truncated {}, malformed {}, class {}, spoofed source {}; unknown comm ID {}; refused: spoofed {}, class {}, malformed {}",
             m.delivered, m.queued, m.sent, m.no_owner, m.queue_full, m.truncated, m.malformed,
-            m.class_not_allowed, m.unknown_comm_id, m.refused_spoofed, m.refused_class,
+            m.class_not_allowed, m.spoofed_source, m.unknown_comm_id, m.refused_spoofed, m.refused_class,
             m.refused_malformed
         );
         for v in &report.vms {
