@@ -7,6 +7,8 @@
 //!   timeouts and retries) driven by any [`cm::MadTx`]: a VM agent, a test, a bare-metal peer.
 //! - [`mux`] — the multiplexer: (VM, GID) registrations, inbound QP1 routing by destination
 //!   GID to the owning VM, outbound anti-spoofing checks, per-VM communication-ID tables.
+//! - [`rc`] — Reliable Connected queue pairs on the port: the transport (segmentation, PSNs,
+//!   ACK/NAK, retransmission, RNR, READ/WRITE through checked memory regions).
 //! - [`host`] and [`peer`] — a host daemon with simulated VMs, and a bare-metal endpoint.
 //!
 //! # Addressing: standard RoCEv2 over IPv4
@@ -28,6 +30,7 @@ pub mod host;
 pub mod mux;
 pub mod peer;
 pub mod port;
+pub mod rc;
 
 pub use error::RdmaError;
 pub use rdma_wire::{Gid, Mad, MAD_SIZE};

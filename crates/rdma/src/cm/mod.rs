@@ -383,6 +383,8 @@ impl CmEndpoint {
             tid,
             local_qpn: p.qpn,
             remote_qpn: 0,
+            local_psn: (tid as u32) & rdma_wire::MAX_U24,
+            remote_psn: 0,
             private_data: Vec::new(),
             last: None,
             retries_left: 0,
@@ -682,6 +684,7 @@ impl Inner {
                     ConnState::ReqSent | ConnState::MraReqRcvd => {
                         c.remote_id = r.local_comm_id;
                         c.remote_qpn = r.local_qpn;
+                        c.remote_psn = r.starting_psn & rdma_wire::MAX_U24;
                         c.private_data = r.private_data.to_vec();
                         let rtu = Rtu {
                             hdr: MadHeader::cm(attr::RTU, c.tid),
@@ -947,6 +950,8 @@ impl Inner {
             tid: r.hdr.transaction_id,
             local_qpn: opts.qpn,
             remote_qpn: r.local_qpn,
+            local_psn: id & rdma_wire::MAX_U24,
+            remote_psn: r.starting_psn & rdma_wire::MAX_U24,
             private_data: r.private_data.to_vec(),
             last: None,
             retries_left: 0,

@@ -353,7 +353,7 @@ impl SoftPort {
         self.add_qp(|qpn| Arc::new(UdQp::new(qpn, gid, qkey, depth)))
     }
 
-    /// Destroys a QP.
+    /// Destroys a QP (an RC QP's owner also calls its `shutdown`).
     pub fn destroy_qp(&self, qpn: u32) -> Result<(), RdmaError> {
         self.inner
             .qps
@@ -410,6 +410,31 @@ impl SoftPort {
             bump(&qp.counters.tx_messages);
         }
         r
+    }
+
+    /// Sends one packet from `sgid` (an address of this port) to `dgid`.
+    pub(crate) fn send_packet(
+        &self,
+        sgid: Gid,
+        dgid: Gid,
+        pkt: &RocePacket<'_>,
+    ) -> Result<(), RdmaError> {
+        self.inner.send_packet(sgid, dgid, pkt)
+    }
+
+    /// Creates an RC QP bound to `gid` using the regions of `mrs`, with timers on `clock`.
+    pub fn create_rc_qp(
+        &self,
+        gid: Gid,
+        mrs: Arc<crate::rc::MrTable>,
+        clock: Arc<dyn crate::rc::Clock>,
+    ) -> Arc<crate::rc::RcQp> {
+        let depth = self.inner.cfg.ud_queue_depth;
+        let port = self.clone();
+        self.add_qp(|qpn| {
+            let core = crate::rc::RcCore::new(qpn, mrs, depth, depth);
+            crate::rc::RcQp::new(qpn, gid, port, core, clock)
+        })
     }
 
     /// The port's P_Key.
