@@ -157,7 +157,7 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
         let out = peer(
             &[
                 &peer_args[..],
-                &["--connect", gid, "--mode", "rc", "--messages", "3"],
+                &["--connect", gid, "--mode", "rc-connect", "--messages", "3"],
             ]
             .concat(),
         );
@@ -168,6 +168,36 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
         );
         let j = json_tail(&out);
         assert_eq!(j["rc"].as_array().map(Vec::len), Some(3));
+        // RC data: rping-like WRITE + READ, and SEND echoed, each verified.
+        for (mode, size) in [("rc", "20000"), ("rc-send", "3000")] {
+            let out = peer(
+                &[
+                    &peer_args[..],
+                    &[
+                        "--connect",
+                        gid,
+                        "--mode",
+                        mode,
+                        "--messages",
+                        "20",
+                        "--size",
+                        size,
+                    ],
+                ]
+                .concat(),
+            );
+            assert!(
+                out.status.success(),
+                "{mode} to {gid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let j = json_tail(&out);
+            assert_eq!(u(&j["rc"][0], &["verified"]), 20, "{j}");
+            assert_eq!(
+                j["rc"][0]["mode"],
+                if mode == "rc" { "rping" } else { "send" }
+            );
+        }
         let out = peer(
             &[
                 &peer_args[..],
@@ -228,7 +258,11 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
     // Host A's VMs 1 and 3 each accepted one connection from each of B's two VMs.
     let va = ja["vms"].as_array().expect("vms");
     assert_eq!(u(&va[0], &["cm", "established"]), 2);
-    assert_eq!(u(&va[1], &["cm", "established"]), 3, "peer's 3 rounds");
+    assert_eq!(
+        u(&va[1], &["cm", "established"]),
+        5,
+        "peer's 3 rounds and 2 data sessions"
+    );
     assert_eq!(u(&va[2], &["cm", "established"]), 2);
 }
 

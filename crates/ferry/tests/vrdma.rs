@@ -360,7 +360,7 @@ fn a_bare_metal_peer_connects_to_a_vm() {
     );
     // rping-like: REQ/REP/RTU, then DREQ/DREP, three times (the server exits after three
     // disconnects).
-    let rc = peer("rc", "3");
+    let rc = peer("rc-connect", "3");
     assert_eq!(rc.code, 0, "{}\n{}", rc.stdout, rc.stderr);
     assert!(rc.stdout.contains("connected"), "{}", rc.stdout);
     let s = server.wait(LIMIT);

@@ -9,6 +9,7 @@
 //!   GID to the owning VM, outbound anti-spoofing checks, per-VM communication-ID tables.
 //! - [`rc`] — Reliable Connected queue pairs on the port: the transport (segmentation, PSNs,
 //!   ACK/NAK, retransmission, RNR, READ/WRITE through checked memory regions).
+//! - [`rc_session`] — rping-like (WRITE + READ) and ucmatose-like (SEND/RECV) sessions over RC.
 //! - [`host`] and [`peer`] — a host daemon with simulated VMs, and a bare-metal endpoint.
 //!
 //! # Addressing: standard RoCEv2 over IPv4
@@ -31,6 +32,7 @@ pub mod mux;
 pub mod peer;
 pub mod port;
 pub mod rc;
+pub mod rc_session;
 
 pub use error::RdmaError;
 pub use rdma_wire::{Gid, Mad, MAD_SIZE};

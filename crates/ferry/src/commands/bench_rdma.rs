@@ -160,6 +160,8 @@ fn setup_mux(a: &BenchRdmaArgs) -> anyhow::Result<Setup> {
         );
         c.cm = cm();
         c.service_port = 1;
+        // Handshakes only, answered at once like the bare peer's listener.
+        c.rc_server = false;
         c.mux = MuxConfig {
             max_connections_per_vm: a.connections * 2 + 16,
             ..MuxConfig::default()

@@ -97,8 +97,13 @@ struct HostOutput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerMode {
-    /// REQ/REP/RTU then DREQ/DREP (rping-like).
+    /// REQ/REP/RTU, then RC data like rping: each message RDMA WRITTEn into the VM's region,
+    /// READ back and verified; then DREQ/DREP.
     Rc,
+    /// REQ/REP/RTU, then RC SENDs echoed by the VM and verified (ucmatose-like); DREQ/DREP.
+    RcSend,
+    /// REQ/REP/RTU then DREQ/DREP only (`--messages` rounds).
+    RcConnect,
     /// SIDR_REQ/SIDR_REP then UD messages, each echoed and verified (udaddy-like).
     Ud,
 }
@@ -111,13 +116,13 @@ pub struct PeerArgs {
     /// GID (IPv4 or IPv6 text) of the VM to connect to.
     #[arg(long)]
     pub connect: String,
-    /// rc or ud.
+    /// rc, rc-send, rc-connect or ud.
     #[arg(long, value_enum, default_value = "rc")]
     pub mode: PeerMode,
-    /// UD messages (ud mode); RC connect/disconnect rounds (rc mode).
+    /// Messages (rc, rc-send, ud); connect/disconnect rounds (rc-connect).
     #[arg(long, default_value_t = 10)]
     pub messages: u64,
-    /// UD message size in bytes.
+    /// Message size in bytes (UD: ≤ 4096; RC: ≤ 1 MiB).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Give up on an operation after this long.
@@ -255,10 +260,19 @@ fn peer(a: PeerArgs) -> anyhow::Result<i32> {
     let mut rc = Vec::new();
     let mut ud = None;
     let result: Result<(), rdma::RdmaError> = match a.mode {
-        PeerMode::Rc => (0..a.messages.max(1)).try_for_each(|_| {
+        PeerMode::RcConnect => (0..a.messages.max(1)).try_for_each(|_| {
             rc.push(p.rc_session(dgid, svc, a.timeout)?);
             Ok(())
         }),
+        PeerMode::Rc | PeerMode::RcSend => {
+            let mode = if a.mode == PeerMode::Rc {
+                rdma::rc_session::RcMode::Rping
+            } else {
+                rdma::rc_session::RcMode::Send
+            };
+            p.rc_data_session(dgid, svc, mode, a.messages, a.size, a.timeout)
+                .map(|r| rc.push(r))
+        }
         PeerMode::Ud => p
             .ud_session(dgid, svc, a.messages, a.size, a.timeout)
             .map(|r| ud = Some(r)),
@@ -285,6 +299,12 @@ fn peer(a: PeerArgs) -> anyhow::Result<i32> {
                 report.gid, report.remote, r.local_comm_id, r.remote_comm_id, r.remote_qpn,
                 r.connect_us, r.disconnect_us
             );
+            if let Some(m) = r.mode {
+                println!(
+                    "rc {m:?}: {} messages verified, {} bytes in {} µs",
+                    r.verified, r.bytes, r.data_us
+                );
+            }
         }
         if let Some(u) = &report.ud {
             println!(

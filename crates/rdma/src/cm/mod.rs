@@ -418,6 +418,12 @@ impl CmEndpoint {
 
     /// Accepts a connection request of a manual listener: sends the REP.
     pub fn accept(&self, local_comm_id: u32) -> Result<(), RdmaError> {
+        self.accept_with_qpn(local_comm_id, None)
+    }
+
+    /// [`CmEndpoint::accept`] announcing `qpn` (the connection's own RC queue pair) instead
+    /// of the listener's.
+    pub fn accept_with_qpn(&self, local_comm_id: u32, qpn: Option<u32>) -> Result<(), RdmaError> {
         let inner = &self.inner;
         let mut st = inner.state.lock();
         let conn = st
@@ -429,6 +435,9 @@ impl CmEndpoint {
                 "accept: connection {local_comm_id:#x} is {:?}",
                 conn.state
             )));
+        }
+        if let Some(q) = qpn {
+            conn.local_qpn = q & rdma_wire::MAX_U24;
         }
         let mut out = Out::default();
         inner.send_rep(conn, Instant::now(), &mut out);

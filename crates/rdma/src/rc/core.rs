@@ -403,6 +403,11 @@ impl RcCore {
         self.cq.pop_front()
     }
 
+    /// Completions waiting.
+    pub fn cq_len(&self) -> usize {
+        self.cq.len()
+    }
+
     /// Send work requests not completed yet.
     pub fn sq_len(&self) -> usize {
         self.sq.len()

@@ -19,6 +19,8 @@ struct Shared {
     /// Signalled on completions and when the timer's deadline may have moved.
     cond: Condvar,
     remote: Mutex<Option<Gid>>,
+    /// Told this QP's number when completions are waiting (an agent serving many QPs).
+    notify: Mutex<Option<crossbeam_channel::Sender<u32>>>,
     stop: AtomicBool,
 }
 
@@ -53,6 +55,7 @@ impl RcQp {
             core: Mutex::new(core),
             cond: Condvar::new(),
             remote: Mutex::new(None),
+            notify: Mutex::new(None),
             stop: AtomicBool::new(false),
         });
         let qp = Arc::new(RcQp {
@@ -130,14 +133,14 @@ impl RcQp {
     pub fn to_err(&self) {
         let mut c = self.shared.core.lock();
         c.to_err();
-        self.shared.cond.notify_all();
+        self.flush(&mut c);
     }
 
     /// Posts a receive of up to `max_len` bytes.
     pub fn post_recv(&self, wr_id: u64, max_len: usize) -> Result<(), RcError> {
         let mut c = self.shared.core.lock();
         c.post_recv(wr_id, max_len)?;
-        self.shared.cond.notify_all();
+        self.flush(&mut c);
         Ok(())
     }
 
@@ -168,8 +171,20 @@ impl RcQp {
         }
     }
 
-    /// Sends what the transport queued (under the QP's lock, so packets leave in order).
+    /// Sends this QP's number on `tx` whenever completions are waiting.
+    pub fn set_notifier(&self, tx: crossbeam_channel::Sender<u32>) {
+        *self.shared.notify.lock() = Some(tx);
+    }
+
+    /// Sends what the transport queued (under the QP's lock, so packets leave in order) and
+    /// wakes whoever waits for completions.
     fn flush(&self, c: &mut RcCore) {
+        if c.cq_len() > 0 {
+            self.shared.cond.notify_all();
+            if let Some(tx) = &*self.shared.notify.lock() {
+                let _ = tx.try_send(self.qpn);
+            }
+        }
         let out = c.take_out();
         if out.is_empty() {
             return;
@@ -183,7 +198,6 @@ impl RcQp {
                 tracing::debug!(qpn = self.qpn, "RC send failed: {e}");
             }
         }
-        self.shared.cond.notify_all();
     }
 
     fn send_one(&self, remote: Gid, dqpn: u32, p_key: u16, p: &OutPacket) -> Result<(), RdmaError> {
