@@ -153,9 +153,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
     /// Attach a virtual RDMA device (PVRDMA ABI) with this GID; this process hosts the
-    /// software RoCEv2 port (UDP 4791 on `host`, default the GID's address) and its CM
-    /// multiplexer. `neighbor=PREFIX/LEN=HOST` says where GIDs behind other hosts are.
-    #[arg(long, value_name = "gid=IPV4[,host=ADDR][,neighbor=P/L=HOST]...")]
+    /// software RoCEv2 port (UDP 4791 on `host`, default the GID's address, and on the GID,
+    /// which must be an address of this host) and its CM multiplexer; IP routing finds
+    /// every other GID.
+    #[arg(long, value_name = "gid=IPV4[,host=ADDR][,pcap=FILE]")]
     pub vrdma: Option<crate::vrdma_host::VrdmaSpec>,
     /// Print a JSON summary as the last line of stdout.
     #[arg(long)]

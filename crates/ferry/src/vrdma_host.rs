@@ -17,7 +17,6 @@ use std::{
 
 use anyhow::Context;
 use rdma::{
-    addr::Neighbor,
     mux::{Backpressure, Multiplexer, MuxConfig, MuxStats, Qp1Sink, VmId, VmReport},
     port::{PortConfig, PortStats, SoftPort, UdDest, UdQp},
     Gid, Mad, RdmaError,
@@ -27,15 +26,14 @@ use vrdma::{
     BackendError, BackendErrorKind, DeviceStats, MadInbox, RdmaBackend, UdDatagram, UdQueue,
 };
 
-/// `--vrdma gid=IPV4[,host=ADDR][,neighbor=PREFIX/LEN=HOST]...[,pcap=FILE]`.
+/// `--vrdma gid=IPV4[,host=ADDR][,pcap=FILE]`. The GID must be an address of this host
+/// (the port binds UDP 4791 on it); IP routing says where the other GIDs live.
 #[derive(Debug, Clone)]
 pub struct VrdmaSpec {
     /// The VM's GID (IPv4-mapped).
     pub gid: Ipv4Addr,
     /// Host address the software RoCEv2 port binds (UDP 4791); default: the GID's address.
     pub host: Option<Ipv4Addr>,
-    /// Where GIDs behind other hosts are reached.
-    pub neighbors: Vec<Neighbor>,
     /// Packet capture file.
     pub pcap: Option<PathBuf>,
 }
@@ -47,7 +45,6 @@ impl FromStr for VrdmaSpec {
         let mut spec = VrdmaSpec {
             gid: Ipv4Addr::UNSPECIFIED,
             host: None,
-            neighbors: Vec::new(),
             pcap: None,
         };
         for part in s.split(',').filter(|p| !p.is_empty()) {
@@ -58,9 +55,12 @@ impl FromStr for VrdmaSpec {
             match k {
                 "gid" => gid = Some(ip(v)?),
                 "host" => spec.host = Some(ip(v)?),
-                "neighbor" | "peer" => spec
-                    .neighbors
-                    .push(v.parse().map_err(|e: RdmaError| e.to_string())?),
+                "neighbor" | "peer" => {
+                    return Err(format!(
+                        "--vrdma {k}= is gone: a GID is an address of its host and IP routing \
+                         finds it (give the VM a GID its host owns, e.g. any 127.x address)"
+                    ))
+                }
                 "pcap" => spec.pcap = Some(PathBuf::from(v)),
                 other => return Err(format!("unknown --vrdma key '{other}'")),
             }
@@ -191,26 +191,10 @@ pub struct HostReport {
 }
 
 impl VrdmaHost {
-    /// Binds the port on `addr` and starts the multiplexer. `local_gids` are the GIDs of this
-    /// host's VMs (reached through this host's own address); `neighbors` say where the GIDs
-    /// behind other hosts are.
-    pub fn start(
-        addr: Ipv4Addr,
-        local_gids: &[Ipv4Addr],
-        neighbors: &[Neighbor],
-        pcap: Option<PathBuf>,
-    ) -> anyhow::Result<Arc<VrdmaHost>> {
+    /// Binds the port on `addr` and starts the multiplexer. A VM's GID is bound when its
+    /// device registers it (CREATE_BIND); it must be an address this host owns.
+    pub fn start(addr: Ipv4Addr, pcap: Option<PathBuf>) -> anyhow::Result<Arc<VrdmaHost>> {
         let mut cfg = PortConfig::new(addr);
-        for g in local_gids {
-            cfg.neighbors.add(Neighbor {
-                prefix: *g,
-                len: 32,
-                host: addr,
-            });
-        }
-        for n in neighbors {
-            cfg.neighbors.add(*n);
-        }
         cfg.pcap = pcap;
         let port =
             SoftPort::bind(cfg).with_context(|| format!("binding the RoCEv2 port on {addr}"))?;

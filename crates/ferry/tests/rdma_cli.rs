@@ -131,8 +131,6 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
         "3",
         "--gid-base",
         "127.41.1.1",
-        "--neighbor",
-        "127.41.2.0/24=127.41.0.2",
         "--cm-timeout",
         "16",
     ]);
@@ -143,8 +141,6 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
         "2",
         "--gid-base",
         "127.41.2.1",
-        "--neighbor",
-        "127.41.1.0/24=127.41.0.1",
         "--cm-timeout",
         "16",
         "--connect",
@@ -156,19 +152,12 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
         "--connect",
         "127.41.2.2",
     ]);
-    let peer_args = [
-        "--addr",
-        "127.41.0.9",
-        "--neighbor",
-        "127.41.1.0/24=127.41.0.1",
-        "--neighbor",
-        "127.41.2.0/24=127.41.0.2",
-    ];
+    let peer_args = ["--addr", "127.41.0.9"];
     for gid in ["127.41.1.2", "127.41.2.2"] {
         let out = peer(
             &[
                 &peer_args[..],
-                &["--connect", gid, "--mode", "rc", "--messages", "3"],
+                &["--connect", gid, "--mode", "rc-connect", "--messages", "3"],
             ]
             .concat(),
         );
@@ -179,6 +168,36 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
         );
         let j = json_tail(&out);
         assert_eq!(j["rc"].as_array().map(Vec::len), Some(3));
+        // RC data: rping-like WRITE + READ, and SEND echoed, each verified.
+        for (mode, size) in [("rc", "20000"), ("rc-send", "3000")] {
+            let out = peer(
+                &[
+                    &peer_args[..],
+                    &[
+                        "--connect",
+                        gid,
+                        "--mode",
+                        mode,
+                        "--messages",
+                        "20",
+                        "--size",
+                        size,
+                    ],
+                ]
+                .concat(),
+            );
+            assert!(
+                out.status.success(),
+                "{mode} to {gid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let j = json_tail(&out);
+            assert_eq!(u(&j["rc"][0], &["verified"]), 20, "{j}");
+            assert_eq!(
+                j["rc"][0]["mode"],
+                if mode == "rc" { "rping" } else { "send" }
+            );
+        }
         let out = peer(
             &[
                 &peer_args[..],
@@ -239,13 +258,18 @@ fn rdma_two_host_processes_vms_connect_and_bare_metal_peer() {
     // Host A's VMs 1 and 3 each accepted one connection from each of B's two VMs.
     let va = ja["vms"].as_array().expect("vms");
     assert_eq!(u(&va[0], &["cm", "established"]), 2);
-    assert_eq!(u(&va[1], &["cm", "established"]), 3, "peer's 3 rounds");
+    assert_eq!(
+        u(&va[1], &["cm", "established"]),
+        5,
+        "peer's 3 rounds and 2 data sessions"
+    );
     assert_eq!(u(&va[2], &["cm", "established"]), 2);
 }
 
 /// A peer connecting to a GID no VM registered fails (exit 1) and the host counts the drop.
 #[test]
 fn rdma_peer_to_unregistered_gid_fails_and_is_counted() {
+    // The host's own address is one of its addresses that no VM registered.
     let a = HostProc::start(&[
         "--addr",
         "127.42.0.1",
@@ -257,10 +281,8 @@ fn rdma_peer_to_unregistered_gid_fails_and_is_counted() {
     let out = peer(&[
         "--addr",
         "127.42.0.9",
-        "--neighbor",
-        "127.42.1.0/24=127.42.0.1",
         "--connect",
-        "127.42.1.50",
+        "127.42.0.1",
         "--cm-timeout",
         "12",
         "--cm-retries",

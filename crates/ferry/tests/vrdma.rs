@@ -98,11 +98,8 @@ fn strings(v: &[&str]) -> Vec<String> {
 }
 
 /// `ferry vrdma --json` with `vms`; the JSON report.
-fn vrdma_host(addr: &str, neighbors: &[&str], vms: &[&str]) -> Proc {
+fn vrdma_host(addr: &str, vms: &[&str]) -> Proc {
     let mut a = strings(&["vrdma", "--addr", addr, "--json", "--timeout", "60s"]);
-    for n in neighbors {
-        a.extend(strings(&["--neighbor", n]));
-    }
     for v in vms {
         a.extend(strings(&["--vm", v]));
     }
@@ -153,7 +150,7 @@ fn two_vms_on_two_hosts_connect_and_exchange_verified_ud_messages() {
             "--timeout",
             "90s",
             "--vrdma",
-            "gid=127.61.1.1,host=127.61.0.1,neighbor=127.61.2.0/24=127.61.0.2",
+            "gid=127.61.1.1,host=127.61.0.1",
             "--rdma-sessions",
             "1",
         ]),
@@ -170,7 +167,7 @@ fn two_vms_on_two_hosts_connect_and_exchange_verified_ud_messages() {
             "--timeout",
             "90s",
             "--vrdma",
-            "gid=127.61.2.1,host=127.61.0.2,neighbor=127.61.1.0/24=127.61.0.1",
+            "gid=127.61.2.1,host=127.61.0.2",
             "--rdma-peer",
             "127.61.1.1",
             "--rdma-messages",
@@ -215,7 +212,6 @@ fn two_vms_on_one_host_receive_exactly_their_own_cm_traffic() {
     let _g = lock();
     let servers = vrdma_host(
         "127.62.0.1",
-        &["127.62.2.0/24=127.62.0.2"],
         &[
             "rdma-server,gid=127.62.1.1,sessions=1",
             "rdma-server,gid=127.62.1.2,sessions=1",
@@ -224,7 +220,6 @@ fn two_vms_on_one_host_receive_exactly_their_own_cm_traffic() {
     servers.wait_for("listening on port", 2);
     let clients = vrdma_host(
         "127.62.0.2",
-        &["127.62.1.0/24=127.62.0.1"],
         &[
             "rdma-client,gid=127.62.2.1,peer=127.62.1.1,messages=100",
             "rdma-client,gid=127.62.2.2,peer=127.62.1.2,messages=100",
@@ -268,7 +263,6 @@ fn binding_another_vms_gid_is_refused_and_vm_shutdown_unregisters() {
     let _g = lock();
     let host = vrdma_host(
         "127.63.0.1",
-        &[],
         &[
             // Owns .1.1 until it is stopped after 5 s.
             "rdma-server,gid=127.63.1.1,timeout=5000,expect=124",
@@ -298,7 +292,6 @@ fn a_send_with_a_source_gid_the_vm_does_not_own_is_refused() {
     let _g = lock();
     let host = vrdma_host(
         "127.64.0.1",
-        &[],
         &[
             "rdma-server,gid=127.64.1.1,sessions=1",
             "rdma-client,gid=127.64.1.2,peer=127.64.1.1,mode=spoof,other=127.64.1.9,delay=1000,expect=40",
@@ -335,7 +328,7 @@ fn a_bare_metal_peer_connects_to_a_vm() {
             "--timeout",
             "90s",
             "--vrdma",
-            "gid=127.65.1.1,host=127.65.0.1,neighbor=127.65.2.0/24=127.65.0.2",
+            "gid=127.65.1.1,host=127.65.0.1",
             "--rdma-sessions",
             "3",
         ]),
@@ -349,8 +342,6 @@ fn a_bare_metal_peer_connects_to_a_vm() {
                 "peer",
                 "--addr",
                 "127.65.0.2",
-                "--neighbor",
-                "127.65.1.0/24=127.65.0.1",
                 "--connect",
                 "127.65.1.1",
                 "--mode",
@@ -373,7 +364,7 @@ fn a_bare_metal_peer_connects_to_a_vm() {
     );
     // rping-like: REQ/REP/RTU, then DREQ/DREP, three times (the server exits after three
     // disconnects).
-    let rc = peer("rc", "3");
+    let rc = peer("rc-connect", "3");
     assert_eq!(rc.code, 0, "{}\n{}", rc.stdout, rc.stderr);
     assert!(rc.stdout.contains("connected"), "{}", rc.stdout);
     let s = server.wait(LIMIT);
@@ -391,7 +382,6 @@ fn a_hostile_guest_gets_errors_while_the_vmm_and_the_other_vms_keep_working() {
     let _g = lock();
     let host = vrdma_host(
         "127.66.0.1",
-        &[],
         &[
             "rdma-hostile,gid=127.66.1.9",
             "rdma-server,gid=127.66.1.1,sessions=1",

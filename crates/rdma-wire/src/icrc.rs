@@ -200,6 +200,135 @@ pub fn verify_for_udp_socket(
     )
 }
 
+/// Checks the ICRC of a packet received on a UDP socket whose sender may have put any IPv4
+/// identification in its header, and returns the identification that makes it verify.
+///
+/// An ordinary UDP socket does not report the IP header, but the ICRC covers the IPv4
+/// identification (Linux `rxe_icrc.c` masks only TOS, TTL and the header checksum) and Linux
+/// `rdma_rxe` sends every packet with a fresh identification (DF set). The CRC is affine over
+/// GF(2) in the 16 identification bits, so the identification is *solved for* instead of
+/// guessed: with `D` = stored ICRC ⊕ ICRC computed with identification 0 (the convention of
+/// [`icrc_for_udp_socket`], tried first), the packet verifies iff some identification `id`
+/// has `L(id) = D`, where `L` maps each identification bit to its effect on the CRC (its
+/// contribution two bytes in, carried through the rest of the packet). `L` is injective (16
+/// bits into 32), so the answer is unique; a packet for which no identification works is
+/// refused. The other header fields are the convention's (DF, no options, lengths from the
+/// datagram): a packet from a stack that sent something else does not verify.
+///
+/// The price is that a corrupted packet with an arbitrary identification passes with
+/// probability 2⁻¹⁶ instead of 2⁻³² — the UDP checksum and the IP header checksum, which the
+/// receiving kernel checked, stand in front of it. IPv6 has no identification; there this is
+/// [`verify_for_udp_socket`].
+pub fn verify_for_udp_socket_any_ip_id(
+    src: IpAddr,
+    dst: IpAddr,
+    src_port: u16,
+    dst_port: u16,
+    ib_packet_with_icrc: &[u8],
+) -> Result<u16, WireError> {
+    let (ib, stored) = split_icrc(ib_packet_with_icrc)?;
+    let computed = icrc_for_udp_socket(src, dst, src_port, dst_port, ib)?;
+    if stored == computed {
+        return Ok(0);
+    }
+    if !matches!(src, IpAddr::V4(_)) {
+        return Err(WireError::IcrcMismatch { stored, computed });
+    }
+    // Bytes of the CRC stream (8 × 0xFF, IPv4, UDP, IB) after the identification, which
+    // occupies stream bytes 12 and 13.
+    let after = 8 + IPV4_HEADER_LEN + UDP_HEADER_LEN + ib.len() - 14;
+    solve_ip_id(stored ^ computed, after).ok_or(WireError::IcrcMismatch { stored, computed })
+}
+
+/// Reflected CRC-32 polynomial.
+const POLY_REFLECTED: u32 = 0xEDB8_8320;
+
+/// `a · b mod P` for reflected CRC-32 polynomials (bit 31 is x⁰).
+fn mul_mod_p(a: u32, mut b: u32) -> u32 {
+    let mut m = 1u32 << 31;
+    let mut p = 0;
+    while m != 0 {
+        if a & m != 0 {
+            p ^= b;
+        }
+        m >>= 1;
+        b = if b & 1 != 0 {
+            (b >> 1) ^ POLY_REFLECTED
+        } else {
+            b >> 1
+        };
+    }
+    p
+}
+
+/// `x^(8·n) mod P`: the operator that carries a raw CRC register through `n` zero bytes.
+fn x_pow_8n(mut n: usize) -> u32 {
+    let mut sq = 1u32 << 30; // x¹
+    for _ in 0..3 {
+        sq = mul_mod_p(sq, sq); // x², x⁴, x⁸
+    }
+    let mut p = 1u32 << 31; // x⁰
+    while n != 0 {
+        if n & 1 != 0 {
+            p = mul_mod_p(sq, p);
+        }
+        sq = mul_mod_p(sq, sq);
+        n >>= 1;
+    }
+    p
+}
+
+/// The raw register (zero initial value, no inversion) after the two identification bytes.
+fn raw_crc_of_id(id: u16) -> u32 {
+    let mut c = 0u32;
+    for b in id.to_be_bytes() {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ POLY_REFLECTED
+            } else {
+                c >> 1
+            };
+        }
+    }
+    c
+}
+
+/// The identification `id` whose CRC contribution, carried through `after` more bytes, is
+/// `d` (Gaussian elimination over GF(2); `None` when there is none).
+fn solve_ip_id(d: u32, after: usize) -> Option<u16> {
+    let shift = x_pow_8n(after);
+    // rows: (image of the combination, the combination of identification bits)
+    let mut rows: [(u32, u16); 16] = [(0, 0); 16];
+    for (i, r) in rows.iter_mut().enumerate() {
+        let bit = 1u16 << i;
+        *r = (mul_mod_p(shift, raw_crc_of_id(bit)), bit);
+    }
+    // Reduce to echelon form keyed by each row's highest set bit, then eliminate `d`.
+    let mut basis: [(u32, u16); 32] = [(0, 0); 32];
+    for (mut v, mut c) in rows {
+        while v != 0 {
+            let hb = 31 - v.leading_zeros() as usize;
+            if basis[hb].0 == 0 {
+                basis[hb] = (v, c);
+                break;
+            }
+            v ^= basis[hb].0;
+            c ^= basis[hb].1;
+        }
+    }
+    let (mut v, mut id) = (d, 0u16);
+    while v != 0 {
+        let hb = 31 - v.leading_zeros() as usize;
+        if basis[hb].0 == 0 {
+            return None;
+        }
+        v ^= basis[hb].0;
+        id ^= basis[hb].1;
+    }
+    Some(id)
+}
+
 /// Splits a UDP payload into the IB bytes before the ICRC and the ICRC value (read
 /// little-endian). The payload must hold at least a BTH and the ICRC.
 pub fn split_icrc(ib_packet_with_icrc: &[u8]) -> Result<(&[u8], u32), WireError> {

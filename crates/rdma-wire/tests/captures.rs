@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use rdma_wire::cm::{CmMessage, Dreq, Rep, Req, SidrRep, SidrReq};
 use rdma_wire::rdma_cm::{self, CmaHeader, PortSpace};
 use rdma_wire::{
-    icrc, opcode, udp_src_port_for_flow_label, CmKind, Deth, Gid, ImmDt, RocePacket, GSI_QKEY,
+    icrc, opcode, udp_src_port_for_flow_label, Bth, CmKind, Deth, Gid, ImmDt, RocePacket, GSI_QKEY,
     ROCEV2_UDP_PORT,
 };
 
@@ -103,6 +103,32 @@ fn check_capture(file: &[u8]) -> Vec<(CmMessage, Frame<'_>)> {
             Ok(pkt.icrc)
         );
         assert_eq!(pkt.wire_len(), f.payload.len());
+        // What a software port that only has the UDP socket's view (addresses, ports, payload)
+        // sees: the ICRC verifies, and the IP identification Linux chose is recovered.
+        let id = icrc::verify_for_udp_socket_any_ip_id(
+            f.src().into(),
+            f.dst().into(),
+            f.src_port(),
+            ROCEV2_UDP_PORT,
+            f.payload,
+        )
+        .unwrap_or_else(|e| panic!("frame {i}: socket view: {e}"));
+        assert_eq!(id.to_be_bytes(), [f.ip[4], f.ip[5]], "frame {i}: IP ID");
+        assert_eq!([f.ip[6], f.ip[7]], [0x40, 0], "frame {i}: DF");
+        // One flipped payload bit: no identification makes it verify.
+        let mut bad = f.payload.to_vec();
+        bad[Bth::LEN] ^= 0x10;
+        assert!(
+            icrc::verify_for_udp_socket_any_ip_id(
+                f.src().into(),
+                f.dst().into(),
+                f.src_port(),
+                ROCEV2_UDP_PORT,
+                &bad,
+            )
+            .is_err(),
+            "frame {i}: corrupted"
+        );
 
         let mut out = [0u8; 2048];
         let n = pkt.encode(f.ip, f.udp, &mut out).unwrap();

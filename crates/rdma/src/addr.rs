@@ -1,147 +1,15 @@
-//! Addressing over the loopback UDP transport: GID → host resolution (a static neighbour
-//! table), Ferry's encapsulation preamble carrying SGID and DGID, and the 40-byte GRH area a
-//! receive buffer starts with.
+//! Addressing: a GID is an IPv4 address (`::ffff:a.b.c.d`) carried in the IP header of every
+//! RoCEv2 packet; the 40-byte GRH area a receive buffer starts with.
 use std::net::Ipv4Addr;
-use std::str::FromStr;
 
 use rdma_wire::Gid;
-use serde::{Deserialize, Serialize};
 
 use crate::RdmaError;
 
-/// One neighbour entry: GIDs whose IPv4 address is in `prefix/len` live behind `host`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Neighbor {
-    /// Network address.
-    pub prefix: Ipv4Addr,
-    /// Prefix length (0–32).
-    pub len: u8,
-    /// Host address whose port 4791 receives for these GIDs.
-    pub host: Ipv4Addr,
-}
-
-impl Neighbor {
-    fn mask(&self) -> u32 {
-        if self.len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.len.min(32)))
-        }
-    }
-
-    /// Whether `ip` is inside the entry's prefix.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        (ip.to_bits() & self.mask()) == (self.prefix.to_bits() & self.mask())
-    }
-}
-
-impl FromStr for Neighbor {
-    type Err = RdmaError;
-    /// Parses `A.B.C.D/LEN=HOST` (or `A.B.C.D=HOST` for one address).
-    fn from_str(s: &str) -> Result<Neighbor, RdmaError> {
-        let bad = || RdmaError::BadNeighbor(s.to_string());
-        let (net, host) = s.split_once('=').ok_or_else(bad)?;
-        let (prefix, len) = match net.split_once('/') {
-            Some((p, l)) => (p, l.trim().parse::<u8>().map_err(|_| bad())?),
-            None => (net, 32),
-        };
-        if len > 32 {
-            return Err(bad());
-        }
-        Ok(Neighbor {
-            prefix: prefix.trim().parse().map_err(|_| bad())?,
-            len,
-            host: host.trim().parse().map_err(|_| bad())?,
-        })
-    }
-}
-
-/// Static GID → host table, longest prefix wins. An address without an entry is its own
-/// host (a GID that is a host address).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NeighborTable {
-    entries: Vec<Neighbor>,
-}
-
-impl NeighborTable {
-    /// An empty table.
-    pub fn new() -> NeighborTable {
-        NeighborTable::default()
-    }
-
-    /// Adds an entry.
-    pub fn add(&mut self, n: Neighbor) {
-        self.entries.push(n);
-        self.entries.sort_by_key(|n| std::cmp::Reverse(n.len));
-    }
-
-    /// Adds an entry, builder style.
-    pub fn with(mut self, n: Neighbor) -> NeighborTable {
-        self.add(n);
-        self
-    }
-
-    /// The entries, longest prefix first.
-    pub fn entries(&self) -> &[Neighbor] {
-        &self.entries
-    }
-
-    /// The host address that receives packets for `ip`.
-    pub fn resolve(&self, ip: Ipv4Addr) -> Ipv4Addr {
-        self.entries
-            .iter()
-            .find(|n| n.contains(ip))
-            .map_or(ip, |n| n.host)
-    }
-
-    /// The host address that receives packets for `gid` (IPv4-mapped or zero-padded form).
-    pub fn resolve_gid(&self, gid: Gid) -> Result<Ipv4Addr, RdmaError> {
-        gid.canonical()
-            .ipv4_mapped()
-            .map(|ip| self.resolve(ip))
-            .ok_or(RdmaError::NotIpv4(gid))
-    }
-}
-
-/// Magic and version at the start of every datagram of Ferry's loopback transport.
-pub const ENCAP_MAGIC: [u8; 4] = *b"FRY\x01";
-/// Length of the preamble: magic, SGID, DGID.
-pub const ENCAP_LEN: usize = 4 + 16 + 16;
-
-/// The preamble before the BTH: the packet's source and destination GIDs, which a real
-/// RoCEv2 packet carries in its IP header and a UDP socket does not report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Encap {
-    /// Source GID (IP source of the RoCEv2 packet).
-    pub sgid: Gid,
-    /// Destination GID (IP destination).
-    pub dgid: Gid,
-}
-
-impl Encap {
-    /// Writes the preamble into the first [`ENCAP_LEN`] bytes of `out`.
-    pub fn write(&self, out: &mut [u8; ENCAP_LEN]) {
-        out[..4].copy_from_slice(&ENCAP_MAGIC);
-        out[4..20].copy_from_slice(&self.sgid.octets());
-        out[20..36].copy_from_slice(&self.dgid.octets());
-    }
-
-    /// Splits a datagram into its preamble and the RoCEv2 part (BTH … ICRC). `None` when it
-    /// is too short or lacks the magic.
-    pub fn split(datagram: &[u8]) -> Option<(Encap, &[u8])> {
-        let (head, rest) = datagram.split_at_checked(ENCAP_LEN)?;
-        if head[..4] != ENCAP_MAGIC {
-            return None;
-        }
-        let g = |r: &[u8]| -> Option<Gid> { Some(Gid(r.try_into().ok()?)) };
-        Some((
-            Encap {
-                sgid: g(&head[4..20])?,
-                dgid: g(&head[20..36])?,
-            },
-            rest,
-        ))
-    }
+/// The IPv4 address of an IPv4-mapped (or zero-padded) GID: where a RoCEv2 packet for it is
+/// sent, and the address a port binds to receive for it.
+pub fn gid_ipv4(gid: Gid) -> Result<Ipv4Addr, RdmaError> {
+    gid.canonical().ipv4_mapped().ok_or(RdmaError::NotIpv4(gid))
 }
 
 /// Length of the GRH area of a UD/QP1 receive buffer.
@@ -159,12 +27,14 @@ fn ip_checksum(h: &[u8]) -> u16 {
 }
 
 /// The IPv4 header a RoCEv2 packet from `src` to `dst` with `udp_payload_len` bytes after
-/// the UDP header carries (TTL 64, DF, identification 0, checksum filled in).
-pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, udp_payload_len: usize) -> [u8; 20] {
+/// the UDP header carries (TTL 64, DF, identification `id`, checksum filled in). Ferry's port
+/// sends identification 0 (see [`crate::port`]).
+pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, id: u16, udp_payload_len: usize) -> [u8; 20] {
     let total = (20 + 8 + udp_payload_len).min(usize::from(u16::MAX)) as u16;
     let mut ip = [0u8; 20];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
     ip[6] = 0x40;
     ip[8] = 64;
     ip[9] = 17;
@@ -197,7 +67,7 @@ pub fn grh_area(sgid: Gid, dgid: Gid, udp_payload_len: usize) -> [u8; GRH_LEN] {
         sgid.canonical().ipv4_mapped(),
         dgid.canonical().ipv4_mapped(),
     ) {
-        (Some(s), Some(d)) => g[20..].copy_from_slice(&ipv4_header(s, d, udp_payload_len)),
+        (Some(s), Some(d)) => g[20..].copy_from_slice(&ipv4_header(s, d, 0, udp_payload_len)),
         _ => g.copy_from_slice(&ipv6_header(sgid, dgid, udp_payload_len)),
     }
     g
@@ -231,51 +101,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn neighbor_table_longest_prefix_and_default_to_self() {
-        let t = NeighborTable::new()
-            .with("127.0.0.0/8=127.0.0.9".parse().unwrap())
-            .with("127.0.1.0/24=127.0.0.1".parse().unwrap());
+    fn gid_ipv4_of_both_forms() {
+        let zp = Gid::from_parts(0, 0x7f00_0105);
+        assert_eq!(gid_ipv4(zp).unwrap(), Ipv4Addr::new(127, 0, 1, 5));
         assert_eq!(
-            t.resolve("127.0.1.7".parse().unwrap()),
-            Ipv4Addr::new(127, 0, 0, 1)
-        );
-        assert_eq!(
-            t.resolve("127.5.1.7".parse().unwrap()),
-            Ipv4Addr::new(127, 0, 0, 9)
-        );
-        assert_eq!(
-            t.resolve("10.0.0.1".parse().unwrap()),
+            gid_ipv4(gid_v4(Ipv4Addr::new(10, 0, 0, 1))).unwrap(),
             Ipv4Addr::new(10, 0, 0, 1)
         );
-        // The zero-padded form resolves like the mapped one.
-        let zp = Gid::from_parts(0, 0x7f00_0105);
-        assert_eq!(t.resolve_gid(zp).unwrap(), Ipv4Addr::new(127, 0, 0, 1));
-        assert!(t.resolve_gid(Gid::from_parts(0xfe80 << 48, 1)).is_err());
-        for bad in [
-            "127.0.0.1",
-            "1.2.3.4/33=1.1.1.1",
-            "x/8=1.1.1.1",
-            "1.2.3.4/8=y",
-        ] {
-            assert!(bad.parse::<Neighbor>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn encap_round_trip_and_rejects_garbage() {
-        let e = Encap {
-            sgid: gid_v4(Ipv4Addr::new(127, 0, 1, 1)),
-            dgid: gid_v4(Ipv4Addr::new(127, 0, 2, 1)),
-        };
-        let mut buf = [0u8; ENCAP_LEN + 3];
-        let head: &mut [u8; ENCAP_LEN] = (&mut buf[..ENCAP_LEN]).try_into().unwrap();
-        e.write(head);
-        let (d, rest) = Encap::split(&buf).unwrap();
-        assert_eq!(d, e);
-        assert_eq!(rest.len(), 3);
-        assert!(Encap::split(&buf[..10]).is_none());
-        buf[0] = b'X';
-        assert!(Encap::split(&buf).is_none());
+        assert!(gid_ipv4(Gid::from_parts(0xfe80 << 48, 1)).is_err());
     }
 
     #[test]

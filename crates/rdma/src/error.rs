@@ -20,11 +20,25 @@ pub enum RdmaError {
     #[error("wire format: {0}")]
     Wire(#[from] WireError),
     /// A GID that is not an IPv4-mapped address cannot be reached over this transport.
-    #[error("GID {0} has no IPv4 address; the loopback transport only carries IPv4 GIDs")]
+    #[error("GID {0} has no IPv4 address; the port carries RoCEv2 over IPv4 only")]
     NotIpv4(Gid),
-    /// A neighbour entry that does not parse.
-    #[error("bad neighbour entry '{0}': expected A.B.C.D/LEN=HOST")]
-    BadNeighbor(String),
+    /// The port cannot take packets for a GID: binding its address failed (not an address
+    /// of this host, or another process's port has it).
+    #[error("cannot receive for GID {gid} (binding {addr}:{port})")]
+    BindGid {
+        /// The GID.
+        gid: Gid,
+        /// Its address.
+        addr: Ipv4Addr,
+        /// The UDP port.
+        port: u16,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A send from a GID the port has not claimed (it cannot be the IP source).
+    #[error("GID {0} is not an address of this port")]
+    NotLocalGid(Gid),
     /// A QPN that no queue pair uses.
     #[error("no queue pair {0:#x}")]
     NoSuchQp(u32),

@@ -16,6 +16,7 @@ use crate::addr::{gid_v4, ipv4_add};
 use crate::cm::{AcceptMode, CmConfig, CmEndpoint, CmStats, EndpointSink, ListenOptions};
 use crate::mux::{Multiplexer, MuxConfig, MuxStats, VmCounterStats, VmId};
 use crate::port::{PortConfig, PortStats, Qp1Tx, SoftPort, UdDest, UdQp, UdQpStats};
+use crate::rc_session::RcServer;
 use crate::RdmaError;
 
 /// rping's and udaddy's default port.
@@ -46,6 +47,8 @@ pub struct HostConfig {
     pub cm: CmConfig,
     /// Multiplexer settings.
     pub mux: MuxConfig,
+    /// The VMs serve RC data sessions (see [`VmOptions::rc_server`]).
+    pub rc_server: bool,
 }
 
 impl HostConfig {
@@ -58,6 +61,7 @@ impl HostConfig {
             service_port: DEFAULT_SERVICE_PORT,
             cm: CmConfig::default(),
             mux: MuxConfig::default(),
+            rc_server: true,
         }
     }
 }
@@ -73,6 +77,10 @@ pub struct VmOptions {
     pub receiving: bool,
     /// rdma_cm port it listens on.
     pub service_port: u16,
+    /// Serve RC data sessions ([`crate::rc_session::RcServer`]: one RC QP per connection,
+    /// accepted manually by the agent, which takes the endpoint's events). Off: REQs for the
+    /// RC service are answered per `accept` with the UD QP's number (handshake only).
+    pub rc_server: bool,
 }
 
 /// The VM's virtual QP1 send side: every send goes through the multiplexer's checks.
@@ -94,6 +102,7 @@ pub struct SimVm {
     endpoint: CmEndpoint,
     sink: Arc<EndpointSink>,
     ud_qp: Arc<UdQp>,
+    rc: Option<RcServer>,
     stop: Arc<AtomicBool>,
     echo: Mutex<Option<JoinHandle<()>>>,
 }
@@ -122,6 +131,9 @@ impl SimVm {
 
     fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        if let Some(rc) = &self.rc {
+            rc.stop();
+        }
         self.endpoint.shutdown();
         if let Some(t) = self.echo.lock().take() {
             let _ = t.join();
@@ -186,6 +198,7 @@ impl Host {
                 accept: AcceptMode::Auto,
                 receiving: true,
                 service_port: host.cfg.service_port,
+                rc_server: host.cfg.rc_server,
             };
             if let Err(e) = host.add_vm(i as VmId + 1, gid, opts) {
                 host.shutdown();
@@ -212,14 +225,32 @@ impl Host {
             return Err(e);
         }
         let ud_qp = self.port.create_ud_qp(gid, RDMA_CM_UD_QKEY);
-        endpoint.listen(
-            rc_service(opts.service_port),
-            ListenOptions {
-                qpn: ud_qp.qpn_value(),
-                qkey: 0,
-                accept: opts.accept,
-            },
-        );
+        let rc = if opts.rc_server {
+            endpoint.listen(
+                rc_service(opts.service_port),
+                ListenOptions {
+                    qpn: ud_qp.qpn_value(),
+                    qkey: 0,
+                    accept: AcceptMode::Manual,
+                },
+            );
+            Some(RcServer::start(
+                self.port.clone(),
+                endpoint.clone(),
+                rc_service(opts.service_port),
+                gid,
+            )?)
+        } else {
+            endpoint.listen(
+                rc_service(opts.service_port),
+                ListenOptions {
+                    qpn: ud_qp.qpn_value(),
+                    qkey: 0,
+                    accept: opts.accept,
+                },
+            );
+            None
+        };
         endpoint.listen(
             ud_service(opts.service_port),
             ListenOptions {
@@ -256,6 +287,7 @@ impl Host {
             endpoint,
             sink,
             ud_qp,
+            rc,
             stop,
             echo: Mutex::new(Some(echo)),
         });

@@ -1,26 +1,27 @@
 //! Ferry's RDMA connection-management virtualization, built on [`rdma_wire`]'s codecs.
 //!
-//! - [`port`] — the software RoCEv2 port, the host's "physical RDMA interface": a UDP socket
-//!   on port 4791 of one host address, QP1 (GSI) and UD queue pairs with Q_Key and P_Key
-//!   checks, ICRC generated and verified, counters, optional pcap capture.
+//! - [`port`] — the software RoCEv2 port, the host's "physical RDMA interface": UDP sockets on
+//!   port 4791 of the host's address and of each GID it serves, QP1 (GSI) and UD queue pairs
+//!   with Q_Key and P_Key checks, ICRC generated and verified, counters, optional pcap capture.
 //! - [`cm`] — CM endpoint state machines (REQ/REP/RTU, DREQ/DREP, REJ, MRA, SIDR, Linux-like
 //!   timeouts and retries) driven by any [`cm::MadTx`]: a VM agent, a test, a bare-metal peer.
 //! - [`mux`] — the multiplexer: (VM, GID) registrations, inbound QP1 routing by destination
 //!   GID to the owning VM, outbound anti-spoofing checks, per-VM communication-ID tables.
+//! - [`rc`] — Reliable Connected queue pairs on the port: the transport (segmentation, PSNs,
+//!   ACK/NAK, retransmission, RNR, READ/WRITE through checked memory regions).
+//! - [`rc_session`] — rping-like (WRITE + READ) and ucmatose-like (SEND/RECV) sessions over RC.
 //! - [`host`] and [`peer`] — a host daemon with simulated VMs, and a bare-metal endpoint.
 //!
-//! # Addressing and encapsulation over loopback UDP
+//! # Addressing: standard RoCEv2 over IPv4
 //!
-//! A host is a UDP socket bound to `IP:4791`. A GID is an IPv4-mapped address
-//! `::ffff:a.b.c.d`; GIDs of VMs behind a host are reached through a static neighbour table
-//! ([`addr::NeighborTable`], like ARP entries: `127.0.1.0/24 → 127.0.0.1`); a GID without an
-//! entry is sent to its own IPv4 address. Because a UDP socket cannot tell which of the GIDs
-//! behind its host a datagram was for, every datagram starts with Ferry's 36-byte preamble
-//! ([`addr::Encap`]: magic `FRY\x01`, SGID, DGID) before the BTH. The ICRC is computed with
-//! [`rdma_wire::icrc::icrc_for_udp_socket`] using the *GIDs'* addresses as IP source and
-//! destination and the datagram's real UDP ports, as the RNIC owning those GIDs would; the
-//! pcap writer writes the same packets as real Ethernet/IPv4/UDP frames with the GIDs as IP
-//! addresses, so Wireshark dissects them as RoCEv2/InfiniBand CM.
+//! A GID is an IPv4-mapped address `::ffff:a.b.c.d` and travels in the IP header: the UDP
+//! payload is BTH … ICRC exactly as an RNIC (or Linux `rdma_rxe`) sends it. A VM's GID is an
+//! address its host owns (on loopback any `127.x.y.z`; on a real host an address on its
+//! interface, `ip addr add 10.0.0.21/32 dev eth0`); the port binds UDP 4791 on it, so IP
+//! routing decides where a GID lives and the kernel writes and reports the addresses — the
+//! destination GID of a received packet is the address of the socket it arrived on, the source
+//! GID the datagram's source address. The ICRC covers the IPv4 and UDP headers as the kernels
+//! write them ([`rdma_wire::icrc`]); the pcap writer records the real frames.
 
 pub mod addr;
 pub mod cm;
@@ -30,6 +31,8 @@ pub mod host;
 pub mod mux;
 pub mod peer;
 pub mod port;
+pub mod rc;
+pub mod rc_session;
 
 pub use error::RdmaError;
 pub use rdma_wire::{Gid, Mad, MAD_SIZE};

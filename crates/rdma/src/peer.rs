@@ -11,6 +11,8 @@ use crate::addr::gid_v4;
 use crate::cm::{CmConfig, CmEndpoint, CmStats, ConnectParams};
 use crate::host::{rc_service, ud_service};
 use crate::port::{PortConfig, PortStats, SoftPort, UdDest, UdQp};
+use crate::rc::{Clock, MonotonicClock, MrTable, RcStats};
+use crate::rc_session::{self, RcMode};
 use crate::RdmaError;
 
 /// Result of an RC-style session.
@@ -26,6 +28,18 @@ pub struct RcReport {
     pub connect_us: u64,
     /// DREQ → DREP time, µs.
     pub disconnect_us: u64,
+    /// The data exchanged over the RC QP (none: handshake only).
+    pub mode: Option<RcMode>,
+    /// Our RC QPN.
+    pub qpn: u32,
+    /// Messages exchanged and verified.
+    pub verified: u64,
+    /// Payload bytes moved.
+    pub bytes: u64,
+    /// Message phase, µs.
+    pub data_us: u64,
+    /// The RC QP's counters.
+    pub rc: Option<RcStats>,
 }
 
 /// Result of a UD session.
@@ -50,6 +64,8 @@ pub struct Peer {
     port: SoftPort,
     endpoint: CmEndpoint,
     ud_qp: Arc<UdQp>,
+    mrs: Arc<MrTable>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Peer {
@@ -64,6 +80,8 @@ impl Peer {
             port,
             endpoint,
             ud_qp,
+            mrs: Arc::new(MrTable::new(64)),
+            clock: Arc::new(MonotonicClock::default()),
         })
     }
 
@@ -121,7 +139,68 @@ impl Peer {
             remote_qpn: info.remote_qpn,
             connect_us,
             disconnect_us: t1.elapsed().as_micros() as u64,
+            mode: None,
+            qpn: self.ud_qp.qpn_value(),
+            verified: 0,
+            bytes: 0,
+            data_us: 0,
+            rc: None,
         })
+    }
+
+    /// REQ/REP/RTU to `dgid`'s service port with an RC QP of our own, then `messages` RC
+    /// messages of `size` bytes exchanged and verified per `mode`, then DREQ/DREP.
+    pub fn rc_data_session(
+        &self,
+        dgid: Gid,
+        service_port: u16,
+        mode: RcMode,
+        messages: u64,
+        size: usize,
+        wait: Duration,
+    ) -> Result<RcReport, RdmaError> {
+        let qp = self
+            .port
+            .create_rc_qp(self.gid(), self.mrs.clone(), self.clock.clone());
+        let local = rc_session::client_region(&self.mrs);
+        let r = local.and_then(|local| {
+            let t0 = Instant::now();
+            let info = self.endpoint.connect(
+                dgid,
+                ConnectParams {
+                    service_id: rc_service(service_port),
+                    qpn: qp.qpn_value(),
+                    private_data: self.private_data(dgid, service_port),
+                },
+                wait,
+            )?;
+            let connect_us = t0.elapsed().as_micros() as u64;
+            let data = qp
+                .connect(dgid, rc_session::session_attrs(&info), true, true)
+                .map_err(|e| RdmaError::Cm(format!("RC QP: {e}")))
+                .and_then(|()| rc_session::run_client(&qp, &local, mode, messages, size, wait));
+            let t1 = Instant::now();
+            let disc = self.endpoint.disconnect(info.local_comm_id, wait);
+            self.mrs.deregister(local.key());
+            let data = data?;
+            disc?;
+            Ok(RcReport {
+                local_comm_id: info.local_comm_id,
+                remote_comm_id: info.remote_comm_id,
+                remote_qpn: info.remote_qpn,
+                connect_us,
+                disconnect_us: t1.elapsed().as_micros() as u64,
+                mode: Some(mode),
+                qpn: qp.qpn_value(),
+                verified: data.verified,
+                bytes: data.bytes,
+                data_us: data.data_us,
+                rc: Some(qp.stats()),
+            })
+        });
+        qp.shutdown();
+        let _ = self.port.destroy_qp(qp.qpn_value());
+        r
     }
 
     /// SIDR to `dgid`'s UD service, then `messages` UD messages of `size` bytes, each echoed

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use rdma::addr::{gid_v4, Neighbor, NeighborTable};
+use rdma::addr::gid_v4;
 use rdma::cm::{AcceptMode, CmConfig, ConnectParams, ListenOptions};
 use rdma::host::{rc_service, Host, HostConfig};
 use rdma::mux::{mad_grh, Backpressure, Multiplexer, MuxConfig, Qp1Sink};
@@ -152,26 +152,16 @@ fn setup_bare(a: &BenchRdmaArgs) -> anyhow::Result<Setup> {
 
 fn setup_mux(a: &BenchRdmaArgs) -> anyhow::Result<Setup> {
     let b = a.block;
-    let neighbors = NeighborTable::new()
-        .with(Neighbor {
-            prefix: Ipv4Addr::new(127, b, 1, 0),
-            len: 24,
-            host: Ipv4Addr::new(127, b, 0, 11),
-        })
-        .with(Neighbor {
-            prefix: Ipv4Addr::new(127, b, 2, 0),
-            len: 24,
-            host: Ipv4Addr::new(127, b, 0, 12),
-        });
     let mk = |h: u8| -> anyhow::Result<Host> {
         let mut c = HostConfig::new(
             Ipv4Addr::new(127, b, 0, 10 + h),
             1,
             Ipv4Addr::new(127, b, h, 1),
         );
-        c.port.neighbors = neighbors.clone();
         c.cm = cm();
         c.service_port = 1;
+        // Handshakes only, answered at once like the bare peer's listener.
+        c.rc_server = false;
         c.mux = MuxConfig {
             max_connections_per_vm: a.connections * 2 + 16,
             ..MuxConfig::default()
@@ -306,7 +296,7 @@ fn raw_udp(a: &BenchRdmaArgs) -> anyhow::Result<f64> {
     Ok(done as f64 / el.as_secs_f64())
 }
 
-/// The same round trips between UD QPs of two software ports (ICRC, preamble, QP checks).
+/// The same round trips between UD QPs of two software ports (ICRC, QP checks).
 fn ud(a: &BenchRdmaArgs) -> anyhow::Result<f64> {
     let b = a.block;
     let (x, y) = (Ipv4Addr::new(127, b, 4, 1), Ipv4Addr::new(127, b, 4, 2));

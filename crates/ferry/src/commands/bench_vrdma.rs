@@ -20,7 +20,7 @@ use anyhow::Context;
 use clap::Args;
 use guest_abi::{RdmaArgs, Workload};
 use rdma::{
-    addr::{gid_v4, Neighbor},
+    addr::gid_v4,
     cm::{AcceptMode, CmConfig, ConnectParams, ListenOptions},
     host::rc_service,
     peer::{pattern, Peer},
@@ -98,26 +98,8 @@ fn field(line: &str, key: &str) -> Option<f64> {
 fn vm_side(a: &BenchVrdmaArgs, signals: &Arc<SignalState>) -> anyhow::Result<Side> {
     let b = a.block;
     let ip = |c: u8, d: u8| Ipv4Addr::new(127, b, c, d);
-    let ha = VrdmaHost::start(
-        ip(0, 1),
-        &[ip(1, 1)],
-        &[Neighbor {
-            prefix: ip(2, 0),
-            len: 24,
-            host: ip(0, 2),
-        }],
-        None,
-    )?;
-    let hb = VrdmaHost::start(
-        ip(0, 2),
-        &[ip(2, 1)],
-        &[Neighbor {
-            prefix: ip(1, 0),
-            len: 24,
-            host: ip(0, 1),
-        }],
-        None,
-    )?;
+    let ha = VrdmaHost::start(ip(0, 1), None)?;
+    let hb = VrdmaHost::start(ip(0, 2), None)?;
     let server = VmSpec {
         workload: Workload::RdmaServer,
         rdma: RdmaArgs {

@@ -35,8 +35,6 @@ pub fn run() -> anyhow::Result<VrdmaDemo> {
     let server = spawn(&[
         "--addr".into(),
         ip(0, 1),
-        "--neighbor".into(),
-        format!("{}/24={}", ip(2, 0), ip(0, 2)),
         "--vm".into(),
         format!("rdma-server,gid={},sessions=1", ip(1, 1)),
         "--serial".into(),
@@ -49,8 +47,6 @@ pub fn run() -> anyhow::Result<VrdmaDemo> {
     let client = spawn(&[
         "--addr".into(),
         ip(0, 2),
-        "--neighbor".into(),
-        format!("{}/24={}", ip(1, 0), ip(0, 1)),
         "--vm".into(),
         format!(
             "rdma-client,gid={},peer={},messages=1000,size=256",

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use rdma::addr::{parse_gid, Neighbor};
+use rdma::addr::parse_gid;
 use rdma::cm::CmConfig;
 use rdma::host::{Host, HostConfig, DEFAULT_SERVICE_PORT};
 use rdma::peer::Peer;
@@ -27,12 +27,10 @@ pub enum RdmaCommand {
 /// Options shared by host and peer.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Host address to bind (UDP port 4791).
+    /// Host address to bind (UDP port 4791). VM GIDs are further addresses of this host
+    /// (each bound on UDP 4791 too); IP routing says where every other GID lives.
     #[arg(long)]
     pub addr: Ipv4Addr,
-    /// GIDs behind another host: PREFIX/LEN=HOST (repeatable), e.g. 127.0.2.0/24=127.0.0.2.
-    #[arg(long = "neighbor", value_name = "PREFIX/LEN=HOST")]
-    pub neighbors: Vec<Neighbor>,
     /// Write every packet to this pcap file (Ethernet/IPv4/UDP/RoCEv2).
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
@@ -53,9 +51,6 @@ pub struct CommonArgs {
 impl CommonArgs {
     fn port(&self) -> PortConfig {
         let mut p = PortConfig::new(self.addr);
-        for n in &self.neighbors {
-            p.neighbors.add(*n);
-        }
         p.pcap = self.pcap.clone();
         p
     }
@@ -102,8 +97,13 @@ struct HostOutput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerMode {
-    /// REQ/REP/RTU then DREQ/DREP (rping-like).
+    /// REQ/REP/RTU, then RC data like rping: each message RDMA WRITTEn into the VM's region,
+    /// READ back and verified; then DREQ/DREP.
     Rc,
+    /// REQ/REP/RTU, then RC SENDs echoed by the VM and verified (ucmatose-like); DREQ/DREP.
+    RcSend,
+    /// REQ/REP/RTU then DREQ/DREP only (`--messages` rounds).
+    RcConnect,
     /// SIDR_REQ/SIDR_REP then UD messages, each echoed and verified (udaddy-like).
     Ud,
 }
@@ -116,13 +116,13 @@ pub struct PeerArgs {
     /// GID (IPv4 or IPv6 text) of the VM to connect to.
     #[arg(long)]
     pub connect: String,
-    /// rc or ud.
+    /// rc, rc-send, rc-connect or ud.
     #[arg(long, value_enum, default_value = "rc")]
     pub mode: PeerMode,
-    /// UD messages (ud mode); RC connect/disconnect rounds (rc mode).
+    /// Messages (rc, rc-send, ud); connect/disconnect rounds (rc-connect).
     #[arg(long, default_value_t = 10)]
     pub messages: u64,
-    /// UD message size in bytes.
+    /// Message size in bytes (UD: ≤ 4096; RC: ≤ 1 MiB).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Give up on an operation after this long.
@@ -145,14 +145,6 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
         .unwrap_or_else(|| Ipv4Addr::new(o[0], o[1], o[2].wrapping_add(1), 1));
     let mut cfg = HostConfig::new(a.common.addr, a.vms, base);
     cfg.port = a.common.port();
-    // The host's own VM GIDs are reached at its own address.
-    for i in 0..a.vms {
-        cfg.port.neighbors.add(Neighbor {
-            prefix: rdma::addr::ipv4_add(base, i as u32),
-            len: 32,
-            host: a.common.addr,
-        });
-    }
     cfg.service_port = a.common.listen_service;
     cfg.cm = a.common.cm();
     let signals = SignalState::install()?;
@@ -226,14 +218,14 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
         let p = &report.port;
         let m = &report.mux;
         println!(
-            "port: rx {} (gsi {}, ud {}), tx {}; dropped: bad ICRC {}, no preamble {}, malformed {}, P_Key {}, Q_Key {}, no QP {}",
-            p.rx_datagrams, p.rx_gsi, p.rx_ud, p.tx_datagrams, p.rx_bad_icrc, p.rx_bad_encap,
+            "port: rx {} (gsi {}, ud {}), tx {}; dropped: bad ICRC {}, not IPv4 {}, malformed {}, P_Key {}, Q_Key {}, no QP {}",
+            p.rx_datagrams, p.rx_gsi, p.rx_ud, p.tx_datagrams, p.rx_bad_icrc, p.rx_not_ipv4,
             p.rx_malformed, p.rx_bad_pkey, p.rx_bad_qkey, p.rx_no_qp
         );
         println!(
-            "mux: delivered {}, queued {}, sent {}; dropped: no owner {}, queue full {}, truncated {}, malformed {}, class {}; unknown comm ID {}; refused: spoofed {}, class {}, malformed {}",
+            "mux: delivered {}, queued {}, sent {}; dropped: no owner {}, queue full {}, truncated {}, malformed {}, class {}, spoofed source {}; unknown comm ID {}; refused: spoofed {}, class {}, malformed {}",
             m.delivered, m.queued, m.sent, m.no_owner, m.queue_full, m.truncated, m.malformed,
-            m.class_not_allowed, m.unknown_comm_id, m.refused_spoofed, m.refused_class,
+            m.class_not_allowed, m.spoofed_source, m.unknown_comm_id, m.refused_spoofed, m.refused_class,
             m.refused_malformed
         );
         for v in &report.vms {
@@ -268,10 +260,19 @@ fn peer(a: PeerArgs) -> anyhow::Result<i32> {
     let mut rc = Vec::new();
     let mut ud = None;
     let result: Result<(), rdma::RdmaError> = match a.mode {
-        PeerMode::Rc => (0..a.messages.max(1)).try_for_each(|_| {
+        PeerMode::RcConnect => (0..a.messages.max(1)).try_for_each(|_| {
             rc.push(p.rc_session(dgid, svc, a.timeout)?);
             Ok(())
         }),
+        PeerMode::Rc | PeerMode::RcSend => {
+            let mode = if a.mode == PeerMode::Rc {
+                rdma::rc_session::RcMode::Rping
+            } else {
+                rdma::rc_session::RcMode::Send
+            };
+            p.rc_data_session(dgid, svc, mode, a.messages, a.size, a.timeout)
+                .map(|r| rc.push(r))
+        }
         PeerMode::Ud => p
             .ud_session(dgid, svc, a.messages, a.size, a.timeout)
             .map(|r| ud = Some(r)),
@@ -298,6 +299,12 @@ fn peer(a: PeerArgs) -> anyhow::Result<i32> {
                 report.gid, report.remote, r.local_comm_id, r.remote_comm_id, r.remote_qpn,
                 r.connect_us, r.disconnect_us
             );
+            if let Some(m) = r.mode {
+                println!(
+                    "rc {m:?}: {} messages verified, {} bytes in {} µs",
+                    r.verified, r.bytes, r.data_us
+                );
+            }
         }
         if let Some(u) = &report.ud {
             println!(

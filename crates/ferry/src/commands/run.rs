@@ -69,8 +69,6 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
             boot.args.rdma.local_gid = u32::from(v.gid);
             Some(crate::vrdma_host::VrdmaHost::start(
                 v.host.unwrap_or(v.gid),
-                &[v.gid],
-                &v.neighbors,
                 v.pcap.clone(),
             )?)
         }

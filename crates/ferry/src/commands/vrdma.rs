@@ -11,7 +11,6 @@ use std::{
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use guest_abi::{rdma_mode, RdmaArgs, Workload, WorkloadArgs};
-use rdma::addr::Neighbor;
 use serde::Serialize;
 
 use crate::{
@@ -176,12 +175,10 @@ impl FromStr for VmSpec {
 /// `ferry vrdma`.
 #[derive(Args, Debug)]
 pub struct VrdmaHostArgs {
-    /// Host address: the RoCEv2 port binds UDP 4791 here.
+    /// Host address: the RoCEv2 port binds UDP 4791 here (and on each VM's GID, which must
+    /// be an address of this host).
     #[arg(long)]
     pub addr: Ipv4Addr,
-    /// GIDs behind other hosts: `PREFIX/LEN=HOST` (repeatable).
-    #[arg(long = "neighbor", value_name = "PREFIX/LEN=HOST")]
-    pub neighbors: Vec<Neighbor>,
     /// A VM (repeatable): `WORKLOAD,gid=IPV4[,peer=IPV4][,other=IPV4][,port=N][,messages=N]
     /// [,size=N][,sessions=N][,mode=normal|bind-other|spoof][,delay=MS][,timeout=MS]
     /// [,expect=CODE]`; VMs start in order after their delay.
@@ -309,12 +306,7 @@ pub fn run_vms(
 
 pub fn run(args: VrdmaHostArgs, _process_start: Instant) -> anyhow::Result<i32> {
     let signals = SignalState::install()?;
-    let local: Vec<Ipv4Addr> = args
-        .vms
-        .iter()
-        .map(|v| Ipv4Addr::from(v.rdma.local_gid))
-        .collect();
-    let host = VrdmaHost::start(args.addr, &local, &args.neighbors, None)?;
+    let host = VrdmaHost::start(args.addr, None)?;
     let vms = run_vms(
         &host,
         &args.vms,

@@ -40,6 +40,10 @@ pub struct ConnInfo {
     pub remote_gid: Gid,
     /// The other side's QPN.
     pub remote_qpn: u32,
+    /// The starting PSN we announced (REQ or REP): our RC QP's first send PSN.
+    pub local_psn: u32,
+    /// The starting PSN the other side announced: our RC QP's first expected PSN.
+    pub remote_psn: u32,
     /// Service ID.
     pub service_id: u64,
     /// Private data of the REQ (passive side) or REP (active side).
@@ -61,6 +65,8 @@ pub(crate) struct Conn {
     pub tid: u64,
     pub local_qpn: u32,
     pub remote_qpn: u32,
+    pub local_psn: u32,
+    pub remote_psn: u32,
     pub private_data: Vec<u8>,
     /// The message the timer retransmits (REQ, REP, DREQ) and the one answering duplicates
     /// (MRA, RTU, DREP).
@@ -80,6 +86,8 @@ impl Conn {
             remote_comm_id: self.remote_id,
             remote_gid: self.remote_gid,
             remote_qpn: self.remote_qpn,
+            local_psn: self.local_psn,
+            remote_psn: self.remote_psn,
             service_id: self.service_id,
             private_data: self.private_data.clone(),
         }

@@ -416,6 +416,8 @@ impl CmEndpoint {
             tid,
             local_qpn: p.qpn,
             remote_qpn: 0,
+            local_psn: (tid as u32) & rdma_wire::MAX_U24,
+            remote_psn: 0,
             private_data: Vec::new(),
             last: None,
             retries_left: 0,
@@ -449,6 +451,12 @@ impl CmEndpoint {
 
     /// Accepts a connection request of a manual listener: sends the REP.
     pub fn accept(&self, local_comm_id: u32) -> Result<(), RdmaError> {
+        self.accept_with_qpn(local_comm_id, None)
+    }
+
+    /// [`CmEndpoint::accept`] announcing `qpn` (the connection's own RC queue pair) instead
+    /// of the listener's.
+    pub fn accept_with_qpn(&self, local_comm_id: u32, qpn: Option<u32>) -> Result<(), RdmaError> {
         let inner = &self.inner;
         let mut st = inner.state.lock();
         let conn = st
@@ -460,6 +468,9 @@ impl CmEndpoint {
                 "accept: connection {local_comm_id:#x} is {:?}",
                 conn.state
             )));
+        }
+        if let Some(q) = qpn {
+            conn.local_qpn = q & rdma_wire::MAX_U24;
         }
         let mut out = Out::default();
         inner.send_rep(conn, inner.clock.now(), &mut out);
@@ -715,6 +726,7 @@ impl Inner {
                     ConnState::ReqSent | ConnState::MraReqRcvd => {
                         c.remote_id = r.local_comm_id;
                         c.remote_qpn = r.local_qpn;
+                        c.remote_psn = r.starting_psn & rdma_wire::MAX_U24;
                         c.private_data = r.private_data.to_vec();
                         let rtu = Rtu {
                             hdr: MadHeader::cm(attr::RTU, c.tid),
@@ -980,6 +992,8 @@ impl Inner {
             tid: r.hdr.transaction_id,
             local_qpn: opts.qpn,
             remote_qpn: r.local_qpn,
+            local_psn: id & rdma_wire::MAX_U24,
+            remote_psn: r.starting_psn & rdma_wire::MAX_U24,
             private_data: r.private_data.to_vec(),
             last: None,
             retries_left: 0,

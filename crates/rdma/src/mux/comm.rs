@@ -56,6 +56,9 @@ pub enum Check {
     Known,
     /// Names a connection the VM does not have.
     Unknown,
+    /// Names a connection (or SIDR request) the VM has with another peer: the sender is not
+    /// who the reply must come from.
+    WrongSource,
 }
 
 /// One VM's table.
@@ -264,10 +267,14 @@ impl CommTable {
         }
     }
 
-    /// The VM's entry a reply-type message names, if it is from the right remote GID.
-    fn reply_target(&self, sgid: Gid, remote_comm_id: u32) -> Option<u32> {
-        let e = self.by_local.get(&remote_comm_id)?;
-        (e.remote_gid == sgid).then_some(remote_comm_id)
+    /// The VM's entry a reply-type message names: `Ok(Some)` from the right remote GID,
+    /// `Ok(None)` unknown, `Err` known but from another GID.
+    fn reply_target(&self, sgid: Gid, remote_comm_id: u32) -> Result<Option<u32>, Check> {
+        match self.by_local.get(&remote_comm_id) {
+            None => Ok(None),
+            Some(e) if e.remote_gid == sgid => Ok(Some(remote_comm_id)),
+            Some(_) => Err(Check::WrongSource),
+        }
     }
 
     /// Checks and records a MAD for the VM, received from `sgid`.
@@ -288,7 +295,8 @@ impl CommTable {
                     self.sidr.remove(&m.request_id);
                     Check::Known
                 }
-                _ => Check::Unknown,
+                Some(_) => Check::WrongSource,
+                None => Check::Unknown,
             },
             CmMessage::Rej(m) if m.remote_comm_id == 0 => {
                 // The active side gave up on its REQ (Linux: REJ reason 4, timeout, sent when
@@ -306,14 +314,15 @@ impl CommTable {
                 }
             }
             CmMessage::Rej(m) => match self.reply_target(sgid, m.remote_comm_id) {
-                Some(l) => {
+                Ok(Some(l)) => {
                     self.remove_local(l);
                     Check::Known
                 }
-                None => Check::Unknown,
+                Ok(None) => Check::Unknown,
+                Err(c) => c,
             },
             CmMessage::Rep(m) => match self.reply_target(sgid, m.remote_comm_id) {
-                Some(l) => {
+                Ok(Some(l)) => {
                     if let Some(e) = self.by_local.get_mut(&l) {
                         e.remote_comm_id = m.local_comm_id;
                         e.state = CommState::RepReceived;
@@ -321,14 +330,17 @@ impl CommTable {
                     self.by_remote.insert((sgid, m.local_comm_id), l);
                     Check::Known
                 }
-                None => Check::Unknown,
+                Ok(None) => Check::Unknown,
+                Err(c) => c,
             },
             _ => {
                 let Some(remote) = msg.remote_comm_id() else {
                     return Check::Unknown;
                 };
-                let Some(l) = self.reply_target(sgid, remote) else {
-                    return Check::Unknown;
+                let l = match self.reply_target(sgid, remote) {
+                    Ok(Some(l)) => l,
+                    Ok(None) => return Check::Unknown,
+                    Err(c) => return c,
                 };
                 match msg {
                     CmMessage::Rtu(_) => self.establish(l),

@@ -18,7 +18,10 @@
 //!   (REP, RTU, REJ, MRA, DREQ, DREP, LAP, APR, SIDR_REP) whose receiver ID the owner does not
 //!   know is *still delivered to the DGID owner* — the owner's CM answers it as a real port's
 //!   would (e.g. a DREP for an unknown DREQ) — and counted as `unknown_comm_id`. What never
-//!   happens is delivery to a VM that does not own the DGID.
+//!   happens is delivery to a VM that does not own the DGID. The source GID is the datagram's
+//!   IP source address (never a field of the packet): a REQ whose primary local GID is
+//!   another address, and a reply naming a connection (or SIDR request) of the VM that was
+//!   made with another peer, are dropped and counted (`spoofed_source`).
 //! - **Outbound** ([`Multiplexer::send_from_vm`]): the MAD must be 256 bytes, of an allowed
 //!   class, a well-formed CM message, from a source GID registered to this VM (and for a REQ,
 //!   its primary local GID must be that GID); otherwise the send is refused with an error and
@@ -100,6 +103,9 @@ counters! {
         class_not_allowed,
         /// Delivered, but naming a communication ID the owner does not have.
         unknown_comm_id,
+        /// Dropped: IP source not the REQ's primary local GID, or not the peer of the
+        /// connection or SIDR request the MAD answers.
+        spoofed_source,
         /// Outbound MADs sent.
         sent,
         /// Outbound refused: source GID not the VM's.
@@ -128,6 +134,8 @@ counters! {
         queue_full,
         /// Delivered MADs naming an unknown communication ID.
         unknown_comm_id,
+        /// Inbound MADs dropped as spoofed (IP source not the claimed peer).
+        spoofed_source,
         /// MADs sent.
         sent,
         /// Sends refused.
@@ -200,6 +208,9 @@ pub enum DropReason {
     Malformed,
     /// Class not allowed.
     ClassNotAllowed,
+    /// The IP source is not the GID the MAD claims (a REQ's primary local GID) or not the
+    /// peer of the connection (or SIDR request) it answers.
+    SpoofedSource,
 }
 
 impl Multiplexer {
@@ -267,6 +278,9 @@ impl Multiplexer {
                 Err(RdmaError::GidOwned { gid, owner: o.id })
             };
         }
+        // The port must be able to receive for the GID and send from it: the address is the
+        // host's (binding fails otherwise).
+        self.tx.claim_gid(gid)?;
         owners.insert(gid, slot.clone());
         slot.gids.lock().push(gid);
         Ok(())
@@ -282,6 +296,8 @@ impl Multiplexer {
                 if let Some(s) = slot {
                     s.gids.lock().retain(|g| *g != gid);
                 }
+                drop(owners);
+                self.tx.release_gid(gid);
                 Ok(())
             }
             _ => Err(RdmaError::NotOwner { gid, vm }),
@@ -297,9 +313,14 @@ impl Multiplexer {
             .remove(&vm)
             .ok_or(RdmaError::UnknownVm(vm))?;
         let gids = std::mem::take(&mut *slot.gids.lock());
-        let mut owners = self.owners.write();
+        {
+            let mut owners = self.owners.write();
+            for g in &gids {
+                owners.remove(g);
+            }
+        }
         for g in &gids {
-            owners.remove(g);
+            self.tx.release_gid(*g);
         }
         slot.pending.lock().clear();
         Ok(gids.len())
@@ -366,9 +387,27 @@ impl Multiplexer {
                 bump(&c.malformed);
                 return RouteOutcome::Dropped(DropReason::Malformed);
             };
-            if slot.comm.lock().on_inbound(sgid, &msg) == comm::Check::Unknown {
-                bump(&c.unknown_comm_id);
-                bump(&slot.counters.unknown_comm_id);
+            // The datagram's IP source is the sender's GID (the port takes it from the
+            // socket); a REQ claiming another primary local GID is a spoof.
+            if msg
+                .primary_local_gid()
+                .is_some_and(|g| g.canonical() != sgid.canonical())
+            {
+                bump(&c.spoofed_source);
+                bump(&slot.counters.spoofed_source);
+                return RouteOutcome::Dropped(DropReason::SpoofedSource);
+            }
+            match slot.comm.lock().on_inbound(sgid, &msg) {
+                comm::Check::Known => {}
+                comm::Check::Unknown => {
+                    bump(&c.unknown_comm_id);
+                    bump(&slot.counters.unknown_comm_id);
+                }
+                comm::Check::WrongSource => {
+                    bump(&c.spoofed_source);
+                    bump(&slot.counters.spoofed_source);
+                    return RouteOutcome::Dropped(DropReason::SpoofedSource);
+                }
             }
         }
         self.deliver(&slot, grh, mad)

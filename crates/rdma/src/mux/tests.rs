@@ -354,7 +354,7 @@ fn lesson_source_and_destination_gids_are_not_swapped_on_transmit() {
         (vm1, REMOTE),
         "(source, destination)"
     );
-    // And on the wire: the preamble and ICRC addresses (see port tests) keep the order.
+    // And on the wire: the IP addresses and the ICRC (see port tests) keep the order.
     let grh = mad_grh(vm1, REMOTE);
     assert_eq!(crate::addr::parse_grh(&grh), Some((vm1, REMOTE)));
 }

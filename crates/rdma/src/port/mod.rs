@@ -1,18 +1,29 @@
 //! The software RoCEv2 port: the host's "physical RDMA interface".
 //!
-//! A UDP socket bound to `addr:4791`, one receive thread, QP1 (GSI) whose packets go to a
-//! [`GsiHandler`] (the multiplexer on a host, a CM endpoint on a bare-metal peer), and UD
-//! queue pairs ([`UdQp`]). Every received datagram is checked in this order, each failure a
-//! counted drop: Ferry preamble ([`crate::addr::Encap`]), ICRC, BTH/DETH structure, opcode
-//! (UD only for now), P_Key, then QP1 (GSI Q_Key) or the QP table (QPN, DGID, Q_Key, queue
-//! space). The receive loop never blocks on a consumer.
+//! Standard RoCEv2: the UDP payload is BTH … ICRC exactly as an RNIC sends it. A port has a
+//! UDP socket on port 4791 of each address it owns — its own address, and every GID claimed
+//! for it ([`SoftPort::claim_gid`]; the multiplexer claims a VM's GID when it registers it) —
+//! each with a receive thread ([`sock`] says why one socket per GID). A packet's destination
+//! GID is the address of the socket it arrived on, its source GID the datagram's source
+//! address: nothing a sender writes in the packet decides either. Sends go out of the socket
+//! of the source GID, so the kernel writes the VM's GID as the IP source; IP routing decides
+//! where the destination GID lives (no table of Ferry's own).
+//!
+//! QP1 (GSI) packets go to a [`GsiHandler`] (the multiplexer on a host, a CM endpoint on a
+//! bare-metal peer); UD queue pairs ([`UdQp`]) and RC queue pairs take the rest. Every
+//! received datagram is checked in this order, each failure a counted drop: ICRC (over the
+//! IPv4/UDP headers the sender's kernel wrote; see
+//! [`rdma_wire::icrc::verify_for_udp_socket_any_ip_id`]), BTH/extension-header structure,
+//! P_Key, then QP1 (GSI Q_Key) or the QP table (QPN, then the QP's own checks). The receive
+//! loops never block on a consumer.
 mod pcap;
 mod qp;
+mod sock;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,24 +35,22 @@ use serde::{Deserialize, Serialize};
 pub use pcap::PcapWriter;
 pub use qp::{QpType, QueuePair, RxPacket, RxVerdict, UdMessage, UdQp, UdQpCounters, UdQpStats};
 
-use crate::addr::{grh_area, Encap, NeighborTable, ENCAP_LEN, GRH_LEN};
+use crate::addr::{gid_ipv4, gid_v4, grh_area, GRH_LEN};
 use crate::counters::{bump, counters};
 use crate::RdmaError;
 
 /// Largest datagram the port sends or accepts.
-pub const MAX_DATAGRAM: usize = 4096 + ENCAP_LEN + 64;
+pub const MAX_DATAGRAM: usize = 4096 + 64;
 /// Largest UD payload (one 4096-byte MTU).
 pub const MAX_UD_PAYLOAD: usize = 4096;
 
 /// Configuration of a port.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PortConfig {
-    /// Host address the socket binds.
+    /// The port's own address (bound at start; more with [`SoftPort::claim_gid`]).
     pub addr: Ipv4Addr,
-    /// UDP port (4791 unless a test needs otherwise).
+    /// UDP port every socket binds and every packet is sent to (4791).
     pub udp_port: u16,
-    /// GID → host resolution for sending.
-    pub neighbors: NeighborTable,
     /// The port's P_Key (one-entry P_Key table).
     pub p_key: u16,
     /// Depth of each UD QP's receive queue.
@@ -51,12 +60,11 @@ pub struct PortConfig {
 }
 
 impl PortConfig {
-    /// Defaults for a host address: port 4791, no neighbours, P_Key 0xFFFF, queue 256.
+    /// Defaults for a host address: port 4791, P_Key 0xFFFF, queue 256.
     pub fn new(addr: Ipv4Addr) -> PortConfig {
         PortConfig {
             addr,
             udp_port: rdma_wire::ROCEV2_UDP_PORT,
-            neighbors: NeighborTable::new(),
             p_key: DEFAULT_P_KEY,
             ud_queue_depth: 256,
             pcap: None,
@@ -69,8 +77,8 @@ counters! {
     PortCounters => PortStats {
         /// Datagrams received.
         rx_datagrams,
-        /// Dropped: no Ferry preamble.
-        rx_bad_encap,
+        /// Dropped: not from an IPv4 address.
+        rx_not_ipv4,
         /// Dropped: ICRC mismatch.
         rx_bad_icrc,
         /// Dropped: headers do not parse (too short, bad pad count, unknown opcode, ...).
@@ -93,10 +101,18 @@ counters! {
         rx_gsi,
         /// UD packets queued on a QP.
         rx_ud,
+        /// RC packets handed to an RC QP (its own counters say what became of them).
+        rx_rc,
+        /// Dropped: RC packet whose IP source is not the QP's connected peer.
+        rx_wrong_source,
         /// Datagrams sent.
         tx_datagrams,
-        /// Sends that failed (socket error, no route, encoding).
+        /// Sends that failed (socket error, no route, encoding, source GID not the port's).
         tx_errors,
+        /// GIDs claimed (sockets bound) over the port's life.
+        gids_claimed,
+        /// GID claims refused (address not on this host, or taken).
+        gid_claims_refused,
     }
 }
 
@@ -125,6 +141,13 @@ pub trait GsiHandler: Send + Sync {
 pub trait Qp1Tx: Send + Sync {
     /// Sends `mad` from QP1 of `sgid` to QP1 of `dgid`.
     fn send_gsi(&self, sgid: Gid, dgid: Gid, mad: &rdma_wire::Mad) -> Result<(), RdmaError>;
+    /// Makes `gid` an address packets can be sent from and received for (the port binds
+    /// it). Fails when the host does not own the address.
+    fn claim_gid(&self, _gid: Gid) -> Result<(), RdmaError> {
+        Ok(())
+    }
+    /// Gives back a claim of [`Qp1Tx::claim_gid`].
+    fn release_gid(&self, _gid: Gid) {}
 }
 
 /// Whether two P_Keys match (IBA 10.9.3: same 15-bit key, at least one full member, and not
@@ -145,11 +168,36 @@ pub struct UdDest {
     pub qkey: u32,
 }
 
+/// One address the port owns: its socket and receive thread.
+struct AddrSocket {
+    addr: Ipv4Addr,
+    socket: UdpSocket,
+    /// Claims on it (the port's own address holds one for the port's life).
+    claims: AtomicUsize,
+    stop: AtomicBool,
+    thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AddrSocket {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let t = self.thread.lock().take();
+        if let Some(t) = t {
+            // The receive thread itself may drop the last claim (a handler that unregisters):
+            // it then ends on its own at the next read timeout.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
 struct PortInner {
     cfg: PortConfig,
-    socket: UdpSocket,
-    local_port: u16,
     counters: PortCounters,
+    sockets: RwLock<HashMap<Ipv4Addr, Arc<AddrSocket>>>,
+    /// Serializes claims and releases (binding happens outside the `sockets` lock).
+    claim_lock: parking_lot::Mutex<()>,
     qps: RwLock<HashMap<u32, Arc<dyn QueuePair>>>,
     next_qpn: AtomicU32,
     gsi: RwLock<Option<Arc<dyn GsiHandler>>>,
@@ -162,63 +210,49 @@ struct PortInner {
 #[derive(Clone)]
 pub struct SoftPort {
     inner: Arc<PortInner>,
-    thread: Arc<parking_lot::Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for SoftPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SoftPort")
             .field("addr", &self.inner.cfg.addr)
-            .field("udp_port", &self.inner.local_port)
+            .field("udp_port", &self.inner.cfg.udp_port)
             .finish()
     }
 }
 
 impl SoftPort {
-    /// Binds the socket and starts the receive thread.
+    /// Binds the port's own address and starts its receive thread.
     pub fn bind(cfg: PortConfig) -> Result<SoftPort, RdmaError> {
-        let sa = SocketAddr::V4(SocketAddrV4::new(cfg.addr, cfg.udp_port));
-        let socket = UdpSocket::bind(sa).map_err(|e| RdmaError::io(format!("binding {sa}"), e))?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(|e| RdmaError::io("setting the socket read timeout", e))?;
-        let local_port = socket
-            .local_addr()
-            .map_err(|e| RdmaError::io("reading the socket address", e))?
-            .port();
         let pcap = cfg.pcap.as_deref().map(PcapWriter::create).transpose()?;
-        let inner = Arc::new(PortInner {
-            cfg,
-            socket,
-            local_port,
-            counters: PortCounters::default(),
-            qps: RwLock::new(HashMap::new()),
-            next_qpn: AtomicU32::new(2),
-            gsi: RwLock::new(None),
-            gsi_psn: AtomicU32::new(0),
-            pcap,
-            stop: AtomicBool::new(false),
-        });
-        let rx = inner.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("roce-rx-{}", inner.cfg.addr))
-            .spawn(move || rx.receive_loop())
-            .map_err(|e| RdmaError::io("spawning the receive thread", e))?;
-        tracing::info!(addr = %inner.cfg.addr, port = local_port, "RoCEv2 port up");
-        Ok(SoftPort {
-            inner,
-            thread: Arc::new(parking_lot::Mutex::new(Some(thread))),
-        })
+        let addr = cfg.addr;
+        let port = SoftPort {
+            inner: Arc::new(PortInner {
+                cfg,
+                counters: PortCounters::default(),
+                sockets: RwLock::new(HashMap::new()),
+                claim_lock: parking_lot::Mutex::new(()),
+                qps: RwLock::new(HashMap::new()),
+                next_qpn: AtomicU32::new(2),
+                gsi: RwLock::new(None),
+                gsi_psn: AtomicU32::new(0),
+                pcap,
+                stop: AtomicBool::new(false),
+            }),
+        };
+        port.claim_gid(gid_v4(addr))?;
+        tracing::info!(%addr, port = port.udp_port(), "RoCEv2 port up");
+        Ok(port)
     }
 
-    /// The host address.
+    /// The port's own address.
     pub fn addr(&self) -> Ipv4Addr {
         self.inner.cfg.addr
     }
 
-    /// The UDP port bound.
+    /// The UDP port bound (4791).
     pub fn udp_port(&self) -> u16 {
-        self.inner.local_port
+        self.inner.cfg.udp_port
     }
 
     /// The configuration.
@@ -226,24 +260,100 @@ impl SoftPort {
         &self.inner.cfg
     }
 
+    /// Makes the port receive and send for `gid`: binds a socket on its address (the first
+    /// claim) or counts one more claim. Fails when the address is not one this host owns or
+    /// another port already has it — a VM's GID must be an address of its host.
+    pub fn claim_gid(&self, gid: Gid) -> Result<(), RdmaError> {
+        let addr = gid_ipv4(gid)?;
+        let inner = &self.inner;
+        let _g = inner.claim_lock.lock();
+        if let Some(s) = inner.sockets.read().get(&addr) {
+            s.claims.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let socket = sock::bind(addr, inner.cfg.udp_port).map_err(|source| {
+            bump(&inner.counters.gid_claims_refused);
+            RdmaError::BindGid {
+                gid,
+                addr,
+                port: inner.cfg.udp_port,
+                source,
+            }
+        })?;
+        let s = Arc::new(AddrSocket {
+            addr,
+            socket,
+            claims: AtomicUsize::new(1),
+            stop: AtomicBool::new(false),
+            thread: parking_lot::Mutex::new(None),
+        });
+        let (rx, rs) = (inner.clone(), s.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("roce-rx-{addr}"))
+            .spawn(move || rx.receive_loop(&rs))
+            .map_err(|e| RdmaError::io("spawning a receive thread", e))?;
+        *s.thread.lock() = Some(t);
+        inner.sockets.write().insert(addr, s);
+        bump(&inner.counters.gids_claimed);
+        Ok(())
+    }
+
+    /// Drops one claim on `gid`; the last one closes its socket. The port's own address stays.
+    pub fn release_gid(&self, gid: Gid) {
+        let Ok(addr) = gid_ipv4(gid) else {
+            return;
+        };
+        let inner = &self.inner;
+        let _g = inner.claim_lock.lock();
+        let last = {
+            let sockets = inner.sockets.read();
+            let Some(s) = sockets.get(&addr) else {
+                return;
+            };
+            s.claims.fetch_sub(1, Ordering::Relaxed) == 1 && addr != inner.cfg.addr
+        };
+        if last {
+            let s = inner.sockets.write().remove(&addr);
+            if let Some(s) = s {
+                s.stop();
+            }
+        }
+    }
+
+    /// The addresses the port has sockets on.
+    pub fn addresses(&self) -> Vec<Ipv4Addr> {
+        let mut v: Vec<Ipv4Addr> = self.inner.sockets.read().keys().copied().collect();
+        v.sort();
+        v
+    }
+
     /// Installs the QP1 handler (replacing any previous one).
     pub fn set_gsi_handler(&self, h: Arc<dyn GsiHandler>) {
         *self.inner.gsi.write() = Some(h);
     }
 
-    /// Creates a UD QP bound to `gid` with Q_Key `qkey`; returns it with its new QPN.
-    pub fn create_ud_qp(&self, gid: Gid, qkey: u32) -> Arc<UdQp> {
+    /// A free QPN, reserved by `make` (which builds the QP) under the table's lock.
+    pub(crate) fn add_qp<Q: QueuePair + 'static>(
+        &self,
+        make: impl FnOnce(u32) -> Arc<Q>,
+    ) -> Arc<Q> {
         let mut qps = self.inner.qps.write();
         let mut qpn = self.inner.next_qpn.fetch_add(1, Ordering::Relaxed) & rdma_wire::MAX_U24;
         while qpn < 2 || qps.contains_key(&qpn) {
             qpn = self.inner.next_qpn.fetch_add(1, Ordering::Relaxed) & rdma_wire::MAX_U24;
         }
-        let qp = Arc::new(UdQp::new(qpn, gid, qkey, self.inner.cfg.ud_queue_depth));
+        let qp = make(qpn);
         qps.insert(qpn, qp.clone());
         qp
     }
 
-    /// Destroys a QP.
+    /// Creates a UD QP bound to `gid` with Q_Key `qkey`; returns it with its new QPN.
+    pub fn create_ud_qp(&self, gid: Gid, qkey: u32) -> Arc<UdQp> {
+        let depth = self.inner.cfg.ud_queue_depth;
+        self.add_qp(|qpn| Arc::new(UdQp::new(qpn, gid, qkey, depth)))
+    }
+
+    /// Destroys a QP (an RC QP's owner also calls its `shutdown`).
     pub fn destroy_qp(&self, qpn: u32) -> Result<(), RdmaError> {
         self.inner
             .qps
@@ -302,25 +412,72 @@ impl SoftPort {
         r
     }
 
+    /// Sends one packet from `sgid` (an address of this port) to `dgid`.
+    pub(crate) fn send_packet(
+        &self,
+        sgid: Gid,
+        dgid: Gid,
+        pkt: &RocePacket<'_>,
+    ) -> Result<(), RdmaError> {
+        self.inner.send_packet(sgid, dgid, pkt)
+    }
+
+    /// Creates an RC QP bound to `gid` using the regions of `mrs`, with timers on `clock`.
+    pub fn create_rc_qp(
+        &self,
+        gid: Gid,
+        mrs: Arc<crate::rc::MrTable>,
+        clock: Arc<dyn crate::rc::Clock>,
+    ) -> Arc<crate::rc::RcQp> {
+        let depth = self.inner.cfg.ud_queue_depth;
+        let port = self.clone();
+        self.add_qp(|qpn| {
+            let core = crate::rc::RcCore::new(qpn, mrs, depth, depth);
+            crate::rc::RcQp::new(qpn, gid, port, core, clock)
+        })
+    }
+
+    /// The port's P_Key.
+    pub fn p_key(&self) -> u16 {
+        self.inner.cfg.p_key
+    }
+
     /// Counters.
     pub fn stats(&self) -> PortStats {
         self.inner.counters.snapshot()
     }
 
-    /// Sends a raw datagram (tests use it to inject hostile packets).
-    pub fn send_raw(&self, to: SocketAddr, datagram: &[u8]) -> Result<(), RdmaError> {
-        self.inner
-            .socket
+    /// Sends a raw UDP payload from the socket of `from` (tests use it to inject hostile
+    /// packets).
+    pub fn send_raw(
+        &self,
+        from: Ipv4Addr,
+        to: SocketAddr,
+        datagram: &[u8],
+    ) -> Result<(), RdmaError> {
+        let s = self
+            .inner
+            .sockets
+            .read()
+            .get(&from)
+            .cloned()
+            .ok_or(RdmaError::NotLocalGid(gid_v4(from)))?;
+        s.socket
             .send_to(datagram, to)
             .map(|_| ())
             .map_err(|e| RdmaError::io(format!("sending to {to}"), e))
     }
 
-    /// Stops the receive thread and drops the GSI handler (breaking reference cycles).
+    /// Stops the receive threads, closes the sockets and drops the GSI handler and the QPs
+    /// (breaking reference cycles).
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
+        let sockets: Vec<Arc<AddrSocket>> = {
+            let _g = self.inner.claim_lock.lock();
+            self.inner.sockets.write().drain().map(|(_, s)| s).collect()
+        };
+        for s in sockets {
+            s.stop();
         }
         *self.inner.gsi.write() = None;
         self.inner.qps.write().clear();
@@ -333,10 +490,19 @@ impl Qp1Tx for SoftPort {
         let pkt = RocePacket::ud_mad(mad, self.inner.cfg.p_key, psn);
         self.inner.send_packet(sgid, dgid, &pkt)
     }
+
+    fn claim_gid(&self, gid: Gid) -> Result<(), RdmaError> {
+        SoftPort::claim_gid(self, gid)
+    }
+
+    fn release_gid(&self, gid: Gid) {
+        SoftPort::release_gid(self, gid);
+    }
 }
 
-/// Encodes a RoCEv2 packet with Ferry's preamble and the UDP-socket ICRC: the datagram a
-/// port at UDP port `src_port` sends for (`sgid` → `dgid`).
+/// Encodes a RoCEv2 packet as the UDP payload (BTH … ICRC) a port sends from `sgid`'s
+/// socket (UDP port `src_port`) to `dgid`'s port `dst_port`, with the ICRC over the IPv4 and
+/// UDP headers the kernel will write (identification 0, DF; see [`sock`]).
 pub fn encode_datagram(
     sgid: Gid,
     dgid: Gid,
@@ -345,27 +511,8 @@ pub fn encode_datagram(
     pkt: &RocePacket<'_>,
     out: &mut [u8],
 ) -> Result<usize, RdmaError> {
-    let (head, body) =
-        out.split_at_mut_checked(ENCAP_LEN)
-            .ok_or(RdmaError::Wire(WireError::BufferTooSmall {
-                what: "datagram",
-                len: 0,
-                need: ENCAP_LEN,
-            }))?;
-    let head: &mut [u8; ENCAP_LEN] = head.try_into().map_err(|_| {
-        RdmaError::Wire(WireError::BufferTooSmall {
-            what: "preamble",
-            len: 0,
-            need: ENCAP_LEN,
-        })
-    })?;
-    Encap { sgid, dgid }.write(head);
-    let n = pkt.encode_for_udp_socket(ip_of(sgid)?, ip_of(dgid)?, src_port, dst_port, body)?;
-    Ok(ENCAP_LEN + n)
-}
-
-fn ip_of(gid: Gid) -> Result<IpAddr, RdmaError> {
-    Ok(gid.canonical().to_ip())
+    let (s, d) = (gid_ipv4(sgid)?, gid_ipv4(dgid)?);
+    Ok(pkt.encode_for_udp_socket(s.into(), d.into(), src_port, dst_port, out)?)
 }
 
 impl PortInner {
@@ -382,37 +529,32 @@ impl PortInner {
     }
 
     fn try_send_packet(&self, sgid: Gid, dgid: Gid, pkt: &RocePacket<'_>) -> Result<(), RdmaError> {
-        let host = self.cfg.neighbors.resolve_gid(dgid)?;
+        let src = gid_ipv4(sgid)?;
+        let dst = gid_ipv4(dgid)?;
+        let s = self
+            .sockets
+            .read()
+            .get(&src)
+            .cloned()
+            .ok_or(RdmaError::NotLocalGid(sgid))?;
+        let port = self.cfg.udp_port;
         let mut buf = [0u8; MAX_DATAGRAM];
-        let n = encode_datagram(
-            sgid,
-            dgid,
-            self.local_port,
-            self.cfg.udp_port,
-            pkt,
-            &mut buf,
-        )?;
+        let n = pkt.encode_for_udp_socket(src.into(), dst.into(), port, port, &mut buf)?;
         if let Some(p) = &self.pcap {
-            p.write_packet(
-                sgid,
-                dgid,
-                self.local_port,
-                self.cfg.udp_port,
-                &buf[ENCAP_LEN..n],
-            );
+            p.write_packet(src, dst, port, port, 0, &buf[..n]);
         }
-        let to = SocketAddrV4::new(host, self.cfg.udp_port);
-        self.socket
+        let to = SocketAddrV4::new(dst, port);
+        s.socket
             .send_to(&buf[..n], to)
             .map_err(|e| RdmaError::io(format!("sending to {to}"), e))?;
         Ok(())
     }
 
-    fn receive_loop(&self) {
+    fn receive_loop(&self, s: &AddrSocket) {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-        while !self.stop.load(Ordering::Relaxed) {
-            match self.socket.recv_from(&mut buf) {
-                Ok((n, from)) => self.on_datagram(&buf[..n], from),
+        while !self.stop.load(Ordering::Relaxed) && !s.stop.load(Ordering::Relaxed) {
+            match s.socket.recv_from(&mut buf) {
+                Ok((n, from)) => self.on_datagram(&buf[..n], from, s.addr),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -421,54 +563,63 @@ impl PortInner {
                             | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => {
-                    tracing::warn!(addr = %self.cfg.addr, "receive failed: {e}");
+                    tracing::warn!(addr = %s.addr, "receive failed: {e}");
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }
     }
 
-    /// Checks and dispatches one datagram. Everything from the network is hostile: every
-    /// failure is a counted drop, nothing panics.
-    fn on_datagram(&self, datagram: &[u8], from: SocketAddr) {
+    /// Checks and dispatches one datagram that arrived on the socket of `local` from `from`.
+    /// Everything from the network is hostile: every failure is a counted drop, nothing
+    /// panics.
+    fn on_datagram(&self, roce: &[u8], from: SocketAddr, local: Ipv4Addr) {
         let c = &self.counters;
         bump(&c.rx_datagrams);
-        let Some((encap, roce)) = Encap::split(datagram) else {
-            bump(&c.rx_bad_encap);
+        let SocketAddr::V4(from) = from else {
+            bump(&c.rx_not_ipv4);
             return;
         };
-        if let Some(p) = &self.pcap {
-            p.write_packet(encap.sgid, encap.dgid, from.port(), self.local_port, roce);
-        }
-        let (Ok(sip), Ok(dip)) = (ip_of(encap.sgid), ip_of(encap.dgid)) else {
-            bump(&c.rx_malformed);
-            return;
-        };
-        match rdma_wire::icrc::verify_for_udp_socket(sip, dip, from.port(), self.local_port, roce) {
-            Ok(()) => {}
+        let port = self.cfg.udp_port;
+        let ip_id = match rdma_wire::icrc::verify_for_udp_socket_any_ip_id(
+            (*from.ip()).into(),
+            local.into(),
+            from.port(),
+            port,
+            roce,
+        ) {
+            Ok(id) => id,
             Err(WireError::IcrcMismatch { stored, computed }) => {
                 bump(&c.rx_bad_icrc);
-                tracing::debug!(%from, "bad ICRC {stored:#010x}, expected {computed:#010x}");
+                tracing::debug!(%from, "bad ICRC {stored:#010x} (no IP identification gives it; {computed:#010x} with 0)");
                 return;
             }
             Err(_) => {
                 bump(&c.rx_malformed);
                 return;
             }
+        };
+        if let Some(p) = &self.pcap {
+            p.write_packet(*from.ip(), local, from.port(), port, ip_id, roce);
         }
+        let (sgid, dgid) = (gid_v4(*from.ip()), gid_v4(local));
         let Ok(pkt) = RocePacket::parse(roce) else {
             bump(&c.rx_malformed);
             return;
         };
-        if opcode::transport(pkt.bth.opcode) != opcode::Transport::Ud || pkt.deth.is_none() {
-            bump(&c.rx_unsupported_transport);
-            return;
+        match opcode::transport(pkt.bth.opcode) {
+            opcode::Transport::Ud if pkt.deth.is_some() => {}
+            opcode::Transport::Rc if pkt.bth.dest_qp != GSI_QP => {}
+            _ => {
+                bump(&c.rx_unsupported_transport);
+                return;
+            }
         }
         if !p_key_matches(pkt.bth.p_key, self.cfg.p_key) {
             bump(&c.rx_bad_pkey);
             return;
         }
-        let grh = grh_area(encap.sgid, encap.dgid, roce.len());
+        let grh = grh_area(sgid, dgid, roce.len());
         if pkt.bth.dest_qp == GSI_QP {
             if !pkt.is_gsi() {
                 bump(&c.rx_bad_qkey);
@@ -481,8 +632,8 @@ impl PortInner {
             };
             bump(&c.rx_gsi);
             h.on_gsi(&GsiPacket {
-                sgid: encap.sgid,
-                dgid: encap.dgid,
+                sgid,
+                dgid,
                 grh,
                 p_key: pkt.bth.p_key,
                 payload: pkt.payload,
@@ -495,17 +646,20 @@ impl PortInner {
             return;
         };
         let verdict = qp.receive(&RxPacket {
-            sgid: encap.sgid,
-            dgid: encap.dgid,
+            sgid,
+            dgid,
+            src_port: from.port(),
             grh,
             packet: &pkt,
         });
         match verdict {
             RxVerdict::Accepted => bump(&c.rx_ud),
+            RxVerdict::Rc => bump(&c.rx_rc),
             RxVerdict::BadQKey => bump(&c.rx_bad_qkey),
             RxVerdict::WrongDgid => bump(&c.rx_wrong_dgid),
             RxVerdict::QueueFull => bump(&c.rx_queue_full),
             RxVerdict::WrongTransport => bump(&c.rx_unsupported_transport),
+            RxVerdict::WrongSource => bump(&c.rx_wrong_source),
         }
     }
 }

@@ -1,14 +1,16 @@
-//! A pcap writer for the port's traffic: each RoCEv2 packet as a real Ethernet/IPv4/UDP frame
-//! whose IP addresses are the packet's GIDs, so Wireshark dissects BTH, DETH and CM MADs.
+//! A pcap writer for the port's traffic: each RoCEv2 packet as the Ethernet/IPv4/UDP frame it
+//! travelled in (the IP header as the sending kernel wrote it, identification included — for
+//! received packets the one the ICRC check recovered), so Wireshark dissects BTH, the
+//! extension headers and CM MADs, and its ICRC verifies against the frame.
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use rdma_wire::Gid;
+use std::net::Ipv4Addr;
 
-use crate::addr::{ipv4_header, ipv6_header};
+use crate::addr::ipv4_header;
 use crate::RdmaError;
 
 /// Link type Ethernet.
@@ -21,9 +23,10 @@ pub struct PcapWriter {
     out: Mutex<BufWriter<File>>,
 }
 
-fn mac_for(gid: Gid) -> [u8; 6] {
-    let o = gid.octets();
-    [0x02, 0x00, o[12], o[13], o[14], o[15]]
+/// A locally administered MAC address derived from an IPv4 address.
+fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x00, o[0], o[1], o[2], o[3]]
 }
 
 impl PcapWriter {
@@ -55,25 +58,22 @@ impl PcapWriter {
         &self.path
     }
 
-    /// Builds the Ethernet frame of a RoCEv2 packet (`roce`: BTH … ICRC).
-    pub fn frame(sgid: Gid, dgid: Gid, src_port: u16, dst_port: u16, roce: &[u8]) -> Vec<u8> {
-        let mut f = Vec::with_capacity(14 + 40 + 8 + roce.len());
-        f.extend_from_slice(&mac_for(dgid));
-        f.extend_from_slice(&mac_for(sgid));
+    /// Builds the Ethernet frame of a RoCEv2 packet (`roce`: BTH … ICRC) from `src` to `dst`
+    /// with IP identification `ip_id`.
+    pub fn frame(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        src_port: u16,
+        dst_port: u16,
+        ip_id: u16,
+        roce: &[u8],
+    ) -> Vec<u8> {
+        let mut f = Vec::with_capacity(14 + 20 + 8 + roce.len());
+        f.extend_from_slice(&mac_for(dst));
+        f.extend_from_slice(&mac_for(src));
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&ipv4_header(src, dst, ip_id, roce.len()));
         let udp_len = (8 + roce.len()).min(usize::from(u16::MAX)) as u16;
-        match (
-            sgid.canonical().ipv4_mapped(),
-            dgid.canonical().ipv4_mapped(),
-        ) {
-            (Some(s), Some(d)) => {
-                f.extend_from_slice(&0x0800u16.to_be_bytes());
-                f.extend_from_slice(&ipv4_header(s, d, roce.len()));
-            }
-            _ => {
-                f.extend_from_slice(&0x86ddu16.to_be_bytes());
-                f.extend_from_slice(&ipv6_header(sgid, dgid, roce.len()));
-            }
-        }
         f.extend_from_slice(&src_port.to_be_bytes());
         f.extend_from_slice(&dst_port.to_be_bytes());
         f.extend_from_slice(&udp_len.to_be_bytes());
@@ -83,8 +83,16 @@ impl PcapWriter {
     }
 
     /// Appends one packet. Errors are logged, not returned: capture never stops the port.
-    pub fn write_packet(&self, sgid: Gid, dgid: Gid, src_port: u16, dst_port: u16, roce: &[u8]) {
-        let frame = PcapWriter::frame(sgid, dgid, src_port, dst_port, roce);
+    pub fn write_packet(
+        &self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        src_port: u16,
+        dst_port: u16,
+        ip_id: u16,
+        roce: &[u8],
+    ) {
+        let frame = PcapWriter::frame(src, dst, src_port, dst_port, ip_id, roce);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

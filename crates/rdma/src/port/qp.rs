@@ -16,6 +16,8 @@ use crate::counters::counters;
 pub enum QpType {
     /// Unreliable datagram.
     Ud,
+    /// Reliable connected.
+    Rc,
 }
 
 /// What happened to a packet handed to a queue pair.
@@ -31,6 +33,10 @@ pub enum RxVerdict {
     WrongDgid,
     /// The receive queue is full.
     QueueFull,
+    /// Taken by an RC queue pair (which counts what it did with it).
+    Rc,
+    /// The IP source is not the peer the (connected) QP talks to.
+    WrongSource,
 }
 
 /// A packet arriving at a queue pair, after the port's ICRC and P_Key checks.
@@ -40,6 +46,8 @@ pub struct RxPacket<'a> {
     pub sgid: Gid,
     /// Destination GID.
     pub dgid: Gid,
+    /// The sender's UDP source port.
+    pub src_port: u16,
     /// GRH area as a receive buffer would start with.
     pub grh: [u8; GRH_LEN],
     /// The parsed packet.

@@ -1,10 +1,10 @@
 //! Helpers for tests with real UDP sockets on loopback. Each test uses its own 127.N.0.0/16
-//! block so tests run in parallel.
+//! block so tests run in parallel (every GID is an address a port binds).
 #![allow(dead_code)]
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use rdma::addr::{gid_v4, Neighbor, NeighborTable};
+use rdma::addr::gid_v4;
 use rdma::cm::CmConfig;
 use rdma::host::{Host, HostConfig};
 use rdma::peer::Peer;
@@ -22,34 +22,21 @@ pub fn vm_gid(n: u8, h: u8, i: u8) -> Gid {
     gid_v4(Ipv4Addr::new(127, n, h, i))
 }
 
-/// Neighbour entries for hosts 1..=hosts of block n.
-pub fn neighbors(n: u8, hosts: u8) -> NeighborTable {
-    let mut t = NeighborTable::new();
-    for h in 1..=hosts {
-        t.add(Neighbor {
-            prefix: Ipv4Addr::new(127, n, h, 0),
-            len: 24,
-            host: host_addr(n, h),
-        });
-    }
-    t
-}
-
 pub fn fast_cm() -> CmConfig {
     CmConfig::fast()
 }
 
-pub fn start_host(n: u8, h: u8, hosts: u8, vms: usize) -> Host {
+/// Host `h` of block `n` with `vms` VMs. (`_hosts`, the number of hosts in the test, is
+/// what a neighbour table once needed; IP routing on loopback needs nothing.)
+pub fn start_host(n: u8, h: u8, _hosts: u8, vms: usize) -> Host {
     let mut cfg = HostConfig::new(host_addr(n, h), vms, Ipv4Addr::new(127, n, h, 1));
-    cfg.port.neighbors = neighbors(n, hosts);
     cfg.cm = fast_cm();
     Host::start(cfg).expect("host starts")
 }
 
 /// A bare-metal peer at 127.n.0.200.
-pub fn start_peer(n: u8, hosts: u8) -> Peer {
-    let mut port = PortConfig::new(Ipv4Addr::new(127, n, 0, 200));
-    port.neighbors = neighbors(n, hosts);
+pub fn start_peer(n: u8, _hosts: u8) -> Peer {
+    let port = PortConfig::new(Ipv4Addr::new(127, n, 0, 200));
     Peer::start(port, fast_cm()).expect("peer starts")
 }
 

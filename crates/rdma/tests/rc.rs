@@ -1,0 +1,136 @@
+//! RC queue pairs over real UDP sockets on loopback: rping-like and ucmatose-like sessions
+//! through the CM and a host's VM agent; a packet for a connected QP from another address is
+//! refused and counted; a WRITE outside the peer's region or with a wrong rkey fails with
+//! `RemAccessErr` and the target counts the refusal.
+mod common;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use common::*;
+use rdma::addr::gid_v4;
+use rdma::host::DEFAULT_SERVICE_PORT;
+use rdma::port::{PortConfig, SoftPort};
+use rdma::rc::{Access, MonotonicClock, MrTable, RcAttrs, SendOp, SendWr, WcStatus};
+use rdma::rc_session::RcMode;
+
+/// A bare-metal peer runs rping-like (64 KiB WRITE + READ, verified) and ucmatose-like
+/// (SEND, echoed, verified) sessions with a VM; two peers at once each get their own QP.
+#[test]
+fn rping_and_send_sessions_with_a_vm() {
+    let n = 37;
+    let a = start_host(n, 1, 1, 1);
+    let vm = a.vm(1).unwrap().gid();
+    let peer = start_peer(n, 1);
+    let r = peer
+        .rc_data_session(vm, DEFAULT_SERVICE_PORT, RcMode::Rping, 20, 64 << 10, WAIT)
+        .expect("rping session");
+    assert_eq!(r.verified, 20);
+    assert_eq!(r.bytes, 20 * 2 * (64 << 10));
+    let rc = r.rc.unwrap();
+    assert!(rc.tx_packets >= 20 * 64, "64 KiB at MTU 1024: {rc:?}");
+    let r = peer
+        .rc_data_session(vm, DEFAULT_SERVICE_PORT, RcMode::Send, 50, 3000, WAIT)
+        .expect("send session");
+    assert_eq!(r.verified, 50);
+
+    let second =
+        rdma::peer::Peer::start(PortConfig::new(Ipv4Addr::new(127, n, 0, 201)), fast_cm()).unwrap();
+    let t = std::thread::spawn(move || {
+        second
+            .rc_data_session(vm, DEFAULT_SERVICE_PORT, RcMode::Rping, 30, 5000, WAIT)
+            .map(|r| r.verified)
+    });
+    let mine = peer
+        .rc_data_session(vm, DEFAULT_SERVICE_PORT, RcMode::Send, 30, 777, WAIT)
+        .expect("concurrent session");
+    assert_eq!(mine.verified, 30);
+    assert_eq!(t.join().unwrap().expect("the other session"), 30);
+    assert_eq!(a.port().stats().rx_wrong_source, 0);
+}
+
+/// Two QPs connected by hand across two ports, with a third port as the attacker.
+#[test]
+fn spoofed_source_and_bad_remote_accesses_are_refused_and_counted() {
+    let n = 38;
+    let ip = |d| Ipv4Addr::new(127, n, 0, d);
+    let (px, py, pz) = (
+        SoftPort::bind(PortConfig::new(ip(1))).unwrap(),
+        SoftPort::bind(PortConfig::new(ip(2))).unwrap(),
+        SoftPort::bind(PortConfig::new(ip(3))).unwrap(),
+    );
+    let clock = Arc::new(MonotonicClock::default());
+    let (mx, my) = (Arc::new(MrTable::new(4)), Arc::new(MrTable::new(4)));
+    let qx = px.create_rc_qp(gid_v4(ip(1)), mx.clone(), clock.clone());
+    let qy = py.create_rc_qp(gid_v4(ip(2)), my.clone(), clock.clone());
+    let region = my.register(0x5000, 4096, Access::ALL).unwrap();
+    let attrs = |dest, sq, rq| RcAttrs {
+        dest_qpn: dest,
+        sq_psn: sq,
+        rq_psn: rq,
+        path_mtu: 1024,
+        ..RcAttrs::default()
+    };
+    qx.connect(gid_v4(ip(2)), attrs(qy.qpn_value(), 100, 200), true, true)
+        .unwrap();
+    qy.connect(gid_v4(ip(1)), attrs(qx.qpn_value(), 200, 100), true, true)
+        .unwrap();
+    // A good WRITE works.
+    qx.post_send(SendWr {
+        wr_id: 1,
+        op: SendOp::Write {
+            data: vec![7; 3000],
+            remote_addr: 0x5000,
+            rkey: region.key(),
+            imm: None,
+        },
+    })
+    .unwrap();
+    assert_eq!(qx.wait(WAIT).unwrap().status, WcStatus::Success);
+    assert_eq!(region.read(0x5000, 3000).unwrap(), vec![7; 3000]);
+
+    // The attacker (another address) sends a well-formed WRITE ONLY with the right QPN, PSN
+    // and rkey: refused by the port before the QP sees it.
+    let z_qp = pz.create_rc_qp(gid_v4(ip(3)), Arc::new(MrTable::new(1)), clock.clone());
+    z_qp.connect(gid_v4(ip(2)), attrs(qy.qpn_value(), 103, 0), true, true)
+        .unwrap();
+    z_qp.post_send(SendWr {
+        wr_id: 9,
+        op: SendOp::Write {
+            data: vec![0xee; 16],
+            remote_addr: 0x5000,
+            rkey: region.key(),
+            imm: None,
+        },
+    })
+    .unwrap();
+    eventually("spoofed packet refused", || py.stats().rx_wrong_source >= 1);
+    assert_eq!(
+        region.read(0x5000, 16).unwrap(),
+        vec![7; 16],
+        "nothing written"
+    );
+    z_qp.to_err();
+
+    // A WRITE past the region's end: RemAccessErr at the requester, counted at the target.
+    qx.post_send(SendWr {
+        wr_id: 2,
+        op: SendOp::Write {
+            data: vec![1; 200],
+            remote_addr: 0x5000 + 4000,
+            rkey: region.key(),
+            imm: None,
+        },
+    })
+    .unwrap();
+    let wc = qx.wait(WAIT).unwrap();
+    assert_eq!((wc.wr_id, wc.status), (2, WcStatus::RemAccessErr));
+    assert_eq!(qy.stats().rx_access_refused, 1);
+    assert_eq!(region.read(0x5000 + 4000, 96).unwrap(), vec![0; 96]);
+    for q in [&qx, &qy, &z_qp] {
+        q.shutdown();
+    }
+    for p in [&px, &py, &pz] {
+        p.shutdown();
+    }
+}
