@@ -9,6 +9,7 @@ use std::{
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use migration::DeviceError;
 use passthrough::{AttachOptions, Attachment, ConfigLog};
 use shadow::{Engine, EngineOptions, EngineStatus};
 use vmm::Vm;
@@ -156,24 +157,42 @@ impl NvmeRestorer {
 }
 
 impl migration::DeviceRestorer for NvmeRestorer {
-    fn restore(&mut self, vm: &Vm, name: &str, state: &[u8]) -> std::result::Result<(), String> {
+    fn restore(
+        &mut self,
+        vm: &Vm,
+        name: &str,
+        state: &[u8],
+    ) -> std::result::Result<(), DeviceError> {
         if name != "nvme0" || self.engine.is_some() {
-            return Err(format!("this destination has no device slot for {name}"));
+            return Err(DeviceError::NoSlot { name: name.into() });
         }
         let source = self.source.as_ref().ok_or_else(|| {
-            "the VM has a passthrough NVMe device and this destination has none (start \
-             `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
-                .to_string()
+            DeviceError::NotConfigured(
+                "the VM has a passthrough NVMe device and this destination has none (start \
+                 `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
+                    .into(),
+            )
         })?;
-        let saved = shadow::engine::device::SavedDevice::decode(state)?;
-        let (child, socket) = device_socket(source).map_err(|e| format!("{e:#}"))?;
+        // Refuse garbage before a device process or an attachment is touched.
+        let saved = shadow::engine::device::SavedDevice::decode(state)
+            .map_err(|e| DeviceError::InvalidState(e.into()))?;
+        let (child, socket) = device_socket(source).map_err(|e| {
+            DeviceError::failed(
+                "starting the destination's device",
+                e.into_boxed_dyn_error(),
+            )
+        })?;
         if child.is_some() {
             self.child = child;
         }
-        let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
-            .map_err(|e| format!("attaching the destination's device: {e}"))?;
+        let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket)).map_err(
+            DeviceError::while_doing("attaching the destination's device"),
+        )?;
         let engine =
-            Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| e.to_string())?;
+            Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| match e {
+                shadow::Error::State(e) => DeviceError::InvalidState(e.into()),
+                e => DeviceError::failed("rebuilding the device from its state", e),
+            })?;
         self.engine = Some(Arc::new(engine));
         Ok(())
     }
@@ -273,9 +292,10 @@ impl PassthroughSession {
             }
         }
         if let Err(e) = engine.enter(vm) {
-            tracing::error!("entering continuous shadow mode: {e}");
-            eprintln!("ferry: continuous shadow mode not entered: {e}");
-            self.shadow_error = Some(e.to_string());
+            let why = vmm::ErrorChain(&e).to_string();
+            tracing::error!("entering continuous shadow mode: {why}");
+            eprintln!("ferry: continuous shadow mode not entered: {why}");
+            self.shadow_error = Some(why);
         }
     }
 

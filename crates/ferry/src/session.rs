@@ -360,12 +360,13 @@ pub fn supervise(
                                 break;
                             }
                             Err(e) => {
+                                let why = migration::ErrorChain(&e).to_string();
                                 eprintln!(
-                                    "ferry: migration to {} failed, the VM keeps running here: {e}",
+                                    "ferry: migration to {} failed, the VM keeps running here: {why}",
                                     m.to
                                 );
-                                failed_migrations.push(e.to_string());
-                                let _ = p.reply.send(Response::err(e));
+                                failed_migrations.push(why.clone());
+                                let _ = p.reply.send(Response::err(why));
                             }
                         }
                     }

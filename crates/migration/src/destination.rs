@@ -86,9 +86,16 @@ pub fn receive(
     let mut reader = BufReader::with_capacity(1 << 20, stream);
     let result = run(&mut reader, &mut writer, &source, config, opts, restorer);
     if let Err(e) = &result {
-        tracing::warn!("incoming migration from {source} failed: {e}");
+        tracing::warn!(
+            "incoming migration from {source} failed: {}",
+            crate::ErrorChain(e)
+        );
         // Tell the source why, if it still listens; the VM (if built) is dropped unrun.
-        let _ = wire::send(&mut writer, Kind::Abort, e.to_string().as_bytes());
+        let _ = wire::send(
+            &mut writer,
+            Kind::Abort,
+            crate::ErrorChain(e).to_string().as_bytes(),
+        );
         let _ = writer.flush();
     }
     result
@@ -234,9 +241,9 @@ fn run(
     for (name, blob) in &devices {
         restorer
             .restore(&vm, name, blob)
-            .map_err(|reason| MigrationError::Device {
+            .map_err(|source| MigrationError::Device {
                 name: name.clone(),
-                reason,
+                source,
             })?;
         report.devices.push(name.clone());
     }

@@ -5,7 +5,7 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// Connecting, reading or writing the migration stream failed.
-    #[error("migration connection {what}: {source}")]
+    #[error("migration connection {what}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -42,15 +42,16 @@ pub enum MigrationError {
         remaining: u64,
     },
     /// A VMM operation failed (pause, state save or restore, dirty log).
-    #[error("VMM: {0}")]
+    #[error("VMM")]
     Vmm(#[from] vmm::Error),
     /// A device failed its part.
-    #[error("device {name}: {reason}")]
+    #[error("device {name}")]
     Device {
         /// The device.
         name: String,
         /// What happened.
-        reason: String,
+        #[source]
+        source: crate::device::DeviceError,
     },
     /// Encoding or decoding state failed.
     #[error("state encoding: {0}")]

@@ -18,7 +18,8 @@ pub mod source;
 pub mod wire;
 
 pub use destination::{receive, DestinationOptions, Incoming};
-pub use device::{DeviceRestorer, MigratableDevice, NoDevices};
+pub use device::{BoxError, DeviceError, DeviceRestorer, MigratableDevice, NoDevices};
 pub use error::{MigrationError, Result};
 pub use report::{MigrationReport, Progress, ReceiveReport, RoundReport};
 pub use source::{migrate, LimitPolicy, SourceOptions};
+pub use vmm::ErrorChain;

@@ -71,6 +71,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
     let incoming = match migration::receive(stream, &spec.vm_config(), &opts, &mut restorer) {
         Ok(i) => i,
         Err(e) => {
+            let e = migration::ErrorChain(&e);
             eprintln!("ferry: incoming migration failed; no VM runs here: {e}");
             if args.json {
                 println!(
