@@ -319,3 +319,42 @@ impl PassthroughSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use migration::{DeviceError, MigrationError};
+
+    /// What `main` prints (`{:#}` of the anyhow error) names each cause exactly once.
+    #[test]
+    fn the_edge_prints_each_cause_once() {
+        let hook = passthrough::Error::Hook {
+            name: "nvme0".into(),
+            source: passthrough::HookError::NotInRam {
+                gpa: 0x1000,
+                size: 0x2000,
+            },
+        };
+        let engine = shadow::Error::Hook {
+            what: "moving ring pages onto the copy".into(),
+            source: hook,
+        };
+        let e = MigrationError::Device {
+            name: "nvme0".into(),
+            source: DeviceError::failed("rebuilding the device from its state", engine),
+        };
+        let text = format!("{:#}", anyhow::Error::from(e).context("incoming migration"));
+        assert_eq!(
+            text,
+            "incoming migration: device nvme0: rebuilding the device from its state: shadow \
+             engine: moving ring pages onto the copy: passthrough device nvme0: range \
+             0x1000+0x2000 is not inside one guest RAM region"
+        );
+        for part in [
+            "rebuilding",
+            "moving ring pages",
+            "not inside one guest RAM",
+        ] {
+            assert_eq!(text.matches(part).count(), 1, "{part} in {text}");
+        }
+    }
+}

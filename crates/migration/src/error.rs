@@ -66,3 +66,68 @@ impl MigrationError {
 
 /// Result of the migration engine.
 pub type Result<T> = std::result::Result<T, MigrationError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DeviceError, ErrorChain};
+
+    fn device_failure() -> MigrationError {
+        let os = io::Error::new(io::ErrorKind::BrokenPipe, "socket went away");
+        MigrationError::Device {
+            name: "nvme0".into(),
+            source: DeviceError::failed(
+                "rebuilding the device",
+                vmm::Error::Io {
+                    what: "mapping the doorbell page".into(),
+                    source: os,
+                },
+            ),
+        }
+    }
+
+    #[test]
+    fn the_chain_shows_each_cause_exactly_once() {
+        let e = device_failure();
+        let text = ErrorChain(&e).to_string();
+        assert_eq!(
+            text,
+            "device nvme0: rebuilding the device: mapping the doorbell page: socket went away"
+        );
+        for part in [
+            "nvme0",
+            "rebuilding the device",
+            "doorbell page",
+            "went away",
+        ] {
+            assert_eq!(text.matches(part).count(), 1, "{part} in {text}");
+        }
+    }
+
+    #[test]
+    fn no_display_repeats_its_source() {
+        let errors = [
+            device_failure(),
+            MigrationError::Io {
+                what: "read",
+                source: io::Error::other("connection reset"),
+            },
+            MigrationError::Vmm(vmm::Error::Io {
+                what: "KVM_RUN".into(),
+                source: io::Error::other("interrupted"),
+            }),
+        ];
+        for e in &errors {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+            while let Some(c) = cur {
+                if let Some(s) = c.source() {
+                    assert!(
+                        !c.to_string().contains(&s.to_string()),
+                        "{c} repeats its source {s}"
+                    );
+                }
+                cur = c.source();
+            }
+        }
+    }
+}

@@ -280,7 +280,7 @@ impl CmEndpoint {
             .name(format!("cm-timer-{gid}"))
             .spawn(move || timer_loop(weak));
         if let Err(e) = spawned {
-            tracing::error!(%gid, "cannot start the CM timer thread: {e}");
+            tracing::error!(%gid, error = &e as &dyn std::error::Error, "cannot start the CM timer thread");
         }
         CmEndpoint { inner }
     }
@@ -576,7 +576,7 @@ impl Inner {
                 Ok(()) => bump(&self.stats.sent),
                 Err(e) => {
                     bump(&self.stats.send_errors);
-                    tracing::debug!(gid = %self.gid, %dgid, "CM send failed: {e}");
+                    tracing::debug!(gid = %self.gid, %dgid, error = &e as &dyn std::error::Error, "CM send failed");
                 }
             }
         }
@@ -641,7 +641,7 @@ impl Inner {
             Ok(m) => m,
             Err(e) => {
                 bump(&self.stats.malformed);
-                tracing::debug!(gid = %self.gid, "malformed CM MAD: {e}");
+                tracing::debug!(gid = %self.gid, error = &e as &dyn std::error::Error, "malformed CM MAD");
                 return;
             }
         };
