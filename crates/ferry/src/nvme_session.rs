@@ -357,4 +357,43 @@ mod tests {
             assert_eq!(text.matches(part).count(), 1, "{part} in {text}");
         }
     }
+
+    /// The destination's restorer refuses a garbage or truncated state before it attaches a
+    /// device (the socket here does not even exist), a device it has no slot for, and any
+    /// device when it was started without one.
+    #[test]
+    fn the_restorer_refuses_bad_states_before_attaching() {
+        use migration::DeviceRestorer;
+        let vm = vmm::Vm::new(&vmm::VmConfig {
+            ram_size: 32 << 20,
+            console: vmm::devices::serial::ConsoleSink::Null,
+            ..Default::default()
+        })
+        .unwrap();
+        let missing = std::env::temp_dir().join("ferry-no-such-device.sock");
+        let mut r = super::NvmeRestorer::new(
+            Some(crate::nvme_args::PassthroughSource::Socket(missing)),
+            shadow::EngineOptions::default(),
+        )
+        .unwrap();
+        for blob in [
+            &[][..],
+            &[2, 0, 0, 0][..],
+            &[2, 0, 0, 0, 0xff, 0xff, 0xff, 0xff][..],
+        ] {
+            match r.restore(&vm, "nvme0", blob) {
+                Err(DeviceError::InvalidState(_)) => {}
+                other => panic!("{blob:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            r.restore(&vm, "disk7", &[2, 0, 0, 0]),
+            Err(DeviceError::NoSlot { .. })
+        ));
+        let mut none = super::NvmeRestorer::new(None, shadow::EngineOptions::default()).unwrap();
+        assert!(matches!(
+            none.restore(&vm, "nvme0", &[2, 0, 0, 0]),
+            Err(DeviceError::NotConfigured(_))
+        ));
+    }
 }

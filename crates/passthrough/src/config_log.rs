@@ -24,9 +24,19 @@ pub const HISTORY: usize = 256;
 pub const MAX_IO_QUEUES: u16 = 1024;
 /// Largest admin queue NVMe allows (AQA's 12-bit fields).
 pub const MAX_ADMIN_ENTRIES: u32 = 4096;
+/// Largest counter accepted from another host (counters keep counting up from it).
+pub const MAX_COUNTER: u64 = 1 << 56;
 /// Most namespaces a log from another host may describe.
 pub const MAX_NAMESPACES: usize = 1024;
 const PAGE: u64 = 4096;
+
+/// The first of `counters` above [`MAX_COUNTER`] (a counter from another host that would
+/// overflow when counting on).
+pub fn counter_too_large<const N: usize>(
+    counters: [(&'static str, u64); N],
+) -> Option<(&'static str, u64)> {
+    counters.into_iter().find(|&(_, v)| v > MAX_COUNTER)
+}
 
 /// What device state from another host must fit: this VM's RAM and this host's device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,6 +248,21 @@ impl ConfigLog {
             if count > max {
                 return Err(StateError::TooLong { what, count, max });
             }
+        }
+        if let Some((what, value)) = counter_too_large([
+            ("enables", self.enables),
+            ("resets", self.resets),
+            ("shutdowns", self.shutdowns),
+            ("admin_submitted", self.admin_submitted),
+            ("admin_completed", self.admin_completed),
+            ("admin_failed", self.admin_failed),
+            ("anomalies", self.anomalies),
+        ]) {
+            return Err(StateError::Counter {
+                what,
+                value,
+                max: MAX_COUNTER,
+            });
         }
         for (&nsid, ns) in &self.namespaces {
             if !ns.block_size.is_power_of_two() || !(512..=65536).contains(&ns.block_size) {
@@ -869,5 +894,115 @@ mod tests {
         });
         assert_eq!(m.log.anomalies, 6, "completion for an unknown command");
         assert!(m.log.summary().contains("0 I/O SQ"));
+    }
+
+    fn restorable() -> (ConfigLog, RestoreBounds) {
+        let mut log = ConfigLog {
+            cc: cc::ENABLE,
+            aqa: aqa::new(16, 16),
+            asq: 0x1000,
+            acq: 0x2000,
+            ..Default::default()
+        };
+        log.io_cqs.insert(
+            1,
+            CqConfig {
+                base: 0x4000,
+                entries: 256,
+                interrupts: true,
+                vector: 1,
+            },
+        );
+        log.io_sqs.insert(
+            1,
+            SqConfig {
+                base: 0x8000,
+                entries: 256,
+                cqid: 1,
+                priority: 0,
+            },
+        );
+        let bounds = RestoreBounds {
+            ram: std::iter::once(0..1 << 20).collect(),
+            max_queue_entries: 1024,
+            msix_vectors: 2,
+            dstrd: 0,
+            bar0_size: 1 << 14,
+        };
+        (log, bounds)
+    }
+
+    #[test]
+    fn a_log_from_another_host_is_checked_before_replay() {
+        let (log, b) = restorable();
+        log.validate((0, 0), &b).unwrap();
+        let refuse = |f: &dyn Fn(&mut ConfigLog), admin: (u32, u32)| {
+            let mut l = log.clone();
+            f(&mut l);
+            l.validate(admin, &b).unwrap_err()
+        };
+        assert!(matches!(
+            refuse(&|l| l.io_cqs.get_mut(&1).unwrap().entries = 0, (0, 0)),
+            StateError::QueueSize { entries: 0, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_sqs.get_mut(&1).unwrap().entries = 1 << 20, (0, 0)),
+            StateError::QueueSize { kind: "SQ", .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_sqs.get_mut(&1).unwrap().base = !0xfff, (0, 0)),
+            StateError::QueueRing { kind: "SQ", .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_cqs.get_mut(&1).unwrap().base = 1 << 20, (0, 0)),
+            StateError::QueueRing { kind: "CQ", .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_cqs.get_mut(&1).unwrap().vector = 2, (0, 0)),
+            StateError::Vector { vector: 2, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_sqs.get_mut(&1).unwrap().cqid = 7, (0, 0)),
+            StateError::MissingCq { cqid: 7, .. }
+        ));
+        assert!(matches!(
+            refuse(
+                &|l| {
+                    let q = l.io_cqs[&1];
+                    l.io_cqs.insert(0, q);
+                },
+                (0, 0)
+            ),
+            StateError::QueueId { qid: 0, .. }
+        ));
+        assert!(matches!(
+            refuse(&|_| {}, (16, 0)),
+            StateError::AdminPositions { sq_tail: 16, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.aqa = 0, (0, 0)),
+            StateError::AdminSize { sq: 1, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.acq = 1 << 20, (0, 0)),
+            StateError::AdminRing { ring: "CQ", .. }
+        ));
+        assert!(matches!(
+            refuse(
+                &|l| l.history = vec![
+                    l.history.first().cloned().unwrap_or(AdminRecord {
+                        opcode: 0,
+                        cid: 0,
+                        cdw10: 0,
+                        cdw11: 0,
+                        status: None,
+                        result: 0,
+                    });
+                    HISTORY + 1
+                ],
+                (0, 0)
+            ),
+            StateError::TooLong { .. }
+        ));
     }
 }

@@ -296,6 +296,16 @@ pub enum StateError {
         /// Block size.
         block_size: u32,
     },
+    /// A counter so large that counting on would overflow.
+    #[error("counter {what} is {value}, more than {max}")]
+    Counter {
+        /// Which counter.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// Largest accepted.
+        max: u64,
+    },
     /// An MSI-X table larger than the device's.
     #[error("MSI-X table of {entries} entries; the device has {count}")]
     MsixTable {

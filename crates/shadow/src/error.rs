@@ -180,6 +180,18 @@ pub enum StateError {
         /// Queue id.
         qid: u16,
     },
+    /// A counter so large that counting on would overflow.
+    #[error("queue {qid}: counter {what} is {value}, more than {max}")]
+    Counter {
+        /// Queue id.
+        qid: u16,
+        /// Which counter.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// Largest accepted.
+        max: u64,
+    },
     /// The configuration log has a queue pair the state does not carry.
     #[error("the configuration log's queue {qid} has no saved state")]
     MissingQueue {

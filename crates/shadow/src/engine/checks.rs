@@ -3,7 +3,7 @@
 //! device, with checked arithmetic, before the destination allocates or maps anything from it.
 use std::collections::BTreeSet;
 
-use passthrough::config_log::{RestoreBounds, MAX_IO_QUEUES};
+use passthrough::config_log::{counter_too_large, RestoreBounds, MAX_COUNTER, MAX_IO_QUEUES};
 
 use super::{device::SavedDevice, limits_from, memory::page_regions, PAGE};
 use crate::{
@@ -111,6 +111,23 @@ pub fn validate_saved(saved: &SavedDevice, b: &RestoreBounds) -> Result<(), Stat
                     entries,
                 });
             }
+        }
+        let st = q.stats;
+        if let Some((what, value)) = counter_too_large([
+            ("forwarded", st.forwarded),
+            ("completed", st.completed),
+            ("refused", st.refused),
+            ("dirty_pages", st.dirty_pages),
+            ("fillers", st.fillers),
+            ("anomalies", st.anomalies),
+            ("bounced", st.bounced),
+        ]) {
+            return Err(StateError::Counter {
+                qid,
+                what,
+                value,
+                max: MAX_COUNTER,
+            });
         }
         let offset = nvme_spec::regs::cq_head_doorbell(qid, b.dstrd)
             .max(nvme_spec::regs::sq_tail_doorbell(qid, b.dstrd));
