@@ -324,7 +324,7 @@ impl PassthroughSession {
 mod tests {
     use migration::{DeviceError, MigrationError};
 
-    /// What `main` prints (`{:#}` of the anyhow error) names each cause exactly once.
+    /// What `main` prints (the chain of the anyhow error) names each cause exactly once.
     #[test]
     fn the_edge_prints_each_cause_once() {
         let hook = passthrough::Error::Hook {
@@ -342,7 +342,10 @@ mod tests {
             name: "nvme0".into(),
             source: DeviceError::failed("rebuilding the device from its state", engine),
         };
-        let text = format!("{:#}", anyhow::Error::from(e).context("incoming migration"));
+        let e = anyhow::Error::from(e).context("incoming migration");
+        // anyhow's own `{:#}` agrees: no Ferry error repeats its source.
+        assert_eq!(format!("{e:#}"), vmm::ErrorChain(e.as_ref()).to_string());
+        let text = vmm::ErrorChain(e.as_ref()).to_string();
         assert_eq!(
             text,
             "incoming migration: device nvme0: rebuilding the device from its state: shadow \
@@ -356,6 +359,31 @@ mod tests {
         ] {
             assert_eq!(text.matches(part).count(), 1, "{part} in {text}");
         }
+    }
+
+    /// An error of another crate that prints its own source too (vfio_user's `Connect` does)
+    /// still shows the cause once.
+    #[test]
+    fn a_cause_repeated_by_another_crate_shows_once() {
+        #[derive(Debug)]
+        struct Repeats(std::io::Error);
+        impl std::fmt::Display for Repeats {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "Error connecting: {}", self.0)
+            }
+        }
+        impl std::error::Error for Repeats {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let os = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::from(Repeats(os)).context("attaching the passthrough NVMe device");
+        let text = vmm::ErrorChain(e.as_ref()).to_string();
+        assert_eq!(
+            text,
+            "attaching the passthrough NVMe device: Error connecting: entity not found"
+        );
     }
 
     /// The destination's restorer refuses a garbage or truncated state before it attaches a

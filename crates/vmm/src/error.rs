@@ -98,17 +98,24 @@ impl Error {
     }
 }
 
-/// Shows an error and each of its causes once, separated by ": " (what anyhow's `{:#}`
-/// prints): for messages that leave the process or its log as one line (an abort message to
-/// a peer, a JSON report, a log line), since no error's own text repeats its source's.
+/// Shows an error and each of its causes once, separated by ": " (anyhow's `{:#}` layout):
+/// for messages that leave the process or its log as one line (the binary's last word, an
+/// abort message to a peer, a JSON report, a log line). Ferry's errors never repeat their
+/// source's text; a cause whose text the error before it already ends with (an error of
+/// another crate that prints its source) is left out, so each cause shows exactly once.
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
         let mut cause = self.0.source();
         while let Some(c) = cause {
-            write!(f, ": {c}")?;
+            let text = c.to_string();
+            if !shown.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
             cause = c.source();
         }
         Ok(())
