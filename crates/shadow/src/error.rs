@@ -106,8 +106,8 @@ pub enum StateError {
         /// Doorbell pairs.
         doorbells: usize,
     },
-    /// No queues, or more than the limit.
-    #[error("{count} shadowed queues, outside 1..={max}")]
+    /// More queues than the limit.
+    #[error("{count} shadowed queues, more than the {max} accepted")]
     QueueCount {
         /// Queues.
         count: usize,
