@@ -19,8 +19,8 @@ pub enum DeviceError {
     /// The device needs something this side was not set up with.
     #[error("{0}")]
     NotConfigured(String),
-    /// The device cannot be captured right now (the switchover asks again).
-    #[error("not ready for the switchover: {0}")]
+    /// The device cannot be captured right now (the switchover asks again); says why.
+    #[error("{0}")]
     NotReady(String),
     /// The state sent for the device is malformed or does not fit this VM.
     #[error("its state is invalid")]
