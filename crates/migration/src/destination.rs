@@ -263,7 +263,10 @@ fn run(
         .and_then(|_| writer.flush().map_err(MigrationError::io("write")))
     {
         // The source committed with Go; it will not run the VM again. Keep running here.
-        tracing::warn!("could not confirm the resume to the source: {e}");
+        tracing::warn!(
+            "could not confirm the resume to the source: {}",
+            crate::ErrorChain(&e)
+        );
     }
     Ok(Incoming { vm, report })
 }

@@ -279,7 +279,7 @@ impl ServerBackend for Backend {
         };
         r.map_err(|e| {
             tracing::warn!(error = &e as &dyn std::error::Error, "DMA_MAP refused");
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
         })?;
         tracing::info!(
             iova = format_args!("{address:#x}"),
