@@ -217,7 +217,7 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
                     .name("api-conn".into())
                     .spawn(move || {
                         if let Err(e) = handle(conn, tx, &waker, &counter) {
-                            tracing::debug!("API connection: {e:#}");
+                            tracing::debug!("API connection: {}", vmm::ErrorChain(e.as_ref()));
                         }
                     });
             }

@@ -52,7 +52,7 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", vmm::ErrorChain(e.as_ref()));
             std::process::exit(1);
         }
     }

@@ -9,6 +9,7 @@ use std::{
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use migration::DeviceError;
 use passthrough::{AttachOptions, Attachment, ConfigLog};
 use shadow::{Engine, EngineOptions, EngineStatus};
 use vmm::Vm;
@@ -156,24 +157,42 @@ impl NvmeRestorer {
 }
 
 impl migration::DeviceRestorer for NvmeRestorer {
-    fn restore(&mut self, vm: &Vm, name: &str, state: &[u8]) -> std::result::Result<(), String> {
+    fn restore(
+        &mut self,
+        vm: &Vm,
+        name: &str,
+        state: &[u8],
+    ) -> std::result::Result<(), DeviceError> {
         if name != "nvme0" || self.engine.is_some() {
-            return Err(format!("this destination has no device slot for {name}"));
+            return Err(DeviceError::NoSlot { name: name.into() });
         }
         let source = self.source.as_ref().ok_or_else(|| {
-            "the VM has a passthrough NVMe device and this destination has none (start \
-             `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
-                .to_string()
+            DeviceError::NotConfigured(
+                "the VM has a passthrough NVMe device and this destination has none (start \
+                 `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
+                    .into(),
+            )
         })?;
-        let saved = shadow::engine::device::SavedDevice::decode(state)?;
-        let (child, socket) = device_socket(source).map_err(|e| format!("{e:#}"))?;
+        // Refuse garbage before a device process or an attachment is touched.
+        let saved = shadow::engine::device::SavedDevice::decode(state)
+            .map_err(|e| DeviceError::InvalidState(e.into()))?;
+        let (child, socket) = device_socket(source).map_err(|e| {
+            DeviceError::failed(
+                "starting the destination's device",
+                e.into_boxed_dyn_error(),
+            )
+        })?;
         if child.is_some() {
             self.child = child;
         }
-        let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
-            .map_err(|e| format!("attaching the destination's device: {e}"))?;
+        let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket)).map_err(
+            DeviceError::while_doing("attaching the destination's device"),
+        )?;
         let engine =
-            Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| e.to_string())?;
+            Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| match e {
+                shadow::Error::State(e) => DeviceError::InvalidState(e.into()),
+                e => DeviceError::failed("rebuilding the device from its state", e),
+            })?;
         self.engine = Some(Arc::new(engine));
         Ok(())
     }
@@ -280,9 +299,10 @@ impl PassthroughSession {
             }
         }
         if let Err(e) = engine.enter(vm) {
-            tracing::error!("entering continuous shadow mode: {e}");
-            eprintln!("ferry: continuous shadow mode not entered: {e}");
-            self.shadow_error = Some(e.to_string());
+            let why = vmm::ErrorChain(&e).to_string();
+            tracing::error!("entering continuous shadow mode: {why}");
+            eprintln!("ferry: continuous shadow mode not entered: {why}");
+            self.shadow_error = Some(why);
         }
     }
 
@@ -304,5 +324,111 @@ impl PassthroughSession {
         if let Some(mut c) = self.child.take() {
             c.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use migration::{DeviceError, MigrationError};
+
+    /// What `main` prints (the chain of the anyhow error) names each cause exactly once.
+    #[test]
+    fn the_edge_prints_each_cause_once() {
+        let hook = passthrough::Error::Hook {
+            name: "nvme0".into(),
+            source: passthrough::HookError::NotInRam {
+                gpa: 0x1000,
+                size: 0x2000,
+            },
+        };
+        let engine = shadow::Error::Hook {
+            what: "moving ring pages onto the copy".into(),
+            source: hook,
+        };
+        let e = MigrationError::Device {
+            name: "nvme0".into(),
+            source: DeviceError::failed("rebuilding the device from its state", engine),
+        };
+        let e = anyhow::Error::from(e).context("incoming migration");
+        // anyhow's own `{:#}` agrees: no Ferry error repeats its source.
+        assert_eq!(format!("{e:#}"), vmm::ErrorChain(e.as_ref()).to_string());
+        let text = vmm::ErrorChain(e.as_ref()).to_string();
+        assert_eq!(
+            text,
+            "incoming migration: device nvme0: rebuilding the device from its state: shadow \
+             engine: moving ring pages onto the copy: passthrough device nvme0: range \
+             0x1000+0x2000 is not inside one guest RAM region"
+        );
+        for part in [
+            "rebuilding",
+            "moving ring pages",
+            "not inside one guest RAM",
+        ] {
+            assert_eq!(text.matches(part).count(), 1, "{part} in {text}");
+        }
+    }
+
+    /// An error of another crate that prints its own source too (vfio_user's `Connect` does)
+    /// still shows the cause once.
+    #[test]
+    fn a_cause_repeated_by_another_crate_shows_once() {
+        #[derive(Debug)]
+        struct Repeats(std::io::Error);
+        impl std::fmt::Display for Repeats {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "Error connecting: {}", self.0)
+            }
+        }
+        impl std::error::Error for Repeats {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let os = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::from(Repeats(os)).context("attaching the passthrough NVMe device");
+        let text = vmm::ErrorChain(e.as_ref()).to_string();
+        assert_eq!(
+            text,
+            "attaching the passthrough NVMe device: Error connecting: entity not found"
+        );
+    }
+
+    /// The destination's restorer refuses a garbage or truncated state before it attaches a
+    /// device (the socket here does not even exist), a device it has no slot for, and any
+    /// device when it was started without one.
+    #[test]
+    fn the_restorer_refuses_bad_states_before_attaching() {
+        use migration::DeviceRestorer;
+        let vm = vmm::Vm::new(&vmm::VmConfig {
+            ram_size: 32 << 20,
+            console: vmm::devices::serial::ConsoleSink::Null,
+            ..Default::default()
+        })
+        .unwrap();
+        let missing = std::env::temp_dir().join("ferry-no-such-device.sock");
+        let mut r = super::NvmeRestorer::new(
+            Some(crate::nvme_args::PassthroughSource::Socket(missing)),
+            shadow::EngineOptions::default(),
+        )
+        .unwrap();
+        for blob in [
+            &[][..],
+            &[2, 0, 0, 0][..],
+            &[2, 0, 0, 0, 0xff, 0xff, 0xff, 0xff][..],
+        ] {
+            match r.restore(&vm, "nvme0", blob) {
+                Err(DeviceError::InvalidState(_)) => {}
+                other => panic!("{blob:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            r.restore(&vm, "disk7", &[2, 0, 0, 0]),
+            Err(DeviceError::NoSlot { .. })
+        ));
+        let mut none = super::NvmeRestorer::new(None, shadow::EngineOptions::default()).unwrap();
+        assert!(matches!(
+            none.restore(&vm, "nvme0", &[2, 0, 0, 0]),
+            Err(DeviceError::NotConfigured(_))
+        ));
     }
 }

@@ -87,7 +87,7 @@ fn backend_error(e: RdmaError) -> BackendError {
         }
         _ => BackendErrorKind::Failed,
     };
-    BackendError::new(kind, e.to_string())
+    BackendError::new(kind, vmm::ErrorChain(&e).to_string())
 }
 
 /// One VM's view of the host: its multiplexer registration and the port.

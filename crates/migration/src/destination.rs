@@ -480,9 +480,9 @@ fn run(
     for (name, blob) in &devices {
         restorer
             .restore(&vm, name, blob)
-            .map_err(|reason| MigrationError::Device {
+            .map_err(|source| MigrationError::Device {
                 name: name.clone(),
-                reason,
+                source,
             })?;
         report.devices.push(name.clone());
     }

@@ -3,12 +3,61 @@
 //! shadow engine) implements [`MigratableDevice`] on the source and [`DeviceRestorer`] on the
 //! destination.
 
+/// An error of another crate, boxed with its chain of causes intact.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a device's part of a migration can fail with. The cause, when there is one, is the
+/// error's source: its text is not repeated here.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// This side has no place for a device of that name (or has filled it already).
+    #[error("no device slot for {name} here")]
+    NoSlot {
+        /// The device's name.
+        name: String,
+    },
+    /// The device needs something this side was not set up with.
+    #[error("{0}")]
+    NotConfigured(String),
+    /// The device cannot be captured right now (the switchover asks again); says why.
+    #[error("{0}")]
+    NotReady(String),
+    /// The state sent for the device is malformed or does not fit this VM.
+    #[error("its state is invalid")]
+    InvalidState(#[source] BoxError),
+    /// The device's implementation failed while doing `what`.
+    #[error("{what}")]
+    Failed {
+        /// What the device was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl DeviceError {
+    /// `source` made the device fail while doing `what`.
+    pub fn failed(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        DeviceError::Failed {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A closure for `map_err`: the device failed while doing `what`.
+    pub fn while_doing<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> Self {
+        let what = what.into();
+        move |e| DeviceError::failed(what, e)
+    }
+}
+
 /// A device on the source side of a migration.
 pub trait MigratableDevice: Send {
     /// Name, unique within the VM (sent with its state).
     fn name(&self) -> String;
     /// Called before the first memory round (e.g. to start tracking what the device writes).
-    fn prepare(&mut self, vm: &vmm::Vm) -> Result<(), String>;
+    fn prepare(&mut self, vm: &vmm::Vm) -> Result<(), DeviceError>;
     /// Guest-physical pages the device wrote since the last call: these are invisible to
     /// KVM's dirty log, so migration sends them with the round.
     fn take_dirty_pages(&mut self) -> Vec<u64>;
@@ -16,14 +65,14 @@ pub trait MigratableDevice: Send {
     /// `Err(why)` makes the migration resume the vCPUs briefly and ask again (a bounded number
     /// of times), e.g. while the guest waits for an admin command the device state cannot
     /// carry. The default is always ready.
-    fn ready_for_switchover(&self, vm: &vmm::Vm) -> Result<(), String> {
+    fn ready_for_switchover(&self, vm: &vmm::Vm) -> Result<(), DeviceError> {
         let _ = vm;
         Ok(())
     }
     /// The vCPUs are paused: quiesce the device (finish or drain in-flight work).
-    fn pause(&mut self, vm: &vmm::Vm) -> Result<(), String>;
+    fn pause(&mut self, vm: &vmm::Vm) -> Result<(), DeviceError>;
     /// The device's state for the destination (after `pause`).
-    fn save(&mut self) -> Result<Vec<u8>, String>;
+    fn save(&mut self) -> Result<Vec<u8>, DeviceError>;
     /// The migration failed: undo `prepare`/`pause`; the VM keeps running here.
     fn rollback(&mut self, vm: &vmm::Vm);
 }
@@ -31,14 +80,15 @@ pub trait MigratableDevice: Send {
 /// Rebuilds devices on the destination from their saved state.
 pub trait DeviceRestorer {
     /// Restores device `name` from `state` into `vm` (built, state restored, not started yet).
-    fn restore(&mut self, vm: &vmm::Vm, name: &str, state: &[u8]) -> Result<(), String>;
+    /// `state` came from the network: the restorer validates all of it before using any.
+    fn restore(&mut self, vm: &vmm::Vm, name: &str, state: &[u8]) -> Result<(), DeviceError>;
 }
 
 /// A destination with no external devices: any device state is refused.
 pub struct NoDevices;
 
 impl DeviceRestorer for NoDevices {
-    fn restore(&mut self, _vm: &vmm::Vm, name: &str, _state: &[u8]) -> Result<(), String> {
-        Err(format!("this destination has no device called {name}"))
+    fn restore(&mut self, _vm: &vmm::Vm, name: &str, _state: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::NoSlot { name: name.into() })
     }
 }

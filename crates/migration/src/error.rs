@@ -5,7 +5,7 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// Connecting, reading or writing the migration stream failed.
-    #[error("migration connection {what}: {source}")]
+    #[error("migration connection {what}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -42,15 +42,16 @@ pub enum MigrationError {
         remaining: u64,
     },
     /// A VMM operation failed (pause, state save or restore, dirty log).
-    #[error("VMM: {0}")]
+    #[error("VMM")]
     Vmm(#[from] vmm::Error),
     /// A device failed its part.
-    #[error("device {name}: {reason}")]
+    #[error("device {name}")]
     Device {
         /// The device.
         name: String,
         /// What happened.
-        reason: String,
+        #[source]
+        source: crate::device::DeviceError,
     },
     /// TLS failed (handshake, certificate verification, configuration).
     #[error("TLS {what}")]
@@ -86,20 +87,76 @@ impl MigrationError {
     }
 }
 
-/// An error and its causes on one line, each printed once (`a: b: c`).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.ends_with(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
+/// An error and its causes on one line, each printed once (`a: b: c`): [`vmm::ErrorChain`]
+/// as a string.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    vmm::ErrorChain(e).to_string()
 }
 
 /// Result of the migration engine.
 pub type Result<T> = std::result::Result<T, MigrationError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DeviceError, ErrorChain};
+
+    fn device_failure() -> MigrationError {
+        let os = io::Error::new(io::ErrorKind::BrokenPipe, "socket went away");
+        MigrationError::Device {
+            name: "nvme0".into(),
+            source: DeviceError::failed(
+                "rebuilding the device",
+                vmm::Error::Io {
+                    what: "mapping the doorbell page".into(),
+                    source: os,
+                },
+            ),
+        }
+    }
+
+    #[test]
+    fn the_chain_shows_each_cause_exactly_once() {
+        let e = device_failure();
+        let text = ErrorChain(&e).to_string();
+        assert_eq!(
+            text,
+            "device nvme0: rebuilding the device: mapping the doorbell page: socket went away"
+        );
+        for part in [
+            "nvme0",
+            "rebuilding the device",
+            "doorbell page",
+            "went away",
+        ] {
+            assert_eq!(text.matches(part).count(), 1, "{part} in {text}");
+        }
+    }
+
+    #[test]
+    fn no_display_repeats_its_source() {
+        let errors = [
+            device_failure(),
+            MigrationError::Io {
+                what: "read",
+                source: io::Error::other("connection reset"),
+            },
+            MigrationError::Vmm(vmm::Error::Io {
+                what: "KVM_RUN".into(),
+                source: io::Error::other("interrupted"),
+            }),
+        ];
+        for e in &errors {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+            while let Some(c) = cur {
+                if let Some(s) = c.source() {
+                    assert!(
+                        !c.to_string().contains(&s.to_string()),
+                        "{c} repeats its source {s}"
+                    );
+                }
+                cur = c.source();
+            }
+        }
+    }
+}

@@ -22,8 +22,9 @@ pub mod wire;
 pub use destination::{
     accept, listen, receive, receive_accepted, Accepted, DestinationOptions, Incoming, Strangers,
 };
-pub use device::{DeviceRestorer, MigratableDevice, NoDevices};
+pub use device::{BoxError, DeviceError, DeviceRestorer, MigratableDevice, NoDevices};
 pub use error::{chain, MigrationError, Result};
 pub use report::{MigrationReport, Progress, ReceiveReport, RoundReport};
 pub use source::{migrate, CancelToken, LimitPolicy, Outcome, SourceOptions};
 pub use transport::{Security, TlsFiles, TlsIdentity};
+pub use vmm::ErrorChain;

@@ -459,9 +459,9 @@ fn run(
     tx.send(Kind::Config, &cfg)?;
 
     for (i, d) in devices.iter_mut().enumerate() {
-        d.prepare(vm).map_err(|reason| MigrationError::Device {
+        d.prepare(vm).map_err(|source| MigrationError::Device {
             name: d.name(),
-            reason,
+            source,
         })?;
         prepared.push(i);
     }
@@ -563,9 +563,9 @@ fn run(
         *paused = true;
     }
     for d in devices.iter_mut() {
-        d.pause(vm).map_err(|reason| MigrationError::Device {
+        d.pause(vm).map_err(|source| MigrationError::Device {
             name: d.name(),
-            reason,
+            source,
         })?;
     }
     let last = collect_dirty(vm, devices)?;
@@ -589,9 +589,9 @@ fn run(
     tx.send(Kind::VmState, &state)?;
     for d in devices.iter_mut() {
         let name = d.name();
-        let blob = d.save().map_err(|reason| MigrationError::Device {
+        let blob = d.save().map_err(|source| MigrationError::Device {
             name: name.clone(),
-            reason,
+            source,
         })?;
         let mut payload = (name.len() as u16).to_le_bytes().to_vec();
         payload.extend_from_slice(name.as_bytes());

@@ -315,7 +315,10 @@ impl Controller {
             self.csts = (self.csts & !csts::SHST_MASK) | csts::SHST_OCCURRING;
             self.stop_queues();
             if let Err(e) = self.ns.flush() {
-                tracing::warn!(error = %e, "flushing the backing file at shutdown");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "flushing the backing file at shutdown"
+                );
             }
             self.csts = (self.csts & !csts::SHST_MASK) | csts::SHST_COMPLETE;
             self.stats.shutdowns += 1;
@@ -499,7 +502,11 @@ impl Controller {
                 }
                 let mut raw = [0u8; 64];
                 if let Err(e) = self.dma.read(sq.base + sq.head as u64 * 64, &mut raw) {
-                    tracing::error!(qid, error = %e, "cannot fetch a submission entry");
+                    tracing::error!(
+                        qid,
+                        error = &e as &dyn std::error::Error,
+                        "cannot fetch a submission entry"
+                    );
                     self.fatal();
                     return done;
                 }
@@ -556,7 +563,11 @@ impl Controller {
         }
         let vector = cq.ien.then_some(cq.vector);
         if let Err(e) = self.dma.write_cqe(addr, &cqe.to_bytes()) {
-            tracing::error!(cqid, error = %e, "cannot post a completion");
+            tracing::error!(
+                cqid,
+                error = &e as &dyn std::error::Error,
+                "cannot post a completion"
+            );
             self.fatal();
             return None;
         }
@@ -576,7 +587,7 @@ impl Controller {
         for s in segs {
             let n = s.len as usize;
             if let Err(e) = self.dma.write(s.iova, &self.buf[off..off + n]) {
-                tracing::debug!(error = %e, "DMA write refused");
+                tracing::debug!(error = &e as &dyn std::error::Error, "DMA write refused");
                 self.stats.dma_errors += 1;
                 return Status::DATA_TRANSFER_ERROR;
             }
@@ -598,7 +609,7 @@ impl Controller {
         for s in segs {
             let n = s.len as usize;
             if let Err(e) = self.dma.read(s.iova, &mut self.buf[off..off + n]) {
-                tracing::debug!(error = %e, "DMA read refused");
+                tracing::debug!(error = &e as &dyn std::error::Error, "DMA read refused");
                 self.stats.dma_errors += 1;
                 return Status::DATA_TRANSFER_ERROR;
             }
@@ -608,7 +619,7 @@ impl Controller {
     }
 
     fn prp_failed(&mut self, e: PrpError) -> Status {
-        tracing::debug!(error = %e, "bad PRPs");
+        tracing::debug!(error = &e as &dyn std::error::Error, "bad PRPs");
         match e {
             PrpError::List(_) => self.stats.dma_errors += 1,
             _ => self.stats.prp_errors += 1,
@@ -936,7 +947,10 @@ impl Controller {
                 match self.ns.flush() {
                     Ok(()) => Status::SUCCESS,
                     Err(e) => {
-                        tracing::error!(error = %e, "flush of the backing file failed");
+                        tracing::error!(
+                            error = &e as &dyn std::error::Error,
+                            "flush of the backing file failed"
+                        );
                         Status::INTERNAL_ERROR
                     }
                 }
@@ -957,7 +971,11 @@ impl Controller {
                 if sqe.opcode() == io::READ {
                     self.stats.reads += 1;
                     if let Err(e) = self.ns.read(slba, &mut self.buf[..len]) {
-                        tracing::error!(error = %e, slba, "backing file read failed");
+                        tracing::error!(
+                            error = &e as &dyn std::error::Error,
+                            slba,
+                            "backing file read failed"
+                        );
                         return Status::INTERNAL_ERROR;
                     }
                     let st = self.transfer_out(sqe.prp1(), sqe.prp2(), len);
@@ -972,7 +990,11 @@ impl Controller {
                         return st;
                     }
                     if let Err(e) = self.ns.write(slba, &self.buf[..len]) {
-                        tracing::error!(error = %e, slba, "backing file write failed");
+                        tracing::error!(
+                            error = &e as &dyn std::error::Error,
+                            slba,
+                            "backing file write failed"
+                        );
                         return Status::INTERNAL_ERROR;
                     }
                     self.stats.bytes_written += len as u64;

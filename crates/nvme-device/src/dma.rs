@@ -42,7 +42,7 @@ pub enum MapError {
     #[error("too many DMA mappings (limit {0})")]
     TooMany(usize),
     /// mmap failed.
-    #[error("mmap of the DMA region failed: {0}")]
+    #[error("mmap of the DMA region failed")]
     Mmap(#[source] std::io::Error),
 }
 

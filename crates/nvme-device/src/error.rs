@@ -5,7 +5,7 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The backing file could not be opened, created or sized.
-    #[error("backing file {path}: {source}")]
+    #[error("backing file {path}")]
     Backing {
         /// The file.
         path: PathBuf,
@@ -17,7 +17,7 @@ pub enum Error {
     #[error("invalid device configuration: {0}")]
     Config(String),
     /// Creating or mapping shared memory failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Os {
         /// What failed.
         what: &'static str,
@@ -26,7 +26,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The vfio-user server failed.
-    #[error("vfio-user server on {path}: {source}")]
+    #[error("vfio-user server on {path}")]
     VfioUser {
         /// Socket path.
         path: PathBuf,

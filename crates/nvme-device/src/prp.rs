@@ -17,8 +17,8 @@ pub enum PrpError {
     #[error("transfer of {0} bytes exceeds the maximum")]
     TooLong(u64),
     /// Reading a PRP list failed.
-    #[error("reading the PRP list: {0}")]
-    List(DmaError),
+    #[error("reading the PRP list")]
+    List(#[source] DmaError),
 }
 
 impl PrpError {

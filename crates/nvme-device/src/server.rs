@@ -278,8 +278,8 @@ impl ServerBackend for Backend {
             None => Err(crate::dma::MapError::NoFd(address)),
         };
         r.map_err(|e| {
-            tracing::warn!(error = %e, "DMA_MAP refused");
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            tracing::warn!(error = &e as &dyn std::error::Error, "DMA_MAP refused");
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
         })?;
         tracing::info!(
             iova = format_args!("{address:#x}"),

@@ -63,6 +63,8 @@ impl core::fmt::Display for DriverError {
     }
 }
 
+impl core::error::Error for DriverError {}
+
 /// Memory for one queue pair: virtual addresses the driver uses and the bus addresses the
 /// controller gets.
 #[derive(Clone, Copy, Debug)]

@@ -24,12 +24,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::{
     bar::{disconnect_message, Bar0Trap},
     client::{Connection, MappedArea, MSIX_IRQ},
-    config_log::{AdminMediator, ConfigLog},
+    config_log::{AdminMediator, ConfigLog, RestoreBounds},
     dma_layout::{DmaBacking, DmaLayout, Piece},
     hooks::{DeviceBacking, DeviceHooks, DoorbellMode, GuestBacking},
     msix::{MsixRouter, MsixState, Route},
     pci::{find_msix, PassthroughPci},
-    Error, Result,
+    Error, HookError, Result,
 };
 
 const PAGE: u64 = 4096;
@@ -67,6 +67,8 @@ pub struct Attachment {
     bar0_gpa: u64,
     bar0_size: u64,
     dstrd: u8,
+    /// Largest queue the device takes (CAP.MQES + 1).
+    max_queue_entries: u32,
     areas: Arc<Vec<MappedArea>>,
     proxy: crate::bar::ProxySlot,
     hook: crate::bar::HookSlot,
@@ -119,7 +121,9 @@ impl Attachment {
         }
         let mut cap = [0u8; 8];
         conn.region_read(0, regs::CAP, &mut cap)?;
-        let dstrd = regs::cap::dstrd(u64::from_le_bytes(cap));
+        let cap = u64::from_le_bytes(cap);
+        let dstrd = regs::cap::dstrd(cap);
+        let max_queue_entries = regs::cap::mqes(cap) as u32 + 1;
 
         // DMA: all of guest RAM, IOVA == GPA.
         let ram = vm.ram().clone();
@@ -203,6 +207,7 @@ impl Attachment {
             bar0_gpa: opts.bar0_gpa,
             bar0_size,
             dstrd,
+            max_queue_entries,
             areas,
             proxy,
             hook,
@@ -277,6 +282,10 @@ impl Attachment {
     /// Migration destination: programs the device's MSI-X table and message control as the
     /// guest had them on the source, and routes the vectors to the guest.
     pub fn restore_msix(&self, state: &MsixState) -> Result<()> {
+        crate::msix::check_state(state, self.irqs.len()).map_err(|source| Error::InvalidState {
+            name: self.conn.name.clone(),
+            source,
+        })?;
         let mut router = self.msix.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(table), Some(cap)) = (router.table_offset, self.msix_cap) {
             for (v, e) in state.table.iter().enumerate() {
@@ -311,6 +320,22 @@ impl Attachment {
             .unwrap_or_else(|e| e.into_inner())
             .log
             .clone()
+    }
+
+    /// What state from another host must fit: this VM's RAM and this device.
+    pub fn restore_bounds(&self) -> RestoreBounds {
+        RestoreBounds {
+            ram: self
+                .ram
+                .regions()
+                .iter()
+                .map(|r| r.gpa..r.gpa.saturating_add(r.size))
+                .collect(),
+            max_queue_entries: self.max_queue_entries,
+            msix_vectors: self.irqs.len(),
+            dstrd: self.dstrd,
+            bar0_size: self.bar0_size,
+        }
     }
 
     /// Doorbell stride exponent of the device.
@@ -400,11 +425,13 @@ impl Attachment {
     /// host memory at `iova` (outside guest RAM), replays `log` (features, I/O queues at the
     /// guest's addresses), takes the log over, and serves the guest's admin queue from then on.
     pub fn replay(&self, log: &ConfigLog, guest_admin: (u32, u32), iova: u64) -> Result<()> {
-        if self.ram.contains(iova, 1) {
-            return Err(Error::Hook {
+        log.validate(guest_admin, &self.restore_bounds())
+            .map_err(|source| Error::InvalidState {
                 name: self.conn.name.clone(),
-                reason: format!("admin IOVA {iova:#x} is inside guest RAM"),
-            });
+                source,
+            })?;
+        if self.ram.contains(iova, 1) {
+            return Err(self.hook_err(HookError::AdminIovaInRam(iova)));
         }
         let proxy = crate::replay::replay(
             self.conn.clone(),
@@ -426,21 +453,17 @@ impl Attachment {
     /// `gpa` with hypervisor memory, leaving the range unbacked (guest accesses exit as MMIO)
     /// and every other slot untouched, so the vCPUs may keep running. Returns the size.
     pub fn unback_remapped(&self, slots: &MemorySlots, gpa: u64) -> Result<u64> {
-        let hook_err = |reason: String| Error::Hook {
-            name: self.conn.name.clone(),
-            reason,
-        };
         let (size, host) = *self
             .remaps
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&gpa)
-            .ok_or_else(|| hook_err(format!("no remap at {gpa:#x}")))?;
+            .ok_or_else(|| self.hook_err(HookError::NoRemap(gpa)))?;
         let (slot, _) = slots
             .list()
             .into_iter()
             .find(|(_, i)| i.gpa == gpa && i.size == size && i.host == host)
-            .ok_or_else(|| hook_err(format!("no slot backs the remap at {gpa:#x}")))?;
+            .ok_or_else(|| self.hook_err(HookError::NoRemapSlot(gpa)))?;
         slots.remove(slot).map_err(|source| Error::Vmm {
             name: self.conn.name.clone(),
             what: format!("removing memory slot {slot}"),
@@ -452,17 +475,13 @@ impl Attachment {
     /// Live exit from a remap, step 2: backs the range [`Attachment::unback_remapped`] left
     /// unbacked with the VM's RAM again (a slot of its own) and forgets the remap.
     pub fn back_with_ram(&self, slots: &MemorySlots, gpa: u64) -> Result<()> {
-        let hook_err = |reason: String| Error::Hook {
-            name: self.conn.name.clone(),
-            reason,
-        };
         let mut remaps = self.remaps.lock().unwrap_or_else(|e| e.into_inner());
         let (size, _) = *remaps
             .get(&gpa)
-            .ok_or_else(|| hook_err(format!("no remap at {gpa:#x}")))?;
+            .ok_or_else(|| self.hook_err(HookError::NoRemap(gpa)))?;
         let region = self
             .ram_region(gpa, size)
-            .ok_or_else(|| hook_err(format!("{gpa:#x}+{size:#x} is not RAM")))?;
+            .ok_or_else(|| self.hook_err(HookError::NotInRam { gpa, size }))?;
         let host = self
             .ram
             .host_address(&region)
@@ -487,6 +506,13 @@ impl Attachment {
     /// The guest RAM the device reaches by DMA (IOVA == GPA).
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    fn hook_err(&self, source: HookError) -> Error {
+        Error::Hook {
+            name: self.conn.name.clone(),
+            source,
+        }
     }
 
     fn host_of_bar_page(&self, off: u64) -> Option<u64> {
@@ -542,41 +568,29 @@ impl DeviceHooks for Attachment {
         size: u64,
         backing: GuestBacking,
     ) -> Result<()> {
-        let hook_err = |reason: String| Error::Hook {
-            name: self.conn.name.clone(),
-            reason,
-        };
         if size == 0 || !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
-            return Err(hook_err(format!(
-                "range {gpa:#x}+{size:#x} is not page aligned"
-            )));
+            return Err(self.hook_err(HookError::NotPageAligned { gpa, size }));
         }
-        let region = self.ram_region(gpa, size).ok_or_else(|| {
-            hook_err(format!(
-                "range {gpa:#x}+{size:#x} is not inside one RAM region"
-            ))
-        })?;
+        let region = self
+            .ram_region(gpa, size)
+            .ok_or_else(|| self.hook_err(HookError::NotInRam { gpa, size }))?;
         let mut remaps = self.remaps.lock().unwrap_or_else(|e| e.into_inner());
         match backing {
             GuestBacking::Host(host) => {
                 if host % PAGE != 0 {
-                    return Err(hook_err(format!(
-                        "host address {host:#x} is not page aligned"
-                    )));
+                    return Err(self.hook_err(HookError::HostNotAligned(host)));
                 }
                 if remaps
                     .iter()
                     .any(|(&g, &(s, _))| gpa < g + s && g < gpa + size)
                 {
-                    return Err(hook_err(format!(
-                        "range {gpa:#x}+{size:#x} overlaps an existing remap"
-                    )));
+                    return Err(self.hook_err(HookError::OverlapsRemap { gpa, size }));
                 }
                 remaps.insert(gpa, (size, host));
             }
             GuestBacking::Ram => {
                 if remaps.remove(&gpa).is_none() {
-                    return Err(hook_err(format!("no remap at {gpa:#x}")));
+                    return Err(self.hook_err(HookError::NoRemap(gpa)));
                 }
             }
         }
@@ -631,10 +645,7 @@ impl DeviceHooks for Attachment {
     ) -> Result<()> {
         let name = self.conn.name.clone();
         if !bar_offset.is_multiple_of(PAGE) || bar_offset + PAGE > self.bar0_size {
-            return Err(Error::Hook {
-                name,
-                reason: format!("BAR0 offset {bar_offset:#x} is not a page of the BAR"),
-            });
+            return Err(self.hook_err(HookError::NotBarPage(bar_offset)));
         }
         let mut map = self
             .doorbell_slots
@@ -650,13 +661,9 @@ impl DeviceHooks for Attachment {
         let host = match mode {
             DoorbellMode::Trapped => return Ok(()),
             DoorbellMode::Redirected { host } => host,
-            DoorbellMode::Mapped => {
-                self.host_of_bar_page(bar_offset)
-                    .ok_or_else(|| Error::Hook {
-                        name: name.clone(),
-                        reason: format!("BAR0 page {bar_offset:#x} is not mappable"),
-                    })?
-            }
+            DoorbellMode::Mapped => self
+                .host_of_bar_page(bar_offset)
+                .ok_or_else(|| self.hook_err(HookError::BarPageNotMappable(bar_offset)))?,
         };
         // SAFETY: the device's pages stay mapped in `self.areas` for the attachment's life;
         // redirected pages are covered by this function's safety contract.
@@ -679,11 +686,9 @@ impl DeviceHooks for Attachment {
     }
 
     fn remap_device_range(&self, gpa: u64, size: u64, backing: DeviceBacking) -> Result<()> {
-        let name = self.conn.name.clone();
-        let region = self.ram_region(gpa, size).ok_or_else(|| Error::Hook {
-            name: name.clone(),
-            reason: format!("DMA range {gpa:#x}+{size:#x} is not inside one guest RAM region"),
-        })?;
+        let region = self
+            .ram_region(gpa, size)
+            .ok_or_else(|| self.hook_err(HookError::NotInRam { gpa, size }))?;
         let backing = match backing {
             DeviceBacking::Ram => DmaBacking::Ram {
                 file_offset: region.file_offset + (gpa - region.gpa),
@@ -691,13 +696,9 @@ impl DeviceHooks for Attachment {
             DeviceBacking::Host { fd, offset } => DmaBacking::Host { fd, offset },
         };
         let mut layout = self.dma.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = layout.plan(gpa, size, backing).map_err(|e| match e {
-            Error::Hook { reason, .. } => Error::Hook {
-                name: name.clone(),
-                reason,
-            },
-            other => other,
-        })?;
+        let plan = layout
+            .plan(gpa, size, backing)
+            .map_err(|e| self.hook_err(e))?;
         let ram_fd = std::os::fd::AsRawFd::as_raw_fd(self.ram.memfd().as_ref());
         let map = |p: &Piece| {
             let (fd, offset) = p.backing.fd_and_offset(ram_fd);
@@ -717,7 +718,7 @@ impl DeviceHooks for Attachment {
                         tracing::error!(
                             iova = format_args!("{:#x}", q.iova),
                             size = q.size,
-                            error = %e2,
+                            error = &e2 as &dyn std::error::Error,
                             "restoring a DMA mapping after a failed remap"
                         );
                     }
@@ -748,10 +749,7 @@ impl DeviceHooks for Attachment {
                 .any(|r| iova < r.gpa + r.size && r.gpa < end)
         });
         if overlaps {
-            return Err(Error::Hook {
-                name: self.conn.name.clone(),
-                reason: format!("hypervisor DMA range {iova:#x}+{size:#x} overlaps guest RAM"),
-            });
+            return Err(self.hook_err(HookError::HostDmaInRam { iova, size }));
         }
         self.conn
             .dma_map(0, iova, size, &std::os::fd::AsRawFd::as_raw_fd(&**fd))
@@ -759,10 +757,7 @@ impl DeviceHooks for Attachment {
 
     fn unmap_device_memory(&self, iova: u64, size: u64) -> Result<()> {
         if self.ram.contains(iova, 1) {
-            return Err(Error::Hook {
-                name: self.conn.name.clone(),
-                reason: format!("refusing to unmap guest RAM at {iova:#x}"),
-            });
+            return Err(self.hook_err(HookError::UnmapGuestRam(iova)));
         }
         self.conn.dma_unmap(iova, size)
     }
@@ -789,22 +784,22 @@ impl DeviceHooks for Attachment {
             data,
             ..Default::default()
         };
-        self.vm_fd
-            .signal_msi(msi)
-            .map(|_| true)
-            .map_err(|e| Error::Hook {
-                name: self.conn.name.clone(),
-                reason: format!("KVM_SIGNAL_MSI for vector {vector} ({address:#x}/{data:#x}): {e}"),
+        self.vm_fd.signal_msi(msi).map(|_| true).map_err(|source| {
+            self.hook_err(HookError::SignalMsi {
+                vector,
+                address,
+                data,
+                source,
             })
+        })
     }
 
     fn take_interrupt(&self, vector: u16) -> Result<EventFd> {
-        let fd = self.irqs.get(vector as usize).ok_or_else(|| Error::Hook {
-            name: self.conn.name.clone(),
-            reason: format!(
-                "MSI-X vector {vector} does not exist ({} vectors)",
-                self.irqs.len()
-            ),
+        let fd = self.irqs.get(vector as usize).ok_or_else(|| {
+            self.hook_err(HookError::NoVector {
+                vector,
+                count: self.irqs.len(),
+            })
         })?;
         let fd = fd.try_clone().map_err(|source| Error::Os {
             what: format!("duplicating the eventfd of vector {vector}"),

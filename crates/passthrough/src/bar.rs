@@ -64,7 +64,7 @@ impl Bar0Trap {
     fn lost(&self, e: &crate::Error) {
         self.lifecycle.finish(VmOutcome::Failed(disconnect_message(
             &self.conn,
-            &e.to_string(),
+            &vmm::ErrorChain(e).to_string(),
         )));
     }
 }

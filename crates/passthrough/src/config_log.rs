@@ -6,7 +6,7 @@
 //! completions it consumed and applies the successful ones to the log. Together with the
 //! controller registers (CC, AQA, ASQ, ACQ) this is what a fresh device needs to be rebuilt.
 //! Nothing here changes what the guest or the device sees.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, ops::Range};
 
 use nvme_spec::{
     identify,
@@ -16,8 +16,53 @@ use nvme_spec::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::StateError;
+
 /// History entries kept (oldest dropped first).
 pub const HISTORY: usize = 256;
+/// Largest I/O queue id Ferry restores; also the most I/O SQs (and CQs) a log may hold.
+pub const MAX_IO_QUEUES: u16 = 1024;
+/// Largest admin queue NVMe allows (AQA's 12-bit fields).
+pub const MAX_ADMIN_ENTRIES: u32 = 4096;
+/// Largest counter accepted from another host (counters keep counting up from it).
+pub const MAX_COUNTER: u64 = 1 << 56;
+/// Most namespaces a log from another host may describe.
+pub const MAX_NAMESPACES: usize = 1024;
+const PAGE: u64 = 4096;
+
+/// The first of `counters` above [`MAX_COUNTER`] (a counter from another host that would
+/// overflow when counting on).
+pub fn counter_too_large<const N: usize>(
+    counters: [(&'static str, u64); N],
+) -> Option<(&'static str, u64)> {
+    counters.into_iter().find(|&(_, v)| v > MAX_COUNTER)
+}
+
+/// What device state from another host must fit: this VM's RAM and this host's device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreBounds {
+    /// Guest RAM regions (guest-physical start..end).
+    pub ram: Vec<Range<u64>>,
+    /// Largest queue the device takes (CAP.MQES + 1).
+    pub max_queue_entries: u32,
+    /// MSI-X vectors of the device.
+    pub msix_vectors: usize,
+    /// Doorbell stride exponent of the device (CAP.DSTRD).
+    pub dstrd: u8,
+    /// BAR0 size in bytes.
+    pub bar0_size: u64,
+}
+
+impl RestoreBounds {
+    /// True when `[base, base + len)` is page aligned, does not overflow and lies inside one
+    /// RAM region.
+    pub fn ring_in_ram(&self, base: u64, len: u64) -> bool {
+        base.is_multiple_of(PAGE)
+            && base
+                .checked_add(len)
+                .is_some_and(|end| self.ram.iter().any(|r| base >= r.start && end <= r.end))
+    }
+}
 
 /// A live I/O completion queue.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -114,6 +159,122 @@ pub struct ConfigLog {
 }
 
 impl ConfigLog {
+    /// Checks a log from another host, and the guest's admin queue positions (SQ tail, CQ
+    /// head) sent with it, against `b` before anything is replayed from it: queue ids unique
+    /// (map keys) and in range, sizes within NVMe's and the device's maximums, rings page
+    /// aligned inside guest RAM without overflow, SQs completing into existing CQs, vectors
+    /// the device has, lists bounded.
+    pub fn validate(&self, admin: (u32, u32), b: &RestoreBounds) -> Result<(), StateError> {
+        let (sq, cq) = (aqa::sq_entries(self.aqa), aqa::cq_entries(self.aqa));
+        let max_admin = MAX_ADMIN_ENTRIES.min(b.max_queue_entries);
+        if !(2..=max_admin).contains(&sq) || !(2..=max_admin).contains(&cq) {
+            return Err(StateError::AdminSize {
+                aqa: self.aqa,
+                sq,
+                cq,
+                max: max_admin,
+            });
+        }
+        for (ring, base, len) in [
+            ("SQ", self.asq, sq as u64 * 64),
+            ("CQ", self.acq, cq as u64 * 16),
+        ] {
+            if !b.ring_in_ram(base, len) {
+                return Err(StateError::AdminRing { ring, base, len });
+            }
+        }
+        let (sq_tail, cq_head) = admin;
+        if sq_tail >= sq || cq_head >= cq {
+            return Err(StateError::AdminPositions {
+                sq_tail,
+                cq_head,
+                sq,
+                cq,
+            });
+        }
+        let max = MAX_IO_QUEUES as usize;
+        for (kind, count) in [("CQ", self.io_cqs.len()), ("SQ", self.io_sqs.len())] {
+            if count > max {
+                return Err(StateError::TooManyQueues { kind, count, max });
+            }
+        }
+        let check = |kind: &'static str, qid: u16, base: u64, entries: u32, entry: u64| {
+            if !(1..=MAX_IO_QUEUES).contains(&qid) {
+                return Err(StateError::QueueId {
+                    kind,
+                    qid,
+                    max: MAX_IO_QUEUES,
+                });
+            }
+            if !(2..=b.max_queue_entries).contains(&entries) {
+                return Err(StateError::QueueSize {
+                    kind,
+                    qid,
+                    entries,
+                    max: b.max_queue_entries,
+                });
+            }
+            let len = entries as u64 * entry;
+            if !b.ring_in_ram(base, len) {
+                return Err(StateError::QueueRing {
+                    kind,
+                    qid,
+                    base,
+                    len,
+                });
+            }
+            Ok(())
+        };
+        for (&qid, c) in &self.io_cqs {
+            check("CQ", qid, c.base, c.entries, 16)?;
+            if c.interrupts && c.vector as usize >= b.msix_vectors {
+                return Err(StateError::Vector {
+                    qid,
+                    vector: c.vector,
+                    count: b.msix_vectors,
+                });
+            }
+        }
+        for (&qid, q) in &self.io_sqs {
+            check("SQ", qid, q.base, q.entries, 64)?;
+            if !self.io_cqs.contains_key(&q.cqid) {
+                return Err(StateError::MissingCq { qid, cqid: q.cqid });
+            }
+        }
+        for (what, count, max) in [
+            ("the admin history", self.history.len(), HISTORY),
+            ("the namespace list", self.namespaces.len(), MAX_NAMESPACES),
+        ] {
+            if count > max {
+                return Err(StateError::TooLong { what, count, max });
+            }
+        }
+        if let Some((what, value)) = counter_too_large([
+            ("enables", self.enables),
+            ("resets", self.resets),
+            ("shutdowns", self.shutdowns),
+            ("admin_submitted", self.admin_submitted),
+            ("admin_completed", self.admin_completed),
+            ("admin_failed", self.admin_failed),
+            ("anomalies", self.anomalies),
+        ]) {
+            return Err(StateError::Counter {
+                what,
+                value,
+                max: MAX_COUNTER,
+            });
+        }
+        for (&nsid, ns) in &self.namespaces {
+            if !ns.block_size.is_power_of_two() || !(512..=65536).contains(&ns.block_size) {
+                return Err(StateError::BlockSize {
+                    nsid,
+                    block_size: ns.block_size,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A one-line summary.
     pub fn summary(&self) -> String {
         format!(
@@ -733,5 +894,115 @@ mod tests {
         });
         assert_eq!(m.log.anomalies, 6, "completion for an unknown command");
         assert!(m.log.summary().contains("0 I/O SQ"));
+    }
+
+    fn restorable() -> (ConfigLog, RestoreBounds) {
+        let mut log = ConfigLog {
+            cc: cc::ENABLE,
+            aqa: aqa::new(16, 16),
+            asq: 0x1000,
+            acq: 0x2000,
+            ..Default::default()
+        };
+        log.io_cqs.insert(
+            1,
+            CqConfig {
+                base: 0x4000,
+                entries: 256,
+                interrupts: true,
+                vector: 1,
+            },
+        );
+        log.io_sqs.insert(
+            1,
+            SqConfig {
+                base: 0x8000,
+                entries: 256,
+                cqid: 1,
+                priority: 0,
+            },
+        );
+        let bounds = RestoreBounds {
+            ram: std::iter::once(0..1 << 20).collect(),
+            max_queue_entries: 1024,
+            msix_vectors: 2,
+            dstrd: 0,
+            bar0_size: 1 << 14,
+        };
+        (log, bounds)
+    }
+
+    #[test]
+    fn a_log_from_another_host_is_checked_before_replay() {
+        let (log, b) = restorable();
+        log.validate((0, 0), &b).unwrap();
+        let refuse = |f: &dyn Fn(&mut ConfigLog), admin: (u32, u32)| {
+            let mut l = log.clone();
+            f(&mut l);
+            l.validate(admin, &b).unwrap_err()
+        };
+        assert!(matches!(
+            refuse(&|l| l.io_cqs.get_mut(&1).unwrap().entries = 0, (0, 0)),
+            StateError::QueueSize { entries: 0, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_sqs.get_mut(&1).unwrap().entries = 1 << 20, (0, 0)),
+            StateError::QueueSize { kind: "SQ", .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_sqs.get_mut(&1).unwrap().base = !0xfff, (0, 0)),
+            StateError::QueueRing { kind: "SQ", .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_cqs.get_mut(&1).unwrap().base = 1 << 20, (0, 0)),
+            StateError::QueueRing { kind: "CQ", .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_cqs.get_mut(&1).unwrap().vector = 2, (0, 0)),
+            StateError::Vector { vector: 2, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.io_sqs.get_mut(&1).unwrap().cqid = 7, (0, 0)),
+            StateError::MissingCq { cqid: 7, .. }
+        ));
+        assert!(matches!(
+            refuse(
+                &|l| {
+                    let q = l.io_cqs[&1];
+                    l.io_cqs.insert(0, q);
+                },
+                (0, 0)
+            ),
+            StateError::QueueId { qid: 0, .. }
+        ));
+        assert!(matches!(
+            refuse(&|_| {}, (16, 0)),
+            StateError::AdminPositions { sq_tail: 16, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.aqa = 0, (0, 0)),
+            StateError::AdminSize { sq: 1, .. }
+        ));
+        assert!(matches!(
+            refuse(&|l| l.acq = 1 << 20, (0, 0)),
+            StateError::AdminRing { ring: "CQ", .. }
+        ));
+        assert!(matches!(
+            refuse(
+                &|l| l.history = vec![
+                    l.history.first().cloned().unwrap_or(AdminRecord {
+                        opcode: 0,
+                        cid: 0,
+                        cdw10: 0,
+                        cdw11: 0,
+                        status: None,
+                        result: 0,
+                    });
+                    HISTORY + 1
+                ],
+                (0, 0)
+            ),
+            StateError::TooLong { .. }
+        ));
     }
 }

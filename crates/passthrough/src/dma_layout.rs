@@ -10,7 +10,7 @@
 //! mappings stays bounded.
 use std::{os::fd::RawFd, sync::Arc};
 
-use crate::{Error, Result};
+use crate::HookError;
 
 const PAGE: u64 = 4096;
 
@@ -132,11 +132,11 @@ impl DmaLayout {
     /// Works out how to make `[iova, iova + size)` backed by `backing` (`Ram` backings are
     /// merged with RAM neighbours that continue them). The range must be page aligned and
     /// fully mapped already.
-    pub fn plan(&self, iova: u64, size: u64, backing: DmaBacking) -> Result<Plan> {
+    pub fn plan(&self, iova: u64, size: u64, backing: DmaBacking) -> Result<Plan, HookError> {
         let end = iova
             .checked_add(size)
             .filter(|_| size > 0 && iova.is_multiple_of(PAGE) && size.is_multiple_of(PAGE))
-            .ok_or_else(|| bad(format!("DMA range {iova:#x}+{size:#x} is not whole pages")))?;
+            .ok_or(HookError::DmaNotPages { iova, size })?;
         let hit: Vec<usize> = (0..self.pieces.len())
             .filter(|&i| self.pieces[i].iova < end && iova < self.pieces[i].end())
             .collect();
@@ -148,9 +148,7 @@ impl DmaLayout {
             })
             .sum();
         if covered != size {
-            return Err(bad(format!(
-                "DMA range {iova:#x}+{size:#x} is not fully mapped for the device"
-            )));
+            return Err(HookError::DmaNotMapped { iova, size });
         }
         let (first, last) = (hit[0], hit[hit.len() - 1]);
         let mut remove: Vec<usize> = hit.clone();
@@ -227,13 +225,6 @@ impl DmaLayout {
         });
         self.pieces.extend(plan.map.iter().cloned());
         self.pieces.sort_by_key(|p| p.iova);
-    }
-}
-
-fn bad(reason: String) -> Error {
-    Error::Hook {
-        name: "dma".into(),
-        reason,
     }
 }
 

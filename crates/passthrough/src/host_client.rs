@@ -196,9 +196,10 @@ pub struct HostClient {
 }
 
 fn drv(name: &str) -> impl Fn(DriverError) -> Error + '_ {
-    move |e| Error::Unsupported {
+    move |source| Error::Driver {
         name: name.into(),
-        reason: format!("NVMe bring-up: {e}"),
+        what: "NVMe bring-up",
+        source,
     }
 }
 
@@ -334,9 +335,10 @@ impl HostClient {
                     .set_prps(buf, if pages == 2 { buf + 4096 } else { 0 })
                     .set_lba_range(lba * nlb as u64, nlb);
                 started[slot as usize] = Instant::now();
-                q.submit(&s).map_err(|e| Error::Unsupported {
+                q.submit(&s).map_err(|source| Error::Driver {
                     name: "host-client".into(),
-                    reason: format!("submit: {e}"),
+                    what: "submitting a read",
+                    source,
                 })
             };
         for slot in 0..qd.min(ios as u16) {

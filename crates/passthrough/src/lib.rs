@@ -29,5 +29,5 @@ pub mod replay;
 
 pub use attach::{AttachOptions, Attachment};
 pub use config_log::ConfigLog;
-pub use error::{Error, Result};
+pub use error::{Error, HookError, Result, StateError};
 pub use hooks::{DeviceBacking, DeviceHooks, DoorbellMode, GuestBacking};

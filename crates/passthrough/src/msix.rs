@@ -34,6 +34,18 @@ pub struct MsixState {
     pub function_masked: bool,
 }
 
+/// Checks an MSI-X state from another host against a device with `vectors` vectors: the
+/// table may not be longer than the device's (its entries are written into BAR0).
+pub fn check_state(state: &MsixState, vectors: usize) -> Result<(), crate::StateError> {
+    if state.table.len() > vectors {
+        return Err(crate::StateError::MsixTable {
+            entries: state.table.len(),
+            count: vectors,
+        });
+    }
+    Ok(())
+}
+
 /// The MSI-X state the guest programmed, and the routes installed from it.
 pub struct MsixRouter {
     vm: Arc<VmFd>,

@@ -95,7 +95,11 @@ impl PciDevice for PassthroughPci {
         match self.conn.region_read(CONFIG_REGION, reg as u64 * 4, &mut b) {
             Ok(()) => u32::from_le_bytes(b),
             Err(e) => {
-                tracing::warn!(error = %e, reg, "config read from a lost device");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    reg,
+                    "config read from a lost device"
+                );
                 u32::MAX
             }
         }
@@ -114,7 +118,11 @@ impl PciDevice for PassthroughPci {
             .conn
             .region_write(CONFIG_REGION, reg as u64 * 4 + offset as u64, data)
         {
-            tracing::warn!(error = %e, reg, "config write to a lost device");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                reg,
+                "config write to a lost device"
+            );
         }
     }
 }

@@ -96,9 +96,10 @@ impl AdminProxy {
 }
 
 fn drv(name: &str) -> impl Fn(nvme_spec::queue::DriverError) -> Error + '_ {
-    move |e| Error::Unsupported {
+    move |source| Error::Driver {
         name: name.into(),
-        reason: format!("replaying the configuration: {e}"),
+        what: "replaying the configuration",
+        source,
     }
 }
 

@@ -8,7 +8,7 @@ use rdma_wire::{Gid, WireError};
 #[derive(Debug, thiserror::Error)]
 pub enum RdmaError {
     /// A socket operation failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Io {
         /// What was being done (with the address).
         what: String,
@@ -17,7 +17,7 @@ pub enum RdmaError {
         source: std::io::Error,
     },
     /// A wire-format error.
-    #[error("wire format: {0}")]
+    #[error("wire format")]
     Wire(#[from] WireError),
     /// A GID that is not an IPv4-mapped address cannot be reached over this transport.
     #[error("GID {0} has no IPv4 address; the port carries RoCEv2 over IPv4 only")]
@@ -105,7 +105,7 @@ pub enum RdmaError {
         status: u8,
     },
     /// A pcap file could not be written.
-    #[error("pcap {path}: {source}")]
+    #[error("pcap {path}")]
     Pcap {
         /// File.
         path: String,

@@ -275,7 +275,11 @@ impl Host {
                             qkey: RDMA_CM_UD_QKEY,
                         };
                         if let Err(e) = port.post_send_ud(&qp, dest, m.imm, &m.data) {
-                            tracing::debug!(vm = id, "UD echo failed: {e}");
+                            tracing::debug!(
+                                vm = id,
+                                error = &e as &dyn std::error::Error,
+                                "UD echo failed"
+                            );
                         }
                     }
                 })

@@ -18,4 +18,4 @@ pub mod nvme;
 pub use adapter::RingAdapter;
 pub use buffers::{Buffers, VecBuffers};
 pub use engine::{Engine, EngineOptions, EngineStatus};
-pub use error::{Error, Result};
+pub use error::{Error, Result, StateError};

@@ -6,7 +6,7 @@ use std::io;
 pub enum Error {
     /// `/dev/kvm` is missing or not usable.
     #[error(
-        "cannot open /dev/kvm: {0} (Ferry needs KVM: /dev/kvm must exist and be readable and \
+        "cannot open /dev/kvm (Ferry needs KVM: /dev/kvm must exist and be readable and \
          writable by this user: run as root or join the kvm group)"
     )]
     KvmOpen(#[source] kvm_ioctls::Error),
@@ -14,7 +14,7 @@ pub enum Error {
     #[error("KVM API version {0} is not supported (Ferry needs version 12)")]
     KvmApiVersion(i32),
     /// A KVM ioctl failed.
-    #[error("KVM {op} failed: {source}")]
+    #[error("KVM {op} failed")]
     Kvm {
         /// What was attempted.
         op: &'static str,
@@ -31,7 +31,7 @@ pub enum Error {
         reason: &'static str,
     },
     /// The memfd backing guest RAM could not be created or sized.
-    #[error("cannot create the {size}-byte guest RAM memfd: {source}")]
+    #[error("cannot create the {size}-byte guest RAM memfd")]
     Memfd {
         /// Size of guest RAM.
         size: u64,
@@ -82,7 +82,7 @@ pub enum Error {
     #[error("state does not fit this VM: {0}")]
     StateMismatch(String),
     /// An I/O error with context.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What failed.
         what: String,
@@ -95,6 +95,30 @@ pub enum Error {
 impl Error {
     pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { op, source }
+    }
+}
+
+/// Shows an error and each of its causes once, separated by ": " (anyhow's `{:#}` layout):
+/// for messages that leave the process or its log as one line (the binary's last word, an
+/// abort message to a peer, a JSON report, a log line). Ferry's errors never repeat their
+/// source's text; a cause whose text the error before it already ends with (an error of
+/// another crate that prints its source) is left out, so each cause shows exactly once.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !shown.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
+            cause = c.source();
+        }
+        Ok(())
     }
 }
 

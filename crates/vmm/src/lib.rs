@@ -16,6 +16,6 @@ pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorChain, Result};
 pub use lifecycle::VmOutcome;
 pub use vm::{open_kvm, Vm, VmConfig};

@@ -109,7 +109,7 @@ impl crate::device::MsiSink for KvmMsi {
             ..Default::default()
         };
         if let Err(e) = self.0.signal_msi(msi) {
-            tracing::debug!("injecting an MSI: {e}");
+            tracing::debug!(error = &e as &dyn std::error::Error, "injecting an MSI");
         }
     }
 }

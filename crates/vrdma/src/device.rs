@@ -494,7 +494,7 @@ impl Device {
                 self.err = match r {
                     Ok(()) => 0,
                     Err(e) => {
-                        tracing::debug!("pvrdma control {v}: {e}");
+                        tracing::debug!(error = &e as &dyn std::error::Error, "pvrdma control {v}");
                         e.errno() as u32
                     }
                 };
@@ -583,7 +583,7 @@ impl Device {
     pub fn reset(&mut self) {
         for gid in self.gids.iter_mut().filter_map(Option::take) {
             if let Err(e) = self.backend.unbind_gid(gid) {
-                tracing::warn!(%gid, "unbinding on reset: {e}");
+                tracing::warn!(%gid, error = &e as &dyn std::error::Error, "unbinding on reset");
             }
         }
         self.qps.clear();
@@ -623,7 +623,10 @@ impl Device {
         }
         let mut slot = [0u8; 256];
         if let Err(e) = self.mem.read(self.cmd_slot, &mut slot) {
-            tracing::debug!("reading the command slot: {e}");
+            tracing::debug!(
+                error = &e as &dyn std::error::Error,
+                "reading the command slot"
+            );
             self.err = e.errno() as u32;
             self.stats.command_errors += 1;
             return;
@@ -637,7 +640,11 @@ impl Device {
         let (err, len) = match result {
             Ok(len) => (0u8, len),
             Err(e) => {
-                tracing::debug!(cmd = hdr.cmd, "pvrdma command failed: {e}");
+                tracing::debug!(
+                    cmd = hdr.cmd,
+                    error = &e as &dyn std::error::Error,
+                    "pvrdma command failed"
+                );
                 self.stats.command_errors += 1;
                 (e.errno(), core::mem::size_of::<abi::RespHdr>())
             }
@@ -650,7 +657,10 @@ impl Device {
         };
         resp[..16].copy_from_slice(pvrdma_abi::IntoBytes::as_bytes(&rh));
         if let Err(e) = self.mem.write(self.resp_slot, &resp[..len.max(16)]) {
-            tracing::debug!("writing the response slot: {e}");
+            tracing::debug!(
+                error = &e as &dyn std::error::Error,
+                "writing the response slot"
+            );
         }
         self.err = err as u32;
         self.raise(0);
@@ -1146,7 +1156,7 @@ impl Device {
         }
         if let Err(e) = self.backend.bind_gid(gid) {
             self.stats.binds_refused += 1;
-            tracing::info!(%gid, "GID registration refused: {e}");
+            tracing::info!(%gid, error = &e as &dyn std::error::Error, "GID registration refused");
             return Err(e.into());
         }
         self.stats.binds += 1;
@@ -1262,7 +1272,11 @@ impl Device {
                 false
             }
             Err(e) => {
-                tracing::info!(cq, "completion queue broken: {e}");
+                tracing::info!(
+                    cq,
+                    error = &e as &dyn std::error::Error,
+                    "completion queue broken"
+                );
                 self.stats.cq_overflows += 1;
                 if let Some(c) = self.cqs.get_mut(&cq) {
                     c.error = true;
@@ -1475,7 +1489,7 @@ impl Device {
                         Ok(data.len() as u32)
                     }
                     Err(e) => {
-                        tracing::info!(%sgid, %dgid, "QP1 send refused: {e}");
+                        tracing::info!(%sgid, %dgid, error = &e as &dyn std::error::Error, "QP1 send refused");
                         self.stats.mads_refused += 1;
                         Err(GENERAL_ERR)
                     }
@@ -1499,7 +1513,7 @@ impl Device {
                         Ok(data.len() as u32)
                     }
                     Err(e) => {
-                        tracing::debug!("UD send failed: {e}");
+                        tracing::debug!(error = &e as &dyn std::error::Error, "UD send failed");
                         Err(GENERAL_ERR)
                     }
                 }

@@ -57,13 +57,13 @@ pub enum VrdmaError {
     #[error("the device is not active")]
     NotActive,
     /// The backend (multiplexer, RoCEv2 port) refused.
-    #[error("backend refused: {0}")]
+    #[error("backend refused")]
     Backend(#[from] BackendError),
     /// VMM failure while attaching.
-    #[error("attaching the device: {0}")]
+    #[error("attaching the device")]
     Vmm(#[from] vmm::Error),
     /// Host resource failure.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: &'static str,

@@ -180,7 +180,10 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     let migration = match migration {
         Ok(m) => Some(m),
         Err(e) => {
-            eprintln!("ferry demo: migration failed: {e:#}");
+            eprintln!(
+                "ferry demo: migration failed: {}",
+                vmm::ErrorChain(e.as_ref())
+            );
             None
         }
     };

@@ -135,7 +135,10 @@ pub fn run(
     let migration = match migration {
         Ok(m) => Some(m),
         Err(e) => {
-            eprintln!("ferry demo: NVMe migration failed: {e:#}");
+            eprintln!(
+                "ferry demo: NVMe migration failed: {}",
+                vmm::ErrorChain(e.as_ref())
+            );
             None
         }
     };

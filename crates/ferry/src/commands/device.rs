@@ -40,7 +40,10 @@ pub fn nvme(args: DeviceNvmeArgs) -> anyhow::Result<i32> {
         .name("vfio-user".into())
         .spawn(move || loop {
             if let Err(e) = d.serve_one() {
-                tracing::warn!(error = %e, "vfio-user session ended with an error");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "vfio-user session ended with an error"
+                );
             }
             if once {
                 f.store(true, Ordering::SeqCst);

@@ -186,6 +186,7 @@ fn host(a: HostArgs) -> anyhow::Result<i32> {
                     println!("connect vm{} {} -> {t}: ok", vm.id(), vm.gid());
                 }
                 Err(e) => {
+                    let e = vmm::ErrorChain(&e);
                     println!("connect vm{} {} -> {t}: {e}", vm.id(), vm.gid());
                     connects_failed.push(format!("{} -> {t}: {e}", vm.gid()));
                 }
@@ -286,7 +287,10 @@ fn peer(a: PeerArgs) -> anyhow::Result<i32> {
         ok: result.is_ok(),
         rc,
         ud,
-        error: result.as_ref().err().map(|e| e.to_string()),
+        error: result
+            .as_ref()
+            .err()
+            .map(|e| vmm::ErrorChain(e).to_string()),
         port,
         cm,
     };
@@ -316,7 +320,7 @@ fn peer(a: PeerArgs) -> anyhow::Result<i32> {
     match result {
         Ok(()) => Ok(0),
         Err(e) => {
-            eprintln!("ferry rdma peer: {e}");
+            eprintln!("ferry rdma peer: {}", vmm::ErrorChain(&e));
             Ok(1)
         }
     }

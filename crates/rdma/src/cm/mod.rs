@@ -299,7 +299,7 @@ impl CmEndpoint {
             .name(format!("cm-timer-{gid}"))
             .spawn(move || timer_loop(weak));
         if let Err(e) = spawned {
-            tracing::error!(%gid, "cannot start the CM timer thread: {e}");
+            tracing::error!(%gid, error = &e as &dyn std::error::Error, "cannot start the CM timer thread");
         }
         CmEndpoint { inner }
     }
@@ -620,7 +620,7 @@ impl Inner {
                 Ok(()) => bump(&self.stats.sent),
                 Err(e) => {
                     bump(&self.stats.send_errors);
-                    tracing::debug!(gid = %self.gid, %dgid, "CM send failed: {e}");
+                    tracing::debug!(gid = %self.gid, %dgid, error = &e as &dyn std::error::Error, "CM send failed");
                 }
             }
         }
@@ -685,7 +685,7 @@ impl Inner {
             Ok(m) => m,
             Err(e) => {
                 bump(&self.stats.malformed);
-                tracing::debug!(gid = %self.gid, "malformed CM MAD: {e}");
+                tracing::debug!(gid = %self.gid, error = &e as &dyn std::error::Error, "malformed CM MAD");
                 return;
             }
         };

@@ -254,7 +254,7 @@ impl Multiplexer {
         let r = self.try_register(vm, gid);
         if let Err(e) = &r {
             bump(&self.counters.registrations_refused);
-            tracing::warn!(vm, %gid, "registration refused: {e}");
+            tracing::warn!(vm, %gid, error = e as &dyn std::error::Error, "registration refused");
         }
         r
     }

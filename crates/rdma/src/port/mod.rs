@@ -522,7 +522,7 @@ impl PortInner {
             Ok(()) => bump(&self.counters.tx_datagrams),
             Err(e) => {
                 bump(&self.counters.tx_errors);
-                tracing::debug!(%sgid, %dgid, "send failed: {e}");
+                tracing::debug!(%sgid, %dgid, error = e as &dyn std::error::Error, "send failed");
             }
         }
         r
@@ -563,7 +563,7 @@ impl PortInner {
                             | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => {
-                    tracing::warn!(addr = %s.addr, "receive failed: {e}");
+                    tracing::warn!(addr = %s.addr, error = &e as &dyn std::error::Error, "receive failed");
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }

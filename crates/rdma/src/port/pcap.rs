@@ -104,7 +104,7 @@ impl PcapWriter {
         rec.extend_from_slice(&frame);
         let mut out = self.out.lock();
         if let Err(e) = out.write_all(&rec).and_then(|()| out.flush()) {
-            tracing::warn!(path = %self.path.display(), "pcap write failed: {e}");
+            tracing::warn!(path = %self.path.display(), error = &e as &dyn std::error::Error, "pcap write failed");
         }
     }
 }

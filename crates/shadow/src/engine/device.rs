@@ -4,16 +4,29 @@
 //! leave shadow mode.
 use std::sync::Arc;
 
-use migration::MigratableDevice;
-use passthrough::{config_log::ConfigLog, msix::MsixState};
+use migration::{DeviceError, MigratableDevice};
+use passthrough::{
+    config_log::{ConfigLog, RestoreBounds},
+    msix::MsixState,
+};
 use serde::{Deserialize, Serialize};
 use vmm::Vm;
 
 use super::Engine;
-use crate::nvme::{validate::Limits, QueueState};
+use crate::{
+    nvme::{validate::Limits, QueueState},
+    StateError,
+};
 
 /// Version of [`SavedDevice`] on the wire (2: the MSI-X state).
 pub const SAVED_VERSION: u32 = 2;
+/// Largest encoded state accepted (a log, 1024 queue states and an MSI-X table fit easily).
+pub const MAX_SAVED_BYTES: usize = 4 << 20;
+/// Most hypervisor memory the ring copies of a restored device may take.
+pub const MAX_RING_COPY_BYTES: u64 = 256 << 20;
+/// Most hypervisor memory the PRP-list bounce areas of a restored device may take (address
+/// space of a sparse memfd; pages are touched only when lists are bounced).
+pub const MAX_BOUNCE_BYTES: u64 = 1 << 30;
 
 /// The device state sent at switchover.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,24 +49,40 @@ pub struct SavedDevice {
 
 impl SavedDevice {
     /// Versioned postcard bytes.
-    pub fn encode(&self) -> Result<Vec<u8>, String> {
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
         let mut out = SAVED_VERSION.to_le_bytes().to_vec();
-        out.extend(postcard::to_allocvec(self).map_err(|e| e.to_string())?);
+        out.extend(postcard::to_allocvec(self).map_err(StateError::Encode)?);
         Ok(out)
     }
 
-    /// Decodes what [`SavedDevice::encode`] made (anything else is refused).
-    pub fn decode(b: &[u8]) -> Result<Self, String> {
-        let v = b
-            .get(..4)
-            .map(|v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]))
-            .ok_or("device state too short")?;
-        if v != SAVED_VERSION {
-            return Err(format!(
-                "device state version {v}, this build reads {SAVED_VERSION}"
-            ));
+    /// Decodes what [`SavedDevice::encode`] made (anything else is refused). Decoding
+    /// allocates no more than the input's size allows; call [`SavedDevice::validate`] before
+    /// using anything in it.
+    pub fn decode(b: &[u8]) -> Result<Self, StateError> {
+        if b.len() > MAX_SAVED_BYTES {
+            return Err(StateError::TooLarge {
+                len: b.len(),
+                max: MAX_SAVED_BYTES,
+            });
         }
-        postcard::from_bytes(&b[4..]).map_err(|e| format!("device state does not decode: {e}"))
+        let (v, rest) = b
+            .split_first_chunk::<4>()
+            .ok_or(StateError::TooShort { len: b.len() })?;
+        let found = u32::from_le_bytes(*v);
+        if found != SAVED_VERSION {
+            return Err(StateError::Version {
+                found,
+                expected: SAVED_VERSION,
+            });
+        }
+        postcard::from_bytes(rest).map_err(StateError::Decode)
+    }
+
+    /// Checks everything in a state from another host against `b` (this VM's RAM and this
+    /// host's device), with checked arithmetic, before anything is allocated or mapped from
+    /// it; see [`validate_saved`](super::checks::validate_saved).
+    pub fn validate(&self, b: &RestoreBounds) -> Result<(), StateError> {
+        super::checks::validate_saved(self, b)
     }
 }
 
@@ -85,7 +114,7 @@ impl MigratableDevice for ShadowedDevice {
         self.name.clone()
     }
 
-    fn prepare(&mut self, vm: &Vm) -> Result<(), String> {
+    fn prepare(&mut self, vm: &Vm) -> Result<(), DeviceError> {
         if self.unsafe_no_shadow {
             tracing::warn!(
                 "migrating a passthrough device WITHOUT shadowing (unsafe): the pages it \
@@ -96,14 +125,18 @@ impl MigratableDevice for ShadowedDevice {
         self.was_shadowed = self.engine.is_shadowed();
         // Round 0 sends all memory: admin data pages from before it need no tracking.
         let _ = self.engine.attachment().take_admin_device_written();
-        self.engine.enter(vm).map_err(|e| e.to_string())
+        self.engine
+            .enter(vm)
+            .map_err(DeviceError::while_doing("entering shadow mode"))
     }
 
-    fn ready_for_switchover(&self, _vm: &Vm) -> Result<(), String> {
+    fn ready_for_switchover(&self, _vm: &Vm) -> Result<(), DeviceError> {
         // The saved state carries the admin queue's positions, not commands in the middle.
         match self.engine.attachment().admin_positions().2 {
             0 => Ok(()),
-            n => Err(format!("{n} guest admin command(s) pending")),
+            n => Err(DeviceError::NotReady(format!(
+                "{n} guest admin command(s) pending"
+            ))),
         }
     }
 
@@ -115,35 +148,51 @@ impl MigratableDevice for ShadowedDevice {
         pages
     }
 
-    fn pause(&mut self, vm: &Vm) -> Result<(), String> {
+    fn pause(&mut self, vm: &Vm) -> Result<(), DeviceError> {
         if self.unsafe_no_shadow {
             // Without shadowing the device state cannot be captured honestly; enter shadow
             // mode now (vCPUs paused) only to read the positions, with nothing reported dirty
             // beyond the ring pages.
             self.engine
                 .enter_while_paused(vm)
-                .map_err(|e| e.to_string())?;
-            self.engine.quiesce().map_err(|e| e.to_string())?;
+                .map_err(DeviceError::while_doing(
+                    "entering shadow mode while paused",
+                ))?;
+            self.engine
+                .quiesce()
+                .map_err(DeviceError::while_doing("quiescing the queues"))?;
             self.engine.discard_data_dirty();
             return Ok(());
         }
-        self.engine.quiesce().map_err(|e| e.to_string())
+        self.engine
+            .quiesce()
+            .map_err(DeviceError::while_doing("quiescing the queues"))
     }
 
-    fn save(&mut self) -> Result<Vec<u8>, String> {
-        self.engine.saved().map_err(|e| e.to_string())?.encode()
+    fn save(&mut self) -> Result<Vec<u8>, DeviceError> {
+        self.engine
+            .saved()
+            .map_err(DeviceError::while_doing("capturing the queue states"))?
+            .encode()
+            .map_err(DeviceError::while_doing("encoding the device state"))
     }
 
     fn rollback(&mut self, vm: &Vm) {
         if self.was_shadowed && !self.unsafe_no_shadow {
             // Continuous mode: keep shadowing, just let the queues run again.
             if let Err(e) = self.engine.resume_after_quiesce() {
-                tracing::error!("resuming the shadowed queues after a failed migration: {e}");
+                tracing::error!(
+                    "resuming the shadowed queues after a failed migration: {}",
+                    vmm::ErrorChain(&e)
+                );
             }
             return;
         }
         if let Err(e) = self.engine.leave(vm) {
-            tracing::error!("leaving shadow mode after a failed migration: {e}");
+            tracing::error!(
+                "leaving shadow mode after a failed migration: {}",
+                vmm::ErrorChain(&e)
+            );
         }
     }
 }

@@ -53,8 +53,10 @@ impl Wakeups {
     pub fn new() -> Result<Self> {
         Ok(Wakeups {
             vectors: Vec::new(),
-            wake: EventFd::new(EFD_NONBLOCK)
-                .map_err(|e| Error::Engine(format!("creating the poller's eventfd: {e}")))?,
+            wake: EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Os {
+                what: "creating the poller's eventfd".into(),
+                source,
+            })?,
             can_block: false,
         })
     }

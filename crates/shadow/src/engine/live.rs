@@ -179,7 +179,10 @@ impl Engine {
                 c.pages.read(0, &mut buf);
                 vm.ram()
                     .write(c.gpa.start, &buf)
-                    .map_err(|e| Error::Engine(format!("syncing ring pages {:?}: {e}", c.gpa)))?;
+                    .map_err(|source| Error::Vmm {
+                        what: format!("syncing ring pages {:?}", c.gpa),
+                        source,
+                    })?;
                 drop(held);
                 self.att
                     .back_with_ram(slots, c.gpa.start)

@@ -35,11 +35,9 @@ impl HostPages {
                 "host copy of {len} bytes is not whole pages"
             )));
         }
-        let os = |what: &str| {
-            Error::Engine(format!(
-                "{what} for {len} bytes of host memory: {}",
-                std::io::Error::last_os_error()
-            ))
+        let os = |what: &str| Error::Os {
+            what: format!("{what} for {len} bytes of host memory"),
+            source: std::io::Error::last_os_error(),
         };
         // SAFETY: a plain syscall with a NUL-terminated name; the result is checked.
         let raw = unsafe { libc::memfd_create(c"ferry-shadow".as_ptr(), libc::MFD_CLOEXEC) };

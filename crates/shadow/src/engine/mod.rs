@@ -5,6 +5,7 @@
 //! - [`memory`]: host pages, the ring copies and the adapters' [`crate::Buffers`] view;
 //! - [`poller`]: the thread that moves doorbells and completions while shadowed;
 //! - [`device`]: the engine as a [`migration::MigratableDevice`] (source side).
+pub mod checks;
 pub mod device;
 pub mod irq;
 mod live;
@@ -124,7 +125,8 @@ impl QueueRt {
             tracing::warn!(
                 qid = self.q.geometry().qid,
                 errors = self.errors,
-                "{what}: {e}"
+                "{what}: {}",
+                vmm::ErrorChain(e)
             );
         }
     }
@@ -550,11 +552,13 @@ impl Engine {
         geos: &[QueueGeometry],
         limits: Limits,
     ) -> Result<Arc<Vec<Bounce>>> {
-        let per_slot = crate::nvme::bounce::pages_for((limits.max_transfer / PAGE) as usize + 1);
+        let per_slot = checks::bounce_pages_per_slot(limits);
         let mut iova = hypervisor_iova(ram) + BOUNCE_IOVA_OFFSET;
         let mut out: Vec<Bounce> = Vec::new();
         for g in geos {
-            let size = g.sq_entries as u64 * per_slot as u64 * PAGE;
+            let size = checks::bounce_bytes(g.sq_entries, per_slot).ok_or_else(|| {
+                Error::Engine(format!("queue {}'s PRP-list bounce area overflows", g.qid))
+            })?;
             let pages = HostPages::new(size)?;
             if let Err(e) = self.att.map_device_memory(iova, size, &pages.fd()) {
                 self.unmap_bounce(&out);
@@ -581,7 +585,11 @@ impl Engine {
     pub(crate) fn unmap_bounce(&self, bounce: &[Bounce]) {
         for b in bounce {
             if let Err(e) = self.att.unmap_device_memory(b.iova, b.pages.len() as u64) {
-                tracing::warn!(qid = b.qid, "unmapping the PRP-list bounce area: {e}");
+                tracing::warn!(
+                    qid = b.qid,
+                    "unmapping the PRP-list bounce area: {}",
+                    vmm::ErrorChain(&e)
+                );
             }
         }
     }
@@ -798,9 +806,12 @@ impl Engine {
             if a.designation == Designation::VcpuBuffer {
                 let mut buf = vec![0u8; c.pages.len()];
                 c.pages.read(0, &mut buf);
-                bufs.ram().write(c.gpa.start, &buf).map_err(|e| {
-                    Error::Engine(format!("writing ring pages {:?} back: {e}", c.gpa))
-                })?;
+                bufs.ram()
+                    .write(c.gpa.start, &buf)
+                    .map_err(|source| Error::Vmm {
+                        what: format!("writing ring pages {:?} back", c.gpa),
+                        source,
+                    })?;
             }
             pages.extend((c.gpa.start..c.gpa.end).step_by(PAGE as usize));
         }

@@ -36,7 +36,10 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
                 }
             }
         })
-        .map_err(|e| Error::Engine(format!("spawning the poller: {e}")))
+        .map_err(|source| Error::Os {
+            what: "spawning the poller".into(),
+            source,
+        })
 }
 
 fn interrupt_guest(shared: &Shared, vector: u16) {
@@ -50,7 +53,7 @@ fn interrupt_guest(shared: &Shared, vector: u16) {
         Ok(false) => {
             v.masked.fetch_add(1, Ordering::Relaxed);
         }
-        Err(e) => tracing::warn!(vector, "interrupting the guest: {e}"),
+        Err(e) => tracing::warn!(vector, "interrupting the guest: {}", vmm::ErrorChain(&e)),
     }
 }
 

@@ -32,11 +32,10 @@ impl Engine {
         saved: &SavedDevice,
         opts: EngineOptions,
     ) -> Result<Self> {
+        // Everything in `saved` came from the network: check all of it first.
+        saved.validate(&att.restore_bounds())?;
         let engine = Engine::new(att.clone(), opts);
         let dstrd = att.dstrd();
-        if saved.queues.len() != saved.doorbells.len() {
-            return Err(Error::Engine("saved queues and doorbells disagree".into()));
-        }
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let geos: Vec<_> = saved.queues.iter().map(|q| q.geometry).collect();
@@ -58,7 +57,10 @@ impl Engine {
             for g in &geos {
                 ram.write(g.sq_base, &vec![0u8; g.sq_entries as usize * 64])
                     .and_then(|_| ram.write(g.cq_base, &vec![0u8; g.cq_entries as usize * 16]))
-                    .map_err(|e| Error::Engine(format!("zeroing queue {}'s rings: {e}", g.qid)))?;
+                    .map_err(|source| Error::Vmm {
+                        what: format!("zeroing queue {}'s rings", g.qid),
+                        source,
+                    })?;
             }
         }
         att.replay(&saved.config, saved.admin, super::hypervisor_iova(&ram))
