@@ -367,8 +367,16 @@ fn slow_responder_sends_mra_and_connection_completes() {
     let acceptor = std::thread::spawn(move || {
         while let Ok(e) = events.recv_timeout(WAIT) {
             if let CmEvent::ConnectRequest(info) = e {
-                // Slower than two response timeouts (67 ms each), well within the MRA's.
-                std::thread::sleep(Duration::from_millis(180));
+                // Slow on purpose: accept only once the active side's retransmitted REQ was
+                // answered with an MRA (a condition the endpoint reports, not a guess at how
+                // long two response timeouts take on this machine).
+                let deadline = std::time::Instant::now() + WAIT;
+                while ep.stats().mra_sent == 0 {
+                    if std::time::Instant::now() > deadline {
+                        return Err(rdma::RdmaError::Cm("no MRA was ever sent".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 return ep.accept(info.local_comm_id);
             }
         }
