@@ -3,8 +3,8 @@
 //! VM survives A→B→A, and every fault leaves the source running and verifiable.
 mod common;
 use common::{
-    api, last_json, spawn_receiver, status, wait_for_socket, wait_progress, wait_until, Proc,
-    PATIENCE,
+    api, assert_running_and_verifiable, last_json, spawn_receiver, status, wait_for_socket,
+    wait_progress, wait_until, Proc, PATIENCE,
 };
 
 use std::{
@@ -82,18 +82,18 @@ fn destination(api: Option<&Path>) -> (Proc, String) {
     spawn_receiver(&mut cmd)
 }
 
-fn assert_running_and_verifiable(p: &Path) {
-    let progress = || status(p)["data"]["progress"].as_u64().unwrap();
-    let a = progress();
-    // a loaded machine may not schedule the vCPU for a while: wait, with a bound
-    wait_until(
-        format!("the VM behind {} runs", p.display()),
-        PATIENCE,
-        || progress() != a,
+/// Migrates the VM behind `from` to the `ferry receive` at `to` (serving `dest_api`): the
+/// migration succeeds, the source process exits 0, and the VM runs and verifies there.
+fn hand_over(src: Proc, from: &Path, to: &str, dest_api: &Path) {
+    let out = migrate(from, to);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let v = api(p, json!({"cmd": "verify"}));
-    assert_eq!(v["ok"], true, "{v}");
-    assert_eq!(v["data"]["status"], 0, "ledger broken: {v}");
+    assert_eq!(src.wait_output(PATIENCE).status.code(), Some(0));
+    wait_for_socket(dest_api);
+    assert_running_and_verifiable(dest_api);
 }
 
 fn migrate(api_sock: &Path, to: &str) -> Output {
@@ -358,18 +358,7 @@ fn another_version_and_garbage_are_refused_and_the_real_source_still_gets_in() {
         .unwrap();
     let _ = g.read_to_end(&mut answer);
     // The destination still waits, and takes the real source.
-    let out = migrate(&sa, &addr);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        src.wait_output(Duration::from_secs(60)).status.code(),
-        Some(0)
-    );
-    wait_for_socket(&sb);
-    assert_running_and_verifiable(&sb);
+    hand_over(src, &sa, &addr, &sb);
     assert_eq!(api(&sb, json!({"cmd": "stop"}))["ok"], true);
     let out = dst.wait_output(Duration::from_secs(60));
     let log = String::from_utf8_lossy(&out.stderr);

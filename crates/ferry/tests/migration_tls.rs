@@ -2,15 +2,17 @@
 //! (certificates made by the documented recipe, scripts/migration-tls-certs.sh), a destination
 //! that refuses strangers and goes on listening for the real source.
 mod common;
-use common::{last_json, spawn_receiver, text, wait_for_socket, Proc, TempDir};
+use common::{
+    api, assert_running_and_verifiable, last_json, spawn_receiver, text, wait_for_socket, Proc,
+    TempDir,
+};
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpStream,
-    os::unix::net::UnixStream,
     path::Path,
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::{json, Value};
@@ -32,40 +34,6 @@ fn certs(dir: &Path) {
         "the certificate recipe failed (is openssl installed?): {}",
         text(&out.stderr)
     );
-}
-
-fn api(p: &Path, req: Value) -> Value {
-    let mut s = UnixStream::connect(p).unwrap();
-    writeln!(s, "{req}").unwrap();
-    for line in BufReader::new(s).lines() {
-        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["event"] == "result" {
-            return v;
-        }
-    }
-    panic!("no result from {}", p.display());
-}
-
-/// Waits until the VM behind `p` makes progress, then checks its ledger.
-fn assert_running_and_verifiable(p: &Path) {
-    let progress = || {
-        api(p, json!({"cmd": "status"}))["data"]["progress"]
-            .as_u64()
-            .unwrap()
-    };
-    let a = progress();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while progress() == a {
-        assert!(
-            Instant::now() < deadline,
-            "the VM behind {} is not running",
-            p.display()
-        );
-        std::thread::yield_now();
-    }
-    let v = api(p, json!({"cmd": "verify"}));
-    assert_eq!(v["ok"], true, "{v}");
-    assert_eq!(v["data"]["status"], 0, "ledger broken: {v}");
 }
 
 fn tls_args(dir: &Path, node: &str, ca: &Path) -> Vec<String> {

@@ -217,3 +217,19 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// Waits (bounded) until the VM behind the API socket `p` makes progress, then asks its guest
+/// to verify its ledger and checks that it holds.
+pub fn assert_running_and_verifiable(p: &Path) {
+    let progress = || status(p)["data"]["progress"].as_u64().unwrap();
+    let a = progress();
+    // a loaded machine may not schedule the vCPU for a while: wait, with a bound
+    wait_until(
+        format!("the VM behind {} runs", p.display()),
+        PATIENCE,
+        || progress() != a,
+    );
+    let v = api(p, serde_json::json!({"cmd": "verify"}));
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["data"]["status"], 0, "ledger broken: {v}");
+}
