@@ -19,127 +19,12 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 << 10;
 
-/// Parameters of a migration request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MigrateRequest {
-    /// `ADDR:PORT` of a `ferry receive`.
-    pub to: String,
-    /// Downtime target in milliseconds.
-    #[serde(default = "default_downtime")]
-    pub downtime_ms: u64,
-    /// Most pre-copy rounds after round 0.
-    #[serde(default = "default_rounds")]
-    pub max_rounds: u32,
-    /// "finish" or "abort" when the round limit is hit.
-    #[serde(default = "default_limit")]
-    pub on_limit: migration::LimitPolicy,
-    /// Hash guest RAM at the pause (debug; compare with the destination's).
-    #[serde(default)]
-    pub debug_hash: bool,
-    /// Cap on the pre-copy sending rate in bytes per second (absent: no cap).
-    #[serde(default)]
-    pub max_bandwidth: Option<u64>,
-    /// Negative control: migrate a passthrough device without reporting the pages it writes
-    /// (unsafe: the destination's memory is expected to be corrupt).
-    #[serde(default)]
-    pub unsafe_no_shadow: bool,
-    /// TLS files (paths read by the VM's process); absent: plain TCP.
-    #[serde(default)]
-    pub tls: Option<migration::TlsFiles>,
-    /// Name the destination's certificate must carry.
-    #[serde(default)]
-    pub tls_server_name: Option<String>,
-    /// Allow plain TCP to a destination that is not loopback.
-    #[serde(default)]
-    pub insecure_no_auth: bool,
-}
-
-fn default_downtime() -> u64 {
-    50
-}
-fn default_rounds() -> u32 {
-    30
-}
-fn default_limit() -> migration::LimitPolicy {
-    migration::LimitPolicy::Finish
-}
-
-/// A request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
-    /// Live-migrate the VM.
-    Migrate(MigrateRequest),
-    /// Ask the guest to verify its ledger and wait for the answer.
-    Verify,
-    /// State and progress of the VM.
-    Status,
-    /// Hash of all guest RAM, taken with the vCPUs briefly paused (debug).
-    MemoryHash,
-    /// Stop the VM.
-    Stop,
-    /// Cancel the running migration (before Go; the VM keeps running here).
-    CancelMigration,
-    /// Resume a VM paused after Go whose migration outcome is unknown (`force` required).
-    Resume {
-        /// The operator checked that the destination does not run the VM.
-        #[serde(default)]
-        force: bool,
-    },
-}
-
-/// A response line.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "kebab-case")]
-pub enum Response {
-    /// Migration progress.
-    Progress(migration::Progress),
-    /// The final answer.
-    Result {
-        /// Whether the request succeeded.
-        ok: bool,
-        /// What it produced.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        data: Option<serde_json::Value>,
-        /// Why it failed.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        error: Option<String>,
-    },
-}
-
-impl Response {
-    /// A successful result.
-    pub fn ok(data: impl Serialize) -> Response {
-        Response::Result {
-            ok: true,
-            data: serde_json::to_value(data).ok(),
-            error: None,
-        }
-    }
-
-    /// A failed result.
-    pub fn err(e: impl std::fmt::Display) -> Response {
-        Response::Result {
-            ok: false,
-            data: None,
-            error: Some(e.to_string()),
-        }
-    }
-}
-
-/// A request waiting for the supervisor, with the channel its responses go to.
-pub struct Pending {
-    /// The request.
-    pub request: Request,
-    /// Where responses go (the connection thread writes them to the client).
-    pub reply: Sender<Response>,
-}
+pub use control::command::{MigrateRequest, Pending, Request, Response};
 
 /// Longest a dropped [`ApiServer`] waits for answers still being written to their clients.
 const FLUSH_ANSWERS: Duration = Duration::from_secs(2);
@@ -154,6 +39,16 @@ pub struct ApiServer {
     pub wake: Arc<EventFd>,
     /// Connections whose request went to the supervisor and whose answer is not written yet.
     answering: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl control::command::CommandSource for ApiServer {
+    fn requests(&self) -> &Receiver<Pending> {
+        &self.requests
+    }
+
+    fn wake_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&*self.wake)
+    }
 }
 
 impl Drop for ApiServer {

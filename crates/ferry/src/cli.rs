@@ -157,7 +157,7 @@ pub struct RunArgs {
     /// which must be an address of this host) and its CM multiplexer; IP routing finds
     /// every other GID.
     #[arg(long, value_name = "gid=IPV4[,host=ADDR][,pcap=FILE]")]
-    pub vrdma: Option<crate::vrdma_host::VrdmaSpec>,
+    pub vrdma: Option<control::vrdma_host::VrdmaSpec>,
     /// Print a JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,

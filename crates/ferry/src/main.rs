@@ -8,12 +8,10 @@ mod api;
 mod cli;
 mod commands;
 mod nvme_args;
-mod nvme_session;
 mod session;
-mod signals;
-mod supervisor;
+// The VMM library's modules under the names the commands use.
+use control::{passthrough as nvme_session, signals, vrdma_host};
 mod units;
-mod vrdma_host;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {

@@ -1,8 +1,8 @@
 //! Command-line options of the passthrough NVMe pieces: `ferry device nvme`, `ferry bench
 //! nvme`, and the `--passthrough`/`--nvme-*` options of everything that boots a guest.
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use guest_abi::params::{
     NvmeArgs, NVME_ADMIN_POLL, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_FINAL_VERIFY,
@@ -124,13 +124,21 @@ pub struct NvmeCliArgs {
     pub nvme_admin_poll: bool,
 }
 
-/// Where the passthrough device comes from.
-#[derive(Clone, Debug)]
-pub enum PassthroughSource {
-    /// A device process someone else runs.
-    Socket(PathBuf),
-    /// `ferry device nvme` started (and stopped) by this process.
-    Spawn(DeviceNvmeArgs),
+pub use control::passthrough::PassthroughSource;
+
+impl DeviceNvmeArgs {
+    /// The device process to start with these arguments: this `ferry` binary's `device nvme`.
+    pub fn spec(&self) -> control::passthrough::DeviceSpec {
+        control::passthrough::DeviceSpec {
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ferry")),
+            backing: self.backing.clone(),
+            size: self.size,
+            block_size: self.block_size,
+            dstrd: self.dstrd,
+            create: self.create,
+            once: self.once,
+        }
+    }
 }
 
 impl NvmeCliArgs {
@@ -199,15 +207,18 @@ impl NvmeCliArgs {
             return Ok(Some(PassthroughSource::Socket(socket.into())));
         }
         Ok(self.nvme_backing.as_ref().map(|b| {
-            PassthroughSource::Spawn(DeviceNvmeArgs {
-                socket: PathBuf::new(),
-                backing: b.clone(),
-                size: self.nvme_size,
-                block_size: self.nvme_block_size,
-                dstrd: self.nvme_dstrd,
-                create: true,
-                once: true,
-            })
+            PassthroughSource::Spawn(
+                DeviceNvmeArgs {
+                    socket: PathBuf::new(),
+                    backing: b.clone(),
+                    size: self.nvme_size,
+                    block_size: self.nvme_block_size,
+                    dstrd: self.nvme_dstrd,
+                    create: true,
+                    once: true,
+                }
+                .spec(),
+            )
         }))
     }
 }
@@ -227,21 +238,4 @@ pub struct BenchNvmeArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Waits until `path` exists (a device socket), up to `timeout`.
-pub fn wait_for_socket(path: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
-    let t0 = std::time::Instant::now();
-    while !path.exists() {
-        if t0.elapsed() > timeout {
-            return Err(anyhow::anyhow!("timed out")).with_context(|| {
-                format!(
-                    "device socket {} did not appear within {timeout:?}",
-                    path.display()
-                )
-            });
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }

@@ -65,7 +65,7 @@ fn guest_run(
         memory: 256 << 20,
         console: ConsoleSink::Null,
         timeout: Some(Duration::from_secs(300)),
-        passthrough: Some(PassthroughSource::Spawn(dev.clone())),
+        passthrough: Some(PassthroughSource::Spawn(dev.spec())),
         ..Default::default()
     };
     let r = session::run(&boot, &spec, std::time::Instant::now(), signals)?;
@@ -98,7 +98,7 @@ fn guest_run(
 }
 
 fn host_run(dev: &DeviceNvmeArgs, qd: u16, ios: u64, blocks: u64) -> anyhow::Result<RunStats> {
-    let child = DeviceChild::spawn(dev)?;
+    let child = DeviceChild::spawn(&dev.spec())?;
     let mut c =
         HostClient::connect(&child.socket, 16 << 20, 1, qd + 1).context("host client bring-up")?;
     let span = blocks.min(c.blocks);

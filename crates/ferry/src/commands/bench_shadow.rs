@@ -178,7 +178,7 @@ fn iops_run(
         memory: 256 << 20,
         console: ConsoleSink::Null,
         timeout: Some(Duration::from_secs(seconds + 120)),
-        passthrough: Some(PassthroughSource::Spawn(dev)),
+        passthrough: Some(PassthroughSource::Spawn(dev.spec())),
         shadow_continuous: mode != Mode::Direct,
         shadow: EngineOptions {
             interception: if matches!(mode, Mode::Trap | Mode::TrapInterrupt) {

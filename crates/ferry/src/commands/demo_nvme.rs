@@ -114,15 +114,18 @@ pub fn run(
         timeout: Some(Duration::from_secs(120)),
         verify_after: Some(Duration::from_millis(1000)),
         api_socket: Some(api_path.clone()),
-        passthrough: Some(PassthroughSource::Spawn(DeviceNvmeArgs {
-            socket: Default::default(),
-            backing: disk.clone(),
-            size: 64 << 20,
-            block_size: 512,
-            dstrd: 9,
-            create: true,
-            once: true,
-        })),
+        passthrough: Some(PassthroughSource::Spawn(
+            DeviceNvmeArgs {
+                socket: Default::default(),
+                backing: disk.clone(),
+                size: 64 << 20,
+                block_size: 512,
+                dstrd: 9,
+                create: true,
+                once: true,
+            }
+            .spec(),
+        )),
         ..Default::default()
     };
     let to = dest.addr.clone();

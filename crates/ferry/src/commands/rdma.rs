@@ -12,8 +12,8 @@ use rdma::peer::Peer;
 use rdma::port::PortConfig;
 use serde::Serialize;
 
-use crate::signals::SignalState;
 use crate::units::parse_duration;
+use control::signals::SignalState;
 
 /// `ferry rdma ...`.
 #[derive(Subcommand, Debug)]

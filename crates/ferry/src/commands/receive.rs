@@ -5,7 +5,6 @@ use anyhow::{bail, Context};
 use migration::DestinationOptions;
 
 use crate::{
-    api,
     cli::ReceiveArgs,
     commands::run::{console_sink, print_report},
     nvme_session::{NvmeRestorer, PassthroughSession},
@@ -167,14 +166,12 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         }
         None => None,
     };
-    let api = spec.api_socket.as_deref().map(api::serve).transpose()?;
-    let report = crate::supervisor::supervise(
+    let report = crate::session::supervise(
         incoming.vm,
         &spec,
-        api,
         process_start,
         &signals,
-        Some(incoming.report),
+        incoming.report,
         device,
     )?;
     print_report(&report, args.json)?;

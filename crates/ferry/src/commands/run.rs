@@ -67,7 +67,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
     let host = match &args.vrdma {
         Some(v) => {
             boot.args.rdma.local_gid = u32::from(v.gid);
-            Some(crate::vrdma_host::VrdmaHost::start(
+            Some(control::vrdma_host::VrdmaHost::start(
                 v.host.unwrap_or(v.gid),
                 v.pcap.clone(),
             )?)

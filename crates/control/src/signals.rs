@@ -20,13 +20,15 @@ pub struct SignalState {
 
 impl SignalState {
     /// Installs the handlers (a thread that records what arrives).
-    pub fn install() -> anyhow::Result<Arc<SignalState>> {
+    pub fn install() -> crate::Result<Arc<SignalState>> {
         let state = Arc::new(SignalState {
             stop: AtomicI32::new(0),
             verify: AtomicBool::new(false),
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(crate::Error::io("creating the signal eventfd"))?,
         });
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+            .map_err(crate::Error::io("installing the signal handlers"))?;
         let s = state.clone();
         std::thread::Builder::new()
             .name("signals".into())
@@ -38,7 +40,8 @@ impl SignalState {
                     }
                     let _ = s.wake.write(1);
                 }
-            })?;
+            })
+            .map_err(crate::Error::io("starting the signal thread"))?;
         Ok(state)
     }
 

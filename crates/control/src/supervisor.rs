@@ -19,7 +19,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
 use guest_abi::ports::Event;
 use migration::{CancelToken, MigratableDevice, MigrationReport, Outcome, Progress, SourceOptions};
 use vmm::{vm::VerifyResult, Vm, VmOutcome};
@@ -29,10 +28,11 @@ use vmm_sys_util::{
 };
 
 use crate::{
-    api::{ApiServer, MigrateRequest, Request, Response},
-    nvme_session::PassthroughSession,
+    command::{CommandSource, MigrateRequest, Request, Response},
+    passthrough::PassthroughSession,
     session::{ms, roundtrip, SessionReport, SessionSpec, Verification},
     signals::{self, SignalState},
+    Error, Result,
 };
 
 /// How often a pending verification answer is looked for (the mailbox has no doorbell).
@@ -96,8 +96,11 @@ struct Waits {
 
 impl Waits {
     fn new() -> Result<Waits> {
-        let epoll = Epoll::new().context("creating the supervisor's epoll")?;
-        let migration = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
+        let epoll = Epoll::new().map_err(Error::io("creating the supervisor's epoll"))?;
+        let migration = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(Error::io("creating the migration eventfd"))?,
+        );
         let w = Waits { epoll, migration };
         w.add(w.migration.as_raw_fd())?;
         Ok(w)
@@ -110,7 +113,7 @@ impl Waits {
                 fd,
                 EpollEvent::new(EventSet::IN, fd as u64),
             )
-            .context("adding a descriptor to the supervisor's epoll")
+            .map_err(Error::io("adding a descriptor to the supervisor's epoll"))
     }
 
     /// Sleeps until a descriptor is readable or `timeout` passed; drains the eventfds.
@@ -131,7 +134,7 @@ impl Waits {
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
-            Err(e) => Err(e).context("waiting in the supervisor's epoll"),
+            Err(e) => Err(Error::io("waiting in the supervisor's epoll")(e)),
         }
     }
 }
@@ -158,7 +161,7 @@ struct State {
 pub fn supervise(
     vm: Vm,
     spec: &SessionSpec,
-    api: Option<ApiServer>,
+    api: Option<Box<dyn CommandSource>>,
     process_start: Instant,
     signals: &SignalState,
     incoming: Option<migration::ReceiveReport>,
@@ -170,7 +173,7 @@ pub fn supervise(
         waits.add(fd.as_raw_fd())?;
     }
     if let Some(api) = &api {
-        waits.add(api.wake.as_raw_fd())?;
+        waits.add(api.wake_fd())?;
     }
     waits.add(signals.wake_fd())?;
     let mut st = State {
@@ -207,7 +210,8 @@ pub fn supervise(
                 if let Some(reply) = stop.reply {
                     let _ = reply.send(Response::ok(serde_json::json!({ "stopped": true })));
                 }
-                vm.stop(&stop.outcome.to_string())?;
+                vm.stop(&stop.outcome.to_string())
+                    .map_err(Error::vmm("stopping the VM"))?;
                 break stop.outcome;
             }
         }
@@ -216,7 +220,7 @@ pub fn supervise(
                 // The guest ended under a running migration: it fails, then the loop ends.
                 r.cancel.cancel();
             } else {
-                vm.pause().context("parking the vCPUs")?;
+                vm.pause().map_err(Error::vmm("parking the vCPUs"))?;
                 break o;
             }
         }
@@ -248,13 +252,20 @@ pub fn supervise(
         if (due || signals.take_verify()) && can_ask {
             st.verify_asked |= due;
             st.pending.push(PendingVerify {
-                req: vm.mailbox().request_verify()?,
+                req: vm
+                    .mailbox()
+                    .request_verify()
+                    .map_err(Error::vmm("asking the guest to verify"))?,
                 reply: None,
             });
         }
         let mut still = Vec::new();
         for p in st.pending.drain(..) {
-            match vm.mailbox().verify_result(p.req)? {
+            match vm
+                .mailbox()
+                .verify_result(p.req)
+                .map_err(Error::vmm("reading the verification"))?
+            {
                 Some(r) => p.answer(r, &mut st.verifications),
                 None => still.push(p),
             }
@@ -265,8 +276,9 @@ pub fn supervise(
             && st.stop_after.is_none()
             && spec.roundtrip_after.is_some_and(|t| now >= t)
         {
-            let owned = Arc::try_unwrap(vm)
-                .map_err(|_| anyhow::anyhow!("the VM is still shared; no state round trip"))?;
+            let owned = Arc::try_unwrap(vm).map_err(|_| {
+                Error::Unsupported("the VM is still shared; no state round trip".into())
+            })?;
             let (fresh, rt) = roundtrip(owned, spec)?;
             vm = Arc::new(fresh);
             if let Some(fd) = vm.lifecycle().ended_fd() {
@@ -275,7 +287,7 @@ pub fn supervise(
             st.roundtrip_done = Some(rt);
         }
         if let Some(api) = &api {
-            while let Ok(p) = api.requests.try_recv() {
+            while let Ok(p) = api.requests().try_recv() {
                 handle_request(p.request, p.reply, &vm, &mut device, &waits, &mut st);
             }
         }
@@ -463,7 +475,8 @@ fn finish_migration(
             );
             let _ = r.reply.send(Response::ok(&report));
             let outcome = VmOutcome::Stopped(format!("migrated to {}", r.to));
-            vm.stop(&outcome.to_string())?;
+            vm.stop(&outcome.to_string())
+                .map_err(Error::vmm("ending the migrated VM"))?;
             st.migrated = Some(report);
             // A stop asked for meanwhile came too late: the VM is gone from here anyway.
             if let Some(stop) = st.stop_after.take() {

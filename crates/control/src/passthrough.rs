@@ -8,13 +8,44 @@ use std::{
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
 use migration::DeviceError;
 use passthrough::{AttachOptions, Attachment, ConfigLog};
 use shadow::{Engine, EngineOptions, EngineStatus};
 use vmm::Vm;
 
-use crate::nvme_args::{wait_for_socket, DeviceNvmeArgs, PassthroughSource};
+use crate::{Error, Result};
+
+/// A `ferry device nvme`-compatible device process to start: `exe device nvme --socket S
+/// --backing FILE --size N --block-size B --dstrd D [--create] [--once]`.
+#[derive(Clone, Debug)]
+pub struct DeviceSpec {
+    /// The program (the `ferry` binary: `std::env::current_exe()`).
+    pub exe: PathBuf,
+    /// Backing file of namespace 1.
+    pub backing: PathBuf,
+    /// Namespace size (0 = the file's size).
+    pub size: u64,
+    /// Logical block size: 512 or 4096.
+    pub block_size: u32,
+    /// Doorbell stride exponent (9 or 0).
+    pub dstrd: u8,
+    /// Create and size the backing file if needed.
+    pub create: bool,
+    /// Exit after the first client disconnects.
+    pub once: bool,
+}
+
+/// Where the passthrough device comes from.
+#[derive(Clone, Debug)]
+pub enum PassthroughSource {
+    /// A device process someone else runs.
+    Socket(PathBuf),
+    /// A device process started (and stopped) by this process.
+    Spawn(DeviceSpec),
+}
+
+/// How long a started device process may take to listen.
+const DEVICE_START: Duration = Duration::from_secs(30);
 
 /// A `ferry device nvme` process this process started.
 pub struct DeviceChild {
@@ -28,13 +59,12 @@ static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0)
 
 impl DeviceChild {
     /// Starts `ferry device nvme` with `args` on a fresh socket in a temp directory.
-    pub fn spawn(args: &DeviceNvmeArgs) -> Result<Self> {
+    pub fn spawn(args: &DeviceSpec) -> Result<Self> {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ferry-nvme-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         let socket = dir.join("nvme.sock");
-        let exe = std::env::current_exe().context("locating the ferry binary")?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(&args.exe);
         cmd.args(["device", "nvme", "--socket"])
             .arg(&socket)
             .arg("--backing")
@@ -69,19 +99,29 @@ impl DeviceChild {
                 Ok(())
             });
         }
-        let child = cmd.spawn().context("starting `ferry device nvme`")?;
+        let child = cmd.spawn().map_err(Error::io(format!(
+            "starting the device process {}",
+            args.exe.display()
+        )))?;
         let mut c = DeviceChild { child, dir, socket };
         let t0 = Instant::now();
         while !c.socket.exists() {
+            let gone = |reason: String| Error::DeviceProcess {
+                exe: args.exe.clone(),
+                reason,
+            };
             if let Some(st) = c
                 .child
                 .try_wait()
-                .context("waiting for the device process")?
+                .map_err(Error::io("waiting for the device process"))?
             {
-                anyhow::bail!("`ferry device nvme` exited with {st} before listening");
+                return Err(gone(format!("exited with {st} before listening")));
             }
-            if t0.elapsed() > Duration::from_secs(10) {
-                wait_for_socket(&c.socket, Duration::ZERO)?;
+            if t0.elapsed() > DEVICE_START {
+                return Err(gone(format!(
+                    "socket {} did not appear within {DEVICE_START:?}",
+                    c.socket.display()
+                )));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -176,12 +216,8 @@ impl migration::DeviceRestorer for NvmeRestorer {
         // Refuse garbage before a device process or an attachment is touched.
         let saved = shadow::engine::device::SavedDevice::decode(state)
             .map_err(|e| DeviceError::InvalidState(e.into()))?;
-        let (child, socket) = device_socket(source).map_err(|e| {
-            DeviceError::failed(
-                "starting the destination's device",
-                e.into_boxed_dyn_error(),
-            )
-        })?;
+        let (child, socket) = device_socket(source)
+            .map_err(|e| DeviceError::failed("starting the destination's device", e))?;
         if child.is_some() {
             self.child = child;
         }
@@ -221,8 +257,12 @@ impl PassthroughSession {
     ) -> Result<Self> {
         let (child, socket) = device_socket(source)?;
         let attachment = Arc::new(
-            Attachment::attach(vm, &AttachOptions::new("nvme0", &socket))
-                .context("attaching the passthrough NVMe device")?,
+            Attachment::attach(vm, &AttachOptions::new("nvme0", &socket)).map_err(|source| {
+                Error::Passthrough {
+                    what: "attaching the passthrough NVMe device",
+                    source,
+                }
+            })?,
         );
         Ok(Self::with(attachment, child, continuous, opts))
     }
@@ -350,7 +390,8 @@ mod tests {
             source: DeviceError::failed("rebuilding the device from its state", engine),
         };
         let e = anyhow::Error::from(e).context("incoming migration");
-        // anyhow's own `{:#}` agrees: no Ferry error repeats its source.
+        // anyhow's own `{:#}` (what the binary's edge prints) agrees: no Ferry error repeats
+        // its source.
         assert_eq!(format!("{e:#}"), vmm::ErrorChain(e.as_ref()).to_string());
         let text = vmm::ErrorChain(e.as_ref()).to_string();
         assert_eq!(
@@ -407,7 +448,7 @@ mod tests {
         .unwrap();
         let missing = std::env::temp_dir().join("ferry-no-such-device.sock");
         let mut r = super::NvmeRestorer::new(
-            Some(crate::nvme_args::PassthroughSource::Socket(missing)),
+            Some(super::PassthroughSource::Socket(missing)),
             shadow::EngineOptions::default(),
         )
         .unwrap();

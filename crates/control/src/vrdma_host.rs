@@ -15,7 +15,6 @@ use std::{
     },
 };
 
-use anyhow::Context;
 use rdma::{
     mux::{Backpressure, Multiplexer, MuxConfig, MuxStats, Qp1Sink, VmId, VmReport},
     port::{PortConfig, PortStats, SoftPort, UdDest, UdQp},
@@ -193,11 +192,13 @@ pub struct HostReport {
 impl VrdmaHost {
     /// Binds the port on `addr` and starts the multiplexer. A VM's GID is bound when its
     /// device registers it (CREATE_BIND); it must be an address this host owns.
-    pub fn start(addr: Ipv4Addr, pcap: Option<PathBuf>) -> anyhow::Result<Arc<VrdmaHost>> {
+    pub fn start(addr: Ipv4Addr, pcap: Option<PathBuf>) -> crate::Result<Arc<VrdmaHost>> {
         let mut cfg = PortConfig::new(addr);
         cfg.pcap = pcap;
-        let port =
-            SoftPort::bind(cfg).with_context(|| format!("binding the RoCEv2 port on {addr}"))?;
+        let port = SoftPort::bind(cfg).map_err(|source| crate::Error::Rdma {
+            what: format!("binding the RoCEv2 port on {addr}"),
+            source,
+        })?;
         let mux = Multiplexer::new(MuxConfig::default(), Arc::new(port.clone()));
         port.set_gsi_handler(mux.clone());
         Ok(Arc::new(VrdmaHost {
@@ -208,19 +209,27 @@ impl VrdmaHost {
     }
 
     /// Attaches a PVRDMA device to `vm`, registered with the multiplexer as a new VM.
-    pub fn attach(&self, vm: &vmm::Vm) -> anyhow::Result<VmLink> {
+    pub fn attach(&self, vm: &vmm::Vm) -> crate::Result<VmLink> {
         let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
         let inbox = Arc::new(MadInbox::default());
         self.mux
             .attach_vm(id, Arc::new(InboxSink(inbox.clone())))
-            .context("attaching the VM to the multiplexer")?;
+            .map_err(|source| crate::Error::Rdma {
+                what: "attaching the VM to the multiplexer".into(),
+                source,
+            })?;
         let backend = Arc::new(MuxBackend {
             vm: id,
             mux: self.mux.clone(),
             port: self.port.clone(),
         });
-        let handle = vrdma::attach(vm, backend, inbox, vrdma::DEFAULT_BAR_BASE)
-            .context("attaching the PVRDMA device")?;
+        let handle =
+            vrdma::attach(vm, backend, inbox, vrdma::DEFAULT_BAR_BASE).map_err(|source| {
+                crate::Error::Vrdma {
+                    what: "attaching the PVRDMA device",
+                    source,
+                }
+            })?;
         Ok(VmLink {
             handle: Some(handle),
             id,
