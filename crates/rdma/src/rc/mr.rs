@@ -163,6 +163,26 @@ impl MrTable {
         Some(mr)
     }
 
+    /// Registers a region under a given key (tests replaying captures need the rkeys the
+    /// capture names).
+    #[cfg(test)]
+    pub(crate) fn register_with_key(
+        &self,
+        key: u32,
+        iova: u64,
+        data: Vec<u8>,
+        access: Access,
+    ) -> Arc<MemoryRegion> {
+        let mr = Arc::new(MemoryRegion {
+            key,
+            iova,
+            access,
+            data: RwLock::new(data.into_boxed_slice()),
+        });
+        self.regions.write().insert(key, mr.clone());
+        mr
+    }
+
     /// Deregisters a region.
     pub fn deregister(&self, key: u32) -> bool {
         self.regions.write().remove(&key).is_some()
