@@ -26,6 +26,8 @@ counters! {
         rx_packets,
         /// Duplicate request packets (re-acknowledged or READs answered again).
         rx_duplicates,
+        /// Duplicate READ requests not among the recent READs: dropped.
+        rx_unknown_duplicate_reads,
         /// Request packets after a gap (NAK sequence error sent once, then dropped).
         rx_out_of_sequence,
         /// ACK/NAK/READ responses received.
@@ -121,6 +123,10 @@ pub struct RcCore {
     pub(super) in_progress: Option<InProgress>,
     pub(super) nak_sent: bool,
     pub(super) unacked: u32,
+    /// The last READ requests executed (PSN, RETH): a duplicate READ is answered again only
+    /// when it is one of them (rxe's read resources), so an old or made-up PSN cannot make
+    /// this side send a region's contents over and over.
+    pub(super) recent_reads: VecDeque<(u32, rdma_wire::Reth)>,
     // Out.
     pub(super) out: Vec<OutPacket>,
     pub(super) cq: VecDeque<Completion>,
@@ -155,6 +161,7 @@ impl RcCore {
             in_progress: None,
             nak_sent: false,
             unacked: 0,
+            recent_reads: VecDeque::new(),
             out: Vec::new(),
             cq: VecDeque::new(),
             counters: RcCounters::default(),

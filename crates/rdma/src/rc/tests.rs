@@ -816,3 +816,44 @@ fn answers_to_rxe_requests_are_the_packets_rxe_sent() {
     }
     assert!(checked >= 10, "{checked} answers compared");
 }
+
+/// A duplicate READ is answered again only when it repeats a READ executed lately; an old
+/// PSN with a made-up range gets nothing (counted).
+#[test]
+fn duplicate_reads_are_answered_only_for_recent_reads() {
+    let mut p = Pair::new(1024, 50, 60);
+    let remote = p.b_mrs.register(0x1000, 8192, Access::ALL).unwrap();
+    let local = p.a_mrs.register(0x1000, 8192, Access::ALL).unwrap();
+    let read = SendWr {
+        wr_id: 1,
+        op: SendOp::Read {
+            len: 3000,
+            remote_addr: 0x1000,
+            rkey: remote.key(),
+            lkey: local.key(),
+            local_addr: 0x1000,
+        },
+    };
+    p.a.post_send(0, read).unwrap();
+    let req = p.a.take_out();
+    assert_eq!(req.len(), 1);
+    let bytes = encode(&req[0], B_QPN);
+    let pkt = RocePacket::parse(&bytes).unwrap();
+    p.b.on_packet(0, &pkt);
+    assert_eq!(p.b.take_out().len(), 3, "3 responses");
+    // The same request again (its responses were lost): answered again.
+    p.b.on_packet(0, &pkt);
+    assert_eq!(p.b.take_out().len(), 3);
+    // The same PSN naming the whole region instead: dropped.
+    let mut forged = req[0].clone();
+    forged.reth = Some(rdma_wire::Reth {
+        virtual_address: 0x1000,
+        r_key: remote.key(),
+        dma_length: 8192,
+    });
+    let fb = encode(&forged, B_QPN);
+    p.b.on_packet(0, &RocePacket::parse(&fb).unwrap());
+    assert!(p.b.take_out().is_empty());
+    let s = p.b.counters.snapshot();
+    assert_eq!((s.rx_duplicates, s.rx_unknown_duplicate_reads), (2, 1));
+}
