@@ -267,35 +267,19 @@ impl RcCore {
         self.rnr_until = None;
         for e in std::mem::take(&mut self.sq) {
             let opcode = wc_opcode(&e.wr);
-            self.complete(
-                e.wr.wr_id,
-                WcStatus::WrFlushErr,
-                opcode,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(e.wr.wr_id, opcode);
         }
         if let Some(InProgress::Send(r, _)) = self.in_progress.take() {
-            self.complete(
-                r.wr_id,
-                WcStatus::WrFlushErr,
-                WcOpcode::Recv,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(r.wr_id, WcOpcode::Recv);
         }
         for r in std::mem::take(&mut self.rq) {
-            self.complete(
-                r.wr_id,
-                WcStatus::WrFlushErr,
-                WcOpcode::Recv,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(r.wr_id, WcOpcode::Recv);
         }
+    }
+
+    /// Completes a work request with `WrFlushErr`.
+    fn flushed(&mut self, wr_id: u64, opcode: WcOpcode) {
+        self.complete(wr_id, WcStatus::WrFlushErr, opcode, 0, None, Vec::new());
     }
 
     /// ERR (or any state) → RESET: queues emptied, counters kept.
@@ -313,14 +297,7 @@ impl RcCore {
             return Err(self.bad_state());
         }
         if self.state == QpState::Err {
-            self.complete(
-                wr_id,
-                WcStatus::WrFlushErr,
-                WcOpcode::Recv,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(wr_id, WcOpcode::Recv);
             return Ok(());
         }
         if self.rq.len() >= self.max_rq {
@@ -336,8 +313,7 @@ impl RcCore {
             return Err(self.bad_state());
         }
         if self.state == QpState::Err {
-            let op = wc_opcode(&wr);
-            self.complete(wr.wr_id, WcStatus::WrFlushErr, op, 0, None, Vec::new());
+            self.flushed(wr.wr_id, wc_opcode(&wr));
             return Ok(());
         }
         if self.sq.len() >= self.max_sq {

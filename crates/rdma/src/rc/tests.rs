@@ -641,20 +641,10 @@ fn rc_frames_of_the_real_captures_parse() {
             &include_bytes!("../../../rdma-wire/testdata/ucmatose.pcap")[..],
         ),
     ] {
-        let mut at = 24;
         let mut rc = 0;
         let mut ops = std::collections::BTreeSet::new();
-        while at + 16 <= file.len() {
-            let len = u32::from_le_bytes(file[at + 8..at + 12].try_into().unwrap()) as usize;
-            let f = &file[at + 16..at + 16 + len];
-            at += 16 + len;
-            if f.len() < 42 || f[12..14] != [8, 0] || f[23] != 17 || f[36..38] != [0x12, 0xb7] {
-                continue;
-            }
-            let pkt = RocePacket::parse(&f[42..]).unwrap_or_else(|e| panic!("{name}: {e}"));
-            if opcode::transport(pkt.bth.opcode) != opcode::Transport::Rc {
-                continue;
-            }
+        for f in rc_frames(file) {
+            let pkt = RocePacket::parse(&f.payload).unwrap_or_else(|e| panic!("{name}: {e}"));
             rc += 1;
             ops.insert(pkt.bth.opcode);
             if let Some(aeth) = pkt.aeth {
