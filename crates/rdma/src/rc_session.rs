@@ -53,10 +53,11 @@ pub enum RcMode {
     Send,
 }
 
-/// The attributes of a session QP for a connection the CM made.
+/// The attributes of a session QP for a connection the CM made: the REQ's path MTU
+/// ([`SESSION_MTU`] when it names none).
 pub fn session_attrs(info: &ConnInfo) -> RcAttrs {
     RcAttrs {
-        path_mtu: SESSION_MTU,
+        path_mtu: crate::rc::mtu_of_code(info.path_mtu).unwrap_or(SESSION_MTU),
         dest_qpn: info.remote_qpn,
         rq_psn: info.remote_psn,
         sq_psn: info.local_psn,
