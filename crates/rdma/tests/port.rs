@@ -342,7 +342,7 @@ impl rdma::port::GsiHandler for Capture {
 }
 
 /// The source GID is the datagram's IP source: a REQ from one address claiming another as its
-/// primary local GID, and a reply to a VM's connection (REP) or SIDR request (SIDR_REP) from an
+/// primary local GID, a REQ naming another VM's GID as its destination, and a reply to a VM's connection (REP) or SIDR request (SIDR_REP) from an
 /// address other than the peer it was made with, are dropped and counted; the real peer's
 /// reply still gets through.
 #[test]
@@ -362,6 +362,15 @@ fn spoofed_sources_are_refused_and_counted() {
         .unwrap();
     eventually("spoofed REQ counted", || {
         a.mux().stats().spoofed_source == 1
+    });
+    assert_eq!(vm.endpoint().stats().received, 0);
+    // A REQ sent to this VM's address that names another GID as its destination.
+    let other = gid_v4(Ipv4Addr::new(127, n, 1, 2));
+    attacker
+        .send_gsi(src, vm.gid(), &req_mad(src, other))
+        .unwrap();
+    eventually("misaddressed REQ counted", || {
+        a.mux().stats().misaddressed == 1
     });
     assert_eq!(vm.endpoint().stats().received, 0);
 
