@@ -11,7 +11,7 @@ use crate::addr::gid_v4;
 use crate::cm::{CmConfig, CmEndpoint, CmStats, ConnectParams};
 use crate::host::{rc_service, ud_service};
 use crate::port::{PortConfig, PortStats, SoftPort, UdDest, UdQp};
-use crate::rc::{Clock, MonotonicClock, MrTable, RcStats};
+use crate::rc::{Clock, MemoryRegion, MonotonicClock, MrTable, RcQp, RcStats};
 use crate::rc_session::{self, RcMode};
 use crate::RdmaError;
 
@@ -162,8 +162,38 @@ impl Peer {
         let qp = self
             .port
             .create_rc_qp(self.gid(), self.mrs.clone(), self.clock.clone());
-        let local = rc_session::client_region(&self.mrs);
-        let r = local.and_then(|local| {
+        // rping's two buffers (the start buffer the server reads, the one it writes).
+        let start = rc_session::client_region(&self.mrs);
+        let rdma = rc_session::client_region(&self.mrs);
+        let r = match (&start, &rdma) {
+            (Ok(start), Ok(rdma)) => self.rc_data_exchange(
+                &qp,
+                (start, rdma),
+                dgid,
+                service_port,
+                (mode, messages, size),
+                wait,
+            ),
+            (Err(e), _) | (_, Err(e)) => Err(RdmaError::Cm(e.to_string())),
+        };
+        for m in [start, rdma].into_iter().flatten() {
+            self.mrs.deregister(m.key());
+        }
+        qp.shutdown();
+        let _ = self.port.destroy_qp(qp.qpn_value());
+        r
+    }
+
+    fn rc_data_exchange(
+        &self,
+        qp: &RcQp,
+        (start, rdma): (&MemoryRegion, &MemoryRegion),
+        dgid: Gid,
+        service_port: u16,
+        (mode, messages, size): (RcMode, u64, usize),
+        wait: Duration,
+    ) -> Result<RcReport, RdmaError> {
+        {
             let t0 = Instant::now();
             let info = self.endpoint.connect(
                 dgid,
@@ -178,10 +208,9 @@ impl Peer {
             let data = qp
                 .connect(dgid, rc_session::session_attrs(&info), true, true)
                 .map_err(|e| RdmaError::Cm(format!("RC QP: {e}")))
-                .and_then(|()| rc_session::run_client(&qp, &local, mode, messages, size, wait));
+                .and_then(|()| rc_session::run_client(qp, start, rdma, mode, messages, size, wait));
             let t1 = Instant::now();
             let disc = self.endpoint.disconnect(info.local_comm_id, wait);
-            self.mrs.deregister(local.key());
             let data = data?;
             disc?;
             Ok(RcReport {
@@ -197,10 +226,7 @@ impl Peer {
                 data_us: data.data_us,
                 rc: Some(qp.stats()),
             })
-        });
-        qp.shutdown();
-        let _ = self.port.destroy_qp(qp.qpn_value());
-        r
+        }
     }
 
     /// SIDR to `dgid`'s UD service, then `messages` UD messages of `size` bytes, each echoed

@@ -1,14 +1,15 @@
-//! RC data sessions between Ferry endpoints, like rdma-core's `rping` (RDMA WRITE + READ
-//! ping-pong with verification) and `ucmatose` (SEND/RECV), over connections rdma_cm-style
-//! (REQ/REP/RTU) — the server is an agent serving many connections, one RC queue pair each.
+//! RC data sessions between Ferry and RDMA endpoints over connections made rdma_cm-style
+//! (REQ/REP/RTU): rdma-core's `rping` protocol, and SENDs echoed (like `ucmatose`). The
+//! server is an agent serving many connections, one RC queue pair and region each.
 //!
-//! The exchange: once connected, the client posts receives and SENDs a hello naming its
-//! buffer (virtual address, rkey, length); the server answers with a hello naming a region
-//! of its own made for this connection. Then per message either
-//! - **rping**: the client RDMA WRITEs a pattern into the server's region, RDMA READs it
-//!   back into its own region, and compares; or
-//! - **send**: the client SENDs the pattern, the server SENDs every received message back,
-//!   the client compares.
+//! **rping** (`rping.c`, byte for byte): the client fills its start buffer with
+//! `"rdma-ping-N: "` and a cycling alphabet, SENDs its address/rkey/size (16 bytes, big
+//! endian: `struct rping_rdma_info`); the server RDMA READs it, SENDs "go ahead"; the client
+//! SENDs the address of a second buffer; the server RDMA WRITEs what it read (up to the
+//! string's NUL) into it and SENDs "go ahead"; the client compares both buffers. So a Ferry
+//! client runs against Linux `rping -s` and Linux `rping -c` against a Ferry server.
+//! **send**: the client SENDs messages (any size but 16, which is rping's), the server SENDs
+//! each back, the client compares.
 //!
 //! Queue pairs use [`SESSION_MTU`] (the path MTU Ferry's CM announces in its REQ), a 100 ms
 //! local ACK timeout and 7 retries.
@@ -52,10 +53,11 @@ pub enum RcMode {
     Send,
 }
 
-/// The attributes of a session QP for a connection the CM made.
+/// The attributes of a session QP for a connection the CM made: the REQ's path MTU
+/// ([`SESSION_MTU`] when it names none).
 pub fn session_attrs(info: &ConnInfo) -> RcAttrs {
     RcAttrs {
-        path_mtu: SESSION_MTU,
+        path_mtu: crate::rc::mtu_of_code(info.path_mtu).unwrap_or(SESSION_MTU),
         dest_qpn: info.remote_qpn,
         rq_psn: info.remote_psn,
         sq_psn: info.local_psn,
@@ -64,59 +66,83 @@ pub fn session_attrs(info: &ConnInfo) -> RcAttrs {
     }
 }
 
-/// The hello each side sends first: where its region is.
+/// rping's `struct rping_rdma_info`: where a buffer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hello {
-    va: u64,
+struct RpingInfo {
+    buf: u64,
     rkey: u32,
-    len: u32,
+    size: u32,
 }
 
-impl Hello {
-    const MAGIC: [u8; 4] = *b"FRYR";
-    const LEN: usize = 20;
+impl RpingInfo {
+    const LEN: usize = 16;
 
-    fn of(mr: &MemoryRegion) -> Hello {
-        Hello {
-            va: mr.iova(),
+    fn of(mr: &MemoryRegion, size: usize) -> RpingInfo {
+        RpingInfo {
+            buf: mr.iova(),
             rkey: mr.key(),
-            len: mr.len() as u32,
+            size: size as u32,
         }
     }
 
     fn to_bytes(self) -> Vec<u8> {
         let mut v = Vec::with_capacity(Self::LEN);
-        v.extend_from_slice(&Self::MAGIC);
-        v.extend_from_slice(&self.va.to_be_bytes());
+        v.extend_from_slice(&self.buf.to_be_bytes());
         v.extend_from_slice(&self.rkey.to_be_bytes());
-        v.extend_from_slice(&self.len.to_be_bytes());
+        v.extend_from_slice(&self.size.to_be_bytes());
         v
     }
 
-    fn parse(b: &[u8]) -> Option<Hello> {
-        if b.len() != Self::LEN || b[..4] != Self::MAGIC {
+    fn parse(b: &[u8]) -> Option<RpingInfo> {
+        if b.len() != Self::LEN {
             return None;
         }
-        Some(Hello {
-            va: u64::from_be_bytes(b[4..12].try_into().ok()?),
-            rkey: u32::from_be_bytes(b[12..16].try_into().ok()?),
-            len: u32::from_be_bytes(b[16..20].try_into().ok()?),
+        Some(RpingInfo {
+            buf: u64::from_be_bytes(b[0..8].try_into().ok()?),
+            rkey: u32::from_be_bytes(b[8..12].try_into().ok()?),
+            size: u32::from_be_bytes(b[12..16].try_into().ok()?),
         })
     }
+}
+
+/// What rping's client puts in its start buffer for ping `n` (`rping_test_client`): the
+/// text `"rdma-ping-n: "`, then letters from `start` cycling through 'A'..='z', a NUL last.
+pub fn rping_pattern(n: u64, size: usize) -> Vec<u8> {
+    let mut b = format!("rdma-ping-{n}: ").into_bytes();
+    b.truncate(size);
+    let mut c = 65 + (n % 58) as u8;
+    while b.len() < size {
+        b.push(c);
+        c = if c >= 122 { 65 } else { c + 1 };
+    }
+    if let Some(last) = b.last_mut() {
+        *last = 0;
+    }
+    b
 }
 
 fn rc_err(what: impl Into<String>) -> RdmaError {
     RdmaError::Cm(what.into())
 }
 
+/// Where a server session is in rping's exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the client's start buffer.
+    ReadAdv,
+    /// Waiting for the client's second buffer; `len` bytes were read.
+    WriteAdv { len: usize },
+}
+
 /// One connection of a server.
 struct Session {
     qp: Arc<RcQp>,
     mr: Arc<MemoryRegion>,
+    phase: Phase,
 }
 
 /// The server side: listens on an RC service of a CM endpoint (manual accept), gives each
-/// connection its own RC QP and region, answers hellos and echoes SENDs.
+/// connection its own RC QP and region, serves rping's exchange and echoes other SENDs.
 pub struct RcServer {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -196,7 +222,7 @@ fn serve(port: &SoftPort, ep: &CmEndpoint, service_id: u64, gid: Gid, stop: &Ato
                 Err(_) => return,
             },
             recv(nrx) -> q => {
-                let Some(s) = q.ok().and_then(|q| by_qpn.get(&q)).and_then(|id| sessions.get(id)) else {
+                let Some(s) = q.ok().and_then(|q| by_qpn.get(&q)).and_then(|id| sessions.get_mut(id)) else {
                     continue;
                 };
                 while let Some(wc) = s.qp.poll() {
@@ -253,37 +279,80 @@ fn open(
         mrs.deregister(mr.key());
         return Err(reject(e));
     }
-    Ok(Session { qp, mr })
+    Ok(Session {
+        qp,
+        mr,
+        phase: Phase::ReadAdv,
+    })
 }
 
-/// The server's answer to one completion: a hello gets the region's hello, another message
-/// is sent back; the receive is posted again.
-fn answer(s: &Session, wc: &Completion) {
-    if wc.opcode != WcOpcode::Recv {
-        if wc.status != WcStatus::Success {
-            tracing::debug!(
-                qpn = s.qp.qpn_value(),
-                "RC send completed with {:?}",
-                wc.status
-            );
+/// Work request IDs of the server's sends.
+const GO_AHEAD: u64 = u64::MAX - 1;
+
+/// The server's answer to one completion (`rping_test_server`'s loop, and the echo).
+fn answer(s: &mut Session, wc: &Completion) {
+    let send = |s: &Session, wr_id, op| {
+        if let Err(e) = s.qp.post_send(SendWr { wr_id, op }) {
+            tracing::debug!(qpn = s.qp.qpn_value(), "RC server send: {e}");
         }
-        return;
-    }
-    if wc.status != WcStatus::Success {
-        return;
-    }
-    let reply = match Hello::parse(&wc.data) {
-        Some(_) => Hello::of(&s.mr).to_bytes(),
-        None => wc.data.clone(),
     };
-    let _ = s.qp.post_send(SendWr {
-        wr_id: wc.wr_id,
-        op: SendOp::Send {
-            data: reply,
-            imm: wc.imm,
-        },
-    });
-    let _ = s.qp.post_recv(wc.wr_id, SESSION_BUF);
+    let go_ahead = SendOp::Send {
+        data: vec![0; RpingInfo::LEN],
+        imm: None,
+    };
+    if wc.status != WcStatus::Success {
+        tracing::debug!(
+            qpn = s.qp.qpn_value(),
+            "{:?} completed with {:?}",
+            wc.opcode,
+            wc.status
+        );
+        return;
+    }
+    match wc.opcode {
+        // The READ of the start buffer, or the WRITE of the echo, is done: "go ahead".
+        WcOpcode::RdmaRead | WcOpcode::RdmaWrite => send(s, GO_AHEAD, go_ahead),
+        WcOpcode::Recv => {
+            let _ = s.qp.post_recv(wc.wr_id, SESSION_BUF);
+            let Some(info) = RpingInfo::parse(&wc.data) else {
+                let op = SendOp::Send {
+                    data: wc.data.clone(),
+                    imm: wc.imm,
+                };
+                return send(s, wc.wr_id, op);
+            };
+            let (mr, size) = (&s.mr, (info.size as usize).min(SESSION_BUF));
+            match s.phase {
+                Phase::ReadAdv => {
+                    s.phase = Phase::WriteAdv { len: size };
+                    let op = SendOp::Read {
+                        len: size as u32,
+                        remote_addr: info.buf,
+                        rkey: info.rkey,
+                        lkey: mr.key(),
+                        local_addr: mr.iova(),
+                    };
+                    send(s, 0, op);
+                }
+                Phase::WriteAdv { len } => {
+                    s.phase = Phase::ReadAdv;
+                    // rping writes strlen(rdma_buf) + 1 bytes.
+                    let mut data = mr.read(mr.iova(), len.min(size)).unwrap_or_default();
+                    if let Some(nul) = data.iter().position(|&b| b == 0) {
+                        data.truncate(nul + 1);
+                    }
+                    let op = SendOp::Write {
+                        data,
+                        remote_addr: info.buf,
+                        rkey: info.rkey,
+                        imm: None,
+                    };
+                    send(s, 1, op);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// What a client session did.
@@ -297,10 +366,12 @@ pub struct SessionStats {
     pub data_us: u64,
 }
 
-/// The client side of a session on a connected QP `qp` whose own region is `local`.
+/// The client side of a session on a connected QP `qp`, with two regions of its own
+/// (`start` and `rdma`, rping's buffers; `send` mode uses neither).
 pub fn run_client(
     qp: &RcQp,
-    local: &MemoryRegion,
+    start: &MemoryRegion,
+    rdma: &MemoryRegion,
     mode: RcMode,
     messages: u64,
     size: usize,
@@ -311,89 +382,49 @@ pub fn run_client(
     for i in 0..RECVS {
         qp.post_recv(i, SESSION_BUF).map_err(post_err)?;
     }
-    qp.post_send(SendWr {
-        wr_id: u64::MAX,
-        op: SendOp::Send {
-            data: Hello::of(local).to_bytes(),
-            imm: None,
-        },
-    })
-    .map_err(post_err)?;
-    let mut remote = None;
-    let mut hello_sent = false;
-    while remote.is_none() || !hello_sent {
-        let wc = next(qp, wait, "the server's hello")?;
-        match wc.opcode {
-            WcOpcode::Recv => {
-                remote = Some(Hello::parse(&wc.data).ok_or_else(|| rc_err("not a hello"))?);
+    // A SEND and a receive, in either order; the received message.
+    let exchange = |data: Vec<u8>, what: &str| -> Result<Vec<u8>, RdmaError> {
+        qp.post_send(SendWr {
+            wr_id: 0,
+            op: SendOp::Send { data, imm: None },
+        })
+        .map_err(post_err)?;
+        let (mut got, mut sent) = (None, false);
+        while got.is_none() || !sent {
+            let wc = next(qp, wait, what)?;
+            if wc.opcode == WcOpcode::Recv {
                 qp.post_recv(wc.wr_id, SESSION_BUF).map_err(post_err)?;
+                got = Some(wc.data);
+            } else {
+                sent = true;
             }
-            _ => hello_sent = true,
         }
-    }
-    let remote = remote.ok_or_else(|| rc_err("no hello"))?;
-    if (remote.len as usize) < size {
-        return Err(rc_err(format!(
-            "the server's region has {} bytes, messages {size}",
-            remote.len
-        )));
-    }
+        got.ok_or_else(|| rc_err("no message"))
+    };
     let t = Instant::now();
     let mut st = SessionStats::default();
     for i in 0..messages {
-        let data = crate::peer::pattern(i, size.max(8))[..size].to_vec();
         match mode {
             RcMode::Rping => {
-                let ops = [
-                    SendOp::Write {
-                        data: data.clone(),
-                        remote_addr: remote.va,
-                        rkey: remote.rkey,
-                        imm: None,
-                    },
-                    SendOp::Read {
-                        len: size as u32,
-                        remote_addr: remote.va,
-                        rkey: remote.rkey,
-                        lkey: local.key(),
-                        local_addr: local.iova(),
-                    },
-                ];
-                for (k, op) in ops.into_iter().enumerate() {
-                    qp.post_send(SendWr {
-                        wr_id: k as u64,
-                        op,
-                    })
-                    .map_err(post_err)?;
+                let data = rping_pattern(i, size);
+                if !start.write(start.iova(), &data) || !rdma.write(rdma.iova(), &vec![0; size]) {
+                    return Err(rc_err(format!("buffers smaller than {size} bytes")));
                 }
-                for _ in 0..2 {
-                    next(qp, wait, "a WRITE/READ completion")?;
-                }
-                if local.read(local.iova(), size).as_deref() != Some(&data[..]) {
-                    return Err(rc_err(format!("message {i}: READ returned other bytes")));
+                exchange(RpingInfo::of(start, size).to_bytes(), "the server's READ")?;
+                exchange(RpingInfo::of(rdma, size).to_bytes(), "the server's WRITE")?;
+                if rdma.read(rdma.iova(), size).as_deref() != Some(&data[..]) {
+                    return Err(rc_err(format!("ping {i}: the server wrote other bytes")));
                 }
             }
             RcMode::Send => {
-                qp.post_send(SendWr {
-                    wr_id: i,
-                    op: SendOp::Send {
-                        data: data.clone(),
-                        imm: None,
-                    },
-                })
-                .map_err(post_err)?;
-                let mut echoed = None;
-                let mut sent = false;
-                while echoed.is_none() || !sent {
-                    let wc = next(qp, wait, "a SEND completion or its echo")?;
-                    if wc.opcode == WcOpcode::Recv {
-                        qp.post_recv(wc.wr_id, SESSION_BUF).map_err(post_err)?;
-                        echoed = Some(wc.data);
-                    } else {
-                        sent = true;
-                    }
-                }
-                if echoed.as_deref() != Some(&data[..]) {
+                // 16 bytes is rping's message: one more.
+                let len = if size == RpingInfo::LEN {
+                    size + 1
+                } else {
+                    size
+                };
+                let data = crate::peer::pattern(i, len.max(8))[..len].to_vec();
+                if exchange(data.clone(), "the echo")? != data {
                     return Err(rc_err(format!("message {i}: the echo differs")));
                 }
             }
@@ -430,14 +461,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hello_round_trip_and_garbage() {
-        let h = Hello {
-            va: 0x1234_5678_9abc,
-            rkey: 0xdead_beef,
-            len: 4096,
+    fn rping_info_and_pattern_are_rpings() {
+        let h = RpingInfo {
+            buf: 0x55f0_9fb2_9370,
+            rkey: 0x5cf,
+            size: 64,
         };
-        assert_eq!(Hello::parse(&h.to_bytes()), Some(h));
-        assert_eq!(Hello::parse(b"FRYR"), None);
-        assert_eq!(Hello::parse(&[0u8; 20]), None);
+        // rping.pcap's first SEND carries exactly these 16 bytes.
+        assert_eq!(
+            h.to_bytes(),
+            [0, 0, 0x55, 0xf0, 0x9f, 0xb2, 0x93, 0x70, 0, 0, 5, 0xcf, 0, 0, 0, 0x40]
+        );
+        assert_eq!(RpingInfo::parse(&h.to_bytes()), Some(h));
+        assert_eq!(RpingInfo::parse(&[0u8; 20]), None);
+        // rping.pcap's first READ response: "rdma-ping-0: ABCDEF…", NUL last.
+        let p = rping_pattern(0, 64);
+        assert!(p.starts_with(b"rdma-ping-0: ABCDEFGHIJ"));
+        assert_eq!(p[63], 0);
+        assert!(rping_pattern(2, 64).starts_with(b"rdma-ping-2: CDEF"));
+        assert_eq!(rping_pattern(0, 3), b"rd\0");
     }
 }

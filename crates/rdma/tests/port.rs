@@ -200,6 +200,16 @@ fn pcap_capture_is_real_rocev2_and_dissected_without_errors() {
         .unwrap();
     peer.ud_session(vm.gid(), DEFAULT_SERVICE_PORT, 2, 64, WAIT)
         .unwrap();
+    // RC data: SEND (hello), RDMA WRITE FIRST/MIDDLE/LAST, READ request and responses, ACKs.
+    peer.rc_data_session(
+        vm.gid(),
+        DEFAULT_SERVICE_PORT,
+        rdma::rc_session::RcMode::Rping,
+        2,
+        3000,
+        WAIT,
+    )
+    .unwrap();
     a.shutdown();
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_le_bytes());
@@ -223,10 +233,10 @@ fn pcap_capture_is_real_rocev2_and_dissected_without_errors() {
         frames >= 9,
         "REQ REP RTU DREQ DREP SIDR_REQ SIDR_REP and UD: {frames}"
     );
+    // One summary line per frame: the CM message or RC opcode, "[Malformed Packet]" if any.
     let tshark = std::process::Command::new("tshark")
         .args(["-r"])
         .arg(&path)
-        .args(["-V"])
         .output();
     match tshark {
         Ok(out) if out.status.success() => {
@@ -236,6 +246,11 @@ fn pcap_capture_is_real_rocev2_and_dissected_without_errors() {
                 "ConnectReply",
                 "ReadyToUse",
                 "DisconnectRequest",
+                "RC RDMA Write First",
+                "RC RDMA Read Request",
+                "RC RDMA Read Response Last",
+                "RC Acknowledge",
+                "RC Send Only",
             ] {
                 assert!(text.contains(want), "tshark output lacks {want}");
             }
@@ -243,9 +258,10 @@ fn pcap_capture_is_real_rocev2_and_dissected_without_errors() {
                 !text.contains("Malformed"),
                 "tshark: malformed packet\n{text}"
             );
-            assert!(
-                text.matches("InfiniBand").count() >= frames,
-                "every frame dissected as InfiniBand"
+            assert_eq!(
+                text.lines().filter(|l| l.contains("RRoCE")).count(),
+                frames,
+                "every frame dissected as RoCEv2\n{text}"
             );
         }
         Ok(out) => panic!("tshark failed: {}", String::from_utf8_lossy(&out.stderr)),
@@ -326,7 +342,7 @@ impl rdma::port::GsiHandler for Capture {
 }
 
 /// The source GID is the datagram's IP source: a REQ from one address claiming another as its
-/// primary local GID, and a reply to a VM's connection (REP) or SIDR request (SIDR_REP) from an
+/// primary local GID, a REQ naming another VM's GID as its destination, and a reply to a VM's connection (REP) or SIDR request (SIDR_REP) from an
 /// address other than the peer it was made with, are dropped and counted; the real peer's
 /// reply still gets through.
 #[test]
@@ -346,6 +362,15 @@ fn spoofed_sources_are_refused_and_counted() {
         .unwrap();
     eventually("spoofed REQ counted", || {
         a.mux().stats().spoofed_source == 1
+    });
+    assert_eq!(vm.endpoint().stats().received, 0);
+    // A REQ sent to this VM's address that names another GID as its destination.
+    let other = gid_v4(Ipv4Addr::new(127, n, 1, 2));
+    attacker
+        .send_gsi(src, vm.gid(), &req_mad(src, other))
+        .unwrap();
+    eventually("misaddressed REQ counted", || {
+        a.mux().stats().misaddressed == 1
     });
     assert_eq!(vm.endpoint().stats().received, 0);
 

@@ -1,4 +1,4 @@
-//! RC queue pairs over real UDP sockets on loopback: rping-like and ucmatose-like sessions
+//! RC queue pairs over real UDP sockets on loopback: rping (rdma-core's protocol) and SEND echo sessions
 //! through the CM and a host's VM agent; a packet for a connected QP from another address is
 //! refused and counted; a WRITE outside the peer's region or with a wrong rkey fails with
 //! `RemAccessErr` and the target counts the refusal.
@@ -14,8 +14,9 @@ use rdma::port::{PortConfig, SoftPort};
 use rdma::rc::{Access, MonotonicClock, MrTable, RcAttrs, SendOp, SendWr, WcStatus};
 use rdma::rc_session::RcMode;
 
-/// A bare-metal peer runs rping-like (64 KiB WRITE + READ, verified) and ucmatose-like
-/// (SEND, echoed, verified) sessions with a VM; two peers at once each get their own QP.
+/// A bare-metal peer runs rping (64 KiB buffers: the VM READs one and WRITEs it into the other,
+/// the peer compares) and SEND-echo sessions with a VM; two peers at once each get their own
+/// QP.
 #[test]
 fn rping_and_send_sessions_with_a_vm() {
     let n = 37;
@@ -28,7 +29,10 @@ fn rping_and_send_sessions_with_a_vm() {
     assert_eq!(r.verified, 20);
     assert_eq!(r.bytes, 20 * 2 * (64 << 10));
     let rc = r.rc.unwrap();
-    assert!(rc.tx_packets >= 20 * 64, "64 KiB at MTU 1024: {rc:?}");
+    // rping: the VM READs each 64 KiB start buffer (our responses) and WRITEs it back into
+    // the second buffer: 64 packets at MTU 1024.
+    assert!(rc.rx_packets >= 20 * 64, "{rc:?}");
+    assert_eq!(rc.rx_bytes, 20 * (64 << 10) + 40 * 16, "{rc:?}");
     let r = peer
         .rc_data_session(vm, DEFAULT_SERVICE_PORT, RcMode::Send, 50, 3000, WAIT)
         .expect("send session");

@@ -29,9 +29,12 @@ pub struct BenchRdmaArgs {
     /// MADs routed per GID count.
     #[arg(long, default_value_t = 2_000_000)]
     pub mads: usize,
-    /// UD (and raw UDP) round trips.
+    /// UD, RC (and raw UDP) round trips.
     #[arg(long, default_value_t = 20_000)]
     pub messages: usize,
+    /// Bytes moved by the bandwidth comparison (RC WRITE vs raw UDP, 64 KiB messages).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub bw_bytes: usize,
     /// Repetitions of every measurement; the best of each counts (the machine is shared).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -70,6 +73,11 @@ struct Report {
     udp_raw_messages_per_second: f64,
     ud_messages_per_second: f64,
     ud_rate_ratio_vs_raw_udp: f64,
+    rc_round_trips_per_second: f64,
+    rc_latency_ratio_vs_ud: f64,
+    udp_raw_bytes_per_second: f64,
+    rc_write_bytes_per_second: f64,
+    rc_write_bandwidth_ratio_vs_raw_udp: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -384,10 +392,13 @@ pub fn rdma(a: BenchRdmaArgs) -> anyhow::Result<i32> {
             r.ratio_to_10_gids = r.mads_per_second / base;
         }
     }
-    let (mut raw, mut udr) = (0f64, 0f64);
+    let (mut raw, mut udr, mut rcr, mut raw_bw, mut rc_bw) = (0f64, 0f64, 0f64, 0f64, 0f64);
     for _ in 0..reps {
         raw = raw.max(raw_udp(&a)?);
         udr = udr.max(ud(&a)?);
+        rcr = rcr.max(super::bench_rc::rc_round_trips(a.block, a.messages)?);
+        raw_bw = raw_bw.max(super::bench_rc::raw_udp_bandwidth(a.block, a.bw_bytes)?);
+        rc_bw = rc_bw.max(super::bench_rc::rc_write_bandwidth(a.block, a.bw_bytes)?);
     }
     let report = Report {
         setup_rate_ratio_mux_vs_bare: setup_mux.per_second / setup_bare.per_second,
@@ -399,6 +410,12 @@ pub fn rdma(a: BenchRdmaArgs) -> anyhow::Result<i32> {
         udp_raw_messages_per_second: raw,
         ud_messages_per_second: udr,
         ud_rate_ratio_vs_raw_udp: udr / raw,
+        rc_round_trips_per_second: rcr,
+        // Latency is the inverse of the round-trip rate of one outstanding message.
+        rc_latency_ratio_vs_ud: udr / rcr,
+        udp_raw_bytes_per_second: raw_bw,
+        rc_write_bytes_per_second: rc_bw,
+        rc_write_bandwidth_ratio_vs_raw_udp: rc_bw / raw_bw,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -426,6 +443,19 @@ pub fn rdma(a: BenchRdmaArgs) -> anyhow::Result<i32> {
     println!(
         "UD round trips: {:.0} msg/s vs raw UDP {:.0} msg/s on loopback ({} B): ratio {:.3}",
         r.ud_messages_per_second, r.udp_raw_messages_per_second, MSG, r.ud_rate_ratio_vs_raw_udp
+    );
+    println!(
+        "RC SEND round trips: {:.0}/s ({:.1} µs) vs UD {:.1} µs: RC/UD latency ratio {:.3}",
+        r.rc_round_trips_per_second,
+        1e6 / r.rc_round_trips_per_second,
+        1e6 / r.ud_messages_per_second,
+        r.rc_latency_ratio_vs_ud
+    );
+    println!(
+        "RC WRITE 64 KiB: {:.0} MB/s vs raw UDP {:.0} MB/s (64 KiB in 4 KiB datagrams, windowed): ratio {:.3}",
+        r.rc_write_bytes_per_second / 1e6,
+        r.udp_raw_bytes_per_second / 1e6,
+        r.rc_write_bandwidth_ratio_vs_raw_udp
     );
     Ok(0)
 }

@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod bench_migrate;
 pub mod bench_nvme;
+pub mod bench_rc;
 pub mod bench_rdma;
 pub mod bench_shadow;
 pub mod bench_vrdma;

@@ -97,8 +97,8 @@ struct HostOutput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerMode {
-    /// REQ/REP/RTU, then RC data like rping: each message RDMA WRITTEn into the VM's region,
-    /// READ back and verified; then DREQ/DREP.
+    /// REQ/REP/RTU, then rdma-core's rping protocol as its client: per ping the VM RDMA
+    /// READs our start buffer and RDMA WRITEs it into our second buffer; we compare; DREQ/DREP.
     Rc,
     /// REQ/REP/RTU, then RC SENDs echoed by the VM and verified (ucmatose-like); DREQ/DREP.
     RcSend,

@@ -44,6 +44,8 @@ pub struct ConnInfo {
     pub local_psn: u32,
     /// The starting PSN the other side announced: our RC QP's first expected PSN.
     pub remote_psn: u32,
+    /// The path MTU of the REQ (IBA code: 1 = 256 … 5 = 4096).
+    pub path_mtu: u8,
     /// Service ID.
     pub service_id: u64,
     /// Private data of the REQ (passive side) or REP (active side).
@@ -67,6 +69,7 @@ pub(crate) struct Conn {
     pub remote_qpn: u32,
     pub local_psn: u32,
     pub remote_psn: u32,
+    pub path_mtu: u8,
     pub private_data: Vec<u8>,
     /// The message the timer retransmits (REQ, REP, DREQ) and the one answering duplicates
     /// (MRA, RTU, DREP).
@@ -88,6 +91,7 @@ impl Conn {
             remote_qpn: self.remote_qpn,
             local_psn: self.local_psn,
             remote_psn: self.remote_psn,
+            path_mtu: self.path_mtu,
             service_id: self.service_id,
             private_data: self.private_data.clone(),
         }

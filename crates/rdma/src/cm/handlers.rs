@@ -86,6 +86,7 @@ impl Inner {
             remote_qpn: r.local_qpn,
             local_psn: id & rdma_wire::MAX_U24,
             remote_psn: r.starting_psn & rdma_wire::MAX_U24,
+            path_mtu: r.path_mtu,
             private_data: r.private_data.to_vec(),
             last: None,
             retries_left: 0,

@@ -420,6 +420,7 @@ impl CmEndpoint {
             remote_qpn: 0,
             local_psn: (tid as u32) & rdma_wire::MAX_U24,
             remote_psn: 0,
+            path_mtu: req.path_mtu,
             private_data: Vec::new(),
             last: None,
             retries_left: 0,

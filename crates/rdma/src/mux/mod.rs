@@ -106,6 +106,8 @@ counters! {
         /// Dropped: IP source not the REQ's primary local GID, or not the peer of the
         /// connection or SIDR request the MAD answers.
         spoofed_source,
+        /// Dropped: a REQ whose primary remote GID is not the address it was sent to.
+        misaddressed,
         /// Outbound MADs sent.
         sent,
         /// Outbound refused: source GID not the VM's.
@@ -136,6 +138,8 @@ counters! {
         unknown_comm_id,
         /// Inbound MADs dropped as spoofed (IP source not the claimed peer).
         spoofed_source,
+        /// Inbound REQs dropped: primary remote GID not this VM's address they came to.
+        misaddressed,
         /// MADs sent.
         sent,
         /// Sends refused.
@@ -211,6 +215,8 @@ pub enum DropReason {
     /// The IP source is not the GID the MAD claims (a REQ's primary local GID) or not the
     /// peer of the connection (or SIDR request) it answers.
     SpoofedSource,
+    /// A REQ naming as its primary remote GID another address than the one it came to.
+    Misaddressed,
 }
 
 impl Multiplexer {
@@ -396,6 +402,15 @@ impl Multiplexer {
                 bump(&c.spoofed_source);
                 bump(&slot.counters.spoofed_source);
                 return RouteOutcome::Dropped(DropReason::SpoofedSource);
+            }
+            // A REQ whose primary remote GID is another VM's than the address it came to.
+            if msg
+                .primary_remote_gid()
+                .is_some_and(|g| g.canonical() != dgid.canonical())
+            {
+                bump(&c.misaddressed);
+                bump(&slot.counters.misaddressed);
+                return RouteOutcome::Dropped(DropReason::Misaddressed);
             }
             match slot.comm.lock().on_inbound(sgid, &msg) {
                 comm::Check::Known => {}

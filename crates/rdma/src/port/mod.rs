@@ -20,6 +20,8 @@ mod pcap;
 mod qp;
 mod sock;
 
+pub use sock::bind as bind_rocev2_socket;
+
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! Queue pairs of the software port. QP1 (GSI) is handled by the port itself and handed to a
-//! [`super::GsiHandler`]; every other QP implements [`QueuePair`], so RC queue pairs can be
-//! added next to [`UdQp`] later.
+//! [`super::GsiHandler`]; every other QP implements [`QueuePair`]: [`UdQp`] here, and the RC
+//! queue pairs of [`crate::rc`].
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 

@@ -27,8 +27,9 @@ use std::time::Duration;
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 /// Binds `addr:port` for RoCEv2: DF with identification 0, larger buffers, a read timeout so
-/// the receive thread can notice a stop request.
-pub(super) fn bind(addr: Ipv4Addr, port: u16) -> std::io::Result<UdpSocket> {
+/// the receive thread can notice a stop request. (Public so that benchmarks can give a raw
+/// UDP baseline the same socket.)
+pub fn bind(addr: Ipv4Addr, port: u16) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind(SocketAddrV4::new(addr, port))?;
     set_int(
         &socket,

@@ -26,6 +26,8 @@ counters! {
         rx_packets,
         /// Duplicate request packets (re-acknowledged or READs answered again).
         rx_duplicates,
+        /// Duplicate READ requests not among the recent READs: dropped.
+        rx_unknown_duplicate_reads,
         /// Request packets after a gap (NAK sequence error sent once, then dropped).
         rx_out_of_sequence,
         /// ACK/NAK/READ responses received.
@@ -121,6 +123,10 @@ pub struct RcCore {
     pub(super) in_progress: Option<InProgress>,
     pub(super) nak_sent: bool,
     pub(super) unacked: u32,
+    /// The last READ requests executed (PSN, RETH): a duplicate READ is answered again only
+    /// when it is one of them (rxe's read resources), so an old or made-up PSN cannot make
+    /// this side send a region's contents over and over.
+    pub(super) recent_reads: VecDeque<(u32, rdma_wire::Reth)>,
     // Out.
     pub(super) out: Vec<OutPacket>,
     pub(super) cq: VecDeque<Completion>,
@@ -155,6 +161,7 @@ impl RcCore {
             in_progress: None,
             nak_sent: false,
             unacked: 0,
+            recent_reads: VecDeque::new(),
             out: Vec::new(),
             cq: VecDeque::new(),
             counters: RcCounters::default(),
@@ -260,35 +267,19 @@ impl RcCore {
         self.rnr_until = None;
         for e in std::mem::take(&mut self.sq) {
             let opcode = wc_opcode(&e.wr);
-            self.complete(
-                e.wr.wr_id,
-                WcStatus::WrFlushErr,
-                opcode,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(e.wr.wr_id, opcode);
         }
         if let Some(InProgress::Send(r, _)) = self.in_progress.take() {
-            self.complete(
-                r.wr_id,
-                WcStatus::WrFlushErr,
-                WcOpcode::Recv,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(r.wr_id, WcOpcode::Recv);
         }
         for r in std::mem::take(&mut self.rq) {
-            self.complete(
-                r.wr_id,
-                WcStatus::WrFlushErr,
-                WcOpcode::Recv,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(r.wr_id, WcOpcode::Recv);
         }
+    }
+
+    /// Completes a work request with `WrFlushErr`.
+    fn flushed(&mut self, wr_id: u64, opcode: WcOpcode) {
+        self.complete(wr_id, WcStatus::WrFlushErr, opcode, 0, None, Vec::new());
     }
 
     /// ERR (or any state) → RESET: queues emptied, counters kept.
@@ -306,14 +297,7 @@ impl RcCore {
             return Err(self.bad_state());
         }
         if self.state == QpState::Err {
-            self.complete(
-                wr_id,
-                WcStatus::WrFlushErr,
-                WcOpcode::Recv,
-                0,
-                None,
-                Vec::new(),
-            );
+            self.flushed(wr_id, WcOpcode::Recv);
             return Ok(());
         }
         if self.rq.len() >= self.max_rq {
@@ -329,8 +313,7 @@ impl RcCore {
             return Err(self.bad_state());
         }
         if self.state == QpState::Err {
-            let op = wc_opcode(&wr);
-            self.complete(wr.wr_id, WcStatus::WrFlushErr, op, 0, None, Vec::new());
+            self.flushed(wr.wr_id, wc_opcode(&wr));
             return Ok(());
         }
         if self.sq.len() >= self.max_sq {

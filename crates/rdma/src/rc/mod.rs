@@ -42,7 +42,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use self::core::{RcCore, RcCounters, RcStats};
-pub use mr::{Access, AccessError, MemoryRegion, MrTable, RemoteOp};
+pub use mr::{Access, AccessError, HostBuffer, MemoryRegion, MrTable, RegionMemory, RemoteOp};
 pub use qp::RcQp;
 
 /// The responder sends an ACK at least every this many packets of one message.

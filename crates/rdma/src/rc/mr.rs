@@ -54,13 +54,66 @@ pub enum AccessError {
     NotPermitted,
 }
 
+/// The bytes behind a region: a buffer of the port's own ([`HostBuffer`]), or memory of a
+/// VM (the virtual RDMA device implements it over the guest pages of a PVRDMA region's page
+/// directory). Offsets are from the region's start; the region checks bounds before calling.
+pub trait RegionMemory: Send + Sync + std::fmt::Debug {
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// Whether it is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `buf.len()` bytes from offset `off`; `false` when that fails.
+    fn read(&self, off: usize, buf: &mut [u8]) -> bool;
+    /// Copies `data` to offset `off`; `false` when that fails.
+    fn write(&self, off: usize, data: &[u8]) -> bool;
+}
+
+/// A zeroed buffer owned by the region.
+#[derive(Debug)]
+pub struct HostBuffer(RwLock<Box<[u8]>>);
+
+impl HostBuffer {
+    /// A buffer holding `data`.
+    pub fn new(data: Vec<u8>) -> HostBuffer {
+        HostBuffer(RwLock::new(data.into_boxed_slice()))
+    }
+}
+
+impl RegionMemory for HostBuffer {
+    fn len(&self) -> usize {
+        self.0.read().len()
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) -> bool {
+        let d = self.0.read();
+        match d.get(off..off.saturating_add(buf.len())) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
+    fn write(&self, off: usize, data: &[u8]) -> bool {
+        let mut d = self.0.write();
+        match d.get_mut(off..off.saturating_add(data.len())) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// One memory region.
 #[derive(Debug)]
 pub struct MemoryRegion {
     key: u32,
     iova: u64,
     access: Access,
-    data: RwLock<Box<[u8]>>,
+    mem: Arc<dyn RegionMemory>,
 }
 
 impl MemoryRegion {
@@ -74,7 +127,7 @@ impl MemoryRegion {
     }
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.data.read().len()
+        self.mem.len()
     }
     /// Whether it is empty.
     pub fn is_empty(&self) -> bool {
@@ -95,7 +148,8 @@ impl MemoryRegion {
     /// Copies bytes out (`None` when out of bounds).
     pub fn read(&self, va: u64, len: usize) -> Option<Vec<u8>> {
         let off = self.offset_of(va, len)?;
-        Some(self.data.read()[off..off + len].to_vec())
+        let mut v = vec![0u8; len];
+        self.mem.read(off, &mut v).then_some(v)
     }
 
     /// Copies bytes in (`false` when out of bounds).
@@ -103,14 +157,7 @@ impl MemoryRegion {
         let Some(off) = self.offset_of(va, data.len()) else {
             return false;
         };
-        self.data.write()[off..off + data.len()].copy_from_slice(data);
-        true
-    }
-
-    /// Runs `f` on `[va, va + len)` read-only (no copy; `None` when out of bounds).
-    pub fn with_slice<R>(&self, va: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
-        let off = self.offset_of(va, len)?;
-        Some(f(&self.data.read()[off..off + len]))
+        self.mem.write(off, data)
     }
 }
 
@@ -140,6 +187,17 @@ impl MrTable {
     /// Registers a zeroed region of `len` bytes at virtual address `iova`. `None` when the
     /// table is full.
     pub fn register(&self, iova: u64, len: usize, access: Access) -> Option<Arc<MemoryRegion>> {
+        self.register_memory(iova, Arc::new(HostBuffer::new(vec![0u8; len])), access)
+    }
+
+    /// Registers `mem` (e.g. a VM's pages) as a region at virtual address `iova`. `None`
+    /// when the table is full.
+    pub fn register_memory(
+        &self,
+        iova: u64,
+        mem: Arc<dyn RegionMemory>,
+        access: Access,
+    ) -> Option<Arc<MemoryRegion>> {
         let mut regions = self.regions.write();
         if regions.len() >= self.max {
             return None;
@@ -157,10 +215,30 @@ impl MrTable {
             key,
             iova,
             access,
-            data: RwLock::new(vec![0u8; len].into_boxed_slice()),
+            mem,
         });
         regions.insert(key, mr.clone());
         Some(mr)
+    }
+
+    /// Registers a region under a given key (tests replaying captures need the rkeys the
+    /// capture names).
+    #[cfg(test)]
+    pub(crate) fn register_with_key(
+        &self,
+        key: u32,
+        iova: u64,
+        data: Vec<u8>,
+        access: Access,
+    ) -> Arc<MemoryRegion> {
+        let mr = Arc::new(MemoryRegion {
+            key,
+            iova,
+            access,
+            mem: Arc::new(HostBuffer::new(data)),
+        });
+        self.regions.write().insert(key, mr.clone());
+        mr
     }
 
     /// Deregisters a region.
@@ -212,6 +290,49 @@ impl MrTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Memory in separate 16-byte pages, as a VM's region is in guest pages.
+    #[derive(Debug)]
+    struct Pages(Vec<HostBuffer>);
+
+    impl RegionMemory for Pages {
+        fn len(&self) -> usize {
+            self.0.len() * 16
+        }
+        fn read(&self, off: usize, buf: &mut [u8]) -> bool {
+            buf.iter_mut().enumerate().all(|(i, b)| {
+                let o = off + i;
+                let mut one = [0u8];
+                let ok = self.0.get(o / 16).is_some_and(|p| p.read(o % 16, &mut one));
+                *b = one[0];
+                ok
+            })
+        }
+        fn write(&self, off: usize, data: &[u8]) -> bool {
+            data.iter().enumerate().all(|(i, b)| {
+                let o = off + i;
+                self.0.get(o / 16).is_some_and(|p| p.write(o % 16, &[*b]))
+            })
+        }
+    }
+
+    #[test]
+    fn regions_over_outside_memory_are_checked_the_same_way() {
+        let t = MrTable::new(2);
+        let pages = Arc::new(Pages(
+            (0..4).map(|_| HostBuffer::new(vec![0; 16])).collect(),
+        ));
+        let mr = t
+            .register_memory(0x100, pages.clone(), Access::ALL)
+            .unwrap();
+        assert_eq!(mr.len(), 64);
+        assert!(mr.write(0x10c, b"across pages"));
+        assert_eq!(mr.read(0x10c, 12).unwrap(), b"across pages");
+        let mut second = [0u8; 8];
+        assert!(pages.0[1].read(0, &mut second));
+        assert_eq!(&second, b"ss pages");
+        assert!(t.check_remote(mr.key(), 0x13f, 2, RemoteOp::Write).is_err());
+    }
 
     #[test]
     fn remote_access_is_checked_against_key_bounds_and_flags() {

@@ -16,8 +16,12 @@ use crate::RdmaError;
 
 struct Shared {
     core: Mutex<RcCore>,
-    /// Signalled on completions and when the timer's deadline may have moved.
+    /// Signalled on completions.
     cond: Condvar,
+    /// Signalled when a deadline earlier than the timer thread's planned wake-up appears.
+    timer_cond: Condvar,
+    /// When the timer thread plans to wake next, µs of the QP's clock.
+    timer_wake: std::sync::atomic::AtomicU64,
     remote: Mutex<Option<Gid>>,
     /// Told this QP's number when completions are waiting (an agent serving many QPs).
     notify: Mutex<Option<crossbeam_channel::Sender<u32>>>,
@@ -54,6 +58,8 @@ impl RcQp {
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             cond: Condvar::new(),
+            timer_cond: Condvar::new(),
+            timer_wake: std::sync::atomic::AtomicU64::new(0),
             remote: Mutex::new(None),
             notify: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -179,6 +185,11 @@ impl RcQp {
     /// Sends what the transport queued (under the QP's lock, so packets leave in order) and
     /// wakes whoever waits for completions.
     fn flush(&self, c: &mut RcCore) {
+        if c.next_deadline()
+            .is_some_and(|d| d < self.shared.timer_wake.load(Ordering::Relaxed))
+        {
+            self.shared.timer_cond.notify_one();
+        }
         if c.cq_len() > 0 {
             self.shared.cond.notify_all();
             if let Some(tx) = &*self.shared.notify.lock() {
@@ -209,6 +220,7 @@ impl RcQp {
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.cond.notify_all();
+        self.shared.timer_cond.notify_all();
         if let Some(t) = self.timer.lock().take() {
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();
@@ -258,13 +270,17 @@ fn timer_loop(shared: &Shared, qp: &std::sync::Weak<RcQp>) {
         let now = q.clock.now_us();
         c.on_timer(now);
         q.flush(&mut c);
-        let wait = c.next_deadline().map_or(Duration::from_millis(50), |d| {
-            Duration::from_micros(d.saturating_sub(now)).min(Duration::from_millis(50))
-        });
-        drop(q);
+        let wait = c
+            .next_deadline()
+            .map_or(Duration::from_millis(50), |d| {
+                Duration::from_micros(d.saturating_sub(now)).min(Duration::from_millis(50))
+            })
+            .max(Duration::from_micros(20));
         shared
-            .cond
-            .wait_for(&mut c, wait.max(Duration::from_micros(20)));
+            .timer_wake
+            .store(now + wait.as_micros() as u64, Ordering::Relaxed);
+        drop(q);
+        shared.timer_cond.wait_for(&mut c, wait);
     }
 }
 

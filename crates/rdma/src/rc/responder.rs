@@ -11,6 +11,8 @@ use crate::counters::bump;
 /// Largest RDMA READ served (longer ones are refused as invalid requests), bounding the
 /// responses one request can make this side build.
 pub const MAX_READ: u32 = 16 << 20;
+/// READ requests remembered for answering duplicates.
+const RECENT_READS: usize = 16;
 
 impl RcCore {
     pub(super) fn on_request(&mut self, pkt: &RocePacket<'_>) {
@@ -27,9 +29,24 @@ impl RcCore {
         if d < 0 {
             bump(&self.counters.rx_duplicates);
             if pkt.bth.opcode == opcode::RC_RDMA_READ_REQUEST {
-                // Answer it again (the responses were lost); nothing else changes.
-                if let Some(reth) = pkt.reth {
-                    let _ = self.read_responses(p, reth);
+                // Answer it again (the responses were lost) if it is a READ executed lately
+                // — or the tail of one: a requester retries from the first missing response
+                // with the address and length moved on; nothing else changes.
+                let known = pkt.reth.filter(|r| {
+                    self.recent_reads.iter().any(|(q, o)| {
+                        let k = psn::diff(p, *q);
+                        let moved = u64::from(k.max(0) as u32) * self.attrs.path_mtu as u64;
+                        k >= 0
+                            && o.r_key == r.r_key
+                            && o.virtual_address.wrapping_add(moved) == r.virtual_address
+                            && u64::from(o.dma_length) == u64::from(r.dma_length) + moved
+                    })
+                });
+                match known {
+                    Some(reth) => {
+                        let _ = self.read_responses(p, reth);
+                    }
+                    None => bump(&self.counters.rx_unknown_duplicate_reads),
                 }
             } else {
                 self.ack_now();
@@ -82,6 +99,10 @@ impl RcCore {
                 }
                 match self.read_responses(p, reth) {
                     Ok(n) => {
+                        if self.recent_reads.len() >= RECENT_READS {
+                            self.recent_reads.pop_front();
+                        }
+                        self.recent_reads.push_back((p, reth));
                         self.epsn = psn::add(self.epsn, n);
                         self.unacked = 0;
                         bump(&self.counters.rx_packets);
