@@ -34,6 +34,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Resume a source VM left paused by a migration whose outcome is unknown (after Go).
     Resume(ResumeArgs),
+    /// Call the HTTP API of a running VM (`ping`, `info`, `verify`, `send-migration`, ...);
+    /// prints JSON.
+    Remote(crate::commands::remote::RemoteArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
