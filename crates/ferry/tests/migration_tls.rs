@@ -2,7 +2,7 @@
 //! (certificates made by the documented recipe, scripts/migration-tls-certs.sh), a destination
 //! that refuses strangers and goes on listening for the real source.
 mod common;
-use common::{last_json, spawn_receiver, text, wait_for_socket, Proc, TempDir};
+use common::{api, last_json, spawn_receiver, text, wait_for_socket, Proc, TempDir};
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -32,18 +32,6 @@ fn certs(dir: &Path) {
         "the certificate recipe failed (is openssl installed?): {}",
         text(&out.stderr)
     );
-}
-
-fn api(p: &Path, req: Value) -> Value {
-    let mut s = UnixStream::connect(p).unwrap();
-    writeln!(s, "{req}").unwrap();
-    for line in BufReader::new(s).lines() {
-        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["event"] == "result" {
-            return v;
-        }
-    }
-    panic!("no result from {}", p.display());
 }
 
 /// Waits until the VM behind `p` makes progress, then checks its ledger.

@@ -163,10 +163,15 @@ pub fn send(
     }
     req += "\r\n";
     req += &body;
-    conn.write_all(req.as_bytes())
-        .context("sending the API request")?;
+    // A server that refuses the connection at once (too many) may close it before the request
+    // is written; its answer is still there to read.
+    let sent = conn.write_all(req.as_bytes());
     let mut r = BufReader::new(conn);
-    let head = read_head(&mut r)?;
+    let head = match (read_head(&mut r), sent) {
+        (Ok(head), _) => head,
+        (Err(e), Err(w)) => return Err(e.context(format!("sending the API request: {w}"))),
+        (Err(e), Ok(())) => return Err(e),
+    };
     let mut reader: Box<dyn Read> = match (head.chunked, head.length) {
         (true, _) => Box::new(Chunked {
             inner: r,

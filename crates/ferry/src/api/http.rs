@@ -178,6 +178,41 @@ pub fn read_request(conn: &mut UnixStream) -> Result<HttpRequest, ReadError> {
     Ok(HttpRequest { method, path, body })
 }
 
+/// Longest a closing connection waits for the rest of a request it did not read.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a connection after its answer without losing the answer: a Unix socket closed with
+/// unread input makes the client's read fail (ECONNRESET) instead of ending, so the unread
+/// rest of a refused request (a body too large, say) is read and dropped first, bounded in
+/// time and size.
+pub fn close(mut conn: UnixStream) {
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0;
+    let mut buf = [0u8; 4096];
+    while drained < 4 * MAX_BODY {
+        match read_some(&mut conn, &mut buf, deadline) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+/// Drops what a client already sent without waiting for more (see [`close`]).
+pub fn close_now(mut conn: UnixStream) {
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    if conn.set_nonblocking(true).is_ok() {
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < MAX_BODY {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    }
+}
+
 /// The reason phrase of the codes the API uses.
 fn reason(status: u16) -> &'static str {
     match status {

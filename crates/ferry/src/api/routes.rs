@@ -165,17 +165,25 @@ pub fn refuse_busy(mut conn: UnixStream) {
         &format!("too many API connections ({MAX_CONNECTIONS} in use); retry"),
         "Retry-After: 1\r\n",
     );
+    http::close_now(conn);
 }
 
-/// Serves one connection: reads its request, hands it to the supervisor, writes the answer.
+/// Serves one connection: reads its request, hands it to the supervisor, writes the answer,
+/// closes.
 pub(super) fn handle(mut conn: UnixStream, supervisor: &Supervisor) -> anyhow::Result<()> {
+    let served = serve(&mut conn, supervisor);
+    http::close(conn);
+    served
+}
+
+fn serve(conn: &mut UnixStream, supervisor: &Supervisor) -> anyhow::Result<()> {
     conn.set_write_timeout(Some(http::WRITE_TIMEOUT))?;
-    let req = match http::read_request(&mut conn) {
+    let req = match http::read_request(conn) {
         Ok(r) => r,
         Err(ReadError::Closed) => return Ok(()),
         Err(e) => {
             if let Some(status) = e.status() {
-                http::write_error(&mut conn, status, &e.to_string(), "")?;
+                http::write_error(conn, status, &e.to_string(), "")?;
             }
             return Err(e.into());
         }
@@ -185,12 +193,12 @@ pub(super) fn handle(mut conn: UnixStream, supervisor: &Supervisor) -> anyhow::R
         Ok(e) => e,
         Err(Miss::Path) => {
             let why = format!("no endpoint {}", req.path);
-            return Ok(http::write_error(&mut conn, 404, &why, "")?);
+            return Ok(http::write_error(conn, 404, &why, "")?);
         }
         Err(Miss::Method(allowed)) => {
             let why = format!("{} takes {allowed}, not {}", req.path, req.method);
             let allow = format!("Allow: {allowed}\r\n");
-            return Ok(http::write_error(&mut conn, 405, &why, &allow)?);
+            return Ok(http::write_error(conn, 405, &why, &allow)?);
         }
     };
     let request = match request_of(endpoint, &req.body) {
@@ -200,15 +208,15 @@ pub(super) fn handle(mut conn: UnixStream, supervisor: &Supervisor) -> anyhow::R
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
             });
-            return Ok(http::write_json(&mut conn, 200, &pong, "")?);
+            return Ok(http::write_json(conn, 200, &pong, "")?);
         }
-        Err(why) => return Ok(http::write_error(&mut conn, 400, &why, "")?),
+        Err(why) => return Ok(http::write_error(conn, 400, &why, "")?),
     };
     let (responses, _answering) = supervisor.submit(request);
     if endpoint == Endpoint::SendMigration {
-        stream(&mut conn, &responses)
+        stream(conn, &responses)
     } else {
-        answer(&mut conn, &responses)
+        answer(conn, &responses)
     }
 }
 
