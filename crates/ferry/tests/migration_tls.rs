@@ -5,9 +5,8 @@ mod common;
 use common::{api, last_json, spawn_receiver, text, wait_for_socket, Proc, TempDir};
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpStream,
-    os::unix::net::UnixStream,
     path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
