@@ -171,6 +171,28 @@ fn the_openapi_document_is_valid_and_every_schema_compiles() {
             doc.resolve(op, 0);
         }
     }
+    // The schemas bite: answers the server must never give are refused.
+    let info = doc.schema("GET", "/vm.info", 200, "application/json");
+    let info = jsonschema::draft202012::new(&info).unwrap();
+    let good = json!({"state": "running", "uptime_ms": 1.0, "progress": 3, "ram_bytes": 4096,
+                      "unknown_migration": null, "shadow": null, "io_queues": null});
+    assert!(info.is_valid(&good));
+    let mut bad = good.clone();
+    bad["state"] = "bogus".into();
+    assert!(!info.is_valid(&bad));
+    let mut bad = good.clone();
+    bad["undocumented"] = 1.into();
+    assert!(!info.is_valid(&bad));
+    let line = doc.schema("PUT", "/vm.send-migration", 200, "application/x-ndjson");
+    let line = jsonschema::draft202012::new(&line).unwrap();
+    assert!(line.is_valid(&json!({"event": "result", "ok": false, "error": "refused"})));
+    assert!(!line.is_valid(&json!({"event": "result", "ok": true, "error": "refused"})));
+    assert!(!line.is_valid(&json!({"event": "result", "ok": true,
+                                   "data": {"outcome": "maybe"}})));
+    let error = doc.schema("GET", "/vm.nothing", 404, "application/json");
+    assert!(!jsonschema::draft202012::new(&error)
+        .unwrap()
+        .is_valid(&json!({"message": "x"})));
 }
 
 #[test]
