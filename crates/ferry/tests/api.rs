@@ -405,7 +405,21 @@ fn a_stalled_client_holds_up_nobody_and_connections_are_bounded() {
     let a = dir.path("a.sock");
     let _vm = vm(&a);
     let stalled = stall(&a);
-    // Others are served while it waits.
+    // A client that trickles its head a byte at a time: the time bound is for the whole
+    // request, not for each read, so it is cut off too.
+    let mut trickle = stall(&a);
+    let mut trickler = trickle.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::time::Instant::now() < deadline {
+            if trickler.write_all(b"x").is_err() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        false
+    });
+    // Others are served while they wait.
     for _ in 0..3 {
         assert_eq!(
             doc.call(&a, "GET", "/vm.info", None, 200)["state"],
@@ -417,6 +431,12 @@ fn a_stalled_client_holds_up_nobody_and_connections_are_bounded() {
     let r = answer_to(stalled);
     doc.check("GET", "/vm.info", &r);
     assert_eq!(r.status, 408);
+    trickle.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut b = Vec::new();
+    // The server drops the rest it is sent after answering; reading may end in a reset.
+    let _ = trickle.read_to_end(&mut b);
+    assert_eq!(parse_reply(&b).status, 408);
+    assert!(writer.join().unwrap(), "the trickling client was cut off");
 
     // 16 stalled connections take every slot: the next one is refused at once with 503...
     let all: Vec<UnixStream> = (0..16).map(|_| stall(&a)).collect();
