@@ -302,6 +302,9 @@ mod tests {
 
     #[test]
     fn every_request_has_its_route_and_back() {
+        for (method, path, endpoint) in ROUTES {
+            assert_eq!(route(*endpoint), (*method, format!("{PREFIX}{path}")));
+        }
         let requests = [
             Request::Status,
             Request::Verify,
