@@ -20,6 +20,7 @@ pub trait CommandSource: Send {
 
 /// Parameters of a migration request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// `ADDR:PORT` of a `ferry receive`.
     pub to: String,

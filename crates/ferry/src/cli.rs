@@ -34,6 +34,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Resume a source VM left paused by a migration whose outcome is unknown (after Go).
     Resume(ResumeArgs),
+    /// Call the HTTP API of a running VM (`ping`, `info`, `verify`, `send-migration`, ...);
+    /// prints JSON.
+    Remote(crate::commands::remote::RemoteArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -149,7 +152,8 @@ pub struct RunArgs {
     /// guest RAM, and continue there.
     #[arg(long, value_parser = parse_duration)]
     pub state_roundtrip_after: Option<Duration>,
-    /// Serve the control API (JSON lines) on this Unix socket: `ferry migrate` talks to it.
+    /// Serve the control API (HTTP, docs/api/ferry-api.yaml) on this Unix socket (mode 0600):
+    /// `ferry migrate` and `ferry remote` talk to it.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
     /// Attach a virtual RDMA device (PVRDMA ABI) with this GID; this process hosts the

@@ -37,6 +37,7 @@ fn main() {
         cli::Command::Receive(args) => commands::receive::run(args, process_start),
         cli::Command::Migrate(args) => commands::migrate::run(args),
         cli::Command::Resume(args) => commands::migrate::resume(args),
+        cli::Command::Remote(args) => commands::remote::run(args),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
         cli::Command::Bench(cli::BenchCommand::Migrate(args)) => commands::bench_migrate::run(args),
         cli::Command::Bench(cli::BenchCommand::Nvme(args)) => commands::bench_nvme::run(args),

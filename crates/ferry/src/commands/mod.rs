@@ -13,6 +13,7 @@ pub mod device;
 pub mod migrate;
 pub mod rdma;
 pub mod receive;
+pub mod remote;
 pub mod run;
 pub mod vrdma;
 

@@ -31,20 +31,172 @@ pub fn wait_for_path(p: &Path) {
     wait_until(format!("{} appears", p.display()), PATIENCE, || p.exists());
 }
 
-/// One control-API call; returns its result line.
-pub fn api(p: &Path, req: Value) -> Value {
-    let mut s = UnixStream::connect(p).unwrap();
-    writeln!(s, "{req}").unwrap();
-    for line in BufReader::new(s).lines() {
-        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["event"] == "result" {
-            return v;
-        }
-    }
-    panic!("no result from {}", p.display());
+/// An HTTP answer read off the API socket (the server closes every connection after it).
+#[derive(Debug)]
+pub struct HttpReply {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+    /// True when it came chunked.
+    pub chunked: bool,
 }
 
-/// The VM's `status` through its API.
+impl HttpReply {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as one JSON value.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: body {:?}", text(&self.body)))
+    }
+
+    /// The body as NDJSON lines.
+    pub fn lines(&self) -> Vec<Value> {
+        text(&self.body)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: line {l:?}")))
+            .collect()
+    }
+}
+
+/// Decodes a chunked body (strictly: every size line, chunk and CRLF in place).
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let end = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size = std::str::from_utf8(&b[..end]).unwrap();
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+        b = &b[end + 2..];
+        if size == 0 {
+            assert!(b.starts_with(b"\r\n"), "chunked body ends with CRLF");
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        assert_eq!(&b[size..size + 2], b"\r\n", "chunk ends with CRLF");
+        b = &b[size + 2..];
+    }
+}
+
+/// Parses a whole answer.
+pub fn parse_reply(raw: &[u8]) -> HttpReply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", text(raw)));
+    let head = text(&raw[..split]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let mut parts = status_line.splitn(3, ' ');
+    assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+    let status = parts.next().unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap_or_else(|| panic!("header {l:?}"));
+            (n.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let rest = &raw[split + 4..];
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .map(|(_, v)| v.parse().unwrap())
+            .expect("Content-Length or chunked");
+        assert_eq!(rest.len(), len, "body length");
+        rest.to_vec()
+    };
+    HttpReply {
+        status,
+        headers,
+        body,
+        chunked,
+    }
+}
+
+/// Sends `raw` bytes to the API at `p` and reads the whole answer.
+pub fn http_raw(p: &Path, raw: &[u8]) -> HttpReply {
+    let mut s = UnixStream::connect(p).unwrap();
+    s.set_read_timeout(Some(PATIENCE * 4)).unwrap();
+    // A server that refuses a connection at once may close it before the request is written:
+    // its answer is still there to read.
+    let _ = s.write_all(raw);
+    let mut answer = Vec::new();
+    if let Err(e) = s.read_to_end(&mut answer) {
+        assert!(!answer.is_empty(), "reading the answer: {e}");
+    }
+    parse_reply(&answer)
+}
+
+/// One HTTP request to the API at `p`: `method` on `/api/v1{path}`, with a JSON body.
+pub fn http(p: &Path, method: &str, path: &str, body: Option<&Value>) -> HttpReply {
+    let mut req = format!("{method} /api/v1{path} HTTP/1.1\r\nHost: localhost\r\n");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    if method != "GET" {
+        req += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+    }
+    req += "\r\n";
+    req += &body;
+    http_raw(p, req.as_bytes())
+}
+
+/// One control-API call, in the shape of the old JSON-lines API so call sites read the same:
+/// `req` is `{"cmd": "status" | "verify" | "memory-hash" | "stop" | "cancel-migration" | "resume" |
+/// "migrate", ...}`,
+/// sent to its endpoint; the answer is `{"ok": bool, "data": ..., "error": ..., "status": code}`
+/// (a migration's: its stream's last line, `progress` the events before it).
+pub fn api(p: &Path, req: Value) -> Value {
+    let mut body = req.clone();
+    body.as_object_mut().unwrap().remove("cmd");
+    let (method, path, body) = match req["cmd"].as_str().unwrap() {
+        "status" => ("GET", "/vm.info", None),
+        "verify" => ("PUT", "/vm.verify", None),
+        "memory-hash" => ("GET", "/vm.memory-hash", None),
+        "stop" => ("PUT", "/vm.shutdown", None),
+        "cancel-migration" => ("PUT", "/vm.cancel-migration", None),
+        "resume" => ("PUT", "/vm.resume", Some(body)),
+        "migrate" => ("PUT", "/vm.send-migration", Some(body)),
+        other => panic!("no endpoint for {other:?}"),
+    };
+    let r = http(p, method, path, body.as_ref());
+    if r.chunked {
+        let mut lines = r.lines();
+        let mut last = lines.pop().expect("a result line");
+        assert_eq!(last["event"], "result", "{last}");
+        last["status"] = r.status.into();
+        last["progress"] = lines.into();
+        return last;
+    }
+    let v = r.json();
+    if (200..300).contains(&r.status) {
+        json!({"ok": true, "data": v, "status": r.status})
+    } else {
+        json!({"ok": false, "error": v["error"], "status": r.status})
+    }
+}
+
+/// The VM's state (`GET /api/v1/vm.info`) through its API, as `{"ok": true, "data": ...}`.
 pub fn status(p: &Path) -> Value {
     api(p, json!({"cmd": "status"}))
 }
