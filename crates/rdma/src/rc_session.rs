@@ -31,6 +31,8 @@ use crate::rc::{
 };
 use crate::RdmaError;
 
+pub mod tools;
+
 /// Path MTU of session queue pairs: 1024, what Ferry's CM announces in its REQ (code 3).
 pub const SESSION_MTU: usize = 1024;
 /// Bytes of each side's session region (the largest message).
@@ -40,7 +42,7 @@ const RECVS: u64 = 16;
 /// RC connections one server serves at once (more are rejected: "no QP available").
 pub const MAX_SESSIONS: usize = 64;
 /// Base virtual address of session regions.
-const BUF_IOVA: u64 = 0x7f00_0000_0000;
+pub(crate) const BUF_IOVA: u64 = 0x7f00_0000_0000;
 
 /// What a session exchanges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
