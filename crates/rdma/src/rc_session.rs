@@ -59,8 +59,11 @@ pub fn session_attrs(info: &ConnInfo) -> RcAttrs {
     RcAttrs {
         path_mtu: SESSION_MTU,
         dest_qpn: info.remote_qpn,
-        rq_psn: info.remote_psn,
-        sq_psn: info.local_psn,
+        // As Linux's CM does (cm.c: the active side's rq_psn is the REQ's starting PSN, the
+        // passive side's is the REP's; see shared rping.pcap): the starting PSN a side
+        // announces is the one it expects to receive, the other side's is the one it sends.
+        rq_psn: info.local_psn,
+        sq_psn: info.remote_psn,
         timeout_us: 100_000,
         ..RcAttrs::default()
     }
