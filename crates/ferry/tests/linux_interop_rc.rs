@@ -15,8 +15,10 @@ mod interop;
 
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
+
 use interop::{assert_opcode, check_capture, op, FerryProc};
-use linux_guest::{LinuxGuest, GUEST_IP, HOST_IP};
+use linux_guest::{GuestOutput, LinuxGuest, GUEST_IP, HOST_IP};
 use rdma_wire::mad::attr;
 
 /// rping's rdma_cm port.
@@ -53,26 +55,98 @@ fn check_report(lines: &[String], rc: i32, tool: &str) -> serde_json::Value {
     j
 }
 
+/// The RoCE frames of a capture: (BTH opcode, source, destination).
+type Frames = Vec<(u8, Ipv4Addr, Ipv4Addr)>;
+
+/// The CM messages of a connection from `client` to `server` that `closer` ends.
+fn lifecycle(
+    client: Ipv4Addr,
+    server: Ipv4Addr,
+    closer: Ipv4Addr,
+) -> Vec<(u16, Ipv4Addr, Ipv4Addr)> {
+    let other = if closer == client { server } else { client };
+    vec![
+        (attr::REQ, client, server),
+        (attr::REP, server, client),
+        (attr::RTU, client, server),
+        (attr::DREQ, closer, other),
+        (attr::DREP, other, closer),
+    ]
+}
+
+/// Ferry's peer listens (`ferry_args` + `--listen`), the guest runs the Linux client
+/// `command`; returns the client's output, Ferry's report and the checked capture.
+fn linux_client_to_ferry(
+    tag: &str,
+    ferry_args: &[&str],
+    command: &str,
+    closer: Ipv4Addr,
+) -> (GuestOutput, serde_json::Value, Frames) {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot(tag);
+    let mut args = ferry_args.to_vec();
+    args.push("--listen");
+    let mut f = FerryProc::start(&g, &peer_args(&args));
+    f.wait_line("listening", LIMIT);
+    let cap = g.capture(tag);
+    let out = g.run_timeout(command, LIMIT);
+    assert_eq!(out.rc, 0, "{command} failed:\n{}", out.out);
+    let (rc, lines) = f.finish(LIMIT);
+    let j = check_report(&lines, rc, ferry_args[1]);
+    let frames = check_capture(&cap.stop(), &lifecycle(GUEST_IP, HOST_IP, closer));
+    eprintln!(
+        "{tag}: {} frames, boot {:?}, test {:?}; ferry: {}",
+        frames.len(),
+        g.boot_time(),
+        t0.elapsed(),
+        j["rc"][0]
+    );
+    (out, j, frames)
+}
+
+/// The guest runs the Linux server `command` listening on `port`; Ferry's peer connects
+/// (`ferry_args` + `--connect`); returns the server's output, Ferry's report and the checked
+/// capture.
+fn ferry_client_to_linux(
+    tag: &str,
+    command: &str,
+    port: u16,
+    ferry_args: &[&str],
+    closer: Ipv4Addr,
+) -> (GuestOutput, serde_json::Value, Frames) {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot(tag);
+    let server = g.spawn(command);
+    g.wait_cm_listen(port);
+    let cap = g.capture(tag);
+    let mut args = ferry_args.to_vec();
+    args.extend(["--connect", "10.77.0.2"]);
+    let (rc, lines) = FerryProc::start(&g, &peer_args(&args)).finish(LIMIT);
+    let j = check_report(&lines, rc, ferry_args[1]);
+    let out = g.wait(server, LIMIT);
+    assert_eq!(out.rc, 0, "{command} failed:\n{}", out.out);
+    let frames = check_capture(&cap.stop(), &lifecycle(HOST_IP, GUEST_IP, closer));
+    eprintln!(
+        "{tag}: {} frames, boot {:?}, test {:?}; ferry: {}",
+        frames.len(),
+        g.boot_time(),
+        t0.elapsed(),
+        j["rc"][0]
+    );
+    (out, j, frames)
+}
+
 /// Linux `rping -c -V` against Ferry's peer serving rping's protocol: Ferry READs each ping
 /// (checking rping's pattern) and WRITEs it back; rping compares.
 #[test]
 fn linux_rping_client_against_ferry_peer() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("rping-to-ferry");
-    let mut f = FerryProc::start(
-        &g,
-        &peer_args(&[
-            "--mode",
-            "rping",
-            "--listen",
-            "--messages",
-            &COUNT.to_string(),
-        ]),
+    let n = COUNT.to_string();
+    let (out, _, frames) = linux_client_to_ferry(
+        "rping-to-ferry",
+        &["--mode", "rping", "--messages", &n],
+        &format!("rping -c -a {HOST_IP} -C {COUNT} -v -V"),
+        GUEST_IP,
     );
-    f.wait_line("listening", LIMIT);
-    let cap = g.capture("rping-to-ferry");
-    let out = g.run_timeout(&format!("rping -c -a {HOST_IP} -C {COUNT} -v -V"), LIMIT);
-    assert_eq!(out.rc, 0, "rping client failed:\n{}", out.out);
     for i in 0..COUNT {
         assert!(
             out.out.contains(&format!("ping data: rdma-ping-{i}: ")),
@@ -80,18 +154,6 @@ fn linux_rping_client_against_ferry_peer() {
             out.out
         );
     }
-    let (rc, lines) = f.finish(LIMIT);
-    let j = check_report(&lines, rc, "rping");
-    let frames = check_capture(
-        &cap.stop(),
-        &[
-            (attr::REQ, GUEST_IP, HOST_IP),
-            (attr::REP, HOST_IP, GUEST_IP),
-            (attr::RTU, GUEST_IP, HOST_IP),
-            (attr::DREQ, GUEST_IP, HOST_IP),
-            (attr::DREP, HOST_IP, GUEST_IP),
-        ],
-    );
     assert_opcode(&frames, op::SEND, "rping_rdma_info SEND", GUEST_IP, HOST_IP);
     assert_opcode(
         &frames,
@@ -109,41 +171,20 @@ fn linux_rping_client_against_ferry_peer() {
     );
     assert_opcode(&frames, op::WRITE, "RDMA WRITE", HOST_IP, GUEST_IP);
     assert_opcode(&frames, op::SEND, "go-ahead SEND", HOST_IP, GUEST_IP);
-    eprintln!(
-        "rping linux->ferry: {} frames, boot {:?}, test {:?}; ferry: {}",
-        frames.len(),
-        g.boot_time(),
-        t0.elapsed(),
-        j["rc"][0]
-    );
 }
 
 /// Ferry's peer as rping's client against Linux `rping -s`: Linux READs Ferry's source buffer
 /// and WRITEs it into Ferry's sink; Ferry compares.
 #[test]
 fn ferry_peer_rping_client_against_linux_rping_server() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("ferry-to-rping");
-    let server = g.spawn(&format!("rping -s -a {GUEST_IP} -v"));
-    g.wait_cm_listen(RPING_PORT);
-    let cap = g.capture("ferry-to-rping");
-    let f = FerryProc::start(
-        &g,
-        &peer_args(&[
-            "--mode",
-            "rping",
-            "--connect",
-            "10.77.0.2",
-            "--messages",
-            &COUNT.to_string(),
-            "--size",
-            "64",
-        ]),
+    let n = COUNT.to_string();
+    let (out, _, frames) = ferry_client_to_linux(
+        "ferry-to-rping",
+        &format!("rping -s -a {GUEST_IP} -v"),
+        RPING_PORT,
+        &["--mode", "rping", "--messages", &n, "--size", "64"],
+        HOST_IP,
     );
-    let (rc, lines) = f.finish(LIMIT);
-    let j = check_report(&lines, rc, "rping");
-    let out = g.wait(server, LIMIT);
-    assert_eq!(out.rc, 0, "rping server failed:\n{}", out.out);
     for i in 0..COUNT {
         assert!(
             out.out
@@ -152,16 +193,7 @@ fn ferry_peer_rping_client_against_linux_rping_server() {
             out.out
         );
     }
-    let frames = check_capture(
-        &cap.stop(),
-        &[
-            (attr::REQ, HOST_IP, GUEST_IP),
-            (attr::REP, GUEST_IP, HOST_IP),
-            (attr::RTU, HOST_IP, GUEST_IP),
-            (attr::DREQ, HOST_IP, GUEST_IP),
-            (attr::DREP, GUEST_IP, HOST_IP),
-        ],
-    );
+    assert_opcode(&frames, op::SEND, "rping_rdma_info SEND", HOST_IP, GUEST_IP);
     assert_opcode(
         &frames,
         op::READ_REQ,
@@ -177,13 +209,6 @@ fn ferry_peer_rping_client_against_linux_rping_server() {
         GUEST_IP,
     );
     assert_opcode(&frames, op::WRITE, "RDMA WRITE", GUEST_IP, HOST_IP);
-    eprintln!(
-        "rping ferry->linux: {} frames, boot {:?}, test {:?}; ferry: {}",
-        frames.len(),
-        g.boot_time(),
-        t0.elapsed(),
-        j["rc"][0]
-    );
 }
 
 /// Linux `ucmatose -s` (client) against Ferry's peer serving ucmatose's protocol: Ferry sends
@@ -191,99 +216,47 @@ fn ferry_peer_rping_client_against_linux_rping_server() {
 /// its last message), Ferry disconnects.
 #[test]
 fn linux_ucmatose_client_against_ferry_peer() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("ucmatose-to-ferry");
     let n = COUNT.to_string();
-    let mut f = FerryProc::start(
-        &g,
-        &peer_args(&[
-            "--mode",
-            "ucmatose",
-            "--listen",
-            "--listen-service",
-            "7471",
-            "--messages",
-            &n,
-            "--size",
-            "100",
-        ]),
+    let (out, _, frames) = linux_client_to_ferry(
+        "ucmatose-to-ferry",
+        &ucmatose_args(&n),
+        &format!("ucmatose -s {HOST_IP} -C {COUNT}"),
+        HOST_IP,
     );
-    f.wait_line("listening", LIMIT);
-    let cap = g.capture("ucmatose-to-ferry");
-    let out = g.run_timeout(&format!("ucmatose -s {HOST_IP} -C {COUNT}"), LIMIT);
-    assert_eq!(out.rc, 0, "ucmatose client failed:\n{}", out.out);
     assert!(out.out.contains("data transfers complete"), "{}", out.out);
-    let (rc, lines) = f.finish(LIMIT);
-    let j = check_report(&lines, rc, "ucmatose");
-    let frames = check_capture(
-        &cap.stop(),
-        &[
-            (attr::REQ, GUEST_IP, HOST_IP),
-            (attr::REP, HOST_IP, GUEST_IP),
-            (attr::RTU, GUEST_IP, HOST_IP),
-            (attr::DREQ, HOST_IP, GUEST_IP),
-            (attr::DREP, GUEST_IP, HOST_IP),
-        ],
-    );
     assert_opcode(&frames, op::SEND, "SEND", HOST_IP, GUEST_IP);
     assert_opcode(&frames, op::SEND, "SEND", GUEST_IP, HOST_IP);
     assert_opcode(&frames, op::ACK, "ACK", HOST_IP, GUEST_IP);
-    eprintln!(
-        "ucmatose linux->ferry: {} frames, boot {:?}, test {:?}; ferry: {}",
-        frames.len(),
-        g.boot_time(),
-        t0.elapsed(),
-        j["rc"][0]
-    );
 }
 
 /// Ferry's peer as ucmatose's client against Linux `ucmatose` (server): Linux sends `COUNT`
 /// messages, Ferry sends them back, Linux disconnects and Ferry answers.
 #[test]
 fn ferry_peer_ucmatose_client_against_linux_ucmatose_server() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("ferry-to-ucmatose");
-    let server = g.spawn(&format!("ucmatose -b {GUEST_IP} -C {COUNT}"));
-    g.wait_cm_listen(UCMATOSE_PORT);
-    let cap = g.capture("ferry-to-ucmatose");
     let n = COUNT.to_string();
-    let f = FerryProc::start(
-        &g,
-        &peer_args(&[
-            "--mode",
-            "ucmatose",
-            "--connect",
-            "10.77.0.2",
-            "--listen-service",
-            "7471",
-            "--messages",
-            &n,
-            "--size",
-            "100",
-        ]),
+    let (out, _, frames) = ferry_client_to_linux(
+        "ferry-to-ucmatose",
+        &format!("ucmatose -b {GUEST_IP} -C {COUNT}"),
+        UCMATOSE_PORT,
+        &ucmatose_args(&n),
+        GUEST_IP,
     );
-    let (rc, lines) = f.finish(LIMIT);
-    let j = check_report(&lines, rc, "ucmatose");
-    let out = g.wait(server, LIMIT);
-    assert_eq!(out.rc, 0, "ucmatose server failed:\n{}", out.out);
     assert!(out.out.contains("data transfers complete"), "{}", out.out);
-    let frames = check_capture(
-        &cap.stop(),
-        &[
-            (attr::REQ, HOST_IP, GUEST_IP),
-            (attr::REP, GUEST_IP, HOST_IP),
-            (attr::RTU, HOST_IP, GUEST_IP),
-            (attr::DREQ, GUEST_IP, HOST_IP),
-            (attr::DREP, HOST_IP, GUEST_IP),
-        ],
-    );
     assert_opcode(&frames, op::SEND, "SEND", GUEST_IP, HOST_IP);
     assert_opcode(&frames, op::SEND, "SEND", HOST_IP, GUEST_IP);
-    eprintln!(
-        "ucmatose ferry->linux: {} frames, boot {:?}, test {:?}; ferry: {}",
-        frames.len(),
-        g.boot_time(),
-        t0.elapsed(),
-        j["rc"][0]
-    );
+    assert_opcode(&frames, op::ACK, "ACK", GUEST_IP, HOST_IP);
+}
+
+/// `ferry rdma peer` options for ucmatose's defaults (port 7471, 100-byte messages).
+fn ucmatose_args(n: &str) -> [&str; 8] {
+    [
+        "--mode",
+        "ucmatose",
+        "--listen-service",
+        "7471",
+        "--messages",
+        n,
+        "--size",
+        "100",
+    ]
 }

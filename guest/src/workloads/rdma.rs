@@ -505,13 +505,9 @@ fn udaddy_byte(i: usize) -> u8 {
     pattern_byte(0x7564_6164, i)
 }
 
-/// `rdma-client --rdma-mode udaddy`: SIDR for the UD service, `messages` SEND_WITH_IMM of
-/// `msg_size` bytes (immediate: our QPN, where udaddy's server replies), then as many replies.
-/// udaddy's server answers with its receive buffer's head: the GRH area (the IPv4 header in
-/// its last 20 bytes) then our message, which is what is verified.
-fn udaddy_client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
-    let port = a.service_port as u16;
-    let t0 = now_us();
+/// SIDR_REQ → SIDR_REP for `peer`'s UD service on `port` (rdma_cm's header in the private
+/// data); `Err` is the exit status.
+fn sidr(ag: &mut Agent, peer: Gid, port: u16) -> Result<SidrRep, u32> {
     let request_id = random(11);
     let mut sreq = SidrReq {
         hdr: MadHeader::cm(attr::SIDR_REQ, random(13) as u64),
@@ -523,7 +519,7 @@ fn udaddy_client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
     sreq.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
     let sreq_mad = sreq.to_mad();
     if ag.send_mad(peer, &sreq_mad).is_err() {
-        return status::RDMA_FAILED;
+        return Err(status::RDMA_FAILED);
     }
     let srep = await_mad(ag, peer, &sreq_mad, 10_000_000, |m| match m {
         CmMessage::SidrRep(r) if r.request_id == request_id => Some(*r),
@@ -531,12 +527,26 @@ fn udaddy_client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
     });
     let Some(srep) = srep else {
         println!("rdma-client: no SIDR_REP from {}", peer);
-        return status::RDMA_FAILED;
+        return Err(status::RDMA_FAILED);
     };
     if srep.status != 0 {
         println!("rdma-client: SIDR_REP status {}", srep.status);
-        return status::RDMA_FAILED;
+        return Err(status::RDMA_FAILED);
     }
+    Ok(srep)
+}
+
+/// `rdma-client --rdma-mode udaddy`: SIDR for the UD service, `messages` SEND_WITH_IMM of
+/// `msg_size` bytes (immediate: our QPN, where udaddy's server replies), then as many replies.
+/// udaddy's server answers with its receive buffer's head: the GRH area (the IPv4 header in
+/// its last 20 bytes) then our message, which is what is verified.
+fn udaddy_client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
+    let port = a.service_port as u16;
+    let t0 = now_us();
+    let srep = match sidr(ag, peer, port) {
+        Ok(r) => r,
+        Err(st) => return st,
+    };
     let t_sidr = now_us();
     println!(
         "rdma-client: SIDR to {} in {} us: UD QPN {:#x} Q_Key {:#x}",
@@ -738,31 +748,10 @@ pub fn client(p: &BootParams) -> u32 {
     let t_connected = now_us();
 
     // SIDR for the UD service.
-    let request_id = random(11);
-    let mut sreq = SidrReq {
-        hdr: MadHeader::cm(attr::SIDR_REQ, random(13) as u64),
-        request_id,
-        p_key: 0xffff,
-        service_id: service_id(PortSpace::Udp, port),
-        ..SidrReq::default()
+    let srep = match sidr(&mut ag, peer, port) {
+        Ok(r) => r,
+        Err(st) => return st,
     };
-    sreq.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
-    let sreq_mad = sreq.to_mad();
-    if ag.send_mad(peer, &sreq_mad).is_err() {
-        return status::RDMA_FAILED;
-    }
-    let srep = await_mad(&mut ag, peer, &sreq_mad, 10_000_000, |m| match m {
-        CmMessage::SidrRep(r) if r.request_id == request_id => Some(*r),
-        _ => None,
-    });
-    let Some(srep) = srep else {
-        println!("rdma-client: no SIDR_REP from {}", peer);
-        return status::RDMA_FAILED;
-    };
-    if srep.status != 0 {
-        println!("rdma-client: SIDR_REP status {}", srep.status);
-        return status::RDMA_FAILED;
-    }
     let t_sidr = now_us();
     println!(
         "rdma-client: connected to {} in {} us (REQ/REP/RTU), SIDR in {} us: UD QPN {:#x} Q_Key {:#x}",
