@@ -94,13 +94,7 @@ fn linux_client_to_ferry(
     let (rc, lines) = f.finish(LIMIT);
     let j = check_report(&lines, rc, ferry_args[1]);
     let frames = check_capture(&cap.stop(), &lifecycle(GUEST_IP, HOST_IP, closer));
-    eprintln!(
-        "{tag}: {} frames, boot {:?}, test {:?}; ferry: {}",
-        frames.len(),
-        g.boot_time(),
-        t0.elapsed(),
-        j["rc"][0]
-    );
+    report(tag, &g, t0, &j, &frames);
     (out, j, frames)
 }
 
@@ -126,6 +120,11 @@ fn ferry_client_to_linux(
     let out = g.wait(server, LIMIT);
     assert_eq!(out.rc, 0, "{command} failed:\n{}", out.out);
     let frames = check_capture(&cap.stop(), &lifecycle(HOST_IP, GUEST_IP, closer));
+    report(tag, &g, t0, &j, &frames);
+    (out, j, frames)
+}
+
+fn report(tag: &str, g: &LinuxGuest, t0: Instant, j: &serde_json::Value, frames: &Frames) {
     eprintln!(
         "{tag}: {} frames, boot {:?}, test {:?}; ferry: {}",
         frames.len(),
@@ -133,7 +132,16 @@ fn ferry_client_to_linux(
         t0.elapsed(),
         j["rc"][0]
     );
-    (out, j, frames)
+}
+
+/// rping's data path in a capture: `client`'s rping_rdma_info SENDs, `server`'s RDMA READ of
+/// the client's source buffer and its RDMA WRITE into the client's sink, and go-aheads.
+fn assert_rping_frames(frames: &Frames, client: Ipv4Addr, server: Ipv4Addr) {
+    assert_opcode(frames, op::SEND, "rping_rdma_info SEND", client, server);
+    assert_opcode(frames, op::READ_REQ, "RDMA READ request", server, client);
+    assert_opcode(frames, op::READ_RESP, "RDMA READ response", client, server);
+    assert_opcode(frames, op::WRITE, "RDMA WRITE", server, client);
+    assert_opcode(frames, op::SEND, "go-ahead SEND", server, client);
 }
 
 /// Linux `rping -c -V` against Ferry's peer serving rping's protocol: Ferry READs each ping
@@ -154,23 +162,7 @@ fn linux_rping_client_against_ferry_peer() {
             out.out
         );
     }
-    assert_opcode(&frames, op::SEND, "rping_rdma_info SEND", GUEST_IP, HOST_IP);
-    assert_opcode(
-        &frames,
-        op::READ_REQ,
-        "RDMA READ request",
-        HOST_IP,
-        GUEST_IP,
-    );
-    assert_opcode(
-        &frames,
-        op::READ_RESP,
-        "RDMA READ response",
-        GUEST_IP,
-        HOST_IP,
-    );
-    assert_opcode(&frames, op::WRITE, "RDMA WRITE", HOST_IP, GUEST_IP);
-    assert_opcode(&frames, op::SEND, "go-ahead SEND", HOST_IP, GUEST_IP);
+    assert_rping_frames(&frames, GUEST_IP, HOST_IP);
 }
 
 /// Ferry's peer as rping's client against Linux `rping -s`: Linux READs Ferry's source buffer
@@ -193,22 +185,7 @@ fn ferry_peer_rping_client_against_linux_rping_server() {
             out.out
         );
     }
-    assert_opcode(&frames, op::SEND, "rping_rdma_info SEND", HOST_IP, GUEST_IP);
-    assert_opcode(
-        &frames,
-        op::READ_REQ,
-        "RDMA READ request",
-        GUEST_IP,
-        HOST_IP,
-    );
-    assert_opcode(
-        &frames,
-        op::READ_RESP,
-        "RDMA READ response",
-        HOST_IP,
-        GUEST_IP,
-    );
-    assert_opcode(&frames, op::WRITE, "RDMA WRITE", GUEST_IP, HOST_IP);
+    assert_rping_frames(&frames, HOST_IP, GUEST_IP);
 }
 
 /// Linux `ucmatose -s` (client) against Ferry's peer serving ucmatose's protocol: Ferry sends
