@@ -3,7 +3,8 @@
 //! the harness itself — the guest boots with a RoCEv2 GID, Linux's rdma_cm speaks standard
 //! RoCEv2 across the tap as a client and as a server, the captures dissect cleanly and their
 //! ICRCs verify — with a minimal RoCEv2 peer written here on a UDP socket in the namespace.
-//! Ferry↔Linux tests build on the same helper.
+//! Ferry↔Linux tests: linux_interop_vm.rs (udaddy against a Ferry VM) and
+//! linux_interop_rc.rs (rping and ucmatose against `ferry rdma peer`).
 //!
 //! They need root and the packages `scripts/linux-rdma-guest/setup.sh` installs (it runs on the
 //! first boot); when that cannot be done they fail with the reason, never pass silently.
@@ -11,12 +12,16 @@
 #[path = "common/linux_guest.rs"]
 mod linux_guest;
 
+#[path = "common/interop.rs"]
+mod interop;
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::unix::io::AsRawFd,
     time::{Duration, Instant},
 };
 
+use interop::check_capture;
 use linux_guest::{dissect, roce_frames, LinuxGuest, GUEST_IP, HOST_IP};
 use rdma_wire::{
     cm::{
@@ -129,43 +134,6 @@ fn recv_cm(
     }
 }
 
-/// Every RoCEv2 frame in the capture has a valid ICRC over its real headers, tshark finds
-/// nothing malformed, and the expected CM messages are there. Returns the number of RoCE
-/// frames.
-fn check_capture(pcap: &std::path::Path, expect: &[(u16, Ipv4Addr, Ipv4Addr)]) -> usize {
-    let d = dissect(pcap);
-    assert!(
-        d.bad.is_empty(),
-        "tshark flags frames of {} as malformed or erroneous:\n{}",
-        pcap.display(),
-        d.bad.join("\n")
-    );
-    for &(a, src, dst) in expect {
-        assert!(
-            !d.cm(a, src, dst).is_empty(),
-            "no CM message {a:#06x} from {src} to {dst} in the capture; frames:\n{:#?}",
-            d.frames
-        );
-    }
-    let frames = roce_frames(pcap);
-    assert_eq!(
-        frames.len(),
-        d.roce().count(),
-        "tshark and the pcap reader disagree on the RoCE frames"
-    );
-    for f in &frames {
-        icrc::verify(&f.ip_header, &f.udp_header, &f.payload).unwrap_or_else(|e| {
-            panic!(
-                "frame {} ({} -> {}): ICRC does not verify: {e}",
-                f.number,
-                f.src(),
-                f.dst()
-            )
-        });
-    }
-    frames.len()
-}
-
 /// One exchange between the guest and the peer in the namespace: the guest, the peer's
 /// socket, the guest's tool running in the background and the tap capture.
 struct Exchange {
@@ -218,7 +186,7 @@ impl Exchange {
     /// Stops the capture and checks it ([`check_capture`]).
     fn finish(self, expect: &[(u16, Ipv4Addr, Ipv4Addr)]) {
         let pcap = self.cap.stop();
-        let n = check_capture(&pcap, expect);
+        let n = check_capture(&pcap, expect).len();
         eprintln!(
             "linux guest: boot {:?}, {} test {:?}, {n} RoCE frames",
             self.g.boot_time(),

@@ -141,6 +141,10 @@ pub mod rdma_mode {
     pub const BIND_OTHER: u32 = 1;
     /// Send a REQ claiming `other_gid` as its source (expects a refusal).
     pub const SPOOF: u32 = 2;
+    /// rdma-core's `udaddy` pattern, for interop with Linux: SIDR only (no REQ); the client
+    /// sends `messages` SEND_WITH_IMM (immediate = its QPN) of `msg_size` bytes, then takes as
+    /// many replies; the server takes `messages` such sends and answers each.
+    pub const UDADDY: u32 = 3;
 }
 
 /// Arguments of the NVMe workloads (0 picks the default noted on each field).

@@ -8,10 +8,13 @@ use rdma_wire::Gid;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::gid_v4;
+use crate::cm::{AcceptMode, CmEvent, ConnInfo, ListenOptions};
 use crate::cm::{CmConfig, CmEndpoint, CmStats, ConnectParams};
 use crate::host::{rc_service, ud_service};
 use crate::port::{PortConfig, PortStats, SoftPort, UdDest, UdQp};
-use crate::rc::{Clock, MemoryRegion, MonotonicClock, MrTable, RcQp, RcStats};
+use crate::rc::{Access, MemoryRegion, RcQp};
+use crate::rc::{Clock, MonotonicClock, MrTable, RcStats};
+use crate::rc_session::tools::{self, Tool, ToolStats};
 use crate::rc_session::{self, RcMode};
 use crate::RdmaError;
 
@@ -40,6 +43,9 @@ pub struct RcReport {
     pub data_us: u64,
     /// The RC QP's counters.
     pub rc: Option<RcStats>,
+    /// The Linux tool whose protocol was spoken (none: Ferry's own sessions).
+    #[serde(default)]
+    pub tool: Option<Tool>,
 }
 
 /// Result of a UD session.
@@ -145,6 +151,7 @@ impl Peer {
             bytes: 0,
             data_us: 0,
             rc: None,
+            tool: None,
         })
     }
 
@@ -225,7 +232,196 @@ impl Peer {
                 bytes: data.bytes,
                 data_us: data.data_us,
                 rc: Some(qp.stats()),
+                tool: None,
             })
+        }
+    }
+
+    /// Registers a session region at `iova`.
+    fn region(&self, iova: u64) -> Result<Arc<MemoryRegion>, RdmaError> {
+        self.mrs
+            .register(iova, rc_session::SESSION_BUF, Access::ALL)
+            .ok_or_else(|| RdmaError::Cm("no region left".into()))
+    }
+
+    /// Connects to `dgid`'s RC service like the Linux `tool`'s client (`rping -c`,
+    /// `ucmatose -s`) and speaks its protocol with Linux's server: `messages` rounds of `size`
+    /// bytes, verified; then DREQ/DREP (rping) or the server's DREQ answered (ucmatose).
+    pub fn tool_client(
+        &self,
+        dgid: Gid,
+        service_port: u16,
+        tool: Tool,
+        messages: u64,
+        size: usize,
+        wait: Duration,
+    ) -> Result<RcReport, RdmaError> {
+        let qp = self
+            .port
+            .create_rc_qp(self.gid(), self.mrs.clone(), self.clock.clone());
+        let events = self.endpoint.events();
+        let r = (|| {
+            let source = self.region(rc_session::BUF_IOVA)?;
+            let sink = self.region(rc_session::BUF_IOVA + 2 * rc_session::SESSION_BUF as u64);
+            let sink = match sink {
+                Ok(s) => s,
+                Err(e) => {
+                    self.mrs.deregister(source.key());
+                    return Err(e);
+                }
+            };
+            let t0 = Instant::now();
+            let r = self
+                .endpoint
+                .connect(
+                    dgid,
+                    ConnectParams {
+                        service_id: rc_service(service_port),
+                        qpn: qp.qpn_value(),
+                        private_data: self.private_data(dgid, service_port),
+                    },
+                    wait,
+                )
+                .and_then(|info| {
+                    let connect_us = t0.elapsed().as_micros() as u64;
+                    let data = qp
+                        .connect(dgid, rc_session::session_attrs(&info), true, true)
+                        .map_err(|e| RdmaError::Cm(format!("RC QP: {e}")))
+                        .and_then(|()| tools::post_recvs(&qp, size.max(64)))
+                        .and_then(|()| match tool {
+                            Tool::Rping => {
+                                tools::rping_client(&qp, &source, &sink, messages, size, wait)
+                            }
+                            Tool::Ucmatose => tools::ucmatose_client(&qp, messages, size, wait),
+                        });
+                    let t1 = Instant::now();
+                    // rping's client disconnects; ucmatose's server does (our CM answers).
+                    let disc = match tool {
+                        Tool::Rping => self.endpoint.disconnect(info.local_comm_id, wait),
+                        Tool::Ucmatose if data.is_ok() => {
+                            wait_disconnected(&events, info.local_comm_id, wait)
+                        }
+                        Tool::Ucmatose => self.endpoint.disconnect(info.local_comm_id, wait),
+                    };
+                    let st = data?;
+                    disc?;
+                    Ok(self.tool_report(&info, &qp, tool, connect_us, t1, st))
+                });
+            self.mrs.deregister(source.key());
+            self.mrs.deregister(sink.key());
+            r
+        })();
+        qp.shutdown();
+        let _ = self.port.destroy_qp(qp.qpn_value());
+        r
+    }
+
+    /// Serves one connection to our RC service like the Linux `tool`'s server (`rping -s`,
+    /// `ucmatose`) for Linux's client. Calls `ready` once listening.
+    pub fn tool_server(
+        &self,
+        service_port: u16,
+        tool: Tool,
+        messages: u64,
+        size: usize,
+        wait: Duration,
+        ready: impl FnOnce(),
+    ) -> Result<RcReport, RdmaError> {
+        let events = self.endpoint.events();
+        self.endpoint.listen(
+            rc_service(service_port),
+            ListenOptions {
+                qpn: self.ud_qp.qpn_value(),
+                qkey: 0,
+                accept: AcceptMode::Manual,
+            },
+        );
+        ready();
+        let info = loop {
+            match events.recv_timeout(wait) {
+                Ok(CmEvent::ConnectRequest(info)) => break info,
+                Ok(_) => continue,
+                Err(_) => {
+                    return Err(RdmaError::Cm(format!(
+                        "no connection request within {wait:?}"
+                    )))
+                }
+            }
+        };
+        let t0 = Instant::now();
+        let id = info.local_comm_id;
+        let qp = self
+            .port
+            .create_rc_qp(self.gid(), self.mrs.clone(), self.clock.clone());
+        let buf = match self.region(rc_session::BUF_IOVA) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.endpoint.reject(id, 1);
+                return Err(e);
+            }
+        };
+        let r = qp
+            .connect(
+                info.remote_gid,
+                rc_session::session_attrs(&info),
+                true,
+                true,
+            )
+            .map_err(|e| RdmaError::Cm(format!("RC QP: {e}")))
+            .and_then(|()| tools::post_recvs(&qp, size.max(64)))
+            .and_then(|()| self.endpoint.accept_with_qpn(id, Some(qp.qpn_value())))
+            .and_then(|()| wait_established(&events, id, wait))
+            .and_then(|()| {
+                let connect_us = t0.elapsed().as_micros() as u64;
+                let mut gone = false;
+                let mut disconnected = || {
+                    gone = gone || drained_disconnect(&events, id);
+                    gone
+                };
+                let data = match tool {
+                    Tool::Rping => tools::rping_server(&qp, &buf, wait, &mut disconnected),
+                    Tool::Ucmatose => tools::ucmatose_server(&qp, messages, size, wait),
+                };
+                let t1 = Instant::now();
+                let disc = match tool {
+                    Tool::Rping if gone => Ok(()),
+                    _ => self.endpoint.disconnect(id, wait),
+                };
+                let st = data?;
+                disc?;
+                Ok(self.tool_report(&info, &qp, tool, connect_us, t1, st))
+            });
+        if r.is_err() {
+            let _ = self.endpoint.reject(id, 1);
+        }
+        self.mrs.deregister(buf.key());
+        qp.shutdown();
+        let _ = self.port.destroy_qp(qp.qpn_value());
+        r
+    }
+
+    fn tool_report(
+        &self,
+        info: &ConnInfo,
+        qp: &RcQp,
+        tool: Tool,
+        connect_us: u64,
+        t1: Instant,
+        st: ToolStats,
+    ) -> RcReport {
+        RcReport {
+            local_comm_id: info.local_comm_id,
+            remote_comm_id: info.remote_comm_id,
+            remote_qpn: info.remote_qpn,
+            connect_us,
+            disconnect_us: t1.elapsed().as_micros() as u64,
+            mode: None,
+            qpn: qp.qpn_value(),
+            verified: st.verified,
+            bytes: st.bytes,
+            data_us: st.data_us,
+            rc: Some(qp.stats()),
+            tool: Some(tool),
         }
     }
 
@@ -307,6 +503,52 @@ impl Drop for Peer {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Waits for the CM to report connection `id` established.
+fn wait_established(
+    events: &crossbeam_channel::Receiver<CmEvent>,
+    id: u32,
+    wait: Duration,
+) -> Result<(), RdmaError> {
+    let end = Instant::now() + wait;
+    loop {
+        match events.recv_deadline(end) {
+            Ok(CmEvent::Established(i)) if i.local_comm_id == id => return Ok(()),
+            Ok(
+                CmEvent::Disconnected { local_comm_id }
+                | CmEvent::TimedOut { local_comm_id }
+                | CmEvent::Rejected { local_comm_id, .. },
+            ) if local_comm_id == id => {
+                return Err(RdmaError::Cm("the connection ended before its RTU".into()))
+            }
+            Ok(_) => {}
+            Err(_) => return Err(RdmaError::Cm(format!("no RTU within {wait:?}"))),
+        }
+    }
+}
+
+/// Waits for the other side to disconnect connection `id` (its DREQ; the CM answers).
+fn wait_disconnected(
+    events: &crossbeam_channel::Receiver<CmEvent>,
+    id: u32,
+    wait: Duration,
+) -> Result<(), RdmaError> {
+    let end = Instant::now() + wait;
+    loop {
+        match events.recv_deadline(end) {
+            Ok(CmEvent::Disconnected { local_comm_id }) if local_comm_id == id => return Ok(()),
+            Ok(_) => {}
+            Err(_) => return Err(RdmaError::Cm(format!("no DREQ within {wait:?}"))),
+        }
+    }
+}
+
+/// Whether a disconnect of `id` is among the events waiting now.
+fn drained_disconnect(events: &crossbeam_channel::Receiver<CmEvent>, id: u32) -> bool {
+    events
+        .try_iter()
+        .any(|e| matches!(e, CmEvent::Disconnected { local_comm_id } if local_comm_id == id))
 }
 
 /// The payload of UD message `seq`: the sequence number then a byte pattern.

@@ -32,6 +32,8 @@ use crate::rc::{
 };
 use crate::RdmaError;
 
+pub mod tools;
+
 /// Path MTU of session queue pairs: 1024, what Ferry's CM announces in its REQ (code 3).
 pub const SESSION_MTU: usize = 1024;
 /// Bytes of each side's session region (the largest message).
@@ -41,7 +43,7 @@ const RECVS: u64 = 16;
 /// RC connections one server serves at once (more are rejected: "no QP available").
 pub const MAX_SESSIONS: usize = 64;
 /// Base virtual address of session regions.
-const BUF_IOVA: u64 = 0x7f00_0000_0000;
+pub(crate) const BUF_IOVA: u64 = 0x7f00_0000_0000;
 
 /// What a session exchanges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,8 +61,11 @@ pub fn session_attrs(info: &ConnInfo) -> RcAttrs {
     RcAttrs {
         path_mtu: crate::rc::mtu_of_code(info.path_mtu).unwrap_or(SESSION_MTU),
         dest_qpn: info.remote_qpn,
-        rq_psn: info.remote_psn,
-        sq_psn: info.local_psn,
+        // As Linux's CM does (cm.c: the active side's rq_psn is the REQ's starting PSN, the
+        // passive side's is the REP's; see shared rping.pcap): the starting PSN a side
+        // announces is the one it expects to receive, the other side's is the one it sends.
+        rq_psn: info.local_psn,
+        sq_psn: info.remote_psn,
         timeout_us: 100_000,
         ..RcAttrs::default()
     }

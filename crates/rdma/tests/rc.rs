@@ -12,6 +12,7 @@ use rdma::addr::gid_v4;
 use rdma::host::DEFAULT_SERVICE_PORT;
 use rdma::port::{PortConfig, SoftPort};
 use rdma::rc::{Access, MonotonicClock, MrTable, RcAttrs, SendOp, SendWr, WcStatus};
+use rdma::rc_session::tools::Tool;
 use rdma::rc_session::RcMode;
 
 /// A bare-metal peer runs rping (64 KiB buffers: the VM READs one and WRITEs it into the other,
@@ -136,5 +137,45 @@ fn spoofed_source_and_bad_remote_accesses_are_refused_and_counted() {
     }
     for p in [&px, &py, &pz] {
         p.shutdown();
+    }
+}
+
+/// Linux tools' protocols (what `ferry rdma peer --mode rping|ucmatose` speaks with rping and
+/// ucmatose) between two Ferry peers: the server READs and checks rping's pattern, WRITEs it
+/// back, the client compares; ucmatose's SENDs go both ways and the server checks the replies.
+#[test]
+fn rping_and_ucmatose_protocols_between_two_peers() {
+    let n = 39;
+    for (tool, port, size) in [(Tool::Rping, 7174, 64), (Tool::Ucmatose, 7471, 100)] {
+        let server =
+            rdma::peer::Peer::start(PortConfig::new(Ipv4Addr::new(127, n, 0, 1)), fast_cm())
+                .expect("server peer");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let r = server.tool_server(port, tool, 7, size, WAIT, || tx.send(()).unwrap());
+            server.shutdown();
+            r
+        });
+        rx.recv_timeout(WAIT).expect("the server listens");
+        let client =
+            rdma::peer::Peer::start(PortConfig::new(Ipv4Addr::new(127, n, 0, 2)), fast_cm())
+                .expect("client peer");
+        let c = client
+            .tool_client(
+                gid_v4(Ipv4Addr::new(127, n, 0, 1)),
+                port,
+                tool,
+                7,
+                size,
+                WAIT,
+            )
+            .unwrap_or_else(|e| panic!("{tool:?} client: {e}"));
+        let s = t
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{tool:?} server: {e}"));
+        assert_eq!((c.verified, s.verified), (7, 7), "{tool:?}");
+        assert_eq!(c.tool, Some(tool));
+        client.shutdown();
     }
 }

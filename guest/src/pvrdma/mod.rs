@@ -136,6 +136,24 @@ impl Qp {
         qkey: u32,
         gid_index: u8,
     ) -> bool {
+        self.post_send_imm(wr_id, addr, len, lkey, dgid, dqpn, qkey, gid_index, None)
+    }
+
+    /// [`Qp::post_send`] as SEND_WITH_IMM when `imm` is given (the device puts it on the
+    /// wire big endian, as `htobe32` in a verbs application).
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_send_imm(
+        &self,
+        wr_id: u64,
+        addr: u64,
+        len: u32,
+        lkey: u32,
+        dgid: [u8; 16],
+        dqpn: u32,
+        qkey: u32,
+        gid_index: u8,
+        imm: Option<u32>,
+    ) -> bool {
         let tail = read_u32(self.hdr);
         let head = read_u32(self.hdr + 4);
         if tail == head ^ SQ_WQES {
@@ -145,7 +163,12 @@ impl Qp {
         let w = abi::SqWqeHdr {
             wr_id,
             num_sge: 1,
-            opcode: abi::wr_opcode::SEND,
+            opcode: if imm.is_some() {
+                abi::wr_opcode::SEND_WITH_IMM
+            } else {
+                abi::wr_opcode::SEND
+            },
+            ex: imm.unwrap_or(0),
             send_flags: abi::send_flags::SIGNALED,
             ud_remote_qpn: dqpn,
             ud_remote_qkey: qkey,

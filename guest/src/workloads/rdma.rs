@@ -213,6 +213,19 @@ impl Agent {
 
     /// Sends `len` bytes produced by `fill` to (`dgid`, `dqpn`).
     fn ud_send(&mut self, dgid: Gid, dqpn: u32, len: u32, fill: impl Fn(usize) -> u8) -> bool {
+        self.ud_send_ex(dgid, dqpn, RDMA_CM_UD_QKEY, None, len, fill)
+    }
+
+    /// [`Agent::ud_send`] with a Q_Key and optional immediate data.
+    fn ud_send_ex(
+        &mut self,
+        dgid: Gid,
+        dqpn: u32,
+        qkey: u32,
+        imm: Option<u32>,
+        len: u32,
+        fill: impl Fn(usize) -> u8,
+    ) -> bool {
         self.reap_ud_sends();
         let t0 = now_us();
         while self.ud_outstanding >= SQ_WQES {
@@ -234,16 +247,9 @@ impl Agent {
             write_bytes(at + off as u64, &chunk[..n]);
             off += n;
         }
-        let ok = self.ud.post_send(
-            slot as u64,
-            at,
-            len,
-            self.lkey,
-            dgid.0,
-            dqpn,
-            RDMA_CM_UD_QKEY,
-            0,
-        );
+        let ok = self
+            .ud
+            .post_send_imm(slot as u64, at, len, self.lkey, dgid.0, dqpn, qkey, 0, imm);
         if ok {
             self.ud_outstanding += 1;
         }
@@ -252,6 +258,13 @@ impl Agent {
 
     /// The next UD datagram: (sender GID, sender QPN, payload address, payload length, slot).
     fn ud_recv(&mut self) -> Option<(Gid, u32, u64, u32, u64)> {
+        self.ud_recv_imm()
+            .map(|(g, q, at, len, i, _)| (g, q, at, len, i))
+    }
+
+    /// [`Agent::ud_recv`] with the datagram's immediate data, if it carried any.
+    #[allow(clippy::type_complexity)]
+    fn ud_recv_imm(&mut self) -> Option<(Gid, u32, u64, u32, u64, Option<u32>)> {
         let c = self.ud_rcq.poll()?;
         let i = c.wr_id % RQ_WQES as u64;
         let at = self.ud_rbufs + i * UD_BUF;
@@ -261,12 +274,14 @@ impl Agent {
         }
         let mut grh = [0u8; 40];
         read_bytes(at, &mut grh);
+        let imm = (c.wc_flags & abi::wc_flags::WITH_IMM != 0).then_some(c.imm_data);
         Some((
             grh_sgid(&grh),
             c.src_qp,
             at + GRH,
             c.byte_len - GRH as u32,
             i,
+            imm,
         ))
     }
 
@@ -322,7 +337,7 @@ pub fn server(p: &BootParams) -> u32 {
         me, a.service_port, ag.ud.qpn
     );
     let mut conns = [Conn::default(); 16];
-    let (mut disconnects, mut echoed, mut sidr) = (0u64, 0u64, 0u64);
+    let (mut disconnects, mut echoed, mut sidr, mut bad) = (0u64, 0u64, 0u64, 0u64);
     loop {
         if stop_requested() {
             break;
@@ -426,22 +441,183 @@ pub fn server(p: &BootParams) -> u32 {
                 _ => {}
             }
         }
-        if let Some((sgid, sqpn, at, len, i)) = ag.ud_recv() {
+        if let Some((sgid, sqpn, at, len, i, imm)) = ag.ud_recv_imm() {
             let len = len.min(MAX_MSG);
             let mut buf = [0u8; MAX_MSG as usize];
             read_bytes(at, &mut buf[..len as usize]);
             ag.ud_repost(i);
-            if ag.ud_send(sgid, sqpn, len, |k| buf[k]) {
+            if a.mode == rdma_mode::UDADDY {
+                // udaddy sends SEND_WITH_IMM carrying its QPN and replies go to that QPN;
+                // its payload is an unwritten buffer, so only the size can be checked.
+                let want = udaddy_size(&a);
+                if imm != Some(sqpn) || len != want {
+                    println!(
+                        "rdma-server: udaddy message from {} QPN {:#x}: {} bytes (want {}), immediate {:?}",
+                        sgid, sqpn, len, want, imm
+                    );
+                    bad += 1;
+                } else if ag.ud_send_ex(sgid, sqpn, RDMA_CM_UD_QKEY, Some(ag.ud.qpn), len, |k| {
+                    buf[k]
+                }) {
+                    echoed += 1;
+                }
+                if a.messages != 0 && echoed + bad >= a.messages {
+                    reap_all(&mut ag);
+                    break;
+                }
+            } else if ag.ud_send(sgid, sqpn, len, |k| buf[k]) {
                 echoed += 1;
             }
         }
         ag.reap_ud_sends();
     }
     println!(
-        "rdma-server: done: {} disconnects, {} SIDR answered, {} UD messages echoed",
-        disconnects, sidr, echoed
+        "rdma-server: done: {} disconnects, {} SIDR answered, {} UD messages echoed, {} refused, {} send errors",
+        disconnects, sidr, echoed, bad, ag.ud_send_errors
     );
     let _ = ag.dev.unbind(0, me.0);
+    if bad != 0 || ag.ud_send_errors != 0 {
+        return status::RDMA_VERIFY_FAILED;
+    }
+    status::OK
+}
+
+/// udaddy's message size (`-S`, default 100).
+fn udaddy_size(a: &RdmaArgs) -> u32 {
+    if a.msg_size == 0 {
+        100
+    } else {
+        a.msg_size.clamp(GRH as u32 + 1, MAX_MSG)
+    }
+}
+
+/// Waits (bounded) until every UD send completed.
+fn reap_all(ag: &mut Agent) {
+    let t0 = now_us();
+    while ag.ud_outstanding > 0 && now_us() - t0 < 2_000_000 {
+        ag.reap_ud_sends();
+    }
+}
+
+/// The byte at `i` of the message the udaddy client sends (every message the same, as
+/// udaddy's are).
+fn udaddy_byte(i: usize) -> u8 {
+    pattern_byte(0x7564_6164, i)
+}
+
+/// SIDR_REQ → SIDR_REP for `peer`'s UD service on `port` (rdma_cm's header in the private
+/// data); `Err` is the exit status.
+fn sidr(ag: &mut Agent, peer: Gid, port: u16) -> Result<SidrRep, u32> {
+    let request_id = random(11);
+    let mut sreq = SidrReq {
+        hdr: MadHeader::cm(attr::SIDR_REQ, random(13) as u64),
+        request_id,
+        p_key: 0xffff,
+        service_id: service_id(PortSpace::Udp, port),
+        ..SidrReq::default()
+    };
+    sreq.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
+    let sreq_mad = sreq.to_mad();
+    if ag.send_mad(peer, &sreq_mad).is_err() {
+        return Err(status::RDMA_FAILED);
+    }
+    let srep = await_mad(ag, peer, &sreq_mad, 10_000_000, |m| match m {
+        CmMessage::SidrRep(r) if r.request_id == request_id => Some(*r),
+        _ => None,
+    });
+    let Some(srep) = srep else {
+        println!("rdma-client: no SIDR_REP from {}", peer);
+        return Err(status::RDMA_FAILED);
+    };
+    if srep.status != 0 {
+        println!("rdma-client: SIDR_REP status {}", srep.status);
+        return Err(status::RDMA_FAILED);
+    }
+    Ok(srep)
+}
+
+/// `rdma-client --rdma-mode udaddy`: SIDR for the UD service, `messages` SEND_WITH_IMM of
+/// `msg_size` bytes (immediate: our QPN, where udaddy's server replies), then as many replies.
+/// udaddy's server answers with its receive buffer's head: the GRH area (the IPv4 header in
+/// its last 20 bytes) then our message, which is what is verified.
+fn udaddy_client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
+    let port = a.service_port as u16;
+    let t0 = now_us();
+    let srep = match sidr(ag, peer, port) {
+        Ok(r) => r,
+        Err(st) => return st,
+    };
+    let t_sidr = now_us();
+    println!(
+        "rdma-client: SIDR to {} in {} us: UD QPN {:#x} Q_Key {:#x}",
+        peer,
+        t_sidr - t0,
+        srep.qpn,
+        srep.qkey
+    );
+    let n = a.messages.clamp(1, RQ_WQES as u64);
+    let size = udaddy_size(a);
+    let my_qpn = ag.ud.qpn;
+    let send_all = |ag: &mut Agent| {
+        (0..n).all(|_| ag.ud_send_ex(peer, srep.qpn, srep.qkey, Some(my_qpn), size, udaddy_byte))
+    };
+    if !send_all(ag) {
+        println!("rdma-client: UD send queue stuck");
+        return status::RDMA_FAILED;
+    }
+    let (mut got, mut resends) = (0u64, 0u32);
+    let mut last = now_us();
+    while got < n {
+        let Some((sgid, sqpn, at, len, i, imm)) = ag.ud_recv_imm() else {
+            ag.reap_ud_sends();
+            if now_us() - last > 2_000_000 {
+                // UD is unreliable: the server waits for all our messages before replying.
+                resends += 1;
+                if resends > 10 || !send_all(ag) {
+                    println!("rdma-client: {} of {} udaddy replies", got, n);
+                    return status::RDMA_FAILED;
+                }
+                last = now_us();
+            }
+            continue;
+        };
+        let mut buf = [0u8; MAX_MSG as usize];
+        let l = len.min(MAX_MSG) as usize;
+        read_bytes(at, &mut buf[..l]);
+        ag.ud_repost(i);
+        let g = GRH as usize;
+        let ip_ok = buf[20] >> 4 == 4
+            && buf[32..36] == me.to_ipv4().map(|v| v.octets()).unwrap_or([0; 4])
+            && buf[36..40] == peer.to_ipv4().map(|v| v.octets()).unwrap_or([0; 4]);
+        let good = sgid == peer
+            && sqpn == srep.qpn
+            && imm == Some(srep.qpn)
+            && len == size
+            && ip_ok
+            && buf[g..l]
+                .iter()
+                .enumerate()
+                .all(|(k, b)| *b == udaddy_byte(k));
+        if !good {
+            println!(
+                "rdma-client: udaddy reply {} from {} QPN {:#x} ({} bytes, immediate {:?}) does not carry our message",
+                got, sgid, sqpn, len, imm
+            );
+            return status::RDMA_VERIFY_FAILED;
+        }
+        got += 1;
+        last = now_us();
+    }
+    reap_all(ag);
+    let us = (now_us() - t_sidr).max(1);
+    println!(
+        "rdma-client: {} udaddy messages of {} bytes sent, {} replies verified in {} us ({} resends, {} send errors)",
+        n, size, got, us, resends, ag.ud_send_errors
+    );
+    let _ = ag.dev.unbind(0, me.0);
+    if ag.ud_send_errors != 0 {
+        return status::RDMA_FAILED;
+    }
     status::OK
 }
 
@@ -501,6 +677,9 @@ pub fn client(p: &BootParams) -> u32 {
         Ok(ag) => ag,
         Err(e) => return setup_failed(e),
     };
+    if a.mode == rdma_mode::UDADDY {
+        return udaddy_client(&mut ag, &a, me, peer);
+    }
     let t_start = now_us();
     let local_comm_id = random(a.local_gid);
     let mut req = Req {
@@ -569,31 +748,10 @@ pub fn client(p: &BootParams) -> u32 {
     let t_connected = now_us();
 
     // SIDR for the UD service.
-    let request_id = random(11);
-    let mut sreq = SidrReq {
-        hdr: MadHeader::cm(attr::SIDR_REQ, random(13) as u64),
-        request_id,
-        p_key: 0xffff,
-        service_id: service_id(PortSpace::Udp, port),
-        ..SidrReq::default()
+    let srep = match sidr(&mut ag, peer, port) {
+        Ok(r) => r,
+        Err(st) => return st,
     };
-    sreq.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
-    let sreq_mad = sreq.to_mad();
-    if ag.send_mad(peer, &sreq_mad).is_err() {
-        return status::RDMA_FAILED;
-    }
-    let srep = await_mad(&mut ag, peer, &sreq_mad, 10_000_000, |m| match m {
-        CmMessage::SidrRep(r) if r.request_id == request_id => Some(*r),
-        _ => None,
-    });
-    let Some(srep) = srep else {
-        println!("rdma-client: no SIDR_REP from {}", peer);
-        return status::RDMA_FAILED;
-    };
-    if srep.status != 0 {
-        println!("rdma-client: SIDR_REP status {}", srep.status);
-        return status::RDMA_FAILED;
-    }
     let t_sidr = now_us();
     println!(
         "rdma-client: connected to {} in {} us (REQ/REP/RTU), SIDR in {} us: UD QPN {:#x} Q_Key {:#x}",

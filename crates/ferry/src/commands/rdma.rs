@@ -106,6 +106,13 @@ pub enum PeerMode {
     RcConnect,
     /// SIDR_REQ/SIDR_REP then UD messages, each echoed and verified (udaddy-like).
     Ud,
+    /// Linux rping's protocol (rping_rdma_info SENDs, RDMA READ/WRITE ping-pong, verified):
+    /// the client to `rping -s`, or with `--listen` the server for `rping -c`.
+    Rping,
+    /// Linux ucmatose's protocol (SENDs one way, then back, verified; use
+    /// `--listen-service 7471 --size 100` for ucmatose's defaults): the client to `ucmatose`,
+    /// or with `--listen` the server for `ucmatose -s`.
+    Ucmatose,
 }
 
 /// `ferry rdma peer`.
@@ -114,8 +121,12 @@ pub struct PeerArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// GID (IPv4 or IPv6 text) of the VM to connect to.
-    #[arg(long)]
-    pub connect: String,
+    #[arg(long, required_unless_present = "listen")]
+    pub connect: Option<String>,
+    /// Serve one connection to `--listen-service` instead (modes rping and ucmatose); prints
+    /// a line starting with "listening" once it does.
+    #[arg(long, conflicts_with = "connect")]
+    pub listen: bool,
     /// rc, rc-send, rc-connect or ud.
     #[arg(long, value_enum, default_value = "rc")]
     pub mode: PeerMode,
@@ -254,36 +265,64 @@ struct PeerReport {
 }
 
 fn peer(a: PeerArgs) -> anyhow::Result<i32> {
-    let dgid = parse_gid(&a.connect)?;
+    let tool = match a.mode {
+        PeerMode::Rping => Some(rdma::rc_session::tools::Tool::Rping),
+        PeerMode::Ucmatose => Some(rdma::rc_session::tools::Tool::Ucmatose),
+        _ => None,
+    };
+    if a.listen && tool.is_none() {
+        anyhow::bail!("--listen serves the rping and ucmatose modes only");
+    }
+    let dgid = match &a.connect {
+        Some(g) => Some(parse_gid(g)?),
+        None => None,
+    };
     let p = Peer::start(a.common.port(), a.common.cm())
         .with_context(|| format!("starting the peer at {}", a.common.addr))?;
     let svc = a.common.listen_service;
     let mut rc = Vec::new();
     let mut ud = None;
-    let result: Result<(), rdma::RdmaError> = match a.mode {
-        PeerMode::RcConnect => (0..a.messages.max(1)).try_for_each(|_| {
-            rc.push(p.rc_session(dgid, svc, a.timeout)?);
-            Ok(())
-        }),
-        PeerMode::Rc | PeerMode::RcSend => {
-            let mode = if a.mode == PeerMode::Rc {
-                rdma::rc_session::RcMode::Rping
-            } else {
-                rdma::rc_session::RcMode::Send
-            };
-            p.rc_data_session(dgid, svc, mode, a.messages, a.size, a.timeout)
+    let result: Result<(), rdma::RdmaError> = match (a.mode, dgid) {
+        (PeerMode::Rping | PeerMode::Ucmatose, _) if a.listen => {
+            let tool = tool.unwrap_or(rdma::rc_session::tools::Tool::Rping);
+            let gid = p.gid();
+            p.tool_server(svc, tool, a.messages, a.size, a.timeout, || {
+                println!("listening on {gid} port {svc} ({tool:?})");
+            })
+            .map(|r| rc.push(r))
+        }
+        (PeerMode::Rping | PeerMode::Ucmatose, Some(dgid)) => {
+            let tool = tool.unwrap_or(rdma::rc_session::tools::Tool::Rping);
+            p.tool_client(dgid, svc, tool, a.messages, a.size, a.timeout)
                 .map(|r| rc.push(r))
         }
-        PeerMode::Ud => p
-            .ud_session(dgid, svc, a.messages, a.size, a.timeout)
-            .map(|r| ud = Some(r)),
+        (_, None) => Err(rdma::RdmaError::Cm("no GID to connect to".into())),
+        (mode, Some(dgid)) => match mode {
+            PeerMode::RcConnect => (0..a.messages.max(1)).try_for_each(|_| {
+                rc.push(p.rc_session(dgid, svc, a.timeout)?);
+                Ok(())
+            }),
+            PeerMode::Rc | PeerMode::RcSend => {
+                let mode = if a.mode == PeerMode::Rc {
+                    rdma::rc_session::RcMode::Rping
+                } else {
+                    rdma::rc_session::RcMode::Send
+                };
+                p.rc_data_session(dgid, svc, mode, a.messages, a.size, a.timeout)
+                    .map(|r| rc.push(r))
+            }
+            PeerMode::Ud => p
+                .ud_session(dgid, svc, a.messages, a.size, a.timeout)
+                .map(|r| ud = Some(r)),
+            PeerMode::Rping | PeerMode::Ucmatose => Ok(()),
+        },
     };
     let (port, cm) = p.stats();
     p.shutdown();
     let report = PeerReport {
         mode: a.mode,
         gid: p.gid().to_string(),
-        remote: dgid.to_string(),
+        remote: dgid.map(|g| g.to_string()).unwrap_or_default(),
         ok: result.is_ok(),
         rc,
         ud,
@@ -303,6 +342,12 @@ fn peer(a: PeerArgs) -> anyhow::Result<i32> {
                 report.gid, report.remote, r.local_comm_id, r.remote_comm_id, r.remote_qpn,
                 r.connect_us, r.disconnect_us
             );
+            if let Some(t) = r.tool {
+                println!(
+                    "rc {t:?}: {} messages verified, {} bytes in {} µs",
+                    r.verified, r.bytes, r.data_us
+                );
+            }
             if let Some(m) = r.mode {
                 println!(
                     "rc {m:?}: {} messages verified, {} bytes in {} µs",

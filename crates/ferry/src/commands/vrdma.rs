@@ -33,6 +33,9 @@ pub enum RdmaMode {
     BindOther,
     /// Send a REQ claiming another GID as its source (expects a refusal, exit status 40).
     Spoof,
+    /// rdma-core udaddy's pattern (both workloads): SIDR only, `--rdma-messages` UD sends
+    /// with immediate data (the sender's QPN) of `--rdma-size` bytes, answered.
+    Udaddy,
 }
 
 impl RdmaMode {
@@ -41,6 +44,7 @@ impl RdmaMode {
             RdmaMode::Normal => rdma_mode::NORMAL,
             RdmaMode::BindOther => rdma_mode::BIND_OTHER,
             RdmaMode::Spoof => rdma_mode::SPOOF,
+            RdmaMode::Udaddy => rdma_mode::UDADDY,
         }
     }
 }
@@ -66,7 +70,7 @@ pub struct RdmaCliArgs {
     /// `rdma-server`: exit after this many disconnects (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     pub rdma_sessions: u64,
-    /// `rdma-client` variant.
+    /// Workload variant (`udaddy` applies to both workloads, the others to `rdma-client`).
     #[arg(long, value_enum, default_value = "normal")]
     pub rdma_mode: RdmaMode,
 }
@@ -81,7 +85,7 @@ impl RdmaCliArgs {
             service_port: self.rdma_port as u32,
             msg_size: self.rdma_size,
             mode: self.rdma_mode.value(),
-            messages: if w == Workload::RdmaServer {
+            messages: if w == Workload::RdmaServer && self.rdma_mode != RdmaMode::Udaddy {
                 self.rdma_sessions
             } else {
                 self.rdma_messages

@@ -40,9 +40,10 @@ pub struct ConnInfo {
     pub remote_gid: Gid,
     /// The other side's QPN.
     pub remote_qpn: u32,
-    /// The starting PSN we announced (REQ or REP): our RC QP's first send PSN.
+    /// The starting PSN we announced (REQ or REP): our RC QP's first expected PSN (Linux's
+    /// CM sets the receiver's rq_psn from the starting PSN it announced).
     pub local_psn: u32,
-    /// The starting PSN the other side announced: our RC QP's first expected PSN.
+    /// The starting PSN the other side announced: our RC QP's first send PSN.
     pub remote_psn: u32,
     /// The path MTU of the REQ (IBA code: 1 = 256 … 5 = 4096).
     pub path_mtu: u8,
