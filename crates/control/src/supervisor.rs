@@ -608,6 +608,8 @@ fn handle_request(
                 "uptime_ms": ms(st.started.elapsed()),
                 "progress": vm.mailbox().progress().unwrap_or(0),
                 "ram_bytes": vm.ram().size(),
+                "verifications": st.verifications.len(),
+                "roundtrip": st.roundtrip_done.is_some(),
                 "migration": st.running.as_ref().map(|r| {
                     r.progress.lock().unwrap_or_else(|e| e.into_inner()).clone()
                 }),

@@ -172,7 +172,11 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     };
     let migrate_at = duration * 2 / 5;
     let to = dest.addr.clone();
-    let migrator = std::thread::spawn(move || migrate_later(api_path, to, migrate_at));
+    let before = Before {
+        verifications: 1,
+        roundtrip: true,
+    };
+    let migrator = std::thread::spawn(move || migrate_later(api_path, to, migrate_at, before));
     let source = session::run(&dirty_boot, &spec, Instant::now(), &signals).context("dirty run")?;
     let migration = migrator
         .join()
@@ -239,12 +243,43 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     Ok(if pass { 0 } else { 1 })
 }
 
+/// What the source must have reported before the demo migrates it.
+#[derive(Clone, Copy)]
+pub(crate) struct Before {
+    /// Ledger verifications answered.
+    pub verifications: u64,
+    /// The state round trip done.
+    pub roundtrip: bool,
+}
+
+/// Lets the workload run for `after` (the demo's pacing), then waits — on what the source's
+/// API reports, bounded — until `before` holds, and migrates the VM to `to`.
 pub(crate) fn migrate_later(
     api_path: PathBuf,
     to: String,
     after: Duration,
+    before: Before,
 ) -> anyhow::Result<MigrationReport> {
     std::thread::sleep(after);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Response::Result {
+            ok: true,
+            data: Some(d),
+            ..
+        } = api::call(&api_path, &Request::Status, |_| {})?
+        {
+            let verified = d["verifications"].as_u64().unwrap_or(0) >= before.verifications;
+            let rt = !before.roundtrip || d["roundtrip"] == true;
+            if verified && rt {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the source never reported its verification and round trip");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let request = Request::Migrate(MigrateRequest {
         to,
         downtime_ms: 50,

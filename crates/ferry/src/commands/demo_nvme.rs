@@ -17,7 +17,9 @@ use migration::MigrationReport;
 use serde::Serialize;
 use vmm::devices::serial::ConsoleSink;
 
-use super::demo::{finish_destination, migrate_later, ok, print_memory_check, start_destination};
+use super::demo::{
+    finish_destination, migrate_later, ok, print_memory_check, start_destination, Before,
+};
 use crate::{
     nvme_args::{DeviceNvmeArgs, PassthroughSource},
     session::{self, BootSpec, SessionReport, SessionSpec, Verification},
@@ -129,8 +131,13 @@ pub fn run(
         ..Default::default()
     };
     let to = dest.addr.clone();
-    let migrator =
-        std::thread::spawn(move || migrate_later(api_path, to, Duration::from_millis(1500)));
+    let migrator = std::thread::spawn(move || {
+        let before = Before {
+            verifications: 1,
+            roundtrip: false,
+        };
+        migrate_later(api_path, to, Duration::from_millis(1500), before)
+    });
     let source = session::run(&boot, &spec, std::time::Instant::now(), signals);
     let migration = migrator
         .join()
