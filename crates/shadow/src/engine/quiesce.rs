@@ -1,0 +1,240 @@
+//! Bringing the rings to rest for a switchover or an exit: RAM made to hold the guest's view of
+//! every ring, in-flight commands drained, queues re-aligned with fillers the guest never sees.
+use super::*;
+
+impl Engine {
+    /// Makes guest RAM hold the guest's view of every ring copy (the copy as the vCPU buffer;
+    /// with the copy as the device buffer RAM is the guest's view already). Returns the ring
+    /// pages, which the migration must send.
+    pub(super) fn rings_to_ram(a: &Active, bufs: &EngineBuffers) -> Result<Vec<u64>> {
+        let mut pages = Vec::new();
+        for c in a.copies.iter() {
+            if a.designation == Designation::VcpuBuffer {
+                let mut buf = vec![0u8; c.pages.len()];
+                c.pages.read(0, &mut buf);
+                bufs.ram()
+                    .write(c.gpa.start, &buf)
+                    .map_err(|source| Error::Vmm {
+                        what: format!("writing ring pages {:?} back", c.gpa),
+                        source,
+                    })?;
+            }
+            pages.extend((c.gpa.start..c.gpa.end).step_by(PAGE as usize));
+        }
+        Ok(pages)
+    }
+
+    /// Where queue `qid`'s doorbells are: (index in `pages`, SQ tail offset, CQ head offset) in
+    /// its page, which is intercepted and added to `pages` if it is not there yet
+    /// (`copy_device`: starting from the device's values).
+    pub(crate) fn doorbell_place(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        pages: &mut Vec<DoorbellPage>,
+        qid: u16,
+        copy_device: bool,
+    ) -> Result<(usize, usize, usize)> {
+        let sq_db = regs::sq_tail_doorbell(qid, self.att.dstrd());
+        let cq_db = regs::cq_head_doorbell(qid, self.att.dstrd());
+        let bar_offset = sq_db & !(PAGE - 1);
+        if cq_db & !(PAGE - 1) != bar_offset {
+            return Err(Error::Engine(format!(
+                "queue {qid}'s doorbells are on two pages"
+            )));
+        }
+        let page = match pages.iter().position(|p| p.bar_offset == bar_offset) {
+            Some(i) => i,
+            None => {
+                pages.push(self.intercept(slots, bar_offset, copy_device)?);
+                pages.len() - 1
+            }
+        };
+        Ok((
+            page,
+            (sq_db - bar_offset) as usize,
+            (cq_db - bar_offset) as usize,
+        ))
+    }
+
+    /// Intercepts the doorbell page at `bar_offset`: a hypervisor page mapped in its place
+    /// (poll mode) or the page left unmapped so writes exit (trap mode; always for the admin
+    /// page, which DSTRD 0 queues share). `copy_device`: start from the device's values.
+    pub(crate) fn intercept(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        bar_offset: u64,
+        copy_device: bool,
+    ) -> Result<DoorbellPage> {
+        let device = self
+            .att
+            .device_page(bar_offset)
+            .ok_or_else(|| Error::Engine(format!("BAR0 page {bar_offset:#x} is not mappable")))?;
+        let guest = Arc::new(HostPages::new(PAGE)?);
+        if copy_device {
+            // SAFETY: `device` is a mapped BAR page of PAGE bytes.
+            unsafe { guest.fill_from(0, device as *const u8, PAGE as usize) };
+        }
+        let admin_page = regs::doorbell_page(0, self.att.dstrd()) * PAGE;
+        let trapped = self.opts.interception == Interception::Trap || bar_offset == admin_page;
+        if bar_offset != admin_page {
+            let mode = if trapped {
+                DoorbellMode::Trapped
+            } else {
+                DoorbellMode::Redirected { host: guest.addr() }
+            };
+            // SAFETY: the page lives in `Running` until the mode changes back.
+            unsafe { self.att.set_doorbell_mode(slots, bar_offset, mode) }
+                .map_err(hook(format!("intercepting doorbell page {bar_offset:#x}")))?;
+        }
+        Ok(DoorbellPage {
+            bar_offset,
+            guest,
+            device,
+            trapped,
+        })
+    }
+
+    /// Gives the doorbell page at `bar_offset` back to the guest (the admin page stays
+    /// trapped: the mediation needs it).
+    pub(crate) fn release_page(
+        &self,
+        slots: &vmm::memslots::MemorySlots,
+        bar_offset: u64,
+    ) -> Result<()> {
+        if bar_offset == regs::doorbell_page(0, self.att.dstrd()) * PAGE {
+            return Ok(());
+        }
+        // SAFETY: the device's own page, kept mapped by the attachment.
+        unsafe {
+            self.att
+                .set_doorbell_mode(slots, bar_offset, DoorbellMode::Mapped)
+        }
+        .map_err(hook(format!("mapping doorbell page {bar_offset:#x} back")))
+    }
+
+    /// Trap mode: trapped doorbell writes of shadowed queues land in the hypervisor pages the
+    /// poller reads.
+    pub(crate) fn install_hook(
+        &self,
+        pages: &[DoorbellPage],
+        queues: &[QueueRt],
+        wakeups: &irq::Wakeups,
+    ) {
+        let routes: Vec<(u16, Arc<HostPages>, usize, usize)> = queues
+            .iter()
+            .filter(|q| pages[q.page].trapped)
+            .map(|q| {
+                (
+                    q.q.geometry().qid,
+                    pages[q.page].guest.clone(),
+                    q.sq_off,
+                    q.cq_off,
+                )
+            })
+            .collect();
+        if routes.is_empty() {
+            return;
+        }
+        let wake = wakeups.wake.try_clone().ok();
+        self.att
+            .set_doorbell_hook(Some(Arc::new(move |qid, is_cq, value| {
+                match routes.iter().find(|r| r.0 == qid) {
+                    Some((_, page, sq_off, cq_off)) => {
+                        page.store_u32(if is_cq { *cq_off } else { *sq_off }, value);
+                        if let Some(w) = &wake {
+                            let _ = w.write(1);
+                        }
+                        true
+                    }
+                    None => false,
+                }
+            })));
+    }
+
+    /// Pages the device wrote for completed commands since the last call.
+    pub fn take_dirty(&self) -> Vec<u64> {
+        match &*self.active() {
+            Some(a) => std::mem::take(&mut a.shared.lock().dirty),
+            None => Vec::new(),
+        }
+    }
+
+    /// Queues with work left: a doorbell value the poller has not taken yet, a pending
+    /// submission or a command in flight (queue, pending, in flight).
+    pub(super) fn busy(run: &Running) -> Vec<(u16, u32, usize)> {
+        run.queues
+            .iter()
+            .filter(|q| {
+                let page = &run.pages[q.page].guest;
+                page.load_u32(q.sq_off) != Some(q.seen_sq)
+                    || q.q.pending() > 0
+                    || q.q.in_flight() > 0
+            })
+            .map(|q| (q.q.geometry().qid, q.q.pending(), q.q.in_flight()))
+            .collect()
+    }
+
+    /// Waits (bounded) until every queue is idle (see [`Engine::busy`]) and stops the poller
+    /// with the queues still idle. The guest must be paused.
+    pub(super) fn drain_and_stop(a: &mut Active, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            Self::start_poller(a)?;
+            let busy = Self::busy(&a.shared.lock());
+            if busy.is_empty() {
+                Self::stop_poller(a);
+                // The poller may have taken a doorbell between the look and the stop.
+                if Self::busy(&a.shared.lock()).is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if t0.elapsed() >= timeout {
+                return Err(Error::Engine(format!(
+                    "the device did not drain within {timeout:?}: (queue, pending, in flight) = {busy:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Brings every held, idle queue's device positions onto the guest's (fillers), bounded.
+    pub(super) fn align_all(run: &mut Running, timeout: Duration) -> Result<u64> {
+        let mut fillers = 0;
+        let t0 = Instant::now();
+        let Running {
+            queues,
+            pages,
+            bufs,
+            ..
+        } = run;
+        for q in queues.iter_mut() {
+            q.q.hold(true);
+            if q.q.in_sync() {
+                q.q.hold(false);
+                continue;
+            }
+            fillers += q.q.start_alignment()?;
+            loop {
+                let step = q.q.alignment_step(bufs)?;
+                if let Some(t) = step.sq_tail {
+                    pages[q.page].ring(q.sq_off, t);
+                }
+                if let Some(h) = step.cq_head {
+                    pages[q.page].ring(q.cq_off, h);
+                }
+                if step.done {
+                    break;
+                }
+                if t0.elapsed() >= timeout {
+                    return Err(Error::Realign {
+                        qid: q.q.geometry().qid,
+                        reason: format!("fillers did not complete within {timeout:?}"),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(fillers)
+    }
+}
