@@ -340,9 +340,9 @@ pub enum BenchCommand {
     /// host-side vfio-user client.
     Nvme(crate::nvme_args::BenchNvmeArgs),
     /// Connection setups and routing through the RDMA CM multiplexer, UD rate vs raw UDP.
-    Rdma(crate::commands::bench_rdma::BenchRdmaArgs),
+    Rdma(crate::commands::bench::rdma_port::BenchRdmaArgs),
     /// VM↔VM through two multiplexers vs bare-metal peer↔peer: connection setup, UD rate.
-    Vrdma(crate::commands::bench_vrdma::BenchVrdmaArgs),
+    Vrdma(crate::commands::bench::rdma_vms::BenchVrdmaArgs),
     /// Live migration of idle, moderately and heavily dirtying guests of several sizes over
     /// loopback, against raw loopback TCP bandwidth measured in the same run.
     Migrate(BenchMigrateArgs),

@@ -39,14 +39,20 @@ fn main() {
         cli::Command::Resume(args) => commands::migrate::resume(args),
         cli::Command::Remote(args) => commands::remote::run(args),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => commands::bench::boot(args),
-        cli::Command::Bench(cli::BenchCommand::Migrate(args)) => commands::bench_migrate::run(args),
-        cli::Command::Bench(cli::BenchCommand::Nvme(args)) => commands::bench_nvme::run(args),
-        cli::Command::Bench(cli::BenchCommand::Shadow(args)) => commands::bench_shadow::run(args),
+        cli::Command::Bench(cli::BenchCommand::Migrate(args)) => {
+            commands::bench::migrate::run(args)
+        }
+        cli::Command::Bench(cli::BenchCommand::Nvme(args)) => commands::bench::nvme::run(args),
+        cli::Command::Bench(cli::BenchCommand::Shadow(args)) => {
+            commands::bench::shadow_cost::run(args)
+        }
         cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
-        cli::Command::Bench(cli::BenchCommand::Rdma(args)) => commands::bench_rdma::rdma(args),
+        cli::Command::Bench(cli::BenchCommand::Rdma(args)) => {
+            commands::bench::rdma_port::rdma(args)
+        }
         cli::Command::Rdma(cmd) => commands::rdma::run(cmd),
         cli::Command::Vrdma(args) => commands::vrdma::run(args, process_start),
-        cli::Command::Bench(cli::BenchCommand::Vrdma(args)) => commands::bench_vrdma::run(args),
+        cli::Command::Bench(cli::BenchCommand::Vrdma(args)) => commands::bench::rdma_vms::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,14 +1,7 @@
-//! One module per subcommand.
+//! One module per subcommand; the benchmarks (`bench/`) and the demo (`demo/`) in their own
+//! module trees, apart from the commands that run VMs.
 pub mod bench;
-pub mod bench_migrate;
-pub mod bench_nvme;
-pub mod bench_rc;
-pub mod bench_rdma;
-pub mod bench_shadow;
-pub mod bench_vrdma;
 pub mod demo;
-mod demo_nvme;
-mod demo_vrdma;
 pub mod device;
 pub mod migrate;
 pub mod rdma;

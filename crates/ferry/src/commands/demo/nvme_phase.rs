@@ -17,9 +17,7 @@ use migration::MigrationReport;
 use serde::Serialize;
 use vmm::devices::serial::ConsoleSink;
 
-use super::demo::{
-    finish_destination, migrate_later, ok, print_memory_check, start_destination, Before,
-};
+use super::{finish_destination, migrate_later, ok, print_memory_check, start_destination, Before};
 use crate::{
     nvme_args::{DeviceNvmeArgs, PassthroughSource},
     session::{self, BootSpec, SessionReport, SessionSpec, Verification},

@@ -396,9 +396,9 @@ pub fn rdma(a: BenchRdmaArgs) -> anyhow::Result<i32> {
     for _ in 0..reps {
         raw = raw.max(raw_udp(&a)?);
         udr = udr.max(ud(&a)?);
-        rcr = rcr.max(super::bench_rc::rc_round_trips(a.block, a.messages)?);
-        raw_bw = raw_bw.max(super::bench_rc::raw_udp_bandwidth(a.block, a.bw_bytes)?);
-        rc_bw = rc_bw.max(super::bench_rc::rc_write_bandwidth(a.block, a.bw_bytes)?);
+        rcr = rcr.max(super::rc::rc_round_trips(a.block, a.messages)?);
+        raw_bw = raw_bw.max(super::rc::raw_udp_bandwidth(a.block, a.bw_bytes)?);
+        rc_bw = rc_bw.max(super::rc::rc_write_bandwidth(a.block, a.bw_bytes)?);
     }
     let report = Report {
         setup_rate_ratio_mux_vs_bare: setup_mux.per_second / setup_bare.per_second,

@@ -10,6 +10,10 @@
 //!    live-migrates it, I/O in flight (`demo_nvme.rs`);
 //! 5. connects two VMs on two hosts over virtual RDMA (`demo_vrdma.rs`);
 //! 6. prints a report.
+
+mod nvme_phase;
+mod rdma_phase;
+
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
@@ -42,8 +46,8 @@ struct DemoReport {
     migration: Option<MigrationReport>,
     destination: Option<serde_json::Value>,
     write_rate_per_s: f64,
-    nvme: super::demo_nvme::NvmeMigration,
-    vrdma: super::demo_vrdma::VrdmaDemo,
+    nvme: nvme_phase::NvmeMigration,
+    vrdma: rdma_phase::VrdmaDemo,
 }
 
 /// A `ferry receive` child process whose console lines are echoed with a prefix and whose
@@ -194,11 +198,11 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     let destination = finish_destination(dest, migration.is_some());
 
     // 4. a VM with a passthrough NVMe device, live-migrated while nvme-verify and dirty run
-    let nvme = super::demo_nvme::run(&base.console, &base.console_prefix, echo, &signals)
+    let nvme = nvme_phase::run(&base.console, &base.console_prefix, echo, &signals)
         .context("passthrough NVMe migration")?;
 
     // 5. virtual RDMA: two hosts, a VM on each, connected through both multiplexers
-    let vrdma = super::demo_vrdma::run().context("virtual RDMA phase")?;
+    let vrdma = rdma_phase::run().context("virtual RDMA phase")?;
 
     let verified_mid = source.verifications.first().is_some_and(|v| v.status == 0);
     // The guest verifies its ledger when it finishes and exits non-zero if it does not hold;
@@ -388,8 +392,8 @@ fn print_report(r: &DemoReport) {
         }
         None => println!("  destination   FAILED (no report)"),
     }
-    super::demo_nvme::print(&r.nvme);
-    super::demo_vrdma::print(&r.vrdma);
+    nvme_phase::print(&r.nvme);
+    rdma_phase::print(&r.vrdma);
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",
         r.hello.unhandled_pio + r.source.unhandled_pio,

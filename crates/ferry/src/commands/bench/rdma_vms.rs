@@ -29,7 +29,7 @@ use rdma::{
 use rdma_wire::rdma_cm::RDMA_CM_UD_QKEY;
 use serde::Serialize;
 
-use super::vrdma::{run_vms, VmSpec, DEFAULT_PORT};
+use crate::commands::vrdma::{run_vms, VmSpec, DEFAULT_PORT};
 use crate::{signals::SignalState, vrdma_host::VrdmaHost};
 
 /// `ferry bench vrdma`.

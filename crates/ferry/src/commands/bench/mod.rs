@@ -1,4 +1,12 @@
 //! `ferry bench ...`.
+
+pub mod migrate;
+pub mod nvme;
+pub mod rc;
+pub mod rdma_port;
+pub mod rdma_vms;
+pub mod shadow_cost;
+
 use std::{
     process::Command,
     time::{Duration, Instant},
