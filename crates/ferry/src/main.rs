@@ -41,6 +41,9 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Migrate(args)) => commands::bench_migrate::run(args),
         cli::Command::Bench(cli::BenchCommand::Nvme(args)) => commands::bench_nvme::run(args),
         cli::Command::Bench(cli::BenchCommand::Shadow(args)) => commands::bench_shadow::run(args),
+        cli::Command::Bench(cli::BenchCommand::MigrateFaults(args)) => {
+            commands::bench_faults::run(args)
+        }
         cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
         cli::Command::Bench(cli::BenchCommand::Rdma(args)) => commands::bench_rdma::rdma(args),
         cli::Command::Rdma(cmd) => commands::rdma::run(cmd),

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod bench_faults;
 pub mod bench_migrate;
 pub mod bench_nvme;
 pub mod bench_rdma;
