@@ -796,7 +796,7 @@ pub fn run(args: BenchFaultsArgs) -> anyhow::Result<i32> {
                 ..Default::default()
             },
         };
-        if !args.json {
+        {
             eprintln!(
                 "run {:>3}: {:<26} at {:<12} ({}): {} VM(s), migrate {}{} -> {}{}",
                 i + 1,
@@ -846,51 +846,59 @@ pub fn run(args: BenchFaultsArgs) -> anyhow::Result<i32> {
             .collect(),
         runs,
     };
+    let text = matrix_text(&report, &faults, &phases, &by_cell, has_timeout);
     if args.json {
+        // The matrix for people on stderr, the report for scripts on stdout.
+        eprint!("{text}");
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print_matrix(&report, &faults, &phases, &by_cell, has_timeout);
+        print!("{text}");
     }
     Ok(if report.all_green { 0 } else { 1 })
 }
 
-fn print_matrix(
+fn matrix_text(
     r: &Report,
     faults: &[FaultKind],
     phases: &[Phase],
     by_cell: &BTreeMap<(FaultKind, Phase), (usize, usize)>,
     has_timeout: bool,
-) {
-    println!(
+) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "fault matrix: {} injections (seed {}), {} green; cells: green/runs",
         r.injections, r.seed, r.green
     );
-    print!("{:<28}", "");
+    let _ = write!(o, "{:<28}", "");
     for p in phases {
-        print!("{:>14}", p.label());
+        let _ = write!(o, "{:>14}", p.label());
     }
-    println!();
+    let _ = writeln!(o);
     for f in faults {
-        print!("{:<28}", f.label());
+        let _ = write!(o, "{:<28}", f.label());
         for p in phases {
             let cell = match by_cell.get(&(*f, *p)) {
                 Some(&(n, g)) if g == n => format!("{g}/{n} ok"),
                 Some(&(n, g)) => format!("{g}/{n} RED"),
                 None => "-".into(),
             };
-            print!("{cell:>14}");
+            let _ = write!(o, "{cell:>14}");
         }
-        println!();
+        let _ = writeln!(o);
     }
     let sum = |f: fn(&RunRecord) -> bool| r.runs.iter().filter(|x| f(x)).count();
-    println!(
+    let _ = writeln!(
+        o,
         "VMs running at the end: exactly one in {} runs, none with the source paused after Go \
          in {}, none because the killed device's VM ended in {}",
         sum(|x| x.vms_running == 1),
         sum(|x| x.vms_running == 0 && x.source_paused_after_go),
         sum(|x| x.vms_running == 0 && x.device_disconnect),
     );
-    println!(
+    let _ = writeln!(
+        o,
         "guest verifications passed: {} of {} runs with a running VM; lost or duplicated I/Os: \
          {} runs; source process deaths: {} ({} expected: source device killed)",
         sum(|x| x.vms_running >= 1 && x.verify_ok && x.guest_exit == Some(0)),
@@ -900,7 +908,11 @@ fn print_matrix(
         sum(|x| x.source_died && x.fault == Some(FaultKind::KillSourceDevice)),
     );
     if !has_timeout {
-        println!("(`ferry migrate` has no --timeout here: a stalled peer is ended by the source's 30 s bound)");
+        let _ = writeln!(
+            o,
+            "(`ferry migrate` has no --timeout here: a stalled peer is ended by the source's 30 s bound)"
+        );
     }
-    println!("{}", if r.all_green { "PASS" } else { "FAIL" });
+    let _ = writeln!(o, "{}", if r.all_green { "PASS" } else { "FAIL" });
+    o
 }
