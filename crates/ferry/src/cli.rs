@@ -350,6 +350,10 @@ pub enum BenchCommand {
     /// (poll and trap) at each queue depth, and migration downtime and total time of a VM with
     /// and without a passthrough device under load.
     Shadow(BenchShadowArgs),
+    /// The migration fault matrix: a VM with a passthrough NVMe device running `nvme-verify
+    /// --with-dirty` migrated many times through a fault-injecting proxy, each fault at each
+    /// protocol phase; VMs running, verifications and I/Os lost per run.
+    MigrateFaults(crate::commands::bench::faults::BenchFaultsArgs),
 }
 
 /// `ferry bench shadow`.

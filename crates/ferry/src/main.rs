@@ -46,6 +46,9 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Shadow(args)) => {
             commands::bench::shadow_cost::run(args)
         }
+        cli::Command::Bench(cli::BenchCommand::MigrateFaults(args)) => {
+            commands::bench::faults::run(args)
+        }
         cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
         cli::Command::Bench(cli::BenchCommand::Rdma(args)) => {
             commands::bench::rdma_port::rdma(args)

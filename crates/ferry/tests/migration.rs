@@ -647,3 +647,34 @@ fn a_cancelled_migration_leaves_the_vm_running_and_a_later_one_works() {
     assert_eq!(api(&sb, json!({"cmd": "stop"}))["ok"], true);
     dst2.wait_output(PATIENCE);
 }
+
+#[test]
+fn the_fault_matrix_runs_and_reports_each_injection() {
+    // Two cells of the matrix, one injection each: a cut and the destination killed in round
+    // 0; both must leave exactly one VM, which verifies and whose guest ends clean.
+    let out = ferry()
+        .args(["bench", "migrate-faults", "--runs", "2", "--seed", "3"])
+        .args(["--faults", "cut,kill-destination", "--phases", "round0"])
+        .arg("--json")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(report["injections"], 2, "{report}");
+    for run in report["runs"].as_array().unwrap() {
+        assert_eq!(run["reached"], true, "{run}");
+        assert_eq!(run["vms_running"], 1, "{run}");
+        assert_eq!(run["verify_ok"], true, "{run}");
+        assert_eq!(run["guest_exit"], 0, "{run}");
+        assert_eq!(run["green"], true, "{run}");
+    }
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("fault matrix: 2 injections"), "{text}");
+    assert!(text.contains("PASS"), "{text}");
+}

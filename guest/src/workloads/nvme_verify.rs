@@ -413,6 +413,10 @@ impl Run {
         let mut last_report = t0;
         let mut done_at_report = self.done;
         let lost_ticks = LOST_AFTER_MS * clock::ticks_per_ms();
+        // A slot found overdue once: lost only if it is still overdue after one more poll
+        // (a VM paused for longer than the limit may resume between the poll and the check,
+        // its completions waiting in the queue).
+        let mut overdue: Option<usize> = None;
         let mut spins = 0u64;
         loop {
             let mut issued_any = false;
@@ -461,11 +465,16 @@ impl Run {
             if completed || spins.is_multiple_of(4096) {
                 params::write64(OFF_PROGRESS, self.done);
                 let now = clock::rdtsc();
-                if let Some(s) = self
+                if let Some(i) = self
                     .slots
                     .iter()
-                    .find(|s| s.active && now.wrapping_sub(s.start) > lost_ticks)
+                    .position(|s| s.active && now.wrapping_sub(s.start) > lost_ticks)
                 {
+                    if overdue != Some(i) {
+                        overdue = Some(i);
+                        continue;
+                    }
+                    let s = &self.slots[i];
                     println!(
                         "nvme-verify: lost completion: {} of {} blocks at LBA {} (tag {}) outstanding for more than {} ms",
                         if s.write { "write" } else { "read" },

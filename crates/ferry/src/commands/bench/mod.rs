@@ -1,5 +1,6 @@
 //! `ferry bench ...`.
 
+pub mod faults;
 pub mod migrate;
 pub mod nvme;
 pub mod rc;
