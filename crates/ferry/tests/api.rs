@@ -227,6 +227,39 @@ fn every_endpoint_answers_as_its_openapi_document_says() {
             "{e}"
         );
     }
+    // Cancel applies to a running migration only.
+    let e = doc.call(&a, "PUT", "/vm.cancel-migration", None, 409);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("no migration is running"),
+        "{e}"
+    );
+    // A migration to a peer that accepts and never answers runs until cancelled: the cancel
+    // answers 200, the migration's own request gets the error, the VM keeps running.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = silent.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let a2 = a.clone();
+    let sending = std::thread::spawn(move || {
+        http(&a2, "PUT", "/vm.send-migration", Some(&json!({ "to": to })))
+    });
+    common::wait_until("the source reports the migration", PATIENCE, || {
+        doc.call(&a, "GET", "/vm.info", None, 200)["state"] == "migrating"
+    });
+    let c = doc.call(&a, "PUT", "/vm.cancel-migration", None, 200);
+    assert_eq!(c, json!({"cancelled": true}));
+    let r = sending.join().unwrap();
+    let lines = doc.check("PUT", "/vm.send-migration", &r);
+    let last = lines.last().cloned().unwrap_or_default();
+    assert!(text(&r.body).contains("cancelled"), "{} {last}", r.status);
+    drop(held.join().unwrap());
+    assert_eq!(
+        doc.call(&a, "GET", "/vm.info", None, 200)["state"],
+        "running"
+    );
+
     // Bodies that are not what the endpoint takes.
     let bad = |path: &str, body: &str| {
         let raw = format!(
