@@ -500,6 +500,14 @@ fn run(
         }
         other => return Err(protocol(format!("expected Go, got {other:?}"))),
     }
+    // A device that died since Ready (its watchdog ended the unstarted VM) would end the VM
+    // at once: do not start it, and tell the source, which keeps its paused copy for the
+    // operator instead of losing the VM.
+    if let Some(outcome) = vm.lifecycle().outcome() {
+        return Err(MigrationError::NotMigratable(format!(
+            "the VM cannot start here after Go: {outcome}"
+        )));
+    }
     vm.start()?;
     report.total_ms = start.elapsed().as_secs_f64() * 1000.0;
     let w = reader.get_mut();
