@@ -126,6 +126,9 @@ impl UdQueue for HostUd {
             data: m.data,
         })
     }
+    fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
+        self.qp.set_notify(waker);
+    }
 }
 
 impl Drop for HostUd {

@@ -15,7 +15,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -114,12 +114,69 @@ impl crate::device::MsiSink for KvmMsi {
     }
 }
 
-struct Registers(Arc<Mutex<Device>>);
+/// How long one idle wait ([`abi::FERRY_REG_IDLE_WAIT`]) blocks a vCPU at most: long enough
+/// to leave the CPU to the device and the port, short enough that a guest checking other
+/// things (a stop request, a timeout) notices them in time.
+const IDLE_WAIT: Duration = Duration::from_millis(1);
+
+/// Completions published by the device thread to vCPUs in the idle wait.
+#[derive(Default)]
+struct Completions {
+    /// The device's completion count as last published.
+    seen: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Completions {
+    fn publish(&self, count: u64) {
+        let mut s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if *s != count {
+            *s = count;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Waits until a count beyond `count` is published or `IDLE_WAIT` passes.
+    fn wait_beyond(&self, count: u64) -> bool {
+        let s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, IDLE_WAIT, |s| *s <= count)
+            .unwrap_or_else(|e| e.into_inner());
+        *s > count
+    }
+}
+
+struct Registers {
+    device: Arc<Mutex<Device>>,
+    inbox: Arc<MadInbox>,
+    completions: Arc<Completions>,
+}
+
+impl Registers {
+    /// The idle wait: 1 at once if a CQ holds unconsumed entries; else wakes the device
+    /// thread (for doorbells the guest rang before waiting) and blocks until a completion is
+    /// written (1) or `IDLE_WAIT` passes (0). The count is taken under the device lock
+    /// together with the emptiness check, so a completion written after it is never missed.
+    fn idle_wait(&self) -> u32 {
+        let count = {
+            let d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            if d.completions_pending() {
+                return 1;
+            }
+            d.completion_count()
+        };
+        self.inbox.wake();
+        self.completions.wait_beyond(count) as u32
+    }
+}
 
 impl BusDevice for Registers {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = if data.len() == 4 && offset % 4 == 0 {
-            self.0
+        let v = if data.len() == 4 && offset == abi::FERRY_REG_IDLE_WAIT {
+            self.idle_wait()
+        } else if data.len() == 4 && offset % 4 == 0 {
+            self.device
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .read_reg(offset)
@@ -133,7 +190,7 @@ impl BusDevice for Registers {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 4 && offset % 4 == 0 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            self.0
+            self.device
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .write_reg(offset, v);
@@ -257,6 +314,7 @@ pub fn attach(
     let mut dev = Device::new(mem, backend, inbox.clone());
     dev.set_msi_sink(Arc::new(KvmMsi(vm.vm_fd().clone())));
     let device = Arc::new(Mutex::new(dev));
+    let completions = Arc::new(Completions::default());
 
     let mut cfg = PciConfiguration::new(PciHeader {
         vendor_id: abi::PCI_VENDOR_ID_VMWARE,
@@ -288,7 +346,11 @@ pub fn attach(
     vm.mmio_bus().insert(
         reg_gpa,
         REG_BAR_SIZE,
-        Arc::new(Mutex::new(Registers(device.clone()))),
+        Arc::new(Mutex::new(Registers {
+            device: device.clone(),
+            inbox: inbox.clone(),
+            completions: completions.clone(),
+        })),
     )?;
     vm.mmio_bus().insert(
         msix_gpa,
@@ -315,11 +377,12 @@ pub fn attach(
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let (device, stop, uar, inbox) = (device.clone(), stop.clone(), uar.clone(), inbox.clone());
+        let completions = completions.clone();
         std::thread::Builder::new()
             .name("pvrdma".into())
             .spawn(move || {
                 inbox.set_waker(std::thread::current());
-                poll_loop(&device, &stop, &uar)
+                poll_loop(&device, &stop, &uar, &completions)
             })
             .map_err(|e| VrdmaError::Io {
                 what: "spawning the device thread",
@@ -340,32 +403,40 @@ pub fn attach(
     })
 }
 
-fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage) {
+/// The device thread's park while work flows. Events wake it earlier (see `poll_loop`), so
+/// this only bounds how long a doorbell rung by a guest that keeps polling waits.
+const ACTIVE_PARK: Duration = Duration::from_micros(100);
+
+fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &Completions) {
     // Polling policy: the rings in guest memory are the truth and are scanned on every pass.
     // A pass that found work is followed by another at once; otherwise the thread parks for
-    // 20 µs (200 ms after the last work: 1 ms), leaving the CPU to the vCPUs, which spin on
-    // their completion queues. (Spinning here too starves them on a machine with few cores.)
-    // A doorbell write (the device zeroes the doorbell words it has seen, so every write is a
-    // change) and a command count as work; an inbound MAD unparks the thread (the inbox
-    // wakes it).
+    // `ACTIVE_PARK` (200 ms after the last work: 1 ms), leaving the CPU to the vCPUs.
+    // (Spinning here, or waking every 20 µs, starves them on a machine with few cores: both
+    // measured slower.) A doorbell write (the device zeroes the
+    // doorbell words it has seen, so every write is a change) and a command count as work.
+    // Events unpark the thread at once: an inbound MAD (the inbox), a datagram queued on one
+    // of the VM's UD QPs (the port's receive path), and a vCPU entering the idle wait (it may
+    // have rung doorbells just before). Each pass publishes the completion count, which
+    // wakes a vCPU in the idle wait.
     let mut last_work = Instant::now();
     let mut commands = 0;
     while !stop.load(Ordering::Relaxed) {
         let [qp_bell, cq_bell] = uar.take_doorbells();
-        let (work, c) = {
+        let (work, c, completed) = {
             let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
             if cq_bell != 0 {
                 d.cq_doorbell(cq_bell);
             }
-            (d.poll(), d.command_count())
+            (d.poll(), d.command_count(), d.completion_count())
         };
+        done.publish(completed);
         if work > 0 || qp_bell != 0 || cq_bell != 0 || c != commands {
             commands = c;
             last_work = Instant::now();
             continue;
         }
         if last_work.elapsed() < Duration::from_millis(200) {
-            std::thread::park_timeout(Duration::from_micros(20));
+            std::thread::park_timeout(ACTIVE_PARK);
         } else {
             std::thread::park_timeout(Duration::from_millis(1));
         }

@@ -7,7 +7,7 @@ use std::{
     collections::VecDeque,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
 };
 
@@ -48,6 +48,10 @@ pub trait UdQueue: Send + Sync {
     ) -> Result<(), BackendError>;
     /// The next received datagram, if any (never blocks).
     fn try_recv(&self) -> Option<UdDatagram>;
+    /// Calls `waker` whenever a datagram is queued for [`UdQueue::try_recv`], so the device
+    /// thread can sleep instead of polling. Without it the device finds datagrams on its
+    /// periodic passes only.
+    fn set_waker(&self, _waker: Arc<dyn Fn() + Send + Sync>) {}
 }
 
 /// The host side of one VM's virtual RDMA port.
@@ -103,10 +107,15 @@ impl MadInbox {
             .unwrap_or_else(|e| e.into_inner())
             .push_back((*grh, Box::new(*mad)));
         self.accepted.fetch_add(1, Ordering::Relaxed);
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes the device thread (a MAD or a datagram arrived, or a vCPU waits for work).
+    pub fn wake(&self) {
         if let Some(t) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
             t.unpark();
         }
-        Ok(())
     }
 
     /// The thread to wake when a MAD arrives (the device thread).

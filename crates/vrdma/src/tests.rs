@@ -434,6 +434,9 @@ fn ud_queue_pair_maps_to_a_host_queue_pair() {
     });
     let rbuf = g.page();
     g.post_recv(&qp_pages, 0, rbuf, 100, lkey);
+    // What the idle wait watches: nothing pending or written yet.
+    assert!(!g.dev.completions_pending());
+    assert_eq!(g.dev.completion_count(), 0);
     g.dev.poll();
     assert_eq!(
         g.backend.ud_sent.lock().unwrap()[0],
@@ -441,6 +444,12 @@ fn ud_queue_pair_maps_to_a_host_queue_pair() {
     );
     let cqes = g.cqes(&cq_pages);
     assert_eq!(cqes.len(), 2);
+    assert_eq!(g.dev.completion_count(), 2);
+    assert!(g.dev.completions_pending(), "unconsumed CQEs are pending");
+    // The guest consumes both (cons_head := prod_tail): nothing pending any more.
+    let tail = g.mem.load_u32(cq_pages[0] + 8).unwrap();
+    g.mem.store_u32(cq_pages[0] + 12, tail).unwrap();
+    assert!(!g.dev.completions_pending());
     assert_eq!((cqes[1].byte_len, cqes[1].src_qp), (45, 0x99));
     let mut got = [0u8; 5];
     g.mem.read(rbuf + 40, &mut got).unwrap();

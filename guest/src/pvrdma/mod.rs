@@ -304,6 +304,13 @@ impl Device {
         })
     }
 
+    /// The idle wait (one VM exit): returns once a completion queue holds entries or after
+    /// about a millisecond, leaving the CPU to the device meanwhile. Only for when polling
+    /// has found nothing for a while: never per work request.
+    pub fn idle_wait(&self) -> u32 {
+        mmio_read32(self.regs + abi::FERRY_REG_IDLE_WAIT)
+    }
+
     /// Writes raw bytes into the command slot and rings the request register; returns ERR.
     pub fn raw_command(&self, bytes: &[u8]) -> u32 {
         write_bytes(self.cmd, bytes);

@@ -2,6 +2,7 @@
 //! [`super::GsiHandler`]; every other QP implements [`QueuePair`]: [`UdQp`] here, and the RC
 //! queue pairs of [`crate::rc`].
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -97,17 +98,32 @@ counters! {
     }
 }
 
+/// What a [`UdQp`] calls after queueing a message (see [`UdQp::set_notify`]).
+type Notify = Arc<dyn Fn() + Send + Sync>;
+
 /// An unreliable-datagram queue pair bound to one GID, with a bounded receive queue.
-#[derive(Debug)]
 pub struct UdQp {
     qpn: u32,
     gid: Gid,
     qkey: u32,
     tx: Sender<UdMessage>,
     rx: Receiver<UdMessage>,
+    notify: OnceLock<Notify>,
     pub(crate) psn: AtomicU32,
     /// Counters.
     pub counters: UdQpCounters,
+}
+
+impl std::fmt::Debug for UdQp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdQp")
+            .field("qpn", &self.qpn)
+            .field("gid", &self.gid)
+            .field("qkey", &self.qkey)
+            .field("notify", &self.notify.get().is_some())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
 }
 
 impl UdQp {
@@ -119,6 +135,7 @@ impl UdQp {
             qkey,
             tx,
             rx,
+            notify: OnceLock::new(),
             psn: AtomicU32::new(0),
             counters: UdQpCounters::default(),
         }
@@ -137,6 +154,13 @@ impl UdQp {
     /// Its Q_Key.
     pub fn qkey(&self) -> u32 {
         self.qkey
+    }
+
+    /// Sets what is called (on the port's receive thread; it must not block) after each
+    /// message queued for [`UdQp::try_recv`], so a consumer can sleep until there is one.
+    /// Only the first call takes effect.
+    pub fn set_notify(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.notify.set(f);
     }
 
     /// The next received message, waiting up to `timeout`.
@@ -187,6 +211,9 @@ impl QueuePair for UdQp {
         match self.tx.try_send(msg) {
             Ok(()) => {
                 bump(&self.counters.rx_messages);
+                if let Some(n) = self.notify.get() {
+                    n();
+                }
                 RxVerdict::Accepted
             }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {

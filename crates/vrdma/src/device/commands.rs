@@ -444,6 +444,9 @@ impl Device {
                     "bind a GID (CREATE_BIND index 0) before creating UD QPs",
                 ))?;
                 let q = self.backend.create_ud_qp(gid, UD_QKEY)?;
+                // A datagram arriving wakes the device thread (the same one MADs wake).
+                let inbox = self.inbox.clone();
+                q.set_waker(Arc::new(move || inbox.wake()));
                 (q.qpn(), Some(q))
             }
             other => {

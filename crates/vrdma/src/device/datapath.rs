@@ -96,6 +96,7 @@ impl Device {
         })();
         match res {
             Ok(Some(())) => {
+                self.completions += 1;
                 if self.msix.armed.remove(&cq) {
                     self.raise(2);
                 }

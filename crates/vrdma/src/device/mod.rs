@@ -270,6 +270,8 @@ pub struct Device {
     next_handle: u32,
     stats: DeviceStats,
     msix: Msix,
+    /// Completions written so far (what a vCPU in the idle wait watches).
+    completions: u64,
 }
 
 /// Where the device's MSI-X messages go (the VMM injects them into the VM).
@@ -341,6 +343,7 @@ impl Device {
             next_handle: 1,
             stats: DeviceStats::default(),
             msix: Msix::default(),
+            completions: 0,
         }
     }
 
@@ -389,6 +392,25 @@ impl Device {
     /// Commands executed so far (the device thread treats a new command as activity).
     pub fn command_count(&self) -> u64 {
         self.stats.commands
+    }
+
+    /// Completions written since the device was created.
+    pub fn completion_count(&self) -> u64 {
+        self.completions
+    }
+
+    /// Whether a completion queue holds entries the guest has not consumed yet.
+    pub fn completions_pending(&self) -> bool {
+        self.cqs.values().filter(|c| !c.error).any(|c| {
+            let Some(page) = c.pages.first() else {
+                return false;
+            };
+            let hdr = page + abi::RING_STATE_RX_OFFSET;
+            match (self.mem.load_u32(hdr), self.mem.load_u32(hdr + 4)) {
+                (Ok(prod), Ok(cons)) => prod != cons,
+                _ => false,
+            }
+        })
     }
 
     /// The GIDs bound now.
