@@ -182,19 +182,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     };
     let migrator = std::thread::spawn(move || migrate_later(api_path, to, migrate_at, before));
     let source = session::run(&dirty_boot, &spec, Instant::now(), &signals).context("dirty run")?;
-    let migration = migrator
-        .join()
-        .map_err(|_| anyhow::anyhow!("migration thread panicked"))?;
-    let migration = match migration {
-        Ok(m) => Some(m),
-        Err(e) => {
-            eprintln!(
-                "ferry demo: migration failed: {}",
-                vmm::ErrorChain(e.as_ref())
-            );
-            None
-        }
-    };
+    let migration = join_migration(migrator, "migration")?;
     let destination = finish_destination(dest, migration.is_some());
 
     // 4. a VM with a passthrough NVMe device, live-migrated while nvme-verify and dirty run
@@ -245,6 +233,24 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         print_report(&report);
     }
     Ok(if pass { 0 } else { 1 })
+}
+
+/// Waits for the thread running [`migrate_later`]: its report, or `None` after saying on
+/// stderr why the `what` failed.
+pub(crate) fn join_migration(
+    migrator: std::thread::JoinHandle<anyhow::Result<MigrationReport>>,
+    what: &str,
+) -> anyhow::Result<Option<MigrationReport>> {
+    let migration = migrator
+        .join()
+        .map_err(|_| anyhow::anyhow!("{what} thread panicked"))?;
+    Ok(match migration {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("ferry demo: {what} failed: {}", vmm::ErrorChain(e.as_ref()));
+            None
+        }
+    })
 }
 
 /// What the source must have reported before the demo migrates it.

@@ -17,7 +17,10 @@ use migration::MigrationReport;
 use serde::Serialize;
 use vmm::devices::serial::ConsoleSink;
 
-use super::{finish_destination, migrate_later, ok, print_memory_check, start_destination, Before};
+use super::{
+    finish_destination, join_migration, migrate_later, ok, print_memory_check, start_destination,
+    Before,
+};
 use crate::{
     nvme_args::{DeviceNvmeArgs, PassthroughSource},
     session::{self, BootSpec, SessionReport, SessionSpec, Verification},
@@ -137,19 +140,7 @@ pub fn run(
         migrate_later(api_path, to, Duration::from_millis(1500), before)
     });
     let source = session::run(&boot, &spec, std::time::Instant::now(), signals);
-    let migration = migrator
-        .join()
-        .map_err(|_| anyhow::anyhow!("migration thread panicked"))?;
-    let migration = match migration {
-        Ok(m) => Some(m),
-        Err(e) => {
-            eprintln!(
-                "ferry demo: NVMe migration failed: {}",
-                vmm::ErrorChain(e.as_ref())
-            );
-            None
-        }
-    };
+    let migration = join_migration(migrator, "NVMe migration")?;
     let destination = finish_destination(dest, migration.is_some());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(NvmeMigration {
