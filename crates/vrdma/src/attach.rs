@@ -151,6 +151,12 @@ struct Registers {
     device: Arc<Mutex<Device>>,
     inbox: Arc<MadInbox>,
     completions: Arc<Completions>,
+    /// The UAR page mapped into the guest by a KVM memory slot. The register device lives on
+    /// the VM's MMIO bus, which every vCPU thread holds (`Arc<Bus>`) for as long as it can run
+    /// the guest: keeping the page here keeps it mapped until the last vCPU thread is gone,
+    /// even one that outlived its handle (see `VcpuHandle`'s drop), so the slot never points
+    /// at unmapped (or reused) host memory.
+    _uar: Arc<HostPage>,
 }
 
 impl Registers {
@@ -343,6 +349,7 @@ pub fn attach(
     // Enable (bit 15) and function mask (bit 14) of the message control word.
     cfg.set_writable(cap / 4, 0xc000_0000);
 
+    let uar = Arc::new(HostPage::new()?);
     vm.mmio_bus().insert(
         reg_gpa,
         REG_BAR_SIZE,
@@ -350,6 +357,7 @@ pub fn attach(
             device: device.clone(),
             inbox: inbox.clone(),
             completions: completions.clone(),
+            _uar: uar.clone(),
         })),
     )?;
     vm.mmio_bus().insert(
@@ -357,10 +365,11 @@ pub fn attach(
         MSIX_BAR_SIZE,
         Arc::new(Mutex::new(MsixBar(device.clone()))),
     )?;
-    let uar = Arc::new(HostPage::new()?);
-    // SAFETY: the page stays mapped while `VrdmaHandle` (which owns an Arc of it) lives, and
-    // the VM's memory slots are torn down with the VM; the guest may write it at any time,
-    // which the device tolerates (it only reads doorbell words as hints).
+    // SAFETY: the page stays mapped as long as anything that can run the guest exists: the
+    // register device on the MMIO bus owns an Arc of it, and the bus is owned by the VM and
+    // by every vCPU thread (also one left behind after its handle gave up joining it), so
+    // the page outlives the KVM VM's last use of the slot. The guest may write it at any
+    // time, which the device tolerates (it only reads doorbell words as hints).
     unsafe {
         vm.memory_slots()
             .add(uar_gpa, UAR_BAR_SIZE, uar.0 as u64, SlotKind::Device, false)?;
