@@ -241,7 +241,13 @@ pub fn run(
         .as_ref()
         .map(|p| PassthroughSession::start(p, &vm, spec.shadow_continuous, spec.shadow))
         .transpose()?;
-    let vrdma = spec.vrdma.as_ref().map(|h| h.attach(&vm)).transpose()?;
+    // The VM may own the GID it is configured with (`--vrdma gid=`), nothing else.
+    let vrdma_gids = [std::net::Ipv4Addr::from(boot.args.rdma.local_gid)];
+    let vrdma = spec
+        .vrdma
+        .as_ref()
+        .map(|h| h.attach(&vm, &vrdma_gids))
+        .transpose()?;
     vm.boot(&boot.image, boot.workload, boot.args)
         .map_err(Error::vmm("loading the guest"))?;
     vm.start().map_err(Error::vmm("starting the vCPUs"))?;

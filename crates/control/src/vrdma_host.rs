@@ -81,9 +81,10 @@ impl Qp1Sink for InboxSink {
 fn backend_error(e: RdmaError) -> BackendError {
     let kind = match &e {
         RdmaError::GidOwned { .. } => BackendErrorKind::AddressInUse,
-        RdmaError::Refused { .. } | RdmaError::NotOwner { .. } | RdmaError::InvalidGid(_) => {
-            BackendErrorKind::Refused
-        }
+        RdmaError::Refused { .. }
+        | RdmaError::NotOwner { .. }
+        | RdmaError::InvalidGid(_)
+        | RdmaError::GidNotAllowed { .. } => BackendErrorKind::Refused,
         _ => BackendErrorKind::Failed,
     };
     BackendError::new(kind, vmm::ErrorChain(&e).to_string())
@@ -211,12 +212,16 @@ impl VrdmaHost {
         }))
     }
 
-    /// Attaches a PVRDMA device to `vm`, registered with the multiplexer as a new VM.
-    pub fn attach(&self, vm: &vmm::Vm) -> crate::Result<VmLink> {
+    /// Attaches a PVRDMA device to `vm`, registered with the multiplexer as a new VM that may
+    /// own exactly the GIDs `gids` (its `--vrdma gid=`): the guest's CREATE_BIND of any other
+    /// GID is refused and counted, whatever the guest was told.
+    pub fn attach(&self, vm: &vmm::Vm, gids: &[Ipv4Addr]) -> crate::Result<VmLink> {
         let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
         let inbox = Arc::new(MadInbox::default());
+        let allowed: Vec<Gid> = gids.iter().map(|a| Gid::from_ipv4(*a)).collect();
         self.mux
             .attach_vm(id, Arc::new(InboxSink(inbox.clone())))
+            .and_then(|()| self.mux.set_allowed_gids(id, &allowed))
             .map_err(|source| crate::Error::Rdma {
                 what: "attaching the VM to the multiplexer".into(),
                 source,

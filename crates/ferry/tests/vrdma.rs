@@ -383,8 +383,11 @@ fn a_hostile_guest_gets_errors_while_the_vmm_and_the_other_vms_keep_working() {
     let host = vrdma_host(
         "127.66.0.1",
         &[
-            "rdma-hostile,gid=127.66.1.9",
+            // .1.3 is configured for a VM that starts later: the hostile VM may not take it.
+            "rdma-hostile,gid=127.66.1.9,other=127.66.1.3",
             "rdma-server,gid=127.66.1.1,sessions=1",
+            "rdma-server,gid=127.66.1.3,sessions=1,delay=3000",
+            "rdma-client,gid=127.66.1.4,peer=127.66.1.3,messages=10,delay=4000",
             "rdma-client,gid=127.66.1.2,peer=127.66.1.1,messages=100,delay=1000",
         ],
     );
@@ -400,6 +403,10 @@ fn a_hostile_guest_gets_errors_while_the_vmm_and_the_other_vms_keep_working() {
     assert!(dev["command_errors"].as_u64().unwrap() >= 10, "{dev}");
     assert!(dev["wr_errors"].as_u64().unwrap() >= 3, "{dev}");
     assert_eq!(dev["qp_ring_errors"], 1, "{dev}");
+    assert_eq!(dev["binds_refused"], 1, "{dev}");
+    assert_eq!(r["host"]["mux"]["registrations_not_allowed"], 1, "{r}");
+    let late = vm(&r, "127.66.1.4", "rdma-client");
+    assert_eq!(late["vrdma"]["device"]["ud_received"], 10, "{late}");
     assert!(d
         .stdout
         .contains("hostile requests refused, 0 accepted; device still serves commands"));

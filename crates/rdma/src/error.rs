@@ -59,6 +59,14 @@ pub enum RdmaError {
     /// A VM added twice.
     #[error("VM {0} is already attached")]
     VmExists(u32),
+    /// A GID outside the set the host configured for the VM.
+    #[error("GID {gid} is not one the host allows VM {vm} to own")]
+    GidNotAllowed {
+        /// The GID.
+        gid: Gid,
+        /// The VM that asked.
+        vm: u32,
+    },
     /// Unregistering a GID the VM does not own.
     #[error("GID {gid} is not registered to VM {vm}")]
     NotOwner {

@@ -793,3 +793,5 @@ fn random_garbage_in_commands_rings_and_page_directories_never_breaks_the_device
     assert!(g.dev.stats().command_errors > 1000);
     let _ = lkey;
 }
+
+mod hostile;

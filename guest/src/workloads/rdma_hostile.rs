@@ -130,6 +130,18 @@ pub fn run(p: &BootParams) -> u32 {
     );
     check("CREATE_BIND beyond the GID table", dev.bind(200, [1; 16]));
     check("CREATE_BIND of the zero GID", dev.bind(0, [0; 16]));
+    if p.args.rdma.other_gid != 0 {
+        // A GID the host did not configure for this VM (free, or another VM's): the host
+        // decides which GIDs a VM may own, not the guest.
+        let mut other = [0u8; 16];
+        other[10] = 0xff;
+        other[11] = 0xff;
+        other[12..].copy_from_slice(&p.args.rdma.other_gid.to_be_bytes());
+        check(
+            "CREATE_BIND of a GID the host did not give this VM",
+            dev.bind(1, other),
+        );
+    }
     check(
         "MODIFY_QP of an unknown QP",
         dev.modify_qp(999, qp_state::RTS, 0),

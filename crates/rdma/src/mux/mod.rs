@@ -120,8 +120,11 @@ counters! {
         refused_table_full,
         /// Outbound sends the port failed.
         send_errors,
-        /// Registrations refused (GID owned by another VM, zero GID, unknown VM).
+        /// Registrations refused (GID owned by another VM, zero GID, unknown VM, GID outside
+        /// the VM's allowed set).
         registrations_refused,
+        /// Of those: the GID is not in the set the host allows the VM.
+        registrations_not_allowed,
     }
 }
 
@@ -169,6 +172,8 @@ pub struct VmSlot {
     pending: Mutex<VecDeque<([u8; GRH_LEN], Box<Mad>)>>,
     comm: Mutex<CommTable>,
     gids: Mutex<Vec<Gid>>,
+    /// The GIDs the host allows this VM to own (`None`: any the port can claim).
+    allowed: Mutex<Option<Vec<Gid>>>,
     counters: VmCounters,
 }
 
@@ -248,17 +253,31 @@ impl Multiplexer {
                     self.cfg.timewait,
                 )),
                 gids: Mutex::new(Vec::new()),
+                allowed: Mutex::new(None),
                 counters: VmCounters::default(),
             }),
         );
         Ok(())
     }
 
+    /// Restricts the GIDs `vm` may register to `gids` (the host's configuration for the VM:
+    /// a guest names GIDs, the host decides which it may own). Without this call a VM may
+    /// register any GID the port can claim.
+    pub fn set_allowed_gids(&self, vm: VmId, gids: &[Gid]) -> Result<(), RdmaError> {
+        let slot = self.slot(vm).ok_or(RdmaError::UnknownVm(vm))?;
+        *slot.allowed.lock() = Some(gids.iter().map(|g| g.canonical()).collect());
+        Ok(())
+    }
+
     /// Registers `gid` for `vm` (the virtual device's CREATE_BIND). Refused when another VM
-    /// owns it; registering a GID the VM already owns is accepted.
+    /// owns it or it is outside the VM's allowed set ([`Multiplexer::set_allowed_gids`]);
+    /// registering a GID the VM already owns is accepted.
     pub fn register_gid(&self, vm: VmId, gid: Gid) -> Result<(), RdmaError> {
         let r = self.try_register(vm, gid);
         if let Err(e) = &r {
+            if matches!(e, RdmaError::GidNotAllowed { .. }) {
+                bump(&self.counters.registrations_not_allowed);
+            }
             bump(&self.counters.registrations_refused);
             tracing::warn!(vm, %gid, error = e as &dyn std::error::Error, "registration refused");
         }
@@ -276,6 +295,14 @@ impl Multiplexer {
             .get(&vm)
             .cloned()
             .ok_or(RdmaError::UnknownVm(vm))?;
+        if slot
+            .allowed
+            .lock()
+            .as_ref()
+            .is_some_and(|a| !a.contains(&gid))
+        {
+            return Err(RdmaError::GidNotAllowed { gid, vm });
+        }
         let mut owners = self.owners.write();
         if let Some(o) = owners.get(&gid) {
             return if o.id == vm {

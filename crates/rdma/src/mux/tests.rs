@@ -568,3 +568,5 @@ fn lesson_registration_requests_and_mad_traffic_do_not_share_a_stream() {
         .iter()
         .all(|(_, m)| CmMessage::parse_mad(m).is_ok_and(|c| c.kind() == rdma_wire::CmKind::Req)));
 }
+
+mod hostile;

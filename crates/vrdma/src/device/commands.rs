@@ -272,6 +272,7 @@ impl Device {
                 }
                 self.backend.unbind_gid(gid)?;
                 self.gids[i] = None;
+                self.cut_ud_qps(gid);
                 Ok(16)
             }
             other => Err(VrdmaError::Unsupported(other)),
@@ -426,7 +427,7 @@ impl Device {
         }
         let max_pages = (1 + sq_pages + rq_pages) as u32 + c.send_chunks as u32;
         let pages = walk_pdir(&*self.mem, c.pdir_dma, c.total_chunks as u32, max_pages)?;
-        let (qpn, ud) = match c.qp_type {
+        let (qpn, ud, ud_gid) = match c.qp_type {
             qp_type::GSI => {
                 if self.qps.values().any(|q| q.qp_type == qp_type::GSI) {
                     return Err(VrdmaError::Invalid {
@@ -435,7 +436,7 @@ impl Device {
                         why: "the port already has its GSI QP",
                     });
                 }
-                (1, None)
+                (1, None, None)
             }
             qp_type::UD => {
                 let gid = self.gids[0].ok_or(invalid(
@@ -447,7 +448,7 @@ impl Device {
                 // A datagram arriving wakes the device thread (the same one MADs wake).
                 let inbox = self.inbox.clone();
                 q.set_waker(Arc::new(move || inbox.wake()));
-                (q.qpn(), Some(q))
+                (q.qpn(), Some(q), Some(gid.canonical()))
             }
             other => {
                 return Err(invalid(
@@ -487,6 +488,7 @@ impl Device {
                     UD_QKEY
                 },
                 ud,
+                ud_gid,
             },
         );
         Ok(abi::RespCreateQp {
@@ -573,5 +575,28 @@ impl Device {
         self.stats.binds += 1;
         self.gids[i] = Some(gid.canonical());
         Ok(())
+    }
+
+    /// DESTROY_BIND of `gid`: every UD queue pair sending and receiving as it loses its host
+    /// queue pair (the port stops delivering to it and it can send nothing more) and moves to
+    /// the error state, with a QP_FATAL event. Another VM may own the GID next.
+    pub(super) fn cut_ud_qps(&mut self, gid: Gid) {
+        let gid = gid.canonical();
+        let cut: Vec<u32> = self
+            .qps
+            .values_mut()
+            .filter(|q| q.ud_gid == Some(gid))
+            .map(|q| {
+                q.ud = None;
+                q.ud_gid = None;
+                q.state = qp_state::ERR;
+                q.handle
+            })
+            .collect();
+        for h in cut {
+            tracing::info!(qp = h, %gid, "GID unbound: UD queue pair cut off from the port");
+            self.stats.ud_qps_unbound += 1;
+            self.async_event(abi::event::QP_FATAL, h);
+        }
     }
 }

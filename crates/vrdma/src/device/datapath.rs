@@ -341,8 +341,9 @@ impl Device {
             }
             _ => {
                 let ud = q.ud.as_ref().ok_or(GENERAL_ERR)?;
-                if sgid.canonical() != self.gids[0].map(|g| g.canonical()).unwrap_or_default() {
-                    // The host QP is bound to GID index 0; another source would be spoofing.
+                if Some(sgid.canonical()) != q.ud_gid {
+                    // The host QP sends as the GID it was created on (still bound: unbinding
+                    // drops it); another source would be spoofing.
                     return Err(LOC_QP_OP_ERR);
                 }
                 let imm = (w.opcode == abi::wr_opcode::SEND_WITH_IMM).then_some(w.ex);

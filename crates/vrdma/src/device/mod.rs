@@ -126,8 +126,11 @@ pub struct Qp {
     pub sig_all: bool,
     /// Q_Key.
     pub qkey: u32,
-    /// The host port's UD queue pair (UD only).
+    /// The host port's UD queue pair (UD only); dropped when its GID is unbound.
     pub ud: Option<Box<dyn UdQueue>>,
+    /// The GID the host UD queue pair sends and receives as (UD only): the only source a
+    /// send may name, and the binding whose DESTROY_BIND cuts the queue pair off.
+    pub ud_gid: Option<Gid>,
 }
 
 impl std::fmt::Debug for Qp {
@@ -245,6 +248,9 @@ pub struct DeviceStats {
     pub cq_overflows: u64,
     /// Async events written.
     pub async_events: u64,
+    /// UD queue pairs cut off from the host port because their GID was unbound.
+    #[serde(default)]
+    pub ud_qps_unbound: u64,
 }
 
 /// The registers and everything behind them, for one VM.
