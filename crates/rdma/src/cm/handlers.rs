@@ -12,13 +12,20 @@ use rdma_wire::mad::{attr, MadHeader};
 use rdma_wire::Gid;
 
 use super::connection::{Conn, Out};
-use super::{
-    alloc_id, cm_timeout, AcceptMode, CmEvent, ConnState, Inner, ListenOptions, SidrInfo, State,
-};
+use super::{alloc_id, AcceptMode, CmEvent, ConnState, Inner, ListenOptions, SidrInfo, State};
 use crate::counters::bump;
 use crate::RdmaError;
 
 impl Inner {
+    /// A timeout a peer asked for, clamped ([`super::timers::peer_timeout`]) and counted.
+    fn peer_timeout(&self, exp: u8) -> std::time::Duration {
+        let (t, clamped) = super::timers::peer_timeout(exp);
+        if clamped {
+            bump(&self.stats.timeouts_clamped);
+        }
+        t
+    }
+
     pub(super) fn on_req(&self, st: &mut State, sgid: Gid, r: &Req, now: Instant, out: &mut Out) {
         let key = (sgid, r.local_comm_id);
         if let Some(&id) = st.by_remote.get(&key) {
@@ -51,6 +58,11 @@ impl Inner {
                 }
                 _ => {}
             }
+            return;
+        }
+        if st.conns.len() >= self.cfg.max_connections {
+            bump(&self.stats.table_full);
+            tracing::debug!(%sgid, "REQ dropped: connection table full");
             return;
         }
         let listener = st.listeners.get(&r.service_id).copied();
@@ -91,7 +103,7 @@ impl Inner {
             last: None,
             retries_left: 0,
             max_retries: r.max_cm_retries.min(15),
-            timeout: cm_timeout(r.local_cm_response_timeout),
+            timeout: self.peer_timeout(r.local_cm_response_timeout),
             deadline: None,
             waiter: None,
             disc_waiter: None,
@@ -188,7 +200,7 @@ impl Inner {
                     _ => false,
                 };
                 if extend {
-                    c.deadline = Some(now + cm_timeout(r.service_timeout) + c.timeout);
+                    c.deadline = Some(now + self.peer_timeout(r.service_timeout) + c.timeout);
                 }
             }
             _ => bump(&self.stats.unknown_comm_id),

@@ -67,6 +67,14 @@ pub struct CmConfig {
     pub p_key: u16,
     /// Local CA GUID put in REQs and REPs.
     pub ca_guid: u64,
+    /// Connections kept at most (any state, time-wait included): a REQ beyond it is dropped
+    /// and counted (`table_full`), so spoofed REQs cannot grow the table without bound.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    4096
 }
 
 impl Default for CmConfig {
@@ -79,6 +87,7 @@ impl Default for CmConfig {
             first_comm_id: None,
             p_key: DEFAULT_P_KEY,
             ca_guid: 0,
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -203,6 +212,11 @@ counters! {
         lap_apr,
         /// Events dropped because nobody read them.
         events_dropped,
+        /// REQs dropped: the connection table was full.
+        table_full,
+        /// Timeouts a peer sent (REQ response timeout, MRA service timeout) beyond
+        /// [`timers::MAX_PEER_TIMEOUT`], clamped.
+        timeouts_clamped,
     }
 }
 

@@ -390,3 +390,5 @@ fn an_unanswered_sidr_request_is_retried_then_times_out() {
     });
     assert_eq!(p.a.stats().retransmits, u64::from(retries));
 }
+
+mod hostile;
