@@ -38,8 +38,13 @@ pub struct Lifecycle {
     ended: Condvar,
     /// Written when the VM ends, for event loops (epoll) that wait on more than the VM.
     ended_fd: Option<vmm_sys_util::eventfd::EventFd>,
-    events: Mutex<Vec<(Event, Instant)>>,
+    /// When each event was last recorded, by event number: one slot per kind, so a guest
+    /// writing the control port in a loop cannot grow it.
+    events: Mutex<[Option<Instant>; EVENT_KINDS]>,
 }
+
+/// Event numbers are 1..EVENT_KINDS (see [`Event::from_u32`]).
+const EVENT_KINDS: usize = 4;
 
 impl Default for Lifecycle {
     fn default() -> Self {
@@ -49,7 +54,7 @@ impl Default for Lifecycle {
             // Without an eventfd (descriptors exhausted) callers still have `wait`.
             ended_fd: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .ok(),
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new([None; EVENT_KINDS]),
         }
     }
 }
@@ -119,17 +124,23 @@ impl Lifecycle {
         }
     }
 
-    /// Records a guest event.
+    /// Records a guest event (only its latest time is kept).
     pub fn record(&self, e: Event) {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((e, Instant::now()));
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = events.get_mut(e as usize) {
+            *slot = Some(Instant::now());
+        }
     }
 
     /// When event `e` was last recorded.
     pub fn event_time(&self, e: Event) -> Option<Instant> {
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        events.iter().rev().find(|(x, _)| *x == e).map(|(_, t)| *t)
+        events.get(e as usize).copied().flatten()
+    }
+
+    /// Timestamps held (at most one per kind of event, whatever the guest writes).
+    pub fn events_held(&self) -> usize {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.iter().flatten().count()
     }
 }

@@ -66,10 +66,11 @@ pub enum Check {
 pub struct CommTable {
     by_local: HashMap<u32, CommEntry>,
     by_remote: HashMap<(Gid, u32), u32>,
-    /// REQs received and not answered yet (REP or REJ), by (remote GID, remote ID). Bounded
-    /// separately, so that a flood of inbound REQs cannot fill the table the VM's own
-    /// connections need.
-    passive: std::collections::HashSet<(Gid, u32)>,
+    /// REQs received and not answered yet (REP or REJ), by (remote GID, remote ID), with
+    /// when they expire. Bounded separately, so that a flood of inbound REQs cannot fill the
+    /// table the VM's own connections need, and expiring after [`PASSIVE_TTL`]: a REQ the VM
+    /// never answers (it was dropped on the way, or the VM ignores it) does not stay forever.
+    passive: HashMap<(Gid, u32), Instant>,
     sidr: HashMap<u32, Gid>,
     timewait: HashMap<u32, Instant>,
     timewait_len: Duration,
@@ -87,8 +88,9 @@ impl CommTable {
         }
     }
 
-    /// Removes entries whose time-wait is over.
+    /// Removes entries whose time-wait is over and unanswered REQs older than [`PASSIVE_TTL`].
     pub fn expire(&mut self, now: Instant) {
+        self.expire_passive(now);
         if self.timewait.is_empty() {
             return;
         }
@@ -212,6 +214,9 @@ impl CommTable {
                 if !self.by_local.contains_key(&m.local_comm_id) && self.full() {
                     return false;
                 }
+                // The ID's previous entry goes with its by-remote key (a REP naming another
+                // remote ID must not leave the old key behind: the map would grow unbounded).
+                self.remove_local(m.local_comm_id);
                 self.passive.remove(&(dgid, m.remote_comm_id));
                 self.by_local.insert(
                     m.local_comm_id,
@@ -285,7 +290,7 @@ impl CommTable {
             CmMessage::Req(m) => {
                 let key = (sgid, m.local_comm_id);
                 if !self.by_remote.contains_key(&key) && self.passive.len() < self.cap {
-                    self.passive.insert(key);
+                    self.passive.insert(key, Instant::now() + PASSIVE_TTL);
                 }
                 Check::Known
             }
@@ -302,7 +307,7 @@ impl CommTable {
                 // The active side gave up on its REQ (Linux: REJ reason 4, timeout, sent when
                 // the REQ's cm_id is destroyed): it names only its own ID.
                 let key = (sgid, m.local_comm_id);
-                if self.passive.remove(&key) {
+                if self.passive.remove(&key).is_some() {
                     return Check::Known;
                 }
                 match self.by_remote.get(&key).copied() {
@@ -324,8 +329,12 @@ impl CommTable {
             CmMessage::Rep(m) => match self.reply_target(sgid, m.remote_comm_id) {
                 Ok(Some(l)) => {
                     if let Some(e) = self.by_local.get_mut(&l) {
-                        e.remote_comm_id = m.local_comm_id;
+                        let old = std::mem::replace(&mut e.remote_comm_id, m.local_comm_id);
                         e.state = CommState::RepReceived;
+                        // Repeated REPs naming other IDs replace the key, never add to it.
+                        if old != 0 && old != m.local_comm_id {
+                            self.by_remote.remove(&(sgid, old));
+                        }
                     }
                     self.by_remote.insert((sgid, m.local_comm_id), l);
                     Check::Known
@@ -350,6 +359,92 @@ impl CommTable {
                 }
                 Check::Known
             }
+        }
+    }
+}
+
+/// How long an unanswered inbound REQ stays known (beyond the longest wait a CM asks for:
+/// 15 retries of the clamped ~69 s peer timeout take longer, but by then the active side has
+/// given up with a REJ that is delivered anyway, counted as unknown).
+pub const PASSIVE_TTL: Duration = Duration::from_secs(120);
+
+/// What [`CommTable::undo_point`] saved: the table's entry for a MAD's ID before recording
+/// it, to restore when the MAD could not be sent.
+#[derive(Debug, Clone, Copy)]
+pub enum Undo {
+    /// Nothing to undo (the MAD opens nothing).
+    Nothing,
+    /// A REQ or REP: the VM's local ID and its entry before.
+    Conn(u32, Option<CommEntry>),
+    /// A SIDR_REQ: its request ID and the GID it had before.
+    Sidr(u32, Option<Gid>),
+}
+
+impl CommTable {
+    /// The REP/REJ-less REQs remembered now.
+    pub fn passive_len(&self) -> usize {
+        self.passive.len()
+    }
+
+    /// Keys of the by-remote map (each belongs to one connection of the VM).
+    pub fn remote_len(&self) -> usize {
+        self.by_remote.len()
+    }
+
+    fn expire_passive(&mut self, now: Instant) {
+        if !self.passive.is_empty() {
+            self.passive.retain(|_, t| *t > now);
+        }
+    }
+
+    /// Forgets an inbound REQ that never reached the VM (dropped on a full queue).
+    pub fn forget_passive(&mut self, sgid: Gid, remote_comm_id: u32) {
+        self.passive.remove(&(sgid.canonical(), remote_comm_id));
+    }
+
+    /// Saves what [`CommTable::on_outbound`] is about to change for `msg`.
+    pub fn undo_point(&self, msg: &CmMessage) -> Undo {
+        match msg {
+            CmMessage::Req(m) => Undo::Conn(
+                m.local_comm_id,
+                self.by_local.get(&m.local_comm_id).copied(),
+            ),
+            CmMessage::Rep(m) => Undo::Conn(
+                m.local_comm_id,
+                self.by_local.get(&m.local_comm_id).copied(),
+            ),
+            CmMessage::SidrReq(m) => {
+                Undo::Sidr(m.request_id, self.sidr.get(&m.request_id).copied())
+            }
+            _ => Undo::Nothing,
+        }
+    }
+
+    /// Restores the table as it was at `u` (the MAD recorded since could not be sent: a
+    /// connection that never left must not hold an entry).
+    pub fn undo(&mut self, u: Undo) {
+        match u {
+            Undo::Nothing => {}
+            Undo::Conn(id, prev) => {
+                self.remove_local(id);
+                if let Some(e) = prev {
+                    if e.remote_comm_id != 0 {
+                        self.by_remote.insert((e.remote_gid, e.remote_comm_id), id);
+                    }
+                    if e.state == CommState::TimeWait {
+                        self.timewait.insert(id, Instant::now() + self.timewait_len);
+                    }
+                    self.by_local.insert(id, e);
+                }
+            }
+            Undo::Sidr(id, prev) => match prev {
+                Some(g) => {
+                    self.sidr.insert(id, g);
+                }
+                None => {
+                    self.sidr.remove(&id);
+                }
+            },
         }
     }
 }

@@ -451,6 +451,12 @@ impl Multiplexer {
                     return RouteOutcome::Dropped(DropReason::SpoofedSource);
                 }
             }
+            let out = self.deliver(&slot, grh, mad);
+            if let (RouteOutcome::Dropped(_), CmMessage::Req(r)) = (out, &msg) {
+                // The VM never sees this REQ: it will not answer it either.
+                slot.comm.lock().forget_passive(sgid, r.local_comm_id);
+            }
+            return out;
         }
         self.deliver(&slot, grh, mad)
     }
@@ -557,18 +563,33 @@ impl Multiplexer {
                     );
                 }
             }
-            if !slot.comm.lock().on_outbound(sgid_c, dgid, &msg) {
-                return refuse(&c.refused_table_full, "connection table full".into());
+            let undo = {
+                let mut t = slot.comm.lock();
+                let undo = t.undo_point(&msg);
+                if !t.on_outbound(sgid_c, dgid, &msg) {
+                    return refuse(&c.refused_table_full, "connection table full".into());
+                }
+                undo
+            };
+            let r = self.transmit(&slot, sgid_c, dgid, mad);
+            if r.is_err() {
+                // Nothing left: the table must not keep what the MAD would have opened.
+                slot.comm.lock().undo(undo);
             }
+            return r;
         }
-        match self.tx.send_gsi(sgid_c, dgid, mad) {
+        self.transmit(&slot, sgid_c, dgid, mad)
+    }
+
+    fn transmit(&self, slot: &VmSlot, sgid: Gid, dgid: Gid, mad: &Mad) -> Result<(), RdmaError> {
+        match self.tx.send_gsi(sgid, dgid, mad) {
             Ok(()) => {
-                bump(&c.sent);
+                bump(&self.counters.sent);
                 bump(&slot.counters.sent);
                 Ok(())
             }
             Err(e) => {
-                bump(&c.send_errors);
+                bump(&self.counters.send_errors);
                 Err(e)
             }
         }

@@ -66,4 +66,19 @@ mod tests {
             "first outcome wins"
         );
     }
+
+    #[test]
+    fn a_guest_writing_events_in_a_loop_does_not_grow_the_log() {
+        let lc = Arc::new(Lifecycle::default());
+        let mut dev = ControlDevice::new(lc.clone());
+        for i in 0..100_000u32 {
+            dev.write(4, &(1 + i % 3).to_le_bytes());
+        }
+        assert_eq!(lc.events_held(), 3, "one timestamp per kind of event");
+        let (start, end) = (
+            lc.event_time(Event::BenchStart).unwrap(),
+            lc.event_time(Event::BenchEnd).unwrap(),
+        );
+        assert!(start <= end, "the latest of each is kept");
+    }
 }
