@@ -26,6 +26,7 @@
 //!   class, a well-formed CM message, from a source GID registered to this VM (and for a REQ,
 //!   its primary local GID must be that GID); otherwise the send is refused with an error and
 //!   counted (`refused_spoofed`, `refused_class`, `refused_malformed`).
+pub mod addresses;
 pub mod comm;
 
 use std::collections::{HashMap, VecDeque};
@@ -103,14 +104,17 @@ counters! {
         class_not_allowed,
         /// Delivered, but naming a communication ID the owner does not have.
         unknown_comm_id,
-        /// Dropped: IP source not the REQ's primary local GID, or not the peer of the
+        /// Dropped: IP source not the REQ's primary (or alternate) local GID, a LAP's
+        /// alternate local GID or the rdma_cm source address, or not the peer of the
         /// connection or SIDR request the MAD answers.
         spoofed_source,
-        /// Dropped: a REQ whose primary remote GID is not the address it was sent to.
+        /// Dropped: a REQ whose primary or alternate remote GID, a LAP whose alternate remote
+        /// GID, or an rdma_cm header whose destination is not the address it was sent to.
         misaddressed,
         /// Outbound MADs sent.
         sent,
-        /// Outbound refused: source GID not the VM's.
+        /// Outbound refused: source GID not the VM's, or an address in the MAD (REQ primary or
+        /// alternate path, LAP, rdma_cm header) not the datagram's source or destination.
         refused_spoofed,
         /// Outbound refused: class not allowed.
         refused_class,
@@ -439,6 +443,9 @@ impl Multiplexer {
                 bump(&slot.counters.misaddressed);
                 return RouteOutcome::Dropped(DropReason::Misaddressed);
             }
+            if let Some(out) = self.check_inbound_addresses(&slot, &msg, sgid, dgid) {
+                return out;
+            }
             match slot.comm.lock().on_inbound(sgid, &msg) {
                 comm::Check::Known => {}
                 comm::Check::Unknown => {
@@ -459,6 +466,34 @@ impl Multiplexer {
             return out;
         }
         self.deliver(&slot, grh, mad)
+    }
+
+    /// The addresses an inbound CM message names beyond the primary path
+    /// ([`addresses::check`]): another sender than the IP source is a spoof, another
+    /// receiver than the destination a misaddressed MAD; both dropped and counted.
+    fn check_inbound_addresses(
+        &self,
+        slot: &VmSlot,
+        msg: &CmMessage,
+        sgid: Gid,
+        dgid: Gid,
+    ) -> Option<RouteOutcome> {
+        let c = &self.counters;
+        match addresses::check(msg, sgid, dgid) {
+            Ok(()) => None,
+            Err(addresses::Mismatch::Source(what)) => {
+                tracing::debug!(vm = slot.id, %sgid, "inbound MAD dropped: {what} is not the IP source");
+                bump(&c.spoofed_source);
+                bump(&slot.counters.spoofed_source);
+                Some(RouteOutcome::Dropped(DropReason::SpoofedSource))
+            }
+            Err(addresses::Mismatch::Destination(what)) => {
+                tracing::debug!(vm = slot.id, %dgid, "inbound MAD dropped: {what} is not the destination");
+                bump(&c.misaddressed);
+                bump(&slot.counters.misaddressed);
+                Some(RouteOutcome::Dropped(DropReason::Misaddressed))
+            }
+        }
     }
 
     fn deliver(&self, slot: &VmSlot, grh: &[u8; GRH_LEN], mad: &Mad) -> RouteOutcome {
@@ -562,6 +597,14 @@ impl Multiplexer {
                         format!("REQ primary local GID {g} differs from source GID {sgid}"),
                     );
                 }
+            }
+            if let Err(m) = addresses::check(&msg, sgid_c, dgid) {
+                let (addresses::Mismatch::Source(what) | addresses::Mismatch::Destination(what)) =
+                    m;
+                return refuse(
+                    &c.refused_spoofed,
+                    format!("{what} is not the datagram's ({sgid} to {dgid})"),
+                );
             }
             let undo = {
                 let mut t = slot.comm.lock();

@@ -120,3 +120,119 @@ fn unanswered_and_undelivered_reqs_do_not_stay_forever() {
     slot.comm.lock().expire(later);
     assert_eq!(slot.comm.lock().passive_len(), 0);
 }
+
+fn cma(src: Gid, dst: Gid) -> [u8; 36] {
+    let h =
+        rdma_wire::rdma_cm::CmaHeader::new(src.canonical().to_ip(), 4000, dst.canonical().to_ip())
+            .unwrap();
+    h.to_bytes()
+}
+
+/// A REQ from `from` to `to` for an rdma_cm service, with an alternate path and an rdma_cm
+/// header naming the given addresses.
+fn full_req(local: u32, from: Gid, to: Gid, alt: (Gid, Gid), pd: (Gid, Gid)) -> Mad {
+    let mut r = Req {
+        hdr: MadHeader::cm(attr::REQ, 7),
+        local_comm_id: local,
+        service_id: rdma_wire::rdma_cm::service_id(rdma_wire::rdma_cm::PortSpace::Tcp, 7174),
+        ..Req::default()
+    };
+    r.primary_path.local_gid = from;
+    r.primary_path.remote_gid = to;
+    r.alternate_path.local_gid = alt.0;
+    r.alternate_path.remote_gid = alt.1;
+    r.private_data[..36].copy_from_slice(&cma(pd.0, pd.1));
+    r.to_mad()
+}
+
+fn lap(local: u32, remote: u32, alt: (Gid, Gid)) -> Mad {
+    let mut l = Lap {
+        hdr: MadHeader::cm(attr::LAP, 7),
+        local_comm_id: local,
+        remote_comm_id: remote,
+        ..Lap::default()
+    };
+    l.alternate_path.local_gid = alt.0;
+    l.alternate_path.remote_gid = alt.1;
+    l.to_mad()
+}
+
+#[test]
+fn a_vms_req_lap_and_rdma_cm_addresses_may_not_name_another_vm() {
+    let f = fixture(2);
+    let (vm1, vm2) = (g(10, 0, 0, 1), g(10, 0, 0, 2));
+    let ok = (vm1, REMOTE);
+    for (what, mad) in [
+        (
+            "alternate local",
+            full_req(1, vm1, REMOTE, (vm2, REMOTE), ok),
+        ),
+        ("alternate remote", full_req(2, vm1, REMOTE, (vm1, vm2), ok)),
+        (
+            "rdma_cm source",
+            full_req(3, vm1, REMOTE, ok, (vm2, REMOTE)),
+        ),
+        (
+            "rdma_cm destination",
+            full_req(4, vm1, REMOTE, ok, (vm1, vm2)),
+        ),
+        ("primary remote", full_req(5, vm1, vm2, ok, ok)),
+        ("LAP alternate local", lap(6, 9, (vm2, REMOTE))),
+        ("LAP alternate remote", lap(7, 9, (vm1, vm2))),
+    ] {
+        let e = f.mux.send_from_vm(1, vm1, REMOTE, &mad).unwrap_err();
+        assert!(e.to_string().contains("not the datagram's"), "{what}: {e}");
+    }
+    assert_eq!(f.mux.stats().refused_spoofed, 7);
+    assert!(
+        f.tx.sent.lock().is_empty(),
+        "nothing refused reaches the wire"
+    );
+    // Honest ones pass: no alternate path, or one of the VM's own; its own addresses.
+    let none = (Gid::default(), Gid::default());
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &full_req(8, vm1, REMOTE, none, ok))
+        .unwrap();
+    f.mux
+        .send_from_vm(1, vm1, REMOTE, &full_req(9, vm1, REMOTE, ok, ok))
+        .unwrap();
+    f.mux.send_from_vm(1, vm1, REMOTE, &lap(8, 9, ok)).unwrap();
+    assert_eq!(f.tx.sent.lock().len(), 3);
+}
+
+#[test]
+fn inbound_paths_and_rdma_cm_addresses_naming_another_source_are_dropped() {
+    let f = fixture(2);
+    let (vm1, vm2) = (g(10, 0, 0, 1), g(10, 0, 0, 2));
+    let ok = (REMOTE, vm1);
+    // From REMOTE to VM 1, naming VM 2 (or a third party) as the sender somewhere.
+    for mad in [
+        full_req(1, REMOTE, vm1, (vm2, vm1), ok),
+        full_req(2, REMOTE, vm1, ok, (vm2, vm1)),
+        lap(3, 9, (vm2, vm1)),
+    ] {
+        assert_eq!(
+            route(&f, REMOTE, vm1, &mad),
+            RouteOutcome::Dropped(DropReason::SpoofedSource)
+        );
+    }
+    // Naming another receiver than the address it came to.
+    for mad in [
+        full_req(4, REMOTE, vm1, (REMOTE, vm2), ok),
+        full_req(5, REMOTE, vm1, ok, (REMOTE, vm2)),
+        lap(6, 9, (REMOTE, vm2)),
+    ] {
+        assert_eq!(
+            route(&f, REMOTE, vm1, &mad),
+            RouteOutcome::Dropped(DropReason::Misaddressed)
+        );
+    }
+    let s = f.mux.stats();
+    assert_eq!((s.spoofed_source, s.misaddressed), (3, 3));
+    assert_eq!(f.sinks[0].count() + f.sinks[1].count(), 0);
+    // The honest REQ is delivered.
+    assert_eq!(
+        route(&f, REMOTE, vm1, &full_req(7, REMOTE, vm1, ok, ok)),
+        RouteOutcome::Delivered(1)
+    );
+}
