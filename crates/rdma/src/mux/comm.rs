@@ -71,6 +71,8 @@ pub struct CommTable {
     /// table the VM's own connections need, and expiring after [`PASSIVE_TTL`]: a REQ the VM
     /// never answers (it was dropped on the way, or the VM ignores it) does not stay forever.
     passive: HashMap<(Gid, u32), Instant>,
+    /// When `passive` is scanned for expired entries next.
+    passive_scan: Option<Instant>,
     sidr: HashMap<u32, Gid>,
     timewait: HashMap<u32, Instant>,
     timewait_len: Duration,
@@ -391,10 +393,14 @@ impl CommTable {
         self.by_remote.len()
     }
 
+    /// Drops expired unanswered REQs: a scan at most once a second (the map holds up to
+    /// `cap` entries; every MAD calls this).
     fn expire_passive(&mut self, now: Instant) {
-        if !self.passive.is_empty() {
-            self.passive.retain(|_, t| *t > now);
+        if self.passive.is_empty() || self.passive_scan.is_some_and(|t| now < t) {
+            return;
         }
+        self.passive.retain(|_, t| *t > now);
+        self.passive_scan = Some(now + Duration::from_secs(1));
     }
 
     /// Forgets an inbound REQ that never reached the VM (dropped on a full queue).
