@@ -404,6 +404,8 @@ fn a_hostile_guest_gets_errors_while_the_vmm_and_the_other_vms_keep_working() {
     assert!(dev["wr_errors"].as_u64().unwrap() >= 3, "{dev}");
     assert_eq!(dev["qp_ring_errors"], 1, "{dev}");
     assert_eq!(dev["binds_refused"], 1, "{dev}");
+    assert_eq!(dev["ud_qps_unbound"], 1, "{dev}");
+    assert_eq!(dev["ud_sent"], 0, "{dev}");
     assert_eq!(r["host"]["mux"]["registrations_not_allowed"], 1, "{r}");
     let late = vm(&r, "127.66.1.4", "rdma-client");
     assert_eq!(late["vrdma"]["device"]["ud_received"], 10, "{late}");

@@ -4,6 +4,7 @@
 //! keeps serving it. Exits 0 when every hostile request was refused.
 use guest_abi::{params::status, BootParams};
 use pvrdma_abi::{self as abi, cmd_code, errno, qp_state, qp_type, IntoBytes};
+use rdma_wire::rdma_cm::RDMA_CM_UD_QKEY;
 
 use crate::{
     clock, println,
@@ -133,13 +134,9 @@ pub fn run(p: &BootParams) -> u32 {
     if p.args.rdma.other_gid != 0 {
         // A GID the host did not configure for this VM (free, or another VM's): the host
         // decides which GIDs a VM may own, not the guest.
-        let mut other = [0u8; 16];
-        other[10] = 0xff;
-        other[11] = 0xff;
-        other[12..].copy_from_slice(&p.args.rdma.other_gid.to_be_bytes());
         check(
             "CREATE_BIND of a GID the host did not give this VM",
-            dev.bind(1, other),
+            dev.bind(1, gid_bytes(p.args.rdma.other_gid)),
         );
     }
     check(
@@ -207,6 +204,14 @@ pub fn run(p: &BootParams) -> u32 {
             Ok(())
         },
     );
+    // A UD QP created on this VM's GID is cut off when the GID is unbound (another VM may own
+    // it next): even with the same GID bound again, the QP sends nothing more.
+    if p.args.rdma.local_gid != 0 {
+        check(
+            "UD send after its GID was unbound and bound again",
+            ud_after_unbind(&dev, pd, lkey, gid_bytes(p.args.rdma.local_gid)),
+        );
+    }
     // The device still works for this VM.
     let ok = dev.create_pd().is_ok() && dev.destroy_qp(qp.qpn).is_ok();
     println!(
@@ -223,5 +228,44 @@ pub fn run(p: &BootParams) -> u32 {
         status::OK
     } else {
         status::RDMA_NOT_REFUSED
+    }
+}
+
+/// The IPv4-mapped GID of `ip`.
+fn gid_bytes(ip: u32) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[10] = 0xff;
+    g[11] = 0xff;
+    g[12..].copy_from_slice(&ip.to_be_bytes());
+    g
+}
+
+/// Binds `own` at index 0, makes a UD QP on it, unbinds and binds it again, then sends to
+/// the QP itself. `Ok` if the send completed successfully (the QP still used the GID it lost).
+fn ud_after_unbind(dev: &Device, pd: u32, lkey: u32, own: [u8; 16]) -> Result<(), u8> {
+    dev.bind(0, own)?;
+    let (scq, rcq) = (dev.create_cq()?, dev.create_cq()?);
+    let ud = dev.create_qp(pd, &scq, &rcq, qp_type::UD)?; // in RTS
+    dev.unbind(0, own)?;
+    dev.bind(0, own)?;
+    let buf = alloc_pages(1);
+    ud.post_send(7, buf, 16, lkey, own, ud.qpn, RDMA_CM_UD_QKEY, 0);
+    let t0 = clock::rdtsc();
+    let status = loop {
+        if let Some(c) = scq.poll() {
+            break Some(c.status);
+        }
+        if clock::ticks_to_ms(clock::rdtsc() - t0) > 2000 {
+            break None;
+        }
+    };
+    // Nothing sent: the QP is in the error state.
+    let state = dev.qp_state(ud.qpn).unwrap_or(u32::MAX);
+    let _ = dev.destroy_qp(ud.qpn);
+    match status {
+        Some(0) => Ok(()),
+        Some(s) => Err(s as u8),
+        None if state == qp_state::ERR => Err(state as u8),
+        None => Err(errno::EINVAL),
     }
 }
