@@ -9,6 +9,7 @@
 
 mod commands;
 mod datapath;
+pub mod rc;
 mod registers;
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -79,6 +80,9 @@ pub struct Mr {
     pub length: u64,
     /// Pages backing `[start & !0xfff, …)` (non-DMA).
     pub pages: Vec<u64>,
+    /// lkey = rkey: the key of the region in its PD's RC region table.
+    #[serde(default)]
+    pub key: u32,
 }
 
 /// A completion queue.
@@ -128,6 +132,8 @@ pub struct Qp {
     pub qkey: u32,
     /// The host port's UD queue pair (UD only).
     pub ud: Option<Box<dyn UdQueue>>,
+    /// The host port's RC queue pair and what it holds (RC only).
+    pub rc: Option<Box<rc::RcQpState>>,
 }
 
 impl std::fmt::Debug for Qp {
@@ -245,6 +251,9 @@ pub struct DeviceStats {
     pub cq_overflows: u64,
     /// Async events written.
     pub async_events: u64,
+    /// The RC path.
+    #[serde(default)]
+    pub rc: rc::RcStats,
 }
 
 /// The registers and everything behind them, for one VM.
@@ -267,6 +276,7 @@ pub struct Device {
     mrs: BTreeMap<u32, Mr>,
     cqs: BTreeMap<u32, Cq>,
     qps: BTreeMap<u32, Qp>,
+    rc: rc::RcTables,
     next_handle: u32,
     stats: DeviceStats,
     msix: Msix,
@@ -340,6 +350,7 @@ impl Device {
             mrs: BTreeMap::new(),
             cqs: BTreeMap::new(),
             qps: BTreeMap::new(),
+            rc: rc::RcTables::default(),
             next_handle: 1,
             stats: DeviceStats::default(),
             msix: Msix::default(),
@@ -428,6 +439,7 @@ impl Device {
         self.qps.clear();
         self.cqs.clear();
         self.mrs.clear();
+        self.rc.clear();
         self.pds.clear();
         self.inbox.clear();
         self.msix.armed.clear();
