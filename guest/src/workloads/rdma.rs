@@ -11,6 +11,7 @@
 //!   another GID as its source; both expect a refusal (exit status `RDMA_REFUSED`).
 //!
 //! The CM messages are rdma-wire's codecs; the state kept is the little a UD service needs.
+//! `--rdma-mode rping|ucmatose|write-bw` run over RC queue pairs instead ([`rc`]).
 use core::net::{IpAddr, Ipv4Addr};
 
 use guest_abi::{
@@ -24,6 +25,8 @@ use rdma_wire::{
     rdma_cm::{service_id, CmaHeader, PortSpace, RDMA_CM_UD_QKEY},
     CmMessage, Gid, MadHeader, GSI_QKEY, MAD_SIZE,
 };
+
+mod rc;
 
 use crate::{
     clock, params, println,
@@ -82,6 +85,7 @@ fn grh_sgid(grh: &[u8; 40]) -> Gid {
 
 struct Agent {
     dev: Device,
+    pd: u32,
     lkey: u32,
     me: Gid,
     gsi: Qp,
@@ -144,6 +148,7 @@ impl Agent {
         }
         Ok(Agent {
             dev,
+            pd,
             lkey,
             me,
             gsi,
@@ -355,6 +360,14 @@ struct Conn {
     established: bool,
 }
 
+/// Whether `mode` runs over an RC queue pair ([`rc`]).
+fn is_rc(mode: u32) -> bool {
+    matches!(
+        mode,
+        rdma_mode::RPING | rdma_mode::UCMATOSE | rdma_mode::WRITE_BW
+    )
+}
+
 /// `rdma-server`.
 pub fn server(p: &BootParams) -> u32 {
     let a: RdmaArgs = p.args.rdma;
@@ -363,6 +376,9 @@ pub fn server(p: &BootParams) -> u32 {
         Ok(ag) => ag,
         Err(e) => return setup_failed(e),
     };
+    if is_rc(a.mode) {
+        return rc::server(&mut ag, &a, me);
+    }
     println!(
         "rdma-server: {} listening on port {} (UD QPN {:#x})",
         me, a.service_port, ag.ud.qpn
@@ -723,6 +739,9 @@ pub fn client(p: &BootParams) -> u32 {
     };
     if a.mode == rdma_mode::UDADDY {
         return udaddy_client(&mut ag, &a, me, peer);
+    }
+    if is_rc(a.mode) {
+        return rc::client(&mut ag, &a, me, peer);
     }
     let t_start = now_us();
     let local_comm_id = random(a.local_gid);

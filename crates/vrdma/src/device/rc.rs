@@ -471,6 +471,10 @@ impl Device {
             _ => return Err(invalid("qp_state", to as u64, "not a valid transition")),
         }
         q.state = to;
+        if to == RTR {
+            // Receives posted in INIT go to the transport before the first packet can come.
+            self.rc_rq(c.qp_handle);
+        }
         Ok(())
     }
 
@@ -656,7 +660,9 @@ impl Device {
 
     fn rc_rq(&mut self, h: u32) -> usize {
         let Some(q) = self.qps.get(&h) else { return 0 };
-        if q.state == qp_state::RESET {
+        // The transport takes receives from RTR on (the guest may post them in INIT: they
+        // wait in its ring until then).
+        if matches!(q.state, qp_state::RESET | qp_state::INIT) {
             return 0;
         }
         let at = q.pages[0] + abi::QP_RQ_RING_OFFSET;
