@@ -284,6 +284,8 @@ struct Session {
     write_next: Option<u32>,
     /// The starting PSN this side announced in its REP.
     psn: u32,
+    /// ucmatose: the server disconnects once the replies are verified (its DREQ is out).
+    dreq_sent: bool,
     pings: u64,
     echoes: u64,
 }
@@ -346,6 +348,7 @@ pub fn server(ag: &mut Agent, a: &RdmaArgs, me: Gid) -> u32 {
                             established: false,
                             write_next: None,
                             psn: my_psn,
+                            dreq_sent: false,
                             pings: 0,
                             echoes: 0,
                         });
@@ -382,6 +385,14 @@ pub fn server(ag: &mut Agent, a: &RdmaArgs, me: Gid) -> u32 {
                         }
                     }
                 }
+                CmMessage::Drep(d) if cur.as_ref().is_some_and(|s| s.local == d.remote_comm_id) => {
+                    if let Some(s) = cur.take() {
+                        closed(ag, &s, &mut disconnects, &mut verified);
+                    }
+                    if a.messages != 0 && disconnects >= a.messages {
+                        break;
+                    }
+                }
                 CmMessage::Dreq(d) => {
                     let ours = cur.as_ref().is_some_and(|s| s.local == d.remote_comm_id);
                     let (local, remote, peer) = match &cur {
@@ -396,13 +407,7 @@ pub fn server(ag: &mut Agent, a: &RdmaArgs, me: Gid) -> u32 {
                     };
                     let _ = ag.send_mad(peer, &drep.to_mad());
                     if let Some(s) = cur.take().filter(|_| ours) {
-                        disconnects += 1;
-                        verified += s.pings + s.echoes;
-                        println!(
-                            "rdma-server: RC connection {:#x} disconnected ({} pings, {} messages verified)",
-                            local, s.pings, s.echoes
-                        );
-                        let _ = ag.dev.destroy_qp(s.rc.qp.qpn);
+                        closed(ag, &s, &mut disconnects, &mut verified);
                         if a.messages != 0 && disconnects >= a.messages {
                             break;
                         }
@@ -416,6 +421,21 @@ pub fn server(ag: &mut Agent, a: &RdmaArgs, me: Gid) -> u32 {
                 Ok(true) => work = true,
                 Ok(false) => {}
                 Err(()) => bad += 1,
+            }
+            if a.mode == rdma_mode::UCMATOSE && s.echoes >= UCMATOSE_COUNT && !s.dreq_sent {
+                // ucmatose's server disconnects once the replies are in.
+                s.dreq_sent = true;
+                let dreq = Dreq {
+                    hdr: MadHeader::cm(attr::DREQ, random(19) as u64),
+                    local_comm_id: s.local,
+                    remote_comm_id: s.remote,
+                    remote_qpn: s.rc.qp.qpn,
+                    ..Dreq::default()
+                };
+                let peer = s.peer;
+                if let Err(st) = ag.send_mad(peer, &dreq.to_mad()) {
+                    println!("rdma-server: DREQ refused (status {})", st);
+                }
             }
         }
         if work {
@@ -433,6 +453,17 @@ pub fn server(ag: &mut Agent, a: &RdmaArgs, me: Gid) -> u32 {
         return status::RDMA_VERIFY_FAILED;
     }
     status::OK
+}
+
+/// A connection ended (DREQ or DREP): its counts, its QP destroyed.
+fn closed(ag: &mut Agent, s: &Session, disconnects: &mut u64, verified: &mut u64) {
+    *disconnects += 1;
+    *verified += s.pings + s.echoes;
+    println!(
+        "rdma-server: RC connection {:#x} disconnected ({} pings, {} messages verified)",
+        s.local, s.pings, s.echoes
+    );
+    let _ = ag.dev.destroy_qp(s.rc.qp.qpn);
 }
 
 /// What the server does once the connection is established: ucmatose's server SENDs its
@@ -626,6 +657,8 @@ pub fn client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
         max_cm_retries: 15,
         ..Req::default()
     };
+    req.primary_path.local_lid = 0xffff;
+    req.primary_path.remote_lid = 0xffff;
     req.primary_path.local_gid = me;
     req.primary_path.remote_gid = peer;
     req.primary_path.hop_limit = 64;
@@ -683,24 +716,8 @@ pub fn client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
         Ok(v) => v,
         Err(st) => return st,
     };
-    let dreq = Dreq {
-        hdr: MadHeader::cm(attr::DREQ, random(17) as u64),
-        local_comm_id,
-        remote_comm_id: rep.local_comm_id,
-        remote_qpn: rep.local_qpn,
-        ..Dreq::default()
-    };
-    let dreq_mad = dreq.to_mad();
-    if ag.send_mad(peer, &dreq_mad).is_err() {
-        return status::RDMA_FAILED;
-    }
-    let drep = await_mad(ag, peer, &dreq_mad, 10_000_000, |m| match m {
-        CmMessage::Drep(d) if d.remote_comm_id == local_comm_id => Some(()),
-        _ => None,
-    });
-    if drep.is_none() {
-        println!("rdma-client: no DREP from {}", peer);
-        return status::RDMA_FAILED;
+    if let Err(st) = disconnect(ag, a, peer, local_comm_id, &rep) {
+        return st;
     }
     let _ = ag.dev.destroy_qp(rc.qp.qpn);
     println!(
@@ -719,6 +736,55 @@ pub fn client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
         return status::RDMA_VERIFY_FAILED;
     }
     status::OK
+}
+
+/// Ends the connection: ucmatose's server disconnects (the client answers its DREQ), for
+/// the others the client sends DREQ and takes the DREP (or answers a DREQ that crossed it).
+fn disconnect(ag: &mut Agent, a: &RdmaArgs, peer: Gid, local: u32, rep: &Rep) -> Result<(), u32> {
+    let drep_for = |d: &Dreq| Drep {
+        hdr: MadHeader::cm(attr::DREP, d.hdr.transaction_id),
+        local_comm_id: local,
+        remote_comm_id: rep.local_comm_id,
+        ..Drep::default()
+    };
+    let dreq = Dreq {
+        hdr: MadHeader::cm(attr::DREQ, random(17) as u64),
+        local_comm_id: local,
+        remote_comm_id: rep.local_comm_id,
+        remote_qpn: rep.local_qpn,
+        ..Dreq::default()
+    };
+    let dreq_mad = dreq.to_mad();
+    let wait_first = a.mode == rdma_mode::UCMATOSE;
+    if !wait_first && ag.send_mad(peer, &dreq_mad).is_err() {
+        return Err(status::RDMA_FAILED);
+    }
+    let mut got = None;
+    let t0 = now_us();
+    let mut last = t0;
+    while got.is_none() && now_us() - t0 < 10_000_000 {
+        if !wait_first && now_us() - last > 1_000_000 {
+            last = now_us();
+            let _ = ag.send_mad(peer, &dreq_mad);
+        }
+        match ag.recv_mad() {
+            Some((_, CmMessage::Drep(d))) if d.remote_comm_id == local => got = Some(None),
+            Some((_, CmMessage::Dreq(d))) if d.remote_comm_id == local => got = Some(Some(d)),
+            Some(_) => ag.busy(),
+            None => ag.idle(),
+        }
+    }
+    match got {
+        Some(Some(d)) => {
+            let _ = ag.send_mad(peer, &drep_for(&d).to_mad());
+            Ok(())
+        }
+        Some(None) => Ok(()),
+        None => {
+            println!("rdma-client: no DREP/DREQ from {}", peer);
+            Err(status::RDMA_FAILED)
+        }
+    }
 }
 
 /// rping's client: `n` pings of `size` bytes; (verified, bytes moved).
