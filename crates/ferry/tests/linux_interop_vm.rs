@@ -149,3 +149,261 @@ fn ferry_vm_udaddy_client_against_linux_udaddy_server() {
         t0.elapsed()
     );
 }
+
+/// rping's and ucmatose's rdma_cm ports.
+const RPING_PORT: &str = "7174";
+const UCMATOSE_PORT: &str = "7471";
+/// Pings of the rping tests; ucmatose's messages are its default 10 (the VM's server sends
+/// 10).
+const PINGS: u64 = 5;
+const UCMATOSE_COUNT: u64 = 10;
+
+/// A VM running the RC agent in `mode` on `port` (`--rdma-messages`: pings or messages of a
+/// client; the server serves one connection).
+fn rc_vm_args(workload: &str, mode: &str, port: &str, size: &str, extra: &[&str]) -> Vec<String> {
+    let n = if mode == "rping" {
+        PINGS
+    } else {
+        UCMATOSE_COUNT
+    }
+    .to_string();
+    let mut v: Vec<String> = [
+        "run",
+        "--workload",
+        workload,
+        "--memory",
+        "64M",
+        "--timeout",
+        "120s",
+        "--vrdma",
+        "gid=10.77.0.1",
+        "--rdma-mode",
+        mode,
+        "--rdma-port",
+        port,
+        "--rdma-size",
+        size,
+        "--rdma-messages",
+        &n,
+        "--rdma-sessions",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// The capture of an RC connection from `client` to `server`: REQ/REP/RTU, the DREQ/DREP of
+/// `closer`, and the data opcodes `data` (opcode set, what, from, to); no malformed frame,
+/// every ICRC verified (check_capture).
+fn check_rc(
+    pcap: &std::path::Path,
+    client: std::net::Ipv4Addr,
+    server: std::net::Ipv4Addr,
+    closer: std::net::Ipv4Addr,
+    data: &[(&[u8], &str, bool)],
+) -> usize {
+    let other = if closer == client { server } else { client };
+    let frames = check_capture(
+        pcap,
+        &[
+            (attr::REQ, client, server),
+            (attr::REP, server, client),
+            (attr::RTU, client, server),
+            (attr::DREQ, closer, other),
+            (attr::DREP, other, closer),
+        ],
+    );
+    for (ops, what, from_client) in data {
+        let (s, d) = if *from_client {
+            (client, server)
+        } else {
+            (server, client)
+        };
+        assert_opcode(&frames, ops, what, s, d);
+    }
+    frames.len()
+}
+
+/// rping's data path: the client's rping_rdma_info SENDs, the server's READ (request and
+/// responses), its WRITE and go-aheads.
+const RPING_FRAMES: &[(&[u8], &str, bool)] = &[
+    (op::SEND, "rping_rdma_info SEND", true),
+    (op::READ_REQ, "RDMA READ request", false),
+    (op::READ_RESP, "RDMA READ response", true),
+    (op::WRITE, "RDMA WRITE", false),
+    (op::SEND, "go-ahead SEND", false),
+];
+
+/// Linux `rping -c -V` against a Ferry VM running `rdma-server --rdma-mode rping`: the VM
+/// READs each ping through its PVRDMA device (checking rping's pattern) and WRITEs it back;
+/// rping compares.
+#[test]
+fn linux_rping_client_against_ferry_vm() {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot("rping-to-vm");
+    let mut vm = start(
+        &g,
+        &rc_vm_args("rdma-server", "rping", RPING_PORT, "64", &[]),
+    );
+    vm.wait_line("listening on port", LIMIT);
+    let cap = g.capture("rping-to-vm");
+    let out = g.run_timeout(&format!("rping -c -a {HOST_IP} -C {PINGS} -v -V"), LIMIT);
+    assert_eq!(out.rc, 0, "rping client failed:\n{}", out.out);
+    for i in 0..PINGS {
+        assert!(
+            out.out.contains(&format!("ping data: rdma-ping-{i}: ")),
+            "rping did not verify ping {i}:\n{}",
+            out.out
+        );
+    }
+    let (rc, lines) = vm.finish(LIMIT);
+    let text = lines.join("\n");
+    assert_eq!(rc, 0, "the VM failed:\n{text}");
+    assert!(
+        text.contains(&format!("({PINGS} pings, 0 messages verified)")) && text.contains("0 wrong"),
+        "{text}"
+    );
+    let n = check_rc(&cap.stop(), GUEST_IP, HOST_IP, GUEST_IP, RPING_FRAMES);
+    eprintln!(
+        "rping linux->vm: {n} frames, boot {:?}, test {:?}",
+        g.boot_time(),
+        t0.elapsed()
+    );
+}
+
+/// A Ferry VM running `rdma-client --rdma-mode rping` against Linux `rping -s`: Linux READs
+/// the VM's source buffer and WRITEs it into the VM's sink; the VM compares.
+#[test]
+fn ferry_vm_rping_client_against_linux_rping_server() {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot("vm-to-rping");
+    let server = g.spawn(&format!("rping -s -a {GUEST_IP} -v"));
+    g.wait_cm_listen(7174);
+    let cap = g.capture("vm-to-rping");
+    let vm = start(
+        &g,
+        &rc_vm_args(
+            "rdma-client",
+            "rping",
+            RPING_PORT,
+            "64",
+            &["--rdma-peer", "10.77.0.2"],
+        ),
+    );
+    let (rc, lines) = vm.finish(LIMIT);
+    let text = lines.join("\n");
+    assert_eq!(rc, 0, "the VM failed:\n{text}");
+    assert!(
+        text.contains(&format!("messages={PINGS} size=64 verified={PINGS}")),
+        "{text}"
+    );
+    let out = g.wait(server, LIMIT);
+    for i in 0..PINGS {
+        assert!(
+            out.out
+                .contains(&format!("server ping data: rdma-ping-{i}: ")),
+            "the rping server did not read ping {i}:\n{}",
+            out.out
+        );
+    }
+    let n = check_rc(&cap.stop(), HOST_IP, GUEST_IP, HOST_IP, RPING_FRAMES);
+    eprintln!(
+        "rping vm->linux: {n} frames, boot {:?}, test {:?}",
+        g.boot_time(),
+        t0.elapsed()
+    );
+}
+
+/// Linux `ucmatose -s` (client) against a Ferry VM running `rdma-server --rdma-mode
+/// ucmatose`: the VM SENDs 10 messages, ucmatose sends its receive buffer back 10 times (the
+/// VM checks each is its last message) and the VM disconnects.
+#[test]
+fn linux_ucmatose_client_against_ferry_vm() {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot("ucmatose-to-vm");
+    let mut vm = start(
+        &g,
+        &rc_vm_args("rdma-server", "ucmatose", UCMATOSE_PORT, "100", &[]),
+    );
+    vm.wait_line("listening on port", LIMIT);
+    let cap = g.capture("ucmatose-to-vm");
+    let out = g.run_timeout(&format!("ucmatose -s {HOST_IP} -C {UCMATOSE_COUNT}"), LIMIT);
+    assert_eq!(out.rc, 0, "ucmatose client failed:\n{}", out.out);
+    assert!(out.out.contains("data transfers complete"), "{}", out.out);
+    let (rc, lines) = vm.finish(LIMIT);
+    let text = lines.join("\n");
+    assert_eq!(rc, 0, "the VM failed:\n{text}");
+    assert!(
+        text.contains(&format!("(0 pings, {UCMATOSE_COUNT} messages verified)")),
+        "{text}"
+    );
+    let n = check_rc(
+        &cap.stop(),
+        GUEST_IP,
+        HOST_IP,
+        HOST_IP,
+        &[
+            (op::SEND, "SEND", false),
+            (op::SEND, "SEND", true),
+            (op::ACK, "ACK", true),
+        ],
+    );
+    eprintln!(
+        "ucmatose linux->vm: {n} frames, boot {:?}, test {:?}",
+        g.boot_time(),
+        t0.elapsed()
+    );
+}
+
+/// A Ferry VM running `rdma-client --rdma-mode ucmatose` against Linux `ucmatose` (server):
+/// Linux sends 10 messages of 100 bytes, the VM sends them back, Linux disconnects and the
+/// VM answers.
+#[test]
+fn ferry_vm_ucmatose_client_against_linux_ucmatose_server() {
+    let t0 = Instant::now();
+    let mut g = LinuxGuest::boot("vm-to-ucmatose");
+    let server = g.spawn(&format!("ucmatose -b {GUEST_IP} -C {UCMATOSE_COUNT}"));
+    g.wait_cm_listen(7471);
+    let cap = g.capture("vm-to-ucmatose");
+    let vm = start(
+        &g,
+        &rc_vm_args(
+            "rdma-client",
+            "ucmatose",
+            UCMATOSE_PORT,
+            "100",
+            &["--rdma-peer", "10.77.0.2"],
+        ),
+    );
+    let (rc, lines) = vm.finish(LIMIT);
+    let text = lines.join("\n");
+    assert_eq!(rc, 0, "the VM failed:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "messages={UCMATOSE_COUNT} size=100 verified={UCMATOSE_COUNT}"
+        )),
+        "{text}"
+    );
+    let out = g.wait(server, LIMIT);
+    assert_eq!(out.rc, 0, "ucmatose server failed:\n{}", out.out);
+    assert!(out.out.contains("data transfers complete"), "{}", out.out);
+    let n = check_rc(
+        &cap.stop(),
+        HOST_IP,
+        GUEST_IP,
+        GUEST_IP,
+        &[
+            (op::SEND, "SEND", false),
+            (op::SEND, "SEND", true),
+            (op::ACK, "ACK", false),
+        ],
+    );
+    eprintln!(
+        "ucmatose vm->linux: {n} frames, boot {:?}, test {:?}",
+        g.boot_time(),
+        t0.elapsed()
+    );
+}

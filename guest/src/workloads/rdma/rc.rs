@@ -279,6 +279,8 @@ struct Session {
     peer: Gid,
     local: u32,
     remote: u32,
+    /// The client's QPN (a DREQ names the QP of its recipient).
+    remote_qpn: u32,
     established: bool,
     /// rping: waiting for the second buffer's address, with the length read.
     write_next: Option<u32>,
@@ -345,6 +347,7 @@ pub fn server(ag: &mut Agent, a: &RdmaArgs, me: Gid) -> u32 {
                             peer,
                             local: random(req.local_comm_id),
                             remote: req.local_comm_id,
+                            remote_qpn: req.local_qpn,
                             established: false,
                             write_next: None,
                             psn: my_psn,
@@ -429,7 +432,7 @@ pub fn server(ag: &mut Agent, a: &RdmaArgs, me: Gid) -> u32 {
                     hdr: MadHeader::cm(attr::DREQ, random(19) as u64),
                     local_comm_id: s.local,
                     remote_comm_id: s.remote,
-                    remote_qpn: s.rc.qp.qpn,
+                    remote_qpn: s.remote_qpn,
                     ..Dreq::default()
                 };
                 let peer = s.peer;
