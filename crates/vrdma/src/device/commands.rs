@@ -254,7 +254,8 @@ impl Device {
             }
             cmd_code::DESTROY_QP => {
                 let c: abi::CmdDestroyQp = cmd(slot);
-                self.qps.remove(&c.qp_handle).ok_or(no("QP", c.qp_handle))?;
+                let q = self.qps.remove(&c.qp_handle).ok_or(no("QP", c.qp_handle))?;
+                self.rc.destroyed(&q);
                 Ok(put(resp, &abi::RespDestroyQp::default()))
             }
             cmd_code::CREATE_BIND => {

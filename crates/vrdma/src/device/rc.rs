@@ -15,8 +15,8 @@
 //!   and posted to the transport, which segments, retransmits and completes it; the WQE's slot
 //!   is released at once. Atomics are refused (`LOC_QP_OP_ERR`, counted). A WQE that fails a
 //!   local check completes with its error and moves the QP to ERR, as on hardware. Bytes
-//!   posted and not completed are bounded per QP ([`MAX_RC_OUTSTANDING`]): a guest cannot make
-//!   the host buffer more.
+//!   posted and not completed are bounded per QP ([`MAX_RC_OUTSTANDING`]) and per device
+//!   ([`MAX_RC_OUTSTANDING_DEVICE`]): a guest cannot make the host buffer more.
 //! - **Receive queue.** WQEs are posted to the transport with their SGE list kept here; a
 //!   received SEND is scattered into them when it completes.
 //! - **Completions** come back in the transport's order and become CQEs with the Linux
@@ -36,7 +36,10 @@ use crate::backend::RcQueue;
 /// Largest RC message (SEND or WRITE gathered, READ length).
 pub const MAX_RC_MSG: usize = 1 << 20;
 /// Bytes one QP may have posted to the transport and not completed.
-pub const MAX_RC_OUTSTANDING: usize = 16 << 20;
+pub const MAX_RC_OUTSTANDING: usize = 4 << 20;
+/// Bytes all RC QPs of a device may have posted and not completed (a QP with nothing
+/// outstanding may still post one work request, so none starves).
+pub const MAX_RC_OUTSTANDING_DEVICE: usize = 32 << 20;
 /// Longest local ACK timeout honoured, µs (the IBA code allows hours).
 const MAX_TIMEOUT_US: u64 = 30_000_000;
 /// Timeout used for code 0 ("infinite"), µs.
@@ -48,6 +51,8 @@ const INFINITE_TIMEOUT_US: u64 = MAX_TIMEOUT_US;
 pub struct RcTables {
     pds: BTreeMap<u32, Arc<MrTable>>,
     keys: HashMap<u32, u32>,
+    /// Bytes posted to the transport and not completed, all QPs.
+    outstanding: usize,
 }
 
 impl RcTables {
@@ -72,6 +77,14 @@ impl RcTables {
     pub(super) fn clear(&mut self) {
         self.pds.clear();
         self.keys.clear();
+        self.outstanding = 0;
+    }
+
+    /// A QP went away (DESTROY_QP): what it had outstanding leaves the device's total.
+    pub(super) fn destroyed(&mut self, q: &Qp) {
+        if let Some(st) = &q.rc {
+            self.outstanding = self.outstanding.saturating_sub(st.outstanding);
+        }
     }
 }
 
@@ -438,6 +451,7 @@ impl Device {
         match (q.state, to) {
             (_, RESET) => {
                 st.queue.reset();
+                self.rc.outstanding = self.rc.outstanding.saturating_sub(st.outstanding);
                 st.forget();
                 let hdr = q.pages[0];
                 for off in [0u64, 4, 8, 12] {
@@ -626,7 +640,9 @@ impl Device {
             let Some(st) = self.qps.get_mut(&h).and_then(|q| q.rc.as_mut()) else {
                 break;
             };
-            if st.outstanding > 0 && st.outstanding + bytes > MAX_RC_OUTSTANDING {
+            let full = st.outstanding + bytes > MAX_RC_OUTSTANDING
+                || self.rc.outstanding + bytes > MAX_RC_OUTSTANDING_DEVICE;
+            if st.outstanding > 0 && full {
                 break; // the WQE stays in the ring until completions make room
             }
             let id = st.next_id;
@@ -634,6 +650,7 @@ impl Device {
                 Ok(()) => {
                     st.next_id += 1;
                     st.outstanding += bytes;
+                    self.rc.outstanding += bytes;
                     let signaled = sig_all || w.send_flags & abi::send_flags::SIGNALED != 0;
                     st.sends.insert(
                         id,
@@ -779,6 +796,7 @@ impl Device {
                     continue;
                 };
                 st.outstanding = st.outstanding.saturating_sub(s.bytes);
+                self.rc.outstanding = self.rc.outstanding.saturating_sub(s.bytes);
                 (send_cq, s.wr_id, s.signaled, None)
             };
             if let (Some(sges), WcOpcode::Recv, true) =

@@ -50,6 +50,7 @@ struct Side {
     /// Guest-virtual base of the region (not its guest-physical pages).
     va: u64,
     pages: Vec<u64>,
+    mr: u32,
     key: u32,
     dma_key: u32,
     sq: u32,
@@ -91,7 +92,7 @@ fn side(udp_port: u16, last: u8) -> Side {
         ..Default::default()
     });
     assert_eq!(e, 0);
-    let key = Guest::u32_at(&r, 20);
+    let (mr, key) = (Guest::u32_at(&r, 16), Guest::u32_at(&r, 20));
     assert_eq!(key, Guest::u32_at(&r, 24), "lkey = rkey");
     let (e, qp, qp_pages) = g.create_qp(pd, cq, abi::qp_type::RC);
     assert_eq!(e, 0, "CREATE_QP RC");
@@ -103,6 +104,7 @@ fn side(udp_port: u16, last: u8) -> Side {
         cq_pages,
         va,
         pages,
+        mr,
         key,
         dma_key,
         sq: 0,
@@ -524,4 +526,39 @@ fn rc_local_errors_and_atomics() {
         ..Default::default()
     };
     assert_eq!(s.modify(m::STATE, rts), errno::EINVAL, "INIT → RTS");
+}
+
+#[test]
+fn rc_a_destroyed_region_is_out_of_reach() {
+    use abi::wr_opcode as op;
+    let (mut a, mut b) = pair(24_930, 3);
+    // The region works, then the guest destroys it: the same rkey is refused and the pages
+    // (still guest memory, maybe reused) are not written.
+    let mut w = abi::SqWqeHdr {
+        wr_id: 1,
+        opcode: op::RDMA_WRITE,
+        ..Default::default()
+    };
+    w.set_rdma(b.va, b.key);
+    a.fill(0, &pattern(3, 32));
+    a.post_send(w, &[a.sge(0, 32)]);
+    let (ca, _) = run(&mut a, &mut b, 1, 0);
+    assert_eq!(ca[0].status, 0);
+    assert_eq!(b.region(0, 32), pattern(3, 32));
+    let (e, _) = b.g.cmd(&abi::CmdDestroyMr {
+        hdr: Guest::hdr(cmd_code::DESTROY_MR),
+        mr_handle: b.mr,
+        ..Default::default()
+    });
+    assert_eq!(e, 0);
+    b.fill(0, &[0u8; 32]);
+    a.fill(0, &pattern(4, 32));
+    w.wr_id = 2;
+    a.post_send(w, &[a.sge(0, 32)]);
+    let (ca, _) = run(&mut a, &mut b, 1, 0);
+    assert_eq!(
+        (ca[0].wr_id, ca[0].status),
+        (2, abi::wc_status::REM_ACCESS_ERR)
+    );
+    assert_eq!(b.region(0, 32), vec![0u8; 32]);
 }
