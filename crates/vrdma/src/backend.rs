@@ -121,6 +121,10 @@ pub trait RcQueue: Send + Sync {
     fn poll(&self) -> Option<rdma::rc::Completion>;
     /// Calls `waker` whenever completions wait.
     fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>);
+    /// The transport's counters, if it keeps any.
+    fn counters(&self) -> Option<rdma::rc::RcStats> {
+        None
+    }
 }
 
 /// [`RcQueue`] over a queue pair of crates/rdma's software port; destroys it when dropped.
@@ -193,6 +197,9 @@ impl RcQueue for PortRcQueue {
     }
     fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
         self.qp.set_waker(waker);
+    }
+    fn counters(&self) -> Option<rdma::rc::RcStats> {
+        Some(self.qp.stats())
     }
 }
 

@@ -255,7 +255,7 @@ impl Device {
             cmd_code::DESTROY_QP => {
                 let c: abi::CmdDestroyQp = cmd(slot);
                 let q = self.qps.remove(&c.qp_handle).ok_or(no("QP", c.qp_handle))?;
-                self.rc.destroyed(&q);
+                self.rc_destroyed(&q);
                 Ok(put(resp, &abi::RespDestroyQp::default()))
             }
             cmd_code::CREATE_BIND => {

@@ -360,7 +360,10 @@ impl Device {
 
     /// Counters.
     pub fn stats(&self) -> DeviceStats {
-        self.stats.clone()
+        DeviceStats {
+            rc: self.rc_stats(),
+            ..self.stats.clone()
+        }
     }
 
     /// The device state as plain data.

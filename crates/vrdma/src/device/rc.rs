@@ -79,13 +79,6 @@ impl RcTables {
         self.keys.clear();
         self.outstanding = 0;
     }
-
-    /// A QP went away (DESTROY_QP): what it had outstanding leaves the device's total.
-    pub(super) fn destroyed(&mut self, q: &Qp) {
-        if let Some(st) = &q.rc {
-            self.outstanding = self.outstanding.saturating_sub(st.outstanding);
-        }
-    }
 }
 
 /// Counters of the RC path.
@@ -101,6 +94,31 @@ pub struct RcStats {
     pub atomics_refused: u64,
     /// Completions of the transport no posted WQE matched (dropped).
     pub unmatched_completions: u64,
+    /// Transport: remote READs/WRITEs refused (bad rkey, outside a region, access not
+    /// granted), NAK remote access error sent.
+    pub remote_access_refused: u64,
+    /// Transport: requests refused as invalid (opcode sequence, lengths), atomics included.
+    pub invalid_requests_refused: u64,
+    /// Transport: atomic requests from peers refused.
+    pub remote_atomics_refused: u64,
+    /// Transport: packets retransmitted.
+    pub retransmits: u64,
+    /// Transport: retransmission timeouts.
+    pub timeouts: u64,
+    /// Transport: packets from the connected peer dropped for the QP's state.
+    pub wrong_state_drops: u64,
+}
+
+impl RcStats {
+    /// Adds a transport QP's counters.
+    fn add(&mut self, t: &rdma::rc::RcStats) {
+        self.remote_access_refused += t.rx_access_refused;
+        self.invalid_requests_refused += t.rx_invalid;
+        self.remote_atomics_refused += t.atomics_refused;
+        self.retransmits += t.tx_retransmits;
+        self.timeouts += t.timeouts;
+        self.wrong_state_drops += t.rx_wrong_state;
+    }
 }
 
 /// A send WQE the transport holds.
@@ -275,6 +293,28 @@ fn rc_invalid(e: RcError) -> VrdmaError {
 }
 
 impl Device {
+    /// The RC counters: the device's, plus the transport's of every QP (live or destroyed).
+    pub(super) fn rc_stats(&self) -> RcStats {
+        let mut s = self.stats.rc.clone();
+        for st in self.qps.values().filter_map(|q| q.rc.as_ref()) {
+            if let Some(t) = st.queue.counters() {
+                s.add(&t);
+            }
+        }
+        s
+    }
+
+    /// A QP went away (DESTROY_QP): what it had outstanding leaves the device's total, its
+    /// transport counters stay in the device's.
+    pub(super) fn rc_destroyed(&mut self, q: &Qp) {
+        if let Some(st) = &q.rc {
+            self.rc.outstanding = self.rc.outstanding.saturating_sub(st.outstanding);
+            if let Some(t) = st.queue.counters() {
+                self.stats.rc.add(&t);
+            }
+        }
+    }
+
     /// Registers MR `handle` (already in `mrs`) in its PD's region table; returns its key.
     pub(super) fn rc_register_mr(&mut self, handle: u32) -> Result<u32, VrdmaError> {
         let mr = self.mrs.get(&handle).ok_or(no("MR", handle))?;

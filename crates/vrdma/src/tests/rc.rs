@@ -445,6 +445,11 @@ fn rc_remote_accesses_outside_regions_are_refused() {
             "case {i}: rkey {rkey:#x} va {va:#x}"
         );
         assert_eq!(b.g.mem.load_u32(0x10000).unwrap(), guest_page);
+        assert_eq!(
+            b.g.dev.stats().rc.remote_access_refused,
+            1,
+            "case {i}: counted"
+        );
     }
 }
 
