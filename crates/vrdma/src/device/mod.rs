@@ -1,7 +1,8 @@
 //! The device model, split by concern: this file holds the object tables and the device's
 //! state (plain data, what a migration carries), construction, reset and counters;
 //! [`registers`] the BAR1 registers and MSI-X, [`commands`] the command channel (every verb the
-//! guest's driver sends), [`datapath`] the send, receive and completion queues. Everything read from the guest is validated
+//! guest's driver sends), [`datapath`] the send, receive and completion queues, [`rc`] the RC
+//! queue pairs and the regions their peers reach. Everything read from the guest is validated
 //! against guest RAM and the objects this VM owns; a bad command gets the ABI's error value,
 //! a bad work request an error completion, a bad ring index puts that queue pair (or CQ) in
 //! the error state. Nothing the guest writes can make the device panic or touch memory outside
