@@ -326,6 +326,46 @@ impl Agent {
         self.ud.post_recv(i, at, UD_BUF as u32, self.lkey);
     }
 
+    /// rdma_cm's REQ (TCP port space) from this agent to `peer`'s service `a.service_port`
+    /// for QP `qpn`, starting PSN `psn`, path MTU code `mtu`.
+    fn cm_req(
+        &self,
+        a: &RdmaArgs,
+        peer: Gid,
+        local_comm_id: u32,
+        qpn: u32,
+        psn: u32,
+        mtu: u8,
+    ) -> Req {
+        let port = a.service_port as u16;
+        let mut req = Req {
+            hdr: MadHeader::cm(attr::REQ, random(3) as u64),
+            local_comm_id,
+            service_id: service_id(PortSpace::Tcp, port),
+            local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
+            local_qpn: qpn,
+            responder_resources: 1,
+            initiator_depth: 1,
+            remote_cm_response_timeout: 20,
+            starting_psn: psn,
+            local_cm_response_timeout: 20,
+            retry_count: 7,
+            p_key: 0xffff,
+            path_mtu: mtu,
+            rnr_retry_count: 7,
+            max_cm_retries: 15,
+            ..Req::default()
+        };
+        req.primary_path.local_lid = 0xffff;
+        req.primary_path.remote_lid = 0xffff;
+        req.primary_path.local_gid = self.me;
+        req.primary_path.remote_gid = peer;
+        req.primary_path.hop_limit = 64;
+        req.primary_path.local_ack_timeout = 18;
+        req.private_data[..36].copy_from_slice(&self.cma_private_data(peer, port));
+        req
+    }
+
     fn cma_private_data(&self, peer: Gid, port: u16) -> [u8; 36] {
         let ip = |g: Gid| {
             g.to_ipv4()
@@ -745,30 +785,8 @@ pub fn client(p: &BootParams) -> u32 {
     }
     let t_start = now_us();
     let local_comm_id = random(a.local_gid);
-    let mut req = Req {
-        hdr: MadHeader::cm(attr::REQ, random(3) as u64),
-        local_comm_id,
-        service_id: service_id(PortSpace::Tcp, port),
-        local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
-        local_qkey: RDMA_CM_UD_QKEY,
-        local_qpn: ag.ud.qpn,
-        responder_resources: 1,
-        initiator_depth: 1,
-        remote_cm_response_timeout: 20,
-        starting_psn: random(5) & 0xff_ffff,
-        local_cm_response_timeout: 20,
-        retry_count: 7,
-        p_key: 0xffff,
-        path_mtu: 3,
-        rnr_retry_count: 7,
-        max_cm_retries: 15,
-        ..Req::default()
-    };
-    req.primary_path.local_gid = me;
-    req.primary_path.remote_gid = peer;
-    req.primary_path.hop_limit = 64;
-    req.primary_path.local_ack_timeout = 18;
-    req.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
+    let mut req = ag.cm_req(&a, peer, local_comm_id, ag.ud.qpn, random(5) & 0xff_ffff, 3);
+    req.local_qkey = RDMA_CM_UD_QKEY;
     if a.mode == rdma_mode::SPOOF {
         req.primary_path.local_gid = gid_of(a.other_gid);
         return match ag.send_mad(peer, &req.to_mad()) {

@@ -636,37 +636,12 @@ pub fn client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
         Ok(rc) => rc,
         Err(s) => return s,
     };
-    let port = a.service_port as u16;
     let t_start = now_us();
     let local_comm_id = random(a.local_gid);
     let my_psn = random(5) & 0xff_ffff;
     // write-bw moves 4096-byte packets; rping and ucmatose use rdma_cm's usual 1024.
     let mtu = if a.mode == rdma_mode::WRITE_BW { 5 } else { 3 };
-    let mut req = Req {
-        hdr: MadHeader::cm(attr::REQ, random(3) as u64),
-        local_comm_id,
-        service_id: service_id(PortSpace::Tcp, port),
-        local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
-        local_qpn: rc.qp.qpn,
-        responder_resources: 1,
-        initiator_depth: 1,
-        remote_cm_response_timeout: 20,
-        starting_psn: my_psn,
-        local_cm_response_timeout: 20,
-        retry_count: 7,
-        p_key: 0xffff,
-        path_mtu: mtu,
-        rnr_retry_count: 7,
-        max_cm_retries: 15,
-        ..Req::default()
-    };
-    req.primary_path.local_lid = 0xffff;
-    req.primary_path.remote_lid = 0xffff;
-    req.primary_path.local_gid = me;
-    req.primary_path.remote_gid = peer;
-    req.primary_path.hop_limit = 64;
-    req.primary_path.local_ack_timeout = 18;
-    req.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
+    let req = ag.cm_req(a, peer, local_comm_id, rc.qp.qpn, my_psn, mtu);
     let req_mad = req.to_mad();
     if let Err(s) = ag.send_mad(peer, &req_mad) {
         println!("rdma-client: REQ refused (status {})", s);
