@@ -17,7 +17,7 @@ mod interop;
 use std::time::{Duration, Instant};
 
 use interop::{assert_opcode, check_capture, op, FerryProc};
-use linux_guest::{LinuxGuest, GUEST_IP, HOST_IP};
+use linux_guest::{GuestOutput, LinuxGuest, GUEST_IP, HOST_IP};
 use rdma_wire::mad::attr;
 
 /// udaddy's rdma_cm port.
@@ -237,84 +237,133 @@ const RPING_FRAMES: &[(&[u8], &str, bool)] = &[
     (op::SEND, "go-ahead SEND", false),
 ];
 
+/// What an RC direction produced: the Linux tool's output, the VM's console and exit code,
+/// the capture (stopped), the guest (for its boot time).
+struct RcRun {
+    g: LinuxGuest,
+    linux: GuestOutput,
+    vm_rc: i32,
+    vm: String,
+    pcap: std::path::PathBuf,
+    t0: Instant,
+}
+
+impl RcRun {
+    /// The VM serves `mode` on `port`; the guest runs the Linux client `cmd`.
+    fn linux_client(tag: &str, mode: &str, port: &str, size: &str, cmd: &str) -> RcRun {
+        let t0 = Instant::now();
+        let mut g = LinuxGuest::boot(tag);
+        let mut vm = start(&g, &rc_vm_args("rdma-server", mode, port, size, &[]));
+        vm.wait_line("listening on port", LIMIT);
+        let cap = g.capture(tag);
+        let linux = g.run_timeout(cmd, LIMIT);
+        let (vm_rc, lines) = vm.finish(LIMIT);
+        RcRun {
+            g,
+            linux,
+            vm_rc,
+            vm: lines.join("\n"),
+            pcap: cap.stop(),
+            t0,
+        }
+    }
+
+    /// The guest runs the Linux server `cmd` (listening on `cm_port`); the VM connects as
+    /// `mode`'s client.
+    fn vm_client(tag: &str, cmd: &str, cm_port: u16, mode: &str, port: &str, size: &str) -> RcRun {
+        let t0 = Instant::now();
+        let mut g = LinuxGuest::boot(tag);
+        let server = g.spawn(cmd);
+        g.wait_cm_listen(cm_port);
+        let cap = g.capture(tag);
+        let args = rc_vm_args(
+            "rdma-client",
+            mode,
+            port,
+            size,
+            &["--rdma-peer", "10.77.0.2"],
+        );
+        let (vm_rc, lines) = start(&g, &args).finish(LIMIT);
+        let linux = g.wait(server, LIMIT);
+        RcRun {
+            g,
+            linux,
+            vm_rc,
+            vm: lines.join("\n"),
+            pcap: cap.stop(),
+            t0,
+        }
+    }
+
+    /// Both sides exited 0, the VM's console says `vm_says`.
+    fn assert_ok(&self, vm_says: &str) {
+        assert_eq!(
+            self.linux.rc, 0,
+            "the Linux tool failed:\n{}",
+            self.linux.out
+        );
+        assert_eq!(self.vm_rc, 0, "the VM failed:\n{}", self.vm);
+        assert!(self.vm.contains(vm_says), "{}", self.vm);
+    }
+
+    fn report(&self, what: &str, frames: usize) {
+        eprintln!(
+            "{what}: {frames} frames, boot {:?}, test {:?}",
+            self.g.boot_time(),
+            self.t0.elapsed()
+        );
+    }
+}
+
 /// Linux `rping -c -V` against a Ferry VM running `rdma-server --rdma-mode rping`: the VM
 /// READs each ping through its PVRDMA device (checking rping's pattern) and WRITEs it back;
 /// rping compares.
 #[test]
 fn linux_rping_client_against_ferry_vm() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("rping-to-vm");
-    let mut vm = start(
-        &g,
-        &rc_vm_args("rdma-server", "rping", RPING_PORT, "64", &[]),
+    let r = RcRun::linux_client(
+        "rping-to-vm",
+        "rping",
+        RPING_PORT,
+        "64",
+        &format!("rping -c -a {HOST_IP} -C {PINGS} -v -V"),
     );
-    vm.wait_line("listening on port", LIMIT);
-    let cap = g.capture("rping-to-vm");
-    let out = g.run_timeout(&format!("rping -c -a {HOST_IP} -C {PINGS} -v -V"), LIMIT);
-    assert_eq!(out.rc, 0, "rping client failed:\n{}", out.out);
+    r.assert_ok(&format!("({PINGS} pings, 0 messages verified)"));
+    assert!(r.vm.contains("0 wrong"), "{}", r.vm);
     for i in 0..PINGS {
         assert!(
-            out.out.contains(&format!("ping data: rdma-ping-{i}: ")),
+            r.linux.out.contains(&format!("ping data: rdma-ping-{i}: ")),
             "rping did not verify ping {i}:\n{}",
-            out.out
+            r.linux.out
         );
     }
-    let (rc, lines) = vm.finish(LIMIT);
-    let text = lines.join("\n");
-    assert_eq!(rc, 0, "the VM failed:\n{text}");
-    assert!(
-        text.contains(&format!("({PINGS} pings, 0 messages verified)")) && text.contains("0 wrong"),
-        "{text}"
-    );
-    let n = check_rc(&cap.stop(), GUEST_IP, HOST_IP, GUEST_IP, RPING_FRAMES);
-    eprintln!(
-        "rping linux->vm: {n} frames, boot {:?}, test {:?}",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    let n = check_rc(&r.pcap, GUEST_IP, HOST_IP, GUEST_IP, RPING_FRAMES);
+    r.report("rping linux->vm", n);
 }
 
 /// A Ferry VM running `rdma-client --rdma-mode rping` against Linux `rping -s`: Linux READs
 /// the VM's source buffer and WRITEs it into the VM's sink; the VM compares.
 #[test]
 fn ferry_vm_rping_client_against_linux_rping_server() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("vm-to-rping");
-    let server = g.spawn(&format!("rping -s -a {GUEST_IP} -v"));
-    g.wait_cm_listen(7174);
-    let cap = g.capture("vm-to-rping");
-    let vm = start(
-        &g,
-        &rc_vm_args(
-            "rdma-client",
-            "rping",
-            RPING_PORT,
-            "64",
-            &["--rdma-peer", "10.77.0.2"],
-        ),
+    let r = RcRun::vm_client(
+        "vm-to-rping",
+        &format!("rping -s -a {GUEST_IP} -v"),
+        7174,
+        "rping",
+        RPING_PORT,
+        "64",
     );
-    let (rc, lines) = vm.finish(LIMIT);
-    let text = lines.join("\n");
-    assert_eq!(rc, 0, "the VM failed:\n{text}");
-    assert!(
-        text.contains(&format!("messages={PINGS} size=64 verified={PINGS}")),
-        "{text}"
-    );
-    let out = g.wait(server, LIMIT);
+    r.assert_ok(&format!("messages={PINGS} size=64 verified={PINGS}"));
     for i in 0..PINGS {
         assert!(
-            out.out
+            r.linux
+                .out
                 .contains(&format!("server ping data: rdma-ping-{i}: ")),
             "the rping server did not read ping {i}:\n{}",
-            out.out
+            r.linux.out
         );
     }
-    let n = check_rc(&cap.stop(), HOST_IP, GUEST_IP, HOST_IP, RPING_FRAMES);
-    eprintln!(
-        "rping vm->linux: {n} frames, boot {:?}, test {:?}",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    let n = check_rc(&r.pcap, HOST_IP, GUEST_IP, HOST_IP, RPING_FRAMES);
+    r.report("rping vm->linux", n);
 }
 
 /// Linux `ucmatose -s` (client) against a Ferry VM running `rdma-server --rdma-mode
@@ -322,40 +371,26 @@ fn ferry_vm_rping_client_against_linux_rping_server() {
 /// VM checks each is its last message) and the VM disconnects.
 #[test]
 fn linux_ucmatose_client_against_ferry_vm() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("ucmatose-to-vm");
-    let mut vm = start(
-        &g,
-        &rc_vm_args("rdma-server", "ucmatose", UCMATOSE_PORT, "100", &[]),
+    let r = RcRun::linux_client(
+        "ucmatose-to-vm",
+        "ucmatose",
+        UCMATOSE_PORT,
+        "100",
+        &format!("ucmatose -s {HOST_IP} -C {UCMATOSE_COUNT}"),
     );
-    vm.wait_line("listening on port", LIMIT);
-    let cap = g.capture("ucmatose-to-vm");
-    let out = g.run_timeout(&format!("ucmatose -s {HOST_IP} -C {UCMATOSE_COUNT}"), LIMIT);
-    assert_eq!(out.rc, 0, "ucmatose client failed:\n{}", out.out);
-    assert!(out.out.contains("data transfers complete"), "{}", out.out);
-    let (rc, lines) = vm.finish(LIMIT);
-    let text = lines.join("\n");
-    assert_eq!(rc, 0, "the VM failed:\n{text}");
+    r.assert_ok(&format!("(0 pings, {UCMATOSE_COUNT} messages verified)"));
     assert!(
-        text.contains(&format!("(0 pings, {UCMATOSE_COUNT} messages verified)")),
-        "{text}"
+        r.linux.out.contains("data transfers complete"),
+        "{}",
+        r.linux.out
     );
-    let n = check_rc(
-        &cap.stop(),
-        GUEST_IP,
-        HOST_IP,
-        HOST_IP,
-        &[
-            (op::SEND, "SEND", false),
-            (op::SEND, "SEND", true),
-            (op::ACK, "ACK", true),
-        ],
-    );
-    eprintln!(
-        "ucmatose linux->vm: {n} frames, boot {:?}, test {:?}",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    let data: &[(&[u8], &str, bool)] = &[
+        (op::SEND, "SEND", false),
+        (op::SEND, "SEND", true),
+        (op::ACK, "ACK", true),
+    ];
+    let n = check_rc(&r.pcap, GUEST_IP, HOST_IP, HOST_IP, data);
+    r.report("ucmatose linux->vm", n);
 }
 
 /// A Ferry VM running `rdma-client --rdma-mode ucmatose` against Linux `ucmatose` (server):
@@ -363,47 +398,27 @@ fn linux_ucmatose_client_against_ferry_vm() {
 /// VM answers.
 #[test]
 fn ferry_vm_ucmatose_client_against_linux_ucmatose_server() {
-    let t0 = Instant::now();
-    let mut g = LinuxGuest::boot("vm-to-ucmatose");
-    let server = g.spawn(&format!("ucmatose -b {GUEST_IP} -C {UCMATOSE_COUNT}"));
-    g.wait_cm_listen(7471);
-    let cap = g.capture("vm-to-ucmatose");
-    let vm = start(
-        &g,
-        &rc_vm_args(
-            "rdma-client",
-            "ucmatose",
-            UCMATOSE_PORT,
-            "100",
-            &["--rdma-peer", "10.77.0.2"],
-        ),
+    let r = RcRun::vm_client(
+        "vm-to-ucmatose",
+        &format!("ucmatose -b {GUEST_IP} -C {UCMATOSE_COUNT}"),
+        7471,
+        "ucmatose",
+        UCMATOSE_PORT,
+        "100",
     );
-    let (rc, lines) = vm.finish(LIMIT);
-    let text = lines.join("\n");
-    assert_eq!(rc, 0, "the VM failed:\n{text}");
+    r.assert_ok(&format!(
+        "messages={UCMATOSE_COUNT} size=100 verified={UCMATOSE_COUNT}"
+    ));
     assert!(
-        text.contains(&format!(
-            "messages={UCMATOSE_COUNT} size=100 verified={UCMATOSE_COUNT}"
-        )),
-        "{text}"
+        r.linux.out.contains("data transfers complete"),
+        "{}",
+        r.linux.out
     );
-    let out = g.wait(server, LIMIT);
-    assert_eq!(out.rc, 0, "ucmatose server failed:\n{}", out.out);
-    assert!(out.out.contains("data transfers complete"), "{}", out.out);
-    let n = check_rc(
-        &cap.stop(),
-        HOST_IP,
-        GUEST_IP,
-        GUEST_IP,
-        &[
-            (op::SEND, "SEND", false),
-            (op::SEND, "SEND", true),
-            (op::ACK, "ACK", false),
-        ],
-    );
-    eprintln!(
-        "ucmatose vm->linux: {n} frames, boot {:?}, test {:?}",
-        g.boot_time(),
-        t0.elapsed()
-    );
+    let data: &[(&[u8], &str, bool)] = &[
+        (op::SEND, "SEND", false),
+        (op::SEND, "SEND", true),
+        (op::ACK, "ACK", false),
+    ];
+    let n = check_rc(&r.pcap, HOST_IP, GUEST_IP, GUEST_IP, data);
+    r.report("ucmatose vm->linux", n);
 }
