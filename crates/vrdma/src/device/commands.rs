@@ -232,7 +232,7 @@ impl Device {
             cmd_code::QUERY_QP => {
                 let c: abi::CmdQueryQp = cmd(slot);
                 let q = self.qps.get(&c.qp_handle).ok_or(no("QP", c.qp_handle))?;
-                let r = abi::RespQueryQp {
+                let mut r = abi::RespQueryQp {
                     hdr: Default::default(),
                     attrs: abi::QpAttr {
                         qp_state: q.state,
@@ -250,6 +250,9 @@ impl Device {
                         ..Default::default()
                     },
                 };
+                if let Some(st) = &q.rc {
+                    st.query(&mut r.attrs);
+                }
                 Ok(put(resp, &r))
             }
             cmd_code::DESTROY_QP => {

@@ -143,7 +143,25 @@ pub struct RcQpState {
     attrs: RcAttrs,
     remote: Option<Gid>,
     access: u32,
+    /// The ACK timeout code the guest gave (QUERY_QP reports it back).
+    timeout_code: u8,
     outstanding: usize,
+}
+
+impl RcQpState {
+    /// The RC attributes QUERY_QP reports (what MODIFY_QP set).
+    pub(super) fn query(&self, a: &mut abi::QpAttr) {
+        a.path_mtu = rdma::rc::mtu_code(self.attrs.path_mtu).map_or(0, u32::from);
+        a.dest_qp_num = self.attrs.dest_qpn;
+        a.rq_psn = self.attrs.rq_psn;
+        a.sq_psn = self.attrs.sq_psn;
+        a.qp_access_flags = self.access;
+        a.timeout = self.timeout_code;
+        a.retry_cnt = self.attrs.retry_count;
+        a.rnr_retry = self.attrs.rnr_retry;
+        a.min_rnr_timer = self.attrs.min_rnr_timer;
+        a.ah_attr.grh.dgid = self.remote.map_or([0; 16], |g| g.0);
+    }
 }
 
 impl RcQpState {
@@ -389,6 +407,7 @@ impl Device {
                 attrs: RcAttrs::default(),
                 remote: None,
                 access: 0,
+                timeout_code: 14,
                 outstanding: 0,
             }),
         ))
@@ -470,6 +489,7 @@ impl Device {
         }
         if mask & m::TIMEOUT != 0 {
             st.attrs.timeout_us = timeout_us(a.timeout);
+            st.timeout_code = a.timeout;
         }
         if mask & m::RETRY_CNT != 0 {
             st.attrs.retry_count = a.retry_cnt;

@@ -299,6 +299,24 @@ fn rc_send_write_read_between_two_devices() {
     let (mut a, mut b) = pair(24_911, 3);
     use abi::wr_opcode as op;
 
+    // QUERY_QP reports what MODIFY_QP set.
+    let (e, r) = a.g.cmd(&abi::CmdQueryQp {
+        hdr: Guest::hdr(cmd_code::QUERY_QP),
+        qp_handle: a.qp,
+        attr_mask: 0,
+    });
+    assert_eq!(e, 0);
+    let q = <abi::RespQueryQp as pvrdma_abi::FromBytes>::read_from_prefix(&r[..])
+        .unwrap()
+        .0
+        .attrs;
+    assert_eq!(
+        (q.qp_state, q.path_mtu, q.dest_qp_num, q.rq_psn, q.sq_psn),
+        (qp_state::RTS, 3, b.qp, 0xff_fff0, 0x12_3456)
+    );
+    assert_eq!((q.timeout, q.retry_cnt, q.rnr_retry), (14, 7, 7));
+    assert_eq!(q.ah_attr.grh.dgid, b.gid.0);
+
     // SEND with immediate, 3000 bytes (3 packets at MTU 1024).
     let msg = pattern(1, 3000);
     a.fill(0, &msg);
