@@ -3,8 +3,8 @@
 //! VM, `ferry vrdma` several), and the [`vrdma::RdmaBackend`] each VM's PVRDMA device uses:
 //! CREATE_BIND/DESTROY_BIND register/unregister (VM, GID) with the multiplexer, the guest's
 //! QP1 sends go through the multiplexer's checked outbound path, inbound MADs arrive in the
-//! device's [`vrdma::MadInbox`] (the multiplexer's callback target), and UD queue pairs are
-//! queue pairs on the port.
+//! device's [`vrdma::MadInbox`] (the multiplexer's callback target), and UD and RC queue
+//! pairs are queue pairs on the port (RC ones over the VM's regions, sending from its GID).
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
@@ -22,7 +22,8 @@ use rdma::{
 };
 use serde::Serialize;
 use vrdma::{
-    BackendError, BackendErrorKind, DeviceStats, MadInbox, RdmaBackend, UdDatagram, UdQueue,
+    BackendError, BackendErrorKind, DeviceStats, MadInbox, PortRcQueue, RcQueue, RdmaBackend,
+    UdDatagram, UdQueue,
 };
 
 /// `--vrdma gid=IPV4[,host=ADDR][,pcap=FILE]`. The GID must be an address of this host
@@ -158,6 +159,13 @@ impl RdmaBackend for MuxBackend {
             port: self.port.clone(),
             qp: self.port.create_ud_qp(gid, qkey),
         }))
+    }
+    fn create_rc_qp(
+        &self,
+        gid: Gid,
+        mrs: Arc<rdma::rc::MrTable>,
+    ) -> Result<Box<dyn RcQueue>, BackendError> {
+        Ok(PortRcQueue::create(&self.port, gid, mrs))
     }
 }
 

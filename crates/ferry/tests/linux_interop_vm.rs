@@ -17,7 +17,7 @@ mod interop;
 use std::time::{Duration, Instant};
 
 use interop::{assert_opcode, check_capture, op, FerryProc};
-use linux_guest::{LinuxGuest, GUEST_IP, HOST_IP};
+use linux_guest::{GuestOutput, LinuxGuest, GUEST_IP, HOST_IP};
 use rdma_wire::mad::attr;
 
 /// udaddy's rdma_cm port.
@@ -148,4 +148,277 @@ fn ferry_vm_udaddy_client_against_linux_udaddy_server() {
         g.boot_time(),
         t0.elapsed()
     );
+}
+
+/// rping's and ucmatose's rdma_cm ports.
+const RPING_PORT: &str = "7174";
+const UCMATOSE_PORT: &str = "7471";
+/// Pings of the rping tests; ucmatose's messages are its default 10 (the VM's server sends
+/// 10).
+const PINGS: u64 = 5;
+const UCMATOSE_COUNT: u64 = 10;
+
+/// A VM running the RC agent in `mode` on `port` (`--rdma-messages`: pings or messages of a
+/// client; the server serves one connection).
+fn rc_vm_args(workload: &str, mode: &str, port: &str, size: &str, extra: &[&str]) -> Vec<String> {
+    let n = if mode == "rping" {
+        PINGS
+    } else {
+        UCMATOSE_COUNT
+    }
+    .to_string();
+    let mut v: Vec<String> = [
+        "run",
+        "--workload",
+        workload,
+        "--memory",
+        "64M",
+        "--timeout",
+        "120s",
+        "--vrdma",
+        "gid=10.77.0.1",
+        "--rdma-mode",
+        mode,
+        "--rdma-port",
+        port,
+        "--rdma-size",
+        size,
+        "--rdma-messages",
+        &n,
+        "--rdma-sessions",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// The capture of an RC connection from `client` to `server`: REQ/REP/RTU, the DREQ/DREP of
+/// `closer`, and the data opcodes `data` (opcode set, what, from, to); no malformed frame,
+/// every ICRC verified (check_capture).
+fn check_rc(
+    pcap: &std::path::Path,
+    client: std::net::Ipv4Addr,
+    server: std::net::Ipv4Addr,
+    closer: std::net::Ipv4Addr,
+    data: &[(&[u8], &str, bool)],
+) -> usize {
+    let other = if closer == client { server } else { client };
+    let frames = check_capture(
+        pcap,
+        &[
+            (attr::REQ, client, server),
+            (attr::REP, server, client),
+            (attr::RTU, client, server),
+            (attr::DREQ, closer, other),
+            (attr::DREP, other, closer),
+        ],
+    );
+    for (ops, what, from_client) in data {
+        let (s, d) = if *from_client {
+            (client, server)
+        } else {
+            (server, client)
+        };
+        assert_opcode(&frames, ops, what, s, d);
+    }
+    frames.len()
+}
+
+/// rping's data path: the client's rping_rdma_info SENDs, the server's READ (request and
+/// responses), its WRITE and go-aheads.
+const RPING_FRAMES: &[(&[u8], &str, bool)] = &[
+    (op::SEND, "rping_rdma_info SEND", true),
+    (op::READ_REQ, "RDMA READ request", false),
+    (op::READ_RESP, "RDMA READ response", true),
+    (op::WRITE, "RDMA WRITE", false),
+    (op::SEND, "go-ahead SEND", false),
+];
+
+/// What an RC direction produced: the Linux tool's output, the VM's console and exit code,
+/// the capture (stopped), the guest (for its boot time).
+struct RcRun {
+    g: LinuxGuest,
+    linux: GuestOutput,
+    vm_rc: i32,
+    vm: String,
+    pcap: std::path::PathBuf,
+    t0: Instant,
+}
+
+impl RcRun {
+    /// The VM serves `mode` on `port`; the guest runs the Linux client `cmd`.
+    fn linux_client(tag: &str, mode: &str, port: &str, size: &str, cmd: &str) -> RcRun {
+        let t0 = Instant::now();
+        let mut g = LinuxGuest::boot(tag);
+        let mut vm = start(&g, &rc_vm_args("rdma-server", mode, port, size, &[]));
+        vm.wait_line("listening on port", LIMIT);
+        let cap = g.capture(tag);
+        let linux = g.run_timeout(cmd, LIMIT);
+        let (vm_rc, lines) = vm.finish(LIMIT);
+        RcRun {
+            g,
+            linux,
+            vm_rc,
+            vm: lines.join("\n"),
+            pcap: cap.stop(),
+            t0,
+        }
+    }
+
+    /// The guest runs the Linux server `cmd` (listening on `cm_port`); the VM connects as
+    /// `mode`'s client.
+    fn vm_client(tag: &str, cmd: &str, cm_port: u16, mode: &str, port: &str, size: &str) -> RcRun {
+        let t0 = Instant::now();
+        let mut g = LinuxGuest::boot(tag);
+        let server = g.spawn(cmd);
+        g.wait_cm_listen(cm_port);
+        let cap = g.capture(tag);
+        let args = rc_vm_args(
+            "rdma-client",
+            mode,
+            port,
+            size,
+            &["--rdma-peer", "10.77.0.2"],
+        );
+        let (vm_rc, lines) = start(&g, &args).finish(LIMIT);
+        let linux = g.wait(server, LIMIT);
+        RcRun {
+            g,
+            linux,
+            vm_rc,
+            vm: lines.join("\n"),
+            pcap: cap.stop(),
+            t0,
+        }
+    }
+
+    /// Both sides exited 0, the VM's console says `vm_says`.
+    fn assert_ok(&self, vm_says: &str) {
+        assert_eq!(
+            self.linux.rc, 0,
+            "the Linux tool failed:\n{}",
+            self.linux.out
+        );
+        assert_eq!(self.vm_rc, 0, "the VM failed:\n{}", self.vm);
+        assert!(self.vm.contains(vm_says), "{}", self.vm);
+    }
+
+    fn report(&self, what: &str, frames: usize) {
+        eprintln!(
+            "{what}: {frames} frames, boot {:?}, test {:?}",
+            self.g.boot_time(),
+            self.t0.elapsed()
+        );
+    }
+}
+
+/// Linux `rping -c -V` against a Ferry VM running `rdma-server --rdma-mode rping`: the VM
+/// READs each ping through its PVRDMA device (checking rping's pattern) and WRITEs it back;
+/// rping compares.
+#[test]
+fn linux_rping_client_against_ferry_vm() {
+    let r = RcRun::linux_client(
+        "rping-to-vm",
+        "rping",
+        RPING_PORT,
+        "64",
+        &format!("rping -c -a {HOST_IP} -C {PINGS} -v -V"),
+    );
+    r.assert_ok(&format!("({PINGS} pings, 0 messages verified)"));
+    assert!(r.vm.contains("0 wrong"), "{}", r.vm);
+    for i in 0..PINGS {
+        assert!(
+            r.linux.out.contains(&format!("ping data: rdma-ping-{i}: ")),
+            "rping did not verify ping {i}:\n{}",
+            r.linux.out
+        );
+    }
+    let n = check_rc(&r.pcap, GUEST_IP, HOST_IP, GUEST_IP, RPING_FRAMES);
+    r.report("rping linux->vm", n);
+}
+
+/// A Ferry VM running `rdma-client --rdma-mode rping` against Linux `rping -s`: Linux READs
+/// the VM's source buffer and WRITEs it into the VM's sink; the VM compares.
+#[test]
+fn ferry_vm_rping_client_against_linux_rping_server() {
+    let r = RcRun::vm_client(
+        "vm-to-rping",
+        &format!("rping -s -a {GUEST_IP} -v"),
+        7174,
+        "rping",
+        RPING_PORT,
+        "64",
+    );
+    r.assert_ok(&format!("messages={PINGS} size=64 verified={PINGS}"));
+    for i in 0..PINGS {
+        assert!(
+            r.linux
+                .out
+                .contains(&format!("server ping data: rdma-ping-{i}: ")),
+            "the rping server did not read ping {i}:\n{}",
+            r.linux.out
+        );
+    }
+    let n = check_rc(&r.pcap, HOST_IP, GUEST_IP, HOST_IP, RPING_FRAMES);
+    r.report("rping vm->linux", n);
+}
+
+/// Linux `ucmatose -s` (client) against a Ferry VM running `rdma-server --rdma-mode
+/// ucmatose`: the VM SENDs 10 messages, ucmatose sends its receive buffer back 10 times (the
+/// VM checks each is its last message) and the VM disconnects.
+#[test]
+fn linux_ucmatose_client_against_ferry_vm() {
+    let r = RcRun::linux_client(
+        "ucmatose-to-vm",
+        "ucmatose",
+        UCMATOSE_PORT,
+        "100",
+        &format!("ucmatose -s {HOST_IP} -C {UCMATOSE_COUNT}"),
+    );
+    r.assert_ok(&format!("(0 pings, {UCMATOSE_COUNT} messages verified)"));
+    assert!(
+        r.linux.out.contains("data transfers complete"),
+        "{}",
+        r.linux.out
+    );
+    let data: &[(&[u8], &str, bool)] = &[
+        (op::SEND, "SEND", false),
+        (op::SEND, "SEND", true),
+        (op::ACK, "ACK", true),
+    ];
+    let n = check_rc(&r.pcap, GUEST_IP, HOST_IP, HOST_IP, data);
+    r.report("ucmatose linux->vm", n);
+}
+
+/// A Ferry VM running `rdma-client --rdma-mode ucmatose` against Linux `ucmatose` (server):
+/// Linux sends 10 messages of 100 bytes, the VM sends them back, Linux disconnects and the
+/// VM answers.
+#[test]
+fn ferry_vm_ucmatose_client_against_linux_ucmatose_server() {
+    let r = RcRun::vm_client(
+        "vm-to-ucmatose",
+        &format!("ucmatose -b {GUEST_IP} -C {UCMATOSE_COUNT}"),
+        7471,
+        "ucmatose",
+        UCMATOSE_PORT,
+        "100",
+    );
+    r.assert_ok(&format!(
+        "messages={UCMATOSE_COUNT} size=100 verified={UCMATOSE_COUNT}"
+    ));
+    assert!(
+        r.linux.out.contains("data transfers complete"),
+        "{}",
+        r.linux.out
+    );
+    let data: &[(&[u8], &str, bool)] = &[
+        (op::SEND, "SEND", false),
+        (op::SEND, "SEND", true),
+        (op::ACK, "ACK", false),
+    ];
+    let n = check_rc(&r.pcap, HOST_IP, GUEST_IP, GUEST_IP, data);
+    r.report("ucmatose vm->linux", n);
 }

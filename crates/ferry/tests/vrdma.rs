@@ -415,3 +415,109 @@ fn a_hostile_guest_gets_errors_while_the_vmm_and_the_other_vms_keep_working() {
     let client = vm(&r, "127.66.1.2", "rdma-client");
     assert_eq!(client["vrdma"]["device"]["ud_received"], 100);
 }
+
+/// Runs `mode` between a server VM and a client VM on two hosts in 127.`block`.*.*: the
+/// outputs of both (which exited 0).
+fn rc_pair(block: u8, mode: &str, messages: &str, size: &str) -> (Done, Done) {
+    let server = Proc::spawn(
+        "server",
+        &strings(&[
+            "run",
+            "--workload",
+            "rdma-server",
+            "--memory",
+            "64M",
+            "--timeout",
+            "90s",
+            "--vrdma",
+            &format!("gid=127.{block}.1.1,host=127.{block}.0.1"),
+            "--rdma-sessions",
+            "1",
+            "--rdma-mode",
+            mode,
+            "--rdma-size",
+            size,
+        ]),
+    );
+    server.wait_for("listening on port", 1);
+    let client = Proc::spawn(
+        "client",
+        &strings(&[
+            "run",
+            "--workload",
+            "rdma-client",
+            "--memory",
+            "64M",
+            "--timeout",
+            "90s",
+            "--vrdma",
+            &format!("gid=127.{block}.2.1,host=127.{block}.0.2"),
+            "--rdma-peer",
+            &format!("127.{block}.1.1"),
+            "--rdma-messages",
+            messages,
+            "--rdma-size",
+            size,
+            "--rdma-mode",
+            mode,
+        ]),
+    );
+    let c = client.wait(LIMIT);
+    let s = server.wait(LIMIT);
+    for (what, d) in [("client", &c), ("server", &s)] {
+        assert_eq!(
+            d.code, 0,
+            "{mode} {what}\nstdout:\n{}\nstderr:\n{}",
+            d.stdout, d.stderr
+        );
+    }
+    (c, s)
+}
+
+#[test]
+fn two_vms_on_two_hosts_run_rping_ucmatose_and_write_bw_over_rc() {
+    let _g = lock();
+    // rping: 3000-byte buffers (3 packets at MTU 1024), READ and WRITE, verified by both.
+    let (c, s) = rc_pair(67, "rping", "50", "3000");
+    assert!(
+        c.stdout.contains("messages=50 size=3000 verified=50"),
+        "{}",
+        c.stdout
+    );
+    assert!(
+        s.stdout
+            .contains("disconnected (50 pings, 0 messages verified)")
+            && s.stdout.contains("0 wrong"),
+        "{}",
+        s.stdout
+    );
+    // ucmatose: 10 SENDs each way, the client sees the server's pattern in all of them,
+    // the server its last message in every reply.
+    let (c, s) = rc_pair(67, "ucmatose", "10", "100");
+    assert!(
+        c.stdout
+            .contains("10 messages of 100 bytes, 10 with Ferry's pattern")
+            && c.stdout.contains("verified=10"),
+        "{}",
+        c.stdout
+    );
+    assert!(
+        s.stdout.contains("(0 pings, 10 messages verified)"),
+        "{}",
+        s.stdout
+    );
+    // write-bw: 500 WRITEs of 64 KiB (16 packets each at MTU 4096), the last with
+    // immediate data; the server verifies the buffer.
+    let (c, s) = rc_pair(67, "write-bw", "500", "65536");
+    assert!(
+        c.stdout.contains("500 WRITEs of 65536 bytes")
+            && c.stdout.contains("verified=500 bytes=32768000"),
+        "{}",
+        c.stdout
+    );
+    assert!(
+        s.stdout.contains("(0 pings, 500 messages verified)"),
+        "{}",
+        s.stdout
+    );
+}

@@ -145,6 +145,18 @@ pub mod rdma_mode {
     /// sends `messages` SEND_WITH_IMM (immediate = its QPN) of `msg_size` bytes, then takes as
     /// many replies; the server takes `messages` such sends and answers each.
     pub const UDADDY: u32 = 3;
+    /// rdma-core's `rping` over an RC queue pair (both workloads): the client SENDs its
+    /// buffer's address, the server RDMA READs it and verifies rping's pattern, the client
+    /// SENDs a second address, the server RDMA WRITEs the data back, the client compares;
+    /// `messages` pings of `msg_size` bytes.
+    pub const RPING: u32 = 4;
+    /// rdma-core's `ucmatose` over RC: the server SENDs 10 messages of `msg_size` bytes, the
+    /// client receives them and SENDs as many copies of the last back; both verify.
+    pub const UCMATOSE: u32 = 5;
+    /// An `ib_write_bw`-like stream over RC: the server advertises a buffer, the client RDMA
+    /// WRITEs `messages` messages of `msg_size` bytes into it (the last with immediate data),
+    /// the server verifies the last one; the client reports the bandwidth.
+    pub const WRITE_BW: u32 = 6;
 }
 
 /// Arguments of the NVMe workloads (0 picks the default noted on each field).

@@ -235,6 +235,22 @@ pub mod wr_opcode {
     pub const SEND_WITH_IMM: u32 = 3;
     /// RDMA read.
     pub const RDMA_READ: u32 = 4;
+    /// Atomic compare and swap (Ferry's device refuses atomics).
+    pub const ATOMIC_CMP_AND_SWP: u32 = 5;
+    /// Atomic fetch and add (Ferry's device refuses atomics).
+    pub const ATOMIC_FETCH_AND_ADD: u32 = 6;
+}
+
+/// Memory region and QP access flags (`pvrdma_access_flags`).
+pub mod access {
+    /// The local side may write (receives, READ responses).
+    pub const LOCAL_WRITE: u32 = 1 << 0;
+    /// Peers may RDMA WRITE.
+    pub const REMOTE_WRITE: u32 = 1 << 1;
+    /// Peers may RDMA READ.
+    pub const REMOTE_READ: u32 = 1 << 2;
+    /// Peers may use atomics (refused by Ferry's device).
+    pub const REMOTE_ATOMIC: u32 = 1 << 3;
 }
 
 /// Completion status values.
@@ -249,8 +265,18 @@ pub mod wc_status {
     pub const LOC_PROT_ERR: u32 = 4;
     /// Flushed (QP in error).
     pub const WR_FLUSH_ERR: u32 = 5;
+    /// Bad response from the peer.
+    pub const BAD_RESP_ERR: u32 = 7;
+    /// The peer said invalid request.
+    pub const REM_INV_REQ_ERR: u32 = 9;
     /// Remote access error.
     pub const REM_ACCESS_ERR: u32 = 10;
+    /// The peer said remote operational error.
+    pub const REM_OP_ERR: u32 = 11;
+    /// No acknowledgement after the retry count.
+    pub const RETRY_EXC_ERR: u32 = 12;
+    /// RNR NAKs beyond the RNR retry count.
+    pub const RNR_RETRY_EXC_ERR: u32 = 13;
     /// General error (e.g. the multiplexer refused the send).
     pub const GENERAL_ERR: u32 = 21;
 }
@@ -259,8 +285,14 @@ pub mod wc_status {
 pub mod wc_opcode {
     /// Send completed.
     pub const SEND: u32 = 0;
+    /// RDMA write completed.
+    pub const RDMA_WRITE: u32 = 1;
+    /// RDMA read completed.
+    pub const RDMA_READ: u32 = 2;
     /// Receive completed.
     pub const RECV: u32 = 1 << 7;
+    /// An RDMA write with immediate consumed a receive.
+    pub const RECV_RDMA_WITH_IMM: u32 = (1 << 7) + 1;
 }
 
 /// Completion flags.
@@ -333,10 +365,22 @@ pub mod qp_attr_mask {
     pub const AV: u32 = 1 << 7;
     /// `path_mtu`.
     pub const PATH_MTU: u32 = 1 << 8;
+    /// `timeout` (local ACK timeout code).
+    pub const TIMEOUT: u32 = 1 << 9;
+    /// `retry_cnt`.
+    pub const RETRY_CNT: u32 = 1 << 10;
+    /// `rnr_retry`.
+    pub const RNR_RETRY: u32 = 1 << 11;
     /// `rq_psn`.
     pub const RQ_PSN: u32 = 1 << 12;
+    /// `max_rd_atomic`.
+    pub const MAX_QP_RD_ATOMIC: u32 = 1 << 13;
+    /// `min_rnr_timer`.
+    pub const MIN_RNR_TIMER: u32 = 1 << 15;
     /// `sq_psn`.
     pub const SQ_PSN: u32 = 1 << 16;
+    /// `max_dest_rd_atomic`.
+    pub const MAX_DEST_RD_ATOMIC: u32 = 1 << 17;
     /// `dest_qp_num`.
     pub const DEST_QPN: u32 = 1 << 20;
     /// Every bit the ABI defines.

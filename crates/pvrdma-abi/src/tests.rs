@@ -198,3 +198,15 @@ fn bytes_round_trip() {
         resp_code::DESTROY_BIND_NOOP
     );
 }
+
+#[test]
+fn rdma_view_of_the_send_wqe() {
+    // `wr.rdma` overlays the union at offset 32: remote_addr (8 bytes), then rkey.
+    let mut w = SqWqeHdr::default();
+    w.set_rdma(0x1122_3344_5566_7788, 0xabcd_ef01);
+    let b = w.as_bytes();
+    assert_eq!(&b[32..40], &0x1122_3344_5566_7788u64.to_le_bytes());
+    assert_eq!(&b[40..44], &0xabcd_ef01u32.to_le_bytes());
+    assert_eq!(w.rdma_remote_addr(), 0x1122_3344_5566_7788);
+    assert_eq!(w.rdma_rkey(), 0xabcd_ef01);
+}

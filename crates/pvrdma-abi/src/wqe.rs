@@ -65,6 +65,26 @@ pub struct SqWqeHdr {
     pub ud_av: Av,
 }
 
+impl SqWqeHdr {
+    /// `wr.rdma.remote_addr` (RC RDMA WRITE/READ view of the union: the bytes of the UD
+    /// view's `remote_qpn` and `remote_qkey`).
+    pub const fn rdma_remote_addr(&self) -> u64 {
+        (self.ud_remote_qkey as u64) << 32 | self.ud_remote_qpn as u64
+    }
+
+    /// `wr.rdma.rkey` (the bytes of the UD view's `av.port_pd`).
+    pub const fn rdma_rkey(&self) -> u32 {
+        self.ud_av.port_pd
+    }
+
+    /// Sets the RDMA view (`wr.rdma.remote_addr`, `wr.rdma.rkey`).
+    pub fn set_rdma(&mut self, remote_addr: u64, rkey: u32) {
+        self.ud_remote_qpn = remote_addr as u32;
+        self.ud_remote_qkey = (remote_addr >> 32) as u32;
+        self.ud_av.port_pd = rkey;
+    }
+}
+
 /// Completion queue element (`pvrdma_cqe`, 64 bytes).
 #[repr(C)]
 #[derive(

@@ -66,6 +66,148 @@ pub trait RdmaBackend: Send + Sync {
     fn receive_buffers_posted(&self);
     /// Creates a UD queue pair bound to `gid` with Q_Key `qkey`.
     fn create_ud_qp(&self, gid: Gid, qkey: u32) -> Result<Box<dyn UdQueue>, BackendError>;
+    /// Creates an RC queue pair sending from `gid`, whose remote accesses and READ responses
+    /// use the regions of `mrs` (the VM's protection domain, over guest memory). A backend
+    /// without RC refuses.
+    fn create_rc_qp(
+        &self,
+        gid: Gid,
+        mrs: Arc<rdma::rc::MrTable>,
+    ) -> Result<Box<dyn RcQueue>, BackendError> {
+        let _ = (gid, mrs);
+        Err(BackendError::new(
+            crate::BackendErrorKind::Refused,
+            "this host has no RC queue pairs",
+        ))
+    }
+}
+
+/// An RC queue pair on the host port (crates/rdma's transport), owned by one virtual QP.
+/// The device moves it through the states its guest asks for, posts the guest's work
+/// requests (data already gathered from guest memory, READ targets as regions) and turns its
+/// completions into CQEs. Dropping it destroys the host QP.
+pub trait RcQueue: Send + Sync {
+    /// Its QPN on the host port.
+    fn qpn(&self) -> u32;
+    /// RESET/INIT → RTR towards `remote` (packets from any other source are refused).
+    fn modify_rtr(
+        &self,
+        remote: Gid,
+        attrs: rdma::rc::RcAttrs,
+        remote_write: bool,
+        remote_read: bool,
+    ) -> Result<(), rdma::rc::RcError>;
+    /// RTR → RTS.
+    fn modify_rts(
+        &self,
+        sq_psn: u32,
+        timeout_us: u64,
+        retry_count: u8,
+        rnr_retry: u8,
+    ) -> Result<(), rdma::rc::RcError>;
+    /// RTS → SQD.
+    fn drain(&self) -> Result<(), rdma::rc::RcError>;
+    /// SQD → RTS.
+    fn resume(&self) -> Result<(), rdma::rc::RcError>;
+    /// Any state → ERR (outstanding work requests complete flushed).
+    fn to_err(&self);
+    /// Any state → RESET.
+    fn reset(&self);
+    /// Posts a send work request.
+    fn post_send(&self, wr: rdma::rc::SendWr) -> Result<(), rdma::rc::RcError>;
+    /// Posts a receive of up to `max_len` bytes.
+    fn post_recv(&self, wr_id: u64, max_len: usize) -> Result<(), rdma::rc::RcError>;
+    /// The next completion (never blocks).
+    fn poll(&self) -> Option<rdma::rc::Completion>;
+    /// Calls `waker` whenever completions wait.
+    fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>);
+    /// The transport's counters, if it keeps any.
+    fn counters(&self) -> Option<rdma::rc::RcStats> {
+        None
+    }
+}
+
+/// [`RcQueue`] over a queue pair of crates/rdma's software port; destroys it when dropped.
+pub struct PortRcQueue {
+    /// The port.
+    pub port: rdma::port::SoftPort,
+    /// The queue pair.
+    pub qp: Arc<rdma::rc::RcQp>,
+}
+
+impl PortRcQueue {
+    /// A new RC QP on `port` sending from `gid`, over the regions of `mrs`, timed by the
+    /// process's monotonic clock.
+    pub fn create(
+        port: &rdma::port::SoftPort,
+        gid: Gid,
+        mrs: Arc<rdma::rc::MrTable>,
+    ) -> Box<dyn RcQueue> {
+        let clock: Arc<dyn rdma::rc::Clock> = Arc::new(rdma::rc::MonotonicClock::default());
+        Box::new(PortRcQueue {
+            port: port.clone(),
+            qp: port.create_rc_qp(gid, mrs, clock),
+        })
+    }
+}
+
+impl RcQueue for PortRcQueue {
+    fn qpn(&self) -> u32 {
+        self.qp.qpn_value()
+    }
+    fn modify_rtr(
+        &self,
+        remote: Gid,
+        attrs: rdma::rc::RcAttrs,
+        remote_write: bool,
+        remote_read: bool,
+    ) -> Result<(), rdma::rc::RcError> {
+        self.qp.modify_rtr(remote, attrs, remote_write, remote_read)
+    }
+    fn modify_rts(
+        &self,
+        sq_psn: u32,
+        timeout_us: u64,
+        retry_count: u8,
+        rnr_retry: u8,
+    ) -> Result<(), rdma::rc::RcError> {
+        self.qp
+            .modify_rts(sq_psn, timeout_us, retry_count, rnr_retry)
+    }
+    fn drain(&self) -> Result<(), rdma::rc::RcError> {
+        self.qp.drain()
+    }
+    fn resume(&self) -> Result<(), rdma::rc::RcError> {
+        self.qp.resume()
+    }
+    fn to_err(&self) {
+        self.qp.to_err();
+    }
+    fn reset(&self) {
+        self.qp.reset();
+    }
+    fn post_send(&self, wr: rdma::rc::SendWr) -> Result<(), rdma::rc::RcError> {
+        self.qp.post_send(wr)
+    }
+    fn post_recv(&self, wr_id: u64, max_len: usize) -> Result<(), rdma::rc::RcError> {
+        self.qp.post_recv(wr_id, max_len)
+    }
+    fn poll(&self) -> Option<rdma::rc::Completion> {
+        self.qp.poll()
+    }
+    fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
+        self.qp.set_waker(waker);
+    }
+    fn counters(&self) -> Option<rdma::rc::RcStats> {
+        Some(self.qp.stats())
+    }
+}
+
+impl Drop for PortRcQueue {
+    fn drop(&mut self) {
+        self.qp.shutdown();
+        let _ = self.port.destroy_qp(self.qp.qpn_value());
+    }
 }
 
 /// The VM has no QP1 receive buffer now.

@@ -3,15 +3,16 @@
 //! A guest-facing PCI function that follows VMware's PVRDMA device ABI ([`pvrdma_abi`]):
 //! BAR1 registers, BAR2 UAR doorbell page, device shared region, command and response slots,
 //! page directories, async ring, QP/CQ rings. The subset Ferry needs is implemented (query
-//! port/P_Key, PD, MR including DMA regions, CQ, GSI and UD QPs, modify QP through
-//! RESET → INIT → RTR → RTS and to ERR, CREATE_BIND/DESTROY_BIND, post send/receive,
-//! completions); every other command is answered with `EOPNOTSUPP`.
+//! port/P_Key, PD, MR including DMA regions, CQ, GSI, UD and RC QPs, modify QP through
+//! RESET → INIT → RTR → RTS ⇄ SQD and to ERR, CREATE_BIND/DESTROY_BIND, post send/receive,
+//! completions); every other command is answered with `EOPNOTSUPP`. RC queue pairs run on
+//! crates/rdma's RC transport over regions of guest memory ([`device::rc`]).
 //!
 //! - [`device::Device`] — registers, commands, object tables, data path; all guest input
 //!   validated ([`mem`] checks every address against guest RAM and walks page directories with
 //!   bounds).
 //! - [`backend::RdmaBackend`] — what the device needs from the host: GID registration and the
-//!   checked QP1 path of the CM multiplexer, UD queue pairs on the software RoCEv2 port.
+//!   checked QP1 path of the CM multiplexer, UD and RC queue pairs on the software RoCEv2 port.
 //!   Inbound MADs arrive through [`backend::MadInbox`], the multiplexer's callback target.
 //! - [`attach`] — the PCI function in a KVM VM and the device thread.
 pub mod attach;
@@ -21,7 +22,7 @@ mod error;
 pub mod mem;
 
 pub use attach::{attach, VrdmaHandle, DEFAULT_BAR_BASE};
-pub use backend::{MadInbox, RdmaBackend, UdDatagram, UdQueue};
+pub use backend::{MadInbox, PortRcQueue, RcQueue, RdmaBackend, UdDatagram, UdQueue};
 pub use device::{Device, DeviceState, DeviceStats};
 pub use error::{BackendError, BackendErrorKind, VrdmaError};
 pub use mem::{GuestMemory, VecMemory};

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use pvrdma_abi::{self as abi, cmd_code, errno, qp_state, IntoBytes};
 use rdma_wire::Gid;
 
+mod rc;
+
 use crate::{
     backend::{MadInbox, RdmaBackend, UdDatagram, UdQueue, GRH_LEN},
     device::Device,
@@ -99,10 +101,15 @@ fn gid(a: u8) -> Gid {
 
 impl Guest {
     fn new(backend: FakeBackend) -> Guest {
-        let mem = Arc::new(VecMemory::new(MEM));
         let backend = Arc::new(backend);
+        Guest::with_backend(backend.clone(), backend)
+    }
+
+    /// A guest whose device uses `dev_backend` (`backend` only answers the fake's queries).
+    fn with_backend(backend: Arc<FakeBackend>, dev_backend: Arc<dyn RdmaBackend>) -> Guest {
+        let mem = Arc::new(VecMemory::new(MEM));
         let inbox = Arc::new(MadInbox::default());
-        let dev = Device::new(mem.clone(), backend.clone(), inbox.clone());
+        let dev = Device::new(mem.clone(), dev_backend, inbox.clone());
         let mut g = Guest {
             mem,
             dev,

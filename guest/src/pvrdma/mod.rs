@@ -13,6 +13,9 @@ use crate::{
     pci,
 };
 
+mod rc;
+pub use rc::{RcAttrs, RcSend};
+
 const PAGE: u64 = 4096;
 
 static NEXT_PAGE: AtomicU64 = AtomicU64::new(WORK_BASE);
@@ -82,6 +85,7 @@ pub fn pdir(n: u64) -> (u64, u64) {
 }
 
 /// A completion queue of `n` ≤ 64 entries (one page of CQEs after the ring page).
+#[derive(Clone, Copy)]
 pub struct Cq {
     /// Handle.
     pub handle: u32,
@@ -377,6 +381,20 @@ impl Device {
 
     /// A QP of `qp_type` (GSI or UD) with `SQ_WQES`/`RQ_WQES` one-SGE slots, moved to RTS.
     pub fn create_qp(&self, pd: u32, scq: &Cq, rcq: &Cq, qp_type: u8) -> Result<Qp, u8> {
+        let qp = self.create_qp_reset(pd, scq, rcq, qp_type)?;
+        let qkey = if qp_type == abi::qp_type::GSI {
+            0x8001_0000
+        } else {
+            0x0123_4567
+        };
+        for state in [abi::qp_state::INIT, abi::qp_state::RTR, abi::qp_state::RTS] {
+            self.modify_qp(qp.qpn, state, qkey)?;
+        }
+        Ok(qp)
+    }
+
+    /// A QP of `qp_type` with `SQ_WQES`/`RQ_WQES` one-SGE slots, left in RESET.
+    pub fn create_qp_reset(&self, pd: u32, scq: &Cq, rcq: &Cq, qp_type: u8) -> Result<Qp, u8> {
         let (dir, pages) = pdir(3);
         let r = self.command(&abi::CmdCreateQp {
             hdr: Self::hdr(cmd_code::CREATE_QP),
@@ -394,14 +412,6 @@ impl Device {
             ..Default::default()
         })?;
         let qpn = read_obj::<abi::RespCreateQp>(r).qpn;
-        let qkey = if qp_type == abi::qp_type::GSI {
-            0x8001_0000
-        } else {
-            0x0123_4567
-        };
-        for state in [abi::qp_state::INIT, abi::qp_state::RTR, abi::qp_state::RTS] {
-            self.modify_qp(qpn, state, qkey)?;
-        }
         Ok(Qp {
             qpn,
             hdr: pages,

@@ -11,6 +11,7 @@
 //!   another GID as its source; both expect a refusal (exit status `RDMA_REFUSED`).
 //!
 //! The CM messages are rdma-wire's codecs; the state kept is the little a UD service needs.
+//! `--rdma-mode rping|ucmatose|write-bw` run over RC queue pairs instead ([`rc`]).
 use core::net::{IpAddr, Ipv4Addr};
 
 use guest_abi::{
@@ -24,6 +25,8 @@ use rdma_wire::{
     rdma_cm::{service_id, CmaHeader, PortSpace, RDMA_CM_UD_QKEY},
     CmMessage, Gid, MadHeader, GSI_QKEY, MAD_SIZE,
 };
+
+mod rc;
 
 use crate::{
     clock, params, println,
@@ -82,6 +85,7 @@ fn grh_sgid(grh: &[u8; 40]) -> Gid {
 
 struct Agent {
     dev: Device,
+    pd: u32,
     lkey: u32,
     me: Gid,
     gsi: Qp,
@@ -144,6 +148,7 @@ impl Agent {
         }
         Ok(Agent {
             dev,
+            pd,
             lkey,
             me,
             gsi,
@@ -321,6 +326,46 @@ impl Agent {
         self.ud.post_recv(i, at, UD_BUF as u32, self.lkey);
     }
 
+    /// rdma_cm's REQ (TCP port space) from this agent to `peer`'s service `a.service_port`
+    /// for QP `qpn`, starting PSN `psn`, path MTU code `mtu`.
+    fn cm_req(
+        &self,
+        a: &RdmaArgs,
+        peer: Gid,
+        local_comm_id: u32,
+        qpn: u32,
+        psn: u32,
+        mtu: u8,
+    ) -> Req {
+        let port = a.service_port as u16;
+        let mut req = Req {
+            hdr: MadHeader::cm(attr::REQ, random(3) as u64),
+            local_comm_id,
+            service_id: service_id(PortSpace::Tcp, port),
+            local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
+            local_qpn: qpn,
+            responder_resources: 1,
+            initiator_depth: 1,
+            remote_cm_response_timeout: 20,
+            starting_psn: psn,
+            local_cm_response_timeout: 20,
+            retry_count: 7,
+            p_key: 0xffff,
+            path_mtu: mtu,
+            rnr_retry_count: 7,
+            max_cm_retries: 15,
+            ..Req::default()
+        };
+        req.primary_path.local_lid = 0xffff;
+        req.primary_path.remote_lid = 0xffff;
+        req.primary_path.local_gid = self.me;
+        req.primary_path.remote_gid = peer;
+        req.primary_path.hop_limit = 64;
+        req.primary_path.local_ack_timeout = 18;
+        req.private_data[..36].copy_from_slice(&self.cma_private_data(peer, port));
+        req
+    }
+
     fn cma_private_data(&self, peer: Gid, port: u16) -> [u8; 36] {
         let ip = |g: Gid| {
             g.to_ipv4()
@@ -355,6 +400,14 @@ struct Conn {
     established: bool,
 }
 
+/// Whether `mode` runs over an RC queue pair ([`rc`]).
+fn is_rc(mode: u32) -> bool {
+    matches!(
+        mode,
+        rdma_mode::RPING | rdma_mode::UCMATOSE | rdma_mode::WRITE_BW
+    )
+}
+
 /// `rdma-server`.
 pub fn server(p: &BootParams) -> u32 {
     let a: RdmaArgs = p.args.rdma;
@@ -363,6 +416,9 @@ pub fn server(p: &BootParams) -> u32 {
         Ok(ag) => ag,
         Err(e) => return setup_failed(e),
     };
+    if is_rc(a.mode) {
+        return rc::server(&mut ag, &a, me);
+    }
     println!(
         "rdma-server: {} listening on port {} (UD QPN {:#x})",
         me, a.service_port, ag.ud.qpn
@@ -724,32 +780,13 @@ pub fn client(p: &BootParams) -> u32 {
     if a.mode == rdma_mode::UDADDY {
         return udaddy_client(&mut ag, &a, me, peer);
     }
+    if is_rc(a.mode) {
+        return rc::client(&mut ag, &a, me, peer);
+    }
     let t_start = now_us();
     let local_comm_id = random(a.local_gid);
-    let mut req = Req {
-        hdr: MadHeader::cm(attr::REQ, random(3) as u64),
-        local_comm_id,
-        service_id: service_id(PortSpace::Tcp, port),
-        local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
-        local_qkey: RDMA_CM_UD_QKEY,
-        local_qpn: ag.ud.qpn,
-        responder_resources: 1,
-        initiator_depth: 1,
-        remote_cm_response_timeout: 20,
-        starting_psn: random(5) & 0xff_ffff,
-        local_cm_response_timeout: 20,
-        retry_count: 7,
-        p_key: 0xffff,
-        path_mtu: 3,
-        rnr_retry_count: 7,
-        max_cm_retries: 15,
-        ..Req::default()
-    };
-    req.primary_path.local_gid = me;
-    req.primary_path.remote_gid = peer;
-    req.primary_path.hop_limit = 64;
-    req.primary_path.local_ack_timeout = 18;
-    req.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
+    let mut req = ag.cm_req(&a, peer, local_comm_id, ag.ud.qpn, random(5) & 0xff_ffff, 3);
+    req.local_qkey = RDMA_CM_UD_QKEY;
     if a.mode == rdma_mode::SPOOF {
         req.primary_path.local_gid = gid_of(a.other_gid);
         return match ag.send_mad(peer, &req.to_mad()) {

@@ -36,6 +36,15 @@ pub enum RdmaMode {
     /// rdma-core udaddy's pattern (both workloads): SIDR only, `--rdma-messages` UD sends
     /// with immediate data (the sender's QPN) of `--rdma-size` bytes, answered.
     Udaddy,
+    /// rdma-core rping's protocol over RC (both workloads): `--rdma-messages` pings of
+    /// `--rdma-size` bytes, RDMA READ and WRITE, verified on both sides.
+    Rping,
+    /// rdma-core ucmatose's protocol over RC (both workloads): 10 SENDs of `--rdma-size`
+    /// bytes each way, verified.
+    Ucmatose,
+    /// ib_write_bw-like (both workloads): `--rdma-messages` RDMA WRITEs of `--rdma-size`
+    /// bytes; the client reports the bandwidth.
+    WriteBw,
 }
 
 impl RdmaMode {
@@ -45,6 +54,9 @@ impl RdmaMode {
             RdmaMode::BindOther => rdma_mode::BIND_OTHER,
             RdmaMode::Spoof => rdma_mode::SPOOF,
             RdmaMode::Udaddy => rdma_mode::UDADDY,
+            RdmaMode::Rping => rdma_mode::RPING,
+            RdmaMode::Ucmatose => rdma_mode::UCMATOSE,
+            RdmaMode::WriteBw => rdma_mode::WRITE_BW,
         }
     }
 }

@@ -87,8 +87,9 @@ pub(super) struct RecvWr {
 pub(super) enum InProgress {
     /// A SEND: the receive it fills and the bytes so far.
     Send(RecvWr, Vec<u8>),
-    /// An RDMA WRITE: the region, the next address, bytes still to come.
-    Write(Arc<MemoryRegion>, u64, usize),
+    /// An RDMA WRITE: the region, the next address, bytes still to come, the whole length
+    /// (a WRITE with immediate completes its receive with it, as rxe does).
+    Write(Arc<MemoryRegion>, u64, usize, usize),
 }
 
 /// The RC transport of one queue pair (see the module documentation).

@@ -25,6 +25,8 @@ struct Shared {
     remote: Mutex<Option<Gid>>,
     /// Told this QP's number when completions are waiting (an agent serving many QPs).
     notify: Mutex<Option<crossbeam_channel::Sender<u32>>>,
+    /// Called when completions are waiting (a virtual device's thread).
+    waker: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     stop: AtomicBool,
 }
 
@@ -62,6 +64,7 @@ impl RcQp {
             timer_wake: std::sync::atomic::AtomicU64::new(0),
             remote: Mutex::new(None),
             notify: Mutex::new(None),
+            waker: Mutex::new(None),
             stop: AtomicBool::new(false),
         });
         let qp = Arc::new(RcQp {
@@ -120,6 +123,61 @@ impl RcQp {
         }
         c.to_rtr(attrs)?;
         c.to_rts()
+    }
+
+    /// RESET/INIT → INIT → RTR towards `remote` with `attrs` (a virtual device's MODIFY_QP to
+    /// RTR): the responder runs; packets from any other source are refused.
+    pub fn modify_rtr(
+        &self,
+        remote: Gid,
+        attrs: RcAttrs,
+        remote_write: bool,
+        remote_read: bool,
+    ) -> Result<(), RcError> {
+        let mut c = self.shared.core.lock();
+        if c.state() == QpState::Reset {
+            c.to_init(remote_write, remote_read)?;
+        } else if c.state() == QpState::Init {
+            c.remote_write = remote_write;
+            c.remote_read = remote_read;
+        }
+        c.to_rtr(attrs)?;
+        *self.shared.remote.lock() = Some(remote.canonical());
+        Ok(())
+    }
+
+    /// RTR → RTS with the requester's attributes (starting PSN, ACK timeout, retry counts).
+    pub fn modify_rts(
+        &self,
+        sq_psn: u32,
+        timeout_us: u64,
+        retry_count: u8,
+        rnr_retry: u8,
+    ) -> Result<(), RcError> {
+        let mut c = self.shared.core.lock();
+        if c.state() != QpState::Rtr {
+            return Err(RcError::BadState {
+                qpn: self.qpn,
+                state: c.state(),
+            });
+        }
+        if retry_count > 7 || rnr_retry > 7 {
+            return Err(RcError::BadAttr("retry counts ≤ 7".into()));
+        }
+        c.attrs.sq_psn = sq_psn & super::psn::PSN_MASK;
+        c.attrs.timeout_us = timeout_us.max(1);
+        c.attrs.retry_count = retry_count;
+        c.attrs.rnr_retry = rnr_retry;
+        c.to_rts()?;
+        self.flush(&mut c);
+        Ok(())
+    }
+
+    /// Any state → RESET: outstanding work flushed and dropped, the peer forgotten.
+    pub fn reset(&self) {
+        let mut c = self.shared.core.lock();
+        c.reset();
+        *self.shared.remote.lock() = None;
     }
 
     /// RTS → SQD.
@@ -182,6 +240,11 @@ impl RcQp {
         *self.shared.notify.lock() = Some(tx);
     }
 
+    /// Calls `waker` whenever completions are waiting.
+    pub fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
+        *self.shared.waker.lock() = Some(waker);
+    }
+
     /// Sends what the transport queued (under the QP's lock, so packets leave in order) and
     /// wakes whoever waits for completions.
     fn flush(&self, c: &mut RcCore) {
@@ -194,6 +257,9 @@ impl RcQp {
             self.shared.cond.notify_all();
             if let Some(tx) = &*self.shared.notify.lock() {
                 let _ = tx.try_send(self.qpn);
+            }
+            if let Some(w) = &*self.shared.waker.lock() {
+                w();
             }
         }
         let out = c.take_out();

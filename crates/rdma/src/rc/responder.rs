@@ -237,7 +237,7 @@ impl RcCore {
             op,
             RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE | RC_RDMA_WRITE_LAST_WITH_IMMEDIATE
         );
-        let (mr, va, remaining, last) = match op {
+        let (mr, va, remaining, last, total) = match op {
             RC_RDMA_WRITE_FIRST | RC_RDMA_WRITE_ONLY | RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE => {
                 let reth = pkt.reth?;
                 if !self.remote_write {
@@ -267,10 +267,11 @@ impl RcCore {
                     self.refuse_invalid();
                     return None;
                 }
-                (mr, reth.virtual_address, total, only)
+                (mr, reth.virtual_address, total, only, total)
             }
             _ => {
-                let Some(InProgress::Write(mr, va, remaining)) = self.in_progress.take() else {
+                let Some(InProgress::Write(mr, va, remaining, total)) = self.in_progress.take()
+                else {
                     self.refuse_invalid();
                     return None;
                 };
@@ -284,13 +285,13 @@ impl RcCore {
                     self.refuse_invalid();
                     return None;
                 }
-                (mr, va, remaining, last)
+                (mr, va, remaining, last, total)
             }
         };
         if with_imm && self.rq.is_empty() {
             // Nothing written yet for this packet; it comes again after the RNR wait.
             if !matches!(op, RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE) {
-                self.in_progress = Some(InProgress::Write(mr, va, remaining));
+                self.in_progress = Some(InProgress::Write(mr, va, remaining, total));
             }
             self.rnr();
             return None;
@@ -308,7 +309,7 @@ impl RcCore {
                         r.wr_id,
                         WcStatus::Success,
                         WcOpcode::RecvRdmaWithImm,
-                        0,
+                        total as u32,
                         imm,
                         Vec::new(),
                     );
@@ -316,7 +317,12 @@ impl RcCore {
                 }
             }
         } else {
-            self.in_progress = Some(InProgress::Write(mr, va + len as u64, remaining - len));
+            self.in_progress = Some(InProgress::Write(
+                mr,
+                va + len as u64,
+                remaining - len,
+                total,
+            ));
         }
         Some(last)
     }

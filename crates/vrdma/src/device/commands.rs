@@ -166,24 +166,27 @@ impl Device {
                     });
                 }
                 self.pds.remove(&c.pd_handle);
+                self.rc.drop_pd(c.pd_handle);
                 Ok(16)
             }
             cmd_code::CREATE_MR => {
                 let c: abi::CmdCreateMr = cmd(slot);
                 let h = self.create_mr(&c)?;
+                let key = self.mrs.get(&h).map_or(0, |m| m.key);
                 Ok(put(
                     resp,
                     &abi::RespCreateMr {
                         mr_handle: h,
-                        lkey: h,
-                        rkey: h,
+                        lkey: key,
+                        rkey: key,
                         ..Default::default()
                     },
                 ))
             }
             cmd_code::DESTROY_MR => {
                 let c: abi::CmdDestroyMr = cmd(slot);
-                self.mrs.remove(&c.mr_handle).ok_or(no("MR", c.mr_handle))?;
+                let mr = self.mrs.remove(&c.mr_handle).ok_or(no("MR", c.mr_handle))?;
+                self.rc_deregister_mr(&mr);
                 Ok(16)
             }
             cmd_code::CREATE_CQ => {
@@ -229,7 +232,7 @@ impl Device {
             cmd_code::QUERY_QP => {
                 let c: abi::CmdQueryQp = cmd(slot);
                 let q = self.qps.get(&c.qp_handle).ok_or(no("QP", c.qp_handle))?;
-                let r = abi::RespQueryQp {
+                let mut r = abi::RespQueryQp {
                     hdr: Default::default(),
                     attrs: abi::QpAttr {
                         qp_state: q.state,
@@ -247,11 +250,15 @@ impl Device {
                         ..Default::default()
                     },
                 };
+                if let Some(st) = &q.rc {
+                    st.query(&mut r.attrs);
+                }
                 Ok(put(resp, &r))
             }
             cmd_code::DESTROY_QP => {
                 let c: abi::CmdDestroyQp = cmd(slot);
-                self.qps.remove(&c.qp_handle).ok_or(no("QP", c.qp_handle))?;
+                let q = self.qps.remove(&c.qp_handle).ok_or(no("QP", c.qp_handle))?;
+                self.rc_destroyed(&q);
                 Ok(put(resp, &abi::RespDestroyQp::default()))
             }
             cmd_code::CREATE_BIND => {
@@ -305,6 +312,7 @@ impl Device {
             start: c.start,
             length: c.length,
             pages: Vec::new(),
+            key: 0,
         };
         if !dma {
             let end = c
@@ -327,7 +335,18 @@ impl Device {
         let h = self.alloc_handle();
         mr.handle = h;
         self.mrs.insert(h, mr);
-        Ok(h)
+        match self.rc_register_mr(h) {
+            Ok(key) => {
+                if let Some(m) = self.mrs.get_mut(&h) {
+                    m.key = key;
+                }
+                Ok(h)
+            }
+            Err(e) => {
+                self.mrs.remove(&h);
+                Err(e)
+            }
+        }
     }
 
     pub(super) fn create_cq(&mut self, c: &abi::CmdCreateCq) -> Result<(u32, u32), VrdmaError> {
@@ -427,6 +446,7 @@ impl Device {
         }
         let max_pages = (1 + sq_pages + rq_pages) as u32 + c.send_chunks as u32;
         let pages = walk_pdir(&*self.mem, c.pdir_dma, c.total_chunks as u32, max_pages)?;
+        let mut rc = None;
         let (qpn, ud, ud_gid) = match c.qp_type {
             qp_type::GSI => {
                 if self.qps.values().any(|q| q.qp_type == qp_type::GSI) {
@@ -450,11 +470,16 @@ impl Device {
                 q.set_waker(Arc::new(move || inbox.wake()));
                 (q.qpn(), Some(q), Some(gid.canonical()))
             }
+            qp_type::RC => {
+                let (qpn, st) = self.rc_create(c.pd_handle)?;
+                rc = Some(st);
+                (qpn, None, None)
+            }
             other => {
                 return Err(invalid(
                     "qp_type",
                     other as u64,
-                    "only GSI and UD QPs are supported",
+                    "only GSI, UD and RC QPs are supported",
                 ))
             }
         };
@@ -489,6 +514,7 @@ impl Device {
                 },
                 ud,
                 ud_gid,
+                rc,
             },
         );
         Ok(abi::RespCreateQp {
@@ -503,6 +529,9 @@ impl Device {
     }
 
     pub(super) fn modify_qp(&mut self, c: &abi::CmdModifyQp) -> Result<(), VrdmaError> {
+        if self.qps.get(&c.qp_handle).is_some_and(|q| q.rc.is_some()) {
+            return self.rc_modify(c);
+        }
         let q = self
             .qps
             .get_mut(&c.qp_handle)

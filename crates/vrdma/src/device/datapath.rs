@@ -184,7 +184,8 @@ impl Device {
         write: bool,
     ) -> Result<(), u32> {
         use abi::wc_status::LOC_PROT_ERR;
-        let mr = self.mrs.get(&s.lkey).ok_or(LOC_PROT_ERR)?;
+        let handle = self.rc.handle_of(s.lkey).ok_or(LOC_PROT_ERR)?;
+        let mr = self.mrs.get(&handle).ok_or(LOC_PROT_ERR)?;
         if mr.pd != pd {
             return Err(LOC_PROT_ERR);
         }
@@ -233,6 +234,9 @@ impl Device {
     }
 
     pub(super) fn process_sq(&mut self, h: u32) -> usize {
+        if self.qps.get(&h).is_some_and(|q| q.rc.is_some()) {
+            return self.rc_process(h);
+        }
         let Some(q) = self.qps.get(&h) else { return 0 };
         if q.state != qp_state::RTS {
             return 0;
@@ -441,6 +445,9 @@ impl Device {
     }
 
     pub(super) fn process_rq(&mut self, h: u32) -> usize {
+        if self.qps.get(&h).is_some_and(|q| q.rc.is_some()) {
+            return 0; // rc_process did it
+        }
         let Some(q) = self.qps.get(&h) else { return 0 };
         if q.state != qp_state::RTR && q.state != qp_state::RTS {
             return 0;

@@ -1,7 +1,8 @@
 //! The device model, split by concern: this file holds the object tables and the device's
 //! state (plain data, what a migration carries), construction, reset and counters;
 //! [`registers`] the BAR1 registers and MSI-X, [`commands`] the command channel (every verb the
-//! guest's driver sends), [`datapath`] the send, receive and completion queues. Everything read from the guest is validated
+//! guest's driver sends), [`datapath`] the send, receive and completion queues, [`rc`] the RC
+//! queue pairs and the regions their peers reach. Everything read from the guest is validated
 //! against guest RAM and the objects this VM owns; a bad command gets the ABI's error value,
 //! a bad work request an error completion, a bad ring index puts that queue pair (or CQ) in
 //! the error state. Nothing the guest writes can make the device panic or touch memory outside
@@ -9,6 +10,7 @@
 
 mod commands;
 mod datapath;
+pub mod rc;
 mod registers;
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -79,6 +81,9 @@ pub struct Mr {
     pub length: u64,
     /// Pages backing `[start & !0xfff, …)` (non-DMA).
     pub pages: Vec<u64>,
+    /// lkey = rkey: the key of the region in its PD's RC region table.
+    #[serde(default)]
+    pub key: u32,
 }
 
 /// A completion queue.
@@ -131,6 +136,8 @@ pub struct Qp {
     /// The GID the host UD queue pair sends and receives as (UD only): the only source a
     /// send may name, and the binding whose DESTROY_BIND cuts the queue pair off.
     pub ud_gid: Option<Gid>,
+    /// The host port's RC queue pair and what it holds (RC only).
+    pub rc: Option<Box<rc::RcQpState>>,
 }
 
 impl std::fmt::Debug for Qp {
@@ -251,6 +258,9 @@ pub struct DeviceStats {
     /// UD queue pairs cut off from the host port because their GID was unbound.
     #[serde(default)]
     pub ud_qps_unbound: u64,
+    /// The RC path.
+    #[serde(default)]
+    pub rc: rc::RcStats,
 }
 
 /// The registers and everything behind them, for one VM.
@@ -273,6 +283,7 @@ pub struct Device {
     mrs: BTreeMap<u32, Mr>,
     cqs: BTreeMap<u32, Cq>,
     qps: BTreeMap<u32, Qp>,
+    rc: rc::RcTables,
     next_handle: u32,
     stats: DeviceStats,
     msix: Msix,
@@ -346,6 +357,7 @@ impl Device {
             mrs: BTreeMap::new(),
             cqs: BTreeMap::new(),
             qps: BTreeMap::new(),
+            rc: rc::RcTables::default(),
             next_handle: 1,
             stats: DeviceStats::default(),
             msix: Msix::default(),
@@ -355,7 +367,10 @@ impl Device {
 
     /// Counters.
     pub fn stats(&self) -> DeviceStats {
-        self.stats.clone()
+        DeviceStats {
+            rc: self.rc_stats(),
+            ..self.stats.clone()
+        }
     }
 
     /// The device state as plain data.
@@ -434,6 +449,7 @@ impl Device {
         self.qps.clear();
         self.cqs.clear();
         self.mrs.clear();
+        self.rc.clear();
         self.pds.clear();
         self.inbox.clear();
         self.msix.armed.clear();

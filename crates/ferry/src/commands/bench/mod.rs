@@ -6,6 +6,7 @@ pub mod nvme;
 pub mod rc;
 pub mod rdma_port;
 pub mod rdma_vms;
+pub mod rdma_vms_rc;
 pub mod shadow_cost;
 
 use std::{

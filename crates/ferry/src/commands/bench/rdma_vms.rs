@@ -6,7 +6,9 @@
 //!   REQ to its RTU, one fresh client VM per round; the peers measure the same exchange with
 //!   the CM endpoint library;
 //! - UD message rate: a verified stream of echoed messages with 8 in flight, VM ↔ VM against
-//!   peer ↔ peer with the same window, size and verification.
+//!   peer ↔ peer with the same window, size and verification;
+//! - the RC rows ([`super::rdma_vms_rc`]): WRITE bandwidth VM ↔ VM against raw UDP, rping
+//!   latency VM ↔ VM against peer ↔ peer.
 use std::{
     net::Ipv4Addr,
     sync::{
@@ -47,6 +49,12 @@ pub struct BenchVrdmaArgs {
     /// Second octet of the loopback block used (127.X.*.*).
     #[arg(long, default_value_t = 241)]
     pub block: u8,
+    /// RC WRITEs of 64 KiB in the VM<->VM bandwidth stream.
+    #[arg(long, default_value_t = 2000)]
+    pub rc_writes: u64,
+    /// rping rounds of the RC latency rows.
+    #[arg(long, default_value_t = 200)]
+    pub rc_pings: u64,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -78,6 +86,8 @@ pub struct BenchVrdmaReport {
     pub size: u32,
     /// Messages per stream.
     pub messages: u64,
+    /// RC rows: WRITE bandwidth against raw UDP, rping latency against the peers.
+    pub rc: super::rdma_vms_rc::RcRows,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -89,7 +99,7 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn field(line: &str, key: &str) -> Option<f64> {
+pub(super) fn field(line: &str, key: &str) -> Option<f64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
@@ -283,6 +293,8 @@ pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
     let signals = SignalState::install()?;
     let peer = peer_side(&a).context("bare-metal peers")?;
     let vm = vm_side(&a, &signals).context("VMs")?;
+    let rc = super::rdma_vms_rc::measure(a.block, a.rc_writes, a.rc_pings, &signals)
+        .context("RC rows")?;
     let r = BenchVrdmaReport {
         connect_ratio: vm.connect_median_us / peer.connect_median_us.max(1e-9),
         ud_rate_ratio: vm.ud_msgs_per_s / peer.ud_msgs_per_s.max(1e-9),
@@ -290,6 +302,7 @@ pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
         peer,
         size: a.size,
         messages: a.messages,
+        rc,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -305,6 +318,18 @@ pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
         println!(
             "  UD messages echoed and verified: VM<->VM {:.0} msg/s, peer<->peer {:.0} msg/s, ratio {:.2}",
             r.vm.ud_msgs_per_s, r.peer.ud_msgs_per_s, r.ud_rate_ratio
+        );
+        let rc = &r.rc;
+        println!(
+            "  RC WRITE bandwidth, {} x 64 KiB: VM<->VM {:.0} MB/s, raw UDP on loopback {:.0} MB/s, ratio {:.2}",
+            rc.writes,
+            rc.vm_write_bytes_per_s / 1e6,
+            rc.raw_udp_bytes_per_s / 1e6,
+            rc.write_ratio_vs_raw_udp
+        );
+        println!(
+            "  RC latency, one rping round (2 SEND exchanges, READ, WRITE; 64 bytes): VM<->VM {:.0} us, peer<->peer {:.0} us, ratio {:.2}",
+            rc.vm_rping_us, rc.peer_rping_us, rc.rping_latency_ratio
         );
     }
     Ok(0)
