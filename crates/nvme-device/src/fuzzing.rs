@@ -59,7 +59,11 @@ pub fn register_file(data: &[u8]) {
         return;
     };
     let block_size = if bs & 1 == 0 { 512 } else { 4096 };
-    let Ok(ns) = Namespace::open(&scratch("ns.img"), NS_BYTES, block_size, true) else {
+    let path = scratch("ns.img");
+    let ns = Namespace::open(&path, NS_BYTES, block_size, true);
+    // The namespace keeps its descriptor; nothing is left behind.
+    let _ = std::fs::remove_file(&path);
+    let Ok(ns) = ns else {
         return;
     };
     let (Some(bar), Some(ram)) = (
@@ -120,15 +124,17 @@ fn device() -> Option<&'static NvmeDevice> {
         .get_or_init(|| {
             let socket = scratch("vfio-user.sock");
             let _ = std::fs::remove_file(&socket);
-            NvmeDevice::new(&DeviceConfig {
+            let backing = scratch("stream.img");
+            let dev = NvmeDevice::new(&DeviceConfig {
                 socket,
-                backing: scratch("stream.img"),
+                backing: backing.clone(),
                 size: NS_BYTES,
                 block_size: 512,
                 dstrd: 0,
                 create: true,
-            })
-            .ok()
+            });
+            let _ = std::fs::remove_file(&backing);
+            dev.ok()
         })
         .as_ref()
 }
@@ -136,6 +142,7 @@ fn device() -> Option<&'static NvmeDevice> {
 /// The device process's vfio-user message handling: `data` is everything a client sends on
 /// one connection (then it closes); the device answers until the connection ends.
 pub fn vfio_user_stream(data: &[u8]) {
+    tolerate_vfio_user_library_panics();
     let Some(dev) = device() else {
         return;
     };
@@ -150,8 +157,29 @@ pub fn vfio_user_stream(data: &[u8]) {
         let mut sink = Vec::new();
         let _ = client.read_to_end(&mut sink);
     });
+    // `serve_one` contains the vfio_user library's panics on malformed messages (see there);
+    // the fuzzer's panic hook would abort on them first, so they are let through to it here.
+    // Every other panic still reaches the fuzzer.
     let _ = dev.serve_one();
     let _ = writer.join();
+}
+
+/// Installs (once) a panic hook that stays silent for panics inside the vfio_user library,
+/// which `NvmeDevice::serve_one` catches, and hands every other panic to the previous hook
+/// (the fuzzer's, which aborts).
+pub fn tolerate_vfio_user_library_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_library = info
+                .location()
+                .is_some_and(|l| l.file().contains("vfio_user-"));
+            if !in_library {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// One vfio-user message (header: id, command, size, flags, error).
