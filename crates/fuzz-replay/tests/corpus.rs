@@ -20,6 +20,11 @@ fn replay(target: &str) {
             failed.push(f.display().to_string());
         }
     }
+    if target == "vfio_user_stream" {
+        // Its device listens on a scratch socket for the process's life.
+        let socket = format!("ferry-fuzz-{}-vfio-user.sock", std::process::id());
+        let _ = std::fs::remove_file(std::env::temp_dir().join(socket));
+    }
     assert!(
         failed.is_empty(),
         "{target}: these inputs panic: {failed:#?}"
