@@ -178,6 +178,37 @@ fn check_config(cfg: &MigrationConfig, opts: &DestinationOptions) -> Result<()> 
     Ok(())
 }
 
+/// Hello both ways, then the source's configuration, checked against this destination's
+/// limits.
+pub(crate) fn negotiate(
+    reader: &mut BufReader<Box<dyn Conn>>,
+    opts: &DestinationOptions,
+) -> Result<MigrationConfig> {
+    let mut buf = Vec::new();
+    match wire::recv(reader, &mut buf)? {
+        Kind::Hello => wire::check_hello(&buf)?,
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Hello first, got {other:?}"
+            )))
+        }
+    }
+    wire::send(reader.get_mut(), Kind::Hello, &wire::hello())?;
+    reader
+        .get_mut()
+        .flush()
+        .map_err(MigrationError::io("write"))?;
+    if wire::recv(reader, &mut buf)? != Kind::Config {
+        return Err(MigrationError::Protocol(
+            "expected the VM configuration after Hello".into(),
+        ));
+    }
+    let cfg: MigrationConfig = postcard::from_bytes(&buf)
+        .map_err(|e| MigrationError::Protocol(format!("configuration does not decode: {e}")))?;
+    check_config(&cfg, opts)?;
+    Ok(cfg)
+}
+
 /// Handshake of one connection: TLS, Hello both ways, configuration within limits.
 fn handshake(tcp: TcpStream, opts: &DestinationOptions) -> Result<Accepted> {
     let Stream {
@@ -188,31 +219,7 @@ fn handshake(tcp: TcpStream, opts: &DestinationOptions) -> Result<Accepted> {
     } = transport::accept(tcp, &opts.security, opts.handshake_timeout)?;
     let source = peer.to_string();
     let mut reader = BufReader::with_capacity(1 << 20, conn);
-    let hs = (|| {
-        let mut buf = Vec::new();
-        match wire::recv(&mut reader, &mut buf)? {
-            Kind::Hello => wire::check_hello(&buf)?,
-            other => {
-                return Err(MigrationError::Protocol(format!(
-                    "expected Hello first, got {other:?}"
-                )))
-            }
-        }
-        wire::send(reader.get_mut(), Kind::Hello, &wire::hello())?;
-        reader
-            .get_mut()
-            .flush()
-            .map_err(MigrationError::io("write"))?;
-        if wire::recv(&mut reader, &mut buf)? != Kind::Config {
-            return Err(MigrationError::Protocol(
-                "expected the VM configuration after Hello".into(),
-            ));
-        }
-        let cfg: MigrationConfig = postcard::from_bytes(&buf)
-            .map_err(|e| MigrationError::Protocol(format!("configuration does not decode: {e}")))?;
-        check_config(&cfg, opts)?;
-        Ok(cfg)
-    })();
+    let hs = negotiate(&mut reader, opts);
     match hs {
         Ok(config) => {
             tcp.set_read_timeout(Some(opts.timeout))
@@ -354,7 +361,7 @@ pub fn receive_accepted(
     })
 }
 
-fn run(
+pub(crate) fn run(
     reader: &mut BufReader<Box<dyn Conn>>,
     source: &str,
     cfg: MigrationConfig,

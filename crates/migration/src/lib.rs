@@ -13,6 +13,8 @@ pub mod destination;
 pub mod device;
 mod error;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod report;
 pub mod source;

@@ -30,6 +30,17 @@ pub enum MapError {
         /// File offset.
         offset: u64,
     },
+    /// Reaches past the end of the file: touching those pages would kill the device process
+    /// with SIGBUS.
+    #[error("DMA_MAP of {size:#x} bytes at file offset {offset:#x} reaches past the file's {len:#x} bytes")]
+    PastEnd {
+        /// File offset.
+        offset: u64,
+        /// Size.
+        size: u64,
+        /// The file's size.
+        len: u64,
+    },
     /// Overlaps an existing mapping.
     #[error("DMA_MAP of IOVA {iova:#x}+{size:#x} overlaps an existing mapping")]
     Overlap {
@@ -78,6 +89,16 @@ impl DmaSpace {
             || i64::try_from(offset).is_err()
         {
             return Err(MapError::Bad { iova, size, offset });
+        }
+        // A regular file (memfd, shared memory file) must hold the whole range.
+        if let Ok(m) = fd.metadata() {
+            if m.is_file() && offset.checked_add(size).is_none_or(|end| end > m.len()) {
+                return Err(MapError::PastEnd {
+                    offset,
+                    size,
+                    len: m.len(),
+                });
+            }
         }
         if self
             .regions
@@ -248,5 +269,22 @@ mod tests {
         ));
         assert_eq!(d.unmap(0x10000, 0x2000), 1);
         assert!(d.read(0x10ffe, &mut b).is_err());
+    }
+
+    #[test]
+    fn a_mapping_past_the_end_of_its_file_is_refused() {
+        // Found by the nvme_registers fuzz target: such a mapping succeeds, and the first
+        // command whose data lies past the end killed the device process with SIGBUS.
+        let f = memfd(0x4000);
+        let mut d = DmaSpace::default();
+        assert!(matches!(
+            d.map(0x10000, 0x5000, 0, &f),
+            Err(MapError::PastEnd { .. })
+        ));
+        assert!(matches!(
+            d.map(0x10000, 0x1000, 0x4000, &f),
+            Err(MapError::PastEnd { .. })
+        ));
+        d.map(0x10000, 0x4000, 0, &f).unwrap();
     }
 }

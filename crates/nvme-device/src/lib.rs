@@ -14,6 +14,8 @@
 pub mod controller;
 pub mod dma;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod namespace;
 pub mod prp;

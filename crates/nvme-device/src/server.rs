@@ -178,7 +178,16 @@ impl NvmeDevice {
             shared: self.shared.clone(),
             seen: false,
         };
-        let r = self.server.run(&mut backend);
+        // vfio_user 0.1.7 panics on some malformed messages (e.g. a VERSION whose capability
+        // string is not NUL-terminated, or shorter than its header): that ends this connection,
+        // not the device process.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.server.run(&mut backend)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::warn!("malformed vfio-user message; connection closed");
+            Ok(())
+        });
         let mut c = self.shared.lock();
         if backend.seen {
             c.stats.connections += 1;
@@ -242,9 +251,33 @@ struct Backend {
     seen: bool,
 }
 
+/// Most bytes one region access may move: registers are accessed 1 to 8 bytes at a time; the
+/// client names the length and the vfio_user library allocates it before asking, so a read of
+/// gigabytes (filled byte by byte) would stall the device and take its memory.
+const MAX_ACCESS: usize = 4096;
+
+/// Refuses an access longer than [`MAX_ACCESS`] or starting past the end of `region`. (A short
+/// access that runs past the end is served as before: the bytes past the end read as 0 and
+/// writes to them are dropped.)
+fn check_access(region: u32, offset: u64, len: usize) -> std::io::Result<()> {
+    let size = match region {
+        0 => BAR0_SIZE,
+        VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
+        _ => 0,
+    };
+    if len > MAX_ACCESS || offset > size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("access of {len} bytes at {offset:#x} of region {region} ({size} bytes)"),
+        ));
+    }
+    Ok(())
+}
+
 impl ServerBackend for Backend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
         self.seen = true;
+        check_access(region, offset, data.len())?;
         let c = self.shared.lock();
         match region {
             0 => c.bar_read(offset, data),
@@ -255,6 +288,7 @@ impl ServerBackend for Backend {
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        check_access(region, offset, data.len())?;
         let mut c = self.shared.lock();
         match region {
             0 => c.bar_write(offset, data),
@@ -324,5 +358,23 @@ impl ServerBackend for Backend {
                 format!("MSI-X vectors {start}+{count} out of range"),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_accesses_are_bounded_before_anything_is_touched() {
+        // What the vfio_user library would allocate and the controller fill byte by byte.
+        assert!(check_access(0, 0, 0xe000_0000).is_err());
+        assert!(check_access(VFIO_PCI_CONFIG_REGION_INDEX, 0, MAX_ACCESS + 1).is_err());
+        assert!(check_access(0, BAR0_SIZE + 1, 4).is_err());
+        assert!(check_access(0, u64::MAX, 4).is_err());
+        // Register-sized accesses, also one running past the end, are served.
+        assert!(check_access(0, 0x1c, 4).is_ok());
+        assert!(check_access(0, BAR0_SIZE - 2, 4).is_ok());
+        assert!(check_access(VFIO_PCI_CONFIG_REGION_INDEX, 0, 256).is_ok());
     }
 }

@@ -7,6 +7,8 @@
 #![deny(missing_docs)]
 
 pub mod entry;
+#[doc(hidden)]
+pub mod fuzz_records;
 pub mod identify;
 pub mod opcode;
 pub mod prp;

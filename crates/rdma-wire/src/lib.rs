@@ -69,6 +69,8 @@ pub mod cm;
 mod crc32;
 mod deth;
 mod error;
+#[doc(hidden)]
+pub mod fuzz_records;
 mod gid;
 pub mod icrc;
 mod immdt;

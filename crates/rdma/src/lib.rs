@@ -27,6 +27,8 @@ pub mod addr;
 pub mod cm;
 mod counters;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod mux;
 pub mod peer;

@@ -13,6 +13,8 @@ pub mod adapter;
 pub mod buffers;
 pub mod engine;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod nvme;
 
 pub use adapter::RingAdapter;

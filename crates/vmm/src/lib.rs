@@ -6,6 +6,8 @@
 pub mod bus;
 pub mod devices;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod loader;
 pub mod memory;

@@ -428,7 +428,7 @@ pub struct VerifyResult {
 
 /// Access to the mailbox fields of the boot parameter block of a running guest.
 pub struct Mailbox<'a> {
-    ram: &'a GuestRam,
+    pub(crate) ram: &'a GuestRam,
 }
 
 impl Mailbox<'_> {

@@ -19,6 +19,8 @@ pub mod attach;
 pub mod backend;
 pub mod device;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mem;
 
 pub use attach::{attach, VrdmaHandle, DEFAULT_BAR_BASE};

@@ -222,8 +222,7 @@ impl MrTable {
     }
 
     /// Registers a region under a given key (tests replaying captures need the rkeys the
-    /// capture names).
-    #[cfg(test)]
+    /// capture names, and so does the fuzzer).
     pub(crate) fn register_with_key(
         &self,
         key: u32,
