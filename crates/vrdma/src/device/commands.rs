@@ -473,7 +473,8 @@ impl Device {
             qp_type::RC => {
                 let (qpn, st) = self.rc_create(c.pd_handle)?;
                 rc = Some(st);
-                (qpn, None, None)
+                // An RC QP sends from GID index 0: unbinding that GID cuts it off too.
+                (qpn, None, self.gids[0].map(|g| g.canonical()))
             }
             other => {
                 return Err(invalid(
@@ -607,7 +608,7 @@ impl Device {
     }
 
     /// DESTROY_BIND of `gid`: every UD queue pair sending and receiving as it loses its host
-    /// queue pair (the port stops delivering to it and it can send nothing more) and moves to
+    /// queue pair (an RC queue pair's transport moves to ERR) (the port stops delivering to it and it can send nothing more) and moves to
     /// the error state, with a QP_FATAL event. Another VM may own the GID next.
     pub(super) fn cut_ud_qps(&mut self, gid: Gid) {
         let gid = gid.canonical();
@@ -619,6 +620,10 @@ impl Device {
                 q.ud = None;
                 q.ud_gid = None;
                 q.state = qp_state::ERR;
+                // An RC QP's transport moves to ERR: its work requests flush, it sends nothing.
+                if let Some(st) = &q.rc {
+                    st.to_err();
+                }
                 q.handle
             })
             .collect();

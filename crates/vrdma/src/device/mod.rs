@@ -133,7 +133,7 @@ pub struct Qp {
     pub qkey: u32,
     /// The host port's UD queue pair (UD only); dropped when its GID is unbound.
     pub ud: Option<Box<dyn UdQueue>>,
-    /// The GID the host UD queue pair sends and receives as (UD only): the only source a
+    /// The GID the host queue pair (UD or RC) sends and receives as: the only source a UD
     /// send may name, and the binding whose DESTROY_BIND cuts the queue pair off.
     pub ud_gid: Option<Gid>,
     /// The host port's RC queue pair and what it holds (RC only).

@@ -149,6 +149,11 @@ pub struct RcQpState {
 }
 
 impl RcQpState {
+    /// Moves the host RC queue pair to ERR (its GID was unbound).
+    pub(super) fn to_err(&self) {
+        self.queue.to_err();
+    }
+
     /// The RC attributes QUERY_QP reports (what MODIFY_QP set).
     pub(super) fn query(&self, a: &mut abi::QpAttr) {
         a.path_mtu = rdma::rc::mtu_code(self.attrs.path_mtu).map_or(0, u32::from);

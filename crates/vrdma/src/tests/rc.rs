@@ -585,3 +585,43 @@ fn rc_a_destroyed_region_is_out_of_reach() {
     );
     assert_eq!(b.region(0, 32), vec![0u8; 32]);
 }
+
+#[test]
+fn rc_a_queue_pair_sends_nothing_once_its_gid_is_unbound() {
+    use abi::wr_opcode as op;
+    let (mut a, mut b) = pair(24_940, 3);
+    b.post_recv(1, b.va, 64);
+    // A unbinds the GID its RC QP sends from (another VM may own it next).
+    let (e, _) = a.g.cmd(&abi::CmdDestroyBind {
+        hdr: Guest::hdr(cmd_code::DESTROY_BIND),
+        index: 0,
+        dest_gid: a.gid.0,
+        ..Default::default()
+    });
+    assert_eq!(e, 0);
+    assert_eq!(
+        a.g.dev.stats().ud_qps_unbound,
+        1,
+        "the RC QP was cut off and counted"
+    );
+    let w = abi::SqWqeHdr {
+        wr_id: 2,
+        opcode: op::SEND,
+        ..Default::default()
+    };
+    a.fill(0, b"as the unbound GID");
+    a.post_send(w, &[a.sge(0, 18)]);
+    let (ca, _) = run(&mut a, &mut b, 1, 0);
+    assert_eq!(
+        (ca[0].wr_id, ca[0].status),
+        (2, abi::wc_status::WR_FLUSH_ERR),
+        "the send flushes"
+    );
+    // Give the peer every chance to receive something: it must not.
+    for _ in 0..100 {
+        a.g.dev.poll();
+        b.g.dev.poll();
+    }
+    assert!(b.new_cqes().is_empty(), "nothing reached the peer");
+    assert_eq!(b.region(0, 18), vec![0; 18]);
+}
