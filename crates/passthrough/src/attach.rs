@@ -260,8 +260,7 @@ impl Attachment {
                     if stop.load(Ordering::SeqCst) || lifecycle.is_finished() {
                         return;
                     }
-                    let mut b = [0u8; 4];
-                    if conn.is_lost() || conn.region_read(0, regs::CSTS, &mut b).is_err() {
+                    if !conn.check_alive(regs::CSTS) {
                         let msg = disconnect_message(&conn, "no answer");
                         tracing::error!("{msg}");
                         lifecycle.finish(VmOutcome::Failed(msg));

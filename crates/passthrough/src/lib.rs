@@ -12,7 +12,8 @@
 //! - [`dma_layout`]: the device's DMA mappings and how to move a range of them;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
-//! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy.
+//! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy;
+//! - [`vfio_user`]: Ferry's own vfio-user client (deadlines, error replies honoured).
 #![deny(missing_docs)]
 
 pub mod attach;
@@ -26,6 +27,7 @@ pub mod host_client;
 pub mod msix;
 pub mod pci;
 pub mod replay;
+pub mod vfio_user;
 
 pub use attach::{AttachOptions, Attachment};
 pub use config_log::ConfigLog;
