@@ -64,6 +64,8 @@ impl AttachOptions {
 /// An attached device.
 pub struct Attachment {
     conn: Arc<Connection>,
+    /// What the device said about itself to the hypervisor's own Identify.
+    identity: crate::identity::DeviceIdentity,
     mediator: Arc<Mutex<AdminMediator>>,
     ram: GuestRam,
     bar0_gpa: u64,
@@ -202,7 +204,14 @@ impl Attachment {
             .map_err(vmm_err("adding the PCI function"))?;
 
         let areas = Arc::new(conn.map_sparse(0)?);
+        // The validator's limits come from the device itself, asked before the guest runs.
+        let identity = crate::identity::probe(
+            conn.clone(),
+            areas.clone(),
+            crate::identity::hypervisor_iova(&ram),
+        )?;
         let mut a = Attachment {
+            identity,
             conn: conn.clone(),
             mediator,
             ram,
@@ -314,13 +323,23 @@ impl Attachment {
         Ok(())
     }
 
-    /// The configuration log so far.
+    /// The configuration log so far. Its namespaces and MDTS are the device's own answers
+    /// to the hypervisor's Identify (never Identify data in guest RAM).
     pub fn config_log(&self) -> ConfigLog {
-        self.mediator
+        let mut log = self
+            .mediator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .log
-            .clone()
+            .clone();
+        log.namespaces = self.identity.namespaces.clone();
+        log.mdts = Some(self.identity.mdts);
+        log
+    }
+
+    /// What the device said about itself to the hypervisor's own Identify at attach time.
+    pub fn identity(&self) -> &crate::identity::DeviceIdentity {
+        &self.identity
     }
 
     /// What state from another host must fit: this VM's RAM and this device.

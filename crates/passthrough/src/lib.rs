@@ -11,6 +11,7 @@
 //! - [`hooks`]: [`DeviceHooks`], the hooks the shadow engine needs;
 //! - [`dma_layout`]: the device's DMA mappings and how to move a range of them;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
+//! - [`identity`]: the hypervisor's own Identify of the device (the validator's limits);
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
 //! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy;
 //! - [`vfio_user`]: Ferry's own vfio-user client (deadlines, error replies honoured).
@@ -24,6 +25,7 @@ pub mod dma_layout;
 mod error;
 pub mod hooks;
 pub mod host_client;
+pub mod identity;
 pub mod msix;
 pub mod pci;
 pub mod replay;
