@@ -414,14 +414,33 @@ impl Attachment {
         (s, c, m.pending())
     }
 
-    /// Runs `f` while the guest's admin commands are held back (migration destination: the
-    /// proxy serves each one synchronously, so none is on the device while `f` runs; a vCPU
-    /// writing the admin doorbell meanwhile waits). Without a proxy nothing is held.
+    /// Runs `f` while the guest's admin commands are held back (migration destination: new
+    /// ones wait in the proxy, validated, and those on the device are waited for, bounded, so
+    /// none is on the device while `f` runs; a vCPU writing the admin doorbell meanwhile never
+    /// waits). Without a proxy nothing is held.
     pub fn with_admin_proxy_held<T>(&self, f: impl FnOnce(bool) -> T) -> T {
-        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
-        let r = f(proxy.is_some());
-        drop(proxy);
+        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(p) = proxy else {
+            return f(false);
+        };
+        if !p.hold(Duration::from_secs(5)) {
+            tracing::warn!(
+                on_device = p.on_device(),
+                "guest admin commands still on the device after 5 s"
+            );
+        }
+        let r = f(true);
+        p.release();
         r
+    }
+
+    /// The destination's admin proxy counters (None without a proxy).
+    pub fn admin_proxy_stats(&self) -> Option<crate::replay::ProxyStats> {
+        self.proxy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|p| p.stats())
     }
 
     /// Guest pages the device wrote for admin commands completed since the last call (data of
@@ -568,6 +587,10 @@ impl Attachment {
 
     fn stop_watchdog(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = proxy {
+            p.retire();
+        }
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }

@@ -69,6 +69,41 @@ impl Bar0Trap {
     }
 }
 
+impl Bar0Trap {
+    /// The guest disables the controller while the proxy serves its admin queue: the proxy
+    /// stops, the controller is disabled, the hypervisor's admin memory is taken away from
+    /// the device and the device's admin queue registers get the guest's values, so the
+    /// guest's next enable runs on its own queue (as on a device it owns).
+    fn retire_proxy(&mut self, p: &AdminProxy, (cc, aqa, asq, acq): (u32, u32, u64, u64)) {
+        p.retire();
+        *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let writes = [
+            (regs::CC, cc),
+            (regs::AQA, aqa),
+            (regs::ASQ, asq as u32),
+            (regs::ASQ + 4, (asq >> 32) as u32),
+            (regs::ACQ, acq as u32),
+            (regs::ACQ + 4, (acq >> 32) as u32),
+        ];
+        for (off, v) in writes {
+            if let Err(e) = self.conn.region_write(0, off, &v.to_le_bytes()) {
+                self.lost(&e);
+                return;
+            }
+            if off == regs::CC {
+                // Disabled: the device no longer uses the hypervisor's queue.
+                if let Err(e) = p.unmap() {
+                    tracing::warn!(
+                        "unmapping the admin proxy's memory: {}",
+                        vmm::ErrorChain(&e)
+                    );
+                }
+            }
+        }
+        tracing::info!(stats = ?p.stats(), "the guest reset the controller: admin proxy retired");
+    }
+}
+
 /// The message a VM ends with when its passthrough device goes away.
 pub fn disconnect_message(conn: &Connection, detail: &str) -> String {
     format!(
@@ -95,10 +130,24 @@ impl BusDevice for Bar0Trap {
             }
         }
         if offset < regs::DOORBELL_BASE {
-            self.mediator
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .register_write(offset, data);
+            let guest_queue = {
+                let mut m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
+                m.register_write(offset, data);
+                (m.log.cc, m.log.aqa, m.log.asq, m.log.acq)
+            };
+            let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(p) = proxy {
+                if (regs::AQA..regs::ACQ + 8).contains(&offset) {
+                    // The device's admin queue registers hold the hypervisor's queue while the
+                    // proxy serves the guest's: they take the guest's values at its reset.
+                    return;
+                }
+                let touches_cc = offset < regs::CC + 4 && offset + data.len() as u64 > regs::CC;
+                if touches_cc && guest_queue.0 & nvme_spec::regs::cc::EN == 0 {
+                    self.retire_proxy(&p, guest_queue);
+                    return;
+                }
+            }
         } else if data.len() == 4 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             match regs::decode_doorbell(offset, self.dstrd) {
@@ -110,8 +159,8 @@ impl BusDevice for Bar0Trap {
                         .sq_tail_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
-                    let mut proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(p) = proxy.as_mut() {
+                    let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(p) = proxy {
                         // The device's admin queue is the hypervisor's: serve the guest's.
                         p.on_sq_tail(v);
                         return;
@@ -125,12 +174,9 @@ impl BusDevice for Bar0Trap {
                         .cq_head_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
-                    if self
-                        .proxy
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .is_some()
-                    {
+                    let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(p) = proxy {
+                        p.on_cq_head(v);
                         return; // the proxy consumes the device's completions itself
                     }
                 }

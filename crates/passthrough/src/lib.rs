@@ -10,6 +10,7 @@
 //! - [`msix`]: MSI-X table and enable bits → KVM MSI routes and irqfds;
 //! - [`hooks`]: [`DeviceHooks`], the hooks the shadow engine needs;
 //! - [`dma_layout`]: the device's DMA mappings and how to move a range of them;
+//! - [`admin_check`]: validation of the guest's admin commands where the hypervisor relays them;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
 //! - [`identity`]: the hypervisor's own Identify of the device (the validator's limits);
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
@@ -17,6 +18,7 @@
 //! - [`vfio_user`]: Ferry's own vfio-user client (deadlines, error replies honoured).
 #![deny(missing_docs)]
 
+pub mod admin_check;
 pub mod attach;
 pub mod bar;
 pub mod client;

@@ -188,13 +188,16 @@ impl Client {
                 .map_err(io("sending"))
                 .map_err(|e| self.timed(e))?;
         } else {
-            let sent =
-                self.stream
-                    .send_with_fds(&[&msg[..]], fds)
-                    .map_err(|e| ClientError::Io {
-                        what: "sending",
-                        source: std::io::Error::from_raw_os_error(e.errno()),
-                    })?;
+            let sent = loop {
+                match self.stream.send_with_fds(&[&msg[..]], fds) {
+                    Ok(n) => break n,
+                    Err(e) if e.errno() == libc::EINTR => {}
+                    Err(e) => {
+                        let source = std::io::Error::from_raw_os_error(e.errno());
+                        return Err(self.timed(io("sending")(source)));
+                    }
+                }
+            };
             if sent < msg.len() {
                 self.stream
                     .write_all(&msg[sent..])
@@ -210,13 +213,19 @@ impl Client {
             iov_base: header.as_mut_ptr().cast(),
             iov_len: HEADER,
         }];
-        // SAFETY: the iovec points at `header`, which outlives the call, with its length;
-        // `fd_slots` has room for the files the kernel may pass.
-        let got = unsafe { self.stream.recv_with_fds(&mut iov, &mut fd_slots) };
-        let (n, nfds) = got.map_err(|e| {
-            let source = std::io::Error::from_raw_os_error(e.errno());
-            self.timed(io("receiving")(source))
-        })?;
+        let (n, nfds) = loop {
+            // SAFETY: the iovec points at `header`, which outlives the call, with its length;
+            // `fd_slots` has room for the files the kernel may pass.
+            match unsafe { self.stream.recv_with_fds(&mut iov, &mut fd_slots) } {
+                Ok(got) => break got,
+                // A signal (vCPU kicks) is no answer: wait on until the deadline.
+                Err(e) if e.errno() == libc::EINTR => self.set_deadline(deadline)?,
+                Err(e) => {
+                    let source = std::io::Error::from_raw_os_error(e.errno());
+                    return Err(self.timed(io("receiving")(source)));
+                }
+            }
+        };
         let files: Vec<File> = fd_slots[..nfds.min(fd_slots.len())]
             .iter()
             .filter(|&&fd| fd >= 0)
