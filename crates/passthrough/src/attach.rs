@@ -66,6 +66,8 @@ pub struct Attachment {
     conn: Arc<Connection>,
     /// What the device said about itself to the hypervisor's own Identify.
     identity: crate::identity::DeviceIdentity,
+    /// The admin SQ copy the device reads while the guard is on.
+    guard: crate::admin_guard::GuardSlot,
     mediator: Arc<Mutex<AdminMediator>>,
     ram: GuestRam,
     bar0_gpa: u64,
@@ -173,6 +175,7 @@ impl Attachment {
         let mediator = Arc::new(Mutex::new(AdminMediator::default()));
         let proxy: crate::bar::ProxySlot = Arc::new(Mutex::new(None));
         let hook: crate::bar::HookSlot = Arc::new(Mutex::new(None));
+        let guard: crate::admin_guard::GuardSlot = Arc::new(Mutex::new(None));
         let trap = Bar0Trap::new(
             conn.clone(),
             mediator.clone(),
@@ -183,6 +186,7 @@ impl Attachment {
             crate::bar::Routes {
                 proxy: proxy.clone(),
                 hook: hook.clone(),
+                guard: guard.clone(),
             },
         );
         vm.mmio_bus()
@@ -212,6 +216,7 @@ impl Attachment {
         )?;
         let mut a = Attachment {
             identity,
+            guard,
             conn: conn.clone(),
             mediator,
             ram,
@@ -432,6 +437,61 @@ impl Attachment {
         let r = f(true);
         p.release();
         r
+    }
+
+    /// Turns the admin SQ guard on or off (the shadow engine, vCPUs paused, the guest's admin
+    /// commands fetched): while on, the device reads the guest's admin SQ from a hypervisor
+    /// copy holding only checked commands (see [`crate::admin_guard`]). Without a controller
+    /// enabled, or with the destination's proxy serving the admin queue, there is nothing to
+    /// guard.
+    pub fn guard_admin_sq(&self, on: bool) -> Result<()> {
+        let mut slot = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        if !on {
+            if let Some(g) = slot.take() {
+                self.remap_device_range(g.gpa, g.len, DeviceBacking::Ram)?;
+                tracing::info!(refused = g.refused, "admin SQ guard off");
+            }
+            return Ok(());
+        }
+        if slot.is_some()
+            || self
+                .proxy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        {
+            return Ok(());
+        }
+        let log = self.config_log();
+        if log.cc & regs::cc::EN == 0 {
+            return Ok(());
+        }
+        let unmapped = crate::identity::hypervisor_iova(&self.ram) - PAGE;
+        let g = crate::admin_guard::AdminSqGuard::new(
+            &self.ram,
+            log.asq,
+            regs::aqa::sq_entries(log.aqa),
+            unmapped,
+        )?;
+        self.remap_device_range(
+            g.gpa,
+            g.len,
+            DeviceBacking::Host {
+                fd: g.fd.clone(),
+                offset: 0,
+            },
+        )?;
+        *slot = Some(g);
+        Ok(())
+    }
+
+    /// Guest admin commands the guard refused so far (while it is on).
+    pub fn admin_guard_refused(&self) -> Option<u64> {
+        self.guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|g| g.refused)
     }
 
     /// The destination's admin proxy counters (None without a proxy).

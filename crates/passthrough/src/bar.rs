@@ -24,6 +24,8 @@ pub struct Routes {
     pub proxy: ProxySlot,
     /// The shadow engine's trap-mode hook.
     pub hook: HookSlot,
+    /// The admin SQ copy the device reads while shadowed.
+    pub guard: crate::admin_guard::GuardSlot,
 }
 
 /// The MMIO handler of BAR0.
@@ -36,6 +38,7 @@ pub struct Bar0Trap {
     msix: Arc<Mutex<MsixRouter>>,
     proxy: ProxySlot,
     hook: HookSlot,
+    guard: crate::admin_guard::GuardSlot,
 }
 
 impl Bar0Trap {
@@ -58,6 +61,7 @@ impl Bar0Trap {
             msix,
             proxy: routes.proxy,
             hook: routes.hook,
+            guard: routes.guard,
         }
     }
 
@@ -123,6 +127,8 @@ impl BusDevice for Bar0Trap {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        // The admin SQ guard, held from an admin SQ tail write's copy to its forwarding.
+        let mut held_guard = None;
         {
             let mut m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
             if m.in_table(offset) {
@@ -153,12 +159,22 @@ impl BusDevice for Bar0Trap {
             match regs::decode_doorbell(offset, self.dstrd) {
                 Some((0, false)) => {
                     let ram = &self.ram;
-                    self.mediator
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .sq_tail_write(v, |gpa, buf| {
+                    let from = {
+                        let mut m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
+                        let from = m.positions().0;
+                        m.sq_tail_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
+                        from
+                    };
+                    let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(g) = g.as_mut() {
+                        // Shadowed: the device reads the checked copy of the new commands.
+                        // The guard stays locked until the doorbell reached the device, so
+                        // it cannot be turned off in between (the device would read RAM).
+                        g.submitted(ram, from, v);
+                    }
+                    held_guard = Some(g);
                     let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     if let Some(p) = proxy {
                         // The device's admin queue is the hypervisor's: serve the guest's.
@@ -192,5 +208,6 @@ impl BusDevice for Bar0Trap {
         if let Err(e) = self.conn.region_write(0, offset, data) {
             self.lost(&e);
         }
+        drop(held_guard);
     }
 }

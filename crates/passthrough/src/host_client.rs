@@ -126,6 +126,20 @@ impl DmaMemory {
         })
     }
 
+    /// Copies `data` into the memory at `offset` (volatile: the device reads it); ignored
+    /// past the end.
+    pub(crate) fn write(&self, offset: u64, data: &[u8]) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.size)
+        {
+            for (i, &b) in data.iter().enumerate() {
+                // SAFETY: inside the mapping (checked above).
+                unsafe { self.host.add(offset as usize + i).write_volatile(b) };
+            }
+        }
+    }
+
     /// `pages` zeroed pages: (host pointer, IOVA).
     pub(crate) fn alloc(&mut self, pages: u64) -> Option<(*mut u8, u64)> {
         let len = pages * 4096;

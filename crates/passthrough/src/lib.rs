@@ -11,6 +11,7 @@
 //! - [`hooks`]: [`DeviceHooks`], the hooks the shadow engine needs;
 //! - [`dma_layout`]: the device's DMA mappings and how to move a range of them;
 //! - [`admin_check`]: validation of the guest's admin commands where the hypervisor relays them;
+//! - [`admin_guard`]: the checked copy of the guest's admin SQ the device reads while shadowed;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
 //! - [`identity`]: the hypervisor's own Identify of the device (the validator's limits);
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
@@ -19,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod admin_check;
+pub mod admin_guard;
 pub mod attach;
 pub mod bar;
 pub mod client;

@@ -57,12 +57,10 @@ fn completions(vm: &Vm, n: usize) -> Vec<(u16, Status)> {
     }
 }
 
-#[test]
-fn the_admin_proxy_validates_and_never_blocks_a_vcpu() {
-    let d = std::env::temp_dir().join(format!("ferry-proxy-{}", std::process::id()));
+fn setup(tag: &str) -> (Dir, Arc<NvmeDevice>, Vm, Attachment) {
+    let d = std::env::temp_dir().join(format!("ferry-proxy-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    let _dir = Dir(d.clone());
     let socket = d.join("s");
     let dev = Arc::new(
         NvmeDevice::new(&DeviceConfig {
@@ -86,6 +84,12 @@ fn the_admin_proxy_validates_and_never_blocks_a_vcpu() {
     })
     .unwrap();
     let a = Attachment::attach(&vm, &AttachOptions::new("nvme0", &socket)).unwrap();
+    (Dir(d), dev, vm, a)
+}
+
+#[test]
+fn the_admin_proxy_validates_and_never_blocks_a_vcpu() {
+    let (_dir, dev, vm, a) = setup("proxy");
     // The guest's admin queue as a migration source left it, served by the proxy.
     let log = ConfigLog {
         cc: cc::ENABLE,
@@ -159,5 +163,74 @@ fn the_admin_proxy_validates_and_never_blocks_a_vcpu() {
     let mut asq = [0u8; 4];
     assert!(mmio.read(bar0 + regs::ASQ, &mut asq));
     assert_eq!(u32::from_le_bytes(asq) as u64, ASQ);
+    a.detach(vm.memory_slots());
+}
+
+/// While shadowed on the source, the device reads the guest's admin SQ from a checked copy: a
+/// command aimed at hypervisor memory the device can reach (a bounce area) fails there and
+/// the memory stays untouched; a valid one runs.
+#[test]
+fn shadowed_admin_commands_reach_only_guest_ram() {
+    let (_dir, _dev, vm, a) = setup("guard");
+    let (bar0, _) = a.bar0();
+    let mmio = vm.mmio_bus();
+    // The guest brings the controller up on its own admin queue.
+    let aqa = aqa::new(ENTRIES as u16, ENTRIES as u16);
+    for (off, v) in [
+        (regs::AQA, aqa),
+        (regs::ASQ, ASQ as u32),
+        (regs::ASQ + 4, 0),
+        (regs::ACQ, ACQ as u32),
+        (regs::ACQ + 4, 0),
+        (regs::CC, cc::ENABLE),
+    ] {
+        assert!(mmio.write(bar0 + off, &v.to_le_bytes()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut b = [0u8; 4];
+        assert!(mmio.read(bar0 + regs::CSTS, &mut b));
+        if u32::from_le_bytes(b) & 1 == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "CSTS.RDY never set");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Hypervisor memory the device reaches (as the engine's bounce areas are while shadowed).
+    let iova = identity::hypervisor_iova(vm.ram()) + (1 << 30);
+    let mem = vmm::memory::GuestRam::new(32 << 20).unwrap();
+    use passthrough::DeviceHooks;
+    let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(mem.memfd().try_clone().unwrap()));
+    a.map_device_memory(iova, 2 << 20, &fd).unwrap();
+    a.guard_admin_sq(true).unwrap();
+
+    let mut at_bounce = sqe(admin::IDENTIFY, 1, iova);
+    at_bounce.set_cdw(10, cns::CONTROLLER as u32);
+    let mut ident = sqe(admin::IDENTIFY, 2, DATA);
+    ident.set_cdw(10, cns::CONTROLLER as u32);
+    let cmds = [at_bounce, sqe(0x80, 3, DATA), ident];
+    for (i, c) in cmds.iter().enumerate() {
+        vm.ram().write(ASQ + i as u64 * 64, &c.to_bytes()).unwrap();
+    }
+    assert!(mmio.write(bar0 + 0x1000, &(cmds.len() as u32).to_le_bytes()));
+    let got = completions(&vm, 3);
+    let is = |cid, want: Status| {
+        got.iter()
+            .find(|c| c.0 == cid)
+            .is_some_and(|c| c.1.same(want))
+    };
+    assert!(is(1, Status::DATA_TRANSFER_ERROR), "{got:?}");
+    assert!(is(3, Status::INVALID_OPCODE), "{got:?}");
+    assert!(is(2, Status::SUCCESS), "{got:?}");
+    let mut page = [0u8; 4096];
+    mem.read(0, &mut page).unwrap();
+    assert!(
+        page.iter().all(|&b| b == 0),
+        "the device wrote hypervisor memory"
+    );
+    assert_eq!(a.admin_guard_refused(), Some(2));
+    a.guard_admin_sq(false).unwrap();
+    assert_eq!(a.admin_guard_refused(), None);
+    a.unmap_device_memory(iova, 2 << 20).unwrap();
     a.detach(vm.memory_slots());
 }

@@ -101,6 +101,10 @@ impl Engine {
             }
             let bounce = self.map_bounce(&ram, geos, limits)?;
             mapped_bounce = Some(bounce.clone());
+            // Guest admin commands are checked before the device sees them, as I/O ones are.
+            self.att
+                .guard_admin_sq(true)
+                .map_err(hook("guarding the guest's admin SQ"))?;
             let bufs =
                 EngineBuffers::new(ram.clone(), copies.clone(), designation).with_bounce(bounce);
             let mut queues = Vec::new();
@@ -195,6 +199,11 @@ impl Engine {
 
     /// Takes the bounce areas away from the device (it must have no command in flight).
     pub(crate) fn unmap_bounce(&self, bounce: &[Bounce]) {
+        // Leaving (or failing to enter) shadow mode: the device reads the guest's admin SQ
+        // again (vCPUs paused or the engine's queues drained).
+        if let Err(e) = self.att.guard_admin_sq(false) {
+            tracing::warn!("dropping the admin SQ guard: {}", vmm::ErrorChain(&e));
+        }
         for b in bounce {
             if let Err(e) = self.att.unmap_device_memory(b.iova, b.pages.len() as u64) {
                 tracing::warn!(
