@@ -231,6 +231,10 @@ pub struct EngineStatus {
     pub interrupts: Vec<irq::VectorStatus>,
     /// MSI-X vectors KVM delivers straight to the guest (irqfd routes).
     pub msix_routes: Vec<u16>,
+    /// While shadowed: guest admin commands the admin SQ guard refused.
+    pub admin_refused: Option<u64>,
+    /// The destination's admin proxy counters (while it serves the guest's admin queue).
+    pub admin_proxy: Option<passthrough::replay::ProxyStats>,
 }
 
 /// The shadow engine of one passthrough NVMe device.
@@ -398,6 +402,8 @@ impl Engine {
             left,
             mapped_doorbell_pages: self.att.mapped_doorbell_pages(),
             msix_routes: self.att.msix_routes().iter().map(|r| r.0).collect(),
+            admin_refused: self.att.admin_guard_refused(),
+            admin_proxy: self.att.admin_proxy_stats(),
         }
     }
 
