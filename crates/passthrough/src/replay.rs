@@ -49,6 +49,11 @@ pub struct ProxyStats {
     pub aers_held: u64,
     /// Doorbell values out of range or unreadable entries.
     pub anomalies: u64,
+    /// The hypervisor's admin memory is DMA-mapped now (only while guest commands are on the
+    /// device: otherwise nothing, guest-chosen or not, can reach it).
+    pub mapped: bool,
+    /// Times it was mapped for guest commands.
+    pub maps: u64,
 }
 
 /// The proxy's state: the guest's admin queue and the hypervisor's.
@@ -144,7 +149,7 @@ impl ProxyState {
 
     /// Puts waiting commands on the hypervisor's queue while it has room.
     fn submit(&mut self) {
-        while !self.held && self.ctrl.admin_free() > 0 {
+        while !self.held && self.stats.mapped && self.ctrl.admin_free() > 0 {
             let Some(sqe) = self.waiting.pop_front() else {
                 break;
             };
@@ -307,21 +312,75 @@ impl AdminProxy {
     /// Takes the hypervisor's admin memory away from the device (after [`AdminProxy::retire`]
     /// and the controller is disabled): nothing guest-chosen can reach it afterwards.
     pub fn unmap(&self) -> Result<()> {
-        self.conn.dma_unmap(self.iova, ADMIN_MEMORY)
+        let was = std::mem::replace(&mut self.state().stats.mapped, false);
+        if was {
+            self.conn.dma_unmap(self.iova, ADMIN_MEMORY)?;
+        }
+        Ok(())
+    }
+
+    /// One turn of the proxy's thread: reap completions; map the admin memory when guest
+    /// commands wait for the device, unmap it when none is on it. Returns true while the
+    /// device has commands. The vfio-user requests run without the state's lock, so a vCPU
+    /// taking commands never waits on them.
+    fn turn(&self, file: &std::fs::File) -> bool {
+        let (map, unmap, busy) = {
+            let mut s = self.state();
+            s.reap();
+            let need = !s.held && !s.waiting.is_empty();
+            let unmap = s.stats.mapped && s.inflight.is_empty() && !need;
+            if unmap {
+                // From here nothing is submitted until it is mapped again.
+                s.stats.mapped = false;
+            }
+            (need && !s.stats.mapped, unmap, !s.inflight.is_empty())
+        };
+        if unmap {
+            if let Err(e) = self.conn.dma_unmap(self.iova, ADMIN_MEMORY) {
+                tracing::warn!(
+                    "unmapping the admin proxy's memory: {}",
+                    vmm::ErrorChain(&e)
+                );
+            }
+        }
+        if map {
+            let mapped = self.conn.dma_map(0, self.iova, ADMIN_MEMORY, file);
+            let mut s = self.state();
+            match mapped {
+                Ok(()) => {
+                    s.stats.mapped = true;
+                    s.stats.maps += 1;
+                    s.submit();
+                }
+                Err(e) => {
+                    tracing::warn!("mapping the admin proxy's memory: {}", vmm::ErrorChain(&e));
+                    while let Some(sqe) = s.waiting.pop_front() {
+                        s.finish(sqe.cid(), 0, Status::INTERNAL_ERROR);
+                    }
+                }
+            }
+            return true;
+        }
+        busy
     }
 
     fn spawn(&self) -> Result<()> {
-        let (state, stop) = (self.state.clone(), self.stop.clone());
+        let file = self
+            .state()
+            ._mem
+            ._file
+            .try_clone()
+            .map_err(|source| Error::Os {
+                what: "duplicating the admin proxy's memfd".into(),
+                source,
+            })?;
+        let me = self.clone();
         let name = format!("{}-admin-proxy", self.conn.name);
         let t = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let busy = {
-                        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-                        s.reap();
-                        !s.inflight.is_empty()
-                    };
+                while !me.stop.load(Ordering::SeqCst) {
+                    let busy = me.turn(&file);
                     // Poll briskly while the device has commands; sleep until woken otherwise.
                     std::thread::park_timeout(if busy {
                         Duration::from_micros(200)
@@ -451,7 +510,11 @@ pub(crate) fn replay(
             done: VecDeque::new(),
             aers: Vec::new(),
             held: false,
-            stats: ProxyStats::default(),
+            // Mapped for the replay; the proxy's thread unmaps it once idle.
+            stats: ProxyStats {
+                mapped: true,
+                ..Default::default()
+            },
         })),
         stop: Arc::new(AtomicBool::new(false)),
         thread: Arc::new(Mutex::new(None)),

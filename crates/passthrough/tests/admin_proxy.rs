@@ -142,6 +142,27 @@ fn the_admin_proxy_validates_and_never_blocks_a_vcpu() {
     assert_eq!(status(1), None, "{got:?}");
     let stats = a.admin_proxy_stats().unwrap();
     assert_eq!((stats.refused, stats.aers_held, stats.served), (3, 1, 4));
+    // With no guest command on the device, the hypervisor's admin memory is not mapped:
+    // nothing the guest aims at it (an I/O command running direct) reaches it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.admin_proxy_stats().unwrap().mapped {
+        assert!(
+            Instant::now() < deadline,
+            "the admin memory stays mapped while idle"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The next guest command maps it again for as long as it runs.
+    let mut again = sqe(admin::IDENTIFY, 6, DATA);
+    again.set_cdw(10, cns::CONTROLLER as u32);
+    vm.ram().write(ASQ + 5 * 64, &again.to_bytes()).unwrap();
+    assert!(mmio.write(bar0 + 0x1000, &6u32.to_le_bytes()));
+    let got = completions(&vm, 5);
+    assert!(
+        got.iter().any(|c| c.0 == 6 && c.1.same(Status::SUCCESS)),
+        "{got:?}"
+    );
+    assert!(a.admin_proxy_stats().unwrap().maps >= 1);
     assert_eq!(
         dev.stats().admin_errors,
         0,
