@@ -171,10 +171,21 @@ impl Engine {
         let per_slot = checks::bounce_pages_per_slot(limits);
         let mut iova = hypervisor_iova(ram) + BOUNCE_IOVA_OFFSET;
         let mut out: Vec<Bounce> = Vec::new();
+        let mut total = 0u64;
         for g in geos {
-            let size = checks::bounce_bytes(g.sq_entries, per_slot).ok_or_else(|| {
-                Error::Engine(format!("queue {}'s PRP-list bounce area overflows", g.qid))
-            })?;
+            let size = checks::bounce_bytes(g.sq_entries, per_slot)
+                .filter(|&s| {
+                    total = total.saturating_add(s);
+                    total <= MAX_BOUNCE_TOTAL
+                })
+                .ok_or_else(|| {
+                    self.unmap_bounce(&out);
+                    Error::Engine(format!(
+                        "queue {}'s PRP-list bounce area would take the bounce areas over \
+                         {MAX_BOUNCE_TOTAL} bytes",
+                        g.qid
+                    ))
+                })?;
             let pages = HostPages::new(size)?;
             if let Err(e) = self.att.map_device_memory(iova, size, &pages.fd()) {
                 self.unmap_bounce(&out);
