@@ -175,15 +175,16 @@ impl Engine {
         for g in geos {
             let size = checks::bounce_bytes(g.sq_entries, per_slot)
                 .filter(|&s| {
-                    total = total.saturating_add(s);
-                    total <= MAX_BOUNCE_TOTAL
+                    total = total.saturating_add(s.next_multiple_of(1 << 21));
+                    total <= device::MAX_BOUNCE_BYTES
                 })
                 .ok_or_else(|| {
                     self.unmap_bounce(&out);
                     Error::Engine(format!(
                         "queue {}'s PRP-list bounce area would take the bounce areas over \
-                         {MAX_BOUNCE_TOTAL} bytes",
-                        g.qid
+                         {} bytes",
+                        g.qid,
+                        device::MAX_BOUNCE_BYTES
                     ))
                 })?;
             let pages = HostPages::new(size)?;

@@ -263,10 +263,6 @@ pub(crate) fn hypervisor_iova(ram: &vmm::memory::GuestRam) -> u64 {
     passthrough::identity::hypervisor_iova(ram)
 }
 
-/// Most bytes of PRP-list bounce areas for all queues together (memfd pages are only
-/// allocated for the slots commands use; this bounds what the device's mapping may span).
-pub const MAX_BOUNCE_TOTAL: u64 = 1 << 30;
-
 /// Where the bounce areas start, above [`hypervisor_iova`].
 const BOUNCE_IOVA_OFFSET: u64 = 1 << 30;
 
