@@ -1,11 +1,17 @@
 //! The guest's admin submission queue as the device reads it while the shadow engine runs
-//! (the source): the device's DMA view of the ring is moved onto a hypervisor copy, and the
-//! trapped admin SQ tail doorbell fills the copy with the guest's new commands, each checked
-//! by [`crate::admin_check`] first. The guest cannot rewrite a command after the check (the
-//! device never reads guest RAM for it) and a refused command reaches the device rewritten so
-//! that the device itself fails it with the status the check gave — its addresses moved to
-//! an IOVA nothing is mapped at, its opcode replaced — and nothing outside guest RAM is
-//! reached.
+//! (the source): the trapped admin SQ tail doorbell checks the guest's new commands with
+//! [`crate::admin_check`] before the device is rung, and a refused command reaches the device
+//! rewritten so that the device itself fails it with the status the check gave — its
+//! addresses moved to an IOVA nothing is mapped at, its opcode replaced — and nothing outside
+//! guest RAM is reached.
+//!
+//! Two ways, chosen by whoever turns the guard on:
+//! - [`GuardMode::Copy`] (the device is idle when the guard goes on, so its DMA mapping may be
+//!   re-made): the device's DMA view of the ring is moved onto a hypervisor copy that only the
+//!   trap fills; the guest cannot rewrite a command after the check.
+//! - [`GuardMode::InPlace`] (the device may be busy: its mapping is left alone): refused
+//!   commands are rewritten in the guest's own ring before the doorbell is forwarded. A guest
+//!   with several vCPUs could still rewrite an entry between the check and the device's fetch.
 use std::{
     os::fd::OwnedFd,
     sync::{Arc, Mutex},
@@ -19,8 +25,19 @@ use crate::{host_client::DmaMemory, Error, Result};
 /// A reserved admin opcode: the device fails it with Invalid Opcode.
 const REFUSED_OPCODE: u8 = 0x7e;
 
-/// The hypervisor copy of the guest's admin SQ.
+/// How the guard keeps refused commands from the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardMode {
+    /// The device reads a hypervisor copy of the ring.
+    Copy,
+    /// Refused commands are rewritten in the guest's ring.
+    InPlace,
+}
+
+/// The checked view of the guest's admin SQ.
 pub struct AdminSqGuard {
+    /// How refused commands are kept from the device.
+    pub mode: GuardMode,
     /// Guest-physical base of the ring.
     pub gpa: u64,
     /// Bytes of the copy (the ring rounded up to pages).
@@ -59,14 +76,21 @@ pub fn rewrite_refused(sqe: &Sqe, status: Status, unmapped: u64) -> Sqe {
 impl AdminSqGuard {
     /// A copy of the `entries`-entry ring at `gpa`, filled from guest RAM (every entry checked:
     /// the device may not have fetched them all yet).
-    pub fn new(ram: &GuestRam, gpa: u64, entries: u32, unmapped: u64) -> Result<Self> {
+    pub fn new(
+        ram: &GuestRam,
+        gpa: u64,
+        entries: u32,
+        unmapped: u64,
+        mode: GuardMode,
+    ) -> Result<Self> {
         let len = (entries as u64 * 64).next_multiple_of(4096);
-        let mem = DmaMemory::at(len, 0)?;
+        let mem = DmaMemory::at(if mode == GuardMode::Copy { len } else { 4096 }, 0)?;
         let fd = mem._file.try_clone().map_err(|source| Error::Os {
             what: "duplicating the admin SQ copy's memfd".into(),
             source,
         })?;
         let mut g = AdminSqGuard {
+            mode,
             gpa,
             len,
             entries,
@@ -75,8 +99,10 @@ impl AdminSqGuard {
             unmapped,
             refused: 0,
         };
-        for i in 0..entries {
-            g.copy_entry(ram, i);
+        if mode == GuardMode::Copy {
+            for i in 0..entries {
+                g.copy_entry(ram, i);
+            }
         }
         Ok(g)
     }
@@ -102,7 +128,14 @@ impl AdminSqGuard {
                 rewrite_refused(&sqe, status, self.unmapped)
             }
         };
-        self.mem.write(slot as u64 * 64, &out.to_bytes());
+        match self.mode {
+            GuardMode::Copy => self.mem.write(slot as u64 * 64, &out.to_bytes()),
+            GuardMode::InPlace => {
+                if out != sqe {
+                    let _ = ram.write(at, &out.to_bytes());
+                }
+            }
+        }
     }
 
     /// The guest moved its admin SQ tail from `from` to `to`: the new entries go into the copy.

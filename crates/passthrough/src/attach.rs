@@ -439,20 +439,24 @@ impl Attachment {
         r
     }
 
-    /// Turns the admin SQ guard on or off (the shadow engine, vCPUs paused, the guest's admin
-    /// commands fetched): while on, the device reads the guest's admin SQ from a hypervisor
-    /// copy holding only checked commands (see [`crate::admin_guard`]). Without a controller
+    /// Turns the admin SQ guard on (`Some(mode)`) or off (the shadow engine, vCPUs paused, the
+    /// guest's admin commands fetched; [`crate::admin_guard::GuardMode::Copy`] re-makes the
+    /// device's DMA mapping around the ring, so only with the device idle): while on, guest
+    /// admin commands are checked before the device is rung (see [`crate::admin_guard`]). Without a controller
     /// enabled, or with the destination's proxy serving the admin queue, there is nothing to
     /// guard.
-    pub fn guard_admin_sq(&self, on: bool) -> Result<()> {
+    pub fn guard_admin_sq(&self, on: Option<crate::admin_guard::GuardMode>) -> Result<()> {
+        use crate::admin_guard::GuardMode;
         let mut slot = self.guard.lock().unwrap_or_else(|e| e.into_inner());
-        if !on {
+        let Some(mode) = on else {
             if let Some(g) = slot.take() {
-                self.remap_device_range(g.gpa, g.len, DeviceBacking::Ram)?;
+                if g.mode == GuardMode::Copy {
+                    self.remap_device_range(g.gpa, g.len, DeviceBacking::Ram)?;
+                }
                 tracing::info!(refused = g.refused, "admin SQ guard off");
             }
             return Ok(());
-        }
+        };
         if slot.is_some()
             || self
                 .proxy
@@ -472,15 +476,18 @@ impl Attachment {
             log.asq,
             regs::aqa::sq_entries(log.aqa),
             unmapped,
+            mode,
         )?;
-        self.remap_device_range(
-            g.gpa,
-            g.len,
-            DeviceBacking::Host {
-                fd: g.fd.clone(),
-                offset: 0,
-            },
-        )?;
+        if mode == GuardMode::Copy {
+            self.remap_device_range(
+                g.gpa,
+                g.len,
+                DeviceBacking::Host {
+                    fd: g.fd.clone(),
+                    offset: 0,
+                },
+            )?;
+        }
         *slot = Some(g);
         Ok(())
     }

@@ -14,7 +14,9 @@ use nvme_spec::{
     regs::{self, aqa, cc},
     Cqe, Sqe, Status,
 };
-use passthrough::{config_log::ConfigLog, identity, AttachOptions, Attachment};
+use passthrough::{
+    admin_guard::GuardMode, config_log::ConfigLog, identity, AttachOptions, Attachment,
+};
 use vmm::{devices::serial::ConsoleSink, Vm, VmConfig};
 
 struct Dir(PathBuf);
@@ -187,12 +189,19 @@ fn the_admin_proxy_validates_and_never_blocks_a_vcpu() {
     a.detach(vm.memory_slots());
 }
 
-/// While shadowed on the source, the device reads the guest's admin SQ from a checked copy: a
+/// While shadowed on the source, guest admin commands are checked before the device is rung
+/// (the device reading a checked copy of the ring, or refused entries rewritten in place): a
 /// command aimed at hypervisor memory the device can reach (a bounce area) fails there and
 /// the memory stays untouched; a valid one runs.
 #[test]
 fn shadowed_admin_commands_reach_only_guest_ram() {
-    let (_dir, _dev, vm, a) = setup("guard");
+    for mode in [GuardMode::Copy, GuardMode::InPlace] {
+        guarded(mode);
+    }
+}
+
+fn guarded(mode: GuardMode) {
+    let (_dir, _dev, vm, a) = setup(&format!("guard-{mode:?}"));
     let (bar0, _) = a.bar0();
     let mmio = vm.mmio_bus();
     // The guest brings the controller up on its own admin queue.
@@ -223,7 +232,7 @@ fn shadowed_admin_commands_reach_only_guest_ram() {
     use passthrough::DeviceHooks;
     let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(mem.memfd().try_clone().unwrap()));
     a.map_device_memory(iova, 2 << 20, &fd).unwrap();
-    a.guard_admin_sq(true).unwrap();
+    a.guard_admin_sq(Some(mode)).unwrap();
 
     let mut at_bounce = sqe(admin::IDENTIFY, 1, iova);
     at_bounce.set_cdw(10, cns::CONTROLLER as u32);
@@ -240,7 +249,7 @@ fn shadowed_admin_commands_reach_only_guest_ram() {
             .find(|c| c.0 == cid)
             .is_some_and(|c| c.1.same(want))
     };
-    assert!(is(1, Status::DATA_TRANSFER_ERROR), "{got:?}");
+    assert!(is(1, Status::DATA_TRANSFER_ERROR), "{mode:?}: {got:?}");
     assert!(is(3, Status::INVALID_OPCODE), "{got:?}");
     assert!(is(2, Status::SUCCESS), "{got:?}");
     let mut page = [0u8; 4096];
@@ -250,7 +259,7 @@ fn shadowed_admin_commands_reach_only_guest_ram() {
         "the device wrote hypervisor memory"
     );
     assert_eq!(a.admin_guard_refused(), Some(2));
-    a.guard_admin_sq(false).unwrap();
+    a.guard_admin_sq(None).unwrap();
     assert_eq!(a.admin_guard_refused(), None);
     a.unmap_device_memory(iova, 2 << 20).unwrap();
     a.detach(vm.memory_slots());

@@ -102,8 +102,14 @@ impl Engine {
             let bounce = self.map_bounce(&ram, geos, limits)?;
             mapped_bounce = Some(bounce.clone());
             // Guest admin commands are checked before the device sees them, as I/O ones are.
+            // With the copy as the device buffer the device is idle here, so the ring it
+            // reads can move onto a hypervisor copy; otherwise its mapping is left alone.
+            let mode = match designation {
+                Designation::DeviceBuffer => passthrough::admin_guard::GuardMode::Copy,
+                Designation::VcpuBuffer => passthrough::admin_guard::GuardMode::InPlace,
+            };
             self.att
-                .guard_admin_sq(true)
+                .guard_admin_sq(Some(mode))
                 .map_err(hook("guarding the guest's admin SQ"))?;
             let bufs =
                 EngineBuffers::new(ram.clone(), copies.clone(), designation).with_bounce(bounce);
@@ -213,7 +219,7 @@ impl Engine {
     pub(crate) fn unmap_bounce(&self, bounce: &[Bounce]) {
         // Leaving (or failing to enter) shadow mode: the device reads the guest's admin SQ
         // again (vCPUs paused or the engine's queues drained).
-        if let Err(e) = self.att.guard_admin_sq(false) {
+        if let Err(e) = self.att.guard_admin_sq(None) {
             tracing::warn!("dropping the admin SQ guard: {}", vmm::ErrorChain(&e));
         }
         for b in bounce {
