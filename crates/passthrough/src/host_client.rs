@@ -153,6 +153,35 @@ impl DmaMemory {
     }
 }
 
+/// Brings the controller behind `conn` up with an admin queue pair of `entries` in two pages
+/// of `mem` (which must be DMA-mapped and outlive the controller).
+pub(crate) fn admin_controller(
+    conn: Arc<Connection>,
+    doorbells: Arc<Vec<MappedArea>>,
+    mem: &mut DmaMemory,
+    entries: u16,
+) -> std::result::Result<Controller<HostPlatform>, DriverError> {
+    let no_mem = || DriverError::Timeout("admin queue memory");
+    let (sq, sq_bus) = mem.alloc(1).ok_or_else(no_mem)?;
+    let (cq, cq_bus) = mem.alloc(1).ok_or_else(no_mem)?;
+    let platform = HostPlatform {
+        conn,
+        doorbells,
+        start: Instant::now(),
+        failed: false,
+    };
+    let qm = QueueMem {
+        sq: sq.cast(),
+        sq_bus,
+        cq: cq.cast(),
+        cq_bus,
+        entries,
+    };
+    // SAFETY: the queue memory is two fresh zeroed pages of `mem`, DMA-mapped by the caller,
+    // which keeps `mem` alive as long as the controller.
+    unsafe { Controller::init(platform, qm) }
+}
+
 impl Drop for DmaMemory {
     fn drop(&mut self) {
         // SAFETY: mapped in `new` with this address and size.

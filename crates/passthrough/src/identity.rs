@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use nvme_spec::{
     identify,
-    queue::{Controller, DriverError, Platform, QueueMem},
+    queue::{DriverError, Platform},
     regs::{self, csts},
 };
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     client::{Connection, MappedArea},
     config_log::NamespaceInfo,
-    host_client::{DmaMemory, HostPlatform},
+    host_client::{admin_controller, DmaMemory},
     Error, Result,
 };
 
@@ -67,26 +67,10 @@ pub(crate) fn probe(
     let mut mem = DmaMemory::at(SIZE, iova)?;
     conn.dma_map(0, iova, SIZE, &mem._file)?;
     let result = (|| {
-        let no_mem = || drv(DriverError::Timeout("identify memory"));
-        let (sq, sq_bus) = mem.alloc(1).ok_or_else(no_mem)?;
-        let (cq, cq_bus) = mem.alloc(1).ok_or_else(no_mem)?;
-        let (data, data_bus) = mem.alloc(1).ok_or_else(no_mem)?;
-        let platform = HostPlatform {
-            conn: conn.clone(),
-            doorbells,
-            start: Instant::now(),
-            failed: false,
-        };
-        let qm = QueueMem {
-            sq: sq.cast(),
-            sq_bus,
-            cq: cq.cast(),
-            cq_bus,
-            entries: 8,
-        };
-        // SAFETY: the queue memory is inside our DMA mapping, zeroed, owned by `mem`, which
-        // outlives the controller.
-        let mut ctrl = unsafe { Controller::init(platform, qm) }.map_err(drv)?;
+        let mut ctrl = admin_controller(conn.clone(), doorbells, &mut mem, 8).map_err(drv)?;
+        let (data, data_bus) = mem
+            .alloc(1)
+            .ok_or_else(|| drv(DriverError::Timeout("identify memory")))?;
         let mut out = DeviceIdentity::default();
         ctrl.identify_controller(data_bus).map_err(drv)?;
         let page = copy_page(data);

@@ -16,7 +16,7 @@ use std::{
 
 use nvme_spec::{
     opcode::admin,
-    queue::{Controller, QueueMem},
+    queue::Controller,
     regs::{self, aqa, cc},
     Cqe, Sqe, Status,
 };
@@ -420,27 +420,9 @@ pub(crate) fn replay(
     let name = conn.name.clone();
     let mut mem = DmaMemory::at(ADMIN_MEMORY, iova)?;
     conn.dma_map(0, iova, ADMIN_MEMORY, &mem._file)?;
-    let (sq, sq_bus) = mem
-        .alloc(1)
-        .ok_or_else(|| drv(&name)(nvme_spec::queue::DriverError::Timeout("admin memory")))?;
-    let (cq, cq_bus) = mem
-        .alloc(1)
-        .ok_or_else(|| drv(&name)(nvme_spec::queue::DriverError::Timeout("admin memory")))?;
-    let platform = HostPlatform {
-        conn: conn.clone(),
-        doorbells,
-        start: Instant::now(),
-        failed: false,
-    };
-    let qm = QueueMem {
-        sq: sq.cast(),
-        sq_bus,
-        cq: cq.cast(),
-        cq_bus,
-        entries: ADMIN_ENTRIES,
-    };
-    // SAFETY: the queue memory is inside our DMA mapping, zeroed, owned by the proxy.
-    let mut ctrl = unsafe { Controller::init(platform, qm) }.map_err(drv(&name))?;
+    let mut ctrl =
+        crate::host_client::admin_controller(conn.clone(), doorbells, &mut mem, ADMIN_ENTRIES)
+            .map_err(drv(&name))?;
     for (&fid, &cdw11) in &log.features {
         let mut s = Sqe::new(admin::SET_FEATURES, 0);
         s.set_cdw(10, fid as u32).set_cdw(11, cdw11);
