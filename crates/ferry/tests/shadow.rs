@@ -726,7 +726,9 @@ fn garbage_in_shadowed_rings(designation: &str) {
         "unknown I/O opcode: rejected (sct 0 sc 0x01)",
         "read with an SGL: rejected (sct 0 sc 0x02)",
         "read from namespace 5: rejected (sct 0 sc 0x0b)",
-        "all 15 malformed commands rejected with the right status; the device still works",
+        "identify into the hypervisor's bounce area: rejected (sct 0 sc 0x04)",
+        "unknown admin opcode: rejected (sct 0 sc 0x01)",
+        "all 16 malformed commands rejected with the right status; the device still works",
     ] {
         assert!(
             stdout.contains(what),
@@ -741,6 +743,10 @@ fn garbage_in_shadowed_rings(designation: &str) {
     // The hypervisor refused the hostile entries itself; the good commands went through.
     assert!(q["refused"].as_u64().unwrap() >= 7, "{q}");
     assert!(q["forwarded"].as_u64().unwrap() >= 2, "{q}");
+    // Its admin commands too: the one aimed at the bounce area, the one outside guest RAM
+    // and the unknown opcode never reached the device as the guest wrote them.
+    let refused = summary["shadow"]["admin_refused"].as_u64();
+    assert!(refused.is_some_and(|n| n >= 3), "{summary}");
 }
 
 #[test]

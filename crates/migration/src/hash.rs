@@ -8,8 +8,10 @@ use xxhash_rust::xxh3::Xxh3;
 /// Callers pause the vCPUs (and devices) first when they need a stable answer.
 pub fn memory_hash(ram: &GuestRam) -> String {
     let mut h = Xxh3::new();
-    ram.for_each_region(|r, bytes| {
-        h.update(&r.gpa.to_le_bytes());
+    ram.for_each_region(1 << 20, |r, offset, bytes| {
+        if offset == 0 {
+            h.update(&r.gpa.to_le_bytes());
+        }
         h.update(bytes);
     });
     format!("{:016x}", h.digest())

@@ -215,13 +215,16 @@ impl Sender<'_> {
         let mut batch = MemoryBatch::new(round);
         let mut zero_run: Option<(u64, u32)> = None;
         for gpa in pages {
-            // SAFETY: a racy snapshot is what pre-copy wants: a page the guest writes while
-            // it is copied is dirty again and goes out in a later round (or the paused one).
-            let Some(page) = (unsafe { self.ram.slice(gpa, PAGE) }) else {
+            // A racy snapshot is what pre-copy wants: a page the guest writes while it is
+            // copied is dirty again and goes out in a later round (or the paused one). It is
+            // copied out with volatile accesses (the guest writes it concurrently).
+            let mut copy = [0u8; PAGE as usize];
+            if self.ram.read(gpa, &mut copy).is_err() {
                 return Err(MigrationError::Protocol(format!(
                     "dirty page {gpa:#x} is not guest RAM"
                 )));
-            };
+            }
+            let page = &copy[..];
             if is_zero(page) {
                 if skip_zero {
                     skipped += 1;

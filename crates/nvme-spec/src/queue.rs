@@ -294,6 +294,27 @@ impl<P: Platform> Controller<P> {
         }
     }
 
+    /// Submits an admin command without waiting; returns the command id it got.
+    pub fn admin_submit(&mut self, mut sqe: Sqe) -> Result<u16, DriverError> {
+        let cid = self.next_cid;
+        sqe.set_cid(cid);
+        self.admin.submit(&sqe)?;
+        self.next_cid = self.next_cid.wrapping_add(1).max(1);
+        Ok(cid)
+    }
+
+    /// The next admin completion, if the controller posted one (the CQ head is rung).
+    pub fn admin_poll(&mut self) -> Option<Cqe> {
+        let c = self.admin.poll()?;
+        self.admin.ack();
+        Some(c)
+    }
+
+    /// Free admin submission slots.
+    pub fn admin_free(&self) -> u16 {
+        self.admin.free()
+    }
+
     /// Submits an admin command; an error status is an error.
     pub fn admin(&mut self, sqe: Sqe) -> Result<Cqe, DriverError> {
         let c = self.admin_raw(sqe)?;

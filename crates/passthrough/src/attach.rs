@@ -64,6 +64,10 @@ impl AttachOptions {
 /// An attached device.
 pub struct Attachment {
     conn: Arc<Connection>,
+    /// What the device said about itself to the hypervisor's own Identify.
+    identity: crate::identity::DeviceIdentity,
+    /// The admin SQ copy the device reads while the guard is on.
+    guard: crate::admin_guard::GuardSlot,
     mediator: Arc<Mutex<AdminMediator>>,
     ram: GuestRam,
     bar0_gpa: u64,
@@ -171,6 +175,7 @@ impl Attachment {
         let mediator = Arc::new(Mutex::new(AdminMediator::default()));
         let proxy: crate::bar::ProxySlot = Arc::new(Mutex::new(None));
         let hook: crate::bar::HookSlot = Arc::new(Mutex::new(None));
+        let guard: crate::admin_guard::GuardSlot = Arc::new(Mutex::new(None));
         let trap = Bar0Trap::new(
             conn.clone(),
             mediator.clone(),
@@ -181,6 +186,7 @@ impl Attachment {
             crate::bar::Routes {
                 proxy: proxy.clone(),
                 hook: hook.clone(),
+                guard: guard.clone(),
             },
         );
         vm.mmio_bus()
@@ -202,7 +208,15 @@ impl Attachment {
             .map_err(vmm_err("adding the PCI function"))?;
 
         let areas = Arc::new(conn.map_sparse(0)?);
+        // The validator's limits come from the device itself, asked before the guest runs.
+        let identity = crate::identity::probe(
+            conn.clone(),
+            areas.clone(),
+            crate::identity::hypervisor_iova(&ram),
+        )?;
         let mut a = Attachment {
+            identity,
+            guard,
             conn: conn.clone(),
             mediator,
             ram,
@@ -260,8 +274,7 @@ impl Attachment {
                     if stop.load(Ordering::SeqCst) || lifecycle.is_finished() {
                         return;
                     }
-                    let mut b = [0u8; 4];
-                    if conn.is_lost() || conn.region_read(0, regs::CSTS, &mut b).is_err() {
+                    if !conn.check_alive(regs::CSTS) {
                         let msg = disconnect_message(&conn, "no answer");
                         tracing::error!("{msg}");
                         lifecycle.finish(VmOutcome::Failed(msg));
@@ -315,13 +328,23 @@ impl Attachment {
         Ok(())
     }
 
-    /// The configuration log so far.
+    /// The configuration log so far. Its namespaces and MDTS are the device's own answers
+    /// to the hypervisor's Identify (never Identify data in guest RAM).
     pub fn config_log(&self) -> ConfigLog {
-        self.mediator
+        let mut log = self
+            .mediator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .log
-            .clone()
+            .clone();
+        log.namespaces = self.identity.namespaces.clone();
+        log.mdts = Some(self.identity.mdts);
+        log
+    }
+
+    /// What the device said about itself to the hypervisor's own Identify at attach time.
+    pub fn identity(&self) -> &crate::identity::DeviceIdentity {
+        &self.identity
     }
 
     /// What state from another host must fit: this VM's RAM and this device.
@@ -396,14 +419,95 @@ impl Attachment {
         (s, c, m.pending())
     }
 
-    /// Runs `f` while the guest's admin commands are held back (migration destination: the
-    /// proxy serves each one synchronously, so none is on the device while `f` runs; a vCPU
-    /// writing the admin doorbell meanwhile waits). Without a proxy nothing is held.
+    /// Runs `f` while the guest's admin commands are held back (migration destination: new
+    /// ones wait in the proxy, validated, and those on the device are waited for, bounded, so
+    /// none is on the device while `f` runs; a vCPU writing the admin doorbell meanwhile never
+    /// waits). Without a proxy nothing is held.
     pub fn with_admin_proxy_held<T>(&self, f: impl FnOnce(bool) -> T) -> T {
-        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
-        let r = f(proxy.is_some());
-        drop(proxy);
+        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(p) = proxy else {
+            return f(false);
+        };
+        if !p.hold(Duration::from_secs(5)) {
+            tracing::warn!(
+                on_device = p.on_device(),
+                "guest admin commands still on the device after 5 s"
+            );
+        }
+        let r = f(true);
+        p.release();
         r
+    }
+
+    /// Turns the admin SQ guard on (`Some(mode)`) or off (the shadow engine, vCPUs paused, the
+    /// guest's admin commands fetched; [`crate::admin_guard::GuardMode::Copy`] re-makes the
+    /// device's DMA mapping around the ring, so only with the device idle): while on, guest
+    /// admin commands are checked before the device is rung (see [`crate::admin_guard`]). Without a controller
+    /// enabled, or with the destination's proxy serving the admin queue, there is nothing to
+    /// guard.
+    pub fn guard_admin_sq(&self, on: Option<crate::admin_guard::GuardMode>) -> Result<()> {
+        use crate::admin_guard::GuardMode;
+        let mut slot = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mode) = on else {
+            if let Some(g) = slot.take() {
+                if g.mode == GuardMode::Copy {
+                    self.remap_device_range(g.gpa, g.len, DeviceBacking::Ram)?;
+                }
+                tracing::info!(refused = g.refused, "admin SQ guard off");
+            }
+            return Ok(());
+        };
+        if slot.is_some()
+            || self
+                .proxy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        {
+            return Ok(());
+        }
+        let log = self.config_log();
+        if log.cc & regs::cc::EN == 0 {
+            return Ok(());
+        }
+        let unmapped = crate::identity::hypervisor_iova(&self.ram) - PAGE;
+        let g = crate::admin_guard::AdminSqGuard::new(
+            &self.ram,
+            log.asq,
+            regs::aqa::sq_entries(log.aqa),
+            unmapped,
+            mode,
+        )?;
+        if mode == GuardMode::Copy {
+            self.remap_device_range(
+                g.gpa,
+                g.len,
+                DeviceBacking::Host {
+                    fd: g.fd.clone(),
+                    offset: 0,
+                },
+            )?;
+        }
+        *slot = Some(g);
+        Ok(())
+    }
+
+    /// Guest admin commands the guard refused so far (while it is on).
+    pub fn admin_guard_refused(&self) -> Option<u64> {
+        self.guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|g| g.refused)
+    }
+
+    /// The destination's admin proxy counters (None without a proxy).
+    pub fn admin_proxy_stats(&self) -> Option<crate::replay::ProxyStats> {
+        self.proxy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|p| p.stats())
     }
 
     /// Guest pages the device wrote for admin commands completed since the last call (data of
@@ -550,6 +654,10 @@ impl Attachment {
 
     fn stop_watchdog(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = proxy {
+            p.retire();
+        }
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }

@@ -2,14 +2,21 @@
 //! hooks. The first failed request marks the device disconnected; later requests fail fast.
 use std::{
     os::fd::AsRawFd,
+    os::unix::net::UnixStream,
     path::Path,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Mutex,
     },
+    time::{Duration, Instant},
 };
 
-use vfio_user::Client;
+use crate::vfio_user::{Client, ClientError};
+
+struct Area {
+    offset: u64,
+    size: u64,
+}
 
 use crate::{Error, Result};
 
@@ -43,6 +50,9 @@ impl Drop for MappedArea {
     }
 }
 
+/// How long one request may wait for the device's reply before the device counts as gone.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A vfio-user connection.
 pub struct Connection {
     /// Device name for messages ("nvme0").
@@ -50,20 +60,33 @@ pub struct Connection {
     /// Socket path.
     pub socket: String,
     client: Mutex<Client>,
+    /// The socket, to shut it down without the client's lock.
+    stream: UnixStream,
+    timeout: Duration,
+    /// When the request now holding the client started (ms since `epoch`; 0: none).
+    busy_since: AtomicU64,
+    epoch: Instant,
     lost: AtomicBool,
     lost_reason: Mutex<Option<String>>,
+    /// Error replies the device sent (the request failed, the stream stayed in step).
+    refused: AtomicU64,
 }
 
 impl Connection {
     /// Connects to `socket`.
     pub fn connect(name: &str, socket: &Path) -> Result<Self> {
+        Self::connect_with(name, socket, REQUEST_TIMEOUT)
+    }
+
+    /// Connects to `socket`; each request waits at most `timeout` for its reply.
+    pub fn connect_with(name: &str, socket: &Path, timeout: Duration) -> Result<Self> {
         // A socket file exists between the device's bind() and listen(): retry a refused or
         // missing socket for a short while.
         let mut attempts = 0;
         let client = loop {
-            match Client::new(socket) {
+            match Client::connect(socket, timeout) {
                 Ok(c) => break c,
-                Err(vfio_user::Error::Connect(e))
+                Err(ClientError::Connect(e))
                     if attempts < 100
                         && matches!(
                             e.kind(),
@@ -71,7 +94,7 @@ impl Connection {
                         ) =>
                 {
                     attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(source) => {
                     return Err(Error::Connect {
@@ -82,12 +105,21 @@ impl Connection {
                 }
             }
         };
+        let stream = client.try_clone_stream().map_err(|source| Error::Os {
+            what: "duplicating the device socket".into(),
+            source,
+        })?;
         Ok(Connection {
             name: name.into(),
             socket: socket.display().to_string(),
             client: Mutex::new(client),
+            stream,
+            timeout,
+            busy_since: AtomicU64::new(0),
+            epoch: Instant::now(),
             lost: AtomicBool::new(false),
             lost_reason: Mutex::new(None),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -104,10 +136,56 @@ impl Connection {
             .clone()
     }
 
+    /// Error replies the device sent so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn mark_lost(&self, reason: String) {
+        let mut r = self.lost_reason.lock().unwrap_or_else(|e| e.into_inner());
+        r.get_or_insert(reason);
+        self.lost.store(true, Ordering::SeqCst);
+        // Whoever waits on the socket wakes up now.
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The watchdog's look at the device; never waits for the client's lock. True while the
+    /// device answers: its register `offset` reads back when the client is free, or the
+    /// request holding it has not been waiting longer than the request timeout (then the
+    /// device counts as gone and the socket is shut down, which frees the waiter).
+    pub fn check_alive(&self, offset: u64) -> bool {
+        if self.is_lost() {
+            return false;
+        }
+        match self.client.try_lock() {
+            Ok(c) => {
+                drop(c);
+                let mut b = [0u8; 4];
+                self.region_read(0, offset, &mut b).is_ok()
+            }
+            Err(_) => {
+                let since = self.busy_since.load(Ordering::SeqCst);
+                let limit = self.timeout.as_millis() as u64 * 2;
+                if since != 0 && self.now_ms().saturating_sub(since) > limit {
+                    self.mark_lost(format!(
+                        "a request has waited over {} ms for the device",
+                        limit
+                    ));
+                    return false;
+                }
+                true
+            }
+        }
+    }
+
     fn with<T>(
         &self,
         what: &str,
-        f: impl FnOnce(&mut Client) -> std::result::Result<T, vfio_user::Error>,
+        f: impl FnOnce(&mut Client) -> std::result::Result<T, ClientError>,
     ) -> Result<T> {
         if self.is_lost() {
             return Err(Error::Unsupported {
@@ -119,11 +197,19 @@ impl Connection {
             });
         }
         let mut c = self.client.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut c).map_err(|source| {
-            let msg = source.to_string();
-            let mut r = self.lost_reason.lock().unwrap_or_else(|e| e.into_inner());
-            r.get_or_insert(format!("{what}: {msg}"));
-            self.lost.store(true, Ordering::SeqCst);
+        self.busy_since.store(self.now_ms(), Ordering::SeqCst);
+        let r = f(&mut c);
+        self.busy_since.store(0, Ordering::SeqCst);
+        drop(c);
+        r.map_err(|source| {
+            if source.is_fatal() {
+                self.mark_lost(format!("{what}: {}", vmm::ErrorChain(&source)));
+            } else {
+                let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(name = %self.name, refused = n, "{what}: {source}");
+                }
+            }
             Error::Request {
                 name: self.name.clone(),
                 what: what.into(),
@@ -156,13 +242,13 @@ impl Connection {
     /// Gives the device eventfds for interrupts `start..start + fds.len()` of `index`.
     pub fn set_irqs(&self, index: u32, start: u32, fds: &[i32]) -> Result<()> {
         self.with("SET_IRQS", |c| {
-            c.set_irqs(index, IRQ_SET_EVENTFD_TRIGGER, start, fds.len() as u32, fds)
+            c.set_irqs(index, IRQ_SET_EVENTFD_TRIGGER, start, fds)
         })
     }
 
     /// Number of interrupts of `index`.
     pub fn irq_count(&self, index: u32) -> Result<u32> {
-        self.with("GET_IRQ_INFO", |c| c.get_irq_info(index).map(|i| i.count))
+        self.with("GET_IRQ_INFO", |c| c.irq_count(index))
     }
 
     /// Size of region `index` (0 when absent).
@@ -177,15 +263,16 @@ impl Connection {
         let Some(region) = c.region(index) else {
             return Ok(Vec::new());
         };
-        let Some(fo) = region.file_offset.as_ref() else {
+        let Some((file, start)) = region.file.as_ref() else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for a in &region.sparse_areas {
+        for &(offset, size) in &region.sparse_areas {
+            let a = Area { offset, size };
             let end = a.offset.checked_add(a.size);
             if a.size == 0
-                || a.offset % 4096 != 0
-                || a.size % 4096 != 0
+                || !a.offset.is_multiple_of(4096)
+                || !a.size.is_multiple_of(4096)
                 || end.is_none_or(|e| e > region.size)
             {
                 return Err(Error::Unsupported {
@@ -203,8 +290,8 @@ impl Connection {
                     a.size as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED,
-                    fo.file().as_raw_fd(),
-                    (fo.start() + a.offset) as libc::off_t,
+                    file.as_raw_fd(),
+                    (start + a.offset) as libc::off_t,
                 )
             };
             if p == libc::MAP_FAILED {
@@ -224,7 +311,6 @@ impl Connection {
 
     /// Closes the connection (the device then resets).
     pub fn shutdown(&self) {
-        let c = self.client.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = c.shutdown();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }

@@ -9,8 +9,7 @@
 use std::{collections::BTreeMap, ops::Range};
 
 use nvme_spec::{
-    identify,
-    opcode::{admin, cns},
+    opcode::admin,
     regs::{self, aqa, cc},
     Cqe, Sqe,
 };
@@ -107,7 +106,7 @@ pub struct AdminRecord {
     pub result: u32,
 }
 
-/// What the guest learned about a namespace (from the Identify Namespace data it read).
+/// A namespace as the device describes it (the hypervisor's own Identify Namespace).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NamespaceInfo {
     /// Logical block size in bytes (from FLBAS and its LBA format).
@@ -141,10 +140,11 @@ pub struct ConfigLog {
     pub io_cqs: BTreeMap<u16, CqConfig>,
     /// Live I/O submission queues.
     pub io_sqs: BTreeMap<u16, SqConfig>,
-    /// Namespaces the guest identified (read from the Identify data when the guest consumed
-    /// the completion): the shadow engine's validator needs the block size.
+    /// The device's namespaces as the hypervisor's own Identify found them (filled in by the
+    /// attachment; never read from guest RAM, which the guest can rewrite): the shadow
+    /// engine's validator needs the block size.
     pub namespaces: BTreeMap<u32, NamespaceInfo>,
-    /// MDTS from the Identify Controller data the guest read (None until it did).
+    /// MDTS from the hypervisor's own Identify Controller (None until filled in).
     pub mdts: Option<u8>,
     /// Admin commands submitted.
     pub admin_submitted: u64,
@@ -620,7 +620,6 @@ impl AdminMediator {
                     },
                 );
             }
-            admin::IDENTIFY => self.identified(&sqe, read),
             admin::DELETE_SQ => {
                 self.log.io_sqs.remove(&qid);
             }
@@ -634,46 +633,6 @@ impl AdminMediator {
                     self.log.queues_granted = Some(cqe.result());
                 }
             }
-            _ => {}
-        }
-    }
-}
-
-impl AdminMediator {
-    /// A successful Identify: the data is in the guest's PRP1 page (the guest consumed the
-    /// completion, so it has read it). Only the fields the shadow engine needs are kept, and
-    /// only when they make sense.
-    fn identified(&mut self, sqe: &Sqe, read: &mut impl FnMut(u64, &mut [u8]) -> bool) {
-        let prp1 = sqe.prp1();
-        if !prp1.is_multiple_of(4096) {
-            return; // the data may straddle pages; not worth following a PRP2 for two fields
-        }
-        let mut page = vec![0u8; identify::SIZE];
-        if !read(prp1, &mut page) {
-            self.log.anomalies += 1;
-            return;
-        }
-        match sqe.cdw(10) as u8 {
-            cns::NAMESPACE => {
-                let flbas = (page[identify::ns::FLBAS] & 0xf) as usize;
-                let block_size = identify::lba_size(&page, flbas);
-                let blocks = identify::get_u64(&page, identify::ns::NSZE);
-                if block_size == 0 || blocks == 0 || sqe.nsid() == 0 || sqe.nsid() == u32::MAX {
-                    self.log.anomalies += 1;
-                    return;
-                }
-                if self.log.namespaces.len() < 1024 || self.log.namespaces.contains_key(&sqe.nsid())
-                {
-                    self.log.namespaces.insert(
-                        sqe.nsid(),
-                        NamespaceInfo {
-                            block_size: block_size as u32,
-                            blocks,
-                        },
-                    );
-                }
-            }
-            cns::CONTROLLER => self.log.mdts = Some(page[identify::ctrl::MDTS]),
             _ => {}
         }
     }

@@ -10,9 +10,9 @@ pub enum Error {
         name: String,
         /// Socket path.
         socket: String,
-        /// The library's error.
+        /// The client's error.
         #[source]
-        source: vfio_user::Error,
+        source: crate::vfio_user::ClientError,
     },
     /// A vfio-user request failed (the device is gone or misbehaves).
     #[error("passthrough device {name}: {what} failed")]
@@ -21,9 +21,9 @@ pub enum Error {
         name: String,
         /// The request.
         what: String,
-        /// The library's error.
+        /// The client's error.
         #[source]
-        source: vfio_user::Error,
+        source: crate::vfio_user::ClientError,
     },
     /// The device is not what Ferry can attach.
     #[error("passthrough device {name}: {reason}")]

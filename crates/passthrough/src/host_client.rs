@@ -126,6 +126,20 @@ impl DmaMemory {
         })
     }
 
+    /// Copies `data` into the memory at `offset` (volatile: the device reads it); ignored
+    /// past the end.
+    pub(crate) fn write(&self, offset: u64, data: &[u8]) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.size)
+        {
+            for (i, &b) in data.iter().enumerate() {
+                // SAFETY: inside the mapping (checked above).
+                unsafe { self.host.add(offset as usize + i).write_volatile(b) };
+            }
+        }
+    }
+
     /// `pages` zeroed pages: (host pointer, IOVA).
     pub(crate) fn alloc(&mut self, pages: u64) -> Option<(*mut u8, u64)> {
         let len = pages * 4096;
@@ -137,6 +151,35 @@ impl DmaMemory {
         // SAFETY: inside the mapping.
         Some((unsafe { self.host.add(off as usize) }, self.iova + off))
     }
+}
+
+/// Brings the controller behind `conn` up with an admin queue pair of `entries` in two pages
+/// of `mem` (which must be DMA-mapped and outlive the controller).
+pub(crate) fn admin_controller(
+    conn: Arc<Connection>,
+    doorbells: Arc<Vec<MappedArea>>,
+    mem: &mut DmaMemory,
+    entries: u16,
+) -> std::result::Result<Controller<HostPlatform>, DriverError> {
+    let no_mem = || DriverError::Timeout("admin queue memory");
+    let (sq, sq_bus) = mem.alloc(1).ok_or_else(no_mem)?;
+    let (cq, cq_bus) = mem.alloc(1).ok_or_else(no_mem)?;
+    let platform = HostPlatform {
+        conn,
+        doorbells,
+        start: Instant::now(),
+        failed: false,
+    };
+    let qm = QueueMem {
+        sq: sq.cast(),
+        sq_bus,
+        cq: cq.cast(),
+        cq_bus,
+        entries,
+    };
+    // SAFETY: the queue memory is two fresh zeroed pages of `mem`, DMA-mapped by the caller,
+    // which keeps `mem` alive as long as the controller.
+    unsafe { Controller::init(platform, qm) }
 }
 
 impl Drop for DmaMemory {

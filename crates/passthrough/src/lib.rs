@@ -10,11 +10,17 @@
 //! - [`msix`]: MSI-X table and enable bits → KVM MSI routes and irqfds;
 //! - [`hooks`]: [`DeviceHooks`], the hooks the shadow engine needs;
 //! - [`dma_layout`]: the device's DMA mappings and how to move a range of them;
+//! - [`admin_check`]: validation of the guest's admin commands where the hypervisor relays them;
+//! - [`admin_guard`]: the checked copy of the guest's admin SQ the device reads while shadowed;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
+//! - [`identity`]: the hypervisor's own Identify of the device (the validator's limits);
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
-//! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy.
+//! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy;
+//! - [`vfio_user`]: Ferry's own vfio-user client (deadlines, error replies honoured).
 #![deny(missing_docs)]
 
+pub mod admin_check;
+pub mod admin_guard;
 pub mod attach;
 pub mod bar;
 pub mod client;
@@ -23,9 +29,11 @@ pub mod dma_layout;
 mod error;
 pub mod hooks;
 pub mod host_client;
+pub mod identity;
 pub mod msix;
 pub mod pci;
 pub mod replay;
+pub mod vfio_user;
 
 pub use attach::{AttachOptions, Attachment};
 pub use config_log::ConfigLog;

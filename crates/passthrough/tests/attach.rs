@@ -52,6 +52,19 @@ fn config_space_bar_pages_and_hooks() {
     let (_dir, _dev, socket) = device("hooks", 9);
     let vm = vm();
     let a = Attachment::attach(&vm, &AttachOptions::new("nvme0", &socket)).unwrap();
+    // The hypervisor identified the device itself, before the guest did anything, and left
+    // the controller disabled for the guest.
+    let log = a.config_log();
+    assert_eq!(log.mdts, Some(nvme_device::controller::MDTS));
+    assert_eq!(
+        log.namespaces.get(&1),
+        Some(&passthrough::config_log::NamespaceInfo {
+            block_size: 512,
+            blocks: (8 << 20) / 512
+        })
+    );
+    assert_eq!(a.identity().namespaces.len(), 1);
+    assert_eq!(log.enables, 0, "the guest's own log starts clean");
     let slot = a.pci_slot();
     let pci = vm.pci_bus().clone();
     let cfg = |reg| pci.lock().unwrap().config_read(0, slot, 0, reg);

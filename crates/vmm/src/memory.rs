@@ -8,9 +8,7 @@ use std::{
 };
 
 use guest_abi::layout::{self, HIGH_RAM_START, MAX_RAM, MIN_RAM};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::{Error, Result};
 
@@ -274,28 +272,27 @@ impl GuestRam {
         Ok(())
     }
 
-    /// The host bytes of the range `[gpa, gpa + len)`, if it lies in one RAM region.
+    /// A volatile view of `[gpa, gpa + len)`, if it lies in one RAM region.
     ///
-    /// # Safety
-    /// The slice aliases guest memory that vCPUs and devices may write concurrently: the caller
-    /// must treat its contents as a racy snapshot (migration re-sends pages written meanwhile)
-    /// or make sure nothing runs.
-    pub unsafe fn slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+    /// vCPUs and devices write guest RAM concurrently, so it is never handed out as `&[u8]`
+    /// (a shared reference to memory someone else mutates is undefined behaviour): the view
+    /// only copies with volatile accesses, and what it copies is a racy snapshot (migration
+    /// re-sends pages written meanwhile).
+    pub fn volatile_slice(&self, gpa: u64, len: u64) -> Option<vm_memory::VolatileSlice<'_, ()>> {
         let end = gpa.checked_add(len)?;
-        let r = self
-            .regions
+        self.regions
             .iter()
             .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)?;
-        let host = self.host_address(r).ok()?;
-        // SAFETY: the range lies inside region `r`'s live mapping, kept alive by `self`.
-        Some(unsafe { std::slice::from_raw_parts(host.add((gpa - r.gpa) as usize), len as usize) })
+        self.memory
+            .get_slice(GuestAddress(gpa), usize::try_from(len).ok()?)
+            .ok()
     }
 
     /// Mutable host bytes of `[gpa, gpa + len)`, if it lies in one RAM region.
     ///
     /// # Safety
-    /// As for [`GuestRam::slice`]; in addition no vCPU or device may access the range while
-    /// the slice lives (the migration destination fills RAM before the VM runs).
+    /// No vCPU or device may access the range while the slice lives (the migration destination
+    /// fills RAM before the VM runs and before any device maps it).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice_mut(&self, gpa: u64, len: u64) -> Option<&mut [u8]> {
         let end = gpa.checked_add(len)?;
@@ -379,17 +376,25 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Calls `f` with every RAM region as a host byte slice.
+    /// Calls `f(region, offset, bytes)` with every RAM region, in chunks of at most
+    /// `chunk` bytes copied out of guest memory with volatile accesses (offset 0 starts a
+    /// region).
     ///
-    /// The slices alias memory a running guest may write concurrently; callers hash or copy
-    /// them only while the vCPUs are paused when they need a consistent view.
-    pub fn for_each_region(&self, mut f: impl FnMut(&RamRegion, &[u8])) {
-        for (r, region) in self.regions.iter().zip(self.memory.iter()) {
-            let ptr = region.as_ptr();
-            // SAFETY: `ptr` is the start of a live mapping of `region.len()` bytes owned by
-            // `self.memory`, which outlives the borrow of the slice.
-            let slice = unsafe { std::slice::from_raw_parts(ptr, region.len() as usize) };
-            f(r, slice);
+    /// A running guest may write the memory meanwhile: callers pause the vCPUs (and devices)
+    /// when they need a consistent view.
+    pub fn for_each_region(&self, chunk: usize, mut f: impl FnMut(&RamRegion, u64, &[u8])) {
+        let mut buf = vec![0u8; chunk.max(PAGE_SIZE as usize)];
+        for r in &self.regions {
+            let mut off = 0u64;
+            while off < r.size {
+                let n = (r.size - off).min(buf.len() as u64);
+                let Some(v) = self.volatile_slice(r.gpa + off, n) else {
+                    return;
+                };
+                let copied = v.copy_to(&mut buf[..n as usize]);
+                f(r, off, &buf[..copied]);
+                off += n;
+            }
         }
     }
 }
@@ -472,5 +477,64 @@ mod tests {
         let again = GuestRam::from_memfd(ram.memfd().clone(), 32 << 20).unwrap();
         again.read(0x1234, &mut buf).unwrap();
         assert_eq!(&buf, b"ferry");
+    }
+
+    /// Guest RAM is only ever copied out with volatile accesses while another thread (a
+    /// stand-in vCPU) keeps writing it: the views stop
+    /// at region ends, and the chunks cover every byte once.
+    #[test]
+    fn volatile_copies_while_a_writer_runs() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        assert!(ram.volatile_slice((32 << 20) - 4096, 8192).is_none());
+        assert!(ram.volatile_slice(u64::MAX - 10, 20).is_none());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = {
+            let (ram, stop, rounds) = (ram.clone(), stop.clone(), rounds.clone());
+            std::thread::spawn(move || {
+                let mut v = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    v = v.wrapping_add(0x0101_0101_0101_0101);
+                    for w in 0..512u64 {
+                        ram.memory
+                            .store(
+                                v,
+                                GuestAddress(0x8000 + w * 8),
+                                std::sync::atomic::Ordering::Relaxed,
+                            )
+                            .unwrap();
+                    }
+                    rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while rounds.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the writer never ran");
+            std::thread::yield_now();
+        }
+        for _ in 0..200 {
+            // A racy snapshot (bytes may mix old and new values), never a reference.
+            let mut page = [0u8; 4096];
+            let v = ram.volatile_slice(0x8000, 4096).unwrap();
+            assert_eq!(v.copy_to(&mut page[..]), 4096);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        // With the writer stopped the copy is exact.
+        let last = ram.load_u64(0x8000).unwrap();
+        let mut page = [0u8; 4096];
+        ram.volatile_slice(0x8000, 4096)
+            .unwrap()
+            .copy_to(&mut page[..]);
+        assert!(page
+            .chunks_exact(8)
+            .all(|w| u64::from_le_bytes(w.try_into().unwrap()) == last));
+        let mut seen = 0u64;
+        ram.for_each_region(1 << 20, |r, off, bytes| {
+            assert_eq!(r.gpa + off, seen);
+            seen += bytes.len() as u64;
+        });
+        assert_eq!(seen, 32 << 20);
     }
 }

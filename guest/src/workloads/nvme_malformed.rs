@@ -17,6 +17,18 @@ use crate::{
 /// Far outside any RAM Ferry gives a guest (and outside the PCI window).
 const OUTSIDE: u64 = 0x40_0000_0000;
 
+/// Where the hypervisor maps its PRP-list bounce areas while it shadows the queues (its first
+/// address above guest RAM, plus 1 GiB; see the shadow engine): a hostile guest aims there.
+/// Unshadowed nothing is mapped there; shadowed the hypervisor must refuse it.
+fn hypervisor_bounce(p: &BootParams) -> u64 {
+    let ram_end = if p.ram_hi_size > 0 {
+        (1 << 32) + p.ram_hi_size
+    } else {
+        p.ram_lo_size
+    };
+    ram_end.next_multiple_of(1 << 30).max(1 << 32) + (2 << 30)
+}
+
 fn io_cmd(n: &mut Nvme, sqe: &Sqe) -> Option<Status> {
     let q = n.queues[0].as_mut()?;
     q.submit(sqe).ok()?;
@@ -141,7 +153,7 @@ pub fn run(p: &BootParams) -> u32 {
         s
     };
     let qbuf = arena.alloc(4096).unwrap_or(buf);
-    let admin_cases: [(&str, Sqe, Status); 6] = [
+    let admin_cases: [(&str, Sqe, Status); 7] = [
         (
             "create SQ 0",
             mk(admin::CREATE_SQ, 15 << 16, 1 | 1 << 16, qbuf),
@@ -171,6 +183,11 @@ pub fn run(p: &BootParams) -> u32 {
             "unknown admin opcode",
             mk(0x7e, 0, 0, 0),
             Status::INVALID_OPCODE,
+        ),
+        (
+            "identify into the hypervisor's bounce area",
+            mk(admin::IDENTIFY, 1, 0, hypervisor_bounce(p)),
+            Status::DATA_TRANSFER_ERROR,
         ),
     ];
     for (what, sqe, want) in admin_cases.iter() {

@@ -101,6 +101,16 @@ impl Engine {
             }
             let bounce = self.map_bounce(&ram, geos, limits)?;
             mapped_bounce = Some(bounce.clone());
+            // Guest admin commands are checked before the device sees them, as I/O ones are.
+            // With the copy as the device buffer the device is idle here, so the ring it
+            // reads can move onto a hypervisor copy; otherwise its mapping is left alone.
+            let mode = match designation {
+                Designation::DeviceBuffer => passthrough::admin_guard::GuardMode::Copy,
+                Designation::VcpuBuffer => passthrough::admin_guard::GuardMode::InPlace,
+            };
+            self.att
+                .guard_admin_sq(Some(mode))
+                .map_err(hook("guarding the guest's admin SQ"))?;
             let bufs =
                 EngineBuffers::new(ram.clone(), copies.clone(), designation).with_bounce(bounce);
             let mut queues = Vec::new();
@@ -167,10 +177,22 @@ impl Engine {
         let per_slot = checks::bounce_pages_per_slot(limits);
         let mut iova = hypervisor_iova(ram) + BOUNCE_IOVA_OFFSET;
         let mut out: Vec<Bounce> = Vec::new();
+        let mut total = 0u64;
         for g in geos {
-            let size = checks::bounce_bytes(g.sq_entries, per_slot).ok_or_else(|| {
-                Error::Engine(format!("queue {}'s PRP-list bounce area overflows", g.qid))
-            })?;
+            let size = checks::bounce_bytes(g.sq_entries, per_slot)
+                .filter(|&s| {
+                    total = total.saturating_add(s.next_multiple_of(1 << 21));
+                    total <= device::MAX_BOUNCE_BYTES
+                })
+                .ok_or_else(|| {
+                    self.unmap_bounce(&out);
+                    Error::Engine(format!(
+                        "queue {}'s PRP-list bounce area would take the bounce areas over \
+                         {} bytes",
+                        g.qid,
+                        device::MAX_BOUNCE_BYTES
+                    ))
+                })?;
             let pages = HostPages::new(size)?;
             if let Err(e) = self.att.map_device_memory(iova, size, &pages.fd()) {
                 self.unmap_bounce(&out);
@@ -195,6 +217,11 @@ impl Engine {
 
     /// Takes the bounce areas away from the device (it must have no command in flight).
     pub(crate) fn unmap_bounce(&self, bounce: &[Bounce]) {
+        // Leaving (or failing to enter) shadow mode: the device reads the guest's admin SQ
+        // again (vCPUs paused or the engine's queues drained).
+        if let Err(e) = self.att.guard_admin_sq(None) {
+            tracing::warn!("dropping the admin SQ guard: {}", vmm::ErrorChain(&e));
+        }
         for b in bounce {
             if let Err(e) = self.att.unmap_device_memory(b.iova, b.pages.len() as u64) {
                 tracing::warn!(

@@ -308,12 +308,18 @@ pub fn copy_rings(ram: &GuestRam, geos: &[crate::nvme::QueueGeometry]) -> Result
     let mut copies = Vec::new();
     for r in &regions {
         let pages = HostPages::new(r.end - r.start)?;
-        // SAFETY: a racy snapshot is what the caller wants (see above); the range is checked
-        // to lie in one RAM region, which `ram` keeps mapped.
-        let src = unsafe { ram.slice(r.start, r.end - r.start) }.ok_or_else(|| {
-            Error::Engine(format!("ring pages {r:?} are not inside one RAM region"))
-        })?;
-        // SAFETY: `src` is readable guest RAM of the same length as the copy.
+        // A racy snapshot is what the caller wants (see above), copied out of guest RAM with
+        // volatile accesses.
+        let mut src = vec![0u8; (r.end - r.start) as usize];
+        let whole = ram
+            .volatile_slice(r.start, r.end - r.start)
+            .map(|v| v.copy_to(&mut src[..]) == src.len());
+        if whole != Some(true) {
+            return Err(Error::Engine(format!(
+                "ring pages {r:?} are not inside one RAM region"
+            )));
+        }
+        // SAFETY: `src` is a buffer of the same length as the copy.
         unsafe { pages.fill_from(0, src.as_ptr(), src.len()) };
         copies.push(Copy {
             gpa: r.clone(),

@@ -231,6 +231,10 @@ pub struct EngineStatus {
     pub interrupts: Vec<irq::VectorStatus>,
     /// MSI-X vectors KVM delivers straight to the guest (irqfd routes).
     pub msix_routes: Vec<u16>,
+    /// While shadowed: guest admin commands the admin SQ guard refused.
+    pub admin_refused: Option<u64>,
+    /// The destination's admin proxy counters (while it serves the guest's admin queue).
+    pub admin_proxy: Option<passthrough::replay::ProxyStats>,
 }
 
 /// The shadow engine of one passthrough NVMe device.
@@ -256,19 +260,18 @@ fn vmm_err(what: &'static str) -> impl FnOnce(vmm::Error) -> Error {
 /// The first IOVA above guest RAM the hypervisor gives its own memory at (the destination's
 /// admin queue there, PRP-list bounce areas [`BOUNCE_IOVA_OFFSET`] further).
 pub(crate) fn hypervisor_iova(ram: &vmm::memory::GuestRam) -> u64 {
-    let ram_end = ram
-        .regions()
-        .iter()
-        .map(|r| r.gpa + r.size)
-        .max()
-        .unwrap_or(0);
-    ram_end.next_multiple_of(1 << 30).max(1 << 32) + (1 << 30)
+    passthrough::identity::hypervisor_iova(ram)
 }
 
 /// Where the bounce areas start, above [`hypervisor_iova`].
 const BOUNCE_IOVA_OFFSET: u64 = 1 << 30;
 
-/// The validator's limits from what the guest learned through Identify.
+/// Largest transfer the validator lets through while shadowed, whatever the device's MDTS:
+/// it bounds every PRP walk (513 entries) and every bounce slot (2 pages).
+pub const MAX_SHADOW_TRANSFER: u64 = 2 << 20;
+
+/// The validator's limits from the log's namespaces and MDTS, which the attachment fills in
+/// from the hypervisor's own Identify of the device (never from guest RAM).
 pub fn limits_from(log: &ConfigLog) -> Result<Limits> {
     let (&nsid, ns) = log.namespaces.iter().next().ok_or_else(|| {
         Error::Engine(
@@ -284,10 +287,17 @@ pub fn limits_from(log: &ConfigLog) -> Result<Limits> {
                 .into(),
         )
     })?;
+    if !ns.block_size.is_power_of_two() || !(512..=65536).contains(&ns.block_size) {
+        return Err(Error::Engine(format!(
+            "namespace {nsid} has a block size of {} bytes; refusing to shadow",
+            ns.block_size
+        )));
+    }
     let max_transfer = match mdts {
         0 => 65536 * ns.block_size as u64,
         m => 4096u64 << m.min(18),
-    };
+    }
+    .min(MAX_SHADOW_TRANSFER);
     Ok(Limits {
         nsid,
         block_size: ns.block_size,
@@ -392,6 +402,8 @@ impl Engine {
             left,
             mapped_doorbell_pages: self.att.mapped_doorbell_pages(),
             msix_routes: self.att.msix_routes().iter().map(|r| r.0).collect(),
+            admin_refused: self.att.admin_guard_refused(),
+            admin_proxy: self.att.admin_proxy_stats(),
         }
     }
 
@@ -614,6 +626,42 @@ impl Drop for Engine {
     fn drop(&mut self) {
         if let Some(a) = self.active().as_mut() {
             Self::stop_poller(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use std::collections::BTreeMap;
+
+    use passthrough::config_log::NamespaceInfo;
+
+    use super::*;
+
+    fn log(mdts: u8, block_size: u32) -> ConfigLog {
+        ConfigLog {
+            mdts: Some(mdts),
+            namespaces: BTreeMap::from([(
+                1,
+                NamespaceInfo {
+                    block_size,
+                    blocks: 1 << 20,
+                },
+            )]),
+            ..Default::default()
+        }
+    }
+
+    /// A device without a transfer limit (MDTS 0) does not make one command cost a million
+    /// list entries: the PRP walk and the bounce slots stay bounded.
+    #[test]
+    fn limits_are_bounded_whatever_the_device_says() {
+        let l = limits_from(&log(0, 4096)).unwrap();
+        assert_eq!(l.max_transfer, MAX_SHADOW_TRANSFER);
+        assert!(checks::bounce_pages_per_slot(l) <= 2);
+        assert_eq!(limits_from(&log(5, 512)).unwrap().max_transfer, 128 << 10);
+        for bad in [0, 100, 1 << 20] {
+            assert!(limits_from(&log(5, bad)).is_err(), "{bad}");
         }
     }
 }

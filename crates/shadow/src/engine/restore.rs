@@ -34,6 +34,15 @@ impl Engine {
     ) -> Result<Self> {
         // Everything in `saved` came from the network: check all of it first.
         saved.validate(&att.restore_bounds())?;
+        // The limits the source validated with must be this device's, as the hypervisor
+        // identified it here.
+        let own = super::limits_from(&att.config_log())?;
+        if own != saved.limits {
+            return Err(Error::Engine(format!(
+                "the source validated with {:?}, this device is {own:?}",
+                saved.limits
+            )));
+        }
         let engine = Engine::new(att.clone(), opts);
         let dstrd = att.dstrd();
         let ram = vm.ram().clone();
