@@ -149,24 +149,30 @@ impl Completions {
 
 struct Registers {
     device: Arc<Mutex<Device>>,
-    inbox: Arc<MadInbox>,
     completions: Arc<Completions>,
 }
 
 impl Registers {
-    /// The idle wait: 1 at once if a CQ holds unconsumed entries; else wakes the device
-    /// thread (for doorbells the guest rang before waiting) and blocks until a completion is
-    /// written (1) or `IDLE_WAIT` passes (0). The count is taken under the device lock
-    /// together with the emptiness check, so a completion written after it is never missed.
+    /// The idle wait, on the vCPU thread that exited: first runs the queues here (the sends
+    /// the guest posted go out now, without a hand-off to the device thread); then 1 at once
+    /// if a CQ holds unconsumed entries (those just written included); else blocks until a
+    /// completion is written (1) or `IDLE_WAIT` passes (0). The count is taken under the
+    /// device lock together with the emptiness check, so a completion written after it is
+    /// never missed. A guest that posted work and wants it sent at once reads this register
+    /// right away (one exit sends everything posted).
     fn idle_wait(&self) -> u32 {
         let count = {
-            let d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            d.poll();
+            let count = d.completion_count();
             if d.completions_pending() {
+                drop(d);
+                self.completions.publish(count);
                 return 1;
             }
-            d.completion_count()
+            count
         };
-        self.inbox.wake();
+        self.completions.publish(count);
         self.completions.wait_beyond(count) as u32
     }
 }
@@ -282,6 +288,7 @@ impl VrdmaHandle {
 
     /// Stops the device thread, destroys all objects and unbinds all GIDs.
     pub fn stop(&mut self) -> DeviceStats {
+        self.inbox.set_direct(None);
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -348,7 +355,6 @@ pub fn attach(
         REG_BAR_SIZE,
         Arc::new(Mutex::new(Registers {
             device: device.clone(),
-            inbox: inbox.clone(),
             completions: completions.clone(),
         })),
     )?;
@@ -374,6 +380,28 @@ pub fn attach(
         })),
     )?;
 
+    // What arrives (a MAD routed to this VM, a datagram on one of its UD QPs) is written
+    // into the guest's queues on the port's receive thread itself when the device is free,
+    // and a vCPU in the idle wait is woken from there: no hand-off to the device thread.
+    let direct: crate::backend::DirectDelivery = {
+        let (device, completions) = (Arc::downgrade(&device), completions.clone());
+        Arc::new(move || {
+            let Some(device) = device.upgrade() else {
+                return false;
+            };
+            let mut d = match device.try_lock() {
+                Ok(d) => d,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            };
+            d.poll_receives();
+            let count = d.completion_count();
+            drop(d);
+            completions.publish(count);
+            true
+        })
+    };
+    inbox.set_direct(Some(direct));
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let (device, stop, uar, inbox) = (device.clone(), stop.clone(), uar.clone(), inbox.clone());
@@ -430,7 +458,8 @@ fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &C
             (d.poll(), d.command_count(), d.completion_count())
         };
         done.publish(completed);
-        if work > 0 || qp_bell != 0 || cq_bell != 0 || c != commands {
+        let _ = qp_bell;
+        if work > 0 || c != commands {
             commands = c;
             last_work = Instant::now();
             continue;

@@ -99,6 +99,9 @@ struct Agent {
     ud_send_errors: u64,
     /// When polling last started finding nothing (0: it found something last time).
     idle_since: u64,
+    /// Sends were posted since the last exit: the next idle call exits at once, which
+    /// sends them (the device runs the queues on the exiting vCPU).
+    unsent: bool,
 }
 
 /// Polling that finds nothing for this long waits in the device instead (one VM exit, about
@@ -160,6 +163,7 @@ impl Agent {
             ud_outstanding: 0,
             ud_send_errors: 0,
             idle_since: 0,
+            unsent: false,
         })
     }
 
@@ -168,10 +172,19 @@ impl Agent {
         self.idle_since = 0;
     }
 
-    /// Polling found nothing: after `IDLE_SPIN_US` of that, waits in the device until a
+    /// Polling found nothing: sends posted since the last exit go out at once (one exit for
+    /// all of them); after `IDLE_SPIN_US` of finding nothing, waits in the device until a
     /// completion arrives or about a millisecond passes (after a timeout the next idle call
-    /// waits again at once).
+    /// waits again at once). Send completions are reaped first, so that they do not end
+    /// the wait at once.
     fn idle(&mut self) {
+        if self.unsent {
+            self.unsent = false;
+            self.dev.idle_wait();
+            self.idle_since = 0;
+            return;
+        }
+        self.reap_ud_sends();
         let t = now_us();
         if self.idle_since == 0 {
             self.idle_since = t;
@@ -200,6 +213,7 @@ impl Agent {
         ) {
             return Err(abi::wc_status::GENERAL_ERR);
         }
+        self.unsent = true;
         let t0 = now_us();
         loop {
             if let Some(c) = self.gsi_scq.poll() {
@@ -283,6 +297,7 @@ impl Agent {
             .post_send_imm(slot as u64, at, len, self.lkey, dgid.0, dqpn, qkey, 0, imm);
         if ok {
             self.ud_outstanding += 1;
+            self.unsent = true;
         }
         ok
     }
