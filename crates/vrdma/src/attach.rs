@@ -175,12 +175,24 @@ impl Registers {
         self.completions.publish(count);
         self.completions.wait_beyond(count) as u32
     }
+
+    /// Send now: runs the queues on the vCPU that exited; 1 if a CQ holds unconsumed entries.
+    fn send_now(&self) -> u32 {
+        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        d.poll();
+        let (count, pending) = (d.completion_count(), d.completions_pending());
+        drop(d);
+        self.completions.publish(count);
+        pending as u32
+    }
 }
 
 impl BusDevice for Registers {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = if data.len() == 4 && offset == abi::FERRY_REG_IDLE_WAIT {
             self.idle_wait()
+        } else if data.len() == 4 && offset == abi::FERRY_REG_SEND_NOW {
+            self.send_now()
         } else if data.len() == 4 && offset % 4 == 0 {
             self.device
                 .lock()

@@ -94,9 +94,10 @@ struct Agent {
     ud_rcq: Cq,
     ud_rbufs: u64,
     ud_sbufs: u64,
-    ud_next: u32,
-    ud_outstanding: u32,
     ud_send_errors: u64,
+    /// The status of a QP1 send the device failed (sends are unsignaled: only failures
+    /// complete), until taken.
+    gsi_error: Option<u32>,
     /// When polling last started finding nothing (0: it found something last time).
     idle_since: u64,
     /// Sends were posted since the last exit: the next idle call exits at once, which
@@ -105,9 +106,10 @@ struct Agent {
 }
 
 /// Polling that finds nothing for this long waits in the device instead (one VM exit, about
-/// 28 µs here): spinning longer would only take the CPU from the device thread and the port
-/// that are to produce the next completion.
-const IDLE_SPIN_US: u64 = 30;
+/// 28 µs here): spinning longer would only take the CPU from the port's receive threads and
+/// the other vCPUs that are to produce the next completion (and a thread that spun is the
+/// last the scheduler wakes).
+const IDLE_SPIN_US: u64 = 10;
 
 enum Setup {
     NoDevice,
@@ -159,9 +161,8 @@ impl Agent {
             ud_rcq,
             ud_rbufs,
             ud_sbufs,
-            ud_next: 0,
-            ud_outstanding: 0,
             ud_send_errors: 0,
+            gsi_error: None,
             idle_since: 0,
             unsent: false,
         })
@@ -172,21 +173,19 @@ impl Agent {
         self.idle_since = 0;
     }
 
-    /// Polling found nothing: sends posted since the last exit go out at once (one exit for
-    /// all of them); after `IDLE_SPIN_US` of finding nothing, waits in the device until a
-    /// completion arrives or about a millisecond passes (after a timeout the next idle call
-    /// waits again at once). Send completions are reaped first, so that they do not end
-    /// the wait at once.
+    /// Polling found nothing. Sends posted since the last exit go out now, in the same exit
+    /// as the wait that follows (the device runs the queues on the exiting vCPU, then
+    /// waits); otherwise after `IDLE_SPIN_US` of finding nothing, waits in the device until
+    /// a completion arrives or about a millisecond passes (after a timeout the next idle
+    /// call waits again at once).
     fn idle(&mut self) {
+        self.reap_sends();
+        let t = now_us();
         if self.unsent {
             self.unsent = false;
             self.dev.idle_wait();
             self.idle_since = 0;
-            return;
-        }
-        self.reap_ud_sends();
-        let t = now_us();
-        if self.idle_since == 0 {
+        } else if self.idle_since == 0 {
             self.idle_since = t;
         } else if t - self.idle_since >= IDLE_SPIN_US {
             if self.dev.idle_wait() != 0 {
@@ -197,34 +196,68 @@ impl Agent {
         }
     }
 
-    /// Sends a MAD from QP1 and waits for its completion; `Err(status)` if the device (or
-    /// the multiplexer behind it) refused it.
-    fn send_mad(&mut self, dgid: Gid, mad: &[u8; MAD_SIZE]) -> Result<(), u32> {
-        write_bytes(self.gsi_sbuf, mad);
-        if !self.gsi.post_send(
-            1,
-            self.gsi_sbuf,
+    /// Posts a MAD on QP1 (unsignaled: only a failure completes) to go out with the next
+    /// exit; `Err(status)` if the send queue stays full or an earlier send failed.
+    fn post_mad(&mut self, dgid: Gid, mad: &[u8; MAD_SIZE]) -> Result<(), u32> {
+        if let Some(s) = self.take_gsi_error() {
+            return Err(s);
+        }
+        let t0 = now_us();
+        let slot = loop {
+            if let Some(s) = self.gsi.sq_free_slot() {
+                break s;
+            }
+            if now_us() - t0 > 2_000_000 {
+                return Err(abi::wc_status::GENERAL_ERR);
+            }
+            self.unsent = true;
+            self.idle();
+        };
+        // One 256-byte buffer per send queue slot (16 in the page).
+        let at = self.gsi_sbuf + slot as u64 * MAD_SIZE as u64;
+        write_bytes(at, mad);
+        if !self.gsi.post_send_ex(
+            slot as u64,
+            at,
             MAD_SIZE as u32,
             self.lkey,
             dgid.0,
             1,
             GSI_QKEY,
             0,
+            None,
+            false,
         ) {
             return Err(abi::wc_status::GENERAL_ERR);
         }
         self.unsent = true;
+        Ok(())
+    }
+
+    /// Sends a MAD from QP1 now (one exit) and waits until the device took it;
+    /// `Err(status)` if the device (or the multiplexer behind it) refused it.
+    fn send_mad(&mut self, dgid: Gid, mad: &[u8; MAD_SIZE]) -> Result<(), u32> {
+        self.post_mad(dgid, mad)?;
+        self.unsent = false;
+        self.dev.send_now();
         let t0 = now_us();
-        loop {
-            if let Some(c) = self.gsi_scq.poll() {
-                self.busy();
-                return if c.status == 0 { Ok(()) } else { Err(c.status) };
-            }
+        while !self.gsi.sq_idle() {
             if now_us() - t0 > 2_000_000 {
                 return Err(abi::wc_status::GENERAL_ERR);
             }
             self.idle();
         }
+        self.reap_sends();
+        match self.take_gsi_error() {
+            Some(s) => Err(s),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the status of a failed QP1 send, if one failed.
+    fn take_gsi_error(&mut self) -> Option<u32> {
+        self.reap_sends();
+        self.gsi_error.take()
     }
 
     /// The next CM message received on QP1, with its sender's GID.
@@ -246,11 +279,16 @@ impl Agent {
         CmMessage::parse_mad(&mad).ok().map(|m| (grh_sgid(&grh), m))
     }
 
-    fn reap_ud_sends(&mut self) {
+    /// Reaps send completions (sends are unsignaled: these are failures).
+    fn reap_sends(&mut self) {
         while let Some(c) = self.ud_scq.poll() {
-            self.ud_outstanding = self.ud_outstanding.saturating_sub(1);
             if c.status != 0 {
                 self.ud_send_errors += 1;
+            }
+        }
+        while let Some(c) = self.gsi_scq.poll() {
+            if c.status != 0 && self.gsi_error.is_none() {
+                self.gsi_error = Some(c.status);
             }
         }
     }
@@ -270,17 +308,18 @@ impl Agent {
         len: u32,
         fill: impl Fn(usize) -> u8,
     ) -> bool {
-        self.reap_ud_sends();
+        self.reap_sends();
         let t0 = now_us();
-        while self.ud_outstanding >= SQ_WQES {
-            self.reap_ud_sends();
+        let slot = loop {
+            if let Some(s) = self.ud.sq_free_slot() {
+                break s;
+            }
             if now_us() - t0 > 1_000_000 {
                 return false;
             }
+            self.unsent = true;
             self.idle();
-        }
-        let slot = self.ud_next % SQ_WQES;
-        self.ud_next = self.ud_next.wrapping_add(1);
+        };
         let at = self.ud_sbufs + slot as u64 * UD_BUF;
         let mut chunk = [0u8; 256];
         let mut off = 0usize;
@@ -292,11 +331,20 @@ impl Agent {
             write_bytes(at + off as u64, &chunk[..n]);
             off += n;
         }
-        let ok = self
-            .ud
-            .post_send_imm(slot as u64, at, len, self.lkey, dgid.0, dqpn, qkey, 0, imm);
+        // Unsignaled: a send that fails still completes (with its error status).
+        let ok = self.ud.post_send_ex(
+            slot as u64,
+            at,
+            len,
+            self.lkey,
+            dgid.0,
+            dqpn,
+            qkey,
+            0,
+            imm,
+            false,
+        );
         if ok {
-            self.ud_outstanding += 1;
             self.unsent = true;
         }
         ok
@@ -427,7 +475,7 @@ pub fn server(p: &BootParams) -> u32 {
                         local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
                         ..Rep::default()
                     };
-                    if let Err(s) = ag.send_mad(peer, &rep.to_mad()) {
+                    if let Err(s) = ag.post_mad(peer, &rep.to_mad()) {
                         println!("rdma-server: REP refused (status {})", s);
                     }
                 }
@@ -455,7 +503,7 @@ pub fn server(p: &BootParams) -> u32 {
                         qkey: RDMA_CM_UD_QKEY,
                         ..SidrRep::default()
                     };
-                    if ag.send_mad(sgid, &rep.to_mad()).is_ok() {
+                    if ag.post_mad(sgid, &rep.to_mad()).is_ok() {
                         sidr += 1;
                     }
                 }
@@ -473,7 +521,7 @@ pub fn server(p: &BootParams) -> u32 {
                         remote_comm_id: remote,
                         ..Drep::default()
                     };
-                    let _ = ag.send_mad(peer, &drep.to_mad());
+                    let _ = ag.post_mad(peer, &drep.to_mad());
                     if let Some(i) = pos {
                         conns[i].used = false;
                         disconnects += 1;
@@ -518,7 +566,7 @@ pub fn server(p: &BootParams) -> u32 {
                 echoed += 1;
             }
         }
-        ag.reap_ud_sends();
+        ag.reap_sends();
         if work {
             ag.busy();
         } else {
@@ -548,10 +596,11 @@ fn udaddy_size(a: &RdmaArgs) -> u32 {
 /// Waits (bounded) until every UD send completed.
 fn reap_all(ag: &mut Agent) {
     let t0 = now_us();
-    while ag.ud_outstanding > 0 && now_us() - t0 < 2_000_000 {
-        ag.reap_ud_sends();
+    while !ag.ud.sq_idle() && now_us() - t0 < 2_000_000 {
+        ag.unsent = true;
         ag.idle();
     }
+    ag.reap_sends();
 }
 
 /// The byte at `i` of the message the udaddy client sends (every message the same, as
@@ -573,7 +622,7 @@ fn sidr(ag: &mut Agent, peer: Gid, port: u16) -> Result<SidrRep, u32> {
     };
     sreq.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
     let sreq_mad = sreq.to_mad();
-    if ag.send_mad(peer, &sreq_mad).is_err() {
+    if ag.post_mad(peer, &sreq_mad).is_err() {
         return Err(status::RDMA_FAILED);
     }
     let srep = await_mad(ag, peer, &sreq_mad, 10_000_000, |m| match m {
@@ -624,7 +673,7 @@ fn udaddy_client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
     let mut last = now_us();
     while got < n {
         let Some((sgid, sqpn, at, len, i, imm)) = ag.ud_recv_imm() else {
-            ag.reap_ud_sends();
+            ag.reap_sends();
             ag.idle();
             if now_us() - last > 2_000_000 {
                 // UD is unreliable: the server waits for all our messages before replying.
@@ -697,13 +746,17 @@ fn await_mad<T>(
         } else {
             ag.idle();
         }
+        if let Some(s) = ag.take_gsi_error() {
+            println!("rdma: a QP1 send was refused (status {})", s);
+            return None;
+        }
         let t = now_us();
         if t - t0 > timeout_us {
             return None;
         }
         if t - last > 1_000_000 {
             last = t;
-            if ag.send_mad(dgid, resend).is_err() {
+            if ag.post_mad(dgid, resend).is_err() {
                 return None;
             }
         }
@@ -783,7 +836,7 @@ pub fn client(p: &BootParams) -> u32 {
         };
     }
     let req_mad = req.to_mad();
-    if let Err(s) = ag.send_mad(peer, &req_mad) {
+    if let Err(s) = ag.post_mad(peer, &req_mad) {
         println!("rdma-client: REQ refused (status {})", s);
         return status::RDMA_FAILED;
     }
@@ -902,7 +955,7 @@ pub fn client(p: &BootParams) -> u32 {
         ..Dreq::default()
     };
     let dreq_mad = dreq.to_mad();
-    if ag.send_mad(peer, &dreq_mad).is_err() {
+    if ag.post_mad(peer, &dreq_mad).is_err() {
         return status::RDMA_FAILED;
     }
     let drep = await_mad(&mut ag, peer, &dreq_mad, 10_000_000, |m| match m {
