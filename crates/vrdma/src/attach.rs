@@ -117,7 +117,7 @@ impl crate::device::MsiSink for KvmMsi {
 /// How long one idle wait ([`abi::FERRY_REG_IDLE_WAIT`]) blocks a vCPU at most: long enough
 /// to leave the CPU to the device and the port, short enough that a guest checking other
 /// things (a stop request, a timeout) notices them in time.
-const IDLE_WAIT: Duration = Duration::from_millis(1);
+const IDLE_WAIT: Duration = Duration::from_millis(5);
 
 /// Completions published by the device thread to vCPUs in the idle wait.
 #[derive(Default)]
@@ -445,7 +445,7 @@ pub fn attach(
 
 /// The device thread's park while work flows. Events wake it earlier (see `poll_loop`), so
 /// this only bounds how long a doorbell rung by a guest that keeps polling waits.
-const ACTIVE_PARK: Duration = Duration::from_micros(100);
+const ACTIVE_PARK: Duration = Duration::from_millis(1);
 
 fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &Completions) {
     // Polling policy: the rings in guest memory are the truth and are scanned on every pass.

@@ -573,6 +573,8 @@ pub fn server(p: &BootParams) -> u32 {
             ag.idle();
         }
     }
+    // The last DREP (and echoes) may only be posted yet.
+    reap_all(&mut ag);
     println!(
         "rdma-server: done: {} disconnects, {} SIDR answered, {} UD messages echoed, {} refused, {} send errors",
         disconnects, sidr, echoed, bad, ag.ud_send_errors
@@ -593,12 +595,18 @@ fn udaddy_size(a: &RdmaArgs) -> u32 {
     }
 }
 
-/// Waits (bounded) until every UD send completed.
+/// Sends everything posted and waits (bounded) until the device has taken it.
 fn reap_all(ag: &mut Agent) {
+    // Sends are unsignaled: everything posted goes out with a send-now exit, after which
+    // the device has taken it (a queue pair not ready to send keeps its queue: bounded).
     let t0 = now_us();
-    while !ag.ud.sq_idle() && now_us() - t0 < 2_000_000 {
-        ag.unsent = true;
-        ag.idle();
+    loop {
+        ag.unsent = false;
+        ag.dev.send_now();
+        if (ag.ud.sq_idle() && ag.gsi.sq_idle()) || now_us() - t0 > 2_000_000 {
+            break;
+        }
+        core::hint::spin_loop();
     }
     ag.reap_sends();
 }
