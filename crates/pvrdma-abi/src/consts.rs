@@ -45,7 +45,7 @@ pub const PVRDMA_REG_MACH: u64 = 0x24;
 /// R (Ferry extension, unused by Linux): the idle wait. The device first runs the queues on
 /// the exiting vCPU (what the guest posted is sent now); the read then returns at once (1)
 /// if a completion queue holds unconsumed entries, else blocks the vCPU until the device
-/// writes a completion (1) or about a millisecond passes (0). A polling guest reads it after
+/// writes a completion (1) or at most 5 ms pass (0). A polling guest reads it after
 /// it has found nothing to do for a while, or right after posting sends it then waits on
 /// (one exit sends and waits), giving the CPU to the device instead of spinning; one exit
 /// per idle period, never one per work request. Devices without it read 0.

@@ -1,14 +1,20 @@
 //! The PCI function in a VM: configuration space (PVRDMA IDs, BARs placed by the VMM), BAR1
 //! registers on the MMIO bus (trapped: commands are rare), BAR2 UAR doorbell page mapped into
-//! the guest as host memory (no VM exit per doorbell), and the device thread that polls the
-//! queues.
+//! the guest as host memory (no VM exit per doorbell), and the device thread that runs the
+//! queues when nobody else does.
 //!
-//! **Doorbells without exits.** A VM exit costs ~28 µs on Ferry's machines, so the UAR page is
-//! a host page in a KVM memory slot: the guest's doorbell writes land in memory. The device
-//! thread polls every active queue's ring indexes in guest memory (the rings are the source of
-//! truth; the doorbell only says "something changed": the thread zeroes the doorbell words it
-//! has seen, so each write is visible) and uses the doorbell page to leave its idle back-off at
-//! once. The built-in guest polls its completion queues (the ring-3 guest runs with IF = 0);
+//! **Doorbells without exits, work without hand-offs.** A VM exit costs ~28 µs on Ferry's
+//! machines (more under load), so the UAR page is a host page in a KVM memory slot: the
+//! guest's doorbell writes land in memory, and the rings in guest memory are the source of
+//! truth. On a machine with few cores every hand-off between threads waits for a scheduler
+//! slice, so the work is done on the thread that has it: what arrives (a MAD the
+//! multiplexer routes here, a datagram on one of the VM's UD QPs) is written into the guest's
+//! receive and completion queues on the port's receive thread, which then wakes a vCPU in
+//! the idle wait; what the guest posted is sent by the vCPU that exits into the idle wait
+//! ([`abi::FERRY_REG_IDLE_WAIT`]: send, then wait) or send-now
+//! ([`abi::FERRY_REG_SEND_NOW`]) register. The device thread is the fallback (a delivery
+//! that found the device busy, a guest that posts and never exits). The built-in guest polls
+//! its completion queues (the ring-3 guest runs with IF = 0);
 //! a guest that enables MSI-X in the capability gets the ABI's three vectors through
 //! `KVM_SIGNAL_MSI`: command response, async event, and CQ completion for CQs armed through
 //! the CQ doorbell.
@@ -18,7 +24,7 @@ use std::{
         Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use pvrdma_abi as abi;
@@ -119,7 +125,7 @@ impl crate::device::MsiSink for KvmMsi {
 /// things (a stop request, a timeout) notices them in time.
 const IDLE_WAIT: Duration = Duration::from_millis(5);
 
-/// Completions published by the device thread to vCPUs in the idle wait.
+/// Completions published (by whichever thread wrote them) to vCPUs in the idle wait.
 #[derive(Default)]
 struct Completions {
     /// The device's completion count as last published.
@@ -443,25 +449,24 @@ pub fn attach(
     })
 }
 
-/// The device thread's park while work flows. Events wake it earlier (see `poll_loop`), so
-/// this only bounds how long a doorbell rung by a guest that keeps polling waits.
-const ACTIVE_PARK: Duration = Duration::from_millis(1);
+/// How long the device thread parks after a pass that found nothing. Events that need it
+/// wake it earlier (see `poll_loop`); this bounds how long a send posted by a guest that
+/// never exits waits.
+const PARK: Duration = Duration::from_millis(1);
 
 fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &Completions) {
-    // Polling policy: the rings in guest memory are the truth and are scanned on every pass.
-    // A pass that found work is followed by another at once; otherwise the thread parks for
-    // `ACTIVE_PARK` (200 ms after the last work: 1 ms), leaving the CPU to the vCPUs.
-    // (Spinning here, or waking every 20 µs, starves them on a machine with few cores: both
-    // measured slower.) A doorbell write (the device zeroes the
-    // doorbell words it has seen, so every write is a change) and a command count as work.
-    // Events unpark the thread at once: an inbound MAD (the inbox), a datagram queued on one
-    // of the VM's UD QPs (the port's receive path), and a vCPU entering the idle wait (it may
-    // have rung doorbells just before). Each pass publishes the completion count, which
-    // wakes a vCPU in the idle wait.
-    let mut last_work = Instant::now();
+    // The fallback: receives are delivered on the port's receive thread and sends run by the
+    // vCPU that exits (module docs). This thread does what they could not: a delivery that
+    // found the device locked and a MAD the multiplexer held back for lack of a receive
+    // buffer (both unpark it), and the sends of a guest that keeps polling without exiting
+    // (found on its passes). A pass that found work or a new command is followed by another
+    // at once; otherwise the thread parks for `PARK`. (Spinning, or waking every 20-100 µs,
+    // takes the CPU from the vCPUs and the receive threads on a machine with few cores:
+    // measured slower.) Doorbells are only read for the CQ arm bits. Each pass publishes the
+    // completion count, which wakes a vCPU in the idle wait.
     let mut commands = 0;
     while !stop.load(Ordering::Relaxed) {
-        let [qp_bell, cq_bell] = uar.take_doorbells();
+        let [_, cq_bell] = uar.take_doorbells();
         let (work, c, completed) = {
             let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
             if cq_bell != 0 {
@@ -470,16 +475,10 @@ fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &C
             (d.poll(), d.command_count(), d.completion_count())
         };
         done.publish(completed);
-        let _ = qp_bell;
         if work > 0 || c != commands {
             commands = c;
-            last_work = Instant::now();
             continue;
         }
-        if last_work.elapsed() < Duration::from_millis(200) {
-            std::thread::park_timeout(ACTIVE_PARK);
-        } else {
-            std::thread::park_timeout(Duration::from_millis(1));
-        }
+        std::thread::park_timeout(PARK);
     }
 }

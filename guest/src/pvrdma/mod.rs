@@ -341,9 +341,10 @@ impl Device {
         })
     }
 
-    /// The idle wait (one VM exit): returns once a completion queue holds entries or after
-    /// about a millisecond, leaving the CPU to the device meanwhile. Only for when polling
-    /// has found nothing for a while: never per work request.
+    /// The idle wait (one VM exit): the device first sends what was posted, then returns
+    /// once a completion queue holds entries or after at most 5 ms, leaving the CPU to the
+    /// host meanwhile. For when polling has found nothing for a while, or right after
+    /// posting sends the guest then waits on: never per work request.
     pub fn idle_wait(&self) -> u32 {
         mmio_read32(self.regs + abi::FERRY_REG_IDLE_WAIT)
     }

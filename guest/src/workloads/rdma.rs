@@ -176,7 +176,7 @@ impl Agent {
     /// Polling found nothing. Sends posted since the last exit go out now, in the same exit
     /// as the wait that follows (the device runs the queues on the exiting vCPU, then
     /// waits); otherwise after `IDLE_SPIN_US` of finding nothing, waits in the device until
-    /// a completion arrives or about a millisecond passes (after a timeout the next idle
+    /// a completion arrives or at most 5 ms pass (after a timeout the next idle
     /// call waits again at once).
     fn idle(&mut self) {
         self.reap_sends();
