@@ -42,12 +42,18 @@ pub const PVRDMA_REG_IMR: u64 = 0x1c;
 pub const PVRDMA_REG_MACL: u64 = 0x20;
 /// R/W: MAC address, high 16 bits.
 pub const PVRDMA_REG_MACH: u64 = 0x24;
-/// R (Ferry extension, unused by Linux): the idle wait. The read returns at once (1) if a
-/// completion queue holds unconsumed entries, else blocks the vCPU until the device writes a
-/// completion (1) or about a millisecond passes (0). A polling guest reads it after it has
-/// found nothing to do for a while, giving the CPU to the device instead of spinning; one
-/// exit per idle period, never one per work request. Devices without it read 0.
+/// R (Ferry extension, unused by Linux): the idle wait. The device first runs the queues on
+/// the exiting vCPU (what the guest posted is sent now); the read then returns at once (1)
+/// if a completion queue holds unconsumed entries, else blocks the vCPU until the device
+/// writes a completion (1) or at most 5 ms pass (0). A polling guest reads it after
+/// it has found nothing to do for a while, or right after posting sends it then waits on
+/// (one exit sends and waits), giving the CPU to the device instead of spinning; one exit
+/// per idle period, never one per work request. Devices without it read 0.
 pub const FERRY_REG_IDLE_WAIT: u64 = 0x40;
+/// R (Ferry extension, unused by Linux): send now. The device runs the queues on the exiting
+/// vCPU (everything posted is sent before the read returns) and returns 1 if a completion
+/// queue holds unconsumed entries, else 0; it never blocks. Devices without it read 0.
+pub const FERRY_REG_SEND_NOW: u64 = 0x44;
 
 /// `PVRDMA_REG_CTL`: activate the device (the shared region must be set).
 pub const PVRDMA_DEVICE_CTL_ACTIVATE: u32 = 0;

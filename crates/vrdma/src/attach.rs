@@ -1,14 +1,20 @@
 //! The PCI function in a VM: configuration space (PVRDMA IDs, BARs placed by the VMM), BAR1
 //! registers on the MMIO bus (trapped: commands are rare), BAR2 UAR doorbell page mapped into
-//! the guest as host memory (no VM exit per doorbell), and the device thread that polls the
-//! queues.
+//! the guest as host memory (no VM exit per doorbell), and the device thread that runs the
+//! queues when nobody else does.
 //!
-//! **Doorbells without exits.** A VM exit costs ~28 µs on Ferry's machines, so the UAR page is
-//! a host page in a KVM memory slot: the guest's doorbell writes land in memory. The device
-//! thread polls every active queue's ring indexes in guest memory (the rings are the source of
-//! truth; the doorbell only says "something changed": the thread zeroes the doorbell words it
-//! has seen, so each write is visible) and uses the doorbell page to leave its idle back-off at
-//! once. The built-in guest polls its completion queues (the ring-3 guest runs with IF = 0);
+//! **Doorbells without exits, work without hand-offs.** A VM exit costs ~28 µs on Ferry's
+//! machines (more under load), so the UAR page is a host page in a KVM memory slot: the
+//! guest's doorbell writes land in memory, and the rings in guest memory are the source of
+//! truth. On a machine with few cores every hand-off between threads waits for a scheduler
+//! slice, so the work is done on the thread that has it: what arrives (a MAD the
+//! multiplexer routes here, a datagram on one of the VM's UD QPs) is written into the guest's
+//! receive and completion queues on the port's receive thread, which then wakes a vCPU in
+//! the idle wait; what the guest posted is sent by the vCPU that exits into the idle wait
+//! ([`abi::FERRY_REG_IDLE_WAIT`]: send, then wait) or send-now
+//! ([`abi::FERRY_REG_SEND_NOW`]) register. The device thread is the fallback (a delivery
+//! that found the device busy, a guest that posts and never exits). The built-in guest polls
+//! its completion queues (the ring-3 guest runs with IF = 0);
 //! a guest that enables MSI-X in the capability gets the ABI's three vectors through
 //! `KVM_SIGNAL_MSI`: command response, async event, and CQ completion for CQs armed through
 //! the CQ doorbell.
@@ -18,7 +24,7 @@ use std::{
         Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use pvrdma_abi as abi;
@@ -117,9 +123,9 @@ impl crate::device::MsiSink for KvmMsi {
 /// How long one idle wait ([`abi::FERRY_REG_IDLE_WAIT`]) blocks a vCPU at most: long enough
 /// to leave the CPU to the device and the port, short enough that a guest checking other
 /// things (a stop request, a timeout) notices them in time.
-const IDLE_WAIT: Duration = Duration::from_millis(1);
+const IDLE_WAIT: Duration = Duration::from_millis(5);
 
-/// Completions published by the device thread to vCPUs in the idle wait.
+/// Completions published (by whichever thread wrote them) to vCPUs in the idle wait.
 #[derive(Default)]
 struct Completions {
     /// The device's completion count as last published.
@@ -149,7 +155,6 @@ impl Completions {
 
 struct Registers {
     device: Arc<Mutex<Device>>,
-    inbox: Arc<MadInbox>,
     completions: Arc<Completions>,
     /// The UAR page mapped into the guest by a KVM memory slot. The register device lives on
     /// the VM's MMIO bus, which every vCPU thread holds (`Arc<Bus>`) for as long as it can run
@@ -160,20 +165,37 @@ struct Registers {
 }
 
 impl Registers {
-    /// The idle wait: 1 at once if a CQ holds unconsumed entries; else wakes the device
-    /// thread (for doorbells the guest rang before waiting) and blocks until a completion is
-    /// written (1) or `IDLE_WAIT` passes (0). The count is taken under the device lock
-    /// together with the emptiness check, so a completion written after it is never missed.
+    /// The idle wait, on the vCPU thread that exited: first runs the queues here (the sends
+    /// the guest posted go out now, without a hand-off to the device thread); then 1 at once
+    /// if a CQ holds unconsumed entries (those just written included); else blocks until a
+    /// completion is written (1) or `IDLE_WAIT` passes (0). The count is taken under the
+    /// device lock together with the emptiness check, so a completion written after it is
+    /// never missed. A guest that posted work and wants it sent at once reads this register
+    /// right away (one exit sends everything posted).
     fn idle_wait(&self) -> u32 {
         let count = {
-            let d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            d.poll();
+            let count = d.completion_count();
             if d.completions_pending() {
+                drop(d);
+                self.completions.publish(count);
                 return 1;
             }
-            d.completion_count()
+            count
         };
-        self.inbox.wake();
+        self.completions.publish(count);
         self.completions.wait_beyond(count) as u32
+    }
+
+    /// Send now: runs the queues on the vCPU that exited; 1 if a CQ holds unconsumed entries.
+    fn send_now(&self) -> u32 {
+        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        d.poll();
+        let (count, pending) = (d.completion_count(), d.completions_pending());
+        drop(d);
+        self.completions.publish(count);
+        pending as u32
     }
 }
 
@@ -181,6 +203,8 @@ impl BusDevice for Registers {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = if data.len() == 4 && offset == abi::FERRY_REG_IDLE_WAIT {
             self.idle_wait()
+        } else if data.len() == 4 && offset == abi::FERRY_REG_SEND_NOW {
+            self.send_now()
         } else if data.len() == 4 && offset % 4 == 0 {
             self.device
                 .lock()
@@ -288,6 +312,7 @@ impl VrdmaHandle {
 
     /// Stops the device thread, destroys all objects and unbinds all GIDs.
     pub fn stop(&mut self) -> DeviceStats {
+        self.inbox.set_direct(None);
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -355,7 +380,6 @@ pub fn attach(
         REG_BAR_SIZE,
         Arc::new(Mutex::new(Registers {
             device: device.clone(),
-            inbox: inbox.clone(),
             completions: completions.clone(),
             _uar: uar.clone(),
         })),
@@ -383,6 +407,28 @@ pub fn attach(
         })),
     )?;
 
+    // What arrives (a MAD routed to this VM, a datagram on one of its UD QPs) is written
+    // into the guest's queues on the port's receive thread itself when the device is free,
+    // and a vCPU in the idle wait is woken from there: no hand-off to the device thread.
+    let direct: crate::backend::DirectDelivery = {
+        let (device, completions) = (Arc::downgrade(&device), completions.clone());
+        Arc::new(move || {
+            let Some(device) = device.upgrade() else {
+                return false;
+            };
+            let mut d = match device.try_lock() {
+                Ok(d) => d,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            };
+            d.poll_receives();
+            let count = d.completion_count();
+            drop(d);
+            completions.publish(count);
+            true
+        })
+    };
+    inbox.set_direct(Some(direct));
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let (device, stop, uar, inbox) = (device.clone(), stop.clone(), uar.clone(), inbox.clone());
@@ -412,25 +458,24 @@ pub fn attach(
     })
 }
 
-/// The device thread's park while work flows. Events wake it earlier (see `poll_loop`), so
-/// this only bounds how long a doorbell rung by a guest that keeps polling waits.
-const ACTIVE_PARK: Duration = Duration::from_micros(100);
+/// How long the device thread parks after a pass that found nothing. Events that need it
+/// wake it earlier (see `poll_loop`); this bounds how long a send posted by a guest that
+/// never exits waits.
+const PARK: Duration = Duration::from_millis(1);
 
 fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &Completions) {
-    // Polling policy: the rings in guest memory are the truth and are scanned on every pass.
-    // A pass that found work is followed by another at once; otherwise the thread parks for
-    // `ACTIVE_PARK` (200 ms after the last work: 1 ms), leaving the CPU to the vCPUs.
-    // (Spinning here, or waking every 20 µs, starves them on a machine with few cores: both
-    // measured slower.) A doorbell write (the device zeroes the
-    // doorbell words it has seen, so every write is a change) and a command count as work.
-    // Events unpark the thread at once: an inbound MAD (the inbox), a datagram queued on one
-    // of the VM's UD QPs (the port's receive path), and a vCPU entering the idle wait (it may
-    // have rung doorbells just before). Each pass publishes the completion count, which
-    // wakes a vCPU in the idle wait.
-    let mut last_work = Instant::now();
+    // The fallback: receives are delivered on the port's receive thread and sends run by the
+    // vCPU that exits (module docs). This thread does what they could not: a delivery that
+    // found the device locked and a MAD the multiplexer held back for lack of a receive
+    // buffer (both unpark it), and the sends of a guest that keeps polling without exiting
+    // (found on its passes). A pass that found work or a new command is followed by another
+    // at once; otherwise the thread parks for `PARK`. (Spinning, or waking every 20-100 µs,
+    // takes the CPU from the vCPUs and the receive threads on a machine with few cores:
+    // measured slower.) Doorbells are only read for the CQ arm bits. Each pass publishes the
+    // completion count, which wakes a vCPU in the idle wait.
     let mut commands = 0;
     while !stop.load(Ordering::Relaxed) {
-        let [qp_bell, cq_bell] = uar.take_doorbells();
+        let [_, cq_bell] = uar.take_doorbells();
         let (work, c, completed) = {
             let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
             if cq_bell != 0 {
@@ -439,15 +484,10 @@ fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &C
             (d.poll(), d.command_count(), d.completion_count())
         };
         done.publish(completed);
-        if work > 0 || qp_bell != 0 || cq_bell != 0 || c != commands {
+        if work > 0 || c != commands {
             commands = c;
-            last_work = Instant::now();
             continue;
         }
-        if last_work.elapsed() < Duration::from_millis(200) {
-            std::thread::park_timeout(ACTIVE_PARK);
-        } else {
-            std::thread::park_timeout(Duration::from_millis(1));
-        }
+        std::thread::park_timeout(PARK);
     }
 }

@@ -221,13 +221,28 @@ pub struct NoReceiveBuffer;
 /// One inbound MAD: the GRH area and the 256-byte MAD.
 pub type InboundMad = ([u8; GRH_LEN], Box<[u8; MAD_SIZE]>);
 
-#[derive(Debug, Default)]
+/// What [`MadInbox::wake`] tries first: delivers what arrived into the guest on the calling
+/// thread; `false` when the device is busy (the device thread then does it).
+pub(crate) type DirectDelivery = Arc<dyn Fn() -> bool + Send + Sync>;
+
+#[derive(Default)]
 pub struct MadInbox {
     queue: Mutex<VecDeque<InboundMad>>,
     credits: AtomicUsize,
     accepted: AtomicU64,
     refused: AtomicU64,
     waker: Mutex<Option<std::thread::Thread>>,
+    direct: Mutex<Option<DirectDelivery>>,
+}
+
+impl std::fmt::Debug for MadInbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MadInbox")
+            .field("queued", &self.len())
+            .field("credits", &self.credits.load(Ordering::Relaxed))
+            .field("counts", &self.counts())
+            .finish()
+    }
 }
 
 impl MadInbox {
@@ -242,6 +257,9 @@ impl MadInbox {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1));
         if took.is_err() {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            // The multiplexer keeps the MAD; the device thread refreshes the credits from
+            // the guest's receive ring and takes it from there.
+            self.wake_device_thread();
             return Err(NoReceiveBuffer);
         }
         self.queue
@@ -253,8 +271,23 @@ impl MadInbox {
         Ok(())
     }
 
-    /// Wakes the device thread (a MAD or a datagram arrived, or a vCPU waits for work).
+    /// Something arrived for the guest (a MAD here, a datagram on a UD queue pair): it is
+    /// delivered into the guest's receive queue and completion queue at once on the calling
+    /// thread (the port's receive thread) when the device is free, else the device thread is
+    /// woken to do it. No hand-off to another thread on the common path.
     pub fn wake(&self) {
+        let direct = self
+            .direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !direct.is_some_and(|d| d()) {
+            self.wake_device_thread();
+        }
+    }
+
+    /// Wakes the device thread.
+    pub(crate) fn wake_device_thread(&self) {
         if let Some(t) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
             t.unpark();
         }
@@ -263,6 +296,11 @@ impl MadInbox {
     /// The thread to wake when a MAD arrives (the device thread).
     pub(crate) fn set_waker(&self, t: std::thread::Thread) {
         *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+    }
+
+    /// Sets (or with `None` removes) the direct delivery [`MadInbox::wake`] tries first.
+    pub(crate) fn set_direct(&self, d: Option<DirectDelivery>) {
+        *self.direct.lock().unwrap_or_else(|e| e.into_inner()) = d;
     }
 
     /// Sets the number of MADs the guest can take now (free receive buffers minus queued).

@@ -158,6 +158,27 @@ impl Qp {
         gid_index: u8,
         imm: Option<u32>,
     ) -> bool {
+        self.post_send_ex(
+            wr_id, addr, len, lkey, dgid, dqpn, qkey, gid_index, imm, true,
+        )
+    }
+
+    /// [`Qp::post_send_imm`], signaled or not (an unsignaled send completes silently when it
+    /// succeeds; a failed one always completes with its error status).
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_send_ex(
+        &self,
+        wr_id: u64,
+        addr: u64,
+        len: u32,
+        lkey: u32,
+        dgid: [u8; 16],
+        dqpn: u32,
+        qkey: u32,
+        gid_index: u8,
+        imm: Option<u32>,
+        signaled: bool,
+    ) -> bool {
         let tail = read_u32(self.hdr);
         let head = read_u32(self.hdr + 4);
         if tail == head ^ SQ_WQES {
@@ -173,7 +194,11 @@ impl Qp {
                 abi::wr_opcode::SEND
             },
             ex: imm.unwrap_or(0),
-            send_flags: abi::send_flags::SIGNALED,
+            send_flags: if signaled {
+                abi::send_flags::SIGNALED
+            } else {
+                0
+            },
             ud_remote_qpn: dqpn,
             ud_remote_qkey: qkey,
             ud_av: abi::Av {
@@ -201,6 +226,18 @@ impl Qp {
             self.qpn | abi::PVRDMA_UAR_QP_SEND,
         );
         true
+    }
+
+    /// The send queue slot the next post uses (its ring index), or `None` when it is full.
+    pub fn sq_free_slot(&self) -> Option<u32> {
+        let tail = read_u32(self.hdr);
+        let head = read_u32(self.hdr + 4);
+        (tail != head ^ SQ_WQES).then_some(tail & (SQ_WQES - 1))
+    }
+
+    /// Whether the device has taken every posted send.
+    pub fn sq_idle(&self) -> bool {
+        read_u32(self.hdr) == read_u32(self.hdr + 4)
     }
 
     /// Posts a receive buffer. False when the receive queue is full.
@@ -308,11 +345,18 @@ impl Device {
         })
     }
 
-    /// The idle wait (one VM exit): returns once a completion queue holds entries or after
-    /// about a millisecond, leaving the CPU to the device meanwhile. Only for when polling
-    /// has found nothing for a while: never per work request.
+    /// The idle wait (one VM exit): the device first sends what was posted, then returns
+    /// once a completion queue holds entries or after at most 5 ms, leaving the CPU to the
+    /// host meanwhile. For when polling has found nothing for a while, or right after
+    /// posting sends the guest then waits on: never per work request.
     pub fn idle_wait(&self) -> u32 {
         mmio_read32(self.regs + abi::FERRY_REG_IDLE_WAIT)
+    }
+
+    /// Send now (one VM exit): the device sends everything posted before the read returns;
+    /// 1 if a completion queue holds entries. Never blocks.
+    pub fn send_now(&self) -> u32 {
+        mmio_read32(self.regs + abi::FERRY_REG_SEND_NOW)
     }
 
     /// Writes raw bytes into the command slot and rings the request register; returns ERR.

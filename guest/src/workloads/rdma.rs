@@ -98,17 +98,22 @@ struct Agent {
     ud_rcq: Cq,
     ud_rbufs: u64,
     ud_sbufs: u64,
-    ud_next: u32,
-    ud_outstanding: u32,
     ud_send_errors: u64,
+    /// The status of a QP1 send the device failed (sends are unsignaled: only failures
+    /// complete), until taken.
+    gsi_error: Option<u32>,
     /// When polling last started finding nothing (0: it found something last time).
     idle_since: u64,
+    /// Sends were posted since the last exit: the next idle call exits at once, which
+    /// sends them (the device runs the queues on the exiting vCPU).
+    unsent: bool,
 }
 
 /// Polling that finds nothing for this long waits in the device instead (one VM exit, about
-/// 28 µs here): spinning longer would only take the CPU from the device thread and the port
-/// that are to produce the next completion.
-const IDLE_SPIN_US: u64 = 30;
+/// 28 µs here): spinning longer would only take the CPU from the port's receive threads and
+/// the other vCPUs that are to produce the next completion (and a thread that spun is the
+/// last the scheduler wakes).
+const IDLE_SPIN_US: u64 = 10;
 
 enum Setup {
     NoDevice,
@@ -161,10 +166,10 @@ impl Agent {
             ud_rcq,
             ud_rbufs,
             ud_sbufs,
-            ud_next: 0,
-            ud_outstanding: 0,
             ud_send_errors: 0,
+            gsi_error: None,
             idle_since: 0,
+            unsent: false,
         })
     }
 
@@ -173,12 +178,19 @@ impl Agent {
         self.idle_since = 0;
     }
 
-    /// Polling found nothing: after `IDLE_SPIN_US` of that, waits in the device until a
-    /// completion arrives or about a millisecond passes (after a timeout the next idle call
-    /// waits again at once).
+    /// Polling found nothing. Sends posted since the last exit go out now, in the same exit
+    /// as the wait that follows (the device runs the queues on the exiting vCPU, then
+    /// waits); otherwise after `IDLE_SPIN_US` of finding nothing, waits in the device until
+    /// a completion arrives or at most 5 ms pass (after a timeout the next idle
+    /// call waits again at once).
     fn idle(&mut self) {
+        self.reap_sends();
         let t = now_us();
-        if self.idle_since == 0 {
+        if self.unsent {
+            self.unsent = false;
+            self.dev.idle_wait();
+            self.idle_since = 0;
+        } else if self.idle_since == 0 {
             self.idle_since = t;
         } else if t - self.idle_since >= IDLE_SPIN_US {
             if self.dev.idle_wait() != 0 {
@@ -189,33 +201,68 @@ impl Agent {
         }
     }
 
-    /// Sends a MAD from QP1 and waits for its completion; `Err(status)` if the device (or
-    /// the multiplexer behind it) refused it.
-    fn send_mad(&mut self, dgid: Gid, mad: &[u8; MAD_SIZE]) -> Result<(), u32> {
-        write_bytes(self.gsi_sbuf, mad);
-        if !self.gsi.post_send(
-            1,
-            self.gsi_sbuf,
+    /// Posts a MAD on QP1 (unsignaled: only a failure completes) to go out with the next
+    /// exit; `Err(status)` if the send queue stays full or an earlier send failed.
+    fn post_mad(&mut self, dgid: Gid, mad: &[u8; MAD_SIZE]) -> Result<(), u32> {
+        if let Some(s) = self.take_gsi_error() {
+            return Err(s);
+        }
+        let t0 = now_us();
+        let slot = loop {
+            if let Some(s) = self.gsi.sq_free_slot() {
+                break s;
+            }
+            if now_us() - t0 > 2_000_000 {
+                return Err(abi::wc_status::GENERAL_ERR);
+            }
+            self.unsent = true;
+            self.idle();
+        };
+        // One 256-byte buffer per send queue slot (16 in the page).
+        let at = self.gsi_sbuf + slot as u64 * MAD_SIZE as u64;
+        write_bytes(at, mad);
+        if !self.gsi.post_send_ex(
+            slot as u64,
+            at,
             MAD_SIZE as u32,
             self.lkey,
             dgid.0,
             1,
             GSI_QKEY,
             0,
+            None,
+            false,
         ) {
             return Err(abi::wc_status::GENERAL_ERR);
         }
+        self.unsent = true;
+        Ok(())
+    }
+
+    /// Sends a MAD from QP1 now (one exit) and waits until the device took it;
+    /// `Err(status)` if the device (or the multiplexer behind it) refused it.
+    fn send_mad(&mut self, dgid: Gid, mad: &[u8; MAD_SIZE]) -> Result<(), u32> {
+        self.post_mad(dgid, mad)?;
+        self.unsent = false;
+        self.dev.send_now();
         let t0 = now_us();
-        loop {
-            if let Some(c) = self.gsi_scq.poll() {
-                self.busy();
-                return if c.status == 0 { Ok(()) } else { Err(c.status) };
-            }
+        while !self.gsi.sq_idle() {
             if now_us() - t0 > 2_000_000 {
                 return Err(abi::wc_status::GENERAL_ERR);
             }
             self.idle();
         }
+        self.reap_sends();
+        match self.take_gsi_error() {
+            Some(s) => Err(s),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the status of a failed QP1 send, if one failed.
+    fn take_gsi_error(&mut self) -> Option<u32> {
+        self.reap_sends();
+        self.gsi_error.take()
     }
 
     /// The next CM message received on QP1, with its sender's GID.
@@ -237,11 +284,16 @@ impl Agent {
         CmMessage::parse_mad(&mad).ok().map(|m| (grh_sgid(&grh), m))
     }
 
-    fn reap_ud_sends(&mut self) {
+    /// Reaps send completions (sends are unsignaled: these are failures).
+    fn reap_sends(&mut self) {
         while let Some(c) = self.ud_scq.poll() {
-            self.ud_outstanding = self.ud_outstanding.saturating_sub(1);
             if c.status != 0 {
                 self.ud_send_errors += 1;
+            }
+        }
+        while let Some(c) = self.gsi_scq.poll() {
+            if c.status != 0 && self.gsi_error.is_none() {
+                self.gsi_error = Some(c.status);
             }
         }
     }
@@ -261,17 +313,18 @@ impl Agent {
         len: u32,
         fill: impl Fn(usize) -> u8,
     ) -> bool {
-        self.reap_ud_sends();
+        self.reap_sends();
         let t0 = now_us();
-        while self.ud_outstanding >= SQ_WQES {
-            self.reap_ud_sends();
+        let slot = loop {
+            if let Some(s) = self.ud.sq_free_slot() {
+                break s;
+            }
             if now_us() - t0 > 1_000_000 {
                 return false;
             }
+            self.unsent = true;
             self.idle();
-        }
-        let slot = self.ud_next % SQ_WQES;
-        self.ud_next = self.ud_next.wrapping_add(1);
+        };
         let at = self.ud_sbufs + slot as u64 * UD_BUF;
         let mut chunk = [0u8; 256];
         let mut off = 0usize;
@@ -283,11 +336,21 @@ impl Agent {
             write_bytes(at + off as u64, &chunk[..n]);
             off += n;
         }
-        let ok = self
-            .ud
-            .post_send_imm(slot as u64, at, len, self.lkey, dgid.0, dqpn, qkey, 0, imm);
+        // Unsignaled: a send that fails still completes (with its error status).
+        let ok = self.ud.post_send_ex(
+            slot as u64,
+            at,
+            len,
+            self.lkey,
+            dgid.0,
+            dqpn,
+            qkey,
+            0,
+            imm,
+            false,
+        );
         if ok {
-            self.ud_outstanding += 1;
+            self.unsent = true;
         }
         ok
     }
@@ -468,7 +531,7 @@ pub fn server(p: &BootParams) -> u32 {
                         local_ca_guid: 0x0200_00ff_fe00_0000 | a.local_gid as u64,
                         ..Rep::default()
                     };
-                    if let Err(s) = ag.send_mad(peer, &rep.to_mad()) {
+                    if let Err(s) = ag.post_mad(peer, &rep.to_mad()) {
                         println!("rdma-server: REP refused (status {})", s);
                     }
                 }
@@ -496,7 +559,7 @@ pub fn server(p: &BootParams) -> u32 {
                         qkey: RDMA_CM_UD_QKEY,
                         ..SidrRep::default()
                     };
-                    if ag.send_mad(sgid, &rep.to_mad()).is_ok() {
+                    if ag.post_mad(sgid, &rep.to_mad()).is_ok() {
                         sidr += 1;
                     }
                 }
@@ -514,7 +577,7 @@ pub fn server(p: &BootParams) -> u32 {
                         remote_comm_id: remote,
                         ..Drep::default()
                     };
-                    let _ = ag.send_mad(peer, &drep.to_mad());
+                    let _ = ag.post_mad(peer, &drep.to_mad());
                     if let Some(i) = pos {
                         conns[i].used = false;
                         disconnects += 1;
@@ -559,13 +622,15 @@ pub fn server(p: &BootParams) -> u32 {
                 echoed += 1;
             }
         }
-        ag.reap_ud_sends();
+        ag.reap_sends();
         if work {
             ag.busy();
         } else {
             ag.idle();
         }
     }
+    // The last DREP (and echoes) may only be posted yet.
+    reap_all(&mut ag);
     println!(
         "rdma-server: done: {} disconnects, {} SIDR answered, {} UD messages echoed, {} refused, {} send errors",
         disconnects, sidr, echoed, bad, ag.ud_send_errors
@@ -586,13 +651,20 @@ fn udaddy_size(a: &RdmaArgs) -> u32 {
     }
 }
 
-/// Waits (bounded) until every UD send completed.
+/// Sends everything posted and waits (bounded) until the device has taken it.
 fn reap_all(ag: &mut Agent) {
+    // Sends are unsignaled: everything posted goes out with a send-now exit, after which
+    // the device has taken it (a queue pair not ready to send keeps its queue: bounded).
     let t0 = now_us();
-    while ag.ud_outstanding > 0 && now_us() - t0 < 2_000_000 {
-        ag.reap_ud_sends();
-        ag.idle();
+    loop {
+        ag.unsent = false;
+        ag.dev.send_now();
+        if (ag.ud.sq_idle() && ag.gsi.sq_idle()) || now_us() - t0 > 2_000_000 {
+            break;
+        }
+        core::hint::spin_loop();
     }
+    ag.reap_sends();
 }
 
 /// The byte at `i` of the message the udaddy client sends (every message the same, as
@@ -614,7 +686,7 @@ fn sidr(ag: &mut Agent, peer: Gid, port: u16) -> Result<SidrRep, u32> {
     };
     sreq.private_data[..36].copy_from_slice(&ag.cma_private_data(peer, port));
     let sreq_mad = sreq.to_mad();
-    if ag.send_mad(peer, &sreq_mad).is_err() {
+    if ag.post_mad(peer, &sreq_mad).is_err() {
         return Err(status::RDMA_FAILED);
     }
     let srep = await_mad(ag, peer, &sreq_mad, 10_000_000, |m| match m {
@@ -665,7 +737,7 @@ fn udaddy_client(ag: &mut Agent, a: &RdmaArgs, me: Gid, peer: Gid) -> u32 {
     let mut last = now_us();
     while got < n {
         let Some((sgid, sqpn, at, len, i, imm)) = ag.ud_recv_imm() else {
-            ag.reap_ud_sends();
+            ag.reap_sends();
             ag.idle();
             if now_us() - last > 2_000_000 {
                 // UD is unreliable: the server waits for all our messages before replying.
@@ -738,13 +810,17 @@ fn await_mad<T>(
         } else {
             ag.idle();
         }
+        if let Some(s) = ag.take_gsi_error() {
+            println!("rdma: a QP1 send was refused (status {})", s);
+            return None;
+        }
         let t = now_us();
         if t - t0 > timeout_us {
             return None;
         }
         if t - last > 1_000_000 {
             last = t;
-            if ag.send_mad(dgid, resend).is_err() {
+            if ag.post_mad(dgid, resend).is_err() {
                 return None;
             }
         }
@@ -805,7 +881,7 @@ pub fn client(p: &BootParams) -> u32 {
         };
     }
     let req_mad = req.to_mad();
-    if let Err(s) = ag.send_mad(peer, &req_mad) {
+    if let Err(s) = ag.post_mad(peer, &req_mad) {
         println!("rdma-client: REQ refused (status {})", s);
         return status::RDMA_FAILED;
     }
@@ -924,7 +1000,7 @@ pub fn client(p: &BootParams) -> u32 {
         ..Dreq::default()
     };
     let dreq_mad = dreq.to_mad();
-    if ag.send_mad(peer, &dreq_mad).is_err() {
+    if ag.post_mad(peer, &dreq_mad).is_err() {
         return status::RDMA_FAILED;
     }
     let drep = await_mad(&mut ag, peer, &dreq_mad, 10_000_000, |m| match m {

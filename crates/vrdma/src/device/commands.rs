@@ -465,7 +465,8 @@ impl Device {
                     "bind a GID (CREATE_BIND index 0) before creating UD QPs",
                 ))?;
                 let q = self.backend.create_ud_qp(gid, UD_QKEY)?;
-                // A datagram arriving wakes the device thread (the same one MADs wake).
+                // A datagram arriving is delivered on the port's receive thread when the device
+                // is free, else it wakes the device thread (as MADs do).
                 let inbox = self.inbox.clone();
                 q.set_waker(Arc::new(move || inbox.wake()));
                 (q.qpn(), Some(q), Some(gid.canonical()))

@@ -13,9 +13,21 @@ impl Device {
         let mut work = 0;
         for h in handles {
             work += self.process_sq(h);
-            work += self.process_rq(h);
+            work += self.receive(h, true);
         }
         work
+    }
+
+    /// Delivers what arrived (MADs in the inbox, datagrams on the UD queue pairs) into the
+    /// guest's receive queues; nothing is sent and the multiplexer is not called back, so
+    /// the port's receive thread can run it while the multiplexer holds its locks. Returns
+    /// the work done.
+    pub fn poll_receives(&mut self) -> usize {
+        if self.dsr_gpa.is_none() {
+            return 0;
+        }
+        let handles: Vec<u32> = self.qps.keys().copied().collect();
+        handles.into_iter().map(|h| self.receive(h, false)).sum()
     }
 
     pub(super) fn ring_error(&mut self, qp: u32, why: &str) {
@@ -444,7 +456,9 @@ impl Device {
         Ok(status == 0)
     }
 
-    pub(super) fn process_rq(&mut self, h: u32) -> usize {
+    /// Runs the receive side of QP `h`; `drain_mux`: ask the multiplexer for the MADs it
+    /// holds back for lack of buffers (not from inside the multiplexer's own call).
+    pub(super) fn receive(&mut self, h: u32, drain_mux: bool) -> usize {
         if self.qps.get(&h).is_some_and(|q| q.rc.is_some()) {
             return 0; // rc_process did it
         }
@@ -459,7 +473,7 @@ impl Device {
                 return 0;
             };
             self.inbox.set_credits(posted as usize);
-            if posted > 0 {
+            if posted > 0 && drain_mux {
                 self.backend.receive_buffers_posted();
             }
             while done < WR_BUDGET {

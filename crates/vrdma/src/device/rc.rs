@@ -400,7 +400,9 @@ impl Device {
         let queue = self.backend.create_rc_qp(gid, table)?;
         // Completions wake the device thread (the same one MADs and datagrams wake).
         let inbox = self.inbox.clone();
-        queue.set_waker(Arc::new(move || inbox.wake()));
+        // Not the receive thread's direct delivery: that one writes MADs and datagrams only,
+        // and the transport may call this with its own lock held.
+        queue.set_waker(Arc::new(move || inbox.wake_device_thread()));
         let qpn = queue.qpn();
         Ok((
             qpn,
