@@ -255,17 +255,20 @@ impl Attachment {
         a.watchdog = Some(
             std::thread::Builder::new()
                 .name(format!("{}-watchdog", conn.name))
-                .spawn(move || loop {
-                    std::thread::sleep(interval);
-                    if stop.load(Ordering::SeqCst) || lifecycle.is_finished() {
-                        return;
-                    }
-                    let mut b = [0u8; 4];
-                    if conn.is_lost() || conn.region_read(0, regs::CSTS, &mut b).is_err() {
-                        let msg = disconnect_message(&conn, "no answer");
-                        tracing::error!("{msg}");
-                        lifecycle.finish(VmOutcome::Failed(msg));
-                        return;
+                .spawn(move || {
+                    sandbox::enter(sandbox::Kind::Device);
+                    loop {
+                        std::thread::sleep(interval);
+                        if stop.load(Ordering::SeqCst) || lifecycle.is_finished() {
+                            return;
+                        }
+                        let mut b = [0u8; 4];
+                        if conn.is_lost() || conn.region_read(0, regs::CSTS, &mut b).is_err() {
+                            let msg = disconnect_message(&conn, "no answer");
+                            tracing::error!("{msg}");
+                            lifecycle.finish(VmOutcome::Failed(msg));
+                            return;
+                        }
                     }
                 })
                 .map_err(|source| Error::Os {
