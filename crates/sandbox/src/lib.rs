@@ -262,6 +262,17 @@ pub fn filter(kind: Kind, on_violation: SeccompAction) -> Result<BpfProgram, Err
             .map_err(compile)?;
         rules.insert(libc::SYS_socket, families);
     }
+    if let Some(requests) = lists::ioctl_requests(kind) {
+        let requests = requests
+            .iter()
+            .map(|&request| {
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                    .and_then(|c| SeccompRule::new(vec![c]))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(compile)?;
+        rules.insert(libc::SYS_ioctl, requests);
+    }
     SeccompFilter::new(
         rules,
         on_violation,
@@ -270,6 +281,28 @@ pub fn filter(kind: Kind, on_violation: SeccompAction) -> Result<BpfProgram, Err
     )
     .and_then(BpfProgram::try_from)
     .map_err(compile)
+}
+
+/// The filter that answers `kind`'s refused calls (opening files) with EACCES instead of
+/// stopping the process: glibc's malloc opens `/proc/sys/vm/overcommit_memory` and
+/// `/sys/devices/system/cpu/online` from whatever thread grows or shrinks an arena, and copes
+/// with a failure, so a thread that must not open files is told no rather than killed.
+pub fn refusal_filter(kind: Kind) -> Result<Option<BpfProgram>, Error> {
+    let refused = lists::refused(kind);
+    if refused.is_empty() {
+        return Ok(None);
+    }
+    let rules = refused.iter().map(|&nr| (nr, Vec::new())).collect();
+    let errno = u32::try_from(libc::EACCES).unwrap_or(1);
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno),
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map(Some)
+    .map_err(|source| Error::Compile { kind, source })
 }
 
 /// Installs `kind`'s filter on the calling thread, as the mode says. Returns whether a filter
@@ -292,6 +325,11 @@ pub fn try_enter(kind: Kind) -> Result<bool, Error> {
     let program = filter(kind, action.clone())?;
     if action == SeccompAction::Trap {
         install_handler()?;
+        // Stacked filters: the kernel takes the strictest answer, so a call this one
+        // answers with EACCES is refused even though the main filter lets it through.
+        if let Some(refusals) = refusal_filter(kind)? {
+            seccompiler::apply_filter(&refusals).map_err(|source| Error::Apply { kind, source })?;
+        }
     }
     seccompiler::apply_filter(&program).map_err(|source| Error::Apply { kind, source })?;
     KIND.with(|k| k.set(kind.code()));
@@ -421,6 +459,7 @@ mod tests {
                 let p = filter(kind, action).expect("compiles");
                 assert!(!p.is_empty());
             }
+            refusal_filter(kind).expect("compiles");
         }
     }
 

@@ -103,7 +103,6 @@ const MIGRATION: &[i64] = sys![
     SYS_ioctl,
     SYS_lseek,
     SYS_memfd_create,
-    SYS_openat,
     SYS_tgkill,
 ];
 
@@ -111,7 +110,7 @@ const MIGRATION: &[i64] = sys![
 const RDMA_PORT: &[i64] = sys![];
 
 /// The HTTP API: accept on the Unix socket, one thread per connection.
-const API: &[i64] = sys![SYS_accept4, SYS_openat];
+const API: &[i64] = sys![SYS_accept4];
 
 /// The event loop (a single-VM process's main thread): epoll, the VM's end and stop (signals
 /// to the vCPUs, the device process stopped and reaped), the socket and the files it
@@ -124,6 +123,7 @@ const EVENT_LOOP: &[i64] = sys![
     SYS_getdents64,
     SYS_kill,
     SYS_newfstatat,
+    SYS_openat,
     SYS_statx,
     SYS_tgkill,
     SYS_unlink,
@@ -157,14 +157,37 @@ pub(crate) fn allowed(kind: Kind) -> Vec<i64> {
     };
     BASE.iter()
         .chain(parts.iter().flat_map(|p| p.iter()))
+        .chain(refused(kind))
         .copied()
         .collect()
+}
+
+/// Calls `kind` may not make but that are answered with EACCES instead of stopping the
+/// process (see `refusal_filter`): opening files, which glibc's malloc does on its own.
+/// The event loop really opens files (reports, consoles, sockets' directories).
+pub(crate) fn refused(kind: Kind) -> &'static [i64] {
+    match kind {
+        Kind::EventLoop => &[],
+        _ => sys![SYS_open, SYS_openat, SYS_openat2],
+    }
 }
 
 /// Whether `kind` may create sockets (of the families [`SOCKET_FAMILIES`] lists).
 pub(crate) fn socket_allowed(kind: Kind) -> bool {
     !matches!(kind, Kind::RdmaPort)
 }
+
+/// The only ioctl requests `kind` may make, when its list does not allow ioctl outright:
+/// the API sets its connections non-blocking (FIONBIO), nothing else.
+pub(crate) fn ioctl_requests(kind: Kind) -> Option<&'static [u64]> {
+    match kind {
+        Kind::Api => Some(&[FIONBIO]),
+        _ => None,
+    }
+}
+
+/// `FIONBIO` from `include/uapi/asm-generic/ioctls.h`.
+const FIONBIO: u64 = 0x5421;
 
 /// The address families `socket` may be called with.
 pub(crate) const SOCKET_FAMILIES: &[libc::c_int] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];

@@ -1,7 +1,8 @@
-//! A forbidden system call stops the process: a thread under the vCPU filter opens a file (no
-//! vCPU ever does) in a child process (this test binary run again), which must die by SIGSYS
-//! after the handler's line naming the call and the thread's kind. With `log` the call goes
-//! through; with `off` there is no filter.
+//! A forbidden system call stops the process: a thread under the vCPU filter calls `unshare`
+//! (a step out of a sandbox; no vCPU ever makes it) in a child process (this test binary run
+//! again), which must die by SIGSYS after the handler's line naming the call and the thread's
+//! kind. Opening a file is refused (EACCES) without a kill. With `log` both go through; with
+//! `off` there is no filter.
 use std::{os::unix::process::ExitStatusExt, process::Command};
 
 /// In the child: which mode to run the forbidden call under.
@@ -21,18 +22,25 @@ fn child() {
     // SAFETY: setrlimit reads the struct it is given; lowering our own limit is always allowed.
     unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
     sandbox::set_mode(mode.parse().expect("a mode"));
-    let opened = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(|| {
             let installed = sandbox::try_enter(sandbox::Kind::Vcpu).expect("filter installed");
             eprintln!("filter installed: {installed}");
-            // openat: on no vCPU list.
-            std::fs::File::open("/proc/self/status").is_ok()
+            // Refused with EACCES (glibc's malloc opens files from any thread).
+            let opened = std::fs::File::open("/proc/self/status");
+            eprintln!("opened: {}", opened.is_ok());
+            if let Err(e) = &opened {
+                eprintln!("open error: {:?}", e.raw_os_error());
+            }
+            // SAFETY: unshare takes flags only; in the child this process may end here.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+            eprintln!("unshare returned {r}");
         })
         .expect("thread")
         .join()
         .expect("no panic");
-    eprintln!("child survived; opened: {opened}");
+    eprintln!("child survived");
 }
 
 fn run_child(mode: &str) -> (std::process::ExitStatus, String) {
@@ -57,9 +65,15 @@ fn a_forbidden_call_kills_the_process_by_sigsys_with_a_message() {
     );
     let line = format!(
         "ferry: seccomp: a vcpu thread made the forbidden system call {};",
-        libc::SYS_openat
+        libc::SYS_unshare
     );
     assert!(stderr.contains(&line), "stderr:\n{stderr}");
+    assert!(stderr.contains("opened: false"), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("open error: Some({})", libc::EACCES)),
+        "stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("unshare returned"), "stderr:\n{stderr}");
     assert!(!stderr.contains("child survived"), "stderr:\n{stderr}");
 }
 
@@ -72,7 +86,7 @@ fn log_mode_lets_the_call_through() {
         "stderr:\n{stderr}"
     );
     assert!(
-        stderr.contains("child survived; opened: true"),
+        stderr.contains("opened: true") && stderr.contains("child survived"),
         "stderr:\n{stderr}"
     );
 }
@@ -86,7 +100,7 @@ fn off_installs_nothing() {
         "stderr:\n{stderr}"
     );
     assert!(
-        stderr.contains("child survived; opened: true"),
+        stderr.contains("opened: true") && stderr.contains("child survived"),
         "stderr:\n{stderr}"
     );
 }
