@@ -59,7 +59,6 @@
 //! re-encodes byte for byte.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
-
 #![no_std]
 
 #[cfg(any(test, feature = "std"))]

@@ -54,12 +54,15 @@ const BASE: &[i64] = sys![
     SYS_writev,
 ];
 
-/// Starting a thread (std's spawn: glibc's clone3, the robust futex list, rseq, the name).
+/// Starting a thread (std's spawn: glibc's clone3, the robust futex list, rseq, the name),
+/// which then installs its own filter on top of the inherited one (prctl NO_NEW_PRIVS,
+/// seccomp: a filter can only be added, never removed or widened).
 const SPAWN: &[i64] = sys![
     SYS_clone,
     SYS_clone3,
     SYS_prctl,
     SYS_rseq,
+    SYS_seccomp,
     SYS_set_robust_list
 ];
 
