@@ -169,6 +169,7 @@ pub fn supervise(
 ) -> Result<SessionReport> {
     let mut vm = Arc::new(vm);
     let waits = Waits::new()?;
+    sandbox::enter(sandbox::Kind::EventLoop);
     if let Some(fd) = vm.lifecycle().ended_fd() {
         waits.add(fd.as_raw_fd())?;
     }
@@ -430,6 +431,7 @@ fn start_migration(
     let thread = std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            sandbox::enter(sandbox::Kind::Migration);
             let result = migration::migrate(&vm2, &mut devices, &to, &opts, &mut |p| {
                 *prog.lock().unwrap_or_else(|e| e.into_inner()) = p.clone();
                 let _ = events.send(Response::Progress(p.clone()));

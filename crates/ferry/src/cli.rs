@@ -14,6 +14,11 @@ pub struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// System-call filters on the VMM's threads and device processes: `on` (default; a
+    /// forbidden call stops the process with a message naming it), `log` (the kernel logs
+    /// it and lets it through), `off`. Passed on to the processes ferry starts.
+    #[arg(long, global = true, value_name = "on|log|off")]
+    pub seccomp: Option<sandbox::Mode>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -31,6 +31,14 @@ fn main() {
     let process_start = Instant::now();
     let cli = cli::Cli::parse();
     init_logging(cli.verbose);
+    if let Some(mode) = cli.seccomp {
+        sandbox::set_mode(mode);
+        // Still one thread: the processes ferry starts (device, destination) follow it.
+        std::env::set_var(sandbox::MODE_ENV, mode.as_str());
+    }
+    if matches!(cli.command, cli::Command::Run(_) | cli::Command::Receive(_)) {
+        sandbox::set_single_vm_process();
+    }
     let result = match cli.command {
         cli::Command::Run(args) => commands::run::run(args, process_start),
         cli::Command::Demo(args) => commands::demo::run(args, process_start),

@@ -277,6 +277,7 @@ pub fn accept(
                     let spawned = std::thread::Builder::new()
                         .name("migration-handshake".into())
                         .spawn(move || {
+                            sandbox::enter(sandbox::Kind::Migration);
                             let r = handshake(tcp, &opts);
                             pending.fetch_sub(1, Ordering::SeqCst);
                             let _ = tx.send((peer.to_string(), r));

@@ -169,8 +169,10 @@ impl DmaSpace {
         self.regions
             .iter()
             .find(|r| iova >= r.iova && end <= r.iova + r.size)
-            // SAFETY (of the add): iova - r.iova < r.size, inside the mapping.
-            .map(|r| unsafe { r.host.add((iova - r.iova) as usize) })
+            .map(|r| {
+                // SAFETY: iova - r.iova < r.size: the offset stays inside the mapping.
+                unsafe { r.host.add((iova - r.iova) as usize) }
+            })
     }
 
     /// True when `[iova, iova + len)` is mapped.

@@ -157,7 +157,10 @@ impl NvmeDevice {
         let s = shared.clone();
         let poller = std::thread::Builder::new()
             .name("nvme-poll".into())
-            .spawn(move || poll_loop(&s))
+            .spawn(move || {
+                sandbox::enter(sandbox::Kind::DeviceProcess);
+                poll_loop(&s)
+            })
             .map_err(|source| Error::Os {
                 what: "spawning the polling thread",
                 source,

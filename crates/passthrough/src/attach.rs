@@ -269,16 +269,19 @@ impl Attachment {
         a.watchdog = Some(
             std::thread::Builder::new()
                 .name(format!("{}-watchdog", conn.name))
-                .spawn(move || loop {
-                    std::thread::sleep(interval);
-                    if stop.load(Ordering::SeqCst) || lifecycle.is_finished() {
-                        return;
-                    }
-                    if !conn.check_alive(regs::CSTS) {
-                        let msg = disconnect_message(&conn, "no answer");
-                        tracing::error!("{msg}");
-                        lifecycle.finish(VmOutcome::Failed(msg));
-                        return;
+                .spawn(move || {
+                    sandbox::enter(sandbox::Kind::Device);
+                    loop {
+                        std::thread::sleep(interval);
+                        if stop.load(Ordering::SeqCst) || lifecycle.is_finished() {
+                            return;
+                        }
+                        if !conn.check_alive(regs::CSTS) {
+                            let msg = disconnect_message(&conn, "no answer");
+                            tracing::error!("{msg}");
+                            lifecycle.finish(VmOutcome::Failed(msg));
+                            return;
+                        }
                     }
                 })
                 .map_err(|source| Error::Os {

@@ -13,8 +13,11 @@ pub const SLOT_SIZE: usize = 4096;
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdHdr {
+    /// The guest's cookie, echoed in the response.
     pub response: u64,
+    /// The command code (`PVRDMA_CMD_*`).
     pub cmd: u32,
+    /// Reserved; zero.
     pub reserved: u32,
 }
 
@@ -24,9 +27,13 @@ pub struct CmdHdr {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespHdr {
+    /// The guest's cookie, echoed in the response.
     pub response: u64,
+    /// The response code (`PVRDMA_CMD_*_RESP`).
     pub ack: u32,
+    /// Error status (0: success).
     pub err: u8,
+    /// Reserved; zero.
     pub reserved: [u8; 3],
 }
 
@@ -36,8 +43,11 @@ pub struct RespHdr {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdQueryPort {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// The port number (1-based).
     pub port_num: u8,
+    /// Reserved; zero.
     pub reserved: [u8; 7],
 }
 
@@ -47,7 +57,9 @@ pub struct CmdQueryPort {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespQueryPort {
+    /// The common header.
     pub hdr: RespHdr,
+    /// The attributes.
     pub attrs: PortAttr,
 }
 
@@ -57,9 +69,13 @@ pub struct RespQueryPort {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdQueryPkey {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// The port number (1-based).
     pub port_num: u8,
+    /// The table index.
     pub index: u8,
+    /// Reserved; zero.
     pub reserved: [u8; 6],
 }
 
@@ -69,8 +85,11 @@ pub struct CmdQueryPkey {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespQueryPkey {
+    /// The common header.
     pub hdr: RespHdr,
+    /// P_Key.
     pub pkey: u16,
+    /// Reserved; zero.
     pub reserved: [u8; 6],
 }
 
@@ -80,8 +99,11 @@ pub struct RespQueryPkey {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdCreateUc {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Page frame number.
     pub pfn: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -91,8 +113,11 @@ pub struct CmdCreateUc {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespCreateUc {
+    /// The common header.
     pub hdr: RespHdr,
+    /// Handle of the user context.
     pub ctx_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -102,8 +127,11 @@ pub struct RespCreateUc {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdDestroyUc {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the user context.
     pub ctx_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -113,8 +141,11 @@ pub struct CmdDestroyUc {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdCreatePd {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the user context.
     pub ctx_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -124,8 +155,11 @@ pub struct CmdCreatePd {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespCreatePd {
+    /// The common header.
     pub hdr: RespHdr,
+    /// Handle of the protection domain.
     pub pd_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -135,8 +169,11 @@ pub struct RespCreatePd {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdDestroyPd {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the protection domain.
     pub pd_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -146,13 +183,21 @@ pub struct CmdDestroyPd {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdCreateMr {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Start address (guest virtual).
     pub start: u64,
+    /// Length in bytes.
     pub length: u64,
+    /// Guest-physical address of the page directory that lists the pages.
     pub pdir_dma: u64,
+    /// Handle of the protection domain.
     pub pd_handle: u32,
+    /// Access flags (`PVRDMA_ACCESS_*`).
     pub access_flags: u32,
+    /// Flags.
     pub flags: u32,
+    /// Number of pages listed by the page directory.
     pub nchunks: u32,
 }
 
@@ -162,10 +207,15 @@ pub struct CmdCreateMr {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespCreateMr {
+    /// The common header.
     pub hdr: RespHdr,
+    /// Handle of the memory region.
     pub mr_handle: u32,
+    /// Local key of the memory region.
     pub lkey: u32,
+    /// Remote key of the memory region.
     pub rkey: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -175,8 +225,11 @@ pub struct RespCreateMr {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdDestroyMr {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the memory region.
     pub mr_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -186,11 +239,17 @@ pub struct CmdDestroyMr {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdCreateCq {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Guest-physical address of the page directory that lists the pages.
     pub pdir_dma: u64,
+    /// Handle of the user context.
     pub ctx_handle: u32,
+    /// Number of completion queue entries.
     pub cqe: u32,
+    /// Number of pages listed by the page directory.
     pub nchunks: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -200,8 +259,11 @@ pub struct CmdCreateCq {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespCreateCq {
+    /// The common header.
     pub hdr: RespHdr,
+    /// Handle of the completion queue.
     pub cq_handle: u32,
+    /// Number of completion queue entries.
     pub cqe: u32,
 }
 
@@ -211,8 +273,11 @@ pub struct RespCreateCq {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdResizeCq {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the completion queue.
     pub cq_handle: u32,
+    /// Number of completion queue entries.
     pub cqe: u32,
 }
 
@@ -222,8 +287,11 @@ pub struct CmdResizeCq {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespResizeCq {
+    /// The common header.
     pub hdr: RespHdr,
+    /// Number of completion queue entries.
     pub cqe: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -233,8 +301,11 @@ pub struct RespResizeCq {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdDestroyCq {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the completion queue.
     pub cq_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -244,25 +315,45 @@ pub struct CmdDestroyCq {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdCreateQp {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Guest-physical address of the page directory that lists the pages.
     pub pdir_dma: u64,
+    /// Handle of the protection domain.
     pub pd_handle: u32,
+    /// Handle of the send completion queue.
     pub send_cq_handle: u32,
+    /// Handle of the receive completion queue.
     pub recv_cq_handle: u32,
+    /// Handle of the shared receive queue.
     pub srq_handle: u32,
+    /// Maximum send work requests.
     pub max_send_wr: u32,
+    /// Maximum receive work requests.
     pub max_recv_wr: u32,
+    /// Maximum send scatter/gather entries.
     pub max_send_sge: u32,
+    /// Maximum receive scatter/gather entries.
     pub max_recv_sge: u32,
+    /// Maximum inline data.
     pub max_inline_data: u32,
+    /// Local key of the memory region.
     pub lkey: u32,
+    /// Access flags (`PVRDMA_ACCESS_*`).
     pub access_flags: u32,
+    /// Pages in the page directory.
     pub total_chunks: u16,
+    /// Pages of the send queue in the page directory.
     pub send_chunks: u16,
+    /// Largest atomic argument.
     pub max_atomic_arg: u16,
+    /// Non-zero: every send is signalled.
     pub sq_sig_all: u8,
+    /// Queue pair type (`PVRDMA_QPT_*`).
     pub qp_type: u8,
+    /// Non-zero when the QP uses a shared receive queue.
     pub is_srq: u8,
+    /// Reserved; zero.
     pub reserved: [u8; 3],
 }
 
@@ -272,12 +363,19 @@ pub struct CmdCreateQp {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespCreateQp {
+    /// The common header.
     pub hdr: RespHdr,
+    /// Queue pair number.
     pub qpn: u32,
+    /// Maximum send work requests.
     pub max_send_wr: u32,
+    /// Maximum receive work requests.
     pub max_recv_wr: u32,
+    /// Maximum send scatter/gather entries.
     pub max_send_sge: u32,
+    /// Maximum receive scatter/gather entries.
     pub max_recv_sge: u32,
+    /// Maximum inline data.
     pub max_inline_data: u32,
 }
 
@@ -287,9 +385,13 @@ pub struct RespCreateQp {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdModifyQp {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the queue pair.
     pub qp_handle: u32,
+    /// Which attributes are set (`PVRDMA_QP_*` mask bits).
     pub attr_mask: u32,
+    /// The attributes.
     pub attrs: QpAttr,
 }
 
@@ -299,8 +401,11 @@ pub struct CmdModifyQp {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdQueryQp {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the queue pair.
     pub qp_handle: u32,
+    /// Which attributes are set (`PVRDMA_QP_*` mask bits).
     pub attr_mask: u32,
 }
 
@@ -310,7 +415,9 @@ pub struct CmdQueryQp {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespQueryQp {
+    /// The common header.
     pub hdr: RespHdr,
+    /// The attributes.
     pub attrs: QpAttr,
 }
 
@@ -320,8 +427,11 @@ pub struct RespQueryQp {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdDestroyQp {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// Handle of the queue pair.
     pub qp_handle: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -331,8 +441,11 @@ pub struct CmdDestroyQp {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RespDestroyQp {
+    /// The common header.
     pub hdr: RespHdr,
+    /// Asynchronous events reported.
     pub events_reported: u32,
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }
 
@@ -342,12 +455,19 @@ pub struct RespDestroyQp {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdCreateBind {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// MTU (`PVRDMA_MTU_*`).
     pub mtu: u32,
+    /// VLAN tag.
     pub vlan: u32,
+    /// The table index.
     pub index: u32,
+    /// The GID to bind.
     pub new_gid: [u8; 16],
+    /// GID type (`PVRDMA_GID_TYPE_*`).
     pub gid_type: u8,
+    /// Reserved; zero.
     pub reserved: [u8; 3],
 }
 
@@ -357,8 +477,12 @@ pub struct CmdCreateBind {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct CmdDestroyBind {
+    /// The common header.
     pub hdr: CmdHdr,
+    /// The table index.
     pub index: u32,
+    /// Destination GID.
     pub dest_gid: [u8; 16],
+    /// Reserved; zero.
     pub reserved: [u8; 4],
 }

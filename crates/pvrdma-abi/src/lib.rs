@@ -10,6 +10,8 @@
 //!
 //! All integers are little-endian (x86), as on the real device; GIDs are 16 raw bytes in
 //! network order.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 #![no_std]
 
 pub mod cmd;

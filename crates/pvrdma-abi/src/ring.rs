@@ -20,7 +20,9 @@ pub struct Ring {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RingState {
+    /// Send ring.
     pub tx: Ring,
+    /// Receive ring.
     pub rx: Ring,
 }
 

@@ -8,14 +8,23 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct Av {
+    /// Port and protection domain.
     pub port_pd: u32,
+    /// Service level, traffic class and flow label.
     pub sl_tclass_flowlabel: u32,
+    /// Destination GID.
     pub dgid: [u8; 16],
+    /// Source path bits.
     pub src_path_bits: u8,
+    /// Index in the GID table.
     pub gid_index: u8,
+    /// Static rate.
     pub stat_rate: u8,
+    /// Hop limit.
     pub hop_limit: u8,
+    /// Destination MAC address.
     pub dmac: [u8; 6],
+    /// Reserved; zero.
     pub reserved: [u8; 6],
 }
 
@@ -25,8 +34,11 @@ pub struct Av {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct Sge {
+    /// Address.
     pub addr: u64,
+    /// Length in bytes.
     pub length: u32,
+    /// Local key of the memory region.
     pub lkey: u32,
 }
 
@@ -36,8 +48,11 @@ pub struct Sge {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RqWqeHdr {
+    /// The work request's ID, returned in its completion.
     pub wr_id: u64,
+    /// Number of scatter/gather entries that follow.
     pub num_sge: u32,
+    /// Total length in bytes.
     pub total_len: u32,
 }
 
@@ -49,13 +64,19 @@ pub struct RqWqeHdr {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct SqWqeHdr {
+    /// The work request's ID, returned in its completion.
     pub wr_id: u64,
+    /// Number of scatter/gather entries that follow.
     pub num_sge: u32,
+    /// Total length in bytes.
     pub total_len: u32,
+    /// The operation (`PVRDMA_WR_*` / `PVRDMA_WC_*`).
     pub opcode: u32,
+    /// Send flags (`PVRDMA_SEND_*`).
     pub send_flags: u32,
     /// `ex.imm_data` / `ex.invalidate_rkey`.
     pub ex: u32,
+    /// Reserved; zero.
     pub reserved: u32,
     /// `wr.ud.remote_qpn`.
     pub ud_remote_qpn: u32,
@@ -91,22 +112,37 @@ impl SqWqeHdr {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct Cqe {
+    /// The work request's ID, returned in its completion.
     pub wr_id: u64,
     /// QP handle (the device writes the QP's handle; Linux looks the QP up by it).
     pub qp: u64,
+    /// The operation (`PVRDMA_WR_*` / `PVRDMA_WC_*`).
     pub opcode: u32,
+    /// Completion status (`PVRDMA_WC_*`).
     pub status: u32,
+    /// Bytes transferred.
     pub byte_len: u32,
+    /// Immediate data.
     pub imm_data: u32,
+    /// Source queue pair number.
     pub src_qp: u32,
+    /// Completion flags (`PVRDMA_WC_*`).
     pub wc_flags: u32,
+    /// Vendor error code.
     pub vendor_err: u32,
+    /// Index in the P_Key table.
     pub pkey_index: u16,
+    /// Source LID.
     pub slid: u16,
+    /// Service level.
     pub sl: u8,
+    /// Destination path bits.
     pub dlid_path_bits: u8,
+    /// The port number (1-based).
     pub port_num: u8,
+    /// Source MAC address.
     pub smac: [u8; 6],
+    /// Reserved; zero.
     pub reserved2: [u8; 7],
 }
 

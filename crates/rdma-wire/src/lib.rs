@@ -57,7 +57,8 @@
 //! `drivers/infiniband/sw/rxe/`), and the crate's tests check them against real SoftRoCE
 //! captures (`testdata/*.pcap`): every RoCE frame there parses, its ICRC verifies, and it
 //! re-encodes byte for byte.
-
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 #![no_std]
 
 #[cfg(any(test, feature = "std"))]

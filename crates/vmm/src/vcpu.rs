@@ -287,7 +287,10 @@ impl Vcpu {
         let (reply_tx, reply_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_thread(self, cmd_rx, reply_tx))
+            .spawn(move || {
+                sandbox::enter(sandbox::Kind::Vcpu);
+                vcpu_thread(self, cmd_rx, reply_tx)
+            })
             .map_err(|e| Error::Vcpu {
                 id,
                 reason: format!("cannot spawn thread: {e}"),

@@ -436,6 +436,7 @@ pub fn attach(
         std::thread::Builder::new()
             .name("pvrdma".into())
             .spawn(move || {
+                sandbox::enter(sandbox::Kind::Device);
                 inbox.set_waker(std::thread::current());
                 poll_loop(&device, &stop, &uar, &completions)
             })

@@ -205,6 +205,7 @@ pub fn serve(path: &Path) -> anyhow::Result<ApiServer> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            sandbox::enter(sandbox::Kind::Api);
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let Some(slot) = Slot::take(&live) else {

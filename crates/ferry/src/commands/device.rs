@@ -25,6 +25,7 @@ pub fn nvme(args: DeviceNvmeArgs) -> anyhow::Result<i32> {
         create: args.create,
     };
     let device = Arc::new(NvmeDevice::new(&cfg).context("starting the NVMe device")?);
+    sandbox::enter(sandbox::Kind::DeviceProcess);
     let (blocks, bs) = device.geometry();
     eprintln!(
         "ferry device nvme: listening on {} ({} blocks of {} bytes in {}, DSTRD {})",

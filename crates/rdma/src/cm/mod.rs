@@ -313,7 +313,10 @@ impl CmEndpoint {
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
             .name(format!("cm-timer-{gid}"))
-            .spawn(move || timer_loop(weak));
+            .spawn(move || {
+                sandbox::enter(sandbox::Kind::RdmaPort);
+                timer_loop(weak)
+            });
         if let Err(e) = spawned {
             tracing::error!(%gid, error = &e as &dyn std::error::Error, "cannot start the CM timer thread");
         }

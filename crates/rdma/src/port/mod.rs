@@ -292,7 +292,10 @@ impl SoftPort {
         let (rx, rs) = (inner.clone(), s.clone());
         let t = std::thread::Builder::new()
             .name(format!("roce-rx-{addr}"))
-            .spawn(move || rx.receive_loop(&rs))
+            .spawn(move || {
+                sandbox::enter(sandbox::Kind::RdmaPort);
+                rx.receive_loop(&rs)
+            })
             .map_err(|e| RdmaError::io("spawning a receive thread", e))?;
         *s.thread.lock() = Some(t);
         inner.sockets.write().insert(addr, s);

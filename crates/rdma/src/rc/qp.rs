@@ -79,7 +79,10 @@ impl RcQp {
         let shared = qp.shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("rc-timer-{qpn:#x}"))
-            .spawn(move || timer_loop(&shared, &weak));
+            .spawn(move || {
+                sandbox::enter(sandbox::Kind::RdmaPort);
+                timer_loop(&shared, &weak)
+            });
         match t {
             Ok(t) => *qp.timer.lock() = Some(t),
             Err(e) => tracing::warn!(qpn, "no RC timer thread: {e}"),

@@ -22,6 +22,7 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("shadow-poller".into())
         .spawn(move || {
+            sandbox::enter(sandbox::Kind::Device);
             while !shared.stop.load(Ordering::Acquire) {
                 let (moved, irqs) = {
                     let mut run = shared.lock();
