@@ -379,6 +379,7 @@ impl AdminProxy {
         let t = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                sandbox::enter(sandbox::Kind::Device);
                 while !me.stop.load(Ordering::SeqCst) {
                     let busy = me.turn(&file);
                     // Poll briskly while the device has commands; sleep until woken otherwise.
