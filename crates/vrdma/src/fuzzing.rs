@@ -93,11 +93,17 @@ pub fn command_channel(data: &[u8]) {
     let _ = run(data);
 }
 
+/// The key secret of fuzzed devices: `(1 * 0x9e37_79b9 ^ secret) & !0xff` is 0, so a PD's
+/// first memory region gets key 1 (the low byte is the registration count).
+const FUZZ_KEY_SECRET: u32 = 0x9e37_7900;
+
 fn run(data: &[u8]) -> crate::DeviceStats {
     let mem = Arc::new(VecMemory::new(MEM));
     let backend = Arc::new(Backend::default());
     let inbox = Arc::new(MadInbox::default());
     let mut dev = Device::new(mem.clone(), backend.clone(), inbox.clone());
+    // Memory keys the same in every run: a PD's first MR gets key 1.
+    dev.rc.fixed_secret = Some(FUZZ_KEY_SECRET);
     let dsr = abi::DeviceSharedRegion {
         cmd_slot_dma: CMD,
         resp_slot_dma: RESP,
@@ -237,7 +243,7 @@ pub fn sample_session() -> Vec<u8> {
             ..Default::default()
         },
     );
-    // Handles are allocated in order: PD 1, MR 2, CQ 3; a QP's handle is its QPN (GSI 1, UD
+    // Handles are allocated in order: PD 1, MR 2 (key 1), CQ 3; a QP's handle is its QPN (GSI 1, UD
     // 0x42 from the backend).
     cmd(
         &mut o,
@@ -308,7 +314,7 @@ pub fn sample_session() -> Vec<u8> {
     let s = abi::Sge {
         addr: 0x30000,
         length: 4096,
-        lkey: 2,
+        lkey: 1,
     };
     let mut wqe = h.as_bytes().to_vec();
     wqe.extend_from_slice(s.as_bytes());
@@ -335,7 +341,7 @@ pub fn sample_session() -> Vec<u8> {
         abi::Sge {
             addr: 0x31000,
             length: 256,
-            lkey: 2,
+            lkey: 1,
         }
         .as_bytes(),
     );

@@ -173,13 +173,21 @@ pub struct MrTable {
 impl MrTable {
     /// An empty table holding at most `max` regions.
     pub fn new(max: usize) -> MrTable {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0x5a5a_5a5a, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+        // The standard library's per-process random hash keys (from the OS) give the secret.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(max);
+        let r = h.finish();
+        MrTable::with_secret(max, (r ^ (r >> 32)) as u32 | 1)
+    }
+
+    /// An empty table whose keys follow from `secret` (fuzzing and replays need keys that
+    /// are the same in every run; everything else uses [`MrTable::new`]).
+    pub fn with_secret(max: usize, secret: u32) -> MrTable {
         MrTable {
             regions: RwLock::new(HashMap::new()),
             next: AtomicU32::new(1),
-            secret: t | 1,
+            secret,
             max,
         }
     }

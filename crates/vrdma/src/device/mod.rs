@@ -283,7 +283,7 @@ pub struct Device {
     mrs: BTreeMap<u32, Mr>,
     cqs: BTreeMap<u32, Cq>,
     qps: BTreeMap<u32, Qp>,
-    rc: rc::RcTables,
+    pub(crate) rc: rc::RcTables,
     next_handle: u32,
     stats: DeviceStats,
     msix: Msix,

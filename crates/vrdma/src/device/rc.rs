@@ -53,6 +53,9 @@ pub struct RcTables {
     keys: HashMap<u32, u32>,
     /// Bytes posted to the transport and not completed, all QPs.
     outstanding: usize,
+    /// Keys derived from this secret instead of a random one (fuzzing: the same keys in
+    /// every run).
+    pub(crate) fixed_secret: Option<u32>,
 }
 
 impl RcTables {
@@ -64,7 +67,12 @@ impl RcTables {
     fn table(&mut self, pd: u32) -> Arc<MrTable> {
         self.pds
             .entry(pd)
-            .or_insert_with(|| Arc::new(MrTable::new(MAX_MR)))
+            .or_insert_with(|| {
+                Arc::new(match self.fixed_secret {
+                    Some(secret) => MrTable::with_secret(MAX_MR, secret),
+                    None => MrTable::new(MAX_MR),
+                })
+            })
             .clone()
     }
 
