@@ -392,6 +392,10 @@ pub struct BenchMigrateArgs {
     /// Most pre-copy rounds (then switch over anyway).
     #[arg(long, default_value_t = 10)]
     pub max_rounds: u32,
+    /// Runs per row, interleaved with as many runs of the floor (the median counts; at least 3
+    /// for the figures).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -363,6 +363,7 @@ fn run(
     restorer: &mut dyn DeviceRestorer,
 ) -> Result<Incoming> {
     let start = Instant::now();
+    let cpu = crate::cpu::ThreadCpu::start();
     let mut buf = Vec::new();
     let mut report = ReceiveReport {
         source: source.to_string(),
@@ -517,5 +518,6 @@ fn run(
         // The source committed with Go; it will not run the VM again. Keep running here.
         tracing::warn!("could not confirm the resume to the source: {}", chain(&e));
     }
+    report.cpu_s += cpu.elapsed().as_secs_f64();
     Ok(Incoming { vm, report })
 }

@@ -69,6 +69,12 @@ pub struct MigrationReport {
     pub memory_hash: Option<String>,
     /// Devices whose state was sent.
     pub devices: Vec<String>,
+    /// TCP connections that carried guest memory (1: the main connection only).
+    #[serde(default)]
+    pub streams: u32,
+    /// CPU seconds the migration's own threads used on the source (not the guest's).
+    #[serde(default)]
+    pub cpu_s: f64,
 }
 
 /// The destination's report.
@@ -95,6 +101,9 @@ pub struct ReceiveReport {
     pub memory_hash: Option<String>,
     /// Devices restored.
     pub devices: Vec<String>,
+    /// CPU seconds the migration's own threads used on the destination.
+    #[serde(default)]
+    pub cpu_s: f64,
 }
 
 /// Progress of a running migration, for progress bars and API clients.

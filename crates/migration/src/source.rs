@@ -338,6 +338,7 @@ pub fn migrate(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport> {
     let start = Instant::now();
+    let cpu = crate::cpu::ThreadCpu::start();
     let addr = to
         .to_socket_addrs()
         .map_err(MigrationError::io("resolving the destination"))?
@@ -391,6 +392,8 @@ pub fn migrate(
     match result {
         Ok(mut r) => {
             r.tls = tls;
+            r.cpu_s += cpu.elapsed().as_secs_f64();
+            r.streams = r.streams.max(1);
             if r.outcome == Outcome::Unknown {
                 let _ = tcp.shutdown(std::net::Shutdown::Both);
             }
