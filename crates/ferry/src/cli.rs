@@ -292,6 +292,10 @@ pub struct MigrateArgs {
     /// Hash guest RAM at the pause (compare with the destination's --debug-hash).
     #[arg(long)]
     pub debug_hash: bool,
+    /// Data channels for guest memory next to the main connection, each authenticated as the
+    /// main one (default 4; 0 sends memory over the main connection alone).
+    #[arg(long)]
+    pub streams: Option<u32>,
     /// UNSAFE negative control: migrate a passthrough device without reporting the pages it
     /// writes (the destination's memory is expected to be corrupt).
     #[arg(long)]

@@ -97,6 +97,10 @@ fn hand_over(src: Proc, from: &Path, to: &str, dest_api: &Path) {
 }
 
 fn migrate(api_sock: &Path, to: &str) -> Output {
+    migrate_with(api_sock, to, &[])
+}
+
+fn migrate_with(api_sock: &Path, to: &str, extra: &[&str]) -> Output {
     ferry()
         .args([
             "migrate",
@@ -107,6 +111,7 @@ fn migrate(api_sock: &Path, to: &str) -> Output {
             "--debug-hash",
             "--json",
         ])
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -185,7 +190,8 @@ fn fault_leaves_source_running(fault: Fault, act: impl FnOnce(&mut Proc) -> Verd
     let proxy = FaultProxy::start(addr.as_str(), Some(fault)).unwrap();
     let to = proxy.addr().to_string();
     let sa2 = sa.clone();
-    let migration = std::thread::spawn(move || migrate(&sa2, &to));
+    // One stream: every frame passes through the proxy.
+    let migration = std::thread::spawn(move || migrate_with(&sa2, &to, &["--streams", "0"]));
     if fault.action == Action::Hold {
         assert!(
             proxy.wait_held(PATIENCE).is_some(),
@@ -588,7 +594,7 @@ fn stalled_migration(sa: &Path, addr: &str) -> (FaultProxy, std::thread::JoinHan
     let proxy = FaultProxy::start(addr, Some(fault)).unwrap();
     let to = proxy.addr().to_string();
     let sa2 = sa.to_path_buf();
-    let migration = std::thread::spawn(move || migrate(&sa2, &to));
+    let migration = std::thread::spawn(move || migrate_with(&sa2, &to, &["--streams", "0"]));
     assert!(
         proxy.wait_reached(PATIENCE),
         "the migration never reached round 1"

@@ -38,6 +38,8 @@ pub struct CancelToken {
 struct CancelState {
     committed: bool,
     tcp: Option<TcpStream>,
+    /// The data channels' sockets.
+    data: Vec<TcpStream>,
 }
 
 impl CancelToken {
@@ -48,7 +50,7 @@ impl CancelToken {
             return false;
         }
         self.flag.store(true, Ordering::SeqCst);
-        if let Some(tcp) = &st.tcp {
+        for tcp in st.tcp.iter().chain(&st.data) {
             let _ = tcp.shutdown(std::net::Shutdown::Both);
         }
         true
@@ -67,6 +69,16 @@ impl CancelToken {
         }
     }
 
+    pub(crate) fn attach_data(&self, tcp: &TcpStream) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(t) = tcp.try_clone() {
+            st.data.push(t);
+        }
+        if self.flag.load(Ordering::SeqCst) {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// The commit point: false if cancelled first; afterwards `cancel` no longer acts.
     fn commit(&self) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,6 +87,7 @@ impl CancelToken {
         }
         st.committed = true;
         st.tcp = None;
+        st.data.clear();
         true
     }
 }
@@ -137,6 +150,18 @@ pub struct SourceOptions {
     /// here), ignored after it.
     #[serde(skip)]
     pub cancel: Option<Arc<CancelToken>>,
+    /// Data channels for guest memory next to the main connection (each authenticated as
+    /// the main one); 0 sends memory over the main connection (one stream, as a proxy that
+    /// sees every frame needs).
+    #[serde(default = "default_streams")]
+    pub streams: u32,
+}
+
+/// Data channels unless told otherwise.
+pub const DEFAULT_STREAMS: u32 = 4;
+
+fn default_streams() -> u32 {
+    DEFAULT_STREAMS
 }
 
 impl Default for SourceOptions {
@@ -152,6 +177,7 @@ impl Default for SourceOptions {
             tls_server_name: None,
             allow_insecure: false,
             cancel: None,
+            streams: DEFAULT_STREAMS,
         }
     }
 }
@@ -165,10 +191,24 @@ pub struct MigrationConfig {
     pub vcpus: u32,
     /// External devices whose state follows.
     pub devices: Vec<String>,
+    /// Data channels the source asks for (0: memory on the main connection).
+    pub streams: u32,
 }
 
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8).all(|c| c == [0u8; 8])
+}
+
+/// Sorted pages as runs of contiguous pages: (first page, count).
+fn runs_of(pages: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n * PAGE == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
 }
 
 fn ms(d: Duration) -> f64 {
@@ -182,6 +222,13 @@ struct Sender<'a> {
     bytes: u64,
     /// The bandwidth cap while it applies: (bytes per second, start, bytes sent since).
     throttle: Option<(u64, Instant, u64)>,
+    /// The data channels, once open.
+    channels: Option<crate::channels::SourceChannels>,
+    /// The cap for the data channels while it applies.
+    chan_throttle: Option<crate::channels::Throttle>,
+    /// Where the main connection went and the name its certificate carries.
+    peer: std::net::SocketAddr,
+    name: String,
 }
 
 impl Sender<'_> {
@@ -202,6 +249,32 @@ impl Sender<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Sends `runs` of pages over the data channels if open, else over the main connection;
+    /// returns (data pages, zero pages, skipped zero pages).
+    fn send_runs(
+        &mut self,
+        round: u32,
+        runs: &[(u64, u64)],
+        skip_zero: bool,
+    ) -> Result<(u64, u64, u64)> {
+        if let Some(ch) = &mut self.channels {
+            let st = ch.send_round(
+                self.ram,
+                round,
+                runs,
+                skip_zero,
+                self.chan_throttle.as_ref(),
+                self.cancel.as_deref(),
+            )?;
+            self.bytes += st.bytes;
+            return Ok((st.data, st.zero, st.skipped));
+        }
+        let all = runs
+            .iter()
+            .flat_map(|&(gpa, n)| (0..n).map(move |i| gpa + i * PAGE));
+        self.send_pages(round, all, skip_zero)
     }
 
     /// Sends `pages` (sorted guest-physical addresses); returns (data pages, zero pages).
@@ -375,6 +448,10 @@ pub fn migrate(
             .max_bandwidth
             .filter(|&r| r > 0)
             .map(|r| (r, Instant::now(), 0)),
+        channels: None,
+        chan_throttle: None,
+        peer: addr,
+        name,
     };
     let result = run(
         vm,
@@ -456,10 +533,39 @@ fn run(
         ram_size: ram.size(),
         vcpus: 1,
         devices: devices.iter().map(|d| d.name()).collect(),
+        streams: opts.streams.min(crate::channels::MAX_STREAMS),
     };
     let cfg =
         postcard::to_allocvec(&config).map_err(|e| MigrationError::Encoding(e.to_string()))?;
     tx.send(Kind::Config, &cfg)?;
+    if config.streams > 0 {
+        tx.out.flush().map_err(MigrationError::io("write"))?;
+        expect(tx.out.get_mut(), Kind::Channels, &mut buf)?;
+        let inv = crate::channels::Invitation::decode(&buf)?;
+        if inv.count > config.streams {
+            return Err(MigrationError::Protocol(format!(
+                "invited to {} data channels, asked for {}",
+                inv.count, config.streams
+            )));
+        }
+        let ch = crate::channels::SourceChannels::open(
+            tx.peer.ip(),
+            &inv,
+            &opts.security,
+            &tx.name,
+            opts.timeout,
+            tx.cancel.as_deref(),
+        )?;
+        tx.chan_throttle =
+            opts.max_bandwidth
+                .filter(|&r| r > 0)
+                .map(|rate| crate::channels::Throttle {
+                    rate,
+                    start: Instant::now(),
+                    sent: Default::default(),
+                });
+        tx.channels = Some(ch);
+    }
 
     for (i, d) in devices.iter_mut().enumerate() {
         d.prepare(vm).map_err(|source| MigrationError::Device {
@@ -489,10 +595,21 @@ fn run(
     // Only the memfd's data extents can hold non-zero pages; holes are skipped unread.
     let extents = ram.data_ranges();
     let in_extents: u64 = extents.iter().map(|(_, len)| len / PAGE).sum();
-    let all = extents
-        .into_iter()
-        .flat_map(|(gpa, len)| (0..len / PAGE).map(move |i| gpa + i * PAGE));
-    let (pages, _, skipped) = tx.send_pages(0, all, true)?;
+    if tx.channels.is_some() {
+        // The destination populates these ahead of the data.
+        let mut payload = Vec::with_capacity(extents.len().min(1 << 20) * 16);
+        for &(gpa, len) in extents.iter().take(1 << 20) {
+            payload.extend_from_slice(&gpa.to_le_bytes());
+            payload.extend_from_slice(&len.to_le_bytes());
+        }
+        tx.send(Kind::Extents, &payload)?;
+        tx.out.flush().map_err(MigrationError::io("write"))?;
+    }
+    let runs: Vec<(u64, u64)> = extents
+        .iter()
+        .map(|&(gpa, len)| (gpa, len / PAGE))
+        .collect();
+    let (pages, _, skipped) = tx.send_runs(0, &runs, true)?;
     let round0 = round_end(tx, 0, pages, 0, before, t0)?;
     report.zero_pages_skipped = skipped + (ram.size() / PAGE).saturating_sub(in_extents);
 
@@ -527,7 +644,7 @@ fn run(
         }
         let t = Instant::now();
         let before = tx.bytes;
-        let (pages, zero, _) = tx.send_pages(round, dirty.pages.iter().copied(), false)?;
+        let (pages, zero, _) = tx.send_runs(round, &runs_of(&dirty.pages), false)?;
         let mut r = round_end(tx, round, pages, zero, before, t)?;
         (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (dirty.kvm, dirty.vmm, dirty.device);
         sent_bytes += tx.bytes - before;
@@ -539,6 +656,7 @@ fn run(
 
     // Switchover: pause, last dirty pages, state, devices.
     tx.throttle = None;
+    tx.chan_throttle = None;
     prog.phase = "switchover".into();
     progress(&prog);
     let mut pause_at = Instant::now();
@@ -576,7 +694,7 @@ fn run(
     pages_final.extend(last.pages.iter().copied());
     let t = Instant::now();
     let before = tx.bytes;
-    let (pages, zero, _) = tx.send_pages(round, pages_final.iter().copied(), false)?;
+    let (pages, zero, _) = tx.send_runs(round, &runs_of(&pages_final), false)?;
     let mut r = round_end(tx, round, pages, zero, before, t)?;
     (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (
         final_dirty.kvm + last.kvm,
@@ -585,6 +703,11 @@ fn run(
     );
     r.paused = true;
     report.rounds.push(r);
+    if let Some(ch) = &mut tx.channels {
+        tx.bytes += ch.finish()?;
+        report.streams = ch.len() as u32;
+        report.cpu_s = ch.cpu_s;
+    }
 
     let state = vm.save_state()?;
     let state =

@@ -72,6 +72,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
         tls,
         tls_server_name: args.tls_server_name.clone(),
         insecure_no_auth: args.tls.insecure_no_auth,
+        streams: args.streams,
     });
     let bar = if std::io::stderr().is_terminal() && !args.json {
         let b = ProgressBar::new_spinner();
