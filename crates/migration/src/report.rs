@@ -22,6 +22,9 @@ pub struct RoundReport {
     pub dirty_device: u64,
     /// True for the final round (vCPUs paused).
     pub paused: bool,
+    /// Share of time the vCPUs were held off during this round (auto-converge), percent.
+    #[serde(default)]
+    pub throttle_pct: u32,
 }
 
 /// The source's report.
@@ -75,6 +78,9 @@ pub struct MigrationReport {
     /// CPU seconds the migration's own threads used on the source (not the guest's).
     #[serde(default)]
     pub cpu_s: f64,
+    /// Highest vCPU throttle auto-converge applied, percent (0: never throttled).
+    #[serde(default)]
+    pub throttle_pct: u32,
 }
 
 /// The destination's report.
@@ -119,4 +125,7 @@ pub struct Progress {
     pub ram_bytes: u64,
     /// Pages still dirty at the last count.
     pub dirty_pages: u64,
+    /// vCPU throttle of auto-converge now, percent.
+    #[serde(default)]
+    pub throttle_pct: u32,
 }

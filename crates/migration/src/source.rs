@@ -115,6 +115,70 @@ pub enum LimitPolicy {
     Abort,
 }
 
+/// Auto-converge: the first throttle, the step while the guest still outruns the link, the
+/// most, and the period the duty cycle runs over.
+const THROTTLE_INITIAL: u32 = 20;
+const THROTTLE_STEP: u32 = 20;
+const THROTTLE_MAX: u32 = 99;
+const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
+
+/// Auto-converge (as QEMU's): holds the vCPUs off for `pct` percent of every period, so a
+/// guest that dirties memory faster than the link carries it slows down until the rest fits
+/// the downtime target.
+struct VcpuThrottle {
+    pct: std::sync::atomic::AtomicU32,
+    stop: AtomicBool,
+    /// Serialises the duty cycle with `halt`: when `halt` returns, the vCPUs run and stay
+    /// untouched by the throttle.
+    gate: std::sync::Mutex<()>,
+}
+
+impl VcpuThrottle {
+    fn new() -> Self {
+        VcpuThrottle {
+            pct: Default::default(),
+            stop: AtomicBool::new(false),
+            gate: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn pct(&self) -> u32 {
+        self.pct.load(Ordering::SeqCst)
+    }
+
+    /// The duty cycle, until `halt`.
+    fn run(&self, vm: &Vm) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let pct = self.pct();
+            if pct == 0 {
+                std::thread::sleep(THROTTLE_PERIOD);
+                continue;
+            }
+            let off = THROTTLE_PERIOD * pct / 100;
+            {
+                let _g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if vm.pause().is_ok() {
+                    std::thread::sleep(off);
+                    if let Err(e) = vm.resume() {
+                        tracing::error!("auto-converge could not resume the vCPUs: {e}");
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(THROTTLE_PERIOD - off);
+        }
+    }
+
+    /// Ends the duty cycle with the vCPUs running.
+    fn halt(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+    }
+}
+
 /// Times the switchover pauses the vCPUs to find every device ready before it goes ahead.
 const SWITCHOVER_ATTEMPTS: u32 = 50;
 /// How long the vCPUs run between two such attempts.
@@ -453,17 +517,24 @@ pub fn migrate(
         peer: addr,
         name,
     };
-    let result = run(
-        vm,
-        devices,
-        &mut prepared,
-        &mut tx,
-        to,
-        opts,
-        start,
-        &mut paused,
-        progress,
-    );
+    let throttle = VcpuThrottle::new();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| throttle.run(vm));
+        let r = run(
+            vm,
+            devices,
+            &mut prepared,
+            &mut tx,
+            to,
+            opts,
+            start,
+            &mut paused,
+            progress,
+            &throttle,
+        );
+        throttle.halt();
+        r
+    });
     let _ = vm.memory_slots().set_dirty_logging(false);
     vm.ram().track_vmm_writes(false);
     match result {
@@ -511,6 +582,7 @@ fn run(
     start: Instant,
     paused: &mut bool,
     progress: &mut dyn FnMut(&Progress),
+    throttle: &VcpuThrottle,
 ) -> Result<MigrationReport> {
     let ram = vm.ram();
     let mut buf = Vec::new();
@@ -627,11 +699,25 @@ fn run(
         let estimate = dirty.pages.len() as f64 * (PAGE as f64 + 16.0) / bandwidth;
         prog.round = round;
         prog.dirty_pages = dirty.pages.len() as u64;
-        progress(&prog);
         // A target of zero means: no early switchover, run the rounds up to the limit.
         if !opts.downtime.is_zero() && estimate <= opts.downtime.as_secs_f64() {
+            progress(&prog);
             break dirty;
         }
+        // Auto-converge: from round 2 on, a guest that dirtied more than half of what the
+        // last round carried outruns the link; hold its vCPUs off more.
+        let last_bytes = report.rounds.last().map_or(0, |r| r.bytes);
+        if round >= 2 && dirty.pages.len() as u64 * PAGE > last_bytes / 2 {
+            let pct = match throttle.pct() {
+                0 => THROTTLE_INITIAL,
+                p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+            };
+            throttle.pct.store(pct, Ordering::SeqCst);
+            report.throttle_pct = report.throttle_pct.max(pct);
+            tracing::info!(round, pct, "auto-converge: vCPUs throttled");
+        }
+        prog.throttle_pct = throttle.pct();
+        progress(&prog);
         if round > opts.max_rounds {
             if opts.on_limit == LimitPolicy::Abort {
                 return Err(MigrationError::NoConvergence {
@@ -647,6 +733,7 @@ fn run(
         let (pages, zero, _) = tx.send_runs(round, &runs_of(&dirty.pages), false)?;
         let mut r = round_end(tx, round, pages, zero, before, t)?;
         (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (dirty.kvm, dirty.vmm, dirty.device);
+        r.throttle_pct = throttle.pct();
         sent_bytes += tx.bytes - before;
         sent_time += t.elapsed();
         report.rounds.push(r);
@@ -654,7 +741,10 @@ fn run(
         round += 1;
     };
 
-    // Switchover: pause, last dirty pages, state, devices.
+    // Switchover: pause, last dirty pages, state, devices. The duty cycle ends first, with
+    // the vCPUs running, so the pause below is the only one.
+    throttle.halt();
+    prog.throttle_pct = 0;
     tx.throttle = None;
     tx.chan_throttle = None;
     prog.phase = "switchover".into();

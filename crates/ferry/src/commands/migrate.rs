@@ -87,11 +87,16 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
     let answer = api::call(&args.api_socket, &request, |p| {
         if let Some(b) = &bar {
             b.set_message(format!(
-                "{} round {}: {} MiB sent, {} pages dirty",
+                "{} round {}: {} MiB sent, {} pages dirty{}",
                 p.phase,
                 p.round,
                 p.bytes >> 20,
-                p.dirty_pages
+                p.dirty_pages,
+                if p.throttle_pct > 0 {
+                    format!(", vCPUs throttled {}%", p.throttle_pct)
+                } else {
+                    String::new()
+                }
             ));
         }
     });

@@ -71,6 +71,7 @@ struct Sample {
     dst_cpu_s: f64,
     /// The bench process's peak resident memory during the migration (both sides).
     peak_rss_bytes: u64,
+    throttle_pct: u32,
     ledger_ok: bool,
 }
 
@@ -95,6 +96,8 @@ struct Row {
     downtime_ms: Stat,
     rounds: usize,
     hit_round_limit: bool,
+    /// Highest vCPU throttle auto-converge applied in any run, percent.
+    throttle_pct: u32,
     sent_mib: f64,
     /// Sent bytes over total time, MB/s (10^6 bytes).
     bandwidth_mbps: Stat,
@@ -527,6 +530,7 @@ fn one(
         src_cpu_s: report.cpu_s,
         dst_cpu_s: dreport.cpu_s,
         peak_rss_bytes: peak,
+        throttle_pct: report.throttle_pct,
         ledger_ok: ok,
     })
 }
@@ -570,6 +574,7 @@ fn row(
         downtime_ms: Stat::of(samples.iter().map(|s| s.downtime_ms)),
         rounds: samples.iter().map(|s| s.rounds).max().unwrap_or(0),
         hit_round_limit: samples.iter().any(|s| s.hit_round_limit),
+        throttle_pct: samples.iter().map(|s| s.throttle_pct).max().unwrap_or(0),
         sent_mib: Stat::of(samples.iter().map(|s| s.sent_bytes as f64)).median / (1 << 20) as f64,
         bandwidth_mbps: bw,
         floor_mbps: Stat::of(pairs().map(|(s, f)| frate(f, s))),
@@ -663,7 +668,7 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
 
 fn print_row(row: &Row) {
     println!(
-        "  {}M {} {} ({} stream(s), WS {}M, {:.0} MiB sent, {} round(s){}): ledger {}",
+        "  {}M {} {} ({} stream(s), WS {}M, {:.0} MiB sent, {} round(s){}, vCPU throttle {}%): ledger {}",
         row.ram_mib,
         row.load,
         row.transport,
@@ -672,6 +677,7 @@ fn print_row(row: &Row) {
         row.sent_mib,
         row.rounds,
         if row.hit_round_limit { "!" } else { "" },
+        row.throttle_pct,
         if row.ledger_ok_on_destination {
             "ok"
         } else {
