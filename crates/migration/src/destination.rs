@@ -375,12 +375,15 @@ fn run(
     // Checked again: a caller may have built `cfg` some other way.
     check_config(&cfg, opts)?;
     report.ram_bytes = cfg.ram_size;
-    let ram = GuestRam::new(cfg.ram_size)?;
     let vm_config = VmConfig {
         ram_size: cfg.ram_size,
         vcpus: 1,
         ..config.clone()
     };
+    // The VM is built now, not in the downtime; it stays unstarted (and is dropped unrun on
+    // any failure) until the source's Go.
+    let mut vm = Vm::with_ram(&vm_config, GuestRam::new(cfg.ram_size)?)?;
+    let ram = vm.ram().clone();
 
     let mut state: Option<VmState> = None;
     let mut devices: Vec<(String, Vec<u8>)> = Vec::new();
@@ -543,7 +546,6 @@ fn run(
         report.memory_hash = Some(memory_hash(&ram));
         hash_ms = t.elapsed().as_secs_f64() * 1000.0;
     }
-    let mut vm = Vm::with_ram(&vm_config, ram)?;
     vm.restore_state(&state)?;
     for (name, blob) in &devices {
         restorer
