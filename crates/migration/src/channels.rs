@@ -48,6 +48,8 @@ const TOKEN: usize = 32;
 const HEADER: usize = 24;
 /// Most pages in one work item (and in one data chunk).
 const ITEM_PAGES: u64 = 512;
+/// Rounds of at most this many pages go out from the calling thread.
+const SMALL_ROUND_PAGES: u64 = 1024;
 /// Largest chunk the destination accepts.
 const MAX_CHUNK: u64 = ITEM_PAGES * PAGE;
 /// Bytes the destination populates ahead in one step.
@@ -406,36 +408,58 @@ impl SourceChannels {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let memfd = ram.memfd().clone();
-        let results: Vec<Result<(RoundStats, f64)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .conns
-                .iter_mut()
-                .map(|conn| {
-                    let (items, next, failed, memfd) = (&items, &next, &failed, &memfd);
-                    s.spawn(move || {
-                        let cpu = crate::cpu::ThreadCpu::start();
-                        let r = send_items(
-                            conn, ram, memfd, round, items, next, skip_zero, throttle, cancel,
-                            failed,
-                        );
-                        if r.is_err() {
-                            failed.store(true, Ordering::SeqCst);
-                        }
-                        r.map(|st| (st, cpu.elapsed().as_secs_f64()))
+        let pages: u64 = runs.iter().map(|r| r.1).sum();
+        let results: Vec<Result<(RoundStats, f64)>> = if pages <= SMALL_ROUND_PAGES {
+            // A small round (the paused one, usually): this thread sends it all on the first
+            // channel and the round ends on the others, with no thread to wake up.
+            let cpu = crate::cpu::ThreadCpu::start();
+            let mut out = Vec::new();
+            for conn in self.conns.iter_mut() {
+                let r = send_items(
+                    conn, ram, &memfd, round, &items, &next, skip_zero, throttle, cancel, &failed,
+                );
+                let stop = r.is_err();
+                out.push(r.map(|st| (st, 0.0)));
+                if stop {
+                    break;
+                }
+            }
+            if let Some(Ok((_, c))) = out.first_mut() {
+                *c = cpu.elapsed().as_secs_f64();
+            }
+            out
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .conns
+                    .iter_mut()
+                    .map(|conn| {
+                        let (items, next, failed, memfd) = (&items, &next, &failed, &memfd);
+                        s.spawn(move || {
+                            let cpu = crate::cpu::ThreadCpu::start();
+                            let r = send_items(
+                                conn, ram, memfd, round, items, next, skip_zero, throttle, cancel,
+                                failed,
+                            );
+                            if r.is_err() {
+                                failed.store(true, Ordering::SeqCst);
+                            }
+                            r.map(|st| (st, cpu.elapsed().as_secs_f64()))
+                        })
                     })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(MigrationError::Protocol(
-                            "data channel thread panicked".into(),
-                        ))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(MigrationError::Protocol(
+                                "data channel thread panicked".into(),
+                            ))
+                        })
                     })
-                })
-                .collect()
-        });
+                    .collect()
+            })
+        };
         let mut total = RoundStats::default();
         let mut first_err = None;
         for r in results {

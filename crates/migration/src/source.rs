@@ -779,6 +779,7 @@ fn run(
             source,
         })?;
     }
+    tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: paused");
     let last = collect_dirty(vm, devices)?;
     let mut pages_final: BTreeSet<u64> = final_dirty.pages;
     pages_final.extend(last.pages.iter().copied());
@@ -792,6 +793,11 @@ fn run(
         final_dirty.device + last.device,
     );
     r.paused = true;
+    tracing::debug!(
+        at_ms = ms(pause_at.elapsed()),
+        pages,
+        "switchover: last pages sent"
+    );
     report.rounds.push(r);
     if let Some(ch) = &mut tx.channels {
         tx.bytes += ch.finish()?;
@@ -822,7 +828,9 @@ fn run(
     }
     tx.send(Kind::Complete, &[])?;
     tx.out.flush().map_err(MigrationError::io("write"))?;
+    tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: state sent");
     expect(tx.out.get_mut(), Kind::Ready, &mut buf)?;
+    tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: Ready");
     // Ready carries the destination's own hashing time (f64 ms; empty from a peer without).
     if let Ok(b) = <[u8; 8]>::try_from(buf.as_slice()) {
         let peer = f64::from_le_bytes(b);
