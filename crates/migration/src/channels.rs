@@ -240,16 +240,25 @@ fn send_header(tcp: &TcpStream, h: &[u8; HEADER]) -> std::io::Result<()> {
                 libc::MSG_MORE | libc::MSG_NOSIGNAL,
             )
         };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        done += n as usize;
+        let Some(n) = counted(n)? else {
+            continue;
+        };
+        done += n;
     }
     Ok(())
+}
+
+/// A syscall's count, `None` when it was interrupted (try again), the error otherwise.
+fn counted(n: isize) -> std::io::Result<Option<usize>> {
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::Interrupted {
+        Ok(None)
+    } else {
+        Err(e)
+    }
 }
 
 /// `len` bytes of `file` from `off` onto `tcp`, by the kernel (no copy through user space).
@@ -267,13 +276,9 @@ fn sendfile_all(tcp: &TcpStream, file: &File, off: u64, len: u64) -> std::io::Re
                 (end - pos) as usize,
             )
         };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let Some(n) = counted(n)? else {
+            continue;
+        };
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::WriteZero,
@@ -300,20 +305,16 @@ unsafe fn recv_all(tcp: &TcpStream, p: *mut u8, len: usize) -> std::io::Result<(
                 libc::MSG_WAITALL,
             )
         };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let Some(n) = counted(n)? else {
+            continue;
+        };
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "data channel closed mid-chunk",
             ));
         }
-        got += n as usize;
+        got += n;
     }
     Ok(())
 }
