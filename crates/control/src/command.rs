@@ -52,6 +52,9 @@ pub struct MigrateRequest {
     /// Allow plain TCP to a destination that is not loopback.
     #[serde(default)]
     pub insecure_no_auth: bool,
+    /// Data channels for guest memory (absent: the default; 0: the main connection only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
 }
 
 fn default_downtime() -> u64 {

@@ -405,6 +405,7 @@ fn start_migration(
         debug_hash: m.debug_hash,
         max_bandwidth: m.max_bandwidth,
         cancel: Some(cancel.clone()),
+        streams: m.streams.unwrap_or(migration::source::DEFAULT_STREAMS),
         ..Default::default()
     };
     let mut devices: Devices = device

@@ -297,6 +297,10 @@ pub struct MigrateArgs {
     /// Hash guest RAM at the pause (compare with the destination's --debug-hash).
     #[arg(long)]
     pub debug_hash: bool,
+    /// Data channels for guest memory next to the main connection, each authenticated as the
+    /// main one (default 4; 0 sends memory over the main connection alone).
+    #[arg(long)]
+    pub streams: Option<u32>,
     /// UNSAFE negative control: migrate a passthrough device without reporting the pages it
     /// writes (the destination's memory is expected to be corrupt).
     #[arg(long)]
@@ -397,6 +401,10 @@ pub struct BenchMigrateArgs {
     /// Most pre-copy rounds (then switch over anyway).
     #[arg(long, default_value_t = 10)]
     pub max_rounds: u32,
+    /// Runs per row, interleaved with as many runs of the floor (the median counts; at least 3
+    /// for the figures).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -97,6 +97,10 @@ fn hand_over(src: Proc, from: &Path, to: &str, dest_api: &Path) {
 }
 
 fn migrate(api_sock: &Path, to: &str) -> Output {
+    migrate_with(api_sock, to, &[])
+}
+
+fn migrate_with(api_sock: &Path, to: &str, extra: &[&str]) -> Output {
     ferry()
         .args([
             "migrate",
@@ -107,6 +111,7 @@ fn migrate(api_sock: &Path, to: &str) -> Output {
             "--debug-hash",
             "--json",
         ])
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -185,7 +190,8 @@ fn fault_leaves_source_running(fault: Fault, act: impl FnOnce(&mut Proc) -> Verd
     let proxy = FaultProxy::start(addr.as_str(), Some(fault)).unwrap();
     let to = proxy.addr().to_string();
     let sa2 = sa.clone();
-    let migration = std::thread::spawn(move || migrate(&sa2, &to));
+    // One stream: every frame passes through the proxy.
+    let migration = std::thread::spawn(move || migrate_with(&sa2, &to, &["--streams", "0"]));
     if fault.action == Action::Hold {
         assert!(
             proxy.wait_held(PATIENCE).is_some(),
@@ -345,13 +351,14 @@ fn another_version_and_garbage_are_refused_and_the_real_source_still_gets_in() {
     let (sa, sb) = (tmp("a.sock"), tmp("b.sock"));
     let src = source(&sa, &[]);
     let (dst, addr) = destination(Some(&sb));
-    // A source speaking version 2: told why, closed.
+    // A source speaking another version: told why, closed.
+    let other = migration::wire::VERSION + 1;
     let mut s = TcpStream::connect(&addr).unwrap();
-    s.write_all(&hello_frame(2)).unwrap();
+    s.write_all(&hello_frame(other)).unwrap();
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
     assert_eq!(answer.first(), Some(&11u8), "the destination answers Abort");
-    assert!(String::from_utf8_lossy(&answer).contains("version 2"));
+    assert!(String::from_utf8_lossy(&answer).contains(&format!("version {other}")));
     // Garbage: closed.
     let mut g = TcpStream::connect(&addr).unwrap();
     g.write_all(b"GET / HTTP/1.1\r\nHost: ferry\r\n\r\n")
@@ -588,7 +595,7 @@ fn stalled_migration(sa: &Path, addr: &str) -> (FaultProxy, std::thread::JoinHan
     let proxy = FaultProxy::start(addr, Some(fault)).unwrap();
     let to = proxy.addr().to_string();
     let sa2 = sa.to_path_buf();
-    let migration = std::thread::spawn(move || migrate(&sa2, &to));
+    let migration = std::thread::spawn(move || migrate_with(&sa2, &to, &["--streams", "0"]));
     assert!(
         proxy.wait_reached(PATIENCE),
         "the migration never reached round 1"

@@ -599,7 +599,7 @@ fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
     let proxy = FaultProxy::start(addr.as_str(), Some(fault)).unwrap();
     let to = proxy.addr().to_string();
     let api2 = api.clone();
-    let migration = std::thread::spawn(move || migrate(&api2, &to, &[]));
+    let migration = std::thread::spawn(move || migrate(&api2, &to, &["--streams", "0"]));
     assert!(proxy.wait_held(PATIENCE).is_some(), "round 0 never began");
     dst.kill();
     proxy.release(Verdict::Forward);
@@ -765,7 +765,7 @@ fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
         }),
     )
     .unwrap();
-    let out = migrate(&api, &proxy.addr().to_string(), &[]);
+    let out = migrate(&api, &proxy.addr().to_string(), &["--streams", "0"]);
     assert!(proxy.reached(), "round 0 never began");
     assert!(!out.status.success(), "the migration should fail");
     let d = dst.wait_output(Duration::from_secs(60));

@@ -15,6 +15,7 @@ use std::{
 use vmm::{memory::GuestRam, state::VmState, Vm, VmConfig};
 
 use crate::{
+    channels::{self, Receivers},
     device::DeviceRestorer,
     error::chain,
     hash::memory_hash,
@@ -348,7 +349,7 @@ pub fn receive_accepted(
         config: cfg,
         source,
     } = accepted;
-    let result = run(&mut reader, &source, cfg, config, opts, restorer);
+    let result = run(&mut reader, &tcp, &source, cfg, config, opts, restorer);
     if let Err(e) = &result {
         tracing::warn!("incoming migration from {source} failed: {}", chain(e));
         // Tell the source why, if it still listens; the VM (if built) is dropped unrun.
@@ -364,6 +365,7 @@ pub fn receive_accepted(
 
 pub(crate) fn run(
     reader: &mut BufReader<Box<dyn Conn>>,
+    main: &TcpStream,
     source: &str,
     cfg: MigrationConfig,
     config: &VmConfig,
@@ -371,6 +373,7 @@ pub(crate) fn run(
     restorer: &mut dyn DeviceRestorer,
 ) -> Result<Incoming> {
     let start = Instant::now();
+    let cpu = crate::cpu::ThreadCpu::start();
     let mut buf = Vec::new();
     let mut report = ReceiveReport {
         source: source.to_string(),
@@ -380,94 +383,162 @@ pub(crate) fn run(
     // Checked again: a caller may have built `cfg` some other way.
     check_config(&cfg, opts)?;
     report.ram_bytes = cfg.ram_size;
-    let ram = GuestRam::new(cfg.ram_size)?;
     let vm_config = VmConfig {
         ram_size: cfg.ram_size,
         vcpus: 1,
         ..config.clone()
     };
+    // The VM is built now, not in the downtime; it stays unstarted (and is dropped unrun on
+    // any failure) until the source's Go.
+    let mut vm = Vm::with_ram(&vm_config, GuestRam::new(cfg.ram_size)?)?;
+    let ram = vm.ram().clone();
 
     let mut state: Option<VmState> = None;
     let mut devices: Vec<(String, Vec<u8>)> = Vec::new();
-    loop {
-        let kind = wire::recv(reader, &mut buf)?;
-        report.bytes += buf.len() as u64 + 12;
-        match kind {
-            Kind::Memory => {
-                let (_, runs) = wire::parse_memory(&buf, |gpa, len| ram.contains(gpa, len))?;
-                for run in runs {
-                    match run {
-                        Run::Data { gpa, bytes } => {
-                            fill(&ram, gpa, bytes.len() as u64, |dst| {
-                                dst.copy_from_slice(bytes)
-                            })?;
-                            report.pages += bytes.len() as u64 / PAGE;
+    let mut receivers: Option<Receivers> = None;
+    if cfg.streams > 0 {
+        let ip = main.local_addr().map_err(MigrationError::io("setup"))?.ip();
+        let (listener, inv) = channels::invite(ip, cfg.streams.min(channels::MAX_STREAMS))?;
+        wire::send(reader.get_mut(), Kind::Channels, &inv.encode())?;
+        reader
+            .get_mut()
+            .flush()
+            .map_err(MigrationError::io("write"))?;
+        receivers = Some(Receivers::start(
+            listener,
+            &inv,
+            &opts.security,
+            &ram,
+            main,
+            opts.handshake_timeout,
+            opts.timeout,
+        )?);
+        if let Some(n) = receivers.as_ref().map(|r| r.refused).filter(|&n| n > 0) {
+            tracing::warn!(refused = n, "strangers refused on the data channel port");
+        }
+    }
+    let received = (|| -> Result<()> {
+        let mut extents_seen = false;
+        loop {
+            let kind = wire::recv(reader, &mut buf)?;
+            report.bytes += buf.len() as u64 + 12;
+            match kind {
+                Kind::Memory if receivers.is_some() => {
+                    return Err(protocol(
+                        "memory on the main connection while data channels are open".into(),
+                    ))
+                }
+                Kind::Extents => {
+                    let Some(rx) = receivers.as_mut().filter(|_| !extents_seen) else {
+                        return Err(protocol("unexpected Extents".into()));
+                    };
+                    extents_seen = true;
+                    if buf.len() % 16 != 0 {
+                        return Err(protocol(format!("Extents of {} bytes", buf.len())));
+                    }
+                    let mut extents = Vec::with_capacity(buf.len() / 16);
+                    for e in buf.chunks_exact(16) {
+                        let gpa = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+                        let len = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+                        if gpa % PAGE != 0 || len % PAGE != 0 || !ram.contains(gpa, len) {
+                            return Err(protocol(format!(
+                                "extent of {len} bytes at {gpa:#x} is not guest RAM"
+                            )));
                         }
-                        Run::Zero { gpa, pages } => {
-                            let len = u64::from(pages)
-                                .checked_mul(PAGE)
-                                .ok_or_else(|| protocol(format!("zero run of {pages} pages")))?;
-                            // A hole, not written zeros: a zero run costs no memory here.
-                            if ram.discard(gpa, len).is_err() {
-                                fill(&ram, gpa, len, |dst| dst.fill(0))?;
+                        extents.push((gpa, len));
+                    }
+                    rx.populate(&ram, extents);
+                }
+                Kind::Memory => {
+                    let (_, runs) = wire::parse_memory(&buf, |gpa, len| ram.contains(gpa, len))?;
+                    for run in runs {
+                        match run {
+                            Run::Data { gpa, bytes } => {
+                                fill(&ram, gpa, bytes.len() as u64, |dst| {
+                                    dst.copy_from_slice(bytes)
+                                })?;
+                                report.pages += bytes.len() as u64 / PAGE;
                             }
-                            report.zero_pages += pages as u64;
+                            Run::Zero { gpa, pages } => {
+                                let len = u64::from(pages).checked_mul(PAGE).ok_or_else(|| {
+                                    protocol(format!("zero run of {pages} pages"))
+                                })?;
+                                // A hole, not written zeros: a zero run costs no memory here.
+                                if ram.discard(gpa, len).is_err() {
+                                    fill(&ram, gpa, len, |dst| dst.fill(0))?;
+                                }
+                                report.zero_pages += pages as u64;
+                            }
                         }
                     }
                 }
-            }
-            Kind::RoundEnd => {
-                if buf.len() != 20 {
-                    return Err(protocol(format!("RoundEnd of {} bytes", buf.len())));
+                Kind::RoundEnd => {
+                    if buf.len() != 20 {
+                        return Err(protocol(format!("RoundEnd of {} bytes", buf.len())));
+                    }
+                    report.rounds += 1;
                 }
-                report.rounds += 1;
-            }
-            Kind::VmState => {
-                if state.is_some() {
-                    return Err(protocol("VM state sent twice".into()));
+                Kind::VmState => {
+                    if state.is_some() {
+                        return Err(protocol("VM state sent twice".into()));
+                    }
+                    let s: VmState = postcard::from_bytes(&buf)
+                        .map_err(|e| protocol(format!("VM state does not decode: {e}")))?;
+                    if s.ram_size != cfg.ram_size {
+                        return Err(protocol(format!(
+                            "VM state is for {} bytes of RAM, config said {}",
+                            s.ram_size, cfg.ram_size
+                        )));
+                    }
+                    state = Some(s);
                 }
-                let s: VmState = postcard::from_bytes(&buf)
-                    .map_err(|e| protocol(format!("VM state does not decode: {e}")))?;
-                if s.ram_size != cfg.ram_size {
+                Kind::DeviceState => {
+                    let n = buf
+                        .get(..2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+                    let name = n
+                        .and_then(|n| buf.get(2..2 + n))
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .ok_or_else(|| protocol("device state with a malformed name".into()))?
+                        .to_string();
+                    if !cfg.devices.contains(&name) {
+                        return Err(protocol(format!(
+                            "state for device {name} that the configuration did not announce"
+                        )));
+                    }
+                    if devices.iter().any(|(n, _)| *n == name) {
+                        return Err(protocol(format!("state for device {name} sent twice")));
+                    }
+                    let blob = buf[2 + name.len()..].to_vec();
+                    devices.push((name, blob));
+                }
+                Kind::Complete => {
+                    if let Some(rx) = receivers.take() {
+                        let st = rx.join()?;
+                        report.pages += st.pages;
+                        report.zero_pages += st.zero_pages;
+                        report.bytes += st.bytes;
+                        report.cpu_s += st.cpu_s;
+                    }
+                    break;
+                }
+                Kind::Abort => {
+                    return Err(MigrationError::PeerAborted(
+                        String::from_utf8_lossy(&buf).into_owned(),
+                    ))
+                }
+                other => {
                     return Err(protocol(format!(
-                        "VM state is for {} bytes of RAM, config said {}",
-                        s.ram_size, cfg.ram_size
-                    )));
+                        "unexpected {other:?} during the transfer"
+                    )))
                 }
-                state = Some(s);
-            }
-            Kind::DeviceState => {
-                let n = buf
-                    .get(..2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-                let name = n
-                    .and_then(|n| buf.get(2..2 + n))
-                    .and_then(|b| std::str::from_utf8(b).ok())
-                    .ok_or_else(|| protocol("device state with a malformed name".into()))?
-                    .to_string();
-                if !cfg.devices.contains(&name) {
-                    return Err(protocol(format!(
-                        "state for device {name} that the configuration did not announce"
-                    )));
-                }
-                if devices.iter().any(|(n, _)| *n == name) {
-                    return Err(protocol(format!("state for device {name} sent twice")));
-                }
-                let blob = buf[2 + name.len()..].to_vec();
-                devices.push((name, blob));
-            }
-            Kind::Complete => break,
-            Kind::Abort => {
-                return Err(MigrationError::PeerAborted(
-                    String::from_utf8_lossy(&buf).into_owned(),
-                ))
-            }
-            other => {
-                return Err(protocol(format!(
-                    "unexpected {other:?} during the transfer"
-                )))
             }
         }
+        Ok(())
+    })();
+    if let Err(e) = received {
+        // A data channel that failed stopped the main connection: its reason is the real one.
+        return Err(receivers.as_ref().and_then(|r| r.error()).unwrap_or(e));
     }
     let state = state.ok_or_else(|| protocol("Complete without the VM state".into()))?;
     if devices.len() != cfg.devices.len() {
@@ -483,7 +554,6 @@ pub(crate) fn run(
         report.memory_hash = Some(memory_hash(&ram));
         hash_ms = t.elapsed().as_secs_f64() * 1000.0;
     }
-    let mut vm = Vm::with_ram(&vm_config, ram)?;
     vm.restore_state(&state)?;
     for (name, blob) in &devices {
         restorer
@@ -525,5 +595,6 @@ pub(crate) fn run(
         // The source committed with Go; it will not run the VM again. Keep running here.
         tracing::warn!("could not confirm the resume to the source: {}", chain(&e));
     }
+    report.cpu_s += cpu.elapsed().as_secs_f64();
     Ok(Incoming { vm, report })
 }

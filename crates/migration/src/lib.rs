@@ -9,6 +9,8 @@
 //! VM running on the source and never runs it on the destination.
 #![deny(missing_docs)]
 
+mod channels;
+pub mod cpu;
 pub mod destination;
 pub mod device;
 mod error;

@@ -22,6 +22,9 @@ pub struct RoundReport {
     pub dirty_device: u64,
     /// True for the final round (vCPUs paused).
     pub paused: bool,
+    /// Share of time the vCPUs were held off during this round (auto-converge), percent.
+    #[serde(default)]
+    pub throttle_pct: u32,
 }
 
 /// The source's report.
@@ -69,6 +72,15 @@ pub struct MigrationReport {
     pub memory_hash: Option<String>,
     /// Devices whose state was sent.
     pub devices: Vec<String>,
+    /// TCP connections that carried guest memory (1: the main connection only).
+    #[serde(default)]
+    pub streams: u32,
+    /// CPU seconds the migration's own threads used on the source (not the guest's).
+    #[serde(default)]
+    pub cpu_s: f64,
+    /// Highest vCPU throttle auto-converge applied, percent (0: never throttled).
+    #[serde(default)]
+    pub throttle_pct: u32,
 }
 
 /// The destination's report.
@@ -95,6 +107,9 @@ pub struct ReceiveReport {
     pub memory_hash: Option<String>,
     /// Devices restored.
     pub devices: Vec<String>,
+    /// CPU seconds the migration's own threads used on the destination.
+    #[serde(default)]
+    pub cpu_s: f64,
 }
 
 /// Progress of a running migration, for progress bars and API clients.
@@ -110,4 +125,7 @@ pub struct Progress {
     pub ram_bytes: u64,
     /// Pages still dirty at the last count.
     pub dirty_pages: u64,
+    /// vCPU throttle of auto-converge now, percent.
+    #[serde(default)]
+    pub throttle_pct: u32,
 }

@@ -38,6 +38,8 @@ pub struct CancelToken {
 struct CancelState {
     committed: bool,
     tcp: Option<TcpStream>,
+    /// The data channels' sockets.
+    data: Vec<TcpStream>,
 }
 
 impl CancelToken {
@@ -48,7 +50,7 @@ impl CancelToken {
             return false;
         }
         self.flag.store(true, Ordering::SeqCst);
-        if let Some(tcp) = &st.tcp {
+        for tcp in st.tcp.iter().chain(&st.data) {
             let _ = tcp.shutdown(std::net::Shutdown::Both);
         }
         true
@@ -67,6 +69,16 @@ impl CancelToken {
         }
     }
 
+    pub(crate) fn attach_data(&self, tcp: &TcpStream) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(t) = tcp.try_clone() {
+            st.data.push(t);
+        }
+        if self.flag.load(Ordering::SeqCst) {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// The commit point: false if cancelled first; afterwards `cancel` no longer acts.
     fn commit(&self) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,6 +87,7 @@ impl CancelToken {
         }
         st.committed = true;
         st.tcp = None;
+        st.data.clear();
         true
     }
 }
@@ -100,6 +113,70 @@ pub enum LimitPolicy {
     Finish,
     /// Give up; the VM keeps running here.
     Abort,
+}
+
+/// Auto-converge: the first throttle, the step while the guest still outruns the link, the
+/// most, and the period the duty cycle runs over.
+const THROTTLE_INITIAL: u32 = 20;
+const THROTTLE_STEP: u32 = 20;
+const THROTTLE_MAX: u32 = 99;
+const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
+
+/// Auto-converge (as QEMU's): holds the vCPUs off for `pct` percent of every period, so a
+/// guest that dirties memory faster than the link carries it slows down until the rest fits
+/// the downtime target.
+struct VcpuThrottle {
+    pct: std::sync::atomic::AtomicU32,
+    stop: AtomicBool,
+    /// Serialises the duty cycle with `halt`: when `halt` returns, the vCPUs run and stay
+    /// untouched by the throttle.
+    gate: std::sync::Mutex<()>,
+}
+
+impl VcpuThrottle {
+    fn new() -> Self {
+        VcpuThrottle {
+            pct: Default::default(),
+            stop: AtomicBool::new(false),
+            gate: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn pct(&self) -> u32 {
+        self.pct.load(Ordering::SeqCst)
+    }
+
+    /// The duty cycle, until `halt`.
+    fn run(&self, vm: &Vm) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let pct = self.pct();
+            if pct == 0 {
+                std::thread::sleep(THROTTLE_PERIOD);
+                continue;
+            }
+            let off = THROTTLE_PERIOD * pct / 100;
+            {
+                let _g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if vm.pause().is_ok() {
+                    std::thread::sleep(off);
+                    if let Err(e) = vm.resume() {
+                        tracing::error!("auto-converge could not resume the vCPUs: {e}");
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(THROTTLE_PERIOD - off);
+        }
+    }
+
+    /// Ends the duty cycle with the vCPUs running.
+    fn halt(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+    }
 }
 
 /// Times the switchover pauses the vCPUs to find every device ready before it goes ahead.
@@ -137,6 +214,18 @@ pub struct SourceOptions {
     /// here), ignored after it.
     #[serde(skip)]
     pub cancel: Option<Arc<CancelToken>>,
+    /// Data channels for guest memory next to the main connection (each authenticated as
+    /// the main one); 0 sends memory over the main connection (one stream, as a proxy that
+    /// sees every frame needs).
+    #[serde(default = "default_streams")]
+    pub streams: u32,
+}
+
+/// Data channels unless told otherwise.
+pub const DEFAULT_STREAMS: u32 = 4;
+
+fn default_streams() -> u32 {
+    DEFAULT_STREAMS
 }
 
 impl Default for SourceOptions {
@@ -152,6 +241,7 @@ impl Default for SourceOptions {
             tls_server_name: None,
             allow_insecure: false,
             cancel: None,
+            streams: DEFAULT_STREAMS,
         }
     }
 }
@@ -165,10 +255,24 @@ pub struct MigrationConfig {
     pub vcpus: u32,
     /// External devices whose state follows.
     pub devices: Vec<String>,
+    /// Data channels the source asks for (0: memory on the main connection).
+    pub streams: u32,
 }
 
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8).all(|c| c == [0u8; 8])
+}
+
+/// Sorted pages as runs of contiguous pages: (first page, count).
+fn runs_of(pages: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n * PAGE == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
 }
 
 fn ms(d: Duration) -> f64 {
@@ -182,6 +286,13 @@ struct Sender<'a> {
     bytes: u64,
     /// The bandwidth cap while it applies: (bytes per second, start, bytes sent since).
     throttle: Option<(u64, Instant, u64)>,
+    /// The data channels, once open.
+    channels: Option<crate::channels::SourceChannels>,
+    /// The cap for the data channels while it applies.
+    chan_throttle: Option<crate::channels::Throttle>,
+    /// Where the main connection went and the name its certificate carries.
+    peer: std::net::SocketAddr,
+    name: String,
 }
 
 impl Sender<'_> {
@@ -202,6 +313,32 @@ impl Sender<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Sends `runs` of pages over the data channels if open, else over the main connection;
+    /// returns (data pages, zero pages, skipped zero pages).
+    fn send_runs(
+        &mut self,
+        round: u32,
+        runs: &[(u64, u64)],
+        skip_zero: bool,
+    ) -> Result<(u64, u64, u64)> {
+        if let Some(ch) = &mut self.channels {
+            let st = ch.send_round(
+                self.ram,
+                round,
+                runs,
+                skip_zero,
+                self.chan_throttle.as_ref(),
+                self.cancel.as_deref(),
+            )?;
+            self.bytes += st.bytes;
+            return Ok((st.data, st.zero, st.skipped));
+        }
+        let all = runs
+            .iter()
+            .flat_map(|&(gpa, n)| (0..n).map(move |i| gpa + i * PAGE));
+        self.send_pages(round, all, skip_zero)
     }
 
     /// Sends `pages` (sorted guest-physical addresses); returns (data pages, zero pages).
@@ -341,6 +478,7 @@ pub fn migrate(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport> {
     let start = Instant::now();
+    let cpu = crate::cpu::ThreadCpu::start();
     let addr = to
         .to_socket_addrs()
         .map_err(MigrationError::io("resolving the destination"))?
@@ -377,23 +515,36 @@ pub fn migrate(
             .max_bandwidth
             .filter(|&r| r > 0)
             .map(|r| (r, Instant::now(), 0)),
+        channels: None,
+        chan_throttle: None,
+        peer: addr,
+        name,
     };
-    let result = run(
-        vm,
-        devices,
-        &mut prepared,
-        &mut tx,
-        to,
-        opts,
-        start,
-        &mut paused,
-        progress,
-    );
+    let throttle = VcpuThrottle::new();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| throttle.run(vm));
+        let r = run(
+            vm,
+            devices,
+            &mut prepared,
+            &mut tx,
+            to,
+            opts,
+            start,
+            &mut paused,
+            progress,
+            &throttle,
+        );
+        throttle.halt();
+        r
+    });
     let _ = vm.memory_slots().set_dirty_logging(false);
     vm.ram().track_vmm_writes(false);
     match result {
         Ok(mut r) => {
             r.tls = tls;
+            r.cpu_s += cpu.elapsed().as_secs_f64();
+            r.streams = r.streams.max(1);
             if r.outcome == Outcome::Unknown {
                 let _ = tcp.shutdown(std::net::Shutdown::Both);
             }
@@ -434,6 +585,7 @@ fn run(
     start: Instant,
     paused: &mut bool,
     progress: &mut dyn FnMut(&Progress),
+    throttle: &VcpuThrottle,
 ) -> Result<MigrationReport> {
     let ram = vm.ram();
     let mut buf = Vec::new();
@@ -456,10 +608,39 @@ fn run(
         ram_size: ram.size(),
         vcpus: 1,
         devices: devices.iter().map(|d| d.name()).collect(),
+        streams: opts.streams.min(crate::channels::MAX_STREAMS),
     };
     let cfg =
         postcard::to_allocvec(&config).map_err(|e| MigrationError::Encoding(e.to_string()))?;
     tx.send(Kind::Config, &cfg)?;
+    if config.streams > 0 {
+        tx.out.flush().map_err(MigrationError::io("write"))?;
+        expect(tx.out.get_mut(), Kind::Channels, &mut buf)?;
+        let inv = crate::channels::Invitation::decode(&buf)?;
+        if inv.count > config.streams {
+            return Err(MigrationError::Protocol(format!(
+                "invited to {} data channels, asked for {}",
+                inv.count, config.streams
+            )));
+        }
+        let ch = crate::channels::SourceChannels::open(
+            tx.peer.ip(),
+            &inv,
+            &opts.security,
+            &tx.name,
+            opts.timeout,
+            tx.cancel.as_deref(),
+        )?;
+        tx.chan_throttle =
+            opts.max_bandwidth
+                .filter(|&r| r > 0)
+                .map(|rate| crate::channels::Throttle {
+                    rate,
+                    start: Instant::now(),
+                    sent: Default::default(),
+                });
+        tx.channels = Some(ch);
+    }
 
     for (i, d) in devices.iter_mut().enumerate() {
         d.prepare(vm).map_err(|source| MigrationError::Device {
@@ -489,10 +670,21 @@ fn run(
     // Only the memfd's data extents can hold non-zero pages; holes are skipped unread.
     let extents = ram.data_ranges();
     let in_extents: u64 = extents.iter().map(|(_, len)| len / PAGE).sum();
-    let all = extents
-        .into_iter()
-        .flat_map(|(gpa, len)| (0..len / PAGE).map(move |i| gpa + i * PAGE));
-    let (pages, _, skipped) = tx.send_pages(0, all, true)?;
+    if tx.channels.is_some() {
+        // The destination populates these ahead of the data.
+        let mut payload = Vec::with_capacity(extents.len().min(1 << 20) * 16);
+        for &(gpa, len) in extents.iter().take(1 << 20) {
+            payload.extend_from_slice(&gpa.to_le_bytes());
+            payload.extend_from_slice(&len.to_le_bytes());
+        }
+        tx.send(Kind::Extents, &payload)?;
+        tx.out.flush().map_err(MigrationError::io("write"))?;
+    }
+    let runs: Vec<(u64, u64)> = extents
+        .iter()
+        .map(|&(gpa, len)| (gpa, len / PAGE))
+        .collect();
+    let (pages, _, skipped) = tx.send_runs(0, &runs, true)?;
     let round0 = round_end(tx, 0, pages, 0, before, t0)?;
     report.zero_pages_skipped = skipped + (ram.size() / PAGE).saturating_sub(in_extents);
 
@@ -510,11 +702,25 @@ fn run(
         let estimate = dirty.pages.len() as f64 * (PAGE as f64 + 16.0) / bandwidth;
         prog.round = round;
         prog.dirty_pages = dirty.pages.len() as u64;
-        progress(&prog);
         // A target of zero means: no early switchover, run the rounds up to the limit.
         if !opts.downtime.is_zero() && estimate <= opts.downtime.as_secs_f64() {
+            progress(&prog);
             break dirty;
         }
+        // Auto-converge: from round 2 on, a guest that dirtied more than half of what the
+        // last round carried outruns the link; hold its vCPUs off more.
+        let last_bytes = report.rounds.last().map_or(0, |r| r.bytes);
+        if round >= 2 && dirty.pages.len() as u64 * PAGE > last_bytes / 2 {
+            let pct = match throttle.pct() {
+                0 => THROTTLE_INITIAL,
+                p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+            };
+            throttle.pct.store(pct, Ordering::SeqCst);
+            report.throttle_pct = report.throttle_pct.max(pct);
+            tracing::info!(round, pct, "auto-converge: vCPUs throttled");
+        }
+        prog.throttle_pct = throttle.pct();
+        progress(&prog);
         if round > opts.max_rounds {
             if opts.on_limit == LimitPolicy::Abort {
                 return Err(MigrationError::NoConvergence {
@@ -527,9 +733,10 @@ fn run(
         }
         let t = Instant::now();
         let before = tx.bytes;
-        let (pages, zero, _) = tx.send_pages(round, dirty.pages.iter().copied(), false)?;
+        let (pages, zero, _) = tx.send_runs(round, &runs_of(&dirty.pages), false)?;
         let mut r = round_end(tx, round, pages, zero, before, t)?;
         (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (dirty.kvm, dirty.vmm, dirty.device);
+        r.throttle_pct = throttle.pct();
         sent_bytes += tx.bytes - before;
         sent_time += t.elapsed();
         report.rounds.push(r);
@@ -537,8 +744,12 @@ fn run(
         round += 1;
     };
 
-    // Switchover: pause, last dirty pages, state, devices.
+    // Switchover: pause, last dirty pages, state, devices. The duty cycle ends first, with
+    // the vCPUs running, so the pause below is the only one.
+    throttle.halt();
+    prog.throttle_pct = 0;
     tx.throttle = None;
+    tx.chan_throttle = None;
     prog.phase = "switchover".into();
     progress(&prog);
     let mut pause_at = Instant::now();
@@ -571,12 +782,13 @@ fn run(
             source,
         })?;
     }
+    tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: paused");
     let last = collect_dirty(vm, devices)?;
     let mut pages_final: BTreeSet<u64> = final_dirty.pages;
     pages_final.extend(last.pages.iter().copied());
     let t = Instant::now();
     let before = tx.bytes;
-    let (pages, zero, _) = tx.send_pages(round, pages_final.iter().copied(), false)?;
+    let (pages, zero, _) = tx.send_runs(round, &runs_of(&pages_final), false)?;
     let mut r = round_end(tx, round, pages, zero, before, t)?;
     (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (
         final_dirty.kvm + last.kvm,
@@ -584,7 +796,17 @@ fn run(
         final_dirty.device + last.device,
     );
     r.paused = true;
+    tracing::debug!(
+        at_ms = ms(pause_at.elapsed()),
+        pages,
+        "switchover: last pages sent"
+    );
     report.rounds.push(r);
+    if let Some(ch) = &mut tx.channels {
+        tx.bytes += ch.finish()?;
+        report.streams = ch.len() as u32;
+        report.cpu_s = ch.cpu_s;
+    }
 
     let state = vm.save_state()?;
     let state =
@@ -609,7 +831,9 @@ fn run(
     }
     tx.send(Kind::Complete, &[])?;
     tx.out.flush().map_err(MigrationError::io("write"))?;
+    tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: state sent");
     expect(tx.out.get_mut(), Kind::Ready, &mut buf)?;
+    tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: Ready");
     // Ready carries the destination's own hashing time (f64 ms; empty from a peer without).
     if let Ok(b) = <[u8; 8]>::try_from(buf.as_slice()) {
         let peer = f64::from_le_bytes(b);

@@ -9,7 +9,7 @@ use crate::{MigrationError, Result};
 /// First bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version spoken here.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest payload accepted (a memory batch is at most about 1 MiB).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// Pages per memory message.
@@ -44,6 +44,12 @@ pub enum Kind {
     Resumed = 10,
     /// Either side gives up, with a reason.
     Abort = 11,
+    /// Destination invites the source to open data channels (port, count, token).
+    Channels = 12,
+    /// First frame of a data channel: the token and the channel's index.
+    Join = 13,
+    /// The ranges round 0 will fill (source → destination), so it can populate them ahead.
+    Extents = 14,
 }
 
 impl Kind {
@@ -61,6 +67,9 @@ impl Kind {
             Go,
             Resumed,
             Abort,
+            Channels,
+            Join,
+            Extents,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -324,10 +333,10 @@ mod tests {
     fn hello_checks_magic_and_version() {
         assert!(check_hello(&hello()).is_ok());
         let mut v = hello();
-        v[8] = 2;
+        v[8] = 1;
         assert!(matches!(
             check_hello(&v),
-            Err(MigrationError::Version { theirs: 2, ours: 1 })
+            Err(MigrationError::Version { theirs: 1, ours: 2 })
         ));
         assert!(matches!(
             check_hello(b"GET / HTTP/1"),

@@ -56,6 +56,7 @@ fn send_config(s: &mut TcpStream, ram_size: u64, vcpus: u32, devices: &[&str]) {
         ram_size,
         vcpus,
         devices: devices.iter().map(|d| d.to_string()).collect(),
+        streams: 0,
     };
     wire::send(s, Kind::Config, &postcard::to_allocvec(&cfg).unwrap()).unwrap();
 }
@@ -379,6 +380,8 @@ fn after_go_without_confirmation_the_source_stays_paused_until_told() {
         &addr,
         &SourceOptions {
             timeout: Duration::from_secs(60),
+            // The fake destination speaks the main connection only.
+            streams: 0,
             ..Default::default()
         },
         &mut |_| {},

@@ -72,6 +72,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
         tls,
         tls_server_name: args.tls_server_name.clone(),
         insecure_no_auth: args.tls.insecure_no_auth,
+        streams: args.streams,
     });
     let bar = if std::io::stderr().is_terminal() && !args.json {
         let b = ProgressBar::new_spinner();
@@ -86,11 +87,16 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
     let answer = api::call(&args.api_socket, &request, |p| {
         if let Some(b) = &bar {
             b.set_message(format!(
-                "{} round {}: {} MiB sent, {} pages dirty",
+                "{} round {}: {} MiB sent, {} pages dirty{}",
                 p.phase,
                 p.round,
                 p.bytes >> 20,
-                p.dirty_pages
+                p.dirty_pages,
+                if p.throttle_pct > 0 {
+                    format!(", vCPUs throttled {}%", p.throttle_pct)
+                } else {
+                    String::new()
+                }
             ));
         }
     });

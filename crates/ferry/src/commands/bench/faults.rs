@@ -549,7 +549,17 @@ fn one_run(
     )?;
     let to = proxy.addr().to_string();
     let api_a = s.src_api.to_string_lossy().into_owned();
-    let mut margs = vec!["migrate", "--api-socket", &api_a, "--to", &to, "--json"];
+    // One stream: every frame of the migration passes through the proxy.
+    let mut margs = vec![
+        "migrate",
+        "--api-socket",
+        &api_a,
+        "--to",
+        &to,
+        "--json",
+        "--streams",
+        "0",
+    ];
     let bound = format!("{stall_bound}s");
     if has_timeout {
         margs.extend(["--timeout", &bound]);

@@ -15,6 +15,73 @@ use vmm::{devices::serial::ConsoleSink, Vm, VmConfig, VmOutcome};
 
 use crate::cli::BenchMigrateArgs;
 
+/// Median and spread of one figure over the runs of a row.
+#[derive(Clone, Copy, Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stat {
+    fn of(values: impl IntoIterator<Item = f64>) -> Stat {
+        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return Stat {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+            };
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+
+    /// `median [min-max]` with `prec` decimals.
+    fn show(&self, prec: usize) -> String {
+        format!(
+            "{:.p$} [{:.p$}-{:.p$}]",
+            self.median,
+            self.min,
+            self.max,
+            p = prec
+        )
+    }
+}
+
+/// One migration of a row.
+struct Sample {
+    total_ms: f64,
+    downtime_ms: f64,
+    rounds: usize,
+    hit_round_limit: bool,
+    sent_bytes: u64,
+    streams: u32,
+    src_cpu_s: f64,
+    dst_cpu_s: f64,
+    /// The bench process's peak resident memory during the migration (both sides).
+    peak_rss_bytes: u64,
+    throttle_pct: u32,
+    ledger_ok: bool,
+}
+
+/// One run of the floor: the same bytes, memfd to fresh memfd, over as many connections.
+struct FloorRun {
+    secs: f64,
+    send_cpu_s: f64,
+    recv_cpu_s: f64,
+}
+
 #[derive(Serialize)]
 struct Row {
     ram_mib: u64,
@@ -22,13 +89,36 @@ struct Row {
     /// "plain" or "tls".
     transport: String,
     working_set_mib: u64,
-    total_ms: f64,
-    downtime_ms: f64,
+    runs: usize,
+    /// TCP connections that carried guest memory.
+    streams: u32,
+    total_ms: Stat,
+    downtime_ms: Stat,
     rounds: usize,
     hit_round_limit: bool,
+    /// Highest vCPU throttle auto-converge applied in any run, percent.
+    throttle_pct: u32,
     sent_mib: f64,
-    bandwidth_mbps: f64,
+    /// Sent bytes over total time, MB/s (10^6 bytes).
+    bandwidth_mbps: Stat,
+    /// The floor's rate over the same bytes and connections, interleaved with the migrations.
+    floor_mbps: Stat,
+    /// Each migration's rate over the floor run next to it.
+    vs_floor: Stat,
     bandwidth_vs_raw_tcp: f64,
+    /// CPU seconds per GiB sent by the source's migration threads.
+    src_cpu_s_per_gib: Stat,
+    /// CPU seconds per GiB by the destination's migration threads.
+    dst_cpu_s_per_gib: Stat,
+    /// The floor's sender and receiver, CPU seconds per GiB.
+    floor_send_cpu_s_per_gib: Stat,
+    floor_recv_cpu_s_per_gib: Stat,
+    /// Source CPU over the floor sender's, destination CPU over the floor receiver's (medians).
+    src_cpu_vs_floor: f64,
+    dst_cpu_vs_floor: f64,
+    /// Peak resident memory (VmHWM) of the bench process during the migration: source and
+    /// destination together (both sides run in this one process), MiB.
+    peak_rss_both_sides_mib: Stat,
     /// For TLS rows: this row's bandwidth over the plain row's of the same size and load.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_vs_plain_bandwidth: Option<f64>,
@@ -147,13 +237,226 @@ fn fill_unused(vm: &Vm, working_set: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A memfd of `len` bytes (zeroed, unpopulated).
+fn memfd(len: u64) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"ferry-bench-floor".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("memfd_create");
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(len)?;
+    Ok(f)
+}
+
+/// The floor's source: a memfd of `len` non-zero bytes, written once (not timed).
+fn floor_source(len: u64) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::FileExt;
+    let f = memfd(len)?;
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + 1) as u8).collect();
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    Ok(f)
+}
+
+/// A mapping of a file, unmapped on drop.
+struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(f: &std::fs::File, len: usize) -> anyhow::Result<Mapping> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared mapping of `len` bytes of a file at least that long; nothing
+        // else refers to the range.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap");
+        }
+        Ok(Mapping {
+            addr: p as usize,
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no reference into it outlives self.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// The floor of the job: `src`'s `bytes` moved into a fresh memfd over `streams` loopback
+/// connections, `sendfile` on the sending side and plain receives into the mapping on the
+/// other, while a spinning thread stands in for the running guest.
+fn floor_once(src: &std::fs::File, bytes: u64, streams: u32) -> anyhow::Result<FloorRun> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let streams = streams.max(1) as u64;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let spinner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let dst = memfd(bytes)?;
+    let map = Mapping::new(&dst, bytes as usize)?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let shard = (bytes / streams).next_multiple_of(4096);
+    let t = Instant::now();
+    let result = std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
+        let mut recv = Vec::new();
+        for _ in 0..streams {
+            let (listener, base) = (&listener, map.addr);
+            recv.push(s.spawn(move || -> anyhow::Result<f64> {
+                let cpu = migration::cpu::ThreadCpu::start();
+                let (mut sock, _) = listener.accept()?;
+                let mut h = [0u8; 16];
+                sock.read_exact(&mut h)?;
+                let off = u64::from_le_bytes(h[..8].try_into()?);
+                let len = u64::from_le_bytes(h[8..].try_into()?);
+                if off.checked_add(len).is_none_or(|e| e > bytes) {
+                    bail!("floor: shard {off}+{len} outside {bytes}");
+                }
+                let mut got = 0;
+                while got < len {
+                    // SAFETY: [off+got, off+len) lies inside the mapping (checked above), which
+                    // outlives this scope; each receiver writes only its own shard.
+                    let n = unsafe {
+                        libc::recv(
+                            sock.as_raw_fd(),
+                            (base + (off + got) as usize) as *mut libc::c_void,
+                            (len - got) as usize,
+                            0,
+                        )
+                    };
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.kind() == std::io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e.into());
+                    }
+                    if n == 0 {
+                        bail!("floor: connection closed after {got} of {len} bytes");
+                    }
+                    got += n as u64;
+                }
+                Ok(cpu.elapsed().as_secs_f64())
+            }));
+        }
+        let mut send = Vec::new();
+        for i in 0..streams {
+            send.push(s.spawn(move || -> anyhow::Result<f64> {
+                let cpu = migration::cpu::ThreadCpu::start();
+                let off = (i * shard).min(bytes);
+                let len = if i + 1 == streams {
+                    bytes - off
+                } else {
+                    shard.min(bytes - off)
+                };
+                let mut sock = TcpStream::connect(addr)?;
+                let mut h = [0u8; 16];
+                h[..8].copy_from_slice(&off.to_le_bytes());
+                h[8..].copy_from_slice(&len.to_le_bytes());
+                sock.write_all(&h)?;
+                let mut pos = off as libc::off_t;
+                let end = (off + len) as libc::off_t;
+                while pos < end {
+                    // SAFETY: sendfile between two descriptors this thread holds; `pos` is a
+                    // valid off_t the kernel advances.
+                    let n = unsafe {
+                        libc::sendfile(
+                            sock.as_raw_fd(),
+                            src.as_raw_fd(),
+                            &mut pos,
+                            (end - pos).min(1 << 30) as usize,
+                        )
+                    };
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.kind() == std::io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e.into());
+                    }
+                    if n == 0 {
+                        bail!("floor: sendfile sent nothing");
+                    }
+                }
+                Ok(cpu.elapsed().as_secs_f64())
+            }));
+        }
+        let join = |h: std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
+        };
+        let mut send_cpu = 0.0;
+        for h in send {
+            send_cpu += join(h)?;
+        }
+        let mut recv_cpu = 0.0;
+        for h in recv {
+            recv_cpu += join(h)?;
+        }
+        Ok((send_cpu, recv_cpu))
+    });
+    let secs = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = spinner.join();
+    let (send_cpu_s, recv_cpu_s) = result?;
+    Ok(FloorRun {
+        secs,
+        send_cpu_s,
+        recv_cpu_s,
+    })
+}
+
+/// This process's resident memory: (VmRSS, VmHWM) in bytes.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn one(
     ram: u64,
     load: &str,
     security: &migration::Security,
     args: &BenchMigrateArgs,
-    raw: f64,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<Sample> {
     let working_set = (ram / 4).min(1 << 30);
     let config = VmConfig {
         ram_size: ram,
@@ -180,11 +483,12 @@ fn one(
         security: security.clone(),
         ..Default::default()
     };
-    let dest = std::thread::spawn(move || -> anyhow::Result<Vm> {
+    reset_peak_rss();
+    let dest = std::thread::spawn(move || -> anyhow::Result<(Vm, migration::ReceiveReport)> {
         let (stream, _) = listener.accept()?;
         let inc = migration::receive(stream, &dest_config, &dest_opts, &mut NoDevices)
             .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?;
-        Ok(inc.vm)
+        Ok((inc.vm, inc.report))
     });
     let opts = SourceOptions {
         security: security.clone(),
@@ -196,9 +500,10 @@ fn one(
     let report = migration::migrate(&vm, &mut [], &addr, &opts, &mut |_| {})
         .map_err(|e| anyhow::anyhow!(migration::chain(&e)))
         .with_context(|| format!("migrating {} MiB / {load}", ram >> 20))?;
-    let dvm = dest
+    let (dvm, dreport) = dest
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))??;
+    let (_, peak) = rss();
     drop(vm);
     // the guest must be intact on the destination
     let req = dvm.mailbox().request_verify()?;
@@ -215,20 +520,79 @@ fn one(
         std::thread::sleep(Duration::from_millis(5));
     };
     dvm.stop("bench over")?;
-    Ok(Row {
-        ram_mib: ram >> 20,
-        load: load.to_string(),
-        transport: if security.is_tls() { "tls" } else { "plain" }.into(),
-        tls_vs_plain_bandwidth: None,
-        working_set_mib: working_set >> 20,
+    Ok(Sample {
         total_ms: report.total_ms,
         downtime_ms: report.downtime_ms,
         rounds: report.rounds.len(),
         hit_round_limit: report.hit_round_limit,
-        sent_mib: report.bytes as f64 / (1 << 20) as f64,
-        bandwidth_mbps: report.bandwidth_mbps,
-        bandwidth_vs_raw_tcp: report.bandwidth_mbps / raw,
-        ledger_ok_on_destination: ok,
+        sent_bytes: report.bytes,
+        streams: report.streams,
+        src_cpu_s: report.cpu_s,
+        dst_cpu_s: dreport.cpu_s,
+        peak_rss_bytes: peak,
+        throttle_pct: report.throttle_pct,
+        ledger_ok: ok,
+    })
+}
+
+/// The runs of one row, each migration followed by a floor run over the same bytes.
+fn row(
+    ram: u64,
+    load: &str,
+    security: &migration::Security,
+    args: &BenchMigrateArgs,
+    raw: f64,
+) -> anyhow::Result<Row> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let mut samples = Vec::new();
+    let mut floors = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let s = one(ram, load, security, args)?;
+        let bytes = s.sent_bytes.next_multiple_of(4096);
+        let src = floor_source(bytes)?;
+        floors.push(floor_once(&src, bytes, s.streams)?);
+        samples.push(s);
+    }
+    let rate = |s: &Sample| s.sent_bytes as f64 / (s.total_ms / 1000.0) / 1e6;
+    let frate = |f: &FloorRun, s: &Sample| s.sent_bytes as f64 / f.secs / 1e6;
+    let gib = |s: &Sample| s.sent_bytes as f64 / GIB;
+    let pairs = || samples.iter().zip(&floors);
+    let src_cpu = Stat::of(samples.iter().map(|s| s.src_cpu_s / gib(s)));
+    let dst_cpu = Stat::of(samples.iter().map(|s| s.dst_cpu_s / gib(s)));
+    let fsend = Stat::of(pairs().map(|(s, f)| f.send_cpu_s / gib(s)));
+    let frecv = Stat::of(pairs().map(|(s, f)| f.recv_cpu_s / gib(s)));
+    let bw = Stat::of(samples.iter().map(rate));
+    let working_set = (ram / 4).min(1 << 30);
+    Ok(Row {
+        ram_mib: ram >> 20,
+        load: load.to_string(),
+        transport: if security.is_tls() { "tls" } else { "plain" }.into(),
+        working_set_mib: working_set >> 20,
+        runs: samples.len(),
+        streams: samples.iter().map(|s| s.streams).max().unwrap_or(1),
+        total_ms: Stat::of(samples.iter().map(|s| s.total_ms)),
+        downtime_ms: Stat::of(samples.iter().map(|s| s.downtime_ms)),
+        rounds: samples.iter().map(|s| s.rounds).max().unwrap_or(0),
+        hit_round_limit: samples.iter().any(|s| s.hit_round_limit),
+        throttle_pct: samples.iter().map(|s| s.throttle_pct).max().unwrap_or(0),
+        sent_mib: Stat::of(samples.iter().map(|s| s.sent_bytes as f64)).median / (1 << 20) as f64,
+        bandwidth_mbps: bw,
+        floor_mbps: Stat::of(pairs().map(|(s, f)| frate(f, s))),
+        vs_floor: Stat::of(pairs().map(|(s, f)| rate(s) / frate(f, s))),
+        bandwidth_vs_raw_tcp: bw.median / raw,
+        src_cpu_s_per_gib: src_cpu,
+        dst_cpu_s_per_gib: dst_cpu,
+        floor_send_cpu_s_per_gib: fsend,
+        floor_recv_cpu_s_per_gib: frecv,
+        src_cpu_vs_floor: src_cpu.median / fsend.median,
+        dst_cpu_vs_floor: dst_cpu.median / frecv.median,
+        peak_rss_both_sides_mib: Stat::of(
+            samples
+                .iter()
+                .map(|s| s.peak_rss_bytes as f64 / (1 << 20) as f64),
+        ),
+        tls_vs_plain_bandwidth: None,
+        ledger_ok_on_destination: samples.iter().all(|s| s.ledger_ok),
     })
 }
 
@@ -255,20 +619,14 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     }
     let raw = raw_tcp_mbps()?;
     if !args.json {
-        println!("ferry bench migrate: raw loopback TCP {raw:.0} MB/s (one stream, same run)");
         println!(
-            "  {:>6} {:>9} {:>5} {:>6} {:>9} {:>9} {:>6} {:>8} {:>7} {:>8} {:>9}  ledger",
-            "RAM",
-            "load",
-            "via",
-            "WS",
-            "total ms",
-            "down ms",
-            "rounds",
-            "sent MiB",
-            "MB/s",
-            "vs raw",
-            "vs plain"
+            "ferry bench migrate: raw loopback TCP {raw:.0} MB/s (one stream, same run); \
+             {} run(s) per row, median [min-max]",
+            args.runs.max(1)
+        );
+        println!(
+            "  floor = the same bytes memfd -> fresh memfd over the same connections (sendfile, \
+             plain receives) with a spinning thread for the guest, run after each migration"
         );
     }
     let mut rows = Vec::new();
@@ -276,34 +634,15 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
         for load in &args.loads {
             let mut plain_mbps = None;
             for security in &transports {
-                let mut row = one(ram, load, security, &args, raw)?;
+                let mut row = row(ram, load, security, &args, raw)?;
                 if security.is_tls() {
-                    row.tls_vs_plain_bandwidth = plain_mbps.map(|p: f64| row.bandwidth_mbps / p);
+                    row.tls_vs_plain_bandwidth =
+                        plain_mbps.map(|p: f64| row.bandwidth_mbps.median / p);
                 } else {
-                    plain_mbps = Some(row.bandwidth_mbps);
+                    plain_mbps = Some(row.bandwidth_mbps.median);
                 }
                 if !args.json {
-                    println!(
-                    "  {:>5}M {:>9} {:>5} {:>5}M {:>9.0} {:>9.1} {:>5}{} {:>8.0} {:>7.0} {:>8.3} {:>9}  {}",
-                    row.ram_mib,
-                    row.load,
-                    row.transport,
-                    row.working_set_mib,
-                    row.total_ms,
-                    row.downtime_ms,
-                    row.rounds,
-                    if row.hit_round_limit { "!" } else { " " },
-                    row.sent_mib,
-                    row.bandwidth_mbps,
-                    row.bandwidth_vs_raw_tcp,
-                    row.tls_vs_plain_bandwidth
-                        .map_or_else(|| "-".to_string(), |r| format!("{r:.3}")),
-                    if row.ledger_ok_on_destination {
-                        "ok"
-                    } else {
-                        "FAILED"
-                    }
-                );
+                    print_row(&row);
                 }
                 rows.push(row);
             }
@@ -319,7 +658,54 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
         };
         println!("{}", serde_json::to_string_pretty(&b)?);
     } else {
-        println!("  (! = round limit reached, switched over anyway; downtime = pause -> destination resumed)");
+        println!(
+            "  (! = round limit reached, switched over anyway; downtime = pause -> destination \
+             resumed; peak = VmHWM of this process, source and destination together)"
+        );
     }
     Ok(if all_ok { 0 } else { 1 })
+}
+
+fn print_row(row: &Row) {
+    println!(
+        "  {}M {} {} ({} stream(s), WS {}M, {:.0} MiB sent, {} round(s){}, vCPU throttle {}%): ledger {}",
+        row.ram_mib,
+        row.load,
+        row.transport,
+        row.streams,
+        row.working_set_mib,
+        row.sent_mib,
+        row.rounds,
+        if row.hit_round_limit { "!" } else { "" },
+        row.throttle_pct,
+        if row.ledger_ok_on_destination {
+            "ok"
+        } else {
+            "FAILED"
+        }
+    );
+    println!(
+        "    MB/s {}   floor {}   vs floor {}   vs raw {:.3}{}",
+        row.bandwidth_mbps.show(0),
+        row.floor_mbps.show(0),
+        row.vs_floor.show(3),
+        row.bandwidth_vs_raw_tcp,
+        row.tls_vs_plain_bandwidth
+            .map_or_else(String::new, |r| format!("   vs plain {r:.3}"))
+    );
+    println!(
+        "    total ms {}   downtime ms {}   peak MiB {}",
+        row.total_ms.show(0),
+        row.downtime_ms.show(1),
+        row.peak_rss_both_sides_mib.show(0)
+    );
+    println!(
+        "    CPU s/GiB: source {} (floor sender {}, x{:.2})   destination {} (floor receiver {}, x{:.2})",
+        row.src_cpu_s_per_gib.show(3),
+        row.floor_send_cpu_s_per_gib.show(3),
+        row.src_cpu_vs_floor,
+        row.dst_cpu_s_per_gib.show(3),
+        row.floor_recv_cpu_s_per_gib.show(3),
+        row.dst_cpu_vs_floor
+    );
 }

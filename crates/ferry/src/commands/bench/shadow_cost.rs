@@ -323,6 +323,7 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
         tls: None,
         tls_server_name: None,
         insecure_no_auth: false,
+        streams: None,
     });
     let report = match api::call(&api_path, &request, |_| {})? {
         Response::Result {

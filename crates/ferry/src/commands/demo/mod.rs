@@ -301,6 +301,7 @@ pub(crate) fn migrate_later(
         tls: None,
         tls_server_name: None,
         insecure_no_auth: false,
+        streams: None,
     });
     match api::call(&api_path, &request, |_| {})? {
         Response::Result {

@@ -1,0 +1,1022 @@
+//! Data channels: guest memory over several connections in parallel (as QEMU's multifd), next
+//! to the main connection that keeps the control messages.
+//!
+//! After the configuration the destination opens a listener of its own, on the address the
+//! main connection reached, and sends its port, the number of channels and a random token
+//! ([`Kind::Channels`]). The source connects that many times; each connection is secured
+//! exactly as the main one (TLS 1.3 with mutual certificate authentication when TLS is on: the
+//! listener runs the same [`transport::accept`]), then presents the token ([`Kind::Join`]).
+//! A connection that fails either is dropped and counted; only the source that passed the main
+//! handshake knows the token.
+//!
+//! On a data channel, chunks follow: a 24-byte header (guest-physical address, length, tag,
+//! round, CRC-32 of the first 20 bytes) and, for data, the pages themselves. The source sends
+//! them straight from the guest's memfd (`sendfile` on plain TCP; `pread` into the TLS
+//! record buffer under TLS) and the destination receives them straight into guest memory (a
+//! `recv` into the mapping; the TLS reader decrypts into it). The pages carry no checksum of
+//! their own: TCP's checksum (plain) or the AEAD tag (TLS) covers them. Each round ends with a
+//! round-end chunk on every channel, and the destination's receivers wait for each other
+//! there, so a page sent again in a later round never lands before its older copy.
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd, unix::fs::FileExt},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use vmm::memory::GuestRam;
+
+use crate::{
+    error::chain,
+    source::CancelToken,
+    transport::{self, Conn, Security},
+    wire::{self, Kind, PAGE},
+    MigrationError, Result,
+};
+
+/// Most data channels a destination accepts.
+pub const MAX_STREAMS: u32 = 16;
+/// Token length.
+const TOKEN: usize = 32;
+/// Chunk header length.
+const HEADER: usize = 24;
+/// Most pages in one work item (and in one data chunk).
+const ITEM_PAGES: u64 = 512;
+/// Rounds of at most this many pages go out from the calling thread.
+const SMALL_ROUND_PAGES: u64 = 1024;
+/// Largest chunk the destination accepts.
+const MAX_CHUNK: u64 = ITEM_PAGES * PAGE;
+/// Bytes the destination populates ahead in one step.
+const POPULATE_STEP: u64 = 8 << 20;
+
+const TAG_DATA: u32 = 1;
+const TAG_ZERO: u32 = 2;
+const TAG_ROUND_END: u32 = 3;
+const TAG_DONE: u32 = 4;
+
+fn encode(gpa: u64, len: u32, tag: u32, round: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(&gpa.to_le_bytes());
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    h[12..16].copy_from_slice(&tag.to_le_bytes());
+    h[16..20].copy_from_slice(&round.to_le_bytes());
+    let crc = crc32fast::hash(&h[..20]);
+    h[20..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Where `[gpa, gpa + len)` lives when it lies inside one RAM region: its host address and
+/// its offset in the memfd.
+pub(crate) fn locate(ram: &GuestRam, gpa: u64, len: u64) -> Option<(*mut u8, u64)> {
+    let end = gpa.checked_add(len)?;
+    let r = ram
+        .regions()
+        .iter()
+        .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)?;
+    let base = ram.host_address(r).ok()?;
+    let off = (gpa - r.gpa) as usize;
+    // The region's mapping is r.size bytes long and off + len <= r.size.
+    Some((base.wrapping_add(off), r.file_offset + (gpa - r.gpa)))
+}
+
+/// True when the 4 KiB page at `p` reads all zero: 64-bit volatile loads, eight at a time,
+/// stopping at the first non-zero group (a data page usually stops at once).
+///
+/// # Safety
+/// `p` must point to 4 KiB of mapped guest memory, 8-byte aligned. Others may write it
+/// concurrently: the result is then a snapshot, which is what pre-copy wants (a page written
+/// while it is read is dirty again and goes out in a later round).
+unsafe fn is_zero_page(p: *const u8) -> bool {
+    let w = p as *const u64;
+    let mut i = 0;
+    while i < (PAGE / 8) as usize {
+        let mut acc = 0u64;
+        for k in 0..8 {
+            // SAFETY: i + k < 512 words, inside the page the caller vouches for; volatile
+            // because the guest may write the word at the same time.
+            acc |= unsafe { std::ptr::read_volatile(w.add(i + k)) };
+        }
+        if acc != 0 {
+            return false;
+        }
+        i += 8;
+    }
+    true
+}
+
+/// A random token (getrandom).
+fn token() -> Result<[u8; TOKEN]> {
+    let mut t = [0u8; TOKEN];
+    let mut got = 0;
+    while got < TOKEN {
+        // SAFETY: getrandom writes at most TOKEN - got bytes into the rest of `t`.
+        let n =
+            unsafe { libc::getrandom(t[got..].as_mut_ptr() as *mut libc::c_void, TOKEN - got, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(MigrationError::io("random token")(e));
+        }
+        got += n as usize;
+    }
+    Ok(t)
+}
+
+/// What the destination announces: where to connect, how many times, with which token.
+pub(crate) struct Invitation {
+    pub port: u16,
+    pub count: u32,
+    pub token: [u8; TOKEN],
+}
+
+impl Invitation {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.port.to_le_bytes().to_vec();
+        v.extend_from_slice(&self.count.to_le_bytes());
+        v.extend_from_slice(&self.token);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Invitation> {
+        if b.len() != 6 + TOKEN {
+            return Err(MigrationError::Protocol(format!(
+                "channel invitation of {} bytes",
+                b.len()
+            )));
+        }
+        let count = le32(&b[2..6]);
+        if count == 0 || count > MAX_STREAMS {
+            return Err(MigrationError::Protocol(format!(
+                "invitation to {count} data channels"
+            )));
+        }
+        let mut token = [0u8; TOKEN];
+        token.copy_from_slice(&b[6..]);
+        Ok(Invitation {
+            port: u16::from_le_bytes([b[0], b[1]]),
+            count,
+            token,
+        })
+    }
+}
+
+/// One data connection.
+enum DataConn {
+    /// Plain TCP: pages go out with `sendfile`, come in with `recv`.
+    Plain(TcpStream),
+    /// TLS over `tcp`.
+    Tls { conn: Box<dyn Conn>, tcp: TcpStream },
+}
+
+impl DataConn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            DataConn::Plain(t) => t,
+            DataConn::Tls { tcp, .. } => tcp,
+        }
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            DataConn::Plain(t) => t.write_all(b),
+            DataConn::Tls { conn, .. } => conn.write_all(b),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            DataConn::Plain(t) => t.flush(),
+            DataConn::Tls { conn, .. } => conn.flush(),
+        }
+    }
+
+    fn read_exact(&mut self, b: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            DataConn::Plain(t) => t.read_exact(b),
+            DataConn::Tls { conn, .. } => conn.read_exact(b),
+        }
+    }
+}
+
+fn from_stream(s: transport::Stream) -> DataConn {
+    if s.tls {
+        DataConn::Tls {
+            conn: s.conn,
+            tcp: s.tcp,
+        }
+    } else {
+        DataConn::Plain(s.tcp)
+    }
+}
+
+/// Sends a header that more bytes follow at once (`MSG_MORE`: one segment with the data).
+fn send_header(tcp: &TcpStream, h: &[u8; HEADER]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < HEADER {
+        // SAFETY: sends the rest of `h`, a live local array.
+        let n = unsafe {
+            libc::send(
+                tcp.as_raw_fd(),
+                h[done..].as_ptr() as *const libc::c_void,
+                HEADER - done,
+                libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            )
+        };
+        let Some(n) = counted(n)? else {
+            continue;
+        };
+        done += n;
+    }
+    Ok(())
+}
+
+/// A syscall's count, `None` when it was interrupted (try again), the error otherwise.
+fn counted(n: isize) -> std::io::Result<Option<usize>> {
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::Interrupted {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// `len` bytes of `file` from `off` onto `tcp`, by the kernel (no copy through user space).
+fn sendfile_all(tcp: &TcpStream, file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let mut pos = off as libc::off_t;
+    let end = (off + len) as libc::off_t;
+    while pos < end {
+        // SAFETY: sendfile between two descriptors this thread holds; `pos` is a valid off_t
+        // the kernel advances.
+        let n = unsafe {
+            libc::sendfile(
+                tcp.as_raw_fd(),
+                file.as_raw_fd(),
+                &mut pos,
+                (end - pos) as usize,
+            )
+        };
+        let Some(n) = counted(n)? else {
+            continue;
+        };
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "sendfile sent nothing",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Receives exactly `len` bytes into `p` with `recv`.
+///
+/// # Safety
+/// `p` must be valid for writes of `len` bytes that nothing else accesses meanwhile.
+unsafe fn recv_all(tcp: &TcpStream, p: *mut u8, len: usize) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < len {
+        // SAFETY: writes at most len - got bytes at p + got, inside what the caller vouches for.
+        let n = unsafe {
+            libc::recv(
+                tcp.as_raw_fd(),
+                p.add(got) as *mut libc::c_void,
+                len - got,
+                libc::MSG_WAITALL,
+            )
+        };
+        let Some(n) = counted(n)? else {
+            continue;
+        };
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "data channel closed mid-chunk",
+            ));
+        }
+        got += n;
+    }
+    Ok(())
+}
+
+/// Counts of one round on the source.
+#[derive(Default)]
+pub(crate) struct RoundStats {
+    pub data: u64,
+    pub zero: u64,
+    pub skipped: u64,
+    pub bytes: u64,
+}
+
+/// A cap on the sending rate shared by all channels.
+pub(crate) struct Throttle {
+    pub rate: u64,
+    pub start: Instant,
+    pub sent: AtomicU64,
+}
+
+impl Throttle {
+    fn account(&self, n: u64) {
+        let sent = self.sent.fetch_add(n, Ordering::Relaxed) + n;
+        let due = Duration::from_secs_f64(sent as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The source's data channels.
+pub(crate) struct SourceChannels {
+    conns: Vec<DataConn>,
+    /// CPU seconds the channel threads used.
+    pub cpu_s: f64,
+}
+
+impl SourceChannels {
+    /// Connects the channels the destination invited to (on `ip`), each secured as the main
+    /// connection and introduced by the token.
+    pub fn open(
+        ip: IpAddr,
+        inv: &Invitation,
+        security: &Security,
+        server_name: &str,
+        timeout: Duration,
+        cancel: Option<&CancelToken>,
+    ) -> Result<SourceChannels> {
+        let addr = SocketAddr::new(ip, inv.port);
+        let mut conns = Vec::new();
+        for i in 0..inv.count {
+            let mut s = transport::connect(addr, security, server_name, timeout)?;
+            if let Some(c) = cancel {
+                c.attach_data(&s.tcp);
+            }
+            let mut join = inv.token.to_vec();
+            join.extend_from_slice(&i.to_le_bytes());
+            wire::send(&mut s.conn, Kind::Join, &join)?;
+            s.conn.flush().map_err(MigrationError::io("write"))?;
+            conns.push(from_stream(s));
+        }
+        Ok(SourceChannels { conns, cpu_s: 0.0 })
+    }
+
+    /// Streams used.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Sends the pages of `runs` ((first page, page count), within one RAM region each) over
+    /// all channels in parallel, then a round end on each. Zero pages are skipped when
+    /// `skip_zero` (round 0: the destination starts zeroed), sent as zero chunks otherwise.
+    pub fn send_round(
+        &mut self,
+        ram: &GuestRam,
+        round: u32,
+        runs: &[(u64, u64)],
+        skip_zero: bool,
+        throttle: Option<&Throttle>,
+        cancel: Option<&CancelToken>,
+    ) -> Result<RoundStats> {
+        // Work items of at most ITEM_PAGES, handed out in address order.
+        let mut items = Vec::new();
+        for &(gpa, pages) in runs {
+            let mut i = 0;
+            while i < pages {
+                let n = (pages - i).min(ITEM_PAGES);
+                items.push((gpa + i * PAGE, n));
+                i += n;
+            }
+        }
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let memfd = ram.memfd().clone();
+        let pages: u64 = runs.iter().map(|r| r.1).sum();
+        let results: Vec<Result<(RoundStats, f64)>> = if pages <= SMALL_ROUND_PAGES {
+            // A small round (the paused one, usually): this thread sends it all on the first
+            // channel and the round ends on the others, with no thread to wake up.
+            let cpu = crate::cpu::ThreadCpu::start();
+            let mut out = Vec::new();
+            for conn in self.conns.iter_mut() {
+                let r = send_items(
+                    conn, ram, &memfd, round, &items, &next, skip_zero, throttle, cancel, &failed,
+                );
+                let stop = r.is_err();
+                out.push(r.map(|st| (st, 0.0)));
+                if stop {
+                    break;
+                }
+            }
+            if let Some(Ok((_, c))) = out.first_mut() {
+                *c = cpu.elapsed().as_secs_f64();
+            }
+            out
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .conns
+                    .iter_mut()
+                    .map(|conn| {
+                        let (items, next, failed, memfd) = (&items, &next, &failed, &memfd);
+                        s.spawn(move || {
+                            let cpu = crate::cpu::ThreadCpu::start();
+                            let r = send_items(
+                                conn, ram, memfd, round, items, next, skip_zero, throttle, cancel,
+                                failed,
+                            );
+                            if r.is_err() {
+                                failed.store(true, Ordering::SeqCst);
+                            }
+                            r.map(|st| (st, cpu.elapsed().as_secs_f64()))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(MigrationError::Protocol(
+                                "data channel thread panicked".into(),
+                            ))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let mut total = RoundStats::default();
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok((st, cpu)) => {
+                    total.data += st.data;
+                    total.zero += st.zero;
+                    total.skipped += st.skipped;
+                    total.bytes += st.bytes;
+                    self.cpu_s += cpu;
+                }
+                // The first real cause, not a channel that stopped because another failed.
+                Err(MigrationError::Cancelled) => {
+                    first_err.get_or_insert(MigrationError::Cancelled);
+                }
+                Err(e) => {
+                    if matches!(first_err, None | Some(MigrationError::Cancelled)) {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// Tells every channel that no more memory follows.
+    pub fn finish(&mut self) -> Result<u64> {
+        let h = encode(0, 0, TAG_DONE, 0);
+        for c in &mut self.conns {
+            c.write_all(&h).map_err(MigrationError::io("write"))?;
+            c.flush().map_err(MigrationError::io("write"))?;
+        }
+        Ok((HEADER * self.conns.len()) as u64)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_items(
+    conn: &mut DataConn,
+    ram: &GuestRam,
+    memfd: &File,
+    round: u32,
+    items: &[(u64, u64)],
+    next: &AtomicUsize,
+    skip_zero: bool,
+    throttle: Option<&Throttle>,
+    cancel: Option<&CancelToken>,
+    failed: &AtomicBool,
+) -> Result<RoundStats> {
+    let io = MigrationError::io("write");
+    let mut st = RoundStats::default();
+    let mut tls_buf = Vec::new();
+    loop {
+        if cancel.is_some_and(|c| c.is_cancelled()) || failed.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        let Some(&(gpa, pages)) = items.get(next.fetch_add(1, Ordering::Relaxed)) else {
+            break;
+        };
+        let (host, foff) = locate(ram, gpa, pages * PAGE).ok_or_else(|| {
+            MigrationError::Protocol(format!("pages at {gpa:#x} are not in one RAM region"))
+        })?;
+        // Split the item into runs of data pages and runs of zero pages.
+        let mut i = 0;
+        while i < pages {
+            // SAFETY: page i of the item lies inside the region's mapping (located above),
+            // which lives as long as `ram`; a racy snapshot is fine (see is_zero_page).
+            let zero = unsafe { is_zero_page(host.add((i * PAGE) as usize)) };
+            let mut j = i + 1;
+            while j < pages {
+                // SAFETY: as above, for page j.
+                if unsafe { is_zero_page(host.add((j * PAGE) as usize)) } != zero {
+                    break;
+                }
+                j += 1;
+            }
+            let (g, n) = (gpa + i * PAGE, j - i);
+            let len = n * PAGE;
+            if zero {
+                if skip_zero {
+                    st.skipped += n;
+                } else {
+                    let h = encode(g, len as u32, TAG_ZERO, round);
+                    conn.write_all(&h).map_err(MigrationError::io("write"))?;
+                    st.zero += n;
+                    st.bytes += HEADER as u64;
+                }
+            } else {
+                let h = encode(g, len as u32, TAG_DATA, round);
+                let off = foff + i * PAGE;
+                match conn {
+                    DataConn::Plain(tcp) => {
+                        send_header(tcp, &h).map_err(MigrationError::io("write"))?;
+                        sendfile_all(tcp, memfd, off, len).map_err(MigrationError::io("write"))?;
+                    }
+                    DataConn::Tls { conn, .. } => {
+                        // The kernel copies the pages out of the memfd into the buffer the
+                        // TLS records are sealed from (no read of guest memory through a
+                        // Rust reference).
+                        tls_buf.resize(len as usize, 0);
+                        memfd
+                            .read_exact_at(&mut tls_buf, off)
+                            .map_err(MigrationError::io("read guest memory"))?;
+                        conn.write_all(&h).map_err(MigrationError::io("write"))?;
+                        conn.write_all(&tls_buf)
+                            .map_err(MigrationError::io("write"))?;
+                    }
+                }
+                st.data += n;
+                st.bytes += HEADER as u64 + len;
+                if let Some(t) = throttle {
+                    t.account(HEADER as u64 + len);
+                }
+            }
+            i = j;
+        }
+    }
+    conn.write_all(&encode(0, 0, TAG_ROUND_END, round))
+        .map_err(MigrationError::io("write"))?;
+    conn.flush().map_err(io)?;
+    st.bytes += HEADER as u64;
+    Ok(st)
+}
+
+/// Accepts the `count` data channels the source was invited to open on `listener`: each
+/// must pass the same authentication as the main connection and present `token`. Anything
+/// else is closed and counted; the wait ends at `deadline`.
+fn accept_channels(
+    listener: &TcpListener,
+    security: &Security,
+    count: u32,
+    token: &[u8; TOKEN],
+    handshake_timeout: Duration,
+    deadline: Instant,
+) -> Result<(Vec<DataConn>, u64)> {
+    listener
+        .set_nonblocking(true)
+        .map_err(MigrationError::io("listen"))?;
+    let mut conns: Vec<Option<DataConn>> = (0..count).map(|_| None).collect();
+    let mut have = 0;
+    let mut refused = 0u64;
+    while have < count {
+        if Instant::now() >= deadline {
+            return Err(MigrationError::Io {
+                what: "waiting for the data channels",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{have} of {count} data channels arrived"),
+                ),
+            });
+        }
+        if refused > 4 * u64::from(MAX_STREAMS) {
+            return Err(MigrationError::Limit(format!(
+                "{refused} strangers on the data channel port"
+            )));
+        }
+        let tcp = match listener.accept() {
+            Ok((tcp, _)) => tcp,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(MigrationError::io("accepting a data channel")(e)),
+        };
+        let _ = tcp.set_nonblocking(false);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(handshake_timeout)
+            .max(Duration::from_millis(1));
+        let joined = (|| {
+            let mut s = transport::accept(tcp, security, left)?;
+            let mut buf = Vec::new();
+            if wire::recv(&mut s.conn, &mut buf)? != Kind::Join {
+                return Err(MigrationError::Protocol(
+                    "a data channel must start with Join".into(),
+                ));
+            }
+            if buf.len() != TOKEN + 4 {
+                return Err(MigrationError::Protocol(format!(
+                    "Join of {} bytes",
+                    buf.len()
+                )));
+            }
+            // Constant time: a stranger learns nothing from how long the refusal takes.
+            let diff = buf[..TOKEN]
+                .iter()
+                .zip(token)
+                .fold(0u8, |a, (x, y)| a | (x ^ y));
+            if diff != 0 {
+                return Err(MigrationError::Protocol(
+                    "data channel with a wrong token".into(),
+                ));
+            }
+            let idx = le32(&buf[TOKEN..]);
+            Ok((idx, s))
+        })();
+        match joined {
+            Ok((idx, s)) if idx < count && conns[idx as usize].is_none() => {
+                conns[idx as usize] = Some(from_stream(s));
+                have += 1;
+            }
+            Ok((idx, _)) => {
+                refused += 1;
+                tracing::warn!(idx, "data channel with a bad or repeated index; closed");
+            }
+            Err(e) => {
+                refused += 1;
+                tracing::warn!("data channel refused: {}", chain(&e));
+            }
+        }
+    }
+    Ok((conns.into_iter().flatten().collect(), refused))
+}
+
+/// The destination's side of the invitation: a listener on `ip` and a fresh token.
+pub(crate) fn invite(ip: IpAddr, count: u32) -> Result<(TcpListener, Invitation)> {
+    let listener =
+        TcpListener::bind(SocketAddr::new(ip, 0)).map_err(MigrationError::io("listen"))?;
+    let port = listener
+        .local_addr()
+        .map_err(MigrationError::io("listen"))?
+        .port();
+    Ok((
+        listener,
+        Invitation {
+            port,
+            count,
+            token: token()?,
+        },
+    ))
+}
+
+/// A barrier for the receivers at each round end, which gives up when one of them failed or
+/// the wait outlasts the timeout.
+struct RoundBarrier {
+    state: Mutex<(u64, u32, bool)>,
+    cv: Condvar,
+    n: u32,
+}
+
+impl RoundBarrier {
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.2 {
+            return false;
+        }
+        let gen = st.0;
+        st.1 += 1;
+        if st.1 == self.n {
+            st.1 = 0;
+            st.0 += 1;
+            self.cv.notify_all();
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        while st.0 == gen && !st.2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.2 = true;
+                self.cv.notify_all();
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        !st.2
+    }
+
+    fn fail(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.2 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Counts of the destination's data channels.
+#[derive(Default)]
+pub(crate) struct RecvStats {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub cpu_s: f64,
+}
+
+/// The destination's receivers, one thread per data channel, and the populating thread.
+pub(crate) struct Receivers {
+    handles: Vec<JoinHandle<Result<RecvStats>>>,
+    populate: Option<JoinHandle<f64>>,
+    stop_populate: Arc<AtomicBool>,
+    error: Arc<Mutex<Option<MigrationError>>>,
+    /// The channels' sockets, shut down when the receivers are dropped unjoined.
+    socks: Vec<TcpStream>,
+    /// Strangers refused on the data channel port.
+    pub refused: u64,
+}
+
+impl Receivers {
+    /// Accepts the invited channels and starts receiving into `ram`. A receiver that fails
+    /// records why and shuts down the reading side of `main` so the main loop stops too.
+    pub fn start(
+        listener: TcpListener,
+        inv: &Invitation,
+        security: &Security,
+        ram: &GuestRam,
+        main: &TcpStream,
+        handshake_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Receivers> {
+        let (conns, refused) = accept_channels(
+            &listener,
+            security,
+            inv.count,
+            &inv.token,
+            handshake_timeout,
+            Instant::now() + handshake_timeout,
+        )?;
+        drop(listener);
+        let barrier = Arc::new(RoundBarrier {
+            state: Mutex::new((0, 0, false)),
+            cv: Condvar::new(),
+            n: conns.len() as u32,
+        });
+        let error = Arc::new(Mutex::new(None));
+        let mut handles = Vec::new();
+        let mut socks = Vec::new();
+        for (i, conn) in conns.into_iter().enumerate() {
+            if let Ok(t) = conn.tcp().try_clone() {
+                socks.push(t);
+            }
+            let (ram, barrier, error) = (ram.clone(), barrier.clone(), error.clone());
+            let main = main.try_clone().map_err(MigrationError::io("setup"))?;
+            let _ = conn.tcp().set_read_timeout(Some(timeout));
+            let _ = conn.tcp().set_write_timeout(Some(timeout));
+            let h = std::thread::Builder::new()
+                .name(format!("migration-rx{i}"))
+                .spawn(move || {
+                    let cpu = crate::cpu::ThreadCpu::start();
+                    let r = receive_channel(conn, &ram, &barrier, timeout);
+                    if let Err(e) = &r {
+                        barrier.fail();
+                        let mut slot = error.lock().unwrap_or_else(|p| p.into_inner());
+                        if slot.is_none() {
+                            *slot = Some(MigrationError::Protocol(format!(
+                                "data channel {i}: {}",
+                                chain(e)
+                            )));
+                        }
+                        let _ = main.shutdown(std::net::Shutdown::Read);
+                    }
+                    r.map(|mut st| {
+                        st.cpu_s = cpu.elapsed().as_secs_f64();
+                        st
+                    })
+                })
+                .map_err(MigrationError::io("spawning a receiver"))?;
+            handles.push(h);
+        }
+        Ok(Receivers {
+            handles,
+            populate: None,
+            stop_populate: Arc::new(AtomicBool::new(false)),
+            error,
+            socks,
+            refused,
+        })
+    }
+
+    /// Populates the memory of `extents` (what round 0 will fill) in the background, ahead of
+    /// the data, so the receivers find the pages there.
+    pub fn populate(&mut self, ram: &GuestRam, extents: Vec<(u64, u64)>) {
+        let ram = ram.clone();
+        let stop = self.stop_populate.clone();
+        self.populate = std::thread::Builder::new()
+            .name("migration-populate".into())
+            .spawn(move || {
+                let cpu = crate::cpu::ThreadCpu::start();
+                'all: for (gpa, len) in extents {
+                    let mut off = 0;
+                    while off < len {
+                        if stop.load(Ordering::Relaxed) {
+                            break 'all;
+                        }
+                        let n = (len - off).min(POPULATE_STEP);
+                        if let Some((p, _)) = locate(&ram, gpa + off, n) {
+                            // SAFETY: MADV_POPULATE_WRITE only faults in the pages of this
+                            // range of the guest mapping (checked by `locate`); it changes
+                            // no content.
+                            unsafe {
+                                libc::madvise(
+                                    p as *mut libc::c_void,
+                                    n as usize,
+                                    libc::MADV_POPULATE_WRITE,
+                                )
+                            };
+                        }
+                        off += n;
+                    }
+                }
+                cpu.elapsed().as_secs_f64()
+            })
+            .ok();
+    }
+
+    /// The error a receiver recorded, if any.
+    pub fn error(&self) -> Option<MigrationError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Waits for every receiver to end (after the source's Done) and sums their counts.
+    pub fn join(mut self) -> Result<RecvStats> {
+        let mut total = RecvStats::default();
+        let mut first = None;
+        for h in self.handles.drain(..) {
+            match h.join() {
+                Ok(Ok(st)) => {
+                    total.pages += st.pages;
+                    total.zero_pages += st.zero_pages;
+                    total.bytes += st.bytes;
+                    total.cpu_s += st.cpu_s;
+                }
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(MigrationError::Protocol("receiver panicked".into()));
+                }
+            }
+        }
+        self.stop_populate.store(true, Ordering::Relaxed);
+        if let Some(p) = self.populate.take() {
+            total.cpu_s += p.join().unwrap_or(0.0);
+        }
+        if let Some(e) = self.error().or(first) {
+            return Err(e);
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Receivers {
+    fn drop(&mut self) {
+        self.stop_populate.store(true, Ordering::Relaxed);
+        if !self.handles.is_empty() {
+            for t in &self.socks {
+                let _ = t.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn receive_channel(
+    mut conn: DataConn,
+    ram: &GuestRam,
+    barrier: &RoundBarrier,
+    timeout: Duration,
+) -> Result<RecvStats> {
+    let protocol = |m: String| MigrationError::Protocol(m);
+    let mut st = RecvStats::default();
+    let mut last_round: Option<u32> = None;
+    loop {
+        let mut h = [0u8; HEADER];
+        conn.read_exact(&mut h)
+            .map_err(MigrationError::io("read"))?;
+        st.bytes += HEADER as u64;
+        if crc32fast::hash(&h[..20]) != le32(&h[20..]) {
+            return Err(protocol("chunk header fails its checksum".into()));
+        }
+        let (gpa, len, tag, round) = (le64(&h), le32(&h[8..]), le32(&h[12..]), le32(&h[16..]));
+        if last_round.is_some_and(|r| round < r) && tag != TAG_DONE {
+            return Err(protocol(format!(
+                "round {round} after round {last_round:?}"
+            )));
+        }
+        let len = u64::from(len);
+        match tag {
+            TAG_DATA | TAG_ZERO => {
+                if len == 0 || len % PAGE != 0 || gpa % PAGE != 0 || len > MAX_CHUNK {
+                    return Err(protocol(format!("chunk of {len} bytes at {gpa:#x}")));
+                }
+                let (p, _) = locate(ram, gpa, len)
+                    .ok_or_else(|| protocol(format!("{len} bytes at {gpa:#x} are not in RAM")))?;
+                if tag == TAG_DATA {
+                    match &mut conn {
+                        // SAFETY: [p, p+len) is guest memory (located above) of a VM that does
+                        // not run yet and that no device reaches: nothing else accesses it, and
+                        // no other receiver writes it at the same time (the source sends each
+                        // page once per round, and rounds are fenced by the barrier).
+                        DataConn::Plain(tcp) => unsafe { recv_all(tcp, p, len as usize) }
+                            .map_err(MigrationError::io("read"))?,
+                        DataConn::Tls { conn, .. } => {
+                            // SAFETY: as above; the slice lives only for this read.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(p, len as usize) };
+                            conn.read_exact(dst).map_err(MigrationError::io("read"))?;
+                        }
+                    }
+                    st.pages += len / PAGE;
+                    st.bytes += len;
+                } else {
+                    // A hole, not written zeros, where the memfd allows it.
+                    if ram.discard(gpa, len).is_err() {
+                        // SAFETY: as for data above.
+                        unsafe { std::ptr::write_bytes(p, 0, len as usize) };
+                    }
+                    st.zero_pages += len / PAGE;
+                }
+                last_round = Some(round);
+            }
+            TAG_ROUND_END => {
+                last_round = Some(round);
+                if !barrier.wait(timeout) {
+                    return Err(protocol(format!(
+                        "another data channel failed or stalled at the end of round {round}"
+                    )));
+                }
+            }
+            TAG_DONE => return Ok(st),
+            other => return Err(protocol(format!("unknown chunk tag {other}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_told_from_data_pages() {
+        let mut page = vec![0u64; 512];
+        // SAFETY: a live, aligned 4 KiB buffer.
+        assert!(unsafe { is_zero_page(page.as_ptr() as *const u8) });
+        page[511] = 1 << 63;
+        // SAFETY: as above.
+        assert!(!unsafe { is_zero_page(page.as_ptr() as *const u8) });
+    }
+
+    #[test]
+    fn headers_are_checked() {
+        let h = encode(0x1000, 4096, TAG_DATA, 3);
+        assert_eq!(crc32fast::hash(&h[..20]), le32(&h[20..]));
+        assert_eq!(le64(&h), 0x1000);
+        let inv = Invitation {
+            port: 7,
+            count: 4,
+            token: [9; TOKEN],
+        };
+        let back = Invitation::decode(&inv.encode()).unwrap();
+        assert_eq!((back.port, back.count, back.token), (7, 4, [9; TOKEN]));
+        let mut bad = inv.encode();
+        bad[2] = 200;
+        assert!(Invitation::decode(&bad).is_err());
+    }
+}
