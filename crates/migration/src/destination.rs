@@ -349,7 +349,15 @@ pub fn receive_accepted(
         config: cfg,
         source,
     } = accepted;
-    let result = run(&mut reader, &tcp, &source, cfg, config, opts, restorer);
+    let result = run(
+        &mut reader,
+        Some(&tcp),
+        &source,
+        cfg,
+        config,
+        opts,
+        restorer,
+    );
     if let Err(e) = &result {
         tracing::warn!("incoming migration from {source} failed: {}", chain(e));
         // Tell the source why, if it still listens; the VM (if built) is dropped unrun.
@@ -365,7 +373,7 @@ pub fn receive_accepted(
 
 pub(crate) fn run(
     reader: &mut BufReader<Box<dyn Conn>>,
-    main: &TcpStream,
+    main: Option<&TcpStream>,
     source: &str,
     cfg: MigrationConfig,
     config: &VmConfig,
@@ -397,6 +405,11 @@ pub(crate) fn run(
     let mut devices: Vec<(String, Vec<u8>)> = Vec::new();
     let mut receivers: Option<Receivers> = None;
     if cfg.streams > 0 {
+        // Data channels listen on the main connection's address (an in-memory stream, as
+        // the fuzzer's, has none).
+        let main = main.ok_or_else(|| {
+            MigrationError::Protocol("data channels need a TCP main connection".into())
+        })?;
         let ip = main.local_addr().map_err(MigrationError::io("setup"))?.ip();
         let (listener, inv) = channels::invite(ip, cfg.streams.min(channels::MAX_STREAMS))?;
         wire::send(reader.get_mut(), Kind::Channels, &inv.encode())?;

@@ -77,7 +77,15 @@ pub fn destination_stream(data: &[u8]) {
         ..VmConfig::default()
     };
     // Errors are the expected outcome for most inputs; panics and hangs are the findings.
-    let _ = run(&mut reader, "fuzz", cfg, &config, &opts, &mut AnyDevice);
+    let _ = run(
+        &mut reader,
+        None,
+        "fuzz",
+        cfg,
+        &config,
+        &opts,
+        &mut AnyDevice,
+    );
 }
 
 fn frame(out: &mut Vec<u8>, kind: Kind, payload: &[u8]) {
@@ -101,6 +109,7 @@ pub fn sample_stream() -> crate::Result<Vec<u8>> {
         ram_size: RAM,
         vcpus: 1,
         devices: vec![DEVICE.into()],
+        streams: 0,
     };
     let encode = |e: postcard::Error| crate::MigrationError::Protocol(e.to_string());
     frame(
@@ -145,7 +154,16 @@ mod tests {
             console: ConsoleSink::Null,
             ..VmConfig::default()
         };
-        let incoming = run(&mut reader, "fuzz", cfg, &config, &opts, &mut AnyDevice).unwrap();
+        let incoming = run(
+            &mut reader,
+            None,
+            "fuzz",
+            cfg,
+            &config,
+            &opts,
+            &mut AnyDevice,
+        )
+        .unwrap();
         assert_eq!(incoming.report.pages, 1);
         assert_eq!(incoming.report.devices, vec![DEVICE.to_string()]);
         drop(incoming);
