@@ -818,7 +818,14 @@ fn run(
             name: name.clone(),
             source,
         })?;
-        let mut payload = (name.len() as u16).to_le_bytes().to_vec();
+        // The name's length travels as a u16: a longer name would be cut, not refused.
+        let len = u16::try_from(name.len()).map_err(|_| {
+            MigrationError::Encoding(format!(
+                "device name of {} bytes (at most 65535)",
+                name.len()
+            ))
+        })?;
+        let mut payload = len.to_le_bytes().to_vec();
         payload.extend_from_slice(name.as_bytes());
         payload.extend_from_slice(&blob);
         tx.send(Kind::DeviceState, &payload)?;

@@ -58,7 +58,7 @@
 //! captures (`testdata/*.pcap`): every RoCE frame there parses, its ICRC verifies, and it
 //! re-encodes byte for byte.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 #![no_std]
 
 #[cfg(any(test, feature = "std"))]

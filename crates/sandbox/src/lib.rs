@@ -13,7 +13,7 @@
 //!   the system call's number and the thread's kind to stderr, then the process dies by SIGSYS.
 //! - [`Mode::Log`]: the call goes through and the kernel logs it (audit log / `dmesg`).
 //! - [`Mode::Off`]: no filters.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 use std::{
     cell::Cell,

@@ -214,10 +214,6 @@ impl Drop for PortRcQueue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoReceiveBuffer;
 
-/// Inbound MADs on their way into the VM's QP1 receive queue: the multiplexer's callback
-/// target. It accepts a MAD only while the guest has a receive buffer for it (credits set by
-/// the device from the guest's receive ring), so the multiplexer keeps the rest in its bounded
-/// per-VM queue; nothing here blocks.
 /// One inbound MAD: the GRH area and the 256-byte MAD.
 pub type InboundMad = ([u8; GRH_LEN], Box<[u8; MAD_SIZE]>);
 
@@ -225,6 +221,10 @@ pub type InboundMad = ([u8; GRH_LEN], Box<[u8; MAD_SIZE]>);
 /// thread; `false` when the device is busy (the device thread then does it).
 pub(crate) type DirectDelivery = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// Inbound MADs on their way into the VM's QP1 receive queue: the multiplexer's callback
+/// target. It accepts a MAD only while the guest has a receive buffer for it (credits set by
+/// the device from the guest's receive ring), so the multiplexer keeps the rest in its bounded
+/// per-VM queue; nothing here blocks.
 #[derive(Default)]
 pub struct MadInbox {
     queue: Mutex<VecDeque<InboundMad>>,

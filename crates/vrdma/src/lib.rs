@@ -15,6 +15,7 @@
 //!   checked QP1 path of the CM multiplexer, UD and RC queue pairs on the software RoCEv2 port.
 //!   Inbound MADs arrive through [`backend::MadInbox`], the multiplexer's callback target.
 //! - [`attach`] — the PCI function in a KVM VM and the device thread.
+#![deny(missing_docs)]
 pub mod attach;
 pub mod backend;
 pub mod device;
