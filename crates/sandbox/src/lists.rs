@@ -95,17 +95,24 @@ const VCPU: &[i64] = sys![SYS_ioctl, SYS_eventfd2];
 /// datagrams on the port).
 const DEVICE: &[i64] = sys![SYS_ioctl];
 
-/// A migration: TCP (connect, TLS), guest memory and the dirty log (KVM ioctls), the
-/// devices' state, the memory of a destination being built (memfd), threads it starts
-/// (handshakes, a device's poller), pausing the vCPUs (signals).
+/// A migration: TCP (connect, TLS), the data channels (the destination's listener, pages
+/// `sendfile`d from the memfd or `pread` for TLS), guest memory and the dirty log (KVM
+/// ioctls), zero runs punched out of the destination's memfd, the devices' state, the memory
+/// of a destination being built (memfd), threads it starts (handshakes, channels, a device's
+/// poller), pausing the vCPUs (signals).
 const MIGRATION: &[i64] = sys![
+    SYS_accept4,
     SYS_connect,
     SYS_eventfd2,
+    SYS_fallocate,
     SYS_ftruncate,
     SYS_getpeername,
     SYS_ioctl,
+    SYS_listen,
     SYS_lseek,
     SYS_memfd_create,
+    SYS_pread64,
+    SYS_sendfile,
     SYS_tgkill,
 ];
 
