@@ -97,15 +97,20 @@ const DEVICE: &[i64] = sys![SYS_ioctl];
 
 /// A migration: TCP (connect, TLS), guest memory and the dirty log (KVM ioctls), the
 /// devices' state, the memory of a destination being built (memfd), threads it starts
-/// (handshakes, a device's poller), pausing the vCPUs (signals).
+/// (handshakes, a device's poller), pausing the vCPUs (signals); the data channels send
+/// pages from the guest memfd (sendfile on plain TCP, pread for TLS) and a destination
+/// punches zero runs out of its memfd (fallocate).
 const MIGRATION: &[i64] = sys![
     SYS_connect,
     SYS_eventfd2,
+    SYS_fallocate,
     SYS_ftruncate,
     SYS_getpeername,
     SYS_ioctl,
     SYS_lseek,
     SYS_memfd_create,
+    SYS_pread64,
+    SYS_sendfile,
     SYS_tgkill,
 ];
 
