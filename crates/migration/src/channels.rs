@@ -736,6 +736,25 @@ impl RoundBarrier {
         !st.2
     }
 
+    /// Waits until `rounds` rounds have passed the barrier; false when a channel failed or
+    /// the wait timed out.
+    fn wait_passed(&self, rounds: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.0 < rounds && !st.2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        !st.2
+    }
+
     fn fail(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.2 = true;
@@ -758,6 +777,8 @@ pub(crate) struct Receivers {
     populate: Option<JoinHandle<f64>>,
     stop_populate: Arc<AtomicBool>,
     error: Arc<Mutex<Option<MigrationError>>>,
+    barrier: Arc<RoundBarrier>,
+    timeout: Duration,
     /// The channels' sockets, shut down when the receivers are dropped unjoined.
     socks: Vec<TcpStream>,
     /// Strangers refused on the data channel port.
@@ -830,6 +851,8 @@ impl Receivers {
             populate: None,
             stop_populate: Arc::new(AtomicBool::new(false)),
             error,
+            barrier,
+            timeout,
             socks,
             refused,
         })
@@ -869,6 +892,21 @@ impl Receivers {
                 cpu.elapsed().as_secs_f64()
             })
             .ok();
+    }
+
+    /// Waits until every channel has taken in the first `rounds` rounds (their pages are in
+    /// guest memory here), so the source can pause with nothing of the earlier rounds still
+    /// in flight.
+    pub fn wait_rounds(&self, rounds: u64) -> Result<()> {
+        if self.barrier.wait_passed(rounds, self.timeout) {
+            return Ok(());
+        }
+        Err(self.error().unwrap_or_else(|| {
+            MigrationError::Protocol(format!(
+                "the data channels did not take in round {} in time",
+                rounds.saturating_sub(1)
+            ))
+        }))
     }
 
     /// The error a receiver recorded, if any.

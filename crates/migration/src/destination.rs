@@ -491,6 +491,26 @@ pub(crate) fn run(
                     }
                     report.rounds += 1;
                 }
+                Kind::Sync => {
+                    let Some(rx) = receivers.as_ref() else {
+                        return Err(protocol("Sync without data channels".into()));
+                    };
+                    if !buf.is_empty() {
+                        return Err(protocol(format!("Sync of {} bytes", buf.len())));
+                    }
+                    let t = Instant::now();
+                    rx.wait_rounds(u64::from(report.rounds))?;
+                    tracing::debug!(
+                        ms = t.elapsed().as_secs_f64() * 1e3,
+                        rounds = report.rounds,
+                        "data channels caught up"
+                    );
+                    wire::send(reader.get_mut(), Kind::Synced, &[])?;
+                    reader
+                        .get_mut()
+                        .flush()
+                        .map_err(MigrationError::io("write"))?;
+                }
                 Kind::VmState => {
                     if state.is_some() {
                         return Err(protocol("VM state sent twice".into()));
@@ -527,7 +547,12 @@ pub(crate) fn run(
                 }
                 Kind::Complete => {
                     if let Some(rx) = receivers.take() {
+                        let t = Instant::now();
                         let st = rx.join()?;
+                        tracing::debug!(
+                            ms = t.elapsed().as_secs_f64() * 1e3,
+                            "switchover: channels joined"
+                        );
                         report.pages += st.pages;
                         report.zero_pages += st.zero_pages;
                         report.bytes += st.bytes;
@@ -567,7 +592,12 @@ pub(crate) fn run(
         report.memory_hash = Some(memory_hash(&ram));
         hash_ms = t.elapsed().as_secs_f64() * 1000.0;
     }
+    let t = Instant::now();
     vm.restore_state(&state)?;
+    tracing::debug!(
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        "switchover: VM state restored"
+    );
     for (name, blob) in &devices {
         restorer
             .restore(&vm, name, blob)
@@ -577,6 +607,10 @@ pub(crate) fn run(
             })?;
         report.devices.push(name.clone());
     }
+    tracing::debug!(
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        "switchover: devices restored"
+    );
     wire::send(reader.get_mut(), Kind::Ready, &hash_ms.to_le_bytes())?;
     reader
         .get_mut()

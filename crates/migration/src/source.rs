@@ -697,6 +697,16 @@ fn run(
     // Later rounds: the dirty set, until it fits the downtime target.
     let mut round = 1;
     let final_dirty = loop {
+        // With data channels the destination may still be taking in the last round from its
+        // socket buffers (tens of MiB across the channels); wait until it has, so that
+        // backlog is never part of the downtime, and the dirty set is harvested after it.
+        if tx.channels.is_some() {
+            let t = Instant::now();
+            tx.send(Kind::Sync, &[])?;
+            tx.out.flush().map_err(MigrationError::io("write"))?;
+            expect(tx.out.get_mut(), Kind::Synced, &mut buf)?;
+            tracing::debug!(round, ms = ms(t.elapsed()), "destination caught up");
+        }
         let dirty = collect_dirty(vm, devices)?;
         let bandwidth = sent_bytes as f64 / sent_time.as_secs_f64().max(1e-6);
         let estimate = dirty.pages.len() as f64 * (PAGE as f64 + 16.0) / bandwidth;

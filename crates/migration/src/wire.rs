@@ -50,6 +50,10 @@ pub enum Kind {
     Join = 13,
     /// The ranges round 0 will fill (source → destination), so it can populate them ahead.
     Extents = 14,
+    /// The source asks to hear when the data channels have taken in every round so far.
+    Sync = 15,
+    /// The data channels have taken in every round so far (destination → source).
+    Synced = 16,
 }
 
 impl Kind {
@@ -70,6 +74,8 @@ impl Kind {
             Channels,
             Join,
             Extents,
+            Sync,
+            Synced,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
