@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use rdma::addr::gid_v4;
-use rdma::cm::{AcceptMode, CmConfig, ConnectParams, ListenOptions};
+use rdma::cm::{AcceptMode, CmConfig, CmEndpoint, ConnectParams, ListenOptions};
 use rdma::host::{rc_service, Host, HostConfig};
 use rdma::mux::{mad_grh, Backpressure, Multiplexer, MuxConfig, Qp1Sink};
 use rdma::peer::Peer;
@@ -97,6 +97,26 @@ fn cm() -> CmConfig {
 }
 
 /// Sequential connects from `connect` (returning the connect latency), then disconnects.
+/// `n` connection setups (REQ/REP/RTU) from `ep` to the listener on `dgid`, each timed,
+/// then their disconnects.
+fn measure_cm_setups(n: usize, ep: &CmEndpoint, dgid: Gid) -> anyhow::Result<Setup> {
+    let wait = Duration::from_secs(20);
+    measure_setups(
+        n,
+        || {
+            let t = Instant::now();
+            let p = ConnectParams {
+                service_id: rc_service(1),
+                qpn: 7,
+                private_data: vec![],
+            };
+            let info = ep.connect(dgid, p, wait)?;
+            Ok((info.local_comm_id, t.elapsed()))
+        },
+        |id| ep.disconnect(id, wait),
+    )
+}
+
 fn measure_setups(
     n: usize,
     mut connect: impl FnMut() -> Result<(u32, Duration), RdmaError>,
@@ -137,22 +157,7 @@ fn setup_bare(a: &BenchRdmaArgs) -> anyhow::Result<Setup> {
         },
     );
     let dgid = py.gid();
-    let ep = px.endpoint().clone();
-    let wait = Duration::from_secs(20);
-    let r = measure_setups(
-        a.connections,
-        || {
-            let t = Instant::now();
-            let p = ConnectParams {
-                service_id: rc_service(1),
-                qpn: 7,
-                private_data: vec![],
-            };
-            let info = ep.connect(dgid, p, wait)?;
-            Ok((info.local_comm_id, t.elapsed()))
-        },
-        |id| ep.disconnect(id, wait),
-    );
+    let r = measure_cm_setups(a.connections, px.endpoint(), dgid);
     px.shutdown();
     py.shutdown();
     r
@@ -179,22 +184,7 @@ fn setup_mux(a: &BenchRdmaArgs) -> anyhow::Result<Setup> {
     let (hx, hy) = (mk(1)?, mk(2)?);
     let vx = hx.vm(1).context("VM 1 on host 1")?;
     let dgid = hy.vm(1).context("VM 1 on host 2")?.gid();
-    let ep = vx.endpoint().clone();
-    let wait = Duration::from_secs(20);
-    let r = measure_setups(
-        a.connections,
-        || {
-            let t = Instant::now();
-            let p = ConnectParams {
-                service_id: rc_service(1),
-                qpn: 7,
-                private_data: vec![],
-            };
-            let info = ep.connect(dgid, p, wait)?;
-            Ok((info.local_comm_id, t.elapsed()))
-        },
-        |id| ep.disconnect(id, wait),
-    );
+    let r = measure_cm_setups(a.connections, vx.endpoint(), dgid);
     hx.shutdown();
     hy.shutdown();
     r
