@@ -6,6 +6,8 @@
 //! - [`buffers`]: [`Buffers`], the two copies (vCPU buffer, device buffer);
 //! - [`nvme`]: the NVMe queue-pair adapter: validation, forwarding, completion translation,
 //!   dirty pages, saved state, and re-alignment with filler commands;
+//! - [`virtio`]: the split-virtqueue adapter: chain validation, exactly-once heads, used-entry
+//!   translation, dirty pages and saved state;
 //! - [`engine`]: the copies, designation, doorbell interception, poller and migration glue.
 #![deny(missing_docs)]
 
@@ -16,6 +18,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod nvme;
+pub mod virtio;
 
 pub use adapter::RingAdapter;
 pub use buffers::{Buffers, VecBuffers};
