@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use virtio_spec::{
     features::{bit, IN_ORDER, RING_EVENT_IDX, RING_INDIRECT_DESC, RING_PACKED},
     ring::{
-        avail, need_event, used, Descriptor, SplitRing, UsedElem, AVAIL_F_NO_INTERRUPT,
-        DESC_SIZE, USED_F_NO_NOTIFY,
+        avail, need_event, used, Descriptor, SplitRing, UsedElem, AVAIL_F_NO_INTERRUPT, DESC_SIZE,
+        USED_F_NO_NOTIFY,
     },
 };
 
@@ -91,7 +91,10 @@ impl VirtqGeometry {
             }
         }
         for (i, a) in r.iter().enumerate() {
-            if r[i + 1..].iter().any(|b| a.start < b.end && b.start < a.end) {
+            if r[i + 1..]
+                .iter()
+                .any(|b| a.start < b.end && b.start < a.end)
+            {
                 return Err(bad("virtqueue parts overlap".into()));
             }
         }
@@ -133,9 +136,7 @@ impl Refusals {
             Refusal::Ring(C::TooManyBytes) => &mut self.too_large,
             Refusal::Ring(C::BadIndirect | C::BadIndirectLength(_)) => &mut self.indirect,
             Refusal::Ring(C::ReadAfterWrite) => &mut self.order,
-            Refusal::Ring(C::AddressOverflow(_)) | Refusal::OutOfRam { .. } => {
-                &mut self.out_of_ram
-            }
+            Refusal::Ring(C::AddressOverflow(_)) | Refusal::OutOfRam { .. } => &mut self.out_of_ram,
             Refusal::OverlapsRing { .. } => &mut self.on_rings,
             Refusal::Flags(_) => &mut self.flags,
             Refusal::Reposted(_) => &mut self.reposted,
@@ -378,13 +379,7 @@ impl VirtQueue {
                 return Err(bad(format!("head {h} in flight is out of range or twice")));
             }
         }
-        let mut q = VirtQueue::new(
-            geo,
-            state.features,
-            l,
-            state.guest_avail,
-            state.guest_used,
-        );
+        let mut q = VirtQueue::new(geo, state.features, l, state.guest_avail, state.guest_used);
         q.d_avail = device_start;
         q.d_used = device_start;
         q.notified = device_start;
@@ -422,11 +417,7 @@ impl VirtQueue {
     /// The state to send at switchover (after the hold and drain; chains the device keeps,
     /// such as receive buffers, stay in flight and are listed).
     pub fn state(&self) -> VirtqState {
-        let mut flying: Vec<(u64, u16)> = self
-            .inflight
-            .iter()
-            .map(|(h, f)| (f.seq, *h))
-            .collect();
+        let mut flying: Vec<(u64, u16)> = self.inflight.iter().map(|(h, f)| (f.seq, *h)).collect();
         flying.sort_unstable();
         let in_flight = self
             .resubmit
@@ -494,42 +485,57 @@ impl VirtQueue {
     /// (its `used_event`, or `VIRTQ_AVAIL_F_NO_INTERRUPT` without EVENT_IDX). Spurious
     /// interrupts are allowed; the engine may always send one, this saves them.
     pub fn guest_needs_interrupt(&mut self, bufs: &dyn Buffers) -> Result<bool> {
-        let (old, new) = (self.signalled, self.g_used);
-        if old == new {
-            return Ok(false);
-        }
-        self.signalled = new;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        Ok(if self.event_idx() {
-            let ev = read_u16(
-                bufs,
-                self.geo.avail + avail::used_event(self.geo.size),
-                Side::Vcpu,
-            )?;
-            need_event(ev, new, old)
-        } else {
-            read_u16(bufs, self.geo.avail + avail::FLAGS, Side::Vcpu)? & AVAIL_F_NO_INTERRUPT == 0
-        })
+        let old = std::mem::replace(&mut self.signalled, self.g_used);
+        let (avail, size) = (self.geo.avail, self.geo.size);
+        self.wants(
+            bufs,
+            Side::Vcpu,
+            old,
+            self.g_used,
+            avail + avail::used_event(size),
+            avail + avail::FLAGS,
+            AVAIL_F_NO_INTERRUPT,
+        )
     }
 
     /// Whether the device wants a notification for the entries published since the last call
     /// (its `avail_event`, or `VIRTQ_USED_F_NO_NOTIFY` without EVENT_IDX).
     pub fn take_device_notify(&mut self, bufs: &dyn Buffers) -> Result<bool> {
-        let (old, new) = (self.notified, self.d_avail);
+        let old = std::mem::replace(&mut self.notified, self.d_avail);
+        let (used, size) = (self.geo.used, self.geo.size);
+        self.wants(
+            bufs,
+            Side::Device,
+            old,
+            self.d_avail,
+            used + used::avail_event(size),
+            used + used::FLAGS,
+            USED_F_NO_NOTIFY,
+        )
+    }
+
+    /// The event-index rule (or the suppression flag without EVENT_IDX) for an index moved
+    /// from `old` to `new`, read from `side`'s ring.
+    #[allow(clippy::too_many_arguments)]
+    fn wants(
+        &self,
+        bufs: &dyn Buffers,
+        side: Side,
+        old: u16,
+        new: u16,
+        event_at: u64,
+        flags_at: u64,
+        suppress: u16,
+    ) -> Result<bool> {
         if old == new {
             return Ok(false);
         }
-        self.notified = new;
+        // The index is published before the other side's wish is read (virtio §2.6.7.2).
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(if self.event_idx() {
-            let ev = read_u16(
-                bufs,
-                self.geo.used + used::avail_event(self.geo.size),
-                Side::Device,
-            )?;
-            need_event(ev, new, old)
+            need_event(read_u16(bufs, event_at, side)?, new, old)
         } else {
-            read_u16(bufs, self.geo.used + used::FLAGS, Side::Device)? & USED_F_NO_NOTIFY == 0
+            read_u16(bufs, flags_at, side)? & suppress == 0
         })
     }
 
@@ -645,7 +651,12 @@ impl VirtQueue {
     /// The device's available index, after its entries.
     fn publish_device_avail(&self, bufs: &dyn Buffers) -> Result<()> {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        write_u16(bufs, self.geo.avail + avail::IDX, self.d_avail, Side::Device)
+        write_u16(
+            bufs,
+            self.geo.avail + avail::IDX,
+            self.d_avail,
+            Side::Device,
+        )
     }
 
     fn release(&mut self, c: &Chain) {
@@ -682,7 +693,6 @@ impl VirtQueue {
     }
 }
 
-
 impl RingAdapter for VirtQueue {
     fn ring_ranges(&self) -> Vec<Range<u64>> {
         self.rings.to_vec()
@@ -699,9 +709,7 @@ impl RingAdapter for VirtQueue {
         // The guest owns at most `size` descriptors, so it cannot be further ahead; an index
         // going backwards wraps to a huge distance and is refused the same way.
         if idx.wrapping_sub(self.g_taken) > self.geo.size {
-            if self.bad_avail_seen != Some(idx) {
-                self.bad_avail_seen = Some(idx);
-                self.stats.bad_avail_idx += 1;
+            if count_once(&mut self.bad_avail_seen, idx, &mut self.stats.bad_avail_idx) {
                 tracing::debug!(
                     queue = self.geo.index,
                     idx,
@@ -749,9 +757,7 @@ impl RingAdapter for VirtQueue {
             return Ok(0);
         }
         if n > self.geo.size {
-            if self.bad_used_seen != Some(idx) {
-                self.bad_used_seen = Some(idx);
-                self.stats.bad_used_idx += 1;
+            if count_once(&mut self.bad_used_seen, idx, &mut self.stats.bad_used_idx) {
                 tracing::debug!(
                     queue = self.geo.index,
                     idx,
@@ -770,7 +776,11 @@ impl RingAdapter for VirtQueue {
             let e = UsedElem::from_bytes(&raw);
             let Some(c) = self.completed_chain(e.id) else {
                 self.stats.unknown_used += 1;
-                tracing::debug!(queue = self.geo.index, id = e.id, "unknown used entry dropped");
+                tracing::debug!(
+                    queue = self.geo.index,
+                    id = e.id,
+                    "unknown used entry dropped"
+                );
                 continue;
             };
             let (len, pages) = if u64::from(e.len) > c.writable_bytes {
@@ -805,6 +815,16 @@ impl RingAdapter for VirtQueue {
     fn hold(&mut self, on: bool) {
         self.hold = on;
     }
+}
+
+/// Counts a bad index unless it is the one counted last (a stuck index is counted once).
+fn count_once(seen: &mut Option<u16>, idx: u16, counter: &mut u64) -> bool {
+    if *seen == Some(idx) {
+        return false;
+    }
+    *seen = Some(idx);
+    *counter += 1;
+    true
 }
 
 #[derive(Clone, Copy)]
