@@ -21,6 +21,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("rc_responder", rdma::fuzzing::rc_responder),
     ("pvrdma_commands", vrdma::fuzzing::command_channel),
     ("nvme_submission", shadow::fuzzing::nvme_submission),
+    ("virtio_queue", shadow::fuzzing::virtio_queue),
     ("nvme_registers", nvme_device::fuzzing::register_file),
     ("vfio_user_stream", nvme_device::fuzzing::vfio_user_stream),
     ("guest_abi", vmm::fuzzing::guest_abi),

@@ -282,6 +282,12 @@ pub fn write_all() -> io::Result<usize> {
         &shadow::fuzzing::sample_saved_device(),
         &mut n,
     )?;
+    write(
+        &corpus.join("virtio_queue"),
+        "session",
+        &shadow::fuzzing::sample_virtio_session(),
+        &mut n,
+    )?;
     let vm = vmm::Vm::new(&vmm::VmConfig {
         ram_size: 32 << 20,
         console: vmm::devices::serial::ConsoleSink::Null,

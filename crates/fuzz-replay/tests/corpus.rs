@@ -57,6 +57,7 @@ targets!(
     rc_responder,
     pvrdma_commands,
     nvme_submission,
+    virtio_queue,
     nvme_registers,
     vfio_user_stream,
     guest_abi,

@@ -218,3 +218,189 @@ pub fn sample_saved_device() -> Vec<u8> {
     out.extend(saved.encode().unwrap_or_default());
     out
 }
+
+/// A shadowed split virtqueue between a hostile guest and a hostile device. The input starts
+/// with 2 bytes: the queue size (`1 << (b % 6)`) and features (bit 0 indirect descriptors,
+/// bit 1 EVENT_IDX); then records `[control][len: u16 LE][bytes]`: 0 write the vCPU buffer and
+/// 1 the device buffer (address offset: 2 bytes LE, then data), 2 a descriptor in the guest's
+/// table (index, address offset: 2 bytes, length: 2 bytes, flags, next), 3 an available entry
+/// (head: 2 bytes) and the guest's index moved on, 4 a used entry from the device (id: 4 bytes,
+/// len: 4 bytes) and its index moved on, 5 the guest's submit (a raw value when 4 bytes are
+/// given, else the index in its ring), 6 forward the device's used entries, 7 hold or release,
+/// 8 notification decisions, anything else save the state and rebuild it on a destination.
+/// Checks: no more in flight than the queue holds, the saved state lists exactly the chains
+/// in flight, dirty pages are whole pages of guest RAM.
+pub fn virtio_queue(data: &[u8]) {
+    use virtio_spec::{
+        features::{bit, RING_EVENT_IDX, RING_INDIRECT_DESC},
+        ring::{avail, used, Descriptor, UsedElem},
+    };
+
+    use crate::virtio::{chain::ChainLimits, VirtQueue, VirtqGeometry};
+
+    let Some((h, rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let size = 1u16 << (h[0] % 6);
+    let features = if h[1] & 1 != 0 {
+        bit(RING_INDIRECT_DESC)
+    } else {
+        0
+    } | if h[1] & 2 != 0 {
+        bit(RING_EVENT_IDX)
+    } else {
+        0
+    };
+    let geo = VirtqGeometry {
+        index: 0,
+        size,
+        desc: BASE,
+        avail: BASE + PAGE_SIZE,
+        used: BASE + 2 * PAGE_SIZE,
+    };
+    let limits = ChainLimits {
+        max_chain_bytes: 16 * PAGE_SIZE,
+        ..ChainLimits::default()
+    };
+    let bufs = VecBuffers::new(BASE, (PAGES * PAGE_SIZE) as usize);
+    let Ok(mut q) = VirtQueue::attach(geo, features, limits, &bufs) else {
+        return;
+    };
+    let (mut guest_idx, mut device_idx) = (0u16, 0u16);
+    let mask = size - 1;
+    for (ctl, b) in Records(rest) {
+        match ctl {
+            0 | 1 => {
+                let at = BASE + le(b, 0, 2);
+                let d = b.get(2..).unwrap_or(&[]);
+                let _ = if ctl == 0 {
+                    bufs.write_vcpu(at, d)
+                } else {
+                    bufs.write_device(at, d)
+                };
+            }
+            2 => {
+                let d = Descriptor {
+                    addr: BASE + le(b, 1, 2),
+                    len: le(b, 3, 2) as u32,
+                    flags: le(b, 5, 1) as u16,
+                    next: le(b, 6, 1) as u16,
+                };
+                let i = le(b, 0, 1) & u64::from(mask);
+                let _ = bufs.write_vcpu(geo.desc + 16 * i, &d.to_bytes());
+            }
+            3 => {
+                let at = geo.avail + avail::entry(guest_idx & mask);
+                let _ = bufs.write_vcpu(at, &(le(b, 0, 2) as u16).to_le_bytes());
+                guest_idx = guest_idx.wrapping_add(1);
+                let _ = bufs.write_vcpu(geo.avail + avail::IDX, &guest_idx.to_le_bytes());
+            }
+            4 => {
+                let e = UsedElem {
+                    id: le(b, 0, 4) as u32,
+                    len: le(b, 4, 4) as u32,
+                };
+                let _ = bufs.write_device(geo.used + used::entry(device_idx & mask), &e.to_bytes());
+                device_idx = device_idx.wrapping_add(1);
+                let _ = bufs.write_device(geo.used + used::IDX, &device_idx.to_le_bytes());
+            }
+            5 => {
+                let v = if b.len() >= 4 {
+                    Some(le(b, 0, 4) as u32)
+                } else {
+                    q.guest_avail_idx(&bufs).ok()
+                };
+                if let Some(v) = v {
+                    let _ = q.on_guest_submit(v, &bufs);
+                }
+            }
+            6 => {
+                let mut dirty = Vec::new();
+                if let Ok(n) = q.forward_completions(&bufs, &mut dirty) {
+                    assert!(
+                        n <= usize::from(size),
+                        "{n} used entries from a queue of {size}"
+                    );
+                    for p in &dirty {
+                        assert!(
+                            p % PAGE_SIZE == 0 && bufs.in_ram(*p, PAGE_SIZE),
+                            "dirty page {p:#x} outside RAM"
+                        );
+                    }
+                }
+            }
+            7 => q.hold(b.first().is_some_and(|x| x & 1 != 0)),
+            8 => {
+                let _ = q.guest_needs_interrupt(&bufs);
+                let _ = q.take_device_notify(&bufs);
+            }
+            _ => {
+                let s = q.state();
+                let dst = VecBuffers::new(BASE, (PAGES * PAGE_SIZE) as usize);
+                *dst.vcpu.borrow_mut() = bufs.vcpu.borrow().clone();
+                if let Ok(mut r) = VirtQueue::rebuild(&s, le(b, 0, 2) as u16, &dst) {
+                    let _ = r.restart(&dst);
+                    assert!(r.in_flight() <= usize::from(size));
+                }
+            }
+        }
+        let s = q.state();
+        assert_eq!(
+            usize::from(s.guest_avail.wrapping_sub(s.guest_used)),
+            s.in_flight.len(),
+            "the saved state's indexes and chains in flight disagree"
+        );
+        assert!(q.in_flight() <= usize::from(size));
+    }
+}
+
+/// A virtio queue session (the corpus seed): a direct chain and an indirect one submitted,
+/// used by the device (one with a length too large, one unknown id), saved and rebuilt.
+pub fn sample_virtio_session() -> Vec<u8> {
+    let mut o = vec![4, 3]; // 16 entries, indirect + EVENT_IDX
+    let rec = |o: &mut Vec<u8>, ctl: u8, bytes: &[u8]| {
+        o.push(ctl);
+        o.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        o.extend_from_slice(bytes);
+    };
+    let desc = |i: u8, off: u16, len: u16, flags: u8, next: u8| {
+        let mut b = vec![i];
+        b.extend_from_slice(&off.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&[flags, next]);
+        b
+    };
+    // Chain 0 → 1: a readable header, a writable page.
+    rec(&mut o, 2, &desc(0, 0x8000, 12, 1, 1));
+    rec(&mut o, 2, &desc(1, 0x9000, 4096, 2, 0));
+    rec(&mut o, 3, &0u16.to_le_bytes());
+    // Descriptor 2: an indirect table of two entries at offset 0xa000.
+    let mut table = 0xa000u16.to_le_bytes().to_vec();
+    for (addr, len, flags, next) in [(0xb000u64, 64u32, 1u16, 1u16), (0xc000, 512, 2, 0)] {
+        let d = virtio_spec::ring::Descriptor {
+            addr: BASE + addr,
+            len,
+            flags,
+            next,
+        };
+        table.extend_from_slice(&d.to_bytes());
+    }
+    rec(&mut o, 0, &table);
+    rec(&mut o, 2, &desc(2, 0xa000, 32, 4, 0));
+    rec(&mut o, 3, &2u16.to_le_bytes());
+    rec(&mut o, 5, &[]);
+    // The device uses head 0 (100 bytes), head 2 with too many bytes, and an unknown id.
+    for (id, len) in [(0u32, 100u32), (2, 4096), (9, 1)] {
+        let mut u = id.to_le_bytes().to_vec();
+        u.extend_from_slice(&len.to_le_bytes());
+        rec(&mut o, 4, &u);
+    }
+    rec(&mut o, 6, &[]);
+    rec(&mut o, 8, &[]);
+    // Another chain, held, saved and rebuilt at index 0.
+    rec(&mut o, 3, &0u16.to_le_bytes());
+    rec(&mut o, 5, &[]);
+    rec(&mut o, 7, &[1]);
+    rec(&mut o, 0xff, &0u16.to_le_bytes());
+    o
+}
