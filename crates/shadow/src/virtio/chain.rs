@@ -120,6 +120,9 @@ pub struct Chain {
     pub writable: Vec<(u64, u32)>,
     /// Sum of the writable lengths.
     pub writable_bytes: u64,
+    /// Sum of the readable lengths (what the device consumes: a transmitted packet, a
+    /// request).
+    pub readable_bytes: u64,
 }
 
 const PAGE: u64 = 4096;
@@ -211,6 +214,7 @@ pub fn walk(
         indirect: None,
         writable: Vec::new(),
         writable_bytes: 0,
+        readable_bytes: 0,
     };
     while let Some(loc) = w.location() {
         let mut raw = [0u8; 16];
@@ -266,7 +270,9 @@ pub fn walk(
                 if let Err(r) = t.region(bufs, seg.addr, seg.len) {
                     return Ok(Err(r));
                 }
-                if seg.write && seg.len > 0 {
+                if !seg.write {
+                    chain.readable_bytes += u64::from(seg.len);
+                } else if seg.len > 0 {
                     chain.writable.push((seg.addr, seg.len));
                     chain.writable_bytes += u64::from(seg.len);
                 }

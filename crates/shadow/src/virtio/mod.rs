@@ -38,6 +38,11 @@ use virtio_spec::{
 use crate::{buffers::BuffersExt, Buffers, Error, Result, RingAdapter};
 use chain::{Chain, ChainLimits, Refusal, Table, MAX_CHAIN_BYTES, MAX_INDIRECT};
 
+/// Rounds one call makes over a ring before it returns (each re-reads the other side's
+/// index after publishing its event index), so a side that keeps adding cannot hold the
+/// caller.
+const PASSES: usize = 4;
+
 /// Where a split virtqueue lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtqGeometry {
@@ -235,6 +240,8 @@ pub struct VirtQueue {
     legacy_outstanding: u16,
     /// Chains to give a fresh device (destination), oldest first.
     resubmit: Vec<u16>,
+    /// Rebuilt and not restarted yet: the device-side rings are still to be prepared.
+    fresh: bool,
     hold: bool,
     stats: VirtqStats,
     /// The last bad device used index counted (a stuck one is counted once).
@@ -281,6 +288,7 @@ impl VirtQueue {
             legacy_order: Vec::new(),
             legacy_outstanding: 0,
             resubmit: Vec::new(),
+            fresh: false,
             hold: false,
             stats: VirtqStats::default(),
             bad_used_seen: None,
@@ -384,6 +392,7 @@ impl VirtQueue {
         q.d_used = device_start;
         q.notified = device_start;
         q.resubmit = state.in_flight.clone();
+        q.fresh = true;
         q.hold = true;
         q.stats = state.stats;
         Ok(q)
@@ -395,6 +404,9 @@ impl VirtQueue {
     /// the guest with length 0), publishes them and ends the hold. Returns the device
     /// available index to notify, if any chain was given.
     pub fn restart(&mut self, bufs: &dyn Buffers) -> Result<Option<u32>> {
+        if !std::mem::take(&mut self.fresh) {
+            return Ok(None); // once only: the device owns its used index from here on
+        }
         let start = self.d_avail;
         write_u16(bufs, self.geo.used + used::IDX, self.d_used, Side::Device)?;
         let g_used = self.g_used;
@@ -461,6 +473,26 @@ impl VirtQueue {
             && self.resubmit.is_empty()
             && self.d_avail == self.g_taken
             && self.d_used == self.g_used
+    }
+
+    /// Chains in flight with device-readable buffers (transmitted packets, requests). Giving
+    /// such a chain to another device would repeat what it does, so a switchover waits until
+    /// there are none; chains with writable buffers only (receive buffers) may stay in
+    /// flight and are given to the destination's device again. Chains made available before
+    /// shadowing began whose descriptors did not validate count as readable.
+    pub fn in_flight_with_reads(&self) -> usize {
+        let legacy = self
+            .legacy_order
+            .iter()
+            .filter(|h| self.legacy.get(h).is_none_or(|c| c.readable_bytes > 0))
+            .count();
+        let resubmit = self.resubmit.len();
+        let flying = self
+            .inflight
+            .values()
+            .filter(|f| f.chain.readable_bytes > 0)
+            .count();
+        legacy + resubmit + flying
     }
 
     /// Pages the device may still write for chains made available before shadowing began.
@@ -667,6 +699,63 @@ impl VirtQueue {
         }
     }
 
+    /// Takes a new guest available index unless it is more than a queue size ahead of the
+    /// last entry taken (the guest owns at most `size` descriptors; an index going backwards
+    /// wraps to a huge distance and is refused the same way). A refused index is counted once
+    /// while it stays.
+    fn accept_avail_idx(&mut self, idx: u16) -> bool {
+        if idx.wrapping_sub(self.g_taken) > self.geo.size {
+            if count_once(&mut self.bad_avail_seen, idx, &mut self.stats.bad_avail_idx) {
+                tracing::debug!(
+                    queue = self.geo.index,
+                    idx,
+                    taken = self.g_taken,
+                    "virtqueue available index refused"
+                );
+            }
+            self.g_avail = self.g_taken;
+            return false;
+        }
+        self.g_avail = idx;
+        true
+    }
+
+    /// Reads the device's next used entry and forwards it if it is for a chain in flight
+    /// with a length the chain allows.
+    fn take_used(&mut self, bufs: &dyn Buffers, dirty: &mut Vec<u64>) -> Result<()> {
+        let mut raw = [0u8; 8];
+        bufs.device_read(self.ring().used_entry_addr(self.d_used), &mut raw)?;
+        self.d_used = self.d_used.wrapping_add(1);
+        let e = UsedElem::from_bytes(&raw);
+        let Some(c) = self.completed_chain(e.id) else {
+            self.stats.unknown_used += 1;
+            tracing::debug!(
+                queue = self.geo.index,
+                id = e.id,
+                "unknown used entry dropped"
+            );
+            return Ok(());
+        };
+        let (len, pages) = if u64::from(e.len) > c.writable_bytes {
+            self.stats.bad_used_len += 1;
+            tracing::debug!(
+                queue = self.geo.index,
+                id = e.id,
+                len = e.len,
+                writable = c.writable_bytes,
+                "used length over the chain's writable bytes"
+            );
+            (0, c.written_pages(c.writable_bytes))
+        } else {
+            (e.len, c.written_pages(u64::from(e.len)))
+        };
+        self.stats.dirty_pages += pages.len() as u64;
+        dirty.extend_from_slice(&pages);
+        self.post_guest_used(UsedElem { id: e.id, len }, bufs)?;
+        self.stats.completed += 1;
+        Ok(())
+    }
+
     /// The chain behind a used entry from the device, taken out of flight.
     fn completed_chain(&mut self, id: u32) -> Option<Chain> {
         let head = u16::try_from(id).ok().filter(|h| *h < self.geo.size)?;
@@ -706,38 +795,33 @@ impl RingAdapter for VirtQueue {
             self.stats.bad_avail_idx += 1;
             return Ok(None);
         };
-        // The guest owns at most `size` descriptors, so it cannot be further ahead; an index
-        // going backwards wraps to a huge distance and is refused the same way.
-        if idx.wrapping_sub(self.g_taken) > self.geo.size {
-            if count_once(&mut self.bad_avail_seen, idx, &mut self.stats.bad_avail_idx) {
-                tracing::debug!(
-                    queue = self.geo.index,
-                    idx,
-                    taken = self.g_taken,
-                    "virtqueue available index refused"
-                );
-            }
-            self.g_avail = self.g_taken;
-            return Ok(None);
-        }
-        self.g_avail = idx;
-        if self.hold || !self.resubmit.is_empty() {
+        if !self.accept_avail_idx(idx) || self.hold || !self.resubmit.is_empty() {
             return Ok(None);
         }
         let (d_start, g_start) = (self.d_avail, self.g_used);
-        while self.g_taken != self.g_avail {
-            let at = self.ring().avail_entry_addr(self.g_taken);
-            let head = read_u16(bufs, at, Side::Vcpu)?;
-            match chain::walk(head, &self.table(), bufs)? {
-                Ok(c) => self.forward(c, bufs)?,
-                Err(r) => self.refuse(head, r, bufs)?,
+        for _ in 0..PASSES {
+            while self.g_taken != self.g_avail {
+                let at = self.ring().avail_entry_addr(self.g_taken);
+                let head = read_u16(bufs, at, Side::Vcpu)?;
+                match chain::walk(head, &self.table(), bufs)? {
+                    Ok(c) => self.forward(c, bufs)?,
+                    Err(r) => self.refuse(head, r, bufs)?,
+                }
+                self.g_taken = self.g_taken.wrapping_add(1);
             }
-            self.g_taken = self.g_taken.wrapping_add(1);
+            self.ask_guest_notify(bufs)?;
+            // An entry the guest added after its index was read, while `avail_event` still
+            // said an older position, came without a notification: take it now, or none
+            // would ever come again (virtio §2.6.7.1).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            let now = read_u16(bufs, self.geo.avail + avail::IDX, Side::Vcpu)?;
+            if now == self.g_avail || !self.accept_avail_idx(now) {
+                break;
+            }
         }
         if self.g_used != g_start {
             self.publish_guest_used(bufs)?;
         }
-        self.ask_guest_notify(bufs)?;
         if self.d_avail == d_start {
             return Ok(None);
         }
@@ -751,60 +835,36 @@ impl RingAdapter for VirtQueue {
     }
 
     fn forward_completions(&mut self, bufs: &dyn Buffers, dirty: &mut Vec<u64>) -> Result<usize> {
-        let idx = read_u16(bufs, self.geo.used + used::IDX, Side::Device)?;
-        let n = idx.wrapping_sub(self.d_used);
-        if n == 0 {
-            return Ok(0);
-        }
-        if n > self.geo.size {
-            if count_once(&mut self.bad_used_seen, idx, &mut self.stats.bad_used_idx) {
-                tracing::debug!(
-                    queue = self.geo.index,
-                    idx,
-                    read = self.d_used,
-                    "virtqueue device used index refused"
-                );
-            }
-            return Ok(0);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let start = self.g_used;
-        for _ in 0..n {
-            let mut raw = [0u8; 8];
-            bufs.device_read(self.ring().used_entry_addr(self.d_used), &mut raw)?;
-            self.d_used = self.d_used.wrapping_add(1);
-            let e = UsedElem::from_bytes(&raw);
-            let Some(c) = self.completed_chain(e.id) else {
-                self.stats.unknown_used += 1;
-                tracing::debug!(
-                    queue = self.geo.index,
-                    id = e.id,
-                    "unknown used entry dropped"
-                );
-                continue;
-            };
-            let (len, pages) = if u64::from(e.len) > c.writable_bytes {
-                self.stats.bad_used_len += 1;
-                tracing::debug!(
-                    queue = self.geo.index,
-                    id = e.id,
-                    len = e.len,
-                    writable = c.writable_bytes,
-                    "used length over the chain's writable bytes"
-                );
-                (0, c.written_pages(c.writable_bytes))
-            } else {
-                (e.len, c.written_pages(u64::from(e.len)))
-            };
-            self.stats.dirty_pages += pages.len() as u64;
-            dirty.extend_from_slice(&pages);
-            self.post_guest_used(UsedElem { id: e.id, len }, bufs)?;
-            self.stats.completed += 1;
+        for _ in 0..PASSES {
+            let idx = read_u16(bufs, self.geo.used + used::IDX, Side::Device)?;
+            let n = idx.wrapping_sub(self.d_used);
+            if n == 0 {
+                break;
+            }
+            if n > self.geo.size {
+                if count_once(&mut self.bad_used_seen, idx, &mut self.stats.bad_used_idx) {
+                    tracing::debug!(
+                        queue = self.geo.index,
+                        idx,
+                        read = self.d_used,
+                        "virtqueue device used index refused"
+                    );
+                }
+                break;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            for _ in 0..n {
+                self.take_used(bufs, dirty)?;
+            }
+            // `used_event` moves on; an entry the device posted before it saw the new value
+            // came without an interrupt, so the index is read again.
+            self.ask_device_interrupt(bufs)?;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         }
         if self.g_used != start {
             self.publish_guest_used(bufs)?;
         }
-        self.ask_device_interrupt(bufs)?;
         Ok(usize::from(self.g_used.wrapping_sub(start)))
     }
 

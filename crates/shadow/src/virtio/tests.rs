@@ -1257,3 +1257,125 @@ fn garbage_on_both_sides_never_panics() {
         }
     }
 }
+
+/// What the other side does in the middle of an adapter call.
+type Hook<'a> = Box<dyn FnOnce(&Mem) + 'a>;
+
+/// Buffers that run `hook` once, right after the adapter writes `at` on the `vcpu` side (or
+/// the device side): the other side acting between the adapter's index read and its event
+/// index write.
+struct Racy<'a> {
+    mem: &'a Mem,
+    at: u64,
+    vcpu: bool,
+    hook: RefCell<Option<Hook<'a>>>,
+}
+
+impl Racy<'_> {
+    fn fire(&self, vcpu: bool, gpa: u64) {
+        if vcpu == self.vcpu && gpa == self.at {
+            if let Some(h) = self.hook.borrow_mut().take() {
+                h(self.mem);
+            }
+        }
+    }
+}
+
+impl Buffers for Racy<'_> {
+    fn read_vcpu(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.mem.read_vcpu(gpa, buf)
+    }
+    fn write_vcpu(&self, gpa: u64, data: &[u8]) -> bool {
+        let ok = self.mem.write_vcpu(gpa, data);
+        self.fire(true, gpa);
+        ok
+    }
+    fn read_device(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.mem.read_device(gpa, buf)
+    }
+    fn write_device(&self, gpa: u64, data: &[u8]) -> bool {
+        let ok = self.mem.write_device(gpa, data);
+        self.fire(false, gpa);
+        ok
+    }
+    fn in_ram(&self, gpa: u64, len: u64) -> bool {
+        self.mem.in_ram(gpa, len)
+    }
+}
+
+/// With EVENT_IDX, an entry the guest adds while the adapter's `avail_event` still names an
+/// older position comes without a notification; likewise a used entry the device posts
+/// before it sees the new `used_event` comes without an interrupt. The adapter reads the
+/// index again after publishing its event index and takes them in the same call.
+#[test]
+fn entries_added_during_the_event_index_update_are_not_lost() {
+    let (mem, drv, mut dev, mut q) = setup(8, features() | bit(RING_EVENT_IDX), true);
+    let drv = RefCell::new(drv);
+    let first = drv
+        .borrow_mut()
+        .post(&mem, &[(DATA, 8, true)])
+        .expect("posted");
+    let late = RefCell::new(None);
+    let racy = Racy {
+        mem: &mem,
+        at: USED + used::avail_event(8),
+        vcpu: true,
+        hook: RefCell::new(Some(Box::new(|m: &Mem| {
+            *late.borrow_mut() = drv.borrow_mut().post(m, &[(DATA + PAGE, 8, true)]);
+        }))),
+    };
+    let idx = q.guest_avail_idx(&mem).expect("readable");
+    assert_eq!(q.on_guest_submit(idx, &racy).expect("reachable"), Some(2));
+    assert!(late.borrow().is_some());
+    dev.fetch(&mem);
+    let heads: Vec<u16> = dev.fetched.iter().map(|f| f.0).collect();
+    assert_eq!(heads, vec![first, late.borrow().expect("posted")]);
+
+    // The device side: a used entry posted right after the adapter moved `used_event`.
+    dev.complete(&mem, 0, 1, 8);
+    let dev = RefCell::new(dev);
+    let racy = Racy {
+        mem: &mem,
+        at: AVAIL + avail::used_event(8),
+        vcpu: false,
+        hook: RefCell::new(Some(Box::new(|m: &Mem| {
+            dev.borrow_mut().complete(m, 0, 2, 8);
+        }))),
+    };
+    let mut dirty = Vec::new();
+    assert_eq!(
+        q.forward_completions(&racy, &mut dirty).expect("reachable"),
+        2
+    );
+    assert_eq!(dirty, vec![DATA, DATA + PAGE]);
+    assert_eq!(drv.borrow_mut().reap(&mem).len(), 2);
+}
+
+/// Chains the device reads from (transmitted packets) must be drained before a switchover;
+/// receive buffers may stay in flight and go to the destination's device.
+#[test]
+fn chains_with_reads_are_told_apart_from_receive_buffers() {
+    let (mem, mut drv, mut dev, mut q) = setup(8, features(), true);
+    drv.post(&mem, &[(DATA, 1500, true)]);
+    drv.post(&mem, &[(DATA + PAGE, 1500, true)]);
+    drv.post(&mem, &[(DATA + 2 * PAGE, 60, false)]);
+    drv.post_indirect(
+        &mem,
+        DATA + 30 * PAGE,
+        &[(DATA + 3 * PAGE, 12, false), (DATA + 4 * PAGE, 1, true)],
+    );
+    submit(&mut q, &mem);
+    assert_eq!((q.in_flight(), q.in_flight_with_reads()), (4, 2));
+    dev.fetch(&mem);
+    dev.complete(&mem, 3, 1, 1);
+    dev.complete(&mem, 2, 1, 0);
+    forward(&mut q, &mem);
+    assert_eq!((q.in_flight(), q.in_flight_with_reads()), (2, 0));
+    // A rebuilt queue restarts once: a second call leaves the device's rings alone.
+    let state = q.state();
+    let mut r = VirtQueue::rebuild(&state, 0, &mem).expect("rebuilds");
+    assert_eq!(r.restart(&mem).expect("restarts"), Some(2));
+    w16(&mem, USED + used::IDX, 1, false); // the device moved on
+    assert_eq!(r.restart(&mem).expect("no-op"), None);
+    assert_eq!(r16(&mem, USED + used::IDX, false), 1);
+}
