@@ -1011,19 +1011,25 @@ fn the_saved_state_rebuilds_the_queue_on_a_destination() {
     let wire = postcard::to_allocvec(&state).expect("encodes");
     let state: VirtqState = postcard::from_bytes(&wire).expect("decodes");
 
-    for start in [0u16, state.guest_used] {
-        // The destination: guest RAM arrived (the guest's view), its own device rings blank.
-        let dst = Mem::new(size, Designation::CopyIsVcpu, true);
-        let ram = src.copy.borrow().clone(); // the guest's rings, as the guest saw them
+    let (v, d) = (Designation::CopyIsVcpu, Designation::CopyIsDevice);
+    let cases = [(0, v), (0, d), (state.guest_used, v), (state.guest_used, d)];
+    for (start, designation) in cases {
+        // The destination: guest RAM arrived (the guest's view of the rings), the device's
+        // side of the rings blank.
+        let dst = Mem::new(size, designation, true);
         *dst.ram.borrow_mut() = src.ram.borrow().clone();
         for r in &dst.rings {
             let (s, e) = ((r.start - BASE) as usize, (r.end - BASE) as usize);
-            dst.ram.borrow_mut()[s..e].copy_from_slice(&ram[s..e]);
+            dst.ram.borrow_mut()[s..e].copy_from_slice(&src.copy.borrow()[s..e]);
         }
         dst.start_shadowing();
+        let device_side = match designation {
+            Designation::CopyIsVcpu => &dst.ram,
+            Designation::CopyIsDevice => &dst.copy,
+        };
         for r in &dst.rings {
             let (s, e) = ((r.start - BASE) as usize, (r.end - BASE) as usize);
-            dst.ram.borrow_mut()[s..e].fill(0); // the device side starts blank
+            device_side.borrow_mut()[s..e].fill(0);
         }
         let mut q = VirtQueue::rebuild(&state, start, &dst).expect("rebuilds");
         assert_eq!(q.in_flight(), 4);
