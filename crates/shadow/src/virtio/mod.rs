@@ -798,6 +798,9 @@ impl RingAdapter for VirtQueue {
         if !self.accept_avail_idx(idx) || self.hold || !self.resubmit.is_empty() {
             return Ok(None);
         }
+        if self.g_taken == self.g_avail {
+            return Ok(None); // nothing new; `avail_event` already names the next entry
+        }
         let (d_start, g_start) = (self.d_avail, self.g_used);
         for _ in 0..PASSES {
             while self.g_taken != self.g_avail {
