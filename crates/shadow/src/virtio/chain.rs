@@ -188,12 +188,44 @@ impl Table<'_> {
     }
 }
 
-/// Walks the chain at `head`. `Err` is a buffer access failure (the engine's problem);
-/// `Ok(Err)` a refused chain (the guest's).
+/// Visited marks of the descriptor table for loop detection, kept across walks: each walk is
+/// a new generation instead of a cleared table, so a walk costs what the chain is long, not
+/// what the queue is large.
+#[derive(Clone, Debug, Default)]
+pub struct Marks {
+    generation: u32,
+    table: Vec<u32>,
+}
+
+impl Marks {
+    fn start(&mut self, size: u16) {
+        if self.table.len() != usize::from(size) {
+            self.table = vec![0; usize::from(size)];
+        }
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            self.table.fill(0);
+            self.generation = 1;
+        }
+    }
+
+    /// Marks `i`; true if it was marked already in this walk.
+    fn visit(&mut self, i: u16) -> bool {
+        match self.table.get_mut(usize::from(i)) {
+            Some(m) => std::mem::replace(m, self.generation) == self.generation,
+            None => true,
+        }
+    }
+}
+
+/// Walks the chain at `head`, adding the descriptors it reads to `visited`. `Err` is a
+/// buffer access failure (the engine's problem); `Ok(Err)` a refused chain (the guest's).
 pub fn walk(
     head: u16,
     t: &Table<'_>,
     bufs: &dyn Buffers,
+    marks: &mut Marks,
+    visited: &mut usize,
 ) -> Result<std::result::Result<Chain, Refusal>> {
     let max_indirect = t.limits.max_indirect.min(MAX_INDIRECT);
     let mut w = match ChainWalker::new(
@@ -206,7 +238,7 @@ pub fn walk(
         Ok(w) => w,
         Err(e) => return Ok(Err(Refusal::Ring(e))),
     };
-    let mut seen = vec![false; usize::from(t.size)];
+    marks.start(t.size);
     let mut seen_indirect = [false; MAX_INDIRECT as usize];
     let mut chain = Chain {
         head,
@@ -227,9 +259,10 @@ pub fn walk(
                         Refusal::Shared(i)
                     }));
                 }
-                if std::mem::replace(&mut seen[usize::from(i)], true) {
+                if marks.visit(i) {
                     return Ok(Err(Refusal::Loop(i)));
                 }
+                *visited += 1;
                 bufs.vcpu_read(t.desc + u64::from(i) * DESC_SIZE, &mut raw)?;
                 let d = Descriptor::from_bytes(&raw);
                 chain.direct.push((i, d));
@@ -246,6 +279,7 @@ pub fn walk(
                 if std::mem::replace(&mut seen_indirect[k], true) {
                     return Ok(Err(Refusal::Loop(k as u16)));
                 }
+                *visited += 1;
                 bufs.vcpu_read(addr, &mut raw)?;
                 Descriptor::from_bytes(&raw)
             }

@@ -36,7 +36,7 @@ use virtio_spec::{
 };
 
 use crate::{buffers::BuffersExt, Buffers, Error, Result, RingAdapter};
-use chain::{Chain, ChainLimits, Refusal, Table, MAX_CHAIN_BYTES, MAX_INDIRECT};
+use chain::{Chain, ChainLimits, Marks, Refusal, Table, MAX_CHAIN_BYTES, MAX_INDIRECT};
 
 /// Rounds one call makes over a ring before it returns (each re-reads the other side's
 /// index after publishing its event index), so a side that keeps adding cannot hold the
@@ -230,6 +230,8 @@ pub struct VirtQueue {
     seq: u64,
     /// Descriptor indexes owned by chains in flight.
     busy: Vec<bool>,
+    /// The walks' loop detection.
+    marks: Marks,
     /// Chains made available before shadowing began, by head (from every available slot):
     /// their used entries are still forwarded, with their pages.
     legacy: HashMap<u16, Chain>,
@@ -284,6 +286,7 @@ impl VirtQueue {
             inflight: HashMap::new(),
             seq: 0,
             busy: vec![false; usize::from(geo.size)],
+            marks: Marks::default(),
             legacy: HashMap::new(),
             legacy_order: Vec::new(),
             legacy_outstanding: 0,
@@ -336,14 +339,16 @@ impl VirtQueue {
         q.legacy_outstanding = outstanding;
         // Every available slot, newest first: a chain in flight was made available in one of
         // them (unless the guest reused its slot, as out-of-order devices allow).
+        // The walks are bounded in all (a guest's chains share no descriptors).
+        let mut spent = 0;
         for back in 1..=geo.size {
             let pos = a.wrapping_sub(back);
             let head = read_u16(bufs, q.ring().avail_entry_addr(pos), Side::Vcpu)?;
             if back <= outstanding {
                 q.legacy_order.push(head);
             }
-            if !q.legacy.contains_key(&head) {
-                if let Ok(c) = chain::walk(head, &q.table_without_busy(), bufs)? {
+            if !q.legacy.contains_key(&head) && spent < q.budget() {
+                if let Ok(c) = q.walk(head, false, bufs, &mut spent)? {
                     q.legacy.insert(head, c);
                 }
             }
@@ -411,7 +416,7 @@ impl VirtQueue {
         write_u16(bufs, self.geo.used + used::IDX, self.d_used, Side::Device)?;
         let g_used = self.g_used;
         for head in std::mem::take(&mut self.resubmit) {
-            match chain::walk(head, &self.table(), bufs)? {
+            match self.walk(head, true, bufs, &mut 0)? {
                 Ok(c) => self.forward(c, bufs)?,
                 Err(r) => self.refuse(head, r, bufs)?,
             }
@@ -590,11 +595,27 @@ impl VirtQueue {
         }
     }
 
-    fn table_without_busy(&self) -> Table<'_> {
-        Table {
-            busy: &[],
-            ..self.table()
+    /// Validates the chain at `head` (against the chains in flight when `busy`).
+    fn walk(
+        &mut self,
+        head: u16,
+        busy: bool,
+        bufs: &dyn Buffers,
+        spent: &mut usize,
+    ) -> Result<std::result::Result<Chain, Refusal>> {
+        let mut marks = std::mem::take(&mut self.marks);
+        let mut t = self.table();
+        if !busy {
+            t.busy = &[];
         }
+        let r = chain::walk(head, &t, bufs, &mut marks, spent);
+        self.marks = marks;
+        r
+    }
+
+    /// Descriptors one call may read: every descriptor and a few indirect tables, twice.
+    fn budget(&self) -> usize {
+        4 * usize::from(self.geo.size) + 2 * usize::from(MAX_INDIRECT)
     }
 
     /// The guest: always notify (the hypervisor must see every submission).
@@ -802,11 +823,14 @@ impl RingAdapter for VirtQueue {
             return Ok(None); // nothing new; `avail_event` already names the next entry
         }
         let (d_start, g_start) = (self.d_avail, self.g_used);
+        // Descriptors read in this call: past the budget the rest waits for the next call
+        // (`pending()`), so hostile chains cannot hold the poller for long.
+        let mut spent = 0;
         for _ in 0..PASSES {
-            while self.g_taken != self.g_avail {
+            while self.g_taken != self.g_avail && spent < self.budget() {
                 let at = self.ring().avail_entry_addr(self.g_taken);
                 let head = read_u16(bufs, at, Side::Vcpu)?;
-                match chain::walk(head, &self.table(), bufs)? {
+                match self.walk(head, true, bufs, &mut spent)? {
                     Ok(c) => self.forward(c, bufs)?,
                     Err(r) => self.refuse(head, r, bufs)?,
                 }

@@ -1385,3 +1385,39 @@ fn chains_with_reads_are_told_apart_from_receive_buffers() {
     assert_eq!(r.restart(&mem).expect("no-op"), None);
     assert_eq!(r16(&mem, USED + used::IDX, false), 1);
 }
+
+/// Chains as long as the table, every one of them: one call reads a bounded number of
+/// descriptors and leaves the rest pending for the next calls; all are refused in the end.
+#[test]
+fn long_hostile_chains_are_taken_a_bounded_number_at_a_time() {
+    let size = 64u16;
+    let (mem, mut drv, mut dev, mut q) = setup(size, features(), true);
+    for k in 0..size {
+        let next = (k + 1) % size;
+        Driver::write_desc(
+            &mem,
+            DESC + u64::from(k) * 16,
+            d(DATA, 8, DESC_F_NEXT, next),
+        );
+    }
+    for head in 0..size {
+        drv.publish(&mem, head);
+    }
+    assert_eq!(submit(&mut q, &mem), None);
+    let first = q.stats().refused;
+    assert!(
+        first > 0 && first < u64::from(size),
+        "{first} refused in one call"
+    );
+    assert_eq!(q.pending(), size - first as u16);
+    let mut calls = 1;
+    while q.pending() > 0 {
+        submit(&mut q, &mem);
+        calls += 1;
+        assert!(calls <= 64, "no progress");
+    }
+    assert_eq!(q.stats().refusals.loops, u64::from(size));
+    assert_eq!(r16(&mem, USED + used::IDX, true), size);
+    dev.fetch(&mem);
+    assert!(dev.fetched.is_empty());
+}
