@@ -15,6 +15,8 @@ use crate::units::parse_size;
 pub enum DeviceCommand {
     /// An NVMe SSD behind a vfio-user socket, backed by a file.
     Nvme(DeviceNvmeArgs),
+    /// A virtio-net NIC behind a vfio-user socket, a host tap device as its wire.
+    VirtioNet(crate::virtio_net_args::DeviceVirtioNetArgs),
 }
 
 /// `ferry device nvme`.

@@ -1,0 +1,54 @@
+//! Command-line options of the passthrough virtio-net pieces: `ferry device virtio-net`.
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// `ferry device virtio-net`.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceVirtioNetArgs {
+    /// vfio-user socket to listen on (must not exist).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The host tap interface that is the NIC's wire (opened, or created, in this process's
+    /// network namespace).
+    #[arg(long, value_name = "NAME")]
+    pub tap: String,
+    /// MAC address the device reports to the guest.
+    #[arg(long, default_value = "52:54:00:fe:00:01", value_parser = parse_mac)]
+    pub mac: [u8; 6],
+    /// Exit after the first client disconnects (instead of waiting for the next one).
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts
+            .next()
+            .ok_or_else(|| format!("{s:?}: six bytes needed"))?;
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?}: {p:?} is not a hex byte"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("{s:?}: more than six bytes"));
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn macs_parse_and_garbage_is_refused() {
+        assert_eq!(
+            parse_mac("52:54:00:fe:00:01"),
+            Ok([0x52, 0x54, 0, 0xfe, 0, 1])
+        );
+        assert!(parse_mac("52:54:00:fe:00").is_err());
+        assert!(parse_mac("52:54:00:fe:00:01:02").is_err());
+        assert!(parse_mac("52:54:00:fe:00:zz").is_err());
+    }
+}
