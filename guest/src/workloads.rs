@@ -2,6 +2,7 @@
 pub mod crash;
 pub mod dirty;
 pub mod hello;
+pub mod net_echo;
 pub mod nvme_malformed;
 pub mod nvme_verify;
 pub mod probe;

@@ -78,6 +78,9 @@ pub enum WorkloadName {
     RdmaClient,
     /// Garbage into the PVRDMA command slot, rings and page directories (needs --vrdma).
     RdmaHostile,
+    /// Answer ARP and ping, echo UDP on the passthrough virtio-net NIC (needs
+    /// --passthrough virtio-net=SOCKET; --net-ip, --net-port).
+    NetEcho,
 }
 
 impl From<WorkloadName> for Workload {
@@ -93,6 +96,7 @@ impl From<WorkloadName> for Workload {
             WorkloadName::RdmaServer => Workload::RdmaServer,
             WorkloadName::RdmaClient => Workload::RdmaClient,
             WorkloadName::RdmaHostile => Workload::RdmaHostile,
+            WorkloadName::NetEcho => Workload::NetEcho,
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct GuestArgs {
     pub nvme: crate::nvme_args::NvmeCliArgs,
     #[command(flatten)]
     pub rdma: crate::commands::vrdma::RdmaCliArgs,
+    #[command(flatten)]
+    pub net: crate::virtio_net_args::NetCliArgs,
 }
 
 /// `ferry run`.

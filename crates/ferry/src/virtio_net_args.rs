@@ -52,3 +52,45 @@ mod tests {
         assert!(parse_mac("52:54:00:fe:00:zz").is_err());
     }
 }
+
+/// The socket of `--passthrough virtio-net=SOCKET`, None for another device class.
+pub fn net_socket(passthrough: &str) -> anyhow::Result<Option<PathBuf>> {
+    match passthrough.strip_prefix("virtio-net=") {
+        Some("") => anyhow::bail!("--passthrough {passthrough:?}: empty socket path"),
+        Some(s) => Ok(Some(s.into())),
+        None => Ok(None),
+    }
+}
+
+/// Options of the network workloads.
+#[derive(Args, Debug, Clone)]
+pub struct NetCliArgs {
+    /// `net-echo`: the guest's IPv4 address.
+    #[arg(long, default_value = "10.0.77.2")]
+    pub net_ip: std::net::Ipv4Addr,
+    /// `net-echo`: the UDP port echoed.
+    #[arg(long, default_value_t = 7777)]
+    pub net_port: u16,
+    /// `net-echo`: exit 0 after echoing this many datagrams (0: until stopped or --duration).
+    #[arg(long, default_value_t = 0)]
+    pub net_echoes: u64,
+}
+
+impl NetCliArgs {
+    /// The guest's view of these options.
+    pub fn workload_args(&self) -> guest_abi::params::NetArgs {
+        guest_abi::params::NetArgs {
+            ip: u32::from(self.net_ip),
+            udp_port: u32::from(self.net_port),
+            echoes: self.net_echoes,
+        }
+    }
+}
+
+/// The socket of `--passthrough virtio-net=SOCKET` among the passthrough options.
+pub fn passthrough_socket(nvme: &crate::nvme_args::NvmeCliArgs) -> anyhow::Result<Option<PathBuf>> {
+    match &nvme.passthrough {
+        Some(p) => net_socket(p),
+        None => Ok(None),
+    }
+}
