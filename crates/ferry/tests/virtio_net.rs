@@ -45,9 +45,9 @@ struct NetNs(String);
 impl NetNs {
     fn new(tag: &str) -> NetNs {
         // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
         assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+            euid, 0,
             "the virtio-net test needs root (network namespaces, taps)"
         );
         let name = format!("ferry-{tag}-{}", std::process::id());
