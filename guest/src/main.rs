@@ -44,6 +44,7 @@ extern "C" fn guest_main() -> ! {
         Some(Workload::RdmaClient) => workloads::rdma::client(&p),
         Some(Workload::RdmaHostile) => workloads::rdma_hostile::run(&p),
         Some(Workload::NetEcho) => workloads::net_echo::run(&p),
+        Some(Workload::NetStream) => workloads::net_stream::run(&p),
         None => {
             println!("ferry-guest: unknown workload {}", p.workload);
             status::BAD_PARAMS

@@ -79,8 +79,11 @@ pub enum WorkloadName {
     /// Garbage into the PVRDMA command slot, rings and page directories (needs --vrdma).
     RdmaHostile,
     /// Answer ARP and ping, echo UDP on the passthrough virtio-net NIC (needs
-    /// --passthrough virtio-net=SOCKET; --net-ip, --net-port).
+    /// --passthrough virtio-net=SOCKET; --net-ip, --net-port, --net-count).
     NetEcho,
+    /// A sequenced UDP stream both ways on the passthrough virtio-net NIC, verified in order
+    /// and content (--net-ip, --net-port, --net-count).
+    NetStream,
 }
 
 impl From<WorkloadName> for Workload {
@@ -97,6 +100,7 @@ impl From<WorkloadName> for Workload {
             WorkloadName::RdmaClient => Workload::RdmaClient,
             WorkloadName::RdmaHostile => Workload::RdmaHostile,
             WorkloadName::NetEcho => Workload::NetEcho,
+            WorkloadName::NetStream => Workload::NetStream,
         }
     }
 }

@@ -65,15 +65,16 @@ pub fn net_socket(passthrough: &str) -> anyhow::Result<Option<PathBuf>> {
 /// Options of the network workloads.
 #[derive(Args, Debug, Clone)]
 pub struct NetCliArgs {
-    /// `net-echo`: the guest's IPv4 address.
+    /// `net-echo`, `net-stream`: the guest's IPv4 address.
     #[arg(long, default_value = "10.0.77.2")]
     pub net_ip: std::net::Ipv4Addr,
-    /// `net-echo`: the UDP port echoed.
+    /// `net-echo`: the UDP port echoed; `net-stream`: the port the peer's stream goes to.
     #[arg(long, default_value_t = 7777)]
     pub net_port: u16,
-    /// `net-echo`: exit 0 after echoing this many datagrams (0: until stopped or --duration).
+    /// `net-echo`: exit 0 after echoing this many datagrams; `net-stream`: datagrams of each
+    /// stream (0: until stopped or --duration).
     #[arg(long, default_value_t = 0)]
-    pub net_echoes: u64,
+    pub net_count: u64,
 }
 
 impl NetCliArgs {
@@ -82,7 +83,7 @@ impl NetCliArgs {
         guest_abi::params::NetArgs {
             ip: u32::from(self.net_ip),
             udp_port: u32::from(self.net_port),
-            echoes: self.net_echoes,
+            count: self.net_count,
         }
     }
 }

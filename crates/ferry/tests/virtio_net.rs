@@ -103,12 +103,17 @@ fn datagram(seq: u32, len: usize) -> Vec<u8> {
     d
 }
 
-#[test]
-fn ping_and_udp_reach_a_vm_through_the_passthrough_nic() {
-    let dir = TempDir::new("virtio-net");
-    let ns = NetNs::new("vnet");
-    let socket = dir.path("net.sock");
+/// The device process on the namespace's tap and a VM running `workload` with it passed
+/// through, once the workload says it is ready.
+struct Setup {
+    dev: Proc,
+    dev_err: Stream,
+    vm: Proc,
+    console: std::path::PathBuf,
+}
 
+fn start(ns: &NetNs, dir: &TempDir, workload: &str, extra: &[&str]) -> Setup {
+    let socket = dir.path("net.sock");
     // The device lives in the namespace, on its tap.
     let mut dev = ns.command(env!("CARGO_BIN_EXE_ferry"));
     dev.args(["device", "virtio-net", "--once", "--tap", TAP, "--socket"])
@@ -123,13 +128,14 @@ fn ping_and_udp_reach_a_vm_through_the_passthrough_nic() {
 
     let console = dir.path("console.log");
     let mut vm = ferry();
-    vm.args(["run", "--workload", "net-echo", "--timeout", "300s"])
+    vm.args(["run", "--workload", workload, "--timeout", "300s"])
         .args([
             "--net-ip",
             &GUEST_IP.to_string(),
             "--net-port",
             &PORT.to_string(),
         ])
+        .args(extra)
         .arg("--passthrough")
         .arg(format!("virtio-net={}", socket.display()))
         .arg("--serial")
@@ -137,10 +143,49 @@ fn ping_and_udp_reach_a_vm_through_the_passthrough_nic() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let vm_proc = Proc(Some(vm.spawn().expect("spawn ferry run")), None);
-    wait_until("net-echo says it is ready", PATIENCE, || {
-        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("net-echo: ready"))
+    let vm = Proc(Some(vm.spawn().expect("spawn ferry run")), None);
+    let ready = format!("{workload}: ready");
+    wait_until(format!("{workload} says it is ready"), PATIENCE, || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains(&ready))
     });
+    Setup {
+        dev,
+        dev_err,
+        vm,
+        console,
+    }
+}
+
+impl Setup {
+    /// Waits for the device (`--once`) to exit after the VM left; its statistics, checked
+    /// for ring errors.
+    fn device_stats(self) -> serde_json::Value {
+        let err = self.dev_err.finish(PATIENCE);
+        drop(self.dev);
+        let stats = err
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry device virtio-net: stats "))
+            .unwrap_or_else(|| panic!("no statistics:\n{err}"));
+        let stats: serde_json::Value = serde_json::from_str(stats).unwrap();
+        for zero in [
+            "chain_errors",
+            "dma_errors",
+            "bad_avail_idx",
+            "tx_bad_frames",
+            "bad_features",
+        ] {
+            assert_eq!(stats[zero], 0, "{zero}: {stats}");
+        }
+        assert_eq!(stats["driver_ok"], 1, "{stats}");
+        stats
+    }
+}
+
+#[test]
+fn ping_and_udp_reach_a_vm_through_the_passthrough_nic() {
+    let dir = TempDir::new("virtio-net");
+    let ns = NetNs::new("vnet");
+    let mut s = start(&ns, &dir, "net-echo", &[]);
 
     // The real ping: ARP first, then ICMP echo.
     let out = ns
@@ -188,41 +233,101 @@ fn ping_and_udp_reach_a_vm_through_the_passthrough_nic() {
     });
     assert_eq!(echoed, 64);
 
-    // Stop the VM (SIGTERM) and then the device; the device's statistics show the traffic and
-    // no ring, DMA or chain error.
+    // Stop the VM (SIGTERM); the device (--once) exits after it. Its statistics show the
+    // traffic and no ring, DMA or chain error.
     // SAFETY: kill(2) on our own child's pid.
-    unsafe {
-        libc::kill(
-            vm_proc.0.as_ref().expect("child").id() as i32,
-            libc::SIGTERM,
-        )
-    };
-    let out = vm_proc.wait_output(PATIENCE);
+    unsafe { libc::kill(s.vm.0.as_ref().expect("child").id() as i32, libc::SIGTERM) };
+    let vm = Proc(s.vm.0.take(), None);
+    let out = vm.wait_output(PATIENCE);
     assert_eq!(
         out.status.code(),
         Some(128 + libc::SIGTERM),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // With --once the device exits after the VMM disconnected.
-    let err = dev_err.finish(PATIENCE);
-    drop(dev);
-    let stats = err
-        .lines()
-        .find_map(|l| l.strip_prefix("ferry device virtio-net: stats "))
-        .unwrap_or_else(|| panic!("no statistics:\n{err}"));
-    let stats: serde_json::Value = serde_json::from_str(stats).unwrap();
-    for zero in [
-        "chain_errors",
-        "dma_errors",
-        "bad_avail_idx",
-        "tx_bad_frames",
-        "bad_features",
-    ] {
-        assert_eq!(stats[zero], 0, "{zero}: {stats}");
-    }
+    let stats = s.device_stats();
     // 5 pings + 64 echoes (+ ARP) each way at least.
     assert!(stats["tx_frames"].as_u64() >= Some(69), "{stats}");
     assert!(stats["rx_frames"].as_u64() >= Some(70), "{stats}");
-    assert_eq!(stats["driver_ok"], 1, "{stats}");
+}
+
+/// Byte `i` of datagram `seq` of a stream with `seed` (as `guest/src/workloads/net_stream.rs`).
+fn pattern(seed: u8, seq: u32, i: usize) -> u8 {
+    (seq.wrapping_mul(7) as usize).wrapping_add(i.wrapping_mul(13)) as u8 ^ seed
+}
+
+fn stream_datagram(magic: &[u8; 4], seed: u8, seq: u32, len: usize) -> Vec<u8> {
+    let mut d = vec![0u8; len];
+    d[..4].copy_from_slice(magic);
+    d[4..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in d.iter_mut().enumerate().skip(8) {
+        *b = pattern(seed, seq, i);
+    }
+    d
+}
+
+#[test]
+fn a_sequenced_udp_stream_crosses_both_ways_intact() {
+    const COUNT: u32 = 400;
+    const WINDOW: u32 = 8;
+    let dir = TempDir::new("virtio-net-stream");
+    let ns = NetNs::new("vnets");
+    let mut s = start(
+        &ns,
+        &dir,
+        "net-stream",
+        &["--net-count", &COUNT.to_string()],
+    );
+    let received = ns.run(move || {
+        let sock = UdpSocket::bind((HOST_IP, 0)).expect("bind in the namespace");
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let to = SocketAddr::from((GUEST_IP, PORT));
+        let len = |seq: u32| 8 + (seq as usize * 37) % 1465;
+        let (mut next_send, mut next_recv) = (0u32, 0u32);
+        let mut buf = [0u8; 2048];
+        while next_recv < COUNT {
+            // Keep up to WINDOW datagrams in flight.
+            while next_send < COUNT && next_send - next_recv < WINDOW {
+                sock.send_to(
+                    &stream_datagram(b"FPST", 0x5a, next_send, len(next_send)),
+                    to,
+                )
+                .expect("send");
+                next_send += 1;
+            }
+            let (n, from) = sock
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("guest datagram {next_recv} not within 10 s: {e}"));
+            assert_eq!(from, to);
+            // The guest answers each datagram with its own next one, of the same length, in
+            // order: its sequence numbers come 0, 1, 2, ... with no gap or repeat.
+            let want = stream_datagram(b"FGST", 0xa5, next_recv, len(next_recv));
+            assert_eq!(&buf[..n], &want[..], "guest datagram {next_recv} differs");
+            next_recv += 1;
+        }
+        next_recv
+    });
+    assert_eq!(received, COUNT);
+    // The guest verified the namespace's stream and exits 0 on its own.
+    let vm = Proc(s.vm.0.take(), None);
+    let out = vm.wait_output(PATIENCE);
+    let console = std::fs::read_to_string(&s.console).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        console.contains(&format!(
+            "net-stream: done received {COUNT} in order, 0 duplicated, 0 gaps, 0 corrupted; sent {COUNT}"
+        )),
+        "{console}"
+    );
+    let stats = s.device_stats();
+    assert!(
+        stats["tx_frames"].as_u64() >= Some(u64::from(COUNT)),
+        "{stats}"
+    );
 }

@@ -41,11 +41,15 @@ pub enum Workload {
     /// Drive the passthrough virtio-net NIC: answer ARP and ping, echo UDP datagrams
     /// ([`NetArgs`]).
     NetEcho = 11,
+    /// A sequenced UDP stream both ways on the passthrough virtio-net NIC: the peer's stream
+    /// is verified in order and content, and each of its datagrams is answered with the
+    /// guest's own next datagram ([`NetArgs`]).
+    NetStream = 12,
 }
 
 impl Workload {
     /// All workloads, for listing.
-    pub const ALL: [Workload; 11] = [
+    pub const ALL: [Workload; 12] = [
         Workload::Hello,
         Workload::Dirty,
         Workload::Spin,
@@ -57,6 +61,7 @@ impl Workload {
         Workload::RdmaClient,
         Workload::RdmaHostile,
         Workload::NetEcho,
+        Workload::NetStream,
     ];
 
     /// Decodes a workload number.
@@ -73,6 +78,7 @@ impl Workload {
             9 => Some(Self::RdmaClient),
             10 => Some(Self::RdmaHostile),
             11 => Some(Self::NetEcho),
+            12 => Some(Self::NetStream),
             _ => None,
         }
     }
@@ -91,6 +97,7 @@ impl Workload {
             Self::RdmaClient => "rdma-client",
             Self::RdmaHostile => "rdma-hostile",
             Self::NetEcho => "net-echo",
+            Self::NetStream => "net-stream",
         }
     }
 }
@@ -128,10 +135,12 @@ pub struct WorkloadArgs {
 pub struct NetArgs {
     /// The guest's IPv4 address.
     pub ip: u32,
-    /// The UDP port `net-echo` echoes on.
+    /// The UDP port the workload serves (`net-echo` echoes on it, `net-stream` takes its
+    /// peer's stream there).
     pub udp_port: u32,
-    /// Datagrams to echo before exiting 0 (0: until stopped or `duration_ms`).
-    pub echoes: u64,
+    /// `net-echo`: datagrams to echo before exiting 0 (0: until stopped or `duration_ms`).
+    /// `net-stream`: datagrams of each stream (0: until stopped or `duration_ms`).
+    pub count: u64,
 }
 
 /// Arguments of the RDMA workloads (IPv4 GIDs as big-endian `u32`s, `a.b.c.d` = `a << 24 | …`).
@@ -328,6 +337,8 @@ pub mod status {
     /// Network: the device asked for a reset (DEVICE_NEEDS_RESET) or returned a buffer the
     /// driver never offered.
     pub const NET_DEVICE_FAILED: u32 = 52;
+    /// `net-stream`: a datagram of the peer's stream came out of order, twice, or corrupted.
+    pub const NET_STREAM_MISMATCH: u32 = 53;
     /// The guest panicked.
     pub const PANIC: u32 = 99;
 }

@@ -357,6 +357,22 @@ impl VirtioNet {
         Ok(())
     }
 
+    /// Waits (bounded, 5 s) until the device has taken every frame sent, so none is lost when
+    /// the workload exits right after its last send.
+    pub fn drain_tx(&mut self) -> Result<(), NetError> {
+        let t0 = crate::clock::rdtsc();
+        loop {
+            self.reap_tx()?;
+            if self.tx.in_flight() == 0 {
+                return Ok(());
+            }
+            if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > 5_000 {
+                return Err(NetError::Device("TX queue never drained"));
+            }
+            core::hint::spin_loop();
+        }
+    }
+
     /// Sends one frame built by `fill` into a buffer of up to `net::MAX_FRAME` bytes (`fill`
     /// returns the frame's length). Waits, bounded, for a free TX entry.
     pub fn send(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> Result<(), NetError> {

@@ -1,6 +1,6 @@
-//! The guest's network: the virtio-net [`driver`] and a tiny stack, just what `net-echo`
-//! needs: ARP replies for its own address, ICMP echo replies, and UDP datagrams to one port
-//! echoed back. Every received frame is parsed with its lengths and checksums checked;
+//! The guest's network: the virtio-net [`driver`] and a tiny stack, just what `net-echo` and
+//! `net-stream` need: ARP replies for its own address, ICMP echo replies, and UDP datagrams to
+//! one port, echoed back or handed to the workload (which answers with [`Stack::udp_frame`]). Every received frame is parsed with its lengths and checksums checked;
 //! anything else is counted and dropped, never trusted.
 pub mod driver;
 
@@ -33,8 +33,10 @@ pub struct Stack {
     pub mac: [u8; 6],
     /// Our IPv4 address.
     pub ip: [u8; 4],
-    /// The UDP port echoed.
+    /// The UDP port served.
     pub udp_port: u16,
+    /// Echo datagrams to `udp_port` (otherwise they are handed to the caller).
+    pub echo: bool,
     /// Counters.
     pub counters: Counters,
 }
@@ -68,38 +70,101 @@ fn pseudo_sum(src: &[u8], dst: &[u8], len: usize) -> u32 {
     s + u32::from(PROTO_UDP) + len as u32
 }
 
+/// Where a datagram came from (where an answer goes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// Its IPv4 address.
+    pub ip: [u8; 4],
+    /// Its UDP port.
+    pub port: u16,
+}
+
 /// What to do with a received frame.
-pub enum Verdict {
+pub enum Verdict<'a> {
     /// Send this many bytes of the reply buffer.
     Reply(usize),
+    /// A datagram to `udp_port` for the caller (when not echoing).
+    Udp(Peer, &'a [u8]),
     /// Nothing to send.
     None,
 }
 
 impl Stack {
     /// Handles one frame; a reply, if any, is built in `out` (at least 1514 bytes).
-    pub fn handle(&mut self, f: &[u8], out: &mut [u8]) -> Verdict {
+    pub fn handle<'a>(&mut self, f: &'a [u8], out: &mut [u8]) -> Verdict<'a> {
         if f.len() < ETH_HLEN || out.len() < 1514 {
             self.counters.malformed += 1;
             return Verdict::None;
         }
-        let v = match be16(f, 12) {
-            ETH_ARP => self.arp(f, out),
+        match be16(f, 12) {
+            ETH_ARP => self.arp(f, out).map_or(Verdict::None, Verdict::Reply),
             ETH_IPV4 => self.ipv4(f, out),
-            _ => None,
-        };
-        match v {
-            Some(n) => Verdict::Reply(n),
-            None => Verdict::None,
+            _ => {
+                self.counters.ignored += 1;
+                Verdict::None
+            }
         }
     }
 
-    fn ignore(&mut self) -> Option<usize> {
+    /// Builds in `out` an Ethernet/IPv4/UDP frame from our `udp_port` to `to` carrying
+    /// `payload` (at most 1472 bytes; longer is cut). Returns the frame's length.
+    pub fn udp_frame(&self, to: &Peer, payload: &[u8], out: &mut [u8]) -> usize {
+        let n = payload.len().min(1472);
+        let len = 8 + n;
+        let u = &mut out[ETH_HLEN + 20..ETH_HLEN + 20 + len];
+        u[0..2].copy_from_slice(&self.udp_port.to_be_bytes());
+        u[2..4].copy_from_slice(&to.port.to_be_bytes());
+        u[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        u[6..8].fill(0);
+        u[8..].copy_from_slice(&payload[..n]);
+        let c = match checksum(u, pseudo_sum(&self.ip, &to.ip, len)) {
+            0 => 0xffff,
+            c => c,
+        };
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        self.ip_frame(out, &to.mac, &to.ip, PROTO_UDP, len, 0)
+    }
+
+    /// Fills the Ethernet and IPv4 headers in front of `payload_len` bytes already at
+    /// `out[34..]`; returns the frame's length (padded to the Ethernet minimum).
+    fn ip_frame(
+        &self,
+        out: &mut [u8],
+        mac: &[u8],
+        ip: &[u8],
+        proto: u8,
+        payload_len: usize,
+        id: u16,
+    ) -> usize {
+        self.eth(out, mac, ETH_IPV4);
+        let h = &mut out[ETH_HLEN..ETH_HLEN + 20];
+        h[0] = 0x45;
+        h[1] = 0;
+        h[2..4].copy_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        h[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
+        h[8] = 64;
+        h[9] = proto;
+        h[10..12].fill(0);
+        h[12..16].copy_from_slice(&self.ip);
+        h[16..20].copy_from_slice(ip);
+        let c = checksum(h, 0);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let n = ETH_HLEN + 20 + payload_len;
+        if n < 60 {
+            out[n..60].fill(0);
+        }
+        n.max(60)
+    }
+
+    fn ignore<T>(&mut self) -> Option<T> {
         self.counters.ignored += 1;
         None
     }
 
-    fn malformed(&mut self) -> Option<usize> {
+    fn malformed<T>(&mut self) -> Option<T> {
         self.counters.malformed += 1;
         None
     }
@@ -134,45 +199,57 @@ impl Stack {
         Some(60)
     }
 
-    fn ipv4(&mut self, f: &[u8], out: &mut [u8]) -> Option<usize> {
+    fn ipv4<'a>(&mut self, f: &'a [u8], out: &mut [u8]) -> Verdict<'a> {
         let ip = &f[ETH_HLEN..];
         if ip.len() < 20 || ip[0] >> 4 != 4 {
-            return self.malformed();
+            self.counters.malformed += 1;
+            return Verdict::None;
         }
         let ihl = usize::from(ip[0] & 0xf) * 4;
         let total = usize::from(be16(ip, 2));
         if ihl < 20 || total < ihl || total > ip.len() || checksum(&ip[..ihl], 0) != 0 {
-            return self.malformed();
+            self.counters.malformed += 1;
+            return Verdict::None;
         }
         if ip[16..20] != self.ip {
-            return self.ignore();
+            self.counters.ignored += 1;
+            return Verdict::None;
         }
         // More-fragments or an offset: not reassembled here.
         if be16(ip, 6) & 0x3fff != 0 {
-            return self.malformed();
+            self.counters.malformed += 1;
+            return Verdict::None;
         }
         let payload = &ip[ihl..total];
-        let (src, proto) = (&ip[12..16], ip[9]);
-        let reply_len = match proto {
-            PROTO_ICMP => self.icmp(payload, &mut out[ETH_HLEN + 20..])?,
-            PROTO_UDP => self.udp(src, payload, &mut out[ETH_HLEN + 20..])?,
-            _ => return self.ignore(),
+        let mut src = [0u8; 4];
+        src.copy_from_slice(&ip[12..16]);
+        let reply = match ip[9] {
+            PROTO_ICMP => self.icmp(payload, &mut out[ETH_HLEN + 20..]),
+            PROTO_UDP => {
+                let Some((sport, data)) = self.udp(&src, payload) else {
+                    return Verdict::None;
+                };
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&f[6..12]);
+                let peer = Peer {
+                    mac,
+                    ip: src,
+                    port: sport,
+                };
+                if !self.echo {
+                    return Verdict::Udp(peer, data);
+                }
+                self.counters.udp_echoes += 1;
+                return Verdict::Reply(self.udp_frame(&peer, data, out));
+            }
+            _ => self.ignore(),
         };
-        self.eth(out, &f[6..12], ETH_IPV4);
-        let h = &mut out[ETH_HLEN..ETH_HLEN + 20];
-        h[0] = 0x45;
-        h[1] = 0;
-        h[2..4].copy_from_slice(&((20 + reply_len) as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&ip[4..6]);
-        h[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
-        h[8] = 64;
-        h[9] = proto;
-        h[10..12].fill(0);
-        h[12..16].copy_from_slice(&self.ip);
-        h[16..20].copy_from_slice(src);
-        let c = checksum(h, 0);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        Some((ETH_HLEN + 20 + reply_len).max(60))
+        match reply {
+            Some(n) => {
+                Verdict::Reply(self.ip_frame(out, &f[6..12], &src, PROTO_ICMP, n, be16(ip, 4)))
+            }
+            None => Verdict::None,
+        }
     }
 
     fn icmp(&mut self, m: &[u8], out: &mut [u8]) -> Option<usize> {
@@ -192,7 +269,8 @@ impl Stack {
         Some(m.len())
     }
 
-    fn udp(&mut self, src: &[u8], u: &[u8], out: &mut [u8]) -> Option<usize> {
+    /// A checked datagram to `udp_port`: (source port, payload).
+    fn udp<'a>(&mut self, src: &[u8], u: &'a [u8]) -> Option<(u16, &'a [u8])> {
         if u.len() < 8 {
             return self.malformed();
         }
@@ -207,18 +285,6 @@ impl Stack {
         if be16(u, 2) != self.udp_port {
             return self.ignore();
         }
-        let r = &mut out[..len];
-        r[0..2].copy_from_slice(&u[2..4]);
-        r[2..4].copy_from_slice(&u[0..2]);
-        r[4..6].copy_from_slice(&(len as u16).to_be_bytes());
-        r[6..8].fill(0);
-        r[8..].copy_from_slice(&u[8..]);
-        let c = match checksum(r, pseudo_sum(&self.ip, src, len)) {
-            0 => 0xffff,
-            c => c,
-        };
-        r[6..8].copy_from_slice(&c.to_be_bytes());
-        self.counters.udp_echoes += 1;
-        Some(len)
+        Some((be16(u, 0), &u[8..]))
     }
 }

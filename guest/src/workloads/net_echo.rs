@@ -1,6 +1,6 @@
 //! `net-echo`: brings up the passthrough virtio-net NIC and answers ARP for its address,
 //! ping, and UDP datagrams to its port (echoed back), until stopped, `duration_ms`, or
-//! `net.echoes` datagrams. Prints `net-echo: ready` once the NIC runs (tests wait for it).
+//! `net.count` datagrams. Prints `net-echo: ready` once the NIC runs (tests wait for it).
 use guest_abi::{params::status, BootParams};
 
 use crate::{
@@ -29,6 +29,7 @@ pub fn run(p: &BootParams) -> u32 {
         mac: nic.mac,
         ip,
         udp_port: args.udp_port as u16,
+        echo: true,
         counters: Default::default(),
     };
     let m = nic.mac;
@@ -43,7 +44,7 @@ pub fn run(p: &BootParams) -> u32 {
         if params::stop_requested()
             || (p.args.duration_ms != 0
                 && clock::ticks_to_ms(clock::rdtsc() - t0) >= p.args.duration_ms)
-            || (args.echoes != 0 && stack.counters.udp_echoes >= args.echoes)
+            || (args.count != 0 && stack.counters.udp_echoes >= args.count)
         {
             break;
         }
@@ -83,6 +84,12 @@ pub fn run(p: &BootParams) -> u32 {
         params::write64(guest_abi::params::OFF_PROGRESS, stack.counters.udp_echoes);
     }
     let c = stack.counters;
+    if let Err(e) = nic.drain_tx() {
+        println!("net-echo: {}", e);
+        if code == status::OK {
+            code = status::NET_DEVICE_FAILED;
+        }
+    }
     println!(
         "net-echo: done rx {} tx {} arp {} ping {} udp {} ignored {} malformed {} runts {}",
         nic.rx_frames,
