@@ -3,6 +3,7 @@
 //! one port, echoed back or handed to the workload (which answers with [`Stack::udp_frame`]). Every received frame is parsed with its lengths and checksums checked;
 //! anything else is counted and dropped, never trusted.
 pub mod driver;
+pub mod serve;
 
 /// EtherType of IPv4.
 const ETH_IPV4: u16 = 0x0800;

@@ -3,14 +3,16 @@
 //! order (duplicates, gaps) and content, and answers it with the next datagram of its own
 //! stream, `FGST | seq | pattern`, of the same length, which the peer checks the same way.
 //! The guest exits 0 once `net.count` datagrams went each way with no error, 53 if any
-//! datagram came twice, out of order or corrupted. Prints `net-stream: ready` first.
+//! datagram came twice, out of order or corrupted. Prints `net-stream: ready` first (the
+//! loop around it is [`crate::net::serve`]).
 use guest_abi::{params::status, BootParams};
 
 use crate::{
-    clock,
-    net::{driver::VirtioNet, Stack, Verdict},
-    nvme::Arena,
-    params, println,
+    net::{
+        serve::{self, Service},
+        Peer, Stack,
+    },
+    println,
 };
 
 /// Magic of the peer's datagrams.
@@ -73,103 +75,48 @@ impl Tally {
     }
 }
 
+struct StreamService {
+    tally: Tally,
+    sent: u32,
+    count: u64,
+}
+
+impl Service for StreamService {
+    const NAME: &'static str = "net-stream";
+    const ECHO: bool = false;
+
+    fn datagram(&mut self, stack: &Stack, peer: Peer, data: &[u8], out: &mut [u8]) -> usize {
+        self.tally.check(data);
+        // The answer: the guest's next datagram, as long as the one received.
+        let mut payload = [0u8; 1472];
+        let len = data.len().clamp(8, payload.len());
+        payload[..4].copy_from_slice(&GUEST_MAGIC);
+        payload[4..8].copy_from_slice(&self.sent.to_be_bytes());
+        for (i, b) in payload.iter_mut().enumerate().take(len).skip(8) {
+            *b = pattern(GUEST_SEED, self.sent, i);
+        }
+        self.sent = self.sent.wrapping_add(1);
+        stack.udp_frame(&peer, &payload[..len], out)
+    }
+
+    fn done(&self, _: &Stack) -> bool {
+        self.count != 0 && u64::from(self.sent) >= self.count
+    }
+}
+
 pub fn run(p: &BootParams) -> u32 {
-    let args = p.args.net;
-    let mut arena = Arena::new(p.ram_lo_size);
-    let mut nic = match VirtioNet::init(&mut arena) {
-        Ok(n) => n,
-        Err(e @ crate::net::driver::NetError::NotFound) => {
-            println!("net-stream: {}", e);
-            return status::NET_NO_DEVICE;
-        }
-        Err(e) => {
-            println!("net-stream: {}", e);
-            return status::NET_INIT_FAILED;
-        }
+    let mut svc = StreamService {
+        tally: Tally::default(),
+        sent: 0,
+        count: p.args.net.count,
     };
-    let ip = args.ip.to_be_bytes();
-    let mut stack = Stack {
-        mac: nic.mac,
-        ip,
-        udp_port: args.udp_port as u16,
-        echo: false,
-        counters: Default::default(),
-    };
-    println!(
-        "net-stream: ready ip {}.{}.{}.{} udp {} count {}",
-        ip[0], ip[1], ip[2], ip[3], args.udp_port, args.count
-    );
-    let t0 = clock::rdtsc();
-    let mut tally = Tally::default();
-    let mut sent: u32 = 0;
-    let mut out = [0u8; 1514];
-    let mut payload = [0u8; 1472];
-    let mut code = status::OK;
-    loop {
-        if params::stop_requested()
-            || (p.args.duration_ms != 0
-                && clock::ticks_to_ms(clock::rdtsc() - t0) >= p.args.duration_ms)
-            || (args.count != 0 && u64::from(sent) >= args.count)
-        {
-            break;
-        }
-        let mut reply = 0;
-        let r = nic.recv(|f| match stack.handle(f, &mut out) {
-            Verdict::Reply(n) => reply = n,
-            Verdict::Udp(peer, data) => {
-                tally.check(data);
-                // The answer: the guest's next datagram, as long as the one received.
-                let len = data.len().clamp(8, payload.len());
-                payload[..4].copy_from_slice(&GUEST_MAGIC);
-                payload[4..8].copy_from_slice(&sent.to_be_bytes());
-                for (i, b) in payload.iter_mut().enumerate().take(len).skip(8) {
-                    *b = pattern(GUEST_SEED, sent, i);
-                }
-                reply = stack.udp_frame(&peer, &payload[..len], &mut out);
-                sent = sent.wrapping_add(1);
-            }
-            Verdict::None => {}
-        });
-        match r {
-            Ok(true) => {}
-            Ok(false) => {
-                if nic.needs_reset() {
-                    println!("net-stream: the device needs a reset");
-                    code = status::NET_DEVICE_FAILED;
-                    break;
-                }
-                core::hint::spin_loop();
-                continue;
-            }
-            Err(e) => {
-                println!("net-stream: {}", e);
-                code = status::NET_DEVICE_FAILED;
-                break;
-            }
-        }
-        if reply > 0 {
-            if let Err(e) = nic.send(|b| {
-                b[..reply].copy_from_slice(&out[..reply]);
-                reply
-            }) {
-                println!("net-stream: {}", e);
-                code = status::NET_DEVICE_FAILED;
-                break;
-            }
-        }
-        params::write64(guest_abi::params::OFF_PROGRESS, tally.in_order);
-    }
-    if let Err(e) = nic.drain_tx() {
-        println!("net-stream: {}", e);
-        if code == status::OK {
-            code = status::NET_DEVICE_FAILED;
-        }
-    }
+    let (mut code, _) = serve::run(p, &mut svc);
+    let t = &svc.tally;
     println!(
         "net-stream: done received {} in order, {} duplicated, {} gaps, {} corrupted; sent {}",
-        tally.in_order, tally.duplicates, tally.gaps, tally.corrupt, sent
+        t.in_order, t.duplicates, t.gaps, t.corrupt, svc.sent
     );
-    if code == status::OK && tally.errors() > 0 {
+    if code == status::OK && t.errors() > 0 {
         code = status::NET_STREAM_MISMATCH;
     }
     code
