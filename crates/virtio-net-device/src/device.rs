@@ -43,6 +43,9 @@ pub struct Progress {
     /// The RX queue has no buffer: frames waiting on the wire stay there until the driver
     /// adds buffers (and notifies), so the worker must not wait on the wire meanwhile.
     pub rx_starved: bool,
+    /// Receiving from the wire failed (a tap that went down): the wire may stay "readable",
+    /// so the worker waits a while instead of on it.
+    pub wire_error: bool,
 }
 
 /// The device state behind the registers.
@@ -406,12 +409,14 @@ impl NetDevice {
         if tx > 0 {
             self.interrupt(usize::from(net::TX_QUEUE));
         }
+        let errors = self.stats.wire_errors;
         let (rx, starved) = self.process_rx(wire);
         if rx > 0 {
             self.interrupt(usize::from(net::RX_QUEUE));
         }
         p.completed = tx + rx;
         p.rx_starved = starved;
+        p.wire_error = self.stats.wire_errors != errors;
         p
     }
 

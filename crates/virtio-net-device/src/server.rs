@@ -170,8 +170,8 @@ impl Drop for VirtioNetDevice {
     }
 }
 
-/// Waits until one of `fds` is readable (no timeout: something always wakes the worker).
-fn wait(fds: &[RawFd]) {
+/// Waits until one of `fds` is readable or `timeout_ms` passed (-1: no timeout).
+fn wait(fds: &[RawFd], timeout_ms: i32) {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -181,7 +181,7 @@ fn wait(fds: &[RawFd]) {
         })
         .collect();
     // SAFETY: `p` is a valid array of `p.len()` pollfds for the call's duration.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
@@ -196,15 +196,18 @@ fn worker(shared: &Shared, mut wire: Box<dyn Wire>) {
         if shared.stop.read().is_ok() {
             return;
         }
-        if progress.completed > 0 && !progress.rx_starved {
+        if progress.completed > 0 && !progress.rx_starved && !progress.wire_error {
             // More may be waiting on the wire: go round again before sleeping.
             continue;
         }
         let mut fds = vec![shared.kick.as_raw_fd(), shared.stop.as_raw_fd()];
-        if !progress.rx_starved {
+        // Nothing wakes the worker but notifications while the RX queue has no buffer; after
+        // a wire error, it looks again in 100 ms rather than spin on a failing wire.
+        let timeout = if progress.wire_error { 100 } else { -1 };
+        if !progress.rx_starved && !progress.wire_error {
             fds.push(wire.fd());
         }
-        wait(&fds);
+        wait(&fds, timeout);
         let _ = shared.kick.read();
     }
 }

@@ -435,3 +435,42 @@ fn bad_negotiation_and_queue_config_are_refused() {
     d.w(common::QUEUE_DESC, 0x1234, 8);
     assert_eq!(d.r(common::QUEUE_SIZE, 2), 0);
 }
+
+/// A wire whose receive side fails (a tap that went down).
+struct BrokenWire(SocketWire);
+
+impl Wire for BrokenWire {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.0.fd()
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.0.send(frame)
+    }
+    fn recv(&mut self, _: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Err(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+}
+
+#[test]
+fn a_failing_wire_is_counted_and_reported_to_the_worker() {
+    let mut d = Driver::new(features());
+    let (dev_end, _peer) = SocketWire::pair().unwrap();
+    let mut wire = BrokenWire(dev_end);
+    d.desc(
+        0,
+        0,
+        Descriptor {
+            addr: 0x50000,
+            len: 2048,
+            flags: DESC_F_WRITE,
+            next: 0,
+        },
+    );
+    d.offer(0, 0);
+    let p = d.dev.process(&mut wire);
+    assert!(p.wire_error, "the worker must not wait on a failing wire");
+    assert!(!p.rx_starved);
+    assert_eq!(d.dev.stats.wire_errors, 1);
+    assert!(d.used(0).is_empty(), "the RX buffer stays with the device");
+    assert!(status::is_running(d.dev.status()));
+}
