@@ -11,6 +11,7 @@ mod clock;
 mod console;
 mod io;
 mod mem;
+mod net;
 mod nvme;
 mod params;
 mod pci;
@@ -42,6 +43,8 @@ extern "C" fn guest_main() -> ! {
         Some(Workload::RdmaServer) => workloads::rdma::server(&p),
         Some(Workload::RdmaClient) => workloads::rdma::client(&p),
         Some(Workload::RdmaHostile) => workloads::rdma_hostile::run(&p),
+        Some(Workload::NetEcho) => workloads::net_echo::run(&p),
+        Some(Workload::NetStream) => workloads::net_stream::run(&p),
         None => {
             println!("ferry-guest: unknown workload {}", p.workload);
             status::BAD_PARAMS

@@ -2,6 +2,8 @@
 pub mod crash;
 pub mod dirty;
 pub mod hello;
+pub mod net_echo;
+pub mod net_stream;
 pub mod nvme_malformed;
 pub mod nvme_verify;
 pub mod probe;

@@ -47,6 +47,9 @@ pub struct SessionSpec {
     pub api_socket: Option<PathBuf>,
     /// A passthrough NVMe device to attach.
     pub passthrough: Option<crate::passthrough::PassthroughSource>,
+    /// A passthrough virtio-net device to attach: the socket of a running
+    /// `ferry device virtio-net` (direct passthrough; no migration yet).
+    pub net: Option<PathBuf>,
     /// Attach a virtual RDMA device served by this host's port and multiplexer.
     pub vrdma: Option<Arc<crate::vrdma_host::VrdmaHost>>,
     /// Shadow the passthrough device's rings all the time (not only while migrating).
@@ -211,6 +214,13 @@ pub fn check(spec: &SessionSpec) -> Result<()> {
             "the state round trip does not support passthrough devices".into(),
         ));
     }
+    if spec.net.is_some() && (spec.api_socket.is_some() || spec.roundtrip_after.is_some()) {
+        return Err(Error::Unsupported(
+            "the passthrough virtio-net device does not support migration or the state round \
+             trip yet"
+                .into(),
+        ));
+    }
     if spec.vrdma.is_some() && (spec.api_socket.is_some() || spec.roundtrip_after.is_some()) {
         return Err(Error::Unsupported(
             "the virtual RDMA device does not support migration or the state round trip yet".into(),
@@ -241,6 +251,23 @@ pub fn run(
         .as_ref()
         .map(|p| PassthroughSession::start(p, &vm, spec.shadow_continuous, spec.shadow))
         .transpose()?;
+    // Above an NVMe BAR0 (256 KiB at the window's start), aligned to any BAR0 up to 1 MiB.
+    let net = spec
+        .net
+        .as_ref()
+        .map(|socket| {
+            passthrough::virtio_net::NetAttachment::attach(
+                &vm,
+                "net0",
+                socket,
+                guest_abi::layout::PCI_MMIO_BASE + (1 << 20),
+            )
+            .map_err(|source| Error::Passthrough {
+                what: "attaching the passthrough virtio-net device",
+                source,
+            })
+        })
+        .transpose()?;
     // The VM may own the GID it is configured with (`--vrdma gid=`), nothing else.
     let vrdma_gids = [std::net::Ipv4Addr::from(boot.args.rdma.local_gid)];
     let vrdma = spec
@@ -255,5 +282,8 @@ pub fn run(
         crate::supervisor::supervise(vm, spec, commands, process_start, signals, None, device)?;
     // VM shutdown unregisters its GIDs.
     report.vrdma = vrdma.map(|l| l.finish());
+    if let Some(n) = net {
+        n.detach();
+    }
     Ok(report)
 }

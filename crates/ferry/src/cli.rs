@@ -78,6 +78,12 @@ pub enum WorkloadName {
     RdmaClient,
     /// Garbage into the PVRDMA command slot, rings and page directories (needs --vrdma).
     RdmaHostile,
+    /// Answer ARP and ping, echo UDP on the passthrough virtio-net NIC (needs
+    /// --passthrough virtio-net=SOCKET; --net-ip, --net-port, --net-count).
+    NetEcho,
+    /// A sequenced UDP stream both ways on the passthrough virtio-net NIC, verified in order
+    /// and content (--net-ip, --net-port, --net-count).
+    NetStream,
 }
 
 impl From<WorkloadName> for Workload {
@@ -93,6 +99,8 @@ impl From<WorkloadName> for Workload {
             WorkloadName::RdmaServer => Workload::RdmaServer,
             WorkloadName::RdmaClient => Workload::RdmaClient,
             WorkloadName::RdmaHostile => Workload::RdmaHostile,
+            WorkloadName::NetEcho => Workload::NetEcho,
+            WorkloadName::NetStream => Workload::NetStream,
         }
     }
 }
@@ -137,6 +145,8 @@ pub struct GuestArgs {
     pub nvme: crate::nvme_args::NvmeCliArgs,
     #[command(flatten)]
     pub rdma: crate::commands::vrdma::RdmaCliArgs,
+    #[command(flatten)]
+    pub net: crate::virtio_net_args::NetCliArgs,
 }
 
 /// `ferry run`.

@@ -12,6 +12,7 @@ mod session;
 // The VMM library's modules under the names the commands use.
 use control::{passthrough as nvme_session, signals, vrdma_host};
 mod units;
+mod virtio_net_args;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -58,6 +59,9 @@ fn main() {
             commands::bench::faults::run(args)
         }
         cli::Command::Device(nvme_args::DeviceCommand::Nvme(args)) => commands::device::nvme(args),
+        cli::Command::Device(nvme_args::DeviceCommand::VirtioNet(args)) => {
+            commands::device::virtio_net(args)
+        }
         cli::Command::Bench(cli::BenchCommand::Rdma(args)) => {
             commands::bench::rdma_port::rdma(args)
         }

@@ -15,6 +15,8 @@ use crate::units::parse_size;
 pub enum DeviceCommand {
     /// An NVMe SSD behind a vfio-user socket, backed by a file.
     Nvme(DeviceNvmeArgs),
+    /// A virtio-net NIC behind a vfio-user socket, a host tap device as its wire.
+    VirtioNet(crate::virtio_net_args::DeviceVirtioNetArgs),
 }
 
 /// `ferry device nvme`.
@@ -46,8 +48,9 @@ pub struct DeviceNvmeArgs {
 /// Passthrough NVMe options of everything that boots a guest.
 #[derive(Args, Debug, Clone, Default)]
 pub struct NvmeCliArgs {
-    /// Attach a passthrough device: `nvme=SOCKET` (a running `ferry device nvme`).
-    #[arg(long, value_name = "nvme=SOCKET")]
+    /// Attach a passthrough device: `nvme=SOCKET` (a running `ferry device nvme`) or
+    /// `virtio-net=SOCKET` (a running `ferry device virtio-net`).
+    #[arg(long, value_name = "nvme=SOCKET|virtio-net=SOCKET")]
     pub passthrough: Option<String>,
     /// Start `ferry device nvme` on this backing file (created if needed) and attach it.
     #[arg(long, value_name = "FILE", conflicts_with = "passthrough")]
@@ -198,8 +201,11 @@ impl NvmeCliArgs {
     /// The passthrough device asked for, if any.
     pub fn source(&self) -> anyhow::Result<Option<PassthroughSource>> {
         if let Some(p) = &self.passthrough {
+            if crate::virtio_net_args::net_socket(p)?.is_some() {
+                return Ok(None);
+            }
             let Some(socket) = p.strip_prefix("nvme=") else {
-                bail!("--passthrough {p:?}: expected nvme=SOCKET");
+                bail!("--passthrough {p:?}: expected nvme=SOCKET or virtio-net=SOCKET");
             };
             if socket.is_empty() {
                 bail!("--passthrough {p:?}: empty socket path");

@@ -38,11 +38,18 @@ pub enum Workload {
     /// Writes garbage into the PVRDMA command slot, rings and page directories and checks that
     /// every one is answered with an error.
     RdmaHostile = 10,
+    /// Drive the passthrough virtio-net NIC: answer ARP and ping, echo UDP datagrams
+    /// ([`NetArgs`]).
+    NetEcho = 11,
+    /// A sequenced UDP stream both ways on the passthrough virtio-net NIC: the peer's stream
+    /// is verified in order and content, and each of its datagrams is answered with the
+    /// guest's own next datagram ([`NetArgs`]).
+    NetStream = 12,
 }
 
 impl Workload {
     /// All workloads, for listing.
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 12] = [
         Workload::Hello,
         Workload::Dirty,
         Workload::Spin,
@@ -53,6 +60,8 @@ impl Workload {
         Workload::RdmaServer,
         Workload::RdmaClient,
         Workload::RdmaHostile,
+        Workload::NetEcho,
+        Workload::NetStream,
     ];
 
     /// Decodes a workload number.
@@ -68,6 +77,8 @@ impl Workload {
             8 => Some(Self::RdmaServer),
             9 => Some(Self::RdmaClient),
             10 => Some(Self::RdmaHostile),
+            11 => Some(Self::NetEcho),
+            12 => Some(Self::NetStream),
             _ => None,
         }
     }
@@ -85,6 +96,8 @@ impl Workload {
             Self::RdmaServer => "rdma-server",
             Self::RdmaClient => "rdma-client",
             Self::RdmaHostile => "rdma-hostile",
+            Self::NetEcho => "net-echo",
+            Self::NetStream => "net-stream",
         }
     }
 }
@@ -111,6 +124,23 @@ pub struct WorkloadArgs {
     pub nvme: NvmeArgs,
     /// RDMA workloads.
     pub rdma: RdmaArgs,
+    /// Network workloads.
+    pub net: NetArgs,
+}
+
+/// Arguments of the network workloads (IPv4 addresses as big-endian `u32`s,
+/// `a.b.c.d` = `a << 24 | …`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetArgs {
+    /// The guest's IPv4 address.
+    pub ip: u32,
+    /// The UDP port the workload serves (`net-echo` echoes on it, `net-stream` takes its
+    /// peer's stream there).
+    pub udp_port: u32,
+    /// `net-echo`: datagrams to echo before exiting 0 (0: until stopped or `duration_ms`).
+    /// `net-stream`: datagrams of each stream (0: until stopped or `duration_ms`).
+    pub count: u64,
 }
 
 /// Arguments of the RDMA workloads (IPv4 GIDs as big-endian `u32`s, `a.b.c.d` = `a << 24 | …`).
@@ -300,6 +330,15 @@ pub mod status {
     pub const RDMA_VERIFY_FAILED: u32 = 43;
     /// RDMA: a refusal the workload expected did not happen.
     pub const RDMA_NOT_REFUSED: u32 = 44;
+    /// Network: no virtio-net device on the PCI bus.
+    pub const NET_NO_DEVICE: u32 = 50;
+    /// Network: the virtio-net device could not be brought up (features, queues, status).
+    pub const NET_INIT_FAILED: u32 = 51;
+    /// Network: the device asked for a reset (DEVICE_NEEDS_RESET) or returned a buffer the
+    /// driver never offered.
+    pub const NET_DEVICE_FAILED: u32 = 52;
+    /// `net-stream`: a datagram of the peer's stream came out of order, twice, or corrupted.
+    pub const NET_STREAM_MISMATCH: u32 = 53;
     /// The guest panicked.
     pub const PANIC: u32 = 99;
 }
@@ -322,10 +361,14 @@ mod tests {
 
     #[test]
     fn no_padding() {
-        // 8 + 4 + 4 + 8*3 + args (6*8 + nvme 48 + rdma 32) + 4*4 + 8*5
+        // 8 + 4 + 4 + 8*3 + args (6*8 + nvme 48 + rdma 32 + net 16) + 4*4 + 8*5
         assert_eq!(core::mem::size_of::<NvmeArgs>(), 48);
         assert_eq!(core::mem::size_of::<RdmaArgs>(), 32);
-        assert_eq!(BootParams::SIZE, 8 + 4 + 4 + 24 + 48 + 48 + 32 + 16 + 40);
+        assert_eq!(core::mem::size_of::<NetArgs>(), 16);
+        assert_eq!(
+            BootParams::SIZE,
+            8 + 4 + 4 + 24 + 48 + 48 + 32 + 16 + 16 + 40
+        );
         assert_eq!(OFF_VERIFY_REQ % 4, 0);
         assert_eq!(OFF_VERIFY_PAGES % 8, 0);
     }

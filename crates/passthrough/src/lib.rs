@@ -16,7 +16,8 @@
 //! - [`identity`]: the hypervisor's own Identify of the device (the validator's limits);
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
 //! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy;
-//! - [`vfio_user`]: Ferry's own vfio-user client (deadlines, error replies honoured).
+//! - [`vfio_user`]: Ferry's own vfio-user client (deadlines, error replies honoured);
+//! - [`virtio_net`]: the second device class, a virtio-net NIC in direct passthrough.
 #![deny(missing_docs)]
 
 pub mod admin_check;
@@ -34,6 +35,7 @@ pub mod msix;
 pub mod pci;
 pub mod replay;
 pub mod vfio_user;
+pub mod virtio_net;
 
 pub use attach::{AttachOptions, Attachment};
 pub use config_log::ConfigLog;

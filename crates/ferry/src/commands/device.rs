@@ -1,6 +1,7 @@
-//! `ferry device nvme`: the stand-in NVMe SSD as its own process. It serves one vfio-user client
-//! at a time (the next one after a disconnect, unless `--once`), and prints its statistics
-//! when it exits (SIGTERM/SIGINT, or with `--once` after the client left).
+//! `ferry device nvme` and `ferry device virtio-net`: the stand-in devices as their own
+//! processes. Each serves one vfio-user client at a time (the next one after a disconnect, unless
+//! `--once`), and prints its statistics when it exits (SIGTERM/SIGINT, or with `--once` after
+//! the client left).
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -35,26 +36,8 @@ pub fn nvme(args: DeviceNvmeArgs) -> anyhow::Result<i32> {
         args.backing.display(),
         args.dstrd
     );
-    let finished = Arc::new(AtomicBool::new(false));
-    let (d, f, once) = (device.clone(), finished.clone(), args.once);
-    std::thread::Builder::new()
-        .name("vfio-user".into())
-        .spawn(move || loop {
-            if let Err(e) = d.serve_one() {
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "vfio-user session ended with an error"
-                );
-            }
-            if once {
-                f.store(true, Ordering::SeqCst);
-                return;
-            }
-        })
-        .context("spawning the vfio-user thread")?;
-    while signals.stop_signal().is_none() && !finished.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let d = device.clone();
+    serve_until_stopped(&signals, args.once, move || d.serve_one())?;
     if let Err(e) = device.flush() {
         eprintln!(
             "ferry device nvme: flushing {}: {e}",
@@ -69,4 +52,63 @@ pub fn nvme(args: DeviceNvmeArgs) -> anyhow::Result<i32> {
     let _ = std::fs::remove_file(&args.socket);
     // The vfio-user thread may be blocked in accept(); the process exit ends it.
     Ok(0)
+}
+
+/// `ferry device virtio-net`: the stand-in NIC as its own process, on a host tap device. Like
+/// `ferry device nvme` it serves one client at a time and prints its statistics on exit.
+pub fn virtio_net(args: crate::virtio_net_args::DeviceVirtioNetArgs) -> anyhow::Result<i32> {
+    use virtio_net_device::{wire::Tap, DeviceConfig, VirtioNetDevice};
+    let signals = SignalState::install()?;
+    let tap = Tap::open(&args.tap).with_context(|| format!("opening tap device {}", args.tap))?;
+    let cfg = DeviceConfig {
+        socket: args.socket.clone(),
+        mac: args.mac,
+    };
+    let device = Arc::new(
+        VirtioNetDevice::new(&cfg, Box::new(tap)).context("starting the virtio-net device")?,
+    );
+    sandbox::enter(sandbox::Kind::DeviceProcess);
+    eprintln!(
+        "ferry device virtio-net: listening on {} (tap {})",
+        args.socket.display(),
+        args.tap
+    );
+    let d = device.clone();
+    serve_until_stopped(&signals, args.once, move || d.serve_one())?;
+    eprintln!(
+        "ferry device virtio-net: stats {}",
+        serde_json::to_string(&device.stats())?
+    );
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(0)
+}
+
+/// Serves clients one after another on a thread (`serve_one` returns when a client leaves)
+/// until a stop signal, or with `once` until the first client left.
+fn serve_until_stopped<E: std::error::Error + Send + Sync + 'static>(
+    signals: &SignalState,
+    once: bool,
+    serve_one: impl Fn() -> Result<(), E> + Send + 'static,
+) -> anyhow::Result<()> {
+    let finished = Arc::new(AtomicBool::new(false));
+    let f = finished.clone();
+    std::thread::Builder::new()
+        .name("vfio-user".into())
+        .spawn(move || loop {
+            if let Err(e) = serve_one() {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "vfio-user session ended with an error"
+                );
+            }
+            if once {
+                f.store(true, Ordering::SeqCst);
+                return;
+            }
+        })
+        .context("spawning the vfio-user thread")?;
+    while signals.stop_signal().is_none() && !finished.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

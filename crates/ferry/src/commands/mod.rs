@@ -47,6 +47,7 @@ pub fn guest_from_args(g: &GuestArgs) -> anyhow::Result<(Arc<Vec<u8>>, WorkloadA
         iterations: g.iterations,
         nvme,
         rdma: g.rdma.workload_args(g.workload.into()),
+        net: g.net.workload_args(),
     };
     Ok((Arc::new(image), args))
 }

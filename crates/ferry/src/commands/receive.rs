@@ -66,6 +66,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         verify_after: args.verify_after,
         api_socket: args.api_socket.clone(),
         passthrough: None,
+        net: None,
         vrdma: None,
         shadow_continuous: false,
         shadow: args.nvme.engine_options(),

@@ -83,6 +83,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         verify_after: args.verify_after,
         api_socket: args.api_socket,
         passthrough: args.guest.nvme.source()?,
+        net: crate::virtio_net_args::passthrough_socket(&args.guest.nvme)?,
         vrdma: host.clone(),
         shadow_continuous: args.guest.nvme.shadow == "continuous",
         shadow: args.guest.nvme.engine_options(),

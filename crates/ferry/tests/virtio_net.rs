@@ -1,0 +1,333 @@
+//! The passthrough virtio-net NIC end to end: a network namespace with a tap (created and
+//! removed by the test), `ferry device virtio-net` on that tap inside the namespace, a Ferry VM
+//! running `net-echo` with the device passed through, and the namespace's side talking to it:
+//! the real `ping` (iputils) and UDP datagrams whose echoes are checked byte for byte. Then the
+//! VM stops and the device reports what it moved and that no ring error happened.
+//!
+//! Needs root (namespaces, taps), KVM and `ping` (Debian package iputils-ping).
+mod common;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{wait_for_path, wait_until, Proc, Stream, TempDir, PATIENCE};
+
+const TAP: &str = "fvtap0";
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
+const PORT: u16 = 7777;
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{args:?}: {e}");
+        });
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with a tap at [`HOST_IP`]/24, removed on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str) -> NetNs {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the virtio-net test needs root (network namespaces, taps)"
+        );
+        let name = format!("ferry-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = NetNs(name);
+        let ip = |a: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &ns.0, "ip"];
+            v.extend_from_slice(a);
+            sh(&v);
+        };
+        ip(&["link", "set", "lo", "up"]);
+        ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
+        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+        ip(&["link", "set", TAP, "up"]);
+        ns
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns on a valid namespace fd only changes this (new, short-lived)
+            // thread's network namespace; the fd outlives the call.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// A datagram of `len` bytes that names its sequence number.
+fn datagram(seq: u32, len: usize) -> Vec<u8> {
+    let mut d: Vec<u8> = (0..len)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(seq) as u8)
+        .collect();
+    d[..4].copy_from_slice(&seq.to_be_bytes());
+    d
+}
+
+/// The device process on the namespace's tap and a VM running `workload` with it passed
+/// through, once the workload says it is ready.
+struct Setup {
+    dev: Proc,
+    dev_err: Stream,
+    vm: Proc,
+    console: std::path::PathBuf,
+}
+
+fn start(ns: &NetNs, dir: &TempDir, workload: &str, extra: &[&str]) -> Setup {
+    let socket = dir.path("net.sock");
+    // The device lives in the namespace, on its tap.
+    let mut dev = ns.command(env!("CARGO_BIN_EXE_ferry"));
+    dev.args(["device", "virtio-net", "--once", "--tap", TAP, "--socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut dev = dev.spawn().expect("spawn ferry device virtio-net");
+    let dev_err = Stream::collect(dev.stderr.take().expect("stderr"));
+    let dev = Proc(Some(dev), None);
+    wait_for_path(&socket);
+
+    let console = dir.path("console.log");
+    let mut vm = ferry();
+    vm.args(["run", "--workload", workload, "--timeout", "300s"])
+        .args([
+            "--net-ip",
+            &GUEST_IP.to_string(),
+            "--net-port",
+            &PORT.to_string(),
+        ])
+        .args(extra)
+        .arg("--passthrough")
+        .arg(format!("virtio-net={}", socket.display()))
+        .arg("--serial")
+        .arg(&console)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let vm = Proc(Some(vm.spawn().expect("spawn ferry run")), None);
+    let ready = format!("{workload}: ready");
+    wait_until(format!("{workload} says it is ready"), PATIENCE, || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains(&ready))
+    });
+    Setup {
+        dev,
+        dev_err,
+        vm,
+        console,
+    }
+}
+
+impl Setup {
+    /// Waits for the device (`--once`) to exit after the VM left; its statistics, checked
+    /// for ring errors.
+    fn device_stats(self) -> serde_json::Value {
+        let err = self.dev_err.finish(PATIENCE);
+        drop(self.dev);
+        let stats = err
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry device virtio-net: stats "))
+            .unwrap_or_else(|| panic!("no statistics:\n{err}"));
+        let stats: serde_json::Value = serde_json::from_str(stats).unwrap();
+        for zero in [
+            "chain_errors",
+            "dma_errors",
+            "bad_avail_idx",
+            "tx_bad_frames",
+            "bad_features",
+        ] {
+            assert_eq!(stats[zero], 0, "{zero}: {stats}");
+        }
+        assert_eq!(stats["driver_ok"], 1, "{stats}");
+        stats
+    }
+}
+
+#[test]
+fn ping_and_udp_reach_a_vm_through_the_passthrough_nic() {
+    let dir = TempDir::new("virtio-net");
+    let ns = NetNs::new("vnet");
+    let mut s = start(&ns, &dir, "net-echo", &[]);
+
+    // The real ping: ARP first, then ICMP echo.
+    let out = ns
+        .command("ping")
+        .args(["-c", "5", "-i", "0.2", "-W", "10"])
+        .arg(GUEST_IP.to_string())
+        .output()
+        .expect("run ping (Debian package iputils-ping)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ping failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 received"), "{text}");
+
+    // UDP: datagrams of many sizes, up to a full 1500-byte MTU, each echo checked.
+    let sizes: Vec<usize> = (0..64)
+        .map(|i| [1, 18, 64, 200, 512, 1000, 1400, 1472][i % 8])
+        .collect();
+    let echoed = ns.run(move || {
+        let s = UdpSocket::bind((HOST_IP, 0)).expect("bind in the namespace");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let to = SocketAddr::from((GUEST_IP, PORT));
+        let mut n = 0;
+        for (seq, len) in sizes.iter().enumerate() {
+            let d = datagram(seq as u32, (*len).max(4));
+            s.send_to(&d, to).expect("send");
+            let mut buf = [0u8; 2048];
+            let (got, from) = s.recv_from(&mut buf).expect("echo within 10 s");
+            assert_eq!(from, to, "echo from the guest's port");
+            assert_eq!(&buf[..got], &d[..], "echo {seq} ({len} bytes) differs");
+            n += 1;
+        }
+        // A datagram to another port is not echoed (and nothing else comes back).
+        s.send_to(b"not for you", (GUEST_IP, PORT + 1)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            s.recv_from(&mut buf).is_err(),
+            "a datagram to a closed port was answered"
+        );
+        n
+    });
+    assert_eq!(echoed, 64);
+
+    // Stop the VM (SIGTERM); the device (--once) exits after it. Its statistics show the
+    // traffic and no ring, DMA or chain error.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(s.vm.0.as_ref().expect("child").id() as i32, libc::SIGTERM) };
+    let vm = Proc(s.vm.0.take(), None);
+    let out = vm.wait_output(PATIENCE);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = s.device_stats();
+    // 5 pings + 64 echoes (+ ARP) each way at least.
+    assert!(stats["tx_frames"].as_u64() >= Some(69), "{stats}");
+    assert!(stats["rx_frames"].as_u64() >= Some(70), "{stats}");
+}
+
+/// Byte `i` of datagram `seq` of a stream with `seed` (as `guest/src/workloads/net_stream.rs`).
+fn pattern(seed: u8, seq: u32, i: usize) -> u8 {
+    (seq.wrapping_mul(7) as usize).wrapping_add(i.wrapping_mul(13)) as u8 ^ seed
+}
+
+fn stream_datagram(magic: &[u8; 4], seed: u8, seq: u32, len: usize) -> Vec<u8> {
+    let mut d = vec![0u8; len];
+    d[..4].copy_from_slice(magic);
+    d[4..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in d.iter_mut().enumerate().skip(8) {
+        *b = pattern(seed, seq, i);
+    }
+    d
+}
+
+#[test]
+fn a_sequenced_udp_stream_crosses_both_ways_intact() {
+    const COUNT: u32 = 400;
+    const WINDOW: u32 = 8;
+    let dir = TempDir::new("virtio-net-stream");
+    let ns = NetNs::new("vnets");
+    let mut s = start(
+        &ns,
+        &dir,
+        "net-stream",
+        &["--net-count", &COUNT.to_string()],
+    );
+    let received = ns.run(move || {
+        let sock = UdpSocket::bind((HOST_IP, 0)).expect("bind in the namespace");
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let to = SocketAddr::from((GUEST_IP, PORT));
+        let len = |seq: u32| 8 + (seq as usize * 37) % 1465;
+        let (mut next_send, mut next_recv) = (0u32, 0u32);
+        let mut buf = [0u8; 2048];
+        while next_recv < COUNT {
+            // Keep up to WINDOW datagrams in flight.
+            while next_send < COUNT && next_send - next_recv < WINDOW {
+                sock.send_to(
+                    &stream_datagram(b"FPST", 0x5a, next_send, len(next_send)),
+                    to,
+                )
+                .expect("send");
+                next_send += 1;
+            }
+            let (n, from) = sock
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("guest datagram {next_recv} not within 10 s: {e}"));
+            assert_eq!(from, to);
+            // The guest answers each datagram with its own next one, of the same length, in
+            // order: its sequence numbers come 0, 1, 2, ... with no gap or repeat.
+            let want = stream_datagram(b"FGST", 0xa5, next_recv, len(next_recv));
+            assert_eq!(&buf[..n], &want[..], "guest datagram {next_recv} differs");
+            next_recv += 1;
+        }
+        next_recv
+    });
+    assert_eq!(received, COUNT);
+    // The guest verified the namespace's stream and exits 0 on its own.
+    let vm = Proc(s.vm.0.take(), None);
+    let out = vm.wait_output(PATIENCE);
+    let console = std::fs::read_to_string(&s.console).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        console.contains(&format!(
+            "net-stream: done received {COUNT} in order, 0 duplicated, 0 gaps, 0 corrupted; sent {COUNT}"
+        )),
+        "{console}"
+    );
+    let stats = s.device_stats();
+    assert!(
+        stats["tx_frames"].as_u64() >= Some(u64::from(COUNT)),
+        "{stats}"
+    );
+}
