@@ -126,6 +126,7 @@ pub fn run(
                 dstrd: 9,
                 create: true,
                 once: true,
+                poll: false,
             }
             .spec(),
         )),
