@@ -131,9 +131,9 @@ const IDLE_WINDOW: Duration = Duration::from_secs(3);
 fn idle_cpu(dev: &DeviceNvmeArgs) -> anyhow::Result<f64> {
     let child = DeviceChild::spawn(&dev.spec())?;
     let c = HostClient::connect(&child.socket, 16 << 20, 1, 2).context("host client bring-up")?;
-    // The bring-up's last command is a few hundred µs old; let the spin window after it pass
-    // (a measurement interval, not a wait for readiness).
-    std::thread::sleep(Duration::from_millis(200));
+    // Let the spin window after the bring-up's last command pass (a measurement interval, not
+    // a wait for readiness).
+    std::thread::sleep(nvme_device::wake::SPIN_WINDOW * 10);
     let (c0, t0) = (cpu_seconds(child.pid())?, std::time::Instant::now());
     std::thread::sleep(IDLE_WINDOW);
     let (c1, t1) = (cpu_seconds(child.pid())?, t0.elapsed());
