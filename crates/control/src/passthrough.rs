@@ -33,6 +33,8 @@ pub struct DeviceSpec {
     pub create: bool,
     /// Exit after the first client disconnects.
     pub once: bool,
+    /// Always spin on the doorbells (`--poll`) instead of adaptive polling.
+    pub poll: bool,
 }
 
 /// Where the passthrough device comes from.
@@ -78,6 +80,9 @@ impl DeviceChild {
         }
         if args.once {
             cmd.arg("--once");
+        }
+        if args.poll {
+            cmd.arg("--poll");
         }
         // The device dies with this process (killed or crashed), instead of polling forever
         // for a VMM that will never connect.
@@ -126,6 +131,11 @@ impl DeviceChild {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(c)
+    }
+
+    /// The device process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Asks the device to exit (SIGTERM), waits up to 5 s, then kills it.

@@ -43,6 +43,10 @@ pub struct DeviceNvmeArgs {
     /// Exit after the first client disconnects (instead of waiting for the next one).
     #[arg(long)]
     pub once: bool,
+    /// Always spin on the doorbells, also when idle (default: adaptive polling, which spins
+    /// while there is work and sleeps, using no CPU, when there is none).
+    #[arg(long)]
+    pub poll: bool,
 }
 
 /// Passthrough NVMe options of everything that boots a guest.
@@ -140,6 +144,7 @@ impl DeviceNvmeArgs {
             dstrd: self.dstrd,
             create: self.create,
             once: self.once,
+            poll: self.poll,
         }
     }
 }
@@ -222,6 +227,7 @@ impl NvmeCliArgs {
                     dstrd: self.nvme_dstrd,
                     create: true,
                     once: true,
+                    poll: false,
                 }
                 .spec(),
             )
@@ -241,6 +247,11 @@ pub struct BenchNvmeArgs {
     /// Namespace size (the reads cover all of it).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub size: u64,
+    /// Polling modes of the device to measure: `adaptive` (the default of `ferry device
+    /// nvme`) and/or `spin` (`--poll`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["adaptive".to_string(), "spin".to_string()],
+          value_parser = ["adaptive", "spin"])]
+    pub device: Vec<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

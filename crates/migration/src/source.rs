@@ -403,7 +403,9 @@ struct Dirty {
     pages: BTreeSet<u64>,
     kvm: u64,
     vmm: u64,
+    /// Distinct pages the devices wrote (a data buffer read into twice is one page).
     device: u64,
+    device_pages: BTreeSet<u64>,
 }
 
 fn collect_dirty(vm: &Vm, devices: &mut [Box<dyn MigratableDevice>]) -> Result<Dirty> {
@@ -418,21 +420,23 @@ fn collect_dirty(vm: &Vm, devices: &mut [Box<dyn MigratableDevice>]) -> Result<D
     let vmm_pages = vm.ram().take_vmm_writes();
     let vmm = vmm_pages.len() as u64;
     pages.extend(vmm_pages);
-    let mut device = 0;
+    // A device reports a page once per command that wrote it: the report counts the set.
+    let mut device_pages = BTreeSet::new();
     for d in devices.iter_mut() {
         for p in d.take_dirty_pages() {
             let p = p & !(PAGE - 1);
             if vm.ram().contains(p, PAGE) {
-                pages.insert(p);
-                device += 1;
+                device_pages.insert(p);
             }
         }
     }
+    pages.extend(device_pages.iter().copied());
     Ok(Dirty {
         pages,
         kvm,
         vmm,
-        device,
+        device: device_pages.len() as u64,
+        device_pages,
     })
 }
 
@@ -803,7 +807,7 @@ fn run(
     (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (
         final_dirty.kvm + last.kvm,
         final_dirty.vmm + last.vmm,
-        final_dirty.device + last.device,
+        final_dirty.device_pages.union(&last.device_pages).count() as u64,
     );
     r.paused = true;
     tracing::debug!(

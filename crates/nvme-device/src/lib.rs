@@ -8,7 +8,8 @@
 //! - [`namespace`]: the backing file;
 //! - [`controller`]: the register file and admin/I/O command processing;
 //! - [`server`]: the vfio-user backend and the doorbell-polling thread;
-//! - [`stats`]: counters printed on exit.
+//! - [`stats`]: counters printed on exit;
+//! - [`wake`]: how the idle polling thread sleeps and who wakes it.
 #![deny(missing_docs)]
 
 pub mod controller;
@@ -21,7 +22,8 @@ pub mod namespace;
 pub mod prp;
 pub mod server;
 pub mod stats;
+pub mod wake;
 
 pub use error::{Error, Result};
-pub use server::{DeviceConfig, NvmeDevice};
+pub use server::{DeviceConfig, NvmeDevice, PollMode};
 pub use stats::Stats;

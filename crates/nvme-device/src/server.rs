@@ -5,11 +5,11 @@ use std::{
     os::fd::{AsRawFd, FromRawFd},
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering},
         Arc, Mutex, MutexGuard,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::Instant,
 };
 
 use vfio_bindings::bindings::vfio::{
@@ -26,8 +26,19 @@ use crate::{
     layout::{BAR0_SIZE, CONFIG_SIZE, DOORBELL_AREA, DOORBELL_AREA_SIZE, MSIX_VECTORS},
     namespace::Namespace,
     stats::Stats,
-    Error, Result,
+    wake, Error, Result,
 };
+
+/// How the polling thread waits when the device has nothing to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PollMode {
+    /// Spin while there is work and for a short window after, then sleep on the wake word
+    /// (see [`crate::wake`]): an idle device uses (almost) no CPU.
+    #[default]
+    Adaptive,
+    /// Always spin: lowest latency, one core burnt even when idle.
+    Spin,
+}
 
 /// How to build a device.
 #[derive(Clone, Debug)]
@@ -49,11 +60,33 @@ pub struct DeviceConfig {
 struct Shared {
     ctrl: Mutex<Controller>,
     stop: AtomicBool,
+    /// [`PollMode`] as a number (0 adaptive, 1 spin).
+    mode: AtomicU8,
+    /// A second mapping of the first doorbell page, for the wake word (the controller's
+    /// mapping sits behind the lock).
+    wake_page: Doorbells,
+    /// Times the polling thread went to sleep, and how many of those ended by a kick.
+    sleeps: AtomicU64,
+    kicked: AtomicU64,
 }
+
+// SAFETY: `wake_page` is only used through `Doorbells::word`, an atomic view of shared memory.
+unsafe impl Sync for Shared {}
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Controller> {
         self.ctrl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake_word(&self) -> Option<&AtomicU32> {
+        self.wake_page.word(wake::WAKE_OFFSET)
+    }
+
+    /// Wakes the polling thread if it sleeps (after a host-side doorbell or register write).
+    fn kick(&self) {
+        if let Some(w) = self.wake_word() {
+            wake::kick_word(w);
+        }
     }
 }
 
@@ -117,6 +150,10 @@ impl NvmeDevice {
                     source,
                 }
             })?;
+        let wake_page = Doorbells::map(&bar, DOORBELL_AREA, 4096).map_err(|source| Error::Os {
+            what: "mapping the wake word",
+            source,
+        })?;
         let ctrl = Controller::new(ns, doorbells, cfg.dstrd);
 
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
@@ -153,6 +190,10 @@ impl NvmeDevice {
         let shared = Arc::new(Shared {
             ctrl: Mutex::new(ctrl),
             stop: AtomicBool::new(false),
+            mode: AtomicU8::new(0),
+            wake_page,
+            sleeps: AtomicU64::new(0),
+            kicked: AtomicU64::new(0),
         });
         let s = shared.clone();
         let poller = std::thread::Builder::new()
@@ -205,7 +246,20 @@ impl NvmeDevice {
 
     /// The counters so far.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats.clone()
+        let mut s = self.shared.lock().stats.clone();
+        s.poll_sleeps = self.shared.sleeps.load(Ordering::Relaxed);
+        s.poll_kicked = self.shared.kicked.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Chooses how the polling thread waits for work (default [`PollMode::Adaptive`]).
+    pub fn set_poll_mode(&self, mode: PollMode) {
+        let m = match mode {
+            PollMode::Adaptive => 0,
+            PollMode::Spin => 1,
+        };
+        self.shared.mode.store(m, Ordering::SeqCst);
+        self.shared.kick();
     }
 
     /// The namespace geometry: (blocks, block size).
@@ -223,6 +277,7 @@ impl NvmeDevice {
 impl Drop for NvmeDevice {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.kick();
         if let Some(p) = self.poller.take() {
             let _ = p.join();
         }
@@ -230,20 +285,53 @@ impl Drop for NvmeDevice {
 }
 
 fn poll_loop(shared: &Shared) {
-    let mut idle = 0u64;
+    let mut last_work = Instant::now();
+    let mut idle = 0u32;
+    let mut sleep = wake::SLEEP_MIN;
     while !shared.stop.load(Ordering::Relaxed) {
-        let n = shared.lock().poll();
-        if n > 0 {
+        if shared.lock().poll() > 0 {
             idle = 0;
+            sleep = wake::SLEEP_MIN;
             continue;
         }
-        idle += 1;
-        if idle < 20_000 {
-            std::hint::spin_loop();
-        } else if idle < 40_000 {
-            std::thread::yield_now();
+        idle = idle.wrapping_add(1);
+        if idle == 1 {
+            last_work = Instant::now();
+        }
+        std::hint::spin_loop();
+        if shared.mode.load(Ordering::Relaxed) == 1 {
+            // Always spin; now and then let another runnable thread of this core have a go.
+            if idle.is_multiple_of(1 << 16) {
+                std::thread::yield_now();
+            }
+            continue;
+        }
+        // Reading the clock costs ~20 ns: look every 64 idle rounds.
+        if !idle.is_multiple_of(64) || last_work.elapsed() < wake::SPIN_WINDOW {
+            continue;
+        }
+        let Some(word) = shared.wake_word() else {
+            std::thread::sleep(sleep);
+            continue;
+        };
+        wake::prepare(word);
+        if shared.mode.load(Ordering::SeqCst) == 1 || shared.stop.load(Ordering::SeqCst) {
+            word.store(wake::AWAKE, Ordering::SeqCst);
+            continue;
+        }
+        // A doorbell stored before the word said SLEEPING: its writer saw no sleeper.
+        if shared.lock().poll() > 0 {
+            word.store(wake::AWAKE, Ordering::SeqCst);
+            idle = 0;
+            sleep = wake::SLEEP_MIN;
+            continue;
+        }
+        shared.sleeps.fetch_add(1, Ordering::Relaxed);
+        if wake::wait(word, sleep) {
+            shared.kicked.fetch_add(1, Ordering::Relaxed);
+            sleep = wake::SLEEP_MIN;
         } else {
-            std::thread::sleep(Duration::from_micros(100));
+            sleep = (sleep * 2).min(wake::SLEEP_MAX);
         }
     }
 }
@@ -298,6 +386,9 @@ impl ServerBackend for Backend {
             VFIO_PCI_CONFIG_REGION_INDEX => c.config.write(offset, data),
             _ => tracing::debug!(region, offset, "write to an absent region dropped"),
         }
+        drop(c);
+        // A trapped doorbell or a register write (CC.EN, ...): the poller has work.
+        self.shared.kick();
         Ok(())
     }
 

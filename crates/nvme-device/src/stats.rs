@@ -40,4 +40,8 @@ pub struct Stats {
     pub io_queues_created: u64,
     /// Times the controller went fatal (CSTS.CFS).
     pub fatal: u64,
+    /// Times the idle polling thread went to sleep (adaptive polling).
+    pub poll_sleeps: u64,
+    /// Sleeps ended early by a kick (a host-side doorbell or register write).
+    pub poll_kicked: u64,
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context;
-use nvme_device::{DeviceConfig, NvmeDevice};
+use nvme_device::{DeviceConfig, NvmeDevice, PollMode};
 
 use crate::{nvme_args::DeviceNvmeArgs, signals::SignalState};
 
@@ -26,15 +26,19 @@ pub fn nvme(args: DeviceNvmeArgs) -> anyhow::Result<i32> {
         create: args.create,
     };
     let device = Arc::new(NvmeDevice::new(&cfg).context("starting the NVMe device")?);
+    if args.poll {
+        device.set_poll_mode(PollMode::Spin);
+    }
     sandbox::enter(sandbox::Kind::DeviceProcess);
     let (blocks, bs) = device.geometry();
     eprintln!(
-        "ferry device nvme: listening on {} ({} blocks of {} bytes in {}, DSTRD {})",
+        "ferry device nvme: listening on {} ({} blocks of {} bytes in {}, DSTRD {}, {} polling)",
         args.socket.display(),
         blocks,
         bs,
         args.backing.display(),
-        args.dstrd
+        args.dstrd,
+        if args.poll { "always-spin" } else { "adaptive" }
     );
     let d = device.clone();
     serve_until_stopped(&signals, args.once, move || d.serve_one())?;

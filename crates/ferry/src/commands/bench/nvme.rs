@@ -1,12 +1,14 @@
 //! `ferry bench nvme`: 4 KiB random reads on the stand-in NVMe device at each queue depth, once
 //! issued by the guest through the passthrough attachment and once by a host-side vfio-user
 //! client in this process (the baseline), each against a fresh device process on the same
-//! backing file. Reports IOPS and latency and the ratio guest / host.
+//! backing file. Reports IOPS and latency and the ratio guest / host, for each polling mode of
+//! the device (adaptive, the default, and always-spin `--poll`), and the CPU the device process
+//! uses while idle (a client attached, its queues live, no I/O) in each mode.
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
 use guest_abi::{
-    params::{NvmeArgs, NVME_NO_FINAL_VERIFY},
+    params::{NvmeArgs, NVME_NO_DATA_CHECK, NVME_NO_FINAL_VERIFY},
     Workload, WorkloadArgs,
 };
 use passthrough::host_client::{HostClient, RunStats};
@@ -22,11 +24,19 @@ use crate::{
 
 #[derive(Serialize)]
 struct Row {
+    device: String,
     qd: u16,
     guest: RunStats,
     host: RunStats,
     iops_ratio: f64,
     p50_ratio: f64,
+}
+
+#[derive(Serialize)]
+struct IdleRow {
+    device: String,
+    /// CPU seconds per second.
+    cpu: f64,
 }
 
 fn field(line: &str, key: &str) -> Option<f64> {
@@ -54,7 +64,8 @@ fn guest_run(
                 lba_start: 0,
                 lba_count: blocks,
                 read_percent: 100,
-                flags: NVME_NO_FINAL_VERIFY,
+                // Neither side reads the data: the host client does not look at it either.
+                flags: NVME_NO_FINAL_VERIFY | NVME_NO_DATA_CHECK,
                 io_min_bytes: 4096,
                 io_max_bytes: 4096,
             },
@@ -97,6 +108,40 @@ fn guest_run(
     })
 }
 
+/// CPU time (user + system, seconds) of process `pid` so far, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (
+        f.get(11).context("utime")?.parse()?,
+        f.get(12).context("stime")?.parse()?,
+    );
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((utime + stime) as f64 / hz)
+}
+
+/// Idle time measured per device mode.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
+
+/// The device's CPU use while idle: a host client brings the controller up with one I/O queue
+/// and sends nothing; the device's CPU time over [`IDLE_WINDOW`] / the window (1.0 = a core).
+fn idle_cpu(dev: &DeviceNvmeArgs) -> anyhow::Result<f64> {
+    let child = DeviceChild::spawn(&dev.spec())?;
+    let c = HostClient::connect(&child.socket, 16 << 20, 1, 2).context("host client bring-up")?;
+    // Let the spin window after the bring-up's last command pass (a measurement interval, not
+    // a wait for readiness).
+    std::thread::sleep(nvme_device::wake::SPIN_WINDOW * 10);
+    let (c0, t0) = (cpu_seconds(child.pid())?, std::time::Instant::now());
+    std::thread::sleep(IDLE_WINDOW);
+    let (c1, t1) = (cpu_seconds(child.pid())?, t0.elapsed());
+    c.shutdown()?;
+    drop(child);
+    Ok((c1 - c0) / t1.as_secs_f64())
+}
+
 fn host_run(dev: &DeviceNvmeArgs, qd: u16, ios: u64, blocks: u64) -> anyhow::Result<RunStats> {
     let child = DeviceChild::spawn(&dev.spec())?;
     let mut c =
@@ -121,7 +166,7 @@ pub fn run(args: BenchNvmeArgs) -> anyhow::Result<i32> {
     let signals = SignalState::install()?;
     let dir = std::env::temp_dir().join(format!("ferry-bench-nvme-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let dev = DeviceNvmeArgs {
+    let base = DeviceNvmeArgs {
         socket: Default::default(),
         backing: dir.join("disk.img"),
         size: args.size,
@@ -129,40 +174,63 @@ pub fn run(args: BenchNvmeArgs) -> anyhow::Result<i32> {
         dstrd: 9,
         create: true,
         once: true,
+        poll: false,
     };
     let blocks = args.size / 512;
     let mut rows = Vec::new();
-    for &qd in &args.qd {
-        let host = host_run(&dev, qd, args.ios, blocks)?;
-        let guest = guest_run(&dev, qd, args.ios, blocks, &signals)?;
-        rows.push(Row {
-            qd,
-            iops_ratio: guest.iops / host.iops.max(1e-9),
-            p50_ratio: guest.p50_us / host.p50_us.max(1e-9),
-            guest,
-            host,
+    let mut idle = Vec::new();
+    for mode in &args.device {
+        let dev = DeviceNvmeArgs {
+            poll: mode == "spin",
+            ..base.clone()
+        };
+        idle.push(IdleRow {
+            device: mode.clone(),
+            cpu: idle_cpu(&dev)?,
         });
+        for &qd in &args.qd {
+            let host = host_run(&dev, qd, args.ios, blocks)?;
+            let guest = guest_run(&dev, qd, args.ios, blocks, &signals)?;
+            rows.push(Row {
+                device: mode.clone(),
+                qd,
+                iops_ratio: guest.iops / host.iops.max(1e-9),
+                p50_ratio: guest.p50_us / host.p50_us.max(1e-9),
+                guest,
+                host,
+            });
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": rows, "idle": idle }))?
+        );
     } else {
         println!(
             "ferry bench nvme: 4 KiB random reads over {} MiB, {} reads per run, stand-in NVMe over vfio-user (DSTRD 9, doorbells mapped)",
             args.size >> 20,
             args.ios
         );
-        println!("  QD  side          IOPS    p50 us    p99 us");
+        println!("  device    QD  side          IOPS    p50 us    p99 us");
         for r in &rows {
             for (side, s) in [("guest", &r.guest), ("host client", &r.host)] {
                 println!(
-                    "  {:>2}  {:<11} {:>8.0} {:>9.1} {:>9.1}",
-                    r.qd, side, s.iops, s.p50_us, s.p99_us
+                    "  {:<8}  {:>2}  {:<11} {:>8.0} {:>9.2} {:>9.2}",
+                    r.device, r.qd, side, s.iops, s.p50_us, s.p99_us
                 );
             }
             println!(
-                "  {:>2}  guest / host: IOPS {:.2}x, p50 latency {:.2}x",
-                r.qd, r.iops_ratio, r.p50_ratio
+                "  {:<8}  {:>2}  guest / host: IOPS {:.2}x, p50 latency {:.2}x",
+                r.device, r.qd, r.iops_ratio, r.p50_ratio
+            );
+        }
+        for i in &idle {
+            println!(
+                "  {:<8}  idle device (queues live, no I/O): {:.1}% of a core",
+                i.device,
+                i.cpu * 100.0
             );
         }
     }

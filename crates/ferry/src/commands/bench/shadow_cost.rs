@@ -147,6 +147,7 @@ fn iops_run(
         dstrd: 9,
         create: true,
         once: true,
+        poll: false,
     };
     let boot = BootSpec {
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),

@@ -126,6 +126,7 @@ pub fn run(
                 dstrd: 9,
                 create: true,
                 once: true,
+                poll: false,
             }
             .spec(),
         )),
@@ -163,8 +164,16 @@ pub fn print(r: &NvmeMigration) {
                 m.downtime_ms,
                 m.debug_hash_ms
             );
+            // Each round's figure is the set of pages the device wrote since the previous
+            // round (docs/shadow-engine.md: read buffers, the ring pages at the switchover).
+            let per_round: Vec<String> = m
+                .rounds
+                .iter()
+                .map(|x| x.dirty_device.to_string())
+                .collect();
             println!(
-                "  device dirty  {device} page(s) written by the device, invisible to KVM's dirty log (reported by the shadow engine)"
+                "  device dirty  {device} page(s) written by the device, invisible to KVM's dirty log (reported by the shadow engine; distinct pages per round: {})",
+                per_round.join(" + ")
             );
             println!(
                 "  kvm dirty     {kvm} page(s) written by the vCPU (ledger, queues, buffers), from KVM's dirty log"

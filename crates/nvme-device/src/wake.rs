@@ -1,0 +1,150 @@
+//! How the polling thread sleeps when the device is idle, and how it is woken.
+//!
+//! The doorbells live in shared memory that the client maps (into a guest, or into the shadow
+//! engine): a store there raises no event the device could wait on. So the polling thread
+//! spins while there is work and for [`SPIN_WINDOW`] after the last command, then sleeps on a
+//! futex word in the same shared memory (the last word of the first doorbell page, which holds
+//! only the admin doorbells and is never mapped into a guest: it is always mediated).
+//!
+//! A party that writes doorbells from the host side (the vfio-user server thread for trapped
+//! doorbell and register writes, the shadow engine for the rings it forwards) calls [`kick`]
+//! after its store: one load of the word on the hot path, a `futex(FUTEX_WAKE)` only when the
+//! device really sleeps. A guest writing a mapped doorbell directly cannot kick; for it the
+//! sleep is bounded: it starts at [`SLEEP_MIN`] and doubles up to [`SLEEP_MAX`], so the first
+//! command after an idle spell waits at most that long, and an idle device wakes at most
+//! `1 / SLEEP_MAX` times a second.
+//!
+//! The protocol is a Dekker-style handshake: the sleeper stores [`SLEEPING`], fences and looks
+//! at the doorbells once more before it waits; a kicker stores the doorbell, fences and loads
+//! the word. One of the two sees the other's store, so a kick is never lost.
+use std::{
+    sync::atomic::{fence, AtomicU32, Ordering},
+    time::Duration,
+};
+
+/// Offset of the wake word inside the doorbell area (the last word of its first page).
+pub const WAKE_OFFSET: u64 = 0xffc;
+/// The device is (about to be) waiting on the word.
+pub const SLEEPING: u32 = 1;
+/// The device polls.
+pub const AWAKE: u32 = 0;
+/// How long the polling thread keeps spinning after the last command it processed: longer than
+/// the gaps of a slow but steady submitter (a shadowed queue at QD 1 forwards every ~250 µs on
+/// two shared cores), so that only a real idle spell ends in a sleep.
+pub const SPIN_WINDOW: Duration = Duration::from_millis(1);
+/// First sleep after the spin window.
+pub const SLEEP_MIN: Duration = Duration::from_micros(50);
+/// Longest sleep: how late a direct guest's first doorbell after an idle spell may be seen.
+pub const SLEEP_MAX: Duration = Duration::from_millis(1);
+
+/// Wakes the device whose doorbell area starts at `doorbells` (host address of BAR0 offset
+/// `DOORBELL_AREA`, mapped shared) if it sleeps. Call it after the doorbell store.
+///
+/// # Safety
+/// `doorbells` must point to a live mapping of at least the first doorbell page.
+pub unsafe fn kick(doorbells: *mut u8) {
+    // SAFETY: the caller guarantees the page is mapped; the word is aligned.
+    let word = unsafe { AtomicU32::from_ptr(doorbells.add(WAKE_OFFSET as usize).cast()) };
+    kick_word(word);
+}
+
+/// [`kick`] on the word itself.
+pub fn kick_word(word: &AtomicU32) {
+    // Orders the caller's doorbell store before the load of the word (see the module docs).
+    fence(Ordering::SeqCst);
+    if word.load(Ordering::Relaxed) == SLEEPING && word.swap(AWAKE, Ordering::SeqCst) == SLEEPING {
+        futex_wake(word);
+    }
+}
+
+/// Announces that the caller is about to sleep; the caller must check for work once more
+/// before [`wait`].
+pub fn prepare(word: &AtomicU32) {
+    word.store(SLEEPING, Ordering::SeqCst);
+    fence(Ordering::SeqCst);
+}
+
+/// Sleeps until kicked or `timeout` passes (returns at once if a kick came since
+/// [`prepare`]); the word is [`AWAKE`] afterwards. Returns true when woken by a kick.
+pub fn wait(word: &AtomicU32, timeout: Duration) -> bool {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    if word.load(Ordering::SeqCst) == SLEEPING {
+        // SAFETY: a FUTEX_WAIT on a live, aligned u32 with a valid relative timeout; shared
+        // (not private) because the kicker may be another process mapping the same memfd.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT,
+                SLEEPING,
+                &ts as *const libc::timespec,
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+    }
+    word.swap(AWAKE, Ordering::SeqCst) == AWAKE
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE on a live, aligned u32; wakes at most one waiter.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            1u32,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{sync::Arc, time::Instant};
+
+    #[test]
+    fn a_kick_wakes_a_sleeper_and_a_kick_before_the_wait_is_not_lost() {
+        let word = Arc::new(AtomicU32::new(AWAKE));
+        // Kick between prepare and wait: the wait returns at once, reporting the kick.
+        prepare(&word);
+        kick_word(&word);
+        assert!(wait(&word, Duration::from_secs(60)));
+        assert_eq!(word.load(Ordering::SeqCst), AWAKE);
+        // A sleeper woken from another thread long before its timeout.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = word.clone();
+        let t = std::thread::spawn(move || {
+            prepare(&w);
+            tx.send(()).unwrap();
+            wait(&w, Duration::from_secs(60))
+        });
+        rx.recv().unwrap();
+        let t0 = Instant::now();
+        // Until the sleeper is woken (it may not be waiting yet when the first kick comes;
+        // every kick it sees ends its wait).
+        while !t.is_finished() {
+            kick_word(&word);
+            assert!(t0.elapsed() < Duration::from_secs(30), "sleeper never woke");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(t.join().unwrap(), "woken by the kick, not the timeout");
+        // No sleeper: a kick changes nothing.
+        kick_word(&word);
+        assert_eq!(word.load(Ordering::SeqCst), AWAKE);
+    }
+
+    #[test]
+    fn without_a_kick_the_wait_ends_at_its_timeout() {
+        let word = AtomicU32::new(AWAKE);
+        prepare(&word);
+        assert!(!wait(&word, Duration::from_millis(1)));
+        assert_eq!(word.load(Ordering::SeqCst), AWAKE);
+    }
+}
