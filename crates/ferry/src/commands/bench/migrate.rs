@@ -15,6 +15,8 @@ use vmm::{devices::serial::ConsoleSink, Vm, VmConfig, VmOutcome};
 
 use crate::cli::BenchMigrateArgs;
 
+mod tls_floor;
+
 /// Median and spread of one figure over the runs of a row.
 #[derive(Clone, Copy, Serialize)]
 struct Stat {
@@ -122,7 +124,58 @@ struct Row {
     /// For TLS rows: this row's bandwidth over the plain row's of the same size and load.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_vs_plain_bandwidth: Option<f64>,
+    /// For TLS rows: the TLS floor (the floor's bytes through the same rustls), its sender's
+    /// and receiver's CPU seconds per GiB, and this row's CPU over them (medians).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_floor: Option<TlsFloor>,
     ledger_ok_on_destination: bool,
+}
+
+/// A TLS row's CPU against what the cipher allows.
+#[derive(Serialize)]
+struct TlsFloor {
+    send_cpu_s_per_gib: Stat,
+    recv_cpu_s_per_gib: Stat,
+    src_cpu_vs_tls_floor: f64,
+    dst_cpu_vs_tls_floor: f64,
+}
+
+/// The TLS floor's figures of a row (None for plain rows).
+fn tls_floor_of(samples: &[Sample], floors: &[FloorRun]) -> Option<TlsFloor> {
+    if floors.is_empty() {
+        return None;
+    }
+    let gib = |s: &Sample| s.sent_bytes as f64 / (1u64 << 30) as f64;
+    let send = Stat::of(
+        samples
+            .iter()
+            .zip(floors)
+            .map(|(s, f)| f.send_cpu_s / gib(s)),
+    );
+    let recv = Stat::of(
+        samples
+            .iter()
+            .zip(floors)
+            .map(|(s, f)| f.recv_cpu_s / gib(s)),
+    );
+    let src = Stat::of(samples.iter().map(|s| s.src_cpu_s / gib(s)));
+    let dst = Stat::of(samples.iter().map(|s| s.dst_cpu_s / gib(s)));
+    Some(TlsFloor {
+        send_cpu_s_per_gib: send,
+        recv_cpu_s_per_gib: recv,
+        src_cpu_vs_tls_floor: src.median / send.median,
+        dst_cpu_vs_tls_floor: dst.median / recv.median,
+    })
+}
+
+fn print_tls_floor(t: &TlsFloor) {
+    println!(
+        "    TLS floor CPU s/GiB: sender {} (source x{:.2})   receiver {} (destination x{:.2})",
+        t.send_cpu_s_per_gib.show(3),
+        t.src_cpu_vs_tls_floor,
+        t.recv_cpu_s_per_gib.show(3),
+        t.dst_cpu_vs_tls_floor
+    );
 }
 
 /// An ephemeral CA and one node certificate (both usages) for loopback TLS migrations.
@@ -546,11 +599,15 @@ fn row(
     const GIB: f64 = (1u64 << 30) as f64;
     let mut samples = Vec::new();
     let mut floors = Vec::new();
+    let mut tls_floors = Vec::new();
     for _ in 0..args.runs.max(1) {
         let s = one(ram, load, security, args)?;
         let bytes = s.sent_bytes.next_multiple_of(4096);
         let src = floor_source(bytes)?;
         floors.push(floor_once(&src, bytes, s.streams)?);
+        if security.is_tls() {
+            tls_floors.push(tls_floor::once(&src, bytes, s.streams, security)?);
+        }
         samples.push(s);
     }
     let rate = |s: &Sample| s.sent_bytes as f64 / (s.total_ms / 1000.0) / 1e6;
@@ -592,6 +649,7 @@ fn row(
                 .map(|s| s.peak_rss_bytes as f64 / (1 << 20) as f64),
         ),
         tls_vs_plain_bandwidth: None,
+        tls_floor: tls_floor_of(&samples, &tls_floors),
         ledger_ok_on_destination: samples.iter().all(|s| s.ledger_ok),
     })
 }
@@ -708,4 +766,7 @@ fn print_row(row: &Row) {
         row.floor_recv_cpu_s_per_gib.show(3),
         row.dst_cpu_vs_floor
     );
+    if let Some(t) = &row.tls_floor {
+        print_tls_floor(t);
+    }
 }
