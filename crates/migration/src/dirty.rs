@@ -38,7 +38,7 @@ impl DirtyMap {
                 let pages = log.info.size / PAGE;
                 let mut bits = log.bitmap;
                 bits.resize(pages.div_ceil(WORD_BITS) as usize, 0);
-                if pages % WORD_BITS != 0 {
+                if !pages.is_multiple_of(WORD_BITS) {
                     if let Some(last) = bits.last_mut() {
                         *last &= (1u64 << (pages % WORD_BITS)) - 1;
                     }

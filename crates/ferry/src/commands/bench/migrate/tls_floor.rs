@@ -93,7 +93,14 @@ pub(super) fn once(
                     pos += n as u64;
                 }
                 st.conn.flush()?;
-                Ok(cpu.elapsed().as_secs_f64())
+                let cpu_s = cpu.elapsed().as_secs_f64();
+                // Read until the receiver closes: what the server sent after the handshake
+                // (session tickets) must not sit unread here at close, or the close is a
+                // reset that can overtake the last records.
+                let _ = st.tcp.shutdown(std::net::Shutdown::Write);
+                let mut sink = [0u8; 512];
+                while matches!(st.conn.read(&mut sink), Ok(n) if n > 0) {}
+                Ok(cpu_s)
             }));
         }
         let join = |h: std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>| {
