@@ -361,8 +361,124 @@ impl Drop for Mapping {
 /// other, while a spinning thread stands in for the running guest.
 fn floor_once(src: &std::fs::File, bytes: u64, streams: u32) -> anyhow::Result<FloorRun> {
     use std::os::fd::AsRawFd;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let streams = streams.max(1) as u64;
+    let dst = memfd(bytes)?;
+    let map = Mapping::new(&dst, bytes as usize)?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let shard = (bytes / streams).next_multiple_of(4096);
+    with_spinner(|| {
+        std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
+            let mut recv = Vec::new();
+            for _ in 0..streams {
+                let (listener, base) = (&listener, map.addr);
+                recv.push(s.spawn(move || -> anyhow::Result<f64> {
+                    let cpu = migration::cpu::ThreadCpu::start();
+                    let (mut sock, _) = listener.accept()?;
+                    let mut h = [0u8; 16];
+                    sock.read_exact(&mut h)?;
+                    let off = u64::from_le_bytes(h[..8].try_into()?);
+                    let len = u64::from_le_bytes(h[8..].try_into()?);
+                    if off.checked_add(len).is_none_or(|e| e > bytes) {
+                        bail!("floor: shard {off}+{len} outside {bytes}");
+                    }
+                    let mut got = 0;
+                    while got < len {
+                        // SAFETY: [off+got, off+len) lies inside the mapping (checked above), which
+                        // outlives this scope; each receiver writes only its own shard.
+                        let n = unsafe {
+                            libc::recv(
+                                sock.as_raw_fd(),
+                                (base + (off + got) as usize) as *mut libc::c_void,
+                                (len - got) as usize,
+                                0,
+                            )
+                        };
+                        if n < 0 {
+                            let e = std::io::Error::last_os_error();
+                            if e.kind() == std::io::ErrorKind::Interrupted {
+                                continue;
+                            }
+                            return Err(e.into());
+                        }
+                        if n == 0 {
+                            bail!("floor: connection closed after {got} of {len} bytes");
+                        }
+                        got += n as u64;
+                    }
+                    Ok(cpu.elapsed().as_secs_f64())
+                }));
+            }
+            let mut send = Vec::new();
+            for i in 0..streams {
+                send.push(s.spawn(move || -> anyhow::Result<f64> {
+                    let cpu = migration::cpu::ThreadCpu::start();
+                    let off = (i * shard).min(bytes);
+                    let len = if i + 1 == streams {
+                        bytes - off
+                    } else {
+                        shard.min(bytes - off)
+                    };
+                    let mut sock = TcpStream::connect(addr)?;
+                    let mut h = [0u8; 16];
+                    h[..8].copy_from_slice(&off.to_le_bytes());
+                    h[8..].copy_from_slice(&len.to_le_bytes());
+                    sock.write_all(&h)?;
+                    let mut pos = off as libc::off_t;
+                    let end = (off + len) as libc::off_t;
+                    while pos < end {
+                        // SAFETY: sendfile between two descriptors this thread holds; `pos` is a
+                        // valid off_t the kernel advances.
+                        let n = unsafe {
+                            libc::sendfile(
+                                sock.as_raw_fd(),
+                                src.as_raw_fd(),
+                                &mut pos,
+                                (end - pos).min(1 << 30) as usize,
+                            )
+                        };
+                        if n < 0 {
+                            let e = std::io::Error::last_os_error();
+                            if e.kind() == std::io::ErrorKind::Interrupted {
+                                continue;
+                            }
+                            return Err(e.into());
+                        }
+                        if n == 0 {
+                            bail!("floor: sendfile sent nothing");
+                        }
+                    }
+                    Ok(cpu.elapsed().as_secs_f64())
+                }));
+            }
+            cpu_sums(send, recv)
+        })
+    })
+}
+
+/// Joins a floor's sender and receiver threads: their CPU seconds, summed per side.
+fn cpu_sums(
+    send: Vec<std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>>,
+    recv: Vec<std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>>,
+) -> anyhow::Result<(f64, f64)> {
+    let join = |h: std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>| {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
+    };
+    let mut sums = (0.0, 0.0);
+    for h in send {
+        sums.0 += join(h)?;
+    }
+    for h in recv {
+        sums.1 += join(h)?;
+    }
+    Ok(sums)
+}
+
+/// Times `transfer` (which returns its sender's and receiver's CPU seconds) while a thread
+/// spins in place of the running guest.
+fn with_spinner(transfer: impl FnOnce() -> anyhow::Result<(f64, f64)>) -> anyhow::Result<FloorRun> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let spinner = {
         let stop = stop.clone();
@@ -372,109 +488,8 @@ fn floor_once(src: &std::fs::File, bytes: u64, streams: u32) -> anyhow::Result<F
             }
         })
     };
-    let dst = memfd(bytes)?;
-    let map = Mapping::new(&dst, bytes as usize)?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let shard = (bytes / streams).next_multiple_of(4096);
     let t = Instant::now();
-    let result = std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
-        let mut recv = Vec::new();
-        for _ in 0..streams {
-            let (listener, base) = (&listener, map.addr);
-            recv.push(s.spawn(move || -> anyhow::Result<f64> {
-                let cpu = migration::cpu::ThreadCpu::start();
-                let (mut sock, _) = listener.accept()?;
-                let mut h = [0u8; 16];
-                sock.read_exact(&mut h)?;
-                let off = u64::from_le_bytes(h[..8].try_into()?);
-                let len = u64::from_le_bytes(h[8..].try_into()?);
-                if off.checked_add(len).is_none_or(|e| e > bytes) {
-                    bail!("floor: shard {off}+{len} outside {bytes}");
-                }
-                let mut got = 0;
-                while got < len {
-                    // SAFETY: [off+got, off+len) lies inside the mapping (checked above), which
-                    // outlives this scope; each receiver writes only its own shard.
-                    let n = unsafe {
-                        libc::recv(
-                            sock.as_raw_fd(),
-                            (base + (off + got) as usize) as *mut libc::c_void,
-                            (len - got) as usize,
-                            0,
-                        )
-                    };
-                    if n < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if e.kind() == std::io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        return Err(e.into());
-                    }
-                    if n == 0 {
-                        bail!("floor: connection closed after {got} of {len} bytes");
-                    }
-                    got += n as u64;
-                }
-                Ok(cpu.elapsed().as_secs_f64())
-            }));
-        }
-        let mut send = Vec::new();
-        for i in 0..streams {
-            send.push(s.spawn(move || -> anyhow::Result<f64> {
-                let cpu = migration::cpu::ThreadCpu::start();
-                let off = (i * shard).min(bytes);
-                let len = if i + 1 == streams {
-                    bytes - off
-                } else {
-                    shard.min(bytes - off)
-                };
-                let mut sock = TcpStream::connect(addr)?;
-                let mut h = [0u8; 16];
-                h[..8].copy_from_slice(&off.to_le_bytes());
-                h[8..].copy_from_slice(&len.to_le_bytes());
-                sock.write_all(&h)?;
-                let mut pos = off as libc::off_t;
-                let end = (off + len) as libc::off_t;
-                while pos < end {
-                    // SAFETY: sendfile between two descriptors this thread holds; `pos` is a
-                    // valid off_t the kernel advances.
-                    let n = unsafe {
-                        libc::sendfile(
-                            sock.as_raw_fd(),
-                            src.as_raw_fd(),
-                            &mut pos,
-                            (end - pos).min(1 << 30) as usize,
-                        )
-                    };
-                    if n < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if e.kind() == std::io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        return Err(e.into());
-                    }
-                    if n == 0 {
-                        bail!("floor: sendfile sent nothing");
-                    }
-                }
-                Ok(cpu.elapsed().as_secs_f64())
-            }));
-        }
-        let join = |h: std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>| {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
-        };
-        let mut send_cpu = 0.0;
-        for h in send {
-            send_cpu += join(h)?;
-        }
-        let mut recv_cpu = 0.0;
-        for h in recv {
-            recv_cpu += join(h)?;
-        }
-        Ok((send_cpu, recv_cpu))
-    });
+    let result = transfer();
     let secs = t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = spinner.join();
