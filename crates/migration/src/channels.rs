@@ -406,6 +406,20 @@ impl SourceChannels {
                 i += n;
             }
         }
+        // Items handed out in groups of at most ITEM_PAGES pages (many short runs of a
+        // scattered dirty set make one group, not one hand-out each).
+        let mut groups = Vec::new();
+        let (mut first, mut in_group) = (0, 0);
+        for (k, &(_, n)) in items.iter().enumerate() {
+            if in_group > 0 && in_group + n > ITEM_PAGES {
+                groups.push(first..k);
+                (first, in_group) = (k, 0);
+            }
+            in_group += n;
+        }
+        if first < items.len() {
+            groups.push(first..items.len());
+        }
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let memfd = ram.memfd().clone();
@@ -417,7 +431,8 @@ impl SourceChannels {
             let mut out = Vec::new();
             for conn in self.conns.iter_mut() {
                 let r = send_items(
-                    conn, ram, &memfd, round, &items, &next, skip_zero, throttle, cancel, &failed,
+                    conn, ram, &memfd, round, &items, &groups, &next, skip_zero, throttle, cancel,
+                    &failed,
                 );
                 let stop = r.is_err();
                 out.push(r.map(|st| (st, 0.0)));
@@ -435,12 +450,13 @@ impl SourceChannels {
                     .conns
                     .iter_mut()
                     .map(|conn| {
-                        let (items, next, failed, memfd) = (&items, &next, &failed, &memfd);
+                        let (items, groups, next, failed, memfd) =
+                            (&items, &groups, &next, &failed, &memfd);
                         s.spawn(move || {
                             let cpu = crate::cpu::ThreadCpu::start();
                             let r = send_items(
-                                conn, ram, memfd, round, items, next, skip_zero, throttle, cancel,
-                                failed,
+                                conn, ram, memfd, round, items, groups, next, skip_zero, throttle,
+                                cancel, failed,
                             );
                             if r.is_err() {
                                 failed.store(true, Ordering::SeqCst);
@@ -500,6 +516,172 @@ impl SourceChannels {
     }
 }
 
+/// Runs of at most this many pages go out gathered with others (one `sendmsg`, the kernel
+/// copying them from the guest mapping); longer ones with `sendfile` from the memfd.
+const GATHER_MAX_PAGES: u64 = 8;
+/// Most chunks in one gathered `sendmsg` (two iovecs each, under the kernel's 1024).
+const GATHER_CHUNKS: usize = 256;
+/// A TLS channel seals what it gathered once it holds this much (full 16 KiB records, few
+/// writes).
+const TLS_GATHER_BYTES: usize = 256 << 10;
+
+/// Chunks waiting to go out together: on plain TCP their headers and where their pages lie in
+/// the guest mapping (one `sendmsg`); under TLS the chunks themselves, pages copied in by the
+/// kernel (`pread` from the memfd), sealed in as few records and writes as their size allows.
+struct Gather {
+    headers: Vec<[u8; HEADER]>,
+    /// Per header: the pages behind it (host address, length; 0 for none).
+    data: Vec<(*const u8, usize)>,
+    tls: Vec<u8>,
+}
+
+impl Gather {
+    fn new() -> Gather {
+        Gather {
+            headers: Vec::with_capacity(GATHER_CHUNKS),
+            data: Vec::with_capacity(GATHER_CHUNKS),
+            tls: Vec::new(),
+        }
+    }
+
+    /// Queues a chunk header with no pages behind it.
+    fn header(&mut self, conn: &mut DataConn, h: [u8; HEADER]) -> std::io::Result<()> {
+        match conn {
+            DataConn::Plain(_) => {
+                self.headers.push(h);
+                self.data.push((std::ptr::null(), 0));
+                if self.headers.len() >= GATHER_CHUNKS {
+                    self.flush(conn)?;
+                }
+            }
+            DataConn::Tls { .. } => {
+                self.tls.extend_from_slice(&h);
+                if self.tls.len() >= TLS_GATHER_BYTES {
+                    self.flush(conn)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a data chunk: the pages at `host` (memfd offset `off`) behind header `h`.
+    fn data(
+        &mut self,
+        conn: &mut DataConn,
+        memfd: &File,
+        h: [u8; HEADER],
+        host: *const u8,
+        off: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        match conn {
+            DataConn::Plain(tcp) => {
+                if len > GATHER_MAX_PAGES * PAGE {
+                    self.flush_plain(tcp)?;
+                    send_header(tcp, &h)?;
+                    return sendfile_all(tcp, memfd, off, len);
+                }
+                self.headers.push(h);
+                self.data.push((host, len as usize));
+                if self.headers.len() >= GATHER_CHUNKS {
+                    self.flush_plain(tcp)?;
+                }
+            }
+            DataConn::Tls { conn, .. } => {
+                self.tls.extend_from_slice(&h);
+                // The kernel copies the pages out of the memfd into the buffer the records
+                // are sealed from (no read of guest memory through a Rust reference).
+                let at = self.tls.len();
+                self.tls.resize(at + len as usize, 0);
+                memfd.read_exact_at(&mut self.tls[at..], off)?;
+                if self.tls.len() >= TLS_GATHER_BYTES {
+                    conn.write_all(&self.tls)?;
+                    self.tls.clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends whatever is queued.
+    fn flush(&mut self, conn: &mut DataConn) -> std::io::Result<()> {
+        match conn {
+            DataConn::Plain(tcp) => self.flush_plain(tcp),
+            DataConn::Tls { conn, .. } => {
+                if !self.tls.is_empty() {
+                    conn.write_all(&self.tls)?;
+                    self.tls.clear();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn flush_plain(&mut self, tcp: &TcpStream) -> std::io::Result<()> {
+        if self.headers.is_empty() {
+            return Ok(());
+        }
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * self.headers.len());
+        for (h, &(p, len)) in self.headers.iter().zip(&self.data) {
+            iov.push(libc::iovec {
+                iov_base: h.as_ptr() as *mut libc::c_void,
+                iov_len: HEADER,
+            });
+            if len > 0 {
+                iov.push(libc::iovec {
+                    iov_base: p as *mut libc::c_void,
+                    iov_len: len,
+                });
+            }
+        }
+        // SAFETY: every iovec points at a live header of `self.headers` or at pages of the
+        // guest mapping that `locate` found inside a RAM region (alive as long as the
+        // GuestRam the caller holds); the kernel only reads them. The guest may write those
+        // pages meanwhile: what goes out is a snapshot, as pre-copy wants.
+        let r = unsafe { sendmsg_all(tcp, &mut iov) };
+        self.headers.clear();
+        self.data.clear();
+        r
+    }
+}
+
+/// Sends every byte the iovecs describe, with `sendmsg`, resuming after partial sends.
+///
+/// # Safety
+/// Each iovec must describe memory readable for its length for the whole call.
+unsafe fn sendmsg_all(tcp: &TcpStream, iov: &mut [libc::iovec]) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &mut iov[first..];
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = rest.as_mut_ptr();
+        msg.msg_iovlen = rest.len().min(1024);
+        // SAFETY: the iovecs describe readable memory (the caller's promise).
+        let n = unsafe { libc::sendmsg(tcp.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let Some(mut n) = counted(n)? else {
+            continue;
+        };
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "sendmsg sent nothing",
+            ));
+        }
+        // Skip what went out; the first iovec not sent whole is cut to its rest.
+        while first < iov.len() && n >= iov[first].iov_len {
+            n -= iov[first].iov_len;
+            first += 1;
+        }
+        if n > 0 {
+            let v = &mut iov[first];
+            v.iov_base = (v.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
+            v.iov_len -= n;
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn send_items(
     conn: &mut DataConn,
@@ -507,6 +689,7 @@ fn send_items(
     memfd: &File,
     round: u32,
     items: &[(u64, u64)],
+    groups: &[std::ops::Range<usize>],
     next: &AtomicUsize,
     skip_zero: bool,
     throttle: Option<&Throttle>,
@@ -515,74 +698,66 @@ fn send_items(
 ) -> Result<RoundStats> {
     let io = MigrationError::io("write");
     let mut st = RoundStats::default();
-    let mut tls_buf = Vec::new();
+    let mut out = Gather::new();
     loop {
         if cancel.is_some_and(|c| c.is_cancelled()) || failed.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
         }
-        let Some(&(gpa, pages)) = items.get(next.fetch_add(1, Ordering::Relaxed)) else {
+        let Some(group) = groups.get(next.fetch_add(1, Ordering::Relaxed)) else {
             break;
         };
-        let (host, foff) = locate(ram, gpa, pages * PAGE).ok_or_else(|| {
-            MigrationError::Protocol(format!("pages at {gpa:#x} are not in one RAM region"))
-        })?;
-        // Split the item into runs of data pages and runs of zero pages.
-        let mut i = 0;
-        while i < pages {
-            // SAFETY: page i of the item lies inside the region's mapping (located above),
-            // which lives as long as `ram`; a racy snapshot is fine (see is_zero_page).
-            let zero = unsafe { is_zero_page(host.add((i * PAGE) as usize)) };
-            let mut j = i + 1;
-            while j < pages {
-                // SAFETY: as above, for page j.
-                if unsafe { is_zero_page(host.add((j * PAGE) as usize)) } != zero {
-                    break;
-                }
-                j += 1;
-            }
-            let (g, n) = (gpa + i * PAGE, j - i);
-            let len = n * PAGE;
-            if zero {
-                if skip_zero {
-                    st.skipped += n;
-                } else {
-                    let h = encode(g, len as u32, TAG_ZERO, round);
-                    conn.write_all(&h).map_err(MigrationError::io("write"))?;
-                    st.zero += n;
-                    st.bytes += HEADER as u64;
-                }
-            } else {
-                let h = encode(g, len as u32, TAG_DATA, round);
-                let off = foff + i * PAGE;
-                match conn {
-                    DataConn::Plain(tcp) => {
-                        send_header(tcp, &h).map_err(MigrationError::io("write"))?;
-                        sendfile_all(tcp, memfd, off, len).map_err(MigrationError::io("write"))?;
+        let mut group_bytes = 0;
+        for &(gpa, pages) in &items[group.clone()] {
+            let (host, foff) = locate(ram, gpa, pages * PAGE).ok_or_else(|| {
+                MigrationError::Protocol(format!("pages at {gpa:#x} are not in one RAM region"))
+            })?;
+            // Split the item into runs of data pages and runs of zero pages.
+            let mut i = 0;
+            while i < pages {
+                // SAFETY: page i of the item lies inside the region's mapping (located
+                // above), which lives as long as `ram`; a racy snapshot is fine (see
+                // is_zero_page).
+                let zero = unsafe { is_zero_page(host.add((i * PAGE) as usize)) };
+                let mut j = i + 1;
+                while j < pages {
+                    // SAFETY: as above, for page j.
+                    if unsafe { is_zero_page(host.add((j * PAGE) as usize)) } != zero {
+                        break;
                     }
-                    DataConn::Tls { conn, .. } => {
-                        // The kernel copies the pages out of the memfd into the buffer the
-                        // TLS records are sealed from (no read of guest memory through a
-                        // Rust reference).
-                        tls_buf.resize(len as usize, 0);
-                        memfd
-                            .read_exact_at(&mut tls_buf, off)
-                            .map_err(MigrationError::io("read guest memory"))?;
-                        conn.write_all(&h).map_err(MigrationError::io("write"))?;
-                        conn.write_all(&tls_buf)
+                    j += 1;
+                }
+                let (g, n) = (gpa + i * PAGE, j - i);
+                let len = n * PAGE;
+                if zero {
+                    if skip_zero {
+                        st.skipped += n;
+                    } else {
+                        out.header(conn, encode(g, len as u32, TAG_ZERO, round))
                             .map_err(MigrationError::io("write"))?;
+                        st.zero += n;
+                        st.bytes += HEADER as u64;
                     }
+                } else {
+                    let h = encode(g, len as u32, TAG_DATA, round);
+                    // SAFETY: page i of the item, inside the mapping (as above).
+                    let p = unsafe { host.add((i * PAGE) as usize) };
+                    out.data(conn, memfd, h, p, foff + i * PAGE, len)
+                        .map_err(MigrationError::io("write"))?;
+                    st.data += n;
+                    st.bytes += HEADER as u64 + len;
+                    group_bytes += HEADER as u64 + len;
                 }
-                st.data += n;
-                st.bytes += HEADER as u64 + len;
-                if let Some(t) = throttle {
-                    t.account(HEADER as u64 + len);
-                }
+                i = j;
             }
-            i = j;
+        }
+        if let Some(t) = throttle {
+            out.flush(conn).map_err(MigrationError::io("write"))?;
+            t.account(group_bytes);
         }
     }
-    conn.write_all(&encode(0, 0, TAG_ROUND_END, round))
+    out.header(conn, encode(0, 0, TAG_ROUND_END, round))
         .map_err(MigrationError::io("write"))?;
+    out.flush(conn).map_err(MigrationError::io("write"))?;
     conn.flush().map_err(io)?;
     st.bytes += HEADER as u64;
     Ok(st)

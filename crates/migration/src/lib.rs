@@ -13,6 +13,7 @@ mod channels;
 pub mod cpu;
 pub mod destination;
 pub mod device;
+mod dirty;
 mod error;
 pub mod fault;
 #[doc(hidden)]

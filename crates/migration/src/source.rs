@@ -15,6 +15,7 @@ use vmm::{memory::GuestRam, Vm};
 
 use crate::{
     device::MigratableDevice,
+    dirty::DirtyMap,
     error::chain,
     hash::memory_hash,
     report::{MigrationReport, Progress, RoundReport},
@@ -263,18 +264,6 @@ fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8).all(|c| c == [0u8; 8])
 }
 
-/// Sorted pages as runs of contiguous pages: (first page, count).
-fn runs_of(pages: &BTreeSet<u64>) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &p in pages {
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n * PAGE == p => *n += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    runs
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -400,7 +389,7 @@ impl Sender<'_> {
 
 /// Dirty pages of a round, by source.
 struct Dirty {
-    pages: BTreeSet<u64>,
+    pages: DirtyMap,
     kvm: u64,
     vmm: u64,
     /// Distinct pages the devices wrote (a data buffer read into twice is one page).
@@ -408,29 +397,28 @@ struct Dirty {
     device_pages: BTreeSet<u64>,
 }
 
+/// Harvests the dirty set: KVM's bitmaps kept as they are, the VMM's and the devices' pages
+/// set in them.
 fn collect_dirty(vm: &Vm, devices: &mut [Box<dyn MigratableDevice>]) -> Result<Dirty> {
-    let mut pages = BTreeSet::new();
-    let mut kvm = 0;
-    for log in vm.memory_slots().take_dirty_logs()? {
-        for p in log.pages() {
-            pages.insert(p);
-            kvm += 1;
-        }
-    }
+    let mut pages = DirtyMap::from_logs(vm.memory_slots().take_dirty_logs()?);
+    let kvm = pages.count();
     let vmm_pages = vm.ram().take_vmm_writes();
     let vmm = vmm_pages.len() as u64;
-    pages.extend(vmm_pages);
-    // A device reports a page once per command that wrote it: the report counts the set.
+    for p in vmm_pages {
+        pages.set(p);
+    }
+    // A device reports a page once per command that wrote it: the report counts the set
+    // (device pages are bounded by the buffers in flight, so a small set).
     let mut device_pages = BTreeSet::new();
     for d in devices.iter_mut() {
         for p in d.take_dirty_pages() {
             let p = p & !(PAGE - 1);
             if vm.ram().contains(p, PAGE) {
+                pages.set(p);
                 device_pages.insert(p);
             }
         }
     }
-    pages.extend(device_pages.iter().copied());
     Ok(Dirty {
         pages,
         kvm,
@@ -438,6 +426,54 @@ fn collect_dirty(vm: &Vm, devices: &mut [Box<dyn MigratableDevice>]) -> Result<D
         device: device_pages.len() as u64,
         device_pages,
     })
+}
+
+/// Bytes a page costs on the wire besides itself, at worst (a chunk header of its own).
+const CHUNK_OVERHEAD: u64 = 24;
+
+/// Pre-copy rounds smaller than this say more about latency than about the rate.
+const RATE_MIN_BYTES: u64 = 256 << 10;
+
+/// The link as the rounds so far measured it, for predicting the paused round: the round trip
+/// to the destination and back (what an empty round costs) plus bytes over the rate at which
+/// the last round large enough to tell was taken in (sent and caught up with on the
+/// destination), not an average over all rounds, which the large round 0 dominates.
+#[derive(Default)]
+struct LinkEstimate {
+    trip: Duration,
+    /// Bytes per second.
+    rate: f64,
+}
+
+impl LinkEstimate {
+    /// A round of `bytes` took `took` from its first byte until the destination had it all;
+    /// a round trip took `trip` right after.
+    fn observe(&mut self, bytes: u64, took: Duration, trip: Duration) {
+        self.trip = trip;
+        if bytes >= RATE_MIN_BYTES || self.rate == 0.0 {
+            let t = took.saturating_sub(trip).as_secs_f64().max(1e-6);
+            self.rate = bytes as f64 / t;
+        }
+    }
+
+    /// How long `bytes` would take to send and be taken in, round trip included.
+    fn predict(&self, bytes: u64) -> Duration {
+        if bytes == 0 {
+            return self.trip;
+        }
+        let rate = self.rate.max(1.0);
+        self.trip + Duration::from_secs_f64((bytes as f64 / rate).min(1e6))
+    }
+}
+
+/// Asks the destination to confirm that its data channels have taken in every round so far;
+/// returns how long that took.
+fn sync(tx: &mut Sender<'_>, buf: &mut Vec<u8>) -> Result<Duration> {
+    let t = Instant::now();
+    tx.send(Kind::Sync, &[])?;
+    tx.out.flush().map_err(MigrationError::io("write"))?;
+    expect(tx.out.get_mut(), Kind::Synced, buf)?;
+    Ok(t.elapsed())
 }
 
 /// Reads the destination's next message, expecting `want`.
@@ -692,42 +728,68 @@ fn run(
     let round0 = round_end(tx, 0, pages, 0, before, t0)?;
     report.zero_pages_skipped = skipped + (ram.size() / PAGE).saturating_sub(in_extents);
 
+    let mut link = LinkEstimate::default();
+    let mut last_send = t0.elapsed();
     report.rounds.push(round0);
-    let mut sent_bytes = tx.bytes;
-    let mut sent_time = t0.elapsed();
     prog.bytes = tx.bytes;
     progress(&prog);
 
-    // Later rounds: the dirty set, until it fits the downtime target.
+    // Later rounds: the dirty set, until what is dirty now goes out within the target at the
+    // rate the last rounds were taken in.
     let mut round = 1;
+    let mut prev_dirty: Option<u64> = None;
     let final_dirty = loop {
         // With data channels the destination may still be taking in the last round from its
         // socket buffers (tens of MiB across the channels); wait until it has, so that
         // backlog is never part of the downtime, and the dirty set is harvested after it.
+        // A second Sync right after measures the round trip alone (what even an empty
+        // paused round costs).
+        let (mut drain, mut trip) = (Duration::ZERO, Duration::ZERO);
         if tx.channels.is_some() {
-            let t = Instant::now();
-            tx.send(Kind::Sync, &[])?;
-            tx.out.flush().map_err(MigrationError::io("write"))?;
-            expect(tx.out.get_mut(), Kind::Synced, &mut buf)?;
-            tracing::debug!(round, ms = ms(t.elapsed()), "destination caught up");
+            drain = sync(tx, &mut buf)?;
+            trip = sync(tx, &mut buf)?;
+            tracing::debug!(
+                round,
+                drain_ms = ms(drain),
+                trip_ms = ms(trip),
+                "destination caught up"
+            );
         }
+        let last_bytes = report.rounds.last().map_or(0, |r| r.bytes);
+        link.observe(last_bytes, last_send + drain, trip);
         let dirty = collect_dirty(vm, devices)?;
-        let bandwidth = sent_bytes as f64 / sent_time.as_secs_f64().max(1e-6);
-        let estimate = dirty.pages.len() as f64 * (PAGE as f64 + 16.0) / bandwidth;
+        let n = dirty.pages.count();
+        let predicted = link.predict(n * (PAGE + CHUNK_OVERHEAD));
+        tracing::debug!(
+            round,
+            dirty = n,
+            predicted_ms = ms(predicted),
+            rate_mbps = link.rate / 1e6,
+            "paused round predicted"
+        );
         prog.round = round;
-        prog.dirty_pages = dirty.pages.len() as u64;
+        prog.dirty_pages = n;
         // A target of zero means: no early switchover, run the rounds up to the limit.
-        if !opts.downtime.is_zero() && estimate <= opts.downtime.as_secs_f64() {
+        if !opts.downtime.is_zero() && predicted <= opts.downtime {
             progress(&prog);
             break dirty;
         }
         // Auto-converge: from round 2 on, a guest that dirtied more than half of what the
-        // last round carried outruns the link; hold its vCPUs off more.
-        let last_bytes = report.rounds.last().map_or(0, |r| r.bytes);
-        if round >= 2 && dirty.pages.len() as u64 * PAGE > last_bytes / 2 {
+        // last round carried, or whose dirty set shrank by less than a quarter since the last
+        // harvest, outruns the link: hold its vCPUs off more, twice the step when the paused
+        // round would take over four times the target.
+        let outruns = n * PAGE > last_bytes / 2;
+        let stalled = prev_dirty.is_some_and(|p| n * 4 > p * 3);
+        prev_dirty = Some(n);
+        if round >= 2 && (outruns || stalled) {
+            let step = if predicted > opts.downtime * 4 {
+                2 * THROTTLE_STEP
+            } else {
+                THROTTLE_STEP
+            };
             let pct = match throttle.pct() {
                 0 => THROTTLE_INITIAL,
-                p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+                p => (p + step).min(THROTTLE_MAX),
             };
             throttle.pct.store(pct, Ordering::SeqCst);
             report.throttle_pct = report.throttle_pct.max(pct);
@@ -739,7 +801,7 @@ fn run(
             if opts.on_limit == LimitPolicy::Abort {
                 return Err(MigrationError::NoConvergence {
                     rounds: round - 1,
-                    remaining: dirty.pages.len() as u64,
+                    remaining: n,
                 });
             }
             report.hit_round_limit = true;
@@ -747,12 +809,11 @@ fn run(
         }
         let t = Instant::now();
         let before = tx.bytes;
-        let (pages, zero, _) = tx.send_runs(round, &runs_of(&dirty.pages), false)?;
+        let (pages, zero, _) = tx.send_runs(round, &dirty.pages.runs(), false)?;
         let mut r = round_end(tx, round, pages, zero, before, t)?;
+        last_send = t.elapsed();
         (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (dirty.kvm, dirty.vmm, dirty.device);
         r.throttle_pct = throttle.pct();
-        sent_bytes += tx.bytes - before;
-        sent_time += t.elapsed();
         report.rounds.push(r);
         prog.bytes = tx.bytes;
         round += 1;
@@ -798,11 +859,11 @@ fn run(
     }
     tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: paused");
     let last = collect_dirty(vm, devices)?;
-    let mut pages_final: BTreeSet<u64> = final_dirty.pages;
-    pages_final.extend(last.pages.iter().copied());
+    let mut pages_final = final_dirty.pages;
+    pages_final.merge(&last.pages);
     let t = Instant::now();
     let before = tx.bytes;
-    let (pages, zero, _) = tx.send_runs(round, &runs_of(&pages_final), false)?;
+    let (pages, zero, _) = tx.send_runs(round, &pages_final.runs(), false)?;
     let mut r = round_end(tx, round, pages, zero, before, t)?;
     (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (
         final_dirty.kvm + last.kvm,

@@ -15,6 +15,8 @@ use vmm::{devices::serial::ConsoleSink, Vm, VmConfig, VmOutcome};
 
 use crate::cli::BenchMigrateArgs;
 
+mod tls_floor;
+
 /// Median and spread of one figure over the runs of a row.
 #[derive(Clone, Copy, Serialize)]
 struct Stat {
@@ -122,7 +124,58 @@ struct Row {
     /// For TLS rows: this row's bandwidth over the plain row's of the same size and load.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_vs_plain_bandwidth: Option<f64>,
+    /// For TLS rows: the TLS floor (the floor's bytes through the same rustls), its sender's
+    /// and receiver's CPU seconds per GiB, and this row's CPU over them (medians).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_floor: Option<TlsFloor>,
     ledger_ok_on_destination: bool,
+}
+
+/// A TLS row's CPU against what the cipher allows.
+#[derive(Serialize)]
+struct TlsFloor {
+    send_cpu_s_per_gib: Stat,
+    recv_cpu_s_per_gib: Stat,
+    src_cpu_vs_tls_floor: f64,
+    dst_cpu_vs_tls_floor: f64,
+}
+
+/// The TLS floor's figures of a row (None for plain rows).
+fn tls_floor_of(samples: &[Sample], floors: &[FloorRun]) -> Option<TlsFloor> {
+    if floors.is_empty() {
+        return None;
+    }
+    let gib = |s: &Sample| s.sent_bytes as f64 / (1u64 << 30) as f64;
+    let send = Stat::of(
+        samples
+            .iter()
+            .zip(floors)
+            .map(|(s, f)| f.send_cpu_s / gib(s)),
+    );
+    let recv = Stat::of(
+        samples
+            .iter()
+            .zip(floors)
+            .map(|(s, f)| f.recv_cpu_s / gib(s)),
+    );
+    let src = Stat::of(samples.iter().map(|s| s.src_cpu_s / gib(s)));
+    let dst = Stat::of(samples.iter().map(|s| s.dst_cpu_s / gib(s)));
+    Some(TlsFloor {
+        send_cpu_s_per_gib: send,
+        recv_cpu_s_per_gib: recv,
+        src_cpu_vs_tls_floor: src.median / send.median,
+        dst_cpu_vs_tls_floor: dst.median / recv.median,
+    })
+}
+
+fn print_tls_floor(t: &TlsFloor) {
+    println!(
+        "    TLS floor CPU s/GiB: sender {} (source x{:.2})   receiver {} (destination x{:.2})",
+        t.send_cpu_s_per_gib.show(3),
+        t.src_cpu_vs_tls_floor,
+        t.recv_cpu_s_per_gib.show(3),
+        t.dst_cpu_vs_tls_floor
+    );
 }
 
 /// An ephemeral CA and one node certificate (both usages) for loopback TLS migrations.
@@ -308,8 +361,124 @@ impl Drop for Mapping {
 /// other, while a spinning thread stands in for the running guest.
 fn floor_once(src: &std::fs::File, bytes: u64, streams: u32) -> anyhow::Result<FloorRun> {
     use std::os::fd::AsRawFd;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let streams = streams.max(1) as u64;
+    let dst = memfd(bytes)?;
+    let map = Mapping::new(&dst, bytes as usize)?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let shard = (bytes / streams).next_multiple_of(4096);
+    with_spinner(|| {
+        std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
+            let mut recv = Vec::new();
+            for _ in 0..streams {
+                let (listener, base) = (&listener, map.addr);
+                recv.push(s.spawn(move || -> anyhow::Result<f64> {
+                    let cpu = migration::cpu::ThreadCpu::start();
+                    let (mut sock, _) = listener.accept()?;
+                    let mut h = [0u8; 16];
+                    sock.read_exact(&mut h)?;
+                    let off = u64::from_le_bytes(h[..8].try_into()?);
+                    let len = u64::from_le_bytes(h[8..].try_into()?);
+                    if off.checked_add(len).is_none_or(|e| e > bytes) {
+                        bail!("floor: shard {off}+{len} outside {bytes}");
+                    }
+                    let mut got = 0;
+                    while got < len {
+                        // SAFETY: [off+got, off+len) lies inside the mapping (checked above), which
+                        // outlives this scope; each receiver writes only its own shard.
+                        let n = unsafe {
+                            libc::recv(
+                                sock.as_raw_fd(),
+                                (base + (off + got) as usize) as *mut libc::c_void,
+                                (len - got) as usize,
+                                0,
+                            )
+                        };
+                        if n < 0 {
+                            let e = std::io::Error::last_os_error();
+                            if e.kind() == std::io::ErrorKind::Interrupted {
+                                continue;
+                            }
+                            return Err(e.into());
+                        }
+                        if n == 0 {
+                            bail!("floor: connection closed after {got} of {len} bytes");
+                        }
+                        got += n as u64;
+                    }
+                    Ok(cpu.elapsed().as_secs_f64())
+                }));
+            }
+            let mut send = Vec::new();
+            for i in 0..streams {
+                send.push(s.spawn(move || -> anyhow::Result<f64> {
+                    let cpu = migration::cpu::ThreadCpu::start();
+                    let off = (i * shard).min(bytes);
+                    let len = if i + 1 == streams {
+                        bytes - off
+                    } else {
+                        shard.min(bytes - off)
+                    };
+                    let mut sock = TcpStream::connect(addr)?;
+                    let mut h = [0u8; 16];
+                    h[..8].copy_from_slice(&off.to_le_bytes());
+                    h[8..].copy_from_slice(&len.to_le_bytes());
+                    sock.write_all(&h)?;
+                    let mut pos = off as libc::off_t;
+                    let end = (off + len) as libc::off_t;
+                    while pos < end {
+                        // SAFETY: sendfile between two descriptors this thread holds; `pos` is a
+                        // valid off_t the kernel advances.
+                        let n = unsafe {
+                            libc::sendfile(
+                                sock.as_raw_fd(),
+                                src.as_raw_fd(),
+                                &mut pos,
+                                (end - pos).min(1 << 30) as usize,
+                            )
+                        };
+                        if n < 0 {
+                            let e = std::io::Error::last_os_error();
+                            if e.kind() == std::io::ErrorKind::Interrupted {
+                                continue;
+                            }
+                            return Err(e.into());
+                        }
+                        if n == 0 {
+                            bail!("floor: sendfile sent nothing");
+                        }
+                    }
+                    Ok(cpu.elapsed().as_secs_f64())
+                }));
+            }
+            cpu_sums(send, recv)
+        })
+    })
+}
+
+/// Joins a floor's sender and receiver threads: their CPU seconds, summed per side.
+fn cpu_sums(
+    send: Vec<std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>>,
+    recv: Vec<std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>>,
+) -> anyhow::Result<(f64, f64)> {
+    let join = |h: std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>| {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
+    };
+    let mut sums = (0.0, 0.0);
+    for h in send {
+        sums.0 += join(h)?;
+    }
+    for h in recv {
+        sums.1 += join(h)?;
+    }
+    Ok(sums)
+}
+
+/// Times `transfer` (which returns its sender's and receiver's CPU seconds) while a thread
+/// spins in place of the running guest.
+fn with_spinner(transfer: impl FnOnce() -> anyhow::Result<(f64, f64)>) -> anyhow::Result<FloorRun> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let spinner = {
         let stop = stop.clone();
@@ -319,109 +488,8 @@ fn floor_once(src: &std::fs::File, bytes: u64, streams: u32) -> anyhow::Result<F
             }
         })
     };
-    let dst = memfd(bytes)?;
-    let map = Mapping::new(&dst, bytes as usize)?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let shard = (bytes / streams).next_multiple_of(4096);
     let t = Instant::now();
-    let result = std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
-        let mut recv = Vec::new();
-        for _ in 0..streams {
-            let (listener, base) = (&listener, map.addr);
-            recv.push(s.spawn(move || -> anyhow::Result<f64> {
-                let cpu = migration::cpu::ThreadCpu::start();
-                let (mut sock, _) = listener.accept()?;
-                let mut h = [0u8; 16];
-                sock.read_exact(&mut h)?;
-                let off = u64::from_le_bytes(h[..8].try_into()?);
-                let len = u64::from_le_bytes(h[8..].try_into()?);
-                if off.checked_add(len).is_none_or(|e| e > bytes) {
-                    bail!("floor: shard {off}+{len} outside {bytes}");
-                }
-                let mut got = 0;
-                while got < len {
-                    // SAFETY: [off+got, off+len) lies inside the mapping (checked above), which
-                    // outlives this scope; each receiver writes only its own shard.
-                    let n = unsafe {
-                        libc::recv(
-                            sock.as_raw_fd(),
-                            (base + (off + got) as usize) as *mut libc::c_void,
-                            (len - got) as usize,
-                            0,
-                        )
-                    };
-                    if n < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if e.kind() == std::io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        return Err(e.into());
-                    }
-                    if n == 0 {
-                        bail!("floor: connection closed after {got} of {len} bytes");
-                    }
-                    got += n as u64;
-                }
-                Ok(cpu.elapsed().as_secs_f64())
-            }));
-        }
-        let mut send = Vec::new();
-        for i in 0..streams {
-            send.push(s.spawn(move || -> anyhow::Result<f64> {
-                let cpu = migration::cpu::ThreadCpu::start();
-                let off = (i * shard).min(bytes);
-                let len = if i + 1 == streams {
-                    bytes - off
-                } else {
-                    shard.min(bytes - off)
-                };
-                let mut sock = TcpStream::connect(addr)?;
-                let mut h = [0u8; 16];
-                h[..8].copy_from_slice(&off.to_le_bytes());
-                h[8..].copy_from_slice(&len.to_le_bytes());
-                sock.write_all(&h)?;
-                let mut pos = off as libc::off_t;
-                let end = (off + len) as libc::off_t;
-                while pos < end {
-                    // SAFETY: sendfile between two descriptors this thread holds; `pos` is a
-                    // valid off_t the kernel advances.
-                    let n = unsafe {
-                        libc::sendfile(
-                            sock.as_raw_fd(),
-                            src.as_raw_fd(),
-                            &mut pos,
-                            (end - pos).min(1 << 30) as usize,
-                        )
-                    };
-                    if n < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if e.kind() == std::io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        return Err(e.into());
-                    }
-                    if n == 0 {
-                        bail!("floor: sendfile sent nothing");
-                    }
-                }
-                Ok(cpu.elapsed().as_secs_f64())
-            }));
-        }
-        let join = |h: std::thread::ScopedJoinHandle<'_, anyhow::Result<f64>>| {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
-        };
-        let mut send_cpu = 0.0;
-        for h in send {
-            send_cpu += join(h)?;
-        }
-        let mut recv_cpu = 0.0;
-        for h in recv {
-            recv_cpu += join(h)?;
-        }
-        Ok((send_cpu, recv_cpu))
-    });
+    let result = transfer();
     let secs = t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = spinner.join();
@@ -546,11 +614,15 @@ fn row(
     const GIB: f64 = (1u64 << 30) as f64;
     let mut samples = Vec::new();
     let mut floors = Vec::new();
+    let mut tls_floors = Vec::new();
     for _ in 0..args.runs.max(1) {
         let s = one(ram, load, security, args)?;
         let bytes = s.sent_bytes.next_multiple_of(4096);
         let src = floor_source(bytes)?;
         floors.push(floor_once(&src, bytes, s.streams)?);
+        if security.is_tls() {
+            tls_floors.push(tls_floor::once(&src, bytes, s.streams, security)?);
+        }
         samples.push(s);
     }
     let rate = |s: &Sample| s.sent_bytes as f64 / (s.total_ms / 1000.0) / 1e6;
@@ -592,6 +664,7 @@ fn row(
                 .map(|s| s.peak_rss_bytes as f64 / (1 << 20) as f64),
         ),
         tls_vs_plain_bandwidth: None,
+        tls_floor: tls_floor_of(&samples, &tls_floors),
         ledger_ok_on_destination: samples.iter().all(|s| s.ledger_ok),
     })
 }
@@ -708,4 +781,7 @@ fn print_row(row: &Row) {
         row.floor_recv_cpu_s_per_gib.show(3),
         row.dst_cpu_vs_floor
     );
+    if let Some(t) = &row.tls_floor {
+        print_tls_floor(t);
+    }
 }
