@@ -17,13 +17,19 @@
 //! their own: TCP's checksum (plain) or the AEAD tag (TLS) covers them. Each round ends with a
 //! round-end chunk on every channel, and the destination's receivers wait for each other
 //! there, so a page sent again in a later round never lands before its older copy.
+//!
+//! With compression negotiated, a data run may instead go out as a compressed chunk (tag
+//! [`TAG_ZSTD`]): the header's length is the pages' length, and the chunk carries the length
+//! of the zstd frame (u32 LE) and the frame, which the destination decompresses straight into
+//! guest memory, refusing any frame that does not decode to exactly the announced pages. A run
+//! that does not compress goes out raw as without compression; zero pages are zero chunks.
 use std::{
     fs::File,
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd, unix::fs::FileExt},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
@@ -33,6 +39,7 @@ use std::{
 use vmm::memory::GuestRam;
 
 use crate::{
+    compress::{Compressor, Decompressor, TokenBucket},
     error::chain,
     source::CancelToken,
     transport::{self, Conn, Security},
@@ -59,6 +66,8 @@ const TAG_DATA: u32 = 1;
 const TAG_ZERO: u32 = 2;
 const TAG_ROUND_END: u32 = 3;
 const TAG_DONE: u32 = 4;
+/// Pages compressed with zstd: frame length (u32 LE), then the frame.
+const TAG_ZSTD: u32 = 5;
 
 fn encode(gpa: u64, len: u32, tag: u32, round: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -326,28 +335,15 @@ pub(crate) struct RoundStats {
     pub zero: u64,
     pub skipped: u64,
     pub bytes: u64,
-}
-
-/// A cap on the sending rate shared by all channels.
-pub(crate) struct Throttle {
-    pub rate: u64,
-    pub start: Instant,
-    pub sent: AtomicU64,
-}
-
-impl Throttle {
-    fn account(&self, n: u64) {
-        let sent = self.sent.fetch_add(n, Ordering::Relaxed) + n;
-        let due = Duration::from_secs_f64(sent as f64 / self.rate as f64);
-        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
-            std::thread::sleep(wait);
-        }
-    }
+    /// Data pages that went out compressed.
+    pub zstd_pages: u64,
 }
 
 /// The source's data channels.
 pub(crate) struct SourceChannels {
     conns: Vec<DataConn>,
+    /// One compressor per channel when compression was negotiated.
+    codecs: Vec<Option<Compressor>>,
     /// CPU seconds the channel threads used.
     pub cpu_s: f64,
 }
@@ -362,6 +358,7 @@ impl SourceChannels {
         server_name: &str,
         timeout: Duration,
         cancel: Option<&CancelToken>,
+        compression: crate::Compression,
     ) -> Result<SourceChannels> {
         let addr = SocketAddr::new(ip, inv.port);
         let mut conns = Vec::new();
@@ -376,7 +373,14 @@ impl SourceChannels {
             s.conn.flush().map_err(MigrationError::io("write"))?;
             conns.push(from_stream(s));
         }
-        Ok(SourceChannels { conns, cpu_s: 0.0 })
+        let codecs = (0..conns.len())
+            .map(|_| Compressor::new(compression))
+            .collect::<Result<_>>()?;
+        Ok(SourceChannels {
+            conns,
+            codecs,
+            cpu_s: 0.0,
+        })
     }
 
     /// Streams used.
@@ -393,7 +397,7 @@ impl SourceChannels {
         round: u32,
         runs: &[(u64, u64)],
         skip_zero: bool,
-        throttle: Option<&Throttle>,
+        throttle: Option<&TokenBucket>,
         cancel: Option<&CancelToken>,
     ) -> Result<RoundStats> {
         // Work items of at most ITEM_PAGES, handed out in address order.
@@ -415,9 +419,19 @@ impl SourceChannels {
             // channel and the round ends on the others, with no thread to wake up.
             let cpu = crate::cpu::ThreadCpu::start();
             let mut out = Vec::new();
-            for conn in self.conns.iter_mut() {
+            for (conn, codec) in self.conns.iter_mut().zip(&mut self.codecs) {
                 let r = send_items(
-                    conn, ram, &memfd, round, &items, &next, skip_zero, throttle, cancel, &failed,
+                    conn,
+                    codec.as_mut(),
+                    ram,
+                    &memfd,
+                    round,
+                    &items,
+                    &next,
+                    skip_zero,
+                    throttle,
+                    cancel,
+                    &failed,
                 );
                 let stop = r.is_err();
                 out.push(r.map(|st| (st, 0.0)));
@@ -434,12 +448,22 @@ impl SourceChannels {
                 let handles: Vec<_> = self
                     .conns
                     .iter_mut()
-                    .map(|conn| {
+                    .zip(&mut self.codecs)
+                    .map(|(conn, codec)| {
                         let (items, next, failed, memfd) = (&items, &next, &failed, &memfd);
                         s.spawn(move || {
                             let cpu = crate::cpu::ThreadCpu::start();
                             let r = send_items(
-                                conn, ram, memfd, round, items, next, skip_zero, throttle, cancel,
+                                conn,
+                                codec.as_mut(),
+                                ram,
+                                memfd,
+                                round,
+                                items,
+                                next,
+                                skip_zero,
+                                throttle,
+                                cancel,
                                 failed,
                             );
                             if r.is_err() {
@@ -470,6 +494,7 @@ impl SourceChannels {
                     total.zero += st.zero;
                     total.skipped += st.skipped;
                     total.bytes += st.bytes;
+                    total.zstd_pages += st.zstd_pages;
                     self.cpu_s += cpu;
                 }
                 // The first real cause, not a channel that stopped because another failed.
@@ -503,13 +528,14 @@ impl SourceChannels {
 #[allow(clippy::too_many_arguments)]
 fn send_items(
     conn: &mut DataConn,
+    mut codec: Option<&mut Compressor>,
     ram: &GuestRam,
     memfd: &File,
     round: u32,
     items: &[(u64, u64)],
     next: &AtomicUsize,
     skip_zero: bool,
-    throttle: Option<&Throttle>,
+    throttle: Option<&TokenBucket>,
     cancel: Option<&CancelToken>,
     failed: &AtomicBool,
 ) -> Result<RoundStats> {
@@ -551,7 +577,49 @@ fn send_items(
                     st.zero += n;
                     st.bytes += HEADER as u64;
                 }
+            } else if let Some(codec) = codec.as_deref_mut() {
+                // The kernel copies the pages out of the memfd (no read of guest memory
+                // through a Rust reference), then they go out compressed when that is smaller.
+                let off = foff + i * PAGE;
+                tls_buf.resize(len as usize, 0);
+                memfd
+                    .read_exact_at(&mut tls_buf, off)
+                    .map_err(MigrationError::io("read guest memory"))?;
+                let wire_len = match codec.compress(&tls_buf) {
+                    Some(z) => {
+                        let mut chunk = Vec::with_capacity(HEADER + 4 + z.len());
+                        chunk.extend_from_slice(&encode(g, len as u32, TAG_ZSTD, round));
+                        chunk.extend_from_slice(&(z.len() as u32).to_le_bytes());
+                        chunk.extend_from_slice(z);
+                        if let Some(t) = throttle {
+                            t.take(chunk.len() as u64);
+                        }
+                        conn.write_all(&chunk)
+                            .map_err(MigrationError::io("write"))?;
+                        st.zstd_pages += n;
+                        chunk.len() as u64
+                    }
+                    None => {
+                        if let Some(t) = throttle {
+                            t.take(HEADER as u64 + len);
+                        }
+                        let h = encode(g, len as u32, TAG_DATA, round);
+                        if let DataConn::Plain(tcp) = conn {
+                            send_header(tcp, &h).map_err(MigrationError::io("write"))?;
+                        } else {
+                            conn.write_all(&h).map_err(MigrationError::io("write"))?;
+                        }
+                        conn.write_all(&tls_buf)
+                            .map_err(MigrationError::io("write"))?;
+                        HEADER as u64 + len
+                    }
+                };
+                st.data += n;
+                st.bytes += wire_len;
             } else {
+                if let Some(t) = throttle {
+                    t.take(HEADER as u64 + len);
+                }
                 let h = encode(g, len as u32, TAG_DATA, round);
                 let off = foff + i * PAGE;
                 match conn {
@@ -574,9 +642,6 @@ fn send_items(
                 }
                 st.data += n;
                 st.bytes += HEADER as u64 + len;
-                if let Some(t) = throttle {
-                    t.account(HEADER as u64 + len);
-                }
             }
             i = j;
         }
@@ -769,6 +834,8 @@ pub(crate) struct RecvStats {
     pub zero_pages: u64,
     pub bytes: u64,
     pub cpu_s: f64,
+    /// Pages that arrived compressed.
+    pub zstd_pages: u64,
 }
 
 /// The destination's receivers, one thread per data channel, and the populating thread.
@@ -796,6 +863,7 @@ impl Receivers {
         main: &TcpStream,
         handshake_timeout: Duration,
         timeout: Duration,
+        compression: bool,
     ) -> Result<Receivers> {
         let (conns, refused) = accept_channels(
             &listener,
@@ -826,7 +894,9 @@ impl Receivers {
                 .name(format!("migration-rx{i}"))
                 .spawn(move || {
                     let cpu = crate::cpu::ThreadCpu::start();
-                    let r = receive_channel(conn, &ram, &barrier, timeout);
+                    let r = Decompressor::new().and_then(|d| {
+                        receive_channel(conn, &ram, &barrier, timeout, compression.then_some(d))
+                    });
                     if let Err(e) = &r {
                         barrier.fail();
                         let mut slot = error.lock().unwrap_or_else(|p| p.into_inner());
@@ -925,6 +995,7 @@ impl Receivers {
                     total.zero_pages += st.zero_pages;
                     total.bytes += st.bytes;
                     total.cpu_s += st.cpu_s;
+                    total.zstd_pages += st.zstd_pages;
                 }
                 Ok(Err(e)) => {
                     first.get_or_insert(e);
@@ -961,9 +1032,11 @@ fn receive_channel(
     ram: &GuestRam,
     barrier: &RoundBarrier,
     timeout: Duration,
+    mut zstd: Option<Decompressor>,
 ) -> Result<RecvStats> {
     let protocol = |m: String| MigrationError::Protocol(m);
     let mut st = RecvStats::default();
+    let mut zbuf = Vec::new();
     let mut last_round: Option<u32> = None;
     loop {
         let mut h = [0u8; HEADER];
@@ -981,13 +1054,38 @@ fn receive_channel(
         }
         let len = u64::from(len);
         match tag {
-            TAG_DATA | TAG_ZERO => {
+            TAG_DATA | TAG_ZERO | TAG_ZSTD => {
                 if len == 0 || len % PAGE != 0 || gpa % PAGE != 0 || len > MAX_CHUNK {
                     return Err(protocol(format!("chunk of {len} bytes at {gpa:#x}")));
                 }
                 let (p, _) = locate(ram, gpa, len)
                     .ok_or_else(|| protocol(format!("{len} bytes at {gpa:#x} are not in RAM")))?;
-                if tag == TAG_DATA {
+                if tag == TAG_ZSTD {
+                    let Some(d) = zstd.as_mut() else {
+                        return Err(protocol(
+                            "compressed chunk, but compression was not negotiated".into(),
+                        ));
+                    };
+                    let mut n = [0u8; 4];
+                    conn.read_exact(&mut n)
+                        .map_err(MigrationError::io("read"))?;
+                    let zlen = u64::from(u32::from_le_bytes(n));
+                    // A compressed chunk is smaller than its pages, or it would have gone raw.
+                    if zlen == 0 || zlen >= len {
+                        return Err(protocol(format!(
+                            "compressed chunk of {zlen} bytes for {len} bytes at {gpa:#x}"
+                        )));
+                    }
+                    zbuf.resize(zlen as usize, 0);
+                    conn.read_exact(&mut zbuf)
+                        .map_err(MigrationError::io("read"))?;
+                    // SAFETY: as for data below; the slice lives only for this call.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(p, len as usize) };
+                    d.decompress_exact(&zbuf, dst)?;
+                    st.pages += len / PAGE;
+                    st.zstd_pages += len / PAGE;
+                    st.bytes += 4 + zlen;
+                } else if tag == TAG_DATA {
                     match &mut conn {
                         // SAFETY: [p, p+len) is guest memory (located above) of a VM that does
                         // not run yet and that no device reaches: nothing else accesses it, and
