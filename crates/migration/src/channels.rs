@@ -855,6 +855,8 @@ pub(crate) struct Receivers {
 impl Receivers {
     /// Accepts the invited channels and starts receiving into `ram`. A receiver that fails
     /// records why and shuts down the reading side of `main` so the main loop stops too.
+    /// With `compression`, chunks may come compressed.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         listener: TcpListener,
         inv: &Invitation,
