@@ -4,8 +4,10 @@
 //! so each side's peak memory is its own process's.
 //!
 //! What the guests' memory holds (it decides what compression achieves): the `dirty` workload's
-//! working set (a ledger page per 512 pages, data pages with three non-zero words each: very
-//! compressible), and the rest of RAM filled by the bench before the migration, each 4 KiB page
+//! working set (a ledger page per 512 pages; each data page holds its generation, its number
+//! and one pseudo-random 64-bit stamp per write, in a different word each time: a page written
+//! a few times is nearly all zeros and compresses well, one written hundreds of times is mostly
+//! random and does not), and the rest of RAM filled by the bench before the migration, each 4 KiB page
 //! half pseudo-random bytes (unique per page) and half a repeating byte pattern, as a stand-in
 //! for a guest's page cache: about 2:1 for zstd, like typical mixed memory.
 use std::{
@@ -869,8 +871,8 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
              plain receives) with a spinning thread for the guest, run after each migration"
         );
         println!(
-            "  guests: the dirty workload's working set (pages with 3 non-zero words), the rest \
-             of RAM half pseudo-random, half a repeating pattern per page (~2:1 for zstd); the \
+            "  guests: the dirty workload's working set (one random word per write in each \
+             page), the rest of RAM half pseudo-random, half a repeating pattern per page (~2:1 for zstd); the \
              destination is a child `ferry receive` process"
         );
     }
