@@ -36,9 +36,13 @@ pub struct MigrateRequest {
     /// Hash guest RAM at the pause (debug; compare with the destination's).
     #[serde(default)]
     pub debug_hash: bool,
-    /// Cap on the pre-copy sending rate in bytes per second (absent: no cap).
+    /// Cap on the pre-copy sending rate in bytes per second on the wire, all streams together
+    /// (absent: no cap).
     #[serde(default)]
     pub max_bandwidth: Option<u64>,
+    /// Compression of guest memory on the wire: "none" (absent), "zstd" or "zstd:LEVEL".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<migration::Compression>,
     /// Negative control: migrate a passthrough device without reporting the pages it writes
     /// (unsafe: the destination's memory is expected to be corrupt).
     #[serde(default)]

@@ -404,6 +404,7 @@ fn start_migration(
         on_limit: m.on_limit,
         debug_hash: m.debug_hash,
         max_bandwidth: m.max_bandwidth,
+        compress: m.compress.unwrap_or_default(),
         cancel: Some(cancel.clone()),
         streams: m.streams.unwrap_or(migration::source::DEFAULT_STREAMS),
         ..Default::default()

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use guest_abi::Workload;
 
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_compression, parse_duration, parse_size};
 
 /// Ferry: a KVM hypervisor for live migration with passthrough devices and virtualized RDMA
 /// connection management.
@@ -300,10 +300,15 @@ pub struct MigrateArgs {
     /// What to do when the round limit is hit before convergence.
     #[arg(long, value_enum, default_value = "finish")]
     pub on_limit: OnLimit,
-    /// Cap on the pre-copy sending rate, bytes per second (e.g. 100M; default: no cap). The
+    /// Cap on the pre-copy sending rate on the wire, all streams together, in bytes per second
+    /// with binary suffixes (100M = 100 MiB/s, 1G = 1 GiB/s = 1.07 GB/s; default: no cap). The
     /// paused last round is never capped.
     #[arg(long, value_name = "BYTES_PER_S", value_parser = parse_size)]
     pub max_bandwidth: Option<u64>,
+    /// Compress guest memory on the wire for slow links: `zstd` (level 1) or `zstd:LEVEL`
+    /// (-7..19); chunks that do not compress go raw, zero pages stay zero runs.
+    #[arg(long, value_name = "zstd[:LEVEL]", value_parser = parse_compression)]
+    pub compress: Option<migration::Compression>,
     /// Hash guest RAM at the pause (compare with the destination's --debug-hash).
     #[arg(long)]
     pub debug_hash: bool,
@@ -415,6 +420,14 @@ pub struct BenchMigrateArgs {
     /// for the figures).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Adds, per size and load, two plain rows at this --max-bandwidth (bytes per second on
+    /// the wire, 1G = 2^30 B/s): without compression and with --capped-compress ("none":
+    /// no capped rows).
+    #[arg(long, default_value = "1G")]
+    pub capped: String,
+    /// Compression of the second capped row.
+    #[arg(long, default_value = "zstd", value_parser = parse_compression)]
+    pub capped_compress: migration::Compression,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -22,6 +22,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// Parses `--compress`: `zstd`, `zstd:LEVEL` or `none`.
+pub fn parse_compression(s: &str) -> Result<migration::Compression, String> {
+    s.parse()
+}
+
 /// Parses a duration ("5s", "250ms", "1m"); a bare "0" means zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {

@@ -17,13 +17,19 @@
 //! their own: TCP's checksum (plain) or the AEAD tag (TLS) covers them. Each round ends with a
 //! round-end chunk on every channel, and the destination's receivers wait for each other
 //! there, so a page sent again in a later round never lands before its older copy.
+//!
+//! With compression negotiated, a data run may instead go out as a compressed chunk (tag
+//! [`TAG_ZSTD`]): the header's length is the pages' length, and the chunk carries the length
+//! of the zstd frame (u32 LE) and the frame, which the destination decompresses straight into
+//! guest memory, refusing any frame that does not decode to exactly the announced pages. A run
+//! that does not compress goes out raw as without compression; zero pages are zero chunks.
 use std::{
     fs::File,
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd, unix::fs::FileExt},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
@@ -33,6 +39,7 @@ use std::{
 use vmm::memory::GuestRam;
 
 use crate::{
+    compress::{Compressor, Decompressor, TokenBucket},
     error::chain,
     source::CancelToken,
     transport::{self, Conn, Security},
@@ -59,6 +66,8 @@ const TAG_DATA: u32 = 1;
 const TAG_ZERO: u32 = 2;
 const TAG_ROUND_END: u32 = 3;
 const TAG_DONE: u32 = 4;
+/// Pages compressed with zstd: frame length (u32 LE), then the frame.
+const TAG_ZSTD: u32 = 5;
 
 fn encode(gpa: u64, len: u32, tag: u32, round: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -326,28 +335,15 @@ pub(crate) struct RoundStats {
     pub zero: u64,
     pub skipped: u64,
     pub bytes: u64,
-}
-
-/// A cap on the sending rate shared by all channels.
-pub(crate) struct Throttle {
-    pub rate: u64,
-    pub start: Instant,
-    pub sent: AtomicU64,
-}
-
-impl Throttle {
-    fn account(&self, n: u64) {
-        let sent = self.sent.fetch_add(n, Ordering::Relaxed) + n;
-        let due = Duration::from_secs_f64(sent as f64 / self.rate as f64);
-        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
-            std::thread::sleep(wait);
-        }
-    }
+    /// Data pages that went out compressed.
+    pub zstd_pages: u64,
 }
 
 /// The source's data channels.
 pub(crate) struct SourceChannels {
     conns: Vec<DataConn>,
+    /// One compressor per channel when compression was negotiated.
+    codecs: Vec<Option<Compressor>>,
     /// CPU seconds the channel threads used.
     pub cpu_s: f64,
 }
@@ -362,6 +358,7 @@ impl SourceChannels {
         server_name: &str,
         timeout: Duration,
         cancel: Option<&CancelToken>,
+        compression: crate::Compression,
     ) -> Result<SourceChannels> {
         let addr = SocketAddr::new(ip, inv.port);
         let mut conns = Vec::new();
@@ -376,7 +373,14 @@ impl SourceChannels {
             s.conn.flush().map_err(MigrationError::io("write"))?;
             conns.push(from_stream(s));
         }
-        Ok(SourceChannels { conns, cpu_s: 0.0 })
+        let codecs = (0..conns.len())
+            .map(|_| Compressor::new(compression))
+            .collect::<Result<_>>()?;
+        Ok(SourceChannels {
+            conns,
+            codecs,
+            cpu_s: 0.0,
+        })
     }
 
     /// Streams used.
@@ -393,7 +397,7 @@ impl SourceChannels {
         round: u32,
         runs: &[(u64, u64)],
         skip_zero: bool,
-        throttle: Option<&Throttle>,
+        throttle: Option<&TokenBucket>,
         cancel: Option<&CancelToken>,
     ) -> Result<RoundStats> {
         // Work items of at most ITEM_PAGES, handed out in address order.
@@ -429,9 +433,19 @@ impl SourceChannels {
             // channel and the round ends on the others, with no thread to wake up.
             let cpu = crate::cpu::ThreadCpu::start();
             let mut out = Vec::new();
-            for conn in self.conns.iter_mut() {
+            for (conn, codec) in self.conns.iter_mut().zip(&mut self.codecs) {
                 let r = send_items(
-                    conn, ram, &memfd, round, &items, &groups, &next, skip_zero, throttle, cancel,
+                    conn,
+                    codec.as_mut(),
+                    ram,
+                    &memfd,
+                    round,
+                    &items,
+                    &groups,
+                    &next,
+                    skip_zero,
+                    throttle,
+                    cancel,
                     &failed,
                 );
                 let stop = r.is_err();
@@ -449,14 +463,25 @@ impl SourceChannels {
                 let handles: Vec<_> = self
                     .conns
                     .iter_mut()
-                    .map(|conn| {
+                    .zip(&mut self.codecs)
+                    .map(|(conn, codec)| {
                         let (items, groups, next, failed, memfd) =
                             (&items, &groups, &next, &failed, &memfd);
                         s.spawn(move || {
                             let cpu = crate::cpu::ThreadCpu::start();
                             let r = send_items(
-                                conn, ram, memfd, round, items, groups, next, skip_zero, throttle,
-                                cancel, failed,
+                                conn,
+                                codec.as_mut(),
+                                ram,
+                                memfd,
+                                round,
+                                items,
+                                groups,
+                                next,
+                                skip_zero,
+                                throttle,
+                                cancel,
+                                failed,
                             );
                             if r.is_err() {
                                 failed.store(true, Ordering::SeqCst);
@@ -486,6 +511,7 @@ impl SourceChannels {
                     total.zero += st.zero;
                     total.skipped += st.skipped;
                     total.bytes += st.bytes;
+                    total.zstd_pages += st.zstd_pages;
                     self.cpu_s += cpu;
                 }
                 // The first real cause, not a channel that stopped because another failed.
@@ -685,6 +711,7 @@ unsafe fn sendmsg_all(tcp: &TcpStream, iov: &mut [libc::iovec]) -> std::io::Resu
 #[allow(clippy::too_many_arguments)]
 fn send_items(
     conn: &mut DataConn,
+    mut codec: Option<&mut Compressor>,
     ram: &GuestRam,
     memfd: &File,
     round: u32,
@@ -692,13 +719,14 @@ fn send_items(
     groups: &[std::ops::Range<usize>],
     next: &AtomicUsize,
     skip_zero: bool,
-    throttle: Option<&Throttle>,
+    throttle: Option<&TokenBucket>,
     cancel: Option<&CancelToken>,
     failed: &AtomicBool,
 ) -> Result<RoundStats> {
     let io = MigrationError::io("write");
     let mut st = RoundStats::default();
     let mut out = Gather::new();
+    let mut zbuf = Vec::new();
     loop {
         if cancel.is_some_and(|c| c.is_cancelled()) || failed.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
@@ -737,6 +765,45 @@ fn send_items(
                         st.zero += n;
                         st.bytes += HEADER as u64;
                     }
+                } else if let Some(codec) = codec.as_deref_mut() {
+                    // The kernel copies the pages out of the memfd (no read of guest memory
+                    // through a Rust reference); they go out compressed when that is smaller,
+                    // after what is queued (chunks stay in order).
+                    out.flush(conn).map_err(MigrationError::io("write"))?;
+                    zbuf.resize(len as usize, 0);
+                    memfd
+                        .read_exact_at(&mut zbuf, foff + i * PAGE)
+                        .map_err(MigrationError::io("read guest memory"))?;
+                    let wire_len = match codec.compress(&zbuf) {
+                        Some(z) => {
+                            let mut chunk = Vec::with_capacity(HEADER + 4 + z.len());
+                            chunk.extend_from_slice(&encode(g, len as u32, TAG_ZSTD, round));
+                            chunk.extend_from_slice(&(z.len() as u32).to_le_bytes());
+                            chunk.extend_from_slice(z);
+                            if let Some(t) = throttle {
+                                t.take(chunk.len() as u64);
+                            }
+                            conn.write_all(&chunk)
+                                .map_err(MigrationError::io("write"))?;
+                            st.zstd_pages += n;
+                            chunk.len() as u64
+                        }
+                        None => {
+                            if let Some(t) = throttle {
+                                t.take(HEADER as u64 + len);
+                            }
+                            let h = encode(g, len as u32, TAG_DATA, round);
+                            if let DataConn::Plain(tcp) = conn {
+                                send_header(tcp, &h).map_err(MigrationError::io("write"))?;
+                            } else {
+                                conn.write_all(&h).map_err(MigrationError::io("write"))?;
+                            }
+                            conn.write_all(&zbuf).map_err(MigrationError::io("write"))?;
+                            HEADER as u64 + len
+                        }
+                    };
+                    st.data += n;
+                    st.bytes += wire_len;
                 } else {
                     let h = encode(g, len as u32, TAG_DATA, round);
                     // SAFETY: page i of the item, inside the mapping (as above).
@@ -751,8 +818,9 @@ fn send_items(
             }
         }
         if let Some(t) = throttle {
+            // Uncompressed chunks are paced per group: sent, then the bucket's wait.
             out.flush(conn).map_err(MigrationError::io("write"))?;
-            t.account(group_bytes);
+            t.take(group_bytes);
         }
     }
     out.header(conn, encode(0, 0, TAG_ROUND_END, round))
@@ -944,6 +1012,8 @@ pub(crate) struct RecvStats {
     pub zero_pages: u64,
     pub bytes: u64,
     pub cpu_s: f64,
+    /// Pages that arrived compressed.
+    pub zstd_pages: u64,
 }
 
 /// The destination's receivers, one thread per data channel, and the populating thread.
@@ -963,6 +1033,8 @@ pub(crate) struct Receivers {
 impl Receivers {
     /// Accepts the invited channels and starts receiving into `ram`. A receiver that fails
     /// records why and shuts down the reading side of `main` so the main loop stops too.
+    /// With `compression`, chunks may come compressed.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         listener: TcpListener,
         inv: &Invitation,
@@ -971,6 +1043,7 @@ impl Receivers {
         main: &TcpStream,
         handshake_timeout: Duration,
         timeout: Duration,
+        compression: bool,
     ) -> Result<Receivers> {
         let (conns, refused) = accept_channels(
             &listener,
@@ -1001,7 +1074,9 @@ impl Receivers {
                 .name(format!("migration-rx{i}"))
                 .spawn(move || {
                     let cpu = crate::cpu::ThreadCpu::start();
-                    let r = receive_channel(conn, &ram, &barrier, timeout);
+                    let r = Decompressor::new().and_then(|d| {
+                        receive_channel(conn, &ram, &barrier, timeout, compression.then_some(d))
+                    });
                     if let Err(e) = &r {
                         barrier.fail();
                         let mut slot = error.lock().unwrap_or_else(|p| p.into_inner());
@@ -1100,6 +1175,7 @@ impl Receivers {
                     total.zero_pages += st.zero_pages;
                     total.bytes += st.bytes;
                     total.cpu_s += st.cpu_s;
+                    total.zstd_pages += st.zstd_pages;
                 }
                 Ok(Err(e)) => {
                     first.get_or_insert(e);
@@ -1136,9 +1212,11 @@ fn receive_channel(
     ram: &GuestRam,
     barrier: &RoundBarrier,
     timeout: Duration,
+    mut zstd: Option<Decompressor>,
 ) -> Result<RecvStats> {
     let protocol = |m: String| MigrationError::Protocol(m);
     let mut st = RecvStats::default();
+    let mut zbuf = Vec::new();
     let mut last_round: Option<u32> = None;
     loop {
         let mut h = [0u8; HEADER];
@@ -1156,13 +1234,38 @@ fn receive_channel(
         }
         let len = u64::from(len);
         match tag {
-            TAG_DATA | TAG_ZERO => {
+            TAG_DATA | TAG_ZERO | TAG_ZSTD => {
                 if len == 0 || len % PAGE != 0 || gpa % PAGE != 0 || len > MAX_CHUNK {
                     return Err(protocol(format!("chunk of {len} bytes at {gpa:#x}")));
                 }
                 let (p, _) = locate(ram, gpa, len)
                     .ok_or_else(|| protocol(format!("{len} bytes at {gpa:#x} are not in RAM")))?;
-                if tag == TAG_DATA {
+                if tag == TAG_ZSTD {
+                    let Some(d) = zstd.as_mut() else {
+                        return Err(protocol(
+                            "compressed chunk, but compression was not negotiated".into(),
+                        ));
+                    };
+                    let mut n = [0u8; 4];
+                    conn.read_exact(&mut n)
+                        .map_err(MigrationError::io("read"))?;
+                    let zlen = u64::from(u32::from_le_bytes(n));
+                    // A compressed chunk is smaller than its pages, or it would have gone raw.
+                    if zlen == 0 || zlen >= len {
+                        return Err(protocol(format!(
+                            "compressed chunk of {zlen} bytes for {len} bytes at {gpa:#x}"
+                        )));
+                    }
+                    zbuf.resize(zlen as usize, 0);
+                    conn.read_exact(&mut zbuf)
+                        .map_err(MigrationError::io("read"))?;
+                    // SAFETY: as for data below; the slice lives only for this call.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(p, len as usize) };
+                    d.decompress_exact(&zbuf, dst)?;
+                    st.pages += len / PAGE;
+                    st.zstd_pages += len / PAGE;
+                    st.bytes += 4 + zlen;
+                } else if tag == TAG_DATA {
                     match &mut conn {
                         // SAFETY: [p, p+len) is guest memory (located above) of a VM that does
                         // not run yet and that no device reaches: nothing else accesses it, and

@@ -48,6 +48,9 @@ pub struct DestinationOptions {
     pub security: Security,
     /// Connections in their handshake at once; more are closed at once.
     pub max_pending: usize,
+    /// Accept a source that asks to send memory compressed (zstd); when false it is refused
+    /// in the handshake.
+    pub accept_compression: bool,
 }
 
 impl Default for DestinationOptions {
@@ -62,6 +65,7 @@ impl Default for DestinationOptions {
             devices: Vec::new(),
             security: Security::Plain,
             max_pending: 8,
+            accept_compression: true,
         }
     }
 }
@@ -159,6 +163,13 @@ fn check_config(cfg: &MigrationConfig, opts: &DestinationOptions) -> Result<()> 
             "{} vCPUs asked; this destination takes 1 to {}",
             cfg.vcpus, opts.max_vcpus
         )));
+    }
+    if cfg.zstd && !opts.accept_compression {
+        return Err(limit(
+            "the source asks to send memory compressed (zstd); this destination does not accept \
+             compression"
+                .into(),
+        ));
     }
     let mut seen = BTreeSet::new();
     for name in &cfg.devices {
@@ -425,18 +436,26 @@ pub(crate) fn run(
             main,
             opts.handshake_timeout,
             opts.timeout,
+            cfg.zstd,
         )?);
         if let Some(n) = receivers.as_ref().map(|r| r.refused).filter(|&n| n > 0) {
             tracing::warn!(refused = n, "strangers refused on the data channel port");
         }
     }
+    report.compressed = cfg.zstd;
+    let mut zstd = if cfg.zstd {
+        Some(crate::compress::Decompressor::new()?)
+    } else {
+        None
+    };
+    let mut unpacked = Vec::new();
     let received = (|| -> Result<()> {
         let mut extents_seen = false;
         loop {
             let kind = wire::recv(reader, &mut buf)?;
             report.bytes += buf.len() as u64 + 12;
             match kind {
-                Kind::Memory if receivers.is_some() => {
+                Kind::Memory | Kind::MemoryZstd if receivers.is_some() => {
                     return Err(protocol(
                         "memory on the main connection while data channels are open".into(),
                     ))
@@ -462,8 +481,18 @@ pub(crate) fn run(
                     }
                     rx.populate(&ram, extents);
                 }
-                Kind::Memory => {
-                    let (_, runs) = wire::parse_memory(&buf, |gpa, len| ram.contains(gpa, len))?;
+                Kind::Memory | Kind::MemoryZstd => {
+                    let payload = if kind == Kind::MemoryZstd {
+                        let d = zstd.as_mut().ok_or_else(|| {
+                            protocol("compressed memory, but compression was not negotiated".into())
+                        })?;
+                        crate::compress::unpack_batch(d, &buf, &mut unpacked)?;
+                        &unpacked
+                    } else {
+                        &buf
+                    };
+                    let (_, runs) = wire::parse_memory(payload, |gpa, len| ram.contains(gpa, len))?;
+                    let mut data_pages = 0;
                     for run in runs {
                         match run {
                             Run::Data { gpa, bytes } => {
@@ -471,6 +500,7 @@ pub(crate) fn run(
                                     dst.copy_from_slice(bytes)
                                 })?;
                                 report.pages += bytes.len() as u64 / PAGE;
+                                data_pages += bytes.len() as u64 / PAGE;
                             }
                             Run::Zero { gpa, pages } => {
                                 let len = u64::from(pages).checked_mul(PAGE).ok_or_else(|| {
@@ -483,6 +513,9 @@ pub(crate) fn run(
                                 report.zero_pages += pages as u64;
                             }
                         }
+                    }
+                    if kind == Kind::MemoryZstd {
+                        report.zstd_pages += data_pages;
                     }
                 }
                 Kind::RoundEnd => {
@@ -557,6 +590,7 @@ pub(crate) fn run(
                         report.zero_pages += st.zero_pages;
                         report.bytes += st.bytes;
                         report.cpu_s += st.cpu_s;
+                        report.zstd_pages += st.zstd_pages;
                     }
                     break;
                 }
@@ -611,7 +645,10 @@ pub(crate) fn run(
         ms = t.elapsed().as_secs_f64() * 1e3,
         "switchover: devices restored"
     );
-    wire::send(reader.get_mut(), Kind::Ready, &hash_ms.to_le_bytes())?;
+    // Ready carries the hashing time and the CPU seconds of this side so far.
+    let mut ready = hash_ms.to_le_bytes().to_vec();
+    ready.extend_from_slice(&(report.cpu_s + cpu.elapsed().as_secs_f64()).to_le_bytes());
+    wire::send(reader.get_mut(), Kind::Ready, &ready)?;
     reader
         .get_mut()
         .flush()

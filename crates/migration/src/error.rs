@@ -73,6 +73,10 @@ pub enum MigrationError {
     /// A value from the stream exceeds a limit this destination set (checked before use).
     #[error("refused: {0}")]
     Limit(String),
+    /// Compressed guest memory that does not decode to exactly what its header announced
+    /// (corrupt, or a decompression bomb): refused before anything past the bound is written.
+    #[error("compressed memory refused: {0}")]
+    Compressed(String),
     /// The migration was cancelled before Go (the VM keeps running on the source).
     #[error("migration cancelled")]
     Cancelled,

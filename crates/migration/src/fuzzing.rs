@@ -110,6 +110,7 @@ pub fn sample_stream() -> crate::Result<Vec<u8>> {
         vcpus: 1,
         devices: vec![DEVICE.into()],
         streams: 0,
+        zstd: false,
     };
     let encode = |e: postcard::Error| crate::MigrationError::Protocol(e.to_string());
     frame(

@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 mod channels;
+pub mod compress;
 pub mod cpu;
 pub mod destination;
 pub mod device;
@@ -24,6 +25,7 @@ pub mod source;
 pub mod transport;
 pub mod wire;
 
+pub use compress::Compression;
 pub use destination::{
     accept, listen, receive, receive_accepted, Accepted, DestinationOptions, Incoming, Strangers,
 };

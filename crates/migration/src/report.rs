@@ -81,6 +81,66 @@ pub struct MigrationReport {
     /// Highest vCPU throttle auto-converge applied, percent (0: never throttled).
     #[serde(default)]
     pub throttle_pct: u32,
+    /// CPU seconds the destination's migration threads used up to Ready (as it reported).
+    #[serde(default)]
+    pub dst_cpu_s: f64,
+    /// Compression of guest memory on the wire ("zstd:LEVEL"), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// Guest bytes of the data pages sent, before compression (`bytes` is what went on the
+    /// wire, headers included).
+    #[serde(default)]
+    pub page_bytes: u64,
+    /// Data pages that went out compressed (the others did not compress and went raw).
+    #[serde(default)]
+    pub zstd_pages: u64,
+    /// The cap on the pre-copy sending rate, bytes per second on the wire, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+}
+
+impl MigrationReport {
+    /// CPU seconds per GiB on the wire of the source's and the destination's migration
+    /// threads.
+    pub fn cpu_s_per_gib(&self) -> (f64, f64) {
+        let gib = (self.bytes.max(1)) as f64 / (1u64 << 30) as f64;
+        (self.cpu_s / gib, self.dst_cpu_s / gib)
+    }
+
+    /// The figures `ferry bench migrate` reports, on a few lines of text (for `ferry migrate`
+    /// and the demo): rate, downtime, streams, bytes on the wire against guest bytes, CPU per
+    /// GiB on each side, vCPU throttle, cap.
+    pub fn figures(&self) -> Vec<String> {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let (src, dst) = self.cpu_s_per_gib();
+        let mut wire = format!(
+            "{:.1} MiB on the wire for {:.1} MiB of guest pages",
+            mib(self.bytes),
+            mib(self.page_bytes)
+        );
+        if let Some(c) = &self.compression {
+            wire.push_str(&format!(
+                " ({c}: x{:.2}, {} of {} pages compressed)",
+                self.page_bytes as f64 / self.bytes.max(1) as f64,
+                self.zstd_pages,
+                self.page_bytes / 4096
+            ));
+        }
+        vec![
+            format!(
+                "rate {:.0} MB/s, downtime {:.1} ms, {} stream(s), {}",
+                self.bandwidth_mbps, self.downtime_ms, self.streams, wire
+            ),
+            format!(
+                "CPU s/GiB: source {src:.3}, destination {dst:.3}; vCPU throttle {}%; cap {}",
+                self.throttle_pct,
+                match self.max_bandwidth {
+                    Some(r) => format!("{:.0} MB/s", r as f64 / 1e6),
+                    None => "none".into(),
+                }
+            ),
+        ]
+    }
 }
 
 /// The destination's report.
@@ -110,6 +170,12 @@ pub struct ReceiveReport {
     /// CPU seconds the migration's own threads used on the destination.
     #[serde(default)]
     pub cpu_s: f64,
+    /// True when the source sent memory compressed.
+    #[serde(default)]
+    pub compressed: bool,
+    /// Pages that arrived compressed.
+    #[serde(default)]
+    pub zstd_pages: u64,
 }
 
 /// Progress of a running migration, for progress bars and API clients.

@@ -198,10 +198,15 @@ pub struct SourceOptions {
     pub debug_hash: bool,
     /// Bound on connecting and on every wait for the destination.
     pub timeout: Duration,
-    /// Cap on the pre-copy rounds' sending rate in bytes per second (`None`: as fast as the
-    /// network goes). The paused round is never throttled: it is the downtime.
+    /// Cap on the pre-copy rounds' sending rate in bytes per second on the wire, all streams
+    /// together (a token bucket; `None`: as fast as the network goes). The paused round is
+    /// never throttled: it is the downtime.
     #[serde(default)]
     pub max_bandwidth: Option<u64>,
+    /// Compression of guest memory on the wire (asked for in the configuration; a destination
+    /// that does not accept it refuses the migration).
+    #[serde(default)]
+    pub compress: crate::Compression,
     /// TLS or plain TCP.
     #[serde(skip)]
     pub security: Security,
@@ -238,6 +243,7 @@ impl Default for SourceOptions {
             debug_hash: false,
             timeout: Duration::from_secs(30),
             max_bandwidth: None,
+            compress: crate::Compression::None,
             security: Security::Plain,
             tls_server_name: None,
             allow_insecure: false,
@@ -258,6 +264,9 @@ pub struct MigrationConfig {
     pub devices: Vec<String>,
     /// Data channels the source asks for (0: memory on the main connection).
     pub streams: u32,
+    /// Memory may come compressed (zstd chunks on the data channels, `MemoryZstd` messages
+    /// on the main connection).
+    pub zstd: bool,
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -273,12 +282,16 @@ struct Sender<'a> {
     cancel: Option<Arc<CancelToken>>,
     ram: &'a GuestRam,
     bytes: u64,
-    /// The bandwidth cap while it applies: (bytes per second, start, bytes sent since).
-    throttle: Option<(u64, Instant, u64)>,
+    /// The bandwidth cap of all streams while it applies.
+    throttle: Option<crate::compress::TokenBucket>,
     /// The data channels, once open.
     channels: Option<crate::channels::SourceChannels>,
-    /// The cap for the data channels while it applies.
-    chan_throttle: Option<crate::channels::Throttle>,
+    /// Compresses memory messages on the main connection, when asked.
+    codec: Option<crate::compress::Compressor>,
+    /// Guest bytes of the data pages sent (before compression), and the pages that went
+    /// compressed.
+    page_bytes: u64,
+    zstd_pages: u64,
     /// Where the main connection went and the name its certificate carries.
     peer: std::net::SocketAddr,
     name: String,
@@ -292,16 +305,29 @@ impl Sender<'_> {
         wire::send(&mut self.out, kind, payload)?;
         let n = payload.len() as u64 + 12;
         self.bytes += n;
-        if let Some((rate, start, sent)) = &mut self.throttle {
-            *sent += n;
-            let due = Duration::from_secs_f64(*sent as f64 / *rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
+        if let Some(t) = &self.throttle {
+            let wait = t.reserve(n);
+            if !wait.is_zero() {
                 // What is buffered goes out first, so the wire sees the capped rate.
                 self.out.flush().map_err(MigrationError::io("write"))?;
                 std::thread::sleep(wait);
             }
         }
         Ok(())
+    }
+
+    /// Sends a memory message, compressed when that was asked for and makes it smaller.
+    fn send_memory(&mut self, payload: &[u8], data_pages: u64) -> Result<()> {
+        self.page_bytes += data_pages * PAGE;
+        if let Some(z) = self
+            .codec
+            .as_mut()
+            .and_then(|c| crate::compress::pack_batch(c, payload))
+        {
+            self.zstd_pages += data_pages;
+            return self.send(Kind::MemoryZstd, &z);
+        }
+        self.send(Kind::Memory, payload)
     }
 
     /// Sends `runs` of pages over the data channels if open, else over the main connection;
@@ -318,10 +344,12 @@ impl Sender<'_> {
                 round,
                 runs,
                 skip_zero,
-                self.chan_throttle.as_ref(),
+                self.throttle.as_ref(),
                 self.cancel.as_deref(),
             )?;
             self.bytes += st.bytes;
+            self.page_bytes += st.data * PAGE;
+            self.zstd_pages += st.zstd_pages;
             return Ok((st.data, st.zero, st.skipped));
         }
         let all = runs
@@ -340,6 +368,7 @@ impl Sender<'_> {
         let (mut data, mut zero, mut skipped) = (0, 0, 0);
         let mut batch = MemoryBatch::new(round);
         let mut zero_run: Option<(u64, u32)> = None;
+        let mut in_batch = 0;
         for gpa in pages {
             // A racy snapshot is what pre-copy wants: a page the guest writes while it is
             // copied is dirty again and goes out in a later round (or the paused one). It is
@@ -367,21 +396,23 @@ impl Sender<'_> {
                 };
             } else {
                 data += 1;
+                in_batch += 1;
                 batch.push_page(gpa, page);
             }
             if batch.is_full() {
                 if let Some((start, n)) = zero_run.take() {
                     batch.push_zero(start, n);
                 }
-                self.send(Kind::Memory, batch.finish())?;
+                self.send_memory(batch.finish(), in_batch)?;
                 batch = MemoryBatch::new(round);
+                in_batch = 0;
             }
         }
         if let Some((start, n)) = zero_run.take() {
             batch.push_zero(start, n);
         }
         if !batch.is_empty() {
-            self.send(Kind::Memory, batch.finish())?;
+            self.send_memory(batch.finish(), in_batch)?;
         }
         Ok((data, zero, skipped))
     }
@@ -554,9 +585,11 @@ pub fn migrate(
         throttle: opts
             .max_bandwidth
             .filter(|&r| r > 0)
-            .map(|r| (r, Instant::now(), 0)),
+            .map(crate::compress::TokenBucket::new),
         channels: None,
-        chan_throttle: None,
+        codec: None,
+        page_bytes: 0,
+        zstd_pages: 0,
         peer: addr,
         name,
     };
@@ -649,6 +682,7 @@ fn run(
         vcpus: 1,
         devices: devices.iter().map(|d| d.name()).collect(),
         streams: opts.streams.min(crate::channels::MAX_STREAMS),
+        zstd: opts.compress.is_on(),
     };
     let cfg =
         postcard::to_allocvec(&config).map_err(|e| MigrationError::Encoding(e.to_string()))?;
@@ -670,16 +704,11 @@ fn run(
             &tx.name,
             opts.timeout,
             tx.cancel.as_deref(),
+            opts.compress,
         )?;
-        tx.chan_throttle =
-            opts.max_bandwidth
-                .filter(|&r| r > 0)
-                .map(|rate| crate::channels::Throttle {
-                    rate,
-                    start: Instant::now(),
-                    sent: Default::default(),
-                });
         tx.channels = Some(ch);
+    } else {
+        tx.codec = crate::compress::Compressor::new(opts.compress)?;
     }
 
     for (i, d) in devices.iter_mut().enumerate() {
@@ -696,6 +725,8 @@ fn run(
         destination: to.to_string(),
         ram_bytes: ram.size(),
         downtime_target_ms: ms(opts.downtime),
+        compression: opts.compress.is_on().then(|| opts.compress.to_string()),
+        max_bandwidth: opts.max_bandwidth.filter(|&r| r > 0),
         ..Default::default()
     };
     let mut prog = Progress {
@@ -824,7 +855,6 @@ fn run(
     throttle.halt();
     prog.throttle_pct = 0;
     tx.throttle = None;
-    tx.chan_throttle = None;
     prog.phase = "switchover".into();
     progress(&prog);
     let mut pause_at = Instant::now();
@@ -916,13 +946,18 @@ fn run(
     tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: state sent");
     expect(tx.out.get_mut(), Kind::Ready, &mut buf)?;
     tracing::debug!(at_ms = ms(pause_at.elapsed()), "switchover: Ready");
-    // Ready carries the destination's own hashing time (f64 ms; empty from a peer without).
-    if let Ok(b) = <[u8; 8]>::try_from(buf.as_slice()) {
-        let peer = f64::from_le_bytes(b);
-        if peer.is_finite() && peer >= 0.0 {
-            report.debug_hash_ms += peer;
-        }
+    // Ready carries the destination's own hashing time (f64 ms), then the CPU seconds its
+    // migration threads used so far (f64).
+    let peer_f64 = |at: usize| {
+        buf.get(at..at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(f64::from_le_bytes)
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    if let Some(peer) = peer_f64(0) {
+        report.debug_hash_ms += peer;
     }
+    report.dst_cpu_s = peer_f64(8).unwrap_or(0.0);
     if tx.cancel.as_ref().is_some_and(|c| !c.commit()) {
         return Err(MigrationError::Cancelled);
     }
@@ -949,6 +984,8 @@ fn run(
     report.downtime_ms = (ms(pause_at.elapsed()) - report.debug_hash_ms).max(0.0);
     report.total_ms = ms(start.elapsed());
     report.bytes = tx.bytes;
+    report.page_bytes = tx.page_bytes;
+    report.zstd_pages = tx.zstd_pages;
     report.bandwidth_mbps = tx.bytes as f64 / start.elapsed().as_secs_f64() / 1e6;
     prog.phase = "done".into();
     prog.bytes = tx.bytes;

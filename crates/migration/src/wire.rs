@@ -9,9 +9,11 @@ use crate::{MigrationError, Result};
 /// First bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version spoken here.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest payload accepted (a memory batch is at most about 1 MiB).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// Largest memory message once decompressed (a full batch is about 1.1 MiB).
+pub const MAX_BATCH: u32 = 2 << 20;
 /// Pages per memory message.
 pub const PAGES_PER_BATCH: usize = 256;
 /// Page size on the wire.
@@ -54,6 +56,10 @@ pub enum Kind {
     Sync = 15,
     /// The data channels have taken in every round so far (destination → source).
     Synced = 16,
+    /// A [`Kind::Memory`] payload compressed with zstd (only when the configuration asked for
+    /// compression): its length once decompressed (u32 LE, at most [`MAX_BATCH`]), then the
+    /// zstd frame.
+    MemoryZstd = 17,
 }
 
 impl Kind {
@@ -76,6 +82,7 @@ impl Kind {
             Extents,
             Sync,
             Synced,
+            MemoryZstd,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -342,7 +349,7 @@ mod tests {
         v[8] = 1;
         assert!(matches!(
             check_hello(&v),
-            Err(MigrationError::Version { theirs: 1, ours: 2 })
+            Err(MigrationError::Version { theirs: 1, ours: 3 })
         ));
         assert!(matches!(
             check_hello(b"GET / HTTP/1"),

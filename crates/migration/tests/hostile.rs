@@ -52,11 +52,16 @@ fn fake_source(addr: &str) -> TcpStream {
 }
 
 fn send_config(s: &mut TcpStream, ram_size: u64, vcpus: u32, devices: &[&str]) {
+    send_config_zstd(s, ram_size, vcpus, devices, false);
+}
+
+fn send_config_zstd(s: &mut TcpStream, ram_size: u64, vcpus: u32, devices: &[&str], zstd: bool) {
     let cfg = MigrationConfig {
         ram_size,
         vcpus,
         devices: devices.iter().map(|d| d.to_string()).collect(),
         streams: 0,
+        zstd,
     };
     wire::send(s, Kind::Config, &postcard::to_allocvec(&cfg).unwrap()).unwrap();
 }
@@ -112,6 +117,55 @@ fn configurations_over_the_limits_are_refused_before_anything_is_allocated() {
     let mut s = fake_source(&addr);
     send_config(&mut s, 64 << 20, 1, &[]);
     assert!(abort_reason(&mut s).contains("expects"));
+    assert!(dest.join().unwrap().is_err());
+}
+
+#[test]
+fn compression_is_negotiated_and_a_decompression_bomb_is_refused() {
+    // A destination that does not accept compression says so in the handshake.
+    let (addr, dest) = destination(DestinationOptions {
+        accept_compression: false,
+        ..limits()
+    });
+    let mut s = fake_source(&addr);
+    send_config_zstd(&mut s, 64 << 20, 1, &[], true);
+    let reason = abort_reason(&mut s);
+    assert!(reason.contains("does not accept compression"), "{reason}");
+    assert!(matches!(
+        dest.join().unwrap().unwrap_err(),
+        MigrationError::Limit(_)
+    ));
+
+    // Compressed memory without compression negotiated is refused.
+    let (addr, dest) = destination(limits());
+    let mut s = fake_source(&addr);
+    send_config(&mut s, 64 << 20, 1, &[]);
+    let mut z = 4096u32.to_le_bytes().to_vec();
+    z.extend_from_slice(&zstd::bulk::compress(&[1u8; 4096], 1).unwrap());
+    let _ = wire::send(&mut s, Kind::MemoryZstd, &z);
+    assert!(abort_reason(&mut s).contains("not negotiated"));
+    assert!(dest.join().is_ok());
+
+    // A bomb: a frame that inflates to 256 MiB announced as one batch's worth. The
+    // destination stops at the announced bound and refuses it, with a reason.
+    let (addr, dest) = destination(limits());
+    let mut s = fake_source(&addr);
+    send_config_zstd(&mut s, 64 << 20, 1, &[], true);
+    let mut bomb = (64u32 << 10).to_le_bytes().to_vec();
+    bomb.extend_from_slice(&zstd::bulk::compress(&vec![0u8; 256 << 20], 19).unwrap());
+    let _ = wire::send(&mut s, Kind::MemoryZstd, &bomb);
+    let reason = abort_reason(&mut s);
+    assert!(reason.contains("compressed memory refused"), "{reason}");
+    let err = dest.join().unwrap().unwrap_err();
+    assert!(matches!(err, MigrationError::Compressed(_)), "{err:?}");
+    // And a length over the bound is refused before anything is decoded.
+    let (addr, dest) = destination(limits());
+    let mut s = fake_source(&addr);
+    send_config_zstd(&mut s, 64 << 20, 1, &[], true);
+    let mut huge = u32::MAX.to_le_bytes().to_vec();
+    huge.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd]);
+    let _ = wire::send(&mut s, Kind::MemoryZstd, &huge);
+    assert!(abort_reason(&mut s).contains("announces"));
     assert!(dest.join().unwrap().is_err());
 }
 

@@ -68,6 +68,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<i32> {
         },
         debug_hash: args.debug_hash,
         max_bandwidth: args.max_bandwidth,
+        compress: args.compress,
         unsafe_no_shadow: args.unsafe_no_shadow,
         tls,
         tls_server_name: args.tls_server_name.clone(),
@@ -181,6 +182,9 @@ fn print_human(r: &MigrationReport) {
         r.bytes as f64 / (1 << 20) as f64,
         r.bandwidth_mbps
     );
+    for line in r.figures() {
+        println!("  {line}");
+    }
     if let Some(h) = &r.memory_hash {
         println!("  memory hash at pause {h}");
     }

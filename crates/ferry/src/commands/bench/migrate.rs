@@ -1,17 +1,28 @@
 //! `ferry bench migrate`: live migration over loopback of guests of several sizes under
 //! several dirtying loads, each figure against raw loopback TCP bandwidth measured in the same
-//! run.
+//! run. The source runs in this process; the destination is a child `ferry receive` process,
+//! so each side's peak memory is its own process's.
+//!
+//! What the guests' memory holds (it decides what compression achieves): the `dirty` workload's
+//! working set (a ledger page per 512 pages; each data page holds its generation, its number
+//! and one pseudo-random 64-bit stamp per write, in a different word each time: a page written
+//! a few times is nearly all zeros and compresses well, one written hundreds of times is mostly
+//! random and does not), and the rest of RAM filled by the bench before the migration, each 4 KiB page
+//! half pseudo-random bytes (unique per page) and half a repeating byte pattern, as a stand-in
+//! for a guest's page cache: about 2:1 for zstd, like typical mixed memory.
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
 use guest_abi::{layout::WORK_BASE, Workload, WorkloadArgs};
-use migration::{DestinationOptions, LimitPolicy, NoDevices, SourceOptions};
+use migration::{Compression, LimitPolicy, SourceOptions};
 use serde::Serialize;
-use vmm::{devices::serial::ConsoleSink, Vm, VmConfig, VmOutcome};
+use vmm::{devices::serial::ConsoleSink, Vm, VmConfig};
 
 use crate::cli::BenchMigrateArgs;
 
@@ -71,9 +82,14 @@ struct Sample {
     streams: u32,
     src_cpu_s: f64,
     dst_cpu_s: f64,
-    /// The bench process's peak resident memory during the migration (both sides).
-    peak_rss_bytes: u64,
+    /// Peak resident memory of the source (this process, VmHWM reset before the migration)
+    /// and of the destination (the `ferry receive` child's maximum RSS), bytes.
+    peak_src_bytes: u64,
+    peak_dst_bytes: u64,
     throttle_pct: u32,
+    /// Guest bytes of the data pages sent (before compression) and pages sent compressed.
+    page_bytes: u64,
+    zstd_pages: u64,
     ledger_ok: bool,
 }
 
@@ -90,6 +106,11 @@ struct Row {
     load: String,
     /// "plain" or "tls".
     transport: String,
+    /// The bandwidth cap of this row, bytes per second on the wire (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_bandwidth: Option<u64>,
+    /// "zstd:LEVEL" or "none".
+    compression: String,
     working_set_mib: u64,
     runs: usize,
     /// TCP connections that carried guest memory.
@@ -101,8 +122,25 @@ struct Row {
     /// Highest vCPU throttle auto-converge applied in any run, percent.
     throttle_pct: u32,
     sent_mib: f64,
+    /// Guest bytes of the data pages sent (before compression), MiB (median).
+    guest_page_mib: f64,
+    /// Bytes on the wire over guest page bytes (below 1 with compression).
+    wire_vs_guest: Stat,
+    /// Data pages that went out compressed, share of all data pages (median).
+    zstd_page_share: f64,
     /// Sent bytes over total time, MB/s (10^6 bytes).
     bandwidth_mbps: Stat,
+    /// Guest page bytes (before compression) over total time, MB/s: what the link carried
+    /// in guest terms.
+    guest_mbps: Stat,
+    /// CPU seconds per GiB of guest pages on each side (with compression the fair measure:
+    /// the per-GiB-on-the-wire figures grow as the wire shrinks).
+    src_cpu_s_per_guest_gib: Stat,
+    dst_cpu_s_per_guest_gib: Stat,
+    /// For capped rows: the rate over the cap (the whole migration, setup and the uncapped
+    /// paused round included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vs_cap: Option<Stat>,
     /// The floor's rate over the same bytes and connections, interleaved with the migrations.
     floor_mbps: Stat,
     /// Each migration's rate over the floor run next to it.
@@ -118,9 +156,13 @@ struct Row {
     /// Source CPU over the floor sender's, destination CPU over the floor receiver's (medians).
     src_cpu_vs_floor: f64,
     dst_cpu_vs_floor: f64,
-    /// Peak resident memory (VmHWM) of the bench process during the migration: source and
-    /// destination together (both sides run in this one process), MiB.
-    peak_rss_both_sides_mib: Stat,
+    /// Peak resident memory of each side, MiB: the source (this process's VmHWM, reset
+    /// before the migration) and the destination (the child `ferry receive`'s maximum RSS).
+    peak_src_mib: Stat,
+    peak_dst_mib: Stat,
+    /// Each side's peak over the budget of guest RAM + 64 MiB (at most 1 is the target).
+    peak_src_vs_budget: Stat,
+    peak_dst_vs_budget: Stat,
     /// For TLS rows: this row's bandwidth over the plain row's of the same size and load.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_vs_plain_bandwidth: Option<f64>,
@@ -274,14 +316,22 @@ fn rate(load: &str) -> anyhow::Result<u64> {
 }
 
 /// Fills the RAM the workload does not use with non-zero data, as a guest's page cache would,
-/// so that round 0 has real work.
+/// so that round 0 has real work: each page half pseudo-random (unique per page), half a
+/// repeating pattern (about 2:1 for zstd).
 fn fill_unused(vm: &Vm, working_set: u64) -> anyhow::Result<()> {
     let used = WORK_BASE + working_set + working_set / 512 + (4 << 20);
     let start = used.next_multiple_of(2 << 20);
-    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
+    let mut page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for r in vm.ram().regions() {
         let mut gpa = r.gpa.max(start);
         while gpa + 4096 <= r.gpa + r.size {
+            for w in page[..2048].chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
             vm.ram().write(gpa, &page)?;
             gpa += 4096;
         }
@@ -519,12 +569,166 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn one(
-    ram: u64,
-    load: &str,
-    security: &migration::Security,
-    args: &BenchMigrateArgs,
-) -> anyhow::Result<Sample> {
+/// How a row migrates: the transport, and the cap and compression (the capped rows).
+#[derive(Clone, Copy)]
+struct Mode<'a> {
+    security: &'a migration::Security,
+    tls: Option<&'a migration::TlsFiles>,
+    max_bandwidth: Option<u64>,
+    compress: Compression,
+}
+
+/// What the destination child says on stderr.
+enum ChildLine {
+    Listening(String),
+    Verified,
+}
+
+/// The destination: a child `ferry receive` process.
+struct Destination {
+    child: std::process::Child,
+    addr: String,
+    events: mpsc::Receiver<ChildLine>,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Destination {
+    /// Starts `ferry receive` on a loopback port for a guest of `ram` bytes; it verifies the
+    /// guest's ledger as soon as the VM runs there.
+    fn spawn(ram: u64, tls: Option<&migration::TlsFiles>) -> anyhow::Result<Destination> {
+        let exe = std::env::current_exe().context("finding the ferry binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["receive", "--listen", "127.0.0.1:0", "--serial", "off"])
+            .args(["--memory", &ram.to_string()])
+            .args(["--verify-after", "0s", "--accept-timeout", "120s"])
+            .args(["--timeout", "900s", "--json"])
+            .env("RUST_LOG", "warn,control::supervisor=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(f) = tls {
+            cmd.arg("--tls-cert")
+                .arg(&f.cert)
+                .arg("--tls-key")
+                .arg(&f.key)
+                .arg("--tls-ca")
+                .arg(&f.ca);
+        }
+        let mut child = cmd.spawn().context("starting ferry receive")?;
+        let err = child.stderr.take().context("child stderr")?;
+        let mut out = child.stdout.take().context("child stdout")?;
+        let (tx, events) = mpsc::channel();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("ferry: waiting for a migration on ") {
+                    let _ = tx.send(ChildLine::Listening(a.trim().to_string()));
+                } else if line.contains("ledger verification finished") {
+                    let _ = tx.send(ChildLine::Verified);
+                }
+                let mut l = lines.lock().unwrap_or_else(|e| e.into_inner());
+                if l.len() < 200 {
+                    l.push(line);
+                }
+            }
+        });
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let mut d = Destination {
+            child,
+            addr: String::new(),
+            events,
+            stderr,
+            stdout: Some(stdout),
+        };
+        match d.events.recv_timeout(Duration::from_secs(60)) {
+            Ok(ChildLine::Listening(a)) => d.addr = a,
+            _ => bail!("ferry receive did not start listening: {}", d.said()),
+        }
+        Ok(d)
+    }
+
+    /// What the child wrote on stderr.
+    fn said(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join(" | ")
+    }
+
+    /// Waits for the ledger verification, stops the child and reaps it: (its report, its
+    /// maximum resident memory in bytes).
+    fn finish(mut self) -> anyhow::Result<(serde_json::Value, u64)> {
+        let verified = matches!(
+            self.events.recv_timeout(Duration::from_secs(120)),
+            Ok(ChildLine::Verified)
+        );
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signals the child this struct started and has not reaped yet.
+        unsafe {
+            libc::kill(
+                pid,
+                if verified {
+                    libc::SIGTERM
+                } else {
+                    libc::SIGKILL
+                },
+            )
+        };
+        let (status, maxrss) = reap(pid)?;
+        let out = self.stdout.take().map(|h| h.join().unwrap_or_default());
+        let report = out
+            .as_deref()
+            .and_then(|o| o.lines().rev().find(|l| l.starts_with('{')))
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(serde_json::Value::Null);
+        if !verified {
+            bail!(
+                "the destination never verified the guest's ledger (exit status {status}): {}",
+                self.said()
+            );
+        }
+        Ok((report, maxrss))
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        if self.stdout.is_some() {
+            // Not finished (a failed migration): end the child.
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: signals and reaps the child this struct started, not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = reap(pid);
+        }
+    }
+}
+
+/// Waits for child `pid` to end: (wait status, its maximum resident memory in bytes).
+fn reap(pid: libc::pid_t) -> anyhow::Result<(i32, u64)> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 on our own child with valid pointers to locals.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            return Ok((status, (ru.ru_maxrss.max(0) as u64) * 1024));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).context("waiting for ferry receive");
+        }
+    }
+}
+
+fn one(ram: u64, load: &str, mode: Mode<'_>, args: &BenchMigrateArgs) -> anyhow::Result<Sample> {
     let working_set = (ram / 4).min(1 << 30);
     let config = VmConfig {
         ram_size: ram,
@@ -544,50 +748,35 @@ fn one(
     vm.start()?;
     std::thread::sleep(Duration::from_millis(500));
 
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?.to_string();
-    let dest_config = config.clone();
-    let dest_opts = DestinationOptions {
-        security: security.clone(),
-        ..Default::default()
-    };
-    reset_peak_rss();
-    let dest = std::thread::spawn(move || -> anyhow::Result<(Vm, migration::ReceiveReport)> {
-        let (stream, _) = listener.accept()?;
-        let inc = migration::receive(stream, &dest_config, &dest_opts, &mut NoDevices)
-            .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?;
-        Ok((inc.vm, inc.report))
-    });
+    let dest = Destination::spawn(ram, mode.tls)?;
     let opts = SourceOptions {
-        security: security.clone(),
+        security: mode.security.clone(),
         downtime: Duration::from_millis(args.downtime_ms),
         max_rounds: args.max_rounds,
         on_limit: LimitPolicy::Finish,
+        max_bandwidth: mode.max_bandwidth,
+        compress: mode.compress,
         ..Default::default()
     };
-    let report = migration::migrate(&vm, &mut [], &addr, &opts, &mut |_| {})
+    reset_peak_rss();
+    let report = migration::migrate(&vm, &mut [], &dest.addr, &opts, &mut |_| {})
         .map_err(|e| anyhow::anyhow!(migration::chain(&e)))
-        .with_context(|| format!("migrating {} MiB / {load}", ram >> 20))?;
-    let (dvm, dreport) = dest
-        .join()
-        .map_err(|_| anyhow::anyhow!("destination thread panicked"))??;
-    let (_, peak) = rss();
+        .with_context(|| {
+            format!(
+                "migrating {} MiB / {load} (destination said: {})",
+                ram >> 20,
+                dest.said()
+            )
+        })?;
+    let (_, peak_src) = rss();
     drop(vm);
-    // the guest must be intact on the destination
-    let req = dvm.mailbox().request_verify()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ok = loop {
-        if let Some(r) = dvm.mailbox().verify_result(req)? {
-            break r.status == 0;
-        }
-        if Instant::now() > deadline
-            || matches!(dvm.wait(Some(Duration::ZERO)), Some(VmOutcome::Crashed(_)))
-        {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    dvm.stop("bench over")?;
+    // The guest must be intact on the destination: its ledger verified there.
+    let (dreport, peak_dst) = dest.finish()?;
+    let verifications = dreport["verifications"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let ok = !verifications.is_empty() && verifications.iter().all(|v| v["status"] == 0);
     Ok(Sample {
         total_ms: report.total_ms,
         downtime_ms: report.downtime_ms,
@@ -596,32 +785,41 @@ fn one(
         sent_bytes: report.bytes,
         streams: report.streams,
         src_cpu_s: report.cpu_s,
-        dst_cpu_s: dreport.cpu_s,
-        peak_rss_bytes: peak,
+        dst_cpu_s: dreport["incoming"]["cpu_s"]
+            .as_f64()
+            .unwrap_or(report.dst_cpu_s),
+        peak_src_bytes: peak_src,
+        peak_dst_bytes: peak_dst,
         throttle_pct: report.throttle_pct,
+        page_bytes: report.page_bytes,
+        zstd_pages: report.zstd_pages,
         ledger_ok: ok,
     })
 }
 
-/// The runs of one row, each migration followed by a floor run over the same bytes.
+/// The runs of one row, each migration followed by a floor run over the same bytes (not for
+/// the capped rows: their floor is the cap).
 fn row(
     ram: u64,
     load: &str,
-    security: &migration::Security,
+    mode: Mode<'_>,
     args: &BenchMigrateArgs,
     raw: f64,
 ) -> anyhow::Result<Row> {
     const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
     let mut samples = Vec::new();
     let mut floors = Vec::new();
     let mut tls_floors = Vec::new();
     for _ in 0..args.runs.max(1) {
-        let s = one(ram, load, security, args)?;
-        let bytes = s.sent_bytes.next_multiple_of(4096);
-        let src = floor_source(bytes)?;
-        floors.push(floor_once(&src, bytes, s.streams)?);
-        if security.is_tls() {
-            tls_floors.push(tls_floor::once(&src, bytes, s.streams, security)?);
+        let s = one(ram, load, mode, args)?;
+        if mode.max_bandwidth.is_none() {
+            let bytes = s.sent_bytes.next_multiple_of(4096);
+            let src = floor_source(bytes)?;
+            floors.push(floor_once(&src, bytes, s.streams)?);
+            if mode.security.is_tls() {
+                tls_floors.push(tls_floor::once(&src, bytes, s.streams, mode.security)?);
+            }
         }
         samples.push(s);
     }
@@ -635,10 +833,18 @@ fn row(
     let frecv = Stat::of(pairs().map(|(s, f)| f.recv_cpu_s / gib(s)));
     let bw = Stat::of(samples.iter().map(rate));
     let working_set = (ram / 4).min(1 << 30);
+    let budget = (ram + (64 << 20)) as f64;
     Ok(Row {
         ram_mib: ram >> 20,
         load: load.to_string(),
-        transport: if security.is_tls() { "tls" } else { "plain" }.into(),
+        transport: if mode.security.is_tls() {
+            "tls"
+        } else {
+            "plain"
+        }
+        .into(),
+        max_bandwidth: mode.max_bandwidth,
+        compression: mode.compress.to_string(),
         working_set_mib: working_set >> 20,
         runs: samples.len(),
         streams: samples.iter().map(|s| s.streams).max().unwrap_or(1),
@@ -647,8 +853,38 @@ fn row(
         rounds: samples.iter().map(|s| s.rounds).max().unwrap_or(0),
         hit_round_limit: samples.iter().any(|s| s.hit_round_limit),
         throttle_pct: samples.iter().map(|s| s.throttle_pct).max().unwrap_or(0),
-        sent_mib: Stat::of(samples.iter().map(|s| s.sent_bytes as f64)).median / (1 << 20) as f64,
+        sent_mib: Stat::of(samples.iter().map(|s| s.sent_bytes as f64)).median / MIB,
+        guest_page_mib: Stat::of(samples.iter().map(|s| s.page_bytes as f64)).median / MIB,
+        wire_vs_guest: Stat::of(
+            samples
+                .iter()
+                .map(|s| s.sent_bytes as f64 / s.page_bytes.max(1) as f64),
+        ),
+        zstd_page_share: Stat::of(
+            samples
+                .iter()
+                .map(|s| s.zstd_pages as f64 * 4096.0 / s.page_bytes.max(1) as f64),
+        )
+        .median,
         bandwidth_mbps: bw,
+        guest_mbps: Stat::of(
+            samples
+                .iter()
+                .map(|s| s.page_bytes as f64 / (s.total_ms / 1000.0) / 1e6),
+        ),
+        src_cpu_s_per_guest_gib: Stat::of(
+            samples
+                .iter()
+                .map(|s| s.src_cpu_s / (s.page_bytes.max(1) as f64 / GIB)),
+        ),
+        dst_cpu_s_per_guest_gib: Stat::of(
+            samples
+                .iter()
+                .map(|s| s.dst_cpu_s / (s.page_bytes.max(1) as f64 / GIB)),
+        ),
+        vs_cap: mode
+            .max_bandwidth
+            .map(|cap| Stat::of(samples.iter().map(|s| rate(s) * 1e6 / cap as f64))),
         floor_mbps: Stat::of(pairs().map(|(s, f)| frate(f, s))),
         vs_floor: Stat::of(pairs().map(|(s, f)| rate(s) / frate(f, s))),
         bandwidth_vs_raw_tcp: bw.median / raw,
@@ -658,11 +894,10 @@ fn row(
         floor_recv_cpu_s_per_gib: frecv,
         src_cpu_vs_floor: src_cpu.median / fsend.median,
         dst_cpu_vs_floor: dst_cpu.median / frecv.median,
-        peak_rss_both_sides_mib: Stat::of(
-            samples
-                .iter()
-                .map(|s| s.peak_rss_bytes as f64 / (1 << 20) as f64),
-        ),
+        peak_src_mib: Stat::of(samples.iter().map(|s| s.peak_src_bytes as f64 / MIB)),
+        peak_dst_mib: Stat::of(samples.iter().map(|s| s.peak_dst_bytes as f64 / MIB)),
+        peak_src_vs_budget: Stat::of(samples.iter().map(|s| s.peak_src_bytes as f64 / budget)),
+        peak_dst_vs_budget: Stat::of(samples.iter().map(|s| s.peak_dst_bytes as f64 / budget)),
         tls_vs_plain_bandwidth: None,
         tls_floor: tls_floor_of(&samples, &tls_floors),
         ledger_ok_on_destination: samples.iter().all(|s| s.ledger_ok),
@@ -676,17 +911,24 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     for l in &args.loads {
         rate(l)?;
     }
+    let capped = match args.capped.as_str() {
+        "none" | "0" | "" => None,
+        c => Some(crate::units::parse_size(c).map_err(|e| anyhow::anyhow!(e))?),
+    };
     let mut transports = Vec::new();
-    let _pki = if args.transports.iter().any(|t| t == "tls") {
+    let pki = if args.transports.iter().any(|t| t == "tls") {
         Some(BenchPki::new().context("making the bench's TLS certificates")?)
     } else {
         None
     };
     for t in &args.transports {
-        transports.push(match (t.as_str(), &_pki) {
-            ("plain", _) => migration::Security::Plain,
-            ("tls", Some(pki)) => migration::Security::from_files(Some(&pki.files))
-                .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?,
+        transports.push(match (t.as_str(), &pki) {
+            ("plain", _) => (migration::Security::Plain, None),
+            ("tls", Some(pki)) => (
+                migration::Security::from_files(Some(&pki.files))
+                    .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?,
+                Some(&pki.files),
+            ),
             (other, _) => bail!("unknown transport {other:?} (plain, tls)"),
         });
     }
@@ -701,18 +943,45 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
             "  floor = the same bytes memfd -> fresh memfd over the same connections (sendfile, \
              plain receives) with a spinning thread for the guest, run after each migration"
         );
+        println!(
+            "  guests: the dirty workload's working set (one random word per write in each \
+             page), the rest of RAM half pseudo-random, half a repeating pattern per page (~2:1 for zstd); the \
+             destination is a child `ferry receive` process"
+        );
     }
+    let plain = migration::Security::Plain;
     let mut rows = Vec::new();
     for &ram in &args.sizes {
         for load in &args.loads {
             let mut plain_mbps = None;
-            for security in &transports {
-                let mut row = row(ram, load, security, &args, raw)?;
-                if security.is_tls() {
-                    row.tls_vs_plain_bandwidth =
-                        plain_mbps.map(|p: f64| row.bandwidth_mbps.median / p);
-                } else {
-                    plain_mbps = Some(row.bandwidth_mbps.median);
+            let mut modes: Vec<Mode<'_>> = transports
+                .iter()
+                .map(|(security, tls)| Mode {
+                    security,
+                    tls: *tls,
+                    max_bandwidth: None,
+                    compress: Compression::None,
+                })
+                .collect();
+            if let Some(cap) = capped {
+                for compress in [Compression::None, args.capped_compress] {
+                    modes.push(Mode {
+                        security: &plain,
+                        tls: None,
+                        max_bandwidth: Some(cap),
+                        compress,
+                    });
+                }
+            }
+            for mode in modes {
+                let mut row = row(ram, load, mode, &args, raw)?;
+                if mode.max_bandwidth.is_none() {
+                    if mode.security.is_tls() {
+                        row.tls_vs_plain_bandwidth =
+                            plain_mbps.map(|p: f64| row.bandwidth_mbps.median / p);
+                    } else {
+                        plain_mbps = Some(row.bandwidth_mbps.median);
+                    }
                 }
                 if !args.json {
                     print_row(&row);
@@ -733,21 +1002,33 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     } else {
         println!(
             "  (! = round limit reached, switched over anyway; downtime = pause -> destination \
-             resumed; peak = VmHWM of this process, source and destination together)"
+             resumed; peak = each side's own process: VmHWM of this one for the source, the \
+             child ferry receive's maximum RSS for the destination; budget = guest RAM + 64 MiB; \
+             cap = --max-bandwidth, 1G = 2^30 bytes/s on the wire)"
         );
     }
     Ok(if all_ok { 0 } else { 1 })
 }
 
 fn print_row(row: &Row) {
+    let mode = match row.max_bandwidth {
+        Some(cap) => format!(
+            "{} cap {:.0} MB/s, {}",
+            row.transport,
+            cap as f64 / 1e6,
+            row.compression
+        ),
+        None => row.transport.clone(),
+    };
     println!(
-        "  {}M {} {} ({} stream(s), WS {}M, {:.0} MiB sent, {} round(s){}, vCPU throttle {}%): ledger {}",
+        "  {}M {} {} ({} stream(s), WS {}M, {:.0} MiB sent for {:.0} MiB of guest pages, {} round(s){}, vCPU throttle {}%): ledger {}",
         row.ram_mib,
         row.load,
-        row.transport,
+        mode,
         row.streams,
         row.working_set_mib,
         row.sent_mib,
+        row.guest_page_mib,
         row.rounds,
         if row.hit_round_limit { "!" } else { "" },
         row.throttle_pct,
@@ -757,30 +1038,54 @@ fn print_row(row: &Row) {
             "FAILED"
         }
     );
+    match &row.vs_cap {
+        Some(vs_cap) => println!(
+            "    MB/s {} (guest pages {})   vs cap {}   wire/guest bytes {}   pages compressed {:.0}%   vs raw {:.3}",
+            row.bandwidth_mbps.show(0),
+            row.guest_mbps.show(0),
+            vs_cap.show(3),
+            row.wire_vs_guest.show(3),
+            row.zstd_page_share * 100.0,
+            row.bandwidth_vs_raw_tcp,
+        ),
+        None => println!(
+            "    MB/s {}   floor {}   vs floor {}   vs raw {:.3}{}",
+            row.bandwidth_mbps.show(0),
+            row.floor_mbps.show(0),
+            row.vs_floor.show(3),
+            row.bandwidth_vs_raw_tcp,
+            row.tls_vs_plain_bandwidth
+                .map_or_else(String::new, |r| format!("   vs plain {r:.3}"))
+        ),
+    }
     println!(
-        "    MB/s {}   floor {}   vs floor {}   vs raw {:.3}{}",
-        row.bandwidth_mbps.show(0),
-        row.floor_mbps.show(0),
-        row.vs_floor.show(3),
-        row.bandwidth_vs_raw_tcp,
-        row.tls_vs_plain_bandwidth
-            .map_or_else(String::new, |r| format!("   vs plain {r:.3}"))
-    );
-    println!(
-        "    total ms {}   downtime ms {}   peak MiB {}",
+        "    total ms {}   downtime ms {}   peak MiB source {} (x{:.3} of budget)   destination {} (x{:.3})",
         row.total_ms.show(0),
         row.downtime_ms.show(1),
-        row.peak_rss_both_sides_mib.show(0)
+        row.peak_src_mib.show(0),
+        row.peak_src_vs_budget.median,
+        row.peak_dst_mib.show(0),
+        row.peak_dst_vs_budget.median,
     );
-    println!(
-        "    CPU s/GiB: source {} (floor sender {}, x{:.2})   destination {} (floor receiver {}, x{:.2})",
-        row.src_cpu_s_per_gib.show(3),
-        row.floor_send_cpu_s_per_gib.show(3),
-        row.src_cpu_vs_floor,
-        row.dst_cpu_s_per_gib.show(3),
-        row.floor_recv_cpu_s_per_gib.show(3),
-        row.dst_cpu_vs_floor
-    );
+    if row.max_bandwidth.is_some() {
+        println!(
+            "    CPU s/GiB of guest pages: source {}   destination {}   (per GiB on the wire: {} / {})",
+            row.src_cpu_s_per_guest_gib.show(3),
+            row.dst_cpu_s_per_guest_gib.show(3),
+            row.src_cpu_s_per_gib.show(3),
+            row.dst_cpu_s_per_gib.show(3),
+        );
+    } else {
+        println!(
+            "    CPU s/GiB: source {} (floor sender {}, x{:.2})   destination {} (floor receiver {}, x{:.2})",
+            row.src_cpu_s_per_gib.show(3),
+            row.floor_send_cpu_s_per_gib.show(3),
+            row.src_cpu_vs_floor,
+            row.dst_cpu_s_per_gib.show(3),
+            row.floor_recv_cpu_s_per_gib.show(3),
+            row.dst_cpu_vs_floor
+        );
+    }
     if let Some(t) = &row.tls_floor {
         print_tls_floor(t);
     }

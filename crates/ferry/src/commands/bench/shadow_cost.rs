@@ -321,6 +321,7 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
         debug_hash: false,
         unsafe_no_shadow: false,
         max_bandwidth: None,
+        compress: None,
         tls: None,
         tls_server_name: None,
         insecure_no_auth: false,

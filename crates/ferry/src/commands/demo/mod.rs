@@ -298,6 +298,7 @@ pub(crate) fn migrate_later(
         debug_hash: true,
         unsafe_no_shadow: false,
         max_bandwidth: None,
+        compress: None,
         tls: None,
         tls_server_name: None,
         insecure_no_auth: false,
@@ -383,6 +384,9 @@ fn print_report(r: &DemoReport) {
                 m.bandwidth_mbps,
                 m.zero_pages_skipped
             );
+            for line in m.figures() {
+                println!("                {line}");
+            }
             print_memory_check("memory       ", m, r.destination.as_ref());
         }
         None => println!("  migration     FAILED"),
