@@ -138,6 +138,9 @@ impl Completions {
         let mut s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if *s != count {
             *s = count;
+            // Notified after the lock is released: a waiter woken while it was still held
+            // would block on it again at once and need a second wake-up.
+            drop(s);
             self.cv.notify_all();
         }
     }

@@ -6,7 +6,8 @@
 //!   REQ to its RTU, one fresh client VM per round; the peers measure the same exchange with
 //!   the CM endpoint library;
 //! - UD message rate: a verified stream of echoed messages with 8 in flight, VM ↔ VM against
-//!   peer ↔ peer with the same window, size and verification;
+//!   peer ↔ peer with the same window, size and verification; the best of `rounds` streams on
+//!   each side (one per client VM);
 //! - the RC rows ([`super::rdma_vms_rc`]): WRITE bandwidth VM ↔ VM against raw UDP, rping
 //!   latency VM ↔ VM against peer ↔ peer.
 use std::{
@@ -247,12 +248,34 @@ fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
         qkey: RDMA_CM_UD_QKEY,
     };
     let size = a.size.clamp(8, 2048) as usize;
+    // As many streams as the VM side runs (one per client VM), the best kept: the same
+    // statistic on both sides.
+    let mut best_rate: f64 = 0.0;
+    for _ in 0..a.rounds.max(1) {
+        // A late echo of the previous stream is not this one's.
+        while px.ud_qp().try_recv().is_some() {}
+        let rate = peer_ud_stream(&px, dest, a.messages, size)?;
+        best_rate = best_rate.max(rate);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    px.shutdown();
+    py.shutdown();
+    Ok(Side {
+        connect_median_us: median(&mut connect.clone()),
+        connect_us: connect,
+        ud_msgs_per_s: best_rate,
+    })
+}
+
+/// One verified UD stream from `px` to the echo at `dest`, 8 in flight; messages/s.
+fn peer_ud_stream(px: &Peer, dest: UdDest, messages: u64, size: usize) -> anyhow::Result<f64> {
     let t = Instant::now();
     let (mut base, mut next) = (0u64, 0u64);
     let mut acked = [false; 64];
     let mut last = Instant::now();
-    while base < a.messages {
-        while next < a.messages && next < base + 8 {
+    while base < messages {
+        while next < messages && next < base + 8 {
             px.port()
                 .post_send_ud(px.ud_qp(), dest, None, &pattern(next, size))?;
             next += 1;
@@ -277,16 +300,7 @@ fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
             last = Instant::now();
         }
     }
-    let rate = a.messages as f64 / t.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = echo.join();
-    px.shutdown();
-    py.shutdown();
-    Ok(Side {
-        connect_median_us: median(&mut connect.clone()),
-        connect_us: connect,
-        ud_msgs_per_s: rate,
-    })
+    Ok(messages as f64 / t.elapsed().as_secs_f64())
 }
 
 pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
