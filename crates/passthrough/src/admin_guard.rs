@@ -350,23 +350,34 @@ impl AdminSqGuard {
         Ok(())
     }
 
-    /// Turns the guard off: the rings whose device side (`Copy`) or vCPU side (`Swap`) must go
-    /// back to RAM. For `Swap` rings, RAM first gets the guest's view: the entries of the ring
-    /// in use checked (the device may fetch any of them; refused ones stay rewritten), those
-    /// of retired rings as they are. vCPUs paused for `Swap` rings.
-    pub fn off(mut self, ram: &GuestRam) -> Vec<GuardedRing> {
-        if self.ring.mode == GuardMode::Swap {
-            for slot in 0..self.ring.entries {
-                let off = slot as u64 * 64;
-                let mut raw = [0u8; 64];
-                self.ring.mem.read(off, &mut raw);
-                let out = self.check(ram, &raw).to_bytes();
-                let at = self.ring.gpa + off;
-                if read_entry(ram, at) != out {
-                    let _ = ram.write(at, &out);
-                }
+    /// In [`GuardMode::Swap`], RAM gets the guest's view of the ring, each entry checked (the
+    /// device may fetch any of the ones the guest submitted; refused ones stay rewritten), and
+    /// the ring's pages are returned: the guest's writes went to the copy and the guard's into
+    /// RAM, so KVM's dirty log saw neither, and a migration must send them. Nothing in
+    /// [`GuardMode::Copy`] (the guest's ring is RAM).
+    pub fn sync(&mut self, ram: &GuestRam) -> Vec<u64> {
+        if self.ring.mode != GuardMode::Swap {
+            return Vec::new();
+        }
+        for slot in 0..self.ring.entries {
+            let off = slot as u64 * 64;
+            let mut raw = [0u8; 64];
+            self.ring.mem.read(off, &mut raw);
+            let out = self.check(ram, &raw).to_bytes();
+            let at = self.ring.gpa + off;
+            if read_entry(ram, at) != out {
+                let _ = ram.write(at, &out);
             }
         }
+        self.ring.range().step_by(PAGE as usize).collect()
+    }
+
+    /// Turns the guard off: the rings whose device side (`Copy`) or vCPU side (`Swap`) must go
+    /// back to RAM. For `Swap` rings, RAM first gets the guest's view: the entries of the ring
+    /// in use checked ([`AdminSqGuard::sync`]), those of retired rings as they are. vCPUs
+    /// paused for `Swap` rings.
+    pub fn off(mut self, ram: &GuestRam) -> Vec<GuardedRing> {
+        self.sync(ram);
         for r in &self.retired {
             let mut buf = vec![0u8; r.len as usize];
             r.mem.read(0, &mut buf);

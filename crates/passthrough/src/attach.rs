@@ -542,12 +542,24 @@ impl Attachment {
     }
 
     /// Guest pages the device wrote for admin commands completed since the last call (data of
-    /// Identify, Get Log Page and the like), for migration's dirty set.
+    /// Identify, Get Log Page and the like), and those of an admin SQ guarded by a slot swap
+    /// (made to hold the guest's view first: see [`crate::admin_guard::AdminSqGuard::sync`]),
+    /// for migration's dirty set.
     pub fn take_admin_device_written(&self) -> Vec<u64> {
-        self.mediator
+        let mut pages = self
+            .mediator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take_device_written()
+            .take_device_written();
+        if let Some(g) = self
+            .guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            pages.extend(g.sync(&self.ram));
+        }
+        pages
     }
 
     /// Guest admin commands the device is still working on (submitted, no completion posted).

@@ -267,17 +267,16 @@ fn the_destination_runs_the_guests_admin_queue_on_its_own_ring() {
         + regs::sq_tail_doorbell(1, DSTRD) % 4096;
     let cq_db = a.device_page(regs::doorbell_page(1, DSTRD) * 4096).unwrap()
         + regs::cq_head_doorbell(1, DSTRD) % 4096;
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (reads, landed) = std::thread::scope(|s| {
+    let (reads, landed, admin_ok) = std::thread::scope(|s| {
         let admin = s.spawn(|| {
             for i in 0..300u16 {
                 let got = q.run(&vm, bar0, &[identify(100 + i % 64, DATA)]);
                 assert!(got[0].status().is_success(), "{got:?}");
             }
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let (mut tail, mut phase, mut reads, mut landed) = (0u32, true, 0u64, 0u64);
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        // Until the admin thread is done (or failed).
+        while !admin.is_finished() {
             let mut r = Sqe::new(io::READ, tail as u16);
             r.set_nsid(1).set_prps(iova + 0x1000 * (reads % 2), 0);
             vm.ram()
@@ -297,14 +296,14 @@ fn the_destination_runs_the_guests_admin_queue_on_its_own_ring() {
                 landed += 1;
             }
         }
-        admin.join().unwrap();
-        (reads, landed)
+        (reads, landed, admin.join().is_ok())
     });
     assert!(reads > 0);
     assert_eq!(
         landed, 0,
         "{landed} of {reads} guest reads reached hypervisor memory"
     );
+    assert!(admin_ok, "the guest's admin commands stopped completing");
     assert!(dev.stats().dma_errors >= reads, "{:?}", dev.stats());
     a.detach(vm.memory_slots());
 }
@@ -383,6 +382,14 @@ fn guarded(mode: GuardMode) {
             },
             "the device's ring follows the guest's rewrite"
         );
+        // A migration sends the guest's view: an entry written and not submitted yet reaches
+        // RAM (checked) and the ring's pages join the dirty set (KVM's log saw neither write).
+        let next = ASQ + 64 * q.tail as u64;
+        vcpu_write(&vm, next, &identify(7, DATA).to_bytes());
+        assert!(a.take_admin_device_written().contains(&ASQ));
+        let mut entry = [0u8; 64];
+        vm.ram().read(next, &mut entry).unwrap();
+        assert_eq!(Sqe::from_bytes(&entry), identify(7, DATA));
     }
     a.guard_admin_sq(vm.memory_slots(), None).unwrap();
     assert_eq!(a.admin_guard_refused(), None);

@@ -135,8 +135,8 @@ impl Engine {
         // 3. Rings.
         if a.designation == super::Designation::DeviceBuffer {
             // The guest's view is RAM already; the device goes back to it. Its I/O queues are
-            // held and idle and, with the admin proxy held, no guest admin command is on it, so
-            // nothing DMAs while its mapping around the rings is re-made.
+            // held and idle and, once the guest admin commands on it are done, nothing DMAs
+            // while its mapping around the rings is re-made.
             self.wait_admin_idle()?;
             while let Some(r) = a.remapped.first().cloned() {
                 self.move_back(slots, a.designation, &r)?;
