@@ -150,14 +150,12 @@ impl BusDevice for Bar0Trap {
             match regs::decode_doorbell(offset, self.dstrd) {
                 Some((0, false)) => {
                     let ram = &self.ram;
-                    let from = {
-                        let mut m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
-                        let from = m.positions().0;
-                        m.sq_tail_write(v, |gpa, buf| {
-                            ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
-                        });
-                        from
-                    };
+                    let from = self
+                        .mediator
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .positions()
+                        .0;
                     let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(g) = g.as_mut() {
                         // Shadowed: the device reads the checked copy of the new commands.
@@ -166,6 +164,15 @@ impl BusDevice for Bar0Trap {
                         g.submitted(ram, from, v);
                     }
                     held_guard = Some(g);
+                    // The mediation reads the ring in RAM after the guard: with the vCPUs'
+                    // view swapped onto a copy, RAM holds what the device fetches only once
+                    // the guard wrote it.
+                    self.mediator
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .sq_tail_write(v, |gpa, buf| {
+                            ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
+                        });
                 }
                 Some((0, true)) => {
                     let ram = &self.ram;

@@ -362,6 +362,9 @@ fn guarded(mode: GuardMode) {
     assert!(status(&got, 4).same(Status::DATA_TRANSFER_ERROR), "{got:?}");
     assert!(untouched(&mem), "the device wrote hypervisor memory");
     assert_eq!(a.admin_guard_refused(), Some(3));
+    // The mediation saw the commands the device ran: none is left pending (a migration
+    // waits for that before the switchover).
+    assert_eq!(a.admin_positions().2, 0, "{mode:?}");
 
     if mode == GuardMode::Swap {
         // The guest rewrites the entry it just submitted (as another vCPU could between the
