@@ -1,5 +1,5 @@
 //! Validation of the guest's admin commands wherever the hypervisor stands between the guest's
-//! admin queue and the device (the destination's admin proxy, the shadowed source): the
+//! admin queue and the device (the admin SQ guard while shadowed, on either side): the
 //! opcodes a guest driver needs, no SGLs or fused pairs, and every address the device would
 //! DMA inside guest RAM — data in at most two pages (PRP1 and PRP2, no lists, which the guest
 //! could rewrite after the check), queues physically contiguous.

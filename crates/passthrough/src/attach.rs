@@ -68,6 +68,8 @@ pub struct Attachment {
     identity: crate::identity::DeviceIdentity,
     /// The admin SQ copy the device reads while the guard is on.
     guard: crate::admin_guard::GuardSlot,
+    /// Guest ranges no guest-supplied data address may point into.
+    protected: Arc<crate::admin_guard::Protected>,
     mediator: Arc<Mutex<AdminMediator>>,
     ram: GuestRam,
     bar0_gpa: u64,
@@ -76,12 +78,11 @@ pub struct Attachment {
     /// Largest queue the device takes (CAP.MQES + 1).
     max_queue_entries: u32,
     areas: Arc<Vec<MappedArea>>,
-    proxy: crate::bar::ProxySlot,
     hook: crate::bar::HookSlot,
     doorbell_slots: Mutex<BTreeMap<u64, u32>>,
     remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
     /// The device's DMA mappings (guest RAM, pieces of it moved onto hypervisor memory).
-    dma: Mutex<DmaLayout>,
+    dma: Arc<Mutex<DmaLayout>>,
     vm_fd: Arc<kvm_ioctls::VmFd>,
     msix_cap: Option<usize>,
     pci: Arc<Mutex<PassthroughPci>>,
@@ -173,7 +174,7 @@ impl Attachment {
             msix_cap.and_then(|(_, table)| table),
         )));
         let mediator = Arc::new(Mutex::new(AdminMediator::default()));
-        let proxy: crate::bar::ProxySlot = Arc::new(Mutex::new(None));
+        let dma = Arc::new(Mutex::new(DmaLayout::new(pieces)));
         let hook: crate::bar::HookSlot = Arc::new(Mutex::new(None));
         let guard: crate::admin_guard::GuardSlot = Arc::new(Mutex::new(None));
         let trap = Bar0Trap::new(
@@ -184,7 +185,7 @@ impl Attachment {
             vm.lifecycle().clone(),
             msix.clone(),
             crate::bar::Routes {
-                proxy: proxy.clone(),
+                dma: dma.clone(),
                 hook: hook.clone(),
                 guard: guard.clone(),
             },
@@ -217,6 +218,7 @@ impl Attachment {
         let mut a = Attachment {
             identity,
             guard,
+            protected: Arc::default(),
             conn: conn.clone(),
             mediator,
             ram,
@@ -225,11 +227,10 @@ impl Attachment {
             dstrd,
             max_queue_entries,
             areas,
-            proxy,
             hook,
             doorbell_slots: Mutex::new(BTreeMap::new()),
             remaps: Mutex::new(BTreeMap::new()),
-            dma: Mutex::new(DmaLayout::new(pieces)),
+            dma,
             vm_fd: vm.vm_fd().clone(),
             msix_cap: msix_cap.map(|(cap, _)| cap),
             pci,
@@ -422,77 +423,103 @@ impl Attachment {
         (s, c, m.pending())
     }
 
-    /// Runs `f` while the guest's admin commands are held back (migration destination: new
-    /// ones wait in the proxy, validated, and those on the device are waited for, bounded, so
-    /// none is on the device while `f` runs; a vCPU writing the admin doorbell meanwhile never
-    /// waits). Without a proxy nothing is held.
-    pub fn with_admin_proxy_held<T>(&self, f: impl FnOnce(bool) -> T) -> T {
-        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(p) = proxy else {
-            return f(false);
-        };
-        if !p.hold(Duration::from_secs(5)) {
-            tracing::warn!(
-                on_device = p.on_device(),
-                "guest admin commands still on the device after 5 s"
-            );
-        }
-        let r = f(true);
-        p.release();
-        r
-    }
-
     /// Turns the admin SQ guard on (`Some(mode)`) or off (the shadow engine, vCPUs paused, the
     /// guest's admin commands fetched; [`crate::admin_guard::GuardMode::Copy`] re-makes the
-    /// device's DMA mapping around the ring, so only with the device idle): while on, guest
-    /// admin commands are checked before the device is rung (see [`crate::admin_guard`]). Without a controller
-    /// enabled, or with the destination's proxy serving the admin queue, there is nothing to
-    /// guard.
-    pub fn guard_admin_sq(&self, on: Option<crate::admin_guard::GuardMode>) -> Result<()> {
+    /// device's DMA mapping around the ring, so only with the device idle;
+    /// [`crate::admin_guard::GuardMode::Swap`] moves the guest's memory slot over it, so only
+    /// with the vCPUs paused): while on, guest admin commands are checked before the device is
+    /// rung and the device fetches only what was checked (see [`crate::admin_guard`]). Without
+    /// a controller enabled there is nothing to guard.
+    pub fn guard_admin_sq(
+        &self,
+        slots: &MemorySlots,
+        on: Option<crate::admin_guard::GuardMode>,
+    ) -> Result<()> {
         use crate::admin_guard::GuardMode;
         let mut slot = self.guard.lock().unwrap_or_else(|e| e.into_inner());
         let Some(mode) = on else {
             if let Some(g) = slot.take() {
-                if g.mode == GuardMode::Copy {
-                    self.remap_device_range(g.gpa, g.len, DeviceBacking::Ram)?;
+                let (refused, moves) = (g.refused, g.moves);
+                let mut first_err = None;
+                for r in g.off(&self.ram) {
+                    let undone = match r.mode {
+                        GuardMode::Copy => {
+                            self.remap_device_range(r.gpa, r.len, DeviceBacking::Ram)
+                        }
+                        // SAFETY: RAM backing needs no host promise.
+                        GuardMode::Swap => unsafe {
+                            self.remap_guest_range(slots, r.gpa, r.len, GuestBacking::Ram)
+                        },
+                    };
+                    if let Err(e) = undone {
+                        first_err.get_or_insert(e);
+                    }
                 }
-                tracing::info!(refused = g.refused, "admin SQ guard off");
+                tracing::info!(refused, moves, "admin SQ guard off");
+                if let Some(e) = first_err {
+                    return Err(e);
+                }
             }
             return Ok(());
         };
-        if slot.is_some()
-            || self
-                .proxy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
-        {
+        if slot.is_some() {
             return Ok(());
         }
         let log = self.config_log();
         if log.cc & regs::cc::EN == 0 {
             return Ok(());
         }
+        *slot = Some(self.arm_guard(&log, mode, Some(slots))?);
+        Ok(())
+    }
+
+    /// A guard over the admin SQ of `log`, with the device's (`Copy`) or the vCPUs' (`Swap`,
+    /// `slots` needed) view of the ring moved onto its copy.
+    fn arm_guard(
+        &self,
+        log: &ConfigLog,
+        mode: crate::admin_guard::GuardMode,
+        slots: Option<&MemorySlots>,
+    ) -> Result<crate::admin_guard::AdminSqGuard> {
+        use crate::admin_guard::GuardMode;
         let unmapped = crate::identity::hypervisor_iova(&self.ram) - PAGE;
         let g = crate::admin_guard::AdminSqGuard::new(
             &self.ram,
-            log.asq,
-            regs::aqa::sq_entries(log.aqa),
+            (log.asq, regs::aqa::sq_entries(log.aqa)),
             unmapped,
             mode,
+            self.protected.clone(),
         )?;
-        if mode == GuardMode::Copy {
-            self.remap_device_range(
-                g.gpa,
-                g.len,
+        let r = g.ring();
+        let moved = match (mode, slots) {
+            (GuardMode::Copy, _) => self.remap_device_range(
+                r.gpa,
+                r.len,
                 DeviceBacking::Host {
-                    fd: g.fd.clone(),
+                    fd: r.fd.clone(),
                     offset: 0,
                 },
-            )?;
+            ),
+            // SAFETY: the copy lives in the guard, which is only dropped after the guard goes
+            // off (the slot moved back to RAM first) or with the attachment, whose VM's slots
+            // go first (see `detach`).
+            (GuardMode::Swap, Some(slots)) => unsafe {
+                self.remap_guest_range(slots, r.gpa, r.len, GuestBacking::Host(r.host()))
+            },
+            (GuardMode::Swap, None) => Err(self.hook_err(HookError::GuardNeedsSlots(r.gpa))),
+        };
+        if let Err(e) = moved {
+            self.protected
+                .set(crate::admin_guard::Owner::Guard, Vec::new());
+            return Err(e);
         }
-        *slot = Some(g);
-        Ok(())
+        Ok(g)
+    }
+
+    /// Guest ranges no data address a guest supplies may point into while they are
+    /// registered (the guarded admin SQ; the shadow engine registers its ring copies).
+    pub fn protected(&self) -> Arc<crate::admin_guard::Protected> {
+        self.protected.clone()
     }
 
     /// Guest admin commands the guard refused so far (while it is on).
@@ -504,22 +531,35 @@ impl Attachment {
             .map(|g| g.refused)
     }
 
-    /// The destination's admin proxy counters (None without a proxy).
-    pub fn admin_proxy_stats(&self) -> Option<crate::replay::ProxyStats> {
-        self.proxy
+    /// Where the admin SQ guard is now: the ring's guest-physical base and which buffer is
+    /// the hypervisor's (None while off).
+    pub fn admin_guard_ring(&self) -> Option<(u64, crate::admin_guard::GuardMode)> {
+        self.guard
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(|p| p.stats())
+            .map(|g| (g.ring().gpa, g.ring().mode))
     }
 
     /// Guest pages the device wrote for admin commands completed since the last call (data of
-    /// Identify, Get Log Page and the like), for migration's dirty set.
+    /// Identify, Get Log Page and the like), and those of an admin SQ guarded by a slot swap
+    /// (made to hold the guest's view first: see [`crate::admin_guard::AdminSqGuard::sync`]),
+    /// for migration's dirty set.
     pub fn take_admin_device_written(&self) -> Vec<u64> {
-        self.mediator
+        let mut pages = self
+            .mediator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take_device_written()
+            .take_device_written();
+        if let Some(g) = self
+            .guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            pages.extend(g.sync(&self.ram));
+        }
+        pages
     }
 
     /// Guest admin commands the device is still working on (submitted, no completion posted).
@@ -530,31 +570,33 @@ impl Attachment {
         })
     }
 
-    /// Migration destination: resets the device, enables it with a hypervisor admin queue in
-    /// host memory at `iova` (outside guest RAM), replays `log` (features, I/O queues at the
-    /// guest's addresses), takes the log over, and serves the guest's admin queue from then on.
-    pub fn replay(&self, log: &ConfigLog, guest_admin: (u32, u32), iova: u64) -> Result<()> {
+    /// Migration destination: resets the device and enables it on the guest's own admin
+    /// queue, replays `log` (features, I/O queues at the guest's addresses) with the admin
+    /// rings' DMA view on hypervisor memory only while it runs (the VM not started), brings
+    /// the device's admin positions onto the guest's `guest_admin` (SQ tail, CQ head) with
+    /// fillers, takes the log over, and guards the guest's admin SQ
+    /// ([`crate::admin_guard::GuardMode::Copy`], the device idle) until the shadow engine
+    /// turns the guard off. No hypervisor admin queue stays in the device's DMA space: the
+    /// guest's admin commands run on its own ring (see [`crate::replay`]).
+    pub fn replay(&self, log: &ConfigLog, guest_admin: (u32, u32)) -> Result<()> {
         log.validate(guest_admin, &self.restore_bounds())
             .map_err(|source| Error::InvalidState {
                 name: self.conn.name.clone(),
                 source,
             })?;
-        if self.ram.contains(iova, 1) {
-            return Err(self.hook_err(HookError::AdminIovaInRam(iova)));
-        }
-        let proxy = crate::replay::replay(
-            self.conn.clone(),
-            self.areas.clone(),
-            self.ram.clone(),
-            log,
-            guest_admin,
-            iova,
-        )?;
+        crate::replay::replay(&self.conn, &self.ram, &self.dma, log, guest_admin)?;
         self.mediator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .adopt(log.clone(), guest_admin.0, guest_admin.1);
-        *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = Some(proxy);
+        // The bounce areas the engine maps next are hypervisor memory: guest admin commands
+        // are checked from here on. The device is idle (no I/O queue has a command yet), so
+        // its view of the ring can move onto the checked copy.
+        let mut slot = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let g = self.arm_guard(log, crate::admin_guard::GuardMode::Copy, None)?;
+            *slot = Some(g);
+        }
         Ok(())
     }
 
@@ -657,10 +699,6 @@ impl Attachment {
 
     fn stop_watchdog(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(p) = proxy {
-            p.retire();
-        }
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
@@ -799,54 +837,7 @@ impl DeviceHooks for Attachment {
     }
 
     fn remap_device_range(&self, gpa: u64, size: u64, backing: DeviceBacking) -> Result<()> {
-        let region = self
-            .ram_region(gpa, size)
-            .ok_or_else(|| self.hook_err(HookError::NotInRam { gpa, size }))?;
-        let backing = match backing {
-            DeviceBacking::Ram => DmaBacking::Ram {
-                file_offset: region.file_offset + (gpa - region.gpa),
-            },
-            DeviceBacking::Host { fd, offset } => DmaBacking::Host { fd, offset },
-        };
-        let mut layout = self.dma.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = layout
-            .plan(gpa, size, backing)
-            .map_err(|e| self.hook_err(e))?;
-        let ram_fd = std::os::fd::AsRawFd::as_raw_fd(self.ram.memfd().as_ref());
-        let map = |p: &Piece| {
-            let (fd, offset) = p.backing.fd_and_offset(ram_fd);
-            self.conn.dma_map(offset, p.iova, p.size, &fd)
-        };
-        for p in &plan.unmap {
-            self.conn.dma_unmap(p.iova, p.size)?;
-        }
-        for (i, p) in plan.map.iter().enumerate() {
-            if let Err(e) = map(p) {
-                // Put the old mappings back so the device keeps reaching guest RAM.
-                for q in &plan.map[..i] {
-                    let _ = self.conn.dma_unmap(q.iova, q.size);
-                }
-                for q in &plan.unmap {
-                    if let Err(e2) = map(q) {
-                        tracing::error!(
-                            iova = format_args!("{:#x}", q.iova),
-                            size = q.size,
-                            error = &e2 as &dyn std::error::Error,
-                            "restoring a DMA mapping after a failed remap"
-                        );
-                    }
-                }
-                return Err(e);
-            }
-        }
-        layout.apply(&plan);
-        tracing::debug!(
-            gpa = format_args!("{gpa:#x}"),
-            size,
-            mappings = layout.pieces().len(),
-            "device DMA range remapped"
-        );
-        Ok(())
+        remap_dma(&self.conn, &self.ram, &self.dma, gpa, size, backing)
     }
 
     fn map_device_memory(
@@ -924,4 +915,73 @@ impl DeviceHooks for Attachment {
             .take(vector);
         Ok(fd)
     }
+}
+
+/// Makes the device's DMA view of guest range `[gpa, gpa + size)` `backing` (see
+/// [`DeviceHooks::remap_device_range`]): the whole mappings it touches are unmapped and the
+/// pieces mapped again, and `layout` records it; on a failure the old mappings are put back.
+pub(crate) fn remap_dma(
+    conn: &Connection,
+    ram: &GuestRam,
+    layout: &Mutex<DmaLayout>,
+    gpa: u64,
+    size: u64,
+    backing: DeviceBacking,
+) -> Result<()> {
+    let hook_err = |source| Error::Hook {
+        name: conn.name.clone(),
+        source,
+    };
+    let region = gpa
+        .checked_add(size)
+        .and_then(|end| {
+            ram.regions()
+                .iter()
+                .copied()
+                .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+        })
+        .ok_or_else(|| hook_err(HookError::NotInRam { gpa, size }))?;
+    let backing = match backing {
+        DeviceBacking::Ram => DmaBacking::Ram {
+            file_offset: region.file_offset + (gpa - region.gpa),
+        },
+        DeviceBacking::Host { fd, offset } => DmaBacking::Host { fd, offset },
+    };
+    let mut layout = layout.lock().unwrap_or_else(|e| e.into_inner());
+    let plan = layout.plan(gpa, size, backing).map_err(hook_err)?;
+    let ram_fd = std::os::fd::AsRawFd::as_raw_fd(ram.memfd().as_ref());
+    let map = |p: &Piece| {
+        let (fd, offset) = p.backing.fd_and_offset(ram_fd);
+        conn.dma_map(offset, p.iova, p.size, &fd)
+    };
+    for p in &plan.unmap {
+        conn.dma_unmap(p.iova, p.size)?;
+    }
+    for (i, p) in plan.map.iter().enumerate() {
+        if let Err(e) = map(p) {
+            // Put the old mappings back so the device keeps reaching guest RAM.
+            for q in &plan.map[..i] {
+                let _ = conn.dma_unmap(q.iova, q.size);
+            }
+            for q in &plan.unmap {
+                if let Err(e2) = map(q) {
+                    tracing::error!(
+                        iova = format_args!("{:#x}", q.iova),
+                        size = q.size,
+                        error = &e2 as &dyn std::error::Error,
+                        "restoring a DMA mapping after a failed remap"
+                    );
+                }
+            }
+            return Err(e);
+        }
+    }
+    layout.apply(&plan);
+    tracing::debug!(
+        gpa = format_args!("{gpa:#x}"),
+        size,
+        mappings = layout.pieces().len(),
+        "device DMA range remapped"
+    );
+    Ok(())
 }

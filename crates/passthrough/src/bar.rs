@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use nvme_spec::regs;
 use vmm::{bus::BusDevice, lifecycle::Lifecycle, memory::GuestRam, VmOutcome};
 
-use crate::{client::Connection, config_log::AdminMediator, msix::MsixRouter, replay::AdminProxy};
+use crate::{
+    client::Connection, config_log::AdminMediator, dma_layout::DmaLayout, msix::MsixRouter,
+};
 
 /// Takes an I/O queue's doorbell write (queue id, CQ head?, value) that exited; returns true
 /// when it consumed it (the write then does not reach the device).
@@ -14,14 +16,11 @@ pub type DoorbellHook = Arc<dyn Fn(u16, bool, u32) -> bool + Send + Sync>;
 /// The doorbell hook slot shared by the attachment and the trap.
 pub type HookSlot = Arc<Mutex<Option<DoorbellHook>>>;
 
-/// The admin proxy slot shared by the attachment and the trap.
-pub type ProxySlot = Arc<Mutex<Option<AdminProxy>>>;
-
 /// Where trapped doorbell writes may be routed instead of the device.
 #[derive(Clone, Default)]
 pub struct Routes {
-    /// The guest admin queue proxy (migration destination).
-    pub proxy: ProxySlot,
+    /// The device's DMA mappings (the guard follows a moved admin SQ by re-making them).
+    pub dma: Arc<Mutex<DmaLayout>>,
     /// The shadow engine's trap-mode hook.
     pub hook: HookSlot,
     /// The admin SQ copy the device reads while shadowed.
@@ -36,7 +35,7 @@ pub struct Bar0Trap {
     dstrd: u8,
     lifecycle: Arc<Lifecycle>,
     msix: Arc<Mutex<MsixRouter>>,
-    proxy: ProxySlot,
+    dma: Arc<Mutex<DmaLayout>>,
     hook: HookSlot,
     guard: crate::admin_guard::GuardSlot,
 }
@@ -59,7 +58,7 @@ impl Bar0Trap {
             dstrd,
             lifecycle,
             msix,
-            proxy: routes.proxy,
+            dma: routes.dma,
             hook: routes.hook,
             guard: routes.guard,
         }
@@ -74,37 +73,38 @@ impl Bar0Trap {
 }
 
 impl Bar0Trap {
-    /// The guest disables the controller while the proxy serves its admin queue: the proxy
-    /// stops, the controller is disabled, the hypervisor's admin memory is taken away from
-    /// the device and the device's admin queue registers get the guest's values, so the
-    /// guest's next enable runs on its own queue (as on a device it owns).
-    fn retire_proxy(&mut self, p: &AdminProxy, (cc, aqa, asq, acq): (u32, u32, u64, u64)) {
-        p.retire();
-        *self.proxy.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let writes = [
-            (regs::CC, cc),
-            (regs::AQA, aqa),
-            (regs::ASQ, asq as u32),
-            (regs::ASQ + 4, (asq >> 32) as u32),
-            (regs::ACQ, acq as u32),
-            (regs::ACQ + 4, (acq >> 32) as u32),
-        ];
-        for (off, v) in writes {
-            if let Err(e) = self.conn.region_write(0, off, &v.to_le_bytes()) {
-                self.lost(&e);
-                return;
-            }
-            if off == regs::CC {
-                // Disabled: the device no longer uses the hypervisor's queue.
-                if let Err(e) = p.unmap() {
-                    tracing::warn!(
-                        "unmapping the admin proxy's memory: {}",
-                        vmm::ErrorChain(&e)
-                    );
-                }
+    /// The guest enables its controller while its admin SQ is guarded: the guard follows the
+    /// ring to where the guest put it now. False when it cannot (the enable must not reach
+    /// the device: it would fetch unchecked commands).
+    fn guard_follows(&self, (asq, aqa): (u64, u32)) -> bool {
+        let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(g) = g.as_mut() else {
+            return true;
+        };
+        let remap = |gpa, size, backing| {
+            crate::attach::remap_dma(&self.conn, &self.ram, &self.dma, gpa, size, backing)
+        };
+        let entries = regs::aqa::sq_entries(aqa);
+        let in_ram = entries >= 2 && self.ram.contains(asq, entries as u64 * 64);
+        let followed = if in_ram && asq.is_multiple_of(4096) {
+            g.follow(&self.ram, asq, entries, &remap)
+        } else {
+            Err(crate::Error::Unsupported {
+                name: self.conn.name.clone(),
+                reason: format!("admin SQ of {entries} entries at {asq:#x} outside guest RAM"),
+            })
+        };
+        match followed {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "the guest's controller enable is not forwarded: its admin SQ cannot be \
+                     guarded: {}",
+                    vmm::ErrorChain(&e)
+                );
+                false
             }
         }
-        tracing::info!(stats = ?p.stats(), "the guest reset the controller: admin proxy retired");
     }
 }
 
@@ -136,37 +136,26 @@ impl BusDevice for Bar0Trap {
             }
         }
         if offset < regs::DOORBELL_BASE {
-            let guest_queue = {
+            let (enabled, queue) = {
                 let mut m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
+                let before = m.log.enables;
                 m.register_write(offset, data);
-                (m.log.cc, m.log.aqa, m.log.asq, m.log.acq)
+                (m.log.enables != before, (m.log.asq, m.log.aqa))
             };
-            let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(p) = proxy {
-                if (regs::AQA..regs::ACQ + 8).contains(&offset) {
-                    // The device's admin queue registers hold the hypervisor's queue while the
-                    // proxy serves the guest's: they take the guest's values at its reset.
-                    return;
-                }
-                let touches_cc = offset < regs::CC + 4 && offset + data.len() as u64 > regs::CC;
-                if touches_cc && guest_queue.0 & nvme_spec::regs::cc::EN == 0 {
-                    self.retire_proxy(&p, guest_queue);
-                    return;
-                }
+            if enabled && !self.guard_follows(queue) {
+                return;
             }
         } else if data.len() == 4 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             match regs::decode_doorbell(offset, self.dstrd) {
                 Some((0, false)) => {
                     let ram = &self.ram;
-                    let from = {
-                        let mut m = self.mediator.lock().unwrap_or_else(|e| e.into_inner());
-                        let from = m.positions().0;
-                        m.sq_tail_write(v, |gpa, buf| {
-                            ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
-                        });
-                        from
-                    };
+                    let from = self
+                        .mediator
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .positions()
+                        .0;
                     let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(g) = g.as_mut() {
                         // Shadowed: the device reads the checked copy of the new commands.
@@ -175,12 +164,15 @@ impl BusDevice for Bar0Trap {
                         g.submitted(ram, from, v);
                     }
                     held_guard = Some(g);
-                    let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    if let Some(p) = proxy {
-                        // The device's admin queue is the hypervisor's: serve the guest's.
-                        p.on_sq_tail(v);
-                        return;
-                    }
+                    // The mediation reads the ring in RAM after the guard: with the vCPUs'
+                    // view swapped onto a copy, RAM holds what the device fetches only once
+                    // the guard wrote it.
+                    self.mediator
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .sq_tail_write(v, |gpa, buf| {
+                            ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
+                        });
                 }
                 Some((0, true)) => {
                     let ram = &self.ram;
@@ -190,11 +182,6 @@ impl BusDevice for Bar0Trap {
                         .cq_head_write(v, |gpa, buf| {
                             ram.contains(gpa, buf.len() as u64) && ram.read(gpa, buf).is_ok()
                         });
-                    let proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    if let Some(p) = proxy {
-                        p.on_cq_head(v);
-                        return; // the proxy consumes the device's completions itself
-                    }
                 }
                 Some((qid, is_cq)) => {
                     let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -153,9 +153,9 @@ pub enum HookError {
     /// Asked to unmap guest RAM as if it were hypervisor memory.
     #[error("refusing to unmap guest RAM at {0:#x}")]
     UnmapGuestRam(u64),
-    /// The destination's admin queue IOVA lies inside guest RAM.
-    #[error("admin IOVA {0:#x} is inside guest RAM")]
-    AdminIovaInRam(u64),
+    /// The admin SQ guard's swap mode moves the vCPUs' memory slots, which needs them.
+    #[error("guarding the admin SQ at {0:#x} by a slot swap needs the VM's memory slots")]
+    GuardNeedsSlots(u64),
     /// An MSI-X vector the device does not have.
     #[error("MSI-X vector {vector} does not exist ({count} vectors)")]
     NoVector {

@@ -140,6 +140,27 @@ impl DmaMemory {
         }
     }
 
+    /// Copies the memory at `offset` into `buf` (volatile: the device writes it); zeroes past
+    /// the end.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_some_and(|end| end <= self.size)
+        {
+            for (i, b) in buf.iter_mut().enumerate() {
+                // SAFETY: inside the mapping (checked above).
+                *b = unsafe { self.host.add(offset as usize + i).read_volatile() };
+            }
+        } else {
+            buf.fill(0);
+        }
+    }
+
+    /// Host address of the memory (for a guest memory slot over it).
+    pub(crate) fn host_addr(&self) -> u64 {
+        self.host as u64
+    }
+
     /// `pages` zeroed pages: (host pointer, IOVA).
     pub(crate) fn alloc(&mut self, pages: u64) -> Option<(*mut u8, u64)> {
         let len = pages * 4096;

@@ -11,11 +11,12 @@
 //! - [`hooks`]: [`DeviceHooks`], the hooks the shadow engine needs;
 //! - [`dma_layout`]: the device's DMA mappings and how to move a range of them;
 //! - [`admin_check`]: validation of the guest's admin commands where the hypervisor relays them;
-//! - [`admin_guard`]: the checked copy of the guest's admin SQ the device reads while shadowed;
+//! - [`admin_guard`]: the guest's admin SQ while shadowed: the device fetches only checked
+//!   entries; the ranges no guest data address may point into;
 //! - [`attach`]: wiring it all into a VM, plus the watchdog;
 //! - [`identity`]: the hypervisor's own Identify of the device (the validator's limits);
 //! - [`host_client`]: a host-side NVMe driver over vfio-user (benchmark baseline, replay);
-//! - [`replay`]: rebuilding a device from a configuration log, and the guest admin proxy;
+//! - [`replay`]: rebuilding a device from a configuration log through the guest's admin ring;
 //! - [`vfio_user`]: Ferry's own vfio-user client (deadlines, error replies honoured);
 //! - [`virtio_net`]: the second device class, a virtio-net NIC in direct passthrough.
 #![deny(missing_docs)]

@@ -1,470 +1,204 @@
-//! Rebuilding a device from a configuration log (migration destination): the controller is
-//! reset and enabled with a hypervisor-owned admin queue in host memory, DMA-mapped at an IOVA
-//! above guest RAM; the features and I/O queues are replayed through it. The guest's own admin
-//! queue (still at its guest-physical address) is then served by an [`AdminProxy`]: the
-//! guest's admin commands, seen through the trapped admin doorbells, are re-submitted on the
-//! hypervisor's queue and their completions written into the guest's admin CQ.
+//! Rebuilding a device from a configuration log (migration destination), through the guest's
+//! own admin queue: the controller is reset and enabled with the guest's admin queue registers
+//! (AQA/ASQ/ACQ as the guest programmed them); while the features and I/O queues are replayed
+//! the device's DMA view of the two admin rings is moved onto hypervisor memory (the VM has
+//! not started and no I/O queue has a command, so nothing guest-controlled runs meanwhile),
+//! and harmless fillers (Get Features) bring the device's admin positions onto the guest's
+//! (SQ tail, CQ head and phase). The rings' DMA view then goes back to guest RAM and the
+//! guest's admin commands run on its own ring, as on a device it owns: no hypervisor admin
+//! queue stays in the device's DMA space, so no guest-supplied address can reach one, and no
+//! proxy stands between the guest and its admin queue.
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    thread::JoinHandle,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use nvme_spec::{
-    opcode::admin,
-    queue::Controller,
-    regs::{self, aqa, cc},
-    Cqe, Sqe, Status,
+    opcode::{admin, feature},
+    regs::{self, aqa, cc, csts},
+    Cqe, Sqe,
 };
 use vmm::memory::GuestRam;
 
 use crate::{
-    config_log::ConfigLog,
-    host_client::{DmaMemory, HostPlatform},
-    Error, Result,
+    client::Connection, config_log::ConfigLog, dma_layout::DmaLayout, hooks::DeviceBacking,
+    host_client::DmaMemory, Error, Result,
 };
 
-/// Entries of the hypervisor's admin queue.
-const ADMIN_ENTRIES: u16 = 32;
-/// Bytes of hypervisor memory mapped for the admin queue.
-const ADMIN_MEMORY: u64 = 64 * 1024;
-/// Most Asynchronous Event Requests held for the guest (NVMe's AERL is at most 16).
-const MAX_HELD_AERS: usize = 16;
+const PAGE: u64 = 4096;
+/// Most fillers spent re-aligning the admin queue (queues of one size need at most twice
+/// their size; odd pairs of sizes may need more, up to this).
+pub const MAX_ADMIN_FILLERS: u64 = 1 << 16;
+/// How long one batch of admin commands may take.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Counters of the admin proxy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ProxyStats {
-    /// Guest admin commands completed (by the device or refused here).
-    pub served: u64,
-    /// Guest admin commands completed with an error status.
-    pub failed: u64,
-    /// Guest admin commands refused by validation (never reached the device).
-    pub refused: u64,
-    /// Asynchronous Event Requests held here (the device never sees them; they complete
-    /// when the guest resets the controller).
-    pub aers_held: u64,
-    /// Doorbell values out of range or unreadable entries.
-    pub anomalies: u64,
-    /// The hypervisor's admin memory is DMA-mapped now (only while guest commands are on the
-    /// device: otherwise nothing, guest-chosen or not, can reach it).
-    pub mapped: bool,
-    /// Times it was mapped for guest commands.
-    pub maps: u64,
+/// The smallest number of admin commands `n >= at_least` after which a freshly enabled
+/// controller (positions 0, phase 1) stands where the guest's admin queue does: its next
+/// submission fetched from slot `sq_tail`, its next completion posted at `cq_head` with phase
+/// `phase`. None when no count up to `at_least + MAX_ADMIN_FILLERS` does.
+pub fn commands_to_align(
+    (sq_entries, cq_entries): (u32, u32),
+    (sq_tail, cq_head, phase): (u32, u32, bool),
+    at_least: u64,
+) -> Option<u64> {
+    let (s, c) = (sq_entries as u64, cq_entries as u64);
+    if s < 2 || c < 2 {
+        return None;
+    }
+    (at_least..=at_least + MAX_ADMIN_FILLERS).find(|&n| {
+        n % s == sq_tail as u64 && n % c == cq_head as u64 && (n / c).is_multiple_of(2) == phase
+    })
 }
 
-/// The proxy's state: the guest's admin queue and the hypervisor's.
-struct ProxyState {
-    ctrl: Controller<HostPlatform>,
-    _mem: DmaMemory,
-    ram: GuestRam,
-    asq: u64,
-    acq: u64,
+/// The hypervisor's stand-in for the guest's admin rings while the configuration is replayed:
+/// memory the device's DMA view of the two rings is moved onto, and a polled driver over it.
+struct Ring<'a> {
+    conn: &'a Connection,
+    mem: DmaMemory,
     sq_entries: u32,
     cq_entries: u32,
-    /// Next guest SQ slot to take.
-    sq_head: u32,
-    /// Next guest CQ slot to fill, and its phase.
-    cq_tail: u32,
+    cq_offset: u64,
+    tail: u32,
+    head: u32,
     phase: bool,
-    /// Last CQ head the guest wrote.
-    cq_head: u32,
-    /// Validated guest commands not on the device yet (its queue full, or the proxy held).
-    waiting: VecDeque<Sqe>,
-    /// Hypervisor command id → the guest's.
-    inflight: HashMap<u16, u16>,
-    /// Completions for the guest not posted yet (its CQ full): cid, result, status.
-    done: VecDeque<(u16, u32, Status)>,
-    aers: Vec<u16>,
-    held: bool,
-    stats: ProxyStats,
+    dstrd: u8,
 }
 
-/// Serves the guest's admin queue from the hypervisor's, without ever waiting on the device:
-/// a guest doorbell write copies and validates the new commands and puts them on the
-/// hypervisor's queue; the proxy's thread polls the completions and posts them into the
-/// guest's admin CQ. A command the device never completes ties up nothing but its slot.
-#[derive(Clone)]
-pub struct AdminProxy {
-    state: Arc<Mutex<ProxyState>>,
-    stop: Arc<AtomicBool>,
-    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
-    conn: Arc<crate::client::Connection>,
-    iova: u64,
-}
-
-impl ProxyState {
-    /// Takes the guest's new commands up to `tail`.
-    fn take(&mut self, tail: u32) {
-        if tail >= self.sq_entries {
-            self.stats.anomalies += 1;
-            return;
+impl Ring<'_> {
+    /// Submits `cmds` (at most one batch) and waits for their completions; an error status
+    /// fails the replay.
+    fn run(&mut self, cmds: &[Sqe], name: &str) -> Result<()> {
+        for (i, c) in cmds.iter().enumerate() {
+            let mut c = *c;
+            c.set_cid(i as u16);
+            self.mem.write(self.tail as u64 * 64, &c.to_bytes());
+            self.tail = (self.tail + 1) % self.sq_entries;
         }
-        let mut n = 0;
-        while self.sq_head != tail && n < self.sq_entries {
-            n += 1;
-            let mut raw = [0u8; 64];
-            let at = self.asq.wrapping_add(self.sq_head as u64 * 64);
-            let ok = self.ram.contains(at, 64) && self.ram.read(at, &mut raw).is_ok();
-            self.sq_head = (self.sq_head + 1) % self.sq_entries;
-            // The copy is what goes to the device: the guest may rewrite its slot, not this.
-            let sqe = Sqe::from_bytes(&raw);
-            if !ok {
-                self.stats.anomalies += 1;
-                self.finish(sqe.cid(), 0, Status::DATA_TRANSFER_ERROR);
+        self.conn.region_write(
+            0,
+            regs::sq_tail_doorbell(0, self.dstrd),
+            &self.tail.to_le_bytes(),
+        )?;
+        let deadline = Instant::now() + BATCH_TIMEOUT;
+        let mut done = 0;
+        while done < cmds.len() {
+            let mut raw = [0u8; 16];
+            self.mem
+                .read(self.cq_offset + self.head as u64 * 16, &mut raw);
+            let c = Cqe::from_bytes(&raw);
+            if c.phase() != self.phase {
+                if Instant::now() > deadline {
+                    return Err(Error::Unsupported {
+                        name: name.into(),
+                        reason: format!(
+                            "the device completed {done} of {} replayed admin commands within \
+                             {BATCH_TIMEOUT:?}",
+                            cmds.len()
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(20));
                 continue;
             }
-            let ram = &self.ram;
-            if let Err(status) =
-                crate::admin_check::check_admin(&sqe, &|gpa, len| ram.contains(gpa, len))
-            {
-                self.stats.refused += 1;
-                if self.stats.refused.is_power_of_two() {
-                    tracing::warn!(
-                        opcode = sqe.opcode(),
-                        refused = self.stats.refused,
-                        "guest admin command refused by the proxy: {status:?}"
-                    );
-                }
-                self.finish(sqe.cid(), 0, status);
-                continue;
+            let i = c.cid() as usize;
+            if !c.status().is_success() {
+                return Err(Error::Driver {
+                    name: name.into(),
+                    what: "replaying the configuration",
+                    source: nvme_spec::queue::DriverError::Command {
+                        opcode: cmds.get(i).map_or(0, |s| s.opcode()),
+                        status: c.status(),
+                    },
+                });
             }
-            if sqe.opcode() == admin::ASYNC_EVENT {
-                if self.aers.len() >= MAX_HELD_AERS {
-                    // Asynchronous Event Request Limit Exceeded.
-                    self.finish(sqe.cid(), 0, Status::new(1, 0x05));
-                } else {
-                    self.aers.push(sqe.cid());
-                    self.stats.aers_held += 1;
-                }
-                continue;
-            }
-            self.waiting.push_back(sqe);
-        }
-        self.submit();
-    }
-
-    /// Puts waiting commands on the hypervisor's queue while it has room.
-    fn submit(&mut self) {
-        while !self.held && self.stats.mapped && self.ctrl.admin_free() > 0 {
-            let Some(sqe) = self.waiting.pop_front() else {
-                break;
-            };
-            match self.ctrl.admin_submit(sqe) {
-                Ok(cid) => {
-                    self.inflight.insert(cid, sqe.cid());
-                }
-                Err(e) => {
-                    tracing::warn!("guest admin command {:#x}: {e}", sqe.opcode());
-                    self.finish(sqe.cid(), 0, Status::INTERNAL_ERROR);
-                }
-            }
-        }
-    }
-
-    /// Takes the device's completions; true when there were any.
-    fn reap(&mut self) -> bool {
-        let mut any = false;
-        while let Some(c) = self.ctrl.admin_poll() {
-            any = true;
-            match self.inflight.remove(&c.cid()) {
-                Some(guest_cid) => self.finish(guest_cid, c.result(), c.status()),
-                None => self.stats.anomalies += 1,
-            }
-        }
-        if any {
-            self.submit();
-        }
-        any
-    }
-
-    fn finish(&mut self, cid: u16, result: u32, status: Status) {
-        if !status.is_success() {
-            self.stats.failed += 1;
-        }
-        self.stats.served += 1;
-        self.done.push_back((cid, result, status));
-        self.post();
-    }
-
-    /// Posts finished completions while the guest's CQ has room (phase dword last).
-    fn post(&mut self) {
-        while (self.cq_tail + 1) % self.cq_entries != self.cq_head {
-            let Some((cid, result, status)) = self.done.pop_front() else {
-                break;
-            };
-            let cqe = Cqe::new(result, self.sq_head as u16, 0, cid, status, self.phase);
-            let at = self.acq.wrapping_add(self.cq_tail as u64 * 16);
-            let b = cqe.to_bytes();
-            if self.ram.contains(at, 16) {
-                let _ = self.ram.write(at, &b[..12]);
-                std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-                let _ = self.ram.write(at + 12, &b[12..]);
-            }
-            self.cq_tail = (self.cq_tail + 1) % self.cq_entries;
-            if self.cq_tail == 0 {
+            done += 1;
+            self.head = (self.head + 1) % self.cq_entries;
+            if self.head == 0 {
                 self.phase = !self.phase;
             }
         }
+        self.conn.region_write(
+            0,
+            regs::cq_head_doorbell(0, self.dstrd),
+            &self.head.to_le_bytes(),
+        )
     }
 }
 
-impl AdminProxy {
-    fn state(&self) -> std::sync::MutexGuard<'_, ProxyState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
+fn reg_read(conn: &Connection, off: u64) -> Result<u32> {
+    let mut b = [0u8; 4];
+    conn.region_read(0, off, &mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
 
-    fn wake(&self) {
-        if let Some(t) = self
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            t.thread().unpark();
+fn wait_ready(conn: &Connection, name: &str, ready: bool) -> Result<()> {
+    let deadline = Instant::now() + BATCH_TIMEOUT;
+    loop {
+        let s = reg_read(conn, regs::CSTS)?;
+        if s == u32::MAX || s & csts::CFS != 0 {
+            return Err(Error::Driver {
+                name: name.into(),
+                what: "replaying the configuration",
+                source: nvme_spec::queue::DriverError::Fatal(s),
+            });
         }
-    }
-
-    /// The guest wrote its admin SQ tail: its new commands are copied, validated and queued
-    /// (never waits for the device).
-    pub fn on_sq_tail(&self, tail: u32) {
-        self.state().take(tail);
-        self.wake();
-    }
-
-    /// The guest wrote its admin CQ head: room for more completions.
-    pub fn on_cq_head(&self, head: u32) {
-        let mut s = self.state();
-        if head >= s.cq_entries {
-            s.stats.anomalies += 1;
-            return;
+        if (s & csts::RDY != 0) == ready {
+            return Ok(());
         }
-        s.cq_head = head;
-        s.post();
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> ProxyStats {
-        self.state().stats
-    }
-
-    /// Guest admin commands on the device now.
-    pub fn on_device(&self) -> usize {
-        self.state().inflight.len()
-    }
-
-    /// Holds new guest commands back (they wait, validated) and waits up to `timeout` for
-    /// those on the device to complete; true when none is left. Not for vCPU threads.
-    pub fn hold(&self, timeout: Duration) -> bool {
-        self.state().held = true;
-        let t = Instant::now();
-        loop {
-            let mut s = self.state();
-            s.reap();
-            if s.inflight.is_empty() {
-                return true;
-            }
-            drop(s);
-            if t.elapsed() > timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        if Instant::now() > deadline {
+            return Err(Error::Driver {
+                name: name.into(),
+                what: "replaying the configuration",
+                source: nvme_spec::queue::DriverError::Timeout(if ready {
+                    "CSTS.RDY = 1"
+                } else {
+                    "CSTS.RDY = 0"
+                }),
+            });
         }
-    }
-
-    /// Lets held commands go to the device.
-    pub fn release(&self) {
-        let mut s = self.state();
-        s.held = false;
-        s.submit();
-        drop(s);
-        self.wake();
-    }
-
-    /// Stops the proxy (the guest is resetting the controller, which destroys the
-    /// hypervisor's queue): its thread ends; commands still pending are dropped, as a reset
-    /// drops them. Call [`AdminProxy::unmap`] once the controller is disabled.
-    pub fn retire(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake();
-        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = t {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
-        }
-        let mut s = self.state();
-        let dropped = s.inflight.len() + s.waiting.len() + s.aers.len();
-        if dropped > 0 {
-            tracing::info!(
-                dropped,
-                "the guest reset the controller: proxied admin commands dropped"
-            );
-        }
-        s.inflight.clear();
-        s.waiting.clear();
-        s.aers.clear();
-    }
-
-    /// Takes the hypervisor's admin memory away from the device (after [`AdminProxy::retire`]
-    /// and the controller is disabled): nothing guest-chosen can reach it afterwards.
-    pub fn unmap(&self) -> Result<()> {
-        let was = std::mem::replace(&mut self.state().stats.mapped, false);
-        if was {
-            self.conn.dma_unmap(self.iova, ADMIN_MEMORY)?;
-        }
-        Ok(())
-    }
-
-    /// One turn of the proxy's thread: reap completions; map the admin memory when guest
-    /// commands wait for the device, unmap it when none is on it. Returns true while the
-    /// device has commands. The vfio-user requests run without the state's lock, so a vCPU
-    /// taking commands never waits on them.
-    fn turn(&self, file: &std::fs::File) -> bool {
-        let (map, unmap, busy) = {
-            let mut s = self.state();
-            s.reap();
-            let need = !s.held && !s.waiting.is_empty();
-            let unmap = s.stats.mapped && s.inflight.is_empty() && !need;
-            if unmap {
-                // From here nothing is submitted until it is mapped again.
-                s.stats.mapped = false;
-            }
-            (need && !s.stats.mapped, unmap, !s.inflight.is_empty())
-        };
-        if unmap {
-            if let Err(e) = self.conn.dma_unmap(self.iova, ADMIN_MEMORY) {
-                tracing::warn!(
-                    "unmapping the admin proxy's memory: {}",
-                    vmm::ErrorChain(&e)
-                );
-            }
-        }
-        if map {
-            let mapped = self.conn.dma_map(0, self.iova, ADMIN_MEMORY, file);
-            let mut s = self.state();
-            match mapped {
-                Ok(()) => {
-                    s.stats.mapped = true;
-                    s.stats.maps += 1;
-                    s.submit();
-                }
-                Err(e) => {
-                    tracing::warn!("mapping the admin proxy's memory: {}", vmm::ErrorChain(&e));
-                    while let Some(sqe) = s.waiting.pop_front() {
-                        s.finish(sqe.cid(), 0, Status::INTERNAL_ERROR);
-                    }
-                }
-            }
-            return true;
-        }
-        busy
-    }
-
-    fn spawn(&self) -> Result<()> {
-        let file = self
-            .state()
-            ._mem
-            ._file
-            .try_clone()
-            .map_err(|source| Error::Os {
-                what: "duplicating the admin proxy's memfd".into(),
-                source,
-            })?;
-        let me = self.clone();
-        let name = format!("{}-admin-proxy", self.conn.name);
-        let t = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                sandbox::enter(sandbox::Kind::Device);
-                while !me.stop.load(Ordering::SeqCst) {
-                    let busy = me.turn(&file);
-                    // Poll briskly while the device has commands; sleep until woken otherwise.
-                    std::thread::park_timeout(if busy {
-                        Duration::from_micros(200)
-                    } else {
-                        Duration::from_millis(100)
-                    });
-                }
-            })
-            .map_err(|source| Error::Os {
-                what: "spawning the admin proxy thread".into(),
-                source,
-            })?;
-        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
-        Ok(())
+        std::thread::sleep(Duration::from_micros(50));
     }
 }
 
-fn drv(name: &str) -> impl Fn(nvme_spec::queue::DriverError) -> Error + '_ {
-    move |source| Error::Driver {
-        name: name.into(),
-        what: "replaying the configuration",
-        source,
-    }
-}
-
-/// Resets the device behind `conn`, enables it with a hypervisor admin queue at `iova`,
-/// replays `log` (features, I/O CQs and SQs at the guest's addresses) and returns the proxy
-/// that serves the guest's admin queue from now on.
+/// Resets the device behind `conn` and enables it on the guest's own admin queue (`log`'s
+/// AQA/ASQ/ACQ), replays `log` (features, I/O CQs and SQs at the guest's addresses) with the
+/// rings' DMA view on hypervisor memory, re-aligns the device's admin positions onto
+/// `guest_admin` (SQ tail, CQ head) with fillers, and gives the rings' DMA view back to guest
+/// RAM. `remap` moves a range of the device's DMA view (the attachment's layout).
 pub(crate) fn replay(
-    conn: Arc<crate::client::Connection>,
-    doorbells: Arc<Vec<crate::client::MappedArea>>,
-    ram: GuestRam,
+    conn: &Connection,
+    ram: &GuestRam,
+    layout: &Mutex<DmaLayout>,
     log: &ConfigLog,
     guest_admin: (u32, u32),
-    iova: u64,
-) -> Result<AdminProxy> {
+) -> Result<()> {
     let name = conn.name.clone();
-    let mut mem = DmaMemory::at(ADMIN_MEMORY, iova)?;
-    conn.dma_map(0, iova, ADMIN_MEMORY, &mem._file)?;
-    let mut ctrl =
-        crate::host_client::admin_controller(conn.clone(), doorbells, &mut mem, ADMIN_ENTRIES)
-            .map_err(drv(&name))?;
-    for (&fid, &cdw11) in &log.features {
-        let mut s = Sqe::new(admin::SET_FEATURES, 0);
-        s.set_cdw(10, fid as u32).set_cdw(11, cdw11);
-        ctrl.admin(s).map_err(drv(&name))?;
+    let unsupported = |reason: String| Error::Unsupported {
+        name: name.clone(),
+        reason,
+    };
+    let (sq_entries, cq_entries) = (aqa::sq_entries(log.aqa), aqa::cq_entries(log.aqa));
+    let (sq_tail, cq_head) = guest_admin;
+    if sq_entries < 2 || cq_entries < 2 || sq_tail >= sq_entries || cq_head >= cq_entries {
+        return Err(unsupported(format!(
+            "guest admin queue positions {sq_tail}/{cq_head} do not fit AQA {:#x}",
+            log.aqa
+        )));
     }
-    for (&qid, c) in &log.io_cqs {
-        let mut s = Sqe::new(admin::CREATE_CQ, 0);
-        s.set_prps(c.base, 0)
-            .set_cdw(10, (c.entries - 1) << 16 | qid as u32)
-            .set_cdw(11, 1 | (c.interrupts as u32) << 1 | (c.vector as u32) << 16);
-        ctrl.admin(s).map_err(drv(&name))?;
-    }
-    for (&qid, q) in &log.io_sqs {
-        let mut s = Sqe::new(admin::CREATE_SQ, 0);
-        s.set_prps(q.base, 0)
-            .set_cdw(10, (q.entries - 1) << 16 | qid as u32)
-            .set_cdw(11, 1 | (q.priority as u32) << 1 | (q.cqid as u32) << 16);
-        ctrl.admin(s).map_err(drv(&name))?;
-    }
-    // A controller the guest had already told to shut down is shut down here too (the guest
-    // may be polling CSTS.SHST for it).
-    if cc::shn(log.cc) != 0 {
-        use nvme_spec::queue::Platform;
-        let v = ctrl.platform.reg_read32(regs::CC);
-        ctrl.platform
-            .reg_write32(regs::CC, (v & !(3 << 14)) | cc::shn(log.cc) << 14);
+    let sq_len = (sq_entries as u64 * 64).next_multiple_of(PAGE);
+    let cq_len = (cq_entries as u64 * 16).next_multiple_of(PAGE);
+    let overlap =
+        log.asq < log.acq.saturating_add(cq_len) && log.acq < log.asq.saturating_add(sq_len);
+    if overlap || !log.asq.is_multiple_of(PAGE) || !log.acq.is_multiple_of(PAGE) {
+        return Err(unsupported(format!(
+            "guest admin rings at {:#x}+{sq_len:#x} and {:#x}+{cq_len:#x} overlap or are not \
+             page aligned",
+            log.asq, log.acq
+        )));
     }
     // Where the guest's admin queue stands: everything it submitted was completed and
-    // consumed before the switchover (the mediation checks), so its CQ tail is its CQ head;
-    // the phase follows from the last entry it consumed.
-    let (sq_tail, cq_head) = guest_admin;
-    let (sq_entries, cq_entries) = (aqa::sq_entries(log.aqa), aqa::cq_entries(log.aqa));
-    if sq_entries < 2 || cq_entries < 2 || sq_tail >= sq_entries || cq_head >= cq_entries {
-        return Err(Error::Unsupported {
-            name,
-            reason: format!(
-                "guest admin queue positions {sq_tail}/{cq_head} do not fit AQA {:#x}",
-                log.aqa
-            ),
-        });
-    }
+    // consumed before the switchover (the source checks), so its CQ tail is its CQ head; the
+    // phase follows from the last entry it consumed.
     let phase_at = |i: u32| -> bool {
         let mut b = [0u8; 16];
         let at = log.acq.wrapping_add(i as u64 * 16);
@@ -475,35 +209,173 @@ pub(crate) fn replay(
     } else {
         phase_at(cq_head - 1)
     };
-    let proxy = AdminProxy {
-        state: Arc::new(Mutex::new(ProxyState {
-            ctrl,
-            _mem: mem,
-            ram,
-            asq: log.asq,
-            acq: log.acq,
+    let mut cmds = Vec::new();
+    for (&fid, &cdw11) in &log.features {
+        let mut s = Sqe::new(admin::SET_FEATURES, 0);
+        s.set_cdw(10, fid as u32).set_cdw(11, cdw11);
+        cmds.push(s);
+    }
+    for (&qid, c) in &log.io_cqs {
+        let mut s = Sqe::new(admin::CREATE_CQ, 0);
+        s.set_prps(c.base, 0)
+            .set_cdw(10, (c.entries - 1) << 16 | qid as u32)
+            .set_cdw(11, 1 | (c.interrupts as u32) << 1 | (c.vector as u32) << 16);
+        cmds.push(s);
+    }
+    for (&qid, q) in &log.io_sqs {
+        let mut s = Sqe::new(admin::CREATE_SQ, 0);
+        s.set_prps(q.base, 0)
+            .set_cdw(10, (q.entries - 1) << 16 | qid as u32)
+            .set_cdw(11, 1 | (q.priority as u32) << 1 | (q.cqid as u32) << 16);
+        cmds.push(s);
+    }
+    let n = commands_to_align(
+        (sq_entries, cq_entries),
+        (sq_tail, cq_head, phase),
+        cmds.len() as u64,
+    )
+    .ok_or_else(|| {
+        unsupported(format!(
+            "the device's admin queue cannot be brought onto the guest's positions {sq_tail}/\
+             {cq_head} (AQA {:#x}) with at most {MAX_ADMIN_FILLERS} fillers",
+            log.aqa
+        ))
+    })?;
+    let mut filler = Sqe::new(admin::GET_FEATURES, 0);
+    filler.set_cdw(10, feature::NUMBER_OF_QUEUES as u32);
+    cmds.resize(n as usize, filler);
+
+    let mem = DmaMemory::at(sq_len + cq_len, 0)?;
+    let fd: Arc<std::os::fd::OwnedFd> = Arc::new(
+        mem._file
+            .try_clone()
+            .map_err(|source| Error::Os {
+                what: "duplicating the replay ring memfd".into(),
+                source,
+            })?
+            .into(),
+    );
+    let remap =
+        |gpa, size, backing| crate::attach::remap_dma(conn, ram, layout, gpa, size, backing);
+    remap(
+        log.asq,
+        sq_len,
+        DeviceBacking::Host {
+            fd: fd.clone(),
+            offset: 0,
+        },
+    )?;
+    let moved_cq = remap(
+        log.acq,
+        cq_len,
+        DeviceBacking::Host {
+            fd: fd.clone(),
+            offset: sq_len,
+        },
+    );
+    let cq_moved = moved_cq.is_ok();
+    let result = moved_cq.and_then(|()| {
+        let mut cap = [0u8; 8];
+        conn.region_read(0, regs::CAP, &mut cap)?;
+        let dstrd = regs::cap::dstrd(u64::from_le_bytes(cap));
+        if reg_read(conn, regs::CC)? & cc::EN != 0 {
+            conn.region_write(0, regs::CC, &0u32.to_le_bytes())?;
+        }
+        wait_ready(conn, &name, false)?;
+        for (off, v) in [
+            (regs::AQA, log.aqa),
+            (regs::ASQ, log.asq as u32),
+            (regs::ASQ + 4, (log.asq >> 32) as u32),
+            (regs::ACQ, log.acq as u32),
+            (regs::ACQ + 4, (log.acq >> 32) as u32),
+            (regs::CC, cc::ENABLE),
+        ] {
+            conn.region_write(0, off, &v.to_le_bytes())?;
+        }
+        wait_ready(conn, &name, true)?;
+        let mut ring = Ring {
+            conn,
+            mem,
             sq_entries,
             cq_entries,
-            sq_head: sq_tail,
-            cq_tail: cq_head,
-            phase,
-            cq_head,
-            waiting: VecDeque::new(),
-            inflight: HashMap::new(),
-            done: VecDeque::new(),
-            aers: Vec::new(),
-            held: false,
-            // Mapped for the replay; the proxy's thread unmaps it once idle.
-            stats: ProxyStats {
-                mapped: true,
-                ..Default::default()
-            },
-        })),
-        stop: Arc::new(AtomicBool::new(false)),
-        thread: Arc::new(Mutex::new(None)),
-        conn,
-        iova,
+            cq_offset: sq_len,
+            tail: 0,
+            head: 0,
+            phase: true,
+            dstrd,
+        };
+        let batch = (sq_entries.min(cq_entries) - 1) as usize;
+        for chunk in cmds.chunks(batch) {
+            ring.run(chunk, &name)?;
+        }
+        debug_assert_eq!(
+            (ring.tail, ring.head, ring.phase),
+            (sq_tail, cq_head, phase)
+        );
+        // A controller the guest had already told to shut down is shut down here too (the
+        // guest may be polling CSTS.SHST for it).
+        if cc::shn(log.cc) != 0 {
+            let v = reg_read(conn, regs::CC)?;
+            conn.region_write(
+                0,
+                regs::CC,
+                &((v & !(3 << 14)) | cc::shn(log.cc) << 14).to_le_bytes(),
+            )?;
+        }
+        Ok(())
+    });
+    // The rings' DMA view goes back to guest RAM whatever happened: nothing of the
+    // hypervisor's stays where the device can reach it.
+    let back_sq = remap(log.asq, sq_len, DeviceBacking::Ram);
+    let back_cq = if cq_moved {
+        remap(log.acq, cq_len, DeviceBacking::Ram)
+    } else {
+        Ok(())
     };
-    proxy.spawn()?;
-    Ok(proxy)
+    result?;
+    back_sq?;
+    back_cq?;
+    tracing::info!(
+        name = %name,
+        commands = n,
+        fillers = n - (log.features.len() + log.io_cqs.len() + log.io_sqs.len()) as u64,
+        sq_tail,
+        cq_head,
+        "configuration replayed through the guest's admin queue"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fillers_land_the_device_on_the_guests_admin_positions() {
+        // One size: the count is the guest's total modulo twice the size.
+        for total in [0u64, 5, 31, 32, 33, 63, 64, 100] {
+            let (s, c) = (32u32, 32u32);
+            let pos = (
+                (total % s as u64) as u32,
+                (total % c as u64) as u32,
+                (total / c as u64).is_multiple_of(2),
+            );
+            let n = commands_to_align((s, c), pos, 7).unwrap();
+            assert!((7..7 + 64).contains(&n), "{total}: {n}");
+            assert_eq!(n % 64, total % 64, "{total}");
+        }
+        // Different sizes: still the guest's count modulo lcm(S, 2C).
+        let (s, c) = (16u32, 24u32);
+        let total = 1000u64;
+        let pos = (
+            (total % 16) as u32,
+            (total % 24) as u32,
+            (total / 24).is_multiple_of(2),
+        );
+        let n = commands_to_align((s, c), pos, 3).unwrap();
+        assert_eq!(n % 48, total % 48);
+        // Positions no history can produce (a command outstanding on a one-size queue).
+        assert_eq!(commands_to_align((32, 32), (5, 4, true), 0), None);
+        assert_eq!(commands_to_align((1, 32), (0, 0, true), 0), None);
+    }
 }

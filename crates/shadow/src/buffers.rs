@@ -16,6 +16,14 @@ pub trait Buffers {
     /// True when `[gpa, gpa + len)` is guest RAM the device may DMA.
     fn in_ram(&self, gpa: u64, len: u64) -> bool;
 
+    /// True when a guest-supplied data address range `[gpa, gpa + len)` is guest RAM the
+    /// device may DMA for a command: [`Buffers::in_ram`] minus the rings whose device side
+    /// only the hypervisor writes (a command's data there would write ring entries nobody
+    /// checked, or hypervisor memory where the device side is a copy).
+    fn data_in_ram(&self, gpa: u64, len: u64) -> bool {
+        self.in_ram(gpa, len)
+    }
+
     /// Copies a validated PRP list (`entries`: the data pages after the first) of a command of
     /// queue `qid` into bounce slot `slot` (one per command in flight), memory the guest cannot
     /// reach and the device can, and returns the address to give the device as PRP2. None when

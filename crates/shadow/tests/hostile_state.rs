@@ -694,7 +694,7 @@ fn the_restore_path_refuses_hostile_states_before_touching_anything() {
     let mut s = valid();
     s.config.io_cqs.get_mut(&1).unwrap().entries = 0;
     assert!(matches!(
-        att.replay(&s.config, s.admin, 1 << 40),
+        att.replay(&s.config, s.admin),
         Err(passthrough::Error::InvalidState { .. })
     ));
     assert!(matches!(

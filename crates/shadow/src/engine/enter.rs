@@ -99,20 +99,27 @@ impl Engine {
                 self.move_onto(slots, designation, c)?;
                 remapped.push(c.gpa.clone());
             }
-            let bounce = self.map_bounce(&ram, geos, limits)?;
-            mapped_bounce = Some(bounce.clone());
-            // Guest admin commands are checked before the device sees them, as I/O ones are.
-            // With the copy as the device buffer the device is idle here, so the ring it
-            // reads can move onto a hypervisor copy; otherwise its mapping is left alone.
+            // No guest admin command may aim the device into the rings either.
+            self.att.protected().set(
+                passthrough::admin_guard::Owner::Engine,
+                copies.iter().map(|c| c.gpa.clone()).collect(),
+            );
+            // Guest admin commands are checked before the device sees them, as I/O ones are,
+            // from before the bounce areas are mapped. With the copy as the device buffer the
+            // device is idle here, so the ring it reads can move onto a hypervisor copy;
+            // otherwise the vCPUs' view of it moves (they are paused).
             let mode = match designation {
                 Designation::DeviceBuffer => passthrough::admin_guard::GuardMode::Copy,
-                Designation::VcpuBuffer => passthrough::admin_guard::GuardMode::InPlace,
+                Designation::VcpuBuffer => passthrough::admin_guard::GuardMode::Swap,
             };
             self.att
-                .guard_admin_sq(Some(mode))
+                .guard_admin_sq(slots, Some(mode))
                 .map_err(hook("guarding the guest's admin SQ"))?;
-            let bufs =
-                EngineBuffers::new(ram.clone(), copies.clone(), designation).with_bounce(bounce);
+            let bounce = self.map_bounce(&ram, geos, limits)?;
+            mapped_bounce = Some(bounce.clone());
+            let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation)
+                .with_bounce(bounce)
+                .with_protected(self.att.protected());
             let mut queues = Vec::new();
             for (i, g) in geos.iter().enumerate() {
                 let (page, sq_off, cq_off) = places[i];
@@ -127,6 +134,7 @@ impl Engine {
         let (pages, queues, copies, early_dirty, wakeups) = match result {
             Ok(v) => v,
             Err(e) => {
+                self.unguard(slots);
                 if let Some(b) = &mapped_bounce {
                     self.unmap_bounce(b);
                 }
@@ -140,7 +148,8 @@ impl Engine {
                 queues,
                 pages,
                 bufs: EngineBuffers::new(ram, copies.clone(), designation)
-                    .with_bounce(bounce.clone()),
+                    .with_bounce(bounce.clone())
+                    .with_protected(self.att.protected()),
                 dirty: early_dirty,
                 pending_irqs: Vec::new(),
             }),
@@ -150,6 +159,7 @@ impl Engine {
         });
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {
             self.release_vectors(&shared.wakeups);
+            self.unguard(slots);
             self.unmap_bounce(&bounce);
             self.undo_enter(slots, designation, &remapped, &redirected);
         })?;
@@ -215,13 +225,19 @@ impl Engine {
         Ok(Arc::new(out))
     }
 
-    /// Takes the bounce areas away from the device (it must have no command in flight).
-    pub(crate) fn unmap_bounce(&self, bounce: &[Bounce]) {
-        // Leaving (or failing to enter) shadow mode: the device reads the guest's admin SQ
-        // again (vCPUs paused or the engine's queues drained).
-        if let Err(e) = self.att.guard_admin_sq(None) {
+    /// Leaving (or failing to enter) shadow mode: the device reads the guest's admin SQ
+    /// again (vCPUs paused, or the guard in copy mode and the engine's queues drained).
+    pub(crate) fn unguard(&self, slots: &vmm::memslots::MemorySlots) {
+        if let Err(e) = self.att.guard_admin_sq(slots, None) {
             tracing::warn!("dropping the admin SQ guard: {}", vmm::ErrorChain(&e));
         }
+        self.att
+            .protected()
+            .set(passthrough::admin_guard::Owner::Engine, Vec::new());
+    }
+
+    /// Takes the bounce areas away from the device (it must have no command in flight).
+    pub(crate) fn unmap_bounce(&self, bounce: &[Bounce]) {
         for b in bounce {
             if let Err(e) = self.att.unmap_device_memory(b.iova, b.pages.len() as u64) {
                 tracing::warn!(

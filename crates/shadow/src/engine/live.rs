@@ -135,18 +135,13 @@ impl Engine {
         // 3. Rings.
         if a.designation == super::Designation::DeviceBuffer {
             // The guest's view is RAM already; the device goes back to it. Its I/O queues are
-            // held and idle and, with the admin proxy held, no guest admin command is on it, so
-            // nothing DMAs while its mapping around the rings is re-made.
-            self.att.with_admin_proxy_held(|proxied| -> Result<()> {
-                if !proxied {
-                    self.wait_admin_idle()?;
-                }
-                while let Some(r) = a.remapped.first().cloned() {
-                    self.move_back(slots, a.designation, &r)?;
-                    a.remapped.remove(0);
-                }
-                Ok(())
-            })?;
+            // held and idle and, once the guest admin commands on it are done, nothing DMAs
+            // while its mapping around the rings is re-made.
+            self.wait_admin_idle()?;
+            while let Some(r) = a.remapped.first().cloned() {
+                self.move_back(slots, a.designation, &r)?;
+                a.remapped.remove(0);
+            }
         }
         for c in a
             .copies
@@ -196,6 +191,7 @@ impl Engine {
         }
         a.remapped.clear();
         // Held and drained: no command reads a bounced list any more.
+        self.unguard(slots);
         self.unmap_bounce(&std::mem::take(&mut a.bounce));
         // 4. The device gets the guest's last doorbell values; later writes go straight to it.
         {

@@ -193,6 +193,7 @@ pub struct EngineBuffers {
     copies: Arc<Vec<Copy>>,
     designation: Designation,
     bounce: Arc<Vec<Bounce>>,
+    protected: Option<Arc<passthrough::admin_guard::Protected>>,
 }
 
 impl EngineBuffers {
@@ -203,7 +204,15 @@ impl EngineBuffers {
             copies,
             designation,
             bounce: Arc::new(Vec::new()),
+            protected: None,
         }
+    }
+
+    /// The same view, refusing data addresses in the attachment's protected ranges too (the
+    /// guarded admin SQ).
+    pub fn with_protected(mut self, p: Arc<passthrough::admin_guard::Protected>) -> Self {
+        self.protected = Some(p);
+        self
     }
 
     /// The same view, with bounce areas for PRP lists.
@@ -285,6 +294,18 @@ impl Buffers for EngineBuffers {
     }
     fn in_ram(&self, gpa: u64, len: u64) -> bool {
         self.ram.contains(gpa, len)
+    }
+    fn data_in_ram(&self, gpa: u64, len: u64) -> bool {
+        let end = gpa.saturating_add(len);
+        self.ram.contains(gpa, len)
+            && !self
+                .copies
+                .iter()
+                .any(|c| gpa < c.gpa.end && c.gpa.start < end)
+            && !self
+                .protected
+                .as_ref()
+                .is_some_and(|p| p.overlaps(gpa, len))
     }
     fn bounce_prp_list(&self, qid: u16, slot: usize, entries: &[u64]) -> Option<u64> {
         let b = self.bounce.iter().find(|b| b.qid == qid)?;

@@ -233,8 +233,6 @@ pub struct EngineStatus {
     pub msix_routes: Vec<u16>,
     /// While shadowed: guest admin commands the admin SQ guard refused.
     pub admin_refused: Option<u64>,
-    /// The destination's admin proxy counters (while it serves the guest's admin queue).
-    pub admin_proxy: Option<passthrough::replay::ProxyStats>,
 }
 
 /// The shadow engine of one passthrough NVMe device.
@@ -403,7 +401,6 @@ impl Engine {
             mapped_doorbell_pages: self.att.mapped_doorbell_pages(),
             msix_routes: self.att.msix_routes().iter().map(|r| r.0).collect(),
             admin_refused: self.att.admin_guard_refused(),
-            admin_proxy: self.att.admin_proxy_stats(),
         }
     }
 
@@ -611,6 +608,7 @@ impl Engine {
             self.release_page(slots, p.bar_offset)?;
         }
         // Drained: no command reads a bounced list any more.
+        self.unguard(slots);
         self.unmap_bounce(&std::mem::take(&mut a.bounce));
         let stats: Vec<QueueStats> = run.queues.iter().map(|q| q.q.stats()).collect();
         tracing::info!(

@@ -22,8 +22,8 @@ fn hook(what: String) -> impl FnOnce(passthrough::Error) -> Error {
 impl Engine {
     /// Rebuilds the device of `saved` behind `att` in `vm` (restored, not started): the
     /// arrived ring pages become the vCPU-buffer copies, the device is reset and its
-    /// configuration replayed (a hypervisor admin queue at an IOVA above guest RAM; the I/O
-    /// queues at the guest's ring addresses, zeroed), and each queue is rebuilt, held, in
+    /// configuration replayed through the guest's own admin queue (the I/O queues at the
+    /// guest's ring addresses, zeroed), and each queue is rebuilt, held, in
     /// front of the fresh device. Call [`Engine::realign`] once the VM runs, then
     /// [`Engine::leave`].
     pub fn restore(
@@ -72,12 +72,17 @@ impl Engine {
                     })?;
             }
         }
-        att.replay(&saved.config, saved.admin, super::hypervisor_iova(&ram))
+        att.replay(&saved.config, saved.admin)
             .map_err(hook("replaying the configuration log".into()))?;
+        att.protected().set(
+            passthrough::admin_guard::Owner::Engine,
+            copies.iter().map(|c| c.gpa.clone()).collect(),
+        );
         let bounce = engine.map_bounce(&ram, &geos, saved.limits)?;
 
         let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation)
-            .with_bounce(bounce.clone());
+            .with_bounce(bounce.clone())
+            .with_protected(att.protected());
         let mut pages: Vec<DoorbellPage> = Vec::new();
         let mut queues = Vec::new();
         for (state, &(sq, cq)) in saved.queues.iter().zip(&saved.doorbells) {

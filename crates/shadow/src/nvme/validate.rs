@@ -42,7 +42,7 @@ fn page_in_ram(bufs: &dyn Buffers, page: u64) -> Result<(), Status> {
     if !page.is_multiple_of(PAGE_SIZE) {
         return Err(Status::INVALID_PRP_OFFSET);
     }
-    if !bufs.in_ram(page, PAGE_SIZE) {
+    if !bufs.data_in_ram(page, PAGE_SIZE) {
         return Err(Status::DATA_TRANSFER_ERROR);
     }
     Ok(())
@@ -57,7 +57,7 @@ pub fn prp_pages(prp1: u64, prp2: u64, len: u64, bufs: &dyn Buffers) -> Result<V
         return Err(Status::INVALID_PRP_OFFSET);
     }
     let first = prp1 - prp1 % PAGE_SIZE;
-    if !bufs.in_ram(first, PAGE_SIZE) {
+    if !bufs.data_in_ram(first, PAGE_SIZE) {
         return Err(Status::DATA_TRANSFER_ERROR);
     }
     let total = prp::pages(prp1, len);
@@ -86,7 +86,7 @@ pub fn prp_pages(prp1: u64, prp2: u64, len: u64, bufs: &dyn Buffers) -> Result<V
                 };
                 let count = if needed > in_page { in_page } else { needed };
                 let mut raw = vec![0u8; (count * 8) as usize];
-                if !bufs.read_device(list, &mut raw) || !bufs.in_ram(list, count * 8) {
+                if !bufs.read_device(list, &mut raw) || !bufs.data_in_ram(list, count * 8) {
                     return Err(Status::DATA_TRANSFER_ERROR);
                 }
                 let entries: Vec<u64> = raw
