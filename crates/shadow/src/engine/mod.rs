@@ -6,6 +6,7 @@
 //! - [`poller`]: the thread that moves doorbells and completions while shadowed;
 //! - [`device`]: the engine as a [`migration::MigratableDevice`] (source side).
 pub mod checks;
+pub mod cost;
 pub mod device;
 mod enter;
 pub mod irq;
