@@ -6,7 +6,8 @@
 //! ([`forward_on_vcpu`]): no hand-off to the poller, whose job is then only the completions.
 //!
 //! The poller spins only while there is work: rounds follow each other at once while they move
-//! entries; with commands in flight and nothing moving it spins up to [`SPIN_BUSY`], when idle
+//! entries; with commands in flight and nothing moving it spins up to [`SPIN_BUSY`] (unless
+//! their completions come by interrupt), when idle
 //! up to [`SPIN_IDLE`], and then hands the CPU over — blocking on an event when nothing needs
 //! polling (trapped doorbells, nothing in flight, or completions by interrupt), otherwise
 //! sleeping in short steps growing to [`SLEEP_MAX`]. On two cores shared with a spinning
@@ -24,7 +25,7 @@ use super::{DoorbellPage, QueueRt, Running, Shared};
 use crate::{engine::memory::EngineBuffers, Error, Result, RingAdapter};
 
 /// Spinning with commands in flight and nothing moving, before sleeping.
-const SPIN_BUSY: Duration = Duration::from_micros(50);
+const SPIN_BUSY: Duration = Duration::from_micros(20);
 /// Spinning with nothing in flight, before sleeping or blocking.
 const SPIN_IDLE: Duration = Duration::from_micros(5);
 /// First sleep after spinning; each further one doubles, up to [`SLEEP_MAX`].
@@ -71,13 +72,21 @@ fn run(shared: &Shared) {
             sleep = SLEEP_MIN;
             continue;
         }
+        let can_block = shared.wakeups.can_block;
+        // With completions by interrupt the device says when a command is done: no spinning
+        // for it.
+        let spin = if work && !can_block {
+            SPIN_BUSY
+        } else {
+            SPIN_IDLE
+        };
         let since = *quiet_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < if work { SPIN_BUSY } else { SPIN_IDLE } {
+        if since.elapsed() < spin {
             std::hint::spin_loop();
             continue;
         }
-        if shared.wakeups.can_block || (all_trapped && !work) {
-            park(shared);
+        if can_block || (all_trapped && !work) {
+            park(shared, can_block);
             quiet_since = None;
             sleep = SLEEP_MIN;
         } else {
@@ -88,13 +97,15 @@ fn run(shared: &Shared) {
 }
 
 /// Blocks until an event (a device interrupt taken over, or the trap hook's wake-up), unless
-/// work arrived while the poller was deciding to block.
-fn park(shared: &Shared) {
+/// work arrived while the poller was deciding to block. `interrupts`: every completion comes
+/// with a device interrupt, so commands in flight do not keep the poller awake.
+fn park(shared: &Shared, interrupts: bool) {
     shared.parked.store(true, Ordering::SeqCst);
     // A vCPU that forwarded before this look is seen here; one that forwards after it sees
-    // `parked` (both go through the state lock) and wakes the poller.
-    let work = has_work(&shared.lock()) || shared.kick.load(Ordering::SeqCst);
-    if !work {
+    // `parked` (both go through the state lock) and wakes the poller. A vCPU that found the
+    // lock taken (by this look) leaves `kick`, read after the guard is gone.
+    let work = !interrupts && has_work(&shared.lock());
+    if !work && !shared.kick.load(Ordering::SeqCst) {
         shared.wakeups.block(BLOCK_MAX);
     }
     shared.parked.store(false, Ordering::SeqCst);
@@ -132,7 +143,12 @@ pub(crate) fn forward_on_vcpu(shared: &Shared, index: usize, is_cq: bool) {
     let mut run = match shared.state.try_lock() {
         Ok(run) => run,
         Err(TryLockError::WouldBlock) => {
-            shared.kick.store(true, Ordering::Release);
+            // The poller reads `kick` after its round, or after setting `parked` (then this
+            // sees `parked` and wakes it).
+            shared.kick.store(true, Ordering::SeqCst);
+            if shared.parked.load(Ordering::SeqCst) {
+                let _ = shared.wakeups.wake.write(1);
+            }
             return;
         }
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
