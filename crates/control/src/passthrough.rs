@@ -222,8 +222,16 @@ impl migration::DeviceRestorer for NvmeRestorer {
     fn prepare(&mut self, vm: &Vm, names: &[String]) -> std::result::Result<(), DeviceError> {
         // The device is attached while the memory arrives: connecting, mapping guest RAM for
         // its DMA and the hypervisor's Identify are then not part of the downtime.
+        // A failure here is not final: the restore tries again (and reports it there, once
+        // the source has entered shadow mode and can leave it cleanly).
         if names.iter().any(|n| n == "nvme0") && self.source.is_some() && self.engine.is_none() {
-            self.attached = Some(self.attach(vm)?);
+            match self.attach(vm) {
+                Ok(att) => self.attached = Some(att),
+                Err(e) => tracing::warn!(
+                    "attaching the destination's device before the transfer: {}",
+                    vmm::ErrorChain(&e)
+                ),
+            }
         }
         Ok(())
     }

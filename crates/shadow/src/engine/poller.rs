@@ -9,8 +9,9 @@
 //! entries; with commands in flight and nothing moving it spins up to [`SPIN_BUSY`] (unless
 //! their completions come by interrupt), when idle
 //! up to [`SPIN_IDLE`], and then hands the CPU over — blocking on an event when nothing needs
-//! polling (trapped doorbells, nothing in flight, or completions by interrupt), otherwise
-//! sleeping in short steps growing to [`SLEEP_MAX`]. On two cores shared with a spinning
+//! polling (completions by interrupt and trapped doorbells), otherwise sleeping in short
+//! steps growing to [`SLEEP_MAX`] (a trapped doorbell may also be stored by a hook that does
+//! not forward, as while leaving shadow mode on a destination). On two cores shared with a spinning
 //! vCPU and a spinning device a poller that never slept would wait whole scheduler time
 //! slices; one that sleeps keeps a small virtual runtime and preempts a spinner when it wakes.
 use std::{
@@ -52,7 +53,6 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
 }
 
 fn run(shared: &Shared) {
-    let all_trapped = shared.lock().pages.iter().all(|p| p.trapped);
     let mut quiet_since: Option<Instant> = None;
     let mut sleep = SLEEP_MIN;
     while !shared.stop.load(Ordering::Acquire) {
@@ -85,7 +85,7 @@ fn run(shared: &Shared) {
             std::hint::spin_loop();
             continue;
         }
-        if can_block || (all_trapped && !work) {
+        if can_block {
             park(shared, can_block);
             quiet_since = None;
             sleep = SLEEP_MIN;
