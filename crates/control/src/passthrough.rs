@@ -184,6 +184,8 @@ pub struct NvmeRestorer {
     pub child: Option<DeviceChild>,
     /// The engine, once restored.
     pub engine: Option<Arc<Engine>>,
+    /// The device attached to the arriving VM before its state came (outside the downtime).
+    attached: Option<Attachment>,
 }
 
 impl NvmeRestorer {
@@ -202,11 +204,48 @@ impl NvmeRestorer {
             opts,
             child,
             engine: None,
+            attached: None,
         })
+    }
+
+    /// Attaches the destination's device to `vm` (its process started if needed).
+    fn attach(&mut self, vm: &Vm) -> std::result::Result<Attachment, DeviceError> {
+        let source = self.source.as_ref().ok_or_else(|| {
+            DeviceError::NotConfigured(
+                "the VM has a passthrough NVMe device and this destination has none (start \
+                 `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
+                    .into(),
+            )
+        })?;
+        let (child, socket) = device_socket(source)
+            .map_err(|e| DeviceError::failed("starting the destination's device", e))?;
+        if child.is_some() {
+            self.child = child;
+        }
+        Attachment::attach(vm, &AttachOptions::new("nvme0", &socket)).map_err(
+            DeviceError::while_doing("attaching the destination's device"),
+        )
     }
 }
 
 impl migration::DeviceRestorer for NvmeRestorer {
+    fn prepare(&mut self, vm: &Vm, names: &[String]) -> std::result::Result<(), DeviceError> {
+        // The device is attached while the memory arrives: connecting, mapping guest RAM for
+        // its DMA and the hypervisor's Identify are then not part of the downtime.
+        // A failure here is not final: the restore tries again (and reports it there, once
+        // the source has entered shadow mode and can leave it cleanly).
+        if names.iter().any(|n| n == "nvme0") && self.source.is_some() && self.engine.is_none() {
+            match self.attach(vm) {
+                Ok(att) => self.attached = Some(att),
+                Err(e) => tracing::warn!(
+                    "attaching the destination's device before the transfer: {}",
+                    vmm::ErrorChain(&e)
+                ),
+            }
+        }
+        Ok(())
+    }
+
     fn restore(
         &mut self,
         vm: &Vm,
@@ -216,24 +255,13 @@ impl migration::DeviceRestorer for NvmeRestorer {
         if name != "nvme0" || self.engine.is_some() {
             return Err(DeviceError::NoSlot { name: name.into() });
         }
-        let source = self.source.as_ref().ok_or_else(|| {
-            DeviceError::NotConfigured(
-                "the VM has a passthrough NVMe device and this destination has none (start \
-                 `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
-                    .into(),
-            )
-        })?;
         // Refuse garbage before a device process or an attachment is touched.
         let saved = shadow::engine::device::SavedDevice::decode(state)
             .map_err(|e| DeviceError::InvalidState(e.into()))?;
-        let (child, socket) = device_socket(source)
-            .map_err(|e| DeviceError::failed("starting the destination's device", e))?;
-        if child.is_some() {
-            self.child = child;
-        }
-        let att = Attachment::attach(vm, &AttachOptions::new("nvme0", &socket)).map_err(
-            DeviceError::while_doing("attaching the destination's device"),
-        )?;
+        let att = match self.attached.take() {
+            Some(att) => att,
+            None => self.attach(vm)?,
+        };
         let engine =
             Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| match e {
                 shadow::Error::State(e) => DeviceError::InvalidState(e.into()),

@@ -392,6 +392,10 @@ pub struct BenchShadowArgs {
     /// Migrations per configuration (the median counts).
     #[arg(long, default_value_t = 3)]
     pub migrations: usize,
+    /// Measure only the engine's CPU cost per forwarded I/O against an in-process device
+    /// that completes at once (no VM), against the floor of copying the entries.
+    #[arg(long)]
+    pub engine: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

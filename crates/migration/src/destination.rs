@@ -411,6 +411,19 @@ pub(crate) fn run(
     // any failure) until the source's Go.
     let mut vm = Vm::with_ram(&vm_config, GuestRam::new(cfg.ram_size)?)?;
     let ram = vm.ram().clone();
+    if !cfg.devices.is_empty() {
+        let t = Instant::now();
+        restorer
+            .prepare(&vm, &cfg.devices)
+            .map_err(|source| MigrationError::Device {
+                name: cfg.devices.join(","),
+                source,
+            })?;
+        tracing::debug!(
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "devices prepared before the transfer"
+        );
+    }
 
     let mut state: Option<VmState> = None;
     let mut devices: Vec<(String, Vec<u8>)> = Vec::new();

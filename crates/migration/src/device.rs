@@ -79,6 +79,13 @@ pub trait MigratableDevice: Send {
 
 /// Rebuilds devices on the destination from their saved state.
 pub trait DeviceRestorer {
+    /// The VM was built (not started, RAM still arriving) for a migration that will bring
+    /// the devices `names`: work that needs no saved state (attaching a device) can be done
+    /// now, outside the downtime. The default does nothing.
+    fn prepare(&mut self, vm: &vmm::Vm, names: &[String]) -> Result<(), DeviceError> {
+        let _ = (vm, names);
+        Ok(())
+    }
     /// Restores device `name` from `state` into `vm` (built, state restored, not started yet).
     /// `state` came from the network: the restorer validates all of it before using any.
     fn restore(&mut self, vm: &vmm::Vm, name: &str, state: &[u8]) -> Result<(), DeviceError>;

@@ -128,7 +128,6 @@ impl Engine {
                 queues.push(QueueRt::new(q, (page, sq_off, cq_off), (sq, cq)));
             }
             let wakeups = self.take_vectors(config, &pages, &mut queues)?;
-            self.install_hook(&pages, &queues, &wakeups);
             Ok((pages, queues, copies, early_dirty, wakeups))
         })();
         let (pages, queues, copies, early_dirty, wakeups) = match result {
@@ -154,9 +153,12 @@ impl Engine {
                 pending_irqs: Vec::new(),
             }),
             stop: AtomicBool::new(false),
+            kick: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
             wakeups,
             att: self.att.clone(),
         });
+        self.install_hook(&shared);
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {
             self.release_vectors(&shared.wakeups);
             self.unguard(slots);

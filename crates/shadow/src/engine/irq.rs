@@ -74,18 +74,21 @@ impl Wakeups {
             .collect()
     }
 
-    /// Waits until a device interrupt or a trapped doorbell arrives, or `idle` passes (a
-    /// bounded safety net instead of `idle` when nothing needs polling).
+    /// Sleeps `idle`, or less when a device interrupt taken over or a wake-up arrives.
     pub fn wait(&self, idle: Duration) {
         if self.vectors.is_empty() {
             std::thread::sleep(idle);
             return;
         }
-        let timeout = if self.can_block {
-            Duration::from_millis(20)
-        } else {
-            idle
-        };
+        self.poll_events(idle);
+    }
+
+    /// Blocks until a device interrupt taken over or a wake-up arrives, or `timeout` passes.
+    pub fn block(&self, timeout: Duration) {
+        self.poll_events(timeout);
+    }
+
+    fn poll_events(&self, timeout: Duration) {
         let mut fds: Vec<libc::pollfd> = self
             .vectors
             .iter()

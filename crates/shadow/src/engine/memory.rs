@@ -231,6 +231,18 @@ impl EngineBuffers {
     }
 
     fn ram_write(&self, gpa: u64, data: &[u8]) -> bool {
+        if self.copy_of(gpa, data.len()).is_some() {
+            // Ring entries (the RAM side of a shadowed ring): every ring page is reported
+            // dirty when the rings are brought to rest, so the write needs no record (and
+            // takes no lock).
+            return self
+                .ram
+                .volatile_slice(gpa, data.len() as u64)
+                .is_some_and(|v| {
+                    v.copy_from(data);
+                    v.len() == data.len()
+                });
+        }
         self.ram.contains(gpa, data.len() as u64) && self.ram.write(gpa, data).is_ok()
     }
 

@@ -6,6 +6,7 @@
 //! - [`poller`]: the thread that moves doorbells and completions while shadowed;
 //! - [`device`]: the engine as a [`migration::MigratableDevice`] (source side).
 pub mod checks;
+pub mod cost;
 pub mod device;
 mod enter;
 pub mod irq;
@@ -172,6 +173,10 @@ pub(crate) struct Running {
 pub(crate) struct Shared {
     pub state: Mutex<Running>,
     pub stop: AtomicBool,
+    /// A vCPU found the poller inside a round and left it a trapped doorbell to take.
+    pub kick: AtomicBool,
+    /// The poller is blocking on [`irq::Wakeups::block`]: a vCPU that forwarded wakes it.
+    pub parked: AtomicBool,
     /// What wakes the poller (device interrupts taken over, trapped doorbells).
     pub wakeups: irq::Wakeups,
     /// The device, to interrupt the guest through.
@@ -408,6 +413,8 @@ impl Engine {
         a.shared
             .stop
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // A poller blocking on its events wakes now, not at the end of its bound.
+        let _ = a.shared.wakeups.wake.write(1);
         if let Some(p) = a.poller.take() {
             let _ = p.join();
         }
@@ -431,13 +438,22 @@ impl Engine {
         let a = guard
             .as_mut()
             .ok_or_else(|| Error::Engine("quiesce outside shadow mode".into()))?;
+        let t0 = Instant::now();
+        let in_flight: usize = a.shared.lock().queues.iter().map(|q| q.q.in_flight()).sum();
         Self::drain_and_stop(a, self.opts.drain_timeout)?;
+        let drained = t0.elapsed();
         let mut run = a.shared.lock();
         for q in &mut run.queues {
             q.q.hold(true);
         }
         let pages = Self::rings_to_ram(a, &run.bufs)?;
         run.dirty.extend(pages);
+        tracing::debug!(
+            in_flight,
+            drain_ms = drained.as_secs_f64() * 1e3,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "quiesced: in-flight commands drained, rings in RAM"
+        );
         Ok(())
     }
 

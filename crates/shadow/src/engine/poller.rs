@@ -1,46 +1,121 @@
 //! The poller: while shadowed, one thread reads the guest's doorbells from the redirected
 //! pages, forwards new submissions (validated by the adapter) and rings the device, forwards
 //! the device's completions into the guest's copy and collects the pages the device wrote.
+//!
+//! With trapped doorbells the vCPU thread that took the exit forwards the submission itself
+//! ([`forward_on_vcpu`]): no hand-off to the poller, whose job is then only the completions.
+//!
+//! The poller spins only while there is work: rounds follow each other at once while they move
+//! entries; with commands in flight and nothing moving it spins up to [`SPIN_BUSY`] (unless
+//! their completions come by interrupt), when idle
+//! up to [`SPIN_IDLE`], and then hands the CPU over — blocking on an event when nothing needs
+//! polling (completions by interrupt and trapped doorbells), otherwise sleeping in short
+//! steps growing to [`SLEEP_MAX`] (a trapped doorbell may also be stored by a hook that does
+//! not forward, as while leaving shadow mode on a destination). On two cores shared with a spinning
+//! vCPU and a spinning device a poller that never slept would wait whole scheduler time
+//! slices; one that sleeps keeps a small virtual runtime and preempts a spinner when it wakes.
 use std::{
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, TryLockError},
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use passthrough::DeviceHooks;
 
-use super::{Running, Shared};
-use crate::{Error, Result, RingAdapter};
+use super::{DoorbellPage, QueueRt, Running, Shared};
+use crate::{engine::memory::EngineBuffers, Error, Result, RingAdapter};
 
-/// Sleep after a round that found nothing to do. The poller shares the machine with the
-/// vCPU and the device, which both spin: a poller that spun as well would wait for a whole
-/// scheduler time slice whenever the three outnumber the cores; one that sleeps briefly keeps
-/// a small virtual runtime and preempts a spinner as soon as it wakes.
-const IDLE_SLEEP: Duration = Duration::from_micros(10);
+/// Spinning with commands in flight and nothing moving, before sleeping.
+const SPIN_BUSY: Duration = Duration::from_micros(20);
+/// Spinning with nothing in flight, before sleeping or blocking.
+const SPIN_IDLE: Duration = Duration::from_micros(5);
+/// First sleep after spinning; each further one doubles, up to [`SLEEP_MAX`].
+const SLEEP_MIN: Duration = Duration::from_micros(2);
+const SLEEP_MAX: Duration = Duration::from_micros(64);
+/// Bound on blocking when nothing needs polling (a safety net; events end it sooner).
+const BLOCK_MAX: Duration = Duration::from_millis(20);
+/// Timer slack of the poller thread: its short sleeps end when asked, not 50 µs later.
+const TIMER_SLACK_NS: libc::c_ulong = 1_000;
 
 pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("shadow-poller".into())
         .spawn(move || {
+            // SAFETY: prctl with an integer argument changes only this thread's timer slack.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0) };
             sandbox::enter(sandbox::Kind::Device);
-            while !shared.stop.load(Ordering::Acquire) {
-                let (moved, irqs) = {
-                    let mut run = shared.lock();
-                    (poll_once(&mut run), std::mem::take(&mut run.pending_irqs))
-                };
-                // The completions are in the guest's queue: now the guest may be told.
-                for vector in irqs {
-                    interrupt_guest(&shared, vector);
-                }
-                if moved == 0 {
-                    shared.wakeups.wait(IDLE_SLEEP);
-                }
-            }
+            run(&shared);
         })
         .map_err(|source| Error::Os {
             what: "spawning the poller".into(),
             source,
         })
+}
+
+fn run(shared: &Shared) {
+    let mut quiet_since: Option<Instant> = None;
+    let mut sleep = SLEEP_MIN;
+    while !shared.stop.load(Ordering::Acquire) {
+        shared.kick.store(false, Ordering::Relaxed);
+        let (moved, work, irqs) = {
+            let mut run = shared.lock();
+            let moved = poll_once(&mut run);
+            let irqs = std::mem::take(&mut run.pending_irqs);
+            (moved, has_work(&run), irqs)
+        };
+        // The completions are in the guest's queue: now the guest may be told.
+        for vector in irqs {
+            interrupt_guest(shared, vector);
+        }
+        if moved > 0 || shared.kick.load(Ordering::Acquire) {
+            quiet_since = None;
+            sleep = SLEEP_MIN;
+            continue;
+        }
+        let can_block = shared.wakeups.can_block;
+        // With completions by interrupt the device says when a command is done: no spinning
+        // for it.
+        let spin = if work && !can_block {
+            SPIN_BUSY
+        } else {
+            SPIN_IDLE
+        };
+        let since = *quiet_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        if can_block {
+            park(shared, can_block);
+            quiet_since = None;
+            sleep = SLEEP_MIN;
+        } else {
+            shared.wakeups.wait(sleep);
+            sleep = (sleep * 2).min(SLEEP_MAX);
+        }
+    }
+}
+
+/// Blocks until an event (a device interrupt taken over, or the trap hook's wake-up), unless
+/// work arrived while the poller was deciding to block. `interrupts`: every completion comes
+/// with a device interrupt, so commands in flight do not keep the poller awake.
+fn park(shared: &Shared, interrupts: bool) {
+    shared.parked.store(true, Ordering::SeqCst);
+    // A vCPU that forwarded before this look is seen here; one that forwards after it sees
+    // `parked` (both go through the state lock) and wakes the poller. A vCPU that found the
+    // lock taken (by this look) leaves `kick`, read after the guard is gone.
+    let work = !interrupts && has_work(&shared.lock());
+    if !work && !shared.kick.load(Ordering::SeqCst) {
+        shared.wakeups.block(BLOCK_MAX);
+    }
+    shared.parked.store(false, Ordering::SeqCst);
+}
+
+/// Commands in flight or guest submissions waiting in some queue.
+fn has_work(run: &Running) -> bool {
+    run.queues
+        .iter()
+        .any(|q| q.q.in_flight() > 0 || q.q.pending() > 0)
 }
 
 fn interrupt_guest(shared: &Shared, vector: u16) {
@@ -58,6 +133,77 @@ fn interrupt_guest(shared: &Shared, vector: u16) {
     }
 }
 
+/// A trapped doorbell of queue `index` (of [`Running::queues`]) was written: forward on the
+/// calling vCPU thread. If the poller holds the state it is in a round and looks again before
+/// it idles (`kick`); if it is parked it is woken for the completions to come.
+pub(crate) fn forward_on_vcpu(shared: &Shared, index: usize, is_cq: bool) {
+    if shared.stop.load(Ordering::Acquire) {
+        return; // held or draining: the value waits in the page
+    }
+    let mut run = match shared.state.try_lock() {
+        Ok(run) => run,
+        Err(TryLockError::WouldBlock) => {
+            // The poller reads `kick` after its round, or after setting `parked` (then this
+            // sees `parked` and wakes it).
+            shared.kick.store(true, Ordering::SeqCst);
+            if shared.parked.load(Ordering::SeqCst) {
+                let _ = shared.wakeups.wake.write(1);
+            }
+            return;
+        }
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+    };
+    let Running {
+        queues,
+        pages,
+        bufs,
+        ..
+    } = &mut *run;
+    let Some(q) = queues.get_mut(index) else {
+        return;
+    };
+    let Some(page) = pages.get(q.page) else {
+        return;
+    };
+    if is_cq {
+        consume(q, page);
+    } else {
+        submit(q, page, bufs, false);
+    }
+    drop(run);
+    if shared.parked.load(Ordering::SeqCst) {
+        let _ = shared.wakeups.wake.write(1);
+    }
+}
+
+/// Takes the guest's SQ tail doorbell of `q`; returns true if it changed.
+fn submit(q: &mut QueueRt, page: &DoorbellPage, bufs: &EngineBuffers, retry: bool) -> bool {
+    let sq = page.guest.load_u32(q.sq_off).unwrap_or(q.seen_sq);
+    let changed = sq != q.seen_sq;
+    if changed || (retry && q.q.pending() > 0) {
+        q.seen_sq = sq;
+        match q.q.on_guest_submit(sq, bufs) {
+            Ok(Some(tail)) => page.ring(q.sq_off, tail),
+            Ok(None) => {}
+            Err(e) => q.note_error("submission", &e),
+        }
+    }
+    changed
+}
+
+/// Takes the guest's CQ head doorbell of `q`; returns true if it changed.
+fn consume(q: &mut QueueRt, page: &DoorbellPage) -> bool {
+    let cq = page.guest.load_u32(q.cq_off).unwrap_or(q.seen_cq);
+    if cq == q.seen_cq {
+        return false;
+    }
+    q.seen_cq = cq;
+    if let Some(head) = q.q.on_guest_consume(cq) {
+        page.ring(q.cq_off, head);
+    }
+    true
+}
+
 /// One round over every queue; returns how many doorbells and completions moved.
 pub(crate) fn poll_once(run: &mut Running) -> usize {
     let Running {
@@ -70,18 +216,7 @@ pub(crate) fn poll_once(run: &mut Running) -> usize {
     let mut moved = 0;
     for q in queues.iter_mut() {
         let page = &pages[q.page];
-        let sq = page.guest.load_u32(q.sq_off).unwrap_or(q.seen_sq);
-        if sq != q.seen_sq || q.q.pending() > 0 {
-            if sq != q.seen_sq {
-                moved += 1;
-            }
-            q.seen_sq = sq;
-            match q.q.on_guest_submit(sq, bufs) {
-                Ok(Some(tail)) => page.ring(q.sq_off, tail),
-                Ok(None) => {}
-                Err(e) => q.note_error("submission", &e),
-            }
-        }
+        moved += usize::from(submit(q, page, bufs, true));
         match q.q.forward_completions(bufs, dirty) {
             Ok(n) => {
                 moved += n;
@@ -91,14 +226,7 @@ pub(crate) fn poll_once(run: &mut Running) -> usize {
             }
             Err(e) => q.note_error("completion", &e),
         }
-        let cq = page.guest.load_u32(q.cq_off).unwrap_or(q.seen_cq);
-        if cq != q.seen_cq {
-            q.seen_cq = cq;
-            moved += 1;
-            if let Some(head) = q.q.on_guest_consume(cq) {
-                page.ring(q.cq_off, head);
-            }
-        }
+        moved += usize::from(consume(q, page));
     }
     moved
 }

@@ -112,37 +112,38 @@ impl Engine {
         .map_err(hook(format!("mapping doorbell page {bar_offset:#x} back")))
     }
 
-    /// Trap mode: trapped doorbell writes of shadowed queues land in the hypervisor pages the
-    /// poller reads.
-    pub(crate) fn install_hook(
-        &self,
-        pages: &[DoorbellPage],
-        queues: &[QueueRt],
-        wakeups: &irq::Wakeups,
-    ) {
-        let routes: Vec<(u16, Arc<HostPages>, usize, usize)> = queues
-            .iter()
-            .filter(|q| pages[q.page].trapped)
-            .map(|q| {
-                (
-                    q.q.geometry().qid,
-                    pages[q.page].guest.clone(),
-                    q.sq_off,
-                    q.cq_off,
-                )
-            })
-            .collect();
+    /// Routes trapped I/O doorbell writes: the value lands where the poller reads it and the
+    /// vCPU thread that took the exit forwards it at once ([`poller::forward_on_vcpu`]).
+    pub(crate) fn install_hook(&self, shared: &Arc<Shared>) {
+        let routes: Vec<(u16, usize, Arc<HostPages>, usize, usize)> = {
+            let run = shared.lock();
+            run.queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| run.pages[q.page].trapped)
+                .map(|(i, q)| {
+                    (
+                        q.q.geometry().qid,
+                        i,
+                        run.pages[q.page].guest.clone(),
+                        q.sq_off,
+                        q.cq_off,
+                    )
+                })
+                .collect()
+        };
         if routes.is_empty() {
             return;
         }
-        let wake = wakeups.wake.try_clone().ok();
+        // Weak: the attachment holds the hook and the engine's state holds the attachment.
+        let weak = Arc::downgrade(shared);
         self.att
             .set_doorbell_hook(Some(Arc::new(move |qid, is_cq, value| {
                 match routes.iter().find(|r| r.0 == qid) {
-                    Some((_, page, sq_off, cq_off)) => {
+                    Some((_, index, page, sq_off, cq_off)) => {
                         page.store_u32(if is_cq { *cq_off } else { *sq_off }, value);
-                        if let Some(w) = &wake {
-                            let _ = w.write(1);
+                        if let Some(shared) = weak.upgrade() {
+                            poller::forward_on_vcpu(&shared, *index, is_cq);
                         }
                         true
                     }
@@ -194,7 +195,8 @@ impl Engine {
                     "the device did not drain within {timeout:?}: (queue, pending, in flight) = {busy:?}"
                 )));
             }
-            std::thread::sleep(Duration::from_micros(200));
+            // The guest is paused: this wait is downtime, so look often.
+            std::thread::sleep(Duration::from_micros(20));
         }
     }
 

@@ -15,6 +15,11 @@ use super::{
 };
 use crate::{nvme::NvmeQueue, Error, Result};
 
+/// Milliseconds since `t0`.
+fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
 fn hook(what: String) -> impl FnOnce(passthrough::Error) -> Error {
     move |source| Error::Hook { what, source }
 }
@@ -32,6 +37,7 @@ impl Engine {
         saved: &SavedDevice,
         opts: EngineOptions,
     ) -> Result<Self> {
+        let t0 = Instant::now();
         // Everything in `saved` came from the network: check all of it first.
         saved.validate(&att.restore_bounds())?;
         // The limits the source validated with must be this device's, as the hypervisor
@@ -62,6 +68,7 @@ impl Engine {
             engine.move_onto(slots, designation, c)?;
             remapped.push(c.gpa.clone());
         }
+        tracing::debug!(ms = ms(t0), "restore: ring copies in place");
         if designation == Designation::VcpuBuffer {
             for g in &geos {
                 ram.write(g.sq_base, &vec![0u8; g.sq_entries as usize * 64])
@@ -78,7 +85,9 @@ impl Engine {
             passthrough::admin_guard::Owner::Engine,
             copies.iter().map(|c| c.gpa.clone()).collect(),
         );
+        tracing::debug!(ms = ms(t0), "restore: configuration replayed");
         let bounce = engine.map_bounce(&ram, &geos, saved.limits)?;
+        tracing::debug!(ms = ms(t0), "restore: bounce areas mapped");
 
         let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation)
             .with_bounce(bounce.clone())
@@ -93,10 +102,14 @@ impl Engine {
             let q = NvmeQueue::rebuild(state, saved.limits, &bufs)?;
             queues.push(QueueRt::new(q, place, (sq, cq)));
         }
+        tracing::debug!(
+            ms = ms(t0),
+            "restore: doorbells intercepted, queues rebuilt"
+        );
         att.restore_msix(&saved.msix)
             .map_err(hook("restoring the guest's MSI-X table".into()))?;
+        tracing::debug!(ms = ms(t0), "restore: MSI-X table restored");
         let wakeups = engine.take_vectors(&saved.config, &pages, &mut queues)?;
-        engine.install_hook(&pages, &queues, &wakeups);
         let shared = Arc::new(Shared {
             state: Mutex::new(Running {
                 queues,
@@ -106,9 +119,12 @@ impl Engine {
                 pending_irqs: Vec::new(),
             }),
             stop: AtomicBool::new(false),
+            kick: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
             wakeups,
             att: att.clone(),
         });
+        engine.install_hook(&shared);
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {
             engine.release_vectors(&shared.wakeups);
         })?;
@@ -124,6 +140,7 @@ impl Engine {
             entered: Instant::now(),
         });
         engine.counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        tracing::debug!(ms = ms(t0), "restore: poller running");
         Ok(engine)
     }
 
