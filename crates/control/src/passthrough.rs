@@ -210,13 +210,7 @@ impl NvmeRestorer {
 
     /// Attaches the destination's device to `vm` (its process started if needed).
     fn attach(&mut self, vm: &Vm) -> std::result::Result<Attachment, DeviceError> {
-        let source = self.source.as_ref().ok_or_else(|| {
-            DeviceError::NotConfigured(
-                "the VM has a passthrough NVMe device and this destination has none (start \
-                 `ferry receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
-                    .into(),
-            )
-        })?;
+        let source = self.source.as_ref().ok_or_else(not_configured)?;
         let (child, socket) = device_socket(source)
             .map_err(|e| DeviceError::failed("starting the destination's device", e))?;
         if child.is_some() {
@@ -255,6 +249,9 @@ impl migration::DeviceRestorer for NvmeRestorer {
         if name != "nvme0" || self.engine.is_some() {
             return Err(DeviceError::NoSlot { name: name.into() });
         }
+        if self.source.is_none() {
+            return Err(not_configured());
+        }
         // Refuse garbage before a device process or an attachment is touched.
         let saved = shadow::engine::device::SavedDevice::decode(state)
             .map_err(|e| DeviceError::InvalidState(e.into()))?;
@@ -270,6 +267,15 @@ impl migration::DeviceRestorer for NvmeRestorer {
         self.engine = Some(Arc::new(engine));
         Ok(())
     }
+}
+
+/// A VM with a passthrough device arrived at a destination started without one.
+fn not_configured() -> DeviceError {
+    DeviceError::NotConfigured(
+        "the VM has a passthrough NVMe device and this destination has none (start `ferry \
+         receive` with --nvme-backing FILE or --passthrough nvme=SOCKET)"
+            .into(),
+    )
 }
 
 /// The passthrough device of one session.

@@ -231,7 +231,11 @@ impl AdminSqGuard {
     /// The entry the device should fetch for the guest's `raw` one.
     fn check(&mut self, ram: &GuestRam, raw: &[u8; 64]) -> Sqe {
         let sqe = Sqe::from_bytes(raw);
-        let checked = {
+        let checked = if sqe.opcode() == admin::CREATE_SQ {
+            // A queue created now would run direct: its doorbell is the device's, so its
+            // commands would never be checked and could aim the device at hypervisor memory.
+            Err(Status::INVALID_FIELD)
+        } else {
             let in_ram = |g: u64, l: u64| ram.contains(g, l) && !self.protected.overlaps(g, l);
             crate::admin_check::check_admin(&sqe, &in_ram)
         };

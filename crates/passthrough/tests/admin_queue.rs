@@ -394,6 +394,20 @@ fn guarded(mode: GuardMode) {
         vm.ram().read(next, &mut entry).unwrap();
         assert_eq!(Sqe::from_bytes(&entry), identify(7, DATA));
     }
+    // A new I/O queue would run direct (its doorbell is the device's), its commands never
+    // checked: while guarded, Create I/O SQ is refused even when the device would take it.
+    let mut ccq = sqe(admin::CREATE_CQ, 10, IOCQ);
+    ccq.set_cdw(10, 15 << 16 | 1).set_cdw(11, 1);
+    let mut csq = sqe(admin::CREATE_SQ, 11, IOSQ);
+    csq.set_cdw(10, 15 << 16 | 1).set_cdw(11, 1 | 1 << 16);
+    let before = a.admin_guard_refused().unwrap_or(0);
+    let got = q.run(&vm, bar0, &[ccq, csq]);
+    assert!(status(&got, 10).same(Status::SUCCESS), "{mode:?}: {got:?}");
+    assert!(
+        status(&got, 11).same(Status::INVALID_FIELD),
+        "{mode:?}: {got:?}"
+    );
+    assert_eq!(a.admin_guard_refused(), Some(before + 1));
     a.guard_admin_sq(vm.memory_slots(), None).unwrap();
     assert_eq!(a.admin_guard_refused(), None);
     // Off: the guest's ring is plain RAM again for both.

@@ -192,8 +192,13 @@ pub fn run(p: &BootParams) -> u32 {
     ];
     for (what, sqe, want) in admin_cases.iter() {
         checked += 1;
+        // While shadowed the hypervisor refuses every Create I/O SQ (Invalid Field): a queue
+        // created then would run unchecked. Either refusal is the right one.
+        let refused_while_shadowed = |c: &nvme_spec::Cqe| {
+            sqe.opcode() == admin::CREATE_SQ && c.status().same(Status::INVALID_FIELD)
+        };
         match n.ctrl.admin_raw(*sqe) {
-            Ok(c) if c.status().same(*want) => println!(
+            Ok(c) if c.status().same(*want) || refused_while_shadowed(&c) => println!(
                 "nvme-malformed: {}: rejected ({}) as expected",
                 what,
                 c.status()
