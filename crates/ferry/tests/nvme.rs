@@ -384,13 +384,23 @@ fn attaching_to_a_missing_socket_is_a_clear_error() {
 fn bench_nvme_compares_the_guest_with_a_host_client() {
     let out = run(&["bench", "nvme", "--ios", "300", "--json"]);
     let stdout = ok(&out);
-    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    for (r, qd) in rows.iter().zip([1, 32]) {
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // Both device modes (adaptive polling, always spinning), each at both queue depths.
+    let rows = report["runs"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{report}");
+    let expected = [("adaptive", 1), ("adaptive", 32), ("spin", 1), ("spin", 32)];
+    for (r, (device, qd)) in rows.iter().zip(expected) {
+        assert_eq!(r["device"], device, "{r}");
         assert_eq!(r["qd"], qd);
         assert_eq!(r["guest"]["ios"], 300, "{r}");
         assert_eq!(r["host"]["ios"], 300, "{r}");
         assert!(r["iops_ratio"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // The idle device's CPU is measured for each mode.
+    let idle = report["idle"].as_array().unwrap();
+    assert_eq!(idle.len(), 2, "{report}");
+    for (i, device) in idle.iter().zip(["adaptive", "spin"]) {
+        assert_eq!(i["device"], device, "{i}");
+        assert!(i["cpu"].as_f64().is_some_and(|c| c >= 0.0), "{i}");
     }
 }
