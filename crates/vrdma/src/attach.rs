@@ -162,7 +162,7 @@ impl Completions {
 /// holder: it runs it when it lets go of the lock ([`DeviceGuard`]'s drop), so the vCPU that
 /// just sent finds the answer before it waits, and no third thread (the device thread) has
 /// to be woken and scheduled for it.
-struct Shared {
+pub(crate) struct Shared {
     device: Mutex<Device>,
     /// A delivery is waiting for the lock's holder.
     deferred: AtomicBool,
@@ -170,7 +170,7 @@ struct Shared {
 }
 
 /// The locked device; dropping it runs the deliveries left to it (see [`Shared`]).
-struct DeviceGuard<'a> {
+pub(crate) struct DeviceGuard<'a> {
     shared: &'a Shared,
     guard: Option<MutexGuard<'a, Device>>,
 }
@@ -200,7 +200,7 @@ impl Drop for DeviceGuard<'_> {
 }
 
 impl Shared {
-    fn new(device: Device) -> Shared {
+    pub(crate) fn new(device: Device) -> Shared {
         Shared {
             device: Mutex::new(device),
             deferred: AtomicBool::new(false),
@@ -209,7 +209,7 @@ impl Shared {
     }
 
     /// Locks the device (waiting for it).
-    fn lock(&self) -> DeviceGuard<'_> {
+    pub(crate) fn lock(&self) -> DeviceGuard<'_> {
         DeviceGuard {
             shared: self,
             guard: Some(self.device.lock().unwrap_or_else(|e| e.into_inner())),
@@ -218,9 +218,19 @@ impl Shared {
 
     /// Something arrived: delivered into the guest now on this thread, or by the thread that
     /// holds the device when it lets go. Never blocks.
-    fn deliver(&self) {
+    pub(crate) fn deliver(&self) {
         self.deferred.store(true, Ordering::SeqCst);
         self.run_deferred();
+    }
+
+    /// The completion count last published to vCPUs in the idle wait.
+    #[cfg(test)]
+    pub(crate) fn published(&self) -> u64 {
+        *self
+            .completions
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs the waiting deliveries if the device is free. Each caller first publishes its
