@@ -12,8 +12,10 @@
 //! receive and completion queues on the port's receive thread, which then wakes a vCPU in
 //! the idle wait; what the guest posted is sent by the vCPU that exits into the idle wait
 //! ([`abi::FERRY_REG_IDLE_WAIT`]: send, then wait) or send-now
-//! ([`abi::FERRY_REG_SEND_NOW`]) register. The device thread is the fallback (a delivery
-//! that found the device busy, a guest that posts and never exits). The built-in guest polls
+//! ([`abi::FERRY_REG_SEND_NOW`]) register. A delivery that finds the device busy is left to
+//! the thread holding it, which runs it when it lets go (`Shared`). The device thread is the
+//! fallback (a MAD held back for lack of a receive buffer, a guest that posts and never
+//! exits). The built-in guest polls
 //! its completion queues (the ring-3 guest runs with IF = 0);
 //! a guest that enables MSI-X in the capability gets the ABI's three vectors through
 //! `KVM_SIGNAL_MSI`: command response, async event, and CQ completion for CQs armed through
@@ -21,7 +23,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Condvar, Mutex,
+        Arc, Condvar, Mutex, MutexGuard, TryLockError,
     },
     thread::JoinHandle,
     time::Duration,
@@ -58,7 +60,7 @@ struct ConfigSpace {
     cfg: PciConfiguration,
     /// Configuration dword holding the MSI-X message control word (upper half).
     msix_reg: usize,
-    device: Arc<Mutex<Device>>,
+    device: Arc<Shared>,
 }
 
 impl PciDevice for ConfigSpace {
@@ -71,21 +73,17 @@ impl PciDevice for ConfigSpace {
             let ctl = self.cfg.read(reg) >> 16;
             self.device
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .set_msix_control(ctl & (1 << 15) != 0, ctl & (1 << 14) != 0);
         }
     }
 }
 
-struct MsixBar(Arc<Mutex<Device>>);
+struct MsixBar(Arc<Shared>);
 
 impl BusDevice for MsixBar {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = if data.len() == 4 && offset % 4 == 0 {
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_msix(offset)
+            self.0.lock().read_msix(offset)
         } else {
             0
         };
@@ -95,10 +93,7 @@ impl BusDevice for MsixBar {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 4 && offset % 4 == 0 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write_msix(offset, v);
+            self.0.lock().write_msix(offset, v);
         }
     }
 }
@@ -136,7 +131,9 @@ struct Completions {
 impl Completions {
     fn publish(&self, count: u64) {
         let mut s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if *s != count {
+        // The count only grows; a thread publishing a count it took earlier never hides a
+        // later one (a waiter would miss it).
+        if count > *s {
             *s = count;
             // Notified after the lock is released: a waiter woken while it was still held
             // would block on it again at once and need a second wake-up.
@@ -156,9 +153,114 @@ impl Completions {
     }
 }
 
+/// The device as its threads share it: the lock, the completions published to vCPUs in the
+/// idle wait, and deliveries handed to whoever holds the lock.
+///
+/// **No hand-off when the device is busy.** What arrives is delivered into the guest on the
+/// port's receive thread ([`Shared::deliver`]). When another thread holds the device (a vCPU
+/// sending in its idle wait, the device thread on a pass), the delivery is left to that
+/// holder: it runs it when it lets go of the lock ([`DeviceGuard`]'s drop), so the vCPU that
+/// just sent finds the answer before it waits, and no third thread (the device thread) has
+/// to be woken and scheduled for it.
+pub(crate) struct Shared {
+    device: Mutex<Device>,
+    /// A delivery is waiting for the lock's holder.
+    deferred: AtomicBool,
+    completions: Completions,
+}
+
+/// The locked device; dropping it runs the deliveries left to it (see [`Shared`]).
+pub(crate) struct DeviceGuard<'a> {
+    shared: &'a Shared,
+    guard: Option<MutexGuard<'a, Device>>,
+}
+
+impl std::ops::Deref for DeviceGuard<'_> {
+    type Target = Device;
+    fn deref(&self) -> &Device {
+        self.guard
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("taken only by drop"))
+    }
+}
+
+impl std::ops::DerefMut for DeviceGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Device {
+        self.guard
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("taken only by drop"))
+    }
+}
+
+impl Drop for DeviceGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.shared.run_deferred();
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(device: Device) -> Shared {
+        Shared {
+            device: Mutex::new(device),
+            deferred: AtomicBool::new(false),
+            completions: Completions::default(),
+        }
+    }
+
+    /// Locks the device (waiting for it).
+    pub(crate) fn lock(&self) -> DeviceGuard<'_> {
+        DeviceGuard {
+            shared: self,
+            guard: Some(self.device.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    /// Something arrived: delivered into the guest now on this thread, or by the thread that
+    /// holds the device when it lets go. Never blocks.
+    pub(crate) fn deliver(&self) {
+        self.deferred.store(true, Ordering::SeqCst);
+        self.run_deferred();
+    }
+
+    /// The completion count last published to vCPUs in the idle wait.
+    #[cfg(test)]
+    pub(crate) fn published(&self) -> u64 {
+        *self
+            .completions
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the waiting deliveries if the device is free. Each caller first publishes its
+    /// side (the flag, or the lock's release) and then looks at the other, with a full
+    /// fence between: a delivery whose `try_lock` failed is seen by the holder's check after
+    /// its unlock, so none is left behind.
+    fn run_deferred(&self) {
+        loop {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !self.deferred.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut g = match self.device.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            if !self.deferred.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            g.poll_receives();
+            let count = g.completion_count();
+            drop(g);
+            self.completions.publish(count);
+        }
+    }
+}
+
 struct Registers {
-    device: Arc<Mutex<Device>>,
-    completions: Arc<Completions>,
+    device: Arc<Shared>,
     /// The UAR page mapped into the guest by a KVM memory slot. The register device lives on
     /// the VM's MMIO bus, which every vCPU thread holds (`Arc<Bus>`) for as long as it can run
     /// the guest: keeping the page here keeps it mapped until the last vCPU thread is gone,
@@ -170,34 +272,38 @@ struct Registers {
 impl Registers {
     /// The idle wait, on the vCPU thread that exited: first runs the queues here (the sends
     /// the guest posted go out now, without a hand-off to the device thread); then 1 at once
-    /// if a CQ holds unconsumed entries (those just written included); else blocks until a
-    /// completion is written (1) or `IDLE_WAIT` passes (0). The count is taken under the
-    /// device lock together with the emptiness check, so a completion written after it is
-    /// never missed. A guest that posted work and wants it sent at once reads this register
-    /// right away (one exit sends everything posted).
+    /// if a CQ holds unconsumed entries (those just written included, and those delivered
+    /// while the queues ran: see [`Shared`]); else blocks until a completion is written (1)
+    /// or `IDLE_WAIT` passes (0). The count is taken under the device lock together with the
+    /// emptiness check, so a completion written after it is never missed. A guest that
+    /// posted work and wants it sent at once reads this register right away (one exit sends
+    /// everything posted).
     fn idle_wait(&self) -> u32 {
+        let shared = &*self.device;
         let count = {
-            let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = shared.lock();
             d.poll();
             let count = d.completion_count();
             if d.completions_pending() {
                 drop(d);
-                self.completions.publish(count);
+                shared.completions.publish(count);
                 return 1;
             }
             count
         };
-        self.completions.publish(count);
-        self.completions.wait_beyond(count) as u32
+        // Deliveries the lock's drop ran count as completions beyond `count`.
+        shared.completions.publish(count);
+        shared.completions.wait_beyond(count) as u32
     }
 
     /// Send now: runs the queues on the vCPU that exited; 1 if a CQ holds unconsumed entries.
     fn send_now(&self) -> u32 {
-        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = &*self.device;
+        let mut d = shared.lock();
         d.poll();
         let (count, pending) = (d.completion_count(), d.completions_pending());
         drop(d);
-        self.completions.publish(count);
+        shared.completions.publish(count);
         pending as u32
     }
 }
@@ -209,10 +315,7 @@ impl BusDevice for Registers {
         } else if data.len() == 4 && offset == abi::FERRY_REG_SEND_NOW {
             self.send_now()
         } else if data.len() == 4 && offset % 4 == 0 {
-            self.device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_reg(offset)
+            self.device.lock().read_reg(offset)
         } else {
             0
         };
@@ -223,10 +326,7 @@ impl BusDevice for Registers {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 4 && offset % 4 == 0 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            self.device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write_reg(offset, v);
+            self.device.lock().write_reg(offset, v);
         }
     }
 }
@@ -292,7 +392,7 @@ impl Drop for HostPage {
 /// A virtual RDMA device attached to a VM. Dropping it (or [`VrdmaHandle::stop`]) stops the
 /// device thread and unregisters every GID the VM bound.
 pub struct VrdmaHandle {
-    device: Arc<Mutex<Device>>,
+    device: Arc<Shared>,
     inbox: Arc<MadInbox>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -302,10 +402,7 @@ pub struct VrdmaHandle {
 impl VrdmaHandle {
     /// Counters.
     pub fn stats(&self) -> DeviceStats {
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stats()
+        self.device.lock().stats()
     }
 
     /// The MAD inbox (the multiplexer's callback target).
@@ -320,7 +417,7 @@ impl VrdmaHandle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = self.device.lock();
         d.reset();
         d.stats()
     }
@@ -347,8 +444,7 @@ pub fn attach(
     let mem: Arc<dyn crate::GuestMemory> = Arc::new(vm.ram().clone());
     let mut dev = Device::new(mem, backend, inbox.clone());
     dev.set_msi_sink(Arc::new(KvmMsi(vm.vm_fd().clone())));
-    let device = Arc::new(Mutex::new(dev));
-    let completions = Arc::new(Completions::default());
+    let device = Arc::new(Shared::new(dev));
 
     let mut cfg = PciConfiguration::new(PciHeader {
         vendor_id: abi::PCI_VENDOR_ID_VMWARE,
@@ -383,7 +479,6 @@ pub fn attach(
         REG_BAR_SIZE,
         Arc::new(Mutex::new(Registers {
             device: device.clone(),
-            completions: completions.clone(),
             _uar: uar.clone(),
         })),
     )?;
@@ -411,23 +506,16 @@ pub fn attach(
     )?;
 
     // What arrives (a MAD routed to this VM, a datagram on one of its UD QPs) is written
-    // into the guest's queues on the port's receive thread itself when the device is free,
-    // and a vCPU in the idle wait is woken from there: no hand-off to the device thread.
+    // into the guest's queues on the port's receive thread itself, or by the thread holding
+    // the device when it lets go of it (see `Shared`), and a vCPU in the idle wait is woken
+    // from there: no hand-off to the device thread.
     let direct: crate::backend::DirectDelivery = {
-        let (device, completions) = (Arc::downgrade(&device), completions.clone());
+        let device = Arc::downgrade(&device);
         Arc::new(move || {
             let Some(device) = device.upgrade() else {
                 return false;
             };
-            let mut d = match device.try_lock() {
-                Ok(d) => d,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return false,
-            };
-            d.poll_receives();
-            let count = d.completion_count();
-            drop(d);
-            completions.publish(count);
+            device.deliver();
             true
         })
     };
@@ -435,13 +523,12 @@ pub fn attach(
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let (device, stop, uar, inbox) = (device.clone(), stop.clone(), uar.clone(), inbox.clone());
-        let completions = completions.clone();
         std::thread::Builder::new()
             .name("pvrdma".into())
             .spawn(move || {
                 sandbox::enter(sandbox::Kind::Device);
                 inbox.set_waker(std::thread::current());
-                poll_loop(&device, &stop, &uar, &completions)
+                poll_loop(&device, &stop, &uar)
             })
             .map_err(|e| VrdmaError::Io {
                 what: "spawning the device thread",
@@ -467,11 +554,11 @@ pub fn attach(
 /// never exits waits.
 const PARK: Duration = Duration::from_millis(1);
 
-fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &Completions) {
-    // The fallback: receives are delivered on the port's receive thread and sends run by the
-    // vCPU that exits (module docs). This thread does what they could not: a delivery that
-    // found the device locked and a MAD the multiplexer held back for lack of a receive
-    // buffer (both unpark it), and the sends of a guest that keeps polling without exiting
+fn poll_loop(device: &Shared, stop: &AtomicBool, uar: &HostPage) {
+    // The fallback: receives are delivered on the port's receive thread (or by the thread
+    // holding the device) and sends run by the vCPU that exits (module docs). This thread
+    // does what they could not: a MAD the multiplexer held back for lack of a receive
+    // buffer (which unparks it), and the sends of a guest that keeps polling without exiting
     // (found on its passes). A pass that found work or a new command is followed by another
     // at once; otherwise the thread parks for `PARK`. (Spinning, or waking every 20-100 µs,
     // takes the CPU from the vCPUs and the receive threads on a machine with few cores:
@@ -481,13 +568,13 @@ fn poll_loop(device: &Mutex<Device>, stop: &AtomicBool, uar: &HostPage, done: &C
     while !stop.load(Ordering::Relaxed) {
         let [_, cq_bell] = uar.take_doorbells();
         let (work, c, completed) = {
-            let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = device.lock();
             if cq_bell != 0 {
                 d.cq_doorbell(cq_bell);
             }
             (d.poll(), d.command_count(), d.completion_count())
         };
-        done.publish(completed);
+        device.completions.publish(completed);
         if work > 0 || c != commands {
             commands = c;
             continue;

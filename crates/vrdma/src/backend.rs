@@ -218,7 +218,8 @@ pub struct NoReceiveBuffer;
 pub type InboundMad = ([u8; GRH_LEN], Box<[u8; MAD_SIZE]>);
 
 /// What [`MadInbox::wake`] tries first: delivers what arrived into the guest on the calling
-/// thread; `false` when the device is busy (the device thread then does it).
+/// thread, or leaves it to the thread holding the device, which runs it when it lets go;
+/// `false` when there is no device any more (the device thread is then woken).
 pub(crate) type DirectDelivery = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Inbound MADs on their way into the VM's QP1 receive queue: the multiplexer's callback
@@ -273,8 +274,9 @@ impl MadInbox {
 
     /// Something arrived for the guest (a MAD here, a datagram on a UD queue pair): it is
     /// delivered into the guest's receive queue and completion queue at once on the calling
-    /// thread (the port's receive thread) when the device is free, else the device thread is
-    /// woken to do it. No hand-off to another thread on the common path.
+    /// thread (the port's receive thread) when the device is free, else by the thread that
+    /// holds it when it lets go (the attached device's direct delivery); the device thread
+    /// is woken only without one. No hand-off to another thread on the common path.
     pub fn wake(&self) {
         let direct = self
             .direct

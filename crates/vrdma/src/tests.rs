@@ -144,6 +144,21 @@ impl Guest {
         g
     }
 
+    /// A PD, a DMA MR, a CQ of 16 entries and a UD QP in RTS on GID index 0 (`gid(1)`):
+    /// (lkey, CQ pages, QPN, QP pages).
+    fn ud_qp_in_rts(&mut self) -> (u32, Vec<u64>, u32, Vec<u64>) {
+        let pd = self.create_pd();
+        let lkey = self.dma_mr(pd);
+        let (cq, cq_pages) = self.create_cq(16);
+        assert_eq!(self.bind(0, gid(1)), 0);
+        let (e, qpn, qp_pages) = self.create_qp(pd, cq, abi::qp_type::UD);
+        assert_eq!(e, 0);
+        for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+            assert_eq!(self.modify(qpn, s), 0);
+        }
+        (lkey, cq_pages, qpn, qp_pages)
+    }
+
     fn page(&mut self) -> u64 {
         let p = self.next;
         self.next += 4096;
@@ -461,6 +476,57 @@ fn ud_queue_pair_maps_to_a_host_queue_pair() {
     let mut got = [0u8; 5];
     g.mem.read(rbuf + 40, &mut got).unwrap();
     assert_eq!(&got, b"world");
+}
+
+/// What arrives while another thread holds the device (a vCPU sending in its idle wait) is
+/// delivered by that thread when it lets go: the receive thread never blocks on the lock,
+/// and nothing is left waiting for the device thread.
+#[test]
+fn a_delivery_that_finds_the_device_locked_is_run_when_the_holder_lets_go() {
+    let mut g = Guest::new(FakeBackend::default());
+    let (lkey, cq_pages, _, qp_pages) = g.ud_qp_in_rts();
+    let rbufs = [g.page(), g.page()];
+    for (i, b) in rbufs.iter().enumerate() {
+        g.post_recv(&qp_pages, i as u32, *b, 100, lkey);
+    }
+    let datagram = |data: &[u8]| UdDatagram {
+        sgid: gid(2),
+        src_qpn: 0x99,
+        grh: [1; 40],
+        imm: None,
+        data: data.to_vec(),
+    };
+    let Guest {
+        mem, dev, backend, ..
+    } = g;
+    let shared = Arc::new(crate::attach::Shared::new(dev));
+
+    // The device is free: delivered at once on the calling thread.
+    backend.ud_inbound.lock().unwrap().push(datagram(b"first"));
+    shared.deliver();
+    assert_eq!(shared.lock().completion_count(), 1);
+    assert_eq!(shared.published(), 1);
+
+    // The device is held: the delivery returns without it and without blocking ...
+    let held = shared.lock();
+    backend.ud_inbound.lock().unwrap().push(datagram(b"second"));
+    let s = shared.clone();
+    std::thread::spawn(move || s.deliver()).join().unwrap();
+    assert_eq!(
+        held.completion_count(),
+        1,
+        "nothing delivered under the lock"
+    );
+    assert_eq!(shared.published(), 1);
+    // ... and the holder runs it when it lets go.
+    drop(held);
+    assert_eq!(shared.published(), 2);
+    assert_eq!(shared.lock().completion_count(), 2);
+    let mut got = [0u8; 6];
+    mem.read(rbufs[1] + 40, &mut got).unwrap();
+    assert_eq!(&got, b"second");
+    let tail = mem.load_u32(cq_pages[0] + 8).unwrap();
+    assert_eq!(tail, 2, "two CQEs written");
 }
 
 #[test]

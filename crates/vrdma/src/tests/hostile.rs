@@ -4,15 +4,7 @@ use super::*;
 #[test]
 fn a_ud_queue_pair_stops_sending_and_receiving_as_a_gid_once_it_is_unbound() {
     let mut g = Guest::new(FakeBackend::default());
-    let pd = g.create_pd();
-    let lkey = g.dma_mr(pd);
-    let (cq, cq_pages) = g.create_cq(16);
-    assert_eq!(g.bind(0, gid(1)), 0);
-    let (e, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::UD);
-    assert_eq!(e, 0);
-    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
-        assert_eq!(g.modify(qpn, s), 0);
-    }
+    let (lkey, cq_pages, qpn, qp_pages) = g.ud_qp_in_rts();
     // Unbind the QP's GID (another VM may own it next), bind another one at the same index.
     let (e, _) = g.cmd(&abi::CmdDestroyBind {
         hdr: Guest::hdr(cmd_code::DESTROY_BIND),
