@@ -102,11 +102,15 @@ impl Vq {
     pub fn buf(&self, i: u16) -> u64 {
         self.bufs + BUF_SIZE * u64::from(i % self.size)
     }
-    /// Back to index 0 (after a device reset).
+    /// Back to index 0 (the device is reset and not yet enabled): the used ring's index is
+    /// cleared too, or elements the device wrote before the reset would read as new.
     fn clear(&mut self) {
         self.avail_idx = 0;
         self.last_used = 0;
         self.set_avail_idx(0);
+        // SAFETY: `idx` of the used ring this queue allocated; the device does not write it
+        // while the queue is not enabled.
+        unsafe { core::ptr::write_volatile((self.used + ring::used::IDX) as *mut u16, 0) };
     }
     /// Puts `id` (any value: a hostile workload may name no descriptor) on the available
     /// ring (does not notify).
@@ -332,8 +336,8 @@ impl VirtioNet {
             w64(common + common::QUEUE_DESC, q.desc);
             w64(common + common::QUEUE_DRIVER, q.avail);
             w64(common + common::QUEUE_DEVICE, q.used);
-            w16(common + common::QUEUE_ENABLE, 1);
             q.clear();
+            w16(common + common::QUEUE_ENABLE, 1);
         }
         // Every RX entry is a device-writable buffer, offered once now and again after use.
         for i in 0..self.rx.size {

@@ -78,6 +78,8 @@ struct Hostile {
     peer_ip: [u8; 4],
     /// First address above guest RAM.
     ram_end: u64,
+    /// The marker frame is on TX and has not come back (it is not posted twice).
+    marker_out: bool,
     cases: u32,
     failed: u32,
     resets: u32,
@@ -169,8 +171,13 @@ impl Hostile {
         self.nic.device_status() & vstatus::DEVICE_NEEDS_RESET != 0
     }
 
-    /// Puts the ARP request on TX descriptor 0 and offers it (the end marker of a TX batch).
+    /// Puts the ARP request on TX descriptor 0 and offers it (the end marker of a TX batch),
+    /// unless it is still out.
     fn post_marker(&mut self) {
+        if self.marker_out {
+            return;
+        }
+        self.marker_out = true;
         let mut f = [0u8; 60];
         let n = self.arp_request(&mut f);
         let tx = self.nic.tx_queue();
@@ -203,6 +210,9 @@ impl Hostile {
                 self.nic.tx_queue()
             };
             while let Some((id, len)) = q.take_used() {
+                if !rx && id == 0 {
+                    self.marker_out = false;
+                }
                 if id == u32::from(marker) {
                     // RX: the good buffer got a frame; TX: lengths are always 0.
                     return Outcome::Returned(ids, n, zero);
@@ -214,8 +224,12 @@ impl Hostile {
                 zero &= len == 0;
             }
             if rx {
-                // Marker frames of earlier pokes come back on TX: reap them.
-                while self.nic.tx_queue().take_used().is_some() {}
+                // Marker frames of earlier pokes come back on TX.
+                while let Some((id, _)) = self.nic.tx_queue().take_used() {
+                    if id == 0 {
+                        self.marker_out = false;
+                    }
+                }
             }
             let now = clock::rdtsc();
             if clock::ticks_to_ms(now - last_check) >= 1 {
@@ -271,6 +285,7 @@ impl Hostile {
         }
         if matches!(got, Outcome::NeedsReset) || self.needs_reset() {
             self.resets += 1;
+            self.marker_out = false;
             if let Err(e) = self.nic.bring_up(false) {
                 println!("net-hostile: {}: reset failed: {}", name, e);
                 self.failed += 1;
@@ -431,8 +446,11 @@ impl Hostile {
                 (1, d(b, 0, 0, 0)),
                 (2, d(0, 0, nf, 3)),
                 (3, d(far, 0, 0, 0)),
+                (4, d(b, hdr, nf, 5)),
+                (5, d(b, 0, nf, 6)),
+                (6, d(b + 64, 60, 0, 0)),
             ],
-            &[1, 2],
+            &[1, 2, 4],
             Expect::Refused,
         );
         self.jump_case("tx available index far ahead", false, 0x8000);
@@ -598,6 +616,7 @@ pub fn run(p: &BootParams) -> u32 {
         ip: args.ip.to_be_bytes(),
         peer_ip: args.peer_ip.to_be_bytes(),
         ram_end,
+        marker_out: false,
         cases: 0,
         failed: 0,
         resets: 0,
@@ -616,6 +635,7 @@ pub fn run(p: &BootParams) -> u32 {
             return status::NET_DEVICE_FAILED;
         }
     }
+    h.marker_out = false;
     if let Err(e) = h.nic.bring_up(false) {
         println!("net-hostile: {}", e);
         return status::NET_DEVICE_FAILED;
