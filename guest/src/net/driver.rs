@@ -71,6 +71,19 @@ fn w64(a: u64, v: u64) {
     w32(a + 4, (v >> 32) as u32);
 }
 
+/// What the driver tells the device about a queue: its size and where its rings are.
+#[derive(Clone, Copy, Debug)]
+pub struct RingLayout {
+    /// Entries.
+    pub size: u16,
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+}
+
 /// One split queue in guest RAM. The driver keeps it consistent; `net-hostile` writes it
 /// raw (any descriptor, any available entry or index) through the public methods.
 pub struct Vq {
@@ -97,6 +110,15 @@ impl Vq {
         let p = (self.desc + 16 * u64::from(i % self.size)) as *mut [u8; 16];
         // SAFETY: entry `i % size` lies inside the descriptor table this queue allocated.
         unsafe { core::ptr::write_volatile(p, d.to_bytes()) };
+    }
+    /// Where the rings are.
+    pub fn layout(&self) -> RingLayout {
+        RingLayout {
+            size: self.size,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+        }
     }
     /// Address of the `BUF_SIZE`-byte buffer of entry `i` (modulo the size).
     pub fn buf(&self, i: u16) -> u64 {
@@ -303,6 +325,16 @@ impl VirtioNet {
     /// when offered; never RING_INDIRECT_DESC), both queues from index 0, every RX buffer
     /// offered when `post_rx` (otherwise the RX ring starts empty), DRIVER_OK.
     pub fn bring_up(&mut self, post_rx: bool) -> Result<(), NetError> {
+        self.bring_up_with(post_rx, None)
+    }
+
+    /// [`VirtioNet::bring_up`], but the device is told `tx_layout` for the TX queue instead of
+    /// where its rings are (a hostile driver's lie; the driver keeps using its own memory).
+    pub fn bring_up_with(
+        &mut self,
+        post_rx: bool,
+        tx_layout: Option<RingLayout>,
+    ) -> Result<(), NetError> {
         let common = self.common;
         let st = common + common::DEVICE_STATUS;
         w8(st, 0);
@@ -331,11 +363,21 @@ impl VirtioNet {
             return Err(NetError::Init("device refused the features"));
         }
         for q in [&mut self.rx, &mut self.tx] {
+            let own = RingLayout {
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+            };
+            let l = match tx_layout {
+                Some(l) if q.queue == net::TX_QUEUE => l,
+                _ => own,
+            };
             w16(common + common::QUEUE_SELECT, q.queue);
-            w16(common + common::QUEUE_SIZE, q.size);
-            w64(common + common::QUEUE_DESC, q.desc);
-            w64(common + common::QUEUE_DRIVER, q.avail);
-            w64(common + common::QUEUE_DEVICE, q.used);
+            w16(common + common::QUEUE_SIZE, l.size);
+            w64(common + common::QUEUE_DESC, l.desc);
+            w64(common + common::QUEUE_DRIVER, l.avail);
+            w64(common + common::QUEUE_DEVICE, l.used);
             q.clear();
             w16(common + common::QUEUE_ENABLE, 1);
         }

@@ -2,9 +2,10 @@
 //! can (descriptor loops, chains through the whole table, oversized chains, out-of-RAM and
 //! wrapping buffer addresses, heads and `next` indices beyond the queue, device-writable TX
 //! and device-readable RX buffers, indirect descriptors that were never negotiated, zero-length
-//! buffers, available indices that jump ahead) and checks what comes back: every chain with a
-//! real head is given back (length 0) and the queue keeps running, or the device reports
-//! DEVICE_NEEDS_RESET and is reset. Then it checks the NIC still works: it resolves the peer
+//! buffers, available indices that jump ahead, rings placed outside guest RAM, across its end,
+//! wrapping the address space, misaligned, of a bad size) and checks what comes back: every
+//! chain with a real head is given back (length 0) and the queue keeps running, or the device
+//! reports DEVICE_NEEDS_RESET and is reset. Then it checks the NIC still works: it resolves the peer
 //! (`net.peer_ip`) with ARP and pings it.
 //!
 //! TX batches end with a valid frame (an ARP request for the peer, descriptor 0): once it comes
@@ -23,7 +24,7 @@ use crate::{
     clock,
     net::{
         checksum,
-        driver::{NetError, VirtioNet, Vq, BUF_SIZE},
+        driver::{NetError, RingLayout, VirtioNet, Vq, BUF_SIZE},
         Stack, Verdict,
     },
     nvme::Arena,
@@ -344,6 +345,61 @@ impl Hostile {
         self.judge(name, &[], size, Expect::NeedsReset, got);
     }
 
+    /// The device is told `layout` for the TX queue at bring-up, then TX is used (the marker):
+    /// the device must refuse the layout or stop at the first ring access.
+    fn layout_case(&mut self, name: &str, layout: RingLayout) {
+        let size = self.nic.tx_queue().size();
+        self.marker_out = false;
+        let got = match self.nic.bring_up_with(false, Some(layout)) {
+            Err(NetError::Init(_)) if self.needs_reset() => Outcome::NeedsReset,
+            Err(_) => Outcome::Timeout("bring-up failed otherwise"),
+            Ok(()) => {
+                self.post_marker();
+                self.collect(false, 0, |_| {})
+            }
+        };
+        self.judge(name, &[], size, Expect::NeedsReset, got);
+    }
+
+    fn layout_cases(&mut self) {
+        let own = self.nic.tx_queue().layout();
+        let far = 1u64 << 46;
+        let at = |size, desc, avail, used| RingLayout {
+            size,
+            desc,
+            avail,
+            used,
+        };
+        self.layout_case(
+            "tx rings outside guest RAM",
+            at(own.size, far, far + 0x1000, far + 0x2000),
+        );
+        self.layout_case(
+            "tx used ring outside guest RAM",
+            at(own.size, own.desc, own.avail, far),
+        );
+        self.layout_case(
+            "tx used ring across the end of guest RAM",
+            at(own.size, own.desc, own.avail, self.ram_end - 8),
+        );
+        self.layout_case(
+            "tx rings wrapping the address space",
+            at(own.size, own.desc, own.avail, u64::MAX - 3),
+        );
+        self.layout_case(
+            "tx queue size not a power of two",
+            at(3, own.desc, own.avail, own.used),
+        );
+        self.layout_case(
+            "tx queue larger than offered",
+            at(1024, own.desc, own.avail, own.used),
+        );
+        self.layout_case(
+            "tx misaligned descriptor table",
+            at(own.size, own.desc + 8, own.avail, own.used),
+        );
+    }
+
     fn tx_cases(&mut self) {
         let b = self.nic.tx_queue().buf(1);
         let size = self.nic.tx_queue().size();
@@ -642,6 +698,7 @@ pub fn run(p: &BootParams) -> u32 {
     }
     h.tx_cases();
     h.rx_cases();
+    h.layout_cases();
     let after = h.still_works();
     match after {
         Ok(n) => println!("net-hostile: after: peer answered {} pings", n),
