@@ -65,7 +65,7 @@ pub fn net_socket(passthrough: &str) -> anyhow::Result<Option<PathBuf>> {
 /// Options of the network workloads.
 #[derive(Args, Debug, Clone)]
 pub struct NetCliArgs {
-    /// `net-echo`, `net-stream`: the guest's IPv4 address.
+    /// `net-echo`, `net-stream`, `net-hostile`: the guest's IPv4 address.
     #[arg(long, default_value = "10.0.77.2")]
     pub net_ip: std::net::Ipv4Addr,
     /// `net-echo`: the UDP port echoed; `net-stream`: the port the peer's stream goes to.

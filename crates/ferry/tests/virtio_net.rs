@@ -2,7 +2,9 @@
 //! removed by the test), `ferry device virtio-net` on that tap inside the namespace, a Ferry VM
 //! running `net-echo` with the device passed through, and the namespace's side talking to it:
 //! the real `ping` (iputils) and UDP datagrams whose echoes are checked byte for byte. Then the
-//! VM stops and the device reports what it moved and that no ring error happened.
+//! VM stops and the device reports what it moved and that no ring error happened. A
+//! `net-hostile` VM garbles the rings; the device refuses or reports each case, counts it, and
+//! serves the next VM.
 //!
 //! Needs root (namespaces, taps), KVM and `ping` (Debian package iputils-ping).
 mod common;
