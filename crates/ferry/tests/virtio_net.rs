@@ -114,15 +114,12 @@ struct Setup {
     console: std::path::PathBuf,
 }
 
-/// `ferry device virtio-net` on the namespace's tap (`--once`: it exits after its first
-/// client); its stderr is collected.
-fn start_device(ns: &NetNs, dir: &TempDir, once: bool) -> (Proc, Stream, std::path::PathBuf) {
+fn start(ns: &NetNs, dir: &TempDir, workload: &str, extra: &[&str]) -> Setup {
     let socket = dir.path("net.sock");
     // The device lives in the namespace, on its tap.
     let mut dev = ns.command(env!("CARGO_BIN_EXE_ferry"));
-    dev.args(["device", "virtio-net", "--tap", TAP, "--socket"])
+    dev.args(["device", "virtio-net", "--once", "--tap", TAP, "--socket"])
         .arg(&socket)
-        .args(once.then_some("--once"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -130,17 +127,8 @@ fn start_device(ns: &NetNs, dir: &TempDir, once: bool) -> (Proc, Stream, std::pa
     let dev_err = Stream::collect(dev.stderr.take().expect("stderr"));
     let dev = Proc(Some(dev), None);
     wait_for_path(&socket);
-    (dev, dev_err, socket)
-}
 
-/// `ferry run --workload WORKLOAD` with the NIC behind `socket` passed through, its console
-/// in `console`.
-fn run_vm(
-    socket: &std::path::Path,
-    console: &std::path::Path,
-    workload: &str,
-    extra: &[&str],
-) -> Proc {
+    let console = dir.path("console.log");
     let mut vm = ferry();
     vm.args(["run", "--workload", workload, "--timeout", "300s"])
         .args([
@@ -153,17 +141,11 @@ fn run_vm(
         .arg("--passthrough")
         .arg(format!("virtio-net={}", socket.display()))
         .arg("--serial")
-        .arg(console)
+        .arg(&console)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    Proc(Some(vm.spawn().expect("spawn ferry run")), None)
-}
-
-fn start(ns: &NetNs, dir: &TempDir, workload: &str, extra: &[&str]) -> Setup {
-    let (dev, dev_err, socket) = start_device(ns, dir, true);
-    let console = dir.path("console.log");
-    let vm = run_vm(&socket, &console, workload, extra);
+    let vm = Proc(Some(vm.spawn().expect("spawn ferry run")), None);
     let ready = format!("{workload}: ready");
     wait_until(format!("{workload} says it is ready"), PATIENCE, || {
         std::fs::read_to_string(&console).is_ok_and(|c| c.contains(&ready))
@@ -358,6 +340,52 @@ fn a_sequenced_udp_stream_crosses_both_ways_intact() {
         stats["tx_frames"].as_u64() >= Some(u64::from(COUNT)),
         "{stats}"
     );
+}
+
+/// `ferry device virtio-net` on the namespace's tap (`--once`: it exits after its first
+/// client); its stderr is collected.
+fn start_device(ns: &NetNs, dir: &TempDir, once: bool) -> (Proc, Stream, std::path::PathBuf) {
+    let socket = dir.path("net.sock");
+    // The device lives in the namespace, on its tap.
+    let mut dev = ns.command(env!("CARGO_BIN_EXE_ferry"));
+    dev.args(["device", "virtio-net", "--tap", TAP, "--socket"])
+        .arg(&socket)
+        .args(once.then_some("--once"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut dev = dev.spawn().expect("spawn ferry device virtio-net");
+    let dev_err = Stream::collect(dev.stderr.take().expect("stderr"));
+    let dev = Proc(Some(dev), None);
+    wait_for_path(&socket);
+    (dev, dev_err, socket)
+}
+
+/// `ferry run --workload WORKLOAD` with the NIC behind `socket` passed through, its console
+/// in `console`.
+fn run_vm(
+    socket: &std::path::Path,
+    console: &std::path::Path,
+    workload: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut vm = ferry();
+    vm.args(["run", "--workload", workload, "--timeout", "300s"])
+        .args([
+            "--net-ip",
+            &GUEST_IP.to_string(),
+            "--net-port",
+            &PORT.to_string(),
+        ])
+        .args(extra)
+        .arg("--passthrough")
+        .arg(format!("virtio-net={}", socket.display()))
+        .arg("--serial")
+        .arg(console)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Proc(Some(vm.spawn().expect("spawn ferry run")), None)
 }
 
 /// `net-hostile` garbles the NIC's rings in every way its module lists: the guest sees each
