@@ -423,12 +423,7 @@ fn buffers_in_the_wrong_direction_are_refused_and_zero_lengths_counted() {
     let f = frame(60, 4);
     d.write(0x40000, &NetHdr::default().to_bytes());
     d.write(0x41000, &f);
-    let desc = |addr, len, flags, next| Descriptor {
-        addr,
-        len,
-        flags,
-        next,
-    };
+    let desc = Descriptor::new;
     // TX: a frame followed by a buffer for the device to write; a zero-length buffer inside a
     // good frame (sent); a zero-length chain (not a frame).
     d.desc(1, 0, desc(0x40000, HDR_LEN as u32, DESC_F_NEXT, 1));

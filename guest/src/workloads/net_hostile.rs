@@ -60,12 +60,19 @@ enum Outcome {
 }
 
 fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-    Descriptor {
-        addr,
-        len,
-        flags,
-        next,
+    Descriptor::new(addr, len, flags, next)
+}
+
+/// Writes `descs` into `q`'s table and offers `heads` (no notification); returns the queue
+/// size.
+fn garble(q: &mut Vq, descs: &[(u16, Descriptor)], heads: &[u16]) -> u16 {
+    for (i, desc) in descs {
+        q.set_desc(*i, *desc);
     }
+    for h in heads {
+        q.offer(*h);
+    }
+    q.size()
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -307,14 +314,7 @@ impl Hostile {
 
     /// Writes `descs` into the TX table, offers `heads`, then the marker; judges the outcome.
     fn tx_case(&mut self, name: &str, descs: &[(u16, Descriptor)], heads: &[u16], expect: Expect) {
-        let tx = self.nic.tx_queue();
-        let size = tx.size();
-        for (i, desc) in descs {
-            tx.set_desc(*i, *desc);
-        }
-        for h in heads {
-            tx.offer(*h);
-        }
+        let size = garble(self.nic.tx_queue(), descs, heads);
         self.post_marker();
         let got = self.collect(false, 0, |_| {});
         self.judge(name, heads, size, expect, got);
@@ -323,14 +323,8 @@ impl Hostile {
     /// Writes `descs` into the RX table, offers `heads`, then a good buffer (descriptor 0);
     /// sends ARP requests until a frame lands in it; judges the outcome.
     fn rx_case(&mut self, name: &str, descs: &[(u16, Descriptor)], heads: &[u16], expect: Expect) {
+        let size = garble(self.nic.rx_queue(), descs, heads);
         let rx = self.nic.rx_queue();
-        let size = rx.size();
-        for (i, desc) in descs {
-            rx.set_desc(*i, *desc);
-        }
-        for h in heads {
-            rx.offer(*h);
-        }
         rx.set_desc(0, d(rx.buf(0), BUF_SIZE as u32, DESC_F_WRITE, 0));
         rx.offer(0);
         rx.kick();
