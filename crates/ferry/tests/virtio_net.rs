@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{wait_for_path, wait_until, Proc, Stream, TempDir, PATIENCE};
+use common::{last_json, wait_for_path, wait_until, Proc, Stream, TempDir, PATIENCE};
 
 const TAP: &str = "fvtap0";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
@@ -404,7 +404,7 @@ fn a_hostile_guest_garbling_the_rings_is_refused_and_counted_and_everything_surv
         &socket,
         &console,
         "net-hostile",
-        &["--net-peer", &HOST_IP.to_string()],
+        &["--net-peer", &HOST_IP.to_string(), "--json"],
     );
     let out = vm.wait_output(PATIENCE * 5);
     let log = std::fs::read_to_string(&console).unwrap_or_default();
@@ -414,6 +414,10 @@ fn a_hostile_guest_garbling_the_rings_is_refused_and_counted_and_everything_surv
         "{log}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The hypervisor ran the guest to its own end and reports it so.
+    let report = last_json(&out);
+    assert_eq!(report["outcome"], "exit", "{report}");
+    assert_eq!(report["status"], 0, "{report}");
     assert!(
         log.contains("net-hostile: before: peer answered 3 pings"),
         "{log}"
