@@ -193,6 +193,21 @@ pub struct VirtioNet {
     pub rx_runts: u64,
 }
 
+/// Writes 0 to the device status register `st` and waits (bounded, 5 s) until it reads back
+/// 0: the reset may take a while to complete (virtio 1.1 §4.1.4.3.2; a hypervisor shadowing
+/// the rings holds it until it has let go of them).
+fn reset(st: u64) -> Result<(), NetError> {
+    w8(st, 0);
+    let t0 = crate::clock::rdtsc();
+    while r8(st) != 0 {
+        if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > 5_000 {
+            return Err(NetError::Init("reset did not complete (status never read 0)"));
+        }
+        core::hint::spin_loop();
+    }
+    Ok(())
+}
+
 /// Finds the function and its BAR0 (memory space and bus mastering turned on).
 fn find() -> Option<(u8, u8, u64)> {
     let mut found = None;
@@ -262,10 +277,7 @@ impl VirtioNet {
         let (c, n, d) = caps(dev, func)?;
         let common = bar0 + u64::from(c.offset);
         let st = common + common::DEVICE_STATUS;
-        w8(st, 0);
-        if r8(st) != 0 {
-            return Err(NetError::Init("reset did not read back 0"));
-        }
+        reset(st)?;
         if r16(common + common::NUM_QUEUES) < 2 {
             return Err(NetError::Init("fewer than two queues"));
         }
@@ -337,10 +349,7 @@ impl VirtioNet {
     ) -> Result<(), NetError> {
         let common = self.common;
         let st = common + common::DEVICE_STATUS;
-        w8(st, 0);
-        if r8(st) != 0 {
-            return Err(NetError::Init("reset did not read back 0"));
-        }
+        reset(st)?;
         w8(st, status::ACKNOWLEDGE);
         w8(st, status::ACKNOWLEDGE | status::DRIVER);
         let mut offered = 0u64;
