@@ -201,7 +201,9 @@ fn reset(st: u64) -> Result<(), NetError> {
     let t0 = crate::clock::rdtsc();
     while r8(st) != 0 {
         if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > 5_000 {
-            return Err(NetError::Init("reset did not complete (status never read 0)"));
+            return Err(NetError::Init(
+                "reset did not complete (status never read 0)",
+            ));
         }
         core::hint::spin_loop();
     }
