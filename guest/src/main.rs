@@ -45,6 +45,7 @@ extern "C" fn guest_main() -> ! {
         Some(Workload::RdmaHostile) => workloads::rdma_hostile::run(&p),
         Some(Workload::NetEcho) => workloads::net_echo::run(&p),
         Some(Workload::NetStream) => workloads::net_stream::run(&p),
+        Some(Workload::NetHostile) => workloads::net_hostile::run(&p),
         None => {
             println!("ferry-guest: unknown workload {}", p.workload);
             status::BAD_PARAMS

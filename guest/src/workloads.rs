@@ -3,6 +3,7 @@ pub mod crash;
 pub mod dirty;
 pub mod hello;
 pub mod net_echo;
+pub mod net_hostile;
 pub mod net_stream;
 pub mod nvme_malformed;
 pub mod nvme_verify;

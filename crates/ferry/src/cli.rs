@@ -84,6 +84,10 @@ pub enum WorkloadName {
     /// A sequenced UDP stream both ways on the passthrough virtio-net NIC, verified in order
     /// and content (--net-ip, --net-port, --net-count).
     NetStream,
+    /// Garbled virtio-net rings (loops, oversized chains, out-of-RAM addresses, index jumps,
+    /// wrong directions, unnegotiated indirect, zero lengths): the device refuses each or
+    /// asks for a reset, then still works (--net-ip, --net-peer).
+    NetHostile,
 }
 
 impl From<WorkloadName> for Workload {
@@ -101,6 +105,7 @@ impl From<WorkloadName> for Workload {
             WorkloadName::RdmaHostile => Workload::RdmaHostile,
             WorkloadName::NetEcho => Workload::NetEcho,
             WorkloadName::NetStream => Workload::NetStream,
+            WorkloadName::NetHostile => Workload::NetHostile,
         }
     }
 }

@@ -65,7 +65,7 @@ pub fn net_socket(passthrough: &str) -> anyhow::Result<Option<PathBuf>> {
 /// Options of the network workloads.
 #[derive(Args, Debug, Clone)]
 pub struct NetCliArgs {
-    /// `net-echo`, `net-stream`: the guest's IPv4 address.
+    /// `net-echo`, `net-stream`, `net-hostile`: the guest's IPv4 address.
     #[arg(long, default_value = "10.0.77.2")]
     pub net_ip: std::net::Ipv4Addr,
     /// `net-echo`: the UDP port echoed; `net-stream`: the port the peer's stream goes to.
@@ -75,6 +75,10 @@ pub struct NetCliArgs {
     /// stream (0: until stopped or --duration).
     #[arg(long, default_value_t = 0)]
     pub net_count: u64,
+    /// `net-hostile`: the peer on the wire (e.g. the host end of the tap) the guest resolves
+    /// and pings to make frames arrive and to check the NIC still works.
+    #[arg(long, default_value = "10.0.77.1")]
+    pub net_peer: std::net::Ipv4Addr,
 }
 
 impl NetCliArgs {
@@ -84,6 +88,8 @@ impl NetCliArgs {
             ip: u32::from(self.net_ip),
             udp_port: u32::from(self.net_port),
             count: self.net_count,
+            peer_ip: u32::from(self.net_peer),
+            reserved: 0,
         }
     }
 }

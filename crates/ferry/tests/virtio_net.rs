@@ -2,7 +2,9 @@
 //! removed by the test), `ferry device virtio-net` on that tap inside the namespace, a Ferry VM
 //! running `net-echo` with the device passed through, and the namespace's side talking to it:
 //! the real `ping` (iputils) and UDP datagrams whose echoes are checked byte for byte. Then the
-//! VM stops and the device reports what it moved and that no ring error happened.
+//! VM stops and the device reports what it moved and that no ring error happened. A
+//! `net-hostile` VM garbles the rings; the device refuses or reports each case, counts it, and
+//! serves the next VM.
 //!
 //! Needs root (namespaces, taps), KVM and `ping` (Debian package iputils-ping).
 mod common;
@@ -14,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{wait_for_path, wait_until, Proc, Stream, TempDir, PATIENCE};
+use common::{last_json, wait_for_path, wait_until, Proc, Stream, TempDir, PATIENCE};
 
 const TAP: &str = "fvtap0";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
@@ -160,13 +162,7 @@ impl Setup {
     /// Waits for the device (`--once`) to exit after the VM left; its statistics, checked
     /// for ring errors.
     fn device_stats(self) -> serde_json::Value {
-        let err = self.dev_err.finish(PATIENCE);
-        drop(self.dev);
-        let stats = err
-            .lines()
-            .find_map(|l| l.strip_prefix("ferry device virtio-net: stats "))
-            .unwrap_or_else(|| panic!("no statistics:\n{err}"));
-        let stats: serde_json::Value = serde_json::from_str(stats).unwrap();
+        let stats = exit_stats(self.dev, &self.dev_err);
         for zero in [
             "chain_errors",
             "dma_errors",
@@ -179,6 +175,20 @@ impl Setup {
         assert_eq!(stats["driver_ok"], 1, "{stats}");
         stats
     }
+}
+
+/// Waits for the device process to exit on its own (0, no panic) and returns the statistics
+/// it printed.
+fn exit_stats(dev: Proc, dev_err: &Stream) -> serde_json::Value {
+    let out = dev.wait_output(PATIENCE);
+    let err = dev_err.finish(PATIENCE);
+    assert_eq!(out.status.code(), Some(0), "device process:\n{err}");
+    assert!(!err.contains("panicked"), "device process:\n{err}");
+    let stats = err
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry device virtio-net: stats "))
+        .unwrap_or_else(|| panic!("no statistics:\n{err}"));
+    serde_json::from_str(stats).unwrap()
 }
 
 #[test]
@@ -330,4 +340,174 @@ fn a_sequenced_udp_stream_crosses_both_ways_intact() {
         stats["tx_frames"].as_u64() >= Some(u64::from(COUNT)),
         "{stats}"
     );
+}
+
+/// `ferry device virtio-net` on the namespace's tap (`--once`: it exits after its first
+/// client); its stderr is collected.
+fn start_device(ns: &NetNs, dir: &TempDir, once: bool) -> (Proc, Stream, std::path::PathBuf) {
+    let socket = dir.path("net.sock");
+    // The device lives in the namespace, on its tap.
+    let mut dev = ns.command(env!("CARGO_BIN_EXE_ferry"));
+    dev.args(["device", "virtio-net", "--tap", TAP, "--socket"])
+        .arg(&socket)
+        .args(once.then_some("--once"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut dev = dev.spawn().expect("spawn ferry device virtio-net");
+    let dev_err = Stream::collect(dev.stderr.take().expect("stderr"));
+    let dev = Proc(Some(dev), None);
+    wait_for_path(&socket);
+    (dev, dev_err, socket)
+}
+
+/// `ferry run --workload WORKLOAD` with the NIC behind `socket` passed through, its console
+/// in `console`.
+fn run_vm(
+    socket: &std::path::Path,
+    console: &std::path::Path,
+    workload: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut vm = ferry();
+    vm.args(["run", "--workload", workload, "--timeout", "300s"])
+        .args([
+            "--net-ip",
+            &GUEST_IP.to_string(),
+            "--net-port",
+            &PORT.to_string(),
+        ])
+        .args(extra)
+        .arg("--passthrough")
+        .arg(format!("virtio-net={}", socket.display()))
+        .arg("--serial")
+        .arg(console)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Proc(Some(vm.spawn().expect("spawn ferry run")), None)
+}
+
+/// `net-hostile` garbles the NIC's rings in every way its module lists: the guest sees each
+/// garbled chain refused (given back, length 0) or DEVICE_NEEDS_RESET, and the NIC working
+/// after a reset (it pings the namespace). The hypervisor runs the guest to its end (exit 0);
+/// the device process then serves a second VM (`net-echo`, UDP echoes from the namespace),
+/// exits 0 on SIGTERM and reports each class of error it counted.
+#[test]
+fn a_hostile_guest_garbling_the_rings_is_refused_and_counted_and_everything_survives() {
+    let dir = TempDir::new("virtio-net-hostile");
+    let ns = NetNs::new("vnhost");
+    let (dev, dev_err, socket) = start_device(&ns, &dir, false);
+
+    let console = dir.path("hostile.log");
+    let vm = run_vm(
+        &socket,
+        &console,
+        "net-hostile",
+        &["--net-peer", &HOST_IP.to_string(), "--json"],
+    );
+    let out = vm.wait_output(PATIENCE * 5);
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{log}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The hypervisor ran the guest to its own end and reports it so.
+    let report = last_json(&out);
+    assert_eq!(report["outcome"], "exit", "{report}");
+    assert_eq!(report["status"], 0, "{report}");
+    assert!(
+        log.contains("net-hostile: before: peer answered 3 pings"),
+        "{log}"
+    );
+    assert!(
+        log.contains("net-hostile: after: peer answered 3 pings"),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with("net-hostile: done ")
+            && l.contains(" cases, 0 unexpected, ")
+            && l.ends_with("the device still works")),
+        "{log}"
+    );
+    let resets = log.matches("device needs reset as expected").count();
+    assert_eq!(
+        resets, 10,
+        "three index jumps and seven bad ring layouts, each reported: {log}"
+    );
+
+    // The same device process serves the next VM.
+    let console = dir.path("echo.log");
+    let vm = run_vm(&socket, &console, "net-echo", &["--net-count", "4"]);
+    wait_until("net-echo says it is ready", PATIENCE, || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("net-echo: ready"))
+    });
+    let echoed = ns.run(|| {
+        let s = UdpSocket::bind((HOST_IP, 0)).expect("bind in the namespace");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (0..4u32)
+            .filter(|seq| {
+                let d = datagram(*seq, 300);
+                s.send_to(&d, (GUEST_IP, PORT)).expect("send");
+                let mut buf = [0u8; 2048];
+                s.recv_from(&mut buf).is_ok_and(|(n, _)| buf[..n] == d[..])
+            })
+            .count()
+    });
+    assert_eq!(echoed, 4);
+    let out = vm.wait_output(PATIENCE);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(dev.0.as_ref().expect("child").id() as i32, libc::SIGTERM) };
+    let stats = exit_stats(dev, &dev_err);
+    eprintln!("{log}\ndevice statistics: {stats}");
+    // Each class of garbage counted where it belongs, exactly as often as net-hostile sent
+    // it (every garbled RX chain takes exactly one frame, whoever sent it).
+    for (counter, want) in [
+        ("chain_loops", 4),
+        ("chain_bad_index", 6),
+        ("chain_bad_indirect", 4),
+        ("chain_read_after_write", 1),
+        ("chain_oversized", 1),
+        ("chain_wrapping", 3),
+        ("tx_writable_chains", 2),
+        ("rx_readonly_chains", 1),
+        ("zero_length_buffers", 3),
+        ("dma_errors", 10),
+        ("bad_avail_idx", 3),
+        ("tx_bad_frames", 1),
+        ("rx_dropped", 1),
+        ("bad_features", 0),
+        ("bad_queue_config", 4),
+        ("wire_errors", 0),
+    ] {
+        assert_eq!(stats[counter].as_u64(), Some(want), "{counter}: {stats}");
+    }
+    let classes: u64 = [
+        "chain_loops",
+        "chain_bad_index",
+        "chain_bad_indirect",
+        "chain_read_after_write",
+        "chain_oversized",
+        "chain_wrapping",
+    ]
+    .iter()
+    .map(|c| stats[c].as_u64().unwrap_or(0))
+    .sum();
+    assert_eq!(stats["chain_errors"].as_u64(), Some(classes), "{stats}");
+    // Two VMs; the hostile one brought the NIC up (again) after every reset.
+    assert_eq!(stats["connections"], 2, "{stats}");
+    assert!(
+        stats["driver_ok"].as_u64() >= Some(1 + 3 + 3 + 1),
+        "{stats}"
+    );
+    assert!(stats["rx_frames"].as_u64() >= Some(4), "{stats}");
 }

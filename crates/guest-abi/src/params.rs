@@ -9,7 +9,7 @@ use core::mem::offset_of;
 /// `BootParams::magic`: "FERRYBP1".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FERRYBP1");
 /// Version of this layout; bump it when a field changes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Workloads the built-in guest knows.
 #[repr(u32)]
@@ -45,11 +45,17 @@ pub enum Workload {
     /// is verified in order and content, and each of its datagrams is answered with the
     /// guest's own next datagram ([`NetArgs`]).
     NetStream = 12,
+    /// Garbles the passthrough virtio-net NIC's rings (descriptor loops, oversized chains,
+    /// out-of-RAM and wrapping addresses, index jumps, wrong buffer directions, unnegotiated
+    /// indirect descriptors, zero-length buffers), checks the device refuses each or reports
+    /// DEVICE_NEEDS_RESET, then resets it and checks it still works by resolving and pinging
+    /// the peer ([`NetArgs::peer_ip`]).
+    NetHostile = 13,
 }
 
 impl Workload {
     /// All workloads, for listing.
-    pub const ALL: [Workload; 12] = [
+    pub const ALL: [Workload; 13] = [
         Workload::Hello,
         Workload::Dirty,
         Workload::Spin,
@@ -62,6 +68,7 @@ impl Workload {
         Workload::RdmaHostile,
         Workload::NetEcho,
         Workload::NetStream,
+        Workload::NetHostile,
     ];
 
     /// Decodes a workload number.
@@ -79,6 +86,7 @@ impl Workload {
             10 => Some(Self::RdmaHostile),
             11 => Some(Self::NetEcho),
             12 => Some(Self::NetStream),
+            13 => Some(Self::NetHostile),
             _ => None,
         }
     }
@@ -98,6 +106,7 @@ impl Workload {
             Self::RdmaHostile => "rdma-hostile",
             Self::NetEcho => "net-echo",
             Self::NetStream => "net-stream",
+            Self::NetHostile => "net-hostile",
         }
     }
 }
@@ -141,6 +150,11 @@ pub struct NetArgs {
     /// `net-echo`: datagrams to echo before exiting 0 (0: until stopped or `duration_ms`).
     /// `net-stream`: datagrams of each stream (0: until stopped or `duration_ms`).
     pub count: u64,
+    /// `net-hostile`: the IPv4 address of the peer on the wire it resolves (ARP) and pings to
+    /// make frames arrive and to check the NIC still works.
+    pub peer_ip: u32,
+    /// Zero (keeps the block free of padding).
+    pub reserved: u32,
 }
 
 /// Arguments of the RDMA workloads (IPv4 GIDs as big-endian `u32`s, `a.b.c.d` = `a << 24 | …`).
@@ -343,6 +357,9 @@ pub mod status {
     pub const NET_DEVICE_FAILED: u32 = 52;
     /// `net-stream`: a datagram of the peer's stream came out of order, twice, or corrupted.
     pub const NET_STREAM_MISMATCH: u32 = 53;
+    /// `net-hostile`: a garbled ring was neither refused nor reported (DEVICE_NEEDS_RESET) by
+    /// the device, or a refusal came back wrong.
+    pub const NET_HOSTILE_UNHANDLED: u32 = 54;
     /// The guest panicked.
     pub const PANIC: u32 = 99;
 }
@@ -365,13 +382,13 @@ mod tests {
 
     #[test]
     fn no_padding() {
-        // 8 + 4 + 4 + 8*3 + args (6*8 + nvme 48 + rdma 32 + net 16) + 4*4 + 8*5
+        // 8 + 4 + 4 + 8*3 + args (6*8 + nvme 48 + rdma 32 + net 24) + 4*4 + 8*5
         assert_eq!(core::mem::size_of::<NvmeArgs>(), 48);
         assert_eq!(core::mem::size_of::<RdmaArgs>(), 32);
-        assert_eq!(core::mem::size_of::<NetArgs>(), 16);
+        assert_eq!(core::mem::size_of::<NetArgs>(), 24);
         assert_eq!(
             BootParams::SIZE,
-            8 + 4 + 4 + 24 + 48 + 48 + 32 + 16 + 16 + 40
+            8 + 4 + 4 + 24 + 48 + 48 + 32 + 24 + 16 + 40
         );
         assert_eq!(OFF_VERIFY_REQ % 4, 0);
         assert_eq!(OFF_VERIFY_PAGES % 8, 0);

@@ -368,7 +368,20 @@ impl NetDevice {
     fn count(&mut self, e: &QueueError) {
         match e {
             QueueError::Dma(_) => self.stats.dma_errors += 1,
-            QueueError::Chain(_) => self.stats.chain_errors += 1,
+            QueueError::Chain(c) => {
+                self.stats.chain_errors += 1;
+                let class = match c {
+                    ChainError::TooLong(_) => &mut self.stats.chain_loops,
+                    ChainError::IndexOutOfRange(_) => &mut self.stats.chain_bad_index,
+                    ChainError::BadIndirect | ChainError::BadIndirectLength(_) => {
+                        &mut self.stats.chain_bad_indirect
+                    }
+                    ChainError::ReadAfterWrite => &mut self.stats.chain_read_after_write,
+                    ChainError::TooManyBytes => &mut self.stats.chain_oversized,
+                    ChainError::AddressOverflow(_) => &mut self.stats.chain_wrapping,
+                };
+                *class += 1;
+            }
             QueueError::AvailJump { .. } => self.stats.bad_avail_idx += 1,
         }
     }
@@ -447,6 +460,15 @@ impl NetDevice {
                 if self.refuse(q, head, &e) {
                     done += 1;
                 }
+                continue;
+            }
+            self.count_zero_length(&segs);
+            if segs.iter().any(|s| s.write) {
+                // A transmit buffer the device is to write: nothing here is a frame.
+                self.stats.tx_writable_chains += 1;
+                tracing::debug!(head, "TX chain with a device-writable buffer refused");
+                self.refuse_quietly(q, head);
+                done += 1;
                 continue;
             }
             let readable: u64 = segs
@@ -540,6 +562,15 @@ impl NetDevice {
                 }
                 continue;
             }
+            self.count_zero_length(&segs);
+            if segs.iter().any(|s| !s.write) {
+                // A receive buffer the device may only read: the frame is dropped with it.
+                self.stats.rx_readonly_chains += 1;
+                tracing::debug!(head, "RX chain with a device-readable buffer refused");
+                self.refuse_quietly(q, head);
+                done += 1;
+                continue;
+            }
             let room: u64 = segs
                 .iter()
                 .filter(|s| s.write)
@@ -571,6 +602,10 @@ impl NetDevice {
         self.segs = segs;
         self.buf = buf;
         (done, starved)
+    }
+
+    fn count_zero_length(&mut self, segs: &[Segment]) {
+        self.stats.zero_length_buffers += segs.iter().filter(|s| s.len == 0).count() as u64;
     }
 
     fn refuse_quietly(&mut self, q: usize, head: u16) {

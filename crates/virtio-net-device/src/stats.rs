@@ -33,9 +33,28 @@ pub struct Stats {
     pub tx_bad_frames: u64,
     /// Wire send errors.
     pub wire_errors: u64,
-    /// Descriptor chains refused (loops, indices out of range, bad indirect tables, order).
+    /// Descriptor chains refused (loops, indices out of range, bad indirect tables, order):
+    /// the sum of the `chain_*` classes below.
     pub chain_errors: u64,
-    /// DMA accesses outside the client's mappings.
+    /// Chains longer than the queue (or an indirect table): a loop.
+    pub chain_loops: u64,
+    /// Heads or `next` indices at or beyond the queue size (or the indirect table).
+    pub chain_bad_index: u64,
+    /// Indirect descriptors not negotiated, nested, chained, or with a bad table length.
+    pub chain_bad_indirect: u64,
+    /// Device-readable buffers after device-writable ones.
+    pub chain_read_after_write: u64,
+    /// Chains whose buffers add up to more than the queue's byte limit.
+    pub chain_oversized: u64,
+    /// Buffers that wrap around the 64-bit address space.
+    pub chain_wrapping: u64,
+    /// TX chains with a device-writable buffer (refused: nothing is sent).
+    pub tx_writable_chains: u64,
+    /// RX chains with a device-readable buffer (refused: the frame is dropped).
+    pub rx_readonly_chains: u64,
+    /// Zero-length buffers seen in accepted chains (legal, but counted).
+    pub zero_length_buffers: u64,
+    /// DMA accesses outside the client's mappings (rings or buffers outside guest RAM).
     pub dma_errors: u64,
     /// Available indices that jumped more than the queue size (queue stopped, needs reset).
     pub bad_avail_idx: u64,

@@ -367,6 +367,11 @@ fn hostile_rings_are_counted_and_survived() {
     let s = d.dev.stats.clone();
     // Heads 0 and 1 (the loop from either end), 2, 4 and 77.
     assert_eq!(s.chain_errors, 5, "{s:?}");
+    assert_eq!(
+        (s.chain_loops, s.chain_bad_index, s.chain_bad_indirect),
+        (2, 2, 1),
+        "each refusal in its class: {s:?}"
+    );
     assert_eq!(s.dma_errors, 1, "{s:?}");
     assert_eq!(s.tx_bad_frames, 1, "{s:?}");
     assert_eq!(s.tx_frames, 0);
@@ -409,6 +414,68 @@ fn hostile_rings_are_counted_and_survived() {
     // A reset brings it back.
     d.w(common::DEVICE_STATUS, 0, 1);
     assert_eq!(d.dev.status(), 0);
+}
+
+#[test]
+fn buffers_in_the_wrong_direction_are_refused_and_zero_lengths_counted() {
+    let mut d = Driver::new(features());
+    let (mut dev_end, mut peer) = SocketWire::pair().unwrap();
+    let f = frame(60, 4);
+    d.write(0x40000, &NetHdr::default().to_bytes());
+    d.write(0x41000, &f);
+    let desc = Descriptor::new;
+    // TX: a frame followed by a buffer for the device to write; a zero-length buffer inside a
+    // good frame (sent); a zero-length chain (not a frame).
+    d.desc(1, 0, desc(0x40000, HDR_LEN as u32, DESC_F_NEXT, 1));
+    d.desc(1, 1, desc(0x41000, 60, DESC_F_NEXT, 2));
+    d.desc(1, 2, desc(0x42000, 64, DESC_F_WRITE, 0));
+    d.desc(1, 3, desc(0x40000, HDR_LEN as u32, DESC_F_NEXT, 4));
+    d.desc(1, 4, desc(0x43000, 0, DESC_F_NEXT, 5));
+    d.desc(1, 5, desc(0x41000, 60, 0, 0));
+    d.desc(1, 6, desc(0x44000, 0, 0, 0));
+    for h in [0, 3, 6] {
+        d.offer(1, h);
+    }
+    // RX: a buffer the device may only read, then a good one.
+    d.desc(0, 0, desc(0x50000, 2048, 0, 0));
+    d.desc(0, 1, desc(0x51000, 2048, DESC_F_WRITE, 0));
+    d.offer(0, 0);
+    d.offer(0, 1);
+    peer.send(&frame(70, 1)).unwrap();
+    peer.send(&frame(80, 2)).unwrap();
+    d.dev.process(&mut dev_end);
+    let s = d.dev.stats.clone();
+    assert_eq!(s.tx_writable_chains, 1, "{s:?}");
+    assert_eq!(s.rx_readonly_chains, 1, "{s:?}");
+    assert_eq!(s.zero_length_buffers, 2, "{s:?}");
+    assert_eq!(
+        (s.tx_frames, s.tx_bad_frames, s.rx_frames),
+        (1, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.chain_errors, 0, "{s:?}");
+    let mut got = [0u8; 128];
+    assert_eq!(peer.recv(&mut got).unwrap(), Some(60));
+    assert_eq!(&got[..60], &f[..]);
+    assert_eq!(peer.recv(&mut got).unwrap(), None, "one frame only");
+    let ids: Vec<u32> = d.used(1).iter().map(|e| e.id).collect();
+    assert_eq!(ids, [0, 3, 6]);
+    // The read-only RX chain came back empty and took the first frame; the second landed in
+    // the good buffer; the device never wrote the read-only one.
+    assert_eq!(
+        d.used(0),
+        [
+            UsedElem { id: 0, len: 0 },
+            UsedElem {
+                id: 1,
+                len: (HDR_LEN + 80) as u32
+            }
+        ]
+    );
+    let mut untouched = [0xffu8; 16];
+    d.dev.dma.read(0x50000, &mut untouched).unwrap();
+    assert_eq!(untouched, [0; 16]);
+    assert!(status::is_running(d.dev.status()));
 }
 
 #[test]

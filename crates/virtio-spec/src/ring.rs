@@ -41,6 +41,15 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
+    /// A descriptor from its four fields.
+    pub const fn new(addr: u64, len: u32, flags: u16, next: u16) -> Self {
+        Descriptor {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
     /// Parses the 16 bytes of a descriptor.
     pub fn from_bytes(b: &[u8; 16]) -> Self {
         Descriptor {
@@ -426,12 +435,7 @@ mod tests {
     use super::*;
 
     fn d(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-        Descriptor {
-            addr,
-            len,
-            flags,
-            next,
-        }
+        Descriptor::new(addr, len, flags, next)
     }
 
     /// Walks a chain over an in-memory table and indirect tables; returns the segments.

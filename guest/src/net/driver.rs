@@ -71,8 +71,22 @@ fn w64(a: u64, v: u64) {
     w32(a + 4, (v >> 32) as u32);
 }
 
-/// One split queue in guest RAM.
-struct Vq {
+/// What the driver tells the device about a queue: its size and where its rings are.
+#[derive(Clone, Copy, Debug)]
+pub struct RingLayout {
+    /// Entries.
+    pub size: u16,
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+}
+
+/// One split queue in guest RAM. The driver keeps it consistent; `net-hostile` writes it
+/// raw (any descriptor, any available entry or index) through the public methods.
+pub struct Vq {
     size: u16,
     desc: u64,
     avail: u64,
@@ -87,31 +101,65 @@ struct Vq {
 }
 
 impl Vq {
-    fn set_desc(&self, i: u16, d: Descriptor) {
-        let p = (self.desc + 16 * u64::from(i)) as *mut [u8; 16];
-        // SAFETY: entry `i` < size of the descriptor table this queue allocated.
+    /// Entries.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+    /// Writes descriptor `i` (taken modulo the size: always inside the table).
+    pub fn set_desc(&self, i: u16, d: Descriptor) {
+        let p = (self.desc + 16 * u64::from(i % self.size)) as *mut [u8; 16];
+        // SAFETY: entry `i % size` lies inside the descriptor table this queue allocated.
         unsafe { core::ptr::write_volatile(p, d.to_bytes()) };
     }
-    fn buf(&self, i: u16) -> u64 {
-        self.bufs + BUF_SIZE * u64::from(i)
+    /// Where the rings are.
+    pub fn layout(&self) -> RingLayout {
+        RingLayout {
+            size: self.size,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+        }
     }
-    /// Puts descriptor `id` on the available ring (does not notify).
-    fn offer(&mut self, id: u16) {
+    /// Address of the `BUF_SIZE`-byte buffer of entry `i` (modulo the size).
+    pub fn buf(&self, i: u16) -> u64 {
+        self.bufs + BUF_SIZE * u64::from(i % self.size)
+    }
+    /// Back to index 0 (the device is reset and not yet enabled): the used ring's index is
+    /// cleared too, or elements the device wrote before the reset would read as new.
+    fn clear(&mut self) {
+        self.avail_idx = 0;
+        self.last_used = 0;
+        self.set_avail_idx(0);
+        // SAFETY: `idx` of the used ring this queue allocated; the device does not write it
+        // while the queue is not enabled.
+        unsafe { core::ptr::write_volatile((self.used + ring::used::IDX) as *mut u16, 0) };
+    }
+    /// Puts `id` (any value: a hostile workload may name no descriptor) on the available
+    /// ring (does not notify).
+    pub fn offer(&mut self, id: u16) {
         let slot = self.avail + ring::avail::entry(self.avail_idx % self.size);
         // SAFETY: the slot lies inside the available ring this queue allocated.
         unsafe { core::ptr::write_volatile(slot as *mut u16, id) };
         self.avail_idx = self.avail_idx.wrapping_add(1);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-        // SAFETY: `idx` of the available ring.
-        unsafe {
-            core::ptr::write_volatile((self.avail + ring::avail::IDX) as *mut u16, self.avail_idx)
-        };
+        self.set_avail_idx(self.avail_idx);
     }
-    fn kick(&self) {
+    /// Writes the available ring's `idx` as it is, whatever the entries behind it hold (the
+    /// driver's own index is not changed).
+    pub fn set_avail_idx(&self, idx: u16) {
+        // SAFETY: `idx` of the available ring this queue allocated.
+        unsafe { core::ptr::write_volatile((self.avail + ring::avail::IDX) as *mut u16, idx) };
+    }
+    /// The driver's next available index.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+    /// Notifies the device.
+    pub fn kick(&self) {
         w16(self.notify, self.queue);
     }
-    /// The next used element, if the device returned one.
-    fn take_used(&mut self) -> Option<(u32, u32)> {
+    /// The next used element (id, length), if the device returned one.
+    pub fn take_used(&mut self) -> Option<(u32, u32)> {
         // SAFETY: `idx` of the used ring this queue allocated; the device writes it.
         let idx = unsafe { core::ptr::read_volatile((self.used + ring::used::IDX) as *const u16) };
         if idx == self.last_used {
@@ -143,6 +191,23 @@ pub struct VirtioNet {
     pub tx_frames: u64,
     /// Frames the device returned empty or cut (length under the header).
     pub rx_runts: u64,
+}
+
+/// Writes 0 to the device status register `st` and waits (bounded, 5 s) until it reads back
+/// 0: the reset may take a while to complete (virtio 1.1 §4.1.4.3.2; a hypervisor shadowing
+/// the rings holds it until it has let go of them).
+fn reset(st: u64) -> Result<(), NetError> {
+    w8(st, 0);
+    let t0 = crate::clock::rdtsc();
+    while r8(st) != 0 {
+        if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > 5_000 {
+            return Err(NetError::Init(
+                "reset did not complete (status never read 0)",
+            ));
+        }
+        core::hint::spin_loop();
+    }
+    Ok(())
 }
 
 /// Finds the function and its BAR0 (memory space and bus mastering turned on).
@@ -203,35 +268,18 @@ fn caps(dev: u8, func: u8) -> Result<(VirtioPciCap, VirtioPciCap, VirtioPciCap),
 impl VirtioNet {
     /// Finds the NIC and brings it up (virtio 1.1 §3.1.1); all RX buffers are offered.
     pub fn init(arena: &mut Arena) -> Result<VirtioNet, NetError> {
+        let mut nic = Self::open(arena)?;
+        nic.bring_up(true)?;
+        Ok(nic)
+    }
+
+    /// Finds the NIC, resets it and allocates its queues (not yet configured).
+    fn open(arena: &mut Arena) -> Result<VirtioNet, NetError> {
         let (dev, func, bar0) = find().ok_or(NetError::NotFound)?;
         let (c, n, d) = caps(dev, func)?;
         let common = bar0 + u64::from(c.offset);
         let st = common + common::DEVICE_STATUS;
-        w8(st, 0);
-        if r8(st) != 0 {
-            return Err(NetError::Init("reset did not read back 0"));
-        }
-        w8(st, status::ACKNOWLEDGE);
-        w8(st, status::ACKNOWLEDGE | status::DRIVER);
-        let mut offered = 0u64;
-        for sel in 0..2u32 {
-            w32(common + common::DEVICE_FEATURE_SELECT, sel);
-            offered |= u64::from(r32(common + common::DEVICE_FEATURE)) << (32 * sel);
-        }
-        if offered & bit(features::VERSION_1) == 0 {
-            return Err(NetError::Init("device does not offer VERSION_1"));
-        }
-        let want = offered & (bit(features::VERSION_1) | bit(net::features::MAC));
-        for sel in 0..2u32 {
-            w32(common + common::DRIVER_FEATURE_SELECT, sel);
-            w32(common + common::DRIVER_FEATURE, (want >> (32 * sel)) as u32);
-        }
-        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        w8(st, s);
-        if r8(st) & status::FEATURES_OK == 0 {
-            w8(st, s | status::FAILED);
-            return Err(NetError::Init("device refused the features"));
-        }
+        reset(st)?;
         if r16(common + common::NUM_QUEUES) < 2 {
             return Err(NetError::Init("fewer than two queues"));
         }
@@ -257,11 +305,6 @@ impl VirtioNet {
                 .alloc(BUF_SIZE * u64::from(size))
                 .ok_or(NetError::NoMemory)?;
             let off = r16(common + common::QUEUE_NOTIFY_OFF);
-            w16(common + common::QUEUE_SIZE, size);
-            w64(common + common::QUEUE_DESC, desc);
-            w64(common + common::QUEUE_DRIVER, avail);
-            w64(common + common::QUEUE_DEVICE, used);
-            w16(common + common::QUEUE_ENABLE, 1);
             *slot = Some(Vq {
                 size,
                 desc,
@@ -274,31 +317,13 @@ impl VirtioNet {
                 queue: i,
             });
         }
-        let [Some(mut rx), Some(tx)] = q else {
+        let [Some(rx), Some(tx)] = q else {
             return Err(NetError::Init("queues"));
         };
         let mut mac = [0u8; 6];
         for (i, m) in mac.iter_mut().enumerate() {
             *m = r8(bar0 + u64::from(d.offset) + net::config::MAC + i as u64);
         }
-        // Every RX entry is a device-writable buffer, offered once now and again after use.
-        for i in 0..rx.size {
-            rx.set_desc(
-                i,
-                Descriptor {
-                    addr: rx.buf(i),
-                    len: BUF_SIZE as u32,
-                    flags: DESC_F_WRITE,
-                    next: 0,
-                },
-            );
-            rx.offer(i);
-        }
-        w8(st, s | status::DRIVER_OK);
-        if r8(st) & status::DEVICE_NEEDS_RESET != 0 {
-            return Err(NetError::Init("device needs reset after DRIVER_OK"));
-        }
-        rx.kick();
         Ok(VirtioNet {
             common,
             rx,
@@ -308,6 +333,101 @@ impl VirtioNet {
             tx_frames: 0,
             rx_runts: 0,
         })
+    }
+
+    /// Resets the device and brings it up on the queues' memory: features (VERSION_1, MAC
+    /// when offered; never RING_INDIRECT_DESC), both queues from index 0, every RX buffer
+    /// offered when `post_rx` (otherwise the RX ring starts empty), DRIVER_OK.
+    pub fn bring_up(&mut self, post_rx: bool) -> Result<(), NetError> {
+        self.bring_up_with(post_rx, None)
+    }
+
+    /// [`VirtioNet::bring_up`], but the device is told `tx_layout` for the TX queue instead of
+    /// where its rings are (a hostile driver's lie; the driver keeps using its own memory).
+    pub fn bring_up_with(
+        &mut self,
+        post_rx: bool,
+        tx_layout: Option<RingLayout>,
+    ) -> Result<(), NetError> {
+        let common = self.common;
+        let st = common + common::DEVICE_STATUS;
+        reset(st)?;
+        w8(st, status::ACKNOWLEDGE);
+        w8(st, status::ACKNOWLEDGE | status::DRIVER);
+        let mut offered = 0u64;
+        for sel in 0..2u32 {
+            w32(common + common::DEVICE_FEATURE_SELECT, sel);
+            offered |= u64::from(r32(common + common::DEVICE_FEATURE)) << (32 * sel);
+        }
+        if offered & bit(features::VERSION_1) == 0 {
+            return Err(NetError::Init("device does not offer VERSION_1"));
+        }
+        let want = offered & (bit(features::VERSION_1) | bit(net::features::MAC));
+        for sel in 0..2u32 {
+            w32(common + common::DRIVER_FEATURE_SELECT, sel);
+            w32(common + common::DRIVER_FEATURE, (want >> (32 * sel)) as u32);
+        }
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        w8(st, s);
+        if r8(st) & status::FEATURES_OK == 0 {
+            w8(st, s | status::FAILED);
+            return Err(NetError::Init("device refused the features"));
+        }
+        for q in [&mut self.rx, &mut self.tx] {
+            let own = RingLayout {
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+            };
+            let l = match tx_layout {
+                Some(l) if q.queue == net::TX_QUEUE => l,
+                _ => own,
+            };
+            w16(common + common::QUEUE_SELECT, q.queue);
+            w16(common + common::QUEUE_SIZE, l.size);
+            w64(common + common::QUEUE_DESC, l.desc);
+            w64(common + common::QUEUE_DRIVER, l.avail);
+            w64(common + common::QUEUE_DEVICE, l.used);
+            q.clear();
+            w16(common + common::QUEUE_ENABLE, 1);
+        }
+        // Every RX entry is a device-writable buffer, offered once now and again after use.
+        for i in 0..self.rx.size {
+            self.rx.set_desc(
+                i,
+                Descriptor {
+                    addr: self.rx.buf(i),
+                    len: BUF_SIZE as u32,
+                    flags: DESC_F_WRITE,
+                    next: 0,
+                },
+            );
+            if post_rx {
+                self.rx.offer(i);
+            }
+        }
+        w8(st, s | status::DRIVER_OK);
+        if r8(st) & status::DEVICE_NEEDS_RESET != 0 {
+            return Err(NetError::Init("device needs reset after DRIVER_OK"));
+        }
+        self.rx.kick();
+        Ok(())
+    }
+
+    /// The device status register.
+    pub fn device_status(&self) -> u8 {
+        r8(self.common + common::DEVICE_STATUS)
+    }
+
+    /// The receive queue, for workloads that write its rings themselves.
+    pub fn rx_queue(&mut self) -> &mut Vq {
+        &mut self.rx
+    }
+
+    /// The transmit queue, for workloads that write its rings themselves.
+    pub fn tx_queue(&mut self) -> &mut Vq {
+        &mut self.tx
     }
 
     /// DEVICE_NEEDS_RESET is set.
