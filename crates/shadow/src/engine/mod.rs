@@ -12,6 +12,8 @@ mod enter;
 pub mod irq;
 mod live;
 pub mod memory;
+pub mod net;
+mod net_poller;
 mod poller;
 mod quiesce;
 mod restore;

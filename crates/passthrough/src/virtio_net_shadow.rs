@@ -1,0 +1,334 @@
+//! What the shadow engine needs from a passthrough virtio-net attachment: the queues'
+//! configuration (read back from the device with the vCPUs paused), notifications (a hook on
+//! the BAR0 trap, or a hypervisor page over the notification page), ring pages moved onto
+//! hypervisor copies in the guest's view, MSI-X vectors taken over, and the device notified.
+use std::{
+    ops::Range,
+    sync::{Arc, Mutex},
+};
+
+use virtio_spec::{
+    pci::{cfg_type, common, VirtioPciCap, PCI_CAP_ID_VNDR},
+    status,
+};
+use vmm::{
+    memory::GuestRam,
+    memslots::{MemorySlots, SlotKind},
+    Vm,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    client::{Connection, CONFIG_REGION},
+    guest_remap::GuestRemaps,
+    virtio_net::NetAttachment,
+    Error, HookError, Result,
+};
+
+const PAGE: u64 = 4096;
+
+/// Called on the vCPU thread with the queue index a trapped notification carries.
+pub type NotifyHook = Arc<dyn Fn(u16) + Send + Sync>;
+
+/// The notification region as the BAR0 trap sees it.
+pub(crate) struct NotifyTrap {
+    /// BAR0 offsets of the notification region (from the notify capability).
+    range: Option<Range<u64>>,
+    hook: Mutex<Option<NotifyHook>>,
+}
+
+impl NotifyTrap {
+    /// A write at BAR0 `offset`: true when the engine took it (not forwarded).
+    pub(crate) fn take(&self, offset: u64, data: &[u8]) -> bool {
+        if !self.range.as_ref().is_some_and(|r| r.contains(&offset)) {
+            return false;
+        }
+        let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(hook) = hook else {
+            return false;
+        };
+        let mut v = [0u8; 2];
+        for (d, s) in v.iter_mut().zip(data) {
+            *d = *s;
+        }
+        hook(u16::from_le_bytes(v));
+        true
+    }
+}
+
+/// The notify capability: BAR0 offset and length of the region, `notify_off_multiplier`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifyRegion {
+    /// BAR0 offset.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+    /// `notify_off_multiplier`.
+    pub multiplier: u32,
+}
+
+/// State of the attachment the engine works through.
+pub(crate) struct ShadowHooks {
+    pub(crate) notify: Arc<NotifyTrap>,
+    region: Option<NotifyRegion>,
+    vm_fd: Arc<kvm_ioctls::VmFd>,
+    ram: GuestRam,
+    remaps: Mutex<GuestRemaps>,
+    /// The KVM slot over the notification page (poll mode).
+    notify_slot: Mutex<Option<u32>>,
+    bar0_gpa: u64,
+}
+
+impl ShadowHooks {
+    pub(crate) fn new(vm: &Vm, conn: &Connection, bar0_gpa: u64) -> Self {
+        let region = find_notify(conn);
+        ShadowHooks {
+            notify: Arc::new(NotifyTrap {
+                range: region.map(|r| r.offset..r.offset + r.length),
+                hook: Mutex::new(None),
+            }),
+            region,
+            vm_fd: vm.vm_fd().clone(),
+            ram: vm.ram().clone(),
+            remaps: Mutex::new(GuestRemaps::default()),
+            notify_slot: Mutex::new(None),
+            bar0_gpa,
+        }
+    }
+
+    pub(crate) fn set_notify_hook(&self, hook: Option<NotifyHook>) {
+        *self.notify.hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+}
+
+/// Walks the configuration space's capability list for the virtio notify capability in BAR0.
+fn find_notify(conn: &Connection) -> Option<NotifyRegion> {
+    let read = |off: u64, n: usize| -> Option<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        conn.region_read(CONFIG_REGION, off, &mut b).ok()?;
+        Some(b)
+    };
+    let mut ptr = u64::from(read(0x34, 1)?[0] & 0xfc);
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return None;
+        }
+        let b = read(ptr, 20)?;
+        if b[0] == PCI_CAP_ID_VNDR {
+            if let Some(c) = VirtioPciCap::from_bytes(&b) {
+                if c.cfg_type == cfg_type::NOTIFY && c.bar == 0 {
+                    return Some(NotifyRegion {
+                        offset: u64::from(c.offset),
+                        length: u64::from(c.length),
+                        multiplier: c.notify_off_multiplier,
+                    });
+                }
+            }
+        }
+        ptr = u64::from(b[1] & 0xfc);
+    }
+    None
+}
+
+/// One queue as the device reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetQueueConfig {
+    /// Queue index.
+    pub index: u16,
+    /// Entries.
+    pub size: u16,
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring (driver area).
+    pub driver: u64,
+    /// Used ring (device area).
+    pub device: u64,
+    /// Enabled by the driver.
+    pub enabled: bool,
+    /// MSI-X vector (`NO_VECTOR` for none).
+    pub msix_vector: u16,
+    /// `queue_notify_off`.
+    pub notify_off: u16,
+}
+
+/// The device's configuration as the engine needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Features the driver accepted.
+    pub features: u64,
+    /// Device status.
+    pub status: u8,
+    /// Every queue the device has (enabled or not).
+    pub queues: Vec<NetQueueConfig>,
+    /// The notify capability.
+    pub notify: NotifyRegion,
+}
+
+impl NetAttachment {
+    fn common_read(&self, field: u64, n: usize) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.conn
+            .region_read(0, common_offset() + field, &mut b[..n])?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn common_write(&self, field: u64, v: u64, n: usize) -> Result<()> {
+        self.conn
+            .region_write(0, common_offset() + field, &v.to_le_bytes()[..n])
+    }
+
+    /// Device status, read without side effects (for waiting on DRIVER_OK).
+    pub fn device_status(&self) -> Result<u8> {
+        Ok(self.common_read(common::DEVICE_STATUS, 1)? as u8)
+    }
+
+    /// True when the driver set DRIVER_OK (and not FAILED / NEEDS_RESET).
+    pub fn driver_ok(&self) -> bool {
+        self.device_status().is_ok_and(status::is_running)
+    }
+
+    /// Reads the queues' configuration back from the device. The vCPUs must be paused: the
+    /// queue selector is moved (and put back). What the device reports is not trusted further
+    /// than the engine's checks of every address against guest RAM.
+    pub fn net_config(&self) -> Result<NetConfig> {
+        let notify = self.shadow.region.ok_or_else(|| Error::Unsupported {
+            name: self.conn.name.clone(),
+            reason: "no virtio notify capability in BAR0".into(),
+        })?;
+        let mut features = 0u64;
+        for half in 0..2u64 {
+            self.common_write(common::DRIVER_FEATURE_SELECT, half, 4)?;
+            features |= self.common_read(common::DRIVER_FEATURE, 4)? << (32 * half);
+        }
+        let status = self.device_status()?;
+        let count = self.common_read(common::NUM_QUEUES, 2)?.min(64) as u16;
+        let select = self.common_read(common::QUEUE_SELECT, 2)?;
+        let mut queues = Vec::new();
+        for q in 0..count {
+            self.common_write(common::QUEUE_SELECT, u64::from(q), 2)?;
+            queues.push(NetQueueConfig {
+                index: q,
+                size: self.common_read(common::QUEUE_SIZE, 2)? as u16,
+                desc: self.common_read(common::QUEUE_DESC, 8)?,
+                driver: self.common_read(common::QUEUE_DRIVER, 8)?,
+                device: self.common_read(common::QUEUE_DEVICE, 8)?,
+                enabled: self.common_read(common::QUEUE_ENABLE, 2)? != 0,
+                msix_vector: self.common_read(common::QUEUE_MSIX_VECTOR, 2)? as u16,
+                notify_off: self.common_read(common::QUEUE_NOTIFY_OFF, 2)? as u16,
+            });
+        }
+        self.common_write(common::QUEUE_SELECT, select, 2)?;
+        Ok(NetConfig {
+            features,
+            status,
+            queues,
+            notify,
+        })
+    }
+
+    /// Notifies the device of queue `index` (its `queue_notify_off` is `notify_off`).
+    pub fn notify_device(&self, notify_off: u16, index: u16) -> Result<()> {
+        let Some(r) = self.shadow.region else {
+            return Ok(());
+        };
+        let at = r.offset + u64::from(notify_off) * u64::from(r.multiplier);
+        self.conn.region_write(0, at, &index.to_le_bytes())
+    }
+
+    /// Trap mode: notification writes go to `hook` (None: to the device again).
+    pub fn set_notify_hook(&self, hook: Option<NotifyHook>) {
+        self.shadow.set_notify_hook(hook);
+    }
+
+    /// Poll mode: backs the notification page with host memory at `host` in the guest's view
+    /// (writes no longer exit), or (None) takes it away again. Refused when the region is not
+    /// one page of its own.
+    ///
+    /// # Safety
+    /// `host` must stay mapped (one page) until the page is taken away or the VM is gone.
+    pub unsafe fn map_notify_page(&self, slots: &MemorySlots, host: Option<u64>) -> Result<()> {
+        let name = &self.conn.name;
+        let r = self.shadow.region.ok_or_else(|| Error::Unsupported {
+            name: name.clone(),
+            reason: "no virtio notify capability in BAR0".into(),
+        })?;
+        if !r.offset.is_multiple_of(PAGE) || r.length > PAGE {
+            return Err(Error::Hook {
+                name: name.clone(),
+                source: HookError::BarPageNotMappable(r.offset),
+            });
+        }
+        let gpa = self.shadow.bar0_gpa + r.offset;
+        let mut slot = self
+            .shadow
+            .notify_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let vmm_err = |what: String| {
+            move |source| Error::Vmm {
+                name: name.clone(),
+                what,
+                source,
+            }
+        };
+        if let Some(s) = slot.take() {
+            slots
+                .remove(s)
+                .map_err(vmm_err(format!("removing memory slot {s}")))?;
+        }
+        if let Some(host) = host {
+            // SAFETY: the caller keeps the page mapped while the slot exists.
+            let s = unsafe { slots.add(gpa, PAGE, host, SlotKind::Device, false) }.map_err(
+                vmm_err(format!("mapping the notification page at {gpa:#x}")),
+            )?;
+            *slot = Some(s);
+        }
+        Ok(())
+    }
+
+    /// Moves the guest's view of `[gpa, gpa + size)` onto host memory at `host`, or back to RAM
+    /// (None). The vCPUs must be paused.
+    ///
+    /// # Safety
+    /// A host range must stay mapped until it is moved back or the VM is gone.
+    pub unsafe fn remap_guest_range(
+        &self,
+        slots: &MemorySlots,
+        gpa: u64,
+        size: u64,
+        host: Option<u64>,
+    ) -> Result<()> {
+        let mut remaps = self.shadow.remaps.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the caller's promise is this function's contract.
+        unsafe { remaps.remap(slots, &self.shadow.ram, &self.conn.name, gpa, size, host) }
+    }
+
+    /// Takes MSI-X `vector` away from KVM: returns the eventfd the device signals.
+    pub fn take_interrupt(&self, vector: u16) -> Result<EventFd> {
+        crate::msix::take(&self.msix, &self.irqs, &self.conn.name, vector)
+    }
+
+    /// Gives MSI-X `vector` back to KVM.
+    pub fn release_interrupt(&self, vector: u16) {
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(vector);
+    }
+
+    /// Sends the guest the message of `vector`; false when masked or off.
+    pub fn interrupt_guest(&self, vector: u16) -> Result<bool> {
+        let msg = self
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .message(vector);
+        crate::msix::signal(&self.shadow.vm_fd, &self.conn.name, vector, msg)
+    }
+}
+
+/// BAR0 offset of the common configuration (the stand-in NIC and the guest driver put it at
+/// 0; the engine reads it there).
+const fn common_offset() -> u64 {
+    0
+}
