@@ -43,12 +43,15 @@ impl NetSession {
         })
     }
 
-    /// True while [`NetSession::tick`] has work to do.
+    /// True while [`NetSession::tick`] has work to do (an engine that is not in error: it
+    /// waits to enter, or watches for a guest reset to hand over).
     pub fn wants_tick(&self) -> bool {
-        self.shadow_error.is_none() && self.engine.as_ref().is_some_and(|e| !e.is_shadowed())
+        self.shadow_error.is_none() && self.engine.is_some()
     }
 
-    /// Enters shadow mode once the driver has run the device for [`SETTLE`].
+    /// Enters shadow mode once the driver has run the device for [`SETTLE`]; while shadowed,
+    /// hands a guest reset the attachment held to the engine (which lets go of the rings,
+    /// then the device resets; shadow mode is entered again once the driver restarted it).
     pub fn tick(&mut self, vm: &Vm) {
         if !self.wants_tick() {
             return;
@@ -56,6 +59,26 @@ impl NetSession {
         let Some(engine) = &self.engine else {
             return;
         };
+        if engine.is_shadowed() {
+            if self.att.reset_pending() {
+                self.running_since = None;
+                match engine.reset(vm) {
+                    Ok(()) => eprintln!("ferry: virtio-net guest reset; shadow state dropped"),
+                    Err(e) => {
+                        let why = vmm::ErrorChain(&e).to_string();
+                        tracing::error!("handing a guest reset over: {why}");
+                        eprintln!("ferry: virtio-net shadow mode abandoned: {why}");
+                        // The guest waits for its reset: give it, whatever the rings hold.
+                        self.att.set_shadowed(false);
+                        if let Err(e) = self.att.finish_reset() {
+                            tracing::error!("resetting the device: {}", vmm::ErrorChain(&e));
+                        }
+                        self.shadow_error = Some(why);
+                    }
+                }
+            }
+            return;
+        }
         if !self.att.driver_ok() {
             self.running_since = None;
             return;

@@ -68,7 +68,7 @@ impl BusDevice for NetBar0 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if self.notify.take(offset, data) {
+        if self.notify.take(offset, data) || self.notify.hold_reset(offset, data) {
             return;
         }
         {

@@ -4,7 +4,10 @@
 //! hypervisor copies in the guest's view, MSI-X vectors taken over, and the device notified.
 use std::{
     ops::Range,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use virtio_spec::{
@@ -30,14 +33,32 @@ const PAGE: u64 = 4096;
 /// Called on the vCPU thread with the queue index a trapped notification carries.
 pub type NotifyHook = Arc<dyn Fn(u16) + Send + Sync>;
 
-/// The notification region as the BAR0 trap sees it.
+/// The notification region and the device status as the BAR0 trap sees them.
 pub(crate) struct NotifyTrap {
     /// BAR0 offsets of the notification region (from the notify capability).
     range: Option<Range<u64>>,
     hook: Mutex<Option<NotifyHook>>,
+    /// The engine shadows the queues: a guest reset is held for it.
+    shadowed: AtomicBool,
+    /// The guest wrote status 0 while shadowed; the write waits until the engine let go of
+    /// the rings ([`NetAttachment::finish_reset`]). Until then the status the guest reads
+    /// stays non-zero, so a driver waits (virtio 1.1 §4.1.4.3.2).
+    reset_pending: AtomicBool,
 }
 
 impl NotifyTrap {
+    /// A write at BAR0 `offset` the engine must hold: a reset while shadowed.
+    pub(crate) fn hold_reset(&self, offset: u64, data: &[u8]) -> bool {
+        if offset == common_offset() + common::DEVICE_STATUS
+            && data.first() == Some(&0)
+            && self.shadowed.load(Ordering::SeqCst)
+        {
+            self.reset_pending.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
     /// A write at BAR0 `offset`: true when the engine took it (not forwarded).
     pub(crate) fn take(&self, offset: u64, data: &[u8]) -> bool {
         if !self.range.as_ref().is_some_and(|r| r.contains(&offset)) {
@@ -86,6 +107,8 @@ impl ShadowHooks {
             notify: Arc::new(NotifyTrap {
                 range: region.map(|r| r.offset..r.offset + r.length),
                 hook: Mutex::new(None),
+                shadowed: AtomicBool::new(false),
+                reset_pending: AtomicBool::new(false),
             }),
             region,
             vm_fd: vm.vm_fd().clone(),
@@ -235,6 +258,30 @@ impl NetAttachment {
         self.conn.region_write(0, at, &index.to_le_bytes())
     }
 
+    /// While `on`, a guest reset (status 0) is held until [`NetAttachment::finish_reset`]
+    /// instead of reaching the device under the engine's feet.
+    pub fn set_shadowed(&self, on: bool) {
+        self.shadow.notify.shadowed.store(on, Ordering::SeqCst);
+    }
+
+    /// The guest asked for a reset the engine holds.
+    pub fn reset_pending(&self) -> bool {
+        self.shadow.notify.reset_pending.load(Ordering::SeqCst)
+    }
+
+    /// Gives the device the guest's held reset (after the engine left shadow mode).
+    pub fn finish_reset(&self) -> Result<()> {
+        if self
+            .shadow
+            .notify
+            .reset_pending
+            .swap(false, Ordering::SeqCst)
+        {
+            self.common_write(common::DEVICE_STATUS, 0, 1)?;
+        }
+        Ok(())
+    }
+
     /// Trap mode: notification writes go to `hook` (None: to the device again).
     pub fn set_notify_hook(&self, hook: Option<NotifyHook>) {
         self.shadow.set_notify_hook(hook);
@@ -331,4 +378,66 @@ impl NetAttachment {
 /// 0; the engine reads it there).
 const fn common_offset() -> u64 {
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    fn trap() -> NotifyTrap {
+        NotifyTrap {
+            range: Some(0x3000..0x4000),
+            hook: Mutex::new(None),
+            shadowed: AtomicBool::new(false),
+            reset_pending: AtomicBool::new(false),
+        }
+    }
+
+    /// Notification writes go to the hook only while one is installed, and only inside the
+    /// notification region; the queue index is the written value, whatever its width.
+    #[test]
+    fn notifications_reach_the_hook_only_inside_the_region() {
+        let t = trap();
+        assert!(
+            !t.take(0x3000, &1u16.to_le_bytes()),
+            "no hook: to the device"
+        );
+        let seen = Arc::new(AtomicU32::new(0));
+        let s = seen.clone();
+        *t.hook.lock().unwrap() = Some(Arc::new(move |q| {
+            s.store(0x1_0000 | u32::from(q), Ordering::SeqCst);
+        }));
+        assert!(t.take(0x3004, &1u16.to_le_bytes()));
+        assert_eq!(seen.load(Ordering::SeqCst), 0x1_0001);
+        assert!(t.take(0x3000, &[7]), "a one-byte write");
+        assert_eq!(seen.load(Ordering::SeqCst), 0x1_0007);
+        assert!(
+            t.take(0x3000, &0xdead_beefu32.to_le_bytes()),
+            "a wide write"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 0x1_beef);
+        assert!(
+            !t.take(0x2fff, &[1]) && !t.take(0x4000, &[1]),
+            "outside the region"
+        );
+        // An empty write carries no index: taken (never forwarded) as queue 0.
+        assert!(t.take(0x3000, &[]));
+        assert_eq!(seen.load(Ordering::SeqCst), 0x1_0000);
+    }
+
+    /// A reset (status 0) is held only while shadowed; other status writes pass.
+    #[test]
+    fn a_reset_is_held_only_while_shadowed() {
+        let t = trap();
+        let status = common_offset() + common::DEVICE_STATUS;
+        assert!(!t.hold_reset(status, &[0]), "direct: the device resets");
+        t.shadowed.store(true, Ordering::SeqCst);
+        assert!(!t.hold_reset(status, &[status::DRIVER_OK | status::DRIVER]));
+        assert!(!t.hold_reset(common::QUEUE_SELECT, &[0]));
+        assert!(!t.reset_pending.load(Ordering::SeqCst));
+        assert!(t.hold_reset(status, &[0]));
+        assert!(t.reset_pending.load(Ordering::SeqCst));
+    }
 }

@@ -412,6 +412,7 @@ impl NetEngine {
                 return Err(e);
             }
         };
+        self.att.set_shadowed(true);
         Ok(NetActive {
             shared,
             poller: Some(poller),
@@ -473,7 +474,6 @@ impl NetEngine {
 
     fn leave_paused(&self, vm: &Vm, a: &mut NetActive) -> Result<()> {
         Self::stop_poller(a);
-        let slots = vm.memory_slots();
         let mut run = a.shared.lock();
         let NetRunning {
             queues,
@@ -493,18 +493,6 @@ impl NetEngine {
                 q.q.geometry().index
             )));
         }
-        // The guest's view becomes RAM again: the copy holds the guest's descriptors and
-        // available ring, and used entries equal to the device's.
-        for c in a._copies.iter() {
-            let mut b = vec![0u8; c.pages.len()];
-            c.pages.read(0, &mut b);
-            bufs.ram()
-                .write(c.gpa.start, &b)
-                .map_err(|source| Error::Vmm {
-                    what: "copying the rings back into guest RAM".into(),
-                    source,
-                })?;
-        }
         for q in queues.iter_mut() {
             // The device may have been asked to suppress notifications differently.
             if q.q.take_device_notify(bufs).unwrap_or(true) {
@@ -512,6 +500,42 @@ impl NetEngine {
             }
         }
         drop(run);
+        self.give_back(vm, a)
+    }
+
+    /// The guest's view of the rings becomes RAM again: the guest-written parts (descriptor
+    /// tables and available rings) are copied from the copies into RAM; the used rings are
+    /// not, RAM holds the device's, which the device may still be writing (a receive queue
+    /// always has buffers) and which hold at least what the guest was given. Then the
+    /// notification page and hook go, and guest resets reach the device again.
+    fn give_back(&self, vm: &Vm, a: &mut NetActive) -> Result<()> {
+        let slots = vm.memory_slots();
+        let ram = vm.ram();
+        let guest_parts: Vec<Range<u64>> = a
+            .shared
+            .lock()
+            .queues
+            .iter()
+            .flat_map(|q| {
+                let [desc, avail, _used] = q.q.geometry().ranges();
+                [desc, avail]
+            })
+            .collect();
+        for r in guest_parts {
+            let Some(c) = a
+                ._copies
+                .iter()
+                .find(|c| c.gpa.start <= r.start && r.end <= c.gpa.end)
+            else {
+                continue;
+            };
+            let mut b = vec![0u8; (r.end - r.start) as usize];
+            c.pages.read((r.start - c.gpa.start) as usize, &mut b);
+            ram.write(r.start, &b).map_err(|source| Error::Vmm {
+                what: "copying the rings back into guest RAM".into(),
+                source,
+            })?;
+        }
         while let Some(r) = a.remapped.first().cloned() {
             // SAFETY: back to RAM needs no host promise.
             unsafe {
@@ -521,17 +545,48 @@ impl NetEngine {
             .map_err(net_err("moving ring pages back to RAM"))?;
             a.remapped.remove(0);
         }
-        if a.notify_page.is_some() {
+        if a.notify_page.take().is_some() {
             // SAFETY: taking the slot away needs no host promise.
             unsafe { self.att.map_notify_page(slots, None) }
                 .map_err(net_err("unmapping the notification page"))?;
         }
         self.att.set_notify_hook(None);
+        self.att.set_shadowed(false);
         tracing::info!(
             shadowed_ms = a.entered.elapsed().as_millis() as u64,
             "virtio-net shadow mode ending"
         );
         Ok(())
+    }
+
+    /// The guest reset the device while shadowed (the attachment holds the reset): drops
+    /// every queue's shadow state without draining (the device is about to forget its
+    /// queues), gives the guest its RAM back and lets the reset reach the device. Shadow
+    /// mode can be entered again once the driver started the device again.
+    pub fn reset(&self, vm: &Vm) -> Result<()> {
+        let mut guard = self.active();
+        if let Some(a) = guard.as_mut() {
+            vm.pause().map_err(|source| Error::Vmm {
+                what: "pausing the vCPUs for a guest reset".into(),
+                source,
+            })?;
+            Self::stop_poller(a);
+            let result = self.give_back(vm, a);
+            let resumed = vm.resume().map_err(|source| Error::Vmm {
+                what: "resuming the vCPUs".into(),
+                source,
+            });
+            result?;
+            if let Some(a) = guard.take() {
+                self.release_vectors(&a.shared.wakeups);
+                let stats: Vec<_> = a.shared.lock().queues.iter().map(|q| q.q.stats()).collect();
+                tracing::info!(?stats, "virtio-net shadow state dropped for a guest reset");
+            }
+            resumed?;
+        }
+        self.att
+            .finish_reset()
+            .map_err(net_err("giving the device the guest's reset"))
     }
 
     fn stop_poller(a: &mut NetActive) {
@@ -546,6 +601,7 @@ impl NetEngine {
 impl Drop for NetEngine {
     fn drop(&mut self) {
         self.att.set_notify_hook(None);
+        self.att.set_shadowed(false);
         if let Some(a) = self.active().as_mut() {
             Self::stop_poller(a);
         }
