@@ -89,7 +89,7 @@ pub struct NetRow {
     pub runs: usize,
     /// Counted intervals, summed over runs.
     pub intervals: usize,
-    /// Echoes lost (a datagram not echoed within 200 ms), summed over runs.
+    /// Datagrams lost after the first echo (not echoed within 200 ms), summed over runs.
     pub lost: u64,
     /// packets_per_s / direct packets_per_s.
     pub ratio: f64,
@@ -187,8 +187,10 @@ fn peer(mut wire: SocketWire, done: &AtomicBool) -> PeerResult {
             }
         }
         if in_flight > 0 && last_echo.elapsed() > Duration::from_millis(200) {
-            // Before the guest is up, or dropped on the way: send a fresh window.
-            lost += u64::from(in_flight);
+            // Before the guest is up (not counted), or dropped on the way: a fresh window.
+            if !counts.is_empty() {
+                lost += u64::from(in_flight);
+            }
             in_flight = 0;
             last_echo = Instant::now();
         }
