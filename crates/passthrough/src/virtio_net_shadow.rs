@@ -249,6 +249,73 @@ impl NetAttachment {
         })
     }
 
+    /// Resets the device (status 0): it stops using the rings (virtio 1.1 §2.1.2; the stand-in
+    /// NIC does so before the write returns).
+    pub fn reset_device(&self) -> Result<()> {
+        self.common_write(common::DEVICE_STATUS, 0, 1)?;
+        if self.device_status()? != 0 {
+            return Err(Error::Unsupported {
+                name: self.conn.name.clone(),
+                reason: "the device did not reset".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Brings the device up as a driver that accepted `features` and set up `queues` would
+    /// have (a migration destination): reset, features (refused unless the device offers all
+    /// of them), each queue's size, addresses and vector, enabled, then DRIVER_OK.
+    pub fn program(&self, features: u64, queues: &[NetQueueConfig]) -> Result<()> {
+        let refuse = |reason: String| Error::Unsupported {
+            name: self.conn.name.clone(),
+            reason,
+        };
+        self.reset_device()?;
+        let mut offered = 0u64;
+        for half in 0..2u64 {
+            self.common_write(common::DEVICE_FEATURE_SELECT, half, 4)?;
+            offered |= self.common_read(common::DEVICE_FEATURE, 4)? << (32 * half);
+        }
+        if features & !offered != 0 {
+            return Err(refuse(format!(
+                "features {:#x} the guest uses are not offered here",
+                features & !offered
+            )));
+        }
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        self.common_write(common::DEVICE_STATUS, u64::from(s), 1)?;
+        for half in 0..2u64 {
+            self.common_write(common::DRIVER_FEATURE_SELECT, half, 4)?;
+            self.common_write(common::DRIVER_FEATURE, (features >> (32 * half)) & 0xffff_ffff, 4)?;
+        }
+        let s = s | status::FEATURES_OK;
+        self.common_write(common::DEVICE_STATUS, u64::from(s), 1)?;
+        if self.device_status()? & status::FEATURES_OK == 0 {
+            return Err(refuse(format!("features {features:#x} refused")));
+        }
+        let count = self.common_read(common::NUM_QUEUES, 2)? as u16;
+        for q in queues {
+            if q.index >= count {
+                return Err(refuse(format!("no queue {} ({count} queues)", q.index)));
+            }
+            self.common_write(common::QUEUE_SELECT, u64::from(q.index), 2)?;
+            self.common_write(common::QUEUE_SIZE, u64::from(q.size), 2)?;
+            self.common_write(common::QUEUE_DESC, q.desc, 8)?;
+            self.common_write(common::QUEUE_DRIVER, q.driver, 8)?;
+            self.common_write(common::QUEUE_DEVICE, q.device, 8)?;
+            self.common_write(common::QUEUE_MSIX_VECTOR, u64::from(q.msix_vector), 2)?;
+            self.common_write(common::QUEUE_ENABLE, 1, 2)?;
+            if self.common_read(common::QUEUE_ENABLE, 2)? != 1 {
+                return Err(refuse(format!("queue {} was not enabled", q.index)));
+            }
+        }
+        self.common_write(common::DEVICE_STATUS, u64::from(s | status::DRIVER_OK), 1)?;
+        if !self.driver_ok() {
+            return Err(refuse("the device did not start".into()));
+        }
+        Ok(())
+    }
+
     /// Notifies the device of queue `index` (its `queue_notify_off` is `notify_off`).
     pub fn notify_device(&self, notify_off: u16, index: u16) -> Result<()> {
         let Some(r) = self.shadow.region else {

@@ -241,16 +241,22 @@ fn frames_cross_a_shadowed_nic_and_hostile_chains_and_resets_are_handled() {
     }
 }
 
-fn run(interception: Interception) {
-    let dir = std::env::temp_dir().join(format!(
-        "ferry-net-engine-{interception:?}-{}",
-        std::process::id()
-    ));
+/// A VM with a stand-in NIC on a socket wire attached: (temp dir, device, VM, attachment,
+/// the wire's peer end).
+fn setup(
+    tag: &str,
+) -> (
+    Dir,
+    Arc<VirtioNetDevice>,
+    Vm,
+    Arc<NetAttachment>,
+    SocketWire,
+) {
+    let dir = std::env::temp_dir().join(format!("ferry-net-engine-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let _dir = Dir(dir.clone());
     let socket = dir.join("s");
-    let (dev_end, mut peer) = SocketWire::pair().unwrap();
+    let (dev_end, peer) = SocketWire::pair().unwrap();
     let dev = Arc::new(
         VirtioNetDevice::new(
             &DeviceConfig {
@@ -271,8 +277,15 @@ fn run(interception: Interception) {
         ..Default::default()
     })
     .unwrap();
-    let bar0 = guest_abi::layout::PCI_MMIO_BASE;
-    let att = Arc::new(NetAttachment::attach(&vm, "net0", &socket, bar0).unwrap());
+    let att = Arc::new(NetAttachment::attach(&vm, "net0", &socket, BAR0).unwrap());
+    (Dir(dir), dev, vm, att, peer)
+}
+
+const BAR0: u64 = guest_abi::layout::PCI_MMIO_BASE;
+
+fn run(interception: Interception) {
+    let (_dir, dev, vm, att, mut peer) = setup(&format!("{interception:?}"));
+    let bar0 = BAR0;
     let mut d = Driver {
         vm: &vm,
         bar0,
@@ -360,5 +373,84 @@ fn run(interception: Interception) {
     match Arc::try_unwrap(att) {
         Ok(a) => a.detach(),
         Err(_) => panic!("the attachment is still shared"),
+    }
+}
+
+/// The device part of a migration: the source saves the shadowed NIC (receive buffers in
+/// flight), its device resets and sends nothing more; a second VM gets the source's RAM and a
+/// NIC of its own rebuilt from the state; the guest's driver carries on with its indexes:
+/// a receive buffer made available on the source gets the destination's first frame, and
+/// transmits work. A hostile saved state is refused.
+#[test]
+fn a_shadowed_nic_moves_to_another_vm() {
+    let (_da, dev_a, vm_a, att_a, mut peer_a) = setup("mig-src");
+    let mut d = Driver {
+        vm: &vm_a,
+        bar0: BAR0,
+        avail: [0; 2],
+        used: [0; 2],
+    };
+    d.bring_up();
+    d.post_rx(0);
+    d.post_rx(1);
+    let opts = EngineOptions {
+        interception: Interception::Poll,
+        ..Default::default()
+    };
+    let src = NetEngine::new(att_a.clone(), opts).unwrap();
+    src.enter(&vm_a).unwrap();
+    roundtrip(&mut d, &mut peer_a, 0, 0x61);
+    d.post_rx(2);
+    // Switchover: buffers 1 and 2 are in flight (receive only: no wait).
+    src.ready_for_switchover().unwrap();
+    let (saved, pages) = src.save(&vm_a).unwrap();
+    assert!(pages.contains(&rings(0).0), "ring pages are sent again");
+    assert_eq!(saved.queues[0].state.in_flight, vec![1, 2], "{saved:?}");
+    // The source's device was reset: it uses no ring and writes no guest memory any more.
+    assert_eq!(att_a.device_status().unwrap(), 0);
+    assert!(dev_a.stats().resets >= 2, "bring-up and switchover resets");
+    let (_, _, u0) = rings(0);
+    assert_eq!(GuestView(&vm_a).u16(u0 + ring::used::IDX), 1);
+
+    // The destination: the source's RAM (which holds the guest's view of the rings).
+    let (_db, dev_b, vm_b, att_b, mut peer_b) = setup("mig-dst");
+    for r in vm_a.ram().regions() {
+        let mut b = vec![0u8; r.size as usize];
+        vm_a.ram().read(r.gpa, &mut b).unwrap();
+        vm_b.ram().write(r.gpa, &b).unwrap();
+    }
+    let mut hostile = saved.clone();
+    hostile.queues[0].state.in_flight = vec![1, 1];
+    assert!(NetEngine::restore(att_b.clone(), opts, &vm_b, &hostile).is_err());
+    let mut hostile = saved.clone();
+    hostile.queues[1].place.geo.index = 0;
+    assert!(NetEngine::restore(att_b.clone(), opts, &vm_b, &hostile).is_err());
+    let dst = NetEngine::restore(att_b.clone(), opts, &vm_b, &saved).unwrap();
+    assert!(dst.is_shadowed());
+    d.vm = &vm_b;
+    roundtrip(&mut d, &mut peer_b, 1, 0x62);
+    roundtrip(&mut d, &mut peer_b, 2, 0x63);
+    d.post_rx(3);
+    roundtrip(&mut d, &mut peer_b, 3, 0x64);
+    let st = dst.status();
+    assert!(
+        st.queues
+            .iter()
+            .all(|q| q.errors == 0 && q.state.stats.refused == 0),
+        "{st:?}"
+    );
+    let s = dev_b.stats();
+    assert_eq!(
+        (s.chain_errors, s.dma_errors, s.rx_frames, s.tx_frames),
+        (0, 0, 3, 3),
+        "{s:?}"
+    );
+    drop(dst);
+    drop(src);
+    for a in [att_a, att_b] {
+        match Arc::try_unwrap(a) {
+            Ok(a) => a.detach(),
+            Err(_) => panic!("the attachment is still shared"),
+        }
     }
 }

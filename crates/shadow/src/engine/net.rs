@@ -39,6 +39,17 @@ use crate::{
     Error, Result, RingAdapter,
 };
 
+/// Where a virtqueue is and how the device and the guest reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct QueuePlace {
+    /// Ring addresses and size.
+    pub geo: VirtqGeometry,
+    /// `queue_notify_off`.
+    pub notify_off: u16,
+    /// The guest's MSI-X vector (`NO_VECTOR` for none).
+    pub msix_vector: u16,
+}
+
 /// One shadowed virtqueue.
 pub(crate) struct NetQueueRt {
     pub q: VirtQueue,
@@ -93,8 +104,8 @@ impl NetShared {
     }
 }
 
-struct NetActive {
-    shared: Arc<NetShared>,
+pub(super) struct NetActive {
+    pub(super) shared: Arc<NetShared>,
     poller: Option<JoinHandle<()>>,
     /// Kept alive while the guest's slots point at them.
     _copies: Arc<Vec<Copy>>,
@@ -103,6 +114,12 @@ struct NetActive {
     notify_page: Option<HostPages>,
     interception: Interception,
     entered: Instant,
+}
+
+impl NetActive {
+    pub(super) fn copies(&self) -> &Arc<Vec<Copy>> {
+        &self._copies
+    }
 }
 
 /// A virtqueue's counters and positions, for reports.
@@ -147,7 +164,7 @@ pub struct NetEngine {
     entered: AtomicU64,
 }
 
-fn net_err(what: &'static str) -> impl FnOnce(passthrough::Error) -> Error {
+pub(super) fn net_err(what: &'static str) -> impl FnOnce(passthrough::Error) -> Error {
     move |source| Error::Hook {
         what: what.into(),
         source,
@@ -185,6 +202,15 @@ impl NetEngine {
 
     fn active(&self) -> MutexGuard<'_, Option<NetActive>> {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn active_guard(&self) -> MutexGuard<'_, Option<NetActive>> {
+        self.active()
+    }
+
+    pub(super) fn set_active(&self, a: NetActive) {
+        *self.active() = Some(a);
+        self.entered.fetch_add(1, Ordering::Relaxed);
     }
 
     /// True while shadow mode is on.
@@ -278,19 +304,40 @@ impl NetEngine {
         if enabled.is_empty() {
             return Err(Error::Engine("no virtqueue is enabled".into()));
         }
-        let geos: Vec<VirtqGeometry> = enabled
+        let places: Vec<QueuePlace> = enabled
             .iter()
-            .map(|q| VirtqGeometry {
-                index: q.index,
-                size: q.size,
-                desc: q.desc,
-                avail: q.driver,
-                used: q.device,
+            .map(|q| QueuePlace {
+                geo: VirtqGeometry {
+                    index: q.index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.driver,
+                    used: q.device,
+                },
+                notify_off: q.notify_off,
+                msix_vector: q.msix_vector,
             })
             .collect();
+        self.install(vm, &places, |bufs| {
+            places
+                .iter()
+                .map(|p| VirtQueue::attach(p.geo, cfg.features, ChainLimits::default(), bufs))
+                .collect()
+        })
+    }
+
+    /// Intercepts the notifications, moves the guest's view of the rings of `places` onto
+    /// copies filled from RAM, has `build` make the adapters over them, takes the queues'
+    /// vectors over and starts the poller; undoes all of it when a step fails.
+    pub(super) fn install(
+        &self,
+        vm: &Vm,
+        places: &[QueuePlace],
+        build: impl FnOnce(&EngineBuffers) -> Result<Vec<VirtQueue>>,
+    ) -> Result<NetActive> {
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
-        let regions = page_regions(geos.iter().flat_map(|g| g.ranges()));
+        let regions = page_regions(places.iter().flat_map(|p| p.geo.ranges()));
         let mut remapped: Vec<Range<u64>> = Vec::new();
         let mut notify_page: Option<HostPages> = None;
         let interception = self.opts.interception;
@@ -337,29 +384,29 @@ impl NetEngine {
                 remapped.push(c.gpa.clone());
             }
             let bufs = EngineBuffers::new(ram.clone(), copies.clone(), Designation::VcpuBuffer);
+            let adapters = build(&bufs)?;
             let mut wakeups = irq::Wakeups::new()?;
             let mut queues = Vec::new();
-            for (q, g) in enabled.iter().zip(&geos) {
-                let vq = VirtQueue::attach(*g, cfg.features, ChainLimits::default(), &bufs)?;
-                let vector = (q.msix_vector != NO_VECTOR
-                    && !wakeups.vectors.iter().any(|v| v.vector == q.msix_vector))
-                .then(|| self.att.take_interrupt(q.msix_vector))
-                .transpose()
-                .map_err(net_err("taking over a queue's MSI-X vector"))?
-                .map(|fd| {
-                    wakeups.vectors.push(irq::TakenVector {
-                        vector: q.msix_vector,
-                        fd,
-                        received: AtomicU64::new(0),
-                        injected: AtomicU64::new(0),
-                        masked: AtomicU64::new(0),
-                    });
-                    q.msix_vector
-                })
-                .or((q.msix_vector != NO_VECTOR).then_some(q.msix_vector));
+            for (p, vq) in places.iter().zip(adapters) {
+                let v = p.msix_vector;
+                let vector = (v != NO_VECTOR && !wakeups.vectors.iter().any(|t| t.vector == v))
+                    .then(|| self.att.take_interrupt(v))
+                    .transpose()
+                    .map_err(net_err("taking over a queue's MSI-X vector"))?
+                    .map(|fd| {
+                        wakeups.vectors.push(irq::TakenVector {
+                            vector: v,
+                            fd,
+                            received: AtomicU64::new(0),
+                            injected: AtomicU64::new(0),
+                            masked: AtomicU64::new(0),
+                        });
+                        v
+                    })
+                    .or((v != NO_VECTOR).then_some(v));
                 queues.push(NetQueueRt {
                     q: vq,
-                    notify_off: q.notify_off,
+                    notify_off: p.notify_off,
                     vector,
                     errors: 0,
                 });
@@ -369,9 +416,9 @@ impl NetEngine {
         let (copies, queues, wakeups) = match result {
             Ok(v) => v,
             Err(e) => {
-                for q in &cfg.queues {
-                    if q.msix_vector != NO_VECTOR {
-                        self.att.release_interrupt(q.msix_vector);
+                for p in places {
+                    if p.msix_vector != NO_VECTOR {
+                        self.att.release_interrupt(p.msix_vector);
                     }
                 }
                 undo(&remapped, &notify_page);
@@ -589,7 +636,7 @@ impl NetEngine {
             .map_err(net_err("giving the device the guest's reset"))
     }
 
-    fn stop_poller(a: &mut NetActive) {
+    pub(super) fn stop_poller(a: &mut NetActive) {
         a.shared.stop.store(true, Ordering::SeqCst);
         let _ = a.shared.wakeups.wake.write(1);
         if let Some(p) = a.poller.take() {
