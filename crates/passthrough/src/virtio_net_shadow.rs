@@ -286,7 +286,11 @@ impl NetAttachment {
         self.common_write(common::DEVICE_STATUS, u64::from(s), 1)?;
         for half in 0..2u64 {
             self.common_write(common::DRIVER_FEATURE_SELECT, half, 4)?;
-            self.common_write(common::DRIVER_FEATURE, (features >> (32 * half)) & 0xffff_ffff, 4)?;
+            self.common_write(
+                common::DRIVER_FEATURE,
+                (features >> (32 * half)) & 0xffff_ffff,
+                4,
+            )?;
         }
         let s = s | status::FEATURES_OK;
         self.common_write(common::DEVICE_STATUS, u64::from(s), 1)?;
