@@ -401,11 +401,17 @@ fn a_shadowed_nic_moves_to_another_vm() {
     src.enter(&vm_a).unwrap();
     roundtrip(&mut d, &mut peer_a, 0, 0x61);
     d.post_rx(2);
-    // Switchover: buffers 1 and 2 are in flight (receive only: no wait).
+    wait_for("the engine to take receive buffer 2", || {
+        (src.status().queues[0].state.guest_avail == 3).then_some(())
+    });
+    // Switchover: buffers 1 and 2 are in flight (receive only: no wait). Buffer 3, made
+    // available once the queues are held, stays the guest's: the destination takes it.
     src.ready_for_switchover().unwrap();
+    d.post_rx(3);
     let (saved, pages) = src.save(&vm_a).unwrap();
     assert!(pages.contains(&rings(0).0), "ring pages are sent again");
     assert_eq!(saved.queues[0].state.in_flight, vec![1, 2], "{saved:?}");
+    assert_eq!(saved.queues[0].state.guest_avail, 3, "{saved:?}");
     // The source's device was reset: it uses no ring and writes no guest memory any more.
     assert_eq!(att_a.device_status().unwrap(), 0);
     assert!(dev_a.stats().resets >= 2, "bring-up and switchover resets");
@@ -430,7 +436,6 @@ fn a_shadowed_nic_moves_to_another_vm() {
     d.vm = &vm_b;
     roundtrip(&mut d, &mut peer_b, 1, 0x62);
     roundtrip(&mut d, &mut peer_b, 2, 0x63);
-    d.post_rx(3);
     roundtrip(&mut d, &mut peer_b, 3, 0x64);
     let st = dst.status();
     assert!(
