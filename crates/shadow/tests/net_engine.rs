@@ -431,6 +431,24 @@ fn a_shadowed_nic_moves_to_another_vm() {
     let mut hostile = saved.clone();
     hostile.queues[1].place.geo.index = 0;
     assert!(NetEngine::restore(att_b.clone(), opts, &vm_b, &hostile).is_err());
+    let mut hostile = saved.clone();
+    hostile.queues[1].place.geo.index = 5;
+    hostile.queues[1].state.geometry.index = 5;
+    assert!(
+        NetEngine::restore(att_b.clone(), opts, &vm_b, &hostile).is_err(),
+        "a queue the device does not have"
+    );
+    let mut hostile = saved.clone();
+    hostile.features |= 1 << 60;
+    for q in &mut hostile.queues {
+        q.state.features = hostile.features;
+    }
+    assert!(
+        NetEngine::restore(att_b.clone(), opts, &vm_b, &hostile).is_err(),
+        "features the device does not offer"
+    );
+    // The refused attempts left the guest's rings as they arrived (the last one failed with
+    // the device half programmed): the real state still restores.
     let dst = NetEngine::restore(att_b.clone(), opts, &vm_b, &saved).unwrap();
     assert!(dst.is_shadowed());
     d.vm = &vm_b;

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     virtio::{VirtQueue, VirtqState},
-    Error, Result, RingAdapter,
+    Buffers, Error, Result, RingAdapter,
 };
 
 /// Most queues a saved device may list.
@@ -155,7 +155,26 @@ impl NetEngine {
             }
         }
         let engine = NetEngine::new(att.clone(), opts)?;
-        let places: Vec<QueuePlace> = saved.queues.iter().map(|q| q.place).collect();
+        // Where to notify is this device's business, not the state's: its own
+        // `queue_notify_off` for each queue (a queue it lacks is refused).
+        let here = att
+            .net_config()
+            .map_err(net_err("reading the destination's device configuration"))?;
+        let places = saved
+            .queues
+            .iter()
+            .map(|q| {
+                let own = here
+                    .queues
+                    .iter()
+                    .find(|h| h.index == q.place.geo.index)
+                    .ok_or_else(|| bad(format!("no queue {} here", q.place.geo.index)))?;
+                Ok(QueuePlace {
+                    notify_off: own.notify_off,
+                    ..q.place
+                })
+            })
+            .collect::<Result<Vec<QueuePlace>>>()?;
         let configs: Vec<passthrough::virtio_net_shadow::NetQueueConfig> = places
             .iter()
             .map(|p| passthrough::virtio_net_shadow::NetQueueConfig {
@@ -187,8 +206,18 @@ impl NetEngine {
                         })?;
                 }
             }
-            att.program(saved.features, &configs)
-                .map_err(net_err("programming the destination's device"))?;
+            if let Err(e) = att.program(saved.features, &configs) {
+                // The guest's rings go back into RAM, where the undo leaves the guest's view.
+                for p in &places {
+                    for r in p.geo.ranges() {
+                        let mut b = vec![0u8; (r.end - r.start) as usize];
+                        if bufs.read_vcpu(r.start, &mut b) {
+                            let _ = bufs.ram().write(r.start, &b);
+                        }
+                    }
+                }
+                return Err(net_err("programming the destination's device")(e));
+            }
             for (q, p) in queues.iter_mut().zip(&places) {
                 if q.restart(bufs)?.is_some() {
                     att.notify_device(p.notify_off, p.geo.index)
