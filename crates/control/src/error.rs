@@ -67,6 +67,15 @@ pub enum Error {
         #[source]
         source: vrdma::VrdmaError,
     },
+    /// The shadow engine could not be set up.
+    #[error("{what}")]
+    Shadow {
+        /// What was being done.
+        what: &'static str,
+        /// The engine's error (boxed: it is large).
+        #[source]
+        source: Box<shadow::Error>,
+    },
     /// This combination of features is not supported (yet).
     #[error("{0}")]
     Unsupported(String),

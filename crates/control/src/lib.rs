@@ -18,6 +18,7 @@
 
 pub mod command;
 mod error;
+pub mod net_session;
 pub mod passthrough;
 pub mod session;
 pub mod signals;

@@ -289,6 +289,8 @@ pub struct PassthroughSession {
     settled: Option<(u64, Instant)>,
     /// Entering continuous shadow mode failed with this (not retried).
     pub shadow_error: Option<String>,
+    /// A passthrough virtio-net device of the same VM.
+    net: Option<crate::net_session::NetSession>,
 }
 
 impl PassthroughSession {
@@ -326,6 +328,7 @@ impl PassthroughSession {
             continuous,
             settled: None,
             shadow_error: None,
+            net: None,
         }
     }
 
@@ -338,7 +341,32 @@ impl PassthroughSession {
             continuous,
             settled: None,
             shadow_error: None,
+            net: None,
         }
+    }
+
+    /// A session of a virtio-net device alone (no NVMe device).
+    pub fn net_only(net: crate::net_session::NetSession) -> Self {
+        PassthroughSession {
+            attachment: None,
+            engine: None,
+            child: None,
+            continuous: false,
+            settled: None,
+            shadow_error: None,
+            net: Some(net),
+        }
+    }
+
+    /// Adds the VM's virtio-net device.
+    pub fn with_net(mut self, net: crate::net_session::NetSession) -> Self {
+        self.net = Some(net);
+        self
+    }
+
+    /// The virtio-net shadow engine's status.
+    pub fn net_shadow_status(&self) -> Option<shadow::engine::net::NetEngineStatus> {
+        self.net.as_ref().and_then(|n| n.shadow_status())
     }
 
     /// The shadow engine.
@@ -353,14 +381,18 @@ impl PassthroughSession {
 
     /// True while [`PassthroughSession::tick`] has work to do (continuous mode not entered yet).
     pub fn wants_tick(&self) -> bool {
-        self.continuous
-            && self.shadow_error.is_none()
-            && self.engine.as_ref().is_some_and(|e| !e.is_shadowed())
+        self.net.as_ref().is_some_and(|n| n.wants_tick())
+            || self.continuous
+                && self.shadow_error.is_none()
+                && self.engine.as_ref().is_some_and(|e| !e.is_shadowed())
     }
 
     /// Continuous mode: enters shadow mode once the guest created its I/O queues and its
     /// admin traffic settled (no admin completion for 200 ms).
     pub fn tick(&mut self, vm: &Vm) {
+        if let Some(n) = &mut self.net {
+            n.tick(vm);
+        }
         let (Some(engine), true, None) = (&self.engine, self.continuous, &self.shadow_error) else {
             return;
         };
@@ -397,6 +429,9 @@ impl PassthroughSession {
 
     /// Detaches (the device resets) and stops a device this process started.
     pub fn finish(mut self, vm: &Vm) {
+        if let Some(n) = self.net.take() {
+            n.finish();
+        }
         // The engine stops its poller when the last reference goes.
         self.engine.take();
         if let Some(a) = self.attachment.take() {

@@ -48,7 +48,8 @@ pub struct SessionSpec {
     /// A passthrough NVMe device to attach.
     pub passthrough: Option<crate::passthrough::PassthroughSource>,
     /// A passthrough virtio-net device to attach: the socket of a running
-    /// `ferry device virtio-net` (direct passthrough; no migration yet).
+    /// `ferry device virtio-net` (direct, or shadowed with `shadow_continuous`; no migration
+    /// yet).
     pub net: Option<PathBuf>,
     /// Attach a virtual RDMA device served by this host's port and multiplexer.
     pub vrdma: Option<Arc<crate::vrdma_host::VrdmaHost>>,
@@ -143,6 +144,9 @@ pub struct SessionReport {
     pub vrdma: Option<crate::vrdma_host::VmVrdmaReport>,
     /// The shadow engine at the end (positions, counters, mapped doorbell pages).
     pub shadow: Option<shadow::EngineStatus>,
+    /// The passthrough virtio-net device's shadow engine at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net_shadow: Option<shadow::engine::net::NetEngineStatus>,
     /// Last console lines.
     #[serde(skip)]
     pub console_tail: Vec<String>,
@@ -256,7 +260,7 @@ pub fn run(
         .net
         .as_ref()
         .map(|socket| {
-            passthrough::virtio_net::NetAttachment::attach(
+            let att = passthrough::virtio_net::NetAttachment::attach(
                 &vm,
                 "net0",
                 socket,
@@ -265,9 +269,15 @@ pub fn run(
             .map_err(|source| Error::Passthrough {
                 what: "attaching the passthrough virtio-net device",
                 source,
-            })
+            })?;
+            crate::net_session::NetSession::new(att, spec.shadow_continuous, spec.shadow)
         })
         .transpose()?;
+    let device = match (device, net) {
+        (Some(d), Some(n)) => Some(d.with_net(n)),
+        (None, Some(n)) => Some(PassthroughSession::net_only(n)),
+        (d, None) => d,
+    };
     // The VM may own the GID it is configured with (`--vrdma gid=`), nothing else.
     let vrdma_gids = [std::net::Ipv4Addr::from(boot.args.rdma.local_gid)];
     let vrdma = spec
@@ -282,8 +292,5 @@ pub fn run(
         crate::supervisor::supervise(vm, spec, commands, process_start, signals, None, device)?;
     // VM shutdown unregisters its GIDs.
     report.vrdma = vrdma.map(|l| l.finish());
-    if let Some(n) = net {
-        n.detach();
-    }
     Ok(report)
 }

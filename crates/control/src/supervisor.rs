@@ -347,6 +347,7 @@ pub fn supervise(
     };
     let config_log = device.as_ref().and_then(|d| d.config_log());
     let shadow = device.as_ref().and_then(|d| d.shadow_status());
+    let net_shadow = device.as_ref().and_then(|d| d.net_shadow_status());
     if let Some(d) = device {
         d.finish(&vm);
     }
@@ -369,6 +370,7 @@ pub fn supervise(
         config_log,
         vrdma: None,
         shadow,
+        net_shadow,
         console_tail: vm.console_tail().lines(),
     })
 }

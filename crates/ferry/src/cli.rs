@@ -401,6 +401,12 @@ pub struct BenchShadowArgs {
     /// that completes at once (no VM), against the floor of copying the entries.
     #[arg(long)]
     pub engine: bool,
+    /// Measure only the virtio-net rows (packets per second, direct against shadowed).
+    #[arg(long)]
+    pub net_only: bool,
+    /// Runs of each virtio-net mode, interleaved (the median counts).
+    #[arg(long, default_value_t = 3)]
+    pub net_runs: usize,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

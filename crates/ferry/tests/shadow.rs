@@ -790,12 +790,24 @@ fn bench_shadow_reports_ratios_and_migration_times() {
             "2",
             "--migrations",
             "1",
+            "--net-runs",
+            "1",
             "--json",
         ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The virtio-net rows: packets per second direct, poll, trap, as ratios to direct.
+    let net = r["net"].as_array().unwrap();
+    let modes: Vec<&str> = net.iter().map(|x| x["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["direct", "poll", "trap"], "{r}");
+    for row in net {
+        assert!(row["packets_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["runs"], 1, "{row}");
+    }
+    assert_eq!(net[0]["ratio"], 1.0, "{r}");
     let modes: Vec<&str> = r["iops"]
         .as_array()
         .unwrap()

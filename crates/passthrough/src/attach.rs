@@ -80,7 +80,7 @@ pub struct Attachment {
     areas: Arc<Vec<MappedArea>>,
     hook: crate::bar::HookSlot,
     doorbell_slots: Mutex<BTreeMap<u64, u32>>,
-    remaps: Mutex<BTreeMap<u64, (u64, u64)>>,
+    remaps: Mutex<crate::guest_remap::GuestRemaps>,
     /// The device's DMA mappings (guest RAM, pieces of it moved onto hypervisor memory).
     dma: Arc<Mutex<DmaLayout>>,
     vm_fd: Arc<kvm_ioctls::VmFd>,
@@ -229,7 +229,7 @@ impl Attachment {
             areas,
             hook,
             doorbell_slots: Mutex::new(BTreeMap::new()),
-            remaps: Mutex::new(BTreeMap::new()),
+            remaps: Mutex::new(Default::default()),
             dma,
             vm_fd: vm.vm_fd().clone(),
             msix_cap: msix_cap.map(|(cap, _)| cap),
@@ -604,11 +604,11 @@ impl Attachment {
     /// `gpa` with hypervisor memory, leaving the range unbacked (guest accesses exit as MMIO)
     /// and every other slot untouched, so the vCPUs may keep running. Returns the size.
     pub fn unback_remapped(&self, slots: &MemorySlots, gpa: u64) -> Result<u64> {
-        let (size, host) = *self
+        let (size, host) = self
             .remaps
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&gpa)
+            .get(gpa)
             .ok_or_else(|| self.hook_err(HookError::NoRemap(gpa)))?;
         let (slot, _) = slots
             .list()
@@ -627,8 +627,8 @@ impl Attachment {
     /// unbacked with the VM's RAM again (a slot of its own) and forgets the remap.
     pub fn back_with_ram(&self, slots: &MemorySlots, gpa: u64) -> Result<()> {
         let mut remaps = self.remaps.lock().unwrap_or_else(|e| e.into_inner());
-        let (size, _) = *remaps
-            .get(&gpa)
+        let (size, _) = remaps
+            .get(gpa)
             .ok_or_else(|| self.hook_err(HookError::NoRemap(gpa)))?;
         let region = self
             .ram_region(gpa, size)
@@ -650,7 +650,7 @@ impl Attachment {
                 source,
             }
         })?;
-        remaps.remove(&gpa);
+        remaps.forget(gpa);
         Ok(())
     }
 
@@ -719,73 +719,13 @@ impl DeviceHooks for Attachment {
         size: u64,
         backing: GuestBacking,
     ) -> Result<()> {
-        if size == 0 || !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
-            return Err(self.hook_err(HookError::NotPageAligned { gpa, size }));
-        }
-        let region = self
-            .ram_region(gpa, size)
-            .ok_or_else(|| self.hook_err(HookError::NotInRam { gpa, size }))?;
+        let host = match backing {
+            GuestBacking::Host(host) => Some(host),
+            GuestBacking::Ram => None,
+        };
         let mut remaps = self.remaps.lock().unwrap_or_else(|e| e.into_inner());
-        match backing {
-            GuestBacking::Host(host) => {
-                if host % PAGE != 0 {
-                    return Err(self.hook_err(HookError::HostNotAligned(host)));
-                }
-                if remaps
-                    .iter()
-                    .any(|(&g, &(s, _))| gpa < g + s && g < gpa + size)
-                {
-                    return Err(self.hook_err(HookError::OverlapsRemap { gpa, size }));
-                }
-                remaps.insert(gpa, (size, host));
-            }
-            GuestBacking::Ram => {
-                if remaps.remove(&gpa).is_none() {
-                    return Err(self.hook_err(HookError::NoRemap(gpa)));
-                }
-            }
-        }
-        // Rebuild the slots of the whole RAM region: RAM pieces around the remapped ranges.
-        let rend = region.gpa + region.size;
-        for (slot, info) in slots.list() {
-            if info.gpa >= region.gpa && info.gpa < rend {
-                slots.remove(slot).map_err(|source| Error::Vmm {
-                    name: self.conn.name.clone(),
-                    what: format!("removing memory slot {slot}"),
-                    source,
-                })?;
-            }
-        }
-        let ram_host = self
-            .ram
-            .host_address(&region)
-            .map_err(|source| Error::Vmm {
-                name: self.conn.name.clone(),
-                what: "locating guest RAM".into(),
-                source,
-            })? as u64;
-        let mut pieces = Vec::new();
-        let mut at = region.gpa;
-        for (&g, &(s, h)) in remaps.range(region.gpa..rend) {
-            if g > at {
-                pieces.push((at, g - at, ram_host + (at - region.gpa), SlotKind::Ram));
-            }
-            pieces.push((g, s, h, SlotKind::Device));
-            at = g + s;
-        }
-        if at < rend {
-            pieces.push((at, rend - at, ram_host + (at - region.gpa), SlotKind::Ram));
-        }
-        for (g, s, h, kind) in pieces {
-            // SAFETY: RAM pieces are inside the VM's RAM mapping; remapped pieces are covered by
-            // this function's safety contract.
-            unsafe { slots.add(g, s, h, kind, false) }.map_err(|source| Error::Vmm {
-                name: self.conn.name.clone(),
-                what: format!("adding memory slot {g:#x}+{s:#x}"),
-                source,
-            })?;
-        }
-        Ok(())
+        // SAFETY: this function's contract is the same.
+        unsafe { remaps.remap(slots, &self.ram, &self.conn.name, gpa, size, host) }
     }
 
     unsafe fn set_doorbell_mode(
@@ -874,46 +814,16 @@ impl DeviceHooks for Attachment {
     }
 
     fn interrupt_guest(&self, vector: u16) -> Result<bool> {
-        let Some((address, data)) = self
+        let msg = self
             .msix
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .message(vector)
-        else {
-            return Ok(false);
-        };
-        let msi = kvm_bindings::kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        self.vm_fd.signal_msi(msi).map(|_| true).map_err(|source| {
-            self.hook_err(HookError::SignalMsi {
-                vector,
-                address,
-                data,
-                source,
-            })
-        })
+            .message(vector);
+        crate::msix::signal(&self.vm_fd, &self.conn.name, vector, msg)
     }
 
     fn take_interrupt(&self, vector: u16) -> Result<EventFd> {
-        let fd = self.irqs.get(vector as usize).ok_or_else(|| {
-            self.hook_err(HookError::NoVector {
-                vector,
-                count: self.irqs.len(),
-            })
-        })?;
-        let fd = fd.try_clone().map_err(|source| Error::Os {
-            what: format!("duplicating the eventfd of vector {vector}"),
-            source,
-        })?;
-        self.msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(vector);
-        Ok(fd)
+        crate::msix::take(&self.msix, &self.irqs, &self.conn.name, vector)
     }
 }
 

@@ -29,6 +29,7 @@ pub mod client;
 pub mod config_log;
 pub mod dma_layout;
 mod error;
+pub mod guest_remap;
 pub mod hooks;
 pub mod host_client;
 pub mod identity;
@@ -37,6 +38,7 @@ pub mod pci;
 pub mod replay;
 pub mod vfio_user;
 pub mod virtio_net;
+pub mod virtio_net_shadow;
 
 pub use attach::{AttachOptions, Attachment};
 pub use config_log::ConfigLog;

@@ -254,3 +254,62 @@ impl MsixRouter {
         self.routed = installed;
     }
 }
+
+/// Sends the guest MSI-X message `msg` of `vector` (device `name`) through KVM: false when
+/// there is none (MSI-X off, the vector or the function masked).
+pub fn signal(
+    vm_fd: &VmFd,
+    name: &str,
+    vector: u16,
+    msg: Option<(u64, u32)>,
+) -> crate::Result<bool> {
+    let Some((address, data)) = msg else {
+        return Ok(false);
+    };
+    let msi = kvm_bindings::kvm_msi {
+        address_lo: address as u32,
+        address_hi: (address >> 32) as u32,
+        data,
+        ..Default::default()
+    };
+    vm_fd
+        .signal_msi(msi)
+        .map(|_| true)
+        .map_err(|source| crate::Error::Hook {
+            name: name.into(),
+            source: crate::HookError::SignalMsi {
+                vector,
+                address,
+                data,
+                source,
+            },
+        })
+}
+
+/// Takes MSI-X `vector` of device `name` away from KVM's routes in `router`: returns a copy of
+/// the eventfd the device signals for it (one of `irqs`).
+pub fn take(
+    router: &std::sync::Mutex<MsixRouter>,
+    irqs: &[EventFd],
+    name: &str,
+    vector: u16,
+) -> crate::Result<EventFd> {
+    let fd = irqs
+        .get(usize::from(vector))
+        .ok_or_else(|| crate::Error::Hook {
+            name: name.into(),
+            source: crate::HookError::NoVector {
+                vector,
+                count: irqs.len(),
+            },
+        })?;
+    let fd = fd.try_clone().map_err(|source| crate::Error::Os {
+        what: format!("duplicating the eventfd of vector {vector}"),
+        source,
+    })?;
+    router
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take(vector);
+    Ok(fd)
+}

@@ -2,8 +2,10 @@
 //! direct passthrough: the PCI function, BAR0 on the MMIO bus with every access forwarded to
 //! the device (notifications included; nothing is mapped), guest RAM DMA-mapped at IOVA ==
 //! GPA, MSI-X eventfds routed by KVM, and a watchdog that ends the VM cleanly when the device
-//! goes away. No admin mediation and no shadow hooks yet: those are NVMe's (`attach`); this
-//! module shares only the class-independent pieces (`client`, `pci`, `msix`).
+//! goes away. For the shadow engine (`shadow::engine::net`): the queues' configuration read
+//! back from the device, a hook that takes notification writes (trap mode) or a hypervisor
+//! page over the notification page (poll mode), ring pages moved onto hypervisor copies in the
+//! guest's view, and MSI-X vectors taken over ([`crate::virtio_net_shadow`]).
 use std::{
     path::Path,
     sync::{
@@ -23,6 +25,7 @@ use crate::{
     client::{Connection, CONFIG_REGION, MSIX_IRQ},
     msix::{MsixRouter, Route},
     pci::{find_msix, PassthroughPci},
+    virtio_net_shadow::{NotifyTrap, ShadowHooks},
     Error, Result,
 };
 
@@ -43,6 +46,8 @@ struct NetBar0 {
     conn: Arc<Connection>,
     lifecycle: Arc<Lifecycle>,
     msix: Arc<Mutex<MsixRouter>>,
+    /// While shadowed: notification writes go to the engine instead of the device.
+    notify: Arc<NotifyTrap>,
 }
 
 impl NetBar0 {
@@ -63,6 +68,9 @@ impl BusDevice for NetBar0 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        if self.notify.take(offset, data) || self.notify.hold_reset(offset, data) {
+            return;
+        }
         {
             let mut m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
             if m.in_table(offset) {
@@ -77,13 +85,14 @@ impl BusDevice for NetBar0 {
 
 /// An attached virtio-net device.
 pub struct NetAttachment {
-    conn: Arc<Connection>,
+    pub(crate) conn: Arc<Connection>,
     bar0_gpa: u64,
     bar0_size: u64,
     pci_slot: u8,
-    msix: Arc<Mutex<MsixRouter>>,
-    _irqs: Arc<Vec<EventFd>>,
+    pub(crate) msix: Arc<Mutex<MsixRouter>>,
+    pub(crate) irqs: Arc<Vec<EventFd>>,
     _pci: Arc<Mutex<PassthroughPci>>,
+    pub(crate) shadow: ShadowHooks,
     stop: Arc<AtomicBool>,
     watchdog: Option<JoinHandle<()>>,
 }
@@ -154,10 +163,12 @@ impl NetAttachment {
             let (name, what) = (name.to_string(), what.to_string());
             move |source| Error::Vmm { name, what, source }
         };
+        let shadow = ShadowHooks::new(vm, &conn, bar0_gpa);
         let bar = NetBar0 {
             conn: conn.clone(),
             lifecycle: vm.lifecycle().clone(),
             msix: msix.clone(),
+            notify: shadow.notify.clone(),
         };
         vm.mmio_bus()
             .insert(bar0_gpa, bar0_size, Arc::new(Mutex::new(bar)))
@@ -191,8 +202,9 @@ impl NetAttachment {
             bar0_size,
             pci_slot,
             msix,
-            _irqs: irqs,
+            irqs,
             _pci: pci,
+            shadow,
             stop,
             watchdog: Some(watchdog),
         })
@@ -221,6 +233,7 @@ impl NetAttachment {
     /// Stops the watchdog and closes the connection (the device resets and waits for the next
     /// client).
     pub fn detach(mut self) {
+        self.shadow.set_notify_hook(None);
         self.stop_watchdog();
         self.conn.shutdown();
     }

@@ -15,7 +15,8 @@ pub fn gid_ipv4(gid: Gid) -> Result<Ipv4Addr, RdmaError> {
 /// Length of the GRH area of a UD/QP1 receive buffer.
 pub const GRH_LEN: usize = 40;
 
-fn ip_checksum(h: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `h`: 0 over a header whose checksum is filled in.
+pub fn ip_checksum(h: &[u8]) -> u16 {
     let mut sum: u32 = h
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

@@ -337,9 +337,14 @@ impl Buffers for EngineBuffers {
 /// Callers pause the vCPUs first (or run before the VM starts). A device may still write its
 /// completion queues meanwhile; the adapters reconcile those entries by phase afterwards.
 pub fn copy_rings(ram: &GuestRam, geos: &[crate::nvme::QueueGeometry]) -> Result<Vec<Copy>> {
-    let regions = ring_regions(geos);
+    copy_regions(ram, &ring_regions(geos))
+}
+
+/// Hypervisor copies of the page ranges `regions`, filled from guest RAM (any ring class:
+/// [`page_regions`] of the adapters' `ring_ranges`).
+pub fn copy_regions(ram: &GuestRam, regions: &[Range<u64>]) -> Result<Vec<Copy>> {
     let mut copies = Vec::new();
-    for r in &regions {
+    for r in regions {
         let pages = HostPages::new(r.end - r.start)?;
         // A racy snapshot is what the caller wants (see above), copied out of guest RAM with
         // volatile accesses.

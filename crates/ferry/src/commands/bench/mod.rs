@@ -8,6 +8,7 @@ pub mod rdma_port;
 pub mod rdma_vms;
 pub mod rdma_vms_rc;
 pub mod shadow_cost;
+pub mod shadow_net;
 
 use std::{
     process::Command,

@@ -5,7 +5,9 @@
 //!    run is a fresh VM and device process; the guest reports IOPS every 250 ms and the
 //!    intervals from 0.5 s on count (continuous shadow mode starts once the guest's queues
 //!    exist), so every counted interval ran entirely in the mode measured.
-//! 2. Live migration over loopback of a VM under load, with and without a passthrough device:
+//! 2. Packets per second through a passthrough virtio-net NIC, direct against shadowed with
+//!    polled and trapped notifications ([`super::shadow_net`]).
+//! 3. Live migration over loopback of a VM under load, with and without a passthrough device:
 //!    the same RAM size, `nvme-verify` (4 queues, QD 32, 4 KiB random reads and writes) on the
 //!    device against the `dirty` workload without one. Downtime and total time, medians.
 use std::{
@@ -105,6 +107,7 @@ struct Ratios {
 #[derive(Serialize)]
 struct Report {
     iops: Vec<IopsRow>,
+    net: Vec<super::shadow_net::NetRow>,
     migration: Vec<MigrationRow>,
     with_device_vs_without: Option<Ratios>,
 }
@@ -124,7 +127,8 @@ fn interval(line: &str) -> Option<(u64, f64)> {
     None
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (0 when empty).
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -351,6 +355,17 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
     let dir: PathBuf =
         std::env::temp_dir().join(format!("ferry-bench-shadow-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if args.net_only {
+        let net = super::shadow_net::rows(&dir, args.seconds, args.net_runs, &signals);
+        let _ = std::fs::remove_dir_all(&dir);
+        let net = net?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&net)?);
+        } else {
+            super::shadow_net::print(&net, args.seconds);
+        }
+        return Ok(0);
+    }
     let mut iops = Vec::new();
     for &qd in &args.qd {
         let mut direct = 0.0;
@@ -368,6 +383,7 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
             });
         }
     }
+    let net = super::shadow_net::rows(&dir, args.seconds, args.net_runs, &signals)?;
     let mut migration = Vec::new();
     for (vm, dev) in [
         ("dirty (32 MiB, 50k pages/s), no device", false),
@@ -399,6 +415,7 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
     };
     let report = Report {
         iops,
+        net,
         migration,
         with_device_vs_without,
     };
@@ -420,6 +437,7 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
             r.ratio
         );
     }
+    super::shadow_net::print(&report.net, args.seconds);
     println!(
         "live migration over loopback, 256 MiB guest under load (median of {} runs):",
         args.migrations.max(1)
