@@ -80,7 +80,8 @@ fn dirty_verifies_its_ledger() {
 
 #[test]
 fn rate_limited_dirty_keeps_to_its_rate() {
-    // 2000 pages/s for 1 s: the ledger must count about 2000 writes, not millions.
+    // 2000 pages/s for 1 s: the ledger must count at most about 2000 writes, not millions. The
+    // lower bound is only "it ran": on a loaded machine the vCPU may get a fraction of the second.
     let out = run(&[
         "run",
         "--workload",
@@ -96,7 +97,7 @@ fn rate_limited_dirty_keeps_to_its_rate() {
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let writes = json_tail(&out)["progress"].as_u64().unwrap();
     assert!(
-        (1000..=4000).contains(&writes),
+        (1..=4000).contains(&writes),
         "{writes} writes at 2000/s for 1 s"
     );
 }
