@@ -22,11 +22,16 @@ use std::{
 
 use passthrough::DeviceHooks;
 
+use nvme_device::wake;
+
 use super::{DoorbellPage, QueueRt, Running, Shared};
 use crate::{engine::memory::EngineBuffers, Error, Result, RingAdapter};
 
 /// Spinning with commands in flight and nothing moving, before sleeping.
 const SPIN_BUSY: Duration = Duration::from_micros(20);
+/// Spinning with commands in flight and nothing moving, before sleeping on the device's
+/// completion kick.
+const SPIN_BUSY_KICKED: Duration = Duration::from_micros(2);
 /// Spinning with nothing in flight, before sleeping or blocking.
 const SPIN_IDLE: Duration = Duration::from_micros(5);
 /// First sleep after spinning; each further one doubles, up to [`SLEEP_MAX`].
@@ -52,21 +57,38 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
         })
 }
 
+/// One round under the state lock, then the guest's interrupts for what it forwarded.
+/// Returns (entries moved, commands in flight or submissions pending).
+fn round(shared: &Shared) -> (usize, bool) {
+    let (moved, work, irqs) = {
+        let mut run = shared.lock();
+        let moved = poll_once(&mut run);
+        let irqs = std::mem::take(&mut run.pending_irqs);
+        (moved, has_work(&run), irqs)
+    };
+    // The completions are in the guest's queue: now the guest may be told.
+    for vector in irqs {
+        interrupt_guest(shared, vector);
+    }
+    (moved, work)
+}
+
 fn run(shared: &Shared) {
+    // Only polled completions and no vector taken: the device's completion kick is all the
+    // poller needs to sleep on (vectors taken need the eventfd wait).
+    let wake = shared
+        .device_wake
+        .filter(|_| shared.wakeups.vectors.is_empty() && !shared.wakeups.can_block);
+    if let Some(w) = &shared.device_wake {
+        // Every I/O doorbell now reaches the device through `DoorbellPage::ring`, which kicks.
+        w.words().host_kicks.store(1, Ordering::SeqCst);
+    }
+    let tune = Tune::get();
     let mut quiet_since: Option<Instant> = None;
     let mut sleep = SLEEP_MIN;
     while !shared.stop.load(Ordering::Acquire) {
         shared.kick.store(false, Ordering::Relaxed);
-        let (moved, work, irqs) = {
-            let mut run = shared.lock();
-            let moved = poll_once(&mut run);
-            let irqs = std::mem::take(&mut run.pending_irqs);
-            (moved, has_work(&run), irqs)
-        };
-        // The completions are in the guest's queue: now the guest may be told.
-        for vector in irqs {
-            interrupt_guest(shared, vector);
-        }
+        let (moved, work) = round(shared);
         if moved > 0 || shared.kick.load(Ordering::Acquire) {
             quiet_since = None;
             sleep = SLEEP_MIN;
@@ -74,11 +96,11 @@ fn run(shared: &Shared) {
         }
         let can_block = shared.wakeups.can_block;
         // With completions by interrupt the device says when a command is done: no spinning
-        // for it.
-        let spin = if work && !can_block {
-            SPIN_BUSY
-        } else {
-            SPIN_IDLE
+        // for it. Nor with the device's completion kick, which ends the sleep at once.
+        let spin = match (work && !can_block, wake.is_some()) {
+            (true, false) => SPIN_BUSY,
+            (true, true) => tune.spin_busy_kicked,
+            (false, _) => tune.spin_idle,
         };
         let since = *quiet_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin {
@@ -89,10 +111,66 @@ fn run(shared: &Shared) {
             park(shared, can_block);
             quiet_since = None;
             sleep = SLEEP_MIN;
+        } else if let Some(w) = &wake {
+            // Sleep on the host word: the device kicks it when it completes commands, a vCPU
+            // that left a trapped doorbell (`kick`) too; the bound is for doorbells the guest
+            // stores into a polled page, which nothing announces.
+            let host = w.words().host;
+            wake::prepare(host);
+            let (moved, _) = round(shared);
+            if moved > 0 || shared.kick.load(Ordering::SeqCst) {
+                host.store(wake::AWAKE, Ordering::SeqCst);
+                quiet_since = None;
+                sleep = SLEEP_MIN;
+                continue;
+            }
+            shared.sleeps.fetch_add(1, Ordering::Relaxed);
+            let bound = if work {
+                tune.sleep_busy.max(sleep)
+            } else {
+                sleep
+            };
+            if wake::wait(host, bound) {
+                shared.woken.fetch_add(1, Ordering::Relaxed);
+                quiet_since = None;
+                sleep = SLEEP_MIN;
+            } else {
+                sleep = (sleep * 2).min(SLEEP_MAX);
+            }
         } else {
             shared.wakeups.wait(sleep);
             sleep = (sleep * 2).min(SLEEP_MAX);
         }
+    }
+    if let Some(w) = &shared.device_wake {
+        w.words().host_kicks.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Experiment knobs (FERRY_SHADOW_TUNE="spin_busy_kicked_us,spin_idle_us,sleep_busy_us").
+#[derive(Clone, Copy)]
+struct Tune {
+    spin_busy_kicked: Duration,
+    spin_idle: Duration,
+    sleep_busy: Duration,
+}
+
+impl Tune {
+    fn get() -> Self {
+        let mut t = Tune {
+            spin_busy_kicked: SPIN_BUSY_KICKED,
+            spin_idle: SPIN_IDLE,
+            sleep_busy: SLEEP_MIN,
+        };
+        if let Ok(v) = std::env::var("FERRY_SHADOW_TUNE") {
+            let n: Vec<u64> = v.split(',').filter_map(|x| x.parse().ok()).collect();
+            if n.len() == 3 {
+                t.spin_busy_kicked = Duration::from_micros(n[0]);
+                t.spin_idle = Duration::from_micros(n[1]);
+                t.sleep_busy = Duration::from_micros(n[2]);
+            }
+        }
+        t
     }
 }
 
@@ -148,6 +226,9 @@ pub(crate) fn forward_on_vcpu(shared: &Shared, index: usize, is_cq: bool) {
             shared.kick.store(true, Ordering::SeqCst);
             if shared.parked.load(Ordering::SeqCst) {
                 let _ = shared.wakeups.wake.write(1);
+            }
+            if let Some(w) = &shared.device_wake {
+                wake::kick_word(w.words().host);
             }
             return;
         }
