@@ -256,6 +256,14 @@ impl NvmeDevice {
             c.stats.connections += 1;
         }
         c.disconnect();
+        drop(c);
+        // The client's words of the wake protocol go with it (a client that died while it
+        // forwarded must not leave the device sleeping early for the next one).
+        for off in [wake::HOST_KICKS_OFFSET, wake::HOST_WAKE_OFFSET] {
+            if let Some(w) = self.shared.wake_page.word(off) {
+                w.store(0, Ordering::SeqCst);
+            }
+        }
         tracing::info!("vfio-user client disconnected");
         r.map_err(|source| Error::VfioUser {
             path: self.socket.clone(),

@@ -6,28 +6,32 @@
 //! ([`forward_on_vcpu`]): no hand-off to the poller, whose job is then only the completions.
 //!
 //! The poller spins only while there is work: rounds follow each other at once while they move
-//! entries; with commands in flight and nothing moving it spins up to [`SPIN_BUSY`] (unless
-//! their completions come by interrupt), when idle
-//! up to [`SPIN_IDLE`], and then hands the CPU over — blocking on an event when nothing needs
-//! polling (completions by interrupt and trapped doorbells), otherwise sleeping in short
-//! steps growing to [`SLEEP_MAX`] (a trapped doorbell may also be stored by a hook that does
-//! not forward, as while leaving shadow mode on a destination). On two cores shared with a spinning
-//! vCPU and a spinning device a poller that never slept would wait whole scheduler time
-//! slices; one that sleeps keeps a small virtual runtime and preempts a spinner when it wakes.
+//! entries; when nothing moves it spins briefly and then hands the CPU over. With commands in
+//! flight it spins [`SPIN_BUSY_KICKED`] and then sleeps on the host word of the device's wake
+//! protocol ([`nvme_device::wake`]), which the device kicks after each round that completed
+//! commands (and a vCPU that left a trapped doorbell kicks too), so a completion ends the
+//! sleep at once; the sleep's bound (steps growing to [`SLEEP_MAX`]) is only for doorbells a
+//! guest stores into a polled page, which nothing announces. A device without the protocol
+//! is waited for with [`SPIN_BUSY`] of spinning and timed sleeps. With nothing in flight it
+//! spins [`SPIN_IDLE`]; when nothing needs polling (completions by interrupt and trapped
+//! doorbells) it blocks on an event instead (a trapped doorbell may also be stored by a hook
+//! that does not forward, as while leaving shadow mode on a destination, hence the bounds).
+//! On two cores shared with the vCPU and the device, a poller that spun would take the CPU
+//! the device needs to complete what it waits for.
 use std::{
     sync::{atomic::Ordering, Arc, TryLockError},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use passthrough::DeviceHooks;
-
 use nvme_device::wake;
+use passthrough::DeviceHooks;
 
 use super::{DoorbellPage, QueueRt, Running, Shared};
 use crate::{engine::memory::EngineBuffers, Error, Result, RingAdapter};
 
-/// Spinning with commands in flight and nothing moving, before sleeping.
+/// Spinning with commands in flight and nothing moving, before sleeping on a timer (a device
+/// without the wake protocol).
 const SPIN_BUSY: Duration = Duration::from_micros(20);
 /// Spinning with commands in flight and nothing moving, before sleeping on the device's
 /// completion kick.
@@ -83,7 +87,9 @@ fn run(shared: &Shared) {
         // Every I/O doorbell now reaches the device through `DoorbellPage::ring`, which kicks.
         w.words().host_kicks.store(1, Ordering::SeqCst);
     }
-    let tune = Tune::get();
+    // Every doorbell trapped: a vCPU forwards each one and kicks the poller if needed, so
+    // nothing the poller must notice comes unannounced and its sleeps need no short bound.
+    let all_trapped = shared.lock().pages.iter().all(|p| p.trapped);
     let mut quiet_since: Option<Instant> = None;
     let mut sleep = SLEEP_MIN;
     while !shared.stop.load(Ordering::Acquire) {
@@ -99,8 +105,8 @@ fn run(shared: &Shared) {
         // for it. Nor with the device's completion kick, which ends the sleep at once.
         let spin = match (work && !can_block, wake.is_some()) {
             (true, false) => SPIN_BUSY,
-            (true, true) => tune.spin_busy_kicked,
-            (false, _) => tune.spin_idle,
+            (true, true) => SPIN_BUSY_KICKED,
+            (false, _) => SPIN_IDLE,
         };
         let since = *quiet_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin {
@@ -125,12 +131,7 @@ fn run(shared: &Shared) {
                 continue;
             }
             shared.sleeps.fetch_add(1, Ordering::Relaxed);
-            let bound = if work {
-                tune.sleep_busy.max(sleep)
-            } else {
-                sleep
-            };
-            if wake::wait(host, bound) {
+            if wake::wait(host, if all_trapped { BLOCK_MAX } else { sleep }) {
                 shared.woken.fetch_add(1, Ordering::Relaxed);
                 quiet_since = None;
                 sleep = SLEEP_MIN;
@@ -144,33 +145,6 @@ fn run(shared: &Shared) {
     }
     if let Some(w) = &shared.device_wake {
         w.words().host_kicks.store(0, Ordering::SeqCst);
-    }
-}
-
-/// Experiment knobs (FERRY_SHADOW_TUNE="spin_busy_kicked_us,spin_idle_us,sleep_busy_us").
-#[derive(Clone, Copy)]
-struct Tune {
-    spin_busy_kicked: Duration,
-    spin_idle: Duration,
-    sleep_busy: Duration,
-}
-
-impl Tune {
-    fn get() -> Self {
-        let mut t = Tune {
-            spin_busy_kicked: SPIN_BUSY_KICKED,
-            spin_idle: SPIN_IDLE,
-            sleep_busy: SLEEP_MIN,
-        };
-        if let Ok(v) = std::env::var("FERRY_SHADOW_TUNE") {
-            let n: Vec<u64> = v.split(',').filter_map(|x| x.parse().ok()).collect();
-            if n.len() == 3 {
-                t.spin_busy_kicked = Duration::from_micros(n[0]);
-                t.spin_idle = Duration::from_micros(n[1]);
-                t.sleep_busy = Duration::from_micros(n[2]);
-            }
-        }
-        t
     }
 }
 
