@@ -64,9 +64,6 @@ struct Ring<'a> {
     dstrd: u8,
 }
 
-/// Looks at the admin CQ between which the replay yields the CPU before it sleeps instead.
-const YIELDS_BEFORE_SLEEPING: u32 = 2000;
-
 impl Ring<'_> {
     /// Submits `cmds` (at most one batch) and waits for their completions; an error status
     /// fails the replay.
@@ -84,7 +81,6 @@ impl Ring<'_> {
         )?;
         let deadline = Instant::now() + BATCH_TIMEOUT;
         let mut done = 0;
-        let mut looks = 0u32;
         while done < cmds.len() {
             let mut raw = [0u8; 16];
             self.mem
@@ -101,15 +97,7 @@ impl Ring<'_> {
                         ),
                     });
                 }
-                // The device answers within microseconds once it runs: hand it the CPU
-                // rather than sleep (each sleep costs the 50 µs timer slack, and this runs
-                // in the migration's downtime); sleep only if it is slow.
-                looks += 1;
-                if looks < YIELDS_BEFORE_SLEEPING {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
+                std::thread::sleep(Duration::from_micros(20));
                 continue;
             }
             let i = c.cid() as usize;
