@@ -394,9 +394,22 @@ pub struct BenchShadowArgs {
     /// Seconds of I/O per run (the first half second is not counted).
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
-    /// Migrations per configuration (the median counts).
+    /// Migrations per configuration (the median counts; 0: no migration runs).
     #[arg(long, default_value_t = 3)]
     pub migrations: usize,
+    /// Shadow modes measured against direct (direct always runs): poll, trap,
+    /// poll-device-buffer, trap-interrupt.
+    #[arg(long, value_delimiter = ',', default_value = "poll,trap,poll-device-buffer,trap-interrupt",
+          value_parser = ["poll", "trap", "poll-device-buffer", "trap-interrupt"])]
+    pub modes: Vec<String>,
+    /// Runs per mode and queue depth, interleaved (direct, modes, direct, modes, ...); each
+    /// ratio is the median over the runs of the run's IOPS against its own direct run.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// The stand-in device always spins (`ferry device nvme --poll`) instead of its adaptive
+    /// polling.
+    #[arg(long)]
+    pub device_spin: bool,
     /// Measure only the engine's CPU cost per forwarded I/O against an in-process device
     /// that completes at once (no VM), against the floor of copying the entries.
     #[arg(long)]

@@ -685,6 +685,11 @@ fn continuous_shadow_mode(designation: &str) {
         .map(|q| q["state"]["stats"]["bounced"].as_u64().unwrap())
         .sum();
     assert!(bounced > 0, "{shadow}");
+    // The stand-in device speaks the wake protocol: the poller sleeps on its completion
+    // kick while commands are in flight, and the device's kicks end such sleeps.
+    let poller = &shadow["poller"];
+    assert!(poller["sleeps"].as_u64().unwrap() > 0, "{shadow}");
+    assert!(poller["woken"].as_u64().unwrap() > 0, "{shadow}");
 }
 
 #[test]

@@ -97,10 +97,17 @@ impl Doorbells {
         Some(unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(off as usize).cast()) })
     }
 
-    /// Zeroes every doorbell.
+    /// Zeroes every doorbell (not the wake protocol's words, [`crate::wake`], which live at
+    /// the end of the first page: a sleeping poller or a client's flag survive a reset).
     pub fn clear(&self) {
-        // SAFETY: the whole mapping is ours.
-        unsafe { std::ptr::write_bytes(self.base, 0, self.len) }
+        let keep = (crate::wake::PROTOCOL_START as usize)..4096;
+        for (start, end) in [
+            (0, keep.start.min(self.len)),
+            (keep.end.min(self.len), self.len),
+        ] {
+            // SAFETY: [start, end) is inside the mapping, which is ours.
+            unsafe { std::ptr::write_bytes(self.base.add(start), 0, end - start) }
+        }
     }
 }
 
@@ -278,7 +285,9 @@ impl Controller {
             crate::layout::DOORBELL_AREA + crate::layout::DOORBELL_AREA_SIZE,
         );
         if offset >= db0 && end <= dbn {
-            if data.len() == 4 && offset.is_multiple_of(4) {
+            // The wake protocol's words are not doorbells: a client cannot forge them.
+            let protocol = offset - db0 >= crate::wake::PROTOCOL_START && offset - db0 < 4096;
+            if data.len() == 4 && offset.is_multiple_of(4) && !protocol {
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 self.doorbells.write(offset - db0, v);
             }

@@ -88,6 +88,22 @@ impl Shared {
             wake::kick_word(w);
         }
     }
+
+    /// Wakes a host-side waiter on completions if one sleeps (after a round that completed
+    /// commands): one fence and one load when nobody sleeps.
+    fn kick_host(&self) {
+        if let Some(w) = self.wake_page.word(wake::HOST_WAKE_OFFSET) {
+            wake::kick_word(w);
+        }
+    }
+
+    /// How long to keep spinning after the last command.
+    fn spin_window(&self) -> std::time::Duration {
+        match self.wake_page.word(wake::HOST_KICKS_OFFSET) {
+            Some(w) if w.load(Ordering::Relaxed) != 0 => wake::SPIN_WINDOW_KICKED,
+            _ => wake::SPIN_WINDOW,
+        }
+    }
 }
 
 /// A running stand-in controller: the listening socket and the polling thread.
@@ -154,6 +170,9 @@ impl NvmeDevice {
             what: "mapping the wake word",
             source,
         })?;
+        if let Some(w) = wake_page.word(wake::MAGIC_OFFSET) {
+            w.store(wake::MAGIC, Ordering::Release);
+        }
         let ctrl = Controller::new(ns, doorbells, cfg.dstrd);
 
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
@@ -237,6 +256,14 @@ impl NvmeDevice {
             c.stats.connections += 1;
         }
         c.disconnect();
+        drop(c);
+        // The client's words of the wake protocol go with it (a client that died while it
+        // forwarded must not leave the device sleeping early for the next one).
+        for off in [wake::HOST_KICKS_OFFSET, wake::HOST_WAKE_OFFSET] {
+            if let Some(w) = self.shared.wake_page.word(off) {
+                w.store(0, Ordering::SeqCst);
+            }
+        }
         tracing::info!("vfio-user client disconnected");
         r.map_err(|source| Error::VfioUser {
             path: self.socket.clone(),
@@ -250,6 +277,16 @@ impl NvmeDevice {
         s.poll_sleeps = self.shared.sleeps.load(Ordering::Relaxed);
         s.poll_kicked = self.shared.kicked.load(Ordering::Relaxed);
         s
+    }
+
+    /// The wake protocol's words in the device's first doorbell page ([`crate::wake`]), as a
+    /// host-side client sees them.
+    pub fn wake_words(&self) -> Option<wake::Words<'_>> {
+        // The mapping is at least one page (see `new`); `wake_page` lives as long as `self`.
+        let base = self.shared.wake_page.word(0)?.as_ptr().cast::<u8>();
+        // SAFETY: `base` is the start of the page-sized mapping `wake_page`, which `self`
+        // keeps alive for the returned lifetime.
+        unsafe { wake::words(base) }
     }
 
     /// Chooses how the polling thread waits for work (default [`PollMode::Adaptive`]).
@@ -290,6 +327,7 @@ fn poll_loop(shared: &Shared) {
     let mut sleep = wake::SLEEP_MIN;
     while !shared.stop.load(Ordering::Relaxed) {
         if shared.lock().poll() > 0 {
+            shared.kick_host();
             idle = 0;
             sleep = wake::SLEEP_MIN;
             continue;
@@ -307,7 +345,7 @@ fn poll_loop(shared: &Shared) {
             continue;
         }
         // Reading the clock costs ~20 ns: look every 64 idle rounds.
-        if !idle.is_multiple_of(64) || last_work.elapsed() < wake::SPIN_WINDOW {
+        if !idle.is_multiple_of(64) || last_work.elapsed() < shared.spin_window() {
             continue;
         }
         let Some(word) = shared.wake_word() else {
@@ -321,6 +359,7 @@ fn poll_loop(shared: &Shared) {
         }
         // A doorbell stored before the word said SLEEPING: its writer saw no sleeper.
         if shared.lock().poll() > 0 {
+            shared.kick_host();
             word.store(wake::AWAKE, Ordering::SeqCst);
             idle = 0;
             sleep = wake::SLEEP_MIN;

@@ -2,7 +2,7 @@
 //!
 //! The doorbells live in shared memory that the client maps (into a guest, or into the shadow
 //! engine): a store there raises no event the device could wait on. So the polling thread
-//! spins while there is work and for [`SPIN_WINDOW`] after the last command, then sleeps on a
+//! spins while there is work and for a while after the last command, then sleeps on a
 //! futex word in the same shared memory (the last word of the first doorbell page, which holds
 //! only the admin doorbells and is never mapped into a guest: it is always mediated).
 //!
@@ -17,6 +17,23 @@
 //! The protocol is a Dekker-style handshake: the sleeper stores [`SLEEPING`], fences and looks
 //! at the doorbells once more before it waits; a kicker stores the doorbell, fences and loads
 //! the word. One of the two sees the other's store, so a kick is never lost.
+//!
+//! The last four words of that page form the whole protocol (the device's own doorbells end
+//! far below them, and the device ignores doorbell writes there, so a guest whose admin
+//! doorbell writes are forwarded cannot forge them):
+//!
+//! | offset | word | written by |
+//! |---|---|---|
+//! | [`MAGIC_OFFSET`] | [`MAGIC`]: this device speaks the protocol | the device, at start |
+//! | [`HOST_KICKS_OFFSET`] | nonzero: every I/O doorbell is rung from the host side, which kicks | the shadow engine while it forwards |
+//! | [`HOST_WAKE_OFFSET`] | a host-side waiter's futex word (the shadow poller): the device kicks it after each round that completed commands | the waiter / the device |
+//! | [`WAKE_OFFSET`] | the device's futex word | the device / kickers |
+//!
+//! While [`HOST_KICKS_OFFSET`] is set the device spins only [`SPIN_WINDOW_KICKED`] after its
+//! last command before it sleeps (a kick comes with the next doorbell), instead of
+//! [`SPIN_WINDOW`]: like a real controller, it uses no host CPU between the commands it is
+//! given. A client that never looks at the magic (a guest driving mapped doorbells) sees the
+//! behaviour of before.
 use std::{
     sync::atomic::{fence, AtomicU32, Ordering},
     time::Duration,
@@ -24,6 +41,17 @@ use std::{
 
 /// Offset of the wake word inside the doorbell area (the last word of its first page).
 pub const WAKE_OFFSET: u64 = 0xffc;
+/// Offset of the host-side waiter's futex word (see the module docs).
+pub const HOST_WAKE_OFFSET: u64 = 0xff8;
+/// Offset of the word saying the host side kicks after every I/O doorbell.
+pub const HOST_KICKS_OFFSET: u64 = 0xff4;
+/// Offset of [`MAGIC`].
+pub const MAGIC_OFFSET: u64 = 0xff0;
+/// "FWK1": the device speaks this protocol.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"FWK1");
+/// First byte of the protocol's words in the first doorbell page (doorbell writes from
+/// `PROTOCOL_START` on are not the client's to make).
+pub const PROTOCOL_START: u64 = MAGIC_OFFSET;
 /// The device is (about to be) waiting on the word.
 pub const SLEEPING: u32 = 1;
 /// The device polls.
@@ -32,6 +60,10 @@ pub const AWAKE: u32 = 0;
 /// the gaps of a slow but steady submitter (a shadowed queue at QD 1 forwards every ~250 µs on
 /// two shared cores), so that only a real idle spell ends in a sleep.
 pub const SPIN_WINDOW: Duration = Duration::from_millis(1);
+/// The spin window while the host side kicks after every doorbell ([`HOST_KICKS_OFFSET`]):
+/// short, so that on a machine whose cores the guest's vCPU and the shadow engine also need
+/// the device hands its core over once its work is done.
+pub const SPIN_WINDOW_KICKED: Duration = Duration::from_micros(5);
 /// First sleep after the spin window.
 pub const SLEEP_MIN: Duration = Duration::from_micros(50);
 /// Longest sleep: how late a direct guest's first doorbell after an idle spell may be seen.
@@ -46,6 +78,45 @@ pub unsafe fn kick(doorbells: *mut u8) {
     // SAFETY: the caller guarantees the page is mapped; the word is aligned.
     let word = unsafe { AtomicU32::from_ptr(doorbells.add(WAKE_OFFSET as usize).cast()) };
     kick_word(word);
+}
+
+/// The protocol's words of a device whose first doorbell page is mapped at `doorbells`, if the
+/// device speaks the protocol (its [`MAGIC`] is there).
+///
+/// # Safety
+/// `doorbells` must point to a mapping of at least the first doorbell page that outlives the
+/// returned value.
+pub unsafe fn words<'a>(doorbells: *mut u8) -> Option<Words<'a>> {
+    // SAFETY: the caller guarantees the page is mapped for 'a; the word is aligned.
+    let magic = unsafe { AtomicU32::from_ptr(doorbells.add(MAGIC_OFFSET as usize).cast()) };
+    // SAFETY: as above.
+    (magic.load(Ordering::Acquire) == MAGIC).then(|| unsafe { words_unchecked(doorbells) })
+}
+
+/// The protocol's words at `doorbells`, whether or not the device speaks it (call [`words`]
+/// once to know).
+///
+/// # Safety
+/// As for [`words`].
+pub unsafe fn words_unchecked<'a>(doorbells: *mut u8) -> Words<'a> {
+    // SAFETY: the caller guarantees the page is mapped for 'a; the words are aligned.
+    let w = |off: u64| unsafe { AtomicU32::from_ptr(doorbells.add(off as usize).cast()) };
+    Words {
+        device: w(WAKE_OFFSET),
+        host: w(HOST_WAKE_OFFSET),
+        host_kicks: w(HOST_KICKS_OFFSET),
+    }
+}
+
+/// The words a host-side client uses (see the module docs).
+#[derive(Clone, Copy)]
+pub struct Words<'a> {
+    /// The device's futex word: [`kick_word`] it after a doorbell store.
+    pub device: &'a AtomicU32,
+    /// The host-side waiter's futex word: [`prepare`] and [`wait`] on it; the device kicks it.
+    pub host: &'a AtomicU32,
+    /// Nonzero while the client kicks after every I/O doorbell.
+    pub host_kicks: &'a AtomicU32,
 }
 
 /// [`kick`] on the word itself.

@@ -385,3 +385,51 @@ fn dstrd_0_and_4k_blocks() {
     .status()
     .same(Status::LBA_OUT_OF_RANGE));
 }
+
+#[test]
+fn the_wake_protocol_words_survive_a_reset_and_a_client_cannot_write_them() {
+    use nvme_device::wake;
+    let env = Env::new("wakewords", 512, 0);
+    let word = |off: u64| {
+        // SAFETY: inside the doorbell mapping, aligned.
+        unsafe {
+            &*env
+                .db
+                .add(off as usize)
+                .cast::<std::sync::atomic::AtomicU32>()
+        }
+    };
+    word(wake::MAGIC_OFFSET).store(wake::MAGIC, std::sync::atomic::Ordering::SeqCst);
+    word(wake::HOST_KICKS_OFFSET).store(1, std::sync::atomic::Ordering::SeqCst);
+    // A trapped write to a protocol word (a guest's, through the mediation) is dropped; an
+    // ordinary doorbell write lands.
+    let mut c = env.ctrl.lock().unwrap();
+    c.bar_write(DOORBELL_AREA + wake::MAGIC_OFFSET, &0u32.to_le_bytes());
+    c.bar_write(DOORBELL_AREA + wake::HOST_KICKS_OFFSET, &0u32.to_le_bytes());
+    c.bar_write(DOORBELL_AREA + wake::WAKE_OFFSET, &1u32.to_le_bytes());
+    c.bar_write(DOORBELL_AREA + 4, &3u32.to_le_bytes());
+    assert_eq!(
+        word(wake::MAGIC_OFFSET).load(std::sync::atomic::Ordering::SeqCst),
+        wake::MAGIC
+    );
+    assert_eq!(
+        word(wake::HOST_KICKS_OFFSET).load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(
+        word(wake::WAKE_OFFSET).load(std::sync::atomic::Ordering::SeqCst),
+        wake::AWAKE
+    );
+    assert_eq!(word(4).load(std::sync::atomic::Ordering::SeqCst), 3);
+    // A controller reset zeroes the doorbells, not the protocol's words.
+    c.reset();
+    assert_eq!(word(4).load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        word(wake::MAGIC_OFFSET).load(std::sync::atomic::Ordering::SeqCst),
+        wake::MAGIC
+    );
+    assert_eq!(
+        word(wake::HOST_KICKS_OFFSET).load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}

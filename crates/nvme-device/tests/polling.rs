@@ -78,3 +78,33 @@ fn an_always_spinning_device_never_sleeps() {
     drop(dev);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_device_advertises_the_wake_protocol_and_sleeps_while_the_host_kicks() {
+    let (dev, dir) = device("protocol");
+    let w = dev
+        .wake_words()
+        .expect("the device advertises the wake protocol");
+    // A host-side forwarder says it kicks after every doorbell: the idle device still sleeps
+    // (sooner), and the forwarder's kick ends a sleep.
+    w.host_kicks.store(1, std::sync::atomic::Ordering::SeqCst);
+    until(&dev, "the idle poller never slept", |s| s.poll_sleeps >= 3);
+    let t0 = Instant::now();
+    let kicked = dev.stats().poll_kicked;
+    while dev.stats().poll_kicked == kicked {
+        assert!(
+            t0.elapsed() < LIMIT,
+            "no sleep ended by a kick: {:?}",
+            dev.stats()
+        );
+        nvme_device::wake::kick_word(w.device);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Nobody waits on the host word: it stays awake.
+    assert_eq!(
+        w.host.load(std::sync::atomic::Ordering::SeqCst),
+        nvme_device::wake::AWAKE
+    );
+    drop(dev);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -22,5 +22,5 @@ pub mod virtio;
 
 pub use adapter::RingAdapter;
 pub use buffers::{Buffers, VecBuffers};
-pub use engine::{Engine, EngineOptions, EngineStatus};
+pub use engine::{Engine, EngineOptions, EngineStatus, PollerStatus};
 pub use error::{Error, Result, StateError};

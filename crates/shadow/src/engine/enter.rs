@@ -157,6 +157,9 @@ impl Engine {
             parked: AtomicBool::new(false),
             wakeups,
             att: self.att.clone(),
+            device_wake: DeviceWake::of(&self.att),
+            sleeps: Default::default(),
+            woken: Default::default(),
         });
         self.install_hook(&shared);
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {

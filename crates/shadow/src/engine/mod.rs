@@ -21,11 +21,15 @@ mod restore;
 
 use std::{
     ops::Range,
-    sync::{atomic::AtomicBool, Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc, Mutex, MutexGuard,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
+use nvme_device::wake;
 use nvme_spec::regs;
 use passthrough::{
     config_log::ConfigLog, Attachment, DeviceBacking, DeviceHooks, DoorbellMode, GuestBacking,
@@ -148,17 +152,49 @@ pub(crate) struct DoorbellPage {
     pub device: u64,
     /// Writes to this page exit (trap mode, or the admin page).
     pub trapped: bool,
+    /// The device's wake protocol, if it speaks it: [`DoorbellPage::ring`] kicks it.
+    pub wake: Option<DeviceWake>,
 }
 
 impl DoorbellPage {
-    /// Rings the device: a volatile store into its doorbell page.
+    /// Rings the device: a volatile store into its doorbell page, then a kick of its polling
+    /// thread if it sleeps (one fence and one load when it does not).
     pub fn ring(&self, offset: usize, value: u32) {
         if offset.is_multiple_of(4) && offset + 4 <= PAGE as usize {
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
             // SAFETY: `device` is a page of the attachment's BAR mapping, which the engine's
             // `Arc<Attachment>` keeps alive; the offset is inside it and aligned.
             unsafe { std::ptr::write_volatile((self.device as *mut u8).add(offset).cast(), value) }
+            if let Some(w) = &self.wake {
+                wake::kick_word(w.words().device);
+            }
         }
+    }
+}
+
+/// The stand-in device's wake words ([`nvme_device::wake`]) in its first doorbell page, found
+/// by its magic there. A device without them (a real controller) is rung without kicks and
+/// the poller sleeps on timers.
+#[derive(Clone, Copy)]
+pub(crate) struct DeviceWake {
+    /// Host address of the first doorbell page (the attachment's BAR mapping).
+    page: u64,
+}
+
+impl DeviceWake {
+    /// The words of the device behind `att`, if it speaks the protocol.
+    pub fn of(att: &Attachment) -> Option<Self> {
+        let page = att.device_page(regs::DOORBELL_BASE)?;
+        // SAFETY: a page of the attachment's BAR mapping, alive while `att` is; the words
+        // are dropped at once.
+        unsafe { wake::words(page as *mut u8) }.map(|_| DeviceWake { page })
+    }
+
+    /// The protocol's words.
+    pub fn words(&self) -> wake::Words<'_> {
+        // SAFETY: `page` is a page of the BAR mapping of the attachment that every holder of
+        // a `DeviceWake` (the engine's state, its doorbell pages) keeps alive with an `Arc`.
+        unsafe { wake::words_unchecked(self.page as *mut u8) }
     }
 }
 
@@ -184,6 +220,12 @@ pub(crate) struct Shared {
     pub wakeups: irq::Wakeups,
     /// The device, to interrupt the guest through.
     pub att: Arc<Attachment>,
+    /// The device's wake protocol, if it speaks it: the poller sleeps on its host word,
+    /// which the device kicks when it completes commands.
+    pub device_wake: Option<DeviceWake>,
+    /// The poller's sleeps on the host word, and those a kick ended.
+    pub sleeps: AtomicU64,
+    pub woken: AtomicU64,
 }
 
 impl Shared {
@@ -241,6 +283,18 @@ pub struct EngineStatus {
     pub msix_routes: Vec<u16>,
     /// While shadowed: guest admin commands the admin SQ guard refused.
     pub admin_refused: Option<u64>,
+    /// While shadowed: how the poller waited (None without the device's wake protocol).
+    pub poller: Option<PollerStatus>,
+}
+
+/// How the poller waited for the device's completion kick ([`nvme_device::wake`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PollerStatus {
+    /// Sleeps on the host word.
+    pub sleeps: u64,
+    /// Those that a kick ended (the device's completions, a vCPU's trapped doorbell) rather
+    /// than their time bound.
+    pub woken: u64,
 }
 
 /// The shadow engine of one passthrough NVMe device.
@@ -409,6 +463,12 @@ impl Engine {
             mapped_doorbell_pages: self.att.mapped_doorbell_pages(),
             msix_routes: self.att.msix_routes().iter().map(|r| r.0).collect(),
             admin_refused: self.att.admin_guard_refused(),
+            poller: a.as_ref().and_then(|a| {
+                a.shared.device_wake.map(|_| PollerStatus {
+                    sleeps: a.shared.sleeps.load(std::sync::atomic::Ordering::Relaxed),
+                    woken: a.shared.woken.load(std::sync::atomic::Ordering::Relaxed),
+                })
+            }),
         }
     }
 
@@ -418,6 +478,9 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // A poller blocking on its events wakes now, not at the end of its bound.
         let _ = a.shared.wakeups.wake.write(1);
+        if let Some(w) = &a.shared.device_wake {
+            wake::kick_word(w.words().host);
+        }
         if let Some(p) = a.poller.take() {
             let _ = p.join();
         }

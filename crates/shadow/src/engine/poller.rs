@@ -6,27 +6,36 @@
 //! ([`forward_on_vcpu`]): no hand-off to the poller, whose job is then only the completions.
 //!
 //! The poller spins only while there is work: rounds follow each other at once while they move
-//! entries; with commands in flight and nothing moving it spins up to [`SPIN_BUSY`] (unless
-//! their completions come by interrupt), when idle
-//! up to [`SPIN_IDLE`], and then hands the CPU over — blocking on an event when nothing needs
-//! polling (completions by interrupt and trapped doorbells), otherwise sleeping in short
-//! steps growing to [`SLEEP_MAX`] (a trapped doorbell may also be stored by a hook that does
-//! not forward, as while leaving shadow mode on a destination). On two cores shared with a spinning
-//! vCPU and a spinning device a poller that never slept would wait whole scheduler time
-//! slices; one that sleeps keeps a small virtual runtime and preempts a spinner when it wakes.
+//! entries; when nothing moves it spins briefly and then hands the CPU over. With commands in
+//! flight it spins [`SPIN_BUSY_KICKED`] and then sleeps on the host word of the device's wake
+//! protocol ([`nvme_device::wake`]), which the device kicks after each round that completed
+//! commands (and a vCPU that left a trapped doorbell kicks too), so a completion ends the
+//! sleep at once; the sleep's bound (steps growing to [`SLEEP_MAX`]) is only for doorbells a
+//! guest stores into a polled page, which nothing announces. A device without the protocol
+//! is waited for with [`SPIN_BUSY`] of spinning and timed sleeps. With nothing in flight it
+//! spins [`SPIN_IDLE`]; when nothing needs polling (completions by interrupt and trapped
+//! doorbells) it blocks on an event instead (a trapped doorbell may also be stored by a hook
+//! that does not forward, as while leaving shadow mode on a destination, hence the bounds).
+//! On two cores shared with the vCPU and the device, a poller that spun would take the CPU
+//! the device needs to complete what it waits for.
 use std::{
     sync::{atomic::Ordering, Arc, TryLockError},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
+use nvme_device::wake;
 use passthrough::DeviceHooks;
 
 use super::{DoorbellPage, QueueRt, Running, Shared};
 use crate::{engine::memory::EngineBuffers, Error, Result, RingAdapter};
 
-/// Spinning with commands in flight and nothing moving, before sleeping.
+/// Spinning with commands in flight and nothing moving, before sleeping on a timer (a device
+/// without the wake protocol).
 const SPIN_BUSY: Duration = Duration::from_micros(20);
+/// Spinning with commands in flight and nothing moving, before sleeping on the device's
+/// completion kick.
+const SPIN_BUSY_KICKED: Duration = Duration::from_micros(2);
 /// Spinning with nothing in flight, before sleeping or blocking.
 const SPIN_IDLE: Duration = Duration::from_micros(5);
 /// First sleep after spinning; each further one doubles, up to [`SLEEP_MAX`].
@@ -52,21 +61,40 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
         })
 }
 
+/// One round under the state lock, then the guest's interrupts for what it forwarded.
+/// Returns (entries moved, commands in flight or submissions pending).
+fn round(shared: &Shared) -> (usize, bool) {
+    let (moved, work, irqs) = {
+        let mut run = shared.lock();
+        let moved = poll_once(&mut run);
+        let irqs = std::mem::take(&mut run.pending_irqs);
+        (moved, has_work(&run), irqs)
+    };
+    // The completions are in the guest's queue: now the guest may be told.
+    for vector in irqs {
+        interrupt_guest(shared, vector);
+    }
+    (moved, work)
+}
+
 fn run(shared: &Shared) {
+    // Only polled completions and no vector taken: the device's completion kick is all the
+    // poller needs to sleep on (vectors taken need the eventfd wait).
+    let wake = shared
+        .device_wake
+        .filter(|_| shared.wakeups.vectors.is_empty() && !shared.wakeups.can_block);
+    if let Some(w) = &shared.device_wake {
+        // Every I/O doorbell now reaches the device through `DoorbellPage::ring`, which kicks.
+        w.words().host_kicks.store(1, Ordering::SeqCst);
+    }
+    // Every doorbell trapped: a vCPU forwards each one and kicks the poller if needed, so
+    // nothing the poller must notice comes unannounced and its sleeps need no short bound.
+    let all_trapped = shared.lock().pages.iter().all(|p| p.trapped);
     let mut quiet_since: Option<Instant> = None;
     let mut sleep = SLEEP_MIN;
     while !shared.stop.load(Ordering::Acquire) {
         shared.kick.store(false, Ordering::Relaxed);
-        let (moved, work, irqs) = {
-            let mut run = shared.lock();
-            let moved = poll_once(&mut run);
-            let irqs = std::mem::take(&mut run.pending_irqs);
-            (moved, has_work(&run), irqs)
-        };
-        // The completions are in the guest's queue: now the guest may be told.
-        for vector in irqs {
-            interrupt_guest(shared, vector);
-        }
+        let (moved, work) = round(shared);
         if moved > 0 || shared.kick.load(Ordering::Acquire) {
             quiet_since = None;
             sleep = SLEEP_MIN;
@@ -74,11 +102,11 @@ fn run(shared: &Shared) {
         }
         let can_block = shared.wakeups.can_block;
         // With completions by interrupt the device says when a command is done: no spinning
-        // for it.
-        let spin = if work && !can_block {
-            SPIN_BUSY
-        } else {
-            SPIN_IDLE
+        // for it. Nor with the device's completion kick, which ends the sleep at once.
+        let spin = match (work && !can_block, wake.is_some()) {
+            (true, false) => SPIN_BUSY,
+            (true, true) => SPIN_BUSY_KICKED,
+            (false, _) => SPIN_IDLE,
         };
         let since = *quiet_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin {
@@ -89,10 +117,34 @@ fn run(shared: &Shared) {
             park(shared, can_block);
             quiet_since = None;
             sleep = SLEEP_MIN;
+        } else if let Some(w) = &wake {
+            // Sleep on the host word: the device kicks it when it completes commands, a vCPU
+            // that left a trapped doorbell (`kick`) too; the bound is for doorbells the guest
+            // stores into a polled page, which nothing announces.
+            let host = w.words().host;
+            wake::prepare(host);
+            let (moved, _) = round(shared);
+            if moved > 0 || shared.kick.load(Ordering::SeqCst) {
+                host.store(wake::AWAKE, Ordering::SeqCst);
+                quiet_since = None;
+                sleep = SLEEP_MIN;
+                continue;
+            }
+            shared.sleeps.fetch_add(1, Ordering::Relaxed);
+            if wake::wait(host, if all_trapped { BLOCK_MAX } else { sleep }) {
+                shared.woken.fetch_add(1, Ordering::Relaxed);
+                quiet_since = None;
+                sleep = SLEEP_MIN;
+            } else {
+                sleep = (sleep * 2).min(SLEEP_MAX);
+            }
         } else {
             shared.wakeups.wait(sleep);
             sleep = (sleep * 2).min(SLEEP_MAX);
         }
+    }
+    if let Some(w) = &shared.device_wake {
+        w.words().host_kicks.store(0, Ordering::SeqCst);
     }
 }
 
@@ -148,6 +200,9 @@ pub(crate) fn forward_on_vcpu(shared: &Shared, index: usize, is_cq: bool) {
             shared.kick.store(true, Ordering::SeqCst);
             if shared.parked.load(Ordering::SeqCst) {
                 let _ = shared.wakeups.wake.write(1);
+            }
+            if let Some(w) = &shared.device_wake {
+                wake::kick_word(w.words().host);
             }
             return;
         }

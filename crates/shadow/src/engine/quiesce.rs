@@ -91,6 +91,7 @@ impl Engine {
             guest,
             device,
             trapped,
+            wake: DeviceWake::of(&self.att),
         })
     }
 

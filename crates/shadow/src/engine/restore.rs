@@ -11,7 +11,7 @@ use vmm::Vm;
 use super::{
     device::SavedDevice,
     memory::{blank_rings, copy_rings, Designation, EngineBuffers},
-    poller, Active, DoorbellPage, Engine, EngineOptions, QueueRt, Running, Shared,
+    poller, Active, DeviceWake, DoorbellPage, Engine, EngineOptions, QueueRt, Running, Shared,
 };
 use crate::{nvme::NvmeQueue, Error, Result};
 
@@ -123,6 +123,9 @@ impl Engine {
             parked: AtomicBool::new(false),
             wakeups,
             att: att.clone(),
+            device_wake: DeviceWake::of(&att),
+            sleeps: Default::default(),
+            woken: Default::default(),
         });
         engine.install_hook(&shared);
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {

@@ -63,6 +63,14 @@ impl Mode {
         Mode::TrapInterrupt,
     ];
 
+    fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| {
+            serde_json::to_value(m)
+                .ok()
+                .is_some_and(|v| v.as_str() == Some(s))
+        })
+    }
+
     fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
@@ -82,8 +90,11 @@ struct IopsRow {
     iops: f64,
     /// Intervals counted.
     intervals: usize,
-    /// IOPS / direct IOPS at the same queue depth.
+    /// IOPS / direct IOPS at the same queue depth (median over the runs of each run's
+    /// ratio to the direct run just before it).
     ratio: f64,
+    /// Runs.
+    runs: usize,
 }
 
 #[derive(Serialize)]
@@ -141,6 +152,7 @@ fn iops_run(
     qd: u32,
     mode: Mode,
     seconds: u64,
+    device_spin: bool,
     signals: &SignalState,
 ) -> anyhow::Result<(f64, usize)> {
     let dev = DeviceNvmeArgs {
@@ -151,7 +163,7 @@ fn iops_run(
         dstrd: 9,
         create: true,
         once: true,
-        poll: false,
+        poll: device_spin,
     };
     let boot = BootSpec {
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),
@@ -366,20 +378,36 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
+    let mut modes = vec![Mode::Direct];
+    for m in &args.modes {
+        let m = Mode::parse(m).with_context(|| format!("unknown mode {m}"))?;
+        if !modes.contains(&m) {
+            modes.push(m);
+        }
+    }
+    let runs = args.runs.max(1);
     let mut iops = Vec::new();
     for &qd in &args.qd {
-        let mut direct = 0.0;
-        for mode in Mode::ALL {
-            let (v, n) = iops_run(&dir, qd, mode, args.seconds, &signals)?;
-            if mode == Mode::Direct {
-                direct = v;
+        // Per mode: (IOPS, intervals, ratio to the run's direct) of each run.
+        let mut got: Vec<Vec<(f64, usize, f64)>> = vec![Vec::new(); modes.len()];
+        for _ in 0..runs {
+            let mut direct = 0.0;
+            for (i, &mode) in modes.iter().enumerate() {
+                let (v, n) = iops_run(&dir, qd, mode, args.seconds, args.device_spin, &signals)?;
+                if mode == Mode::Direct {
+                    direct = v;
+                }
+                got[i].push((v, n, v / f64::max(direct, 1e-9)));
             }
+        }
+        for (&mode, g) in modes.iter().zip(got) {
             iops.push(IopsRow {
                 qd,
                 mode,
-                iops: v,
-                intervals: n,
-                ratio: v / direct.max(1e-9),
+                iops: median(g.iter().map(|x| x.0).collect()),
+                intervals: g.iter().map(|x| x.1).sum(),
+                ratio: median(g.iter().map(|x| x.2).collect()),
+                runs: g.len(),
             });
         }
     }
@@ -389,8 +417,11 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         ("dirty (32 MiB, 50k pages/s), no device", false),
         ("the same + nvme-verify on a passthrough", true),
     ] {
+        if args.migrations == 0 {
+            break;
+        }
         let mut runs = Vec::new();
-        for n in 0..args.migrations.max(1) {
+        for n in 0..args.migrations {
             runs.push(migration_run(&dir, dev, n)?);
         }
         migration.push(MigrationRow {
@@ -424,8 +455,10 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs)",
-        args.seconds
+        "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs, {} run(s) per mode, device {})",
+        args.seconds,
+        runs,
+        if args.device_spin { "always spinning" } else { "adaptive" }
     );
     println!("  QD  mode                                 IOPS   vs direct");
     for r in &report.iops {
@@ -438,9 +471,12 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         );
     }
     super::shadow_net::print(&report.net, args.seconds);
+    if report.migration.is_empty() {
+        return Ok(0);
+    }
     println!(
         "live migration over loopback, 256 MiB guest under load (median of {} runs):",
-        args.migrations.max(1)
+        args.migrations
     );
     println!(
         "  VM                                        downtime ms   total ms   device-dirtied pages"
