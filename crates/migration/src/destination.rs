@@ -692,12 +692,6 @@ pub(crate) fn run(
         // The source committed with Go; it will not run the VM again. Keep running here.
         tracing::warn!("could not confirm the resume to the source: {}", chain(&e));
     }
-    let main_cpu_s = cpu.elapsed().as_secs_f64();
-    tracing::debug!(
-        main_cpu_s,
-        channels_cpu_s = report.cpu_s,
-        "CPU of the migration's threads"
-    );
-    report.cpu_s += main_cpu_s;
+    report.cpu_s = crate::cpu::side_total(&cpu, report.cpu_s);
     Ok(Incoming { vm, report })
 }

@@ -616,13 +616,7 @@ pub fn migrate(
     match result {
         Ok(mut r) => {
             r.tls = tls;
-            let main_cpu_s = cpu.elapsed().as_secs_f64();
-            tracing::debug!(
-                main_cpu_s,
-                channels_cpu_s = r.cpu_s,
-                "CPU of the migration's threads"
-            );
-            r.cpu_s += main_cpu_s;
+            r.cpu_s = crate::cpu::side_total(&cpu, r.cpu_s);
             r.streams = r.streams.max(1);
             if r.outcome == Outcome::Unknown {
                 let _ = tcp.shutdown(std::net::Shutdown::Both);
