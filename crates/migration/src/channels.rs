@@ -42,6 +42,7 @@ use crate::{
     compress::{Compressor, Decompressor, TokenBucket},
     error::chain,
     source::CancelToken,
+    splice::SplicePipe,
     transport::{self, Conn, Security},
     wire::{self, Kind, PAGE},
     MigrationError, Result,
@@ -127,6 +128,22 @@ unsafe fn is_zero_page(p: *const u8) -> bool {
         i += 8;
     }
     true
+}
+
+/// Pages ahead of the one checked for zeros whose first cache line is requested meanwhile.
+const PREFETCH_AHEAD: u64 = 16;
+
+/// Asks for the cache line at `p` ahead of its use: a hint, which never faults whatever the
+/// address.
+#[inline]
+fn prefetch(p: *const u8) {
+    // SAFETY: SSE is part of x86_64; a prefetch only hints the cache and never faults.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// A random token (getrandom).
@@ -258,7 +275,7 @@ fn send_header(tcp: &TcpStream, h: &[u8; HEADER]) -> std::io::Result<()> {
 }
 
 /// A syscall's count, `None` when it was interrupted (try again), the error otherwise.
-fn counted(n: isize) -> std::io::Result<Option<usize>> {
+pub(crate) fn counted(n: isize) -> std::io::Result<Option<usize>> {
     if n >= 0 {
         return Ok(Some(n as usize));
     }
@@ -464,10 +481,11 @@ impl SourceChannels {
                     .conns
                     .iter_mut()
                     .zip(&mut self.codecs)
-                    .map(|(conn, codec)| {
+                    .enumerate()
+                    .map(|(i, (conn, codec))| {
                         let (items, groups, next, failed, memfd) =
                             (&items, &groups, &next, &failed, &memfd);
-                        s.spawn(move || {
+                        let send = move || {
                             let cpu = crate::cpu::ThreadCpu::start();
                             let r = send_items(
                                 conn,
@@ -487,17 +505,25 @@ impl SourceChannels {
                                 failed.store(true, Ordering::SeqCst);
                             }
                             r.map(|st| (st, cpu.elapsed().as_secs_f64()))
-                        })
+                        };
+                        // Named, so a profile tells the senders apart.
+                        std::thread::Builder::new()
+                            .name(format!("migration-tx{i}"))
+                            .spawn_scoped(s, send)
                     })
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
+                    .map(|h| match h {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
                             Err(MigrationError::Protocol(
                                 "data channel thread panicked".into(),
                             ))
-                        })
+                        }),
+                        Err(e) => {
+                            failed.store(true, Ordering::SeqCst);
+                            Err(MigrationError::io("spawning a data channel thread")(e))
+                        }
                     })
                     .collect()
             })
@@ -739,19 +765,27 @@ fn send_items(
             let (host, foff) = locate(ram, gpa, pages * PAGE).ok_or_else(|| {
                 MigrationError::Protocol(format!("pages at {gpa:#x} are not in one RAM region"))
             })?;
-            // Split the item into runs of data pages and runs of zero pages.
-            let mut i = 0;
-            while i < pages {
-                // SAFETY: page i of the item lies inside the region's mapping (located
+            // Split the item into runs of data pages and runs of zero pages. The check of a
+            // data page reads one cache line, which is all memory latency (a new page each
+            // time, no hardware prefetch across pages): the lines of the pages ahead are
+            // requested meanwhile, so the misses overlap.
+            for k in 0..PREFETCH_AHEAD.min(pages) {
+                prefetch(host.wrapping_add((k * PAGE) as usize));
+            }
+            let check = |k: u64| {
+                if k + PREFETCH_AHEAD < pages {
+                    prefetch(host.wrapping_add(((k + PREFETCH_AHEAD) * PAGE) as usize));
+                }
+                // SAFETY: page k of the item lies inside the region's mapping (located
                 // above), which lives as long as `ram`; a racy snapshot is fine (see
                 // is_zero_page).
-                let zero = unsafe { is_zero_page(host.add((i * PAGE) as usize)) };
+                unsafe { is_zero_page(host.add((k * PAGE) as usize)) }
+            };
+            let mut i = 0;
+            while i < pages {
+                let zero = check(i);
                 let mut j = i + 1;
-                while j < pages {
-                    // SAFETY: as above, for page j.
-                    if unsafe { is_zero_page(host.add((j * PAGE) as usize)) } != zero {
-                        break;
-                    }
+                while j < pages && check(j) == zero {
                     j += 1;
                 }
                 let (g, n) = (gpa + i * PAGE, j - i);
@@ -1028,6 +1062,9 @@ pub(crate) struct Receivers {
     socks: Vec<TcpStream>,
     /// Strangers refused on the data channel port.
     pub refused: u64,
+    /// Whether the receivers fault pages in themselves (`recv` into the mapping, TLS), so
+    /// populating ahead helps; channels that splice into the memfd need no populating.
+    populate_ahead: bool,
 }
 
 impl Receivers {
@@ -1062,10 +1099,20 @@ impl Receivers {
         let error = Arc::new(Mutex::new(None));
         let mut handles = Vec::new();
         let mut socks = Vec::new();
+        let mut populate_ahead = false;
         for (i, conn) in conns.into_iter().enumerate() {
             if let Ok(t) = conn.tcp().try_clone() {
                 socks.push(t);
             }
+            // Plain channels splice their pages into the memfd; without a pipe (a system
+            // out of descriptors) they receive into the mapping as TLS channels do.
+            let pipe = match &conn {
+                DataConn::Plain(_) => SplicePipe::new()
+                    .map_err(|e| tracing::warn!("no pipe to splice data channel {i}: {e}"))
+                    .ok(),
+                DataConn::Tls { .. } => None,
+            };
+            populate_ahead |= pipe.is_none();
             let (ram, barrier, error) = (ram.clone(), barrier.clone(), error.clone());
             let main = main.try_clone().map_err(MigrationError::io("setup"))?;
             let _ = conn.tcp().set_read_timeout(Some(timeout));
@@ -1075,7 +1122,14 @@ impl Receivers {
                 .spawn(move || {
                     let cpu = crate::cpu::ThreadCpu::start();
                     let r = Decompressor::new().and_then(|d| {
-                        receive_channel(conn, &ram, &barrier, timeout, compression.then_some(d))
+                        receive_channel(
+                            conn,
+                            pipe,
+                            &ram,
+                            &barrier,
+                            timeout,
+                            compression.then_some(d),
+                        )
                     });
                     if let Err(e) = &r {
                         barrier.fail();
@@ -1105,12 +1159,18 @@ impl Receivers {
             timeout,
             socks,
             refused,
+            populate_ahead,
         })
     }
 
     /// Populates the memory of `extents` (what round 0 will fill) in the background, ahead of
     /// the data, so the receivers find the pages there.
+    /// Nothing to do when every channel splices into the memfd (writes that fill a page
+    /// allocate it uncleared; populating would clear it first).
     pub fn populate(&mut self, ram: &GuestRam, extents: Vec<(u64, u64)>) {
+        if !self.populate_ahead {
+            return;
+        }
         let ram = ram.clone();
         let stop = self.stop_populate.clone();
         self.populate = std::thread::Builder::new()
@@ -1209,6 +1269,7 @@ impl Drop for Receivers {
 
 fn receive_channel(
     mut conn: DataConn,
+    pipe: Option<SplicePipe>,
     ram: &GuestRam,
     barrier: &RoundBarrier,
     timeout: Duration,
@@ -1218,6 +1279,7 @@ fn receive_channel(
     let mut st = RecvStats::default();
     let mut zbuf = Vec::new();
     let mut last_round: Option<u32> = None;
+    let memfd = ram.memfd().clone();
     loop {
         let mut h = [0u8; HEADER];
         conn.read_exact(&mut h)
@@ -1238,7 +1300,7 @@ fn receive_channel(
                 if len == 0 || len % PAGE != 0 || gpa % PAGE != 0 || len > MAX_CHUNK {
                     return Err(protocol(format!("chunk of {len} bytes at {gpa:#x}")));
                 }
-                let (p, _) = locate(ram, gpa, len)
+                let (p, foff) = locate(ram, gpa, len)
                     .ok_or_else(|| protocol(format!("{len} bytes at {gpa:#x} are not in RAM")))?;
                 if tag == TAG_ZSTD {
                     let Some(d) = zstd.as_mut() else {
@@ -1266,14 +1328,19 @@ fn receive_channel(
                     st.zstd_pages += len / PAGE;
                     st.bytes += 4 + zlen;
                 } else if tag == TAG_DATA {
-                    match &mut conn {
+                    match (&mut conn, &pipe) {
+                        // The pages go through the pipe into the memfd at their offset (the
+                        // same pages the mapping shows), uncleared and unfaulted.
+                        (DataConn::Plain(tcp), Some(pp)) => pp
+                            .socket_to_file(tcp, &memfd, foff, len)
+                            .map_err(MigrationError::io("read"))?,
                         // SAFETY: [p, p+len) is guest memory (located above) of a VM that does
                         // not run yet and that no device reaches: nothing else accesses it, and
                         // no other receiver writes it at the same time (the source sends each
                         // page once per round, and rounds are fenced by the barrier).
-                        DataConn::Plain(tcp) => unsafe { recv_all(tcp, p, len as usize) }
+                        (DataConn::Plain(tcp), None) => unsafe { recv_all(tcp, p, len as usize) }
                             .map_err(MigrationError::io("read"))?,
-                        DataConn::Tls { conn, .. } => {
+                        (DataConn::Tls { conn, .. }, _) => {
                             // SAFETY: as above; the slice lives only for this read.
                             let dst = unsafe { std::slice::from_raw_parts_mut(p, len as usize) };
                             conn.read_exact(dst).map_err(MigrationError::io("read"))?;

@@ -34,6 +34,14 @@ impl ThreadCpu {
     }
 }
 
+/// A side's CPU seconds for its report: its main thread's since `main` started plus the data
+/// channels' `channels_cpu_s`, the two logged apart (debug).
+pub(crate) fn side_total(main: &ThreadCpu, channels_cpu_s: f64) -> f64 {
+    let main_cpu_s = main.elapsed().as_secs_f64();
+    tracing::debug!(main_cpu_s, channels_cpu_s, "CPU of the migration's threads");
+    main_cpu_s + channels_cpu_s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -692,6 +692,6 @@ pub(crate) fn run(
         // The source committed with Go; it will not run the VM again. Keep running here.
         tracing::warn!("could not confirm the resume to the source: {}", chain(&e));
     }
-    report.cpu_s += cpu.elapsed().as_secs_f64();
+    report.cpu_s = crate::cpu::side_total(&cpu, report.cpu_s);
     Ok(Incoming { vm, report })
 }

@@ -22,6 +22,7 @@ pub mod fuzzing;
 pub mod hash;
 pub mod report;
 pub mod source;
+mod splice;
 pub mod transport;
 pub mod wire;
 

@@ -616,7 +616,7 @@ pub fn migrate(
     match result {
         Ok(mut r) => {
             r.tls = tls;
-            r.cpu_s += cpu.elapsed().as_secs_f64();
+            r.cpu_s = crate::cpu::side_total(&cpu, r.cpu_s);
             r.streams = r.streams.max(1);
             if r.outcome == Outcome::Unknown {
                 let _ = tcp.shutdown(std::net::Shutdown::Both);
@@ -735,11 +735,18 @@ fn run(
         ..Default::default()
     };
 
+    tracing::debug!(at_ms = ms(start.elapsed()), "set up, round 0 starts");
     // Round 0: all non-zero memory (the destination starts zeroed).
     let t0 = Instant::now();
     let before = tx.bytes;
     // Only the memfd's data extents can hold non-zero pages; holes are skipped unread.
+    let t = Instant::now();
     let extents = ram.data_ranges();
+    tracing::debug!(
+        ms = ms(t.elapsed()),
+        extents = extents.len(),
+        "data extents of the memfd"
+    );
     let in_extents: u64 = extents.iter().map(|(_, len)| len / PAGE).sum();
     if tx.channels.is_some() {
         // The destination populates these ahead of the data.
@@ -757,6 +764,13 @@ fn run(
         .collect();
     let (pages, _, skipped) = tx.send_runs(0, &runs, true)?;
     let round0 = round_end(tx, 0, pages, 0, before, t0)?;
+    tracing::debug!(
+        at_ms = ms(start.elapsed()),
+        ms = round0.ms,
+        pages,
+        skipped,
+        "round 0 sent"
+    );
     report.zero_pages_skipped = skipped + (ram.size() / PAGE).saturating_sub(in_extents);
 
     let mut link = LinkEstimate::default();
@@ -788,8 +802,10 @@ fn run(
         }
         let last_bytes = report.rounds.last().map_or(0, |r| r.bytes);
         link.observe(last_bytes, last_send + drain, trip);
+        let t = Instant::now();
         let dirty = collect_dirty(vm, devices)?;
         let n = dirty.pages.count();
+        tracing::debug!(round, harvest_ms = ms(t.elapsed()), "dirty set harvested");
         let predicted = link.predict(n * (PAGE + CHUNK_OVERHEAD));
         tracing::debug!(
             round,

@@ -96,7 +96,8 @@ const VCPU: &[i64] = sys![SYS_ioctl, SYS_eventfd2];
 const DEVICE: &[i64] = sys![SYS_ioctl];
 
 /// A migration: TCP (connect, TLS), the data channels (the destination's listener, pages
-/// `sendfile`d from the memfd or `pread` for TLS), guest memory and the dirty log (KVM
+/// `sendfile`d from the memfd or `pread` for TLS, spliced through a pipe into the
+/// destination's memfd), guest memory and the dirty log (KVM
 /// ioctls), zero runs punched out of the destination's memfd, the devices' state, the memory
 /// of a destination being built (memfd), threads it starts (handshakes, channels, a device's
 /// poller), pausing the vCPUs (signals).
@@ -111,8 +112,10 @@ const MIGRATION: &[i64] = sys![
     SYS_listen,
     SYS_lseek,
     SYS_memfd_create,
+    SYS_pipe2,
     SYS_pread64,
     SYS_sendfile,
+    SYS_splice,
     SYS_tgkill,
 ];
 

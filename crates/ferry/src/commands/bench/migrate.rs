@@ -593,17 +593,31 @@ struct Destination {
     stdout: Option<std::thread::JoinHandle<String>>,
 }
 
+/// The destination's log filter: what the bench reads from it (where it listens, the ledger).
+const CHILD_LOG: &str = "warn,control::supervisor=info";
+/// Environment variable with directives added to [`CHILD_LOG`] (`migration=debug`), which
+/// also echoes the child's log on this stderr (profiling).
+const CHILD_LOG_VAR: &str = "FERRY_BENCH_RECEIVE_LOG";
+
 impl Destination {
     /// Starts `ferry receive` on a loopback port for a guest of `ram` bytes; it verifies the
     /// guest's ledger as soon as the VM runs there.
     fn spawn(ram: u64, tls: Option<&migration::TlsFiles>) -> anyhow::Result<Destination> {
         let exe = std::env::current_exe().context("finding the ferry binary")?;
+        // For profiling: the child's log filter, its lines echoed on this stderr.
+        let child_log = std::env::var(CHILD_LOG_VAR).ok();
+        let echo = child_log.is_some();
         let mut cmd = Command::new(exe);
         cmd.args(["receive", "--listen", "127.0.0.1:0", "--serial", "off"])
             .args(["--memory", &ram.to_string()])
             .args(["--verify-after", "0s", "--accept-timeout", "120s"])
             .args(["--timeout", "900s", "--json"])
-            .env("RUST_LOG", "warn,control::supervisor=info")
+            .env(
+                "RUST_LOG",
+                child_log.as_ref().map_or(CHILD_LOG.to_string(), |extra| {
+                    format!("{CHILD_LOG},{extra}")
+                }),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -624,6 +638,9 @@ impl Destination {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("ferry receive: {line}");
+                }
                 if let Some(a) = line.strip_prefix("ferry: waiting for a migration on ") {
                     let _ = tx.send(ChildLine::Listening(a.trim().to_string()));
                 } else if line.contains("ledger verification finished") {
