@@ -549,4 +549,31 @@ mod tests {
         assert!(t.hold_reset(status, &[0]));
         assert!(t.reset_pending.load(Ordering::SeqCst));
     }
+
+    /// The engine's DEVICE_NEEDS_RESET is added to the status byte of every read that covers
+    /// it (any width), nothing else changes, and a reset reaching the device ends it.
+    #[test]
+    fn needs_reset_shows_in_the_status_until_a_reset_reaches_the_device() {
+        let t = trap();
+        let at = common_offset() + common::DEVICE_STATUS;
+        let read = |offset: u64, len: usize| {
+            let mut b = vec![0x0fu8; len];
+            t.overlay_read(offset, &mut b);
+            b
+        };
+        assert_eq!(read(at, 1), [0x0f], "nothing reported");
+        t.needs_reset.store(true, Ordering::SeqCst);
+        let ored = 0x0f | status::DEVICE_NEEDS_RESET;
+        assert_eq!(read(at, 1), [ored]);
+        assert_eq!(read(at - 2, 4), [0x0f, 0x0f, ored, 0x0f]);
+        assert_eq!(read(at + 1, 1), [0x0f], "config generation");
+        assert_eq!(read(at - 4, 4), [0x0f; 4], "num_queues and msix config");
+        // Held while shadowed: still reported; a reset that reaches the device ends it.
+        t.shadowed.store(true, Ordering::SeqCst);
+        assert!(t.hold_reset(at, &[0]));
+        assert_eq!(read(at, 1), [ored]);
+        t.shadowed.store(false, Ordering::SeqCst);
+        assert!(!t.hold_reset(at, &[0]));
+        assert_eq!(read(at, 1), [0x0f]);
+    }
 }
