@@ -64,7 +64,9 @@ impl BusDevice for NetBar0 {
         if let Err(e) = self.conn.region_read(0, offset, data) {
             data.fill(0xff);
             self.lost(&e);
+            return;
         }
+        self.notify.overlay_read(offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {

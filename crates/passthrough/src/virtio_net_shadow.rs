@@ -44,6 +44,9 @@ pub(crate) struct NotifyTrap {
     /// the rings ([`NetAttachment::finish_reset`]). Until then the status the guest reads
     /// stays non-zero, so a driver waits (virtio 1.1 §4.1.4.3.2).
     reset_pending: AtomicBool,
+    /// The engine found a shadowed queue broken: the status the guest reads carries
+    /// DEVICE_NEEDS_RESET until a reset reaches the device.
+    needs_reset: AtomicBool,
 }
 
 impl NotifyTrap {
@@ -56,7 +59,23 @@ impl NotifyTrap {
             self.reset_pending.store(true, Ordering::SeqCst);
             return true;
         }
+        if offset == common_offset() + common::DEVICE_STATUS && data.first() == Some(&0) {
+            // The reset reaches the device now.
+            self.needs_reset.store(false, Ordering::SeqCst);
+        }
         false
+    }
+
+    /// A read at BAR0 `offset` the device answered with `data`: the engine's
+    /// DEVICE_NEEDS_RESET is added to the device status byte when the read covers it.
+    pub(crate) fn overlay_read(&self, offset: u64, data: &mut [u8]) {
+        let at = common_offset() + common::DEVICE_STATUS;
+        if !(offset..offset + data.len() as u64).contains(&at)
+            || !self.needs_reset.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        data[(at - offset) as usize] |= status::DEVICE_NEEDS_RESET;
     }
 
     /// A write at BAR0 `offset`: true when the engine took it (not forwarded).
@@ -109,6 +128,7 @@ impl ShadowHooks {
                 hook: Mutex::new(None),
                 shadowed: AtomicBool::new(false),
                 reset_pending: AtomicBool::new(false),
+                needs_reset: AtomicBool::new(false),
             }),
             region,
             vm_fd: vm.vm_fd().clone(),
@@ -349,6 +369,23 @@ impl NetAttachment {
             .swap(false, Ordering::SeqCst)
         {
             self.common_write(common::DEVICE_STATUS, 0, 1)?;
+            self.shadow
+                .notify
+                .needs_reset
+                .store(false, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The engine found a queue it shadows broken (what the device would have answered with
+    /// DEVICE_NEEDS_RESET): the guest reads DEVICE_NEEDS_RESET in the device status until its
+    /// reset reaches the device, and gets the configuration-change interrupt (its config
+    /// MSI-X vector), as from the device itself.
+    pub fn report_needs_reset(&self) -> Result<()> {
+        self.shadow.notify.needs_reset.store(true, Ordering::SeqCst);
+        let v = self.common_read(common::CONFIG_MSIX_VECTOR, 2)? as u16;
+        if v != virtio_spec::pci::NO_VECTOR {
+            self.interrupt_guest(v)?;
         }
         Ok(())
     }
@@ -463,6 +500,7 @@ mod tests {
             hook: Mutex::new(None),
             shadowed: AtomicBool::new(false),
             reset_pending: AtomicBool::new(false),
+            needs_reset: AtomicBool::new(false),
         }
     }
 
@@ -510,5 +548,32 @@ mod tests {
         assert!(!t.reset_pending.load(Ordering::SeqCst));
         assert!(t.hold_reset(status, &[0]));
         assert!(t.reset_pending.load(Ordering::SeqCst));
+    }
+
+    /// The engine's DEVICE_NEEDS_RESET is added to the status byte of every read that covers
+    /// it (any width), nothing else changes, and a reset reaching the device ends it.
+    #[test]
+    fn needs_reset_shows_in_the_status_until_a_reset_reaches_the_device() {
+        let t = trap();
+        let at = common_offset() + common::DEVICE_STATUS;
+        let read = |offset: u64, len: usize| {
+            let mut b = vec![0x0fu8; len];
+            t.overlay_read(offset, &mut b);
+            b
+        };
+        assert_eq!(read(at, 1), [0x0f], "nothing reported");
+        t.needs_reset.store(true, Ordering::SeqCst);
+        let ored = 0x0f | status::DEVICE_NEEDS_RESET;
+        assert_eq!(read(at, 1), [ored]);
+        assert_eq!(read(at - 2, 4), [0x0f, 0x0f, ored, 0x0f]);
+        assert_eq!(read(at + 1, 1), [0x0f], "config generation");
+        assert_eq!(read(at - 4, 4), [0x0f; 4], "num_queues and msix config");
+        // Held while shadowed: still reported; a reset that reaches the device ends it.
+        t.shadowed.store(true, Ordering::SeqCst);
+        assert!(t.hold_reset(at, &[0]));
+        assert_eq!(read(at, 1), [ored]);
+        t.shadowed.store(false, Ordering::SeqCst);
+        assert!(!t.hold_reset(at, &[0]));
+        assert_eq!(read(at, 1), [0x0f]);
     }
 }

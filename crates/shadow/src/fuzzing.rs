@@ -346,7 +346,11 @@ pub fn virtio_queue(data: &[u8]) {
         }
         let s = q.state();
         assert_eq!(
-            usize::from(s.guest_avail.wrapping_sub(s.guest_used)),
+            usize::from(
+                s.guest_avail
+                    .wrapping_sub(s.guest_used)
+                    .wrapping_sub(s.dropped)
+            ),
             s.in_flight.len(),
             "the saved state's indexes and chains in flight disagree"
         );

@@ -3,7 +3,8 @@
 //! KVM memory slots, which the engine swaps onto its copies) and BAR0 through the VM's MMIO
 //! bus. Frames cross both ways while shadowed with the data, the used entries and the dirty
 //! pages checked; shadow mode is left and traffic runs direct again; a hostile chain is refused
-//! without reaching the device; a guest reset while shadowed is held until the engine let go.
+//! without reaching the device, a head beyond the queue dropped, an available index jump
+//! reported as DEVICE_NEEDS_RESET; a guest reset while shadowed is held until the engine let go.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use passthrough::virtio_net::NetAttachment;
@@ -360,6 +361,29 @@ fn run(interception: Interception) {
     // Traffic still flows.
     roundtrip(&mut d, &mut peer, 4, 0x55);
 
+    // A head beyond the queue names no buffer: dropped as the device drops it, no used entry
+    // (the next one the guest sees is the next good chain's).
+    d.publish(1, Q + 5);
+    d.post_rx(5);
+    roundtrip(&mut d, &mut peer, 5, 0x66);
+    let st = engine.status();
+    assert_eq!(st.queues[1].state.stats.dropped_heads, 1, "{st:?}");
+    assert_eq!(st.queues[1].state.dropped, 1, "{st:?}");
+
+    // The available index jumps more than a queue ahead: the engine breaks the queue and tells
+    // the guest as the device would, DEVICE_NEEDS_RESET in the status it reads.
+    let (_, av, _) = rings(1);
+    d.avail[1] = d.avail[1].wrapping_add(Q + 1);
+    d.view()
+        .write(av + ring::avail::IDX, &d.avail[1].to_le_bytes());
+    assert!(vm.mmio_bus().write(bar0 + NOTIFY + 4, &1u16.to_le_bytes()));
+    wait_for("DEVICE_NEEDS_RESET in the status the guest reads", || {
+        (d.common_r(common::DEVICE_STATUS, 1) as u8 & status::DEVICE_NEEDS_RESET != 0).then_some(())
+    });
+    let st = engine.status();
+    assert_eq!(st.needs_reset, 1, "{st:?}");
+    assert_eq!(st.queues[1].state.stats.bad_avail_idx, 1, "{st:?}");
+
     // A reset while shadowed is held (the status stays non-zero) until the engine let go.
     d.common_w(common::DEVICE_STATUS, 0, 1);
     assert_ne!(d.common_r(common::DEVICE_STATUS, 1), 0, "reset held");
@@ -367,8 +391,21 @@ fn run(interception: Interception) {
     engine.reset(&vm).unwrap();
     assert!(!engine.is_shadowed());
     assert_eq!(d.common_r(common::DEVICE_STATUS, 1), 0, "reset done");
+    // The counters outlive the sessions (two here).
+    let st = engine.status();
+    assert_eq!((st.entered, st.needs_reset), (2, 1), "{st:?}");
+    let tx = &st.totals[1].stats;
+    assert_eq!(
+        (tx.dropped_heads, tx.bad_avail_idx, tx.refusals.out_of_ram),
+        (1, 1, 1),
+        "{st:?}"
+    );
     let s = dev.stats();
-    assert_eq!((s.chain_errors, s.dma_errors), (0, 0), "{s:?}");
+    assert_eq!(
+        (s.chain_errors, s.dma_errors, s.bad_avail_idx),
+        (0, 0, 0),
+        "{s:?}"
+    );
     drop(engine);
     match Arc::try_unwrap(att) {
         Ok(a) => a.detach(),

@@ -35,7 +35,7 @@ use super::{
     net_poller, EngineOptions, Interception,
 };
 use crate::{
-    virtio::{chain::ChainLimits, VirtQueue, VirtqGeometry, VirtqState},
+    virtio::{chain::ChainLimits, VirtQueue, VirtqGeometry, VirtqState, VirtqStats},
     Error, Result, RingAdapter,
 };
 
@@ -96,6 +96,11 @@ pub(crate) struct NetShared {
     pub trapped: AtomicU64,
     /// Notifications the engine sent the device.
     pub device_notifies: AtomicU64,
+    /// A queue broke (the guest's available index jumped) and DEVICE_NEEDS_RESET was
+    /// reported: once per shadow session (a reset ends it).
+    pub needs_reset: AtomicBool,
+    /// Times DEVICE_NEEDS_RESET was reported, over every session of the engine.
+    pub needs_reset_reports: Arc<AtomicU64>,
 }
 
 impl NetShared {
@@ -154,6 +159,20 @@ pub struct NetEngineStatus {
     pub interrupts: Vec<irq::VectorStatus>,
     /// Times shadow mode was entered.
     pub entered: u64,
+    /// Times the engine reported DEVICE_NEEDS_RESET to the guest (a queue it shadowed broke).
+    pub needs_reset: u64,
+    /// Per queue index: counters summed over every shadow session so far (a guest reset or
+    /// leaving shadow mode drops a session's queues, not these).
+    pub totals: Vec<NetQueueTotals>,
+}
+
+/// A queue's counters over every shadow session.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetQueueTotals {
+    /// The queue's index.
+    pub index: u16,
+    /// Summed counters.
+    pub stats: VirtqStats,
 }
 
 /// The shadow engine of one passthrough virtio-net device.
@@ -162,6 +181,9 @@ pub struct NetEngine {
     opts: EngineOptions,
     active: Mutex<Option<NetActive>>,
     entered: AtomicU64,
+    /// Counters of the queues of sessions that ended, by queue index.
+    retired: Mutex<Vec<NetQueueTotals>>,
+    needs_reset_reports: Arc<AtomicU64>,
 }
 
 pub(super) fn net_err(what: &'static str) -> impl FnOnce(passthrough::Error) -> Error {
@@ -187,6 +209,8 @@ impl NetEngine {
             opts,
             active: Mutex::new(None),
             entered: AtomicU64::new(0),
+            retired: Mutex::new(Vec::new()),
+            needs_reset_reports: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -218,11 +242,25 @@ impl NetEngine {
         self.active().is_some()
     }
 
+    /// Adds the counters of a session's queues to the totals.
+    fn retire(&self, shared: &NetShared) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        for q in &shared.lock().queues {
+            add_totals(&mut retired, q.q.geometry().index, &q.q.stats());
+        }
+    }
+
     /// Positions and counters.
     pub fn status(&self) -> NetEngineStatus {
         let a = self.active();
         let mut st = NetEngineStatus {
             entered: self.entered.load(Ordering::Relaxed),
+            needs_reset: self.needs_reset_reports.load(Ordering::Relaxed),
+            totals: self
+                .retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             ..Default::default()
         };
         if let Some(a) = a.as_ref() {
@@ -243,7 +281,11 @@ impl NetEngine {
             st.trapped_notifies = a.shared.trapped.load(Ordering::Relaxed);
             st.device_notifies = a.shared.device_notifies.load(Ordering::Relaxed);
             st.interrupts = a.shared.wakeups.status();
+            for q in &st.queues {
+                add_totals(&mut st.totals, q.state.geometry.index, &q.state.stats);
+            }
         }
+        st.totals.sort_by_key(|t| t.index);
         st
     }
 
@@ -442,6 +484,8 @@ impl NetEngine {
             att: self.att.clone(),
             trapped: AtomicU64::new(0),
             device_notifies: AtomicU64::new(0),
+            needs_reset: AtomicBool::new(false),
+            needs_reset_reports: self.needs_reset_reports.clone(),
         });
         if interception == Interception::Trap {
             let s = Arc::downgrade(&shared);
@@ -498,6 +542,7 @@ impl NetEngine {
         match result {
             Ok(()) => {
                 if let Some(a) = guard.take() {
+                    self.retire(&a.shared);
                     self.release_vectors(&a.shared.wakeups);
                     // Interrupts the device sent while taken over reach the guest now.
                     for q in &a.shared.lock().queues {
@@ -625,6 +670,7 @@ impl NetEngine {
             });
             result?;
             if let Some(a) = guard.take() {
+                self.retire(&a.shared);
                 self.release_vectors(&a.shared.wakeups);
                 let stats: Vec<_> = a.shared.lock().queues.iter().map(|q| q.q.stats()).collect();
                 tracing::info!(?stats, "virtio-net shadow state dropped for a guest reset");
@@ -652,5 +698,15 @@ impl Drop for NetEngine {
         if let Some(a) = self.active().as_mut() {
             Self::stop_poller(a);
         }
+    }
+}
+
+fn add_totals(totals: &mut Vec<NetQueueTotals>, index: u16, stats: &VirtqStats) {
+    match totals.iter_mut().find(|t| t.index == index) {
+        Some(t) => t.stats.add(stats),
+        None => totals.push(NetQueueTotals {
+            index,
+            stats: *stats,
+        }),
     }
 }

@@ -144,11 +144,30 @@ fn submit(shared: &NetShared, q: &mut NetQueueRt, bufs: &EngineBuffers) -> bool 
             }
             true
         }
-        Ok(None) => false,
+        Ok(None) => {
+            if q.q.broken() {
+                report_needs_reset(shared);
+            }
+            false
+        }
         Err(e) => {
             q.note_error("submission", &e);
             false
         }
+    }
+}
+
+/// A queue broke (the guest's available index jumped): the guest is told the way the device
+/// tells it about its own queues — DEVICE_NEEDS_RESET in the status it reads and a
+/// configuration-change interrupt — once per shadow session.
+fn report_needs_reset(shared: &NetShared) {
+    if shared.needs_reset.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    shared.needs_reset_reports.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("a shadowed virtqueue broke; the guest is told DEVICE_NEEDS_RESET");
+    if let Err(e) = shared.att.report_needs_reset() {
+        tracing::warn!("reporting DEVICE_NEEDS_RESET: {}", vmm::ErrorChain(&e));
     }
 }
 

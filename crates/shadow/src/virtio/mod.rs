@@ -9,11 +9,17 @@
 //! never reaches the device, so each side keeps its own available and used index.
 //!
 //! Rules the adapter keeps:
-//! - every available entry the guest publishes yields exactly one used entry in the guest's
-//!   ring: the device's (checked), or the hypervisor's (length 0) for a refused chain;
+//! - every available entry the guest publishes with a head inside the table yields exactly
+//!   one used entry in the guest's ring: the device's (checked), or the hypervisor's (length
+//!   0) for a refused chain;
 //! - a descriptor belongs to at most one chain in flight: a chain that reuses the head or any
 //!   descriptor of a chain in flight is refused (otherwise copying it would change what the
 //!   device reads for the first one, and the first one's dirty pages would be wrong);
+//! - a head outside the descriptor table names no buffer: it is dropped (counted in
+//!   `dropped_heads`, no used entry), as the device does in direct passthrough;
+//! - an available index more than a queue size ahead of the entries taken (or behind them)
+//!   breaks the queue, as it does the device's: nothing more is taken until the guest resets
+//!   the device, and [`VirtQueue::broken`] tells the engine to report DEVICE_NEEDS_RESET;
 //! - a used entry from the device is forwarded only for a head in flight and a length within
 //!   the chain's writable bytes; an unknown head is dropped, a length too large completes the
 //!   chain with length 0 (the device's claim is not passed on, every writable page of the
@@ -158,7 +164,8 @@ pub struct VirtqStats {
     pub forwarded: u64,
     /// Used entries forwarded to the guest (the device's).
     pub completed: u64,
-    /// Chains refused (completed to the guest with length 0, never seen by the device).
+    /// Chains refused (never seen by the device; completed to the guest with length 0 unless
+    /// the head is outside the table, see `dropped_heads`).
     pub refused: u64,
     /// Why.
     pub refusals: Refusals,
@@ -176,6 +183,44 @@ pub struct VirtqStats {
     pub unknown_used: u64,
     /// Device used entries with a length over the chain's writable bytes.
     pub bad_used_len: u64,
+    /// Available entries whose head is outside the descriptor table: dropped without a used
+    /// entry (they name no buffer to give back), also counted in `refused` and
+    /// `refusals.index`.
+    #[serde(default)]
+    pub dropped_heads: u64,
+}
+
+impl VirtqStats {
+    /// Adds `o`'s counters to these (totals over several shadow sessions).
+    pub fn add(&mut self, o: &VirtqStats) {
+        let r = &mut self.refusals;
+        let p = &o.refusals;
+        for (a, b) in [
+            (&mut r.index, p.index),
+            (&mut r.loops, p.loops),
+            (&mut r.too_large, p.too_large),
+            (&mut r.indirect, p.indirect),
+            (&mut r.order, p.order),
+            (&mut r.out_of_ram, p.out_of_ram),
+            (&mut r.on_rings, p.on_rings),
+            (&mut r.flags, p.flags),
+            (&mut r.reposted, p.reposted),
+            (&mut r.shared, p.shared),
+            (&mut self.forwarded, o.forwarded),
+            (&mut self.completed, o.completed),
+            (&mut self.refused, o.refused),
+            (&mut self.dirty_pages, o.dirty_pages),
+            (&mut self.bounced, o.bounced),
+            (&mut self.unbounced, o.unbounced),
+            (&mut self.bad_avail_idx, o.bad_avail_idx),
+            (&mut self.bad_used_idx, o.bad_used_idx),
+            (&mut self.unknown_used, o.unknown_used),
+            (&mut self.bad_used_len, o.bad_used_len),
+            (&mut self.dropped_heads, o.dropped_heads),
+        ] {
+            *a = a.saturating_add(b);
+        }
+    }
 }
 
 /// The saved state of a virtqueue (sent at switchover; treated as hostile on arrival).
@@ -196,8 +241,12 @@ pub struct VirtqState {
     /// The device's used index read so far.
     pub device_used: u16,
     /// Heads in flight on the device, oldest first: the destination gives them to its device
-    /// again. `guest_avail - guest_used` of them.
+    /// again. `guest_avail - guest_used - dropped` of them.
     pub in_flight: Vec<u16>,
+    /// Available entries taken whose head was outside the table (no used entry follows them),
+    /// counted modulo 2^16 like the indexes.
+    #[serde(default)]
+    pub dropped: u16,
     /// Counters.
     pub stats: VirtqStats,
 }
@@ -222,6 +271,12 @@ pub struct VirtQueue {
     g_taken: u16,
     /// The guest's used index.
     g_used: u16,
+    /// Available entries taken that will never have a used entry (heads outside the table),
+    /// modulo 2^16: `g_taken - g_used - dropped` chains are in flight.
+    dropped: u16,
+    /// The guest moved its available index more than a queue size: nothing more is taken
+    /// (until a reset drops this queue).
+    broken: bool,
     /// The device's available index.
     d_avail: u16,
     /// Next device used position to read.
@@ -281,6 +336,8 @@ impl VirtQueue {
             g_avail: avail,
             g_taken: avail,
             g_used: used,
+            dropped: 0,
+            broken: false,
             d_avail: avail,
             d_used: used,
             inflight: HashMap::new(),
@@ -336,7 +393,7 @@ impl VirtQueue {
             });
         }
         let mut q = VirtQueue::new(geo, features, limits, a, u);
-        q.legacy_outstanding = outstanding;
+        let mut legacy_outstanding = outstanding;
         // Every available slot, newest first: a chain in flight was made available in one of
         // them (unless the guest reused its slot, as out-of-order devices allow).
         // The walks are bounded in all (a guest's chains share no descriptors).
@@ -345,7 +402,13 @@ impl VirtQueue {
             let pos = a.wrapping_sub(back);
             let head = read_u16(bufs, q.ring().avail_entry_addr(pos), Side::Vcpu)?;
             if back <= outstanding {
-                q.legacy_order.push(head);
+                if head >= geo.size {
+                    // Dropped by the device: no used entry will come for it.
+                    q.dropped = q.dropped.wrapping_add(1);
+                    legacy_outstanding -= 1;
+                } else {
+                    q.legacy_order.push(head);
+                }
             }
             if !q.legacy.contains_key(&head) && spent < q.budget() {
                 if let Ok(c) = q.walk(head, false, bufs, &mut spent)? {
@@ -354,6 +417,7 @@ impl VirtQueue {
             }
         }
         q.legacy_order.reverse();
+        q.legacy_outstanding = legacy_outstanding;
         q.ask_guest_notify(bufs)?;
         q.ask_device_interrupt(bufs)?;
         Ok(q)
@@ -377,7 +441,10 @@ impl VirtQueue {
         if l.max_indirect > MAX_INDIRECT || l.max_chain_bytes > MAX_CHAIN_BYTES {
             return Err(bad(format!("validator limits {l:?} over the maximum")));
         }
-        let n = state.guest_avail.wrapping_sub(state.guest_used);
+        let n = state
+            .guest_avail
+            .wrapping_sub(state.guest_used)
+            .wrapping_sub(state.dropped);
         if usize::from(n) != state.in_flight.len() || n > geo.size {
             return Err(bad(format!(
                 "indexes {}/{} disagree with {} chains in flight",
@@ -393,6 +460,7 @@ impl VirtQueue {
             }
         }
         let mut q = VirtQueue::new(geo, state.features, l, state.guest_avail, state.guest_used);
+        q.dropped = state.dropped;
         q.d_avail = device_start;
         q.d_used = device_start;
         q.notified = device_start;
@@ -452,6 +520,7 @@ impl VirtQueue {
             device_avail: self.d_avail,
             device_used: self.d_used,
             in_flight,
+            dropped: self.dropped,
             stats: self.stats,
         }
     }
@@ -471,10 +540,18 @@ impl VirtQueue {
         self.g_avail.wrapping_sub(self.g_taken)
     }
 
+    /// True once the guest moved its available index more than a queue size ahead of the
+    /// entries taken (or behind them): the queue takes nothing more, and the engine reports
+    /// DEVICE_NEEDS_RESET, as the device does for its own queues. Only a reset ends it.
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
     /// True when the device's indexes equal the guest's and nothing is pending: the device
     /// can be handed the guest's own rings (leaving shadow mode) without translation.
     pub fn aligned(&self) -> bool {
-        self.pending() == 0
+        !self.broken
+            && self.pending() == 0
             && self.resubmit.is_empty()
             && self.d_avail == self.g_taken
             && self.d_used == self.g_used
@@ -680,6 +757,13 @@ impl VirtQueue {
         tracing::debug!(queue = self.geo.index, head, "virtqueue chain refused: {r}");
         self.stats.refused += 1;
         self.stats.refusals.count(&r);
+        if head >= self.geo.size {
+            // A used entry must name a head inside the table; this one names no buffer the
+            // guest could get back. The device drops such heads too.
+            self.stats.dropped_heads += 1;
+            self.dropped = self.dropped.wrapping_add(1);
+            return Ok(());
+        }
         self.post_guest_used(
             UsedElem {
                 id: u32::from(head),
@@ -722,16 +806,20 @@ impl VirtQueue {
 
     /// Takes a new guest available index unless it is more than a queue size ahead of the
     /// last entry taken (the guest owns at most `size` descriptors; an index going backwards
-    /// wraps to a huge distance and is refused the same way). A refused index is counted once
-    /// while it stays.
+    /// wraps to a huge distance and is refused the same way). A refused index breaks the
+    /// queue (nothing more is taken, as the device stops its queue) and is counted once.
     fn accept_avail_idx(&mut self, idx: u16) -> bool {
+        if self.broken {
+            return false;
+        }
         if idx.wrapping_sub(self.g_taken) > self.geo.size {
+            self.broken = true;
             if count_once(&mut self.bad_avail_seen, idx, &mut self.stats.bad_avail_idx) {
                 tracing::debug!(
                     queue = self.geo.index,
                     idx,
                     taken = self.g_taken,
-                    "virtqueue available index refused"
+                    "virtqueue available index refused; the queue is broken until a reset"
                 );
             }
             self.g_avail = self.g_taken;

@@ -756,8 +756,8 @@ fn hostile_chains_are_refused_and_counted() {
             0,
             |r| r.order,
         ),
-        // Indexes out of range: the head, a next, a next inside a table.
-        (vec![], vec![], 99, |r| r.index),
+        // Indexes out of range: a next, a next inside a table (heads: see
+        // `heads_outside_the_table_are_dropped`).
         (vec![], vec![(0, d(DATA, 8, n, 8))], 0, |r| r.index),
         (
             t2(d(DATA, 8, n, 5), d(DATA, 8, 0, 0)),
@@ -827,22 +827,109 @@ fn indirect_descriptors_need_the_feature() {
     );
 }
 
+/// An available index more than a queue size ahead of the entries taken, or behind them,
+/// breaks the queue as it breaks the device's (virtio-net-device `QueueError::AvailJump`):
+/// counted once, nothing taken from then on (a good index neither), not aligned (shadow mode
+/// cannot be left with it); the engine reports DEVICE_NEEDS_RESET for it.
 #[test]
-fn available_index_jumps_are_refused() {
-    let (mem, mut drv, mut dev, mut q) = setup(8, features(), true);
-    drv.post(&mem, &[(DATA, 8, true)]);
-    // Further ahead than the queue holds, and behind: refused, counted once each, nothing
-    // taken.
-    for bad in [9u32, 9, 0xfff0, 0x1_0000] {
+fn available_index_jumps_break_the_queue() {
+    for bad in [9u32, 0xfff0, 0x8000] {
+        let (mem, mut drv, mut dev, mut q) = setup(8, features(), true);
+        drv.post(&mem, &[(DATA, 8, true)]);
+        assert!(!q.broken());
         assert_eq!(q.on_guest_submit(bad, &mem).expect("no access error"), None);
+        assert!(q.broken(), "{bad:#x}");
+        // Stuck or moving on: counted once, never taken.
+        for again in [bad, 1, 2, 3] {
+            assert_eq!(q.on_guest_submit(again, &mem).expect("no access"), None);
+        }
+        assert_eq!(q.stats().bad_avail_idx, 1, "{bad:#x}");
+        assert_eq!(q.stats().forwarded + q.stats().refused, 0);
+        assert_eq!(r16(&mem, USED + used::IDX, true), 0);
+        assert_eq!(
+            r16(&mem, AVAIL + avail::IDX, false),
+            0,
+            "device saw nothing"
+        );
+        dev.fetch(&mem);
+        assert!(dev.fetched.is_empty());
+        assert!(!q.aligned());
     }
-    assert_eq!(q.stats().bad_avail_idx, 3);
-    assert_eq!(q.stats().forwarded + q.stats().refused, 0);
-    assert_eq!(r16(&mem, USED + used::IDX, true), 0);
-    // The real index still works.
+    // A jump of exactly the queue size is the guest filling every slot: taken.
+    let (mem, mut drv, _dev, mut q) = setup(8, features(), true);
+    for k in 0..8 {
+        drv.post(&mem, &[(DATA + k * 64, 8, true)]).expect("posted");
+    }
+    assert_eq!(submit(&mut q, &mem), Some(8));
+    assert!(!q.broken());
+    assert_eq!(q.stats().bad_avail_idx, 0);
+}
+
+/// A head at or beyond the queue size names no buffer: like the device, the adapter drops it
+/// (no used entry with an id outside the table ever reaches the guest), counts it, and keeps
+/// the queue running; the saved state carries the dropped count so a destination's checks
+/// still hold, and attaching to a queue the device already dropped heads on does not wait for
+/// them.
+#[test]
+fn heads_outside_the_table_are_dropped() {
+    let (mem, mut drv, mut dev, mut q) = setup(8, features(), true);
+    for head in [8u16, 64, 32767, 65535] {
+        let before = r16(&mem, USED + used::IDX, true);
+        drv.publish(&mem, head);
+        assert_eq!(submit(&mut q, &mem), None, "head {head}");
+        assert_eq!(
+            r16(&mem, USED + used::IDX, true),
+            before,
+            "head {head} given back"
+        );
+        assert_eq!(
+            r16(&mem, AVAIL + avail::IDX, false),
+            0,
+            "device saw head {head}"
+        );
+    }
+    let st = q.stats();
+    assert_eq!(
+        (
+            st.dropped_heads,
+            st.refused,
+            st.refusals.index,
+            st.forwarded
+        ),
+        (4, 4, 4, 0)
+    );
+    assert!(!q.broken());
+    // The queue keeps working: a good chain after them goes to the device and back.
+    let head = drv.post(&mem, &[(DATA, 8, true)]).expect("posted");
     assert_eq!(submit(&mut q, &mem), Some(1));
     dev.fetch(&mem);
     assert_eq!(dev.fetched.len(), 1);
+    dev.complete(&mem, 0, 1, 8);
+    assert_eq!(forward(&mut q, &mem), vec![DATA]);
+    assert_eq!(
+        drv.reap(&mem),
+        vec![UsedElem {
+            id: head.into(),
+            len: 8
+        }]
+    );
+    let state = q.state();
+    assert_eq!(
+        (state.guest_avail, state.guest_used, state.dropped),
+        (5, 1, 4)
+    );
+    assert!(state.in_flight.is_empty());
+    assert!(VirtQueue::rebuild(&state, 0, &mem).is_ok());
+
+    // Shadowing begins after the device dropped a head (its available entry has no used
+    // entry): nothing is waited for.
+    let mem = Mem::new(8, Designation::CopyIsVcpu, false);
+    let mut drv = Driver::new(8, 0, &mem);
+    drv.publish(&mem, 200);
+    mem.start_shadowing();
+    let q = VirtQueue::attach(geo(8), features(), ChainLimits::default(), &mem).expect("attach");
+    assert_eq!(q.in_flight(), 0);
+    assert_eq!(q.state().dropped, 1);
 }
 
 #[test]
@@ -1088,14 +1175,24 @@ fn hostile_saved_states_are_refused() {
         device_avail: 3,
         device_used: 1,
         in_flight: vec![4, 5],
+        dropped: 0,
         stats: VirtqStats::default(),
     };
     assert!(VirtQueue::rebuild(&good, 0, &mem).is_ok());
+    // Dropped heads (outside the table) take available entries without a used entry.
+    let with_dropped = VirtqState {
+        guest_avail: 5,
+        dropped: 2,
+        ..good.clone()
+    };
+    assert!(VirtQueue::rebuild(&with_dropped, 0, &mem).is_ok());
     let bad: Vec<fn(&mut VirtqState)> = vec![
         |s| s.in_flight = vec![4, 4],
         |s| s.in_flight = vec![4, 8],
         |s| s.in_flight = vec![4],
         |s| s.guest_used = 4,
+        |s| s.dropped = 1,
+        |s| s.dropped = u16::MAX,
         |s| {
             s.guest_avail = 10;
             s.guest_used = 0;
@@ -1253,7 +1350,9 @@ fn garbage_on_both_sides_never_panics() {
                     let _ = q.take_device_notify(&mem);
                     let s = q.state();
                     assert_eq!(
-                        s.guest_avail.wrapping_sub(s.guest_used) as usize,
+                        s.guest_avail
+                            .wrapping_sub(s.guest_used)
+                            .wrapping_sub(s.dropped) as usize,
                         s.in_flight.len(),
                         "seed {seed}"
                     );
