@@ -10,32 +10,19 @@
 use std::{
     sync::{atomic::Ordering, Arc, TryLockError},
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use super::net::{NetQueueRt, NetRunning, NetShared};
-use crate::{engine::memory::EngineBuffers, Error, Result, RingAdapter};
-
-const SPIN_BUSY: Duration = Duration::from_micros(20);
-const SPIN_IDLE: Duration = Duration::from_micros(5);
-const SLEEP_MIN: Duration = Duration::from_micros(2);
-const SLEEP_MAX: Duration = Duration::from_micros(64);
-/// Timer slack of the poller thread: its short sleeps end when asked.
-const TIMER_SLACK_NS: libc::c_ulong = 1_000;
+use super::poller::{SLEEP_MAX, SLEEP_MIN, SPIN_BUSY, SPIN_IDLE};
+use crate::{engine::memory::EngineBuffers, Result, RingAdapter};
 
 pub(crate) fn spawn(shared: Arc<NetShared>) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("net-shadow-poller".into())
-        .spawn(move || {
-            // SAFETY: prctl with an integer argument changes only this thread's timer slack.
-            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0) };
-            sandbox::enter(sandbox::Kind::Device);
-            run(&shared);
-        })
-        .map_err(|source| Error::Os {
-            what: "spawning the virtio-net poller".into(),
-            source,
-        })
+    super::poller::spawn_thread(
+        "net-shadow-poller",
+        "spawning the virtio-net poller",
+        move || run(&shared),
+    )
 }
 
 fn run(shared: &NetShared) {

@@ -32,31 +32,40 @@ use crate::{engine::memory::EngineBuffers, Error, Result, RingAdapter};
 
 /// Spinning with commands in flight and nothing moving, before sleeping on a timer (a device
 /// without the wake protocol).
-const SPIN_BUSY: Duration = Duration::from_micros(20);
+pub(crate) const SPIN_BUSY: Duration = Duration::from_micros(20);
 /// Spinning with commands in flight and nothing moving, before sleeping on the device's
 /// completion kick.
 const SPIN_BUSY_KICKED: Duration = Duration::from_micros(2);
 /// Spinning with nothing in flight, before sleeping or blocking.
-const SPIN_IDLE: Duration = Duration::from_micros(5);
+pub(crate) const SPIN_IDLE: Duration = Duration::from_micros(5);
 /// First sleep after spinning; each further one doubles, up to [`SLEEP_MAX`].
-const SLEEP_MIN: Duration = Duration::from_micros(2);
-const SLEEP_MAX: Duration = Duration::from_micros(64);
+pub(crate) const SLEEP_MIN: Duration = Duration::from_micros(2);
+pub(crate) const SLEEP_MAX: Duration = Duration::from_micros(64);
 /// Bound on blocking when nothing needs polling (a safety net; events end it sooner).
 const BLOCK_MAX: Duration = Duration::from_millis(20);
 /// Timer slack of the poller thread: its short sleeps end when asked, not 50 µs later.
 const TIMER_SLACK_NS: libc::c_ulong = 1_000;
 
 pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
+    spawn_thread("shadow-poller", "spawning the poller", move || run(&shared))
+}
+
+/// Starts a poller thread `name` running `body`: short timer slack, the device sandbox.
+pub(crate) fn spawn_thread(
+    name: &str,
+    what: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("shadow-poller".into())
+        .name(name.into())
         .spawn(move || {
             // SAFETY: prctl with an integer argument changes only this thread's timer slack.
             unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0) };
             sandbox::enter(sandbox::Kind::Device);
-            run(&shared);
+            body();
         })
         .map_err(|source| Error::Os {
-            what: "spawning the poller".into(),
+            what: what.into(),
             source,
         })
 }
