@@ -240,7 +240,11 @@ fn every_endpoint_answers_as_its_openapi_document_says() {
     // answers 200, the migration's own request gets the error, the VM keeps running.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = silent.local_addr().unwrap().to_string();
-    let held = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Holds the connection open, silent, until the test ends.
+        let _ = accepted_tx.send(silent.accept().map(|(s, _)| s));
+    });
     let a2 = a.clone();
     let sending = std::thread::spawn(move || {
         http(&a2, "PUT", "/vm.send-migration", Some(&json!({ "to": to })))
@@ -248,13 +252,19 @@ fn every_endpoint_answers_as_its_openapi_document_says() {
     common::wait_until("the source reports the migration", PATIENCE, || {
         doc.call(&a, "GET", "/vm.info", None, 200)["state"] == "migrating"
     });
+    // Cancel once the source is connected to the silent peer (cancelling before it connects
+    // is another case; waiting on the accept keeps this one deterministic on a slow machine).
+    let held = accepted
+        .recv_timeout(PATIENCE)
+        .expect("the source connects to the peer")
+        .unwrap();
     let c = doc.call(&a, "PUT", "/vm.cancel-migration", None, 200);
     assert_eq!(c, json!({"cancelled": true}));
     let r = sending.join().unwrap();
     let lines = doc.check("PUT", "/vm.send-migration", &r);
     let last = lines.last().cloned().unwrap_or_default();
     assert!(text(&r.body).contains("cancelled"), "{} {last}", r.status);
-    drop(held.join().unwrap());
+    drop(held);
     assert_eq!(
         doc.call(&a, "GET", "/vm.info", None, 200)["state"],
         "running"
