@@ -308,32 +308,75 @@ impl GuestRam {
         })
     }
 
-    /// The guest-physical ranges of RAM that may hold non-zero data: the memfd's data extents
-    /// (`SEEK_DATA`/`SEEK_HOLE`). Pages outside them were never written and read as zero —
-    /// without the kernel allocating them, which reading them through the mapping would do.
+    /// The guest-physical ranges of RAM that may hold non-zero data: the memfd's data extents.
+    /// Pages outside them were never written and read as zero — without the kernel allocating
+    /// them, which reading them through the mapping would do.
+    ///
+    /// Resident pages are found with `mincore` on the mapping (page tables first: about a
+    /// nanosecond a page, where `SEEK_HOLE` walks every page of a data extent in the page
+    /// cache); only the runs `mincore` calls non-resident are searched with
+    /// `SEEK_DATA`/`SEEK_HOLE`, which also finds pages swapped out (data `mincore` misses).
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        let fd = self.memfd.as_raw_fd();
-        let mut out = Vec::new();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |gpa: u64, len: u64| match out.last_mut() {
+            Some((g, l)) if *g + *l == gpa => *l += len,
+            _ => out.push((gpa, len)),
+        };
         for r in &self.regions {
-            let (start, end) = (r.file_offset as i64, (r.file_offset + r.size) as i64);
-            let mut at = start;
-            while at < end {
-                // SAFETY: lseek on our own memfd; it only moves the file offset, which nothing
-                // else in Ferry uses (all access goes through the mapping).
-                let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-                if data < 0 || data >= end {
-                    break;
+            let pages = (r.size / PAGE_SIZE) as usize;
+            let resident = self.host_address(r).ok().and_then(|host| {
+                let mut vec = vec![0u8; pages];
+                // SAFETY: `host` is the start of region `r`'s live, page-aligned mapping of
+                // `r.size` bytes; mincore only writes one byte per page into `vec`, which has
+                // `pages` bytes.
+                let rc = unsafe { libc::mincore(host.cast(), r.size as usize, vec.as_mut_ptr()) };
+                (rc == 0).then_some(vec)
+            });
+            let Some(resident) = resident else {
+                // No mapping to ask: the whole region through the file's extents.
+                self.seek_extents(r, 0, r.size, &mut push);
+                continue;
+            };
+            let mut i = 0;
+            while i < pages {
+                let yes = resident[i] & 1 != 0;
+                let mut j = i + 1;
+                while j < pages && (resident[j] & 1 != 0) == yes {
+                    j += 1;
                 }
-                // SAFETY: as above.
-                let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-                let hole = if hole < 0 { end } else { hole.min(end) };
-                let first = (data as u64) & !(PAGE_SIZE - 1);
-                let last = (hole as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-                out.push((r.gpa + (first - r.file_offset), last - first));
-                at = hole;
+                let (from, to) = (i as u64 * PAGE_SIZE, j as u64 * PAGE_SIZE);
+                if yes {
+                    push(r.gpa + from, to - from);
+                } else {
+                    self.seek_extents(r, from, to, &mut push);
+                }
+                i = j;
             }
         }
         out
+    }
+
+    /// The memfd's data extents (`SEEK_DATA`/`SEEK_HOLE`) inside `[from, to)` of region `r`
+    /// (offsets into the region), each given to `push` as a guest-physical range.
+    fn seek_extents(&self, r: &RamRegion, from: u64, to: u64, push: &mut impl FnMut(u64, u64)) {
+        let fd = self.memfd.as_raw_fd();
+        let (start, end) = ((r.file_offset + from) as i64, (r.file_offset + to) as i64);
+        let mut at = start;
+        while at < end {
+            // SAFETY: lseek on our own memfd; it only moves the file offset, which nothing
+            // else in Ferry uses (all access goes through the mapping).
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 || data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { hole.min(end) };
+            let first = (data as u64) & !(PAGE_SIZE - 1);
+            let last = (hole as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            push(r.gpa + (first - r.file_offset), last - first);
+            at = hole;
+        }
     }
 
     /// Makes `[gpa, gpa+len)` read as zeros again by releasing its memfd pages (a hole costs
@@ -460,6 +503,39 @@ mod tests {
         assert!(!covers(20 << 20), "an untouched page is a hole");
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         assert!(total < 8 << 20, "extents stay small: {total}");
+    }
+
+    #[test]
+    fn data_ranges_find_pages_written_through_the_file_not_the_mapping() {
+        // A device process writes guest RAM through its own mapping: the page is in the page
+        // cache but not in this process's page tables. `mincore` still sees it; a page the
+        // page tables lost (swap) is found by the extents search of the non-resident runs.
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let r = &ram.regions[0];
+        let at = r.file_offset + (9 << 20) + 0x3000;
+        // SAFETY: pwrite of 4 bytes from a local buffer into our own memfd.
+        let n = unsafe {
+            libc::pwrite(
+                ram.memfd.as_raw_fd(),
+                [5u8; 4].as_ptr().cast(),
+                4,
+                at as libc::off_t,
+            )
+        };
+        assert_eq!(n, 4);
+        ram.write(0x1000, &[1]).unwrap();
+        let ranges = ram.data_ranges();
+        let covers = |gpa: u64| ranges.iter().any(|&(g, l)| gpa >= g && gpa < g + l);
+        assert!(covers(r.gpa + (9 << 20) + 0x3000), "{ranges:x?}");
+        assert!(covers(0x1000));
+        assert!(!covers(4 << 20));
+        // Adjacent pages come back as one range.
+        ram.write(0x2000, &[1]).unwrap();
+        let ranges = ram.data_ranges();
+        assert!(
+            ranges.iter().any(|&(g, l)| g <= 0x1000 && g + l >= 0x3000),
+            "{ranges:x?}"
+        );
     }
 
     #[test]
