@@ -95,7 +95,8 @@ const VCPU: &[i64] = sys![SYS_ioctl, SYS_eventfd2];
 /// datagrams on the port).
 const DEVICE: &[i64] = sys![SYS_ioctl];
 
-/// A migration: TCP (connect, TLS), the data channels (the destination's listener, pages
+/// A migration: TCP (connect, TLS), the source's data extents (`mincore` on the guest
+/// mapping, `lseek` on the memfd), the data channels (the destination's listener, pages
 /// `sendfile`d from the memfd or `pread` for TLS, spliced through a pipe into the
 /// destination's memfd), guest memory and the dirty log (KVM
 /// ioctls), zero runs punched out of the destination's memfd, the devices' state, the memory
@@ -112,6 +113,7 @@ const MIGRATION: &[i64] = sys![
     SYS_listen,
     SYS_lseek,
     SYS_memfd_create,
+    SYS_mincore,
     SYS_pipe2,
     SYS_pread64,
     SYS_sendfile,
