@@ -354,9 +354,14 @@ fn memfd(len: u64) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-/// The floor's source: a memfd of `len` non-zero bytes, written once (not timed).
-fn floor_source(len: u64) -> anyhow::Result<std::fs::File> {
+/// The floor's source: a memfd of `len` non-zero bytes, written once (not timed). It holds
+/// `resident` bytes (at least `len`), as the guest's RAM does, so that the floor takes its
+/// fresh destination pages from the same pool of free memory the migration's destination does
+/// (platform.md: a page the host has taken back through free page reporting costs a host fault
+/// on first touch, and pages freed moments ago have not been reported yet).
+fn floor_source(len: u64, resident: u64) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::FileExt;
+    let len = len.max(resident);
     let f = memfd(len)?;
     let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + 1) as u8).collect();
     let mut off = 0;
@@ -832,7 +837,7 @@ fn row(
         let s = one(ram, load, mode, args)?;
         if mode.max_bandwidth.is_none() {
             let bytes = s.sent_bytes.next_multiple_of(4096);
-            let src = floor_source(bytes)?;
+            let src = floor_source(bytes, ram)?;
             floors.push(floor_once(&src, bytes, s.streams)?);
             if mode.security.is_tls() {
                 tls_floors.push(tls_floor::once(&src, bytes, s.streams, mode.security)?);
