@@ -86,6 +86,89 @@ impl SavedDevice {
     }
 }
 
+/// Version of [`PrecopyDevice`] on the wire.
+pub const PRECOPY_VERSION: u32 = 1;
+
+/// The device state sent during pre-copy: the configuration the destination replays on its
+/// device while RAM still arrives. The switchover state ([`SavedDevice`]) still carries all of
+/// it; the destination compares and replays again whatever changed in between.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrecopyDevice {
+    /// The admin mediation's log when it was taken.
+    pub config: ConfigLog,
+    /// What the validator enforces.
+    pub limits: Limits,
+    /// Doorbell stride of the source device.
+    pub dstrd: u8,
+    /// The guest's admin queue positions (SQ tail, CQ head), no admin command pending.
+    pub admin: (u32, u32),
+    /// The phase the guest expects its next admin completion with (the destination's RAM
+    /// may not hold the admin CQ yet when the configuration is replayed).
+    pub admin_phase: bool,
+}
+
+impl PrecopyDevice {
+    /// Versioned postcard bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        let mut out = PRECOPY_VERSION.to_le_bytes().to_vec();
+        out.extend(postcard::to_allocvec(self).map_err(StateError::Encode)?);
+        Ok(out)
+    }
+
+    /// Decodes what [`PrecopyDevice::encode`] made (anything else is refused); call
+    /// [`PrecopyDevice::validate`] before using anything in it.
+    pub fn decode(b: &[u8]) -> Result<Self, StateError> {
+        if b.len() > MAX_SAVED_BYTES {
+            return Err(StateError::TooLarge {
+                len: b.len(),
+                max: MAX_SAVED_BYTES,
+            });
+        }
+        let (v, rest) = b
+            .split_first_chunk::<4>()
+            .ok_or(StateError::TooShort { len: b.len() })?;
+        let found = u32::from_le_bytes(*v);
+        if found != PRECOPY_VERSION {
+            return Err(StateError::Version {
+                found,
+                expected: PRECOPY_VERSION,
+            });
+        }
+        postcard::from_bytes(rest).map_err(StateError::Decode)
+    }
+
+    /// The switchover state this pre-copy state stands for: its log's queue pairs, every
+    /// position at 0, no MSI-X table. Fails when the log's queues cannot be shadowed.
+    pub fn as_saved(&self) -> Result<SavedDevice, StateError> {
+        let geos =
+            super::geometries(&self.config).map_err(|e| StateError::Unshadowable(e.into()))?;
+        Ok(SavedDevice {
+            config: self.config.clone(),
+            limits: self.limits,
+            dstrd: self.dstrd,
+            doorbells: vec![(0, 0); geos.len()],
+            queues: geos
+                .into_iter()
+                .map(|geometry| QueueState {
+                    geometry,
+                    guest: Default::default(),
+                    device: Default::default(),
+                    stats: Default::default(),
+                })
+                .collect(),
+            admin: self.admin,
+            msix: MsixState::default(),
+        })
+    }
+
+    /// Checks everything in a pre-copy state from another host against `b`, as
+    /// [`SavedDevice::validate`] checks a switchover state (the same checks, on
+    /// [`PrecopyDevice::as_saved`]).
+    pub fn validate(&self, b: &RestoreBounds) -> Result<(), StateError> {
+        self.as_saved()?.validate(b)
+    }
+}
+
 /// The engine behind a migration: shadowing starts with the migration and, on failure, ends
 /// with it.
 pub struct ShadowedDevice {
@@ -128,6 +211,15 @@ impl MigratableDevice for ShadowedDevice {
         self.engine
             .enter(vm)
             .map_err(DeviceError::while_doing("entering shadow mode"))
+    }
+
+    fn precopy_state(&mut self, _vm: &Vm) -> Result<Option<Vec<u8>>, DeviceError> {
+        let Some(pre) = self.engine.precopy_state() else {
+            return Ok(None);
+        };
+        pre.encode()
+            .map(Some)
+            .map_err(DeviceError::while_doing("encoding the pre-copy state"))
     }
 
     fn ready_for_switchover(&self, _vm: &Vm) -> Result<(), DeviceError> {
