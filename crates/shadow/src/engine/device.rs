@@ -105,6 +105,8 @@ pub struct PrecopyDevice {
     /// The phase the guest expects its next admin completion with (the destination's RAM
     /// may not hold the admin CQ yet when the configuration is replayed).
     pub admin_phase: bool,
+    /// The MSI-X table and enable bits the guest programmed.
+    pub msix: MsixState,
 }
 
 impl PrecopyDevice {
@@ -138,7 +140,7 @@ impl PrecopyDevice {
     }
 
     /// The switchover state this pre-copy state stands for: its log's queue pairs, every
-    /// position at 0, no MSI-X table. Fails when the log's queues cannot be shadowed.
+    /// position at 0. Fails when the log's queues cannot be shadowed.
     pub fn as_saved(&self) -> Result<SavedDevice, StateError> {
         let geos =
             super::geometries(&self.config).map_err(|e| StateError::Unshadowable(e.into()))?;
@@ -157,7 +159,7 @@ impl PrecopyDevice {
                 })
                 .collect(),
             admin: self.admin,
-            msix: MsixState::default(),
+            msix: self.msix.clone(),
         })
     }
 

@@ -34,6 +34,8 @@ pub struct PreparedRestore {
     copies: Arc<Vec<Copy>>,
     remapped: Vec<Range<u64>>,
     bounce: Arc<Vec<Bounce>>,
+    /// The I/O queues' doorbell pages, intercepted.
+    pages: Vec<DoorbellPage>,
 }
 
 impl PreparedRestore {
@@ -64,6 +66,15 @@ impl PreparedRestore {
     fn undo(self, vm: &Vm) {
         let slots = vm.memory_slots();
         let designation = self.engine.opts.designation;
+        for p in &self.pages {
+            if let Err(e) = self.engine.release_page(slots, p.bar_offset) {
+                tracing::warn!(
+                    "giving doorbell page {:#x} back after the pre-copy preparation: {}",
+                    p.bar_offset,
+                    vmm::ErrorChain(&e)
+                );
+            }
+        }
         self.engine.unguard(slots);
         self.engine.unmap_bounce(&self.bounce);
         for r in &self.remapped {
@@ -121,6 +132,7 @@ impl Engine {
             limits,
             dstrd: self.att.dstrd(),
             admin: (sq_tail, cq_head),
+            msix: self.att.msix_state(),
         })
     }
 
@@ -155,6 +167,7 @@ impl Engine {
         let copies = Arc::new(blank_rings(&geos)?);
         let mut remapped = Vec::new();
         let mut bounce_mapped = None;
+        let mut pages: Vec<DoorbellPage> = Vec::new();
         let result = (|| -> Result<bool> {
             for c in copies.iter() {
                 engine.move_onto(slots, designation, c)?;
@@ -168,6 +181,11 @@ impl Engine {
                 copies.iter().map(|c| c.gpa.clone()).collect(),
             );
             bounce_mapped = Some(engine.map_bounce(&ram, &geos, pre.limits)?);
+            for g in &geos {
+                engine.doorbell_place(slots, &mut pages, g.qid, false)?;
+            }
+            att.restore_msix(&pre.msix)
+                .map_err(hook("restoring the guest's MSI-X table".into()))?;
             Ok(phase)
         })();
         let phase = match result {
@@ -181,6 +199,7 @@ impl Engine {
                     copies,
                     remapped,
                     bounce: bounce_mapped.unwrap_or_default(),
+                    pages,
                 }
                 .undo(vm);
                 return Err(e);
@@ -199,6 +218,7 @@ impl Engine {
             copies,
             remapped,
             bounce: bounce_mapped.unwrap_or_default(),
+            pages,
         })
     }
 
@@ -257,7 +277,8 @@ impl Engine {
             }
             Ok(())
         };
-        let (engine, copies, remapped, bounce) = match prepared {
+        let fitted = prepared.is_some();
+        let (engine, copies, remapped, bounce, mut pages) = match prepared {
             Some(p) => {
                 if designation == Designation::VcpuBuffer {
                     // The copies become the guest's rings as they arrived.
@@ -277,7 +298,7 @@ impl Engine {
                     ms = ms(t0),
                     "restore: prepared configuration and ring copies fit"
                 );
-                (p.engine, p.copies, p.remapped, p.bounce)
+                (p.engine, p.copies, p.remapped, p.bounce, p.pages)
             }
             None => {
                 let engine = Engine::new(att.clone(), opts);
@@ -305,7 +326,7 @@ impl Engine {
                 tracing::debug!(ms = ms(t0), "restore: configuration replayed");
                 let bounce = engine.map_bounce(&ram, &geos, saved.limits)?;
                 tracing::debug!(ms = ms(t0), "restore: bounce areas mapped");
-                (engine, copies, remapped, bounce)
+                (engine, copies, remapped, bounce, Vec::new())
             }
         };
         let dstrd = att.dstrd();
@@ -313,7 +334,6 @@ impl Engine {
         let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation)
             .with_bounce(bounce.clone())
             .with_protected(att.protected());
-        let mut pages: Vec<DoorbellPage> = Vec::new();
         let mut queues = Vec::new();
         for (state, &(sq, cq)) in saved.queues.iter().zip(&saved.doorbells) {
             let place = engine.doorbell_place(slots, &mut pages, state.geometry.qid, false)?;
@@ -327,8 +347,12 @@ impl Engine {
             ms = ms(t0),
             "restore: doorbells intercepted, queues rebuilt"
         );
-        att.restore_msix(&saved.msix)
-            .map_err(hook("restoring the guest's MSI-X table".into()))?;
+        // A prepared device has the pre-copy MSI-X state already: programmed again only if
+        // the guest changed it since.
+        if !fitted || att.msix_state() != saved.msix {
+            att.restore_msix(&saved.msix)
+                .map_err(hook("restoring the guest's MSI-X table".into()))?;
+        }
         tracing::debug!(ms = ms(t0), "restore: MSI-X table restored");
         let wakeups = engine.take_vectors(&saved.config, &pages, &mut queues)?;
         let shared = Arc::new(Shared {
