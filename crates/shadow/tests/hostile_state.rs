@@ -778,7 +778,8 @@ fn a_prepared_restore_that_fits_replays_nothing_more() {
 /// exactly the switchover state's queues.
 #[test]
 fn a_configuration_changed_since_the_precopy_state_is_replayed_in_full() {
-    let changes: Vec<(&str, fn(&mut SavedDevice))> = vec![
+    type Change = fn(&mut SavedDevice);
+    let changes: Vec<(&str, Change)> = vec![
         ("queue pair 2 deleted", |s| {
             s.config.io_sqs.remove(&2);
             s.config.io_cqs.remove(&2);
