@@ -28,6 +28,38 @@ pub const MAX_RING_COPY_BYTES: u64 = 256 << 20;
 /// space of a sparse memfd; pages are touched only when lists are bounced).
 pub const MAX_BOUNCE_BYTES: u64 = 1 << 30;
 
+/// `version` (u32 LE), then `v` as postcard bytes.
+fn encode_versioned<T: Serialize>(version: u32, v: &T) -> Result<Vec<u8>, StateError> {
+    let mut out = version.to_le_bytes().to_vec();
+    out.extend(postcard::to_allocvec(v).map_err(StateError::Encode)?);
+    Ok(out)
+}
+
+/// Decodes what [`encode_versioned`] made with `version`: at most [`MAX_SAVED_BYTES`], the
+/// version checked first; decoding allocates no more than the input's size allows.
+fn decode_versioned<T: serde::de::DeserializeOwned>(
+    version: u32,
+    b: &[u8],
+) -> Result<T, StateError> {
+    if b.len() > MAX_SAVED_BYTES {
+        return Err(StateError::TooLarge {
+            len: b.len(),
+            max: MAX_SAVED_BYTES,
+        });
+    }
+    let (v, rest) = b
+        .split_first_chunk::<4>()
+        .ok_or(StateError::TooShort { len: b.len() })?;
+    let found = u32::from_le_bytes(*v);
+    if found != version {
+        return Err(StateError::Version {
+            found,
+            expected: version,
+        });
+    }
+    postcard::from_bytes(rest).map_err(StateError::Decode)
+}
+
 /// The device state sent at switchover.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SavedDevice {
@@ -50,32 +82,14 @@ pub struct SavedDevice {
 impl SavedDevice {
     /// Versioned postcard bytes.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
-        let mut out = SAVED_VERSION.to_le_bytes().to_vec();
-        out.extend(postcard::to_allocvec(self).map_err(StateError::Encode)?);
-        Ok(out)
+        encode_versioned(SAVED_VERSION, self)
     }
 
     /// Decodes what [`SavedDevice::encode`] made (anything else is refused). Decoding
     /// allocates no more than the input's size allows; call [`SavedDevice::validate`] before
     /// using anything in it.
     pub fn decode(b: &[u8]) -> Result<Self, StateError> {
-        if b.len() > MAX_SAVED_BYTES {
-            return Err(StateError::TooLarge {
-                len: b.len(),
-                max: MAX_SAVED_BYTES,
-            });
-        }
-        let (v, rest) = b
-            .split_first_chunk::<4>()
-            .ok_or(StateError::TooShort { len: b.len() })?;
-        let found = u32::from_le_bytes(*v);
-        if found != SAVED_VERSION {
-            return Err(StateError::Version {
-                found,
-                expected: SAVED_VERSION,
-            });
-        }
-        postcard::from_bytes(rest).map_err(StateError::Decode)
+        decode_versioned(SAVED_VERSION, b)
     }
 
     /// Checks everything in a state from another host against `b` (this VM's RAM and this
@@ -112,31 +126,13 @@ pub struct PrecopyDevice {
 impl PrecopyDevice {
     /// Versioned postcard bytes.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
-        let mut out = PRECOPY_VERSION.to_le_bytes().to_vec();
-        out.extend(postcard::to_allocvec(self).map_err(StateError::Encode)?);
-        Ok(out)
+        encode_versioned(PRECOPY_VERSION, self)
     }
 
     /// Decodes what [`PrecopyDevice::encode`] made (anything else is refused); call
     /// [`PrecopyDevice::validate`] before using anything in it.
     pub fn decode(b: &[u8]) -> Result<Self, StateError> {
-        if b.len() > MAX_SAVED_BYTES {
-            return Err(StateError::TooLarge {
-                len: b.len(),
-                max: MAX_SAVED_BYTES,
-            });
-        }
-        let (v, rest) = b
-            .split_first_chunk::<4>()
-            .ok_or(StateError::TooShort { len: b.len() })?;
-        let found = u32::from_le_bytes(*v);
-        if found != PRECOPY_VERSION {
-            return Err(StateError::Version {
-                found,
-                expected: PRECOPY_VERSION,
-            });
-        }
-        postcard::from_bytes(rest).map_err(StateError::Decode)
+        decode_versioned(PRECOPY_VERSION, b)
     }
 
     /// The switchover state this pre-copy state stands for: its log's queue pairs, every
