@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use migration::DeviceError;
 use passthrough::{AttachOptions, Attachment, ConfigLog};
-use shadow::{Engine, EngineOptions, EngineStatus};
+use shadow::{engine::PreparedRestore, Engine, EngineOptions, EngineStatus};
 use vmm::Vm;
 
 use crate::{Error, Result};
@@ -185,7 +185,9 @@ pub struct NvmeRestorer {
     /// The engine, once restored.
     pub engine: Option<Arc<Engine>>,
     /// The device attached to the arriving VM before its state came (outside the downtime).
-    attached: Option<Attachment>,
+    attached: Option<Arc<Attachment>>,
+    /// The device prepared from the source's pre-copy state (outside the downtime).
+    prepared: Option<PreparedRestore>,
 }
 
 impl NvmeRestorer {
@@ -205,6 +207,7 @@ impl NvmeRestorer {
             child,
             engine: None,
             attached: None,
+            prepared: None,
         })
     }
 
@@ -230,7 +233,7 @@ impl migration::DeviceRestorer for NvmeRestorer {
         // the source has entered shadow mode and can leave it cleanly).
         if names.iter().any(|n| n == "nvme0") && self.source.is_some() && self.engine.is_none() {
             match self.attach(vm) {
-                Ok(att) => self.attached = Some(att),
+                Ok(att) => self.attached = Some(Arc::new(att)),
                 Err(e) => tracing::warn!(
                     "attaching the destination's device before the transfer: {}",
                     vmm::ErrorChain(&e)
@@ -257,14 +260,60 @@ impl migration::DeviceRestorer for NvmeRestorer {
             .map_err(|e| DeviceError::InvalidState(e.into()))?;
         let att = match self.attached.take() {
             Some(att) => att,
-            None => self.attach(vm)?,
+            None => Arc::new(self.attach(vm)?),
         };
-        let engine =
-            Engine::restore(vm, Arc::new(att), &saved, self.opts).map_err(|e| match e {
+        let prepared = self.prepared.take();
+        let engine = Engine::restore_prepared(vm, att, &saved, self.opts, prepared).map_err(
+            |e| match e {
                 shadow::Error::State(e) => DeviceError::InvalidState(e.into()),
                 e => DeviceError::failed("rebuilding the device from its state", e),
-            })?;
+            },
+        )?;
         self.engine = Some(Arc::new(engine));
+        Ok(())
+    }
+
+    fn precopy(
+        &mut self,
+        vm: &Vm,
+        name: &str,
+        state: &[u8],
+    ) -> std::result::Result<(), DeviceError> {
+        if name != "nvme0" || self.engine.is_some() || self.prepared.is_some() {
+            return Err(DeviceError::NoSlot { name: name.into() });
+        }
+        if self.source.is_none() {
+            return Err(not_configured());
+        }
+        let pre = shadow::engine::device::PrecopyDevice::decode(state)
+            .map_err(|e| DeviceError::InvalidState(e.into()))?;
+        let att = match &self.attached {
+            Some(att) => att.clone(),
+            None => match self.attach(vm) {
+                Ok(att) => {
+                    let att = Arc::new(att);
+                    self.attached = Some(att.clone());
+                    att
+                }
+                Err(e) => {
+                    // Not final: the restore attaches again and replays in full.
+                    tracing::warn!(
+                        "attaching the destination's device for the pre-copy state: {}",
+                        vmm::ErrorChain(&e)
+                    );
+                    return Ok(());
+                }
+            },
+        };
+        match Engine::prepare_restore(vm, att, &pre, self.opts) {
+            Ok(p) => self.prepared = Some(p),
+            Err(shadow::Error::State(e)) => return Err(DeviceError::InvalidState(e.into())),
+            // The preparation was undone: the restore replays in full.
+            Err(e) => tracing::warn!(
+                "preparing the device from its pre-copy state: {}",
+                vmm::ErrorChain(&e)
+            ),
+        }
         Ok(())
     }
 }

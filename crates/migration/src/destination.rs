@@ -427,6 +427,7 @@ pub(crate) fn run(
 
     let mut state: Option<VmState> = None;
     let mut devices: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut precopied: Vec<String> = Vec::new();
     let mut receivers: Option<Receivers> = None;
     if cfg.streams > 0 {
         // Data channels listen on the main connection's address (an in-memory stream, as
@@ -572,24 +573,48 @@ pub(crate) fn run(
                     state = Some(s);
                 }
                 Kind::DeviceState => {
-                    let n = buf
-                        .get(..2)
-                        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-                    let name = n
-                        .and_then(|n| buf.get(2..2 + n))
-                        .and_then(|b| std::str::from_utf8(b).ok())
-                        .ok_or_else(|| protocol("device state with a malformed name".into()))?
-                        .to_string();
-                    if !cfg.devices.contains(&name) {
+                    let (name, blob) = wire::parse_device_payload(&buf)?;
+                    if !cfg.devices.iter().any(|d| d == name) {
                         return Err(protocol(format!(
                             "state for device {name} that the configuration did not announce"
                         )));
                     }
-                    if devices.iter().any(|(n, _)| *n == name) {
+                    if devices.iter().any(|(n, _)| n == name) {
                         return Err(protocol(format!("state for device {name} sent twice")));
                     }
-                    let blob = buf[2 + name.len()..].to_vec();
-                    devices.push((name, blob));
+                    devices.push((name.to_string(), blob.to_vec()));
+                }
+                Kind::DevicePrecopy => {
+                    let (name, blob) = wire::parse_device_payload(&buf)?;
+                    if !cfg.devices.iter().any(|d| d == name) {
+                        return Err(protocol(format!(
+                            "pre-copy state for device {name} that the configuration did not \
+                             announce"
+                        )));
+                    }
+                    if precopied.iter().any(|n| n == name) {
+                        return Err(protocol(format!(
+                            "pre-copy state for device {name} sent twice"
+                        )));
+                    }
+                    if devices.iter().any(|(n, _)| n == name) {
+                        return Err(protocol(format!(
+                            "pre-copy state for device {name} after its switchover state"
+                        )));
+                    }
+                    let t = Instant::now();
+                    restorer
+                        .precopy(&vm, name, blob)
+                        .map_err(|source| MigrationError::Device {
+                            name: name.to_string(),
+                            source,
+                        })?;
+                    tracing::debug!(
+                        device = name,
+                        ms = t.elapsed().as_secs_f64() * 1e3,
+                        "device prepared from its pre-copy state"
+                    );
+                    precopied.push(name.to_string());
                 }
                 Kind::Complete => {
                     if let Some(rx) = receivers.take() {

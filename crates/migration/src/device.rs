@@ -69,6 +69,19 @@ pub trait MigratableDevice: Send {
         let _ = vm;
         Ok(())
     }
+    /// Pre-copy state: what of the device's state is already known while the VM runs and
+    /// lets the destination prepare the device outside the downtime (e.g. its configuration,
+    /// replayed on the destination's device while memory still arrives). Asked before each
+    /// pre-copy round after round 0 until it returns `Some`, and sent then (once). `None`:
+    /// nothing to send now (the default: the device sends everything with [`save`]). The
+    /// state sent with `save` must still be complete: the destination compares it with what
+    /// it prepared and redoes whatever changed since.
+    ///
+    /// [`save`]: MigratableDevice::save
+    fn precopy_state(&mut self, vm: &vmm::Vm) -> Result<Option<Vec<u8>>, DeviceError> {
+        let _ = vm;
+        Ok(None)
+    }
     /// The vCPUs are paused: quiesce the device (finish or drain in-flight work).
     fn pause(&mut self, vm: &vmm::Vm) -> Result<(), DeviceError>;
     /// The device's state for the destination (after `pause`).
@@ -84,6 +97,16 @@ pub trait DeviceRestorer {
     /// now, outside the downtime. The default does nothing.
     fn prepare(&mut self, vm: &vmm::Vm, names: &[String]) -> Result<(), DeviceError> {
         let _ = (vm, names);
+        Ok(())
+    }
+    /// The source's pre-copy state of device `name` ([`MigratableDevice::precopy_state`]),
+    /// received while RAM still arrives (the VM built, not started, its memory incomplete):
+    /// prepare what can be prepared now; [`DeviceRestorer::restore`] gets the complete state
+    /// later and must redo whatever differs. `state` came from the network: validate all of
+    /// it. An error fails the migration (the source keeps the VM). The default ignores it
+    /// (the switchover state is complete by itself).
+    fn precopy(&mut self, vm: &vmm::Vm, name: &str, state: &[u8]) -> Result<(), DeviceError> {
+        let _ = (vm, name, state);
         Ok(())
     }
     /// Restores device `name` from `state` into `vm` (built, state restored, not started yet).

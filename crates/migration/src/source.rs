@@ -783,6 +783,7 @@ fn run(
     // rate the last rounds were taken in.
     let mut round = 1;
     let mut prev_dirty: Option<u64> = None;
+    let mut precopy_sent = vec![false; devices.len()];
     let final_dirty = loop {
         // With data channels the destination may still be taking in the last round from its
         // socket buffers (tens of MiB across the channels); wait until it has, so that
@@ -792,6 +793,16 @@ fn run(
         let (mut drain, mut trip) = (Duration::ZERO, Duration::ZERO);
         if tx.channels.is_some() {
             drain = sync(tx, &mut buf)?;
+        }
+        // Devices' pre-copy states go out once each, as soon as they have them: the
+        // destination prepares the device with them while memory still arrives. A Sync
+        // after them waits for that work, so it counts in neither the drain nor the trip.
+        if send_precopy(vm, devices, tx, &mut precopy_sent)? && tx.channels.is_some() {
+            let t = Instant::now();
+            sync(tx, &mut buf)?;
+            tracing::debug!(ms = ms(t.elapsed()), "destination took the pre-copy states");
+        }
+        if tx.channels.is_some() {
             trip = sync(tx, &mut buf)?;
             tracing::debug!(
                 round,
@@ -939,17 +950,7 @@ fn run(
             name: name.clone(),
             source,
         })?;
-        // The name's length travels as a u16: a longer name would be cut, not refused.
-        let len = u16::try_from(name.len()).map_err(|_| {
-            MigrationError::Encoding(format!(
-                "device name of {} bytes (at most 65535)",
-                name.len()
-            ))
-        })?;
-        let mut payload = len.to_le_bytes().to_vec();
-        payload.extend_from_slice(name.as_bytes());
-        payload.extend_from_slice(&blob);
-        tx.send(Kind::DeviceState, &payload)?;
+        tx.send(Kind::DeviceState, &wire::device_payload(&name, &blob)?)?;
         report.devices.push(name);
     }
     if opts.debug_hash {
@@ -1008,6 +1009,46 @@ fn run(
     prog.dirty_pages = 0;
     progress(&prog);
     Ok(report)
+}
+
+/// Sends the pre-copy state of every device not sent yet that has one now; true when any
+/// went out (flushed).
+fn send_precopy(
+    vm: &Vm,
+    devices: &mut [Box<dyn MigratableDevice>],
+    tx: &mut Sender<'_>,
+    sent: &mut [bool],
+) -> Result<bool> {
+    let mut any = false;
+    for (d, sent) in devices.iter_mut().zip(sent.iter_mut()) {
+        if *sent {
+            continue;
+        }
+        let name = d.name();
+        let t = Instant::now();
+        let Some(blob) = d
+            .precopy_state(vm)
+            .map_err(|source| MigrationError::Device {
+                name: name.clone(),
+                source,
+            })?
+        else {
+            continue;
+        };
+        tx.send(Kind::DevicePrecopy, &wire::device_payload(&name, &blob)?)?;
+        tracing::debug!(
+            device = %name,
+            bytes = blob.len(),
+            ms = ms(t.elapsed()),
+            "pre-copy state sent"
+        );
+        *sent = true;
+        any = true;
+    }
+    if any {
+        tx.out.flush().map_err(MigrationError::io("write"))?;
+    }
+    Ok(any)
 }
 
 /// Ends a round that started at byte count `before`.

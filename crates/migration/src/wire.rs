@@ -60,6 +60,10 @@ pub enum Kind {
     /// compression): its length once decompressed (u32 LE, at most [`MAX_BATCH`]), then the
     /// zstd frame.
     MemoryZstd = 17,
+    /// One device's pre-copy state (source → destination, during pre-copy, at most once per
+    /// device, before its [`Kind::DeviceState`]): the same layout as `DeviceState` (name
+    /// length u16 LE, name, the device's blob).
+    DevicePrecopy = 18,
 }
 
 impl Kind {
@@ -83,6 +87,7 @@ impl Kind {
             Sync,
             Synced,
             MemoryZstd,
+            DevicePrecopy,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -104,6 +109,33 @@ pub fn send(w: &mut (impl Write + ?Sized), kind: Kind, payload: &[u8]) -> Result
     w.write_all(&header).map_err(MigrationError::io("write"))?;
     w.write_all(payload).map_err(MigrationError::io("write"))?;
     Ok(())
+}
+
+/// A device message's payload (`DeviceState`, `DevicePrecopy`): the name's length (u16 LE),
+/// the name, the device's blob.
+pub fn device_payload(name: &str, blob: &[u8]) -> Result<Vec<u8>> {
+    // The name's length travels as a u16: a longer name would be cut, not refused.
+    let len = u16::try_from(name.len()).map_err(|_| {
+        MigrationError::Encoding(format!(
+            "device name of {} bytes (at most 65535)",
+            name.len()
+        ))
+    })?;
+    let mut payload = Vec::with_capacity(2 + name.len() + blob.len());
+    payload.extend_from_slice(&len.to_le_bytes());
+    payload.extend_from_slice(name.as_bytes());
+    payload.extend_from_slice(blob);
+    Ok(payload)
+}
+
+/// Splits a device message's payload ([`device_payload`]) into the name (UTF-8) and blob.
+pub fn parse_device_payload(payload: &[u8]) -> Result<(&str, &[u8])> {
+    let bad = || MigrationError::Protocol("device message with a malformed name".into());
+    let (len, rest) = payload.split_first_chunk::<2>().ok_or_else(bad)?;
+    let n = u16::from_le_bytes(*len) as usize;
+    let name = rest.get(..n).ok_or_else(bad)?;
+    let name = std::str::from_utf8(name).map_err(|_| bad())?;
+    Ok((name, &rest[n..]))
 }
 
 /// Reads one frame into `buf` (reused between calls); returns its kind.
@@ -340,6 +372,25 @@ mod tests {
         let e = recv(&mut header.as_slice(), &mut buf).unwrap_err();
         assert!(e.to_string().contains("exceeds"), "{e}");
         assert!(buf.capacity() < 1 << 20);
+    }
+
+    #[test]
+    fn device_payloads_round_trip_and_malformed_names_are_refused() {
+        let p = device_payload("nvme0", b"blob").unwrap();
+        assert_eq!(parse_device_payload(&p).unwrap(), ("nvme0", &b"blob"[..]));
+        assert_eq!(
+            parse_device_payload(&device_payload("", b"").unwrap()).unwrap(),
+            ("", &b""[..])
+        );
+        assert!(device_payload(&"x".repeat(65536), b"").is_err());
+        for bad in [
+            &[][..],
+            &[1][..],
+            &[5, 0, b'n'][..],
+            &[2, 0, 0xff, 0xfe][..],
+        ] {
+            assert!(parse_device_payload(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -192,6 +192,46 @@ fn duplicate_and_unannounced_device_states_are_refused() {
 }
 
 #[test]
+fn misplaced_device_precopy_states_are_refused() {
+    let frame = |kind: Kind, name: &str| (kind, wire::device_payload(name, &[0xcd; 32]).unwrap());
+    for (frames, why) in [
+        (
+            vec![
+                frame(Kind::DevicePrecopy, "nvme0"),
+                frame(Kind::DevicePrecopy, "nvme0"),
+            ],
+            "sent twice",
+        ),
+        (
+            vec![frame(Kind::DevicePrecopy, "nvme1")],
+            "did not announce",
+        ),
+        (
+            vec![
+                frame(Kind::DeviceState, "nvme0"),
+                frame(Kind::DevicePrecopy, "nvme0"),
+            ],
+            "after its switchover state",
+        ),
+        (
+            vec![(Kind::DevicePrecopy, vec![9, 0, b'n'])],
+            "malformed name",
+        ),
+    ] {
+        let (addr, dest) = destination(limits());
+        let mut s = fake_source(&addr);
+        send_config(&mut s, 64 << 20, 1, &["nvme0"]);
+        for (kind, payload) in frames {
+            // The destination may already have closed after the first bad frame.
+            let _ = wire::send(&mut s, kind, &payload);
+        }
+        assert!(abort_reason(&mut s).contains(why), "{why}");
+        let err = dest.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+}
+
+#[test]
 fn zero_runs_cost_no_memory_and_runs_outside_ram_are_refused() {
     let (addr, dest) = destination(limits());
     let mut s = fake_source(&addr);

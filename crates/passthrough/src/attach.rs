@@ -587,12 +587,26 @@ impl Attachment {
     /// turns the guard off. No hypervisor admin queue stays in the device's DMA space: the
     /// guest's admin commands run on its own ring (see [`crate::replay`]).
     pub fn replay(&self, log: &ConfigLog, guest_admin: (u32, u32)) -> Result<()> {
+        self.replay_with_phase(log, guest_admin, None).map(|_| ())
+    }
+
+    /// As [`Attachment::replay`], with the phase of the guest's next admin completion given
+    /// (`None`: read from guest RAM, see [`crate::replay::admin_phase`]); returns the phase
+    /// used. A migration destination replays ahead of the switchover with the phase the
+    /// source read, while guest RAM is still arriving.
+    pub fn replay_with_phase(
+        &self,
+        log: &ConfigLog,
+        guest_admin: (u32, u32),
+        phase: Option<bool>,
+    ) -> Result<bool> {
         log.validate(guest_admin, &self.restore_bounds())
             .map_err(|source| Error::InvalidState {
                 name: self.conn.name.clone(),
                 source,
             })?;
-        crate::replay::replay(&self.conn, &self.ram, &self.dma, log, guest_admin)?;
+        let phase =
+            crate::replay::replay(&self.conn, &self.ram, &self.dma, log, guest_admin, phase)?;
         self.mediator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -605,7 +619,13 @@ impl Attachment {
             let g = self.arm_guard(log, crate::admin_guard::GuardMode::Copy, None)?;
             *slot = Some(g);
         }
-        Ok(())
+        Ok(phase)
+    }
+
+    /// The phase the guest expects its next admin completion at `cq_head` of `log`'s admin
+    /// CQ with, read from guest RAM (see [`crate::replay::admin_phase`]).
+    pub fn admin_phase(&self, log: &ConfigLog, cq_head: u32) -> bool {
+        crate::replay::admin_phase(&self.ram, log, cq_head)
     }
 
     /// Live exit from a remap, step 1: removes the slot that backs the remapped range at

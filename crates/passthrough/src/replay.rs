@@ -165,13 +165,17 @@ fn wait_ready(conn: &Connection, name: &str, ready: bool) -> Result<()> {
 /// rings' DMA view on hypervisor memory, re-aligns the device's admin positions onto
 /// `guest_admin` (SQ tail, CQ head) with fillers, and gives the rings' DMA view back to guest
 /// RAM. `remap` moves a range of the device's DMA view (the attachment's layout).
+///
+/// `phase` is the phase the guest expects its next admin completion with; None reads it from
+/// the entry before `cq_head` in guest RAM ([`admin_phase`]). Returns the phase used.
 pub(crate) fn replay(
     conn: &Connection,
     ram: &GuestRam,
     layout: &Mutex<DmaLayout>,
     log: &ConfigLog,
     guest_admin: (u32, u32),
-) -> Result<()> {
+    phase: Option<bool>,
+) -> Result<bool> {
     let name = conn.name.clone();
     let unsupported = |reason: String| Error::Unsupported {
         name: name.clone(),
@@ -196,19 +200,7 @@ pub(crate) fn replay(
             log.asq, log.acq
         )));
     }
-    // Where the guest's admin queue stands: everything it submitted was completed and
-    // consumed before the switchover (the source checks), so its CQ tail is its CQ head; the
-    // phase follows from the last entry it consumed.
-    let phase_at = |i: u32| -> bool {
-        let mut b = [0u8; 16];
-        let at = log.acq.wrapping_add(i as u64 * 16);
-        ram.contains(at, 16) && ram.read(at, &mut b).is_ok() && Cqe::from_bytes(&b).phase()
-    };
-    let phase = if cq_head == 0 {
-        !phase_at(cq_entries - 1)
-    } else {
-        phase_at(cq_head - 1)
-    };
+    let phase = phase.unwrap_or_else(|| admin_phase(ram, log, cq_head));
     let mut cmds = Vec::new();
     for (&fid, &cdw11) in &log.features {
         let mut s = Sqe::new(admin::SET_FEATURES, 0);
@@ -343,7 +335,25 @@ pub(crate) fn replay(
         cq_head,
         "configuration replayed through the guest's admin queue"
     );
-    Ok(())
+    Ok(phase)
+}
+
+/// The phase the guest expects its next admin completion at `cq_head` with, read from guest
+/// RAM: everything it submitted was completed and consumed before the switchover (the source
+/// checks), so its CQ tail is its CQ head, and the phase follows from the last entry it
+/// consumed. `log`'s AQA must give at least 2 CQ entries and `cq_head` be below that.
+pub fn admin_phase(ram: &GuestRam, log: &ConfigLog, cq_head: u32) -> bool {
+    let cq_entries = aqa::cq_entries(log.aqa).max(1);
+    let phase_at = |i: u32| -> bool {
+        let mut b = [0u8; 16];
+        let at = log.acq.wrapping_add(i as u64 * 16);
+        ram.contains(at, 16) && ram.read(at, &mut b).is_ok() && Cqe::from_bytes(&b).phase()
+    };
+    if cq_head == 0 {
+        !phase_at(cq_entries - 1)
+    } else {
+        phase_at(cq_head - 1)
+    }
 }
 
 #[cfg(test)]

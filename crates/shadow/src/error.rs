@@ -209,6 +209,9 @@ pub enum StateError {
     /// The configuration log implies no usable limits.
     #[error("the configuration log has no usable namespace or MDTS")]
     NoLimits(#[source] Box<Error>),
+    /// The configuration log's I/O queues cannot be shadowed (none, or not in pairs).
+    #[error("the configuration log's I/O queues cannot be shadowed")]
+    Unshadowable(#[source] Box<Error>),
     /// The source device's doorbell stride differs from this one's (the guest's doorbell
     /// offsets would not match).
     #[error("the source device has doorbell stride {saved}, this one {device}")]

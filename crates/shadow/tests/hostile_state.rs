@@ -12,7 +12,10 @@ use passthrough::{
     AttachOptions, Attachment, ConfigLog,
 };
 use shadow::{
-    engine::{device::SavedDevice, limits_from, EngineOptions},
+    engine::{
+        device::{PrecopyDevice, SavedDevice},
+        limits_from, EngineOptions,
+    },
     nvme::{NvmeQueue, QueueGeometry, QueueState},
     Engine, Error, StateError, VecBuffers,
 };
@@ -719,4 +722,184 @@ fn the_valid_state_restores() {
     assert_eq!(dev.stats().io_queues_created, 2);
     assert!(engine.is_shadowed());
     engine.leave(&vm).ok();
+}
+
+/// The pre-copy state the source would send for `s` (the guest's admin phase as `att` reads
+/// it from guest RAM).
+fn precopy_of(s: &SavedDevice, att: &Attachment) -> PrecopyDevice {
+    PrecopyDevice {
+        config: s.config.clone(),
+        limits: s.limits,
+        dstrd: s.dstrd,
+        admin: s.admin,
+        admin_phase: att.admin_phase(&s.config, s.admin.1),
+        msix: s.msix.clone(),
+    }
+}
+
+/// A switchover state that fits the pre-copy preparation takes its replay as it is: the
+/// device sees no second reset, admin command or queue in the downtime.
+#[test]
+fn a_prepared_restore_that_fits_replays_nothing_more() {
+    let (_dir, dev, vm, att) = attached("prepared");
+    let saved = valid();
+    let pre = PrecopyDevice::decode(&precopy_of(&saved, &att).encode().unwrap()).unwrap();
+    let opts = EngineOptions::default();
+    let prepared = Engine::prepare_restore(&vm, att.clone(), &pre, opts)
+        .unwrap_or_else(|e| panic!("{}", vmm::ErrorChain(&e)));
+    let after_prepare = dev.stats();
+    assert_eq!(after_prepare.io_queues_created, 2);
+    assert!(after_prepare.enables >= 1);
+    let engine = Engine::restore_prepared(&vm, att, &saved, opts, Some(prepared))
+        .unwrap_or_else(|e| panic!("{}", vmm::ErrorChain(&e)));
+    let after = dev.stats();
+    assert_eq!(
+        (
+            after.resets,
+            after.enables,
+            after.admin_commands,
+            after.io_queues_created
+        ),
+        (
+            after_prepare.resets,
+            after_prepare.enables,
+            after_prepare.admin_commands,
+            after_prepare.io_queues_created
+        )
+    );
+    assert!(engine.is_shadowed());
+    assert_eq!(engine.status().queues.len(), 2);
+    engine.leave(&vm).ok();
+}
+
+/// The guest changed its admin configuration after the pre-copy state went out (deleted a
+/// queue pair, or only ran admin commands that moved its admin queue positions): the restore
+/// undoes the preparation and replays the switchover state in full, and the engine shadows
+/// exactly the switchover state's queues.
+#[test]
+fn a_configuration_changed_since_the_precopy_state_is_replayed_in_full() {
+    type Change = fn(&mut SavedDevice);
+    let changes: Vec<(&str, Change)> = vec![
+        ("queue pair 2 deleted", |s| {
+            s.config.io_sqs.remove(&2);
+            s.config.io_cqs.remove(&2);
+            s.queues.truncate(1);
+            s.doorbells.truncate(1);
+        }),
+        ("queue pair 3 created", |s| {
+            let mut q = s.queues[1].clone();
+            q.geometry.qid = 3;
+            q.geometry.sq_base = 0x60000;
+            q.geometry.cq_base = 0xc0000;
+            let mut sq = s.config.io_sqs[&2];
+            let mut cq = s.config.io_cqs[&2];
+            (sq.base, sq.cqid, cq.base) = (0x60000, 3, 0xc0000);
+            s.config.io_sqs.insert(3, sq);
+            s.config.io_cqs.insert(3, cq);
+            s.queues.push(q);
+            s.doorbells.push((0, 0));
+        }),
+        ("admin positions moved", |s| {
+            s.admin = (2, 2);
+            s.config.admin_submitted += 2;
+            s.config.admin_completed += 2;
+        }),
+    ];
+    for (what, change) in changes {
+        let (_dir, dev, vm, att) = attached(&format!("changed-{}", what.len()));
+        let before = valid();
+        let opts = EngineOptions::default();
+        let prepared = Engine::prepare_restore(&vm, att.clone(), &precopy_of(&before, &att), opts)
+            .unwrap_or_else(|e| panic!("{what}: {}", vmm::ErrorChain(&e)));
+        let after_prepare = dev.stats();
+        let slots_prepared = vm.memory_slots().list();
+        let mut saved = valid();
+        change(&mut saved);
+        saved.validate(&att.restore_bounds()).unwrap();
+        let engine = Engine::restore_prepared(&vm, att.clone(), &saved, opts, Some(prepared))
+            .unwrap_or_else(|e| panic!("{what}: {}", vmm::ErrorChain(&e)));
+        let after = dev.stats();
+        assert_eq!(
+            after.enables,
+            after_prepare.enables + 1,
+            "{what}: replayed again"
+        );
+        assert_eq!(
+            after.io_queues_created,
+            after_prepare.io_queues_created + saved.queues.len() as u64,
+            "{what}"
+        );
+        let mut shadowed: Vec<u16> = engine
+            .status()
+            .queues
+            .iter()
+            .map(|q| q.state.geometry.qid)
+            .collect();
+        shadowed.sort_unstable();
+        let want: Vec<u16> = saved.config.io_sqs.keys().copied().collect();
+        assert_eq!(shadowed, want, "{what}");
+        assert_eq!(att.config_log().io_sqs, saved.config.io_sqs, "{what}");
+        if saved.queues.len() != before.queues.len() {
+            assert_ne!(vm.memory_slots().list(), slots_prepared, "{what}");
+        }
+        engine.leave(&vm).ok();
+    }
+}
+
+/// A hostile pre-copy state is refused before the device or a memory slot is touched, and
+/// garbage does not decode.
+#[test]
+fn hostile_precopy_states_are_refused_before_touching_anything() {
+    let (_dir, dev, vm, att) = attached("hostile-precopy");
+    let slots_before = vm.memory_slots().list();
+    let stats_before = dev.stats();
+    let good = precopy_of(&valid(), &att);
+    let hostile: Vec<(&str, PrecopyDevice)> = vec![
+        ("ring beyond RAM", {
+            let mut p = good.clone();
+            p.config.io_cqs.get_mut(&1).unwrap().base = RAM;
+            p
+        }),
+        ("no queues", {
+            let mut p = good.clone();
+            p.config.io_sqs.clear();
+            p.config.io_cqs.clear();
+            p
+        }),
+        ("admin positions beyond the queue", {
+            let mut p = good.clone();
+            p.admin = (32, 0);
+            p
+        }),
+        ("other limits", {
+            let mut p = good.clone();
+            p.limits.max_transfer *= 2;
+            p
+        }),
+        ("MSI-X table beyond the device's", {
+            let mut p = good.clone();
+            p.msix.table = vec![[0xfee0_0000, 0, 0, 0]; 4096];
+            p
+        }),
+    ];
+    for (what, p) in &hostile {
+        match Engine::prepare_restore(&vm, att.clone(), p, EngineOptions::default()) {
+            Err(Error::State(_)) => {}
+            Err(other) => panic!("{what}: refused late: {}", vmm::ErrorChain(&other)),
+            Ok(_) => panic!("{what}: prepared"),
+        }
+    }
+    for blob in [&[][..], &[1, 0, 0, 0][..], &[9, 0, 0, 0, 1][..]] {
+        assert!(PrecopyDevice::decode(blob).is_err(), "{blob:?}");
+    }
+    assert_eq!(vm.memory_slots().list(), slots_before);
+    let stats = dev.stats();
+    assert_eq!(
+        (stats.resets, stats.enables, stats.admin_commands),
+        (
+            stats_before.resets,
+            stats_before.enables,
+            stats_before.admin_commands
+        )
+    );
 }

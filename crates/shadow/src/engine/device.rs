@@ -28,6 +28,38 @@ pub const MAX_RING_COPY_BYTES: u64 = 256 << 20;
 /// space of a sparse memfd; pages are touched only when lists are bounced).
 pub const MAX_BOUNCE_BYTES: u64 = 1 << 30;
 
+/// `version` (u32 LE), then `v` as postcard bytes.
+fn encode_versioned<T: Serialize>(version: u32, v: &T) -> Result<Vec<u8>, StateError> {
+    let mut out = version.to_le_bytes().to_vec();
+    out.extend(postcard::to_allocvec(v).map_err(StateError::Encode)?);
+    Ok(out)
+}
+
+/// Decodes what [`encode_versioned`] made with `version`: at most [`MAX_SAVED_BYTES`], the
+/// version checked first; decoding allocates no more than the input's size allows.
+fn decode_versioned<T: serde::de::DeserializeOwned>(
+    version: u32,
+    b: &[u8],
+) -> Result<T, StateError> {
+    if b.len() > MAX_SAVED_BYTES {
+        return Err(StateError::TooLarge {
+            len: b.len(),
+            max: MAX_SAVED_BYTES,
+        });
+    }
+    let (v, rest) = b
+        .split_first_chunk::<4>()
+        .ok_or(StateError::TooShort { len: b.len() })?;
+    let found = u32::from_le_bytes(*v);
+    if found != version {
+        return Err(StateError::Version {
+            found,
+            expected: version,
+        });
+    }
+    postcard::from_bytes(rest).map_err(StateError::Decode)
+}
+
 /// The device state sent at switchover.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SavedDevice {
@@ -50,32 +82,14 @@ pub struct SavedDevice {
 impl SavedDevice {
     /// Versioned postcard bytes.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
-        let mut out = SAVED_VERSION.to_le_bytes().to_vec();
-        out.extend(postcard::to_allocvec(self).map_err(StateError::Encode)?);
-        Ok(out)
+        encode_versioned(SAVED_VERSION, self)
     }
 
     /// Decodes what [`SavedDevice::encode`] made (anything else is refused). Decoding
     /// allocates no more than the input's size allows; call [`SavedDevice::validate`] before
     /// using anything in it.
     pub fn decode(b: &[u8]) -> Result<Self, StateError> {
-        if b.len() > MAX_SAVED_BYTES {
-            return Err(StateError::TooLarge {
-                len: b.len(),
-                max: MAX_SAVED_BYTES,
-            });
-        }
-        let (v, rest) = b
-            .split_first_chunk::<4>()
-            .ok_or(StateError::TooShort { len: b.len() })?;
-        let found = u32::from_le_bytes(*v);
-        if found != SAVED_VERSION {
-            return Err(StateError::Version {
-                found,
-                expected: SAVED_VERSION,
-            });
-        }
-        postcard::from_bytes(rest).map_err(StateError::Decode)
+        decode_versioned(SAVED_VERSION, b)
     }
 
     /// Checks everything in a state from another host against `b` (this VM's RAM and this
@@ -83,6 +97,73 @@ impl SavedDevice {
     /// it; see [`validate_saved`](super::checks::validate_saved).
     pub fn validate(&self, b: &RestoreBounds) -> Result<(), StateError> {
         super::checks::validate_saved(self, b)
+    }
+}
+
+/// Version of [`PrecopyDevice`] on the wire.
+pub const PRECOPY_VERSION: u32 = 1;
+
+/// The device state sent during pre-copy: the configuration the destination replays on its
+/// device while RAM still arrives. The switchover state ([`SavedDevice`]) still carries all of
+/// it; the destination compares and replays again whatever changed in between.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrecopyDevice {
+    /// The admin mediation's log when it was taken.
+    pub config: ConfigLog,
+    /// What the validator enforces.
+    pub limits: Limits,
+    /// Doorbell stride of the source device.
+    pub dstrd: u8,
+    /// The guest's admin queue positions (SQ tail, CQ head), no admin command pending.
+    pub admin: (u32, u32),
+    /// The phase the guest expects its next admin completion with (the destination's RAM
+    /// may not hold the admin CQ yet when the configuration is replayed).
+    pub admin_phase: bool,
+    /// The MSI-X table and enable bits the guest programmed.
+    pub msix: MsixState,
+}
+
+impl PrecopyDevice {
+    /// Versioned postcard bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        encode_versioned(PRECOPY_VERSION, self)
+    }
+
+    /// Decodes what [`PrecopyDevice::encode`] made (anything else is refused); call
+    /// [`PrecopyDevice::validate`] before using anything in it.
+    pub fn decode(b: &[u8]) -> Result<Self, StateError> {
+        decode_versioned(PRECOPY_VERSION, b)
+    }
+
+    /// The switchover state this pre-copy state stands for: its log's queue pairs, every
+    /// position at 0. Fails when the log's queues cannot be shadowed.
+    pub fn as_saved(&self) -> Result<SavedDevice, StateError> {
+        let geos =
+            super::geometries(&self.config).map_err(|e| StateError::Unshadowable(e.into()))?;
+        Ok(SavedDevice {
+            config: self.config.clone(),
+            limits: self.limits,
+            dstrd: self.dstrd,
+            doorbells: vec![(0, 0); geos.len()],
+            queues: geos
+                .into_iter()
+                .map(|geometry| QueueState {
+                    geometry,
+                    guest: Default::default(),
+                    device: Default::default(),
+                    stats: Default::default(),
+                })
+                .collect(),
+            admin: self.admin,
+            msix: self.msix.clone(),
+        })
+    }
+
+    /// Checks everything in a pre-copy state from another host against `b`, as
+    /// [`SavedDevice::validate`] checks a switchover state (the same checks, on
+    /// [`PrecopyDevice::as_saved`]).
+    pub fn validate(&self, b: &RestoreBounds) -> Result<(), StateError> {
+        self.as_saved()?.validate(b)
     }
 }
 
@@ -128,6 +209,15 @@ impl MigratableDevice for ShadowedDevice {
         self.engine
             .enter(vm)
             .map_err(DeviceError::while_doing("entering shadow mode"))
+    }
+
+    fn precopy_state(&mut self, _vm: &Vm) -> Result<Option<Vec<u8>>, DeviceError> {
+        let Some(pre) = self.engine.precopy_state() else {
+            return Ok(None);
+        };
+        pre.encode()
+            .map(Some)
+            .map_err(DeviceError::while_doing("encoding the pre-copy state"))
     }
 
     fn ready_for_switchover(&self, _vm: &Vm) -> Result<(), DeviceError> {

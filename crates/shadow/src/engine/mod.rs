@@ -43,6 +43,7 @@ use crate::{
 };
 pub use memory::Designation;
 use memory::{copy_rings, Bounce, Copy, EngineBuffers, HostPages, PAGE};
+pub use restore::PreparedRestore;
 
 /// How guest submissions reach the engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
