@@ -139,6 +139,51 @@ impl NetEngine {
         vm: &Vm,
         saved: &NetSavedDevice,
     ) -> Result<NetEngine> {
+        let engine = NetEngine::new(att, opts)?;
+        let active = engine.rebuild(vm, saved)?;
+        engine.set_active(active);
+        Ok(engine)
+    }
+
+    /// Source, after [`NetEngine::save`] (vCPUs still paused), when the migration failed: the
+    /// VM keeps running here with its device working. The session that was saved is let go
+    /// (RAM already holds the guest's view of the rings), and the device — reset by the save —
+    /// is programmed again and shadowed from `saved` exactly as a destination's would be: the
+    /// receive buffers it held are given to it again, and the guest's indexes carry on.
+    pub fn reinstate(&self, vm: &Vm, saved: &NetSavedDevice) -> Result<()> {
+        let mut guard = self.active_guard();
+        if let Some(mut a) = guard.take() {
+            Self::stop_poller(&mut a);
+            self.give_back(vm, &mut a)?;
+            self.retire(&a.shared);
+            self.release_vectors(&a.shared.wakeups);
+        }
+        drop(guard);
+        let active = self.rebuild(vm, saved)?;
+        self.set_active(active);
+        tracing::info!("virtio-net device programmed again from its saved state; shadowed");
+        Ok(())
+    }
+
+    /// Source, vCPUs paused, when the migration failed before [`NetEngine::save`]: the queues
+    /// held by [`NetEngine::ready_for_switchover`] take the guest's chains again.
+    pub fn release_hold(&self) {
+        let g = self.active_guard();
+        if let Some(a) = g.as_ref() {
+            for q in &mut a.shared.lock().queues {
+                q.q.hold(false);
+            }
+            a.shared
+                .kick
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = a.shared.wakeups.wake.write(1);
+        }
+    }
+
+    /// Checks `saved` (hostile) and builds a shadow session of this engine's device from it;
+    /// see [`NetEngine::restore`].
+    fn rebuild(&self, vm: &Vm, saved: &NetSavedDevice) -> Result<super::net::NetActive> {
+        let att = self.attachment().clone();
         let bad = |reason: String| Error::Engine(format!("saved virtio-net state: {reason}"));
         if saved.queues.is_empty() || saved.queues.len() > MAX_QUEUES {
             return Err(bad(format!("{} queues", saved.queues.len())));
@@ -154,7 +199,6 @@ impl NetEngine {
                 return Err(bad(format!("queue {} twice", q.place.geo.index)));
             }
         }
-        let engine = NetEngine::new(att.clone(), opts)?;
         // Where to notify is this device's business, not the state's: its own
         // `queue_notify_off` for each queue (a queue it lacks is refused).
         let here = att
@@ -188,7 +232,7 @@ impl NetEngine {
                 notify_off: p.notify_off,
             })
             .collect();
-        let active = engine.install(vm, &places, |bufs| {
+        self.install(vm, &places, |bufs| {
             let mut queues = saved
                 .queues
                 .iter()
@@ -225,8 +269,6 @@ impl NetEngine {
                 }
             }
             Ok(queues)
-        })?;
-        engine.set_active(active);
-        Ok(engine)
+        })
     }
 }
