@@ -263,6 +263,7 @@ fn setup(
             &DeviceConfig {
                 socket: socket.clone(),
                 mac: [2, 0, 0, 0, 0, 7],
+                announce: false,
             },
             Box::new(dev_end),
         )

@@ -69,6 +69,10 @@ pub struct NetDevice {
     irqs: Vec<Option<File>>,
     segs: Vec<Segment>,
     buf: Vec<u8>,
+    /// Announce the MAC address on the wire each time the driver starts the device.
+    announce: bool,
+    /// An announcement is due (the driver just set DRIVER_OK).
+    announce_due: bool,
 }
 
 impl NetDevice {
@@ -91,7 +95,17 @@ impl NetDevice {
             irqs: (0..MSIX_VECTORS).map(|_| None).collect(),
             segs: Vec::new(),
             buf: vec![0; HDR_LEN + MAX_RX_FRAME],
+            announce: false,
+            announce_due: false,
         }
+    }
+
+    /// Announces the MAC address (a broadcast RARP, as QEMU's `announce-self` sends) each
+    /// time the driver starts the device: switches on the wire learn where the address is now,
+    /// e.g. once a migrated VM's NIC was started on its new host.
+    pub fn with_announce(mut self, on: bool) -> Self {
+        self.announce = on;
+        self
     }
 
     /// The device status register.
@@ -115,6 +129,7 @@ impl NetDevice {
         self.queue_select = 0;
         self.queues.iter_mut().for_each(Queue::reset);
         self.isr = 0;
+        self.announce_due = false;
         self.stats.resets += 1;
     }
 
@@ -347,6 +362,7 @@ impl NetDevice {
         }
         if new & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
             self.stats.driver_ok += 1;
+            self.announce_due = self.announce;
             tracing::info!(
                 features = format_args!("{:#x}", self.driver_features),
                 "driver ready"
@@ -417,6 +433,15 @@ impl NetDevice {
             // Nothing can be delivered: frames wait on the wire.
             p.rx_starved = true;
             return p;
+        }
+        if std::mem::take(&mut self.announce_due) {
+            match wire.send(&rarp_announcement(self.mac)) {
+                Ok(()) => self.stats.announcements += 1,
+                Err(e) => {
+                    tracing::debug!("wire send (announcement): {e}");
+                    self.stats.wire_errors += 1;
+                }
+            }
         }
         let tx = self.process_tx(wire);
         if tx > 0 {
@@ -614,4 +639,21 @@ impl NetDevice {
             self.broken(q, &e);
         }
     }
+}
+
+/// A RARP request broadcast from `mac` (EtherType 0x8035, "request reverse" for `mac`, no
+/// addresses), padded to the 60-byte minimum: what QEMU sends to announce a NIC.
+pub fn rarp_announcement(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].fill(0xff);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // request reverse
+    f[22..28].copy_from_slice(&mac);
+    f[32..38].copy_from_slice(&mac);
+    f
 }

@@ -22,6 +22,11 @@ pub const NET_STATE_VERSION: u32 = 1;
 /// Largest encoded state accepted (16 queues of 32 768 heads in flight fit easily).
 pub const MAX_NET_STATE_BYTES: usize = 2 << 20;
 
+/// The switchover resets the source's device once no frame arrived for this long...
+const RECEIVE_QUIET: std::time::Duration = std::time::Duration::from_millis(2);
+/// ... or after this long at most (the vCPUs are paused meanwhile).
+const RECEIVE_SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// What a shadowed virtio-net NIC sends at switchover.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NetMigrationState {
@@ -128,6 +133,13 @@ impl MigratableDevice for NetMigratable {
             .config_vector()
             .map_err(DeviceError::while_doing("reading the configuration vector"))?;
         let msix = att.msix_state();
+        let waited = self
+            .engine
+            .settle_receive(RECEIVE_QUIET, RECEIVE_SETTLE_MAX);
+        tracing::debug!(
+            waited_us = waited.as_micros() as u64,
+            "switchover: frames on their way landed"
+        );
         let (device, pages) = self
             .engine
             .save(vm)

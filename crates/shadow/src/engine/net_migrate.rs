@@ -20,6 +20,10 @@ use crate::{
     Buffers, Error, Result, RingAdapter,
 };
 
+/// How long the switchover waits for the device to finish the packets it was given to send
+/// before it says "not ready" (the vCPUs are paused meanwhile).
+const SWITCHOVER_DRAIN: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Most queues a saved device may list.
 const MAX_QUEUES: usize = 16;
 
@@ -50,17 +54,69 @@ impl NetEngine {
         let a = a
             .as_ref()
             .ok_or_else(|| Error::Engine("switchover outside shadow mode".into()))?;
-        let mut run = a.shared.lock();
-        for q in &mut run.queues {
+        for q in &mut a.shared.lock().queues {
             q.q.hold(true);
         }
-        let reads: usize = run.queues.iter().map(|q| q.q.in_flight_with_reads()).sum();
-        if reads > 0 {
-            return Err(Error::Engine(format!(
-                "{reads} chain(s) the device reads are still in flight"
-            )));
+        // The device sends what it was given in microseconds and the poller forwards its
+        // completions: wait for that a little (bounded) rather than have the migration give
+        // the vCPUs back, which would stretch the pause the guest's peers see.
+        let t0 = std::time::Instant::now();
+        loop {
+            let reads: usize = {
+                let run = a.shared.lock();
+                run.queues.iter().map(|q| q.q.in_flight_with_reads()).sum()
+            };
+            if reads == 0 {
+                return Ok(());
+            }
+            if t0.elapsed() >= SWITCHOVER_DRAIN {
+                return Err(Error::Engine(format!(
+                    "{reads} chain(s) the device reads are still in flight"
+                )));
+            }
+            a.shared
+                .kick
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = a.shared.wakeups.wake.write(1);
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
-        Ok(())
+    }
+
+    /// Source, vCPUs paused, before [`NetEngine::save`]: lets frames already on their way
+    /// to the guest land. The device keeps receiving into the buffers it holds (the pages are
+    /// recorded dirty and sent with the last round) until no frame arrived for `quiet`, at
+    /// most `max`: a peer answering the guest's last packets (sent just before the pause)
+    /// gets its answer into this guest instead of into a device about to be reset, whose wire
+    /// nobody reads any more. Returns how long it waited.
+    pub fn settle_receive(
+        &self,
+        quiet: std::time::Duration,
+        max: std::time::Duration,
+    ) -> std::time::Duration {
+        let g = self.active_guard();
+        let t0 = std::time::Instant::now();
+        let Some(a) = g.as_ref() else {
+            return t0.elapsed();
+        };
+        let completed = || -> u64 {
+            a.shared
+                .lock()
+                .queues
+                .iter()
+                .map(|q| q.q.stats().completed)
+                .sum()
+        };
+        let mut last = completed();
+        let mut since = std::time::Instant::now();
+        while since.elapsed() < quiet && t0.elapsed() < max {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            let now = completed();
+            if now != last {
+                last = now;
+                since = std::time::Instant::now();
+            }
+        }
+        t0.elapsed()
     }
 
     /// Source, vCPUs paused, once [`NetEngine::ready_for_switchover`] passed: stops the
