@@ -4,7 +4,9 @@
 //! the real `ping` (iputils) and UDP datagrams whose echoes are checked byte for byte. Then the
 //! VM stops and the device reports what it moved and that no ring error happened. A
 //! `net-hostile` VM garbles the rings; the device refuses or reports each case, counts it, and
-//! serves the next VM.
+//! serves the next VM. A VM streaming UDP migrates live between two device processes whose
+//! taps are on one bridge, the peer on the bridge counting what it sees (see
+//! [`migrate_streaming`]).
 //!
 //! Needs root (namespaces, taps), KVM and `ping` (Debian package iputils-ping).
 mod common;

@@ -6,7 +6,10 @@
 //! its device (which then writes no guest memory) and puts the guest's view of the ring pages
 //! into RAM, so RAM as sent holds what the guest sees. Receive buffers in flight stay the
 //! guest's: the destination gives them to its device again. The destination's device starts
-//! at index 0, so its queues stay shadowed, translating positions.
+//! at index 0, so its queues stay shadowed, translating positions. A migration that fails
+//! after the save has the source's device programmed again the same way
+//! ([`NetEngine::reinstate`]). The migration protocol's side is
+//! [`net_device`](super::net_device).
 use serde::{Deserialize, Serialize};
 use virtio_spec::pci::NO_VECTOR;
 use vmm::Vm;
