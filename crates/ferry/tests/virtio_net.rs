@@ -179,6 +179,11 @@ impl Setup {
 
     /// As [`Setup::device_stats`] for a device process `dev`.
     fn checked_stats(dev: Proc, dev_err: &Stream) -> serde_json::Value {
+        Self::checked_stats_started(dev, dev_err, 1)
+    }
+
+    /// As [`Setup::checked_stats`] for a device a driver started `starts` times.
+    fn checked_stats_started(dev: Proc, dev_err: &Stream, starts: u64) -> serde_json::Value {
         let stats = exit_stats(dev, dev_err);
         for zero in [
             "chain_errors",
@@ -189,7 +194,7 @@ impl Setup {
         ] {
             assert_eq!(stats[zero], 0, "{zero}: {stats}");
         }
-        assert_eq!(stats["driver_ok"], 1, "{stats}");
+        assert_eq!(stats["driver_ok"], starts, "{stats}");
         stats
     }
 }
@@ -899,7 +904,22 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A migration that fails after the source saved its NIC (the connection is cut where the
+/// destination says Ready: the source's device was reset, the destination rebuilt the VM with
+/// its own device, which announced the MAC): the VM keeps running on the source, whose device
+/// is programmed again from the saved state (and announces the MAC again); the stream goes on
+/// there without a datagram lost, repeated or reordered and the guest verifies it (exit 0);
+/// no VM runs on the destination.
+#[test]
+fn a_migration_failing_after_the_nic_was_saved_leaves_the_vm_streaming_on_the_source() {
+    migrate_streaming_with("vnmigr", &["--shadow", "continuous"], true, true);
+}
+
 fn migrate_streaming(tag: &str, shadow: &[&str], check_gap: bool) {
+    migrate_streaming_with(tag, shadow, check_gap, false);
+}
+
+fn migrate_streaming_with(tag: &str, shadow: &[&str], check_gap: bool, cut_at_ready: bool) {
     use std::sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         Arc,
@@ -971,11 +991,28 @@ fn migrate_streaming(tag: &str, shadow: &[&str], check_gap: bool) {
 
     // The migration through the control API, its progress events timed as they come: the
     // "switchover" event comes just before the vCPUs pause.
+    let proxy = cut_at_ready.then(|| {
+        migration::fault::FaultProxy::start(
+            addr.as_str(),
+            Some(migration::fault::Fault {
+                at: migration::fault::Position::Frame {
+                    dir: migration::fault::Direction::ToSource,
+                    kind: migration::wire::Kind::Ready,
+                    nth: 1,
+                },
+                action: migration::fault::Action::Cut,
+            }),
+        )
+        .expect("fault proxy")
+    });
+    let to = proxy
+        .as_ref()
+        .map_or(addr.clone(), |p| p.addr().to_string());
     let migrate_start = base.elapsed();
     let mut remote = ferry()
         .args(["remote", "--api-socket"])
         .arg(&api)
-        .args(["send-migration", "--to", &addr])
+        .args(["send-migration", "--to", &to, "--body", r#"{"streams":0}"#])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -994,6 +1031,24 @@ fn migrate_streaming(tag: &str, shadow: &[&str], check_gap: bool) {
     let remote = Proc(Some(remote), None).wait_output(PATIENCE);
     let migrate_end = base.elapsed();
     let result: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+    if cut_at_ready {
+        rolled_back(RolledBack {
+            tag,
+            result,
+            proxy: proxy.expect("proxy"),
+            answered,
+            fast,
+            peer,
+            ping,
+            src,
+            src_err,
+            dst,
+            console_a,
+            devs: [(dev_a, dev_a_err), (dev_b, dev_b_err)],
+            count: COUNT,
+        });
+        return;
+    }
     assert!(
         remote.status.success() && result["ok"] == true,
         "migration: {last}\n{}\n{}",
@@ -1158,4 +1213,114 @@ fn migrate_streaming(tag: &str, shadow: &[&str], check_gap: bool) {
     let rest = u64::from(COUNT - at_migration);
     assert!(stats_b["rx_frames"].as_u64() >= Some(rest), "{stats_b}");
     assert!(stats_b["tx_frames"].as_u64() >= Some(rest), "{stats_b}");
+}
+
+/// What [`rolled_back`] checks.
+struct RolledBack<'a> {
+    tag: &'a str,
+    result: serde_json::Value,
+    proxy: migration::fault::FaultProxy,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    fast: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peer: std::thread::JoinHandle<PeerTally>,
+    ping: Proc,
+    src: Proc,
+    src_err: Stream,
+    dst: Proc,
+    console_a: std::path::PathBuf,
+    devs: [(Proc, Stream); 2],
+    count: u32,
+}
+
+/// The migration was cut at Ready: see
+/// [`a_migration_failing_after_the_nic_was_saved_leaves_the_vm_streaming_on_the_source`].
+fn rolled_back(r: RolledBack) {
+    use std::sync::atomic::Ordering;
+    assert!(r.proxy.reached(), "the destination never said Ready");
+    assert_eq!(
+        r.result["ok"], false,
+        "the migration should fail: {}",
+        r.result
+    );
+    // No VM runs on the destination.
+    let d = r.dst.wait_output(PATIENCE);
+    assert_ne!(
+        d.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+    // The stream goes on from the source.
+    let after = r.answered.load(Ordering::SeqCst) + 300;
+    wait_until("the stream goes on from the source", PATIENCE, || {
+        r.answered.load(Ordering::SeqCst) >= after.min(r.count)
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(r.ping.0.as_ref().expect("ping").id() as i32, libc::SIGINT) };
+    let ping_out = r.ping.wait_output(PATIENCE);
+    r.fast.store(true, Ordering::SeqCst);
+    let tally = r.peer.join().expect("peer thread");
+    let s = r.src.wait_output(PATIENCE);
+    let src_text = r.src_err.finish(PATIENCE);
+    let console = std::fs::read_to_string(&r.console_a).unwrap_or_default();
+    let ping_text = String::from_utf8_lossy(&ping_out.stdout).into_owned();
+    eprintln!(
+        "{}: migration failed as asked ({}); peer stream: sent {}, in order {}, lost {}, \
+         longest gap {:.1} ms; ping: {}",
+        r.tag,
+        r.result["error"],
+        tally.sent,
+        tally.in_order,
+        tally.lost(),
+        ms(tally.longest_gap),
+        ping_text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or("")
+    );
+    assert!(
+        src_text.contains("failed, the VM keeps running here"),
+        "{src_text}"
+    );
+    assert_eq!(
+        (
+            tally.duplicated,
+            tally.corrupted,
+            tally.reordered,
+            tally.shifted
+        ),
+        (0, 0, 0, 0),
+        "{tally:?}"
+    );
+    assert_eq!(tally.in_order, r.count, "{tally:?}\n{console}\n{src_text}");
+    assert!(!ping_text.contains("DUP!"), "{ping_text}");
+    let summary = last_json(&s);
+    assert_eq!(summary["outcome"], "exit", "{summary}\n{src_text}");
+    assert_eq!(summary["status"], 0, "{console}\n{src_text}");
+    assert!(
+        console.contains(&format!(
+            "net-stream: done received {0} in order, 0 duplicated, 0 gaps, 0 corrupted; sent {0}",
+            r.count
+        )),
+        "{console}"
+    );
+    assert_eq!(
+        summary["failed_migrations"].as_array().map(Vec::len),
+        Some(1)
+    );
+    // The source's NIC: programmed again (a second start, a second announcement), shadowed,
+    // nothing refused.
+    let n = &summary["net_shadow"];
+    assert_eq!(n["shadowed"], true, "{n}");
+    for q in n["queues"].as_array().expect("queues") {
+        assert_eq!(q["errors"], 0, "{q}");
+        assert_eq!(q["state"]["stats"]["refused"], 0, "{q}");
+    }
+    let [(dev_a, dev_a_err), (dev_b, dev_b_err)] = r.devs;
+    let stats_a = Setup::checked_stats_started(dev_a, &dev_a_err, 2);
+    eprintln!("device A: {stats_a}");
+    assert_eq!(stats_a["announcements"], 2, "{stats_a}");
+    // B was started by the destination's restore, then let go with it.
+    let stats_b = exit_stats(dev_b, &dev_b_err);
+    assert_eq!(stats_b["driver_ok"], 1, "{stats_b}");
 }
