@@ -657,3 +657,74 @@ pub fn rarp_announcement(mac: [u8; 6]) -> [u8; 60] {
     f[32..38].copy_from_slice(&mac);
     f
 }
+
+#[cfg(test)]
+mod tests {
+    use virtio_spec::{
+        features::{self, bit},
+        pci::common,
+        status,
+    };
+
+    use super::{rarp_announcement, NetDevice};
+    use crate::{
+        layout::COMMON,
+        wire::{SocketWire, Wire},
+    };
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0xfe, 0x15, 1];
+
+    fn start(d: &mut NetDevice) {
+        let w = |d: &mut NetDevice, field: u64, v: u64, n: usize| {
+            d.bar_write(COMMON + field, &v.to_le_bytes()[..n]);
+        };
+        w(d, common::DEVICE_STATUS, 0, 1);
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        w(d, common::DEVICE_STATUS, u64::from(s), 1);
+        w(d, common::DRIVER_FEATURE_SELECT, 1, 4);
+        w(d, common::DRIVER_FEATURE, bit(features::VERSION_1) >> 32, 4);
+        let s = s | status::FEATURES_OK;
+        w(d, common::DEVICE_STATUS, u64::from(s), 1);
+        w(
+            d,
+            common::DEVICE_STATUS,
+            u64::from(s | status::DRIVER_OK),
+            1,
+        );
+    }
+
+    /// The announcement is a broadcast RARP from the MAC address, padded to 60 bytes.
+    #[test]
+    fn the_announcement_is_a_rarp_from_the_mac() {
+        let f = rarp_announcement(MAC);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &MAC);
+        assert_eq!(&f[12..14], &[0x80, 0x35], "EtherType RARP");
+        assert_eq!(&f[20..22], &[0, 3], "request reverse");
+        assert_eq!((&f[22..28], &f[32..38]), (&MAC[..], &MAC[..]));
+        assert!(f[38..].iter().all(|&b| b == 0));
+    }
+
+    /// Each start of the device (DRIVER_OK) sends one announcement, none without it, none when
+    /// announcing is off.
+    #[test]
+    fn each_start_announces_once() {
+        for on in [true, false] {
+            let (mut wire, mut peer) = SocketWire::pair().unwrap();
+            let mut d = NetDevice::new(MAC).with_announce(on);
+            for round in 1..=2u64 {
+                start(&mut d);
+                d.process(&mut wire);
+                d.process(&mut wire);
+                let mut buf = [0u8; 128];
+                let got = peer.recv(&mut buf).unwrap();
+                if on {
+                    assert_eq!(got, Some(60), "round {round}");
+                    assert_eq!(buf[..60], rarp_announcement(MAC));
+                }
+                assert_eq!(peer.recv(&mut buf).unwrap(), None, "one a start");
+                assert_eq!(d.stats.announcements, if on { round } else { 0 });
+            }
+        }
+    }
+}
