@@ -27,6 +27,16 @@ use vmm::Vm;
 /// any BAR0 up to 1 MiB. Source and destination place it alike.
 pub const NET_BAR0: u64 = guest_abi::layout::PCI_MMIO_BASE + (1 << 20);
 
+/// The virtio-net engine's options from the session's: the copy of a shadowed ring is always
+/// the vCPU buffer for a NIC (the device-buffer designation needs the device idle, and a
+/// receive queue never is), whatever the NVMe engine uses.
+pub fn net_options(opts: EngineOptions) -> EngineOptions {
+    EngineOptions {
+        designation: shadow::engine::Designation::VcpuBuffer,
+        ..opts
+    }
+}
+
 /// Attaches the `ferry device virtio-net` at `socket` to `vm` (before the VM starts).
 pub fn attach(vm: &Vm, socket: &std::path::Path) -> crate::Result<NetAttachment> {
     NetAttachment::attach(vm, NET_DEVICE_NAME, socket, NET_BAR0).map_err(|source| {
@@ -58,13 +68,12 @@ impl NetSession {
     /// for a migration only).
     pub fn new(att: NetAttachment, continuous: bool, opts: EngineOptions) -> crate::Result<Self> {
         let att = Arc::new(att);
-        let engine =
-            Arc::new(
-                NetEngine::new(att.clone(), opts).map_err(|source| crate::Error::Shadow {
-                    what: "starting the virtio-net shadow engine",
-                    source: Box::new(source),
-                })?,
-            );
+        let engine = Arc::new(NetEngine::new(att.clone(), net_options(opts)).map_err(
+            |source| crate::Error::Shadow {
+                what: "starting the virtio-net shadow engine",
+                source: Box::new(source),
+            },
+        )?);
         Ok(Self::restored(engine, continuous))
     }
 
@@ -176,7 +185,7 @@ impl NetRestorer {
     pub fn new(socket: Option<PathBuf>, opts: EngineOptions) -> Self {
         NetRestorer {
             socket,
-            opts,
+            opts: net_options(opts),
             attached: None,
             engine: None,
         }
