@@ -11,7 +11,10 @@ use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{mpsc, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -30,8 +33,9 @@ const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 1);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 2);
 const PORT: u16 = 7777;
 const MAC: &str = "52:54:00:fe:d0:01";
-/// Datagrams of the stream (one a millisecond at most, one in flight).
-const COUNT: u32 = 4000;
+/// Datagrams of the stream (one in flight; at most one a millisecond until the VM migrated,
+/// then as fast as the guest answers): enough to outlast a slow migration.
+const COUNT: u32 = 20_000;
 
 /// What the peer saw of the guest's stream.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -87,20 +91,20 @@ impl NetMigration {
 /// A thread started before any system-call filter (the demo's first session installs one on
 /// the thread that runs it): it joins the namespace and runs the peer when asked.
 pub struct Peer {
-    job: mpsc::Sender<PathBuf>,
+    job: mpsc::Sender<(PathBuf, Arc<AtomicBool>)>,
     done: mpsc::Receiver<anyhow::Result<PeerCounts>>,
 }
 
 impl Peer {
     /// Starts the thread (call first thing in the demo).
     pub fn start() -> anyhow::Result<Peer> {
-        let (job, jobs) = mpsc::channel::<PathBuf>();
+        let (job, jobs) = mpsc::channel::<(PathBuf, Arc<AtomicBool>)>();
         let (tx, done) = mpsc::channel();
         std::thread::Builder::new()
             .name("demo-net-peer".into())
             .spawn(move || {
-                if let Ok(ns) = jobs.recv() {
-                    let _ = tx.send(enter(&ns).and_then(|()| stream()));
+                if let Ok((ns, fast)) = jobs.recv() {
+                    let _ = tx.send(enter(&ns).and_then(|()| stream(&fast)));
                 }
             })
             .context("starting the demo's network peer")?;
@@ -131,8 +135,8 @@ fn datagram(magic: &[u8; 4], seed: u8, seq: u32, len: usize) -> Vec<u8> {
 }
 
 /// The peer: once the guest answers ping, a closed loop of [`COUNT`] datagrams (one in
-/// flight, at most one a millisecond), each answer checked and timed.
-fn stream() -> anyhow::Result<PeerCounts> {
+/// flight, at most one a millisecond until `fast`), each answer checked and timed.
+fn stream(fast: &AtomicBool) -> anyhow::Result<PeerCounts> {
     let t0 = Instant::now();
     while !Command::new("ping")
         .args(["-c", "1", "-W", "1", &GUEST_IP.to_string()])
@@ -160,7 +164,8 @@ fn stream() -> anyhow::Result<PeerCounts> {
         if last_recv.unwrap_or(t0).elapsed() > Duration::from_secs(20) {
             bail!("no answer from the guest for 20 s ({c:?})");
         }
-        if c.sent == received && c.sent < COUNT && last_send.elapsed() >= Duration::from_millis(1) {
+        let paced = fast.load(Ordering::SeqCst) || last_send.elapsed() >= Duration::from_millis(1);
+        if c.sent == received && c.sent < COUNT && paced {
             sock.send_to(&datagram(b"FPST", 0x5a, c.sent, len(c.sent)), to)?;
             c.sent += 1;
             last_send = Instant::now();
@@ -320,8 +325,9 @@ fn run_phase(
         Duration::ZERO,
         &["--passthrough".as_ref(), pass_b.as_os_str()],
     )?;
+    let fast = Arc::new(AtomicBool::new(false));
     peer.job
-        .send(PathBuf::from(format!("/run/netns/{name}")))
+        .send((PathBuf::from(format!("/run/netns/{name}")), fast.clone()))
         .context("starting the peer")?;
     let api_path = dir.join("a.api");
     let spec = SessionSpec {
@@ -353,9 +359,11 @@ fn run_phase(
         roundtrip: false,
     };
     let migrator =
-        std::thread::spawn(move || migrate_later(api_path, to, Duration::from_secs(2), before));
-    let source: SessionReport =
-        session::run(&boot, &spec, Instant::now(), signals).context("net-stream run")?;
+        std::thread::spawn(move || migrate_later(api_path, to, Duration::from_secs(1), before));
+    let source = session::run(&boot, &spec, Instant::now(), signals);
+    // The VM left (or ended): the rest of the stream as fast as it goes.
+    fast.store(true, Ordering::SeqCst);
+    let source: SessionReport = source.context("net-stream run")?;
     out.migration = join_migration(migrator, "virtio-net migration")?;
     out.destination = finish_destination(dest, out.migration.is_some());
     out.peer = peer
