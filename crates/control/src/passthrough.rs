@@ -413,6 +413,11 @@ impl PassthroughSession {
         self
     }
 
+    /// The VM's virtio-net device.
+    pub fn net(&self) -> Option<&crate::net_session::NetSession> {
+        self.net.as_ref()
+    }
+
     /// The virtio-net shadow engine's status.
     pub fn net_shadow_status(&self) -> Option<shadow::engine::net::NetEngineStatus> {
         self.net.as_ref().and_then(|n| n.shadow_status())

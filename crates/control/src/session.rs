@@ -48,8 +48,8 @@ pub struct SessionSpec {
     /// A passthrough NVMe device to attach.
     pub passthrough: Option<crate::passthrough::PassthroughSource>,
     /// A passthrough virtio-net device to attach: the socket of a running
-    /// `ferry device virtio-net` (direct, or shadowed with `shadow_continuous`; no migration
-    /// yet).
+    /// `ferry device virtio-net` (direct, or shadowed with `shadow_continuous`; shadowed for
+    /// a live migration).
     pub net: Option<PathBuf>,
     /// Attach a virtual RDMA device served by this host's port and multiplexer.
     pub vrdma: Option<Arc<crate::vrdma_host::VrdmaHost>>,
@@ -218,10 +218,10 @@ pub fn check(spec: &SessionSpec) -> Result<()> {
             "the state round trip does not support passthrough devices".into(),
         ));
     }
-    if spec.net.is_some() && (spec.api_socket.is_some() || spec.roundtrip_after.is_some()) {
+    if spec.net.is_some() && spec.roundtrip_after.is_some() {
         return Err(Error::Unsupported(
-            "the passthrough virtio-net device does not support migration or the state round \
-             trip yet"
+            "the state round trip does not support the passthrough virtio-net device (live \
+             migration does)"
                 .into(),
         ));
     }
@@ -255,21 +255,11 @@ pub fn run(
         .as_ref()
         .map(|p| PassthroughSession::start(p, &vm, spec.shadow_continuous, spec.shadow))
         .transpose()?;
-    // Above an NVMe BAR0 (256 KiB at the window's start), aligned to any BAR0 up to 1 MiB.
     let net = spec
         .net
         .as_ref()
         .map(|socket| {
-            let att = passthrough::virtio_net::NetAttachment::attach(
-                &vm,
-                "net0",
-                socket,
-                guest_abi::layout::PCI_MMIO_BASE + (1 << 20),
-            )
-            .map_err(|source| Error::Passthrough {
-                what: "attaching the passthrough virtio-net device",
-                source,
-            })?;
+            let att = crate::net_session::attach(&vm, socket)?;
             crate::net_session::NetSession::new(att, spec.shadow_continuous, spec.shadow)
         })
         .transpose()?;

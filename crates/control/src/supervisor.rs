@@ -422,6 +422,12 @@ fn start_migration(
             )) as Box<dyn MigratableDevice>
         })
         .into_iter()
+        .chain(
+            device
+                .as_ref()
+                .and_then(|d| d.net())
+                .map(|n| n.migratable()),
+        )
         .collect();
     let (tx, done) = mpsc::channel();
     let progress = Arc::new(Mutex::new(Progress::default()));

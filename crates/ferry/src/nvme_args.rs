@@ -82,7 +82,8 @@ pub struct NvmeCliArgs {
     /// `vcpu-buffer` (the guest's memory slots over the ring pages are swapped onto the copy;
     /// the device keeps DMAing guest RAM) or `device-buffer` (the device's DMA mapping of the
     /// ring pages is moved onto the copy; the guest keeps its RAM). On `ferry receive` it is
-    /// the designation the destination rebuilds the device with.
+    /// the designation the destination rebuilds the device with. NVMe only: a virtio-net NIC's
+    /// copy is always the vCPU buffer (a receive queue is never idle).
     #[arg(long, default_value = "vcpu-buffer", value_parser = ["vcpu-buffer", "device-buffer"])]
     pub shadow_designation: String,
     /// Shadow engine: how the device's completions are noticed: `poll` (every round) or

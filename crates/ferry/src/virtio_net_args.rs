@@ -19,6 +19,11 @@ pub struct DeviceVirtioNetArgs {
     /// Exit after the first client disconnects (instead of waiting for the next one).
     #[arg(long)]
     pub once: bool,
+    /// Do not announce the MAC address (a broadcast RARP on the tap) each time the driver
+    /// starts the device. The announcement is what moves a migrated VM's traffic: bridges and
+    /// switches learn the address's new port as soon as the destination's device starts.
+    #[arg(long)]
+    pub no_announce: bool,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.

@@ -301,43 +301,14 @@ impl Attachment {
     /// Migration destination: programs the device's MSI-X table and message control as the
     /// guest had them on the source, and routes the vectors to the guest.
     pub fn restore_msix(&self, state: &MsixState) -> Result<()> {
-        crate::msix::check_state(state, self.irqs.len()).map_err(|source| Error::InvalidState {
-            name: self.conn.name.clone(),
-            source,
-        })?;
-        let mut router = self.msix.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(table), Some(cap)) = (router.table_offset, self.msix_cap) {
-            // Whole entries, up to a page per message: one vfio-user round trip for a table
-            // of up to 256 vectors instead of one per vector (this runs in the downtime).
-            let per_write = (4096 / crate::msix::ENTRY_SIZE) as usize;
-            for (i, chunk) in state.table.chunks(per_write).enumerate() {
-                let bytes: Vec<u8> = chunk
-                    .iter()
-                    .flatten()
-                    .flat_map(|w| w.to_le_bytes())
-                    .collect();
-                let first = (i * per_write) as u64;
-                self.conn
-                    .region_write(0, table + first * crate::msix::ENTRY_SIZE, &bytes)?;
-            }
-            let mut b = [0u8; 2];
-            self.conn
-                .region_read(crate::client::CONFIG_REGION, cap as u64 + 2, &mut b)?;
-            let control = u16::from_le_bytes(b) & !0xc000
-                | if state.enabled { 0x8000 } else { 0 }
-                | if state.function_masked { 0x4000 } else { 0 };
-            self.conn.region_write(
-                crate::client::CONFIG_REGION,
-                cap as u64 + 2,
-                &control.to_le_bytes(),
-            )?;
-            self.pci
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_msix_control(control);
-        }
-        router.restore(state);
-        Ok(())
+        crate::msix::restore_device(
+            &self.conn,
+            &self.msix,
+            &self.pci,
+            self.msix_cap,
+            self.irqs.len(),
+            state,
+        )
     }
 
     /// The configuration log so far. Its namespaces and MDTS are the device's own answers

@@ -46,6 +46,54 @@ pub fn check_state(state: &MsixState, vectors: usize) -> Result<(), crate::State
     Ok(())
 }
 
+/// Migration destination: checks `state` (from another host) against the device's
+/// `vectors`, writes its table into the device's MSI-X table and its enable and mask bits into
+/// the message control of the capability at `cap` (which `pci` then presents to the guest),
+/// and routes the vectors to the guest as `router` says.
+pub(crate) fn restore_device(
+    conn: &crate::client::Connection,
+    router: &std::sync::Mutex<MsixRouter>,
+    pci: &std::sync::Mutex<crate::pci::PassthroughPci>,
+    cap: Option<usize>,
+    vectors: usize,
+    state: &MsixState,
+) -> crate::Result<()> {
+    check_state(state, vectors).map_err(|source| crate::Error::InvalidState {
+        name: conn.name.clone(),
+        source,
+    })?;
+    let mut router = router.lock().unwrap_or_else(|e| e.into_inner());
+    if let (Some(table), Some(cap)) = (router.table_offset, cap) {
+        // Whole entries, up to a page per message: one vfio-user round trip for a table of up
+        // to 256 vectors instead of one per vector (this runs in the downtime).
+        let per_write = (4096 / ENTRY_SIZE) as usize;
+        for (i, chunk) in state.table.chunks(per_write).enumerate() {
+            let bytes: Vec<u8> = chunk
+                .iter()
+                .flatten()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            let first = (i * per_write) as u64;
+            conn.region_write(0, table + first * ENTRY_SIZE, &bytes)?;
+        }
+        let mut b = [0u8; 2];
+        conn.region_read(crate::client::CONFIG_REGION, cap as u64 + 2, &mut b)?;
+        let control = u16::from_le_bytes(b) & !0xc000
+            | if state.enabled { 0x8000 } else { 0 }
+            | if state.function_masked { 0x4000 } else { 0 };
+        conn.region_write(
+            crate::client::CONFIG_REGION,
+            cap as u64 + 2,
+            &control.to_le_bytes(),
+        )?;
+        pci.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_msix_control(control);
+    }
+    router.restore(state);
+    Ok(())
+}
+
 /// The MSI-X state the guest programmed, and the routes installed from it.
 pub struct MsixRouter {
     vm: Arc<VmFd>,

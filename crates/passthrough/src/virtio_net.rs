@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::{
     bar::disconnect_message,
     client::{Connection, CONFIG_REGION, MSIX_IRQ},
-    msix::{MsixRouter, Route},
+    msix::{MsixRouter, MsixState, Route},
     pci::{find_msix, PassthroughPci},
     virtio_net_shadow::{NotifyTrap, ShadowHooks},
     Error, Result,
@@ -93,7 +93,9 @@ pub struct NetAttachment {
     pci_slot: u8,
     pub(crate) msix: Arc<Mutex<MsixRouter>>,
     pub(crate) irqs: Arc<Vec<EventFd>>,
-    _pci: Arc<Mutex<PassthroughPci>>,
+    /// Offset of the MSI-X capability in configuration space.
+    msix_cap: Option<usize>,
+    pci: Arc<Mutex<PassthroughPci>>,
     pub(crate) shadow: ShadowHooks,
     stop: Arc<AtomicBool>,
     watchdog: Option<JoinHandle<()>>,
@@ -205,7 +207,8 @@ impl NetAttachment {
             pci_slot,
             msix,
             irqs,
-            _pci: pci,
+            msix_cap: msix_cap.map(|(cap, _)| cap),
+            pci,
             shadow,
             stop,
             watchdog: Some(watchdog),
@@ -225,6 +228,25 @@ impl NetAttachment {
     /// MSI-X routes installed (vector, GSI, address, data).
     pub fn msix_routes(&self) -> Vec<Route> {
         self.msix.lock().unwrap_or_else(|e| e.into_inner()).routes()
+    }
+
+    /// The MSI-X table and enable bits the guest programmed (for a migration).
+    pub fn msix_state(&self) -> MsixState {
+        self.msix.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
+
+    /// Migration destination: programs the device's MSI-X table and message control as the
+    /// guest had them on the source, and routes the vectors to the guest. `state` came from
+    /// another host: a table longer than the device's is refused.
+    pub fn restore_msix(&self, state: &MsixState) -> Result<()> {
+        crate::msix::restore_device(
+            &self.conn,
+            &self.msix,
+            &self.pci,
+            self.msix_cap,
+            self.irqs.len(),
+            state,
+        )
     }
 
     /// True once the device stopped answering.

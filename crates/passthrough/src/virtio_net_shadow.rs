@@ -269,6 +269,18 @@ impl NetAttachment {
         })
     }
 
+    /// The configuration-change MSI-X vector the driver chose (`config_msix_vector`).
+    pub fn config_vector(&self) -> Result<u16> {
+        Ok(self.common_read(common::CONFIG_MSIX_VECTOR, 2)? as u16)
+    }
+
+    /// Sets the configuration-change MSI-X vector (a migration destination, after
+    /// [`NetAttachment::program`]); the device may refuse it (then it reads back
+    /// `NO_VECTOR`), as it may for a driver.
+    pub fn set_config_vector(&self, vector: u16) -> Result<()> {
+        self.common_write(common::CONFIG_MSIX_VECTOR, u64::from(vector), 2)
+    }
+
     /// Resets the device (status 0): it stops using the rings (virtio 1.1 §2.1.2; the stand-in
     /// NIC does so before the write returns).
     pub fn reset_device(&self) -> Result<()> {

@@ -37,6 +37,7 @@ fn nic(tag: &str) -> (Dir, Arc<VirtioNetDevice>, PathBuf, SocketWire) {
             &DeviceConfig {
                 socket: socket.clone(),
                 mac: [2, 0, 0, 0, 0, 7],
+                announce: false,
             },
             Box::new(dev_end),
         )

@@ -263,6 +263,7 @@ fn setup(
             &DeviceConfig {
                 socket: socket.clone(),
                 mac: [2, 0, 0, 0, 0, 7],
+                announce: false,
             },
             Box::new(dev_end),
         )
@@ -507,6 +508,120 @@ fn a_shadowed_nic_moves_to_another_vm() {
     );
     drop(dst);
     drop(src);
+    for a in [att_a, att_b] {
+        match Arc::try_unwrap(a) {
+            Ok(a) => a.detach(),
+            Err(_) => panic!("the attachment is still shared"),
+        }
+    }
+}
+
+/// The NIC as a migration source ([`NetMigratable`]): a migration that fails after the
+/// switchover saved the device (which reset it) leaves the NIC working on the source — the
+/// device is programmed again from the saved state, the receive buffers it held come back, the
+/// guest's indexes carry on; one that fails while the queues are held releases them. The
+/// state it sends decodes and rebuilds the NIC on another VM, and garbage is refused.
+#[test]
+fn a_failed_migration_leaves_the_nic_working_and_its_state_moves() {
+    use migration::MigratableDevice;
+    use shadow::engine::net_device::{restore_net, NetMigratable, NetMigrationState};
+    let (_da, dev_a, vm_a, att_a, mut peer_a) = setup("rollback-src");
+    let mut d = Driver {
+        vm: &vm_a,
+        bar0: BAR0,
+        avail: [0; 2],
+        used: [0; 2],
+    };
+    d.bring_up();
+    d.post_rx(0);
+    d.post_rx(1);
+    let opts = EngineOptions {
+        interception: Interception::Poll,
+        ..Default::default()
+    };
+    // Migration mode: not shadowed until the migration prepares the device.
+    let engine = Arc::new(NetEngine::new(att_a.clone(), opts).unwrap());
+    let mut m = NetMigratable::new(engine.clone());
+    assert_eq!(m.name(), "net0");
+    m.prepare(&vm_a).unwrap();
+    assert!(engine.is_shadowed());
+    roundtrip(&mut d, &mut peer_a, 0, 0x71);
+    assert!(
+        m.take_dirty_pages().contains(&RX_BUF),
+        "the receive buffer the device wrote is dirty"
+    );
+    d.post_rx(2);
+    wait_for("the engine to take receive buffer 2", || {
+        (engine.status().queues[0].state.guest_avail == 3).then_some(())
+    });
+
+    // Fails after the save: the device was reset, then programmed again.
+    m.ready_for_switchover(&vm_a).unwrap();
+    m.pause(&vm_a).unwrap();
+    assert_eq!(
+        att_a.device_status().unwrap(),
+        0,
+        "the save reset the device"
+    );
+    let pages = m.take_dirty_pages();
+    assert!(pages.contains(&rings(0).0), "ring pages are sent again");
+    let blob = m.save().unwrap();
+    m.rollback(&vm_a);
+    assert!(att_a.driver_ok(), "the device runs again");
+    assert!(engine.is_shadowed());
+    roundtrip(&mut d, &mut peer_a, 1, 0x72);
+    roundtrip(&mut d, &mut peer_a, 2, 0x73);
+
+    // Fails while the queues are held: they take the guest's chains again.
+    m.prepare(&vm_a).unwrap();
+    m.ready_for_switchover(&vm_a).unwrap();
+    d.post_rx(3);
+    m.rollback(&vm_a);
+    roundtrip(&mut d, &mut peer_a, 3, 0x74);
+    let st = engine.status();
+    assert!(
+        st.queues
+            .iter()
+            .all(|q| q.errors == 0 && q.state.stats.refused == 0),
+        "{st:?}"
+    );
+
+    // The state sent: garbage refused, the real one decodes.
+    for bad in [
+        &[][..],
+        &[1, 0, 0][..],
+        &[9, 0, 0, 0, 1][..],
+        &[1, 0, 0, 0, 0xff][..],
+    ] {
+        assert!(NetMigrationState::decode(bad).is_err(), "{bad:?}");
+    }
+    let state = NetMigrationState::decode(&blob).unwrap();
+    assert_eq!(state.device.queues.len(), 2);
+    assert_eq!(state.device.queues[0].state.in_flight, vec![1, 2]);
+
+    // A full move now: the state as sent rebuilds the NIC of another VM with RAM as sent.
+    d.post_rx(4);
+    m.prepare(&vm_a).unwrap();
+    m.ready_for_switchover(&vm_a).unwrap();
+    m.pause(&vm_a).unwrap();
+    let state = NetMigrationState::decode(&m.save().unwrap()).unwrap();
+    let (_db, dev_b, vm_b, att_b, mut peer_b) = setup("rollback-dst");
+    for r in vm_a.ram().regions() {
+        let mut b = vec![0u8; r.size as usize];
+        vm_a.ram().read(r.gpa, &mut b).unwrap();
+        vm_b.ram().write(r.gpa, &b).unwrap();
+    }
+    let dst = restore_net(att_b.clone(), opts, &vm_b, &state).unwrap();
+    assert_eq!(att_b.msix_state(), state.msix);
+    d.vm = &vm_b;
+    roundtrip(&mut d, &mut peer_b, 4, 0x75);
+    let s = dev_b.stats();
+    assert_eq!((s.chain_errors, s.dma_errors), (0, 0), "{s:?}");
+    let s = dev_a.stats();
+    assert_eq!((s.chain_errors, s.dma_errors), (0, 0), "{s:?}");
+    drop(dst);
+    drop(m);
+    drop(engine);
     for a in [att_a, att_b] {
         match Arc::try_unwrap(a) {
             Ok(a) => a.detach(),

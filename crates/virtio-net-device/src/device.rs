@@ -69,6 +69,10 @@ pub struct NetDevice {
     irqs: Vec<Option<File>>,
     segs: Vec<Segment>,
     buf: Vec<u8>,
+    /// Announce the MAC address on the wire each time the driver starts the device.
+    announce: bool,
+    /// An announcement is due (the driver just set DRIVER_OK).
+    announce_due: bool,
 }
 
 impl NetDevice {
@@ -91,7 +95,17 @@ impl NetDevice {
             irqs: (0..MSIX_VECTORS).map(|_| None).collect(),
             segs: Vec::new(),
             buf: vec![0; HDR_LEN + MAX_RX_FRAME],
+            announce: false,
+            announce_due: false,
         }
+    }
+
+    /// Announces the MAC address (a broadcast RARP, as QEMU's `announce-self` sends) each
+    /// time the driver starts the device: switches on the wire learn where the address is now,
+    /// e.g. once a migrated VM's NIC was started on its new host.
+    pub fn with_announce(mut self, on: bool) -> Self {
+        self.announce = on;
+        self
     }
 
     /// The device status register.
@@ -115,6 +129,7 @@ impl NetDevice {
         self.queue_select = 0;
         self.queues.iter_mut().for_each(Queue::reset);
         self.isr = 0;
+        self.announce_due = false;
         self.stats.resets += 1;
     }
 
@@ -347,6 +362,7 @@ impl NetDevice {
         }
         if new & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
             self.stats.driver_ok += 1;
+            self.announce_due = self.announce;
             tracing::info!(
                 features = format_args!("{:#x}", self.driver_features),
                 "driver ready"
@@ -417,6 +433,15 @@ impl NetDevice {
             // Nothing can be delivered: frames wait on the wire.
             p.rx_starved = true;
             return p;
+        }
+        if std::mem::take(&mut self.announce_due) {
+            match wire.send(&rarp_announcement(self.mac)) {
+                Ok(()) => self.stats.announcements += 1,
+                Err(e) => {
+                    tracing::debug!("wire send (announcement): {e}");
+                    self.stats.wire_errors += 1;
+                }
+            }
         }
         let tx = self.process_tx(wire);
         if tx > 0 {
@@ -612,6 +637,94 @@ impl NetDevice {
         if let Err(e) = self.queues[q].push_used(&self.dma, head, 0) {
             self.count(&e);
             self.broken(q, &e);
+        }
+    }
+}
+
+/// A RARP request broadcast from `mac` (EtherType 0x8035, "request reverse" for `mac`, no
+/// addresses), padded to the 60-byte minimum: what QEMU sends to announce a NIC.
+pub fn rarp_announcement(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].fill(0xff);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // request reverse
+    f[22..28].copy_from_slice(&mac);
+    f[32..38].copy_from_slice(&mac);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_spec::{
+        features::{self, bit},
+        pci::common,
+        status,
+    };
+
+    use super::{rarp_announcement, NetDevice};
+    use crate::{
+        layout::COMMON,
+        wire::{SocketWire, Wire},
+    };
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0xfe, 0x15, 1];
+
+    fn start(d: &mut NetDevice) {
+        let w = |d: &mut NetDevice, field: u64, v: u64, n: usize| {
+            d.bar_write(COMMON + field, &v.to_le_bytes()[..n]);
+        };
+        w(d, common::DEVICE_STATUS, 0, 1);
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        w(d, common::DEVICE_STATUS, u64::from(s), 1);
+        w(d, common::DRIVER_FEATURE_SELECT, 1, 4);
+        w(d, common::DRIVER_FEATURE, bit(features::VERSION_1) >> 32, 4);
+        let s = s | status::FEATURES_OK;
+        w(d, common::DEVICE_STATUS, u64::from(s), 1);
+        w(
+            d,
+            common::DEVICE_STATUS,
+            u64::from(s | status::DRIVER_OK),
+            1,
+        );
+    }
+
+    /// The announcement is a broadcast RARP from the MAC address, padded to 60 bytes.
+    #[test]
+    fn the_announcement_is_a_rarp_from_the_mac() {
+        let f = rarp_announcement(MAC);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &MAC);
+        assert_eq!(&f[12..14], &[0x80, 0x35], "EtherType RARP");
+        assert_eq!(&f[20..22], &[0, 3], "request reverse");
+        assert_eq!((&f[22..28], &f[32..38]), (&MAC[..], &MAC[..]));
+        assert!(f[38..].iter().all(|&b| b == 0));
+    }
+
+    /// Each start of the device (DRIVER_OK) sends one announcement, none without it, none when
+    /// announcing is off.
+    #[test]
+    fn each_start_announces_once() {
+        for on in [true, false] {
+            let (mut wire, mut peer) = SocketWire::pair().unwrap();
+            let mut d = NetDevice::new(MAC).with_announce(on);
+            for round in 1..=2u64 {
+                start(&mut d);
+                d.process(&mut wire);
+                d.process(&mut wire);
+                let mut buf = [0u8; 128];
+                let got = peer.recv(&mut buf).unwrap();
+                if on {
+                    assert_eq!(got, Some(60), "round {round}");
+                    assert_eq!(buf[..60], rarp_announcement(MAC));
+                }
+                assert_eq!(peer.recv(&mut buf).unwrap(), None, "one a start");
+                assert_eq!(d.stats.announcements, if on { round } else { 0 });
+            }
         }
     }
 }

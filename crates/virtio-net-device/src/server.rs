@@ -33,6 +33,9 @@ pub struct DeviceConfig {
     pub socket: PathBuf,
     /// MAC address in the device configuration.
     pub mac: [u8; 6],
+    /// Announce the MAC address on the wire (a broadcast RARP) each time the driver starts
+    /// the device.
+    pub announce: bool,
 }
 
 struct Shared {
@@ -105,7 +108,7 @@ impl VirtioNetDevice {
                 source,
             })?;
         let shared = Arc::new(Shared {
-            dev: Mutex::new(NetDevice::new(cfg.mac)),
+            dev: Mutex::new(NetDevice::new(cfg.mac).with_announce(cfg.announce)),
             kick: EventFd::new(EFD_NONBLOCK).map_err(os("creating the kick eventfd"))?,
             stop: EventFd::new(EFD_NONBLOCK).map_err(os("creating the stop eventfd"))?,
         });

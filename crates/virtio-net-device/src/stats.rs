@@ -60,4 +60,7 @@ pub struct Stats {
     pub bad_avail_idx: u64,
     /// Interrupts signalled.
     pub interrupts: u64,
+    /// MAC address announcements sent (one each time the driver started the device, when
+    /// announcing is on).
+    pub announcements: u64,
 }

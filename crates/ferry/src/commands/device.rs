@@ -67,6 +67,7 @@ pub fn virtio_net(args: crate::virtio_net_args::DeviceVirtioNetArgs) -> anyhow::
     let cfg = DeviceConfig {
         socket: args.socket.clone(),
         mac: args.mac,
+        announce: !args.no_announce,
     };
     let device = Arc::new(
         VirtioNetDevice::new(&cfg, Box::new(tap)).context("starting the virtio-net device")?,

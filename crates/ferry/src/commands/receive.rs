@@ -2,7 +2,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use control::net_session::{NetRestorer, NetSession, Restorers};
 use migration::DestinationOptions;
+use shadow::engine::net_device::NET_DEVICE_NAME;
 
 use crate::{
     cli::ReceiveArgs,
@@ -51,12 +53,16 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
     );
     // The destination's own device (if any) starts now, not during the switchover.
     let nvme = args.nvme.source()?;
-    let devices = if nvme.is_some() {
-        vec!["nvme0".to_string()]
-    } else {
-        Vec::new()
-    };
-    let mut restorer = NvmeRestorer::new(nvme, args.nvme.engine_options())?;
+    let net = crate::virtio_net_args::passthrough_socket(&args.nvme)?;
+    let mut devices = Vec::new();
+    if nvme.is_some() {
+        devices.push("nvme0".to_string());
+    }
+    if net.is_some() {
+        devices.push(NET_DEVICE_NAME.to_string());
+    }
+    let mut nvme_restorer = NvmeRestorer::new(nvme, args.nvme.engine_options())?;
+    let mut net_restorer = NetRestorer::new(net, args.nvme.engine_options());
     let spec = SessionSpec {
         memory: 0,
         console: console_sink(&args.serial),
@@ -111,7 +117,10 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         accepted,
         &spec.vm_config(),
         &opts,
-        &mut restorer,
+        &mut Restorers {
+            nvme: &mut nvme_restorer,
+            net: &mut net_restorer,
+        },
     ) {
         Ok(i) => i,
         Err(e) => {
@@ -139,7 +148,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         memory: r.ram_bytes,
         ..spec
     };
-    let device = match restorer.engine.take() {
+    let device = match nvme_restorer.engine.take() {
         Some(engine) => {
             // The VM runs; the device's queues start from zero: re-align them with fillers
             // the guest never sees, then leave shadow mode, all without pausing the VM.
@@ -161,11 +170,26 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
             );
             Some(PassthroughSession::with_engine(
                 engine,
-                restorer.child.take(),
+                nvme_restorer.child.take(),
                 false,
             ))
         }
         None => None,
+    };
+    let net = net_restorer.engine.take().map(|engine| {
+        // The NIC stays shadowed: its device counts from 0, the guest carries on from its own
+        // indexes (see control::net_session).
+        eprintln!(
+            "ferry: passthrough {NET_DEVICE_NAME} rebuilt here from the guest's configuration, \
+             its queues shadowed ({:?} notifications)",
+            engine.options().interception
+        );
+        NetSession::restored(engine, args.nvme.shadow == "continuous")
+    });
+    let device = match (device, net) {
+        (Some(d), Some(n)) => Some(d.with_net(n)),
+        (None, Some(n)) => Some(PassthroughSession::net_only(n)),
+        (d, None) => d,
     };
     let report = crate::session::supervise(
         incoming.vm,

@@ -13,6 +13,7 @@ pub mod irq;
 mod live;
 pub mod memory;
 pub mod net;
+pub mod net_device;
 pub mod net_migrate;
 mod net_poller;
 mod poller;

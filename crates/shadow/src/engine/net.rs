@@ -243,7 +243,7 @@ impl NetEngine {
     }
 
     /// Adds the counters of a session's queues to the totals.
-    fn retire(&self, shared: &NetShared) {
+    pub(super) fn retire(&self, shared: &NetShared) {
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         for q in &shared.lock().queues {
             add_totals(&mut retired, q.q.geometry().index, &q.q.stats());
@@ -515,7 +515,7 @@ impl NetEngine {
         })
     }
 
-    fn release_vectors(&self, w: &irq::Wakeups) {
+    pub(super) fn release_vectors(&self, w: &irq::Wakeups) {
         for v in &w.vectors {
             self.att.release_interrupt(v.vector);
         }
@@ -600,7 +600,7 @@ impl NetEngine {
     /// not, RAM holds the device's, which the device may still be writing (a receive queue
     /// always has buffers) and which hold at least what the guest was given. Then the
     /// notification page and hook go, and guest resets reach the device again.
-    fn give_back(&self, vm: &Vm, a: &mut NetActive) -> Result<()> {
+    pub(super) fn give_back(&self, vm: &Vm, a: &mut NetActive) -> Result<()> {
         let slots = vm.memory_slots();
         let ram = vm.ram();
         let guest_parts: Vec<Range<u64>> = a

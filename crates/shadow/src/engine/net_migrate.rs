@@ -6,7 +6,10 @@
 //! its device (which then writes no guest memory) and puts the guest's view of the ring pages
 //! into RAM, so RAM as sent holds what the guest sees. Receive buffers in flight stay the
 //! guest's: the destination gives them to its device again. The destination's device starts
-//! at index 0, so its queues stay shadowed, translating positions.
+//! at index 0, so its queues stay shadowed, translating positions. A migration that fails
+//! after the save has the source's device programmed again the same way
+//! ([`NetEngine::reinstate`]). The migration protocol's side is
+//! [`net_device`](super::net_device).
 use serde::{Deserialize, Serialize};
 use virtio_spec::pci::NO_VECTOR;
 use vmm::Vm;
@@ -19,6 +22,10 @@ use crate::{
     virtio::{VirtQueue, VirtqState},
     Buffers, Error, Result, RingAdapter,
 };
+
+/// How long the switchover waits for the device to finish the packets it was given to send
+/// before it says "not ready" (the vCPUs are paused meanwhile).
+const SWITCHOVER_DRAIN: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Most queues a saved device may list.
 const MAX_QUEUES: usize = 16;
@@ -50,17 +57,69 @@ impl NetEngine {
         let a = a
             .as_ref()
             .ok_or_else(|| Error::Engine("switchover outside shadow mode".into()))?;
-        let mut run = a.shared.lock();
-        for q in &mut run.queues {
+        for q in &mut a.shared.lock().queues {
             q.q.hold(true);
         }
-        let reads: usize = run.queues.iter().map(|q| q.q.in_flight_with_reads()).sum();
-        if reads > 0 {
-            return Err(Error::Engine(format!(
-                "{reads} chain(s) the device reads are still in flight"
-            )));
+        // The device sends what it was given in microseconds and the poller forwards its
+        // completions: wait for that a little (bounded) rather than have the migration give
+        // the vCPUs back, which would stretch the pause the guest's peers see.
+        let t0 = std::time::Instant::now();
+        loop {
+            let reads: usize = {
+                let run = a.shared.lock();
+                run.queues.iter().map(|q| q.q.in_flight_with_reads()).sum()
+            };
+            if reads == 0 {
+                return Ok(());
+            }
+            if t0.elapsed() >= SWITCHOVER_DRAIN {
+                return Err(Error::Engine(format!(
+                    "{reads} chain(s) the device reads are still in flight"
+                )));
+            }
+            a.shared
+                .kick
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = a.shared.wakeups.wake.write(1);
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
-        Ok(())
+    }
+
+    /// Source, vCPUs paused, before [`NetEngine::save`]: lets frames already on their way
+    /// to the guest land. The device keeps receiving into the buffers it holds (the pages are
+    /// recorded dirty and sent with the last round) until no frame arrived for `quiet`, at
+    /// most `max`: a peer answering the guest's last packets (sent just before the pause)
+    /// gets its answer into this guest instead of into a device about to be reset, whose wire
+    /// nobody reads any more. Returns how long it waited.
+    pub fn settle_receive(
+        &self,
+        quiet: std::time::Duration,
+        max: std::time::Duration,
+    ) -> std::time::Duration {
+        let g = self.active_guard();
+        let t0 = std::time::Instant::now();
+        let Some(a) = g.as_ref() else {
+            return t0.elapsed();
+        };
+        let completed = || -> u64 {
+            a.shared
+                .lock()
+                .queues
+                .iter()
+                .map(|q| q.q.stats().completed)
+                .sum()
+        };
+        let mut last = completed();
+        let mut since = std::time::Instant::now();
+        while since.elapsed() < quiet && t0.elapsed() < max {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            let now = completed();
+            if now != last {
+                last = now;
+                since = std::time::Instant::now();
+            }
+        }
+        t0.elapsed()
     }
 
     /// Source, vCPUs paused, once [`NetEngine::ready_for_switchover`] passed: stops the
@@ -139,6 +198,51 @@ impl NetEngine {
         vm: &Vm,
         saved: &NetSavedDevice,
     ) -> Result<NetEngine> {
+        let engine = NetEngine::new(att, opts)?;
+        let active = engine.rebuild(vm, saved)?;
+        engine.set_active(active);
+        Ok(engine)
+    }
+
+    /// Source, after [`NetEngine::save`] (vCPUs still paused), when the migration failed: the
+    /// VM keeps running here with its device working. The session that was saved is let go
+    /// (RAM already holds the guest's view of the rings), and the device — reset by the save —
+    /// is programmed again and shadowed from `saved` exactly as a destination's would be: the
+    /// receive buffers it held are given to it again, and the guest's indexes carry on.
+    pub fn reinstate(&self, vm: &Vm, saved: &NetSavedDevice) -> Result<()> {
+        let mut guard = self.active_guard();
+        if let Some(mut a) = guard.take() {
+            Self::stop_poller(&mut a);
+            self.give_back(vm, &mut a)?;
+            self.retire(&a.shared);
+            self.release_vectors(&a.shared.wakeups);
+        }
+        drop(guard);
+        let active = self.rebuild(vm, saved)?;
+        self.set_active(active);
+        tracing::info!("virtio-net device programmed again from its saved state; shadowed");
+        Ok(())
+    }
+
+    /// Source, vCPUs paused, when the migration failed before [`NetEngine::save`]: the queues
+    /// held by [`NetEngine::ready_for_switchover`] take the guest's chains again.
+    pub fn release_hold(&self) {
+        let g = self.active_guard();
+        if let Some(a) = g.as_ref() {
+            for q in &mut a.shared.lock().queues {
+                q.q.hold(false);
+            }
+            a.shared
+                .kick
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = a.shared.wakeups.wake.write(1);
+        }
+    }
+
+    /// Checks `saved` (hostile) and builds a shadow session of this engine's device from it;
+    /// see [`NetEngine::restore`].
+    fn rebuild(&self, vm: &Vm, saved: &NetSavedDevice) -> Result<super::net::NetActive> {
+        let att = self.attachment().clone();
         let bad = |reason: String| Error::Engine(format!("saved virtio-net state: {reason}"));
         if saved.queues.is_empty() || saved.queues.len() > MAX_QUEUES {
             return Err(bad(format!("{} queues", saved.queues.len())));
@@ -154,7 +258,6 @@ impl NetEngine {
                 return Err(bad(format!("queue {} twice", q.place.geo.index)));
             }
         }
-        let engine = NetEngine::new(att.clone(), opts)?;
         // Where to notify is this device's business, not the state's: its own
         // `queue_notify_off` for each queue (a queue it lacks is refused).
         let here = att
@@ -188,7 +291,7 @@ impl NetEngine {
                 notify_off: p.notify_off,
             })
             .collect();
-        let active = engine.install(vm, &places, |bufs| {
+        self.install(vm, &places, |bufs| {
             let mut queues = saved
                 .queues
                 .iter()
@@ -225,8 +328,6 @@ impl NetEngine {
                 }
             }
             Ok(queues)
-        })?;
-        engine.set_active(active);
-        Ok(engine)
+        })
     }
 }

@@ -224,6 +224,7 @@ fn net_run(
             &DeviceConfig {
                 socket: socket.clone(),
                 mac: GUEST_MAC,
+                announce: false,
             },
             Box::new(dev_end),
         )

@@ -11,6 +11,7 @@
 //! 5. connects two VMs on two hosts over virtual RDMA (`demo_vrdma.rs`);
 //! 6. prints a report.
 
+mod net_phase;
 mod nvme_phase;
 mod rdma_phase;
 
@@ -47,6 +48,7 @@ struct DemoReport {
     destination: Option<serde_json::Value>,
     write_rate_per_s: f64,
     nvme: nvme_phase::NvmeMigration,
+    net: net_phase::NetMigration,
     vrdma: rdma_phase::VrdmaDemo,
 }
 
@@ -116,6 +118,9 @@ pub(crate) fn start_destination(
 pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     vmm::memory::validate_ram_size(args.memory)?;
     let signals = SignalState::install()?;
+    // Before any session installs a system-call filter on this thread (and so on the threads
+    // it starts): the virtio-net phase's peer joins a network namespace.
+    let net_peer = net_phase::Peer::start()?;
     let image = Arc::new(guest_image::GUEST_ELF.to_vec());
     let echo = !args.json;
     let (console, prefix) = if echo {
@@ -189,7 +194,10 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
     let nvme = nvme_phase::run(&base.console, &base.console_prefix, echo, &signals)
         .context("passthrough NVMe migration")?;
 
-    // 5. virtual RDMA: two hosts, a VM on each, connected through both multiplexers
+    // 5. a VM with a passthrough virtio-net NIC, live-migrated under a UDP stream (root only)
+    let net = net_phase::run(net_peer, echo, &signals);
+
+    // 6. virtual RDMA: two hosts, a VM on each, connected through both multiplexers
     let vrdma = rdma_phase::run().context("virtual RDMA phase")?;
 
     let verified_mid = source.verifications.first().is_some_and(|v| v.status == 0);
@@ -209,6 +217,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         && source.outcome == "migrated"
         && dest_ok
         && nvme.pass()
+        && net.pass()
         && vrdma.pass;
     let total_writes = destination
         .as_ref()
@@ -225,6 +234,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         destination,
         write_rate_per_s: total_writes as f64 / duration.as_secs_f64(),
         nvme,
+        net,
         vrdma,
     };
     if args.json {
@@ -404,6 +414,7 @@ fn print_report(r: &DemoReport) {
         None => println!("  destination   FAILED (no report)"),
     }
     nvme_phase::print(&r.nvme);
+    net_phase::print(&r.net);
     rdma_phase::print(&r.vrdma);
     println!(
         "  unclaimed     {} port and {} MMIO accesses answered with all ones",
