@@ -3,8 +3,12 @@
 //! the guest as host memory (no VM exit per doorbell), and the device thread that runs the
 //! queues when nobody else does.
 //!
-//! **Doorbells without exits, work without hand-offs.** A VM exit costs ~28 µs on Ferry's
-//! machines (more under load), so the UAR page is a host page in a KVM memory slot: the
+//! **Doorbells without exits, work without hand-offs.** A VM exit costs ~28-40 µs on Ferry's
+//! machines (more under load; measured from the guest on 2026-12-05: an MMIO read or write
+//! or a port write that returns to the VMM ~40 µs, an MMIO write KVM completes in the kernel
+//! through an ioeventfd ~15 µs — most of an exit is KVM_RUN's return to user space and
+//! re-entry, `vcpu_put`/`vcpu_load` on the nested PVM host), so the UAR page is a host page
+//! in a KVM memory slot: the
 //! guest's doorbell writes land in memory, and the rings in guest memory are the source of
 //! truth. On a machine with few cores every hand-off between threads waits for a scheduler
 //! slice, so the work is done on the thread that has it: what arrives (a MAD the

@@ -315,6 +315,18 @@ impl Guest {
         self.mem.store_u32(qp_pages[0] + 8, i + 1).unwrap();
     }
 
+    /// INIT → RTR → RTS, each accepted.
+    fn move_to_rts(&mut self, qpn: u32) {
+        for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
+            assert_eq!(self.modify(qpn, s), 0);
+        }
+    }
+
+    /// Posts a QP1 send of `length` bytes at `addr` to QP1 of `gid(9)`.
+    fn post_mad(&self, qp_pages: &[u64], i: u32, addr: u64, length: u32, lkey: u32) {
+        self.post_send(qp_pages, i, gid(9), 1, abi::Sge { addr, length, lkey });
+    }
+
     fn post_send(&self, qp_pages: &[u64], i: u32, dgid: Gid, dqpn: u32, sge: abi::Sge) {
         let at = qp_pages[1] + 128 * i as u64;
         let h = abi::SqWqeHdr {
@@ -354,23 +366,11 @@ fn gsi_queue_pair_sends_and_receives_mads() {
     let (cq, cq_pages) = g.create_cq(64);
     let (e, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
     assert_eq!((e, qpn), (0, 1));
-    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
-        assert_eq!(g.modify(qpn, s), 0);
-    }
+    g.move_to_rts(qpn);
     // Send a MAD.
     let buf = g.page();
     g.mem.write(buf, &[0x11; 256]).unwrap();
-    g.post_send(
-        &qp_pages,
-        0,
-        gid(9),
-        1,
-        abi::Sge {
-            addr: buf,
-            length: 256,
-            lkey,
-        },
-    );
+    g.post_mad(&qp_pages, 0, buf, 256, lkey);
     g.dev.poll();
     assert_eq!(g.backend.mads.lock().unwrap().len(), 1);
     // Inbound MAD: refused while no buffer, accepted once one is posted.
@@ -420,6 +420,78 @@ fn gsi_queue_pair_sends_and_receives_mads() {
     assert!(g.backend.bound.lock().unwrap().is_empty());
 }
 
+/// A backend whose peer answers every MAD at once, inside the send (as a loopback answer can
+/// come back before the device's pass ends).
+struct AnsweringBackend {
+    inner: Arc<FakeBackend>,
+    inbox: Mutex<Option<Arc<MadInbox>>>,
+    /// Whether each answer was taken (the guest had a receive buffer the device knew of).
+    taken: Mutex<Vec<bool>>,
+}
+
+impl RdmaBackend for AnsweringBackend {
+    fn bind_gid(&self, gid: Gid) -> Result<(), BackendError> {
+        self.inner.bind_gid(gid)
+    }
+    fn unbind_gid(&self, gid: Gid) -> Result<(), BackendError> {
+        self.inner.unbind_gid(gid)
+    }
+    fn send_mad(&self, sgid: Gid, dgid: Gid, mad: &[u8]) -> Result<(), BackendError> {
+        self.inner.send_mad(sgid, dgid, mad)?;
+        if let Some(inbox) = &*self.inbox.lock().unwrap() {
+            let ok = inbox.deliver(&[0xbb; GRH_LEN], &[0x33; 256]).is_ok();
+            self.taken.lock().unwrap().push(ok);
+        }
+        Ok(())
+    }
+    fn receive_buffers_posted(&self) {}
+    fn create_ud_qp(&self, gid: Gid, qkey: u32) -> Result<Box<dyn UdQueue>, BackendError> {
+        self.inner.create_ud_qp(gid, qkey)
+    }
+}
+
+#[test]
+fn an_answer_that_comes_back_during_the_send_finds_the_receive_buffers() {
+    // The guest posts its QP1 receive buffers and its first MAD between two passes of the
+    // device (a fresh VM connecting); the answer arrives while the pass is still sending.
+    let inner = Arc::new(FakeBackend::default());
+    let answering = Arc::new(AnsweringBackend {
+        inner: inner.clone(),
+        inbox: Mutex::new(None),
+        taken: Mutex::new(Vec::new()),
+    });
+    let mut g = Guest::with_backend(inner, answering.clone());
+    *answering.inbox.lock().unwrap() = Some(g.inbox.clone());
+    assert_eq!(g.bind(0, gid(1)), 0);
+    let pd = g.create_pd();
+    let lkey = g.dma_mr(pd);
+    let (cq, cq_pages) = g.create_cq(64);
+    let (_, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
+    g.move_to_rts(qpn);
+    g.dev.poll();
+    let rbuf = g.page();
+    g.post_recv(&qp_pages, 0, rbuf, 296, lkey);
+    let buf = g.page();
+    g.mem.write(buf, &[0x11; 256]).unwrap();
+    g.post_mad(&qp_pages, 0, buf, 256, lkey);
+    g.dev.poll();
+    assert_eq!(
+        answering.taken.lock().unwrap().as_slice(),
+        &[true],
+        "the answer was refused for lack of a buffer the guest had posted"
+    );
+    g.dev.poll_receives();
+    let recv: Vec<_> = g
+        .cqes(&cq_pages)
+        .into_iter()
+        .filter(|c| c.opcode == abi::wc_opcode::RECV)
+        .collect();
+    assert_eq!(recv.len(), 1);
+    let mut got = [0u8; 296];
+    g.mem.read(rbuf, &mut got).unwrap();
+    assert_eq!(&got[40..], &[0x33; 256]);
+}
+
 #[test]
 fn ud_queue_pair_maps_to_a_host_queue_pair() {
     let mut g = Guest::new(FakeBackend::default());
@@ -431,9 +503,7 @@ fn ud_queue_pair_maps_to_a_host_queue_pair() {
     assert_eq!(g.bind(0, gid(1)), 0);
     let (e, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::UD);
     assert_eq!((e, qpn), (0, 0x42));
-    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
-        assert_eq!(g.modify(qpn, s), 0);
-    }
+    g.move_to_rts(qpn);
     let buf = g.page();
     g.mem.write(buf, b"hello").unwrap();
     g.post_send(
@@ -472,7 +542,12 @@ fn ud_queue_pair_maps_to_a_host_queue_pair() {
     let tail = g.mem.load_u32(cq_pages[0] + 8).unwrap();
     g.mem.store_u32(cq_pages[0] + 12, tail).unwrap();
     assert!(!g.dev.completions_pending());
-    assert_eq!((cqes[1].byte_len, cqes[1].src_qp), (45, 0x99));
+    // One pass runs the receives, then the sends.
+    assert_eq!(
+        cqes.iter().map(|c| c.opcode).collect::<Vec<_>>(),
+        [abi::wc_opcode::RECV, abi::wc_opcode::SEND]
+    );
+    assert_eq!((cqes[0].byte_len, cqes[0].src_qp), (45, 0x99));
     let mut got = [0u8; 5];
     g.mem.read(rbuf + 40, &mut got).unwrap();
     assert_eq!(&got, b"world");
@@ -634,44 +709,12 @@ fn hostile_work_requests_and_ring_indexes() {
     let lkey = g.dma_mr(pd);
     let (cq, cq_pages) = g.create_cq(16);
     let (_, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
-    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
-        assert_eq!(g.modify(qpn, s), 0);
-    }
+    g.move_to_rts(qpn);
     let buf = g.page();
     // Bad lkey, buffer outside RAM, wrong length for a MAD, unbound GID index.
-    g.post_send(
-        &qp_pages,
-        0,
-        gid(9),
-        1,
-        abi::Sge {
-            addr: buf,
-            length: 256,
-            lkey: 0xbad,
-        },
-    );
-    g.post_send(
-        &qp_pages,
-        1,
-        gid(9),
-        1,
-        abi::Sge {
-            addr: MEM as u64 - 8,
-            length: 256,
-            lkey,
-        },
-    );
-    g.post_send(
-        &qp_pages,
-        2,
-        gid(9),
-        1,
-        abi::Sge {
-            addr: buf,
-            length: 100,
-            lkey,
-        },
-    );
+    g.post_mad(&qp_pages, 0, buf, 256, 0xbad);
+    g.post_mad(&qp_pages, 1, MEM as u64 - 8, 256, lkey);
+    g.post_mad(&qp_pages, 2, buf, 100, lkey);
     g.dev.poll();
     let st: Vec<u32> = g.cqes(&cq_pages).iter().map(|c| c.status).collect();
     assert_eq!(
@@ -702,21 +745,9 @@ fn hostile_work_requests_and_ring_indexes() {
     // A CQ whose indexes are garbage stops taking completions, without harm.
     g.mem.store_u32(cq_pages[0] + 8, 0x7777_7777).unwrap();
     assert_eq!(g.modify(qpn, qp_state::RESET), 0);
-    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
-        assert_eq!(g.modify(qpn, s), 0);
-    }
+    g.move_to_rts(qpn);
     g.mem.write(buf, &[0; 256]).unwrap();
-    g.post_send(
-        &qp_pages,
-        0,
-        gid(9),
-        1,
-        abi::Sge {
-            addr: buf,
-            length: 256,
-            lkey,
-        },
-    );
+    g.post_mad(&qp_pages, 0, buf, 256, lkey);
     g.dev.poll();
     assert_eq!(g.backend.mads.lock().unwrap().len(), 1);
     assert!(g.dev.stats().cq_overflows >= 1);
@@ -775,34 +806,12 @@ fn msix_vectors_for_responses_and_armed_cqs() {
     assert_eq!(g.bind(0, gid(1)), 0);
     let (cq, _) = g.create_cq(16);
     let (_, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
-    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
-        assert_eq!(g.modify(qpn, s), 0);
-    }
+    g.move_to_rts(qpn);
     g.dev.cq_doorbell(cq | abi::PVRDMA_UAR_CQ_ARM);
     msis.0.lock().unwrap().clear();
     let buf = g.page();
-    g.post_send(
-        &qp_pages,
-        0,
-        gid(9),
-        1,
-        abi::Sge {
-            addr: buf,
-            length: 256,
-            lkey,
-        },
-    );
-    g.post_send(
-        &qp_pages,
-        1,
-        gid(9),
-        1,
-        abi::Sge {
-            addr: buf,
-            length: 256,
-            lkey,
-        },
-    );
+    g.post_mad(&qp_pages, 0, buf, 256, lkey);
+    g.post_mad(&qp_pages, 1, buf, 256, lkey);
     g.dev.poll();
     assert_eq!(msis.0.lock().unwrap().as_slice(), &[(0xfee0_0000, 0x42)]);
 }
@@ -815,9 +824,7 @@ fn random_garbage_in_commands_rings_and_page_directories_never_breaks_the_device
     let lkey = g.dma_mr(pd);
     let (cq, cq_pages) = g.create_cq(16);
     let (_, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::GSI);
-    for s in [qp_state::INIT, qp_state::RTR, qp_state::RTS] {
-        assert_eq!(g.modify(qpn, s), 0);
-    }
+    g.move_to_rts(qpn);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut rnd = move || {
         x ^= x << 13;

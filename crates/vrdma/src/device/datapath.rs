@@ -4,16 +4,23 @@
 use super::*;
 
 impl Device {
-    /// Runs the queues once: sends, UD receives, QP1 receives. Returns the work done.
+    /// Runs the queues once: UD and QP1 receives, then sends. Returns the work done.
+    ///
+    /// Receives first: they refresh the QP1 receive credits the multiplexer's deliveries
+    /// need ([`crate::MadInbox`]), so the answer to a MAD sent here finds them up to date
+    /// even when it comes back before this pass ends (on loopback it can): otherwise it
+    /// would wait in the multiplexer's queue for the next pass.
     pub fn poll(&mut self) -> usize {
         if self.dsr_gpa.is_none() {
             return 0;
         }
         let handles: Vec<u32> = self.qps.keys().copied().collect();
         let mut work = 0;
+        for &h in &handles {
+            work += self.receive(h, true);
+        }
         for h in handles {
             work += self.process_sq(h);
-            work += self.receive(h, true);
         }
         work
     }
