@@ -797,7 +797,8 @@ fn run(
         // Devices' pre-copy states go out once each, as soon as they have them: the
         // destination prepares the device with them while memory still arrives. A Sync
         // after them waits for that work, so it counts in neither the drain nor the trip.
-        if send_precopy(vm, devices, tx, &mut precopy_sent)? && tx.channels.is_some() {
+        let precopy_now = send_precopy(vm, devices, tx, &mut precopy_sent)?;
+        if precopy_now && tx.channels.is_some() {
             let t = Instant::now();
             sync(tx, &mut buf)?;
             tracing::debug!(ms = ms(t.elapsed()), "destination took the pre-copy states");
@@ -827,8 +828,10 @@ fn run(
         );
         prog.round = round;
         prog.dirty_pages = n;
-        // A target of zero means: no early switchover, run the rounds up to the limit.
-        if !opts.downtime.is_zero() && predicted <= opts.downtime {
+        // A target of zero means: no early switchover, run the rounds up to the limit. Right
+        // after pre-copy states went out, the guest dirtied memory while the destination
+        // prepared its devices: that goes out in one more round, not in the downtime.
+        if !opts.downtime.is_zero() && predicted <= opts.downtime && !precopy_now {
             progress(&prog);
             break dirty;
         }
