@@ -27,6 +27,15 @@ const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
 const PORT: u16 = 7777;
 
+/// One test of this file at a time: each runs a VM, its device processes and a peer, and the
+/// migration tests bound the peer's gap by the downtime; a second such test on the same two
+/// cores would stretch the gaps it measures with its own load. A test that failed (poisoned
+/// the lock) does not fail the next one.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
@@ -215,6 +224,7 @@ fn exit_stats(dev: Proc, dev_err: &Stream) -> serde_json::Value {
 
 #[test]
 fn ping_and_udp_reach_a_vm_through_the_passthrough_nic() {
+    let _serial = serial();
     let dir = TempDir::new("virtio-net");
     let ns = NetNs::new("vnet");
     let mut s = start(&ns, &dir, "net-echo", &[]);
@@ -300,6 +310,7 @@ fn stream_datagram(magic: &[u8; 4], seed: u8, seq: u32, len: usize) -> Vec<u8> {
 
 #[test]
 fn a_sequenced_udp_stream_crosses_both_ways_intact() {
+    let _serial = serial();
     stream("vnets", &[]);
 }
 
@@ -308,6 +319,7 @@ fn a_sequenced_udp_stream_crosses_both_ways_intact() {
 /// every used entry was translated back, and the receive buffers were recorded as dirty.
 #[test]
 fn a_sequenced_udp_stream_crosses_intact_with_the_queues_shadowed_poll() {
+    let _serial = serial();
     let report = stream("vnetp", &["--shadow-doorbells", "poll"]);
     check_shadowed(&report, "Poll", 400);
 }
@@ -315,6 +327,7 @@ fn a_sequenced_udp_stream_crosses_intact_with_the_queues_shadowed_poll() {
 /// As above with every notification trapped and forwarded on the notifying vCPU.
 #[test]
 fn a_sequenced_udp_stream_crosses_intact_with_the_queues_shadowed_trap() {
+    let _serial = serial();
     let report = stream("vnett", &["--shadow-doorbells", "trap"]);
     check_shadowed(&report, "Trap", 400);
     assert!(
@@ -492,6 +505,7 @@ fn run_vm(
 /// exits 0 on SIGTERM and reports each class of error it counted.
 #[test]
 fn a_hostile_guest_garbling_the_rings_is_refused_and_counted_and_everything_survives() {
+    let _serial = serial();
     let (_, stats) = hostile("vnhost", &[]);
     // Each class of garbage counted where it belongs, exactly as often as net-hostile sent
     // it (every garbled RX chain takes exactly one frame, whoever sent it).
@@ -534,12 +548,14 @@ fn a_hostile_guest_garbling_the_rings_is_refused_and_counted_and_everything_surv
 /// refuses the garbled chains before the device sees them and counts each class.
 #[test]
 fn a_hostile_guest_is_refused_by_the_shadow_engine_poll() {
+    let _serial = serial();
     hostile_shadowed("vnhsp", "poll");
 }
 
 /// As above with every notification trapped and forwarded on the notifying vCPU.
 #[test]
 fn a_hostile_guest_is_refused_by_the_shadow_engine_trap() {
+    let _serial = serial();
     hostile_shadowed("vnhst", "trap");
 }
 
@@ -879,12 +895,14 @@ fn stream_peer(
 /// the last of these tests).
 #[test]
 fn a_vm_streaming_udp_migrates_to_another_nic_on_the_same_network() {
+    let _serial = serial();
     migrate_streaming("vnmig", &["--shadow", "continuous"], true);
 }
 
 /// As above with the notifications trapped and forwarded on the notifying vCPU.
 #[test]
 fn a_vm_streaming_udp_migrates_with_trapped_notifications() {
+    let _serial = serial();
     migrate_streaming(
         "vnmigt",
         &["--shadow", "continuous", "--shadow-doorbells", "trap"],
@@ -897,6 +915,7 @@ fn a_vm_streaming_udp_migrates_with_trapped_notifications() {
 /// the entry's pause can exceed; the gap is printed.
 #[test]
 fn a_vm_streaming_udp_migrates_entering_shadow_mode_at_the_migration() {
+    let _serial = serial();
     migrate_streaming("vnmige", &[], false);
 }
 
@@ -912,6 +931,7 @@ fn ms(d: Duration) -> f64 {
 /// no VM runs on the destination.
 #[test]
 fn a_migration_failing_after_the_nic_was_saved_leaves_the_vm_streaming_on_the_source() {
+    let _serial = serial();
     migrate_streaming_with("vnmigr", &["--shadow", "continuous"], true, true);
 }
 
