@@ -253,6 +253,13 @@ pub struct BenchNvmeArgs {
     #[arg(long, value_delimiter = ',', default_values_t = ["adaptive".to_string(), "spin".to_string()],
           value_parser = ["adaptive", "spin"])]
     pub device: Vec<String>,
+    /// Measurements per device mode and queue depth: pairs of runs, host and guest side by
+    /// side (the order alternating), reported as medians with the spread of the ratios.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub runs: u32,
+    /// Measure one side only (for profiling it): `guest` or `host`.
+    #[arg(long, value_parser = ["guest", "host"])]
+    pub only: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

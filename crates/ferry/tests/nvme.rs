@@ -381,8 +381,26 @@ fn attaching_to_a_missing_socket_is_a_clear_error() {
 }
 
 #[test]
+fn bench_nvme_only_one_side_runs_that_side_alone() {
+    let out = run(&[
+        "bench", "nvme", "--ios", "200", "--qd", "1", "--device", "spin", "--only", "guest",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let rows = report["runs"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{report}");
+    assert_eq!(rows[0]["guest"]["ios"], 200, "{report}");
+    assert_eq!(
+        rows[0]["host"]["ios"], 0,
+        "the host client did not run: {report}"
+    );
+    // No idle measurement when profiling one side.
+    assert_eq!(report["idle"].as_array().unwrap().len(), 0, "{report}");
+}
+
+#[test]
 fn bench_nvme_compares_the_guest_with_a_host_client() {
-    let out = run(&["bench", "nvme", "--ios", "300", "--json"]);
+    let out = run(&["bench", "nvme", "--ios", "300", "--runs", "2", "--json"]);
     let stdout = ok(&out);
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     // Both device modes (adaptive polling, always spinning), each at both queue depths.
@@ -395,6 +413,10 @@ fn bench_nvme_compares_the_guest_with_a_host_client() {
         assert_eq!(r["guest"]["ios"], 300, "{r}");
         assert_eq!(r["host"]["ios"], 300, "{r}");
         assert!(r["iops_ratio"].as_f64().unwrap() > 0.0, "{r}");
+        // Two pairs of runs, each with its own ratio.
+        let ratios = r["ratios"].as_array().unwrap();
+        assert_eq!(ratios.len(), 2, "{r}");
+        assert!(ratios.iter().all(|x| x.as_f64().unwrap() > 0.0), "{r}");
     }
     // The idle device's CPU is measured for each mode.
     let idle = report["idle"].as_array().unwrap();

@@ -251,6 +251,10 @@ pub const NVME_ADMIN_POLL: u32 = 16;
 /// checked: queue, slot, tag, status). For speed measurements against a host-side client that
 /// does not look at the data either (`ferry bench nvme`); only with 100% reads.
 pub const NVME_NO_DATA_CHECK: u32 = 32;
+/// `NvmeArgs::flags`: random I/O starts at multiples of the smallest I/O size within the region
+/// (4 KiB reads on 4 KiB boundaries, as a host-side benchmark issues them and as fio does by
+/// default). Without it a random I/O may start at any block.
+pub const NVME_ALIGNED: u32 = 64;
 
 /// The boot parameter block.
 #[repr(C)]

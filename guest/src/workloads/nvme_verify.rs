@@ -13,8 +13,8 @@
 //! device writes memory KVM does not see.
 use guest_abi::{
     params::{
-        status, NVME_ADMIN_POLL, NVME_ADOPT_EXISTING, NVME_INTERRUPTS, NVME_NO_DATA_CHECK,
-        NVME_NO_FINAL_VERIFY, NVME_WITH_DIRTY, OFF_PROGRESS, READS_DEFAULT,
+        status, NVME_ADMIN_POLL, NVME_ADOPT_EXISTING, NVME_ALIGNED, NVME_INTERRUPTS,
+        NVME_NO_DATA_CHECK, NVME_NO_FINAL_VERIFY, NVME_WITH_DIRTY, OFF_PROGRESS, READS_DEFAULT,
     },
     BootParams,
 };
@@ -196,6 +196,8 @@ struct Run {
     region_blocks: u64,
     min_blocks: u32,
     max_blocks: u32,
+    /// Random I/O starts at multiples of this many blocks (`NVME_ALIGNED`: `min_blocks`, else 1).
+    align: u64,
     read_pct: u64,
     rng: u64,
     reads: u64,
@@ -270,7 +272,9 @@ impl Run {
                 let blocks = self.min_blocks + (self.rand() % span) as u32;
                 let mut pick = None;
                 for _ in 0..4 {
-                    let rel = self.rand() % (self.region_blocks - blocks as u64 + 1);
+                    // Starts rel with rel % align == 0 and rel + blocks <= region_blocks.
+                    let starts = (self.region_blocks - blocks as u64) / self.align + 1;
+                    let rel = self.rand() % starts * self.align;
                     if (rel..rel + blocks as u64).all(|b| self.busy[b as usize] == 0) {
                         pick = Some(rel);
                         break;
@@ -706,6 +710,11 @@ pub fn run(p: &BootParams) -> u32 {
         region_blocks,
         min_blocks: (io_min / bs) as u32,
         max_blocks,
+        align: if a.flags & NVME_ALIGNED != 0 {
+            (io_min / bs).max(1)
+        } else {
+            1
+        },
         read_pct,
         rng: p.args.seed | 1,
         reads: 0,

@@ -1,14 +1,18 @@
 //! `ferry bench nvme`: 4 KiB random reads on the stand-in NVMe device at each queue depth, once
 //! issued by the guest through the passthrough attachment and once by a host-side vfio-user
 //! client in this process (the baseline), each against a fresh device process on the same
-//! backing file. Reports IOPS and latency and the ratio guest / host, for each polling mode of
-//! the device (adaptive, the default, and always-spin `--poll`), and the CPU the device process
-//! uses while idle (a client attached, its queues live, no I/O) in each mode.
+//! backing file (read once before the first run, so that every run finds it in the page cache),
+//! both reading 4 KiB on 4 KiB boundaries. Reports IOPS and latency and the ratio guest / host,
+//! for each polling mode of the device (adaptive, the default, and always-spin `--poll`), and
+//! the CPU the device process uses while idle (a client attached, its queues live, no I/O) in
+//! each mode. `--runs N` makes N pairs of runs per mode and depth (the order of the two sides
+//! alternating) and reports the medians and the spread of the ratios; `--only` runs one side
+//! (to profile it).
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
 use guest_abi::{
-    params::{NvmeArgs, NVME_NO_DATA_CHECK, NVME_NO_FINAL_VERIFY},
+    params::{NvmeArgs, NVME_ALIGNED, NVME_NO_DATA_CHECK, NVME_NO_FINAL_VERIFY},
     Workload, WorkloadArgs,
 };
 use passthrough::host_client::{HostClient, RunStats};
@@ -26,10 +30,45 @@ use crate::{
 struct Row {
     device: String,
     qd: u16,
+    /// The guest's run of median IOPS.
     guest: RunStats,
+    /// The host client's run of median IOPS.
     host: RunStats,
+    /// Median of the pairs' IOPS ratios (guest / host).
     iops_ratio: f64,
+    /// Median of the pairs' p50 latency ratios.
     p50_ratio: f64,
+    /// Every pair's IOPS ratio, in run order.
+    ratios: Vec<f64>,
+}
+
+/// The median of `v` (the mean of the two middle values for an even count); 0 when empty.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The run of median IOPS among `runs` (the lower middle one for an even count).
+fn median_run(runs: &[RunStats]) -> Option<RunStats> {
+    let mut v = runs.to_vec();
+    v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    v.get(v.len().saturating_sub(1) / 2).cloned()
+}
+
+/// A run that was not made (`--only`): all zeros.
+fn skipped() -> RunStats {
+    RunStats {
+        ios: 0,
+        seconds: 0.0,
+        iops: 0.0,
+        p50_us: 0.0,
+        p99_us: 0.0,
+    }
 }
 
 #[derive(Serialize)]
@@ -65,7 +104,9 @@ fn guest_run(
                 lba_count: blocks,
                 read_percent: 100,
                 // Neither side reads the data: the host client does not look at it either.
-                flags: NVME_NO_FINAL_VERIFY | NVME_NO_DATA_CHECK,
+                // Both read 4 KiB on 4 KiB boundaries: a read that straddles two pages of the
+                // backing file costs the device ~25% more (two page-cache pages to copy from).
+                flags: NVME_NO_FINAL_VERIFY | NVME_NO_DATA_CHECK | NVME_ALIGNED,
                 io_min_bytes: 4096,
                 io_max_bytes: 4096,
             },
@@ -159,6 +200,26 @@ fn host_run(dev: &DeviceNvmeArgs, qd: u16, ios: u64, blocks: u64) -> anyhow::Res
     Ok(r)
 }
 
+/// Creates the backing file of `size` bytes and reads it once, so that the first measured run
+/// (the host client's) does not pay for filling the page cache that every later run, the
+/// guest's included, finds filled.
+fn warm_backing(path: &std::path::Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    if f.metadata()?.len() < size {
+        f.set_len(size)?;
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf)? > 0 {}
+    Ok(())
+}
+
 pub fn run(args: BenchNvmeArgs) -> anyhow::Result<i32> {
     if args.ios == 0 || args.qd.is_empty() || args.qd.iter().any(|&q| q == 0 || q > 255) {
         bail!("--ios must be at least 1 and every --qd in 1..=255");
@@ -177,6 +238,7 @@ pub fn run(args: BenchNvmeArgs) -> anyhow::Result<i32> {
         poll: false,
     };
     let blocks = args.size / 512;
+    warm_backing(&base.backing, args.size)?;
     let mut rows = Vec::new();
     let mut idle = Vec::new();
     for mode in &args.device {
@@ -184,20 +246,45 @@ pub fn run(args: BenchNvmeArgs) -> anyhow::Result<i32> {
             poll: mode == "spin",
             ..base.clone()
         };
-        idle.push(IdleRow {
-            device: mode.clone(),
-            cpu: idle_cpu(&dev)?,
-        });
+        if args.only.is_none() {
+            idle.push(IdleRow {
+                device: mode.clone(),
+                cpu: idle_cpu(&dev)?,
+            });
+        }
         for &qd in &args.qd {
-            let host = host_run(&dev, qd, args.ios, blocks)?;
-            let guest = guest_run(&dev, qd, args.ios, blocks, &signals)?;
+            let (mut hosts, mut guests) = (Vec::new(), Vec::new());
+            let (mut ratios, mut p50s) = (Vec::new(), Vec::new());
+            let (do_host, do_guest) = match args.only.as_deref() {
+                Some("guest") => (false, true),
+                Some("host") => (true, false),
+                _ => (true, true),
+            };
+            for i in 0..args.runs {
+                // Host first in even runs, guest first in odd ones: a drift of the machine's
+                // load over the pair does not always favour the same side.
+                let mut pair = (skipped(), skipped());
+                for side in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+                    if side == 0 && do_host {
+                        pair.0 = host_run(&dev, qd, args.ios, blocks)?;
+                    } else if side == 1 && do_guest {
+                        pair.1 = guest_run(&dev, qd, args.ios, blocks, &signals)?;
+                    }
+                }
+                let (host, guest) = pair;
+                ratios.push(guest.iops / host.iops.max(1e-9));
+                p50s.push(guest.p50_us / host.p50_us.max(1e-9));
+                hosts.push(host);
+                guests.push(guest);
+            }
             rows.push(Row {
                 device: mode.clone(),
                 qd,
-                iops_ratio: guest.iops / host.iops.max(1e-9),
-                p50_ratio: guest.p50_us / host.p50_us.max(1e-9),
-                guest,
-                host,
+                iops_ratio: median(&ratios),
+                p50_ratio: median(&p50s),
+                guest: median_run(&guests).context("no run")?,
+                host: median_run(&hosts).context("no run")?,
+                ratios,
             });
         }
     }
@@ -209,22 +296,47 @@ pub fn run(args: BenchNvmeArgs) -> anyhow::Result<i32> {
         );
     } else {
         println!(
-            "ferry bench nvme: 4 KiB random reads over {} MiB, {} reads per run, stand-in NVMe over vfio-user (DSTRD 9, doorbells mapped)",
+            "ferry bench nvme: 4 KiB random reads over {} MiB, {} reads per run, stand-in NVMe over vfio-user (DSTRD 9, doorbells mapped){}",
             args.size >> 20,
-            args.ios
+            args.ios,
+            if args.runs > 1 {
+                format!("; medians of {} runs per side", args.runs)
+            } else {
+                String::new()
+            }
         );
         println!("  device    QD  side          IOPS    p50 us    p99 us");
         for r in &rows {
             for (side, s) in [("guest", &r.guest), ("host client", &r.host)] {
+                if s.ios > 0 {
+                    println!(
+                        "  {:<8}  {:>2}  {:<11} {:>8.0} {:>9.2} {:>9.2}",
+                        r.device, r.qd, side, s.iops, s.p50_us, s.p99_us
+                    );
+                }
+            }
+            if args.only.is_some() {
+                continue;
+            }
+            if r.ratios.len() > 1 {
+                let lo = r.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = r.ratios.iter().copied().fold(0.0, f64::max);
                 println!(
-                    "  {:<8}  {:>2}  {:<11} {:>8.0} {:>9.2} {:>9.2}",
-                    r.device, r.qd, side, s.iops, s.p50_us, s.p99_us
+                    "  {:<8}  {:>2}  guest / host: IOPS {:.2}x (median of {}, {:.2}-{:.2}), p50 latency {:.2}x",
+                    r.device,
+                    r.qd,
+                    r.iops_ratio,
+                    r.ratios.len(),
+                    lo,
+                    hi,
+                    r.p50_ratio
+                );
+            } else {
+                println!(
+                    "  {:<8}  {:>2}  guest / host: IOPS {:.2}x, p50 latency {:.2}x",
+                    r.device, r.qd, r.iops_ratio, r.p50_ratio
                 );
             }
-            println!(
-                "  {:<8}  {:>2}  guest / host: IOPS {:.2}x, p50 latency {:.2}x",
-                r.device, r.qd, r.iops_ratio, r.p50_ratio
-            );
         }
         for i in &idle {
             println!(
