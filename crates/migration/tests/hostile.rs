@@ -1,6 +1,8 @@
 //! The destination against hostile peers: configurations over the operator's limits, duplicate
 //! device states, runs outside RAM, strangers before the real source (no credentials, wrong
 //! credentials, garbage, a peer that stalls), and TLS with mutual authentication end to end.
+mod common;
+
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
@@ -8,21 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guest_abi::{Workload, WorkloadArgs};
 use migration::{
     source::MigrationConfig,
     wire::{self, Kind, MemoryBatch},
     DestinationOptions, MigrationError, NoDevices, Security, SourceOptions, TlsFiles,
 };
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-use vmm::{devices::serial::ConsoleSink, Vm, VmConfig};
+use vmm::{Vm, VmConfig};
 
 fn config() -> VmConfig {
-    VmConfig {
-        ram_size: 64 << 20,
-        console: ConsoleSink::Null,
-        ..Default::default()
-    }
+    common::config(64 << 20)
 }
 
 /// A destination thread receiving one connection with `opts`; returns its result.
@@ -317,22 +314,7 @@ fn tls(files: &TlsFiles) -> Security {
 }
 
 fn dirty_vm() -> Vm {
-    let cfg = VmConfig {
-        ram_size: 64 << 20,
-        console: ConsoleSink::Null,
-        ..Default::default()
-    };
-    let mut vm = Vm::new(&cfg).unwrap();
-    let args = WorkloadArgs {
-        working_set_bytes: 8 << 20,
-        duration_ms: 0,
-        seed: 3,
-        ..Default::default()
-    };
-    vm.boot(guest_image::GUEST_ELF, Workload::Dirty, args)
-        .unwrap();
-    vm.start().unwrap();
-    vm
+    common::dirty_vm(64 << 20, 8 << 20, 3)
 }
 
 #[test]

@@ -1,46 +1,22 @@
 //! Migration between two VMs in one process over loopback TCP, under the real /dev/kvm.
+mod common;
+
 use std::{
     net::TcpListener,
     time::{Duration, Instant},
 };
 
-use guest_abi::{Workload, WorkloadArgs};
 use migration::{DestinationOptions, NoDevices, SourceOptions};
-use vmm::{devices::serial::ConsoleSink, Vm, VmConfig, VmOutcome};
+use vmm::{Vm, VmConfig, VmOutcome};
+
+use common::{progress, wait_until};
 
 fn config() -> VmConfig {
-    VmConfig {
-        ram_size: 128 << 20,
-        console: ConsoleSink::Null,
-        ..Default::default()
-    }
+    common::config(128 << 20)
 }
 
 fn dirty_vm() -> Vm {
-    let mut vm = Vm::new(&config()).unwrap();
-    let args = WorkloadArgs {
-        working_set_bytes: 32 << 20,
-        duration_ms: 0,
-        seed: 9,
-        ..Default::default()
-    };
-    vm.boot(guest_image::GUEST_ELF, Workload::Dirty, args)
-        .unwrap();
-    vm.start().unwrap();
-    vm
-}
-
-/// Polls `cond` until it holds, for at most a generous minute.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within 60 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn progress(vm: &Vm) -> u64 {
-    vm.mailbox().progress().unwrap()
+    common::dirty_vm(128 << 20, 32 << 20, 9)
 }
 
 /// Waits until the guest made `n` page writes: with n = 4 x the 8192 pages of the working set,

@@ -2,48 +2,25 @@
 //! /dev/kvm: sent once during pre-copy, before the switchover state; devices without one
 //! migrate as before; a destination that fails to take one leaves the VM running on the
 //! source.
+mod common;
+
 use std::{
     net::TcpListener,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use guest_abi::{Workload, WorkloadArgs};
 use migration::{DestinationOptions, DeviceError, DeviceRestorer, MigratableDevice, SourceOptions};
-use vmm::{devices::serial::ConsoleSink, Vm, VmConfig};
+use vmm::{Vm, VmConfig};
+
+use common::{progress, wait_until};
 
 fn config() -> VmConfig {
-    VmConfig {
-        ram_size: 64 << 20,
-        console: ConsoleSink::Null,
-        ..Default::default()
-    }
+    common::config(64 << 20)
 }
 
 fn dirty_vm() -> Vm {
-    let mut vm = Vm::new(&config()).unwrap();
-    let args = WorkloadArgs {
-        working_set_bytes: 8 << 20,
-        duration_ms: 0,
-        seed: 3,
-        ..Default::default()
-    };
-    vm.boot(guest_image::GUEST_ELF, Workload::Dirty, args)
-        .unwrap();
-    vm.start().unwrap();
-    vm
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within 60 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn progress(vm: &Vm) -> u64 {
-    vm.mailbox().progress().unwrap()
+    common::dirty_vm(64 << 20, 8 << 20, 3)
 }
 
 /// A source device whose pre-copy state is ready only from its `ready_at`-th asking on
