@@ -110,7 +110,30 @@ impl HostPages {
             return false;
         }
         // SAFETY: inside the mapping (checked); a racy read of plain bytes.
-        unsafe { std::ptr::copy(self.host.add(offset), buf.as_mut_ptr(), buf.len()) };
+        let src = unsafe { self.host.add(offset) };
+        // A ring index or flags word the other side writes concurrently is read with one load
+        // of its width: `copy` (memmove) reads a 2-byte range as a word and then its last byte
+        // again, and a carry between the two (0x13ff -> 0x1400) gave 0x14ff, an available
+        // index 256 ahead that broke the queue.
+        match buf.len() {
+            2 if (src as usize).is_multiple_of(2) => {
+                // SAFETY: aligned and inside the mapping (checked above).
+                let v = unsafe { std::ptr::read_volatile(src.cast::<u16>()) };
+                buf.copy_from_slice(&v.to_ne_bytes());
+            }
+            4 if (src as usize).is_multiple_of(4) => {
+                // SAFETY: aligned and inside the mapping (checked above).
+                let v = unsafe { std::ptr::read_volatile(src.cast::<u32>()) };
+                buf.copy_from_slice(&v.to_ne_bytes());
+            }
+            8 if (src as usize).is_multiple_of(8) => {
+                // SAFETY: aligned and inside the mapping (checked above).
+                let v = unsafe { std::ptr::read_volatile(src.cast::<u64>()) };
+                buf.copy_from_slice(&v.to_ne_bytes());
+            }
+            // SAFETY: inside the mapping (checked); a racy read of plain bytes.
+            n => unsafe { std::ptr::copy(src, buf.as_mut_ptr(), n) },
+        }
         true
     }
 
@@ -120,7 +143,23 @@ impl HostPages {
             return false;
         }
         // SAFETY: inside the mapping (checked).
-        unsafe { std::ptr::copy(data.as_ptr(), self.host.add(offset), data.len()) };
+        let dst = unsafe { self.host.add(offset) };
+        // An index or flags word the other side reads concurrently is stored with one store
+        // of its width (see `read`).
+        match data.len() {
+            2 if (dst as usize).is_multiple_of(2) => {
+                let v = u16::from_ne_bytes([data[0], data[1]]);
+                // SAFETY: aligned and inside the mapping (checked above).
+                unsafe { std::ptr::write_volatile(dst.cast::<u16>(), v) };
+            }
+            4 if (dst as usize).is_multiple_of(4) => {
+                let v = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+                // SAFETY: aligned and inside the mapping (checked above).
+                unsafe { std::ptr::write_volatile(dst.cast::<u32>(), v) };
+            }
+            // SAFETY: inside the mapping (checked).
+            n => unsafe { std::ptr::copy(data.as_ptr(), dst, n) },
+        }
         true
     }
 
