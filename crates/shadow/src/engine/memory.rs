@@ -157,6 +157,12 @@ impl HostPages {
                 // SAFETY: aligned and inside the mapping (checked above).
                 unsafe { std::ptr::write_volatile(dst.cast::<u32>(), v) };
             }
+            8 if (dst as usize).is_multiple_of(8) => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(data);
+                // SAFETY: aligned and inside the mapping (checked above).
+                unsafe { std::ptr::write_volatile(dst.cast::<u64>(), u64::from_ne_bytes(b)) };
+            }
             // SAFETY: inside the mapping (checked).
             n => unsafe { std::ptr::copy(data.as_ptr(), dst, n) },
         }
@@ -471,5 +477,19 @@ mod tests {
         assert_eq!(p.load_u32(8), Some(7));
         assert_eq!(p.load_u32(4094), None);
         assert!(HostPages::new(100).is_err());
+    }
+
+    #[test]
+    fn every_width_round_trips_aligned_and_unaligned() {
+        let p = HostPages::new(PAGE).unwrap();
+        for len in [1usize, 2, 3, 4, 8, 16] {
+            for offset in [64usize, 65, 66, 68] {
+                let data: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
+                assert!(p.write(offset, &data));
+                let mut back = vec![0u8; len];
+                assert!(p.read(offset, &mut back));
+                assert_eq!(back, data, "{len} bytes at {offset}");
+            }
+        }
     }
 }
