@@ -3,7 +3,7 @@
 //! The controller is driven by two parties: the vfio-user server thread (register accesses,
 //! DMA mappings, interrupts) and the polling thread ([`Controller::poll`]), which reads the
 //! doorbells the driver writes into the shared doorbell pages and processes new commands.
-use std::{collections::BTreeMap, fs::File, io::Write};
+use std::{collections::BTreeMap, fs::File};
 
 use nvme_spec::{
     identify,
@@ -12,13 +12,14 @@ use nvme_spec::{
     Cqe, Sqe, Status, PAGE_SIZE,
 };
 use serde::Serialize;
+use vfio_user_device::{ConfigSpace, Msix};
 
 #[path = "controller_admin.rs"]
 mod admin_commands;
 
 use crate::{
     dma::DmaSpace,
-    layout::{ConfigSpace, MAX_IO_QUEUES, MSIX_VECTORS},
+    layout::{MAX_IO_QUEUES, MSIX_VECTORS},
     namespace::Namespace,
     prp::{self, PrpError},
     stats::Stats,
@@ -172,8 +173,7 @@ pub struct Controller {
     /// DMA regions the client mapped.
     pub dma: DmaSpace,
     doorbells: Doorbells,
-    irqs: Vec<Option<File>>,
-    msix_table: Vec<u8>,
+    msix: Msix,
     /// PCI configuration space.
     pub config: ConfigSpace,
     buf: Vec<u8>,
@@ -200,9 +200,8 @@ impl Controller {
             ns,
             dma: DmaSpace::default(),
             doorbells,
-            irqs: (0..MSIX_VECTORS).map(|_| None).collect(),
-            msix_table: vec![0; MSIX_VECTORS as usize * 16],
-            config: ConfigSpace::new(),
+            msix: Msix::new(crate::layout::MSIX_TABLE, MSIX_VECTORS),
+            config: crate::layout::config_space(),
             buf: vec![0; MAX_TRANSFER as usize],
             stats: Stats::default(),
         }
@@ -266,13 +265,8 @@ impl Controller {
             {
                 let rel = o - crate::layout::DOORBELL_AREA;
                 self.doorbells.read(rel & !3).to_le_bytes()[(rel & 3) as usize]
-            } else if (crate::layout::MSIX_TABLE
-                ..crate::layout::MSIX_TABLE + self.msix_table.len() as u64)
-                .contains(&o)
-            {
-                self.msix_table[(o - crate::layout::MSIX_TABLE) as usize]
             } else {
-                0
+                self.msix.byte(o).unwrap_or(0)
             };
         }
     }
@@ -293,13 +287,7 @@ impl Controller {
             }
             return;
         }
-        let (t0, tn) = (
-            crate::layout::MSIX_TABLE,
-            crate::layout::MSIX_TABLE + self.msix_table.len() as u64,
-        );
-        if offset >= t0 && end <= tn {
-            let o = (offset - t0) as usize;
-            self.msix_table[o..o + data.len()].copy_from_slice(data);
+        if self.msix.write(offset, data) {
             return;
         }
         let old_cc = self.cc();
@@ -422,9 +410,8 @@ impl Controller {
     pub fn disconnect(&mut self) {
         self.reset();
         self.dma.clear();
-        self.irqs.iter_mut().for_each(|i| *i = None);
-        self.config = ConfigSpace::new();
-        self.msix_table.fill(0);
+        self.msix.reset();
+        self.config = crate::layout::config_space();
     }
 
     fn fatal(&mut self) {
@@ -436,31 +423,12 @@ impl Controller {
     /// Installs interrupt eventfds for MSI-X vectors `start..start + fds.len()` (none: clear
     /// `count` vectors). Out-of-range vectors are refused.
     pub fn set_msix(&mut self, start: u32, count: u32, fds: Vec<File>) -> bool {
-        let Some(end) = start.checked_add(count) else {
-            return false;
-        };
-        if end > MSIX_VECTORS as u32 || (!fds.is_empty() && fds.len() != count as usize) {
-            return false;
-        }
-        let mut fds = fds.into_iter();
-        for v in start..end {
-            self.irqs[v as usize] = fds.next();
-        }
-        true
+        self.msix.set_eventfds(start, count, fds)
     }
 
     fn signal(&mut self, vector: u16) {
-        let masked = self
-            .msix_table
-            .get(vector as usize * 16 + 12)
-            .is_some_and(|b| b & 1 != 0);
-        if !self.config.msix_enabled() || masked {
-            return;
-        }
-        if let Some(Some(f)) = self.irqs.get_mut(vector as usize) {
-            if f.write_all(&1u64.to_le_bytes()).is_ok() {
-                self.stats.interrupts += 1;
-            }
+        if self.msix.signal(vector, self.config.msix_enabled()) {
+            self.stats.interrupts += 1;
         }
     }
 

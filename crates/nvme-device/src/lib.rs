@@ -13,7 +13,6 @@
 #![deny(missing_docs)]
 
 pub mod controller;
-pub mod dma;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -27,3 +26,5 @@ pub mod wake;
 pub use error::{Error, Result};
 pub use server::{DeviceConfig, NvmeDevice, PollMode};
 pub use stats::Stats;
+/// The DMA space, shared with the other stand-in functions.
+pub use vfio_user_device::dma;

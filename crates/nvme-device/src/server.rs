@@ -12,18 +12,17 @@ use std::{
     time::Instant,
 };
 
-use vfio_bindings::bindings::vfio::{
-    vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD,
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
-};
-use vfio_user::{
-    DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion, SparseArea,
+use vfio_bindings::bindings::vfio::{vfio_region_sparse_mmap_area, VFIO_REGION_INFO_FLAG_MMAP};
+use vfio_user::{Server, SparseArea};
+use vfio_user_device::{
+    dma::DmaSpace,
+    server::{self, Function, FunctionHost},
+    ConfigSpace,
 };
 
 use crate::{
     controller::{Controller, Doorbells},
-    layout::{BAR0_SIZE, CONFIG_SIZE, DOORBELL_AREA, DOORBELL_AREA_SIZE, MSIX_VECTORS},
+    layout::{BAR0_SIZE, DOORBELL_AREA, DOORBELL_AREA_SIZE, MSIX_VECTORS},
     namespace::Namespace,
     stats::Stats,
     wake, Error, Result,
@@ -133,21 +132,6 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
     Ok(f)
 }
 
-fn region(index: u32, size: u64, flags: u32) -> ServerRegion {
-    ServerRegion {
-        region_info: vfio_region_info {
-            argsz: std::mem::size_of::<vfio_region_info>() as u32,
-            flags,
-            index,
-            cap_offset: 0,
-            size,
-            offset: 0,
-        },
-        sparse_areas: Vec::new(),
-        mmap_fd: None,
-    }
-}
-
 impl NvmeDevice {
     /// Opens the backing file, creates the BAR memory, binds the socket and starts polling.
     pub fn new(cfg: &DeviceConfig) -> Result<Self> {
@@ -175,10 +159,7 @@ impl NvmeDevice {
         }
         let ctrl = Controller::new(ns, doorbells, cfg.dstrd);
 
-        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
-        let mut regions: Vec<ServerRegion> =
-            (0..VFIO_PCI_NUM_REGIONS).map(|i| region(i, 0, 0)).collect();
-        let mut bar0 = region(0, BAR0_SIZE, rw | VFIO_REGION_INFO_FLAG_MMAP);
+        let mut bar0 = server::region(0, BAR0_SIZE, server::RW | VFIO_REGION_INFO_FLAG_MMAP);
         // The whole mappable range is one sparse area so that the client gets the fd.
         bar0.sparse_areas.push(SparseArea {
             area: vfio_region_sparse_mmap_area {
@@ -187,22 +168,8 @@ impl NvmeDevice {
             },
         });
         bar0.mmap_fd = Some(bar.as_raw_fd());
-        regions[0] = bar0;
-        regions[VFIO_PCI_CONFIG_REGION_INDEX as usize] =
-            region(VFIO_PCI_CONFIG_REGION_INDEX, CONFIG_SIZE, rw);
-        let irqs = (0..VFIO_PCI_NUM_IRQS)
-            .map(|index| IrqInfo {
-                index,
-                flags: VFIO_IRQ_INFO_EVENTFD,
-                count: if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                    MSIX_VECTORS as u32
-                } else {
-                    0
-                },
-            })
-            .collect();
         let server =
-            Server::new(&cfg.socket, true, irqs, regions).map_err(|source| Error::VfioUser {
+            server::listen(&cfg.socket, bar0, MSIX_VECTORS).map_err(|source| Error::VfioUser {
                 path: cfg.socket.clone(),
                 source,
             })?;
@@ -237,22 +204,9 @@ impl NvmeDevice {
 
     /// Accepts one client and serves it until it disconnects; the controller is then reset.
     pub fn serve_one(&self) -> Result<()> {
-        let mut backend = Backend {
-            shared: self.shared.clone(),
-            seen: false,
-        };
-        // vfio_user 0.1.7 panics on some malformed messages (e.g. a VERSION whose capability
-        // string is not NUL-terminated, or shorter than its header): that ends this connection,
-        // not the device process.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.server.run(&mut backend)
-        }))
-        .unwrap_or_else(|_| {
-            tracing::warn!("malformed vfio-user message; connection closed");
-            Ok(())
-        });
+        let (r, seen) = server::serve_one(&self.server, self.shared.clone(), BAR0_SIZE);
         let mut c = self.shared.lock();
-        if backend.seen {
+        if seen {
             c.stats.connections += 1;
         }
         c.disconnect();
@@ -375,139 +329,36 @@ fn poll_loop(shared: &Shared) {
     }
 }
 
-struct Backend {
-    shared: Arc<Shared>,
-    /// The client sent at least one request that reached the backend.
-    seen: bool,
-}
+impl FunctionHost for Shared {
+    type Model = Controller;
 
-/// Most bytes one region access may move: registers are accessed 1 to 8 bytes at a time; the
-/// client names the length and the vfio_user library allocates it before asking, so a read of
-/// gigabytes (filled byte by byte) would stall the device and take its memory.
-const MAX_ACCESS: usize = 4096;
-
-/// Refuses an access longer than [`MAX_ACCESS`] or starting past the end of `region`. (A short
-/// access that runs past the end is served as before: the bytes past the end read as 0 and
-/// writes to them are dropped.)
-fn check_access(region: u32, offset: u64, len: usize) -> std::io::Result<()> {
-    let size = match region {
-        0 => BAR0_SIZE,
-        VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
-        _ => 0,
-    };
-    if len > MAX_ACCESS || offset > size {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("access of {len} bytes at {offset:#x} of region {region} ({size} bytes)"),
-        ));
-    }
-    Ok(())
-}
-
-impl ServerBackend for Backend {
-    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        self.seen = true;
-        check_access(region, offset, data.len())?;
-        let c = self.shared.lock();
-        match region {
-            0 => c.bar_read(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => c.config.read(offset, data),
-            _ => data.fill(0),
-        }
-        Ok(())
+    fn lock(&self) -> MutexGuard<'_, Controller> {
+        Shared::lock(self)
     }
 
-    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        check_access(region, offset, data.len())?;
-        let mut c = self.shared.lock();
-        match region {
-            0 => c.bar_write(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => c.config.write(offset, data),
-            _ => tracing::debug!(region, offset, "write to an absent region dropped"),
-        }
-        drop(c);
-        // A trapped doorbell or a register write (CC.EN, ...): the poller has work.
-        self.shared.kick();
-        Ok(())
-    }
-
-    fn dma_map(
-        &mut self,
-        _flags: DmaMapFlags,
-        offset: u64,
-        address: u64,
-        size: u64,
-        fd: Option<File>,
-    ) -> std::io::Result<()> {
-        let mut c = self.shared.lock();
-        let r = match fd {
-            Some(f) => c.dma.map(address, size, offset, &f),
-            None => Err(crate::dma::MapError::NoFd(address)),
-        };
-        r.map_err(|e| {
-            tracing::warn!(error = &e as &dyn std::error::Error, "DMA_MAP refused");
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
-        })?;
-        tracing::info!(
-            iova = format_args!("{address:#x}"),
-            size,
-            "DMA region mapped"
-        );
-        Ok(())
-    }
-
-    fn dma_unmap(&mut self, _flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
-        let n = self.shared.lock().dma.unmap(address, size);
-        tracing::info!(
-            iova = format_args!("{address:#x}"),
-            size,
-            regions = n,
-            "DMA unmapped"
-        );
-        Ok(())
-    }
-
-    fn reset(&mut self) -> std::io::Result<()> {
-        self.shared.lock().reset();
-        Ok(())
-    }
-
-    fn set_irqs(
-        &mut self,
-        index: u32,
-        _flags: u32,
-        start: u32,
-        count: u32,
-        fds: Vec<File>,
-    ) -> std::io::Result<()> {
-        if index != VFIO_PCI_MSIX_IRQ_INDEX {
-            return Ok(());
-        }
-        if self.shared.lock().set_msix(start, count, fds) {
-            Ok(())
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("MSI-X vectors {start}+{count} out of range"),
-            ))
-        }
+    /// A trapped doorbell or a register write (CC.EN, ...): the poller has work.
+    fn written(&self, _region: u32) {
+        self.kick();
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn region_accesses_are_bounded_before_anything_is_touched() {
-        // What the vfio_user library would allocate and the controller fill byte by byte.
-        assert!(check_access(0, 0, 0xe000_0000).is_err());
-        assert!(check_access(VFIO_PCI_CONFIG_REGION_INDEX, 0, MAX_ACCESS + 1).is_err());
-        assert!(check_access(0, BAR0_SIZE + 1, 4).is_err());
-        assert!(check_access(0, u64::MAX, 4).is_err());
-        // Register-sized accesses, also one running past the end, are served.
-        assert!(check_access(0, 0x1c, 4).is_ok());
-        assert!(check_access(0, BAR0_SIZE - 2, 4).is_ok());
-        assert!(check_access(VFIO_PCI_CONFIG_REGION_INDEX, 0, 256).is_ok());
+impl Function for Controller {
+    fn bar_read(&mut self, offset: u64, data: &mut [u8]) {
+        Controller::bar_read(self, offset, data);
+    }
+    fn bar_write(&mut self, offset: u64, data: &[u8]) {
+        Controller::bar_write(self, offset, data);
+    }
+    fn config(&mut self) -> &mut ConfigSpace {
+        &mut self.config
+    }
+    fn dma(&mut self) -> &mut DmaSpace {
+        &mut self.dma
+    }
+    fn reset(&mut self) {
+        Controller::reset(self);
+    }
+    fn set_msix(&mut self, start: u32, count: u32, fds: Vec<File>) -> bool {
+        Controller::set_msix(self, start, count, fds)
     }
 }

@@ -2,9 +2,9 @@
 //! MSI-X table) and its data path: TX chains are gathered and put on the wire, frames from the
 //! wire are scattered into RX chains. Every error a driver can cause is counted in [`Stats`];
 //! a driver that breaks a queue gets DEVICE_NEEDS_RESET, never a dead process.
-use std::{fs::File, io::Write};
+use std::fs::File;
 
-use nvme_device::dma::DmaSpace;
+use vfio_user_device::{dma::DmaSpace, ConfigSpace, Msix};
 use virtio_spec::{
     features::{self, bit},
     net::{self, NetHdr, HDR_LEN},
@@ -15,7 +15,7 @@ use virtio_spec::{
 
 use crate::{
     layout::{
-        ConfigSpace, DEVICE_CFG, DEVICE_CFG_LEN, ISR, MAX_QUEUE_SIZE, MSIX_TABLE, MSIX_VECTORS,
+        config_space, DEVICE_CFG, DEVICE_CFG_LEN, ISR, MAX_QUEUE_SIZE, MSIX_TABLE, MSIX_VECTORS,
         NOTIFY, NOTIFY_MULTIPLIER, NUM_QUEUES,
     },
     queue::{gather, scatter, Queue, QueueError},
@@ -65,8 +65,7 @@ pub struct NetDevice {
     queue_select: u16,
     queues: [Queue; NUM_QUEUES as usize],
     isr: u8,
-    msix_table: Vec<u8>,
-    irqs: Vec<Option<File>>,
+    msix: Msix,
     segs: Vec<Segment>,
     buf: Vec<u8>,
     /// Announce the MAC address on the wire each time the driver starts the device.
@@ -79,7 +78,7 @@ impl NetDevice {
     /// A reset device with MAC address `mac`.
     pub fn new(mac: [u8; 6]) -> Self {
         NetDevice {
-            config: ConfigSpace::new(),
+            config: config_space(),
             dma: DmaSpace::default(),
             stats: Stats::default(),
             mac,
@@ -91,8 +90,7 @@ impl NetDevice {
             queue_select: 0,
             queues: [Queue::new(MAX_QUEUE_SIZE), Queue::new(MAX_QUEUE_SIZE)],
             isr: 0,
-            msix_table: vec![0; usize::from(MSIX_VECTORS) * 16],
-            irqs: (0..MSIX_VECTORS).map(|_| None).collect(),
+            msix: Msix::new(MSIX_TABLE, MSIX_VECTORS),
             segs: Vec::new(),
             buf: vec![0; HDR_LEN + MAX_RX_FRAME],
             announce: false,
@@ -137,39 +135,19 @@ impl NetDevice {
     pub fn disconnect(&mut self) {
         self.reset();
         self.dma.clear();
-        self.irqs.iter_mut().for_each(|i| *i = None);
-        self.config = ConfigSpace::new();
-        self.msix_table.fill(0);
+        self.msix.reset();
+        self.config = config_space();
     }
 
     /// Installs interrupt eventfds for MSI-X vectors `start..start + count` (no fds: clears
     /// them). Out-of-range vectors are refused.
     pub fn set_msix(&mut self, start: u32, count: u32, fds: Vec<File>) -> bool {
-        let Some(end) = start.checked_add(count) else {
-            return false;
-        };
-        if end > u32::from(MSIX_VECTORS) || (!fds.is_empty() && fds.len() != count as usize) {
-            return false;
-        }
-        let mut fds = fds.into_iter();
-        for v in start..end {
-            self.irqs[v as usize] = fds.next();
-        }
-        true
+        self.msix.set_eventfds(start, count, fds)
     }
 
     fn signal(&mut self, vector: u16) {
-        let masked = self
-            .msix_table
-            .get(usize::from(vector) * 16 + 12)
-            .is_some_and(|b| b & 1 != 0);
-        if !self.config.msix_enabled() || masked {
-            return;
-        }
-        if let Some(Some(f)) = self.irqs.get_mut(usize::from(vector)) {
-            if f.write_all(&1u64.to_le_bytes()).is_ok() {
-                self.stats.interrupts += 1;
-            }
+        if self.msix.signal(vector, self.config.msix_enabled()) {
+            self.stats.interrupts += 1;
         }
     }
 
@@ -250,14 +228,8 @@ impl NetDevice {
                     .copied()
                     .unwrap_or(0);
             }
-        } else if (MSIX_TABLE..MSIX_TABLE + self.msix_table.len() as u64).contains(&offset) {
-            for (i, d) in data.iter_mut().enumerate() {
-                *d = self
-                    .msix_table
-                    .get((offset - MSIX_TABLE) as usize + i)
-                    .copied()
-                    .unwrap_or(0);
-            }
+        } else {
+            self.msix.read(offset, data);
         }
         // Notifications and the PBA read as zero.
     }
@@ -285,11 +257,7 @@ impl NetDevice {
             self.stats.bad_notifications += 1;
             return false;
         }
-        if (MSIX_TABLE..MSIX_TABLE + self.msix_table.len() as u64).contains(&offset) {
-            let o = (offset - MSIX_TABLE) as usize;
-            let n = data.len().min(self.msix_table.len() - o);
-            self.msix_table[o..o + n].copy_from_slice(&data[..n]);
-        }
+        self.msix.write(offset, data);
         false
     }
 

@@ -11,6 +11,7 @@
 //!      0x5000  MSI-X pending bit array
 //! config 0x40 MSI-X cap -> 0x50 common -> 0x60 notify -> 0x74 ISR -> 0x84 device config
 //! ```
+use vfio_user_device::{config::CONFIG_SIZE as PCI_CONFIG_SIZE, ConfigSpace, Identity};
 use virtio_spec::pci::{self, cfg_type, VirtioPciCap};
 
 /// Size of BAR0.
@@ -38,7 +39,7 @@ pub const NUM_QUEUES: u16 = 2;
 /// Largest queue size offered (the driver may choose a smaller power of two).
 pub const MAX_QUEUE_SIZE: u16 = 256;
 /// Size of the configuration space region.
-pub const CONFIG_SIZE: u64 = 256;
+pub const CONFIG_SIZE: u64 = PCI_CONFIG_SIZE;
 /// Offset of the MSI-X capability.
 pub const MSIX_CAP: usize = 0x40;
 
@@ -78,93 +79,32 @@ const fn cap(cfg_type: u8, offset: u64, length: u32, mult: u32) -> VirtioPciCap 
     }
 }
 
-/// The device's configuration space: registers plus which bits the client may write.
-#[derive(Clone, Debug)]
-pub struct ConfigSpace {
-    bytes: [u8; CONFIG_SIZE as usize],
-    bar_sizing: bool,
-}
+/// The NIC's PCI identity and where its MSI-X structures live.
+pub const IDENTITY: Identity = Identity {
+    vendor: pci::VENDOR_ID,
+    device: pci::DEVICE_ID_NET,
+    revision: pci::MODERN_REVISION,
+    class_code: pci::CLASS_NETWORK_ETHERNET,
+    subsystem_vendor: pci::VENDOR_ID,
+    subsystem: 0x40, // modern
+    bar0_size: BAR0_SIZE,
+    msix_cap: MSIX_CAP,
+    msix_vectors: MSIX_VECTORS,
+    msix_table: MSIX_TABLE,
+    msix_pba: MSIX_PBA,
+};
 
-impl Default for ConfigSpace {
-    fn default() -> Self {
-        Self::new()
+/// The configuration space after reset: the MSI-X capability followed by the virtio
+/// capabilities ([`CAPS`]).
+pub fn config_space() -> ConfigSpace {
+    let mut c = ConfigSpace::new(&IDENTITY);
+    c.set_bytes(MSIX_CAP + 1, &[CAPS[0].0 as u8]);
+    for (i, (at, cap)) in CAPS.iter().enumerate() {
+        let next = CAPS.get(i + 1).map_or(0, |(n, _)| *n as u8);
+        let bytes = cap.to_bytes(next);
+        c.set_bytes(*at, &bytes[..usize::from(cap.len())]);
     }
-}
-
-impl ConfigSpace {
-    /// The configuration space after reset.
-    pub fn new() -> Self {
-        let mut b = [0u8; CONFIG_SIZE as usize];
-        b[0..2].copy_from_slice(&pci::VENDOR_ID.to_le_bytes());
-        b[2..4].copy_from_slice(&pci::DEVICE_ID_NET.to_le_bytes());
-        b[6] = 0x10; // status: capability list
-        b[8] = pci::MODERN_REVISION;
-        b[9..12].copy_from_slice(&pci::CLASS_NETWORK_ETHERNET.to_le_bytes()[..3]);
-        b[0x10] = 0x4; // BAR0: 64-bit memory
-        b[0x2c..0x2e].copy_from_slice(&pci::VENDOR_ID.to_le_bytes());
-        b[0x2e..0x30].copy_from_slice(&0x40u16.to_le_bytes()); // subsystem: modern
-        b[0x34] = MSIX_CAP as u8;
-        b[0x3d] = 1; // INTA
-        b[MSIX_CAP] = 0x11;
-        b[MSIX_CAP + 1] = CAPS[0].0 as u8;
-        b[MSIX_CAP + 2..MSIX_CAP + 4].copy_from_slice(&(MSIX_VECTORS - 1).to_le_bytes());
-        b[MSIX_CAP + 4..MSIX_CAP + 8].copy_from_slice(&(MSIX_TABLE as u32).to_le_bytes());
-        b[MSIX_CAP + 8..MSIX_CAP + 12].copy_from_slice(&(MSIX_PBA as u32).to_le_bytes());
-        for (i, (at, c)) in CAPS.iter().enumerate() {
-            let next = CAPS.get(i + 1).map_or(0, |(n, _)| *n as u8);
-            let bytes = c.to_bytes(next);
-            b[*at..*at + usize::from(c.len())].copy_from_slice(&bytes[..usize::from(c.len())]);
-        }
-        ConfigSpace {
-            bytes: b,
-            bar_sizing: false,
-        }
-    }
-
-    /// Reads `data.len()` bytes at `offset`; bytes outside the space read as zero.
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
-        for (i, d) in data.iter_mut().enumerate() {
-            let o = offset.saturating_add(i as u64);
-            *d = if (0x10..0x14).contains(&o) && self.bar_sizing {
-                (!(BAR0_SIZE as u32 - 1) | 0x4).to_le_bytes()[(o - 0x10) as usize]
-            } else {
-                self.bytes.get(o as usize).copied().unwrap_or(0)
-            };
-        }
-    }
-
-    /// Writes: the command register, BAR0 (sizing and address) and the MSI-X control bits are
-    /// writable; everything else is read-only.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 0x10 && data == [0xff; 4] {
-            self.bar_sizing = true;
-            return;
-        }
-        for (i, &v) in data.iter().enumerate() {
-            let Some(o) = offset.checked_add(i as u64).map(|o| o as usize) else {
-                return;
-            };
-            let mask: u8 = match o {
-                4 => 0x06,    // memory space, bus master
-                5 => 0x04,    // interrupt disable
-                0x10 => 0x80, // BAR0 low (size 32 KiB)
-                0x11..=0x17 => 0xff,
-                x if x == MSIX_CAP + 3 => 0xc0, // MSI-X enable, function mask
-                _ => 0,
-            };
-            if (0x10..0x14).contains(&o) {
-                self.bar_sizing = false;
-            }
-            if let Some(b) = self.bytes.get_mut(o) {
-                *b = (*b & !mask) | (v & mask);
-            }
-        }
-    }
-
-    /// MSI-X enabled and not function-masked.
-    pub fn msix_enabled(&self) -> bool {
-        self.bytes[MSIX_CAP + 3] & 0xc0 == 0x80
-    }
+    c
 }
 
 #[cfg(test)]
@@ -173,7 +113,7 @@ mod tests {
 
     #[test]
     fn identity_and_capability_chain() {
-        let c = ConfigSpace::new();
+        let c = config_space();
         let mut b = [0u8; 4];
         c.read(0, &mut b);
         assert_eq!(b, [0xf4, 0x1a, 0x41, 0x10]);
@@ -182,7 +122,9 @@ mod tests {
         assert!(b[0] >= 1, "modern revision");
         // Walk the list from 0x34 as a driver does and find every virtio capability.
         let mut found = Vec::new();
-        let mut at = c.bytes[0x34] as usize;
+        let mut first = [0u8];
+        c.read(0x34, &mut first);
+        let mut at = first[0] as usize;
         while at != 0 {
             let mut cap = [0u8; 20];
             c.read(at as u64, &mut cap);
@@ -201,7 +143,7 @@ mod tests {
 
     #[test]
     fn writes_are_masked_and_bar_sizing_works() {
-        let mut c = ConfigSpace::new();
+        let mut c = config_space();
         c.write(0, &[0, 0]);
         let mut b = [0u8; 4];
         c.read(0, &mut b);

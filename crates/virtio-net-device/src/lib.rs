@@ -11,7 +11,7 @@
 //!   wire, never spinning);
 //! - [`stats`]: counters printed on exit.
 //!
-//! Guest memory is reached only through the client's `DMA_MAP`s (`nvme_device::dma`).
+//! Guest memory is reached only through the client's `DMA_MAP`s (`vfio_user_device::dma`).
 #![deny(missing_docs)]
 
 pub mod device;

@@ -4,7 +4,7 @@
 //! reached only through the client's DMA mappings.
 use std::sync::atomic::{fence, Ordering};
 
-use nvme_device::dma::{DmaError, DmaSpace};
+use vfio_user_device::dma::{DmaError, DmaSpace};
 use virtio_spec::ring::{
     self, ChainError, ChainWalker, DescLocation, Descriptor, LayoutError, Segment, SplitRing,
     UsedElem,

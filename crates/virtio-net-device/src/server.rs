@@ -10,17 +10,17 @@ use std::{
     thread::JoinHandle,
 };
 
-use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+use vfio_user::Server;
+use vfio_user_device::{
+    dma::DmaSpace,
+    server::{self, Function, FunctionHost},
+    ConfigSpace,
 };
-use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
     device::NetDevice,
-    layout::{BAR0_SIZE, CONFIG_SIZE, MSIX_VECTORS},
+    layout::{BAR0_SIZE, MSIX_VECTORS},
     stats::Stats,
     wire::Wire,
     Error, Result,
@@ -63,21 +63,6 @@ pub struct VirtioNetDevice {
     socket: PathBuf,
 }
 
-fn region(index: u32, size: u64, flags: u32) -> ServerRegion {
-    ServerRegion {
-        region_info: vfio_region_info {
-            argsz: std::mem::size_of::<vfio_region_info>() as u32,
-            flags,
-            index,
-            cap_offset: 0,
-            size,
-            offset: 0,
-        },
-        sparse_areas: Vec::new(),
-        mmap_fd: None,
-    }
-}
-
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Os { what, source }
 }
@@ -85,25 +70,9 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 impl VirtioNetDevice {
     /// Binds the socket and starts the worker on `wire`.
     pub fn new(cfg: &DeviceConfig, wire: Box<dyn Wire>) -> Result<Self> {
-        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
-        let mut regions: Vec<ServerRegion> =
-            (0..VFIO_PCI_NUM_REGIONS).map(|i| region(i, 0, 0)).collect();
-        regions[0] = region(0, BAR0_SIZE, rw);
-        regions[VFIO_PCI_CONFIG_REGION_INDEX as usize] =
-            region(VFIO_PCI_CONFIG_REGION_INDEX, CONFIG_SIZE, rw);
-        let irqs = (0..VFIO_PCI_NUM_IRQS)
-            .map(|index| IrqInfo {
-                index,
-                flags: VFIO_IRQ_INFO_EVENTFD,
-                count: if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                    u32::from(MSIX_VECTORS)
-                } else {
-                    0
-                },
-            })
-            .collect();
+        let bar0 = server::region(0, BAR0_SIZE, server::RW);
         let server =
-            Server::new(&cfg.socket, true, irqs, regions).map_err(|source| Error::VfioUser {
+            server::listen(&cfg.socket, bar0, MSIX_VECTORS).map_err(|source| Error::VfioUser {
                 path: cfg.socket.clone(),
                 source,
             })?;
@@ -131,22 +100,10 @@ impl VirtioNetDevice {
 
     /// Accepts one client and serves it until it disconnects; the device is then reset.
     pub fn serve_one(&self) -> Result<()> {
-        let mut backend = Backend {
-            shared: self.shared.clone(),
-            seen: false,
-        };
-        // vfio_user 0.1.7 panics on some malformed messages: that ends this connection, not
-        // the device process.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.server.run(&mut backend)
-        }))
-        .unwrap_or_else(|_| {
-            tracing::warn!("malformed vfio-user message; connection closed");
-            Ok(())
-        });
+        let (r, seen) = server::serve_one(&self.server, self.shared.clone(), BAR0_SIZE);
         {
             let mut d = self.shared.lock();
-            if backend.seen {
+            if seen {
                 d.stats.connections += 1;
             }
             d.disconnect();
@@ -215,131 +172,38 @@ fn worker(shared: &Shared, mut wire: Box<dyn Wire>) {
     }
 }
 
-struct Backend {
-    shared: Arc<Shared>,
-    /// The client sent at least one request that reached the backend.
-    seen: bool,
-}
+impl FunctionHost for Shared {
+    type Model = NetDevice;
 
-/// Most bytes one region access may move (registers are 1 to 8 bytes; the vfio_user library
-/// allocates what the client names before asking).
-const MAX_ACCESS: usize = 4096;
-
-fn check_access(region: u32, offset: u64, len: usize) -> std::io::Result<()> {
-    let size = match region {
-        0 => BAR0_SIZE,
-        VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
-        _ => 0,
-    };
-    if len > MAX_ACCESS || offset > size {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("access of {len} bytes at {offset:#x} of region {region} ({size} bytes)"),
-        ));
-    }
-    Ok(())
-}
-
-impl ServerBackend for Backend {
-    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        self.seen = true;
-        check_access(region, offset, data.len())?;
-        let mut d = self.shared.lock();
-        match region {
-            0 => d.bar_read(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => d.config.read(offset, data),
-            _ => data.fill(0),
-        }
-        Ok(())
+    fn lock(&self) -> MutexGuard<'_, NetDevice> {
+        Shared::lock(self)
     }
 
-    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        check_access(region, offset, data.len())?;
-        let mut d = self.shared.lock();
-        match region {
-            0 => {
-                d.bar_write(offset, data);
-                drop(d);
-                self.shared.wake();
-            }
-            VFIO_PCI_CONFIG_REGION_INDEX => d.config.write(offset, data),
-            _ => tracing::debug!(region, offset, "write to an absent region dropped"),
-        }
-        Ok(())
-    }
-
-    fn dma_map(
-        &mut self,
-        _flags: DmaMapFlags,
-        offset: u64,
-        address: u64,
-        size: u64,
-        fd: Option<File>,
-    ) -> std::io::Result<()> {
-        let mut d = self.shared.lock();
-        let r = match fd {
-            Some(f) => d.dma.map(address, size, offset, &f),
-            None => Err(nvme_device::dma::MapError::NoFd(address)),
-        };
-        r.map_err(|e| {
-            tracing::warn!(error = &e as &dyn std::error::Error, "DMA_MAP refused");
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
-        })?;
-        tracing::info!(
-            iova = format_args!("{address:#x}"),
-            size,
-            "DMA region mapped"
-        );
-        Ok(())
-    }
-
-    fn dma_unmap(&mut self, _flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
-        let n = self.shared.lock().dma.unmap(address, size);
-        tracing::info!(
-            iova = format_args!("{address:#x}"),
-            size,
-            regions = n,
-            "DMA unmapped"
-        );
-        Ok(())
-    }
-
-    fn reset(&mut self) -> std::io::Result<()> {
-        self.shared.lock().reset();
-        Ok(())
-    }
-
-    fn set_irqs(
-        &mut self,
-        index: u32,
-        _flags: u32,
-        start: u32,
-        count: u32,
-        fds: Vec<File>,
-    ) -> std::io::Result<()> {
-        if index != VFIO_PCI_MSIX_IRQ_INDEX {
-            return Ok(());
-        }
-        if self.shared.lock().set_msix(start, count, fds) {
-            Ok(())
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("MSI-X vectors {start}+{count} out of range"),
-            ))
+    /// A BAR0 write (a notification, a status change): the worker has work.
+    fn written(&self, region: u32) {
+        if region == 0 {
+            self.wake();
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn region_accesses_are_bounded_before_anything_is_touched() {
-        assert!(check_access(0, 0, 0xe000_0000).is_err());
-        assert!(check_access(0, BAR0_SIZE + 1, 4).is_err());
-        assert!(check_access(0, 0x14, 1).is_ok());
-        assert!(check_access(VFIO_PCI_CONFIG_REGION_INDEX, 0, 256).is_ok());
+impl Function for NetDevice {
+    fn bar_read(&mut self, offset: u64, data: &mut [u8]) {
+        NetDevice::bar_read(self, offset, data);
+    }
+    fn bar_write(&mut self, offset: u64, data: &[u8]) {
+        NetDevice::bar_write(self, offset, data);
+    }
+    fn config(&mut self) -> &mut ConfigSpace {
+        &mut self.config
+    }
+    fn dma(&mut self) -> &mut DmaSpace {
+        &mut self.dma
+    }
+    fn reset(&mut self) {
+        NetDevice::reset(self);
+    }
+    fn set_msix(&mut self, start: u32, count: u32, fds: Vec<File>) -> bool {
+        NetDevice::set_msix(self, start, count, fds)
     }
 }
