@@ -12,7 +12,6 @@ use rdma_wire::{Bth, Gid, ImmDt, RocePacket};
 use super::core::RcCore;
 use super::{Clock, Completion, OutPacket, QpState, RcAttrs, RcError, RcStats, SendWr};
 use crate::port::{QpType, QueuePair, RxPacket, RxVerdict, SoftPort};
-use crate::RdmaError;
 
 struct Shared {
     core: Mutex<RcCore>,
@@ -273,16 +272,11 @@ impl RcQp {
             return;
         };
         let (dqpn, p_key) = (c.attrs().dest_qpn, self.port.p_key());
-        for p in &out {
-            if let Err(e) = self.send_one(remote, dqpn, p_key, p) {
-                tracing::debug!(qpn = self.qpn, "RC send failed: {e}");
-            }
+        // Runs of equal-size packets (a message's MIDDLEs and LAST) leave in one GSO send.
+        let pkts: Vec<RocePacket<'_>> = out.iter().map(|p| to_roce(p, dqpn, p_key)).collect();
+        if let Err(e) = self.port.send_packets(self.gid, remote, &pkts) {
+            tracing::debug!(qpn = self.qpn, "RC send failed: {e}");
         }
-    }
-
-    fn send_one(&self, remote: Gid, dqpn: u32, p_key: u16, p: &OutPacket) -> Result<(), RdmaError> {
-        self.port
-            .send_packet(self.gid, remote, &to_roce(p, dqpn, p_key))
     }
 
     /// Stops the timer thread (the port's `destroy_qp` drops the QP from its table).
