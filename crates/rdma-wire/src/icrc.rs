@@ -226,14 +226,23 @@ pub fn verify_for_udp_socket_any_ip_id(
     dst_port: u16,
     ib_packet_with_icrc: &[u8],
 ) -> Result<u16, WireError> {
-    verify_for_udp_socket_ip_id_hint(src, dst, src_port, dst_port, ib_packet_with_icrc, 0)
+    verify_for_udp_socket_ip_id_hint(
+        src,
+        dst,
+        src_port,
+        dst_port,
+        ib_packet_with_icrc,
+        0,
+        &mut None,
+    )
 }
 
 /// [`verify_for_udp_socket_any_ip_id`] trying the identification `hint` right after 0,
 /// before solving for it: the `k`-th datagram of a run a sender passed to the kernel in one
 /// UDP GSO send (`UDP_SEGMENT`) carries identification `k` (see [`IpIdEffect`]), and a
 /// receiver that gets the run back coalesced (`UDP_GRO`) knows `k`. The result is the same
-/// as without the hint; only the solving is skipped.
+/// as without the hint; only the solving is skipped. `effect` caches the [`IpIdEffect`] of
+/// the last length checked (a run's packets share one).
 pub fn verify_for_udp_socket_ip_id_hint(
     src: IpAddr,
     dst: IpAddr,
@@ -241,6 +250,7 @@ pub fn verify_for_udp_socket_ip_id_hint(
     dst_port: u16,
     ib_packet_with_icrc: &[u8],
     hint: u16,
+    effect: &mut Option<IpIdEffect>,
 ) -> Result<u16, WireError> {
     let (ib, stored) = split_icrc(ib_packet_with_icrc)?;
     let computed = icrc_for_udp_socket(src, dst, src_port, dst_port, ib)?;
@@ -250,8 +260,14 @@ pub fn verify_for_udp_socket_ip_id_hint(
     if !matches!(src, IpAddr::V4(_)) {
         return Err(WireError::IcrcMismatch { stored, computed });
     }
-    if hint != 0 && stored == computed ^ IpIdEffect::new(ib.len()).of(hint) {
-        return Ok(hint);
+    if hint != 0 {
+        let e = match effect {
+            Some(e) if e.ib_len == ib.len() => *e,
+            _ => *effect.insert(IpIdEffect::new(ib.len())),
+        };
+        if stored == computed ^ e.of(hint) {
+            return Ok(hint);
+        }
     }
     // Bytes of the CRC stream (8 × 0xFF, IPv4, UDP, IB) after the identification, which
     // occupies stream bytes 12 and 13.
@@ -714,8 +730,17 @@ mod tests {
             assert_eq!(zero ^ effect.of(id), real, "identification {id}");
             let mut pkt = ib.clone();
             pkt.extend_from_slice(&real.to_le_bytes());
-            let v = |hint| {
-                verify_for_udp_socket_ip_id_hint(src.into(), dst.into(), 4791, 4791, &pkt, hint)
+            let mut cache = None;
+            let mut v = |hint| {
+                verify_for_udp_socket_ip_id_hint(
+                    src.into(),
+                    dst.into(),
+                    4791,
+                    4791,
+                    &pkt,
+                    hint,
+                    &mut cache,
+                )
             };
             assert_eq!(v(id), Ok(id), "hinted");
             assert_eq!(v(id.wrapping_add(1)), Ok(id), "a wrong hint still solves");

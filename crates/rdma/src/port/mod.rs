@@ -7,9 +7,9 @@
 //! GID is the address of the socket it arrived on, its source GID the datagram's source
 //! address: nothing a sender writes in the packet decides either. Sends go out of the socket
 //! of the source GID, so the kernel writes the VM's GID as the IP source; IP routing decides
-//! where the destination GID lives (no table of Ferry's own). Runs of equal-size packets
-//! (an RC message's MIDDLEs and LAST) leave in one UDP GSO send and arrive in one GRO
-//! receive ([`sock`] says how the ICRC stays exact).
+//! where the destination GID lives (no table of Ferry's own). Towards loopback addresses,
+//! runs of equal-size packets (an RC message's MIDDLEs and LAST) leave in one UDP GSO send
+//! and arrive in one GRO receive ([`sock`] says how the ICRC stays exact).
 //!
 //! QP1 (GSI) packets go to a [`GsiHandler`] (the multiplexer on a host, a CM endpoint on a
 //! bare-metal peer); UD queue pairs ([`UdQp`]) and RC queue pairs take the rest. Every
@@ -111,6 +111,11 @@ counters! {
         rx_wrong_source,
         /// Datagrams sent.
         tx_datagrams,
+        /// Runs of datagrams sent with one GSO send (their datagrams count in `tx_datagrams`).
+        tx_gso_runs,
+        /// Receives that got a coalesced run of datagrams (GRO; each counts in
+        /// `rx_datagrams`).
+        rx_gro_runs,
         /// Sends that failed (socket error, no route, encoding, source GID not the port's).
         tx_errors,
         /// GIDs claimed (sockets bound) over the port's life.
@@ -548,7 +553,10 @@ fn gso_run(pkts: &[RocePacket<'_>], i: usize) -> usize {
     while j < pkts.len() && j - i < max && pkts[j].wire_len() == seg {
         j += 1;
     }
-    if j < pkts.len() && j - i < max && pkts[j].wire_len() < seg {
+    // A shorter last one, unless it starts a run of its own (a WRITE FIRST, which carries
+    // a RETH, then MIDDLEs: FIRST alone, the MIDDLEs and LAST in one run).
+    let ends = |k: usize| k + 1 == pkts.len() || pkts[k + 1].wire_len() != pkts[k].wire_len();
+    if j < pkts.len() && j - i < max && pkts[j].wire_len() < seg && ends(j) {
         j += 1;
     }
     j - i
@@ -608,6 +616,7 @@ impl PortInner {
             };
             match r {
                 Ok(()) => {
+                    bump(&self.counters.tx_gso_runs);
                     for _ in 0..run {
                         bump(&self.counters.tx_datagrams);
                     }
@@ -640,6 +649,10 @@ impl PortInner {
         let (Ok(src), Ok(dst)) = (gid_ipv4(sgid), gid_ipv4(dgid)) else {
             return Err(None);
         };
+        // Loopback only (see `sock`).
+        if !dst.is_loopback() {
+            return Err(None);
+        }
         let Ok(s) = self.socket_of(sgid, src) else {
             return Err(None);
         };
@@ -692,9 +705,10 @@ impl PortInner {
 
     fn receive_loop(&self, s: &AddrSocket) {
         let mut buf = vec![0u8; sock::RECV_BUFFER];
+        let mut effect = None;
         while !self.stop.load(Ordering::Relaxed) && !s.stop.load(Ordering::Relaxed) {
             match sock::recv(&s.socket, &mut buf) {
-                Ok(r) => self.on_received(&buf[..r.len], &r, s.addr),
+                Ok(r) => self.on_received(&buf[..r.len], &r, s.addr, &mut effect),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -712,7 +726,13 @@ impl PortInner {
 
     /// Splits what one receive got into datagrams (a coalesced run into its segments) and
     /// checks each.
-    fn on_received(&self, data: &[u8], r: &sock::Received, local: Ipv4Addr) {
+    fn on_received(
+        &self,
+        data: &[u8],
+        r: &sock::Received,
+        local: Ipv4Addr,
+        effect: &mut Option<rdma_wire::icrc::IpIdEffect>,
+    ) {
         let c = &self.counters;
         let Some(from) = r.from else {
             bump(&c.rx_datagrams);
@@ -721,22 +741,30 @@ impl PortInner {
         };
         match r.segment {
             Some(seg) if !r.truncated => {
+                bump(&c.rx_gro_runs);
                 for (k, d) in data.chunks(seg).enumerate() {
-                    self.on_datagram(d, from, local, k as u16);
+                    self.on_datagram(d, from, local, k as u16, effect);
                 }
             }
             _ if r.truncated || data.len() > MAX_DATAGRAM => {
                 bump(&c.rx_datagrams);
                 bump(&c.rx_malformed);
             }
-            _ => self.on_datagram(data, from, local, 0),
+            _ => self.on_datagram(data, from, local, 0, effect),
         }
     }
 
     /// Checks and dispatches one datagram that arrived on the socket of `local` from `from`
     /// (`k`-th of a coalesced run: its likely IPv4 identification). Everything from the
     /// network is hostile: every failure is a counted drop, nothing panics.
-    fn on_datagram(&self, roce: &[u8], from: SocketAddrV4, local: Ipv4Addr, k: u16) {
+    fn on_datagram(
+        &self,
+        roce: &[u8],
+        from: SocketAddrV4,
+        local: Ipv4Addr,
+        k: u16,
+        effect: &mut Option<rdma_wire::icrc::IpIdEffect>,
+    ) {
         let c = &self.counters;
         bump(&c.rx_datagrams);
         if roce.len() > MAX_DATAGRAM {
@@ -751,6 +779,7 @@ impl PortInner {
             port,
             roce,
             k,
+            effect,
         ) {
             Ok(id) => id,
             Err(WireError::IcrcMismatch { stored, computed }) => {

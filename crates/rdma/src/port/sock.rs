@@ -32,6 +32,12 @@
 //! ([`recv`]), cut back into its datagrams by the port. A kernel that refuses a GSO send
 //! (a device without checksum offload) turns it off for the socket; the packets then leave
 //! one by one.
+//!
+//! Runs are sent as one only to loopback destinations (Ferry's hosts side by side on one
+//! machine: there the run goes from socket to socket without a device cutting it up). Towards
+//! other destinations packets leave one by one: that the identifications a device's
+//! segmentation writes match the ICRCs is not yet checked against a Linux `rdma_rxe` peer
+//! (the interop tests' multi-packet messages are the missing piece).
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;

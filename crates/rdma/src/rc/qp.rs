@@ -218,6 +218,12 @@ impl RcQp {
         Ok(())
     }
 
+    /// An empty buffer for the next SEND or WRITE's data, reusing one of a completed work
+    /// request when there is one (see [`RcCore::spare_buffer`]).
+    pub fn spare_buffer(&self) -> Vec<u8> {
+        self.shared.core.lock().spare_buffer()
+    }
+
     /// The next completion, if any.
     pub fn poll(&self) -> Option<Completion> {
         self.shared.core.lock().poll_cq()
