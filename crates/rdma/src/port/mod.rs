@@ -7,9 +7,9 @@
 //! GID is the address of the socket it arrived on, its source GID the datagram's source
 //! address: nothing a sender writes in the packet decides either. Sends go out of the socket
 //! of the source GID, so the kernel writes the VM's GID as the IP source; IP routing decides
-//! where the destination GID lives (no table of Ferry's own). Towards loopback addresses,
-//! runs of equal-size packets (an RC message's MIDDLEs and LAST) leave in one UDP GSO send
-//! and arrive in one GRO receive ([`sock`] says how the ICRC stays exact).
+//! where the destination GID lives (no table of Ferry's own). Runs of equal-size packets (an
+//! RC message's MIDDLEs and LAST) leave in one UDP GSO send and arrive in one GRO receive
+//! ([`sock`] says how the ICRC stays exact).
 //!
 //! QP1 (GSI) packets go to a [`GsiHandler`] (the multiplexer on a host, a CM endpoint on a
 //! bare-metal peer); UD queue pairs ([`UdQp`]) and RC queue pairs take the rest. Every
@@ -649,10 +649,6 @@ impl PortInner {
         let (Ok(src), Ok(dst)) = (gid_ipv4(sgid), gid_ipv4(dgid)) else {
             return Err(None);
         };
-        // Loopback only (see `sock`).
-        if !dst.is_loopback() {
-            return Err(None);
-        }
         let Ok(s) = self.socket_of(sgid, src) else {
             return Err(None);
         };

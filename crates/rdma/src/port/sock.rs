@@ -33,11 +33,11 @@
 //! (a device without checksum offload) turns it off for the socket; the packets then leave
 //! one by one.
 //!
-//! Runs are sent as one only to loopback destinations (Ferry's hosts side by side on one
-//! machine: there the run goes from socket to socket without a device cutting it up). Towards
-//! other destinations packets leave one by one: that the identifications a device's
-//! segmentation writes match the ICRCs is not yet checked against a Linux `rdma_rxe` peer
-//! (the interop tests' multi-packet messages are the missing piece).
+//! Over loopback a run goes from socket to socket in one piece (coalesced for a GRO socket,
+//! cut by the receiving UDP layer for others); towards a device (the interop tests' tap) the
+//! kernel cuts it before the device, and Linux `rdma_rxe` accepts the packets: the test of
+//! rping's multi-packet READ responses checks every ICRC in the capture over the real
+//! headers.
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
