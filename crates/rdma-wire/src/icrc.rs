@@ -226,6 +226,32 @@ pub fn verify_for_udp_socket_any_ip_id(
     dst_port: u16,
     ib_packet_with_icrc: &[u8],
 ) -> Result<u16, WireError> {
+    verify_for_udp_socket_ip_id_hint(
+        src,
+        dst,
+        src_port,
+        dst_port,
+        ib_packet_with_icrc,
+        0,
+        &mut None,
+    )
+}
+
+/// [`verify_for_udp_socket_any_ip_id`] trying the identification `hint` right after 0,
+/// before solving for it: the `k`-th datagram of a run a sender passed to the kernel in one
+/// UDP GSO send (`UDP_SEGMENT`) carries identification `k` (see [`IpIdEffect`]), and a
+/// receiver that gets the run back coalesced (`UDP_GRO`) knows `k`. The result is the same
+/// as without the hint; only the solving is skipped. `effect` caches the [`IpIdEffect`] of
+/// the last length checked (a run's packets share one).
+pub fn verify_for_udp_socket_ip_id_hint(
+    src: IpAddr,
+    dst: IpAddr,
+    src_port: u16,
+    dst_port: u16,
+    ib_packet_with_icrc: &[u8],
+    hint: u16,
+    effect: &mut Option<IpIdEffect>,
+) -> Result<u16, WireError> {
     let (ib, stored) = split_icrc(ib_packet_with_icrc)?;
     let computed = icrc_for_udp_socket(src, dst, src_port, dst_port, ib)?;
     if stored == computed {
@@ -234,10 +260,57 @@ pub fn verify_for_udp_socket_any_ip_id(
     if !matches!(src, IpAddr::V4(_)) {
         return Err(WireError::IcrcMismatch { stored, computed });
     }
+    if hint != 0 {
+        let e = match effect {
+            Some(e) if e.ib_len == ib.len() => *e,
+            _ => *effect.insert(IpIdEffect::new(ib.len())),
+        };
+        if stored == computed ^ e.of(hint) {
+            return Ok(hint);
+        }
+    }
     // Bytes of the CRC stream (8 × 0xFF, IPv4, UDP, IB) after the identification, which
     // occupies stream bytes 12 and 13.
     let after = 8 + IPV4_HEADER_LEN + UDP_HEADER_LEN + ib.len() - 14;
     solve_ip_id(stored ^ computed, after).ok_or(WireError::IcrcMismatch { stored, computed })
+}
+
+/// What the IPv4 identification does to the ICRC of an IB packet of a given length (BTH up
+/// to, not including, the ICRC), over the headers of [`icrc_for_udp_socket`]: the ICRC with
+/// identification `id` is the one with identification 0 XOR [`IpIdEffect::of`]`(id)` (the
+/// CRC is affine in those 16 bits).
+///
+/// A sender that hands the kernel a run of equal-size datagrams in one UDP GSO send
+/// (`UDP_SEGMENT`) from an unconnected socket with DF gets them numbered 0, 1, 2, … (Linux
+/// gives a DF datagram of an unconnected socket identification 0, and its GSO segmentation,
+/// `inet_gso_segment`, counts up from there), so it stores ICRC(0) ^ `of(k)` in the `k`-th.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpIdEffect {
+    shift: u32,
+    ib_len: usize,
+}
+
+impl IpIdEffect {
+    /// The effect for IB packets of `ib_len` bytes.
+    pub fn new(ib_len: usize) -> IpIdEffect {
+        // Stream bytes after the identification (stream bytes 12 and 13 of 8 × 0xFF, IPv4,
+        // UDP, IB).
+        let after = 8 + IPV4_HEADER_LEN + UDP_HEADER_LEN + ib_len - 14;
+        IpIdEffect {
+            shift: x_pow_8n(after),
+            ib_len,
+        }
+    }
+
+    /// The IB packet length it is for.
+    pub fn ib_len(&self) -> usize {
+        self.ib_len
+    }
+
+    /// What identification `id` XORs into the ICRC.
+    pub fn of(&self, id: u16) -> u32 {
+        mul_mod_p(self.shift, raw_crc_of_id(id))
+    }
 }
 
 /// Reflected CRC-32 polynomial.
@@ -627,6 +700,50 @@ mod tests {
         assert!(compute(&ip, &udp, &ib[..11]).is_err());
         for n in 0..16 {
             assert!(verify(&ip, &udp, &ib[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn ip_id_effect_is_what_the_identification_does() {
+        let ib = sample_ib();
+        let (src, dst) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 1));
+        let zero = icrc_for_udp_socket(src.into(), dst.into(), 4791, 4791, &ib).unwrap();
+        let effect = IpIdEffect::new(ib.len());
+        assert_eq!(effect.of(0), 0);
+        for id in [1u16, 2, 7, 15, 0x1234, 0xffff] {
+            // The real header the kernel writes for the id-th segment of a GSO run.
+            let total = (20 + 8 + ib.len() + 4) as u16;
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            ip[6] = 0x40;
+            ip[8] = 64;
+            ip[9] = 17;
+            ip[12..16].copy_from_slice(&src.octets());
+            ip[16..20].copy_from_slice(&dst.octets());
+            let mut udp = [0u8; 8];
+            udp[0..2].copy_from_slice(&4791u16.to_be_bytes());
+            udp[2..4].copy_from_slice(&4791u16.to_be_bytes());
+            udp[4..6].copy_from_slice(&(total - 20).to_be_bytes());
+            let real = compute(&ip, &udp, &ib).unwrap();
+            assert_eq!(zero ^ effect.of(id), real, "identification {id}");
+            let mut pkt = ib.clone();
+            pkt.extend_from_slice(&real.to_le_bytes());
+            let mut cache = None;
+            let mut v = |hint| {
+                verify_for_udp_socket_ip_id_hint(
+                    src.into(),
+                    dst.into(),
+                    4791,
+                    4791,
+                    &pkt,
+                    hint,
+                    &mut cache,
+                )
+            };
+            assert_eq!(v(id), Ok(id), "hinted");
+            assert_eq!(v(id.wrapping_add(1)), Ok(id), "a wrong hint still solves");
         }
     }
 }

@@ -29,7 +29,7 @@ pub fn ip_checksum(h: &[u8]) -> u16 {
 
 /// The IPv4 header a RoCEv2 packet from `src` to `dst` with `udp_payload_len` bytes after
 /// the UDP header carries (TTL 64, DF, identification `id`, checksum filled in). Ferry's port
-/// sends identification 0 (see [`crate::port`]).
+/// sends identification 0, or `k` for the `k`-th packet of a GSO run (see [`crate::port`]).
 pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, id: u16, udp_payload_len: usize) -> [u8; 20] {
     let total = (20 + 8 + udp_payload_len).min(usize::from(u16::MAX)) as u16;
     let mut ip = [0u8; 20];

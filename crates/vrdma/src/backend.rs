@@ -121,6 +121,11 @@ pub trait RcQueue: Send + Sync {
     fn poll(&self) -> Option<rdma::rc::Completion>;
     /// Calls `waker` whenever completions wait.
     fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>);
+    /// An empty buffer for the next SEND or WRITE's data (one the transport reuses, when it
+    /// keeps them).
+    fn spare_buffer(&self) -> Vec<u8> {
+        Vec::new()
+    }
     /// The transport's counters, if it keeps any.
     fn counters(&self) -> Option<rdma::rc::RcStats> {
         None
@@ -200,6 +205,9 @@ impl RcQueue for PortRcQueue {
     }
     fn counters(&self) -> Option<rdma::rc::RcStats> {
         Some(self.qp.stats())
+    }
+    fn spare_buffer(&self) -> Vec<u8> {
+        self.qp.spare_buffer()
     }
 }
 

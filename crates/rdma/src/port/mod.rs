@@ -7,7 +7,9 @@
 //! GID is the address of the socket it arrived on, its source GID the datagram's source
 //! address: nothing a sender writes in the packet decides either. Sends go out of the socket
 //! of the source GID, so the kernel writes the VM's GID as the IP source; IP routing decides
-//! where the destination GID lives (no table of Ferry's own).
+//! where the destination GID lives (no table of Ferry's own). Runs of equal-size packets (an
+//! RC message's MIDDLEs and LAST) leave in one UDP GSO send and arrive in one GRO receive
+//! ([`sock`] says how the ICRC stays exact).
 //!
 //! QP1 (GSI) packets go to a [`GsiHandler`] (the multiplexer on a host, a CM endpoint on a
 //! bare-metal peer); UD queue pairs ([`UdQp`]) and RC queue pairs take the rest. Every
@@ -109,6 +111,11 @@ counters! {
         rx_wrong_source,
         /// Datagrams sent.
         tx_datagrams,
+        /// Runs of datagrams sent with one GSO send (their datagrams count in `tx_datagrams`).
+        tx_gso_runs,
+        /// Receives that got a coalesced run of datagrams (GRO; each counts in
+        /// `rx_datagrams`).
+        rx_gro_runs,
         /// Sends that failed (socket error, no route, encoding, source GID not the port's).
         tx_errors,
         /// GIDs claimed (sockets bound) over the port's life.
@@ -174,6 +181,9 @@ pub struct UdDest {
 struct AddrSocket {
     addr: Ipv4Addr,
     socket: UdpSocket,
+    /// Runs of equal-size packets leave in one UDP GSO send (cleared when the kernel refuses
+    /// one: a device without checksum offload, say; they then leave one by one).
+    gso: AtomicBool,
     /// Claims on it (the port's own address holds one for the port's life).
     claims: AtomicUsize,
     stop: AtomicBool,
@@ -282,9 +292,12 @@ impl SoftPort {
                 source,
             }
         })?;
+        // Runs sent with one GSO send arrive in one receive (see `receive_loop`).
+        sock::enable_gro(&socket);
         let s = Arc::new(AddrSocket {
             addr,
             socket,
+            gso: AtomicBool::new(true),
             claims: AtomicUsize::new(1),
             stop: AtomicBool::new(false),
             thread: parking_lot::Mutex::new(None),
@@ -417,14 +430,15 @@ impl SoftPort {
         r
     }
 
-    /// Sends one packet from `sgid` (an address of this port) to `dgid`.
-    pub(crate) fn send_packet(
+    /// Sends `pkts` in order from `sgid` (an address of this port) to `dgid`; each run of
+    /// equal-size packets (its last may be shorter) leaves in one UDP GSO send.
+    pub(crate) fn send_packets(
         &self,
         sgid: Gid,
         dgid: Gid,
-        pkt: &RocePacket<'_>,
+        pkts: &[RocePacket<'_>],
     ) -> Result<(), RdmaError> {
-        self.inner.send_packet(sgid, dgid, pkt)
+        self.inner.send_packets(sgid, dgid, pkts)
     }
 
     /// Creates an RC QP bound to `gid` using the regions of `mrs`, with timers on `clock`.
@@ -520,6 +534,34 @@ pub fn encode_datagram(
     Ok(pkt.encode_for_udp_socket(s.into(), d.into(), src_port, dst_port, out)?)
 }
 
+thread_local! {
+    /// A sending thread's GSO run buffer, and the ICRC effects of the IP identification for
+    /// the packet lengths it last sent.
+    static GSO_BUF: std::cell::RefCell<(Vec<u8>, [rdma_wire::icrc::IpIdEffect; 2])> =
+        std::cell::RefCell::new((
+            vec![0; sock::MAX_GSO_BYTES],
+            [rdma_wire::icrc::IpIdEffect::new(0); 2],
+        ));
+}
+
+/// How many packets from `pkts[i]` on leave in one GSO send: the following packets of the
+/// same size, and one shorter last one, within the kernel's limits.
+fn gso_run(pkts: &[RocePacket<'_>], i: usize) -> usize {
+    let seg = pkts[i].wire_len();
+    let max = (sock::MAX_GSO_BYTES / seg.max(1)).min(sock::MAX_GSO_SEGMENTS);
+    let mut j = i + 1;
+    while j < pkts.len() && j - i < max && pkts[j].wire_len() == seg {
+        j += 1;
+    }
+    // A shorter last one, unless it starts a run of its own (a WRITE FIRST, which carries
+    // a RETH, then MIDDLEs: FIRST alone, the MIDDLEs and LAST in one run).
+    let ends = |k: usize| k + 1 == pkts.len() || pkts[k + 1].wire_len() != pkts[k].wire_len();
+    if j < pkts.len() && j - i < max && pkts[j].wire_len() < seg && ends(j) {
+        j += 1;
+    }
+    j - i
+}
+
 impl PortInner {
     fn send_packet(&self, sgid: Gid, dgid: Gid, pkt: &RocePacket<'_>) -> Result<(), RdmaError> {
         let r = self.try_send_packet(sgid, dgid, pkt);
@@ -536,12 +578,7 @@ impl PortInner {
     fn try_send_packet(&self, sgid: Gid, dgid: Gid, pkt: &RocePacket<'_>) -> Result<(), RdmaError> {
         let src = gid_ipv4(sgid)?;
         let dst = gid_ipv4(dgid)?;
-        let s = self
-            .sockets
-            .read()
-            .get(&src)
-            .cloned()
-            .ok_or(RdmaError::NotLocalGid(sgid))?;
+        let s = self.socket_of(sgid, src)?;
         let port = self.cfg.udp_port;
         let mut buf = [0u8; MAX_DATAGRAM];
         let n = pkt.encode_for_udp_socket(src.into(), dst.into(), port, port, &mut buf)?;
@@ -555,11 +592,119 @@ impl PortInner {
         Ok(())
     }
 
+    fn socket_of(&self, sgid: Gid, src: Ipv4Addr) -> Result<Arc<AddrSocket>, RdmaError> {
+        self.sockets
+            .read()
+            .get(&src)
+            .cloned()
+            .ok_or(RdmaError::NotLocalGid(sgid))
+    }
+
+    /// See [`SoftPort::send_packets`]. The `k`-th packet of a GSO run carries IPv4
+    /// identification `k` (see [`rdma_wire::icrc::IpIdEffect`]), so its ICRC is computed
+    /// for that header: receivers that check the real header (Linux `rdma_rxe`, RNICs)
+    /// accept it, and Ferry's receivers get the run coalesced and know `k`.
+    fn send_packets(&self, sgid: Gid, dgid: Gid, pkts: &[RocePacket<'_>]) -> Result<(), RdmaError> {
+        let mut first_err = None;
+        let mut i = 0;
+        while i < pkts.len() {
+            let run = gso_run(pkts, i);
+            let r = if run > 1 {
+                self.try_send_run(sgid, dgid, &pkts[i..i + run])
+            } else {
+                Err(None)
+            };
+            match r {
+                Ok(()) => {
+                    bump(&self.counters.tx_gso_runs);
+                    for _ in 0..run {
+                        bump(&self.counters.tx_datagrams);
+                    }
+                }
+                // One by one: a single packet, or a run the kernel refused as a whole.
+                Err(why) => {
+                    if let Some(e) = why {
+                        tracing::debug!(%sgid, error = &e as &dyn std::error::Error, "GSO send refused, sending one by one");
+                    }
+                    for p in &pkts[i..i + run] {
+                        if let Err(e) = self.send_packet(sgid, dgid, p) {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            i += run;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// One GSO send of `run` (see [`gso_run`]); `Err(Some)` when the kernel refused it
+    /// (GSO is then off for the socket), `Err(None)` when it was not tried.
+    fn try_send_run(
+        &self,
+        sgid: Gid,
+        dgid: Gid,
+        run: &[RocePacket<'_>],
+    ) -> Result<(), Option<std::io::Error>> {
+        let (Ok(src), Ok(dst)) = (gid_ipv4(sgid), gid_ipv4(dgid)) else {
+            return Err(None);
+        };
+        let Ok(s) = self.socket_of(sgid, src) else {
+            return Err(None);
+        };
+        if !s.gso.load(Ordering::Relaxed) {
+            return Err(None);
+        }
+        let port = self.cfg.udp_port;
+        let seg = run[0].wire_len();
+        let Ok(seg16) = u16::try_from(seg) else {
+            return Err(None);
+        };
+        GSO_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let (buf, effects) = &mut *b;
+            let mut off = 0;
+            for (k, p) in run.iter().enumerate() {
+                let len = p.wire_len();
+                let out = buf.get_mut(off..off + len).ok_or(None)?;
+                let n = p
+                    .encode_for_udp_socket(src.into(), dst.into(), port, port, out)
+                    .map_err(|_| None)?;
+                if k > 0 {
+                    let ib_len = n - rdma_wire::icrc::ICRC_LEN;
+                    let e = match effects.iter().find(|e| e.ib_len() == ib_len) {
+                        Some(e) => *e,
+                        None => {
+                            let e = rdma_wire::icrc::IpIdEffect::new(ib_len);
+                            effects.rotate_right(1);
+                            effects[0] = e;
+                            e
+                        }
+                    };
+                    let icrc = &mut out[ib_len..n];
+                    let v =
+                        u32::from_le_bytes([icrc[0], icrc[1], icrc[2], icrc[3]]) ^ e.of(k as u16);
+                    icrc.copy_from_slice(&v.to_le_bytes());
+                }
+                if let Some(pc) = &self.pcap {
+                    pc.write_packet(src, dst, port, port, k as u16, &out[..n]);
+                }
+                off += n;
+            }
+            let to = SocketAddrV4::new(dst, port);
+            sock::send_segments(&s.socket, &buf[..off], seg16, to).map_err(|e| {
+                s.gso.store(false, Ordering::Relaxed);
+                Some(e)
+            })
+        })
+    }
+
     fn receive_loop(&self, s: &AddrSocket) {
-        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut buf = vec![0u8; sock::RECV_BUFFER];
+        let mut effect = None;
         while !self.stop.load(Ordering::Relaxed) && !s.stop.load(Ordering::Relaxed) {
-            match s.socket.recv_from(&mut buf) {
-                Ok((n, from)) => self.on_datagram(&buf[..n], from, s.addr),
+            match sock::recv(&s.socket, &mut buf) {
+                Ok(r) => self.on_received(&buf[..r.len], &r, s.addr, &mut effect),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -575,23 +720,62 @@ impl PortInner {
         }
     }
 
-    /// Checks and dispatches one datagram that arrived on the socket of `local` from `from`.
-    /// Everything from the network is hostile: every failure is a counted drop, nothing
-    /// panics.
-    fn on_datagram(&self, roce: &[u8], from: SocketAddr, local: Ipv4Addr) {
+    /// Splits what one receive got into datagrams (a coalesced run into its segments) and
+    /// checks each.
+    fn on_received(
+        &self,
+        data: &[u8],
+        r: &sock::Received,
+        local: Ipv4Addr,
+        effect: &mut Option<rdma_wire::icrc::IpIdEffect>,
+    ) {
         let c = &self.counters;
-        bump(&c.rx_datagrams);
-        let SocketAddr::V4(from) = from else {
+        let Some(from) = r.from else {
+            bump(&c.rx_datagrams);
             bump(&c.rx_not_ipv4);
             return;
         };
+        match r.segment {
+            Some(seg) if !r.truncated => {
+                bump(&c.rx_gro_runs);
+                for (k, d) in data.chunks(seg).enumerate() {
+                    self.on_datagram(d, from, local, k as u16, effect);
+                }
+            }
+            _ if r.truncated || data.len() > MAX_DATAGRAM => {
+                bump(&c.rx_datagrams);
+                bump(&c.rx_malformed);
+            }
+            _ => self.on_datagram(data, from, local, 0, effect),
+        }
+    }
+
+    /// Checks and dispatches one datagram that arrived on the socket of `local` from `from`
+    /// (`k`-th of a coalesced run: its likely IPv4 identification). Everything from the
+    /// network is hostile: every failure is a counted drop, nothing panics.
+    fn on_datagram(
+        &self,
+        roce: &[u8],
+        from: SocketAddrV4,
+        local: Ipv4Addr,
+        k: u16,
+        effect: &mut Option<rdma_wire::icrc::IpIdEffect>,
+    ) {
+        let c = &self.counters;
+        bump(&c.rx_datagrams);
+        if roce.len() > MAX_DATAGRAM {
+            bump(&c.rx_malformed);
+            return;
+        }
         let port = self.cfg.udp_port;
-        let ip_id = match rdma_wire::icrc::verify_for_udp_socket_any_ip_id(
+        let ip_id = match rdma_wire::icrc::verify_for_udp_socket_ip_id_hint(
             (*from.ip()).into(),
             local.into(),
             from.port(),
             port,
             roce,
+            k,
+            effect,
         ) {
             Ok(id) => id,
             Err(WireError::IcrcMismatch { stored, computed }) => {

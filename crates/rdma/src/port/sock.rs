@@ -19,6 +19,25 @@
 //! unconnected UDP socket (measured: without it, Linux 6.x numbers them), which is the header
 //! [`rdma_wire::icrc::icrc_for_udp_socket`] assumes. A packet larger than the path MTU is
 //! refused by the kernel (`EMSGSIZE`) rather than fragmented — as an RNIC never fragments.
+//!
+//! # Runs of packets: GSO out, GRO in
+//!
+//! A run of equal-size packets (the MIDDLE and LAST packets of an RC message) leaves in one
+//! `sendmsg` with `UDP_SEGMENT` ([`send_segments`]): the kernel cuts it into datagrams and
+//! numbers their identifications 0, 1, 2, … — the sender computes the `k`-th ICRC for
+//! identification `k` ([`rdma_wire::icrc::IpIdEffect`]), so the packets on the wire are
+//! exactly what separate sends of a stack numbering them that way would give, and a Linux
+//! `rdma_rxe` peer (which checks the real header) accepts them. Receiving sockets set
+//! `UDP_GRO` ([`enable_gro`]): a run sent that way over loopback arrives in one `recvmsg`
+//! ([`recv`]), cut back into its datagrams by the port. A kernel that refuses a GSO send
+//! (a device without checksum offload) turns it off for the socket; the packets then leave
+//! one by one.
+//!
+//! Over loopback a run goes from socket to socket in one piece (coalesced for a GRO socket,
+//! cut by the receiving UDP layer for others); towards a device (the interop tests' tap) the
+//! kernel cuts it before the device, and Linux `rdma_rxe` accepts the packets: the test of
+//! rping's multi-packet READ responses checks every ICRC in the capture over the real
+//! headers.
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -68,4 +87,146 @@ fn set_int(
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// `SOL_UDP` and its GSO/GRO options (`linux/udp.h`; the libc crate has them only for
+/// uclibc).
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Most segments one GSO send may carry (`UDP_MAX_SEGMENTS` of older kernels).
+pub(crate) const MAX_GSO_SEGMENTS: usize = 64;
+/// Most UDP payload bytes one send may carry over IPv4 (65535 - 20 - 8).
+pub(crate) const MAX_GSO_BYTES: usize = 65_507;
+/// A receive buffer that holds any datagram, coalesced (GRO) runs included.
+pub(crate) const RECV_BUFFER: usize = 65_536;
+
+/// Asks the kernel to hand runs of datagrams of one flow to `recv` coalesced (`UDP_GRO`):
+/// a run a peer sent with one GSO send (or that the receiving NIC's GRO merged) comes back
+/// in one call. Best effort: without it every datagram comes alone.
+pub(crate) fn enable_gro(socket: &UdpSocket) -> bool {
+    set_int(socket, SOL_UDP, UDP_GRO, 1).is_ok()
+}
+
+/// What one [`recv`] got.
+pub(crate) struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// The sender (IPv4 only; anything else is `None`).
+    pub from: Option<SocketAddrV4>,
+    /// The size of each datagram when the kernel coalesced a run (the last may be shorter).
+    pub segment: Option<usize>,
+    /// The datagram did not fit the buffer (cut).
+    pub truncated: bool,
+}
+
+/// Receives one datagram, or a coalesced run of them (see [`enable_gro`]), into `buf`.
+#[allow(unsafe_code)]
+pub(crate) fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
+    // SAFETY: an all-zero sockaddr_in is a valid value of the plain C struct.
+    let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for one cmsg with an int (the GRO segment size), 8-byte aligned.
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero msghdr is a valid value of the plain C struct; its pointers are
+    // set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = std::ptr::from_mut(&mut name).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in `msg` points at live memory of this frame (`name`, `iov` and
+    // the buffer it describes, `control`) with the lengths given, for the whole call; the
+    // descriptor is the live socket `socket` owns.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let from = (name.sin_family == libc::AF_INET as libc::sa_family_t).then(|| {
+        SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
+            u16::from_be(name.sin_port),
+        )
+    });
+    let mut segment = None;
+    // SAFETY: `msg` was filled by the kernel; the CMSG macros walk its control buffer
+    // (inside `control`, bounded by msg_controllen) and return null at its end.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_UDP
+                && (*c).cmsg_type == UDP_GRO
+                && (*c).cmsg_len as usize
+                    >= libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize
+            {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                segment = usize::try_from(v).ok().filter(|&s| s > 0);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Received {
+        len: n as usize,
+        from,
+        segment,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
+}
+
+/// Sends `data`, a run of datagrams of `segment` bytes each (the last may be shorter), to
+/// `to` in one call: the kernel cuts it into datagrams (UDP GSO, `UDP_SEGMENT`), numbering
+/// their IPv4 identifications 0, 1, 2, … (DF, unconnected socket).
+#[allow(unsafe_code)]
+pub(crate) fn send_segments(
+    socket: &UdpSocket,
+    data: &[u8],
+    segment: u16,
+    to: SocketAddrV4,
+) -> std::io::Result<()> {
+    let name = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: an all-zero msghdr is a valid value of the plain C struct; its pointers are
+    // set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = std::ptr::from_ref(&name).cast_mut().cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    // SAFETY: the control buffer (32 bytes, 8-byte aligned) holds one cmsg with a u16
+    // (CMSG_SPACE(2) = 24 bytes); CMSG_FIRSTHDR returns its start, which is inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
+    }
+    // SAFETY: every pointer in `msg` points at live memory of this frame (`name`, `iov` and
+    // the data it describes, which the kernel only reads, `control`) with the lengths given,
+    // for the whole call; the descriptor is the live socket `socket` owns.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -92,6 +92,10 @@ pub(super) enum InProgress {
     Write(Arc<MemoryRegion>, u64, usize, usize),
 }
 
+/// Buffers [`RcCore::give_back`] keeps at most, and the largest it keeps.
+const MAX_SPARE: usize = 16;
+const MAX_SPARE_BYTES: usize = 1 << 20;
+
 /// The RC transport of one queue pair (see the module documentation).
 #[derive(Debug)]
 pub struct RcCore {
@@ -131,6 +135,9 @@ pub struct RcCore {
     // Out.
     pub(super) out: Vec<OutPacket>,
     pub(super) cq: VecDeque<Completion>,
+    /// Buffers of SENDs and WRITEs that completed, for the next ones ([`RcCore::spare_buffer`]):
+    /// a sender reusing them does not allocate (and fault in) fresh memory per message.
+    pub(super) spare: Vec<Vec<u8>>,
     /// Counters.
     pub counters: RcCounters,
 }
@@ -165,6 +172,7 @@ impl RcCore {
             recent_reads: VecDeque::new(),
             out: Vec::new(),
             cq: VecDeque::new(),
+            spare: Vec::new(),
             counters: RcCounters::default(),
         }
     }
@@ -385,6 +393,23 @@ impl RcCore {
     /// The next completion.
     pub fn poll_cq(&mut self) -> Option<Completion> {
         self.cq.pop_front()
+    }
+
+    /// An empty buffer for the next SEND or WRITE: one a completed work request gave back
+    /// (its capacity kept), or a new one.
+    pub fn spare_buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Keeps the buffer of a finished SEND or WRITE for [`RcCore::spare_buffer`] (a few, of
+    /// bounded size).
+    pub(super) fn give_back(&mut self, op: super::SendOp) {
+        if let super::SendOp::Send { mut data, .. } | super::SendOp::Write { mut data, .. } = op {
+            if self.spare.len() < MAX_SPARE && data.capacity() <= MAX_SPARE_BYTES {
+                data.clear();
+                self.spare.push(data);
+            }
+        }
     }
 
     /// Completions waiting.

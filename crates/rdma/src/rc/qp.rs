@@ -12,7 +12,6 @@ use rdma_wire::{Bth, Gid, ImmDt, RocePacket};
 use super::core::RcCore;
 use super::{Clock, Completion, OutPacket, QpState, RcAttrs, RcError, RcStats, SendWr};
 use crate::port::{QpType, QueuePair, RxPacket, RxVerdict, SoftPort};
-use crate::RdmaError;
 
 struct Shared {
     core: Mutex<RcCore>,
@@ -219,6 +218,12 @@ impl RcQp {
         Ok(())
     }
 
+    /// An empty buffer for the next SEND or WRITE's data, reusing one of a completed work
+    /// request when there is one (see [`RcCore::spare_buffer`]).
+    pub fn spare_buffer(&self) -> Vec<u8> {
+        self.shared.core.lock().spare_buffer()
+    }
+
     /// The next completion, if any.
     pub fn poll(&self) -> Option<Completion> {
         self.shared.core.lock().poll_cq()
@@ -273,16 +278,11 @@ impl RcQp {
             return;
         };
         let (dqpn, p_key) = (c.attrs().dest_qpn, self.port.p_key());
-        for p in &out {
-            if let Err(e) = self.send_one(remote, dqpn, p_key, p) {
-                tracing::debug!(qpn = self.qpn, "RC send failed: {e}");
-            }
+        // Runs of equal-size packets (a message's MIDDLEs and LAST) leave in one GSO send.
+        let pkts: Vec<RocePacket<'_>> = out.iter().map(|p| to_roce(p, dqpn, p_key)).collect();
+        if let Err(e) = self.port.send_packets(self.gid, remote, &pkts) {
+            tracing::debug!(qpn = self.qpn, "RC send failed: {e}");
         }
-    }
-
-    fn send_one(&self, remote: Gid, dqpn: u32, p_key: u16, p: &OutPacket) -> Result<(), RdmaError> {
-        self.port
-            .send_packet(self.gid, remote, &to_roce(p, dqpn, p_key))
     }
 
     /// Stops the timer thread (the port's `destroy_qp` drops the QP from its table).

@@ -171,6 +171,7 @@ impl RcCore {
             };
             let op = wc_opcode(&e.wr);
             self.complete(e.wr.wr_id, WcStatus::Success, op, len, None, Vec::new());
+            self.give_back(e.wr.op);
             bump(&self.counters.sends_completed);
             progressed = true;
         }

@@ -147,20 +147,33 @@ impl Device {
 
     /// Copies the bytes the SGEs describe (send), checking lkeys, PDs and bounds.
     pub(super) fn gather(&self, pd: u32, sges: &[abi::Sge], max: usize) -> Result<Vec<u8>, u32> {
+        self.gather_into(pd, sges, max, Vec::new())
+    }
+
+    /// [`Device::gather`] into `out` (emptied first; its capacity is reused).
+    pub(super) fn gather_into(
+        &self,
+        pd: u32,
+        sges: &[abi::Sge],
+        max: usize,
+        mut out: Vec<u8>,
+    ) -> Result<Vec<u8>, u32> {
         let total: u64 = sges.iter().map(|s| s.length as u64).sum();
         if total > max as u64 {
             return Err(abi::wc_status::LOC_LEN_ERR);
         }
-        let mut out = Vec::with_capacity(total as usize);
+        out.clear();
+        out.resize(total as usize, 0);
+        let mut at = 0usize;
         for s in sges {
-            let mut buf = vec![0u8; s.length as usize];
+            let part = &mut out[at..at + s.length as usize];
             self.sge_io(
                 pd,
                 s,
-                |mem, gpa, range| mem.read(gpa, &mut buf[range]).is_ok(),
+                |mem, gpa, range| mem.read(gpa, &mut part[range]).is_ok(),
                 false,
             )?;
-            out.extend_from_slice(&buf);
+            at += s.length as usize;
         }
         Ok(out)
     }

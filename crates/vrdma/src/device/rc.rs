@@ -618,13 +618,20 @@ impl Device {
         let pd = q.pd;
         let sges = self.read_sges(sge_at, w.num_sge).ok_or(LOC_PROT_ERR)?;
         let imm = matches!(w.opcode, op::SEND_WITH_IMM | op::RDMA_WRITE_WITH_IMM).then_some(w.ex);
+        // The data goes into a buffer an earlier work request gave back (no fresh memory to
+        // fault in per message).
+        let spare = || {
+            q.rc.as_ref()
+                .map(|st| st.queue.spare_buffer())
+                .unwrap_or_default()
+        };
         match w.opcode {
             op::SEND | op::SEND_WITH_IMM => Ok(SendOp::Send {
-                data: self.gather(pd, &sges, MAX_RC_MSG)?,
+                data: self.gather_into(pd, &sges, MAX_RC_MSG, spare())?,
                 imm,
             }),
             op::RDMA_WRITE | op::RDMA_WRITE_WITH_IMM => Ok(SendOp::Write {
-                data: self.gather(pd, &sges, MAX_RC_MSG)?,
+                data: self.gather_into(pd, &sges, MAX_RC_MSG, spare())?,
                 remote_addr: w.rdma_remote_addr(),
                 rkey: w.rdma_rkey(),
                 imm,
