@@ -23,6 +23,9 @@ mod qp;
 mod sock;
 
 pub use sock::bind as bind_rocev2_socket;
+/// UDP GSO sends and GRO receives as the port uses them (for baselines that move the same
+/// datagrams without RoCE).
+pub use sock::{enable_gro, recv as recv_datagrams, send_segments, Received, MAX_GSO_BYTES};
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};

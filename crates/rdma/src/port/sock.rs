@@ -98,19 +98,19 @@ const UDP_GRO: libc::c_int = 104;
 /// Most segments one GSO send may carry (`UDP_MAX_SEGMENTS` of older kernels).
 pub(crate) const MAX_GSO_SEGMENTS: usize = 64;
 /// Most UDP payload bytes one send may carry over IPv4 (65535 - 20 - 8).
-pub(crate) const MAX_GSO_BYTES: usize = 65_507;
+pub const MAX_GSO_BYTES: usize = 65_507;
 /// A receive buffer that holds any datagram, coalesced (GRO) runs included.
 pub(crate) const RECV_BUFFER: usize = 65_536;
 
 /// Asks the kernel to hand runs of datagrams of one flow to `recv` coalesced (`UDP_GRO`):
 /// a run a peer sent with one GSO send (or that the receiving NIC's GRO merged) comes back
 /// in one call. Best effort: without it every datagram comes alone.
-pub(crate) fn enable_gro(socket: &UdpSocket) -> bool {
+pub fn enable_gro(socket: &UdpSocket) -> bool {
     set_int(socket, SOL_UDP, UDP_GRO, 1).is_ok()
 }
 
 /// What one [`recv`] got.
-pub(crate) struct Received {
+pub struct Received {
     /// Bytes in the buffer.
     pub len: usize,
     /// The sender (IPv4 only; anything else is `None`).
@@ -123,7 +123,7 @@ pub(crate) struct Received {
 
 /// Receives one datagram, or a coalesced run of them (see [`enable_gro`]), into `buf`.
 #[allow(unsafe_code)]
-pub(crate) fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
+pub fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
     // SAFETY: an all-zero sockaddr_in is a valid value of the plain C struct.
     let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut iov = libc::iovec {
@@ -183,7 +183,7 @@ pub(crate) fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Receiv
 /// `to` in one call: the kernel cuts it into datagrams (UDP GSO, `UDP_SEGMENT`), numbering
 /// their IPv4 identifications 0, 1, 2, … (DF, unconnected socket).
 #[allow(unsafe_code)]
-pub(crate) fn send_segments(
+pub fn send_segments(
     socket: &UdpSocket,
     data: &[u8],
     segment: u16,

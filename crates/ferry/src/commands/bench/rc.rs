@@ -1,6 +1,6 @@
 //! The RC rows of `ferry bench rdma`: RC SEND round trips (latency against UD's), and RDMA
 //! WRITE bandwidth with 64 KiB messages against raw UDP moving the same messages in 4 KiB
-//! datagrams with the same window, on loopback.
+//! datagrams with the same window, on loopback (one datagram per send, and in GSO runs).
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -175,8 +175,11 @@ pub fn rc_write_bandwidth(block: u8, bytes: usize) -> anyhow::Result<f64> {
 
 /// The same messages as 4 KiB UDP datagrams: the receiver acknowledges each whole message
 /// with a small datagram, the sender keeps `WINDOW` messages in flight; a message whose
-/// acknowledgement does not come within a second counts as lost.
-pub fn raw_udp_bandwidth(block: u8, bytes: usize) -> anyhow::Result<f64> {
+/// acknowledgement does not come within a second counts as lost. With `gso` the datagrams
+/// leave as the port sends its runs (as many 4 KiB datagrams per `sendmsg` as UDP GSO allows)
+/// and arrive coalesced (UDP GRO): plain UDP with the same kernel help RC gets, the stronger
+/// baseline.
+pub fn raw_udp_bandwidth(block: u8, bytes: usize, gso: bool) -> anyhow::Result<f64> {
     let (x, y) = (
         Ipv4Addr::new(127, block, 7, 1),
         Ipv4Addr::new(127, block, 7, 2),
@@ -184,29 +187,47 @@ pub fn raw_udp_bandwidth(block: u8, bytes: usize) -> anyhow::Result<f64> {
     // The port's own socket set-up (buffers, DF), without RoCE.
     let s = rdma::port::bind_rocev2_socket(x, 0)?;
     let r = rdma::port::bind_rocev2_socket(y, 0)?;
-    let to = r.local_addr()?;
+    if gso && !rdma::port::enable_gro(&r) {
+        anyhow::bail!("the kernel refused UDP_GRO");
+    }
+    let to = match r.local_addr()? {
+        std::net::SocketAddr::V4(a) => a,
+        other => anyhow::bail!("receiver bound to {other}"),
+    };
     r.set_read_timeout(Some(Duration::from_millis(50)))?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
-    let per_msg = BW_MESSAGE / BW_MTU;
     let rx = std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
-        let mut count = 0usize;
+        // Bytes received, and how many whole messages they made so far.
+        let (mut bytes, mut messages) = (0usize, 0usize);
         while !st.load(Ordering::Relaxed) {
-            if let Ok((_, from)) = r.recv_from(&mut buf) {
-                count += 1;
-                if count.is_multiple_of(per_msg) {
+            let Ok(got) = rdma::port::recv_datagrams(&r, &mut buf) else {
+                continue;
+            };
+            bytes += got.len;
+            while bytes / BW_MESSAGE > messages {
+                messages += 1;
+                if let Some(from) = got.from {
                     let _ = r.send_to(&[1], from);
                 }
             }
         }
     });
     let n = bytes.div_ceil(BW_MESSAGE).max(WINDOW);
-    let dgram = vec![0xa5u8; BW_MTU];
+    let message = vec![0xa5u8; BW_MESSAGE];
+    // Datagrams per GSO send: whole 4 KiB datagrams under the IPv4 limit.
+    let run = (rdma::port::MAX_GSO_BYTES / BW_MTU) * BW_MTU;
     let send_msg = || -> std::io::Result<()> {
-        for _ in 0..per_msg {
-            s.send_to(&dgram, to)?;
+        if gso {
+            for part in message.chunks(run) {
+                rdma::port::send_segments(&s, part, BW_MTU as u16, to)?;
+            }
+        } else {
+            for dgram in message.chunks(BW_MTU) {
+                s.send_to(dgram, to)?;
+            }
         }
         Ok(())
     };

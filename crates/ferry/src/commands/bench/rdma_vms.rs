@@ -342,6 +342,11 @@ pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
             rc.write_ratio_vs_raw_udp
         );
         println!(
+            "  RC WRITE bandwidth against raw UDP in GSO runs received coalesced (GRO): {:.0} MB/s, ratio {:.2}",
+            rc.raw_udp_gso_bytes_per_s / 1e6,
+            rc.write_ratio_vs_raw_udp_gso
+        );
+        println!(
             "  RC latency, one rping round (2 SEND exchanges, READ, WRITE; 64 bytes): VM<->VM {:.0} us, peer<->peer {:.0} us, ratio {:.2}",
             rc.vm_rping_us, rc.peer_rping_us, rc.rping_latency_ratio
         );

@@ -34,6 +34,10 @@ pub struct RcRows {
     pub raw_udp_bytes_per_s: f64,
     /// VM WRITE bandwidth / raw UDP bandwidth.
     pub write_ratio_vs_raw_udp: f64,
+    /// Raw UDP in GSO runs received coalesced (GRO) on loopback, bytes/s.
+    pub raw_udp_gso_bytes_per_s: f64,
+    /// VM WRITE bandwidth / raw UDP GSO bandwidth.
+    pub write_ratio_vs_raw_udp_gso: f64,
     /// rping rounds per side.
     pub pings: u64,
     /// One rping round VM ↔ VM, µs.
@@ -192,14 +196,18 @@ pub fn measure(
     // write-bw's result counts the bytes written once.
     let vm_write = per_s(&bw)?;
     let vm_rping = field(&rp, "data_us").context("data_us")? / pings as f64;
-    let raw = super::rc::raw_udp_bandwidth(block, (writes * WRITE_SIZE as u64) as usize)
-        .context("raw UDP bandwidth")?;
+    let raw_bytes = (writes * WRITE_SIZE as u64) as usize;
+    let raw = super::rc::raw_udp_bandwidth(block, raw_bytes, false).context("raw UDP bandwidth")?;
+    let raw_gso = super::rc::raw_udp_bandwidth(block, raw_bytes, true)
+        .context("raw UDP bandwidth in GSO runs")?;
     let peer = peer_rping(block, pings).context("rping peer<->peer")?;
     Ok(RcRows {
         writes,
         vm_write_bytes_per_s: vm_write,
         raw_udp_bytes_per_s: raw,
         write_ratio_vs_raw_udp: vm_write / raw.max(1e-9),
+        raw_udp_gso_bytes_per_s: raw_gso,
+        write_ratio_vs_raw_udp_gso: vm_write / raw_gso.max(1e-9),
         pings,
         vm_rping_us: vm_rping,
         peer_rping_us: peer,
