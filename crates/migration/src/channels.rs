@@ -11,8 +11,9 @@
 //!
 //! On a data channel, chunks follow: a 24-byte header (guest-physical address, length, tag,
 //! round, CRC-32 of the first 20 bytes) and, for data, the pages themselves. The source sends
-//! them straight from the guest's memfd (`sendfile` on plain TCP; `pread` into the TLS
-//! record buffer under TLS) and the destination receives them straight into guest memory (a
+//! them straight from the guest's memory (`sendfile` from the memfd for long runs and
+//! `vmsplice` of the mapping for short ones on plain TCP, neither copying; `pread` into the
+//! TLS record buffer under TLS) and the destination receives them straight into guest memory (a
 //! `recv` into the mapping; the TLS reader decrypts into it). The pages carry no checksum of
 //! their own: TCP's checksum (plain) or the AEAD tag (TLS) covers them. Each round ends with a
 //! round-end chunk on every channel, and the destination's receivers wait for each other
@@ -42,7 +43,7 @@ use crate::{
     compress::{Compressor, Decompressor, TokenBucket},
     error::chain,
     source::CancelToken,
-    splice::SplicePipe,
+    splice::{PageSplicer, SplicePipe},
     transport::{self, Conn, Security},
     wire::{self, Kind, PAGE},
     MigrationError, Result,
@@ -568,31 +569,44 @@ impl SourceChannels {
     }
 }
 
-/// Runs of at most this many pages go out gathered with others (one `sendmsg`, the kernel
-/// copying them from the guest mapping); longer ones with `sendfile` from the memfd.
+/// Runs of at most this many pages go out gathered with others (`vmsplice`d with their headers
+/// into a pipe and spliced into the socket, or one `sendmsg` without a pipe); longer ones with
+/// `sendfile` from the memfd.
 const GATHER_MAX_PAGES: u64 = 8;
-/// Most chunks in one gathered `sendmsg` (two iovecs each, under the kernel's 1024).
+/// Most chunks sent together (two iovecs each, under the kernel's 1024).
 const GATHER_CHUNKS: usize = 256;
 /// A TLS channel seals what it gathered once it holds this much (full 16 KiB records, few
 /// writes).
 const TLS_GATHER_BYTES: usize = 256 << 10;
 
 /// Chunks waiting to go out together: on plain TCP their headers and where their pages lie in
-/// the guest mapping (one `sendmsg`); under TLS the chunks themselves, pages copied in by the
+/// the guest mapping (spliced, or one `sendmsg`); under TLS the chunks themselves, pages copied in by the
 /// kernel (`pread` from the memfd), sealed in as few records and writes as their size allows.
 struct Gather {
     headers: Vec<[u8; HEADER]>,
     /// Per header: the pages behind it (host address, length; 0 for none).
     data: Vec<(*const u8, usize)>,
     tls: Vec<u8>,
+    /// Plain TCP: sends the queued chunks without copying them (`vmsplice`); `None` when no
+    /// pipe could be made, and then `sendmsg` copies them.
+    splicer: Option<PageSplicer>,
 }
 
 impl Gather {
-    fn new() -> Gather {
+    fn new(conn: &DataConn) -> Gather {
+        let splicer = match conn {
+            DataConn::Plain(_) => PageSplicer::new()
+                .inspect_err(|e| {
+                    tracing::debug!("no pipe for the gathered pages ({e}): sendmsg copies them")
+                })
+                .ok(),
+            DataConn::Tls { .. } => None,
+        };
         Gather {
             headers: Vec::with_capacity(GATHER_CHUNKS),
             data: Vec::with_capacity(GATHER_CHUNKS),
             tls: Vec::new(),
+            splicer,
         }
     }
 
@@ -673,6 +687,21 @@ impl Gather {
         if self.headers.is_empty() {
             return Ok(());
         }
+        if let Some(sp) = &mut self.splicer {
+            let mut r = Ok(());
+            for (h, &(p, len)) in self.headers.iter().zip(&self.data) {
+                // SAFETY: the pages lie in the guest mapping that `locate` found inside a RAM
+                // region, alive as long as the GuestRam the caller holds, which outlives the
+                // send below.
+                r = unsafe { sp.push(h, p, len) };
+                if r.is_err() {
+                    break;
+                }
+            }
+            self.headers.clear();
+            self.data.clear();
+            return r.and_then(|()| sp.send(tcp));
+        }
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * self.headers.len());
         for (h, &(p, len)) in self.headers.iter().zip(&self.data) {
             iov.push(libc::iovec {
@@ -751,7 +780,7 @@ fn send_items(
 ) -> Result<RoundStats> {
     let io = MigrationError::io("write");
     let mut st = RoundStats::default();
-    let mut out = Gather::new();
+    let mut out = Gather::new(conn);
     let mut zbuf = Vec::new();
     loop {
         if cancel.is_some_and(|c| c.is_cancelled()) || failed.load(Ordering::SeqCst) {
