@@ -782,6 +782,11 @@ fn send_items(
     let mut st = RoundStats::default();
     let mut out = Gather::new(conn);
     let mut zbuf = Vec::new();
+    // Per group: its items located (gpa, pages, host address, memfd offset), the address of
+    // each of their pages and whether it reads all zero.
+    let mut located: Vec<(u64, u64, *mut u8, u64)> = Vec::new();
+    let mut starts: Vec<*const u8> = Vec::with_capacity(ITEM_PAGES as usize);
+    let mut zeros: Vec<bool> = Vec::with_capacity(ITEM_PAGES as usize);
     loop {
         if cancel.is_some_and(|c| c.is_cancelled()) || failed.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
@@ -790,31 +795,43 @@ fn send_items(
             break;
         };
         let mut group_bytes = 0;
+        // Every page of the group is checked for zeros first. The check of a data page reads
+        // one cache line, which is all memory latency (a new page each time, no hardware
+        // prefetch across pages): the lines of the pages ahead are requested meanwhile, across
+        // items too (a scattered dirty set is mostly one-page items), so the misses overlap.
+        located.clear();
+        starts.clear();
         for &(gpa, pages) in &items[group.clone()] {
             let (host, foff) = locate(ram, gpa, pages * PAGE).ok_or_else(|| {
                 MigrationError::Protocol(format!("pages at {gpa:#x} are not in one RAM region"))
             })?;
-            // Split the item into runs of data pages and runs of zero pages. The check of a
-            // data page reads one cache line, which is all memory latency (a new page each
-            // time, no hardware prefetch across pages): the lines of the pages ahead are
-            // requested meanwhile, so the misses overlap.
-            for k in 0..PREFETCH_AHEAD.min(pages) {
-                prefetch(host.wrapping_add((k * PAGE) as usize));
+            for k in 0..pages {
+                starts.push(host.wrapping_add((k * PAGE) as usize) as *const u8);
             }
-            let check = |k: u64| {
-                if k + PREFETCH_AHEAD < pages {
-                    prefetch(host.wrapping_add(((k + PREFETCH_AHEAD) * PAGE) as usize));
-                }
-                // SAFETY: page k of the item lies inside the region's mapping (located
-                // above), which lives as long as `ram`; a racy snapshot is fine (see
-                // is_zero_page).
-                unsafe { is_zero_page(host.add((k * PAGE) as usize)) }
-            };
+            located.push((gpa, pages, host, foff));
+        }
+        for &p in starts.iter().take(PREFETCH_AHEAD as usize) {
+            prefetch(p);
+        }
+        zeros.clear();
+        for (k, &p) in starts.iter().enumerate() {
+            if let Some(&ahead) = starts.get(k + PREFETCH_AHEAD as usize) {
+                prefetch(ahead);
+            }
+            // SAFETY: each page lies inside its item's region mapping (located above), which
+            // lives as long as `ram`; a racy snapshot is fine (see is_zero_page).
+            zeros.push(unsafe { is_zero_page(p) });
+        }
+        let mut at = 0;
+        for &(gpa, pages, host, foff) in &located {
+            let zero_at = &zeros[at..at + pages as usize];
+            at += pages as usize;
+            // Split the item into runs of data pages and runs of zero pages.
             let mut i = 0;
             while i < pages {
-                let zero = check(i);
+                let zero = zero_at[i as usize];
                 let mut j = i + 1;
-                while j < pages && check(j) == zero {
+                while j < pages && zero_at[j as usize] == zero {
                     j += 1;
                 }
                 let (g, n) = (gpa + i * PAGE, j - i);
