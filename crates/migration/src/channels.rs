@@ -407,14 +407,14 @@ impl SourceChannels {
     }
 
     /// Sends the pages of `runs` ((first page, page count), within one RAM region each) over
-    /// all channels in parallel, then a round end on each. Zero pages are skipped when
-    /// `skip_zero` (round 0: the destination starts zeroed), sent as zero chunks otherwise.
+    /// all channels in parallel, then a round end on each; `zeros` says what becomes of zero
+    /// pages.
     pub fn send_round(
         &mut self,
         ram: &GuestRam,
         round: u32,
         runs: &[(u64, u64)],
-        skip_zero: bool,
+        zeros: ZeroPages,
         throttle: Option<&TokenBucket>,
         cancel: Option<&CancelToken>,
     ) -> Result<RoundStats> {
@@ -461,7 +461,7 @@ impl SourceChannels {
                     &items,
                     &groups,
                     &next,
-                    skip_zero,
+                    zeros,
                     throttle,
                     cancel,
                     &failed,
@@ -497,7 +497,7 @@ impl SourceChannels {
                                 items,
                                 groups,
                                 next,
-                                skip_zero,
+                                zeros,
                                 throttle,
                                 cancel,
                                 failed,
@@ -567,6 +567,17 @@ impl SourceChannels {
         }
         Ok((HEADER * self.conns.len()) as u64)
     }
+}
+
+/// What a round does with pages that read all zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ZeroPages {
+    /// Found and left out (round 0: the destination starts zeroed).
+    Skip,
+    /// Found and sent as zero chunks (a header, no data).
+    Chunk,
+    /// Not looked for: every page goes as data, unread by the sender.
+    Unchecked,
 }
 
 /// Runs of at most this many pages go out gathered with others (`vmsplice`d with their headers
@@ -773,7 +784,7 @@ fn send_items(
     items: &[(u64, u64)],
     groups: &[std::ops::Range<usize>],
     next: &AtomicUsize,
-    skip_zero: bool,
+    zero_pages: ZeroPages,
     throttle: Option<&TokenBucket>,
     cancel: Option<&CancelToken>,
     failed: &AtomicBool,
@@ -810,11 +821,16 @@ fn send_items(
             }
             located.push((gpa, pages, host, foff));
         }
-        for &p in starts.iter().take(PREFETCH_AHEAD as usize) {
-            prefetch(p);
+        if zero_pages != ZeroPages::Unchecked {
+            for &p in starts.iter().take(PREFETCH_AHEAD as usize) {
+                prefetch(p);
+            }
         }
         zeros.clear();
-        for (k, &p) in starts.iter().enumerate() {
+        if zero_pages == ZeroPages::Unchecked {
+            zeros.resize(starts.len(), false);
+        }
+        for (k, &p) in starts.iter().enumerate().skip(zeros.len()) {
             if let Some(&ahead) = starts.get(k + PREFETCH_AHEAD as usize) {
                 prefetch(ahead);
             }
@@ -837,7 +853,7 @@ fn send_items(
                 let (g, n) = (gpa + i * PAGE, j - i);
                 let len = n * PAGE;
                 if zero {
-                    if skip_zero {
+                    if zero_pages == ZeroPages::Skip {
                         st.skipped += n;
                     } else {
                         out.header(conn, encode(g, len as u32, TAG_ZERO, round))

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use vmm::{memory::GuestRam, Vm};
 
 use crate::{
+    channels::ZeroPages,
     device::MigratableDevice,
     dirty::DirtyMap,
     error::chain,
@@ -330,20 +331,22 @@ impl Sender<'_> {
         self.send(Kind::Memory, payload)
     }
 
-    /// Sends `runs` of pages over the data channels if open, else over the main connection;
+    /// Sends `runs` of pages over the data channels if open, else over the main connection
+    /// (which copies every page and so always looks for zeros: `Unchecked` is `Chunk` there);
     /// returns (data pages, zero pages, skipped zero pages).
     fn send_runs(
         &mut self,
         round: u32,
         runs: &[(u64, u64)],
-        skip_zero: bool,
+        zeros: ZeroPages,
     ) -> Result<(u64, u64, u64)> {
+        let skip_zero = zeros == ZeroPages::Skip;
         if let Some(ch) = &mut self.channels {
             let st = ch.send_round(
                 self.ram,
                 round,
                 runs,
-                skip_zero,
+                zeros,
                 self.throttle.as_ref(),
                 self.cancel.as_deref(),
             )?;
@@ -457,6 +460,42 @@ fn collect_dirty(vm: &Vm, devices: &mut [Box<dyn MigratableDevice>]) -> Result<D
         device: device_pages.len() as u64,
         device_pages,
     })
+}
+
+/// A round after round 0 whose pages were fewer than one in this many zero...
+const ZERO_SHARE: u64 = 64;
+/// ...makes this many rounds after it send every page as data without looking for zeros.
+const ZERO_PAUSE: u32 = 3;
+
+/// Whether a round looks for zero pages. On the data channels the check is the sender's only
+/// read of a page (`sendfile` and `vmsplice` hand the kernel references): a cache and TLB
+/// miss per page, and the pages of later rounds are ones the guest just wrote, rarely zero
+/// (none in the bench's heavy guests). So the rounds look only while looking pays: a round
+/// that found almost none makes the next few send without looking, then one looks again,
+/// so a guest that starts zeroing memory is noticed within a few rounds.
+#[derive(Default)]
+struct ZeroCheck {
+    unchecked_left: u32,
+}
+
+impl ZeroCheck {
+    /// What the next round does with zero pages.
+    fn next(&self) -> ZeroPages {
+        if self.unchecked_left > 0 {
+            ZeroPages::Unchecked
+        } else {
+            ZeroPages::Chunk
+        }
+    }
+
+    /// A round sent `data` pages and found `zero` zero pages (found only when it looked).
+    fn observe(&mut self, looked: bool, data: u64, zero: u64) {
+        if !looked {
+            self.unchecked_left = self.unchecked_left.saturating_sub(1);
+        } else if zero.saturating_mul(ZERO_SHARE) < data + zero {
+            self.unchecked_left = ZERO_PAUSE;
+        }
+    }
 }
 
 /// Bytes a page costs on the wire besides itself, at worst (a chunk header of its own).
@@ -784,7 +823,7 @@ fn run(
         .iter()
         .map(|&(gpa, len)| (gpa, len / PAGE))
         .collect();
-    let (pages, _, skipped) = tx.send_runs(0, &runs, true)?;
+    let (pages, _, skipped) = tx.send_runs(0, &runs, ZeroPages::Skip)?;
     let round0 = round_end(tx, 0, pages, 0, before, t0)?;
     tracing::debug!(
         at_ms = ms(start.elapsed()),
@@ -794,6 +833,8 @@ fn run(
         "round 0 sent"
     );
     report.zero_pages_skipped = skipped + (ram.size() / PAGE).saturating_sub(in_extents);
+    let mut zero_check = ZeroCheck::default();
+    zero_check.observe(true, pages, skipped);
 
     let mut link = LinkEstimate::default();
     let mut last_send = t0.elapsed();
@@ -893,7 +934,9 @@ fn run(
         }
         let t = Instant::now();
         let before = tx.bytes;
-        let (pages, zero, _) = tx.send_runs(round, &dirty.pages.runs(), false)?;
+        let zeros = zero_check.next();
+        let (pages, zero, _) = tx.send_runs(round, &dirty.pages.runs(), zeros)?;
+        zero_check.observe(zeros != ZeroPages::Unchecked, pages, zero);
         let mut r = round_end(tx, round, pages, zero, before, t)?;
         last_send = t.elapsed();
         (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (dirty.kvm, dirty.vmm, dirty.device);
@@ -946,7 +989,7 @@ fn run(
     pages_final.merge(&last.pages);
     let t = Instant::now();
     let before = tx.bytes;
-    let (pages, zero, _) = tx.send_runs(round, &pages_final.runs(), false)?;
+    let (pages, zero, _) = tx.send_runs(round, &pages_final.runs(), zero_check.next())?;
     let mut r = round_end(tx, round, pages, zero, before, t)?;
     (r.dirty_kvm, r.dirty_vmm, r.dirty_device) = (
         final_dirty.kvm + last.kvm,
@@ -1105,6 +1148,26 @@ fn round_end(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rounds stop looking for zero pages after one that found almost none, look again a
+    /// few rounds later, and keep looking while they find some.
+    #[test]
+    fn rounds_look_for_zero_pages_while_that_pays() {
+        let mut z = ZeroCheck::default();
+        assert_eq!(z.next(), ZeroPages::Chunk);
+        // A round with a quarter zero pages: keep looking.
+        z.observe(true, 300, 100);
+        assert_eq!(z.next(), ZeroPages::Chunk);
+        // Fewer than one in 64: the next ZERO_PAUSE rounds send without looking.
+        z.observe(true, 1000, 1);
+        for _ in 0..ZERO_PAUSE {
+            assert_eq!(z.next(), ZeroPages::Unchecked);
+            z.observe(false, 1000, 0);
+        }
+        assert_eq!(z.next(), ZeroPages::Chunk);
+        z.observe(true, 90, 10);
+        assert_eq!(z.next(), ZeroPages::Chunk);
+    }
 
     /// The paused round is predicted at the slower of the last two rounds large enough to
     /// tell; a small round changes only the round trip.
