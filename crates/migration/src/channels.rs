@@ -11,8 +11,9 @@
 //!
 //! On a data channel, chunks follow: a 24-byte header (guest-physical address, length, tag,
 //! round, CRC-32 of the first 20 bytes) and, for data, the pages themselves. The source sends
-//! them straight from the guest's memfd (`sendfile` on plain TCP; `pread` into the TLS
-//! record buffer under TLS) and the destination receives them straight into guest memory (a
+//! them straight from the guest's memory (`sendfile` from the memfd for long runs and
+//! `vmsplice` of the mapping for short ones on plain TCP, neither copying; `pread` into the
+//! TLS record buffer under TLS) and the destination receives them straight into guest memory (a
 //! `recv` into the mapping; the TLS reader decrypts into it). The pages carry no checksum of
 //! their own: TCP's checksum (plain) or the AEAD tag (TLS) covers them. Each round ends with a
 //! round-end chunk on every channel, and the destination's receivers wait for each other
@@ -42,7 +43,7 @@ use crate::{
     compress::{Compressor, Decompressor, TokenBucket},
     error::chain,
     source::CancelToken,
-    splice::SplicePipe,
+    splice::{PageSplicer, SplicePipe},
     transport::{self, Conn, Security},
     wire::{self, Kind, PAGE},
     MigrationError, Result,
@@ -406,14 +407,14 @@ impl SourceChannels {
     }
 
     /// Sends the pages of `runs` ((first page, page count), within one RAM region each) over
-    /// all channels in parallel, then a round end on each. Zero pages are skipped when
-    /// `skip_zero` (round 0: the destination starts zeroed), sent as zero chunks otherwise.
+    /// all channels in parallel, then a round end on each; `zeros` says what becomes of zero
+    /// pages.
     pub fn send_round(
         &mut self,
         ram: &GuestRam,
         round: u32,
         runs: &[(u64, u64)],
-        skip_zero: bool,
+        zeros: ZeroPages,
         throttle: Option<&TokenBucket>,
         cancel: Option<&CancelToken>,
     ) -> Result<RoundStats> {
@@ -460,7 +461,7 @@ impl SourceChannels {
                     &items,
                     &groups,
                     &next,
-                    skip_zero,
+                    zeros,
                     throttle,
                     cancel,
                     &failed,
@@ -496,7 +497,7 @@ impl SourceChannels {
                                 items,
                                 groups,
                                 next,
-                                skip_zero,
+                                zeros,
                                 throttle,
                                 cancel,
                                 failed,
@@ -568,31 +569,55 @@ impl SourceChannels {
     }
 }
 
-/// Runs of at most this many pages go out gathered with others (one `sendmsg`, the kernel
-/// copying them from the guest mapping); longer ones with `sendfile` from the memfd.
+/// What a round does with pages that read all zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ZeroPages {
+    /// Found and left out (round 0: the destination starts zeroed).
+    Skip,
+    /// Found and sent as zero chunks (a header, no data).
+    Chunk,
+    /// Not looked for: every page goes as data, unread by the sender.
+    Unchecked,
+}
+
+/// Runs of at most this many pages go out gathered with others (`vmsplice`d with their headers
+/// into a pipe and spliced into the socket, or one `sendmsg` without a pipe); longer ones with
+/// `sendfile` from the memfd.
 const GATHER_MAX_PAGES: u64 = 8;
-/// Most chunks in one gathered `sendmsg` (two iovecs each, under the kernel's 1024).
+/// Most chunks sent together (two iovecs each, under the kernel's 1024).
 const GATHER_CHUNKS: usize = 256;
 /// A TLS channel seals what it gathered once it holds this much (full 16 KiB records, few
 /// writes).
 const TLS_GATHER_BYTES: usize = 256 << 10;
 
 /// Chunks waiting to go out together: on plain TCP their headers and where their pages lie in
-/// the guest mapping (one `sendmsg`); under TLS the chunks themselves, pages copied in by the
+/// the guest mapping (spliced, or one `sendmsg`); under TLS the chunks themselves, pages copied in by the
 /// kernel (`pread` from the memfd), sealed in as few records and writes as their size allows.
 struct Gather {
     headers: Vec<[u8; HEADER]>,
     /// Per header: the pages behind it (host address, length; 0 for none).
     data: Vec<(*const u8, usize)>,
     tls: Vec<u8>,
+    /// Plain TCP: sends the queued chunks without copying them (`vmsplice`); `None` when no
+    /// pipe could be made, and then `sendmsg` copies them.
+    splicer: Option<PageSplicer>,
 }
 
 impl Gather {
-    fn new() -> Gather {
+    fn new(conn: &DataConn) -> Gather {
+        let splicer = match conn {
+            DataConn::Plain(_) => PageSplicer::new()
+                .inspect_err(|e| {
+                    tracing::debug!("no pipe for the gathered pages ({e}): sendmsg copies them")
+                })
+                .ok(),
+            DataConn::Tls { .. } => None,
+        };
         Gather {
             headers: Vec::with_capacity(GATHER_CHUNKS),
             data: Vec::with_capacity(GATHER_CHUNKS),
             tls: Vec::new(),
+            splicer,
         }
     }
 
@@ -673,6 +698,21 @@ impl Gather {
         if self.headers.is_empty() {
             return Ok(());
         }
+        if let Some(sp) = &mut self.splicer {
+            let mut r = Ok(());
+            for (h, &(p, len)) in self.headers.iter().zip(&self.data) {
+                // SAFETY: the pages lie in the guest mapping that `locate` found inside a RAM
+                // region, alive as long as the GuestRam the caller holds, which outlives the
+                // send below.
+                r = unsafe { sp.push(h, p, len) };
+                if r.is_err() {
+                    break;
+                }
+            }
+            self.headers.clear();
+            self.data.clear();
+            return r.and_then(|()| sp.send(tcp));
+        }
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * self.headers.len());
         for (h, &(p, len)) in self.headers.iter().zip(&self.data) {
             iov.push(libc::iovec {
@@ -744,15 +784,20 @@ fn send_items(
     items: &[(u64, u64)],
     groups: &[std::ops::Range<usize>],
     next: &AtomicUsize,
-    skip_zero: bool,
+    zero_pages: ZeroPages,
     throttle: Option<&TokenBucket>,
     cancel: Option<&CancelToken>,
     failed: &AtomicBool,
 ) -> Result<RoundStats> {
     let io = MigrationError::io("write");
     let mut st = RoundStats::default();
-    let mut out = Gather::new();
+    let mut out = Gather::new(conn);
     let mut zbuf = Vec::new();
+    // Per group: its items located (gpa, pages, host address, memfd offset), the address of
+    // each of their pages and whether it reads all zero.
+    let mut located: Vec<(u64, u64, *mut u8, u64)> = Vec::new();
+    let mut starts: Vec<*const u8> = Vec::with_capacity(ITEM_PAGES as usize);
+    let mut zeros: Vec<bool> = Vec::with_capacity(ITEM_PAGES as usize);
     loop {
         if cancel.is_some_and(|c| c.is_cancelled()) || failed.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
@@ -761,37 +806,54 @@ fn send_items(
             break;
         };
         let mut group_bytes = 0;
+        // Every page of the group is checked for zeros first. The check of a data page reads
+        // one cache line, which is all memory latency (a new page each time, no hardware
+        // prefetch across pages): the lines of the pages ahead are requested meanwhile, across
+        // items too (a scattered dirty set is mostly one-page items), so the misses overlap.
+        located.clear();
+        starts.clear();
         for &(gpa, pages) in &items[group.clone()] {
             let (host, foff) = locate(ram, gpa, pages * PAGE).ok_or_else(|| {
                 MigrationError::Protocol(format!("pages at {gpa:#x} are not in one RAM region"))
             })?;
-            // Split the item into runs of data pages and runs of zero pages. The check of a
-            // data page reads one cache line, which is all memory latency (a new page each
-            // time, no hardware prefetch across pages): the lines of the pages ahead are
-            // requested meanwhile, so the misses overlap.
-            for k in 0..PREFETCH_AHEAD.min(pages) {
-                prefetch(host.wrapping_add((k * PAGE) as usize));
+            for k in 0..pages {
+                starts.push(host.wrapping_add((k * PAGE) as usize) as *const u8);
             }
-            let check = |k: u64| {
-                if k + PREFETCH_AHEAD < pages {
-                    prefetch(host.wrapping_add(((k + PREFETCH_AHEAD) * PAGE) as usize));
-                }
-                // SAFETY: page k of the item lies inside the region's mapping (located
-                // above), which lives as long as `ram`; a racy snapshot is fine (see
-                // is_zero_page).
-                unsafe { is_zero_page(host.add((k * PAGE) as usize)) }
-            };
+            located.push((gpa, pages, host, foff));
+        }
+        if zero_pages != ZeroPages::Unchecked {
+            for &p in starts.iter().take(PREFETCH_AHEAD as usize) {
+                prefetch(p);
+            }
+        }
+        zeros.clear();
+        if zero_pages == ZeroPages::Unchecked {
+            zeros.resize(starts.len(), false);
+        }
+        for (k, &p) in starts.iter().enumerate().skip(zeros.len()) {
+            if let Some(&ahead) = starts.get(k + PREFETCH_AHEAD as usize) {
+                prefetch(ahead);
+            }
+            // SAFETY: each page lies inside its item's region mapping (located above), which
+            // lives as long as `ram`; a racy snapshot is fine (see is_zero_page).
+            zeros.push(unsafe { is_zero_page(p) });
+        }
+        let mut at = 0;
+        for &(gpa, pages, host, foff) in &located {
+            let zero_at = &zeros[at..at + pages as usize];
+            at += pages as usize;
+            // Split the item into runs of data pages and runs of zero pages.
             let mut i = 0;
             while i < pages {
-                let zero = check(i);
+                let zero = zero_at[i as usize];
                 let mut j = i + 1;
-                while j < pages && check(j) == zero {
+                while j < pages && zero_at[j as usize] == zero {
                     j += 1;
                 }
                 let (g, n) = (gpa + i * PAGE, j - i);
                 let len = n * PAGE;
                 if zero {
-                    if skip_zero {
+                    if zero_pages == ZeroPages::Skip {
                         st.skipped += n;
                     } else {
                         out.header(conn, encode(g, len as u32, TAG_ZERO, round))

@@ -97,7 +97,7 @@ const DEVICE: &[i64] = sys![SYS_ioctl];
 
 /// A migration: TCP (connect, TLS), the source's data extents (`mincore` on the guest
 /// mapping, `lseek` on the memfd), the data channels (the destination's listener, pages
-/// `sendfile`d from the memfd or `pread` for TLS, spliced through a pipe into the
+/// `sendfile`d from the memfd, `vmsplice`d from the mapping or `pread` for TLS, spliced through a pipe into the
 /// destination's memfd), guest memory and the dirty log (KVM
 /// ioctls), zero runs punched out of the destination's memfd, the devices' state, the memory
 /// of a destination being built (memfd), threads it starts (handshakes, channels, a device's
@@ -119,6 +119,7 @@ const MIGRATION: &[i64] = sys![
     SYS_sendfile,
     SYS_splice,
     SYS_tgkill,
+    SYS_vmsplice,
 ];
 
 /// The RDMA port's receive threads and the CM/RC timers: datagrams in and out.
