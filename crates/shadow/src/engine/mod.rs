@@ -305,6 +305,9 @@ pub struct Engine {
     opts: EngineOptions,
     active: Mutex<Option<Active>>,
     counts: Mutex<(u64, u64)>,
+    /// A destination's engine rebuilt on the preparation made from the pre-copy state
+    /// (nothing replayed in the downtime).
+    from_precopy: bool,
 }
 
 fn hook(what: impl Into<String>) -> impl FnOnce(passthrough::Error) -> Error {
@@ -407,7 +410,15 @@ impl Engine {
             opts,
             active: Mutex::new(None),
             counts: Mutex::new((0, 0)),
+            from_precopy: false,
         }
+    }
+
+    /// True when this destination's engine was rebuilt on the device prepared from the
+    /// source's pre-copy state ([`Engine::restore_prepared`] found it fit), so the downtime
+    /// replayed nothing.
+    pub fn restored_from_precopy(&self) -> bool {
+        self.from_precopy
     }
 
     /// The attachment.

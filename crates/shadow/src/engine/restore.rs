@@ -278,7 +278,7 @@ impl Engine {
             Ok(())
         };
         let fitted = prepared.is_some();
-        let (engine, copies, remapped, bounce, mut pages) = match prepared {
+        let (mut engine, copies, remapped, bounce, mut pages) = match prepared {
             Some(p) => {
                 if designation == Designation::VcpuBuffer {
                     // The copies become the guest's rings as they arrived.
@@ -329,6 +329,7 @@ impl Engine {
                 (engine, copies, remapped, bounce, Vec::new())
             }
         };
+        engine.from_precopy = fitted;
         let dstrd = att.dstrd();
 
         let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation)
