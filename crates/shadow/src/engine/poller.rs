@@ -72,7 +72,7 @@ pub(crate) fn spawn_thread(
 
 /// One round under the state lock, then the guest's interrupts for what it forwarded.
 /// Returns (entries moved, commands in flight or submissions pending).
-fn round(shared: &Shared) -> (usize, bool) {
+pub(crate) fn round(shared: &Shared) -> (usize, bool) {
     let (moved, work, irqs) = {
         let mut run = shared.lock();
         let moved = poll_once(&mut run);
@@ -152,7 +152,10 @@ fn run(shared: &Shared) {
             sleep = (sleep * 2).min(SLEEP_MAX);
         }
     }
-    if let Some(w) = &shared.device_wake {
+    if let Some(w) = shared
+        .device_wake
+        .filter(|_| !shared.keep_host_kicks.load(Ordering::SeqCst))
+    {
         w.words().host_kicks.store(0, Ordering::SeqCst);
     }
 }

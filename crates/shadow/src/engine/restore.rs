@@ -372,6 +372,7 @@ impl Engine {
             device_wake: DeviceWake::of(&att),
             sleeps: Default::default(),
             woken: Default::default(),
+            keep_host_kicks: AtomicBool::new(false),
         });
         engine.install_hook(&shared);
         let poller = poller::spawn(shared.clone()).inspect_err(|_| {
