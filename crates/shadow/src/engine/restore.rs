@@ -36,6 +36,9 @@ pub struct PreparedRestore {
     bounce: Arc<Vec<Bounce>>,
     /// The I/O queues' doorbell pages, intercepted.
     pages: Vec<DoorbellPage>,
+    /// The poller's thread, started here and waiting for its state (spawning it is then not
+    /// part of the downtime).
+    poller: Option<poller::Parked>,
 }
 
 impl PreparedRestore {
@@ -200,11 +203,16 @@ impl Engine {
                     remapped,
                     bounce: bounce_mapped.unwrap_or_default(),
                     pages,
+                    poller: None,
                 }
                 .undo(vm);
                 return Err(e);
             }
         };
+        // Not final: without it the restore spawns the poller itself.
+        let poller = poller::spawn_parked()
+            .inspect_err(|e| tracing::warn!("starting the poller ahead: {}", vmm::ErrorChain(e)))
+            .ok();
         tracing::debug!(
             ms = ms(t0),
             queues = geos.len(),
@@ -219,6 +227,7 @@ impl Engine {
             remapped,
             bounce: bounce_mapped.unwrap_or_default(),
             pages,
+            poller,
         })
     }
 
@@ -246,6 +255,7 @@ impl Engine {
                 saved.limits
             )));
         }
+        tracing::debug!(ms = ms(t0), "restore: state checked");
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let geos: Vec<_> = saved.queues.iter().map(|q| q.geometry).collect();
@@ -278,6 +288,7 @@ impl Engine {
             Ok(())
         };
         let fitted = prepared.is_some();
+        let mut parked = None;
         let (mut engine, copies, remapped, bounce, mut pages) = match prepared {
             Some(p) => {
                 if designation == Designation::VcpuBuffer {
@@ -298,6 +309,7 @@ impl Engine {
                     ms = ms(t0),
                     "restore: prepared configuration and ring copies fit"
                 );
+                parked = p.poller;
                 (p.engine, p.copies, p.remapped, p.bounce, p.pages)
             }
             None => {
@@ -375,7 +387,11 @@ impl Engine {
             keep_host_kicks: AtomicBool::new(false),
         });
         engine.install_hook(&shared);
-        let poller = poller::spawn(shared.clone()).inspect_err(|_| {
+        let poller = match parked {
+            Some(p) => p.start(shared.clone()),
+            None => poller::spawn(shared.clone()),
+        }
+        .inspect_err(|_| {
             engine.release_vectors(&shared.wakeups);
         })?;
         *engine.active() = Some(Active {
