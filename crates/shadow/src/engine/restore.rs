@@ -168,6 +168,11 @@ impl Engine {
         // Blank now; with the copy as the vCPU buffer the restore fills them with the rings
         // as they arrived.
         let copies = Arc::new(blank_rings(&geos)?);
+        // Touched now, so that filling them in the downtime takes no page faults (a page the
+        // host took back costs a host fault on first touch).
+        for c in copies.iter() {
+            c.pages.write(0, &vec![0u8; c.pages.len()]);
+        }
         let mut remapped = Vec::new();
         let mut bounce_mapped = None;
         let mut pages: Vec<DoorbellPage> = Vec::new();
