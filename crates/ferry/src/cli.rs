@@ -417,6 +417,9 @@ pub struct BenchShadowArgs {
     /// Measure only the virtio-net rows (packets per second, direct against shadowed).
     #[arg(long)]
     pub net_only: bool,
+    /// Measure only the live migrations with and without the device (downtime).
+    #[arg(long)]
+    pub migration_only: bool,
     /// Runs of each virtio-net mode, interleaved (the median counts).
     #[arg(long, default_value_t = 3)]
     pub net_runs: usize,

@@ -163,9 +163,15 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
             engine
                 .leave_live(&incoming.vm)
                 .context("leaving shadow mode on the destination")?;
+            let prepared = if engine.restored_from_precopy() {
+                "configuration replayed during pre-copy"
+            } else {
+                "configuration replayed in the downtime"
+            };
             eprintln!(
-                "ferry: passthrough nvme0 rebuilt here (copy = {designation}), re-aligned with \
-                 {fillers} filler(s), direct again after {:.1} ms without pausing the VM",
+                "ferry: passthrough nvme0 rebuilt here (copy = {designation}, {prepared}), \
+                 re-aligned with {fillers} filler(s), direct again after {:.1} ms without \
+                 pausing the VM",
                 t0.elapsed().as_secs_f64() * 1000.0
             );
             Some(PassthroughSession::with_engine(

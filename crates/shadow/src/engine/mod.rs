@@ -228,6 +228,11 @@ pub(crate) struct Shared {
     /// The poller's sleeps on the host word, and those a kick ended.
     pub sleeps: AtomicU64,
     pub woken: AtomicU64,
+    /// The poller was stopped by a quiesce: when it ends it leaves the device's "the host
+    /// kicks" word set, so a device given no more doorbells sleeps after its short spin
+    /// window instead of spinning a millisecond in the downtime, on a core the switchover
+    /// needs.
+    pub keep_host_kicks: AtomicBool,
 }
 
 impl Shared {
@@ -305,6 +310,9 @@ pub struct Engine {
     opts: EngineOptions,
     active: Mutex<Option<Active>>,
     counts: Mutex<(u64, u64)>,
+    /// A destination's engine rebuilt on the preparation made from the pre-copy state
+    /// (nothing replayed in the downtime).
+    from_precopy: bool,
 }
 
 fn hook(what: impl Into<String>) -> impl FnOnce(passthrough::Error) -> Error {
@@ -407,7 +415,15 @@ impl Engine {
             opts,
             active: Mutex::new(None),
             counts: Mutex::new((0, 0)),
+            from_precopy: false,
         }
+    }
+
+    /// True when this destination's engine was rebuilt on the device prepared from the
+    /// source's pre-copy state ([`Engine::restore_prepared`] found it fit), so the downtime
+    /// replayed nothing.
+    pub fn restored_from_precopy(&self) -> bool {
+        self.from_precopy
     }
 
     /// The attachment.
@@ -474,7 +490,8 @@ impl Engine {
         }
     }
 
-    fn stop_poller(a: &mut Active) {
+    /// Tells the poller to stop, without waiting for it to end.
+    fn signal_stop(a: &Active) {
         a.shared
             .stop
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -483,12 +500,37 @@ impl Engine {
         if let Some(w) = &a.shared.device_wake {
             wake::kick_word(w.words().host);
         }
+    }
+
+    /// Stops the poller and waits for it to end; the device's "the host kicks" word is
+    /// clear afterwards.
+    fn stop_poller(a: &mut Active) {
+        Self::signal_stop(a);
         if let Some(p) = a.poller.take() {
             let _ = p.join();
+        }
+        if a.shared
+            .keep_host_kicks
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Some(w) = &a.shared.device_wake {
+                w.words()
+                    .host_kicks
+                    .store(0, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
 
     fn start_poller(a: &mut Active) -> Result<()> {
+        if a.shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // A poller told to stop (by a quiesce) that may not have ended yet.
+            if let Some(p) = a.poller.take() {
+                let _ = p.join();
+            }
+        }
+        a.shared
+            .keep_host_kicks
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         if a.poller.is_none() {
             a.shared
                 .stop
@@ -508,16 +550,15 @@ impl Engine {
             .ok_or_else(|| Error::Engine("quiesce outside shadow mode".into()))?;
         let t0 = Instant::now();
         let in_flight: usize = a.shared.lock().queues.iter().map(|q| q.q.in_flight()).sum();
-        Self::drain_and_stop(a, self.opts.drain_timeout)?;
+        Self::stop_for_drain(a);
+        let a = &*a;
+        let (mut run, rounds) = Self::drain_held(a, self.opts.drain_timeout)?;
         let drained = t0.elapsed();
-        let mut run = a.shared.lock();
-        for q in &mut run.queues {
-            q.q.hold(true);
-        }
         let pages = Self::rings_to_ram(a, &run.bufs)?;
         run.dirty.extend(pages);
         tracing::debug!(
             in_flight,
+            rounds,
             drain_ms = drained.as_secs_f64() * 1e3,
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "quiesced: in-flight commands drained, rings in RAM"

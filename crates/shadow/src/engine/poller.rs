@@ -50,6 +50,34 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
     spawn_thread("shadow-poller", "spawning the poller", move || run(&shared))
 }
 
+/// A poller thread started before its state exists (a destination prepared from the pre-copy
+/// state, outside the downtime): it waits for the state and then runs as [`spawn`]'s does.
+/// Dropped unused, it ends.
+pub(crate) struct Parked {
+    tx: std::sync::mpsc::SyncSender<Arc<Shared>>,
+    handle: JoinHandle<()>,
+}
+
+pub(crate) fn spawn_parked() -> Result<Parked> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Shared>>(1);
+    let handle = spawn_thread("shadow-poller", "spawning the poller", move || {
+        if let Ok(shared) = rx.recv() {
+            run(&shared);
+        }
+    })?;
+    Ok(Parked { tx, handle })
+}
+
+impl Parked {
+    /// Hands the thread its state (a fresh poller if the parked one is gone).
+    pub(crate) fn start(self, shared: Arc<Shared>) -> Result<JoinHandle<()>> {
+        match self.tx.send(shared) {
+            Ok(()) => Ok(self.handle),
+            Err(e) => spawn(e.0),
+        }
+    }
+}
+
 /// Starts a poller thread `name` running `body`: short timer slack, the device sandbox.
 pub(crate) fn spawn_thread(
     name: &str,
@@ -72,7 +100,7 @@ pub(crate) fn spawn_thread(
 
 /// One round under the state lock, then the guest's interrupts for what it forwarded.
 /// Returns (entries moved, commands in flight or submissions pending).
-fn round(shared: &Shared) -> (usize, bool) {
+pub(crate) fn round(shared: &Shared) -> (usize, bool) {
     let (moved, work, irqs) = {
         let mut run = shared.lock();
         let moved = poll_once(&mut run);
@@ -152,7 +180,10 @@ fn run(shared: &Shared) {
             sleep = (sleep * 2).min(SLEEP_MAX);
         }
     }
-    if let Some(w) = &shared.device_wake {
+    if let Some(w) = shared
+        .device_wake
+        .filter(|_| !shared.keep_host_kicks.load(Ordering::SeqCst))
+    {
         w.words().host_kicks.store(0, Ordering::SeqCst);
     }
 }

@@ -1,5 +1,7 @@
 //! Bringing the rings to rest for a switchover or an exit: RAM made to hold the guest's view of
 //! every ring, in-flight commands drained, queues re-aligned with fillers the guest never sees.
+use std::sync::atomic::Ordering;
+
 use super::*;
 
 impl Engine {
@@ -198,6 +200,81 @@ impl Engine {
             }
             // The guest is paused: this wait is downtime, so look often.
             std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
+    /// Stops the poller for [`Engine::drain_held`] (see there), leaving the device's "the
+    /// host kicks" word set.
+    pub(super) fn stop_for_drain(a: &mut Active) {
+        a.shared.keep_host_kicks.store(true, Ordering::SeqCst);
+        Self::signal_stop(a);
+        if !a.shared.wakeups.vectors.is_empty() {
+            if let Some(p) = a.poller.take() {
+                let _ = p.join();
+            }
+        }
+    }
+
+    /// The switchover's drain (the guest is paused, the poller stopped by
+    /// [`Engine::stop_for_drain`]): forwards on this thread whatever the
+    /// guest left and the device completes, until every queue is idle (see [`Engine::busy`]),
+    /// then holds every queue; returns the state's guard, taken in the same look that found
+    /// the queues idle and held them, and the rounds it took.
+    ///
+    /// The poller is told to stop but not waited for: its rounds only move work forward, and
+    /// once the queues are idle and held they find none (no doorbell value is new: the vCPUs
+    /// are paused; no command is in flight). The exception is a poller that interrupts the
+    /// guest (completions by interrupt): it may have taken a completion's interrupt out of a
+    /// round and not yet sent it, which must reach the vCPUs before their state is saved, so
+    /// that poller is waited for. The wait for the device is its completion kick (or, for a
+    /// device without the wake protocol, the interrupts taken over or a short timed wait),
+    /// never a sleep on a device that announces its completions; and the migration thread
+    /// drains itself, so the drain does not wait for the poller to be scheduled.
+    pub(super) fn drain_held(
+        a: &Active,
+        timeout: Duration,
+    ) -> Result<(std::sync::MutexGuard<'_, Running>, u64)> {
+        let t0 = Instant::now();
+        let mut rounds = 0u64;
+        let mut step = poller::SLEEP_MIN;
+        loop {
+            rounds += 1;
+            let (moved, _) = poller::round(&a.shared);
+            let mut run = a.shared.lock();
+            let busy = Self::busy(&run);
+            if busy.is_empty() {
+                for q in &mut run.queues {
+                    q.q.hold(true);
+                }
+                return Ok((run, rounds));
+            }
+            drop(run);
+            if t0.elapsed() >= timeout {
+                return Err(Error::Engine(format!(
+                    "the device did not drain within {timeout:?}: (queue, pending, in flight) = {busy:?}"
+                )));
+            }
+            if moved > 0 {
+                step = poller::SLEEP_MIN;
+                continue;
+            }
+            match &a.shared.device_wake {
+                Some(w) => {
+                    // The device kicks the host word after each round that completed
+                    // commands; the bound is a safety net.
+                    let host = w.words().host;
+                    wake::prepare(host);
+                    if poller::round(&a.shared).0 > 0 {
+                        host.store(wake::AWAKE, Ordering::SeqCst);
+                        continue;
+                    }
+                    wake::wait(host, poller::SLEEP_MAX);
+                }
+                None => {
+                    a.shared.wakeups.wait(step);
+                    step = (step * 2).min(poller::SLEEP_MAX);
+                }
+            }
         }
     }
 

@@ -36,6 +36,9 @@ pub struct PreparedRestore {
     bounce: Arc<Vec<Bounce>>,
     /// The I/O queues' doorbell pages, intercepted.
     pages: Vec<DoorbellPage>,
+    /// The poller's thread, started here and waiting for its state (spawning it is then not
+    /// part of the downtime).
+    poller: Option<poller::Parked>,
 }
 
 impl PreparedRestore {
@@ -165,6 +168,11 @@ impl Engine {
         // Blank now; with the copy as the vCPU buffer the restore fills them with the rings
         // as they arrived.
         let copies = Arc::new(blank_rings(&geos)?);
+        // Touched now, so that filling them in the downtime takes no page faults (a page the
+        // host took back costs a host fault on first touch).
+        for c in copies.iter() {
+            c.pages.write(0, &vec![0u8; c.pages.len()]);
+        }
         let mut remapped = Vec::new();
         let mut bounce_mapped = None;
         let mut pages: Vec<DoorbellPage> = Vec::new();
@@ -200,11 +208,16 @@ impl Engine {
                     remapped,
                     bounce: bounce_mapped.unwrap_or_default(),
                     pages,
+                    poller: None,
                 }
                 .undo(vm);
                 return Err(e);
             }
         };
+        // Not final: without it the restore spawns the poller itself.
+        let poller = poller::spawn_parked()
+            .inspect_err(|e| tracing::warn!("starting the poller ahead: {}", vmm::ErrorChain(e)))
+            .ok();
         tracing::debug!(
             ms = ms(t0),
             queues = geos.len(),
@@ -219,6 +232,7 @@ impl Engine {
             remapped,
             bounce: bounce_mapped.unwrap_or_default(),
             pages,
+            poller,
         })
     }
 
@@ -246,6 +260,7 @@ impl Engine {
                 saved.limits
             )));
         }
+        tracing::debug!(ms = ms(t0), "restore: state checked");
         let ram = vm.ram().clone();
         let slots = vm.memory_slots();
         let geos: Vec<_> = saved.queues.iter().map(|q| q.geometry).collect();
@@ -278,7 +293,8 @@ impl Engine {
             Ok(())
         };
         let fitted = prepared.is_some();
-        let (engine, copies, remapped, bounce, mut pages) = match prepared {
+        let mut parked = None;
+        let (mut engine, copies, remapped, bounce, mut pages) = match prepared {
             Some(p) => {
                 if designation == Designation::VcpuBuffer {
                     // The copies become the guest's rings as they arrived.
@@ -298,6 +314,7 @@ impl Engine {
                     ms = ms(t0),
                     "restore: prepared configuration and ring copies fit"
                 );
+                parked = p.poller;
                 (p.engine, p.copies, p.remapped, p.bounce, p.pages)
             }
             None => {
@@ -329,6 +346,7 @@ impl Engine {
                 (engine, copies, remapped, bounce, Vec::new())
             }
         };
+        engine.from_precopy = fitted;
         let dstrd = att.dstrd();
 
         let bufs = EngineBuffers::new(ram.clone(), copies.clone(), designation)
@@ -371,9 +389,14 @@ impl Engine {
             device_wake: DeviceWake::of(&att),
             sleeps: Default::default(),
             woken: Default::default(),
+            keep_host_kicks: AtomicBool::new(false),
         });
         engine.install_hook(&shared);
-        let poller = poller::spawn(shared.clone()).inspect_err(|_| {
+        let poller = match parked {
+            Some(p) => p.start(shared.clone()),
+            None => poller::spawn(shared.clone()),
+        }
+        .inspect_err(|_| {
             engine.release_vectors(&shared.wakeups);
         })?;
         *engine.active() = Some(Active {

@@ -8,8 +8,11 @@
 //! 2. Packets per second through a passthrough virtio-net NIC, direct against shadowed with
 //!    polled and trapped notifications ([`super::shadow_net`]).
 //! 3. Live migration over loopback of a VM under load, with and without a passthrough device:
-//!    the same RAM size, `nvme-verify` (4 queues, QD 32, 4 KiB random reads and writes) on the
-//!    device against the `dirty` workload without one. Downtime and total time, medians.
+//!    the same RAM size and `dirty` load, with `nvme-verify` (4 queues, QD 32, 4 KiB random
+//!    reads and writes) on the device next to it. The two VMs migrate in turn (ABBA order) on
+//!    the same round schedule ([`MIGRATION_ROUNDS`] pre-copy rounds after round 0, then the
+//!    switchover), so the paused round carries what the guest and the device dirtied during
+//!    one comparable pre-copy round in both. Downtime and total time, medians.
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
@@ -101,7 +104,13 @@ struct IopsRow {
 struct MigrationRow {
     vm: &'static str,
     downtime_ms: f64,
+    /// Smallest and largest downtime of the runs.
+    downtime_range_ms: (f64, f64),
     total_ms: f64,
+    /// Pages sent in the paused round (median), and of them the pages KVM saw the guest
+    /// dirty (median): the load the downtime carried.
+    paused_pages: f64,
+    paused_kvm_pages: f64,
     /// Device-written pages reported to the migration, summed over rounds (a page counts
     /// once per round it was reported in), largest over the runs.
     device_dirty_pages: u64,
@@ -262,6 +271,14 @@ fn wait_for(p: &Path) -> anyhow::Result<()> {
 /// Page writes per second of the `dirty` load in the migration runs.
 const DIRTY_RATE: u32 = 50_000;
 
+/// Pre-copy rounds after round 0 in the migration runs, for both VMs (no early switchover).
+/// With the migration's own policy (switch over once the dirty set fits the downtime target)
+/// the VM without a device switched over right after round 0, carrying everything dirtied
+/// during that long round into the downtime, while the VM with the device always ran one
+/// more round (the round its pre-copy state goes out in never switches over) and paused
+/// with a third of the pages: the ratio then measured the schedules, not the device.
+const MIGRATION_ROUNDS: u32 = 2;
+
 fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<MigrationReport> {
     let exe = std::env::current_exe()?;
     let disk = dir.join(format!("mig-{n}.img"));
@@ -331,8 +348,9 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
     std::thread::sleep(Duration::from_millis(1500)); // queues up, load running
     let request = Request::Migrate(MigrateRequest {
         to,
-        downtime_ms: 50,
-        max_rounds: 30,
+        // No early switchover: both VMs run the same rounds.
+        downtime_ms: 0,
+        max_rounds: MIGRATION_ROUNDS,
         on_limit: migration::LimitPolicy::Finish,
         debug_hash: false,
         unsafe_no_shadow: false,
@@ -354,6 +372,67 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
     };
     let _ = std::fs::remove_file(&disk);
     Ok(report)
+}
+
+/// The migration rows: the VM without the device and the VM with it, `n` migrations each, in
+/// ABBA order (a drift of the machine's load over the runs weighs on both alike).
+fn migration_rows(dir: &Path, n: usize) -> anyhow::Result<Vec<MigrationRow>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut runs: [Vec<MigrationReport>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..n {
+        let order = if i % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for dev in order {
+            let r = migration_run(dir, dev, i)?;
+            tracing::debug!(
+                with_device = dev,
+                downtime_ms = r.downtime_ms,
+                paused_pages = r.rounds.last().map_or(0, |x| x.pages),
+                "bench shadow: migration"
+            );
+            runs[dev as usize].push(r);
+        }
+    }
+    let names = [
+        "dirty (32 MiB, 50k pages/s), no device",
+        "the same + nvme-verify on a passthrough",
+    ];
+    Ok(names
+        .into_iter()
+        .zip(runs)
+        .map(|(vm, runs)| {
+            let paused = |f: fn(&migration::RoundReport) -> u64| {
+                median(
+                    runs.iter()
+                        .map(|r| r.rounds.last().map_or(0, f) as f64)
+                        .collect(),
+                )
+            };
+            let downtimes = runs.iter().map(|r| r.downtime_ms);
+            MigrationRow {
+                vm,
+                downtime_ms: median(downtimes.clone().collect()),
+                downtime_range_ms: (
+                    downtimes.clone().fold(f64::INFINITY, f64::min),
+                    downtimes.fold(0.0, f64::max),
+                ),
+                total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
+                paused_pages: paused(|x| x.pages),
+                paused_kvm_pages: paused(|x| x.dirty_kvm),
+                device_dirty_pages: runs
+                    .iter()
+                    .map(|r| r.rounds.iter().map(|x| x.dirty_device).sum::<u64>())
+                    .max()
+                    .unwrap_or(0),
+                runs: runs.len(),
+            }
+        })
+        .collect())
 }
 
 pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
@@ -387,7 +466,7 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
     }
     let runs = args.runs.max(1);
     let mut iops = Vec::new();
-    for &qd in &args.qd {
+    for &qd in args.qd.iter().filter(|_| !args.migration_only) {
         // Per mode: (IOPS, intervals, ratio to the run's direct) of each run.
         let mut got: Vec<Vec<(f64, usize, f64)>> = vec![Vec::new(); modes.len()];
         for _ in 0..runs {
@@ -411,32 +490,14 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
             });
         }
     }
-    let net = super::shadow_net::rows(&dir, args.seconds, args.net_runs, &signals)?;
-    let mut migration = Vec::new();
-    for (vm, dev) in [
-        ("dirty (32 MiB, 50k pages/s), no device", false),
-        ("the same + nvme-verify on a passthrough", true),
-    ] {
-        if args.migrations == 0 {
-            break;
-        }
-        let mut runs = Vec::new();
-        for n in 0..args.migrations {
-            runs.push(migration_run(&dir, dev, n)?);
-        }
-        migration.push(MigrationRow {
-            vm,
-            downtime_ms: median(runs.iter().map(|r| r.downtime_ms).collect()),
-            total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
-            device_dirty_pages: runs
-                .iter()
-                .map(|r| r.rounds.iter().map(|x| x.dirty_device).sum::<u64>())
-                .max()
-                .unwrap_or(0),
-            runs: runs.len(),
-        });
-    }
+    let net = if args.migration_only {
+        Vec::new()
+    } else {
+        super::shadow_net::rows(&dir, args.seconds, args.net_runs, &signals)?
+    };
+    let migration = migration_rows(&dir, args.migrations);
     let _ = std::fs::remove_dir_all(&dir);
+    let migration = migration?;
     let with_device_vs_without = match migration.as_slice() {
         [without, with] => Some(Ratios {
             downtime: with.downtime_ms / without.downtime_ms.max(1e-9),
@@ -454,37 +515,48 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(0);
     }
-    println!(
-        "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs, {} run(s) per mode, device {})",
-        args.seconds,
-        runs,
-        if args.device_spin { "always spinning" } else { "adaptive" }
-    );
-    println!("  QD  mode                                 IOPS   vs direct");
-    for r in &report.iops {
+    if !args.migration_only {
         println!(
-            "  {:>2}  {:<31} {:>10.0}   {:>6.2}x",
-            r.qd,
-            r.mode.label(),
-            r.iops,
-            r.ratio
+            "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs, {} run(s) per mode, device {})",
+            args.seconds,
+            runs,
+            if args.device_spin { "always spinning" } else { "adaptive" }
         );
+        println!("  QD  mode                                 IOPS   vs direct");
+        for r in &report.iops {
+            println!(
+                "  {:>2}  {:<31} {:>10.0}   {:>6.2}x",
+                r.qd,
+                r.mode.label(),
+                r.iops,
+                r.ratio
+            );
+        }
+        super::shadow_net::print(&report.net, args.seconds);
     }
-    super::shadow_net::print(&report.net, args.seconds);
     if report.migration.is_empty() {
         return Ok(0);
     }
     println!(
-        "live migration over loopback, 256 MiB guest under load (median of {} runs):",
+        "live migration over loopback, 256 MiB guest under load (median of {} runs each, the two \
+         VMs in turn, both switching over after {MIGRATION_ROUNDS} pre-copy rounds):",
         args.migrations
     );
     println!(
-        "  VM                                        downtime ms   total ms   device-dirtied pages"
+        "  VM                                        downtime ms [range]    total ms   paused \
+         pages (KVM-dirtied)   device-dirtied pages"
     );
     for m in &report.migration {
         println!(
-            "  {:<41} {:>11.1} {:>10.0} {:>22}",
-            m.vm, m.downtime_ms, m.total_ms, m.device_dirty_pages
+            "  {:<41} {:>6.1} [{:.1}-{:.1}] {:>10.0} {:>13.0} ({:.0}) {:>22}",
+            m.vm,
+            m.downtime_ms,
+            m.downtime_range_ms.0,
+            m.downtime_range_ms.1,
+            m.total_ms,
+            m.paused_pages,
+            m.paused_kvm_pages,
+            m.device_dirty_pages
         );
     }
     if let Some(r) = &report.with_device_vs_without {
