@@ -26,12 +26,19 @@ const TABLE: [u32; 256] = {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Crc32(u32);
 
-/// Pieces at least this long go to `crc32fast`.
-const FAST_MIN: usize = 64;
+/// Pieces at least this long go to `crc32fast` (below 128 bytes it works 16 bytes a step
+/// through its sliced tables, several times the speed of the byte loop here).
+const FAST_MIN: usize = 16;
 
 impl Crc32 {
+    #[cfg(test)]
     pub(crate) const fn new() -> Crc32 {
         Crc32(0xFFFF_FFFF)
+    }
+
+    /// The state after eight bytes of 0xFF, where the ICRC starts (rxe's seed, `0xdebb20e3`).
+    pub(crate) const fn after_lrh() -> Crc32 {
+        Crc32(0xDEBB_20E3)
     }
 
     pub(crate) fn update(&mut self, data: &[u8]) {
@@ -67,6 +74,10 @@ mod tests {
         let mut c = Crc32::new();
         c.update(&[0xFF; 8]);
         assert_eq!(!c.finish(), 0xDEBB_20E3);
+        let mut seeded = Crc32::after_lrh();
+        seeded.update(b"123456789");
+        c.update(b"123456789");
+        assert_eq!(seeded.finish(), c.finish());
         // Long pieces (crc32fast) and short ones (the table) agree, in any split.
         let data: [u8; 300] = core::array::from_fn(|i| (i * 7 + 3) as u8);
         let mut whole = Crc32::new();

@@ -121,8 +121,8 @@ pub trait RcQueue: Send + Sync {
     fn poll(&self) -> Option<rdma::rc::Completion>;
     /// Calls `waker` whenever completions wait.
     fn set_waker(&self, waker: Arc<dyn Fn() + Send + Sync>);
-    /// An empty buffer for the next SEND or WRITE's data (one the transport reuses, when it
-    /// keeps them).
+    /// A buffer for the next SEND or WRITE's data (one the transport reuses, when it keeps
+    /// them: its length and bytes are stale, to be overwritten).
     fn spare_buffer(&self) -> Vec<u8> {
         Vec::new()
     }

@@ -395,8 +395,10 @@ impl RcCore {
         self.cq.pop_front()
     }
 
-    /// An empty buffer for the next SEND or WRITE: one a completed work request gave back
-    /// (its capacity kept), or a new one.
+    /// A buffer for the next SEND or WRITE: one a completed work request gave back (its
+    /// capacity kept, and its length and bytes as that request left them: the caller
+    /// overwrites or clears them, and keeping them spares re-zeroing a 64 KiB buffer per
+    /// WRITE), or a new, empty one.
     pub fn spare_buffer(&mut self) -> Vec<u8> {
         self.spare.pop().unwrap_or_default()
     }
@@ -404,9 +406,8 @@ impl RcCore {
     /// Keeps the buffer of a finished SEND or WRITE for [`RcCore::spare_buffer`] (a few, of
     /// bounded size).
     pub(super) fn give_back(&mut self, op: super::SendOp) {
-        if let super::SendOp::Send { mut data, .. } | super::SendOp::Write { mut data, .. } = op {
+        if let super::SendOp::Send { data, .. } | super::SendOp::Write { data, .. } = op {
             if self.spare.len() < MAX_SPARE && data.capacity() <= MAX_SPARE_BYTES {
-                data.clear();
                 self.spare.push(data);
             }
         }

@@ -218,8 +218,8 @@ impl RcQp {
         Ok(())
     }
 
-    /// An empty buffer for the next SEND or WRITE's data, reusing one of a completed work
-    /// request when there is one (see [`RcCore::spare_buffer`]).
+    /// A buffer for the next SEND or WRITE's data (stale bytes, to be overwritten), reusing
+    /// one of a completed work request when there is one (see [`RcCore::spare_buffer`]).
     pub fn spare_buffer(&self) -> Vec<u8> {
         self.shared.core.lock().spare_buffer()
     }

@@ -150,7 +150,9 @@ impl Device {
         self.gather_into(pd, sges, max, Vec::new())
     }
 
-    /// [`Device::gather`] into `out` (emptied first; its capacity is reused).
+    /// [`Device::gather`] into `out` (its capacity is reused; bytes it holds are overwritten,
+    /// not zeroed first: every byte of the result comes from the SGEs, and on an error `out`
+    /// is dropped).
     pub(super) fn gather_into(
         &self,
         pd: u32,
@@ -162,7 +164,9 @@ impl Device {
         if total > max as u64 {
             return Err(abi::wc_status::LOC_LEN_ERR);
         }
-        out.clear();
+        // Only growth is zero-filled: a same-size buffer given back by the last WRITE costs
+        // no 64 KiB memset.
+        out.truncate(total as usize);
         out.resize(total as usize, 0);
         let mut at = 0usize;
         for s in sges {

@@ -403,6 +403,26 @@ fn rc_send_write_read_between_two_devices() {
     let st = a.g.dev.stats();
     assert_eq!(st.rc.sends_posted, 4);
     assert_eq!(st.wr_errors, 0);
+
+    // a's finished WRITEs gave their buffers back with their bytes in them: later, shorter
+    // and longer WRITEs carry exactly their own bytes, none of the stale ones.
+    for (wr_id, seed, len) in [(10, 3, 50), (11, 4, 64 << 10), (12, 5, 7), (13, 6, 5000)] {
+        let data = pattern(seed, len);
+        a.fill(0x4000, &data);
+        let before = b.region(0x8000, (64 << 10) + 16);
+        let mut w = abi::SqWqeHdr {
+            wr_id,
+            opcode: op::RDMA_WRITE,
+            ..Default::default()
+        };
+        w.set_rdma(b.va + 0x8000, b.key);
+        a.post_send(w, &[a.sge(0x4000, len as u32)]);
+        let (ca, _) = run(&mut a, &mut b, 1, 0);
+        assert_eq!((ca[0].wr_id, ca[0].status), (wr_id, 0));
+        let after = b.region(0x8000, (64 << 10) + 16);
+        assert_eq!(after[..len], data[..]);
+        assert_eq!(after[len..], before[len..]);
+    }
 }
 
 #[test]
