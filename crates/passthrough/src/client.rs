@@ -72,11 +72,6 @@ pub struct Connection {
     refused: AtomicU64,
 }
 
-/// How long a refused device socket (bound, not yet listening) is retried.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
-/// How long a missing device socket is retried.
-const MISSING_PATIENCE: Duration = Duration::from_secs(2);
-
 impl Connection {
     /// Connects to `socket`.
     pub fn connect(name: &str, socket: &Path) -> Result<Self> {
@@ -85,21 +80,20 @@ impl Connection {
 
     /// Connects to `socket`; each request waits at most `timeout` for its reply.
     pub fn connect_with(name: &str, socket: &Path, timeout: Duration) -> Result<Self> {
-        // A socket file exists between the device's bind() and listen(): retry a refused
-        // socket for as long as a device process is given to start (a loaded machine can hold
-        // a just-started process off the CPU for seconds), a missing one briefly.
-        let t0 = std::time::Instant::now();
+        // A socket file exists between the device's bind() and listen(): retry a refused or
+        // missing socket for a short while.
+        let mut attempts = 0;
         let client = loop {
             match Client::connect(socket, timeout) {
                 Ok(c) => break c,
                 Err(ClientError::Connect(e))
-                    if match e.kind() {
-                        std::io::ErrorKind::ConnectionRefused => t0.elapsed() < CONNECT_PATIENCE,
-                        // A mistyped path fails fast.
-                        std::io::ErrorKind::NotFound => t0.elapsed() < MISSING_PATIENCE,
-                        _ => false,
-                    } =>
+                    if attempts < 100
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                        ) =>
                 {
+                    attempts += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(source) => {
