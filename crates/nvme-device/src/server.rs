@@ -13,7 +13,7 @@ use std::{
 };
 
 use vfio_bindings::bindings::vfio::{vfio_region_sparse_mmap_area, VFIO_REGION_INFO_FLAG_MMAP};
-use vfio_user::{Server, SparseArea};
+use vfio_user::SparseArea;
 use vfio_user_device::{
     dma::DmaSpace,
     server::{self, Function, FunctionHost},
@@ -108,7 +108,7 @@ impl Shared {
 /// A running stand-in controller: the listening socket and the polling thread.
 pub struct NvmeDevice {
     shared: Arc<Shared>,
-    server: Server,
+    server: server::Listening,
     poller: Option<JoinHandle<()>>,
     socket: PathBuf,
     _bar_memfd: File,

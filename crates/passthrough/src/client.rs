@@ -80,8 +80,10 @@ impl Connection {
 
     /// Connects to `socket`; each request waits at most `timeout` for its reply.
     pub fn connect_with(name: &str, socket: &Path, timeout: Duration) -> Result<Self> {
-        // A socket file exists between the device's bind() and listen(): retry a refused or
-        // missing socket for a short while.
+        // Ferry's devices publish their socket file only once it listens; other vfio-user
+        // servers bind before they listen, and a device may still be starting: retry a refused
+        // or missing socket for a short while (2 s), then fail (a killed device leaves its
+        // file behind and refuses for good).
         let mut attempts = 0;
         let client = loop {
             match Client::connect(socket, timeout) {

@@ -1,7 +1,12 @@
 //! The vfio-user side every stand-in function shares: the regions and interrupts it
 //! announces, the bounds each region access passes before the device sees it, and the
 //! [`Backend`] that serves one client by forwarding its requests to a [`Function`].
-use std::{fs::File, path::Path, sync::Arc, sync::MutexGuard};
+use std::{
+    fs::File,
+    os::unix::{ffi::OsStrExt, net::UnixListener},
+    path::{Path, PathBuf},
+    sync::{Arc, MutexGuard},
+};
 
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
@@ -66,14 +71,76 @@ pub fn region(index: u32, size: u64, flags: u32) -> ServerRegion {
     }
 }
 
-/// Binds `socket` and announces a PCI function with `bar0` (region 0), the configuration
+/// A listening device socket. Its file appears at the path only once the socket listens (it is
+/// bound under a temporary name and renamed), so a client that finds the file and is refused
+/// talks to a device that is gone, not to one still starting; the file is removed on drop.
+pub struct Listening {
+    server: Server,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Listening {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds and listens on `socket`: under a temporary name in the same directory first, then
+/// renamed onto `socket` (refused if something is there already).
+fn bind_then_publish(socket: &Path) -> Result<UnixListener, vfio_user::Error> {
+    if socket.exists() {
+        return Err(vfio_user::Error::SocketPathExists);
+    }
+    let mut tmp = socket.as_os_str().to_owned();
+    tmp.push(format!(".{}.bind", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    // `bind` also listens (std calls listen(2) before it returns).
+    let listener = UnixListener::bind(&tmp).map_err(vfio_user::Error::SocketBind)?;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (Ok(from), Ok(to)) = (c(&tmp), c(socket)) else {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(vfio_user::Error::SocketBind(std::io::Error::from(
+            std::io::ErrorKind::InvalidInput,
+        )));
+    };
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(&tmp);
+        return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+            vfio_user::Error::SocketPathExists
+        } else {
+            vfio_user::Error::SocketBind(e)
+        });
+    }
+    Ok(listener)
+}
+
+/// Binds `socket` (published once it listens: see [`Listening`]) and announces a PCI function with `bar0` (region 0), the configuration
 /// space and `msix_vectors` MSI-X vectors delivered by eventfd; every other region and
 /// interrupt index is empty.
 pub fn listen(
     socket: &Path,
     bar0: ServerRegion,
     msix_vectors: u16,
-) -> Result<Server, vfio_user::Error> {
+) -> Result<Listening, vfio_user::Error> {
     let mut regions: Vec<ServerRegion> =
         (0..VFIO_PCI_NUM_REGIONS).map(|i| region(i, 0, 0)).collect();
     regions[0] = bar0;
@@ -90,7 +157,11 @@ pub fn listen(
             },
         })
         .collect();
-    Server::new(socket, true, irqs, regions)
+    let listener = bind_then_publish(socket)?;
+    Ok(Listening {
+        server: Server::from_owned_fd(listener.into(), true, irqs, regions),
+        path: socket.to_path_buf(),
+    })
 }
 
 /// Refuses an access longer than [`MAX_ACCESS`] or starting past the end of `region`. (A short
@@ -251,5 +322,31 @@ mod tests {
         assert!(check_access(0, 0x1c, 4, bar).is_ok());
         assert!(check_access(0, bar - 2, 4, bar).is_ok());
         assert!(check_access(VFIO_PCI_CONFIG_REGION_INDEX, 0, 256, bar).is_ok());
+    }
+
+    #[test]
+    fn the_socket_file_appears_listening_and_goes_with_the_listener() {
+        let dir = std::env::temp_dir().join(format!("vud-listen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dev.sock");
+        let l = listen(&path, region(0, 0x1000, RW), 2).unwrap();
+        // Listening as soon as the file is there: a connect succeeds without a retry.
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        // Only the socket itself is left in the directory (no temporary name).
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("dev.sock")]);
+        // A second device on the same path is refused, and leaves the first one's file.
+        assert!(matches!(
+            listen(&path, region(0, 0x1000, RW), 2),
+            Err(vfio_user::Error::SocketPathExists)
+        ));
+        assert!(path.exists());
+        drop(l);
+        assert!(!path.exists(), "the file goes with the listener");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,7 +10,6 @@ use std::{
     thread::JoinHandle,
 };
 
-use vfio_user::Server;
 use vfio_user_device::{
     dma::DmaSpace,
     server::{self, Function, FunctionHost},
@@ -58,7 +57,7 @@ impl Shared {
 /// A running stand-in NIC: the listening socket and the worker thread.
 pub struct VirtioNetDevice {
     shared: Arc<Shared>,
-    server: Server,
+    server: server::Listening,
     worker: Option<JoinHandle<()>>,
     socket: PathBuf,
 }
