@@ -5,7 +5,7 @@
 //! - connection setup latency (REQ → REP → RTU): measured inside the client VM from its first
 //!   REQ to its RTU, one fresh client VM per round; the peers measure the same exchange with
 //!   the CM endpoint library;
-//! - UD message rate: a verified stream of echoed messages with 8 in flight, VM ↔ VM against
+//! - UD message rate: a verified stream of echoed messages with 32 in flight, VM ↔ VM against
 //!   peer ↔ peer with the same window, size and verification; the best of `rounds` streams on
 //!   each side (one per client VM);
 //! - the RC rows ([`super::rdma_vms_rc`]): WRITE bandwidth VM ↔ VM against raw UDP, rping
@@ -227,7 +227,8 @@ fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
         connect.push(t.elapsed().as_secs_f64() * 1e6);
         px.endpoint().disconnect(info.local_comm_id, wait)?;
     }
-    // UD: an echo on y, a window of 8 verified messages from x (as the guest agent does).
+    // UD: an echo on y, a window of `UD_WINDOW` verified messages from x (as the guest agent
+    // does).
     let stop = Arc::new(AtomicBool::new(false));
     let (st, port_y, qy) = (stop.clone(), py.port().clone(), py.ud_qp().clone());
     let echo = std::thread::spawn(move || {
@@ -268,14 +269,17 @@ fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
     })
 }
 
-/// One verified UD stream from `px` to the echo at `dest`, 8 in flight; messages/s.
+/// Messages in flight in the UD streams (the guest agent's `UD_WINDOW`; at most 64).
+const UD_WINDOW: u64 = 32;
+
+/// One verified UD stream from `px` to the echo at `dest`, `UD_WINDOW` in flight; messages/s.
 fn peer_ud_stream(px: &Peer, dest: UdDest, messages: u64, size: usize) -> anyhow::Result<f64> {
     let t = Instant::now();
     let (mut base, mut next) = (0u64, 0u64);
     let mut acked = [false; 64];
     let mut last = Instant::now();
     while base < messages {
-        while next < messages && next < base + 8 {
+        while next < messages && next < base + UD_WINDOW {
             px.port()
                 .post_send_ud(px.ud_qp(), dest, None, &pattern(next, size))?;
             next += 1;
@@ -322,8 +326,8 @@ pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "ferry bench vrdma ({} rounds, {} UD messages of {} bytes, 8 in flight)",
-            a.rounds, a.messages, a.size
+            "ferry bench vrdma ({} rounds, {} UD messages of {} bytes, {} in flight)",
+            a.rounds, a.messages, a.size, UD_WINDOW
         );
         println!(
             "  connection setup (REQ/REP/RTU), median: VM<->VM through 2 multiplexers {:.0} us, peer<->peer {:.0} us, ratio {:.2}",
