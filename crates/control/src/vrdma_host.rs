@@ -17,13 +17,13 @@ use std::{
 
 use rdma::{
     mux::{Backpressure, Multiplexer, MuxConfig, MuxStats, Qp1Sink, VmId, VmReport},
-    port::{PortConfig, PortStats, SoftPort, UdDest, UdQp},
+    port::{PortConfig, PortStats, SoftPort, UdDest, UdQp, UdSend},
     Gid, Mad, RdmaError,
 };
 use serde::Serialize;
 use vrdma::{
     BackendError, BackendErrorKind, DeviceStats, MadInbox, PortRcQueue, RcQueue, RdmaBackend,
-    UdDatagram, UdQueue,
+    UdDatagram, UdOut, UdQueue,
 };
 
 /// `--vrdma gid=IPV4[,host=ADDR][,pcap=FILE]`. The GID must be an address of this host
@@ -118,6 +118,26 @@ impl UdQueue for HostUd {
         self.port
             .post_send_ud(&self.qp, UdDest { dgid, dqpn, qkey }, imm, data)
             .map_err(backend_error)
+    }
+    fn send_batch(
+        &self,
+        msgs: &[UdOut<'_>],
+        done: &mut dyn FnMut(usize, Result<(), BackendError>),
+    ) {
+        let sends: Vec<UdSend<'_>> = msgs
+            .iter()
+            .map(|m| UdSend {
+                dest: UdDest {
+                    dgid: m.dgid,
+                    dqpn: m.dqpn,
+                    qkey: m.qkey,
+                },
+                imm: m.imm,
+                data: m.data,
+            })
+            .collect();
+        self.port
+            .post_send_ud_batch(&self.qp, &sends, |i, r| done(i, r.map_err(backend_error)));
     }
     fn try_recv(&self) -> Option<UdDatagram> {
         self.qp.try_recv().map(|m| UdDatagram {

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use common::*;
 use rdma::addr::gid_v4;
 use rdma::host::DEFAULT_SERVICE_PORT;
-use rdma::port::{encode_datagram, PortConfig, SoftPort, UdDest};
+use rdma::port::{encode_datagram, PortConfig, SoftPort, UdDest, UdSend};
 use rdma_wire::cm::Req;
 use rdma_wire::mad::{attr, MadHeader};
 use rdma_wire::{Gid, RocePacket, GSI_QKEY};
@@ -463,4 +463,56 @@ fn spoofed_sources_are_refused_and_counted() {
     assert_eq!(a.mux().vm_report(1).unwrap().counters.spoofed_source, 3);
     attacker.shutdown();
     quiet.shutdown();
+}
+
+/// A batch of UD sends: consecutive messages to one destination leave as GSO runs, each
+/// arrives as its own verified message in order, and one message too large for the MTU in
+/// the middle is refused alone.
+#[test]
+fn a_ud_batch_leaves_in_runs_and_arrives_message_by_message() {
+    let n = 49;
+    let (a, b) = (Ipv4Addr::new(127, n, 0, 1), Ipv4Addr::new(127, n, 0, 2));
+    let pa = SoftPort::bind(PortConfig::new(a)).unwrap();
+    let pb = SoftPort::bind(PortConfig::new(b)).unwrap();
+    let qa = pa.create_ud_qp(gid_v4(a), 0x1234);
+    let qb = pb.create_ud_qp(gid_v4(b), 0x1234);
+    let dest = UdDest {
+        dgid: gid_v4(b),
+        dqpn: qb.qpn_value(),
+        qkey: 0x1234,
+    };
+    let big = vec![0u8; rdma::port::MAX_UD_PAYLOAD + 1];
+    // 20 of 100 bytes, one too large, 20 of 100 bytes and a shorter last one.
+    let datas: Vec<Vec<u8>> = (0..42u8)
+        .map(|i| match i {
+            20 => big.clone(),
+            41 => vec![i; 37],
+            _ => vec![i; 100],
+        })
+        .collect();
+    let msgs: Vec<UdSend<'_>> = datas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| UdSend {
+            dest,
+            imm: Some(i as u32),
+            data: d,
+        })
+        .collect();
+    let mut results = vec![None; msgs.len()];
+    pa.post_send_ud_batch(&qa, &msgs, |i, r| results[i] = Some(r.is_ok()));
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(*r, Some(i != 20), "message {i}");
+    }
+    assert!(pa.stats().tx_gso_runs >= 2, "{:?}", pa.stats());
+    for i in (0..42u32).filter(|&i| i != 20) {
+        let m = qb.recv_timeout(WAIT).expect("a message of the batch");
+        assert_eq!(m.imm, Some(i));
+        assert_eq!(m.data, datas[i as usize]);
+        assert_eq!(m.sgid, gid_v4(a));
+        assert_eq!(m.src_qpn, qa.qpn_value());
+    }
+    assert!(qb.try_recv().is_none());
+    pa.shutdown();
+    pb.shutdown();
 }

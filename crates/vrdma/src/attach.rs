@@ -286,6 +286,7 @@ impl Registers {
         let shared = &*self.device;
         let count = {
             let mut d = shared.lock();
+            d.count_exit(false);
             d.poll();
             let count = d.completion_count();
             if d.completions_pending() {
@@ -304,6 +305,7 @@ impl Registers {
     fn send_now(&self) -> u32 {
         let shared = &*self.device;
         let mut d = shared.lock();
+        d.count_exit(true);
         d.poll();
         let (count, pending) = (d.completion_count(), d.completions_pending());
         drop(d);

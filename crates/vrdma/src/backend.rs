@@ -33,6 +33,21 @@ pub struct UdDatagram {
     pub data: Vec<u8>,
 }
 
+/// One message of [`UdQueue::send_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct UdOut<'a> {
+    /// Destination GID.
+    pub dgid: Gid,
+    /// Destination QPN.
+    pub dqpn: u32,
+    /// Q_Key.
+    pub qkey: u32,
+    /// Immediate data.
+    pub imm: Option<u32>,
+    /// Payload.
+    pub data: &'a [u8],
+}
+
 /// A UD queue pair on the host port, owned by one virtual QP.
 pub trait UdQueue: Send + Sync {
     /// Its QPN on the host port (what remote peers address).
@@ -46,6 +61,17 @@ pub trait UdQueue: Send + Sync {
         imm: Option<u32>,
         data: &[u8],
     ) -> Result<(), BackendError>;
+    /// Sends `msgs` in order and calls `done(i, result)` for each; an implementation may
+    /// send consecutive messages to one destination together. One by one by default.
+    fn send_batch(
+        &self,
+        msgs: &[UdOut<'_>],
+        done: &mut dyn FnMut(usize, Result<(), BackendError>),
+    ) {
+        for (i, m) in msgs.iter().enumerate() {
+            done(i, self.send(m.dgid, m.dqpn, m.qkey, m.imm, m.data));
+        }
+    }
     /// The next received datagram, if any (never blocks).
     fn try_recv(&self) -> Option<UdDatagram>;
     /// Calls `waker` whenever a datagram is queued for [`UdQueue::try_recv`], so the device

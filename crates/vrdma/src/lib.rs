@@ -25,7 +25,7 @@ pub mod fuzzing;
 pub mod mem;
 
 pub use attach::{attach, VrdmaHandle, DEFAULT_BAR_BASE};
-pub use backend::{MadInbox, PortRcQueue, RcQueue, RdmaBackend, UdDatagram, UdQueue};
+pub use backend::{MadInbox, PortRcQueue, RcQueue, RdmaBackend, UdDatagram, UdOut, UdQueue};
 pub use device::{Device, DeviceState, DeviceStats};
 pub use error::{BackendError, BackendErrorKind, VrdmaError};
 pub use mem::{GuestMemory, VecMemory};

@@ -8,7 +8,7 @@ use rdma_wire::Gid;
 mod rc;
 
 use crate::{
-    backend::{MadInbox, RdmaBackend, UdDatagram, UdQueue, GRH_LEN},
+    backend::{MadInbox, RdmaBackend, UdDatagram, UdOut, UdQueue, GRH_LEN},
     device::Device,
     mem::{GuestMemory, VecMemory},
     BackendError, BackendErrorKind,
@@ -23,11 +23,14 @@ struct FakeBackend {
     mads: Mutex<Vec<(Gid, Gid, Vec<u8>)>>,
     ud_sent: Sent,
     ud_inbound: Arc<Mutex<Vec<UdDatagram>>>,
+    /// The size of each `send_batch` call.
+    ud_batches: Arc<Mutex<Vec<usize>>>,
 }
 
 struct FakeUd {
     sent: Sent,
     inbound: Arc<Mutex<Vec<UdDatagram>>>,
+    batches: Arc<Mutex<Vec<usize>>>,
 }
 
 impl UdQueue for FakeUd {
@@ -42,8 +45,21 @@ impl UdQueue for FakeUd {
         _imm: Option<u32>,
         data: &[u8],
     ) -> Result<(), BackendError> {
+        if data == b"fail" {
+            return Err(BackendError::new(BackendErrorKind::Refused, "no route"));
+        }
         self.sent.lock().unwrap().push((dgid, dqpn, data.to_vec()));
         Ok(())
+    }
+    fn send_batch(
+        &self,
+        msgs: &[UdOut<'_>],
+        done: &mut dyn FnMut(usize, Result<(), BackendError>),
+    ) {
+        self.batches.lock().unwrap().push(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            done(i, self.send(m.dgid, m.dqpn, m.qkey, m.imm, m.data));
+        }
     }
     fn try_recv(&self) -> Option<UdDatagram> {
         self.inbound.lock().unwrap().pop()
@@ -77,6 +93,7 @@ impl RdmaBackend for FakeBackend {
         Ok(Box::new(FakeUd {
             sent: self.ud_sent.clone(),
             inbound: self.ud_inbound.clone(),
+            batches: self.ud_batches.clone(),
         }))
     }
 }
@@ -551,6 +568,51 @@ fn ud_queue_pair_maps_to_a_host_queue_pair() {
     let mut got = [0u8; 5];
     g.mem.read(rbuf + 40, &mut got).unwrap();
     assert_eq!(&got, b"world");
+}
+
+/// The UD sends one pass finds leave in one batch; their completions keep the WQEs' order,
+/// and a send the host refuses completes with an error while the others go out.
+#[test]
+fn the_ud_sends_of_a_pass_leave_in_one_batch_and_complete_in_order() {
+    let mut g = Guest::new(FakeBackend::default());
+    let pd = g.create_pd();
+    let lkey = g.dma_mr(pd);
+    let (cq, cq_pages) = g.create_cq(16);
+    assert_eq!(g.bind(0, gid(1)), 0);
+    let (e, qpn, qp_pages) = g.create_qp(pd, cq, abi::qp_type::UD);
+    assert_eq!(e, 0);
+    g.move_to_rts(qpn);
+    let msgs: [&[u8]; 4] = [b"one", b"two", b"fail", b"four"];
+    for (i, m) in msgs.iter().enumerate() {
+        let buf = g.page();
+        g.mem.write(buf, m).unwrap();
+        let sge = abi::Sge {
+            addr: buf,
+            length: m.len() as u32,
+            lkey,
+        };
+        g.post_send(&qp_pages, i as u32, gid(2), 0x99, sge);
+    }
+    g.dev.poll();
+    assert_eq!(g.backend.ud_batches.lock().unwrap().as_slice(), &[4]);
+    let sent: Vec<Vec<u8>> = g
+        .backend
+        .ud_sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.2.clone())
+        .collect();
+    assert_eq!(sent, [b"one".to_vec(), b"two".to_vec(), b"four".to_vec()]);
+    let cqes = g.cqes(&cq_pages);
+    let got: Vec<(u64, u32, u32)> = cqes
+        .iter()
+        .map(|c| (c.wr_id, c.status, c.byte_len))
+        .collect();
+    let fail = abi::wc_status::GENERAL_ERR;
+    assert_eq!(got, [(200, 0, 3), (201, 0, 3), (202, fail, 0), (203, 0, 4)]);
+    let st = g.dev.stats();
+    assert_eq!((st.ud_sent, st.wr_errors), (3, 1));
 }
 
 /// What arrives while another thread holds the device (a vCPU sending in its idle wait) is

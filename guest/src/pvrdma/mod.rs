@@ -110,7 +110,7 @@ impl Cq {
     }
 }
 
-/// Send queue slots.
+/// Send queue slots of [`Device::create_qp`].
 pub const SQ_WQES: u32 = 16;
 /// Receive queue slots.
 pub const RQ_WQES: u32 = 32;
@@ -123,6 +123,9 @@ pub struct Qp {
     sq: u64,
     rq: u64,
     uar: u64,
+    /// Send and receive queue slots (powers of two).
+    sq_n: u32,
+    rq_n: u32,
 }
 
 impl Qp {
@@ -179,12 +182,9 @@ impl Qp {
         imm: Option<u32>,
         signaled: bool,
     ) -> bool {
-        let tail = read_u32(self.hdr);
-        let head = read_u32(self.hdr + 4);
-        if tail == head ^ SQ_WQES {
+        let Some(at) = self.sq_slot() else {
             return false;
-        }
-        let at = self.sq + abi::sq_wqe_size(1) as u64 * (tail & (SQ_WQES - 1)) as u64;
+        };
         let w = abi::SqWqeHdr {
             wr_id,
             num_sge: 1,
@@ -219,20 +219,32 @@ impl Qp {
                 lkey,
             },
         );
+        self.sq_commit();
+        true
+    }
+
+    /// The address of the next free send WQE, or `None` when the send queue is full.
+    fn sq_slot(&self) -> Option<u64> {
+        self.sq_free_slot()
+            .map(|i| self.sq + abi::sq_wqe_size(1) as u64 * i as u64)
+    }
+
+    /// Publishes the WQE written at [`Qp::sq_slot`] and rings the send doorbell.
+    fn sq_commit(&self) {
+        let tail = read_u32(self.hdr);
         compiler_fence(Ordering::Release);
-        write_u32(self.hdr, abi::idx_inc(tail, SQ_WQES));
+        write_u32(self.hdr, abi::idx_inc(tail, self.sq_n));
         mmio_write32(
             self.uar + abi::PVRDMA_UAR_QP_OFFSET,
             self.qpn | abi::PVRDMA_UAR_QP_SEND,
         );
-        true
     }
 
     /// The send queue slot the next post uses (its ring index), or `None` when it is full.
     pub fn sq_free_slot(&self) -> Option<u32> {
         let tail = read_u32(self.hdr);
         let head = read_u32(self.hdr + 4);
-        (tail != head ^ SQ_WQES).then_some(tail & (SQ_WQES - 1))
+        (tail != head ^ self.sq_n).then_some(tail & (self.sq_n - 1))
     }
 
     /// Whether the device has taken every posted send.
@@ -244,10 +256,10 @@ impl Qp {
     pub fn post_recv(&self, wr_id: u64, addr: u64, len: u32, lkey: u32) -> bool {
         let tail = read_u32(self.hdr + 8);
         let head = read_u32(self.hdr + 12);
-        if tail == head ^ RQ_WQES {
+        if tail == head ^ self.rq_n {
             return false;
         }
-        let at = self.rq + abi::rq_wqe_size(1) as u64 * (tail & (RQ_WQES - 1)) as u64;
+        let at = self.rq + abi::rq_wqe_size(1) as u64 * (tail & (self.rq_n - 1)) as u64;
         write_obj(
             at,
             &abi::RqWqeHdr {
@@ -265,7 +277,7 @@ impl Qp {
             },
         );
         compiler_fence(Ordering::Release);
-        write_u32(self.hdr + 8, abi::idx_inc(tail, RQ_WQES));
+        write_u32(self.hdr + 8, abi::idx_inc(tail, self.rq_n));
         mmio_write32(
             self.uar + abi::PVRDMA_UAR_QP_OFFSET,
             self.qpn | abi::PVRDMA_UAR_QP_RECV,
@@ -425,7 +437,13 @@ impl Device {
 
     /// A QP of `qp_type` (GSI or UD) with `SQ_WQES`/`RQ_WQES` one-SGE slots, moved to RTS.
     pub fn create_qp(&self, pd: u32, scq: &Cq, rcq: &Cq, qp_type: u8) -> Result<Qp, u8> {
-        let qp = self.create_qp_reset(pd, scq, rcq, qp_type)?;
+        let qp = self.create_qp_sized(pd, scq, rcq, qp_type, SQ_WQES, RQ_WQES)?;
+        self.datagram_rts(&qp, qp_type)?;
+        Ok(qp)
+    }
+
+    /// Moves a GSI or UD QP of `qp_type` from RESET to RTS (with its Q_Key).
+    pub fn datagram_rts(&self, qp: &Qp, qp_type: u8) -> Result<(), u8> {
         let qkey = if qp_type == abi::qp_type::GSI {
             0x8001_0000
         } else {
@@ -434,24 +452,36 @@ impl Device {
         for state in [abi::qp_state::INIT, abi::qp_state::RTR, abi::qp_state::RTS] {
             self.modify_qp(qp.qpn, state, qkey)?;
         }
-        Ok(qp)
+        Ok(())
     }
 
-    /// A QP of `qp_type` with `SQ_WQES`/`RQ_WQES` one-SGE slots, left in RESET.
-    pub fn create_qp_reset(&self, pd: u32, scq: &Cq, rcq: &Cq, qp_type: u8) -> Result<Qp, u8> {
-        let (dir, pages) = pdir(3);
+    /// A QP of `qp_type` with `sq_wqes` send and `rq_wqes` receive slots of one SGE (powers
+    /// of two, at most 1024), left in RESET.
+    pub fn create_qp_sized(
+        &self,
+        pd: u32,
+        scq: &Cq,
+        rcq: &Cq,
+        qp_type: u8,
+        sq_wqes: u32,
+        rq_wqes: u32,
+    ) -> Result<Qp, u8> {
+        let sq_pages = (sq_wqes as u64 * abi::sq_wqe_size(1) as u64).div_ceil(PAGE);
+        let rq_pages = (rq_wqes as u64 * abi::rq_wqe_size(1) as u64).div_ceil(PAGE);
+        let total = 1 + sq_pages + rq_pages;
+        let (dir, pages) = pdir(total);
         let r = self.command(&abi::CmdCreateQp {
             hdr: Self::hdr(cmd_code::CREATE_QP),
             pdir_dma: dir,
             pd_handle: pd,
             send_cq_handle: scq.handle,
             recv_cq_handle: rcq.handle,
-            max_send_wr: SQ_WQES,
-            max_recv_wr: RQ_WQES,
+            max_send_wr: sq_wqes,
+            max_recv_wr: rq_wqes,
             max_send_sge: 1,
             max_recv_sge: 1,
-            total_chunks: 3,
-            send_chunks: 1,
+            total_chunks: total as u16,
+            send_chunks: sq_pages as u16,
             qp_type,
             ..Default::default()
         })?;
@@ -460,8 +490,10 @@ impl Device {
             qpn,
             hdr: pages,
             sq: pages + PAGE,
-            rq: pages + 2 * PAGE,
+            rq: pages + (1 + sq_pages) * PAGE,
             uar: self.uar,
+            sq_n: sq_wqes,
+            rq_n: rq_wqes,
         })
     }
 

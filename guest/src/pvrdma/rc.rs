@@ -1,12 +1,9 @@
 //! The driver's RC verbs: memory regions with remote access (page directories), the RC
 //! state transitions rdma_cm makes after REQ/REP, and RC send work requests (SEND, RDMA
 //! WRITE with or without immediate data, RDMA READ) in the rdma view of the send WQE.
-use core::sync::atomic::{compiler_fence, Ordering};
-
 use pvrdma_abi::{self as abi, cmd_code, qp_attr_mask as m};
 
-use super::{pdir, read_obj, read_u32, write_obj, write_u32, Device, Qp, SQ_WQES};
-use crate::io::mmio_write32;
+use super::{pdir, read_obj, write_obj, Device, Qp};
 
 /// What the CM exchange decided for an RC connection.
 #[derive(Clone, Copy, Debug)]
@@ -127,12 +124,9 @@ pub struct RcSend {
 impl Qp {
     /// Posts an RC send work request. False when the send queue is full.
     pub fn post_rc(&self, wr_id: u64, s: &RcSend) -> bool {
-        let tail = read_u32(self.hdr);
-        let head = read_u32(self.hdr + 4);
-        if tail == head ^ SQ_WQES {
+        let Some(at) = self.sq_slot() else {
             return false;
-        }
-        let at = self.sq + abi::sq_wqe_size(1) as u64 * (tail & (SQ_WQES - 1)) as u64;
+        };
         let mut w = abi::SqWqeHdr {
             wr_id,
             num_sge: 1,
@@ -155,12 +149,7 @@ impl Qp {
                 lkey: s.lkey,
             },
         );
-        compiler_fence(Ordering::Release);
-        write_u32(self.hdr, abi::idx_inc(tail, SQ_WQES));
-        mmio_write32(
-            self.uar + abi::PVRDMA_UAR_QP_OFFSET,
-            self.qpn | abi::PVRDMA_UAR_QP_SEND,
-        );
+        self.sq_commit();
         true
     }
 }

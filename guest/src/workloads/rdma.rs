@@ -30,12 +30,19 @@ mod rc;
 
 use crate::{
     clock, params, println,
-    pvrdma::{alloc_pages, read_bytes, write_bytes, Cq, Device, Qp, RQ_WQES, SQ_WQES},
+    pvrdma::{alloc_pages, read_bytes, write_bytes, Cq, Device, Qp, RQ_WQES},
 };
 
 const GRH: u64 = 40;
 const GSI_RBUF: u64 = 512;
 const UD_BUF: u64 = 4096;
+/// The UD QP's send and receive slots: the whole window of the UD stream (`UD_WINDOW`), and
+/// a burst of echoes to it, post before one exit sends them.
+const UD_SQ_WQES: u32 = 64;
+/// Messages in flight in the client's verified UD stream (`ferry bench vrdma`'s peers use
+/// the same window); at most 64 (its bookkeeping).
+const UD_WINDOW: u64 = 32;
+const UD_RQ_WQES: u32 = 64;
 /// Largest UD message the agent sends.
 pub const MAX_MSG: u32 = 2048;
 
@@ -141,14 +148,18 @@ impl Agent {
         let ud_scq = dev.create_cq().map_err(f("CREATE_CQ"))?;
         let ud_rcq = dev.create_cq().map_err(f("CREATE_CQ"))?;
         let ud = dev
-            .create_qp(pd, &ud_scq, &ud_rcq, qp_type::UD)
+            .create_qp_sized(pd, &ud_scq, &ud_rcq, qp_type::UD, UD_SQ_WQES, UD_RQ_WQES)
             .map_err(f("CREATE_QP (UD)"))?;
+        dev.datagram_rts(&ud, qp_type::UD)
+            .map_err(f("MODIFY_QP (UD)"))?;
         let gsi_rbufs = alloc_pages(RQ_WQES as u64 * GSI_RBUF / 4096);
         let gsi_sbuf = alloc_pages(1);
-        let ud_rbufs = alloc_pages(RQ_WQES as u64 * UD_BUF / 4096);
-        let ud_sbufs = alloc_pages(SQ_WQES as u64 * UD_BUF / 4096);
+        let ud_rbufs = alloc_pages(UD_RQ_WQES as u64 * UD_BUF / 4096);
+        let ud_sbufs = alloc_pages(UD_SQ_WQES as u64 * UD_BUF / 4096);
         for i in 0..RQ_WQES as u64 {
             gsi.post_recv(i, gsi_rbufs + i * GSI_RBUF, GSI_RBUF as u32, lkey);
+        }
+        for i in 0..UD_RQ_WQES as u64 {
             ud.post_recv(i, ud_rbufs + i * UD_BUF, UD_BUF as u32, lkey);
         }
         Ok(Agent {
@@ -365,7 +376,7 @@ impl Agent {
     #[allow(clippy::type_complexity)]
     fn ud_recv_imm(&mut self) -> Option<(Gid, u32, u64, u32, u64, Option<u32>)> {
         let c = self.ud_rcq.poll()?;
-        let i = c.wr_id % RQ_WQES as u64;
+        let i = c.wr_id % UD_RQ_WQES as u64;
         let at = self.ud_rbufs + i * UD_BUF;
         if c.status != 0 || (c.byte_len as u64) < GRH {
             self.ud.post_recv(i, at, UD_BUF as u32, self.lkey);
@@ -919,7 +930,7 @@ pub fn client(p: &BootParams) -> u32 {
     // The verified UD stream: a window of messages in flight, each echoed and compared.
     let n = a.messages;
     let size = a.msg_size.clamp(8, MAX_MSG);
-    const W: u64 = 8;
+    const W: u64 = UD_WINDOW;
     let mut acked = [false; 64];
     let (mut base, mut next, mut resends) = (0u64, 0u64, 0u64);
     let t_ud = now_us();

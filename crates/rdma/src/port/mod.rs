@@ -180,6 +180,17 @@ pub struct UdDest {
     pub qkey: u32,
 }
 
+/// One message of [`SoftPort::post_send_ud_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct UdSend<'a> {
+    /// Where it goes.
+    pub dest: UdDest,
+    /// Immediate data (SEND with immediate).
+    pub imm: Option<u32>,
+    /// Payload.
+    pub data: &'a [u8],
+}
+
 /// One address the port owns: its socket and receive thread.
 struct AddrSocket {
     addr: Ipv4Addr,
@@ -392,45 +403,82 @@ impl SoftPort {
         imm: Option<u32>,
         data: &[u8],
     ) -> Result<(), RdmaError> {
-        if data.len() > MAX_UD_PAYLOAD {
-            return Err(RdmaError::Config(format!(
-                "UD payload of {} bytes exceeds the MTU of {MAX_UD_PAYLOAD}",
-                data.len()
-            )));
+        let mut r = Ok(());
+        self.post_send_ud_batch(qp, &[UdSend { dest, imm, data }], |_, x| r = x);
+        r
+    }
+
+    /// Sends `msgs` from UD QP `qp` in order, and calls `done(i, result)` for each message.
+    /// Consecutive messages to one destination leave together: a run of equal-size ones
+    /// (its last may be shorter) in one UDP GSO send, which a Ferry port on loopback receives
+    /// in one call (the echo of a burst costs one system call each way, not one per message).
+    pub fn post_send_ud_batch(
+        &self,
+        qp: &UdQp,
+        msgs: &[UdSend<'_>],
+        mut done: impl FnMut(usize, Result<(), RdmaError>),
+    ) {
+        let mut i = 0;
+        while i < msgs.len() {
+            let dest = msgs[i].dest;
+            if msgs[i].data.len() > MAX_UD_PAYLOAD {
+                done(
+                    i,
+                    Err(RdmaError::Config(format!(
+                        "UD payload of {} bytes exceeds the MTU of {MAX_UD_PAYLOAD}",
+                        msgs[i].data.len()
+                    ))),
+                );
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < msgs.len() && msgs[j].dest == dest && msgs[j].data.len() <= MAX_UD_PAYLOAD {
+                j += 1;
+            }
+            let pkts: Vec<RocePacket<'_>> =
+                msgs[i..j].iter().map(|m| self.ud_packet(qp, m)).collect();
+            self.inner
+                .send_packets_each(qp.gid(), dest.dgid, &pkts, |k, r| {
+                    if r.is_ok() {
+                        bump(&qp.counters.tx_messages);
+                    }
+                    done(i + k, r);
+                });
+            i = j;
         }
-        let pad = rdma_wire::padding_for(data.len());
-        let pkt = RocePacket {
+    }
+
+    /// The packet of a UD message from `qp` (its next PSN).
+    fn ud_packet<'a>(&self, qp: &UdQp, m: &UdSend<'a>) -> RocePacket<'a> {
+        let pad = rdma_wire::padding_for(m.data.len());
+        RocePacket {
             bth: Bth {
-                opcode: if imm.is_some() {
+                opcode: if m.imm.is_some() {
                     opcode::UD_SEND_ONLY_WITH_IMMEDIATE
                 } else {
                     opcode::UD_SEND_ONLY
                 },
                 p_key: self.inner.cfg.p_key,
-                dest_qp: dest.dqpn,
+                dest_qp: m.dest.dqpn,
                 psn: qp.next_psn(),
                 pad_count: pad.len() as u8,
                 ..Bth::default()
             },
             deth: Some(Deth {
-                q_key: dest.qkey,
+                q_key: m.dest.qkey,
                 src_qp: qp.qpn(),
             }),
             reth: None,
             atomic_eth: None,
             aeth: None,
             atomic_ack_eth: None,
-            imm_dt: imm.map(|v| ImmDt(v.to_be_bytes())),
+            imm_dt: m.imm.map(|v| ImmDt(v.to_be_bytes())),
             ieth: None,
-            payload: data,
+            payload: m.data,
             padding: pad,
             icrc: 0,
-        };
-        let r = self.inner.send_packet(qp.gid(), dest.dgid, &pkt);
-        if r.is_ok() {
-            bump(&qp.counters.tx_messages);
         }
-        r
     }
 
     /// Sends `pkts` in order from `sgid` (an address of this port) to `dgid`; each run of
@@ -609,6 +657,23 @@ impl PortInner {
     /// accept it, and Ferry's receivers get the run coalesced and know `k`.
     fn send_packets(&self, sgid: Gid, dgid: Gid, pkts: &[RocePacket<'_>]) -> Result<(), RdmaError> {
         let mut first_err = None;
+        self.send_packets_each(sgid, dgid, pkts, |_, r| {
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        });
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// [`PortInner::send_packets`], calling `done(k, result)` for each packet (a GSO send
+    /// goes out whole or not at all: a refused run is sent again one by one).
+    fn send_packets_each(
+        &self,
+        sgid: Gid,
+        dgid: Gid,
+        pkts: &[RocePacket<'_>],
+        mut done: impl FnMut(usize, Result<(), RdmaError>),
+    ) {
         let mut i = 0;
         while i < pkts.len() {
             let run = gso_run(pkts, i);
@@ -620,8 +685,9 @@ impl PortInner {
             match r {
                 Ok(()) => {
                     bump(&self.counters.tx_gso_runs);
-                    for _ in 0..run {
+                    for k in i..i + run {
                         bump(&self.counters.tx_datagrams);
+                        done(k, Ok(()));
                     }
                 }
                 // One by one: a single packet, or a run the kernel refused as a whole.
@@ -629,16 +695,13 @@ impl PortInner {
                     if let Some(e) = why {
                         tracing::debug!(%sgid, error = &e as &dyn std::error::Error, "GSO send refused, sending one by one");
                     }
-                    for p in &pkts[i..i + run] {
-                        if let Err(e) = self.send_packet(sgid, dgid, p) {
-                            first_err.get_or_insert(e);
-                        }
+                    for (k, p) in pkts.iter().enumerate().skip(i).take(run) {
+                        done(k, self.send_packet(sgid, dgid, p));
                     }
                 }
             }
             i += run;
         }
-        first_err.map_or(Ok(()), Err)
     }
 
     /// One GSO send of `run` (see [`gso_run`]); `Err(Some)` when the kernel refused it

@@ -92,9 +92,11 @@ pub(super) enum InProgress {
     Write(Arc<MemoryRegion>, u64, usize, usize),
 }
 
-/// Buffers [`RcCore::give_back`] keeps at most, and the largest it keeps.
-const MAX_SPARE: usize = 16;
+/// Buffers [`RcCore::give_back`] keeps at most, the largest it keeps, and the most bytes
+/// it keeps in all (a sender with 64 WRITEs of 64 KiB outstanding reuses all of theirs).
+const MAX_SPARE: usize = 64;
 const MAX_SPARE_BYTES: usize = 1 << 20;
+const MAX_SPARE_TOTAL: usize = 4 << 20;
 
 /// The RC transport of one queue pair (see the module documentation).
 #[derive(Debug)]
@@ -407,7 +409,11 @@ impl RcCore {
     /// bounded size).
     pub(super) fn give_back(&mut self, op: super::SendOp) {
         if let super::SendOp::Send { data, .. } | super::SendOp::Write { data, .. } = op {
-            if self.spare.len() < MAX_SPARE && data.capacity() <= MAX_SPARE_BYTES {
+            let kept: usize = self.spare.iter().map(Vec::capacity).sum();
+            if self.spare.len() < MAX_SPARE
+                && data.capacity() <= MAX_SPARE_BYTES
+                && kept + data.capacity() <= MAX_SPARE_TOTAL
+            {
                 self.spare.push(data);
             }
         }

@@ -121,7 +121,10 @@ impl Default for RcAttrs {
             rnr_retry: 7,
             min_rnr_timer: 12,
             timeout_us: 67_000, // 4.096 µs × 2^14, rdma_cm's default local ACK timeout
-            max_inflight: 64,
+            // 512 KiB at a 4096-byte MTU: twice what 64 packets gave, which left a 64 KiB
+            // WRITE stream waiting on ACKs (no thread busy); 256 packets overran loopback
+            // socket buffers under load (a lost tail costs a 67 ms timeout).
+            max_inflight: 128,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! queues, completions and async events. Bad work requests complete with an error; bad ring
 //! indexes move the queue pair to the error state.
 use super::*;
+use crate::backend::UdOut;
 
 impl Device {
     /// Runs the queues once: UD and QP1 receives, then sends. Returns the work done.
@@ -279,6 +280,9 @@ impl Device {
         }
         let hdr = q.pages[0];
         let mut done = 0;
+        // UD sends of this pass, gathered and checked: they leave together at its end (or
+        // before a completion that has to follow theirs).
+        let mut batch: Vec<PendingUd> = Vec::new();
         while done < WR_BUDGET {
             let Some(q) = self.qps.get(&h) else { break };
             let ring = match (self.mem.load_u32(hdr), self.mem.load_u32(hdr + 4)) {
@@ -304,11 +308,26 @@ impl Device {
             let wqe: Option<abi::SqWqeHdr> = read_obj(&*self.mem, at).ok();
             let (status, wr_id, byte_len) = match wqe {
                 None => (abi::wc_status::LOC_QP_OP_ERR, 0, 0),
-                Some(w) => {
-                    let st = self.execute_send(h, &w, at + 80);
-                    (st.err().unwrap_or(0), w.wr_id, st.unwrap_or(0))
-                }
+                Some(w) => match self.prepare_send(h, &w, at + 80) {
+                    Ok(Prepared::Ud(out)) => {
+                        let Some(q) = self.qps.get(&h) else { break };
+                        let signaled = q.sig_all || w.send_flags & abi::send_flags::SIGNALED != 0;
+                        let _ = self
+                            .mem
+                            .store_u32(hdr + 4, abi::idx_inc(ring.cons_head, q.sq_wqes));
+                        batch.push(PendingUd {
+                            wr_id: w.wr_id,
+                            signaled,
+                            out,
+                        });
+                        done += 1;
+                        continue;
+                    }
+                    Ok(Prepared::Sent(n)) => (0, w.wr_id, n),
+                    Err(st) => (st, w.wr_id, 0),
+                },
             };
+            self.flush_ud(h, &mut batch);
             let Some(q) = self.qps.get(&h) else { break };
             let signaled = q.sig_all
                 || wqe.is_none_or(|w| w.send_flags & abi::send_flags::SIGNALED != 0)
@@ -335,16 +354,54 @@ impl Device {
             }
             done += 1;
         }
+        self.flush_ud(h, &mut batch);
         done
     }
 
-    /// Executes one send WQE; `Ok(bytes)` or `Err(wc_status)`.
-    pub(super) fn execute_send(
-        &mut self,
-        h: u32,
-        w: &abi::SqWqeHdr,
-        sge_at: u64,
-    ) -> Result<u32, u32> {
+    /// Sends the UD messages of `batch` (in one go: see [`crate::backend::UdQueue::send_batch`])
+    /// and writes their completions, in order: the signaled ones and the failed ones.
+    fn flush_ud(&mut self, h: u32, batch: &mut Vec<PendingUd>) {
+        if batch.is_empty() {
+            return;
+        }
+        let Some(q) = self.qps.get(&h) else {
+            batch.clear();
+            return;
+        };
+        let (send_cq, qpn) = (q.send_cq, q.qpn);
+        let mut status = vec![abi::wc_status::GENERAL_ERR; batch.len()];
+        if let Some(ud) = q.ud.as_ref() {
+            let outs: Vec<UdOut<'_>> = batch.iter().map(|p| p.out.as_out()).collect();
+            ud.send_batch(&outs, &mut |i, r| match r {
+                Ok(()) => status[i] = 0,
+                Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "UD send failed"),
+            });
+        }
+        for (p, st) in batch.drain(..).zip(status) {
+            if st == 0 {
+                self.stats.ud_sent += 1;
+            } else {
+                self.stats.wr_errors += 1;
+            }
+            if p.signaled || st != 0 {
+                let cqe = abi::Cqe {
+                    wr_id: p.wr_id,
+                    qp: h as u64,
+                    opcode: abi::wc_opcode::SEND,
+                    status: st,
+                    byte_len: if st == 0 { p.out.data.len() as u32 } else { 0 },
+                    src_qp: qpn,
+                    port_num: 1,
+                    ..Default::default()
+                };
+                self.complete(send_cq, &cqe);
+            }
+        }
+    }
+
+    /// Checks and gathers one send WQE: a QP1 send is sent at once (`Sent(bytes)`), a UD
+    /// send is returned for the pass's batch; `Err(wc_status)` if it is refused.
+    fn prepare_send(&mut self, h: u32, w: &abi::SqWqeHdr, sge_at: u64) -> Result<Prepared, u32> {
         use abi::wc_status::*;
         let q = self.qps.get(&h).ok_or(GENERAL_ERR)?;
         if w.num_sge > q.sq_sge {
@@ -370,7 +427,7 @@ impl Device {
                 match self.backend.send_mad(sgid, dgid, &data) {
                     Ok(()) => {
                         self.stats.mads_sent += 1;
-                        Ok(data.len() as u32)
+                        Ok(Prepared::Sent(data.len() as u32))
                     }
                     Err(e) => {
                         tracing::info!(%sgid, %dgid, error = &e as &dyn std::error::Error, "QP1 send refused");
@@ -380,7 +437,7 @@ impl Device {
                 }
             }
             _ => {
-                let ud = q.ud.as_ref().ok_or(GENERAL_ERR)?;
+                q.ud.as_ref().ok_or(GENERAL_ERR)?;
                 if Some(sgid.canonical()) != q.ud_gid {
                     // The host QP sends as the GID it was created on (still bound: unbinding
                     // drops it); another source would be spoofing.
@@ -392,16 +449,13 @@ impl Device {
                 } else {
                     w.ud_remote_qkey
                 };
-                match ud.send(dgid, w.ud_remote_qpn & rdma_wire::MAX_U24, qkey, imm, &data) {
-                    Ok(()) => {
-                        self.stats.ud_sent += 1;
-                        Ok(data.len() as u32)
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = &e as &dyn std::error::Error, "UD send failed");
-                        Err(GENERAL_ERR)
-                    }
-                }
+                Ok(Prepared::Ud(UdMsg {
+                    dgid,
+                    dqpn: w.ud_remote_qpn & rdma_wire::MAX_U24,
+                    qkey,
+                    imm,
+                    data,
+                }))
             }
         }
     }
@@ -547,4 +601,40 @@ impl Device {
         }
         done
     }
+}
+
+/// What [`Device::prepare_send`] made of a send WQE.
+enum Prepared {
+    /// Sent at once (QP1), bytes.
+    Sent(u32),
+    /// A UD message for the pass's batch.
+    Ud(UdMsg),
+}
+
+/// A UD message, gathered and checked.
+struct UdMsg {
+    dgid: Gid,
+    dqpn: u32,
+    qkey: u32,
+    imm: Option<u32>,
+    data: Vec<u8>,
+}
+
+impl UdMsg {
+    fn as_out(&self) -> UdOut<'_> {
+        UdOut {
+            dgid: self.dgid,
+            dqpn: self.dqpn,
+            qkey: self.qkey,
+            imm: self.imm,
+            data: &self.data,
+        }
+    }
+}
+
+/// A UD send WQE taken off the ring, waiting for its batch.
+struct PendingUd {
+    wr_id: u64,
+    signaled: bool,
+    out: UdMsg,
 }

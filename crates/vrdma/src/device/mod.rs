@@ -261,6 +261,12 @@ pub struct DeviceStats {
     /// The RC path.
     #[serde(default)]
     pub rc: rc::RcStats,
+    /// VM exits on Ferry's idle-wait register (send, then wait for a completion).
+    #[serde(default)]
+    pub idle_waits: u64,
+    /// VM exits on Ferry's send-now register.
+    #[serde(default)]
+    pub send_nows: u64,
 }
 
 /// The registers and everything behind them, for one VM.
@@ -362,6 +368,15 @@ impl Device {
             stats: DeviceStats::default(),
             msix: Msix::default(),
             completions: 0,
+        }
+    }
+
+    /// Counts a VM exit on the idle-wait (`send_now` false) or send-now register.
+    pub(crate) fn count_exit(&mut self, send_now: bool) {
+        if send_now {
+            self.stats.send_nows += 1;
+        } else {
+            self.stats.idle_waits += 1;
         }
     }
 

@@ -661,6 +661,27 @@ impl Device {
         }
     }
 
+    /// The bytes a send WQE moves (the sum of its SGE lengths), if its SGEs can be read.
+    fn rc_wqe_bytes(&self, h: u32, w: &abi::SqWqeHdr, sge_at: u64) -> Option<usize> {
+        let q = self.qps.get(&h)?;
+        if w.num_sge > q.sq_sge {
+            return None;
+        }
+        let sges = self.read_sges(sge_at, w.num_sge)?;
+        Some(sges.iter().map(|s| s.length as usize).sum())
+    }
+
+    /// Whether posting `bytes` more on RC QP `h` would pass the per-QP or per-device bound
+    /// of bytes outstanding (a QP with nothing outstanding may always post one).
+    fn rc_full(&self, h: u32, bytes: usize) -> bool {
+        let Some(st) = self.qps.get(&h).and_then(|q| q.rc.as_ref()) else {
+            return true;
+        };
+        st.outstanding > 0
+            && (st.outstanding.saturating_add(bytes) > MAX_RC_OUTSTANDING
+                || self.rc.outstanding.saturating_add(bytes) > MAX_RC_OUTSTANDING_DEVICE)
+    }
+
     fn rc_sq(&mut self, h: u32) -> usize {
         let Some(q) = self.qps.get(&h) else { return 0 };
         if !matches!(q.state, qp_state::RTS | qp_state::SQD | qp_state::ERR) {
@@ -706,6 +727,13 @@ impl Device {
                 done += 1;
                 continue;
             }
+            // Room first: a WQE that has to wait is not gathered (its copy thrown away) on
+            // every pass until completions make room.
+            if let Some(need) = self.rc_wqe_bytes(h, &w, at + 80) {
+                if self.rc_full(h, need) {
+                    break;
+                }
+            }
             let op = match self.rc_build_send(h, &w, at + 80) {
                 Ok(op) => op,
                 Err(status) => {
@@ -719,14 +747,12 @@ impl Device {
                 SendOp::Send { data, .. } | SendOp::Write { data, .. } => data.len(),
                 SendOp::Read { len, .. } => *len as usize,
             };
+            if self.rc_full(h, bytes) {
+                break; // the WQE stays in the ring until completions make room
+            }
             let Some(st) = self.qps.get_mut(&h).and_then(|q| q.rc.as_mut()) else {
                 break;
             };
-            let full = st.outstanding + bytes > MAX_RC_OUTSTANDING
-                || self.rc.outstanding + bytes > MAX_RC_OUTSTANDING_DEVICE;
-            if st.outstanding > 0 && full {
-                break; // the WQE stays in the ring until completions make room
-            }
             let id = st.next_id;
             match st.queue.post_send(SendWr { wr_id: id, op }) {
                 Ok(()) => {

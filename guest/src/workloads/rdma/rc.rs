@@ -11,7 +11,7 @@
 //!   and Ferry's pattern), SENDs as many copies of the last one back; the server checks
 //!   them.
 //! - **write-bw** (like `ib_write_bw`): the server SENDs its buffer's address; the client
-//!   RDMA WRITEs `messages` messages into it, 15 in flight, the last with immediate data
+//!   RDMA WRITEs `messages` messages into it, 128 in flight, one in 16 signaled, the last with immediate data
 //!   (the count); the server verifies the buffer and SENDs the verdict back.
 //!
 //! The client disconnects (DREQ/DREP); the server serves `sessions` connections, one at a
@@ -34,8 +34,17 @@ const SEND_AT: u64 = 1792 << 10;
 const SLOT: u64 = 8 << 10;
 /// ucmatose's message count (its `-C` default).
 const UCMATOSE_COUNT: u64 = 10;
+/// Send slots (SENDs cycle through them; fewer are ever in flight).
+const SEND_SLOTS: u64 = 16;
 /// Largest SEND (one slot).
 const MAX_SEND: u32 = SLOT as u32;
+/// Send queue slots of the RC QP: ib_write_bw's default tx depth.
+const RC_SQ_WQES: u32 = 128;
+/// write-bw: WRITEs in flight (ib_write_bw's `--tx-depth`) and how often one is signaled
+/// (its `--cq-mod`): one completion stands for the WRITEs before it too (RC completes in
+/// order), so the guest handles one CQE per `WRITE_SIGNAL_EVERY` WRITEs.
+const WRITE_DEPTH: u64 = RC_SQ_WQES as u64;
+const WRITE_SIGNAL_EVERY: u64 = 16;
 /// How long any step waits.
 const STEP_US: u64 = 10_000_000;
 
@@ -63,7 +72,7 @@ impl Rc {
     fn open(ag: &Agent, scq: Cq, rcq: Cq, base: u64, key: u32) -> Result<Rc, u32> {
         let qp = ag
             .dev
-            .create_qp_reset(ag.pd, &scq, &rcq, qp_type::RC)
+            .create_qp_sized(ag.pd, &scq, &rcq, qp_type::RC, RC_SQ_WQES, RQ_WQES)
             .map_err(|e| failed("CREATE_QP (RC)", e))?;
         ag.dev
             .rc_init(qp.qpn)
@@ -105,7 +114,7 @@ impl Rc {
 
     /// SENDs `data` (≤ one slot) from send slot `slot`.
     fn send_bytes(&self, wr_id: u64, slot: u64, data: &[u8]) -> bool {
-        let off = SEND_AT + (slot % SQ_WQES as u64) * SLOT;
+        let off = SEND_AT + (slot % SEND_SLOTS) * SLOT;
         write_bytes(self.base + off, data);
         self.send(wr_id, self.local(op::SEND, off, data.len() as u32))
     }
@@ -476,7 +485,7 @@ fn on_established(s: &mut Session, a: &RdmaArgs) -> Result<(), u32> {
     match a.mode {
         rdma_mode::UCMATOSE => {
             for i in 0..UCMATOSE_COUNT {
-                let off = SEND_AT + (i % SQ_WQES as u64) * SLOT;
+                let off = SEND_AT + (i % SEND_SLOTS) * SLOT;
                 fill(s.rc.base + off, size as u64, |k| ucmatose_byte(i, k));
                 if !s.rc.send(ID_MSG, s.rc.local(op::SEND, off, size)) {
                     println!("rdma-server: send queue full");
@@ -824,7 +833,8 @@ fn ucmatose_client(ag: &mut Agent, rc: &Rc, n: u64, size: u32) -> Result<(u64, u
     Ok((n, 2 * n * size as u64))
 }
 
-/// write-bw's client: `n` WRITEs of `size` bytes, 15 in flight; (verified, bytes).
+/// write-bw's client: `n` WRITEs of `size` bytes, up to `WRITE_DEPTH` in flight; (verified,
+/// bytes).
 fn write_bw_client(ag: &mut Agent, rc: &Rc, n: u64, size: u32) -> Result<(u64, u64), u32> {
     let c = next(ag, &rc.rcq, "the server's buffer")?;
     let mut b = [0u8; 16];
@@ -840,9 +850,11 @@ fn write_bw_client(ag: &mut Agent, rc: &Rc, n: u64, size: u32) -> Result<(u64, u
     }
     fill(rc.base + BUF_A, size as u64, |k| write_bw_byte(n, k));
     let t0 = now_us();
+    // WRITE `i` has work request ID `i`; every `WRITE_SIGNAL_EVERY`-th and the last are
+    // signaled, and the completion of WRITE `i` means WRITEs 0..=i are done.
     let (mut posted, mut done) = (0u64, 0u64);
     while done < n {
-        while posted < n && posted - done < SQ_WQES as u64 - 1 {
+        while posted < n && posted - done < WRITE_DEPTH {
             let last = posted + 1 == n;
             let opcode = if last {
                 op::RDMA_WRITE_WITH_IMM
@@ -853,13 +865,18 @@ fn write_bw_client(ag: &mut Agent, rc: &Rc, n: u64, size: u32) -> Result<(u64, u
             w.remote_addr = buf;
             w.rkey = rkey;
             w.imm = n as u32;
-            if !rc.send(ID_WRITE, w) {
+            w.signaled = last || (posted + 1) % WRITE_SIGNAL_EVERY == 0;
+            if !rc.send(posted, w) {
                 break;
             }
             posted += 1;
         }
-        next(ag, &rc.scq, "an RDMA WRITE")?;
-        done += 1;
+        let c = next(ag, &rc.scq, "an RDMA WRITE")?;
+        if c.wr_id < done || c.wr_id >= posted {
+            println!("rdma-client: write-bw: a completion for WRITE {}", c.wr_id);
+            return Err(status::RDMA_FAILED);
+        }
+        done = c.wr_id + 1;
     }
     let us = (now_us() - t0).max(1);
     let c = next(ag, &rc.rcq, "the server's verdict")?;

@@ -5,7 +5,7 @@
 //! - connection setup latency (REQ → REP → RTU): measured inside the client VM from its first
 //!   REQ to its RTU, one fresh client VM per round; the peers measure the same exchange with
 //!   the CM endpoint library;
-//! - UD message rate: a verified stream of echoed messages with 8 in flight, VM ↔ VM against
+//! - UD message rate: a verified stream of echoed messages with 32 in flight, VM ↔ VM against
 //!   peer ↔ peer with the same window, size and verification; the best of `rounds` streams on
 //!   each side (one per client VM);
 //! - the RC rows ([`super::rdma_vms_rc`]): WRITE bandwidth VM ↔ VM against raw UDP, rping
@@ -27,7 +27,7 @@ use rdma::{
     cm::{AcceptMode, CmConfig, ConnectParams, ListenOptions},
     host::rc_service,
     peer::{pattern, Peer},
-    port::{PortConfig, UdDest},
+    port::{PortConfig, UdDest, UdSend},
 };
 use rdma_wire::rdma_cm::RDMA_CM_UD_QKEY;
 use serde::Serialize;
@@ -83,6 +83,11 @@ pub struct BenchVrdmaReport {
     pub connect_ratio: f64,
     /// VM UD rate / peer UD rate.
     pub ud_rate_ratio: f64,
+    /// The peers' UD rate when they too send what they have in one batch (GSO runs), as the
+    /// VMs' devices do: the per-message system calls gone, the stronger baseline.
+    pub peer_batched_ud_msgs_per_s: f64,
+    /// VM UD rate / batched peer UD rate.
+    pub ud_rate_ratio_vs_batched_peer: f64,
     /// UD message size.
     pub size: u32,
     /// Messages per stream.
@@ -194,7 +199,8 @@ fn vm_side(a: &BenchVrdmaArgs, signals: &Arc<SignalState>) -> anyhow::Result<Sid
     })
 }
 
-fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
+/// The peers' side, and their batched UD rate.
+fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<(Side, f64)> {
     let b = a.block;
     let (x, y) = (Ipv4Addr::new(127, b, 3, 1), Ipv4Addr::new(127, b, 3, 2));
     let cm = CmConfig {
@@ -227,19 +233,41 @@ fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
         connect.push(t.elapsed().as_secs_f64() * 1e6);
         px.endpoint().disconnect(info.local_comm_id, wait)?;
     }
-    // UD: an echo on y, a window of 8 verified messages from x (as the guest agent does).
+    // UD: an echo on y, a window of `UD_WINDOW` verified messages from x (as the guest agent
+    // does), one send per message; then batched: both sides send what they have in one go,
+    // as the VMs' devices do (the echo answers every message waiting, the client refills its
+    // window at once).
     let stop = Arc::new(AtomicBool::new(false));
+    let batched = Arc::new(AtomicBool::new(false));
     let (st, port_y, qy) = (stop.clone(), py.port().clone(), py.ud_qp().clone());
+    let echo_batched = batched.clone();
     let echo = std::thread::spawn(move || {
         while !st.load(Ordering::Relaxed) {
-            if let Some(m) = qy.recv_timeout(Duration::from_millis(20)) {
-                let d = UdDest {
-                    dgid: m.sgid,
-                    dqpn: m.src_qpn,
-                    qkey: RDMA_CM_UD_QKEY,
-                };
-                let _ = port_y.post_send_ud(&qy, d, None, &m.data);
-            }
+            let Some(m) = qy.recv_timeout(Duration::from_millis(20)) else {
+                continue;
+            };
+            let most = if echo_batched.load(Ordering::Relaxed) {
+                2 * UD_WINDOW as usize
+            } else {
+                1
+            };
+            let burst: Vec<_> = std::iter::once(m)
+                .chain(std::iter::from_fn(|| qy.try_recv()))
+                .take(most)
+                .collect();
+            let sends: Vec<UdSend<'_>> = burst
+                .iter()
+                .map(|m| UdSend {
+                    dest: UdDest {
+                        dgid: m.sgid,
+                        dqpn: m.src_qpn,
+                        qkey: RDMA_CM_UD_QKEY,
+                    },
+                    imm: None,
+                    data: &m.data,
+                })
+                .collect();
+            port_y.post_send_ud_batch(&qy, &sends, |_, _| {});
         }
     });
     let dest = UdDest {
@@ -250,45 +278,84 @@ fn peer_side(a: &BenchVrdmaArgs) -> anyhow::Result<Side> {
     let size = a.size.clamp(8, 2048) as usize;
     // As many streams as the VM side runs (one per client VM), the best kept: the same
     // statistic on both sides.
-    let mut best_rate: f64 = 0.0;
-    for _ in 0..a.rounds.max(1) {
-        // A late echo of the previous stream is not this one's.
-        while px.ud_qp().try_recv().is_some() {}
-        let rate = peer_ud_stream(&px, dest, a.messages, size)?;
-        best_rate = best_rate.max(rate);
+    let mut best = [0f64; 2];
+    for (i, batch) in [false, true].into_iter().enumerate() {
+        batched.store(batch, Ordering::Relaxed);
+        for _ in 0..a.rounds.max(1) {
+            // A late echo of the previous stream is not this one's.
+            while px.ud_qp().try_recv().is_some() {}
+            let rate = peer_ud_stream(&px, dest, (a.messages, size), batch)?;
+            best[i] = best[i].max(rate);
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let _ = echo.join();
     px.shutdown();
     py.shutdown();
-    Ok(Side {
+    let side = Side {
         connect_median_us: median(&mut connect.clone()),
         connect_us: connect,
-        ud_msgs_per_s: best_rate,
-    })
+        ud_msgs_per_s: best[0],
+    };
+    Ok((side, best[1]))
 }
 
-/// One verified UD stream from `px` to the echo at `dest`, 8 in flight; messages/s.
-fn peer_ud_stream(px: &Peer, dest: UdDest, messages: u64, size: usize) -> anyhow::Result<f64> {
+/// Messages in flight in the UD streams (the guest agent's `UD_WINDOW`; at most 64).
+const UD_WINDOW: u64 = 32;
+
+/// One verified UD stream of `messages` of `size` bytes from `px` to the echo at `dest`,
+/// `UD_WINDOW` in flight, refilled one send per message or in one batch; messages/s.
+fn peer_ud_stream(
+    px: &Peer,
+    dest: UdDest,
+    (messages, size): (u64, usize),
+    batch: bool,
+) -> anyhow::Result<f64> {
     let t = Instant::now();
     let (mut base, mut next) = (0u64, 0u64);
     let mut acked = [false; 64];
     let mut last = Instant::now();
     while base < messages {
-        while next < messages && next < base + 8 {
-            px.port()
-                .post_send_ud(px.ud_qp(), dest, None, &pattern(next, size))?;
-            next += 1;
+        let end = messages.min(base + UD_WINDOW);
+        if next < end {
+            let datas: Vec<Vec<u8>> = (next..end).map(|s| pattern(s, size)).collect();
+            let sends: Vec<UdSend<'_>> = datas
+                .iter()
+                .map(|d| UdSend {
+                    dest,
+                    imm: None,
+                    data: d,
+                })
+                .collect();
+            let mut failed = None;
+            // Unbatched: one send (one system call) per message.
+            let per_send = if batch { sends.len() } else { 1 };
+            for run in sends.chunks(per_send) {
+                px.port().post_send_ud_batch(px.ud_qp(), run, |_, r| {
+                    if let Err(e) = r {
+                        failed.get_or_insert(e);
+                    }
+                });
+            }
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            next = end;
         }
         if let Some(m) = px.ud_qp().recv_timeout(Duration::from_millis(300)) {
-            let seq = u64::from_be_bytes(m.data[..8].try_into().unwrap_or_default());
-            if seq >= base && seq < next && m.data == pattern(seq, size) {
-                acked[(seq % 64) as usize] = true;
-                last = Instant::now();
-            }
-            while base < next && acked[(base % 64) as usize] {
-                acked[(base % 64) as usize] = false;
-                base += 1;
+            // Batched: every echo waiting, then the window is refilled in one batch.
+            let waiting = std::iter::from_fn(|| px.ud_qp().try_recv());
+            let most = if batch { 2 * UD_WINDOW as usize } else { 1 };
+            for m in std::iter::once(m).chain(waiting).take(most) {
+                let seq = u64::from_be_bytes(m.data[..8].try_into().unwrap_or_default());
+                if seq >= base && seq < next && m.data == pattern(seq, size) {
+                    acked[(seq % 64) as usize] = true;
+                    last = Instant::now();
+                }
+                while base < next && acked[(base % 64) as usize] {
+                    acked[(base % 64) as usize] = false;
+                    base += 1;
+                }
             }
         } else if last.elapsed() > Duration::from_millis(300) {
             for s in base..next {
@@ -305,13 +372,15 @@ fn peer_ud_stream(px: &Peer, dest: UdDest, messages: u64, size: usize) -> anyhow
 
 pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
     let signals = SignalState::install()?;
-    let peer = peer_side(&a).context("bare-metal peers")?;
+    let (peer, peer_batched) = peer_side(&a).context("bare-metal peers")?;
     let vm = vm_side(&a, &signals).context("VMs")?;
     let rc = super::rdma_vms_rc::measure(a.block, a.rc_writes, a.rc_pings, &signals)
         .context("RC rows")?;
     let r = BenchVrdmaReport {
         connect_ratio: vm.connect_median_us / peer.connect_median_us.max(1e-9),
         ud_rate_ratio: vm.ud_msgs_per_s / peer.ud_msgs_per_s.max(1e-9),
+        peer_batched_ud_msgs_per_s: peer_batched,
+        ud_rate_ratio_vs_batched_peer: vm.ud_msgs_per_s / peer_batched.max(1e-9),
         vm,
         peer,
         size: a.size,
@@ -322,8 +391,8 @@ pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "ferry bench vrdma ({} rounds, {} UD messages of {} bytes, 8 in flight)",
-            a.rounds, a.messages, a.size
+            "ferry bench vrdma ({} rounds, {} UD messages of {} bytes, {} in flight)",
+            a.rounds, a.messages, a.size, UD_WINDOW
         );
         println!(
             "  connection setup (REQ/REP/RTU), median: VM<->VM through 2 multiplexers {:.0} us, peer<->peer {:.0} us, ratio {:.2}",
@@ -332,6 +401,10 @@ pub fn run(a: BenchVrdmaArgs) -> anyhow::Result<i32> {
         println!(
             "  UD messages echoed and verified: VM<->VM {:.0} msg/s, peer<->peer {:.0} msg/s, ratio {:.2}",
             r.vm.ud_msgs_per_s, r.peer.ud_msgs_per_s, r.ud_rate_ratio
+        );
+        println!(
+            "  UD against peers that send in batches (GSO runs) too: peer<->peer {:.0} msg/s, ratio {:.2}",
+            r.peer_batched_ud_msgs_per_s, r.ud_rate_ratio_vs_batched_peer
         );
         let rc = &r.rc;
         println!(

@@ -2,8 +2,9 @@
 //! software RoCEv2 ports and their multiplexers in this process):
 //!
 //! - RC RDMA WRITE bandwidth VM ↔ VM (the built-in guest's `write-bw` workload: 64 KiB
-//!   WRITEs, 15 in flight, path MTU 4096, the server verifying the buffer) against raw UDP
-//!   moving the same bytes on loopback ([`super::rc::raw_udp_bandwidth`]);
+//!   WRITEs, 128 in flight and one in 16 signaled as ib_write_bw does, path MTU 4096, the
+//!   server verifying the buffer) against raw UDP moving the same bytes on loopback
+//!   ([`super::rc::raw_udp_bandwidth`]);
 //! - RC latency: the time of one rping round (rping's protocol: two SEND/receive exchanges,
 //!   an RDMA READ and an RDMA WRITE, 64 bytes) VM ↔ VM against Ferry's bare-metal peers
 //!   speaking the same protocol.
