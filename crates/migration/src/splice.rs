@@ -157,6 +157,58 @@ impl SplicePipe {
         }
         Ok(())
     }
+    /// Moves `runs` ((file offset, length) each) from `tcp` into `file`, one after the
+    /// other as they come on the socket: a pipe-full is taken from the socket at once and
+    /// written out run by run. As [`SplicePipe::socket_to_file`], the pipe is empty before and
+    /// after.
+    pub fn socket_to_file_runs(
+        &self,
+        tcp: &TcpStream,
+        file: &File,
+        runs: &[(u64, u64)],
+    ) -> std::io::Result<()> {
+        let total: u64 = runs.iter().map(|r| r.1).sum();
+        let (mut run, mut in_run) = (0usize, 0u64);
+        let mut done = 0u64;
+        while done < total {
+            let want = (total - done).min(self.capacity as u64) as usize;
+            let mut left = splice_some(
+                tcp.as_raw_fd(),
+                self.write.as_raw_fd(),
+                None,
+                want,
+                (
+                    std::io::ErrorKind::UnexpectedEof,
+                    "data channel closed mid-chunk",
+                ),
+            )?;
+            while left > 0 {
+                let Some(&(off, len)) = runs.get(run) else {
+                    // More taken than the runs hold: impossible, as `want` never exceeds
+                    // what is left of them.
+                    return Err(std::io::Error::other("spliced past the runs"));
+                };
+                let mut at = (off + in_run) as libc::loff_t;
+                let m = splice_some(
+                    self.read.as_raw_fd(),
+                    file.as_raw_fd(),
+                    Some(&mut at),
+                    left.min((len - in_run) as usize),
+                    (
+                        std::io::ErrorKind::WriteZero,
+                        "splice into guest memory wrote nothing",
+                    ),
+                )?;
+                left -= m;
+                done += m as u64;
+                in_run += m as u64;
+                if in_run == len {
+                    (run, in_run) = (run + 1, 0);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Bytes of one header arena (a fresh anonymous mapping, filled once, then unmapped).
@@ -273,6 +325,20 @@ impl PageSplicer {
             });
         }
         Ok(())
+    }
+
+    /// Queues `len` bytes of guest pages at `pages` behind what is queued (the next pages of
+    /// a chunk whose header went with [`PageSplicer::push`]).
+    ///
+    /// # Safety
+    /// As for [`PageSplicer::push`].
+    pub unsafe fn push_pages(&mut self, pages: *const u8, len: usize) {
+        if len > 0 {
+            self.iov.push(libc::iovec {
+                iov_base: pages as *mut libc::c_void,
+                iov_len: len,
+            });
+        }
     }
 
     /// Sends everything queued on `tcp`, a pipe-full at a time; the queue is empty after,
