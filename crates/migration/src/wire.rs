@@ -400,7 +400,7 @@ mod tests {
         v[8] = 1;
         assert!(matches!(
             check_hello(&v),
-            Err(MigrationError::Version { theirs: 1, ours: 3 })
+            Err(MigrationError::Version { theirs: 1, ours: 4 })
         ));
         assert!(matches!(
             check_hello(b"GET / HTTP/1"),
