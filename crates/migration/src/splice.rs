@@ -126,37 +126,9 @@ impl SplicePipe {
         off: u64,
         len: u64,
     ) -> std::io::Result<()> {
-        let mut done = 0u64;
-        while done < len {
-            let want = (len - done).min(self.capacity as u64) as usize;
-            let mut left = splice_some(
-                tcp.as_raw_fd(),
-                self.write.as_raw_fd(),
-                None,
-                want,
-                (
-                    std::io::ErrorKind::UnexpectedEof,
-                    "data channel closed mid-chunk",
-                ),
-            )?;
-            while left > 0 {
-                let mut at = (off + done) as libc::loff_t;
-                let m = splice_some(
-                    self.read.as_raw_fd(),
-                    file.as_raw_fd(),
-                    Some(&mut at),
-                    left,
-                    (
-                        std::io::ErrorKind::WriteZero,
-                        "splice into guest memory wrote nothing",
-                    ),
-                )?;
-                left -= m;
-                done += m as u64;
-            }
-        }
-        Ok(())
+        self.socket_to_file_runs(tcp, file, &[(off, len)])
     }
+
     /// Moves `runs` ((file offset, length) each) from `tcp` into `file`, one after the
     /// other as they come on the socket: a pipe-full is taken from the socket at once and
     /// written out run by run. As [`SplicePipe::socket_to_file`], the pipe is empty before and
