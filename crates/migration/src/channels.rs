@@ -13,8 +13,13 @@
 //! round, CRC-32 of the first 20 bytes) and, for data, the pages themselves. The source sends
 //! them straight from the guest's memory (`sendfile` from the memfd for long runs and
 //! `vmsplice` of the mapping for short ones on plain TCP, neither copying; `pread` into the
-//! TLS record buffer under TLS) and the destination receives them straight into guest memory (a
-//! `recv` into the mapping; the TLS reader decrypts into it). The pages carry no checksum of
+//! TLS record buffer under TLS) and the destination receives them straight into guest memory
+//! (spliced into the memfd, or a `recv` into the mapping; the TLS reader decrypts into it).
+//! On plain TCP, short runs (a heavy guest's scattered dirty pages) share one list chunk
+//! ([`TAG_LIST`]): one header and a list of up to [`LIST_PAGES`] run addresses with its own
+//! CRC-32, then the runs' pages back to back; the destination checks every run against guest
+//! RAM (page-aligned, inside one region, ascending, exactly the announced length) before it
+//! takes a byte of the pages. The pages carry no checksum of
 //! their own: TCP's checksum (plain) or the AEAD tag (TLS) covers them. Each round ends with a
 //! round-end chunk on every channel, and the destination's receivers wait for each other
 //! there, so a page sent again in a later round never lands before its older copy.
@@ -70,6 +75,9 @@ const TAG_ROUND_END: u32 = 3;
 const TAG_DONE: u32 = 4;
 /// Pages compressed with zstd: frame length (u32 LE), then the frame.
 const TAG_ZSTD: u32 = 5;
+/// Scattered runs of pages under one header (see [`list_body`]): the header's address field
+/// is the number of runs, its length the bytes of all their pages.
+const TAG_LIST: u32 = 6;
 
 fn encode(gpa: u64, len: u32, tag: u32, round: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -145,6 +153,61 @@ fn prefetch(p: *const u8) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// One page in this many is looked at first for zeros (see [`find_zero_pages`]).
+const ZERO_SAMPLE: usize = 16;
+
+/// Tells which of the pages at `starts` (one group of a round) read all zero, into `zeros`.
+///
+/// The check of a data page reads one cache line, and on this machine that first touch of a
+/// page through the sender's mapping costs far more than a cache miss: 84-86% of the check's
+/// samples sit on that one load although the lines ahead were prefetched (the page walk, by
+/// the look of it, under nested paging: a prefetch does not hide it), 30% of the channel
+/// threads' CPU at
+/// 4 GiB heavy when every page was looked at. `sendfile` and `vmsplice` never touch the pages
+/// through the mapping. So every [`ZERO_SAMPLE`]th page is looked at first; only when one of
+/// them is zero is every page of the group checked. A group of data pages costs a sixteenth
+/// of the touches; a run of at least [`ZERO_SAMPLE`] zero pages (64 KiB) inside a group is
+/// always found, and with it every zero page of that group; a shorter run among data pages
+/// may go out as data (correct, only not left out). The lines ahead are still requested
+/// meanwhile (where the TLB holds them, the misses overlap).
+///
+/// # Safety
+/// Each of `starts` must point to 4 KiB of mapped memory, 8-byte aligned (see
+/// [`is_zero_page`]).
+unsafe fn find_zero_pages(starts: &[*const u8], zeros: &mut Vec<bool>) {
+    zeros.clear();
+    let ahead = PREFETCH_AHEAD as usize;
+    let sampled = starts.len().div_ceil(ZERO_SAMPLE);
+    for k in 0..sampled.min(ahead) {
+        prefetch(starts[k * ZERO_SAMPLE]);
+    }
+    let mut any = false;
+    for k in 0..sampled {
+        if let Some(&p) = starts.get((k + ahead) * ZERO_SAMPLE) {
+            prefetch(p);
+        }
+        // SAFETY: one of `starts`, as the caller vouches.
+        if unsafe { is_zero_page(starts[k * ZERO_SAMPLE]) } {
+            any = true;
+            break;
+        }
+    }
+    if !any {
+        zeros.resize(starts.len(), false);
+        return;
+    }
+    for &p in starts.iter().take(ahead) {
+        prefetch(p);
+    }
+    for (k, &p) in starts.iter().enumerate() {
+        if let Some(&a) = starts.get(k + ahead) {
+            prefetch(a);
+        }
+        // SAFETY: as above.
+        zeros.push(unsafe { is_zero_page(p) });
+    }
 }
 
 /// A random token (getrandom).
@@ -580,20 +643,104 @@ pub(crate) enum ZeroPages {
     Unchecked,
 }
 
-/// Runs of at most this many pages go out gathered with others (`vmsplice`d with their headers
-/// into a pipe and spliced into the socket, or one `sendmsg` without a pipe); longer ones with
-/// `sendfile` from the memfd.
+/// Runs of at most this many pages go out gathered with others (on plain TCP in list chunks,
+/// `vmsplice`d into a pipe and spliced into the socket, or one `sendmsg` without a pipe);
+/// longer ones with `sendfile` from the memfd.
 const GATHER_MAX_PAGES: u64 = 8;
 /// Most chunks sent together (two iovecs each, under the kernel's 1024).
 const GATHER_CHUNKS: usize = 256;
 /// A TLS channel seals what it gathered once it holds this much (full 16 KiB records, few
 /// writes).
 const TLS_GATHER_BYTES: usize = 256 << 10;
+/// Most pages (and so most runs) in one list chunk: its header and address list fit one
+/// page, and header and pages one pipe-full of 256 pages.
+pub(crate) const LIST_PAGES: u64 = 240;
+/// Pages queued in the splicer before they are sent (a few pipe-fulls).
+const SPLICE_QUEUE_PAGES: u64 = 1024;
 
-/// Chunks waiting to go out together: on plain TCP their headers and where their pages lie in
-/// the guest mapping (spliced, or one `sendmsg`); under TLS the chunks themselves, pages copied in by the
-/// kernel (`pread` from the memfd), sealed in as few records and writes as their size allows.
+/// A list chunk's address list entry: the run's first page address, its page count less one
+/// in the low 12 bits.
+fn list_entry(gpa: u64, pages: u64) -> u64 {
+    gpa | (pages - 1)
+}
+
+/// A list chunk (tag [`TAG_LIST`]) after its header: `entries` (u64 LE each, see
+/// [`list_entry`]), then the CRC-32 of those bytes (u32 LE). The pages follow, run after run.
+fn list_body(entries: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(entries.len() * 8 + 4);
+    for e in entries {
+        b.extend_from_slice(&e.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A run of a list chunk as the destination found it in guest RAM.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ListRun {
+    pub gpa: u64,
+    pub len: u64,
+    pub host: *mut u8,
+    pub foff: u64,
+}
+
+/// Checks a list chunk's body (`count` entries then their CRC, as the header announced with
+/// `len` bytes of pages) against guest RAM: every run page-aligned, inside one RAM region,
+/// after the one before (ascending, not overlapping), and the runs' pages exactly `len`.
+pub(crate) fn parse_list(
+    ram: &GuestRam,
+    count: u64,
+    len: u64,
+    body: &[u8],
+    runs: &mut Vec<ListRun>,
+) -> std::result::Result<(), String> {
+    runs.clear();
+    if count == 0 || count > LIST_PAGES || body.len() as u64 != count * 8 + 4 {
+        return Err(format!("list chunk of {count} runs"));
+    }
+    let (list, crc) = body.split_at(body.len() - 4);
+    if crc32fast::hash(list) != le32(crc) {
+        return Err("list chunk's address list fails its checksum".into());
+    }
+    let mut next = 0u64;
+    let mut total = 0u64;
+    for e in list.chunks_exact(8) {
+        let e = le64(e);
+        let (gpa, pages) = (e & !(PAGE - 1), (e & (PAGE - 1)) + 1);
+        let run_len = pages * PAGE;
+        total += run_len;
+        if gpa < next || total > len {
+            return Err(format!(
+                "list chunk run of {pages} pages at {gpa:#x} is out of order or past its {len} bytes"
+            ));
+        }
+        let (host, foff) = locate(ram, gpa, run_len)
+            .ok_or_else(|| format!("{run_len} bytes at {gpa:#x} are not in RAM"))?;
+        runs.push(ListRun {
+            gpa,
+            len: run_len,
+            host,
+            foff,
+        });
+        next = gpa + run_len;
+    }
+    if total != len {
+        return Err(format!(
+            "list chunk's runs hold {total} bytes, its header {len}"
+        ));
+    }
+    Ok(())
+}
+
+/// Chunks waiting to go out together. On plain TCP with a pipe, short data runs are collected
+/// into list chunks (one header and address list for up to [`LIST_PAGES`] pages, the pages
+/// back to back) and queued in the splicer, which `vmsplice`s them (page references, no copy);
+/// without a pipe, chunk headers and where their pages lie go out in one `sendmsg`; under TLS
+/// the chunks themselves, pages copied in by the kernel (`pread` from the memfd), sealed in as
+/// few records and writes as their size allows.
 struct Gather {
+    round: u32,
     headers: Vec<[u8; HEADER]>,
     /// Per header: the pages behind it (host address, length; 0 for none).
     data: Vec<(*const u8, usize)>,
@@ -601,10 +748,16 @@ struct Gather {
     /// Plain TCP: sends the queued chunks without copying them (`vmsplice`); `None` when no
     /// pipe could be made, and then `sendmsg` copies them.
     splicer: Option<PageSplicer>,
+    /// The list chunk being collected: its entries and their pages (host address, length).
+    list: Vec<u64>,
+    list_pages: Vec<(*const u8, usize)>,
+    list_len: u64,
+    /// Pages queued in the splicer and not sent yet.
+    queued: u64,
 }
 
 impl Gather {
-    fn new(conn: &DataConn) -> Gather {
+    fn new(conn: &DataConn, round: u32) -> Gather {
         let splicer = match conn {
             DataConn::Plain(_) => PageSplicer::new()
                 .inspect_err(|e| {
@@ -614,17 +767,67 @@ impl Gather {
             DataConn::Tls { .. } => None,
         };
         Gather {
+            round,
             headers: Vec::with_capacity(GATHER_CHUNKS),
             data: Vec::with_capacity(GATHER_CHUNKS),
             tls: Vec::new(),
             splicer,
+            list: Vec::with_capacity(LIST_PAGES as usize),
+            list_pages: Vec::with_capacity(LIST_PAGES as usize),
+            list_len: 0,
+            queued: 0,
         }
+    }
+
+    /// Queues the list chunk collected so far in the splicer.
+    fn seal_list(&mut self) -> std::io::Result<()> {
+        let Some(sp) = &mut self.splicer else {
+            return Ok(());
+        };
+        if self.list.is_empty() {
+            return Ok(());
+        }
+        let h = encode(
+            self.list.len() as u64,
+            self.list_len as u32,
+            TAG_LIST,
+            self.round,
+        );
+        let mut head = h.to_vec();
+        head.extend_from_slice(&list_body(&self.list));
+        let Some((first, rest)) = self.list_pages.split_first() else {
+            return Ok(());
+        };
+        // SAFETY: the pages lie in the guest mapping that `locate` found inside a RAM region,
+        // alive as long as the GuestRam the caller holds, which outlives the send (every
+        // send_items call ends with a flush).
+        let r = unsafe { sp.push(&head, first.0, first.1) };
+        if r.is_ok() {
+            for &(p, len) in rest {
+                // SAFETY: as above.
+                unsafe { sp.push_pages(p, len) };
+            }
+            self.queued += self.list_len / PAGE;
+        }
+        self.list.clear();
+        self.list_pages.clear();
+        self.list_len = 0;
+        r
     }
 
     /// Queues a chunk header with no pages behind it.
     fn header(&mut self, conn: &mut DataConn, h: [u8; HEADER]) -> std::io::Result<()> {
         match conn {
-            DataConn::Plain(_) => {
+            DataConn::Plain(tcp) => {
+                if let Some(sp) = &mut self.splicer {
+                    // SAFETY: no pages behind it.
+                    unsafe { sp.push(&h, std::ptr::null(), 0) }?;
+                    self.queued += 1;
+                    if self.queued >= SPLICE_QUEUE_PAGES {
+                        self.flush_plain(tcp)?;
+                    }
+                    return Ok(());
+                }
                 self.headers.push(h);
                 self.data.push((std::ptr::null(), 0));
                 if self.headers.len() >= GATHER_CHUNKS {
@@ -641,31 +844,55 @@ impl Gather {
         Ok(())
     }
 
-    /// Sends a data chunk: the pages at `host` (memfd offset `off`) behind header `h`.
+    /// Sends a data run: the pages at `host` (memfd offset `off`, guest-physical `gpa`);
+    /// returns the bytes it costs on the wire (its chunk header, or its list entry and, for the
+    /// first of a list, the list's header and checksum).
     fn data(
         &mut self,
         conn: &mut DataConn,
         memfd: &File,
-        h: [u8; HEADER],
+        gpa: u64,
         host: *const u8,
         off: u64,
         len: u64,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
+        let round = self.round;
+        let h = move || encode(gpa, len as u32, TAG_DATA, round);
         match conn {
             DataConn::Plain(tcp) => {
                 if len > GATHER_MAX_PAGES * PAGE {
                     self.flush_plain(tcp)?;
-                    send_header(tcp, &h)?;
-                    return sendfile_all(tcp, memfd, off, len);
+                    send_header(tcp, &h())?;
+                    sendfile_all(tcp, memfd, off, len)?;
+                    return Ok(HEADER as u64 + len);
                 }
-                self.headers.push(h);
+                if self.splicer.is_some() {
+                    if self.list_len + len > LIST_PAGES * PAGE {
+                        self.seal_list()?;
+                    }
+                    let mut wire = 8 + len;
+                    if self.list.is_empty() {
+                        wire += HEADER as u64 + 4;
+                    }
+                    self.list.push(list_entry(gpa, len / PAGE));
+                    self.list_pages.push((host, len as usize));
+                    self.list_len += len;
+                    if self.list_len >= LIST_PAGES * PAGE {
+                        self.seal_list()?;
+                    }
+                    if self.queued >= SPLICE_QUEUE_PAGES {
+                        self.flush_plain(tcp)?;
+                    }
+                    return Ok(wire);
+                }
+                self.headers.push(h());
                 self.data.push((host, len as usize));
                 if self.headers.len() >= GATHER_CHUNKS {
                     self.flush_plain(tcp)?;
                 }
             }
             DataConn::Tls { conn, .. } => {
-                self.tls.extend_from_slice(&h);
+                self.tls.extend_from_slice(&h());
                 // The kernel copies the pages out of the memfd into the buffer the records
                 // are sealed from (no read of guest memory through a Rust reference).
                 let at = self.tls.len();
@@ -677,7 +904,7 @@ impl Gather {
                 }
             }
         }
-        Ok(())
+        Ok(HEADER as u64 + len)
     }
 
     /// Sends whatever is queued.
@@ -695,23 +922,15 @@ impl Gather {
     }
 
     fn flush_plain(&mut self, tcp: &TcpStream) -> std::io::Result<()> {
+        if self.splicer.is_some() {
+            let sealed = self.seal_list();
+            self.queued = 0;
+            // Whatever the seal did, the splicer's queue is sent (and emptied) now.
+            let sent = self.splicer.as_mut().map_or(Ok(()), |sp| sp.send(tcp));
+            return sealed.and(sent);
+        }
         if self.headers.is_empty() {
             return Ok(());
-        }
-        if let Some(sp) = &mut self.splicer {
-            let mut r = Ok(());
-            for (h, &(p, len)) in self.headers.iter().zip(&self.data) {
-                // SAFETY: the pages lie in the guest mapping that `locate` found inside a RAM
-                // region, alive as long as the GuestRam the caller holds, which outlives the
-                // send below.
-                r = unsafe { sp.push(h, p, len) };
-                if r.is_err() {
-                    break;
-                }
-            }
-            self.headers.clear();
-            self.data.clear();
-            return r.and_then(|()| sp.send(tcp));
         }
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * self.headers.len());
         for (h, &(p, len)) in self.headers.iter().zip(&self.data) {
@@ -791,7 +1010,7 @@ fn send_items(
 ) -> Result<RoundStats> {
     let io = MigrationError::io("write");
     let mut st = RoundStats::default();
-    let mut out = Gather::new(conn);
+    let mut out = Gather::new(conn, round);
     let mut zbuf = Vec::new();
     // Per group: its items located (gpa, pages, host address, memfd offset), the address of
     // each of their pages and whether it reads all zero.
@@ -806,10 +1025,6 @@ fn send_items(
             break;
         };
         let mut group_bytes = 0;
-        // Every page of the group is checked for zeros first. The check of a data page reads
-        // one cache line, which is all memory latency (a new page each time, no hardware
-        // prefetch across pages): the lines of the pages ahead are requested meanwhile, across
-        // items too (a scattered dirty set is mostly one-page items), so the misses overlap.
         located.clear();
         starts.clear();
         for &(gpa, pages) in &items[group.clone()] {
@@ -821,22 +1036,13 @@ fn send_items(
             }
             located.push((gpa, pages, host, foff));
         }
-        if zero_pages != ZeroPages::Unchecked {
-            for &p in starts.iter().take(PREFETCH_AHEAD as usize) {
-                prefetch(p);
-            }
-        }
         zeros.clear();
         if zero_pages == ZeroPages::Unchecked {
             zeros.resize(starts.len(), false);
-        }
-        for (k, &p) in starts.iter().enumerate().skip(zeros.len()) {
-            if let Some(&ahead) = starts.get(k + PREFETCH_AHEAD as usize) {
-                prefetch(ahead);
-            }
+        } else {
             // SAFETY: each page lies inside its item's region mapping (located above), which
             // lives as long as `ram`; a racy snapshot is fine (see is_zero_page).
-            zeros.push(unsafe { is_zero_page(p) });
+            unsafe { find_zero_pages(&starts, &mut zeros) };
         }
         let mut at = 0;
         for &(gpa, pages, host, foff) in &located {
@@ -901,14 +1107,14 @@ fn send_items(
                     st.data += n;
                     st.bytes += wire_len;
                 } else {
-                    let h = encode(g, len as u32, TAG_DATA, round);
                     // SAFETY: page i of the item, inside the mapping (as above).
                     let p = unsafe { host.add((i * PAGE) as usize) };
-                    out.data(conn, memfd, h, p, foff + i * PAGE, len)
+                    let wire = out
+                        .data(conn, memfd, g, p, foff + i * PAGE, len)
                         .map_err(MigrationError::io("write"))?;
                     st.data += n;
-                    st.bytes += HEADER as u64 + len;
-                    group_bytes += HEADER as u64 + len;
+                    st.bytes += wire;
+                    group_bytes += wire;
                 }
                 i = j;
             }
@@ -1342,6 +1548,9 @@ fn receive_channel(
     let mut zbuf = Vec::new();
     let mut last_round: Option<u32> = None;
     let memfd = ram.memfd().clone();
+    let mut list = Vec::new();
+    let mut runs = Vec::new();
+    let mut file_runs = Vec::new();
     loop {
         let mut h = [0u8; HEADER];
         conn.read_exact(&mut h)
@@ -1420,6 +1629,43 @@ fn receive_channel(
                 }
                 last_round = Some(round);
             }
+            TAG_LIST => {
+                if len == 0 || len % PAGE != 0 || len > LIST_PAGES * PAGE || gpa > LIST_PAGES {
+                    return Err(protocol(format!("list chunk of {gpa} runs, {len} bytes")));
+                }
+                list.resize(gpa as usize * 8 + 4, 0);
+                conn.read_exact(&mut list)
+                    .map_err(MigrationError::io("read"))?;
+                parse_list(ram, gpa, len, &list, &mut runs).map_err(protocol)?;
+                match (&mut conn, &pipe) {
+                    // As data chunks: through the pipe into the memfd, run by run.
+                    (DataConn::Plain(tcp), Some(pp)) => {
+                        file_runs.clear();
+                        file_runs.extend(runs.iter().map(|r| (r.foff, r.len)));
+                        pp.socket_to_file_runs(tcp, &memfd, &file_runs)
+                            .map_err(MigrationError::io("read"))?
+                    }
+                    (DataConn::Plain(tcp), None) => {
+                        for r in &runs {
+                            // SAFETY: as for data chunks: guest memory (checked by
+                            // parse_list) that nothing else accesses meanwhile.
+                            unsafe { recv_all(tcp, r.host, r.len as usize) }
+                                .map_err(MigrationError::io("read"))?;
+                        }
+                    }
+                    (DataConn::Tls { conn, .. }, _) => {
+                        for r in &runs {
+                            // SAFETY: as above; the slice lives only for this read.
+                            let dst =
+                                unsafe { std::slice::from_raw_parts_mut(r.host, r.len as usize) };
+                            conn.read_exact(dst).map_err(MigrationError::io("read"))?;
+                        }
+                    }
+                }
+                st.pages += len / PAGE;
+                st.bytes += list.len() as u64 + len;
+                last_round = Some(round);
+            }
             TAG_ROUND_END => {
                 last_round = Some(round);
                 if !barrier.wait(timeout) {
@@ -1446,6 +1692,197 @@ mod tests {
         page[511] = 1 << 63;
         // SAFETY: as above.
         assert!(!unsafe { is_zero_page(page.as_ptr() as *const u8) });
+    }
+
+    #[test]
+    fn a_sample_of_the_pages_decides_whether_all_are_checked() {
+        // 64 pages of data; page 3 zero (not a sampled page: ZERO_SAMPLE is 16).
+        let mut mem = vec![1u64; 64 * 512];
+        let page = |mem: &Vec<u64>, i: usize| mem[i * 512..].as_ptr() as *const u8;
+        mem[3 * 512..4 * 512].fill(0);
+        let starts: Vec<_> = (0..64).map(|i| page(&mem, i)).collect();
+        let mut zeros = Vec::new();
+        // SAFETY: every start is a live, aligned 4 KiB page of `mem`.
+        unsafe { find_zero_pages(&starts, &mut zeros) };
+        assert_eq!(
+            zeros,
+            vec![false; 64],
+            "a lone zero page among data goes as data"
+        );
+        // A run of ZERO_SAMPLE zero pages, wherever it starts, is found, and with it every
+        // other zero page of the group.
+        for first in 20..20 + ZERO_SAMPLE {
+            let mut mem = vec![1u64; 64 * 512];
+            mem[3 * 512..4 * 512].fill(0);
+            mem[first * 512..(first + ZERO_SAMPLE) * 512].fill(0);
+            let starts: Vec<_> = (0..64).map(|i| page(&mem, i)).collect();
+            // SAFETY: as above.
+            unsafe { find_zero_pages(&starts, &mut zeros) };
+            let want: Vec<bool> = (0..64)
+                .map(|i| i == 3 || (first..first + ZERO_SAMPLE).contains(&i))
+                .collect();
+            assert_eq!(zeros, want, "run at {first}");
+        }
+        // A zero page whose last word is not zero is data.
+        let mut mem = vec![0u64; 16 * 512];
+        mem[9 * 512 + 511] = 1;
+        let starts: Vec<_> = (0..16).map(|i| page(&mem, i)).collect();
+        // SAFETY: as above.
+        unsafe { find_zero_pages(&starts, &mut zeros) };
+        assert_eq!(zeros, (0..16).map(|i| i != 9).collect::<Vec<_>>());
+    }
+
+    /// A page of `ram` at `gpa` filled with a pattern of its own.
+    fn fill(ram: &GuestRam, gpa: u64) {
+        let page: Vec<u8> = (0..PAGE)
+            .map(|i| ((gpa / PAGE * 31 + i * 7) % 251) as u8 + 1)
+            .collect();
+        ram.write(gpa, &page).unwrap();
+    }
+
+    /// Scattered short runs (many list chunks, runs of 1-8 pages) and a long one (`sendfile`)
+    /// sent by `send_items` arrive at their addresses and nowhere else, through the pipe into
+    /// the memfd and with `recv` into the mapping alike.
+    #[test]
+    fn scattered_runs_arrive_in_list_chunks_at_their_addresses() {
+        for with_pipe in [true, false] {
+            let src = GuestRam::new(32 << 20).unwrap();
+            let dst = GuestRam::new(32 << 20).unwrap();
+            let mut items = Vec::new();
+            let mut gpa = 3 * PAGE;
+            for k in 0..700u64 {
+                let pages = k % 8 + 1;
+                items.push((gpa, pages));
+                gpa += (pages + 1 + k % 3) * PAGE;
+            }
+            items.push((gpa, 100));
+            for &(g, n) in &items {
+                for i in 0..n {
+                    fill(&src, g + i * PAGE);
+                }
+            }
+            let groups: Vec<_> = (0..items.len()).map(|i| i..i + 1).collect();
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (rx, _) = l.accept().unwrap();
+            let receiver = {
+                let dst = dst.clone();
+                std::thread::spawn(move || {
+                    let barrier = RoundBarrier {
+                        state: Mutex::new((0, 0, false)),
+                        cv: Condvar::new(),
+                        n: 1,
+                    };
+                    let pipe = with_pipe.then(|| SplicePipe::new().unwrap());
+                    receive_channel(
+                        DataConn::Plain(rx),
+                        pipe,
+                        &dst,
+                        &barrier,
+                        Duration::from_secs(60),
+                        None,
+                    )
+                })
+            };
+            let mut conn = DataConn::Plain(tx);
+            let st = send_items(
+                &mut conn,
+                None,
+                &src,
+                &src.memfd().clone(),
+                1,
+                &items,
+                &groups,
+                &AtomicUsize::new(0),
+                ZeroPages::Unchecked,
+                None,
+                None,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            conn.write_all(&encode(0, 0, TAG_DONE, 0)).unwrap();
+            let got = receiver.join().unwrap().unwrap();
+            let sent: u64 = items.iter().map(|i| i.1).sum();
+            assert_eq!((st.data, got.pages), (sent, sent));
+            // Everything sent was taken in, byte for byte (round end and done included).
+            assert_eq!(got.bytes, st.bytes + HEADER as u64);
+            // Far fewer bytes than a header per run.
+            assert!(
+                st.bytes < sent * PAGE + items.len() as u64 * 12,
+                "{}",
+                st.bytes
+            );
+            let (mut a, mut b) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
+            for p in 0..(32 << 20) / PAGE {
+                src.read(p * PAGE, &mut a).unwrap();
+                dst.read(p * PAGE, &mut b).unwrap();
+                assert!(a == b, "page {p} differs (pipe: {with_pipe})");
+            }
+        }
+    }
+
+    /// The destination takes a list chunk's address list apart only when every run lies in
+    /// guest RAM, in order, and the runs hold exactly the pages the header announced.
+    #[test]
+    fn list_chunks_are_checked_against_guest_ram() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let mut runs = Vec::new();
+        let good = [list_entry(0x1000, 2), list_entry(0x5000, 1)];
+        parse_list(&ram, 2, 3 * PAGE, &list_body(&good), &mut runs).unwrap();
+        assert_eq!(
+            runs.iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>(),
+            [(0x1000, 2 * PAGE), (0x5000, PAGE)]
+        );
+        let end = 32u64 << 20;
+        let bad: [(&[u64], u64, &str); 7] = [
+            (
+                &[list_entry(0x5000, 1), list_entry(0x1000, 2)],
+                3 * PAGE,
+                "out of order",
+            ),
+            (
+                &[list_entry(0x1000, 2), list_entry(0x2000, 1)],
+                3 * PAGE,
+                "overlapping",
+            ),
+            (
+                &[list_entry(end - PAGE, 2)],
+                2 * PAGE,
+                "past the end of RAM",
+            ),
+            (&[list_entry(end, 1)], PAGE, "outside RAM"),
+            (
+                &[list_entry(0x1000, 2)],
+                3 * PAGE,
+                "fewer pages than announced",
+            ),
+            (
+                &[list_entry(0x1000, 2), list_entry(0x5000, 1)],
+                2 * PAGE,
+                "more pages",
+            ),
+            (&[list_entry(!(PAGE - 1), 1)], PAGE, "an address past 2^64"),
+        ];
+        for (entries, len, what) in bad {
+            let body = list_body(entries);
+            let r = parse_list(&ram, entries.len() as u64, len, &body, &mut runs);
+            assert!(r.is_err(), "{what} was taken");
+        }
+        let mut body = list_body(&good);
+        body[3] ^= 1;
+        assert!(
+            parse_list(&ram, 2, 3 * PAGE, &body, &mut runs).is_err(),
+            "checksum"
+        );
+        let body = list_body(&good);
+        assert!(
+            parse_list(&ram, 3, 3 * PAGE, &body, &mut runs).is_err(),
+            "count"
+        );
+        assert!(
+            parse_list(&ram, 0, 0, &list_body(&[]), &mut runs).is_err(),
+            "empty"
+        );
     }
 
     #[test]

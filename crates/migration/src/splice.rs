@@ -126,9 +126,24 @@ impl SplicePipe {
         off: u64,
         len: u64,
     ) -> std::io::Result<()> {
+        self.socket_to_file_runs(tcp, file, &[(off, len)])
+    }
+
+    /// Moves `runs` ((file offset, length) each) from `tcp` into `file`, one after the
+    /// other as they come on the socket: a pipe-full is taken from the socket at once and
+    /// written out run by run. As [`SplicePipe::socket_to_file`], the pipe is empty before and
+    /// after.
+    pub fn socket_to_file_runs(
+        &self,
+        tcp: &TcpStream,
+        file: &File,
+        runs: &[(u64, u64)],
+    ) -> std::io::Result<()> {
+        let total: u64 = runs.iter().map(|r| r.1).sum();
+        let (mut run, mut in_run) = (0usize, 0u64);
         let mut done = 0u64;
-        while done < len {
-            let want = (len - done).min(self.capacity as u64) as usize;
+        while done < total {
+            let want = (total - done).min(self.capacity as u64) as usize;
             let mut left = splice_some(
                 tcp.as_raw_fd(),
                 self.write.as_raw_fd(),
@@ -140,12 +155,17 @@ impl SplicePipe {
                 ),
             )?;
             while left > 0 {
-                let mut at = (off + done) as libc::loff_t;
+                let Some(&(off, len)) = runs.get(run) else {
+                    // More taken than the runs hold: impossible, as `want` never exceeds
+                    // what is left of them.
+                    return Err(std::io::Error::other("spliced past the runs"));
+                };
+                let mut at = (off + in_run) as libc::loff_t;
                 let m = splice_some(
                     self.read.as_raw_fd(),
                     file.as_raw_fd(),
                     Some(&mut at),
-                    left,
+                    left.min((len - in_run) as usize),
                     (
                         std::io::ErrorKind::WriteZero,
                         "splice into guest memory wrote nothing",
@@ -153,6 +173,10 @@ impl SplicePipe {
                 )?;
                 left -= m;
                 done += m as u64;
+                in_run += m as u64;
+                if in_run == len {
+                    (run, in_run) = (run + 1, 0);
+                }
             }
         }
         Ok(())
@@ -273,6 +297,20 @@ impl PageSplicer {
             });
         }
         Ok(())
+    }
+
+    /// Queues `len` bytes of guest pages at `pages` behind what is queued (the next pages of
+    /// a chunk whose header went with [`PageSplicer::push`]).
+    ///
+    /// # Safety
+    /// As for [`PageSplicer::push`].
+    pub unsafe fn push_pages(&mut self, pages: *const u8, len: usize) {
+        if len > 0 {
+            self.iov.push(libc::iovec {
+                iov_base: pages as *mut libc::c_void,
+                iov_len: len,
+            });
+        }
     }
 
     /// Sends everything queued on `tcp`, a pipe-full at a time; the queue is empty after,

@@ -9,7 +9,7 @@ use crate::{MigrationError, Result};
 /// First bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version spoken here.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Largest payload accepted (a memory batch is at most about 1 MiB).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// Largest memory message once decompressed (a full batch is about 1.1 MiB).
@@ -400,7 +400,7 @@ mod tests {
         v[8] = 1;
         assert!(matches!(
             check_hello(&v),
-            Err(MigrationError::Version { theirs: 1, ours: 3 })
+            Err(MigrationError::Version { theirs: 1, ours: 4 })
         ));
         assert!(matches!(
             check_hello(b"GET / HTTP/1"),
