@@ -273,6 +273,66 @@ mod tests {
         assert_eq!(word.load(Ordering::SeqCst), AWAKE);
     }
 
+    fn affinity() -> libc::cpu_set_t {
+        // SAFETY: a zeroed cpu_set_t is valid; the call fills it for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            set
+        }
+    }
+
+    fn set_affinity(set: &libc::cpu_set_t) {
+        // SAFETY: a live cpu_set_t of the size given, for this thread.
+        let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+        assert_eq!(r, 0);
+    }
+
+    #[test]
+    fn pinned_is_true_only_for_a_one_cpu_affinity_and_follows_changes() {
+        // A thread of its own: the test harness's threads keep their affinity.
+        std::thread::spawn(|| {
+            let all = affinity();
+            // SAFETY: reads the set filled above.
+            let n = unsafe { libc::CPU_COUNT(&all) };
+            let first = (0..libc::CPU_SETSIZE as usize)
+                // SAFETY: `c` is below the set's size.
+                .find(|&c| unsafe { libc::CPU_ISSET(c, &all) })
+                .unwrap();
+            let mut p = Pinned::new();
+            assert_eq!(p.get(), n == 1);
+            // SAFETY: a zeroed set is valid; CPU_SET writes inside it.
+            let one = unsafe {
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(first, &mut one);
+                one
+            };
+            set_affinity(&one);
+            // The change is seen at the next look after RECHECK.
+            let t0 = Instant::now();
+            while !p.get() {
+                assert!(t0.elapsed() < Duration::from_secs(30), "pinning never seen");
+                std::thread::sleep(Pinned::RECHECK);
+            }
+            if n > 1 {
+                set_affinity(&all);
+                let t0 = Instant::now();
+                while p.get() {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(30),
+                        "unpinning never seen"
+                    );
+                    std::thread::sleep(Pinned::RECHECK);
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn without_a_kick_the_wait_ends_at_its_timeout() {
         let word = AtomicU32::new(AWAKE);
