@@ -285,11 +285,25 @@ fn poll_loop(shared: &Shared) {
     let mut yielding = false;
     let mut pinned = wake::Pinned::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        if shared.lock().poll() > 0 {
+        // Pinned beside a kicking host (the shadow engine's poller on the same core): take a
+        // few commands per round and hand the core over after each productive one, so the
+        // poller forwards those completions (and the guest's next submissions) while the rest
+        // wait, instead of after the whole batch.
+        let pipeline = shared.host_kicks() && pinned.get();
+        let burst = if pipeline {
+            wake::PIPELINE_BURST
+        } else {
+            usize::MAX
+        };
+        if shared.lock().poll_burst(burst) > 0 {
             shared.kick_host();
             idle = 0;
             yielding = false;
             sleep = wake::SLEEP_MIN;
+            if pipeline {
+                shared.yields.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
             continue;
         }
         idle = idle.wrapping_add(1);
