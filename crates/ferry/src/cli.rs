@@ -410,6 +410,11 @@ pub struct BenchShadowArgs {
     /// polling.
     #[arg(long)]
     pub device_spin: bool,
+    /// Pin the guest's vCPU to CPU 0 and the shadow poller and the stand-in device's polling
+    /// thread to CPU 1 in the IOPS runs (every mode, direct too): the poller and the device
+    /// then hand their shared core to each other by `sched_yield` instead of futex wake-ups.
+    #[arg(long)]
+    pub pin: bool,
     /// Measure only the engine's CPU cost per forwarded I/O against an in-process device
     /// that completes at once (no VM), against the floor of copying the entries.
     #[arg(long)]

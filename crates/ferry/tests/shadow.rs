@@ -700,6 +700,81 @@ fn continuous_shadow_mode(designation: &str) {
     assert!(poller["woken"].as_u64().unwrap() > 0, "{shadow}");
 }
 
+/// Continuous shadow mode with the whole VM process (vCPU, poller) and its device process
+/// pinned to one CPU: the poller and the device hand the core to each other by `sched_yield`
+/// (both see a one-CPU affinity), the guest's verification passes, and the device still goes
+/// to sleep when it has nothing to do (a real SSD uses no host CPU).
+#[test]
+fn continuous_shadow_mode_pinned_to_one_core_hands_over_by_yield_and_verifies() {
+    use std::os::unix::process::CommandExt;
+    let _serial = serial();
+    let dir = TempDir::new("continuous-pinned");
+    let disk = dir.path("disk.img");
+    // The first CPU this test may run on.
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call fills it for this thread.
+    let cpu = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| libc::CPU_ISSET(c, &set))
+            .unwrap()
+    };
+    let mut cmd = ferry();
+    cmd.arg("run")
+        .args(VERIFY)
+        .args(["--nvme-read-percent", "90"])
+        .args([
+            "--duration",
+            "2s",
+            "--shadow",
+            "continuous",
+            "--nvme-backing",
+        ])
+        .arg(&disk)
+        .args(["--timeout", "120s", "--json"]);
+    // SAFETY: between fork and exec only sched_setaffinity (async-signal-safe) runs, on a set
+    // built before the fork.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let summary = last_json(&out);
+    let stderr = text(&out.stderr);
+    assert_eq!(summary["status"], 0, "{stderr}");
+    let shadow = &summary["shadow"];
+    assert_eq!(shadow["shadowed"], true, "{shadow}");
+    assert!(
+        shadow["poller"]["yields"].as_u64().unwrap() > 0,
+        "the pinned poller never yielded: {shadow}"
+    );
+    // The device process prints its counters when its client goes.
+    let stats: Value = stderr
+        .lines()
+        .rev()
+        .filter_map(|l| l.split_once("ferry device nvme: stats "))
+        .find_map(|(_, j)| serde_json::from_str(j).ok())
+        .unwrap_or_else(|| panic!("no device stats: {stderr}"));
+    assert!(stats["reads"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        stats["poll_yields"].as_u64().unwrap() > 0,
+        "the pinned device never yielded: {stats}"
+    );
+    assert!(
+        stats["poll_sleeps"].as_u64().unwrap() > 0,
+        "the device never slept: {stats}"
+    );
+}
+
 #[test]
 fn garbage_in_shadowed_rings_gets_errors_and_everything_stays_up() {
     let _serial = serial();

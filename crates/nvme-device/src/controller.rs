@@ -444,6 +444,14 @@ impl Controller {
     /// One polling round: picks up CQ head and SQ tail doorbells and processes new commands.
     /// Returns the number of commands processed.
     pub fn poll(&mut self) -> usize {
+        self.poll_burst(BURST)
+    }
+
+    /// [`Controller::poll`] taking at most `burst` commands from each submission queue (a
+    /// polling thread that hands its core to the shadow engine between rounds takes fewer, so
+    /// that the completions reach the guest, and its next submissions the device, while the
+    /// device works on the rest).
+    pub fn poll_burst(&mut self, burst: usize) -> usize {
         if self.csts & csts::RDY == 0 || self.csts & (csts::CFS | csts::SHST_MASK) != 0 {
             return 0;
         }
@@ -487,7 +495,7 @@ impl Controller {
                 continue;
             }
             sq.bad_tail = None;
-            for _ in 0..BURST {
+            for _ in 0..burst.clamp(1, BURST) {
                 let Some(sq) = self.sqs[qid] else { break };
                 if sq.head as u32 == tail {
                     break;

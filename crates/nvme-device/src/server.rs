@@ -67,6 +67,8 @@ struct Shared {
     /// Times the polling thread went to sleep, and how many of those ended by a kick.
     sleeps: AtomicU64,
     kicked: AtomicU64,
+    /// Idle rounds ended with a `sched_yield` (the host kicks: see [`wake::YIELD_WINDOW_KICKED`]).
+    yields: AtomicU64,
 }
 
 // SAFETY: `wake_page` is only used through `Doorbells::word`, an atomic view of shared memory.
@@ -96,12 +98,11 @@ impl Shared {
         }
     }
 
-    /// How long to keep spinning after the last command.
-    fn spin_window(&self) -> std::time::Duration {
-        match self.wake_page.word(wake::HOST_KICKS_OFFSET) {
-            Some(w) if w.load(Ordering::Relaxed) != 0 => wake::SPIN_WINDOW_KICKED,
-            _ => wake::SPIN_WINDOW,
-        }
+    /// The host side kicks after every I/O doorbell ([`wake::HOST_KICKS_OFFSET`]).
+    fn host_kicks(&self) -> bool {
+        self.wake_page
+            .word(wake::HOST_KICKS_OFFSET)
+            .is_some_and(|w| w.load(Ordering::Relaxed) != 0)
     }
 }
 
@@ -180,6 +181,7 @@ impl NvmeDevice {
             wake_page,
             sleeps: AtomicU64::new(0),
             kicked: AtomicU64::new(0),
+            yields: AtomicU64::new(0),
         });
         let s = shared.clone();
         let poller = std::thread::Builder::new()
@@ -230,6 +232,7 @@ impl NvmeDevice {
         let mut s = self.shared.lock().stats.clone();
         s.poll_sleeps = self.shared.sleeps.load(Ordering::Relaxed);
         s.poll_kicked = self.shared.kicked.load(Ordering::Relaxed);
+        s.poll_yields = self.shared.yields.load(Ordering::Relaxed);
         s
     }
 
@@ -279,11 +282,28 @@ fn poll_loop(shared: &Shared) {
     let mut last_work = Instant::now();
     let mut idle = 0u32;
     let mut sleep = wake::SLEEP_MIN;
+    let mut yielding = false;
+    let mut pinned = wake::Pinned::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        if shared.lock().poll() > 0 {
+        // Pinned beside a kicking host (the shadow engine's poller on the same core): take a
+        // few commands per round and hand the core over after each productive one, so the
+        // poller forwards those completions (and the guest's next submissions) while the rest
+        // wait, instead of after the whole batch.
+        let pipeline = shared.host_kicks() && pinned.get();
+        let burst = if pipeline {
+            wake::PIPELINE_BURST
+        } else {
+            usize::MAX
+        };
+        if shared.lock().poll_burst(burst) > 0 {
             shared.kick_host();
             idle = 0;
+            yielding = false;
             sleep = wake::SLEEP_MIN;
+            if pipeline {
+                shared.yields.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
             continue;
         }
         idle = idle.wrapping_add(1);
@@ -298,10 +318,32 @@ fn poll_loop(shared: &Shared) {
             }
             continue;
         }
-        // Reading the clock costs ~20 ns: look every 64 idle rounds.
-        if !idle.is_multiple_of(64) || last_work.elapsed() < shared.spin_window() {
+        // Reading the clock costs ~20 ns: look every 64 idle rounds (every round once
+        // yielding, where a round is a system call anyway).
+        if !yielding && !idle.is_multiple_of(64) {
             continue;
         }
+        let quiet = last_work.elapsed();
+        let kicks = shared.host_kicks();
+        if quiet
+            < if kicks {
+                wake::SPIN_WINDOW_KICKED
+            } else {
+                wake::SPIN_WINDOW
+            }
+        {
+            continue;
+        }
+        // The host side kicks and this thread is pinned (to the core of the shadow engine's
+        // poller, see `wake::Pinned`): hand the core over between looks for a while before
+        // sleeping; the poller forwarding the next doorbells runs meanwhile, no wake-up needed.
+        if kicks && quiet < wake::YIELD_WINDOW_KICKED && pinned.get() {
+            yielding = true;
+            shared.yields.fetch_add(1, Ordering::Relaxed);
+            std::thread::yield_now();
+            continue;
+        }
+        yielding = false;
         let Some(word) = shared.wake_word() else {
             std::thread::sleep(sleep);
             continue;
@@ -316,6 +358,7 @@ fn poll_loop(shared: &Shared) {
             shared.kick_host();
             word.store(wake::AWAKE, Ordering::SeqCst);
             idle = 0;
+            yielding = false;
             sleep = wake::SLEEP_MIN;
             continue;
         }

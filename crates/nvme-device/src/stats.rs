@@ -44,4 +44,7 @@ pub struct Stats {
     pub poll_sleeps: u64,
     /// Sleeps ended early by a kick (a host-side doorbell or register write).
     pub poll_kicked: u64,
+    /// Idle rounds ended with a `sched_yield` while the host side kicks (the core handed
+    /// over without sleeping).
+    pub poll_yields: u64,
 }

@@ -160,6 +160,7 @@ impl Engine {
             device_wake: DeviceWake::of(&self.att),
             sleeps: Default::default(),
             woken: Default::default(),
+            yields: Default::default(),
             keep_host_kicks: AtomicBool::new(false),
         });
         self.install_hook(&shared);

@@ -228,6 +228,8 @@ pub(crate) struct Shared {
     /// The poller's sleeps on the host word, and those a kick ended.
     pub sleeps: AtomicU64,
     pub woken: AtomicU64,
+    /// The poller's `sched_yield`s between rounds (the core handed over without sleeping).
+    pub yields: AtomicU64,
     /// The poller was stopped by a quiesce: when it ends it leaves the device's "the host
     /// kicks" word set, so a device given no more doorbells sleeps after its short spin
     /// window instead of spinning a millisecond in the downtime, on a core the switchover
@@ -302,6 +304,9 @@ pub struct PollerStatus {
     /// Those that a kick ended (the device's completions, a vCPU's trapped doorbell) rather
     /// than their time bound.
     pub woken: u64,
+    /// Rounds the poller ended with a `sched_yield` instead (the core handed over to the
+    /// device or the vCPU without a sleep and a wake-up).
+    pub yields: u64,
 }
 
 /// The shadow engine of one passthrough NVMe device.
@@ -485,6 +490,7 @@ impl Engine {
                 a.shared.device_wake.map(|_| PollerStatus {
                     sleeps: a.shared.sleeps.load(std::sync::atomic::Ordering::Relaxed),
                     woken: a.shared.woken.load(std::sync::atomic::Ordering::Relaxed),
+                    yields: a.shared.yields.load(std::sync::atomic::Ordering::Relaxed),
                 })
             }),
         }

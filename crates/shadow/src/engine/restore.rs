@@ -389,6 +389,7 @@ impl Engine {
             device_wake: DeviceWake::of(&att),
             sleeps: Default::default(),
             woken: Default::default(),
+            yields: Default::default(),
             keep_host_kicks: AtomicBool::new(false),
         });
         engine.install_hook(&shared);

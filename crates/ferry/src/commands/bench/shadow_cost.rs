@@ -156,14 +156,122 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `--pin`: a thread that, until dropped, pins every new thread named `vcpu0` of this process
+/// to CPU 0, and every `shadow-poller` of this process and `nvme-poll` of a child process (the
+/// stand-in device) to CPU 1. It looks every 10 ms: the threads are started by the session.
+struct Pinner {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pinner {
+    fn start() -> anyhow::Result<Pinner> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("bench-pinner".into())
+            .spawn(move || {
+                let me = std::process::id();
+                let mut pinned = std::collections::HashSet::new();
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (tid, cpu) in threads_to_pin(me) {
+                        if !pinned.contains(&tid) && pin(tid, cpu) {
+                            tracing::debug!(tid, cpu, "bench shadow: pinned");
+                            pinned.insert(tid);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })?;
+        Ok(Pinner {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Pinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// (thread id, CPU) of the threads `--pin` places: this process's `vcpu0` and `shadow-poller`,
+/// its children's `nvme-poll`.
+fn threads_to_pin(me: u32) -> Vec<(i32, usize)> {
+    let comm = |p: &Path| std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+    let tasks = |pid: &str| -> Vec<(i32, String)> {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let tid = e.file_name().to_str()?.parse().ok()?;
+                Some((tid, comm(&e.path()).trim().to_string()))
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (tid, name) in tasks(&me.to_string()) {
+        match name.as_str() {
+            "vcpu0" => out.push((tid, 0)),
+            "shadow-poller" => out.push((tid, 1)),
+            _ => {}
+        }
+    }
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'.
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(me) {
+            continue;
+        }
+        out.extend(
+            tasks(&pid)
+                .into_iter()
+                .filter(|(_, n)| n == "nvme-poll")
+                .map(|(tid, _)| (tid, 1)),
+        );
+    }
+    out
+}
+
+/// Pins thread `tid` to `cpu`; false if it failed (the thread may be gone).
+fn pin(tid: i32, cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET checks `cpu` against the set's size and writes inside it.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the set is a live cpu_set_t of the size given; a bad tid only fails the call.
+    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn iops_run(
     dir: &Path,
     qd: u32,
     mode: Mode,
     seconds: u64,
     device_spin: bool,
+    pin: bool,
     signals: &SignalState,
 ) -> anyhow::Result<(f64, usize)> {
+    let _pinner = if pin { Some(Pinner::start()?) } else { None };
     let dev = DeviceNvmeArgs {
         socket: Default::default(),
         backing: dir.join("iops.img"),
@@ -472,7 +580,15 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         for _ in 0..runs {
             let mut direct = 0.0;
             for (i, &mode) in modes.iter().enumerate() {
-                let (v, n) = iops_run(&dir, qd, mode, args.seconds, args.device_spin, &signals)?;
+                let (v, n) = iops_run(
+                    &dir,
+                    qd,
+                    mode,
+                    args.seconds,
+                    args.device_spin,
+                    args.pin,
+                    &signals,
+                )?;
                 if mode == Mode::Direct {
                     direct = v;
                 }
@@ -517,10 +633,15 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
     }
     if !args.migration_only {
         println!(
-            "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs, {} run(s) per mode, device {})",
+            "ferry bench shadow: guest 4 KiB random reads, 1 queue, median of 250 ms intervals after 0.5 s ({} s runs, {} run(s) per mode, device {}{})",
             args.seconds,
             runs,
-            if args.device_spin { "always spinning" } else { "adaptive" }
+            if args.device_spin { "always spinning" } else { "adaptive" },
+            if args.pin {
+                "; pinned: vCPU on CPU 0, shadow poller and device on CPU 1"
+            } else {
+                ""
+            }
         );
         println!("  QD  mode                                 IOPS   vs direct");
         for r in &report.iops {
