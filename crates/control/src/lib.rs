@@ -20,6 +20,7 @@ pub mod command;
 mod error;
 pub mod net_session;
 pub mod passthrough;
+pub mod scratch;
 pub mod session;
 pub mod signals;
 pub mod supervisor;

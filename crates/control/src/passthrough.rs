@@ -63,8 +63,8 @@ impl DeviceChild {
     /// Starts `ferry device nvme` with `args` on a fresh socket in a temp directory.
     pub fn spawn(args: &DeviceSpec) -> Result<Self> {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ferry-nvme-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        let dir = crate::scratch::fresh_dir(&format!("ferry-nvme-{n}"))
+            .map_err(Error::io("creating the device's scratch directory"))?;
         let socket = dir.join("nvme.sock");
         let mut cmd = Command::new(&args.exe);
         cmd.args(["device", "nvme", "--socket"])

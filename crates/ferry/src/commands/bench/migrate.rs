@@ -231,8 +231,7 @@ impl BenchPki {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         };
-        let dir = std::env::temp_dir().join(format!("ferry-bench-pki-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = control::scratch::fresh_dir("ferry-bench-pki")?;
         let ca_key = KeyPair::generate()?;
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -225,8 +225,7 @@ pub fn run(args: BenchNvmeArgs) -> anyhow::Result<i32> {
         bail!("--ios must be at least 1 and every --qd in 1..=255");
     }
     let signals = SignalState::install()?;
-    let dir = std::env::temp_dir().join(format!("ferry-bench-nvme-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = control::scratch::fresh_dir("ferry-bench-nvme")?;
     let base = DeviceNvmeArgs {
         socket: Default::default(),
         backing: dir.join("disk.img"),

@@ -551,9 +551,7 @@ pub fn run(args: BenchShadowArgs) -> anyhow::Result<i32> {
         return engine_cost(args.json);
     }
     let signals = SignalState::install()?;
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("ferry-bench-shadow-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir: PathBuf = control::scratch::fresh_dir("ferry-bench-shadow")?;
     if args.net_only {
         let net = super::shadow_net::rows(&dir, args.seconds, args.net_runs, &signals);
         let _ = std::fs::remove_dir_all(&dir);

@@ -78,8 +78,7 @@ pub fn run(
     echo: bool,
     signals: &SignalState,
 ) -> anyhow::Result<NvmeMigration> {
-    let dir = std::env::temp_dir().join(format!("ferry-demo-nvme-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = control::scratch::fresh_dir("ferry-demo-nvme")?;
     let disk = dir.join("disk.img");
     let boot = BootSpec {
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),
