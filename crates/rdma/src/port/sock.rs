@@ -42,14 +42,38 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+/// How long an address in use is tried again (see [`bind`]).
+pub const IN_USE_GRACE: Duration = Duration::from_secs(1);
+
 /// Socket buffer size asked for (the kernel caps it at `net.core.{r,w}mem_max`).
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 /// Binds `addr:port` for RoCEv2: DF with identification 0, larger buffers, a read timeout so
 /// the receive thread can notice a stop request. (Public so that benchmarks can give a raw
 /// UDP baseline the same socket.)
+///
+/// An address still in use is tried again for up to [`IN_USE_GRACE`]: a socket this process
+/// has just closed stays bound while any child forked in between has not yet reached `exec`
+/// (the child holds a copy of the descriptor table until then, `SOCK_CLOEXEC` or not), and
+/// this process forks device processes and tools. An address held for good (another
+/// process's port) is still refused, after the grace.
 pub fn bind(addr: Ipv4Addr, port: u16) -> std::io::Result<UdpSocket> {
-    let socket = UdpSocket::bind(SocketAddrV4::new(addr, port))?;
+    let at = SocketAddrV4::new(addr, port);
+    let end = std::time::Instant::now() + IN_USE_GRACE;
+    let mut pause = Duration::from_millis(1);
+    let socket = loop {
+        match UdpSocket::bind(at) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() + pause < end =>
+            {
+                // No event reports that a child has exec'd: a short bounded back-off.
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            r => break r?,
+        }
+    };
     set_int(
         &socket,
         libc::IPPROTO_IP,
@@ -229,4 +253,21 @@ pub fn send_segments(
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address held by a live socket is refused (after the grace); once that socket is
+    /// closed the address binds again.
+    #[test]
+    fn an_address_in_use_is_refused_and_binds_once_released() {
+        let addr = Ipv4Addr::new(127, 47, 0, 1);
+        let first = bind(addr, 4791).expect("first bind");
+        let err = bind(addr, 4791).expect_err("the address is held");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        drop(first);
+        bind(addr, 4791).expect("binds again once released");
+    }
 }
