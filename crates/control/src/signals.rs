@@ -1,5 +1,6 @@
 //! Process signals: SIGINT/SIGTERM stop the VM cleanly, SIGUSR1 asks the guest to verify its
-//! ledger.
+//! ledger, SIGUSR2 asks its workload to finish (it ends its timed phase, verifies, and exits on
+//! its own).
 use std::sync::{
     atomic::{AtomicBool, AtomicI32, Ordering},
     Arc,
@@ -7,13 +8,14 @@ use std::sync::{
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Signals received and not yet acted on.
 pub struct SignalState {
     stop: AtomicI32,
     verify: AtomicBool,
+    finish: AtomicBool,
     /// Written on every signal, for event loops.
     wake: EventFd,
 }
@@ -24,10 +26,11 @@ impl SignalState {
         let state = Arc::new(SignalState {
             stop: AtomicI32::new(0),
             verify: AtomicBool::new(false),
+            finish: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(crate::Error::io("creating the signal eventfd"))?,
         });
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2])
             .map_err(crate::Error::io("installing the signal handlers"))?;
         let s = state.clone();
         std::thread::Builder::new()
@@ -36,6 +39,7 @@ impl SignalState {
                 for sig in signals.forever() {
                     match sig {
                         SIGUSR1 => s.verify.store(true, Ordering::SeqCst),
+                        SIGUSR2 => s.finish.store(true, Ordering::SeqCst),
                         other => s.stop.store(other, Ordering::SeqCst),
                     }
                     let _ = s.wake.write(1);
@@ -62,6 +66,11 @@ impl SignalState {
     pub fn take_verify(&self) -> bool {
         self.verify.swap(false, Ordering::SeqCst)
     }
+
+    /// True once per SIGUSR2.
+    pub fn take_finish(&self) -> bool {
+        self.finish.swap(false, Ordering::SeqCst)
+    }
 }
 
 /// The conventional name of a signal.
@@ -70,6 +79,7 @@ pub fn name(sig: i32) -> &'static str {
         SIGINT => "SIGINT",
         SIGTERM => "SIGTERM",
         SIGUSR1 => "SIGUSR1",
+        SIGUSR2 => "SIGUSR2",
         _ => "signal",
     }
 }

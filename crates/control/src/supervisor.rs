@@ -249,6 +249,15 @@ pub fn supervise(
             }
         }
         let can_ask = st.after_go.is_none() && st.stop_after.is_none();
+        // SIGUSR2: the workload ends its timed phase, verifies and exits on its own. Not under
+        // a migration (a write of the VMM's to guest RAM is not in the dirty log): the signal
+        // waits until the migration failed (the VM runs here) or leaves with the process.
+        if can_ask && st.running.is_none() && signals.take_finish() {
+            tracing::info!("SIGUSR2: asking the workload to finish");
+            vm.mailbox()
+                .request_stop()
+                .map_err(Error::vmm("asking the workload to finish"))?;
+        }
         let due = spec.verify_after.is_some_and(|t| now >= t) && !st.verify_asked;
         if (due || signals.take_verify()) && can_ask {
             st.verify_asked |= due;

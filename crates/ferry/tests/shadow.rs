@@ -45,9 +45,15 @@ const VERIFY: [&str; 12] = [
     "off",
 ];
 
-/// The source: `ferry run` with nvme-verify doing I/O for `secs` seconds on a device over
-/// `disk`, then reading the whole region back; returns once the guest's queues are live.
-fn source(dir: &TempDir, disk: &Path, secs: u64, extra: &[&str]) -> (Proc, PathBuf) {
+/// How long the guest's I/O phase may last: a bound only. The tests end it when they are done
+/// with it ([`Proc::finish`]), whatever the machine's speed: a guest whose timed run ended
+/// while a slow migration was still under way (a loaded machine) took the VM with it.
+const IO_BOUND: &str = "120s";
+
+/// The source: `ferry run` with nvme-verify doing I/O on a device over `disk` until it is told
+/// to finish (or [`IO_BOUND`]), then reading the whole region back; returns once the guest's
+/// queues are live.
+fn source(dir: &TempDir, disk: &Path, extra: &[&str]) -> (Proc, PathBuf) {
     let api = dir.path("src.sock");
     let reads: &[&str] = if extra.contains(&"--nvme-read-percent") {
         &[]
@@ -58,9 +64,9 @@ fn source(dir: &TempDir, disk: &Path, secs: u64, extra: &[&str]) -> (Proc, PathB
         .arg("run")
         .args(VERIFY)
         .args(reads)
-        .args(["--duration", &format!("{secs}s"), "--nvme-backing"])
+        .args(["--duration", IO_BOUND, "--nvme-backing"])
         .arg(disk)
-        .args(["--timeout", "150s", "--json", "--api-socket"])
+        .args(["--timeout", "240s", "--json", "--api-socket"])
         .arg(&api)
         .args(extra)
         .stdout(Stdio::piped())
@@ -94,7 +100,7 @@ fn destination_with(disk: Option<&Path>, extra: &[&str]) -> (Proc, String) {
         "--accept-timeout",
         "60s",
         "--timeout",
-        "150s",
+        "240s",
     ]);
     if let Some(d) = disk {
         cmd.arg("--nvme-backing").arg(d);
@@ -118,13 +124,26 @@ fn warm_up(api: &Path) {
     wait_progress(api, 1000);
 }
 
+/// The guest received by `dst` (serving its API on `api`) does I/O there — another thousand
+/// I/Os on the destination's device — and is then told to finish: it reads everything back,
+/// verifies, and exits on its own.
+fn run_on_then_finish(dst: &Proc, api: &Path) {
+    wait_for_socket(api);
+    let now = status(api)["data"]["progress"].as_u64().unwrap_or(0);
+    wait_progress(api, now + 1000);
+    dst.finish();
+}
+
 /// Migrates an nvme-verify guest during I/O and checks everything the issue asks for; returns
 /// the destination's summary.
 fn migrate_and_verify(tag: &str, extra: &[&str]) -> Value {
     let dir = TempDir::new(tag);
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 12, extra);
-    let (dst, addr) = destination_with(Some(&disk), extra);
+    let (src, api) = source(&dir, &disk, extra);
+    let dst_api = dir.path("dst.sock");
+    let mut dst_args = extra.to_vec();
+    dst_args.extend(["--api-socket", dst_api.to_str().unwrap()]);
+    let (dst, addr) = destination_with(Some(&disk), &dst_args);
     warm_up(&api);
     let out = migrate(&api, &addr, &[]);
     assert!(out.status.success(), "migrate: {}", text(&out.stderr));
@@ -147,6 +166,7 @@ fn migrate_and_verify(tag: &str, extra: &[&str]) -> Value {
 
     let s = src.wait_output(Duration::from_secs(60));
     assert_eq!(last_json(&s)["outcome"], "migrated");
+    run_on_then_finish(&dst, &dst_api);
     let d = dst.wait_output(Duration::from_secs(150));
     let summary = last_json(&d);
     let err = text(&d.stderr);
@@ -318,7 +338,7 @@ fn a_to_b_to_a_keeps_verifying() {
     let _serial = serial();
     let dir = TempDir::new("aba");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 24, &[]);
+    let (src, api) = source(&dir, &disk, &[]);
     let b_api = dir.path("b.sock");
     let (b, b_addr) = destination_with(Some(&disk), &["--api-socket", b_api.to_str().unwrap()]);
     warm_up(&api);
@@ -328,7 +348,8 @@ fn a_to_b_to_a_keeps_verifying() {
         last_json(&src.wait_output(Duration::from_secs(60)))["outcome"],
         "migrated"
     );
-    let (a2, a2_addr) = destination(Some(&disk));
+    let a2_api = dir.path("a2.sock");
+    let (a2, a2_addr) = destination_with(Some(&disk), &["--api-socket", a2_api.to_str().unwrap()]);
     wait_for_socket(&b_api);
     let out = migrate(&b_api, &a2_addr, &[]);
     assert!(out.status.success(), "B→A: {}", text(&out.stderr));
@@ -337,6 +358,7 @@ fn a_to_b_to_a_keeps_verifying() {
         last_json(&b.wait_output(Duration::from_secs(60)))["outcome"],
         "migrated"
     );
+    run_on_then_finish(&a2, &a2_api);
     let d = a2.wait_output(Duration::from_secs(150));
     let summary = last_json(&d);
     assert_eq!(summary["status"], 0, "{summary}\n{}", text(&d.stderr));
@@ -354,13 +376,13 @@ fn verify_ledger(api: &Path) -> Value {
     v["data"].clone()
 }
 
-/// Starts nvme-verify with `dirty` for `secs` seconds, checks the ledger on the source while
+/// Starts nvme-verify with `dirty` (until told to finish), checks the ledger on the source while
 /// the I/O runs, migrates the VM to a destination serving the API on the returned socket, and
 /// checks that both kinds of dirty pages were sent. Returns the destination, its API socket
 /// and the source's verification.
-fn migrate_with_dirty(dir: &TempDir, secs: u64) -> (Proc, PathBuf, Value) {
+fn migrate_with_dirty(dir: &TempDir) -> (Proc, PathBuf, Value) {
     let disk = dir.path("disk.img");
-    let (src, api) = source(dir, &disk, secs, &WITH_DIRTY);
+    let (src, api) = source(dir, &disk, &WITH_DIRTY);
     let dst_api = dir.path("dst.sock");
     let (dst, addr) = destination_with(Some(&disk), &["--api-socket", dst_api.to_str().unwrap()]);
     warm_up(&api);
@@ -392,7 +414,7 @@ fn migrate_with_dirty(dir: &TempDir, secs: u64) -> (Proc, PathBuf, Value) {
 fn nvme_verify_with_dirty_migrates_and_both_verify_on_the_destination() {
     let _serial = serial();
     let dir = TempDir::new("withdirty");
-    let (dst, dst_api, before) = migrate_with_dirty(&dir, 10);
+    let (dst, dst_api, before) = migrate_with_dirty(&dir);
     // The ledger holds on the destination while nvme-verify goes on, and the guest kept
     // writing it there.
     let after = verify_ledger(&dst_api);
@@ -406,6 +428,7 @@ fn nvme_verify_with_dirty_migrates_and_both_verify_on_the_destination() {
         "no ledger writes since the source's verification: {before} then {after}"
     );
     // The guest's own end: every I/O read back and the ledger verified once more.
+    run_on_then_finish(&dst, &dst_api);
     let d = dst.wait_output(Duration::from_secs(150));
     let summary = last_json(&d);
     assert_eq!(summary["outcome"], "exit", "{summary}\n{}", text(&d.stderr));
@@ -470,7 +493,7 @@ fn break_ledger(pid: u32, data_pages: u64) {
 fn a_broken_ledger_on_the_destination_fails_its_verification() {
     let _serial = serial();
     let dir = TempDir::new("brokenledger");
-    let (dst, dst_api, _) = migrate_with_dirty(&dir, 10);
+    let (dst, dst_api, _) = migrate_with_dirty(&dir);
     let ok = verify_ledger(&dst_api);
     assert_eq!(ok["status"], 0, "{ok}");
     break_ledger(dst.0.as_ref().unwrap().id(), 4096);
@@ -494,7 +517,7 @@ fn killing_the_destination_device_process_leaves_the_source_verifying() {
     let _serial = serial();
     let dir = TempDir::new("devkill");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 12, &[]);
+    let (src, api) = source(&dir, &disk, &[]);
     let sock = dir.path("dst-dev.sock");
     let mut dev = Proc(
         Some(
@@ -519,6 +542,8 @@ fn killing_the_destination_device_process_leaves_the_source_verifying() {
     assert!(!out.status.success(), "the migration should fail");
     let d = dst.wait_output(Duration::from_secs(60));
     assert_ne!(d.status.code(), Some(0), "no VM may run on the destination");
+    // The VM runs on here and verifies when told to finish.
+    src.finish();
     let s = src.wait_output(Duration::from_secs(150));
     let summary = last_json(&s);
     assert_eq!(summary["status"], 0, "{summary}\n{}", text(&s.stderr));
@@ -556,12 +581,7 @@ fn negative_control_without_shadowing_is_detected() {
     // mechanism is what makes the safe migration correct.
     let mut seen = Vec::new();
     for attempt in 0..3 {
-        let (src, api) = source(
-            &dir,
-            &disk,
-            12,
-            &["--nvme-read-percent", "100", "--nvme-adopt"],
-        );
+        let (src, api) = source(&dir, &disk, &["--nvme-read-percent", "100", "--nvme-adopt"]);
         let (dst, addr) = destination(Some(&disk));
         warm_up(&api);
         let out = migrate(
@@ -572,6 +592,8 @@ fn negative_control_without_shadowing_is_detected() {
         assert!(out.status.success(), "migrate: {}", text(&out.stderr));
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
         let _ = src.wait_output(Duration::from_secs(60));
+        // The guest reads back and checks everything (unless it failed already).
+        dst.finish();
         let d = dst.wait_output(Duration::from_secs(150));
         let summary = last_json(&d);
         let corrupt_memory = summary["incoming"]["memory_hash"] != report["memory_hash"];
@@ -594,7 +616,7 @@ fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
     let _serial = serial();
     let dir = TempDir::new("kill");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 12, &[]);
+    let (src, api) = source(&dir, &disk, &[]);
     let (dst, addr) = destination(Some(&disk));
     warm_up(&api);
     // Kill the destination when the first Memory frame of round 0 arrives: mid round 0,
@@ -613,6 +635,8 @@ fn killing_the_destination_during_the_migration_leaves_the_source_verifying() {
     proxy.release(Verdict::Forward);
     let out = migration.join().unwrap();
     assert!(!out.status.success(), "migration should fail");
+    // The VM runs on here and verifies when told to finish.
+    src.finish();
     let s = src.wait_output(Duration::from_secs(150));
     let summary = last_json(&s);
     assert_eq!(summary["outcome"], "exit", "{summary}");
@@ -842,7 +866,7 @@ fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
     let _serial = serial();
     let dir = TempDir::new("cut");
     let disk = dir.path("disk.img");
-    let (src, api) = source(&dir, &disk, 12, &[]);
+    let (src, api) = source(&dir, &disk, &[]);
     let (dst, addr) = destination(Some(&disk));
     warm_up(&api);
     let proxy = FaultProxy::start(
@@ -858,6 +882,8 @@ fn cutting_the_socket_mid_migration_leaves_the_source_verifying() {
     assert!(!out.status.success(), "the migration should fail");
     let d = dst.wait_output(Duration::from_secs(60));
     assert_ne!(d.status.code(), Some(0), "no VM may run on the destination");
+    // The VM runs on here and verifies when told to finish.
+    src.finish();
     let s = src.wait_output(Duration::from_secs(150));
     let summary = last_json(&s);
     assert_eq!(summary["status"], 0, "{summary}\n{}", text(&s.stderr));

@@ -355,6 +355,20 @@ impl Proc {
         out
     }
 
+    /// Sends SIGUSR2: the guest's `dirty` or `nvme-verify` workload finishes now as if its
+    /// `--duration` had run out (it verifies, then exits with its own status).
+    pub fn finish(&self) {
+        let pid = self.0.as_ref().expect("a running process").id();
+        // SAFETY: kill(2) on our own child, not reaped yet (so the pid is still its own).
+        let r = unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR2) };
+        assert_eq!(
+            r,
+            0,
+            "SIGUSR2 to {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// Kills the process (if still there) and reaps it.
     pub fn kill(&mut self) {
         if let Some(c) = self.0.as_mut() {
