@@ -58,6 +58,21 @@ pub(crate) struct Destination {
     child: Child,
     pub(crate) addr: String,
     summary: mpsc::Receiver<serde_json::Value>,
+    /// Its API socket.
+    api: PathBuf,
+}
+
+/// How much longer than the demo's pacing a workload's own timer runs: a bound only. The demo
+/// tells the guest to finish (SIGUSR2, [`Finish`]) once it has run and verified on the
+/// destination; a guest whose own timer ran out while a slow migration (a loaded machine) was
+/// still under way took the VM with it.
+pub(crate) const WORKLOAD_BOUND: Duration = Duration::from_secs(60);
+
+/// When the demo tells the workload on the destination to finish: not before `at` (the demo's
+/// pacing) and not before the destination answered `verifications` ledger verifications.
+pub(crate) struct Finish {
+    pub at: Instant,
+    pub verifications: u64,
 }
 
 pub(crate) fn start_destination(
@@ -65,6 +80,9 @@ pub(crate) fn start_destination(
     verify_after: Duration,
     extra: &[&std::ffi::OsStr],
 ) -> anyhow::Result<Destination> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let api = std::env::temp_dir().join(format!("ferry-demo-dest-{}-{n}.sock", std::process::id()));
     let exe = std::env::current_exe().context("locating the ferry binary")?;
     let mut child = Command::new(exe)
         .args([
@@ -75,6 +93,8 @@ pub(crate) fn start_destination(
             "--debug-hash",
         ])
         .args(["--accept-timeout", "60s", "--timeout", "120s"])
+        .arg("--api-socket")
+        .arg(&api)
         .args(["--verify-after", &format!("{}ms", verify_after.as_millis())])
         .args(extra)
         .stdout(Stdio::piped())
@@ -112,6 +132,7 @@ pub(crate) fn start_destination(
         child,
         addr,
         summary,
+        api,
     })
 }
 
@@ -172,7 +193,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         args: WorkloadArgs {
             working_set_bytes: args.working_set,
             rate_pages_per_sec: args.rate,
-            duration_ms: duration.as_millis() as u64,
+            duration_ms: (duration + WORKLOAD_BOUND).as_millis() as u64,
             report_interval_ms: 500,
             seed: 0x5eed,
             iterations: 0,
@@ -185,10 +206,16 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         verifications: 1,
         roundtrip: true,
     };
+    let started = Instant::now();
     let migrator = std::thread::spawn(move || migrate_later(api_path, to, migrate_at, before));
-    let source = session::run(&dirty_boot, &spec, Instant::now(), &signals).context("dirty run")?;
+    let source = session::run(&dirty_boot, &spec, started, &signals).context("dirty run")?;
     let migration = join_migration(migrator, "migration")?;
-    let destination = finish_destination(dest, migration.is_some());
+    let finish = Finish {
+        at: started + duration,
+        verifications: 1,
+    };
+    let destination = finish_destination(dest, migration.is_some(), Some(finish));
+    let ran = started.elapsed();
 
     // 4. a VM with a passthrough NVMe device, live-migrated while nvme-verify and dirty run
     let nvme = nvme_phase::run(&base.console, &base.console_prefix, echo, &signals)
@@ -232,7 +259,7 @@ pub fn run(args: DemoArgs, process_start: Instant) -> anyhow::Result<i32> {
         source,
         migration,
         destination,
-        write_rate_per_s: total_writes as f64 / duration.as_secs_f64(),
+        write_rate_per_s: total_writes as f64 / ran.as_secs_f64(),
         nvme,
         net,
         vrdma,
@@ -325,18 +352,60 @@ pub(crate) fn migrate_later(
     }
 }
 
+/// Collects the destination's summary after a migration (kills it after none); with `finish`,
+/// first tells its workload to finish when that is due.
 pub(crate) fn finish_destination(
     mut dest: Destination,
     migrated: bool,
+    finish: Option<Finish>,
 ) -> Option<serde_json::Value> {
     if !migrated {
         let _ = dest.child.kill();
         let _ = dest.child.wait();
         return None;
     }
+    if let Some(f) = finish {
+        tell_to_finish(&mut dest, &f);
+    }
     let summary = dest.summary.recv_timeout(Duration::from_secs(150)).ok();
     let _ = dest.child.wait();
     summary
+}
+
+/// Waits until `f` is due — its time come and the verifications it waits for answered, as the
+/// destination's API reports them, bounded — and sends the destination SIGUSR2. Gives up
+/// quietly when the destination ended (its summary says how) or never reports them (then its
+/// own timers end it).
+fn tell_to_finish(dest: &mut Destination, f: &Finish) {
+    std::thread::sleep(f.at.saturating_duration_since(Instant::now()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if !matches!(dest.child.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Ok(Response::Result {
+            ok: true,
+            data: Some(d),
+            ..
+        }) = api::call(&dest.api, &Request::Status, |_| {})
+        {
+            if d["verifications"].as_u64().unwrap_or(0) >= f.verifications {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            eprintln!("ferry demo: the destination never reported its verification");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child, not reaped yet (so the pid is still its own).
+    if unsafe { libc::kill(dest.child.id() as libc::pid_t, libc::SIGUSR2) } != 0 {
+        tracing::warn!(
+            "telling the destination to finish: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn print_report(r: &DemoReport) {

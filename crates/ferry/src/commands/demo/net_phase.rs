@@ -365,7 +365,7 @@ fn run_phase(
     fast.store(true, Ordering::SeqCst);
     let source: SessionReport = source.context("net-stream run")?;
     out.migration = join_migration(migrator, "virtio-net migration")?;
-    out.destination = finish_destination(dest, out.migration.is_some());
+    out.destination = finish_destination(dest, out.migration.is_some(), None);
     out.peer = peer
         .done
         .recv_timeout(Duration::from_secs(60))

@@ -19,13 +19,17 @@ use vmm::devices::serial::ConsoleSink;
 
 use super::{
     finish_destination, join_migration, migrate_later, ok, print_memory_check, start_destination,
-    Before,
+    Before, Finish, WORKLOAD_BOUND,
 };
 use crate::{
     nvme_args::{DeviceNvmeArgs, PassthroughSource},
     session::{self, BootSpec, SessionReport, SessionSpec, Verification},
     signals::SignalState,
 };
+
+/// How long the workload runs (its migration comes after 1.5 s) before the demo tells it to
+/// finish, once it verified its ledger on the destination.
+const NVME_RUN: Duration = Duration::from_secs(4);
 
 /// How the NVMe migration went.
 #[derive(Serialize)]
@@ -86,7 +90,7 @@ pub fn run(
         args: WorkloadArgs {
             working_set_bytes: DIRTY_WORKING_SET,
             rate_pages_per_sec: DIRTY_RATE,
-            duration_ms: 4000,
+            duration_ms: (NVME_RUN + WORKLOAD_BOUND).as_millis() as u64,
             report_interval_ms: 1000,
             seed: 0x5eed,
             nvme: NvmeArgs {
@@ -139,9 +143,14 @@ pub fn run(
         };
         migrate_later(api_path, to, Duration::from_millis(1500), before)
     });
-    let source = session::run(&boot, &spec, std::time::Instant::now(), signals);
+    let started = std::time::Instant::now();
+    let source = session::run(&boot, &spec, started, signals);
     let migration = join_migration(migrator, "NVMe migration")?;
-    let destination = finish_destination(dest, migration.is_some());
+    let finish = Finish {
+        at: started + NVME_RUN,
+        verifications: 1,
+    };
+    let destination = finish_destination(dest, migration.is_some(), Some(finish));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(NvmeMigration {
         source: source?,
