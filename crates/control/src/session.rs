@@ -57,6 +57,9 @@ pub struct SessionSpec {
     pub shadow_continuous: bool,
     /// Options of the shadow engine.
     pub shadow: shadow::EngineOptions,
+    /// Set by the caller to ask the workload to finish, as SIGUSR2 does (the supervisor
+    /// clears it when it passes the request on).
+    pub finish: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl SessionSpec {

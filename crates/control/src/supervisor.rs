@@ -12,6 +12,7 @@
 use std::{
     os::fd::AsRawFd,
     sync::{
+        atomic::{AtomicBool, Ordering},
         mpsc::{self, Receiver, Sender},
         Arc, Mutex,
     },
@@ -249,11 +250,16 @@ pub fn supervise(
             }
         }
         let can_ask = st.after_go.is_none() && st.stop_after.is_none();
-        // SIGUSR2: the workload ends its timed phase, verifies and exits on its own. Not under
-        // a migration (a write of the VMM's to guest RAM is not in the dirty log): the signal
-        // waits until the migration failed (the VM runs here) or leaves with the process.
-        if can_ask && st.running.is_none() && signals.take_finish() {
-            tracing::info!("SIGUSR2: asking the workload to finish");
+        // SIGUSR2 or the caller's flag: the workload ends its timed phase, verifies and exits
+        // on its own. Not under a migration (a write of the VMM's to guest RAM is not in the
+        // dirty log): the request waits until the migration failed (the VM runs here) or
+        // leaves with the process.
+        let asked = |f: &Arc<AtomicBool>| f.swap(false, Ordering::SeqCst);
+        if can_ask
+            && st.running.is_none()
+            && (signals.take_finish() || spec.finish.as_ref().is_some_and(asked))
+        {
+            tracing::info!("asking the workload to finish");
             vm.mailbox()
                 .request_stop()
                 .map_err(Error::vmm("asking the workload to finish"))?;

@@ -76,6 +76,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         vrdma: None,
         shadow_continuous: false,
         shadow: args.nvme.engine_options(),
+        finish: None,
     };
     let opts = DestinationOptions {
         debug_hash: args.debug_hash,

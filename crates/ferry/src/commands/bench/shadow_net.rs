@@ -5,8 +5,9 @@
 //! The NIC is the stand-in device (`virtio-net-device`) served in this process on a
 //! [`SocketWire`] (no tap, no root); this process is the peer on the wire's other end. The
 //! guest runs `net-echo`; the peer keeps [`WINDOW`] UDP datagrams in flight and counts echoes
-//! (each one a frame received and a frame sent by the guest) per 250 ms interval. Intervals
-//! from 1 s on count; the run checks afterwards that every counted echo went through the
+//! (each one a frame received and a frame sent by the guest) per 250 ms interval, from the
+//! first echo on. Intervals from 1 s after it count, for the run's seconds; then the peer has
+//! the guest finish. The run checks afterwards that every counted echo went through the
 //! engine (the transmit queue forwarded at least as many chains), so no counted interval ran
 //! direct. Runs are interleaved (direct, poll, trap, direct, …); the medians count.
 use std::{
@@ -41,8 +42,11 @@ const WINDOW: u32 = 8;
 const PAYLOAD: usize = 64;
 /// Counting intervals.
 const INTERVAL: Duration = Duration::from_millis(250);
-/// Intervals before this are not counted (boot, shadow mode entering).
+/// Intervals before this, from the first echo on, are not counted (shadow mode entering).
 const SKIP: Duration = Duration::from_secs(1);
+/// How much longer than its counted time the guest's own timer runs: a bound only (the peer
+/// has it finish once it counted; a slow boot on a loaded machine must not eat the run).
+const RUN_BOUND: Duration = Duration::from_secs(60);
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xfe, 0x00, 0x01];
 const PEER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xfe, 0x00, 0x02];
@@ -158,9 +162,15 @@ struct PeerResult {
     lost: u64,
 }
 
-/// The peer: keeps [`WINDOW`] datagrams in flight until `done`, counting echoes per interval.
-fn peer(mut wire: SocketWire, done: &AtomicBool) -> PeerResult {
-    let t0 = Instant::now();
+/// The peer: keeps [`WINDOW`] datagrams in flight until `done`, counting echoes per interval
+/// from the first one; sets `finish` once [`SKIP`] and `counted` more have gone by since.
+fn peer(
+    mut wire: SocketWire,
+    done: &AtomicBool,
+    finish: &AtomicBool,
+    counted: Duration,
+) -> PeerResult {
+    let mut t0: Option<Instant> = None;
     let (mut next, mut in_flight, mut lost) = (0u32, 0u32, 0u64);
     let mut last_echo = Instant::now();
     let mut counts: Vec<u64> = Vec::new();
@@ -178,6 +188,7 @@ fn peer(mut wire: SocketWire, done: &AtomicBool) -> PeerResult {
                 if echo_seq(&buf[..n]).is_some() {
                     in_flight = in_flight.saturating_sub(1);
                     last_echo = Instant::now();
+                    let t0 = *t0.get_or_insert(last_echo);
                     let i = (t0.elapsed().as_nanos() / INTERVAL.as_nanos()) as usize;
                     if counts.len() <= i {
                         counts.resize(i + 1, 0);
@@ -185,6 +196,10 @@ fn peer(mut wire: SocketWire, done: &AtomicBool) -> PeerResult {
                     counts[i] += 1;
                 }
             }
+        }
+        // One interval more: the last one is cut short by the end.
+        if t0.is_some_and(|t| t.elapsed() >= SKIP + counted + INTERVAL) {
+            finish.store(true, Ordering::SeqCst);
         }
         if in_flight > 0 && last_echo.elapsed() > Duration::from_millis(200) {
             // Before the guest is up (not counted), or dropped on the way: a fresh window.
@@ -236,16 +251,18 @@ fn net_run(
         .spawn(move || d.serve_one())
         .context("spawning the device's vfio-user thread")?;
     let done = Arc::new(AtomicBool::new(false));
-    let dn = done.clone();
+    let finish = Arc::new(AtomicBool::new(false));
+    let (dn, fin) = (done.clone(), finish.clone());
+    let counted = Duration::from_secs(seconds);
     let peer = std::thread::Builder::new()
         .name("bench-net-peer".into())
-        .spawn(move || peer(peer_end, &dn))
+        .spawn(move || peer(peer_end, &dn, &fin, counted))
         .context("spawning the peer")?;
     let boot = BootSpec {
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),
         workload: Workload::NetEcho,
         args: WorkloadArgs {
-            duration_ms: seconds * 1000,
+            duration_ms: (counted + SKIP + RUN_BOUND).as_millis() as u64,
             net: NetArgs {
                 ip: u32::from_be_bytes(GUEST_IP),
                 udp_port: u32::from(GUEST_PORT),
@@ -258,8 +275,9 @@ fn net_run(
     let spec = SessionSpec {
         memory: 256 << 20,
         console: ConsoleSink::Null,
-        timeout: Some(Duration::from_secs(seconds + 120)),
+        timeout: Some(counted + SKIP + RUN_BOUND + Duration::from_secs(60)),
         net: Some(socket.clone()),
+        finish: Some(finish),
         shadow_continuous: mode != NetMode::Direct,
         shadow: EngineOptions {
             interception: if mode == NetMode::Trap {
