@@ -193,14 +193,20 @@ pub struct VirtioNet {
     pub rx_runts: u64,
 }
 
-/// Writes 0 to the device status register `st` and waits (bounded, 5 s) until it reads back
-/// 0: the reset may take a while to complete (virtio 1.1 §4.1.4.3.2; a hypervisor shadowing
-/// the rings holds it until it has let go of them).
+/// How long the driver waits for the device (a reset to complete, the TX queue to drain)
+/// before it gives up: generous, since on a loaded host the hypervisor holding a reset (it
+/// pauses the vCPUs to take its shadow rings back) or the device process may not run for
+/// seconds; a device that works answers long before.
+const DEVICE_PATIENCE_MS: u64 = 30_000;
+
+/// Writes 0 to the device status register `st` and waits (bounded, [`DEVICE_PATIENCE_MS`])
+/// until it reads back 0: the reset may take a while to complete (virtio 1.1 §4.1.4.3.2; a
+/// hypervisor shadowing the rings holds it until it has let go of them).
 fn reset(st: u64) -> Result<(), NetError> {
     w8(st, 0);
     let t0 = crate::clock::rdtsc();
     while r8(st) != 0 {
-        if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > 5_000 {
+        if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > DEVICE_PATIENCE_MS {
             return Err(NetError::Init(
                 "reset did not complete (status never read 0)",
             ));
@@ -477,7 +483,7 @@ impl VirtioNet {
         Ok(())
     }
 
-    /// Waits (bounded, 5 s) until the device has taken every frame sent, so none is lost when
+    /// Waits (bounded, [`DEVICE_PATIENCE_MS`]) until the device has taken every frame sent, so none is lost when
     /// the workload exits right after its last send.
     pub fn drain_tx(&mut self) -> Result<(), NetError> {
         let t0 = crate::clock::rdtsc();
@@ -486,7 +492,7 @@ impl VirtioNet {
             if self.tx.in_flight() == 0 {
                 return Ok(());
             }
-            if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > 5_000 {
+            if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > DEVICE_PATIENCE_MS {
                 return Err(NetError::Device("TX queue never drained"));
             }
             core::hint::spin_loop();
@@ -502,7 +508,7 @@ impl VirtioNet {
             if self.tx.in_flight() < self.tx.size {
                 break;
             }
-            if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > 5_000 {
+            if crate::clock::ticks_to_ms(crate::clock::rdtsc() - t0) > DEVICE_PATIENCE_MS {
                 return Err(NetError::Device("TX queue never drained"));
             }
             core::hint::spin_loop();
