@@ -387,6 +387,36 @@ const DIRTY_RATE: u32 = 50_000;
 /// with a third of the pages: the ratio then measured the schedules, not the device.
 const MIGRATION_ROUNDS: u32 = 2;
 
+/// Waits (bounded) until the source behind `api` reports its load running: with the device,
+/// its four I/O queues created and a thousand I/Os done; without, a second's worth of page
+/// writes. (A fixed wait did not do on a loaded machine: the guest was still creating its
+/// queues when the migration began.)
+fn wait_running(api: &Path, with_device: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Response::Result {
+            ok: true,
+            data: Some(d),
+            ..
+        } = api::call(api, &Request::Status, |_| {})?
+        {
+            let progress = d["progress"].as_u64().unwrap_or(0);
+            let running = if with_device {
+                d["io_queues"].as_u64() == Some(4) && progress >= 1000
+            } else {
+                progress >= u64::from(DIRTY_RATE)
+            };
+            if running {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the source never reported its load running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<MigrationReport> {
     let exe = std::env::current_exe()?;
     let disk = dir.join(format!("mig-{n}.img"));
@@ -407,7 +437,7 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
     // device it also runs nvme-verify on 4 queues of depth 32.
     let rate = DIRTY_RATE.to_string();
     if with_device {
-        src.args(["--workload", "nvme-verify", "--duration", "30s"])
+        src.args(["--workload", "nvme-verify", "--duration", "90s"])
             .args(["--with-dirty", "32M", "--rate", &rate])
             .args([
                 "--nvme-queues",
@@ -428,7 +458,7 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
             "--rate",
             &rate,
         ])
-        .args(["--duration", "30s"]);
+        .args(["--duration", "90s"]);
     }
     let _src = Proc(src.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
     let mut dst = Command::new(&exe);
@@ -453,7 +483,7 @@ fn migration_run(dir: &Path, with_device: bool, n: usize) -> anyhow::Result<Migr
         }
     });
     wait_for(&api_path)?;
-    std::thread::sleep(Duration::from_millis(1500)); // queues up, load running
+    wait_running(&api_path, with_device)?;
     let request = Request::Migrate(MigrateRequest {
         to,
         // No early switchover: both VMs run the same rounds.
