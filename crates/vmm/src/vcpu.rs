@@ -4,6 +4,7 @@
 //! real-time signal kicks the thread out of `KVM_RUN` so it sees the command. Commands are
 //! answered only between two `KVM_RUN`s, so state is always saved at an instruction boundary.
 use std::{
+    cell::Cell,
     os::unix::thread::JoinHandleExt,
     sync::{
         mpsc::{self, Receiver, RecvTimeoutError, Sender},
@@ -241,7 +242,10 @@ impl Vcpu {
                     self.mmio.write(addr, data);
                     None
                 }
-                VcpuExit::Intr => None,
+                VcpuExit::Intr => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    None
+                }
                 VcpuExit::Shutdown => Some(Fatal::Shutdown),
                 VcpuExit::Hlt => Some(Fatal::Hlt),
                 VcpuExit::FailEntry(reason, _) => Some(Fatal::FailEntry(reason)),
@@ -249,7 +253,11 @@ impl Vcpu {
                 VcpuExit::SystemEvent(t, _) => Some(Fatal::SystemEvent(t)),
                 other => Some(Fatal::Other(format!("{other:?}"))),
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (see `kick_handler`): the loop looks at its commands next.
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
             Err(e) => {
                 self.lifecycle.finish(VmOutcome::Failed(format!(
                     "KVM_RUN on vCPU {}: {e}",
@@ -303,7 +311,44 @@ impl Vcpu {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// `kvm_run.immediate_exit` of the vCPU this thread runs (null on other threads).
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Sets this thread's `immediate_exit` for as long as it lives; clears the pointer before the
+/// vCPU (and its `kvm_run` mapping) goes.
+struct ImmediateExit;
+
+impl ImmediateExit {
+    fn arm(vcpu: &mut Vcpu) -> Self {
+        let p: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(p));
+        ImmediateExit
+    }
+}
+
+impl Drop for ImmediateExit {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// A kick landing while the thread is outside `KVM_RUN` (between its look at the commands and
+/// the next `KVM_RUN`) would interrupt nothing, and the command would wait for the next kick
+/// (`KICK_INTERVAL`, 2 ms of a switchover's downtime). The handler sets `immediate_exit`, so
+/// that `KVM_RUN` returns at once and the loop looks again; `run_once` clears it.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let _ = IMMEDIATE_EXIT.try_with(|c| {
+        let p = c.get();
+        if !p.is_null() {
+            // SAFETY: set by this thread to its own vCPU's `kvm_run` mapping, which lives
+            // until `ImmediateExit` clears the pointer (on this thread, so never while this
+            // handler runs); a byte store is async-signal-safe.
+            unsafe { p.write_volatile(1) };
+        }
+    });
+}
 
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
@@ -330,6 +375,7 @@ enum Reply {
 }
 
 fn vcpu_thread(mut vcpu: Vcpu, rx: Receiver<Command>, tx: Sender<Reply>) {
+    let _armed = ImmediateExit::arm(&mut vcpu);
     let mut running = false;
     loop {
         let cmd = if running {

@@ -161,6 +161,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
             let fillers = engine
                 .realign()
                 .context("re-aligning the device's queues")?;
+            let realigned = t0.elapsed();
             engine
                 .leave_live(&incoming.vm)
                 .context("leaving shadow mode on the destination")?;
@@ -171,8 +172,9 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
             };
             eprintln!(
                 "ferry: passthrough nvme0 rebuilt here (copy = {designation}, {prepared}), \
-                 re-aligned with {fillers} filler(s), direct again after {:.1} ms without \
-                 pausing the VM",
+                 re-aligned with {fillers} filler(s) in {:.1} ms, direct again after {:.1} ms \
+                 without pausing the VM",
+                realigned.as_secs_f64() * 1000.0,
                 t0.elapsed().as_secs_f64() * 1000.0
             );
             Some(PassthroughSession::with_engine(

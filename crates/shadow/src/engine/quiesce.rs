@@ -279,6 +279,9 @@ impl Engine {
     }
 
     /// Brings every held, idle queue's device positions onto the guest's (fillers), bounded.
+    /// The queues are aligned together: each step puts every unaligned queue's next fillers
+    /// out and reaps what came back, so the queues wait for the device at the same time, not
+    /// one after another.
     pub(super) fn align_all(run: &mut Running, timeout: Duration) -> Result<u64> {
         let mut fillers = 0;
         let t0 = Instant::now();
@@ -288,14 +291,20 @@ impl Engine {
             bufs,
             ..
         } = run;
-        for q in queues.iter_mut() {
+        let mut left = Vec::new();
+        for (i, q) in queues.iter_mut().enumerate() {
             q.q.hold(true);
             if q.q.in_sync() {
                 q.q.hold(false);
                 continue;
             }
             fillers += q.q.start_alignment()?;
-            loop {
+            left.push(i);
+        }
+        while !left.is_empty() {
+            let mut still = Vec::with_capacity(left.len());
+            for &i in &left {
+                let q = &mut queues[i];
                 let step = q.q.alignment_step(bufs)?;
                 if let Some(t) = step.sq_tail {
                     pages[q.page].ring(q.sq_off, t);
@@ -303,17 +312,22 @@ impl Engine {
                 if let Some(h) = step.cq_head {
                     pages[q.page].ring(q.cq_off, h);
                 }
-                if step.done {
-                    break;
+                if !step.done {
+                    still.push(i);
                 }
-                if t0.elapsed() >= timeout {
-                    return Err(Error::Realign {
-                        qid: q.q.geometry().qid,
-                        reason: format!("fillers did not complete within {timeout:?}"),
-                    });
-                }
-                std::thread::sleep(Duration::from_micros(50));
             }
+            left = still;
+            if left.is_empty() {
+                break;
+            }
+            if t0.elapsed() >= timeout {
+                let qid = queues[left[0]].q.geometry().qid;
+                return Err(Error::Realign {
+                    qid,
+                    reason: format!("fillers did not complete within {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(50));
         }
         Ok(fillers)
     }

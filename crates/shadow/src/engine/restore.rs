@@ -419,13 +419,18 @@ impl Engine {
     /// Re-aligns every queue with fillers the guest never sees, while the VM runs; the queues
     /// then forward the guest's work (still shadowed). Returns the fillers used.
     pub fn realign(&self) -> Result<u64> {
+        let t0 = Instant::now();
         let guard = self.active();
         let a = guard
             .as_ref()
             .ok_or_else(|| Error::Engine("re-alignment outside shadow mode".into()))?;
         let mut run = a.shared.lock();
         let n = Self::align_all(&mut run, self.opts.drain_timeout)?;
-        tracing::info!(fillers = n, "queues re-aligned with the guest's positions");
+        tracing::info!(
+            fillers = n,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "queues re-aligned with the guest's positions"
+        );
         Ok(n)
     }
 }

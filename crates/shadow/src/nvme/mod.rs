@@ -26,6 +26,9 @@ const SQE: u64 = 64;
 const CQE: u64 = 16;
 /// Command identifier of filler commands (fillers never share the device with guest commands).
 pub const FILLER_CID: u16 = 0xfffe;
+/// Namespace of filler commands: 0, never a valid namespace, so a filler Flush is refused
+/// (Invalid Namespace or Format) and has no effect; only its completion counts.
+pub const FILLER_NSID: u32 = 0;
 
 /// Where a queue pair lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -527,8 +530,12 @@ impl NvmeQueue {
             {
                 break;
             }
+            // A Flush of namespace 0, which no namespace has: the controller completes it
+            // with Invalid Namespace at once, without touching the media (a Flush of the
+            // guest's namespace made the device sync its backing store once per filler:
+            // 3 ms each under write load, 0.6 s of I/O stall after a switchover).
             let mut f = Sqe::new(io::FLUSH, FILLER_CID);
-            f.set_nsid(self.limits.nsid);
+            f.set_nsid(FILLER_NSID);
             bufs.device_write(
                 self.geo.sq_base + self.d.sq_tail as u64 * SQE,
                 &f.to_bytes(),
