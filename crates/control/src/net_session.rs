@@ -9,7 +9,10 @@
 //! guest's next reset of the device ends it; the queues run direct from then on.
 use std::{
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -61,6 +64,8 @@ pub struct NetSession {
     running_since: Option<Instant>,
     /// Entering shadow mode failed with this (not retried).
     pub shadow_error: Option<String>,
+    /// Set once continuous shadow mode has been entered (see [`NetSession::report_entered`]).
+    entered: Option<Arc<AtomicBool>>,
 }
 
 impl NetSession {
@@ -86,7 +91,15 @@ impl NetSession {
             continuous,
             running_since: None,
             shadow_error: None,
+            entered: None,
         }
+    }
+
+    /// Sets `flag` once continuous shadow mode has been entered (a benchmark counts shadowed
+    /// traffic from then on, whatever the time entering took on a loaded machine).
+    pub fn report_entered(mut self, flag: Option<Arc<AtomicBool>>) -> Self {
+        self.entered = flag;
+        self
     }
 
     /// The device as a migration source.
@@ -140,10 +153,15 @@ impl NetSession {
             return;
         }
         match engine.enter(vm) {
-            Ok(()) => eprintln!(
-                "ferry: virtio-net shadow mode entered ({:?} notifications)",
-                engine.options().interception
-            ),
+            Ok(()) => {
+                if let Some(f) = &self.entered {
+                    f.store(true, Ordering::SeqCst);
+                }
+                eprintln!(
+                    "ferry: virtio-net shadow mode entered ({:?} notifications)",
+                    engine.options().interception
+                )
+            }
             Err(e) => {
                 let why = vmm::ErrorChain(&e).to_string();
                 tracing::error!("entering continuous virtio-net shadow mode: {why}");

@@ -60,6 +60,9 @@ pub struct SessionSpec {
     /// Set by the caller to ask the workload to finish, as SIGUSR2 does (the supervisor
     /// clears it when it passes the request on).
     pub finish: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Set by the session once continuous shadow mode of the passthrough NIC has been entered
+    /// (for callers that measure shadow mode only from then on).
+    pub net_shadowed: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl SessionSpec {
@@ -264,6 +267,7 @@ pub fn run(
         .map(|socket| {
             let att = crate::net_session::attach(&vm, socket)?;
             crate::net_session::NetSession::new(att, spec.shadow_continuous, spec.shadow)
+                .map(|n| n.report_entered(spec.net_shadowed.clone()))
         })
         .transpose()?;
     let device = match (device, net) {

@@ -77,6 +77,7 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
         shadow_continuous: false,
         shadow: args.nvme.engine_options(),
         finish: None,
+        net_shadowed: None,
     };
     let opts = DestinationOptions {
         debug_hash: args.debug_hash,

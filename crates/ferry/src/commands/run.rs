@@ -88,6 +88,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> anyhow::Result<i32> {
         shadow_continuous: args.guest.nvme.shadow == "continuous",
         shadow: args.guest.nvme.engine_options(),
         finish: None,
+        net_shadowed: None,
     };
     let report = session::run(&boot, &spec, process_start, &signals)?;
     if let (Some(h), Some(v)) = (&host, &report.vrdma) {

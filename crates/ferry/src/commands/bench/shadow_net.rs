@@ -6,7 +6,9 @@
 //! [`SocketWire`] (no tap, no root); this process is the peer on the wire's other end. The
 //! guest runs `net-echo`; the peer keeps [`WINDOW`] UDP datagrams in flight and counts echoes
 //! (each one a frame received and a frame sent by the guest) per 250 ms interval, from the
-//! first echo on. Intervals from 1 s after it count, for the run's seconds; then the peer has
+//! first echo on (in poll and trap mode the first echo after the session reported shadow mode
+//! entered: entering pauses the vCPUs, which takes what it takes on a loaded machine).
+//! Intervals from 1 s after it count, for the run's seconds; then the peer has
 //! the guest finish. The run checks afterwards that every counted echo went through the
 //! engine (the transmit queue forwarded at least as many chains), so no counted interval ran
 //! direct. Runs are interleaved (direct, poll, trap, direct, …); the medians count.
@@ -42,7 +44,7 @@ const WINDOW: u32 = 8;
 const PAYLOAD: usize = 64;
 /// Counting intervals.
 const INTERVAL: Duration = Duration::from_millis(250);
-/// Intervals before this, from the first echo on, are not counted (shadow mode entering).
+/// Intervals before this, from the first counted echo on, are not counted (settling).
 const SKIP: Duration = Duration::from_secs(1);
 /// How much longer than its counted time the guest's own timer runs: a bound only (the peer
 /// has it finish once it counted; a slow boot on a loaded machine must not eat the run).
@@ -163,11 +165,13 @@ struct PeerResult {
 }
 
 /// The peer: keeps [`WINDOW`] datagrams in flight until `done`, counting echoes per interval
-/// from the first one; sets `finish` once [`SKIP`] and `counted` more have gone by since.
+/// from the first one once `shadowed` is set (if given); sets `finish` once [`SKIP`] and
+/// `counted` more have gone by since.
 fn peer(
     mut wire: SocketWire,
     done: &AtomicBool,
     finish: &AtomicBool,
+    shadowed: Option<&AtomicBool>,
     counted: Duration,
 ) -> PeerResult {
     let mut t0: Option<Instant> = None;
@@ -188,6 +192,9 @@ fn peer(
                 if echo_seq(&buf[..n]).is_some() {
                     in_flight = in_flight.saturating_sub(1);
                     last_echo = Instant::now();
+                    if t0.is_none() && !shadowed.is_none_or(|s| s.load(Ordering::SeqCst)) {
+                        continue;
+                    }
                     let t0 = *t0.get_or_insert(last_echo);
                     let i = (t0.elapsed().as_nanos() / INTERVAL.as_nanos()) as usize;
                     if counts.len() <= i {
@@ -252,11 +259,13 @@ fn net_run(
         .context("spawning the device's vfio-user thread")?;
     let done = Arc::new(AtomicBool::new(false));
     let finish = Arc::new(AtomicBool::new(false));
+    let entered = Arc::new(AtomicBool::new(false));
     let (dn, fin) = (done.clone(), finish.clone());
+    let shadowed = (mode != NetMode::Direct).then(|| entered.clone());
     let counted = Duration::from_secs(seconds);
     let peer = std::thread::Builder::new()
         .name("bench-net-peer".into())
-        .spawn(move || peer(peer_end, &dn, &fin, counted))
+        .spawn(move || peer(peer_end, &dn, &fin, shadowed.as_deref(), counted))
         .context("spawning the peer")?;
     let boot = BootSpec {
         image: Arc::new(guest_image::GUEST_ELF.to_vec()),
@@ -278,6 +287,7 @@ fn net_run(
         timeout: Some(counted + SKIP + RUN_BOUND + Duration::from_secs(60)),
         net: Some(socket.clone()),
         finish: Some(finish),
+        net_shadowed: Some(entered),
         shadow_continuous: mode != NetMode::Direct,
         shadow: EngineOptions {
             interception: if mode == NetMode::Trap {
