@@ -445,9 +445,6 @@ impl SourceChannels {
         let mut conns = Vec::new();
         for i in 0..inv.count {
             let mut s = transport::connect(addr, security, server_name, timeout)?;
-            if transport::is_loopback(&addr) {
-                transport::unpaced_on_loopback(&s.tcp);
-            }
             if let Some(c) = cancel {
                 c.attach_data(&s.tcp);
             }

@@ -142,44 +142,6 @@ impl Security {
     }
 }
 
-/// Congestion control of data channels whose peer is on this host.
-pub const LOOPBACK_CONGESTION: &str = "cubic";
-
-/// Makes a bulk connection to a peer on this host unpaced: asks for
-/// [`LOOPBACK_CONGESTION`] (`TCP_CONGESTION`); false when the kernel refused (then the
-/// system's choice stays, which is correct, only dearer).
-///
-/// The system's congestion control may be BBR (this machine's is), and without the `fq`
-/// qdisc BBR paces each socket itself: a high-resolution timer per socket, whose interrupt
-/// and softirq (`tcp_pace_kick`, the transmit it defers) run in whatever thread holds the CPU,
-/// the sending one mostly. On loopback there is no queue to protect, so the pacing is only
-/// cost: at 4 GiB it was about a fifth of the data channels' samples, while the bench's
-/// floor, whose slow receivers keep its senders waiting for window, hardly paced at all.
-/// CUBIC does not pace without `fq`. Links to other hosts keep the system's choice (and its
-/// `fq`, if the host paces).
-pub fn unpaced_on_loopback(tcp: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    let name = LOOPBACK_CONGESTION.as_bytes();
-    // SAFETY: setsockopt reads `name.len()` bytes of the live slice `name`; the descriptor is
-    // the caller's open socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "congestion control {LOOPBACK_CONGESTION} refused ({}): the system's stays",
-            io::Error::last_os_error()
-        );
-    }
-    rc == 0
-}
-
 /// True when every address of `addr` stays on this host (loopback).
 pub fn is_loopback(addr: &SocketAddr) -> bool {
     match addr.ip() {

@@ -474,8 +474,6 @@ fn floor_once(src: &std::fs::File, bytes: u64, streams: u32) -> anyhow::Result<F
                         shard.min(bytes - off)
                     };
                     let mut sock = TcpStream::connect(addr)?;
-                    // The same connections as the migration's data channels: unpaced.
-                    migration::transport::unpaced_on_loopback(&sock);
                     let mut h = [0u8; 16];
                     h[..8].copy_from_slice(&off.to_le_bytes());
                     h[8..].copy_from_slice(&len.to_le_bytes());

@@ -73,8 +73,6 @@ pub(super) fn once(
                     let mut st =
                         migration::transport::connect(addr, security, "127.0.0.1", timeout)
                             .map_err(|e| anyhow::anyhow!(migration::chain(&e)))?;
-                    // As the migration's data channels.
-                    migration::transport::unpaced_on_loopback(&st.tcp);
                     let cpu = migration::cpu::ThreadCpu::start();
                     let mut h = [0u8; 16];
                     h[..8].copy_from_slice(&off.to_le_bytes());
