@@ -383,6 +383,10 @@ pub enum BenchCommand {
     /// --with-dirty` migrated many times through a fault-injecting proxy, each fault at each
     /// protocol phase; VMs running, verifications and I/Os lost per run.
     MigrateFaults(crate::commands::bench::faults::BenchFaultsArgs),
+    /// What this host charges for a guest exit (to user space, and to the kernel through an
+    /// ioeventfd) and for a hand-off between two processes: the floors under `bench shadow`
+    /// and `bench vrdma` (docs/platform-costs.md).
+    Platform(crate::commands::bench::platform::BenchPlatformArgs),
 }
 
 /// `ferry bench shadow`.

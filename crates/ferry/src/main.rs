@@ -68,6 +68,9 @@ fn main() {
         cli::Command::Rdma(cmd) => commands::rdma::run(cmd),
         cli::Command::Vrdma(args) => commands::vrdma::run(args, process_start),
         cli::Command::Bench(cli::BenchCommand::Vrdma(args)) => commands::bench::rdma_vms::run(args),
+        cli::Command::Bench(cli::BenchCommand::Platform(args)) => {
+            commands::bench::platform::run(args)
+        }
     };
     match result {
         Ok(code) => std::process::exit(code),

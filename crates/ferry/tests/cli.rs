@@ -386,3 +386,23 @@ fn bench_boot_reports_times_and_a_speed_ratio() {
     );
     assert!(r["guest_speed_vs_native"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_platform_reports_exit_and_hand_off_costs() {
+    let out = run(&[
+        "bench",
+        "platform",
+        "--exits",
+        "1000",
+        "--round-trips",
+        "1000",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["exits"]["exits"], 1000, "{r}");
+    assert_eq!(r["exits"]["ioeventfd_signals"], 1000, "{r}");
+    assert!(r["exits"]["user_exit_us"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["ioeventfd_vs_user_exit"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["same_cpu_round_trip_us"].as_f64().unwrap() > 0.0, "{r}");
+}

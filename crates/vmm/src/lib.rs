@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod devices;
 mod error;
+pub mod exit_cost;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lifecycle;

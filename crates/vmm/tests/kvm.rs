@@ -159,3 +159,12 @@ fn the_vmm_can_stop_a_busy_guest() {
         Some(VmOutcome::Stopped("test".into()))
     );
 }
+
+#[test]
+fn the_exit_probe_sees_every_exit_of_both_kinds() {
+    let c = vmm::exit_cost::measure(2_000).expect("exit probe");
+    assert_eq!(c.exits, 2_000);
+    // Every port write of the timed ioeventfd run signalled the eventfd once.
+    assert_eq!(c.ioeventfd_signals, 2_000);
+    assert!(c.user_exit_us > 0.0 && c.ioeventfd_us > 0.0, "{c:?}");
+}

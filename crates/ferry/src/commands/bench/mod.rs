@@ -3,6 +3,7 @@
 pub mod faults;
 pub mod migrate;
 pub mod nvme;
+pub mod platform;
 pub mod rc;
 pub mod rdma_port;
 pub mod rdma_vms;
