@@ -159,25 +159,38 @@ pub fn run(args: ReceiveArgs, process_start: Instant) -> anyhow::Result<i32> {
                 shadow::engine::Designation::VcpuBuffer => "vCPU buffer",
                 shadow::engine::Designation::DeviceBuffer => "device buffer",
             };
-            let fillers = engine
-                .realign()
-                .context("re-aligning the device's queues")?;
-            let realigned = t0.elapsed();
-            engine
-                .leave_live(&incoming.vm)
-                .context("leaving shadow mode on the destination")?;
-            let prepared = if engine.restored_from_precopy() {
-                "configuration replayed during pre-copy"
-            } else {
-                "configuration replayed in the downtime"
-            };
-            eprintln!(
-                "ferry: passthrough nvme0 rebuilt here (copy = {designation}, {prepared}), \
-                 re-aligned with {fillers} filler(s) in {:.1} ms, direct again after {:.1} ms \
-                 without pausing the VM",
-                realigned.as_secs_f64() * 1000.0,
-                t0.elapsed().as_secs_f64() * 1000.0
-            );
+            // A device that fails to re-align, or an engine that cannot leave, keeps the
+            // device shadowed: the VM is the only live copy after Go, so it must not end here.
+            let left = engine.realign().and_then(|fillers| {
+                let realigned = t0.elapsed();
+                engine
+                    .leave_live(&incoming.vm)
+                    .map(|()| (fillers, realigned))
+            });
+            match left {
+                Ok((fillers, realigned)) => {
+                    let prepared = if engine.restored_from_precopy() {
+                        "configuration replayed during pre-copy"
+                    } else {
+                        "configuration replayed in the downtime"
+                    };
+                    eprintln!(
+                        "ferry: passthrough nvme0 rebuilt here (copy = {designation}, {prepared}), \
+                         re-aligned with {fillers} filler(s) in {:.1} ms, direct again after {:.1} ms \
+                         without pausing the VM",
+                        realigned.as_secs_f64() * 1000.0,
+                        t0.elapsed().as_secs_f64() * 1000.0
+                    );
+                }
+                Err(e) => {
+                    let why = vmm::ErrorChain(&e);
+                    tracing::error!("leaving shadow mode on the destination: {why}");
+                    eprintln!(
+                        "ferry: passthrough nvme0 rebuilt here (copy = {designation}) but stays \
+                         shadowed: leaving shadow mode failed: {why}"
+                    );
+                }
+            }
             Some(PassthroughSession::with_engine(
                 engine,
                 nvme_restorer.child.take(),

@@ -88,7 +88,15 @@ impl Engine {
         Self::stop_poller(a);
         let mut run = a.shared.lock();
         // Commands the hypervisor refused moved the guest's positions alone: fillers first.
-        Self::align_all(&mut run, self.opts.drain_timeout)?;
+        if let Err(e) = Self::align_all(&mut run, self.opts.drain_timeout) {
+            // Nothing is changed yet: stay in shadow mode, the guest's queues served as before.
+            for q in &mut run.queues {
+                q.q.hold(false);
+            }
+            drop(run);
+            Self::start_poller(a)?;
+            return Err(e);
+        }
         // 2. Doorbells: every write lands in the hypervisor pages from now on.
         let handover = Arc::new(Handover {
             routes: run
