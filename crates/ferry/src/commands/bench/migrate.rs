@@ -1036,6 +1036,11 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
              page), the rest of RAM half pseudo-random, half a repeating pattern per page (~2:1 for zstd); the \
              destination is a child `ferry receive` process"
         );
+        println!(
+            "  untimed warm-up: before each guest is built and before each floor run the bench \
+             fills and frees as much memory as they take (a host that takes back free pages \
+             charges a fault on their first touch to whichever side meets them)"
+        );
     }
     let plain = migration::Security::Plain;
     let mut rows = Vec::new();
