@@ -409,6 +409,68 @@ unsafe fn recv_all(tcp: &TcpStream, p: *mut u8, len: usize) -> std::io::Result<(
     Ok(())
 }
 
+/// Send buffer asked for on each data channel, bytes: the kernel doubles it (its own
+/// bookkeeping) and caps it at `net.core.wmem_max` (4 MiB here, so 8 MiB a socket); the
+/// autotuned buffer grows only to `net.ipv4.tcp_wmem`'s maximum (4 MiB).
+///
+/// Why larger: with more of the data queued, more segments go out when the destination's
+/// ACKs open the window, in the destination's receiving threads, and fewer in the source's
+/// `sendfile`. On loopback the thread that transmits a segment also runs the receiving
+/// socket's processing of it (docs/migration-speed.md, "where the kernel's TCP work lands"):
+/// that work, which belongs to the receiving side and lands there on two hosts, was charged to
+/// the source in most runs and swung its CPU per GiB by ±0.3 of the floor's. Kernel memory:
+/// at most 8 MiB a channel, mostly references to the memfd's own pages (`sendfile`), not in
+/// any process's resident set.
+const SEND_BUFFER: libc::c_int = 4 << 20;
+
+/// Sets `fd`'s send buffer to [`SEND_BUFFER`]: the size the kernel granted (doubled), or
+/// None when it refused.
+fn set_send_buffer(fd: libc::c_int) -> Option<libc::c_int> {
+    let int = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: setsockopt with a live int of the right size on a socket the caller holds.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &SEND_BUFFER as *const libc::c_int as *const libc::c_void,
+            int,
+        )
+    };
+    if r < 0 {
+        return None;
+    }
+    let (mut got, mut len): (libc::c_int, libc::socklen_t) = (0, int);
+    // SAFETY: getsockopt into a live int whose size `len` gives.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &mut got as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(got)
+}
+
+/// Whether this host grants the whole [`SEND_BUFFER`] (tried on a socket of its own): a
+/// fixed buffer turns the kernel's autotuning off, so where `net.core.wmem_max` is lower (the
+/// kernel's default is 208 KiB) the channels keep the autotuned one, which may grow larger.
+fn send_buffer_granted() -> bool {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a fresh descriptor nobody else owns; closed when `probe` drops.
+    let probe = unsafe { OwnedFd::from_raw_fd(fd) };
+    let granted = set_send_buffer(probe.as_raw_fd());
+    tracing::debug!(?granted, "data channel send buffer");
+    granted.is_some_and(|g| g >= 2 * SEND_BUFFER)
+}
+
 /// Counts of one round on the source.
 #[derive(Default)]
 pub(crate) struct RoundStats {
@@ -443,8 +505,12 @@ impl SourceChannels {
     ) -> Result<SourceChannels> {
         let addr = SocketAddr::new(ip, inv.port);
         let mut conns = Vec::new();
+        let large_buffer = send_buffer_granted();
         for i in 0..inv.count {
             let mut s = transport::connect(addr, security, server_name, timeout)?;
+            if large_buffer {
+                set_send_buffer(s.tcp.as_raw_fd());
+            }
             if let Some(c) = cancel {
                 c.attach_data(&s.tcp);
             }
@@ -1368,6 +1434,7 @@ impl Receivers {
         let mut handles = Vec::new();
         let mut socks = Vec::new();
         let mut populate_ahead = false;
+        let file_writes = Arc::new(Mutex::new(()));
         for (i, conn) in conns.into_iter().enumerate() {
             if let Ok(t) = conn.tcp().try_clone() {
                 socks.push(t);
@@ -1376,6 +1443,7 @@ impl Receivers {
             // out of descriptors) they receive into the mapping as TLS channels do.
             let pipe = match &conn {
                 DataConn::Plain(_) => SplicePipe::new()
+                    .map(|p| p.with_file_lock(file_writes.clone()))
                     .map_err(|e| tracing::warn!("no pipe to splice data channel {i}: {e}"))
                     .ok(),
                 DataConn::Tls { .. } => None,

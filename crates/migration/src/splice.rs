@@ -20,6 +20,7 @@ use std::{
     fs::File,
     net::TcpStream,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::{Arc, Mutex},
 };
 
 use crate::channels::counted;
@@ -34,6 +35,9 @@ pub(crate) struct SplicePipe {
     write: OwnedFd,
     /// Bytes the pipe holds (what one splice from the socket may move).
     capacity: usize,
+    /// Held while the pipe's contents are written into the file, shared by the receivers
+    /// of one file (see [`SplicePipe::with_file_lock`]).
+    file_lock: Option<Arc<Mutex<()>>>,
 }
 
 /// Moves up to `len` bytes from `from` into `to` (at `*off` of `to` when given), again when
@@ -83,7 +87,18 @@ impl SplicePipe {
                 .ok()
                 .filter(|&c| c > 0)
                 .unwrap_or(1 << 16),
+            file_lock: None,
         })
+    }
+
+    /// Writes into the file only while holding `lock`, which the other pipes writing into the
+    /// same file share. A write into a memfd holds the file's inode lock for the whole copy,
+    /// and the kernel's waiters for it spin while its holder copies: with four receivers
+    /// writing into one memfd, 20-40 % of their CPU time went to `rwsem_spin_on_owner`. The
+    /// writes are one at a time either way; waiting on this lock sleeps instead.
+    pub fn with_file_lock(mut self, lock: Arc<Mutex<()>>) -> SplicePipe {
+        self.file_lock = Some(lock);
+        self
     }
 
     /// Moves everything the pipe holds (`len` bytes) into `tcp`.
@@ -154,6 +169,10 @@ impl SplicePipe {
                     "data channel closed mid-chunk",
                 ),
             )?;
+            let _writing = self
+                .file_lock
+                .as_ref()
+                .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
             while left > 0 {
                 let Some(&(off, len)) = runs.get(run) else {
                     // More taken than the runs hold: impossible, as `want` never exceeds

@@ -171,6 +171,25 @@ struct Row {
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_floor: Option<TlsFloor>,
     ledger_ok_on_destination: bool,
+    /// Each migration with the floor run after it (uncapped rows; the capped rows have no
+    /// floor runs): what the medians above are taken over, in the order they ran.
+    per_run: Vec<RunFigures>,
+}
+
+/// One migration of a row and the floor run next to it, per GiB sent.
+#[derive(Serialize)]
+struct RunFigures {
+    total_ms: f64,
+    downtime_ms: f64,
+    vs_floor: Option<f64>,
+    src_cpu_s_per_gib: f64,
+    dst_cpu_s_per_gib: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_send_cpu_s_per_gib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_recv_cpu_s_per_gib: Option<f64>,
 }
 
 /// A TLS row's CPU against what the cipher allows.
@@ -370,6 +389,31 @@ fn floor_source(len: u64, resident: u64) -> anyhow::Result<std::fs::File> {
         off += n as u64;
     }
     Ok(f)
+}
+
+/// Takes `bytes` of free memory and gives it back, untimed, so that the pages the next
+/// measured phase allocates (the destination's guest memory, the floor's fresh memfd) are
+/// pages the host backs.
+///
+/// Why: this machine is itself a guest whose host takes back memory that stays free (free
+/// page reporting through the balloon device). A page the host has taken back costs a host
+/// fault on its first touch, inside whatever copy touches it: a fresh memfd of 4 GiB filled
+/// in one go cost 2.1 CPU s/GiB, filled again right after being freed 0.7. Which phase of a
+/// row met such pages depended on what ran before it (the first migration of a row took
+/// 3.8 s/GiB on the destination, the ones after it 1.2-1.3), which made the speed and the
+/// destination's CPU swing from run to run for reasons outside the job. On a real host
+/// there are no such faults; here each phase now starts from the same state.
+fn warm_free_memory(bytes: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = memfd(bytes)?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < bytes {
+        let n = (bytes - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// A mapping of a file, unmapped on drop.
@@ -756,6 +800,10 @@ fn one(ram: u64, load: &str, mode: Mode<'_>, args: &BenchMigrateArgs) -> anyhow:
         console: ConsoleSink::Null,
         ..Default::default()
     };
+    // Both sides' guest memory: the source's (taken first, by the fill below) and the
+    // destination's. Before the guest starts, so that the time it runs before the migration
+    // (and so what a heavy guest has dirtied) stays as it was.
+    warm_free_memory(2 * ram)?;
     let mut vm = Vm::new(&config)?;
     let wargs = WorkloadArgs {
         working_set_bytes: working_set,
@@ -837,8 +885,10 @@ fn row(
         if mode.max_bandwidth.is_none() {
             let bytes = s.sent_bytes.next_multiple_of(4096);
             let src = floor_source(bytes, ram)?;
+            warm_free_memory(bytes)?;
             floors.push(floor_once(&src, bytes, s.streams)?);
             if mode.security.is_tls() {
+                warm_free_memory(bytes)?;
                 tls_floors.push(tls_floor::once(&src, bytes, s.streams, mode.security)?);
             }
         }
@@ -922,6 +972,23 @@ fn row(
         tls_vs_plain_bandwidth: None,
         tls_floor: tls_floor_of(&samples, &tls_floors),
         ledger_ok_on_destination: samples.iter().all(|s| s.ledger_ok),
+        per_run: samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let f = floors.get(i);
+                RunFigures {
+                    total_ms: s.total_ms,
+                    downtime_ms: s.downtime_ms,
+                    vs_floor: f.map(|f| rate(s) / frate(f, s)),
+                    src_cpu_s_per_gib: s.src_cpu_s / gib(s),
+                    dst_cpu_s_per_gib: s.dst_cpu_s / gib(s),
+                    floor_ms: f.map(|f| f.secs * 1000.0),
+                    floor_send_cpu_s_per_gib: f.map(|f| f.send_cpu_s / gib(s)),
+                    floor_recv_cpu_s_per_gib: f.map(|f| f.recv_cpu_s / gib(s)),
+                }
+            })
+            .collect(),
     })
 }
 
@@ -968,6 +1035,11 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
             "  guests: the dirty workload's working set (one random word per write in each \
              page), the rest of RAM half pseudo-random, half a repeating pattern per page (~2:1 for zstd); the \
              destination is a child `ferry receive` process"
+        );
+        println!(
+            "  untimed warm-up: before each guest is built and before each floor run the bench \
+             fills and frees as much memory as they take (a host that takes back free pages \
+             charges a fault on their first touch to whichever side meets them)"
         );
     }
     let plain = migration::Security::Plain;
