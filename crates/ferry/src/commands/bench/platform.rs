@@ -7,7 +7,10 @@
 //! the poller and the stand-in device hand a shared core to each other) and `bench vrdma` (each
 //! CM message a guest sends or waits for is an exit). docs/platform-costs.md turns them into
 //! the ceilings they put on those benches' ratios.
-use std::{os::fd::RawFd, time::Instant};
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Instant,
+};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -135,23 +138,14 @@ impl Drop for Pinned {
     }
 }
 
-/// Closes its descriptor when dropped.
-struct Fd(RawFd);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is owned by this value and closed once.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn pipe() -> anyhow::Result<(Fd, Fd)> {
+fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     let mut p = [0; 2];
     // SAFETY: `p` has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error()).context("creating a pipe");
     }
-    Ok((Fd(p[0]), Fd(p[1])))
+    // SAFETY: both descriptors are fresh from pipe2 and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
 }
 
 /// Microseconds per round trip of one byte between this process and a forked child that
@@ -170,19 +164,19 @@ fn round_trips(n: u32, cpu: Option<usize>) -> anyhow::Result<f64> {
         // SAFETY: the child's copies of the parent's ends; closing them lets the child see
         // end-of-file when the parent closes its end.
         unsafe {
-            libc::close(to_child_w.0);
-            libc::close(from_child_r.0);
+            libc::close(to_child_w.as_raw_fd());
+            libc::close(from_child_r.as_raw_fd());
         }
         let mut b = 0u8;
         loop {
             // SAFETY: one byte into `b` from a descriptor the child inherited.
-            let r = unsafe { libc::read(to_child_r.0, (&mut b as *mut u8).cast(), 1) };
+            let r = unsafe { libc::read(to_child_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) };
             if r != 1 {
                 // SAFETY: ends the child without running the parent's destructors.
                 unsafe { libc::_exit(0) };
             }
             // SAFETY: one byte from `b` to an inherited descriptor.
-            if unsafe { libc::write(from_child_w.0, (&b as *const u8).cast(), 1) } != 1 {
+            if unsafe { libc::write(from_child_w.as_raw_fd(), (&b as *const u8).cast(), 1) } != 1 {
                 // SAFETY: as above.
                 unsafe { libc::_exit(1) };
             }
@@ -193,11 +187,11 @@ fn round_trips(n: u32, cpu: Option<usize>) -> anyhow::Result<f64> {
     let mut b = 0u8;
     let one = |b: &mut u8| -> anyhow::Result<()> {
         // SAFETY: one byte from `b` to our end of the pipe.
-        if unsafe { libc::write(to_child_w.0, (b as *const u8).cast(), 1) } != 1 {
+        if unsafe { libc::write(to_child_w.as_raw_fd(), (b as *const u8).cast(), 1) } != 1 {
             return Err(std::io::Error::last_os_error()).context("writing to the echo process");
         }
         // SAFETY: one byte into `b` from our end of the other pipe.
-        if unsafe { libc::read(from_child_r.0, (b as *mut u8).cast(), 1) } != 1 {
+        if unsafe { libc::read(from_child_r.as_raw_fd(), (b as *mut u8).cast(), 1) } != 1 {
             bail!("the echo process stopped answering");
         }
         Ok(())
