@@ -388,6 +388,45 @@ fn bench_boot_reports_times_and_a_speed_ratio() {
 }
 
 #[test]
+fn bench_migrate_measures_the_floor_and_each_sides_whole_memory() {
+    let out = run(&[
+        "bench",
+        "migrate",
+        "--sizes",
+        "128M",
+        "--loads",
+        "idle",
+        "--transports",
+        "plain",
+        "--runs",
+        "1",
+        "--capped",
+        "none",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &r["rows"][0];
+    assert_eq!(row["ledger_ok_on_destination"], true, "{row}");
+    assert!(row["floor_mbps"]["median"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["vs_floor"]["median"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["streams"].as_u64().unwrap() >= 1, "{row}");
+    // The destination's receivers write the pages into the guest memfd without mapping
+    // them: its peak must still count every one of them (an idle guest's pages are each
+    // sent once), and stay within the budget of guest RAM + 64 MiB on both sides.
+    let pages = row["guest_page_mib"].as_f64().unwrap();
+    assert!(pages > 0.0, "{row}");
+    assert!(
+        row["peak_dst_mib"]["min"].as_f64().unwrap() >= pages,
+        "{row}"
+    );
+    for side in ["peak_src_vs_budget", "peak_dst_vs_budget"] {
+        let v = row[side]["max"].as_f64().unwrap();
+        assert!(v > 0.0 && v <= 1.0, "{side} {v}: {row}");
+    }
+}
+
+#[test]
 fn bench_platform_reports_exit_and_hand_off_costs() {
     let out = run(&[
         "bench",

@@ -90,13 +90,15 @@ pub fn ram_regions(size: u64) -> Vec<RamRegion> {
     regions
 }
 
+/// The name of every guest RAM memfd (`/proc/PID/fd` shows it as `/memfd:` and this name).
+pub const MEMFD_NAME: &std::ffi::CStr = c"ferry-guest-ram";
+
 impl GuestRam {
     /// Creates zeroed guest RAM of `size` bytes backed by a new memfd.
     pub fn new(size: u64) -> Result<Self> {
         validate_ram_size(size)?;
-        let name = c"ferry-guest-ram";
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(MEMFD_NAME.as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(Error::Memfd {
                 size,

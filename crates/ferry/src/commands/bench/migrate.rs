@@ -82,8 +82,9 @@ struct Sample {
     streams: u32,
     src_cpu_s: f64,
     dst_cpu_s: f64,
-    /// Peak resident memory of the source (this process, VmHWM reset before the migration)
-    /// and of the destination (the `ferry receive` child's maximum RSS), bytes.
+    /// Peak memory of the source (this process, VmHWM reset before the migration) and of the
+    /// destination (the `ferry receive` child), bytes: VmHWM plus the guest pages held
+    /// unmapped (`peak_memory_of`).
     peak_src_bytes: u64,
     peak_dst_bytes: u64,
     throttle_pct: u32,
@@ -156,8 +157,9 @@ struct Row {
     /// Source CPU over the floor sender's, destination CPU over the floor receiver's (medians).
     src_cpu_vs_floor: f64,
     dst_cpu_vs_floor: f64,
-    /// Peak resident memory of each side, MiB: the source (this process's VmHWM, reset
-    /// before the migration) and the destination (the child `ferry receive`'s maximum RSS).
+    /// Peak memory of each side, MiB: the source (this process, VmHWM reset before the
+    /// migration) and the destination (the child `ferry receive`), each VmHWM plus the guest
+    /// pages it holds unmapped (`peak_memory_of`).
     peak_src_mib: Stat,
     peak_dst_mib: Stat,
     /// Each side's peak over the budget of guest RAM + 64 MiB (at most 1 is the target).
@@ -599,17 +601,47 @@ fn with_spinner(transfer: impl FnOnce() -> anyhow::Result<(f64, f64)>) -> anyhow
     })
 }
 
-/// This process's resident memory: (VmRSS, VmHWM) in bytes.
-fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+/// A `kB` field of a `/proc/PID/status` text, in bytes (0 if absent).
+fn status_field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Process `pid`'s peak memory (`self` for this one), bytes: its resident set's high-water
+/// mark (VmHWM) plus the guest memory it holds without mapping it, that is the allocated
+/// pages of its guest RAM memfds (`ferry-guest-ram`) less its resident shared memory. Pages
+/// written into the memfd (the splicing receivers do) are memory the process holds, but not
+/// in its resident set until the guest touches them. None if `/proc` does not say.
+fn peak_memory_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let guest = format!("/memfd:{}", vmm::memory::MEMFD_NAME.to_string_lossy());
+    peak_from(&status, memfd_bytes(pid, &guest)?)
+}
+
+/// VmHWM of a `/proc/PID/status` text plus the `guest` memfd bytes not in its RssShmem.
+fn peak_from(status: &str, guest: u64) -> Option<u64> {
+    let hwm = status_field(status, "VmHWM:");
+    (hwm > 0).then(|| hwm + guest.saturating_sub(status_field(status, "RssShmem:")))
+}
+
+/// Bytes allocated to process `pid`'s memfds whose link starts with `name`, each counted
+/// once (by inode) however many descriptors the process holds of it.
+fn memfd_bytes(pid: &str, name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut memfds = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let is_guest =
+            std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with(name));
+        if is_guest {
+            if let Ok(m) = std::fs::metadata(entry.path()) {
+                memfds.insert((m.dev(), m.ino()), m.blocks() * 512);
+            }
+        }
+    }
+    Some(memfds.values().sum())
 }
 
 /// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
@@ -728,13 +760,18 @@ impl Destination {
     }
 
     /// Waits for the ledger verification, stops the child and reaps it: (its report, its
-    /// maximum resident memory in bytes).
+    /// peak memory in bytes, see `peak_memory_of`).
     fn finish(mut self) -> anyhow::Result<(serde_json::Value, u64)> {
         let verified = matches!(
             self.events.recv_timeout(Duration::from_secs(120)),
             Ok(ChildLine::Verified)
         );
         let pid = self.child.id() as libc::pid_t;
+        // The child's own peak, read before it ends. Not `wait4`'s `ru_maxrss`: that starts
+        // from this process's resident set at the spawn (the kernel carries the spawning
+        // memory's high-water mark over `exec`), so it reported the source's peak whenever
+        // that was the larger; and neither counts guest pages it holds unmapped.
+        let peak = peak_memory_of(&pid.to_string());
         // SAFETY: signals the child this struct started and has not reaped yet.
         unsafe {
             libc::kill(
@@ -746,7 +783,7 @@ impl Destination {
                 },
             )
         };
-        let (status, maxrss) = reap(pid)?;
+        let status = reap(pid)?;
         let out = self.stdout.take().map(|h| h.join().unwrap_or_default());
         let report = out
             .as_deref()
@@ -759,7 +796,10 @@ impl Destination {
                 self.said()
             );
         }
-        Ok((report, maxrss))
+        let peak = peak.with_context(|| {
+            format!("could not read the destination's peak memory from /proc/{pid}")
+        })?;
+        Ok((report, peak))
     }
 }
 
@@ -775,16 +815,14 @@ impl Drop for Destination {
     }
 }
 
-/// Waits for child `pid` to end: (wait status, its maximum resident memory in bytes).
-fn reap(pid: libc::pid_t) -> anyhow::Result<(i32, u64)> {
+/// Waits for child `pid` to end: its wait status.
+fn reap(pid: libc::pid_t) -> anyhow::Result<i32> {
     let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
-        // SAFETY: wait4 on our own child with valid pointers to locals.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        // SAFETY: waitpid on our own child with a valid pointer to a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
         if r == pid {
-            return Ok((status, (ru.ru_maxrss.max(0) as u64) * 1024));
+            return Ok(status);
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
@@ -837,7 +875,7 @@ fn one(ram: u64, load: &str, mode: Mode<'_>, args: &BenchMigrateArgs) -> anyhow:
                 dest.said()
             )
         })?;
-    let (_, peak_src) = rss();
+    let peak_src = peak_memory_of("self").context("reading this process's peak memory")?;
     drop(vm);
     // The guest must be intact on the destination: its ledger verified there.
     let (dreport, peak_dst) = dest.finish()?;
@@ -1095,8 +1133,8 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     } else {
         println!(
             "  (! = round limit reached, switched over anyway; downtime = pause -> destination \
-             resumed; peak = each side's own process: VmHWM of this one for the source, the \
-             child ferry receive's maximum RSS for the destination; budget = guest RAM + 64 MiB; \
+             resumed; peak = each side's own process (this one, the child ferry receive): VmHWM plus the \
+             guest pages it holds unmapped; budget = guest RAM + 64 MiB; \
              cap = --max-bandwidth, 1G = 2^30 bytes/s on the wire)"
         );
     }
@@ -1181,5 +1219,41 @@ fn print_row(row: &Row) {
     }
     if let Some(t) = &row.tls_floor {
         print_tls_floor(t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn the_peak_counts_guest_pages_held_unmapped_once() {
+        let status =
+            "Name:\tferry\nVmHWM:\t  102400 kB\nVmRSS:\t   51200 kB\nRssShmem:\t   20480 kB\n";
+        // 100 MiB high-water mark; 50 MiB of guest memfd, of which 20 MiB mapped.
+        assert_eq!(peak_from(status, 50 << 20), Some(130 << 20));
+        // All of it mapped: nothing to add (and never less than the high-water mark).
+        assert_eq!(peak_from(status, 10 << 20), Some(100 << 20));
+        assert_eq!(peak_from("Name:\tx\n", 1 << 20), None);
+    }
+
+    #[test]
+    fn pages_written_into_a_memfd_are_counted_once() {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"ferry-test-peak".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        f.set_len(16 << 20).expect("set_len");
+        let name = "/memfd:ferry-test-peak";
+        assert_eq!(memfd_bytes("self", name), Some(0));
+        // Written through the file, as the splicing receivers do: not in the resident set.
+        f.write_all_at(&vec![0x5au8; 8 << 20], 0).expect("write");
+        // A second descriptor of the same memfd must not count it twice.
+        let dup = f.try_clone().expect("dup");
+        assert_eq!(memfd_bytes("self", name), Some(8 << 20));
+        drop(dup);
     }
 }
