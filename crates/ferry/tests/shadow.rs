@@ -465,10 +465,11 @@ fn find_ledger(ram: &std::fs::File, data_pages: u64) -> Option<u64> {
 /// process's guest RAM memfd.
 fn break_ledger(pid: u32, data_pages: u64) {
     use std::os::unix::fs::FileExt;
+    let ram_link = format!("/memfd:{}", vmm::memory::MEMFD_NAME.to_string_lossy());
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
         let fd = fd.unwrap().path();
-        let is_ram = std::fs::read_link(&fd)
-            .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:ferry-guest-ram"));
+        let is_ram =
+            std::fs::read_link(&fd).is_ok_and(|t| t.to_string_lossy().starts_with(&ram_link));
         if !is_ram {
             continue;
         }

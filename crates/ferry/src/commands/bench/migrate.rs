@@ -633,9 +633,9 @@ fn memfd_bytes(pid: &str, name: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let mut memfds = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
-        let is_guest =
+        let named =
             std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with(name));
-        if is_guest {
+        if named {
             if let Ok(m) = std::fs::metadata(entry.path()) {
                 memfds.insert((m.dev(), m.ino()), m.blocks() * 512);
             }
