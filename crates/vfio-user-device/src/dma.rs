@@ -188,9 +188,9 @@ impl DmaSpace {
             len: data.len(),
         })?;
         // SAFETY: `translate` checked the whole range lies inside a live mapping. The client
-        // may write the memory concurrently (it is shared DMA memory); a byte copy is the
-        // device's DMA read.
-        unsafe { std::ptr::copy_nonoverlapping(p, data.as_mut_ptr(), data.len()) };
+        // may write the memory concurrently (it is shared DMA memory): an index is read with
+        // one load of its width (see `shared`).
+        unsafe { crate::shared::read(p, data) };
         Ok(())
     }
 
@@ -201,8 +201,8 @@ impl DmaSpace {
             iova,
             len: data.len(),
         })?;
-        // SAFETY: as in `read`; this is the device's DMA write.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        // SAFETY: as in `read`; this is the device's DMA write, an index as one store.
+        unsafe { crate::shared::write(p, data) };
         Ok(())
     }
 

@@ -109,31 +109,9 @@ impl HostPages {
         if offset.checked_add(buf.len()).is_none_or(|e| e > self.len) {
             return false;
         }
-        // SAFETY: inside the mapping (checked); a racy read of plain bytes.
-        let src = unsafe { self.host.add(offset) };
-        // A ring index or flags word the other side writes concurrently is read with one load
-        // of its width: `copy` (memmove) reads a 2-byte range as a word and then its last byte
-        // again, and a carry between the two (0x13ff -> 0x1400) gave 0x14ff, an available
-        // index 256 ahead that broke the queue.
-        match buf.len() {
-            2 if (src as usize).is_multiple_of(2) => {
-                // SAFETY: aligned and inside the mapping (checked above).
-                let v = unsafe { std::ptr::read_volatile(src.cast::<u16>()) };
-                buf.copy_from_slice(&v.to_ne_bytes());
-            }
-            4 if (src as usize).is_multiple_of(4) => {
-                // SAFETY: aligned and inside the mapping (checked above).
-                let v = unsafe { std::ptr::read_volatile(src.cast::<u32>()) };
-                buf.copy_from_slice(&v.to_ne_bytes());
-            }
-            8 if (src as usize).is_multiple_of(8) => {
-                // SAFETY: aligned and inside the mapping (checked above).
-                let v = unsafe { std::ptr::read_volatile(src.cast::<u64>()) };
-                buf.copy_from_slice(&v.to_ne_bytes());
-            }
-            // SAFETY: inside the mapping (checked); a racy read of plain bytes.
-            n => unsafe { std::ptr::copy(src, buf.as_mut_ptr(), n) },
-        }
+        // SAFETY: inside the mapping (checked); the guest or the device may write it
+        // concurrently, and an index is read with one load of its width.
+        unsafe { vfio_user_device::shared::read(self.host.add(offset), buf) };
         true
     }
 
@@ -142,30 +120,9 @@ impl HostPages {
         if offset.checked_add(data.len()).is_none_or(|e| e > self.len) {
             return false;
         }
-        // SAFETY: inside the mapping (checked).
-        let dst = unsafe { self.host.add(offset) };
-        // An index or flags word the other side reads concurrently is stored with one store
-        // of its width (see `read`).
-        match data.len() {
-            2 if (dst as usize).is_multiple_of(2) => {
-                let v = u16::from_ne_bytes([data[0], data[1]]);
-                // SAFETY: aligned and inside the mapping (checked above).
-                unsafe { std::ptr::write_volatile(dst.cast::<u16>(), v) };
-            }
-            4 if (dst as usize).is_multiple_of(4) => {
-                let v = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
-                // SAFETY: aligned and inside the mapping (checked above).
-                unsafe { std::ptr::write_volatile(dst.cast::<u32>(), v) };
-            }
-            8 if (dst as usize).is_multiple_of(8) => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(data);
-                // SAFETY: aligned and inside the mapping (checked above).
-                unsafe { std::ptr::write_volatile(dst.cast::<u64>(), u64::from_ne_bytes(b)) };
-            }
-            // SAFETY: inside the mapping (checked).
-            n => unsafe { std::ptr::copy(data.as_ptr(), dst, n) },
-        }
+        // SAFETY: inside the mapping (checked); an index is stored with one store of its
+        // width (the other side reads it concurrently).
+        unsafe { vfio_user_device::shared::write(self.host.add(offset), data) };
         true
     }
 
@@ -284,8 +241,15 @@ impl EngineBuffers {
                 .ram
                 .volatile_slice(gpa, data.len() as u64)
                 .is_some_and(|v| {
-                    v.copy_from(data);
-                    v.len() == data.len()
+                    if v.len() != data.len() {
+                        return false;
+                    }
+                    let guard = v.ptr_guard_mut();
+                    // SAFETY: the slice covers `data.len()` bytes of mapped guest RAM, alive
+                    // while `guard` is; the guest reads it concurrently, so an index is one
+                    // store of its width.
+                    unsafe { vfio_user_device::shared::write(guard.as_ptr(), data) };
+                    true
                 });
         }
         self.ram.contains(gpa, data.len() as u64) && self.ram.write(gpa, data).is_ok()
